@@ -1,0 +1,35 @@
+"""Shared test fixtures: where the real data lives, and skips with a reason when it is absent."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RNALM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real datasets (ncrna, ss, splice, mrl); skips when it is not there."""
+    if not (SHARED_DATA / "README.md").exists():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set RNALM_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ncrna_fasta(shared_data: Path) -> Path:
+    path = shared_data / "ncrna" / "ncrna_corpus.fasta.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skips with the install hint when missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} not installed (run: bash deploy/install_sysdeps.sh)")
+    return path
