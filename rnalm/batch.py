@@ -21,6 +21,7 @@ class PackedBatch:
     max_seqlen: int
     positions: torch.Tensor              # [T] int64
     targets: torch.Tensor | None = None  # [T] int64, IGNORE_INDEX where no loss
+    ids: tuple[str, ...] | None = None   # record ids, one per sequence (for logging and resume checks)
 
     @property
     def num_sequences(self) -> int:
@@ -50,7 +51,8 @@ class PackedBatch:
 
     @classmethod
     def from_sequences(cls, seqs: Sequence[np.ndarray | torch.Tensor],
-                       targets: Sequence[np.ndarray | torch.Tensor] | None = None) -> "PackedBatch":
+                       targets: Sequence[np.ndarray | torch.Tensor] | None = None,
+                       ids: Sequence[str] | None = None) -> "PackedBatch":
         """Pack already-tokenised sequences (and optional per-token targets) back to back."""
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         cu = np.zeros(len(seqs) + 1, dtype=np.int32)
@@ -62,7 +64,7 @@ class PackedBatch:
         return cls(tokens=tokens, cu_seqlens=torch.from_numpy(cu),
                    max_seqlen=int(lengths.max(initial=0)),
                    positions=positions_from_cu_seqlens(torch.from_numpy(cu)),
-                   targets=packed_targets)
+                   targets=packed_targets, ids=tuple(ids) if ids is not None else None)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
