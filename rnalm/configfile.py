@@ -1,0 +1,266 @@
+"""Typed run configs: a dataclass of dataclass sections, loaded from YAML plus `--section.key=value` overrides.
+
+    @dataclass
+    class RunConfig:
+        optim: OptimConfig = field(default_factory=OptimConfig)
+        train: TrainConfig = field(default_factory=TrainConfig)
+
+    cfg = from_cli(RunConfig, ["--config", "run.yaml", "--optim.lr=3e-4"])
+
+Every value is checked against the field's annotation (int, float, bool, str, Literal, X | None, list/tuple/dict
+of those, nested dataclasses); unknown sections or keys are rejected with the valid names listed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names where and why."""
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass `cls` from a (possibly partial) mapping; missing keys keep their defaults."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) that YAML/JSON can write and `from_dict` reads back."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """YAML file (optional) first, then overrides `section.key=value` (or `--section.key=value`) in order."""
+    data: dict[str, Any] = {}
+    where = (str(path) if path is not None else "defaults") + (" + overrides" if overrides else "")
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(cls, data, item)
+    try:
+        return from_dict(cls, data, where="")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def from_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
+             description: str | None = None) -> T:
+    """Parse `--config FILE` plus any number of `--section.key=value` (or `--section.key value`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=_help_epilog(cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with the sections below")
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or tok == "--":
+            parser.error(f"unexpected argument {tok!r}; overrides look like --section.key=value")
+        if "=" in tok:
+            overrides.append(tok[2:])
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            overrides.append(f"{tok[2:]}={rest[i + 1]}")
+            i += 2
+        else:
+            parser.error(f"override {tok!r} has no value; write {tok}=VALUE")
+    try:
+        return load(cls, args.config, overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
+    item = item[2:] if item.startswith("--") else item
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    parts = key.split(".")
+    node, owner = data, cls
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(owner)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(owner)}:
+            valid = ", ".join(f.name for f in dataclasses.fields(owner))
+            raise ConfigError(f"override --{key}: unknown key {part!r} in "
+                              f"{'.'.join(parts[:depth]) or 'top level'}; valid keys: {valid}")
+        hint = hints[part]
+        if depth == len(parts) - 1:
+            node[part] = _parse_scalar(raw, hint)
+            return
+        sub = _dataclass_of(hint)
+        if sub is None:
+            raise ConfigError(f"override --{key}: {'.'.join(parts[:depth + 1])} is not a section")
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override --{key}: {'.'.join(parts[:depth + 1])} is not a mapping in the file")
+        node, owner = child, sub
+
+
+def _parse_scalar(raw: str, hint: Any) -> Any:
+    """Strings stay strings for str fields (so '007' or 'yes' are not reinterpreted); others go through YAML."""
+    if hint is str or (_is_optional(hint) and _strip_none(hint) is str and raw not in ("null", "~", "None")):
+        return raw
+    if raw == "None":
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _is_optional(hint: Any) -> bool:
+    return _origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def _strip_none(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+
+
+def _origin(hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    return typing.Union if origin is types.UnionType else origin
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    if _is_optional(hint):
+        hint = _strip_none(hint)
+    return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = _origin(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, where)
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = (typing.get_args(hint) or (Any, Any))
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):  # "1e6" (YAML reads it as a string)
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    raise ConfigError(f"{where}: unsupported annotation {hint!r}")
+
+
+def _help_epilog(cls: type) -> str:
+    lines = ["overrides (--section.key=value), with defaults:"]
+    for section in dataclasses.fields(cls):
+        sub = _dataclass_of(typing.get_type_hints(cls)[section.name])
+        if sub is None:
+            lines.append(f"  --{section.name}")
+            continue
+        default = section.default_factory() if section.default_factory is not dataclasses.MISSING else None
+        for f in dataclasses.fields(sub):
+            value = getattr(default, f.name, "") if default is not None else ""
+            lines.append(f"  --{section.name}.{f.name}={value}")
+    return "\n".join(lines)

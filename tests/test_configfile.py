@@ -1,0 +1,118 @@
+"""rnalm.configfile: typed YAML sections + --section.key=value overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from rnalm.configfile import ConfigError, from_cli, from_dict, load, save_yaml, to_dict
+
+
+@dataclass
+class Optim:
+    lr: float = 5e-5
+    warmup_steps: int = 2000
+    betas: tuple[float, float] = (0.9, 0.98)
+
+
+@dataclass
+class Train:
+    out_dir: str = "runs/x"
+    precision: Literal["fp32", "bf16"] = "bf16"
+    max_steps: int | None = None
+    activation_checkpointing: bool = False
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_and_overrides_in_order(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1e-4\n  warmup_steps: 10\ntrain:\n  precision: fp32\n")
+    cfg = load(Run, path, ["--optim.lr=3e-4", "train.max_steps=50", "--train.tags=[a, b]"])
+    assert cfg.optim == Optim(lr=3e-4, warmup_steps=10)
+    assert cfg.train.precision == "fp32" and cfg.train.max_steps == 50 and cfg.train.tags == ["a", "b"]
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.optim.betas, tuple)
+
+
+def test_yaml_exponent_without_dot_is_a_float_and_1e3_an_int(tmp_path):
+    # PyYAML reads "1e-4" and "1e3" as strings; the typed fields still get numbers.
+    cfg = load(Run, write(tmp_path, "optim:\n  lr: 1e-4\n  warmup_steps: 1e3\n"))
+    assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_steps == 1000
+
+
+def test_str_override_stays_verbatim():
+    cfg = load(Run, None, ["train.out_dir=007", "--train.max_steps=null"])
+    assert cfg.train.out_dir == "007" and cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'lrr' in optim; valid keys: lr, warmup_steps, betas"),
+    ("optimizer.lr=1", "unknown key 'optimizer' in top level"),
+    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.warmup_steps=1.5", "optim.warmup_steps: expected an integer, got 1.5"),
+    ("train.precision=fp16", "'fp16' is not one of 'fp32', 'bf16'"),
+    ("train.activation_checkpointing=2", "expected true or false, got 2"),
+    ("optim.lr", "expected section.key=value"),
+    ("optim=3", "optim: expected a mapping of keys for Optim, got int"),
+    ("optim.lr.x=3", "optim.lr is not a section"),
+])
+def test_bad_overrides_are_rejected_clearly(override, message):
+    with pytest.raises(ConfigError) as info:
+        load(Run, None, [override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1.0\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError) as info:
+        load(Run, path)
+    assert str(path) in str(info.value) and "'momentum'" in str(info.value) and "valid keys" in str(info.value)
+
+
+def test_bad_file_shapes(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load(Run, write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of keys for Optim"):
+        load(Run, write(tmp_path, "optim: 3\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(Run, tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_saved_yaml(tmp_path):
+    cfg = load(Run, None, ["optim.lr=2e-3", "train.tags=[x]"])
+    save_yaml(cfg, tmp_path / "out" / "config.yaml")
+    again = load(Run, tmp_path / "out" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.98]
+    assert to_dict(cfg)["train"]["tags"] == ["x"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]  # no temp file left
+
+
+def test_from_dict_partial_sections():
+    cfg = from_dict(Run, {"train": {"precision": "fp32"}})
+    assert cfg.optim == Optim() and cfg.train.precision == "fp32"
+
+
+def test_cli_parses_config_and_both_override_spellings(tmp_path, capsys):
+    path = write(tmp_path, "optim:\n  lr: 0.5\n")
+    cfg = from_cli(Run, ["--config", str(path), "--optim.warmup_steps", "7", "--train.precision=fp32"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.precision) == (0.5, 7, "fp32")
+    with pytest.raises(SystemExit) as info:
+        from_cli(Run, ["--optim.nope=1"])
+    assert info.value.code == 2 and "unknown key 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        from_cli(Run, ["--optim.lr"])
+    assert "has no value" in capsys.readouterr().err
