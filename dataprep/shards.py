@@ -1,0 +1,317 @@
+"""Shard format: WebDataset tars whose members are zstd-compressed blocks of many records.
+
+This module is the only reader and writer of shards (the pretraining loader imports it); it is torch-free.
+
+A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum) whose content is:
+
+    header  <4sIQQQQ  magic b"RNB1", flags (bit 0: has labels), n, seq_bytes, ids_bytes, labels_bytes
+    int64   offsets[n+1]         record i is seq[offsets[i]:offsets[i+1]]
+    int64   cluster_id[n], cluster_size[n], index_in_cluster[n]
+    int32   source[n]
+    bytes   ids      "id\\n" per record (UTF-8; ids never contain whitespace)
+    bytes   labels   "label\\n" per record (UTF-8, may be empty), only when flags & 1
+    bytes   seq      normalised sequences concatenated (upper-case ASCII, U not T)
+
+Decoding is a handful of `np.frombuffer` views plus one `str.split` per block: no per-record Python.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+BLOCK_EXT = "rec.zst"
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_MAGIC = b"RNB1"
+_HEADER = struct.Struct("<4sIQQQQ")
+_FLAG_LABELS = 1
+_MEMBER_RE = re.compile(r"^(\d{6})\.rec\.zst$")
+_MAX_BLOCK_BYTES = 1 << 31  # refuse to decompress a (corrupt) frame that claims more than 2 GiB
+
+
+class ShardError(Exception):
+    """A corrupt, truncated or unexpected shard; the message names the shard file (and member) and the reason."""
+
+
+@dataclass(frozen=True)
+class RecordBlock:
+    seq: np.ndarray  # uint8, all normalised sequences concatenated
+    offsets: np.ndarray  # int64 [n+1]
+    ids: list[str]
+    cluster_id: np.ndarray  # int64 [n]
+    cluster_size: np.ndarray  # int64 [n]
+    index_in_cluster: np.ndarray  # int64 [n]
+    source: np.ndarray  # int32 [n]
+    labels: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sequence(self, i: int) -> bytes:
+        return self.seq[self.offsets[i]: self.offsets[i + 1]].tobytes()
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def encode_block(block: RecordBlock) -> bytes:
+    """Serialise a block (uncompressed); `compress_block` adds the zstd frame."""
+    n = len(block)
+    ids = "".join(i + "\n" for i in block.ids).encode("utf-8")
+    labels = b"" if block.labels is None else "".join(x + "\n" for x in block.labels).encode("utf-8")
+    if len(block.ids) != n or (block.labels is not None and len(block.labels) != n):
+        raise ValueError("ids/labels length does not match the number of records")
+    seq = np.ascontiguousarray(block.seq, dtype=np.uint8)
+    header = _HEADER.pack(_MAGIC, _FLAG_LABELS if block.labels is not None else 0,
+                          n, len(seq), len(ids), len(labels))
+    parts = [header,
+             np.ascontiguousarray(block.offsets, dtype="<i8").tobytes(),
+             np.ascontiguousarray(block.cluster_id, dtype="<i8").tobytes(),
+             np.ascontiguousarray(block.cluster_size, dtype="<i8").tobytes(),
+             np.ascontiguousarray(block.index_in_cluster, dtype="<i8").tobytes(),
+             np.ascontiguousarray(block.source, dtype="<i4").tobytes(),
+             ids, labels, seq.tobytes()]
+    return b"".join(parts)
+
+
+def compress_block(block: RecordBlock, level: int = 3) -> bytes:
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cctx.compress(encode_block(block))
+
+
+def _decompress(payload: bytes, where: str) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(payload)
+        if params.content_size > _MAX_BLOCK_BYTES:
+            raise ShardError(f"{where}: block claims {params.content_size} bytes (corrupt header)")
+        return zstandard.ZstdDecompressor().decompress(payload)
+    except zstandard.ZstdError as e:
+        raise ShardError(f"{where}: corrupt or truncated zstd block ({e})") from None
+
+
+def decode_block(payload: bytes, where: str = "") -> RecordBlock:
+    """Decompress and decode one tar member; raises ShardError naming `where` on any inconsistency."""
+    where = where or "<block>"
+    raw = _decompress(payload, where)
+    if len(raw) < _HEADER.size:
+        raise ShardError(f"{where}: block shorter than its header ({len(raw)} bytes)")
+    magic, flags, n, seq_bytes, ids_bytes, labels_bytes = _HEADER.unpack_from(raw, 0)
+    if magic != _MAGIC:
+        raise ShardError(f"{where}: bad block magic {magic!r} (not a dataprep record block)")
+    need = _HEADER.size + 8 * (n + 1) + 3 * 8 * n + 4 * n + ids_bytes + labels_bytes + seq_bytes
+    if need != len(raw):
+        raise ShardError(f"{where}: block size {len(raw)} does not match its header (expected {need})")
+    pos = _HEADER.size
+
+    def take(dtype: str, count: int) -> np.ndarray:
+        nonlocal pos
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=pos)
+        pos += arr.nbytes
+        return arr
+
+    offsets = take("<i8", n + 1)
+    cluster_id, cluster_size, index_in_cluster = take("<i8", n), take("<i8", n), take("<i8", n)
+    source = take("<i4", n)
+    ids = _split_lines(raw[pos: pos + ids_bytes], n, where, "ids")
+    pos += ids_bytes
+    labels = _split_lines(raw[pos: pos + labels_bytes], n, where, "labels") if flags & _FLAG_LABELS else None
+    pos += labels_bytes
+    seq = np.frombuffer(raw, dtype=np.uint8, count=seq_bytes, offset=pos)
+    if n and (offsets[0] != 0 or offsets[-1] != seq_bytes or np.any(np.diff(offsets) < 0)):
+        raise ShardError(f"{where}: record offsets are not monotonic from 0 to {seq_bytes}")
+    if n and (np.any(cluster_size < 1) or np.any(index_in_cluster < 0) or np.any(index_in_cluster >= cluster_size)):
+        raise ShardError(f"{where}: index_in_cluster outside 0..cluster_size-1")
+    return RecordBlock(seq=seq, offsets=offsets, ids=ids, cluster_id=cluster_id, cluster_size=cluster_size,
+                       index_in_cluster=index_in_cluster, source=source, labels=labels)
+
+
+def _split_lines(buf: bytes, n: int, where: str, what: str) -> list[str]:
+    try:
+        items = buf.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where}: {what} are not valid UTF-8 ({e})") from None
+    if items[-1] != "" or len(items) != n + 1:
+        raise ShardError(f"{where}: expected {n} {what}, found {len(items) - 1}")
+    items.pop()
+    return items
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_blocks(shard_path: str | os.PathLike, verify_checksum: bool = False,
+                expected_sha256: str | None = None) -> Iterator[RecordBlock]:
+    """Yield the record blocks of one shard in order.
+
+    With `verify_checksum`, the file's sha256 is checked first against `expected_sha256`, or, when that is None,
+    against the manifest.json two levels up (OUT/manifest.json for OUT/<split>/shard-*.tar). Every block is
+    also protected by its zstd content checksum, so corruption is reported even without the file checksum.
+    """
+    shard_path = Path(shard_path)
+    if verify_checksum:
+        expected = expected_sha256 or _manifest_sha256(shard_path)
+        actual = file_sha256(shard_path)
+        if actual != expected:
+            raise ShardError(f"{shard_path}: sha256 {actual} does not match the expected {expected}")
+    try:
+        with tarfile.open(shard_path, mode="r|") as tar:
+            expected_block = 0
+            for member in tar:
+                where = f"{shard_path}:{member.name}"
+                m = _MEMBER_RE.match(member.name)
+                if not member.isfile() or m is None:
+                    raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
+                if int(m.group(1)) != expected_block:
+                    raise ShardError(f"{where}: block {int(m.group(1))} out of order (expected {expected_block})")
+                payload = tar.extractfile(member).read()
+                if len(payload) != member.size:
+                    raise ShardError(f"{where}: truncated member ({len(payload)} of {member.size} bytes)")
+                yield decode_block(payload, where)
+                expected_block += 1
+    except ShardError:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{shard_path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+
+
+def iter_records(shard_path: str | os.PathLike) -> Iterator[tuple[str, bytes, int, int, int]]:
+    """(id, sequence, cluster_id, cluster_size, index_in_cluster) per record; convenience for tests."""
+    for block in iter_blocks(shard_path):
+        for i in range(len(block)):
+            yield (block.ids[i], block.sequence(i), int(block.cluster_id[i]), int(block.cluster_size[i]),
+                   int(block.index_in_cluster[i]))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Writes one shard tar atomically: to `path.tmp-<pid>`, renamed over `path` by `close()`."""
+
+    def __init__(self, path: str | os.PathLike, level: int = 3):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self._file = open(self._tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        self.blocks = self.records = self.tokens = 0
+
+    def write(self, block: RecordBlock) -> None:
+        payload = self._cctx.compress(encode_block(block))
+        info = tarfile.TarInfo(f"{self.blocks:06d}.{BLOCK_EXT}")
+        info.size, info.mtime, info.mode = len(payload), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(payload))
+        self.blocks += 1
+        self.records += len(block)
+        self.tokens += int(block.offsets[-1])
+
+    def close(self) -> tuple[int, str]:
+        """Finish the tar, fsync, rename into place; returns (bytes, sha256)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return self.path.stat().st_size, file_sha256(self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str  # relative to the output dir
+    split: str  # "train" / "valid"
+    records: int
+    blocks: int
+    tokens: int  # nucleotides
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    shards: list[ShardInfo]
+    sources: list[dict]  # per input: path, sha256, bytes, records, rejected, duplicates, kept
+    params: dict
+    tools: dict
+    counts: dict = field(default_factory=dict)  # records_in, rejected, duplicates, kept, clusters, per split
+    version: int = FORMAT_VERSION
+    out_dir: str = ""  # where it was read from (not stored)
+
+    def split_shards(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def shard_path(self, shard: ShardInfo) -> Path:
+        return Path(self.out_dir) / shard.path
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("out_dir")
+        return json.dumps(d, indent=1)
+
+
+def read_manifest(out_dir: str | os.PathLike) -> Manifest:
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        d = json.loads(path.read_text())
+        shards = [ShardInfo(**s) for s in d.pop("shards")]
+        if d.get("version") != FORMAT_VERSION:
+            raise ShardError(f"{path}: unsupported manifest version {d.get('version')} (want {FORMAT_VERSION})")
+        return Manifest(shards=shards, out_dir=str(out_dir), **d)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest (was build_shards interrupted or never run?)") from None
+    except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> None:
+    path = Path(out_dir) / MANIFEST_NAME
+    tmp = path.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _manifest_sha256(shard_path: Path) -> str:
+    out_dir = shard_path.resolve().parent.parent
+    manifest = read_manifest(out_dir)
+    rel = str(shard_path.resolve().relative_to(out_dir.resolve()))
+    for s in manifest.shards:
+        if s.path == rel:
+            return s.sha256
+    raise ShardError(f"{shard_path}: not listed in {out_dir / MANIFEST_NAME}")
+
+
+def blocks_from_arrays(seq: np.ndarray, offsets: np.ndarray, ids: list[str], cluster_id: np.ndarray,
+                       cluster_size: np.ndarray, index_in_cluster: np.ndarray, source: np.ndarray,
+                       labels: list[str] | None, block_records: int) -> Iterable[RecordBlock]:
+    """Cut contiguous record arrays into blocks of `block_records` (offsets rebased to 0 per block)."""
+    n = len(offsets) - 1
+    for a in range(0, n, block_records):
+        b = min(a + block_records, n)
+        lo, hi = offsets[a], offsets[b]
+        yield RecordBlock(seq=seq[lo:hi], offsets=offsets[a: b + 1] - lo, ids=ids[a:b],
+                          cluster_id=cluster_id[a:b], cluster_size=cluster_size[a:b],
+                          index_in_cluster=index_in_cluster[a:b], source=source[a:b],
+                          labels=None if labels is None else labels[a:b])

@@ -1,0 +1,127 @@
+"""Shard format: round trip, checksums, and clear errors on corrupt or truncated shards."""
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+
+from dataprep.shards import (RecordBlock, ShardError, ShardInfo, Manifest, ShardWriter, decode_block,
+                             compress_block, iter_blocks, iter_records, read_manifest, write_manifest,
+                             blocks_from_arrays)
+
+
+def make_block(n: int = 50, seed: int = 0, labels: bool = True) -> RecordBlock:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 40, n)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    seq = np.frombuffer(b"ACGU", np.uint8)[rng.integers(0, 4, offsets[-1])]
+    size = rng.integers(1, 5, n)
+    return RecordBlock(seq=seq, offsets=offsets, ids=[f"r{seed}_{i}" for i in range(n)],
+                       cluster_id=rng.integers(0, 1000, n), cluster_size=size,
+                       index_in_cluster=rng.integers(0, size), source=rng.integers(0, 3, n).astype(np.int32),
+                       labels=[f"RF{i % 7:05d}" if i % 3 else "" for i in range(n)] if labels else None)
+
+
+def assert_same(a: RecordBlock, b: RecordBlock) -> None:
+    assert len(a) == len(b)
+    assert np.array_equal(a.seq, b.seq) and np.array_equal(a.offsets, b.offsets)
+    assert a.ids == b.ids and a.labels == b.labels
+    for f in ("cluster_id", "cluster_size", "index_in_cluster", "source"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_block_round_trip(labels):
+    block = make_block(labels=labels)
+    back = decode_block(compress_block(block))
+    assert_same(block, back)
+    assert back.sequence(3) == block.seq[block.offsets[3]:block.offsets[4]].tobytes()
+    assert back.offsets.dtype == np.int64 and back.source.dtype == np.int32
+
+
+def test_empty_block_round_trip():
+    block = make_block(n=0)
+    assert len(decode_block(compress_block(block))) == 0
+
+
+def write_shard(path, blocks):
+    w = ShardWriter(path)
+    for b in blocks:
+        w.write(b)
+    return w, w.close()
+
+
+def test_shard_round_trip_and_manifest(tmp_path):
+    blocks = [make_block(seed=s) for s in range(3)]
+    w, (nbytes, sha) = write_shard(tmp_path / "train" / "shard-000000.tar", blocks)
+    assert not list((tmp_path / "train").glob("*.tmp-*"))
+    with tarfile.open(tmp_path / "train" / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["000000.rec.zst", "000001.rec.zst", "000002.rec.zst"]
+    info = ShardInfo("train/shard-000000.tar", "train", w.records, w.blocks, w.tokens, nbytes, sha)
+    write_manifest(tmp_path, Manifest(shards=[info], sources=[{"path": "x.fa"}], params={}, tools={}))
+    m = read_manifest(tmp_path)
+    assert m.shards == [info] and m.split_shards("valid") == []
+    got = list(iter_blocks(m.shard_path(info), verify_checksum=True))
+    for a, b in zip(blocks, got):
+        assert_same(a, b)
+    recs = list(iter_records(m.shard_path(info)))
+    assert len(recs) == sum(len(b) for b in blocks) == info.records
+    assert recs[0][0] == "r0_0" and recs[0][1] == blocks[0].sequence(0)
+
+
+def test_blocks_from_arrays_rebases_offsets():
+    big = make_block(n=10)
+    parts = list(blocks_from_arrays(big.seq, big.offsets, big.ids, big.cluster_id, big.cluster_size,
+                                    big.index_in_cluster, big.source, big.labels, block_records=4))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert all(p.offsets[0] == 0 for p in parts)
+    assert b"".join(p.sequence(i) for p in parts for i in range(len(p))) == big.seq.tobytes()
+
+
+def test_checksum_mismatch_names_file(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, [make_block()])
+    with pytest.raises(ShardError, match="s.tar.*sha256"):
+        list(iter_blocks(path, verify_checksum=True, expected_sha256="0" * 64))
+
+
+def test_truncated_shard(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, [make_block(seed=s, n=500) for s in range(3)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="s.tar"):
+        list(iter_blocks(path))
+
+
+def test_corrupt_block_names_member(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, [make_block(n=500)])
+    data = bytearray(path.read_bytes())
+    data[512 + 200] ^= 0xFF  # inside the first member's zstd payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"s.tar:000000.rec.zst"):
+        list(iter_blocks(path))
+
+
+def test_unexpected_member(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.add(__file__, arcname="000000.txt")
+    with pytest.raises(ShardError, match="unexpected tar member"):
+        list(iter_blocks(path))
+
+
+@pytest.mark.parametrize("payload", [b"", b"not zstd at all", b"\x28\xb5\x2f\xfd" + b"\x00" * 20])
+def test_decode_garbage(payload):
+    with pytest.raises(ShardError, match="where-x"):
+        decode_block(payload, "where-x")
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ShardError, match="no manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardError, match="malformed manifest"):
+        read_manifest(tmp_path)
