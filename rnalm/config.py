@@ -1,0 +1,67 @@
+"""Model configuration: the exact RiNALMo hyper-parameters, with the four original sizes as presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from rnalm.tokenizer import VOCAB_SIZE
+
+# name -> (dim, num_layers); all original sizes use 20 heads.
+PRESETS: dict[str, tuple[int, int]] = {
+    "nano": (320, 6),
+    "micro": (480, 12),
+    "mega": (640, 30),
+    "giga": (1280, 33),
+}
+# Token dropout rescales by (1 - this) / (1 - observed mask ratio): 15% selected x 80% <mask>.
+MASK_RATIO_TRAIN = 0.15 * 0.8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "giga"
+    dim: int = 1280
+    num_layers: int = 33
+    num_heads: int = 20
+    vocab_size: int = VOCAB_SIZE
+    attn_dropout: float = 0.1
+    residual_dropout: float = 0.1
+    transition_dropout: float = 0.0
+    token_dropout: bool = True
+    mask_ratio_train: float = MASK_RATIO_TRAIN
+    rope_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | sdpa
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(2 / 3 * 4 * self.dim)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+        dim, layers = PRESETS[name]
+        return replace(cls(name=name, dim=dim, num_layers=layers), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}")
+        return cls(**data)

@@ -1,0 +1,247 @@
+"""Released weights: `model.safetensors` + `config.json`, and the original / multimolecule layouts.
+
+Our parameter names are the original RiNALMo state-dict keys, so the official layout is ours;
+multimolecule renames the tensors and re-indexes the vocabulary rows (its pad id is 0, ours 1).
+Pickled `.pt` files are read only with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rnalm.config import PRESETS, ModelConfig
+from rnalm.model import RiNALMo
+from rnalm.tokenizer import VOCAB
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+FORMAT_VERSION = 1
+StateDict = dict[str, torch.Tensor]
+
+# multimolecule's published 26-token vocabulary (HF checkpoints; pad id 0, RNA letters).
+MULTIMOLECULE_VOCAB: tuple[str, ...] = (
+    "<pad>", "<cls>", "<eos>", "<unk>", "<mask>", "<null>",
+    "A", "C", "G", "U", "N", "R", "Y", "S", "W", "K", "M", "B", "D", "H", "V", ".", "X", "*", "-", "I",
+)
+_OURS_TO_MM_TOKEN = {tok: ("U" if tok == "T" else tok) for tok in VOCAB}
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the model: names the missing, extra or mis-shaped tensors."""
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in RiNALMo(cfg).state_dict().items()}
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where: str) -> None:
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: {tuple(state[k].shape)} != expected {tuple(expected[k])}"
+                   for k in set(expected) & set(state) if state[k].shape != expected[k])
+    problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+                for label, items in (("missing", missing), ("unexpected", extra), ("mis-shaped", wrong)) if items]
+    if problems:
+        raise WeightsError(f"{where} does not match model {cfg.name} (dim {cfg.dim}, {cfg.num_layers} layers): "
+                           + "; ".join(problems))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
+                    config: ModelConfig | None = None, provenance: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` into out_dir (each file atomically)."""
+    if isinstance(model_or_state, RiNALMo):
+        config = config or model_or_state.config
+        state = model_or_state.state_dict()
+    else:
+        state = dict(model_or_state)
+    if config is None:
+        raise ValueError("save_pretrained needs a config when given a state dict")
+    check_state_dict(state, config, "state dict to save")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(),
+            "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
+            "provenance": provenance or {}}
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return out
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a model directory holds {WEIGHTS_NAME} and {CONFIG_NAME}")
+    meta = json.loads(path.read_text())
+    if list(meta.get("tokenizer", {}).get("vocab", VOCAB)) != list(VOCAB):
+        raise WeightsError(f"{path}: tokenizer vocabulary differs from RiNALMo's")
+    return meta
+
+
+def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    **config_overrides: Any) -> RiNALMo:
+    """Build a RiNALMo in eval mode from `model.safetensors` + `config.json` (strict, with named mismatches)."""
+    meta = read_config(model_dir)
+    cfg = ModelConfig.from_dict({**meta["model"], **config_overrides})
+    path = Path(model_dir) / WEIGHTS_NAME
+    state = load_file(str(path), device=str(map_location))
+    check_state_dict(state, cfg, str(path))
+    model = RiNALMo(cfg).to(map_location)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --- the original RiNALMo layout -------------------------------------------------------------------
+
+def _read_state(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
+    if isinstance(path_or_state, Mapping):
+        return dict(path_or_state)
+    path = Path(path_or_state)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return dict(state)
+
+
+def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any) -> ModelConfig:
+    """Model size from tensor shapes (all original sizes use 20 heads)."""
+    if "embedding.weight" not in state:
+        raise WeightsError(f"{where}: no embedding.weight; is this a RiNALMo state dict?")
+    dim = state["embedding.weight"].shape[1]
+    layers = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"transformer\.blocks\.(\d+)\.", k))),
+                     default=-1)
+    name = next((n for n, (d, nl) in PRESETS.items() if (d, nl) == (dim, layers)),
+                "custom")
+    return ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
+
+
+def import_official(path_or_state, **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+    """The original's `*_pretrained.pt` (or a fine-tuned wrapper with prefix `lm.`/`rinalmo.`)."""
+    where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "official state dict"
+    state = _read_state(path_or_state)
+    for prefix in ("lm.", "rinalmo."):
+        if any(k.startswith(prefix + "embedding.") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if "inv_freq" not in k}
+    cfg = infer_config(state, where, **config_overrides)
+    check_state_dict(state, cfg, where)
+    return cfg, state
+
+
+def export_official(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write a state dict the original code loads with `load_state_dict(torch.load(path))`."""
+    _atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p))
+
+
+# --- the multimolecule layout ----------------------------------------------------------------------
+
+_MM_BLOCK = {
+    "attn_layer_norm.weight": "attention.layer_norm.weight",
+    "attn_layer_norm.bias": "attention.layer_norm.bias",
+    "mh_attn.out_proj.weight": "attention.output.dense.weight",
+    "out_layer_norm.weight": "layer_norm.weight",
+    "out_layer_norm.bias": "layer_norm.bias",
+    "transition.0.linear.weight": "intermediate.linear.weight",
+    "transition.0.linear.bias": "intermediate.linear.bias",
+    "transition.0.linear_gate.weight": "intermediate.linear_gate.weight",
+    "transition.0.linear_gate.bias": "intermediate.linear_gate.bias",
+    "transition.0.beta": "intermediate.bias",
+    "transition.2.weight": "output.dense.weight",
+    "transition.2.bias": "output.dense.bias",
+}
+_MM_TOP = {
+    "transformer.final_layer_norm.weight": "model.encoder.layer_norm.weight",
+    "transformer.final_layer_norm.bias": "model.encoder.layer_norm.bias",
+    "lm_mask_head.linear1.weight": "lm_head.transform.dense.weight",
+    "lm_mask_head.linear1.bias": "lm_head.transform.dense.bias",
+    "lm_mask_head.layer_norm.weight": "lm_head.transform.layer_norm.weight",
+    "lm_mask_head.layer_norm.bias": "lm_head.transform.layer_norm.bias",
+}
+_MM_QKV = ("query", "key", "value")
+
+
+def _mm_rows(mm_vocab: tuple[str, ...]) -> list[int]:
+    """For each of our token ids, the row of the same token in the multimolecule vocabulary."""
+    missing = [t for t in VOCAB if _OURS_TO_MM_TOKEN[t] not in mm_vocab]
+    if missing:
+        raise WeightsError(f"multimolecule vocabulary lacks tokens {missing}")
+    return [mm_vocab.index(_OURS_TO_MM_TOKEN[t]) for t in VOCAB]
+
+
+def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] = MULTIMOLECULE_VOCAB,
+                         **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+    """multimolecule `RiNALMoForMaskedLM` weights -> our (the original's) names and vocabulary order."""
+    where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "multimolecule state dict"
+    mm = _read_state(path_or_state)
+    rows = torch.tensor(_mm_rows(mm_vocab))
+    try:
+        state: StateDict = {"embedding.weight": mm["model.embeddings.word_embeddings.weight"][rows]}
+        layers = 1 + max(int(m.group(1)) for k in mm if (m := re.match(r"model\.encoder\.layer\.(\d+)\.", k)))
+        for i in range(layers):
+            src = f"model.encoder.layer.{i}."
+            for ours, theirs in _MM_BLOCK.items():
+                state[f"transformer.blocks.{i}.{ours}"] = mm[src + theirs]
+            state[f"transformer.blocks.{i}.mh_attn.Wqkv.weight"] = torch.cat(
+                [mm[f"{src}attention.self.{n}.weight"] for n in _MM_QKV], dim=0)
+        for ours, theirs in _MM_TOP.items():
+            state[ours] = mm[theirs]
+        state["lm_mask_head.linear2.weight"] = mm["lm_head.decoder.weight"][rows]
+        bias = mm.get("lm_head.bias", mm.get("lm_head.decoder.bias"))
+        if bias is None:
+            raise KeyError("lm_head.bias")
+        state["lm_mask_head.linear2.bias"] = bias[rows]
+    except KeyError as err:
+        raise WeightsError(f"{where}: missing multimolecule tensor {err.args[0]}") from None
+    cfg = infer_config(state, where, **config_overrides)
+    check_state_dict(state, cfg, where)
+    return cfg, state
+
+
+def export_multimolecule(state: Mapping[str, torch.Tensor],
+                         mm_vocab: tuple[str, ...] = MULTIMOLECULE_VOCAB) -> StateDict:
+    """Our state dict -> multimolecule names and vocabulary. Tokens RiNALMo lacks get zero rows,
+    except `X`, which gets the mean of A, C, G, U as multimolecule's converter does."""
+    rows = torch.tensor(_mm_rows(mm_vocab))
+
+    def reindex(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros((len(mm_vocab), *t.shape[1:]))
+        out[rows] = t
+        if "X" in mm_vocab:
+            out[mm_vocab.index("X")] = out[[mm_vocab.index(c) for c in "ACGU"]].mean(0)
+        return out
+
+    mm: StateDict = {"model.embeddings.word_embeddings.weight": reindex(state["embedding.weight"])}
+    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"transformer\.blocks\.(\d+)\.", k)))
+    for i in range(layers):
+        dst = f"model.encoder.layer.{i}."
+        for ours, theirs in _MM_BLOCK.items():
+            mm[dst + theirs] = state[f"transformer.blocks.{i}.{ours}"]
+        for name, part in zip(_MM_QKV, state[f"transformer.blocks.{i}.mh_attn.Wqkv.weight"].chunk(3, dim=0)):
+            mm[f"{dst}attention.self.{name}.weight"] = part
+    for ours, theirs in _MM_TOP.items():
+        mm[theirs] = state[ours]
+    mm["lm_head.decoder.weight"] = reindex(state["lm_mask_head.linear2.weight"])
+    mm["lm_head.bias"] = reindex(state["lm_mask_head.linear2.bias"])
+    return mm

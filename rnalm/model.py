@@ -1,0 +1,183 @@
+"""The exact RiNALMo architecture, for packed (varlen) and padded batches.
+
+Module and parameter names equal the original state-dict keys, so its weights load unchanged.
+Quirks kept on purpose (see notes/rinalmo_facts.md §1): token dropout is active in eval mode too;
+the attention residual is added to LayerNorm(x), not to x; SwiGLU has a learnable beta.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rnalm.attention import resolve_backend, varlen_attention
+from rnalm.batch import PackedBatch, pad, positions_from_cu_seqlens, unpad
+from rnalm.config import ModelConfig
+from rnalm.tokenizer import MASK_ID, PAD_ID
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor          # [T, V] packed (or rows of logits_index), [B, L, V] padded
+    representation: torch.Tensor  # [T, D] packed, [B, L, D] padded (zeros at padding)
+
+
+class Rotary(nn.Module):
+    """GPT-NeoX style (rotate-half) RoPE over the full head dim; positions given per token."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, Dh]
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [T, H, Dh] in fp32 and return it in x's dtype (as flash-attn's rotary kernel does)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.dropout = cfg.num_heads, cfg.head_dim, cfg.attn_dropout
+        self.Wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
+                max_seqlen: int, backend: str) -> torch.Tensor:
+        q, k, v = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        dropout = self.dropout if self.training else 0.0
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout, backend)
+        return self.out_proj(out.reshape(x.shape[0], -1))
+
+
+class SwiGLU(nn.Module):
+    """a * sigmoid(beta * a) * gate, with a = linear(x), gate = linear_gate(x) and a learnable beta."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, hidden)
+        self.linear_gate = nn.Linear(dim, hidden)
+        self.beta = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.linear(x)
+        return a * torch.sigmoid(self.beta * a) * self.linear_gate(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.mh_attn = MultiHeadSelfAttention(cfg)
+        self.attn_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.attn_dropout = nn.Dropout(cfg.residual_dropout)
+        self.transition = nn.Sequential(SwiGLU(cfg.dim, cfg.ffn_dim), nn.Dropout(cfg.transition_dropout),
+                                        nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.out_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.transition_dropout = nn.Dropout(cfg.residual_dropout)
+
+    def forward(self, x, rope, cu_seqlens, max_seqlen, backend):
+        h = self.attn_layer_norm(x)
+        h = h + self.attn_dropout(self.mh_attn(h, rope, cu_seqlens, max_seqlen, backend))
+        return h + self.transition_dropout(self.transition(self.out_layer_norm(h)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.activation_checkpointing = cfg.activation_checkpointing
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen, backend):
+        rope = self.rotary(positions)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, cu_seqlens, max_seqlen, backend, use_reentrant=False)
+            else:
+                x = block(x, rope, cu_seqlens, max_seqlen, backend)
+        return self.final_layer_norm(x)
+
+
+class MaskedLanguageModelHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.dim, cfg.dim)
+        self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.linear2 = nn.Linear(cfg.dim, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.layer_norm(F.gelu(self.linear1(x))))
+
+
+class RiNALMo(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
+        self.transformer = Transformer(cfg)
+        self.lm_mask_head = MaskedLanguageModelHead(cfg)
+
+    def embed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Embeddings with ESM-2 token dropout: zero <mask> rows, rescale per sequence (eval mode too)."""
+        x = self.embedding(tokens)
+        if not self.config.token_dropout:
+            return x
+        is_mask = tokens == MASK_ID
+        x = x.masked_fill(is_mask[:, None], 0.0)
+        cu = cu_seqlens.long()
+        lengths = cu[1:] - cu[:-1]
+        seq_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths,
+                                               output_size=tokens.numel())
+        masks = torch.zeros(lengths.numel(), device=tokens.device).index_add_(0, seq_of_token, is_mask.float())
+        scale = (1 - self.config.mask_ratio_train) / (1 - masks / lengths)
+        return x * scale[seq_of_token, None].to(x.dtype)
+
+    def forward_packed(self, batch: PackedBatch, logits_index: torch.Tensor | None = None) -> ModelOutput:
+        backend = resolve_backend(self.config.attention_backend, batch.tokens.device)
+        x = self.embed(batch.tokens, batch.cu_seqlens)
+        rep = self.transformer(x, batch.positions, batch.cu_seqlens, batch.max_seqlen, backend)
+        head_in = rep if logits_index is None else rep[logits_index]
+        return ModelOutput(logits=self.lm_mask_head(head_in), representation=rep)
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        """Padded [B, L] input (right padding with <pad>); unpads, runs packed, pads back."""
+        index, flat, cu_seqlens, max_seqlen = unpad(tokens)
+        batch = PackedBatch(tokens=flat, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                            positions=positions_from_cu_seqlens(cu_seqlens))
+        out = self.forward_packed(batch)
+        b, length = tokens.shape
+        return ModelOutput(logits=pad(out.logits, index, b, length),
+                           representation=pad(out.representation, index, b, length))
+
+    def num_parameters(self, include_head: bool = True, include_embedding: bool = True) -> int:
+        total = 0
+        for name, p in self.named_parameters():
+            if (name.startswith("lm_mask_head") and not include_head) or \
+               (name.startswith("embedding") and not include_embedding):
+                continue
+            total += p.numel()
+        return total
+
+    def flops_per_token(self, seqlen: float, head_fraction: float = 1.0) -> float:
+        """Training FLOPs (forward + backward) per token of a sequence of `seqlen` tokens.
+
+        6 x matmul parameters (encoder without the embedding lookup, plus the MLM head for the
+        fraction of tokens it runs on) + 12 x layers x dim x seqlen for the attention scores and values.
+        """
+        cfg = self.config
+        encoder = self.num_parameters(include_head=False, include_embedding=False)
+        head = self.num_parameters() - self.num_parameters(include_head=False)
+        return 6.0 * (encoder + head_fraction * head) + 12.0 * cfg.num_layers * cfg.dim * seqlen

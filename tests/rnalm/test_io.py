@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from rnalm.config import ModelConfig
+from rnalm.io import (MULTIMOLECULE_VOCAB, WeightsError, export_multimolecule, export_official, import_multimolecule,
+                      import_official, load_pretrained, save_pretrained)
+from rnalm.model import RiNALMo
+from rnalm.tokenizer import batch_encode
+
+TOKENS = torch.tensor(batch_encode(["ACGUAGCUAGCUAGG", "GGGAAACCCU"])[0])
+
+
+def random_model(name: str, **overrides) -> RiNALMo:
+    torch.manual_seed(0)
+    return RiNALMo(ModelConfig.preset(name, **overrides)).eval()
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", ["nano", "micro", "mega", pytest.param("giga", marks=pytest.mark.slow)])
+def test_round_trips_at_every_preset(name, tmp_path):
+    model = random_model(name)
+    state = model.state_dict()
+    with torch.no_grad():
+        logits = model(TOKENS).logits
+    save_pretrained(model, tmp_path / "m", provenance={"test": name})
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    assert_same_state(loaded.state_dict(), state)
+    export_official(state, tmp_path / "official.pt")
+    cfg, official = import_official(tmp_path / "official.pt")
+    assert cfg.name == name
+    assert_same_state(official, state)
+    cfg, back = import_multimolecule(export_multimolecule(state))
+    assert cfg.name == name
+    assert_same_state(back, state)
+    if name != "giga":  # the giga forward is covered by the tensors being identical
+        with torch.no_grad():
+            assert torch.equal(loaded(TOKENS).logits, logits)
+
+
+def test_multimolecule_layout_has_its_names_vocabulary_and_pad_id():
+    state = random_model("nano").state_dict()
+    mm = export_multimolecule(state)
+    emb = mm["model.embeddings.word_embeddings.weight"]
+    assert emb.shape[0] == len(MULTIMOLECULE_VOCAB) == 26
+    assert torch.equal(emb[0], state["embedding.weight"][1])          # pad: id 0 there, id 1 here
+    assert torch.equal(emb[MULTIMOLECULE_VOCAB.index("U")], state["embedding.weight"][8])
+    x = MULTIMOLECULE_VOCAB.index("X")
+    torch.testing.assert_close(emb[x], emb[[MULTIMOLECULE_VOCAB.index(c) for c in "ACGU"]].mean(0))
+    q, k, v = (mm[f"model.encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value"))
+    assert torch.equal(torch.cat([q, k, v]), state["transformer.blocks.0.mh_attn.Wqkv.weight"])
+    assert mm["model.encoder.layer.3.intermediate.bias"].shape == (1,)   # beta under multimolecule's name
+
+
+def test_official_finetuned_wrapper_and_rope_buffer_are_handled(tmp_path):
+    state = random_model("nano").state_dict()
+    wrapped = {f"lm.{k}": v for k, v in state.items()}
+    wrapped["pred_head.linear.weight"] = torch.zeros(2, 2)
+    wrapped["lm.transformer.blocks.0.mh_attn.rotary_emb.inv_freq"] = torch.zeros(8)
+    torch.save(wrapped, tmp_path / "ss_ft.pt")
+    _, imported = import_official(tmp_path / "ss_ft.pt")
+    assert_same_state(imported, state)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    import argparse  # any class outside torch's weights_only allow-list stands for arbitrary code
+    torch.save({"embedding.weight": torch.zeros(22, 320), "obj": argparse.Namespace()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        import_official(tmp_path / "evil.pt")
+
+
+def test_mismatched_files_name_the_offending_tensors(tmp_path):
+    state = random_model("nano").state_dict()
+    broken = dict(state)
+    del broken["transformer.blocks.2.out_layer_norm.bias"]
+    broken["transformer.blocks.1.extra.weight"] = torch.zeros(3)
+    broken["lm_mask_head.linear1.weight"] = torch.zeros(320, 319)
+    with pytest.raises(WeightsError) as err:
+        import_official(broken)
+    msg = str(err.value)
+    assert "missing (1): transformer.blocks.2.out_layer_norm.bias" in msg
+    assert "unexpected (1): transformer.blocks.1.extra.weight" in msg
+    assert "lm_mask_head.linear1.weight: (320, 319) != expected (320, 320)" in msg
+    save_pretrained(random_model("nano"), tmp_path / "m")
+    meta = (tmp_path / "m" / "config.json").read_text().replace('"num_layers": 6', '"num_layers": 5')
+    (tmp_path / "m" / "config.json").write_text(meta)
+    with pytest.raises(WeightsError, match="unexpected \\(13\\): transformer.blocks.5"):
+        load_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_pretrained(tmp_path / "nowhere")

@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+
+from rnalm.attention import BACKENDS, available_backends, varlen_attention
+from rnalm.batch import PackedBatch, pad, unpad
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+from rnalm.tokenizer import MASK_ID, batch_encode, encode
+
+from .reference import reference_forward
+
+TINY = dict(dim=64, num_layers=2, num_heads=4)
+SEQS = ["ACGUAGCUAGCUAGGCUA", "GGGAAACCC", "AUGCUNNRY-IAGCUAGCUAGCUAGCAUCGAUCGA", "ACGUA"]
+
+
+def tiny_model(seed: int = 0, **overrides) -> RiNALMo:
+    torch.manual_seed(seed)
+    model = RiNALMo(ModelConfig.preset("nano", **{**TINY, **overrides}))
+    with torch.no_grad():  # non-trivial LayerNorm/beta values so that a wrong wiring shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("beta"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def masked_batch() -> torch.Tensor:
+    ids, _ = batch_encode(SEQS)
+    ids = torch.tensor(ids)
+    ids[0, 3] = ids[0, 7] = ids[2, 10] = MASK_ID   # different mask ratios per sequence
+    return ids
+
+
+@pytest.mark.parametrize("name,expected", [("nano", 7_508_824), ("micro", 33_491_074),
+                                           ("mega", 148_056_972), ("giga", 650_901_793)])
+def test_parameter_counts_equal_the_originals(name, expected):
+    with torch.device("meta"):
+        model = RiNALMo(ModelConfig.preset(name))
+    assert model.num_parameters() == expected
+    if name == "giga":
+        assert model.num_parameters(include_head=False) == 649_231_371
+        assert len(model.state_dict()) == 438
+
+
+def test_padded_forward_matches_float64_reference_of_the_original():
+    model = tiny_model()
+    tokens = masked_batch()
+    with torch.no_grad():
+        out = model(tokens)
+    ref_logits, ref_rep = reference_forward(model.state_dict(), tokens, num_heads=4)
+    real = tokens != 1
+    torch.testing.assert_close(out.logits[real].double(), ref_logits[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.representation[real].double(), ref_rep[real], rtol=1e-4, atol=1e-4)
+    assert torch.all(out.logits[~real] == 0)
+
+
+def test_packed_and_padded_forward_agree_and_sequences_do_not_interact():
+    model = tiny_model()
+    tokens = masked_batch()
+    index, flat, cu, max_len = unpad(tokens)
+    batch = PackedBatch.from_sequences([t[t != 1].numpy() for t in tokens])
+    assert torch.equal(batch.tokens, flat) and torch.equal(batch.cu_seqlens, cu) and batch.max_seqlen == max_len
+    with torch.no_grad():
+        packed = model.forward_packed(batch)
+        padded = model(tokens)
+        alone = model.forward_packed(PackedBatch.from_sequences([tokens[1][tokens[1] != 1].numpy()]))
+    torch.testing.assert_close(pad(packed.logits, index, *tokens.shape), padded.logits)
+    start, end = int(cu[1]), int(cu[2])
+    torch.testing.assert_close(packed.logits[start:end], alone.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_index_runs_the_head_on_those_rows_only():
+    model = tiny_model()
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    rows = torch.tensor([1, 5, 17, 30])
+    with torch.no_grad():
+        full = model.forward_packed(batch).logits
+        some = model.forward_packed(batch, logits_index=rows).logits
+    assert some.shape == (4, 22)
+    torch.testing.assert_close(some, full[rows])
+
+
+def test_token_dropout_is_active_in_eval_and_rescales_per_sequence():
+    model = tiny_model()
+    tokens = masked_batch()
+    _, flat, cu, _ = unpad(tokens)
+    with torch.no_grad():
+        emb = model.embed(flat, cu)
+        raw = model.embedding(flat)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    for i, (start, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        seg = flat[start:start + n]
+        ratio = (seg == MASK_ID).float().mean()
+        expected = raw[start:start + n] * (1 - 0.12) / (1 - ratio)
+        expected[seg == MASK_ID] = 0
+        torch.testing.assert_close(emb[start:start + n], expected)
+    assert model.training is False  # the 0.88 scale above applied in eval mode (sequence 1 has no mask)
+
+
+def test_attention_backends_agree_with_float64_reference():
+    torch.manual_seed(1)
+    lengths = [5, 17, 1, 33]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 4, 16) for _ in range(3))
+    expected = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd, kd, vd = q[s:e].double(), k[s:e].double(), v[s:e].double()
+        w = torch.einsum("qhd,khd->hqk", qd, kd).div(4.0).softmax(-1)
+        expected.append(torch.einsum("hqk,khd->qhd", w, vd))
+    expected = torch.cat(expected)
+    backends = available_backends("cpu")
+    assert "sdpa" in backends
+    for name in backends:
+        out = varlen_attention(q, k, v, cu, max(lengths), backend=name)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert set(backends) <= set(BACKENDS)
+
+
+def test_unavailable_or_unknown_backend_is_a_clear_error():
+    q = torch.randn(3, 1, 2)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="torch_varlen.*not available on cpu"):
+        varlen_attention(q, q, q, cu, 3, backend="torch_varlen")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        varlen_attention(q, q, q, cu, 3, backend="xformers")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=3, activation_checkpointing=ckpt, attn_dropout=0.0, residual_dropout=0.0).train()
+        model.forward_packed(batch).logits.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_dropout_only_in_training_and_flops_formula():
+    model = tiny_model(residual_dropout=0.5)
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    with torch.no_grad():
+        assert torch.equal(model.forward_packed(batch).logits, model.forward_packed(batch).logits)
+        model.train()
+        assert not torch.equal(model.forward_packed(batch).logits, model.forward_packed(batch).logits)
+    cfg = model.config
+    encoder = model.num_parameters(include_head=False, include_embedding=False)
+    assert model.flops_per_token(100, head_fraction=0.0) == 6 * encoder + 12 * cfg.num_layers * cfg.dim * 100
