@@ -1,0 +1,134 @@
+"""Language model + task head, and loading of every checkpoint kind finetune accepts.
+
+Backbones: a converted directory (`model.safetensors` + `config.json`, contract D, via rnalm.io), the
+original's `*_pretrained.pt` (or a fine-tuned `*_ft.pt`, whose `lm.`/`rinalmo.` part is used), multimolecule
+weights (file, or an HF directory with `model.safetensors`/`pytorch_model.bin`), or a random initialisation
+of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetuned.safetensors` (tensors
+`lm.*` and `pred_head.*`) + `finetune.json` (task, model config, head config, threshold or scaler, metrics).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from rnalm import io as rio
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+
+FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
+
+
+@dataclass
+class BackboneConfig:
+    path: str | None = None          # converted dir, original .pt, multimolecule file/dir, or a fine-tuned dir
+    format: Literal["auto", "rnalm", "official", "multimolecule", "finetuned"] = "auto"
+    random_preset: str | None = None  # e.g. "micro": randomly initialised model instead of `path`
+    random_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {dim: 64, num_layers: 2, num_heads: 4}
+    dropout: float | None = None     # override attention/residual dropout of the loaded config
+    attention_backend: str | None = None
+
+
+class TaskModel(nn.Module):
+    """`lm` (RiNALMo) + `pred_head`; the padded forward `lm(tokens)` feeds the head."""
+
+    def __init__(self, lm: RiNALMo, head: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.pred_head = head
+
+    def forward(self, tokens: torch.Tensor) -> Any:
+        if any(p.requires_grad for p in self.lm.parameters()) and torch.is_grad_enabled():
+            rep = self.lm(tokens).representation
+        else:  # frozen LM: no activations kept for backward
+            with torch.no_grad():
+                rep = self.lm(tokens).representation
+        return self.pred_head(rep.float(), tokens)
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / FT_META).exists():
+            return "finetuned"
+        cfg = path / rio.CONFIG_NAME
+        if cfg.exists() and "format_version" in json.loads(cfg.read_text()):
+            return "rnalm"
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                return "multimolecule"
+        raise FileNotFoundError(f"{path}: no {rio.WEIGHTS_NAME}+{rio.CONFIG_NAME}, {FT_META} or multimolecule weights")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    keys = rio._read_state(path).keys()
+    return "multimolecule" if any(k.startswith("model.embeddings.") for k in keys) else "official"
+
+
+def load_backbone(cfg: BackboneConfig) -> RiNALMo:
+    """A RiNALMo from any accepted source (see module doc); dropout/backend overrides applied."""
+    overrides: dict[str, Any] = {}
+    if cfg.dropout is not None:
+        overrides.update(attn_dropout=cfg.dropout, residual_dropout=cfg.dropout)
+    if cfg.attention_backend is not None:
+        overrides["attention_backend"] = cfg.attention_backend
+    if cfg.random_preset is not None:
+        return RiNALMo(ModelConfig.preset(cfg.random_preset, **{**cfg.random_overrides, **overrides}))
+    if cfg.path is None:
+        raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
+    path = Path(cfg.path)
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if fmt == "rnalm":
+        return rio.load_pretrained(path, **overrides)
+    if fmt == "finetuned":
+        return load_finetuned(path)[0].lm
+    if fmt == "official":
+        mcfg, state = rio.import_official(path, **overrides)
+    else:
+        if path.is_dir():
+            path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+        mcfg, state = rio.import_multimolecule(path, **overrides)
+    model = RiNALMo(mcfg)
+    model.load_state_dict(state)
+    return model
+
+
+def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Weights + metadata, each written to a temp file and renamed (a crash keeps the previous pair)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    full = {**meta, "model": model.lm.config.to_dict()}
+    for name, write in ((FT_WEIGHTS, lambda p: save_file(tensors, p)),
+                        (FT_META, lambda p: Path(p).write_text(json.dumps(full, indent=2, default=str) + "\n"))):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, out / name)
+    return out
+
+
+def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[TaskModel, dict[str, Any]]:
+    from finetune.heads import HeadConfig  # local: heads imports nothing from here, keeps the graph simple
+    from finetune.tasks import build_head
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / FT_META
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: is {model_dir} a fine-tuned model directory "
+                                f"(written by `python -m finetune <task> train`)?")
+    meta = json.loads(meta_path.read_text())
+    lm = RiNALMo(ModelConfig.from_dict(meta["model"]))
+    head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
+    model = TaskModel(lm, head)
+    model.load_state_dict(load_file(str(model_dir / FT_WEIGHTS), device=map_location))
+    return model.eval(), meta
+
+
+def head_meta(head_cfg) -> dict[str, Any]:
+    return asdict(head_cfg)

@@ -1,0 +1,89 @@
+"""`python -m finetune <task> {train,evaluate,predict}`, `python -m finetune embed`, `python -m finetune predict-ss`.
+
+Options are typed config fields: `--section.key=value` (task commands: sections model, data, train,
+unfreeze, head, eval) or `--key=value` (embed, predict-ss, <task> predict), plus `--config FILE.yaml`.
+`--help` lists every option with its default.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from rnalm.configfile import from_cli, save_yaml
+
+USAGE = """usage:
+  python -m finetune {ss,splice,mrl} {train,evaluate} [--config FILE] [--section.key=value ...]
+  python -m finetune {ss,splice,mrl} predict --model=FT_DIR --fasta=FILE [--out=DIR] [...]
+  python -m finetune predict-ss --model=FT_DIR --fasta=FILE [--out=DIR] [--format=dbn|bpseq|ct]
+  python -m finetune embed --model=CHECKPOINT --fasta=FILE [--out=DIR] [--label_key=class]
+add --help after a command for its options and defaults"""
+
+
+def _task_module(task: str):
+    from finetune.tasks import mrl, splice, ss
+
+    return {"ss": (ss, ss.SSConfig), "splice": (splice, splice.SpliceConfig), "mrl": (mrl, mrl.MRLConfig)}[task]
+
+
+def run(argv: Sequence[str]) -> int:
+    from finetune.structure import StructureError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], list(argv[1:])
+    try:
+        if cmd in ("ss", "splice", "mrl"):
+            if not rest or rest[0] not in ("train", "evaluate", "predict"):
+                print(f"python -m finetune {cmd}: expected train, evaluate or predict\n{USAGE}", file=sys.stderr)
+                return 2
+            action, rest = rest[0], rest[1:]
+            prog = f"python -m finetune {cmd} {action}"
+            if action == "predict":
+                return _predict(cmd, rest, prog)
+            module, cfg_cls = _task_module(cmd)
+            cfg = from_cli(cfg_cls, rest, prog=prog)
+            save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
+            result = getattr(module, action)(cfg)
+            _print_summary(result, cfg.train.out_dir, action)
+            return 0
+        if cmd == "predict-ss":
+            return _predict("ss", rest, "python -m finetune predict-ss")
+        if cmd == "embed":
+            from finetune.embed import EmbedConfig, embed
+
+            cfg = from_cli(EmbedConfig, rest, prog="python -m finetune embed")
+            out = embed(cfg)
+            print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
+                  + ("" if cfg.plot == "none" else ", embeddings.png"))
+            return 0
+    except (StructureError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _predict(task: str, rest: list[str], prog: str) -> int:
+    from finetune.predict import PredictConfig, predict_ss, predict_table
+
+    cfg = from_cli(PredictConfig, rest, prog=prog)
+    if task == "ss":
+        preds = predict_ss(cfg)
+        print(f"predicted {len(preds)} structures -> {cfg.out} ({cfg.format})")
+    else:
+        print(f"wrote {predict_table(cfg, task)}")
+    return 0
+
+
+def _print_summary(result: dict, out_dir: str, action: str) -> None:
+    name = "results" if action == "train" else "eval_results"
+    try:
+        print(open(f"{out_dir}/{name}.md").read())
+    except OSError:
+        pass
+    print(f"results: {out_dir}/{name}.json")
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

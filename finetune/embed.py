@@ -1,0 +1,106 @@
+"""Sequence embeddings of a FASTA: the CLS vector and the mean over nucleotides (CLS/EOS/pads excluded).
+
+Writes OUT/cls.npy and OUT/mean.npy (float32 [N, D], rows in FASTA order), OUT/ids.txt (one id per row),
+OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png: t-SNE of the CLS vectors
+(PCA when there are fewer than `tsne_min` sequences) coloured by label.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from finetune.backbone import BackboneConfig, load_backbone
+from finetune.structure import read_fasta
+from finetune.tasks.common import batched_inference, tokens_for
+from finetune.trainer import pick_device
+
+
+@dataclass
+class EmbedConfig:
+    model: str = ""                  # any backbone: converted dir, original .pt, multimolecule, fine-tuned dir
+    fasta: str = ""
+    out: str = "embeddings"
+    label_key: str = "class"         # header field `key=value` used to colour the plot (e.g. class, rfam_id, family)
+    max_len: int = 1022              # longer sequences are embedded from their first max_len nucleotides
+    limit: int | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    plot: Literal["auto", "tsne", "pca", "none"] = "auto"
+    tsne_min: int = 50
+    max_legend: int = 12             # labels beyond the most frequent ones are drawn as "other"
+    seed: int = 0
+    progress: bool = True
+
+
+def header_label(description: str, key: str) -> str | None:
+    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
+    return m.group(1) if m else None
+
+
+@torch.no_grad()
+def embed(cfg: EmbedConfig) -> dict[str, np.ndarray]:
+    if not cfg.model or not cfg.fasta:
+        raise ValueError("--model and --fasta are required")
+    records = read_fasta(cfg.fasta)[: cfg.limit]
+    device = pick_device(cfg.device)
+    lm = load_backbone(BackboneConfig(path=cfg.model)).to(device).eval()
+    seqs = [r.sequence[: cfg.max_len] for r in records]
+
+    def run(idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        tokens = tokens_for([seqs[i] for i in idx], device)
+        rep = lm(tokens).representation.float()
+        out = []
+        for b, i in enumerate(idx):
+            n = len(seqs[i])
+            out.append((rep[b, 0].cpu().numpy(), rep[b, 1:1 + n].mean(0).cpu().numpy()))
+        return out
+
+    pairs = batched_inference(seqs, cfg.batch_size, run, desc="embed", progress=cfg.progress)
+    cls = np.stack([p[0] for p in pairs]).astype(np.float32)
+    mean = np.stack([p[1] for p in pairs]).astype(np.float32)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "cls.npy", cls)
+    np.save(out / "mean.npy", mean)
+    (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
+    labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
+    if any(lab != "NA" for lab in labels):
+        (out / "labels.txt").write_text("\n".join(labels) + "\n")
+    if cfg.plot != "none" and len(records) >= 3:
+        plot_embeddings(cls, labels, out / "embeddings.png", cfg)
+    return {"cls": cls, "mean": mean}
+
+
+def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConfig) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    method = cfg.plot if cfg.plot != "auto" else ("tsne" if len(x) >= cfg.tsne_min else "pca")
+    if method == "tsne":
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3),
+                  random_state=cfg.seed).fit_transform(x)
+    else:
+        xy = PCA(n_components=2, random_state=cfg.seed).fit_transform(x)
+    names, counts = np.unique(labels, return_counts=True)
+    top = set(names[np.argsort(-counts)][: cfg.max_legend])
+    shown = np.array([lab if lab in top else "other" for lab in labels])
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for k, lab in enumerate(sorted(set(shown), key=lambda s: (s == "other", s))):
+        sel = shown == lab
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=f"{lab} ({sel.sum()})",
+                   color="lightgrey" if lab == "other" else plt.cm.tab20(k % 20))
+    ax.set_title(f"{method.upper()} of CLS embeddings ({len(x)} sequences, colour: {cfg.label_key})")
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return method

@@ -1,0 +1,91 @@
+"""Predictions for the user's FASTA with a fine-tuned model.
+
+`predict_ss`: structures as dot-bracket (one OUT/predictions.dbn: header, sequence, structure), or one
+bpseq / ct file per record (OUT/<id>.bpseq|ct). `predict_table`: splice-site classes or MRL values as TSV.
+Batched by length, on CPU or GPU.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from finetune.backbone import load_finetuned
+from finetune.postprocess import decode_pairs
+from finetune.structure import StructureRecord, _atomic_write, read_fasta, to_dot_bracket, write_bpseq, write_ct
+from finetune.trainer import pick_device
+
+
+@dataclass
+class PredictConfig:
+    model: str = ""                 # fine-tuned model directory (finetune.json + finetuned.safetensors)
+    fasta: str = ""
+    out: str = "predictions"        # a directory
+    format: Literal["dbn", "bpseq", "ct"] = "dbn"   # secondary structure only
+    threshold: float | None = None  # secondary structure: override the tuned threshold
+    batch_size: int = 8
+    device: str = "auto"
+    progress: bool = True
+
+
+def _load(cfg: PredictConfig, task: str):
+    if not cfg.model:
+        raise ValueError("--model is required: a fine-tuned model directory")
+    if not cfg.fasta:
+        raise ValueError("--fasta is required")
+    model, meta = load_finetuned(cfg.model)
+    if meta["task"] != task:
+        raise ValueError(f"{cfg.model} is a fine-tuned '{meta['task']}' model, not '{task}'")
+    return model.to(pick_device(cfg.device)), meta
+
+
+def safe_name(record_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", record_id)[:200] or "record"
+
+
+def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
+    from finetune.tasks.ss import pair_probabilities
+
+    records = read_fasta(cfg.fasta)  # validates before the model is loaded
+    model, meta = _load(cfg, "ss")
+    threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
+    probs = pair_probabilities(model, [r.sequence for r in records], cfg.batch_size, cfg.progress)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), decode_pairs(p, r.sequence, threshold))
+             for r, p in zip(records, probs)]
+    if cfg.format == "dbn":
+        _atomic_write(out / "predictions.dbn",
+                      "".join(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n" for p in preds))
+    else:
+        names = [safe_name(p.id) for p in preds]
+        if len(set(names)) != len(names):  # ids that differ only in characters we replace
+            names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
+        for p, name in zip(preds, names):
+            (write_bpseq if cfg.format == "bpseq" else write_ct)(p, out / f"{name}.{cfg.format}")
+    return preds
+
+
+def predict_table(cfg: PredictConfig, task: str) -> Path:
+    """splice: id, predicted class, class probabilities; mrl: id, predicted MRL. Written to OUT/predictions.tsv."""
+    records = read_fasta(cfg.fasta)
+    model, meta = _load(cfg, task)
+    seqs = [r.sequence for r in records]
+    if task == "splice":
+        from finetune.tasks.splice import class_probabilities
+
+        probs = class_probabilities(model, seqs, cfg.batch_size, cfg.progress)
+        classes = meta["classes"]
+        lines = ["\t".join(["id", "prediction", *(f"p_{c}" for c in classes)])]
+        lines += ["\t".join([r.id, classes[int(np.argmax(p))], *(f"{x:.4f}" for x in p)]) for r, p in zip(records, probs)]
+    else:
+        from finetune.tasks.mrl import Scaler, predict_mrl
+
+        values = predict_mrl(model, seqs, Scaler(**meta["scaler"]), cfg.batch_size, cfg.progress)
+        lines = ["id\tmrl"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
+    path = Path(cfg.out) / "predictions.tsv"
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,15 @@
+"""ViennaRNA RNAfold (MFE structure) as the thermodynamic baseline, scored with the same metric."""
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.structure import parse_dot_bracket
+
+
+def rnafold_pairs(sequence: str) -> np.ndarray:
+    """MFE pairs (0-based, i < j) from RNAfold with default parameters (37 C, Turner 2004)."""
+    import RNA  # viennarna; imported lazily so the package works without it
+
+    seq = sequence.upper().replace("T", "U")
+    structure, _energy = RNA.fold_compound(seq).mfe()
+    return parse_dot_bracket(structure, where=f"RNAfold output for {sequence[:20]}...")

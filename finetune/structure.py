@@ -1,0 +1,313 @@
+"""RNA secondary structures: a pair list, and readers/writers for dot-bracket, bpseq and ct.
+
+A structure is an int64 array `pairs[n, 2]` of 0-based positions with i < j, sorted by i; every base has at
+most one partner. Pseudoknots are allowed (any crossing pairs). Readers raise `StructureError` naming the
+file, record and reason.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+import string
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Bracket levels in the order pseudoknot depth is written: () [] {} <> then Aa Bb ... Zz.
+BRACKETS: tuple[tuple[str, str], ...] = (("(", ")"), ("[", "]"), ("{", "}"), ("<", ">")) + tuple(
+    (u, u.lower()) for u in string.ascii_uppercase)
+_OPEN = {o: lvl for lvl, (o, _) in enumerate(BRACKETS)}
+_CLOSE = {c: lvl for lvl, (_, c) in enumerate(BRACKETS)}
+UNPAIRED_CHARS = frozenset(".,:_-~")
+
+
+class StructureError(ValueError):
+    """Malformed structure input; the message names the file/record and the reason."""
+
+
+@dataclass
+class StructureRecord:
+    id: str
+    sequence: str
+    pairs: np.ndarray  # int64 [n, 2], 0-based, i < j
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+
+def empty_pairs() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int64)
+
+
+def normalize_pairs(pairs: Iterable[tuple[int, int]] | np.ndarray, length: int, where: str = "") -> np.ndarray:
+    """Order each pair as (i < j), sort, and check range and one partner per base."""
+    arr = np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64).reshape(-1, 2)
+    arr = np.sort(arr, axis=1)
+    arr = np.unique(arr, axis=0)
+    if len(arr):
+        if arr.min() < 0 or arr.max() >= length:
+            raise StructureError(f"{where}: pair position out of range 1..{length}")
+        if np.any(arr[:, 0] == arr[:, 1]):
+            raise StructureError(f"{where}: a base is paired with itself at position {arr[arr[:, 0] == arr[:, 1]][0, 0] + 1}")
+        bases, counts = np.unique(arr.ravel(), return_counts=True)
+        if np.any(counts > 1):
+            raise StructureError(f"{where}: base {bases[counts > 1][0] + 1} has more than one partner")
+    return arr
+
+
+def pairs_to_partner(pairs: np.ndarray, length: int) -> np.ndarray:
+    """partner[i] = 0-based partner of i, or -1 when unpaired."""
+    partner = np.full(length, -1, dtype=np.int64)
+    partner[pairs[:, 0]] = pairs[:, 1]
+    partner[pairs[:, 1]] = pairs[:, 0]
+    return partner
+
+
+def pairs_to_matrix(pairs: np.ndarray, length: int) -> np.ndarray:
+    """Symmetric float32 [L, L] contact matrix."""
+    mat = np.zeros((length, length), dtype=np.float32)
+    mat[pairs[:, 0], pairs[:, 1]] = 1.0
+    mat[pairs[:, 1], pairs[:, 0]] = 1.0
+    return mat
+
+
+# ---------------------------------------------------------------- dot-bracket
+def parse_dot_bracket(db: str, where: str = "") -> np.ndarray:
+    """Pairs of a dot-bracket string with any bracket level ((), [], {}, <>, Aa..Zz)."""
+    stacks: list[list[int]] = [[] for _ in BRACKETS]
+    pairs = []
+    for pos, ch in enumerate(db):
+        if ch in _OPEN:
+            stacks[_OPEN[ch]].append(pos)
+        elif ch in _CLOSE:
+            stack = stacks[_CLOSE[ch]]
+            if not stack:
+                raise StructureError(f"{where}: unmatched {ch!r} at position {pos + 1}")
+            pairs.append((stack.pop(), pos))
+        elif ch not in UNPAIRED_CHARS:
+            raise StructureError(f"{where}: invalid dot-bracket character {ch!r} at position {pos + 1}")
+    for lvl, stack in enumerate(stacks):
+        if stack:
+            raise StructureError(f"{where}: unmatched {BRACKETS[lvl][0]!r} at position {stack[-1] + 1}")
+    return normalize_pairs(pairs, len(db), where) if pairs else empty_pairs()
+
+
+def to_dot_bracket(pairs: np.ndarray, length: int) -> str:
+    """Dot-bracket with pseudoknots on extra levels: each pair (by 5' end) goes to the first level it does not cross."""
+    chars = ["."] * length
+    levels: list[list[tuple[int, int]]] = []
+    for i, j in sorted(map(tuple, pairs.tolist())):
+        for lvl, members in enumerate(levels):
+            if not any(a < i < b < j or i < a < j < b for a, b in members):
+                members.append((i, j))
+                break
+        else:
+            lvl = len(levels)
+            if lvl >= len(BRACKETS):
+                raise StructureError(f"structure needs more than {len(BRACKETS)} bracket levels")
+            levels.append([(i, j)])
+        chars[i], chars[j] = BRACKETS[lvl]
+    return "".join(chars)
+
+
+# ---------------------------------------------------------------- bpseq
+def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecord:
+    """One structure per bpseq file: lines `index base partner` (1-based, 0 = unpaired); '#' lines skipped."""
+    path = Path(path)
+    bases, partners = [], []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#") or line.lower().startswith(("filename", "organism", "accession", "citation")):
+                continue
+            parts = line.split()
+            if len(parts) != 3 or not parts[0].isdigit() or not parts[2].lstrip("-").isdigit():
+                raise StructureError(f"{path}:{lineno}: expected 'index base partner', got {line!r}")
+            if int(parts[0]) != len(bases) + 1:
+                raise StructureError(f"{path}:{lineno}: index {parts[0]} out of order (expected {len(bases) + 1})")
+            bases.append(parts[1])
+            partners.append(int(parts[2]))
+    if not bases:
+        raise StructureError(f"{path}: no bases found")
+    return _record_from_partners(record_id or path.stem, "".join(bases), partners, str(path))
+
+
+def write_bpseq(record: StructureRecord, path: str | Path) -> None:
+    partner = pairs_to_partner(record.pairs, len(record))
+    lines = [f"# {record.id}"] + [f"{i + 1} {b} {p + 1}" for i, (b, p) in enumerate(zip(record.sequence, partner))]
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- ct
+def read_ct(path: str | Path) -> list[StructureRecord]:
+    """All structures in a ct file: header `N title`, then N lines `i base i-1 i+1 partner i`."""
+    path = Path(path)
+    records: list[StructureRecord] = []
+    with _open_text(path) as f:
+        lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
+    k = 0
+    while k < len(lines):
+        lineno, head = lines[k]
+        if not head[0].isdigit():
+            raise StructureError(f"{path}:{lineno}: expected a header 'length title', got {' '.join(head)!r}")
+        n = int(head[0])
+        title = " ".join(head[1:]) or f"{path.stem}_{len(records) + 1}"
+        body = lines[k + 1:k + 1 + n]
+        if len(body) < n:
+            raise StructureError(f"{path}: record {title!r} declares {n} bases but has {len(body)} lines")
+        bases, partners = [], []
+        for idx, (ln, parts) in enumerate(body, 1):
+            if len(parts) < 6 or not parts[0].isdigit() or int(parts[0]) != idx or not parts[4].isdigit():
+                raise StructureError(f"{path}:{ln}: record {title!r}: expected 'i base i-1 i+1 partner i' for base {idx}")
+            bases.append(parts[1])
+            partners.append(int(parts[4]))
+        records.append(_record_from_partners(title.split()[0], "".join(bases), partners, f"{path}: record {title!r}"))
+        k += 1 + n
+    if not records:
+        raise StructureError(f"{path}: no structures found")
+    return records
+
+
+def format_ct(record: StructureRecord) -> str:
+    n = len(record)
+    partner = pairs_to_partner(record.pairs, n)
+    lines = [f"{n} {record.id}"]
+    lines += [f"{i + 1} {b} {i} {i + 2 if i + 1 < n else 0} {p + 1} {i + 1}"
+              for i, (b, p) in enumerate(zip(record.sequence, partner))]
+    return "\n".join(lines) + "\n"
+
+
+def write_ct(records: StructureRecord | Iterable[StructureRecord], path: str | Path) -> None:
+    recs = [records] if isinstance(records, StructureRecord) else list(records)
+    _atomic_write(path, "".join(format_ct(r) for r in recs))
+
+
+# ---------------------------------------------------------------- dot-bracket CSV / FASTA-like text
+def read_structure_csv(path: str | Path, id_column: str = "id") -> Iterator[tuple[StructureRecord, dict[str, str]]]:
+    """Rows of a (gzip) CSV with `sequence` and `base_pairs` ("i-j;..." 1-based) or `structure` (dot-bracket).
+
+    Yields (record, row) so callers can use the other columns (split, family, ...).
+    """
+    path = Path(path)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or ())
+        if "sequence" not in cols or not cols & {"base_pairs", "structure"} or id_column not in cols:
+            raise StructureError(f"{path}: needs columns {id_column!r}, 'sequence' and 'base_pairs' or 'structure'; "
+                                 f"has {sorted(cols)}")
+        for lineno, row in enumerate(reader, 2):
+            rid, seq = row[id_column], row["sequence"]
+            where = f"{path}:{lineno} (record {rid!r})"
+            if row.get("base_pairs") is not None and "base_pairs" in cols:
+                pairs = parse_pair_list(row["base_pairs"], len(seq), where)
+            else:
+                db = row["structure"]
+                if len(db) != len(seq):
+                    raise StructureError(f"{where}: structure length {len(db)} != sequence length {len(seq)}")
+                pairs = parse_dot_bracket(db, where)
+            yield StructureRecord(rid, seq, pairs), row
+
+
+def parse_pair_list(text: str, length: int, where: str = "") -> np.ndarray:
+    """`"4-20;5-19"` (1-based) -> pairs."""
+    text = text.strip()
+    if not text:
+        return empty_pairs()
+    try:
+        pairs = [tuple(int(x) - 1 for x in item.split("-")) for item in text.split(";") if item]
+    except ValueError as e:
+        raise StructureError(f"{where}: bad base_pairs entry ({e})") from e
+    if any(len(p) != 2 for p in pairs):
+        raise StructureError(f"{where}: base_pairs entries must look like 'i-j'")
+    return normalize_pairs(pairs, length, where)
+
+
+@dataclass
+class FastaRecord:
+    id: str           # first word of the header
+    sequence: str
+    description: str  # rest of the header (e.g. "family=tRNA len=76")
+
+
+def read_fasta(path: str | Path) -> list[FastaRecord]:
+    """Records of a (gzip) FASTA. Errors name the file, line, record and reason (empty, duplicate id, bad letters)."""
+    path = Path(path)
+    records: list[FastaRecord] = []
+    seen: set[str] = set()
+    rid, desc, chunks, start = None, "", [], 0
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith(";"):
+                    continue
+                if line.startswith(">"):
+                    if rid is not None:
+                        records.append(_fasta_record(path, rid, desc, chunks, start))
+                    words = line[1:].split(maxsplit=1)
+                    rid, desc = (words[0], words[1] if len(words) > 1 else "") if words else ("", "")
+                    if not rid:
+                        raise StructureError(f"{path}:{lineno}: empty FASTA header")
+                    if rid in seen:
+                        raise StructureError(f"{path}:{lineno}: duplicate record id {rid!r}")
+                    seen.add(rid)
+                    chunks, start = [], lineno
+                elif rid is None:
+                    raise StructureError(f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)")
+                else:
+                    chunks.append(line)
+    except UnicodeDecodeError as e:
+        raise StructureError(f"{path}: not a text FASTA file ({e.reason})") from e
+    if rid is not None:
+        records.append(_fasta_record(path, rid, desc, chunks, start))
+    if not records:
+        raise StructureError(f"{path}: no FASTA records found")
+    return records
+
+
+_FASTA_OK = frozenset("ACGUTIRYKMSWBDHVN-acgutirykmswbdhvn")
+
+
+def _fasta_record(path: Path, rid: str, desc: str, chunks: list[str], lineno: int) -> FastaRecord:
+    seq = "".join(chunks)
+    if not seq:
+        raise StructureError(f"{path}:{lineno}: record {rid!r} has an empty sequence")
+    bad = sorted(set(seq) - _FASTA_OK)
+    if bad:
+        raise StructureError(f"{path}:{lineno}: record {rid!r} has invalid characters {''.join(bad)!r} "
+                             "(allowed: nucleotides and IUPAC codes)")
+    return FastaRecord(rid, seq, desc)
+
+
+# ---------------------------------------------------------------- helpers
+def _record_from_partners(rid: str, seq: str, partners: list[int], where: str) -> StructureRecord:
+    n = len(seq)
+    pairs = []
+    for i, p in enumerate(partners, 1):
+        if p < 0 or p > n:
+            raise StructureError(f"{where}: base {i} has partner {p} outside 0..{n}")
+        if p and partners[p - 1] != i:
+            raise StructureError(f"{where}: base {i} pairs with {p} but base {p} pairs with {partners[p - 1]}")
+        if p > i:
+            pairs.append((i - 1, p - 1))
+    return StructureRecord(rid, seq, normalize_pairs(pairs, n, where) if pairs else empty_pairs())
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if not path.exists():
+        raise StructureError(f"{path}: file not found")
+    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _atomic_write(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

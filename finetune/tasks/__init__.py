@@ -1,0 +1,20 @@
+"""Task definitions: secondary structure (ss), splice sites (splice), mean ribosome load (mrl)."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead
+
+TASKS = ("ss", "splice", "mrl")
+
+
+def build_head(task: str, dim: int, cfg: HeadConfig, meta: dict[str, Any] | None = None) -> nn.Module:
+    if task == "ss":
+        return SecondaryStructureHead(dim, cfg)
+    if task == "splice":
+        return SpliceSiteHead(dim, len((meta or {}).get("classes", ("acceptor", "donor", "non_splice_site"))), cfg)
+    if task == "mrl":
+        return RibosomeLoadHead(dim, cfg)
+    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")

@@ -1,0 +1,199 @@
+"""Secondary-structure fine-tuning: bpRNA (TR0 -> VL0 -> TS0) or ArchiveII leave-one-family-out.
+
+Training: batches of (tokens, true pairs); BCE on the strict upper triangle per sequence, averaged over the
+batch. Validation after each epoch tunes the probability threshold over the grid (paper: 0.01..0.29) for
+the best mean F1; the best epoch's weights and threshold are saved. Test: that threshold, the same
+post-processing and metric, RNAfold on the same records in the same table.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
+from finetune.heads import HeadConfig, SecondaryStructureHead, upper_triangle_bce
+from finetune.metrics import mean_scores, ss_report
+from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pairs
+from finetune.results import markdown_table, write_json
+from finetune.rnafold import rnafold_pairs
+from finetune.ss_data import ARCHIVEII_FAMILIES, SSSplits, archiveii_fold, bprna_splits, load_archiveii
+from finetune.structure import StructureRecord, pairs_to_matrix
+from finetune.tasks.common import DEFAULT_DATA_ROOT, batched_inference, minibatches, model_device, tokens_for
+from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.unfreeze import UnfreezeConfig
+
+TABLE_COLUMNS = ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "threshold")
+
+
+@dataclass
+class SSDataConfig:
+    root: str = DEFAULT_DATA_ROOT
+    dataset: Literal["bprna", "archiveii"] = "bprna"
+    test_family: str = "5s"                # ArchiveII: one of the 9 families, or "all" for every fold
+    valid_fraction: float = 0.1            # ArchiveII: random share of the non-test families for validation
+    near_dup_kmer: int = 8
+    near_dup_containment: float = 0.5
+    max_train_len: int = 1022              # nucleotides; longer training records are skipped (and counted)
+    limit_train: int | None = None         # first N (after a seeded shuffle): quick runs and tests
+    limit_valid: int | None = None
+    limit_test: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class SSEvalConfig:
+    thresholds: list[float] = field(default_factory=lambda: list(THRESHOLD_GRID))
+    tune_on: Literal["f1_shift", "f1"] = "f1_shift"   # the paper reports (and tunes on) the +-1 F1
+    rnafold: bool = True                                # score RNAfold on the same test records
+
+
+@dataclass
+class SSConfig:
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    data: SSDataConfig = field(default_factory=SSDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        out_dir="finetune_out/ss", epochs=30, batch_size=1, lr=5e-4, optimizer="adam", lr_decay_steps=7000))
+    unfreeze: UnfreezeConfig = field(default_factory=lambda: UnfreezeConfig(
+        head_only_epochs=3, every=3, blocks_per_step=3, max_blocks=24))
+    head: HeadConfig = field(default_factory=HeadConfig)
+    eval: SSEvalConfig = field(default_factory=SSEvalConfig)
+
+
+# ------------------------------------------------------------------ data
+def _limit(records: list[StructureRecord], n: int | None, seed: int) -> list[StructureRecord]:
+    if n is None or n >= len(records):
+        return records
+    idx = np.random.default_rng(seed).permutation(len(records))[:n]
+    return [records[i] for i in sorted(idx)]
+
+
+def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
+    if cfg.dataset == "bprna":
+        splits = bprna_splits(cfg.root)
+    else:
+        splits = archiveii_fold(load_archiveii(cfg.root), family or cfg.test_family, cfg.valid_fraction, cfg.seed,
+                                cfg.near_dup_kmer, cfg.near_dup_containment)
+    too_long = [r.id for r in splits.train if len(r) > cfg.max_train_len]
+    train = [r for r in splits.train if len(r) <= cfg.max_train_len]
+    splits.info["skipped_train_longer_than_max_train_len"] = len(too_long)
+    return SSSplits(_limit(train, cfg.limit_train, cfg.seed), _limit(splits.valid, cfg.limit_valid, cfg.seed),
+                    _limit(splits.test, cfg.limit_test, cfg.seed), splits.info)
+
+
+# ------------------------------------------------------------------ model pieces
+def ss_loss(model: TaskModel, batch: list[StructureRecord]) -> torch.Tensor:
+    device = model_device(model)
+    logits = model(tokens_for([r.sequence for r in batch], device))
+    losses = [upper_triangle_bce(lg.float(), torch.from_numpy(pairs_to_matrix(r.pairs, len(r))).to(device))
+              for lg, r in zip(logits, batch)]
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool = True) -> list[np.ndarray]:
+    """Symmetric [L, L] pair probabilities per sequence (in input order)."""
+    device = model_device(model)
+
+    def run(idx: list[int]) -> list[np.ndarray]:
+        logits = model(tokens_for([seqs[i] for i in idx], device))
+        return [torch.sigmoid(lg.float()).cpu().numpy() for lg in logits]
+
+    return batched_inference(seqs, batch_size, run, desc="pair probabilities", progress=progress)
+
+
+def tune_threshold(probs: list[np.ndarray], records: list[StructureRecord], thresholds: list[float],
+                   shift: bool) -> tuple[float, float]:
+    """(threshold, mean F1) maximising mean F1 over records; the lowest threshold wins ties."""
+    per_seq = [decode_at_thresholds(p, r.sequence, thresholds) for p, r in zip(probs, records)]
+    scores = [mean_scores([(r.pairs, preds[k], len(r)) for r, preds in zip(records, per_seq)], shift=shift).f1
+              for k in range(len(thresholds))]
+    best = int(np.argmax(scores))
+    return float(thresholds[best]), float(scores[best])
+
+
+def evaluate_records(model: TaskModel, records: list[StructureRecord], threshold: float, batch_size: int,
+                     progress: bool = True) -> dict[str, Any]:
+    probs = pair_probabilities(model, [r.sequence for r in records], batch_size, progress)
+    items = [(r.pairs, decode_pairs(p, r.sequence, threshold), len(r)) for p, r in zip(probs, records)]
+    return {**ss_report(items), "threshold": threshold}
+
+
+def rnafold_row(records: list[StructureRecord]) -> dict[str, Any]:
+    return ss_report([(r.pairs, rnafold_pairs(r.sequence), len(r)) for r in records])
+
+
+# ------------------------------------------------------------------ commands
+def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[str, Any]:
+    seed_everything(cfg.train.seed)
+    splits = load_splits(cfg.data, family)
+    if not splits.train or not splits.valid or not splits.test:
+        raise ValueError(f"empty split: train {len(splits.train)}, valid {len(splits.valid)}, test {len(splits.test)}")
+    lm = load_backbone(cfg.model)
+    model = TaskModel(lm, SecondaryStructureHead(lm.config.dim, cfg.head))
+    tcfg = TrainConfig(**{**asdict(cfg.train), "out_dir": str(out_dir)})
+    shift = cfg.eval.tune_on == "f1_shift"
+
+    def validate(m: TaskModel) -> dict[str, Any]:
+        probs = pair_probabilities(m, [r.sequence for r in splits.valid], tcfg.eval_batch_size, tcfg.progress)
+        thr, f1 = tune_threshold(probs, splits.valid, cfg.eval.thresholds, shift)
+        return {cfg.eval.tune_on: f1, "threshold": thr}
+
+    def save(m: TaskModel, val: dict[str, Any]) -> None:
+        save_finetuned(m, out_dir, {"task": "ss", "head": asdict(cfg.head), "threshold": val["threshold"],
+                                    "valid": val, "data": splits.info, "backbone": asdict(cfg.model)})
+
+    history = fit(model, tcfg, cfg.unfreeze, lambda e: minibatches(splits.train, tcfg.batch_size, tcfg.seed + e),
+                  ss_loss, validate, save, score_key=cfg.eval.tune_on)
+    best, meta = load_finetuned(out_dir)
+    best.to(pick_device(tcfg.device))
+    name = f"{lm.config.name} fine-tuned" if cfg.model.random_preset is None else f"{lm.config.name} random init"
+    rows = {name: evaluate_records(best, splits.test, meta["threshold"], tcfg.eval_batch_size, tcfg.progress)}
+    if cfg.eval.rnafold:
+        rows["RNAfold"] = rnafold_row(splits.test)
+    result = {"task": "ss", "test_set": _test_name(cfg.data, family), "rows": rows, "data": splits.info,
+              "splits": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
+              "history": history}
+    write_json(result, out_dir / "results.json")
+    (out_dir / "results.md").write_text(f"### {result['test_set']}\n\n" + markdown_table(rows, TABLE_COLUMNS, "model"))
+    return result
+
+
+def _test_name(cfg: SSDataConfig, family: str | None) -> str:
+    return "bpRNA TS0" if cfg.dataset == "bprna" else f"ArchiveII {family or cfg.test_family} (held-out family)"
+
+
+def train(cfg: SSConfig) -> dict[str, Any]:
+    out = Path(cfg.train.out_dir)
+    if cfg.data.dataset == "archiveii" and cfg.data.test_family == "all":
+        folds = {fam: train_one(cfg, out / fam, fam) for fam in ARCHIVEII_FAMILIES}
+        rows = {fam: {**r["rows"][next(iter(r["rows"]))], **{f"rnafold_{k}": v for k, v in
+                                                              r["rows"].get("RNAfold", {}).items()}}
+                for fam, r in folds.items()}
+        keys = [k for k in next(iter(rows.values())) if isinstance(next(iter(rows.values()))[k], float)]
+        rows["mean of 9 families"] = {k: float(np.mean([rows[f][k] for f in ARCHIVEII_FAMILIES])) for k in keys}
+        summary = {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "rows": rows}
+        write_json(summary, out / "results.json")
+        (out / "results.md").write_text(markdown_table(rows, ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift"),
+                                                       "held-out family"))
+        return summary
+    return train_one(cfg, out)
+
+
+def evaluate(cfg: SSConfig) -> dict[str, Any]:
+    """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
+    model, meta = load_finetuned(cfg.model.path)
+    model.to(pick_device(cfg.train.device))
+    splits = load_splits(cfg.data)
+    rows = {f"{model.lm.config.name} fine-tuned": evaluate_records(model, splits.test, meta["threshold"],
+                                                                  cfg.train.eval_batch_size, cfg.train.progress)}
+    if cfg.eval.rnafold:
+        rows["RNAfold"] = rnafold_row(splits.test)
+    out = Path(cfg.train.out_dir)
+    result = {"task": "ss", "test_set": _test_name(cfg.data, None), "model": cfg.model.path, "rows": rows}
+    write_json(result, out / "eval_results.json")
+    (out / "eval_results.md").write_text(f"### {result['test_set']}\n\n" + markdown_table(rows, TABLE_COLUMNS, "model"))
+    return result

@@ -1,0 +1,117 @@
+"""The fine-tuning loop shared by all tasks: optimizer groups from the unfreezing plan, linear lr decay,
+optional bf16 autocast on GPU, validation each epoch, best checkpoint kept (atomic writes)."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from finetune.backbone import TaskModel
+from finetune.unfreeze import Unfreezer, UnfreezeConfig
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "finetune_out"
+    epochs: int = 10
+    batch_size: int = 1
+    eval_batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr_end_factor: float = 0.1          # lr falls linearly to lr * this over lr_decay_steps, then stays
+    lr_decay_steps: int = 5000
+    grad_clip: float | None = None
+    max_steps_per_epoch: int | None = None  # cap for quick runs
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA
+    progress: bool = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    enabled = precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
+        batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[TaskModel, Any], torch.Tensor],
+        validate: Callable[[TaskModel], dict[str, Any]], save: Callable[[TaskModel, dict[str, Any]], None],
+        score_key: str, higher_is_better: bool = True) -> list[dict[str, Any]]:
+    """Train for cfg.epochs; after each epoch validate, and `save` when `score_key` improved.
+
+    `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
+    Returns the per-epoch history (also appended to OUT/log.jsonl).
+    """
+    device = pick_device(cfg.device)
+    model.to(device)
+    unfreezer = Unfreezer(model.lm, unfreeze, model.lm.config.num_layers)
+    groups = [{"params": list(model.pred_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log_path = Path(cfg.out_dir) / "log.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    best, history, step = -math.inf if higher_is_better else math.inf, [], 0
+    for epoch in range(cfg.epochs):
+        new = unfreezer.step(epoch)
+        if new:
+            lr = cfg.lr * unfreezer.lr_scale(epoch)
+            opt.add_param_group({"params": new, "lr": lr, "base_lr": lr})
+        model.train()
+        t0, losses = time.time(), []
+        it = tqdm(batches(epoch), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
+        for k, batch in enumerate(it):
+            if cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch:
+                break
+            factor = 1.0 + (cfg.lr_end_factor - 1.0) * min(step / max(cfg.lr_decay_steps, 1), 1.0)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            with autocast(device, cfg.precision):
+                loss = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        model.eval()
+        with torch.no_grad(), autocast(device, cfg.precision):
+            val = validate(model)
+        score = val[score_key]
+        improved = score > best if higher_is_better else score < best
+        record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
+                  "trainable_lm_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
+                  "seconds": round(time.time() - t0, 2), **{f"valid_{k}": v for k, v in val.items()},
+                  "best": bool(improved)}
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        if cfg.progress:
+            tqdm.write(json.dumps(record, default=str))
+        if improved:
+            best = score
+            save(model, val)
+    return history

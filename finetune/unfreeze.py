@@ -1,0 +1,68 @@
+"""Gradual unfreezing, as the original's fine-tuning callback.
+
+Epoch 0: only the head (and whatever `head_only_epochs == 0` makes trainable) learns. From epoch
+`head_only_epochs` on, every `every` epochs the next `blocks_per_step` transformer blocks from the top are
+unfrozen (the final LayerNorm with the first step), down to `max_blocks` blocks; each step's parameters
+join the optimizer as a new group with lr / `lr_divisor`. The embedding is never unfrozen unless
+`train_embedding`. The original SS schedule for giga (33 blocks) is head_only_epochs=3, every=3,
+blocks_per_step=3, max_blocks=24; MRL is head_only_epochs=3, blocks_per_step=27 (blocks 6-32 at once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class UnfreezeConfig:
+    head_only_epochs: int = 3       # 0: the LM (blocks + final LN) trains from the first epoch, at full lr
+    every: int = 3
+    blocks_per_step: int = 3
+    max_blocks: int | None = None   # None: all blocks eventually
+    train_embedding: bool = False
+    lr_divisor: float = 10.0
+
+
+def schedule(cfg: UnfreezeConfig, num_layers: int) -> dict[int, list[str]]:
+    """epoch -> parameter-name prefixes (of the LM) unfrozen at the start of that epoch."""
+    total = num_layers if cfg.max_blocks is None else min(cfg.max_blocks, num_layers)
+    if cfg.head_only_epochs <= 0:
+        names = ["transformer.final_layer_norm."] + [f"transformer.blocks.{i}." for i in
+                                                      range(num_layers - total, num_layers)]
+        return {0: names + (["embedding."] if cfg.train_embedding else [])}
+    out: dict[int, list[str]] = {}
+    done, step = 0, 0
+    while done < total:
+        n = min(cfg.blocks_per_step, total - done)
+        top = num_layers - done
+        names = [f"transformer.blocks.{i}." for i in range(top - n, top)]
+        if step == 0:
+            names.insert(0, "transformer.final_layer_norm.")
+        out[cfg.head_only_epochs + step * cfg.every] = names
+        done, step = done + n, step + 1
+    if cfg.train_embedding and out:
+        out[max(out)].append("embedding.")
+    return out
+
+
+class Unfreezer:
+    """Freezes the LM at construction; `step(epoch)` unfreezes that epoch's parameters and returns them."""
+
+    def __init__(self, lm: nn.Module, cfg: UnfreezeConfig, num_layers: int) -> None:
+        self.lm, self.cfg = lm, cfg
+        self.plan = schedule(cfg, num_layers)
+        for p in lm.parameters():
+            p.requires_grad_(False)
+
+    def step(self, epoch: int) -> list[nn.Parameter]:
+        prefixes = self.plan.get(epoch, [])
+        params = [p for name, p in self.lm.named_parameters()
+                  if any(name.startswith(pre) for pre in prefixes) and not p.requires_grad]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def lr_scale(self, epoch: int) -> float:
+        """Scale of the lr for groups added at `epoch`: full at epoch 0, lr / divisor afterwards."""
+        return 1.0 if epoch == 0 else 1.0 / self.cfg.lr_divisor
