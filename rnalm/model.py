@@ -126,6 +126,7 @@ class RiNALMo(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.attention_backend = cfg.attention_backend   # swappable at run time, e.g. "sdpa"
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
         self.transformer = Transformer(cfg)
         self.lm_mask_head = MaskedLanguageModelHead(cfg)
@@ -146,7 +147,7 @@ class RiNALMo(nn.Module):
         return x * scale[seq_of_token, None].to(x.dtype)
 
     def forward_packed(self, batch: PackedBatch, logits_index: torch.Tensor | None = None) -> ModelOutput:
-        backend = resolve_backend(self.config.attention_backend, batch.tokens.device)
+        backend = resolve_backend(self.attention_backend, batch.tokens.device)
         x = self.embed(batch.tokens, batch.cu_seqlens)
         rep = self.transformer(x, batch.positions, batch.cu_seqlens, batch.max_seqlen, backend)
         head_in = rep if logits_index is None else rep[logits_index]
@@ -181,3 +182,10 @@ class RiNALMo(nn.Module):
         encoder = self.num_parameters(include_head=False, include_embedding=False)
         head = self.num_parameters() - self.num_parameters(include_head=False)
         return 6.0 * (encoder + head_fraction * head) + 12.0 * cfg.num_layers * cfg.dim * seqlen
+
+    def training_flops(self, lengths: torch.Tensor, head_fraction: float = 1.0) -> float:
+        """Training FLOPs of one forward + backward over sequences of these (real) lengths."""
+        lengths = lengths.double()
+        base = self.flops_per_token(0, head_fraction)
+        per_len = self.flops_per_token(1, head_fraction) - base
+        return float(base * lengths.sum() + per_len * lengths.square().sum())

@@ -145,3 +145,5 @@ def test_dropout_only_in_training_and_flops_formula():
     cfg = model.config
     encoder = model.num_parameters(include_head=False, include_embedding=False)
     assert model.flops_per_token(100, head_fraction=0.0) == 6 * encoder + 12 * cfg.num_layers * cfg.dim * 100
+    lengths = torch.tensor([3, 100])
+    assert model.training_flops(lengths) == pytest.approx(3 * model.flops_per_token(3) + 100 * model.flops_per_token(100))
