@@ -1,0 +1,37 @@
+"""DataConfig: the `data:` section of a pretraining config (contract B in team_contracts.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class DataConfig:
+    shards: str                                     # OUT dir of dataprep (manifest.json inside)
+    split: str = "train"
+    sampling: Literal["cluster", "uniform"] = "cluster"  # cluster: one record per cluster per epoch
+    seed: int = 0
+    token_budget: int = 8192                        # tokens per packed micro-batch (incl. <cls>/<eos>), per rank
+    max_len: int = 1024                             # longer records are cropped to max_len-2 nt, no <cls>/<eos>
+    mask_prob: float = 0.15                         # 80% <mask>, 10% random nucleotide, 10% unchanged
+    shuffle_buffer: int = 10000                     # records per shuffle window
+    num_workers: int = 2                            # DataLoader worker processes (0: read in the calling process)
+    on_corrupt: Literal["skip", "fail"] = "skip"
+    infinite: bool = True                           # False (validation): one deterministic pass, epoch 0 only
+    prefetch_factor: int = 4                        # batches each worker prepares ahead
+    pin_memory: bool = False                        # pin batches in the DataLoader (for fast host-to-GPU copies)
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("cluster", "uniform"):
+            raise ValueError(f"sampling must be 'cluster' or 'uniform', not {self.sampling!r}")
+        if self.on_corrupt not in ("skip", "fail"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'fail', not {self.on_corrupt!r}")
+        if self.max_len < 3:
+            raise ValueError(f"max_len must be >= 3 (room for <cls> x <eos>), got {self.max_len}")
+        if self.token_budget < self.max_len:
+            raise ValueError(f"token_budget ({self.token_budget}) must hold one sequence of max_len "
+                             f"({self.max_len}) tokens")
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
+        if self.shuffle_buffer < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
+            raise ValueError("shuffle_buffer and prefetch_factor must be >= 1 and num_workers >= 0")
