@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Write the Prometheus file_sd target file of a Slurm training job: one target per rank.
+
+pretrain.sh calls this from the batch shell; the ranks are laid out the way `srun` places them by default
+(block distribution: node i runs the next tasks_per_node[i] ranks, local ranks 0..n-1), and rank r on node h
+serves its metrics on h:(port_base + local_rank). The file is written to a temporary name and renamed, so a
+watching Prometheus never reads half a file. Stdlib only.
+
+    prom_targets.py --out DIR/rnalm-123.json --job-id 123 --job-name pretrain \
+        --hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST")" --tasks-per-node "$SLURM_TASKS_PER_NODE"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed SLURM_TASKS_PER_NODE, e.g. "4(x2),3" -> [4, 4, 3]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = _TASKS.match(part.strip())
+        if m is None:
+            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={spec!r} (part {part!r})")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+def target_groups(hosts: list[str], tasks_per_node: list[int], port_base: int,
+                  job_id: str, job_name: str) -> list[dict]:
+    if len(hosts) != len(tasks_per_node):
+        raise ValueError(f"{len(hosts)} hosts ({' '.join(hosts)}) but tasks per node for {len(tasks_per_node)}")
+    groups, rank = [], 0
+    for host, ntasks in zip(hosts, tasks_per_node):
+        for local_rank in range(ntasks):
+            groups.append({
+                "targets": [f"{host}:{port_base + local_rank}"],
+                "labels": {"rank": str(rank), "local_rank": str(local_rank), "node": host,
+                           "slurm_job_id": job_id, "slurm_job_name": job_name},
+            })
+            rank += 1
+    return groups
+
+
+def write_atomic(path: Path, groups: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary name does not end in .json, so a `*.json` file_sd glob never matches it.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(groups, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="target file (*.json) in the file_sd directory")
+    p.add_argument("--job-id", required=True)
+    p.add_argument("--job-name", default="")
+    p.add_argument("--hosts", required=True, help="host names, whitespace/comma separated, in node order")
+    p.add_argument("--tasks-per-node", required=True, help="SLURM_TASKS_PER_NODE, e.g. '8(x4)'")
+    p.add_argument("--port-base", type=int, default=9500)
+    a = p.parse_args(argv)
+    hosts = a.hosts.replace(",", " ").split()
+    groups = target_groups(hosts, expand_tasks_per_node(a.tasks_per_node), a.port_base, a.job_id, a.job_name)
+    write_atomic(a.out, groups)
+
+
+if __name__ == "__main__":
+    main()

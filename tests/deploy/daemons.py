@@ -1,0 +1,310 @@
+"""Real daemons for the deployment tests, started and stopped on loopback under one base directory.
+
+SlurmCluster: munged + slurmctld + slurmd as root, single node ``localhost``, all state, logs, the munge key
+and socket under ``base``; clients find it through ``SLURM_CONF`` (``cluster.env``). Nothing is written to /etc.
+Prometheus: a server with a given config, on 127.0.0.1:<free port>, with a tiny HTTP API client.
+Recipes and timings: shared/notes/spike_ops.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(count: int = 1) -> int:
+    """A port p such that p..p+count-1 are all free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ----------------------------------------------------------------------------------------------- Slurm
+SLURM_CONF = """\
+ClusterName=rnalmtest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={sock},cred_expire=10
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=1
+SwitchType=switch/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+ReturnToService=2
+InactiveLimit=0
+KillWait=10
+MinJobAge=600
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@dataclass
+class SlurmCluster:
+    base: Path
+    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    @property
+    def conf(self) -> Path:
+        return self.base / "slurm.conf"
+
+    @property
+    def sock(self) -> Path:
+        return self.base / "munge" / "run" / "munge.sock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm clients (sbatch, scontrol, ...) talking to this cluster."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def start(self) -> "SlurmCluster":
+        b = self.base
+        for d in ("state", "spool", "log", "munge/etc", "munge/run"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        # munged insists on a 0700 key dir and a socket dir every user can traverse.
+        for d in (b, b / "munge", b / "munge" / "run"):
+            d.chmod(0o755)
+        (b / "munge" / "etc").chmod(0o700)
+        key = b / "munge" / "etc" / "munge.key"
+        if not key.exists():
+            _run(["mungekey", "--create", f"--keyfile={key}"])
+        _run(["munged", "-S", str(self.sock), f"--key-file={key}", f"--log-file={b}/log/munged.log",
+              f"--pid-file={b}/munge/run/munged.pid", f"--seed-file={b}/munge/etc/munged.seed"])
+        self.conf.write_text(SLURM_CONF.format(base=b, sock=self.sock, cpus=self.cpus,
+                                               ctld_port=free_port(), slurmd_port=free_port()))
+        _run(["slurmctld", "-i"], env=self.env)
+        _run(["slurmd", "-N", "localhost"], env=self.env)
+        try:
+            wait_until(lambda: self.cmd("sinfo", "-h", "-o", "%T", check=False).strip() == "idle",
+                       timeout=30, interval=0.1, what="the Slurm node to become idle")
+        except TimeoutError as e:
+            raise RuntimeError(f"{e}\n{self.logs()}") from None
+        return self
+
+    def stop(self) -> None:
+        self.cmd("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+        self.cmd("scontrol", "shutdown", check=False)
+        for pid_file in ("slurmctld.pid", "slurmd.pid"):
+            _wait_pid_file_gone(self.base / pid_file, timeout=15)
+        subprocess.run(["munged", "-S", str(self.sock), "--stop"], capture_output=True)
+
+    def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> str:
+        r = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed (rc {r.returncode}): {r.stderr.strip()}")
+        return r.stdout
+
+    def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+        """Submit; returns the job id. ``env`` adds variables to the job's environment."""
+        r = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, cwd=cwd,
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(args)} failed (rc {r.returncode}): {r.stderr.strip()}")
+        return r.stdout.strip().split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
+        out = self.cmd("scontrol", "show", "job", "-o", job_id)
+        return dict(m.groups() for m in re.finditer(r"(\w+(?::\w+)?)=(\S*)", out))
+
+    def wait_state(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
+        info: dict[str, str] = {}
+
+        def reached():
+            nonlocal info
+            info = self.job(job_id)
+            return info.get("JobState") in states
+
+        try:
+            wait_until(reached, timeout, interval=0.5, what=f"job {job_id} to reach {sorted(states)}")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; last: {info}") from None
+        return info
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+            p = self.base / "log" / name
+            if p.exists():
+                parts.append(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]))
+        return "\n".join(parts)
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> None:
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed (rc {r.returncode}): {r.stderr.strip()}")
+
+
+def _wait_pid_file_gone(pid_file: Path, timeout: float) -> None:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ Prometheus
+def prometheus_test_config(targets_dir: Path, out: Path, interval: str = "1s") -> Path:
+    """The repository's prometheus.yml, with test-speed intervals, its rule files by absolute path and the
+    training-job file_sd pointed at ``targets_dir``. Everything else (jobs, rules) is used unchanged."""
+    import yaml
+
+    prom_dir = REPO / "deploy" / "prometheus"
+    cfg = yaml.safe_load((prom_dir / "prometheus.yml").read_text())
+    cfg["global"].update(scrape_interval=interval, evaluation_interval=interval)
+    cfg["rule_files"] = [str(prom_dir / f) for f in cfg["rule_files"]]
+    for job in cfg["scrape_configs"]:
+        job.pop("scrape_timeout", None)
+        for sd in job.get("file_sd_configs", []):
+            sd["refresh_interval"] = interval
+            sd["files"] = [str(targets_dir / "*.json") if job["job_name"] == "rnalm_train"
+                           else str(out.parent / f"{job['job_name']}_targets" / "*.json")]
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+@dataclass
+class Prometheus:
+    config: Path
+    data_dir: Path
+    log: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Prometheus":
+        self.port = self.port or free_port()
+        self.proc = subprocess.Popen(
+            ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.data_dir}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle"],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, timeout=30, interval=0.1, what="prometheus /-/ready")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def api(self, path: str, **params) -> dict | list:
+        r = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        body = r.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path} {params}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """Instant query; the result vector (each item: metric labels + value)."""
+        return self.api("query", query=expr)["result"]
+
+    def wait_for(self, expr: str, timeout: float = 30, what: str | None = None) -> list[dict]:
+        return wait_until(lambda: self.query(expr), timeout, interval=0.5, what=what or f"a result for {expr!r}")
+
+    def active_targets(self, job: str) -> list[dict]:
+        return [t for t in self.api("targets", state="active")["activeTargets"] if t["labels"].get("job") == job]
+
+
+def value(sample: dict) -> float:
+    return float(sample["value"][1])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def require_tools(*names: str) -> None:
+    """Install the missing system tools with deploy/install_sysdeps.sh (apt, as root); skip with the
+    installer's reason only when that is impossible."""
+    import pytest
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if not missing:
+        return
+    r = subprocess.run(["bash", str(REPO / "deploy" / "install_sysdeps.sh")], capture_output=True, text=True)
+    still = [n for n in names if shutil.which(n) is None]
+    if still:
+        why = (r.stderr or r.stdout).strip() or f"installer exited {r.returncode}"
+        pytest.skip(f"{', '.join(still)} not installed and could not be installed: {why}")
