@@ -117,6 +117,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)

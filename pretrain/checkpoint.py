@@ -1,0 +1,179 @@
+"""Crash-safe DeepSpeed checkpoints: temp tag dir -> rename -> `latest` pointer (atomic, last); keep newest K.
+
+Layout of `out_dir/checkpoints/`:
+    step00001000/            DeepSpeed files (zero_pp_rank_*_{model,optim}_states.pt, ...) plus ours:
+        trainer_state.json   step, tokens, samples, every rank's loader state, model config (written last)
+        rng_rank{r}.pt       torch / CUDA / numpy / python RNG states of rank r (DeepSpeed saves none)
+    step00001000_universal/  optional, from `python -m pretrain.convert --universal` (other world sizes)
+    latest                   text file with the newest good tag (DeepSpeed's own pointer format)
+    .tmp-step00001000/       only while saving; a crash leaves it behind and the next start deletes it
+A directory gets its final name only after every rank has written into it, so a name is a complete
+checkpoint; the pointer moves after the rename, so it never names a partial one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+UNIVERSAL_SUFFIX = "_universal"
+_TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_trainer_state(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
+    path = Path(ckpt_dir) / tag / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable trainer state ({e})") from e
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Finished step checkpoints, oldest first (a finished one has its final name and trainer_state.json)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(tags)
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag in `latest` if it is complete, else the newest complete one (e.g. pointer lost in a crash)."""
+    root = Path(ckpt_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / STATE_FILE).is_file():
+            return tag
+    tags = complete_tags(root)
+    return tags[-1] if tags else None
+
+
+class Checkpointer:
+    """Save/load on every rank of the DeepSpeed engine; filesystem is shared by all ranks."""
+
+    def __init__(self, ckpt_dir: str | Path, keep: int, rank: int, world_size: int) -> None:
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+        self.root = Path(ckpt_dir)
+        self.keep, self.rank, self.world_size = keep, rank, world_size
+
+    def remove_partial_saves(self) -> list[str]:
+        """Rank 0, at start-up: delete temp dirs left by a save that crashed."""
+        removed = []
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                    shutil.rmtree(p)
+                    removed.append(p.name)
+        _barrier()
+        return removed
+
+    def save(self, engine, step: int, state: dict[str, Any]) -> str:
+        """Collective. `state` (JSON-able, from rank 0) goes into trainer_state.json; returns the tag."""
+        tag = tag_for(step)
+        tmp_tag = TMP_PREFIX + tag
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+        tmp_dir = self.root / tmp_tag
+        torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            write_text_atomic(tmp_dir / STATE_FILE, json.dumps(state))
+            final = self.root / tag
+            if final.exists():  # same step saved before (e.g. resumed run stopped at once): replace it
+                shutil.rmtree(final)
+            os.rename(tmp_dir, final)
+            _fsync_dir(self.root)
+            write_text_atomic(self.root / LATEST, tag)
+            self._prune(keep_also=tag)
+        _barrier()
+        return tag
+
+    def load(self, engine, tag: str) -> dict[str, Any]:
+        """Collective. Restores engine (model, optimizer, LR scheduler) and this rank's RNG; returns the state."""
+        path, _client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        state = read_trainer_state(self.root, tag)
+        rng_file = self.root / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file() and state.get("world_size") == self.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # another world size: ranks no longer map 1:1; reseed deterministically
+            torch.manual_seed(hash((state.get("seed", 0), state["step"], self.rank)) & 0xFFFFFFFF)
+        return state
+
+    def _prune(self, keep_also: str) -> None:
+        tags = complete_tags(self.root)
+        for old in tags[:-self.keep]:
+            if old == keep_also:
+                continue
+            shutil.rmtree(self.root / old, ignore_errors=True)
+            shutil.rmtree(self.root / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,152 @@
+"""Pretraining run config: typed sections (model, data, optim, train, checkpoint, metrics) for rnalm.configfile.
+
+Defaults reproduce RiNALMo's recipe: AdamW, peak LR 5e-5 after 2000 linear warm-up steps, cosine to 1e-5,
+weight decay 0.01, gradient clipping 1.0, 15% masking 80/10/10, dropout 0.1.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pretrain.data import DataConfig
+from rnalm.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ModelSection:
+    """A preset (nano/micro/mega/giga) plus optional overrides of its size and dropouts."""
+
+    preset: str = "giga"
+    dim: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    attn_dropout: float | None = None
+    residual_dropout: float | None = None
+    attention_backend: str = "auto"
+    activation_checkpointing: bool = False
+
+    def build(self) -> ModelConfig:
+        overrides = {k: v for k, v in vars(self).items() if k != "preset" and v is not None}
+        return ModelConfig.preset(self.preset, **overrides)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5                # peak
+    min_lr: float = 1e-5            # cosine floor
+    warmup_start_lr: float = 1e-7
+    warmup_steps: int = 2000
+    decay_steps: int | None = None  # cosine horizon after warm-up; None: train.max_steps - warmup_steps
+    weight_decay: float = 0.01      # on matrices only (no decay on biases, LayerNorms, SwiGLU beta)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    fused: bool | None = None       # torch fused AdamW; None: on CUDA only
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/pretrain"
+    max_steps: int = 76_000               # optimizer steps (RiNALMo: ~76k steps of 1344 sequences)
+    stop_after: int | None = None         # save and exit at this step (chunked jobs); the schedule keeps max_steps
+    grad_accum: int = 1                   # micro-batches (each data.token_budget tokens per rank) per step
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    ds_config: str = "ds_configs/zero3.json"               # relative to the repository or absolute
+    ds_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the JSON (nested dicts)
+    zero_init: bool = False               # build the model inside deepspeed.zero.Init (giant models)
+    seed: int = 0
+    log_every: int = 10                   # progress line on stderr; log.jsonl gets every step
+    valid_every: int = 1000               # 0: never
+    valid_max_batches: int = 200          # per rank; 0: the whole held-out split
+    valid_split: str = "valid"
+    valid_sampling: str = "uniform"
+    max_nonfinite_in_row: int = 10        # stop the run after this many skipped steps in a row
+    inject_nonfinite_at: list[int] = field(default_factory=list)  # fault injection for tests: steps whose
+                                                                   # loss is made NaN on the last rank
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000                 # steps; 0: only on signals, stop_after and at the end
+    keep: int = 3                     # newest K kept
+    resume: bool = True               # auto-resume from the newest good checkpoint in out_dir/checkpoints
+    load_universal: bool = False      # resume from `<tag>_universal` (after pretrain.convert --universal)
+    save_at_end: bool = True
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    bind: str = "0.0.0.0"
+    port_base: int = 9500             # port = port_base + LOCAL_RANK; 0: a free port (written to the log)
+    peak_flops: float = 989e12        # per device, for MFU (H100 SXM dense bf16)
+    run_id: str = ""                  # default: the out_dir name
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards=""))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        if not self.data.shards:
+            raise ValueError("data.shards is not set: give the dataprep output dir (--data.shards=DIR)")
+        if self.train.grad_accum < 1 or self.train.max_steps < 1:
+            raise ValueError("train.grad_accum and train.max_steps must be >= 1")
+        if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
+                             f"({self.train.max_steps}) or set optim.decay_steps")
+        self.model.build()
+
+    def valid_data(self) -> DataConfig:
+        """The held-out split: one deterministic pass, every record (not one per cluster)."""
+        return replace(self.data, split=self.train.valid_split, sampling=self.train.valid_sampling,
+                       infinite=False)
+
+
+# Keys the trainer owns; a DeepSpeed JSON that sets them is rejected so there is one source of truth.
+TRAINER_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                         "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def deepspeed_config(cfg: PretrainConfig, bf16: bool) -> dict[str, Any]:
+    """The JSON file (ZeRO settings) + ds_overrides + the keys the trainer owns."""
+    path = Path(cfg.train.ds_config)
+    if not path.is_absolute() and not path.exists():
+        path = REPO / path
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read DeepSpeed config {path}: {e}") from e
+    ds = _merge(ds, cfg.train.ds_overrides)
+    owned = [k for k in TRAINER_OWNED_DS_KEYS if k in ds]
+    if owned:
+        raise ValueError(f"{path}: keys {owned} are set by the trainer from the run config "
+                         f"(train.grad_accum, optim.grad_clip, train.precision); remove them")
+    ds.update({
+        # One micro-batch is one packed batch of data.token_budget tokens; DeepSpeed only counts it.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    })
+    if cfg.checkpoint.load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

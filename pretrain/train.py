@@ -1,0 +1,450 @@
+"""Pretraining entry point: `python -m pretrain.train --config pretrain/configs/<name>.yaml [--section.key=value]`.
+
+DeepSpeed (ZeRO-3 by default) over packed MLM batches from pretrain.data. Per optimizer step every rank
+takes `train.grad_accum` packed micro-batches; see docs/pretrain.md for the loss normalisation, the
+non-finite policy, checkpoints, signals, metrics and the log format.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
+                                 read_trainer_state)
+from pretrain.config import PretrainConfig, deepspeed_config
+from pretrain.data import PretrainLoader
+from pretrain.metrics import TrainMetrics
+from pretrain.mfu import FlopCounter, mfu
+from pretrain.schedule import build_scheduler
+from rnalm.batch import IGNORE_INDEX, PackedBatch
+from rnalm.configfile import from_cli, save_yaml, to_dict
+from rnalm.model import RiNALMo
+from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
+
+EXIT_NONFINITE = 3
+
+
+class PretrainModel(RiNALMo):
+    """RiNALMo whose forward is the packed MLM forward, so the DeepSpeed engine (and its ZeRO-3 hooks) runs it.
+
+    Same parameter names as RiNALMo, so checkpoints convert to released weights unchanged.
+    """
+
+    def forward(self, tokens, cu_seqlens, positions, max_seqlen: int, logits_index):  # type: ignore[override]
+        batch = PackedBatch(tokens=tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, positions=positions)
+        return self.forward_packed(batch, logits_index=logits_index).logits
+
+
+def masked_index(batch: PackedBatch) -> torch.Tensor:
+    return (batch.targets != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def mlm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, correct predictions) over the masked rows, in fp32."""
+    logits = logits.float()
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+def samples_digest(ids: list[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def dummy_batch() -> PackedBatch:
+    """One 3-token sequence without targets: keeps a rank in step with ZeRO-3's collectives when its data ran out."""
+    seq = torch.tensor([CLS_ID, STANDARD_NUCLEOTIDE_IDS[0], EOS_ID])
+    return PackedBatch.from_sequences([seq], targets=[torch.full((3,), IGNORE_INDEX)])
+
+
+@dataclass
+class StepResult:
+    stepped: bool          # an optimizer step happened
+    nonfinite: int         # micro-batches dropped for a NaN/inf loss (on any rank)
+    loss: float
+    tokens: int            # global
+    samples: int           # global
+    masked: int            # global
+    flops: float           # global
+    stop: bool             # some rank asked to stop (signal)
+    ids_digest: str
+    local_tokens: int
+    local_samples: int
+    local_flops: float
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig) -> None:
+        import deepspeed  # heavy import; keep `--help` fast
+
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        self.rank, self.world, self.local_rank = _init_distributed(deepspeed)
+        self.device = _device(self.local_rank)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.model_cfg = cfg.model.build()
+        self.flops = FlopCounter(self.model_cfg)
+        self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
+        self.stop_requested = False
+        self.step = self.tokens = self.samples = self.nonfinite_steps = 0
+        self.attempts = 0
+
+        if self.rank == 0:
+            save_yaml(cfg, self.out / "config.yaml")
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        ds_cfg = deepspeed_config(cfg, self.bf16)
+        if cfg.train.zero_init:
+            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                model = PretrainModel(self.model_cfg)
+        else:
+            model = PretrainModel(self.model_cfg)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                      fused=cfg.optim.fused if cfg.optim.fused is not None else
+                                      self.device.type == "cuda")
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_cfg,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
+        self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
+        self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
+                                    world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+        self.metrics_port = None
+        if cfg.metrics.enabled:
+            port = cfg.metrics.port_base + self.local_rank if cfg.metrics.port_base else 0
+            self.metrics_port = self.metrics.serve(cfg.metrics.bind, port)
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self) -> int:
+        cfg = self.cfg
+        resumed = self._resume()
+        ports = _all_gather(self.metrics_port)
+        self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
+                  model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
+                  device=str(self.device), metrics_ports=ports, pid=os.getpid())
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
+        batches = iter(self.loader)
+        nonfinite_in_row = 0
+        last_saved = self.step if resumed else -1
+        self.last_valid = -1
+        while self.step < end:
+            t0 = time.perf_counter()
+            micro, wait = _take(batches, cfg.train.grad_accum)
+            lr = self.engine.get_lr()[0]
+            result = self._train_step(micro)
+            seconds = time.perf_counter() - t0
+            nonfinite_in_row = nonfinite_in_row + 1 if result.nonfinite else 0
+            if result.nonfinite:
+                self.nonfinite_steps += 1
+                self.metrics.nonfinite.inc()
+                self._log(event="nonfinite", step=self.step + 1, micro_batches=result.nonfinite,
+                          stepped=result.stepped, in_row=nonfinite_in_row)
+                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
+                    msg = (f"stopping: {nonfinite_in_row} steps in a row had a NaN/inf loss "
+                           f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); last good step "
+                           f"{self.step}. Lower optim.lr, check the data, or resume from the last checkpoint.")
+                    self._log(event="stopped_nonfinite", step=self.step, message=msg)
+                    _eprint(msg) if self.rank == 0 else None
+                    return EXIT_NONFINITE
+            if result.stepped:
+                self.step += 1
+                self.tokens += result.tokens
+                self.samples += result.samples
+                self._record(result, lr, seconds, wait)
+            if cfg.train.valid_every and self.step % cfg.train.valid_every == 0 and result.stepped:
+                self.validate()
+            every = cfg.checkpoint.every
+            if result.stop:
+                self._save()
+                self._log(event="preempted", step=self.step)
+                return 0
+            if every and self.step % every == 0 and result.stepped and self.step != last_saved:
+                self._save()
+                last_saved = self.step
+        if self.step >= cfg.train.max_steps and cfg.train.valid_every and self.last_valid != self.step:
+            self.validate()
+        if self.step != last_saved and (cfg.checkpoint.save_at_end or self.step < cfg.train.max_steps):
+            self._save()
+        self._log(event="done", step=self.step)
+        return 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_requested = True  # acted on at the next step boundary, agreed by all ranks
+
+    # ------------------------------------------------------------------------------------------ step
+    def _train_step(self, micro: list[PackedBatch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches.
+
+        Loss normalisation: one all-reduce of the masked-token count of the whole step (all ranks, all
+        micro-batches) before any backward; each micro-batch's backward loss is its summed CE x world /
+        that count (no DeepSpeed 1/grad_accum scaling); DeepSpeed's gradient averaging over ranks divides
+        by world, so the gradient is that of (sum of CE over every masked token of the step) / count.
+        Non-finite loss: ranks agree per micro-batch (all-reduce of a flag) and all drop its backward; the
+        optimizer step runs on the rest, and is skipped when every micro-batch was dropped.
+        """
+        engine, dev = self.engine, self.device
+        masked_local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)
+        total_masked = _all_reduce(torch.tensor([masked_local], dtype=torch.float64, device=dev))[0].item()
+        scale = self.world / max(total_masked, 1.0)
+        self.attempts += 1
+        poison = self.attempts in self.cfg.train.inject_nonfinite_at and self.rank == self.world - 1
+        ce_sum = masked_ok = 0.0
+        dropped = owed = backwards = 0
+        ids: list[str] = []
+        local_flops = 0.0
+        for b in micro:
+            ids.extend(b.ids or ())
+            local_flops += self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum()))
+            b = b.to(dev, non_blocking=True)
+            index = masked_index(b)
+            logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
+            ce, _ = mlm_sums(logits, b.targets[index])
+            if poison:
+                ce = ce * float("nan")
+            bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(ce) else 1.0], device=dev))[0].item()
+            if bad:
+                dropped += 1
+                owed += 1  # DeepSpeed's micro-step counter still needs this step() call, if anything steps
+                continue
+            for _ in range(owed):
+                engine.step()  # not an accumulation boundary: only advances the counter
+            owed = 0
+            engine.backward(ce * scale, scale_wrt_gas=False)
+            engine.step()
+            backwards += 1
+            ce_sum += ce.item()
+            masked_ok += int(index.numel())
+        if backwards:
+            for _ in range(owed):
+                engine.step()  # the last of these is the boundary: the optimizer steps on the kept micro-batches
+        local_tokens = sum(b.num_tokens for b in micro)
+        local_samples = sum(b.num_sequences for b in micro)
+        stats = _all_reduce(torch.tensor([ce_sum, masked_ok, local_tokens, local_samples, local_flops,
+                                          float(self.stop_requested)], dtype=torch.float64, device=dev)).tolist()
+        all_ids = [i for rank_ids in _all_gather(ids) for i in rank_ids]
+        return StepResult(stepped=backwards > 0, nonfinite=dropped, loss=stats[0] / max(stats[1], 1.0),
+                          tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
+                          stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
+                          local_samples=local_samples, local_flops=local_flops)
+
+    def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        peak = self.cfg.metrics.peak_flops
+        global_mfu = mfu(r.flops, seconds, self.world, peak)
+        self.metrics.record_step(loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=r.local_tokens,
+                                 samples=r.local_samples, seconds=seconds,
+                                 mfu=mfu(r.local_flops, seconds, 1, peak), loader_wait=wait)
+        tokens_per_s = r.tokens / seconds
+        self._log(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
+                  samples=self.samples, tokens_per_s=tokens_per_s, mfu=global_mfu, samples_sha1=r.ids_digest,
+                  step_tokens=r.tokens, masked_tokens=r.masked, step_seconds=seconds, loader_wait_s=wait)
+        if self.rank == 0 and (self.step % self.cfg.train.log_every == 0 or self.step == 1):
+            _eprint(f"step {self.step}/{self.cfg.train.max_steps} | loss {r.loss:.4f} | lr {lr:.2e} | "
+                    f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {global_mfu:.2%} | "
+                    f"wait {wait:.3f}s | {self.tokens:,} tokens")
+
+    # ---------------------------------------------------------------------------------- validation
+    def validate(self) -> dict[str, float]:
+        """Loss, perplexity and masked accuracy on the held-out split (all ranks; equal number of forwards)."""
+        cfg, engine, dev = self.cfg, self.engine, self.device
+        engine.eval()
+        loader = iter(PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world))
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # ce, masked, correct
+        batches = 0
+        with torch.no_grad():
+            while True:
+                limit = cfg.train.valid_max_batches
+                b = next(loader, None) if not limit or batches < limit else None
+                if _all_reduce(torch.tensor([float(b is not None)], device=dev))[0].item() == 0:
+                    break
+                real = b is not None
+                b = (b if real else dummy_batch()).to(dev)
+                index = masked_index(b)
+                logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
+                if real:
+                    ce, correct = mlm_sums(logits, b.targets[index])
+                    sums += torch.stack([ce.double(), torch.tensor(float(index.numel()), device=dev,
+                                                                   dtype=torch.float64), correct.double()])
+                batches += 1
+        engine.train()
+        ce, masked, correct = _all_reduce(sums).tolist()
+        loss = ce / max(masked, 1.0)
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(masked, 1.0),
+                  "masked_tokens": int(masked)}
+        self.metrics.valid_loss.set(loss)
+        self.last_valid = self.step
+        self._log(event="valid", step=self.step, **result)
+        if self.rank == 0:
+            _eprint(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "
+                    f"acc {result['accuracy']:.3%} | {int(masked):,} masked tokens")
+        return result
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _save(self) -> None:
+        t0 = time.perf_counter()
+        state = {"step": self.step, "tokens": self.tokens, "samples": self.samples,
+                 "nonfinite_steps": self.nonfinite_steps, "world_size": self.world, "seed": self.cfg.train.seed,
+                 "loader_states": _all_gather(self.loader.state_dict()), "model": self.model_cfg.to_dict(),
+                 "config": to_dict(self.cfg), "time": time.time()}
+        tag = self.checkpointer.save(self.engine, self.step, state)
+        seconds = time.perf_counter() - t0
+        self.metrics.record_checkpoint(seconds)
+        self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
+
+    def _resume(self) -> str | None:
+        ckpt = self.checkpointer
+        removed = ckpt.remove_partial_saves()
+        if removed:
+            self._log(event="removed_partial_checkpoints", dirs=removed)
+        if not self.cfg.checkpoint.resume:
+            return None
+        tag = latest_tag(ckpt.root)
+        if tag is None:
+            return None
+        if self.cfg.checkpoint.load_universal:
+            tag += UNIVERSAL_SUFFIX
+            if not (ckpt.root / tag).is_dir():
+                raise CheckpointError(f"{ckpt.root / tag} not found: run `python -m pretrain.convert --universal "
+                                      f"{ckpt.root}` first")
+        saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
+        if saved_world != self.world and not self.cfg.checkpoint.load_universal:
+            raise CheckpointError(f"{ckpt.root / tag} was written by {saved_world} ranks, this run has {self.world}: "
+                                  f"run `python -m pretrain.convert --universal {ckpt.root}` and resume with "
+                                  f"--checkpoint.load_universal=true")
+        state = ckpt.load(self.engine, tag)
+        self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.loader.load_state_dict(state["loader_states"])
+        if self.rank == 0:
+            _eprint(f"resumed from {ckpt.root / tag} at step {self.step}")
+        return tag
+
+    def _log(self, **record) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.log is not None:
+            self.log.close()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class _JsonLog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(record, default=float) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _take(batches, n: int) -> tuple[list[PackedBatch], float]:
+    t0 = time.perf_counter()
+    try:
+        micro = [next(batches) for _ in range(n)]
+    except StopIteration:
+        raise RuntimeError("the training loader ended; pretraining needs data.infinite=true") from None
+    return micro, time.perf_counter() - t0
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _all_gather(obj):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed(deepspeed) -> tuple[int, int, int]:
+    """Env from torchrun / srun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); plain python: 1 rank."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _exit(code: int, clean: bool) -> None:
+    """Leave without the rare gloo SIGABRT at interpreter shutdown (see notes/spike_deepspeed_cpu.md)."""
+    if clean and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - already leaving; the exit code tells the story
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    cfg = from_cli(PretrainConfig, argv, prog="python -m pretrain.train",
+                   description="Pretrain a RiNALMo-class model with DeepSpeed on dataprep shards.")
+    try:
+        cfg.validate()
+    except ValueError as e:
+        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        code = trainer.run()
+        trainer.close()
+    except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
+        traceback.print_exc()
+        _exit(1, clean=False)
+    _exit(code, clean=code == 0)
+
+
+if __name__ == "__main__":
+    main()
