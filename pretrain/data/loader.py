@@ -12,14 +12,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataprep.shards import read_manifest
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 
 from .config import DataConfig
-from .packing import Packer
+from .packing import PackedArrays, Packer
 from .plan import ShardTable, StreamState, redistribute
 from .stream import RecordStream
 
@@ -36,7 +35,7 @@ class _StreamsDataset(IterableDataset):
         self.cfg, self.table, self.rank, self.world_size = cfg, table, rank, world_size
         self.states, self.first = states, first
 
-    def __iter__(self) -> Iterator[tuple[PackedBatch, dict]]:
+    def __iter__(self) -> Iterator[tuple[PackedArrays, dict]]:
         info = get_worker_info()
         k = len(self.states)
         logical = ((info.id if info is not None else 0) + self.first) % k
@@ -91,9 +90,11 @@ class PretrainLoader:
             source = iter(dataset)
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                     prefetch_factor=self.cfg.prefetch_factor, pin_memory=self.cfg.pin_memory,
-                                     persistent_workers=False))
-        for batch, meta in source:
+                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+        for arrays, meta in source:
+            batch = arrays.to_batch()
+            if self.cfg.pin_memory:
+                batch = batch.pin_memory()
             state = StreamState.from_dict(meta["state"])
             self._streams[meta["worker"]] = state
             self._next = (meta["worker"] + 1) % self.streams_per_rank

@@ -45,7 +45,7 @@ class Samples:
                        self.cropped[i:j])
 
 
-def _ragged_arange(counts: np.ndarray) -> np.ndarray:
+def ragged_arange(counts: np.ndarray) -> np.ndarray:
     """[0..counts[0]-1, 0..counts[1]-1, ...] without a Python loop."""
     total = int(counts.sum())
     ends = np.cumsum(counts)
@@ -69,7 +69,7 @@ def crop_and_mask(seq: np.ndarray, starts: np.ndarray, lengths: np.ndarray, keys
     np.cumsum(out_len, out=offsets[1:])
     out_start = offsets[:-1]
 
-    within = _ragged_arange(body)                 # nucleotide index inside the (cropped) body
+    within = ragged_arange(body)                 # nucleotide index inside the (cropped) body
     src = np.repeat(starts + offset, body) + within
     dst = np.repeat(out_start + special, body) + within
     tokens = np.empty(int(offsets[-1]), dtype=np.uint8)

@@ -1,0 +1,270 @@
+"""PretrainLoader end to end on small shard sets written with dataprep.shards' writer."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import logging
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dataprep.shards import ShardError, read_manifest
+from pretrain.data import DataConfig, PretrainLoader
+from pretrain.data.synthetic import synthetic_corpus, write_shards
+from rnalm.tokenizer import CLS_ID, encode
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(3000, seed=11, valid_fraction=0.15)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(out, **corpus, records_per_shard=300, block_records=64)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster_of(corpus):
+    return dict(zip(corpus["ids"], corpus["cluster_id"].tolist()))
+
+
+def train_ids(corpus) -> set[str]:
+    return {i for i, s in zip(corpus["ids"], corpus["split"]) if s == "train"}
+
+
+def config(shards, **kw) -> DataConfig:
+    base = dict(token_budget=2048, max_len=256, shuffle_buffer=200, num_workers=0, seed=7)
+    return DataConfig(str(shards), **{**base, **kw})
+
+
+def take(loader, n=None):
+    """(ids, tokens, targets) per batch, for n batches (or the whole pass)."""
+    return [(b.ids, b.tokens.numpy().tobytes(), b.targets.numpy().tobytes()) for b in itertools.islice(loader, n)]
+
+
+def sample_ids(batches) -> list[str]:
+    return [i for ids, _, _ in batches for i in ids]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_one_pass_covers_the_split_once_disjoint_across_ranks(shards, corpus, world):
+    cfg = config(shards, sampling="uniform", infinite=False, num_workers=2 if world == 1 else 0)
+    per_rank = [sample_ids(take(PretrainLoader(cfg, rank=r, world_size=world))) for r in range(world)]
+    every = [i for ids in per_rank for i in ids]
+    assert Counter(every) == Counter(train_ids(corpus))
+    sizes = [len(ids) for ids in per_rank]
+    assert max(sizes) - min(sizes) <= 1  # records are split evenly at record granularity
+
+
+def test_validation_pass_is_identical_every_time(shards, corpus):
+    cfg = config(shards, split="valid", sampling="uniform", infinite=False, num_workers=2)
+    loader = PretrainLoader(cfg)
+    first = take(loader)
+    assert take(loader) == first  # same records, crops and masks; the finished pass resets the position
+    assert set(sample_ids(first)) == {i for i, s in zip(corpus["ids"], corpus["split"]) if s == "valid"}
+    assert loader.state_dict()["streams"] == PretrainLoader(cfg).state_dict()["streams"]
+
+
+def test_uniform_epochs_are_permutations_in_new_orders(shards, corpus):
+    train = train_ids(corpus)
+    ids = sample_ids(take(PretrainLoader(config(shards, sampling="uniform")), 2 * len(train) // 16))
+    e0, e1 = ids[:len(train)], ids[len(train):2 * len(train)]
+    assert len(ids) >= 2 * len(train)
+    assert sorted(e0) == sorted(train) == sorted(e1) and e0 != e1
+
+
+def test_cluster_sampling_takes_one_member_per_cluster_per_epoch(shards, corpus, cluster_of):
+    clusters = {cluster_of[i] for i in train_ids(corpus)}
+    ids = sample_ids(take(PretrainLoader(config(shards)), 2 * len(clusters) // 8))
+    e0, e1 = ids[:len(clusters)], ids[len(clusters):2 * len(clusters)]
+    for epoch in (e0, e1):
+        assert sorted(cluster_of[i] for i in epoch) == sorted(clusters)
+    sizes = Counter(cluster_of.values())
+    pick0 = {cluster_of[i]: i for i in e0}
+    changed = [c for c in clusters if sizes[c] > 1 and pick0[c] != {cluster_of[i]: i for i in e1}[c]]
+    assert len(changed) > len([c for c in clusters if sizes[c] > 1]) // 2  # a new draw each epoch
+
+
+def test_a_record_gets_the_same_crop_and_mask_on_any_layout(shards):
+    def samples(world, workers):
+        got = {}
+        for r in range(world):
+            for b in PretrainLoader(config(shards, infinite=False, num_workers=workers), r, world):
+                cu = b.cu_seqlens.tolist()
+                for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+                    got[b.ids[i]] = (b.tokens[a:z].tolist(), b.targets[a:z].tolist())
+        return got
+    one, three = samples(1, 0), samples(3, 2)
+    assert one.keys() == three.keys() and one == three
+    assert any(tokens[0] != CLS_ID for tokens, _ in one.values())  # crops (no <cls>) are among them
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_with_the_same_world_size_continues_the_exact_stream(shards, workers, world):
+    cfg = config(shards, num_workers=workers)
+    n, cuts = 45, (11, 26)  # crosses an epoch boundary (~17-35 batches per epoch and rank)
+    full = [take(PretrainLoader(cfg, r, world), n) for r in range(world)]
+    loaders = [PretrainLoader(cfg, r, world) for r in range(world)]
+    got = [[] for _ in range(world)]
+    done = 0
+    for cut in (*cuts, n):
+        for r, loader in enumerate(loaders):
+            got[r] += take(loader, cut - done)
+        states = json.loads(json.dumps([loader.state_dict() for loader in loaders]))  # as a checkpoint stores it
+        loaders = [PretrainLoader(cfg, r, world) for r in range(world)]
+        for loader in loaders:
+            loader.load_state_dict(states)
+        done = cut
+    assert got == full
+
+
+@pytest.mark.parametrize("old,new", [((2, 2), (1, 0)), ((1, 2), (3, 1)), ((2, 0), (1, 2))])
+def test_resume_with_another_world_size_repeats_nothing(shards, corpus, old, new):
+    (old_world, old_workers), (new_world, new_workers) = old, new
+    cfg = config(shards, sampling="uniform", infinite=False, num_workers=old_workers)
+    before = [PretrainLoader(cfg, r, old_world) for r in range(old_world)]
+    seen = [i for r, loader in enumerate(before) for i in sample_ids(take(loader, 4 + 3 * r))]
+    states = [loader.state_dict() for loader in before]
+    cfg = config(shards, sampling="uniform", infinite=False, num_workers=new_workers)
+    for r in range(new_world):
+        loader = PretrainLoader(cfg, r, new_world)
+        loader.load_state_dict(states)
+        seen += sample_ids(take(loader))
+    assert Counter(seen) == Counter(train_ids(corpus))
+
+
+def test_infinite_resume_on_fewer_ranks_finishes_the_epoch_without_repeats(shards, corpus):
+    train = train_ids(corpus)
+    cfg = config(shards, sampling="uniform")
+    before = [PretrainLoader(cfg, r, 2) for r in range(2)]
+    seen = [i for loader in before for i in sample_ids(take(loader, 9))]
+    after = PretrainLoader(cfg)
+    after.load_state_dict([loader.state_dict() for loader in before])
+    rest = sample_ids(take(after, (len(train) - len(seen)) // 10))
+    assert sorted(seen + rest[:len(train) - len(seen)]) == sorted(train)
+    assert after.stats["epoch"] >= 1  # went on into the next epoch
+
+
+def test_state_is_small_json_and_checked_on_load(shards):
+    cfg = config(shards, num_workers=2)
+    loaders = [PretrainLoader(cfg, r, 2) for r in range(2)]
+    for loader in loaders:
+        take(loader, 3)
+    states = [loader.state_dict() for loader in loaders]
+    assert len(json.dumps(states)) < 2000
+    with pytest.raises(ValueError, match="seed"):
+        PretrainLoader(config(shards, num_workers=2, seed=8)).load_state_dict(states)
+    with pytest.raises(ValueError, match="ranks"):
+        PretrainLoader(cfg).load_state_dict(states[:1])
+    with pytest.raises(TypeError):
+        PretrainLoader(cfg).load_state_dict(states[0])
+
+
+def test_stats_count_what_was_delivered(shards):
+    loader = PretrainLoader(config(shards))
+    batches = list(itertools.islice(loader, 5))
+    assert loader.stats["batches"] == 5
+    assert loader.stats["samples"] == sum(b.num_sequences for b in batches)
+    assert loader.stats["tokens"] == sum(b.num_tokens for b in batches) <= 5 * 2048
+    masked = sum(int((b.targets != -100).sum()) for b in batches)
+    assert loader.stats["masked_tokens"] == masked and 0.1 < masked / loader.stats["tokens"] < 0.2
+
+
+def corrupt_copy(shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    train = [s.path for s in read_manifest(out).split_shards("train")]
+    truncated, garbled = out / train[1], out / train[4]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    data = bytearray(garbled.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+    garbled.write_bytes(bytes(data))
+    return out, [str(truncated), str(garbled)]
+
+
+def test_corrupt_shards_are_reported_counted_and_skipped(shards, corpus, tmp_path, caplog):
+    out, bad = corrupt_copy(shards, tmp_path)
+    loader = PretrainLoader(config(out, sampling="uniform", infinite=False))
+    with caplog.at_level(logging.WARNING, logger="pretrain.data.stream"):
+        ids = sample_ids(take(loader))
+    assert loader.stats["corrupt_shards_skipped"] == 2 and sorted(loader.stats["corrupt_shards"]) == sorted(bad)
+    assert all(p in caplog.text for p in bad)
+    assert len(ids) == len(set(ids)) and set(ids) < train_ids(corpus)
+    intact = {i for s in read_manifest(out).split_shards("train") if str(out / s.path) not in bad
+              for i in _shard_ids(out / s.path)}
+    assert intact <= set(ids) and len(ids) > len(intact)  # the part before the damage is kept too
+
+
+def _shard_ids(path):
+    from dataprep.shards import iter_blocks
+    return [i for block in iter_blocks(path) for i in block.ids]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_fatal_on_request(shards, tmp_path, workers):
+    out, bad = corrupt_copy(shards, tmp_path)
+    loader = PretrainLoader(config(out, sampling="uniform", infinite=False, on_corrupt="fail", num_workers=workers))
+    with pytest.raises(ShardError, match="shard-0000"):
+        take(loader)
+
+
+def test_bad_configs_are_refused_with_reasons(shards):
+    with pytest.raises(ValueError, match="token_budget"):
+        DataConfig(str(shards), token_budget=512, max_len=1024)
+    with pytest.raises(ValueError, match="sampling"):
+        DataConfig(str(shards), sampling="random")
+    with pytest.raises(ValueError, match="splits present"):
+        PretrainLoader(config(shards, split="test"))
+    with pytest.raises(ValueError, match="rank"):
+        PretrainLoader(config(shards), rank=2, world_size=2)
+    with pytest.raises(ShardError, match="manifest"):
+        PretrainLoader(config(shards.parent / "nowhere"))
+
+
+def read_fasta(path, limit):
+    ids, seqs = [], []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                if len(ids) == limit:
+                    break
+                ids.append(line[1:].split()[0])
+                fam = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv).get("rfam_acc", "NA")
+                seqs.append([fam, ""])
+            else:
+                seqs[-1][1] += line.strip().upper()
+    return ids, seqs
+
+
+def test_real_ncrna_records_come_out_as_their_tokens(ncrna_fasta, tmp_path):
+    ids, seqs = read_fasta(ncrna_fasta, 3000)
+    fams = sorted({f for f, _ in seqs})
+    cluster = np.array([fams.index(f) if f != "NA" else len(fams) + k for k, (f, _) in enumerate(seqs)])
+    raw = [s.encode() for _, s in seqs]
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in raw], out=offsets[1:])
+    write_shards(tmp_path, np.frombuffer(b"".join(raw), np.uint8), offsets, ids, cluster,
+                 np.array(["train"] * len(ids)), records_per_shard=1000)
+    cfg = DataConfig(str(tmp_path), sampling="uniform", infinite=False, mask_prob=0.0, max_len=512,
+                     token_budget=4096, num_workers=2)
+    by_id = dict(zip(ids, raw))
+    seen = []
+    for b in PretrainLoader(cfg):
+        cu = b.cu_seqlens.tolist()
+        for i, (a, z) in enumerate(zip(cu[:-1], cu[1:])):
+            want = encode(by_id[b.ids[i]]).tolist()
+            got = b.tokens[a:z].tolist()
+            if len(want) <= 512:
+                assert got == want
+            else:  # cropped: 510 nt of the record, without <cls>/<eos>
+                body = want[1:-1]
+                assert len(got) == 510 and any(body[k:k + 510] == got for k in range(len(body) - 509))
+            seen.append(b.ids[i])
+    assert sorted(seen) == sorted(ids)
