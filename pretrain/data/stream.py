@@ -40,9 +40,11 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
             pos += len(block)
             if pos >= hi:
                 return
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file missing") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e.args[0] if e.args else e})") \
-            from None
+        reason = getattr(e, "strerror", None) or (e.args[0] if e.args else "")
+        raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {reason})") from None
     raise ShardError(f"{path}: ends after {pos} records, but the manifest lists at least {hi}")
 
 

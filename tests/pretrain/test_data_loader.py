@@ -186,7 +186,9 @@ def corrupt_copy(shards, tmp_path):
     data = bytearray(garbled.read_bytes())
     data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
     garbled.write_bytes(bytes(data))
-    return out, [str(truncated), str(garbled)]
+    missing = out / train[6]
+    missing.unlink()
+    return out, [str(truncated), str(garbled), str(missing)]
 
 
 def test_corrupt_shards_are_reported_counted_and_skipped(shards, corpus, tmp_path, caplog):
@@ -194,7 +196,7 @@ def test_corrupt_shards_are_reported_counted_and_skipped(shards, corpus, tmp_pat
     loader = PretrainLoader(config(out, sampling="uniform", infinite=False))
     with caplog.at_level(logging.WARNING, logger="pretrain.data.stream"):
         ids = sample_ids(take(loader))
-    assert loader.stats["corrupt_shards_skipped"] == 2 and sorted(loader.stats["corrupt_shards"]) == sorted(bad)
+    assert loader.stats["corrupt_shards_skipped"] == 3 and sorted(loader.stats["corrupt_shards"]) == sorted(bad)
     assert all(p in caplog.text for p in bad)
     assert len(ids) == len(set(ids)) and set(ids) < train_ids(corpus)
     intact = {i for s in read_manifest(out).split_shards("train") if str(out / s.path) not in bad
