@@ -79,7 +79,7 @@ class PretrainLoader:
         self._dataset = hashlib.sha256(listing).hexdigest()[:16]
         self._streams = [StreamState() for _ in range(self.streams_per_rank)]
         self._next = 0
-        self.stats = {"batches": 0, "samples": 0, "tokens": 0, "masked_tokens": 0, "epoch": 0,
+        self.stats = {"batches": 0, "samples": 0, "tokens": 0, "masked_tokens": 0, "cropped": 0, "epoch": 0,
                       "corrupt_shards_skipped": 0, "corrupt_shards": {}}
 
     # ------------------------------------------------------------------------------------------ iterate
@@ -98,16 +98,17 @@ class PretrainLoader:
             state = StreamState.from_dict(meta["state"])
             self._streams[meta["worker"]] = state
             self._next = (meta["worker"] + 1) % self.streams_per_rank
-            self._count(batch, meta, state)
+            self._count(batch, arrays.cropped, meta, state)
             yield batch
         if not self.cfg.infinite:  # a finished pass: the next iteration is the same pass again
             self._streams = [StreamState() for _ in range(self.streams_per_rank)]
             self._next = 0
 
-    def _count(self, batch: PackedBatch, meta: dict, state: StreamState) -> None:
+    def _count(self, batch: PackedBatch, cropped: int, meta: dict, state: StreamState) -> None:
         s = self.stats
         s["batches"] += 1
         s["samples"] += batch.num_sequences
+        s["cropped"] += cropped
         s["tokens"] += batch.num_tokens
         s["masked_tokens"] += int((batch.targets != IGNORE_INDEX).sum())
         s["epoch"] = state.epoch

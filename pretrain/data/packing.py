@@ -26,11 +26,13 @@ class PackedArrays:
     targets: np.ndarray  # int8 [T]
     lengths: np.ndarray  # int64 [B]
     ids: list[str]
+    cropped: int         # how many of the sequences are crops
 
     @classmethod
     def concat(cls, parts: list[Samples]) -> "PackedArrays":
         return cls(np.concatenate([p.tokens for p in parts]), np.concatenate([p.targets for p in parts]),
-                   np.concatenate([p.lengths for p in parts]), np.concatenate([p.ids for p in parts]).tolist())
+                   np.concatenate([p.lengths for p in parts]), np.concatenate([p.ids for p in parts]).tolist(),
+                   sum(int(p.cropped.sum()) for p in parts))
 
     def to_batch(self) -> PackedBatch:
         cu = np.zeros(len(self.lengths) + 1, dtype=np.int32)

@@ -175,6 +175,9 @@ def test_stats_count_what_was_delivered(shards):
     assert loader.stats["tokens"] == sum(b.num_tokens for b in batches) <= 5 * 2048
     masked = sum(int((b.targets != -100).sum()) for b in batches)
     assert loader.stats["masked_tokens"] == masked and 0.1 < masked / loader.stats["tokens"] < 0.2
+    crops = sum(int(n) == 254 and int(b.tokens[a]) != CLS_ID  # max_len - 2 nt, no <cls>
+                for b in batches for a, n in zip(b.cu_seqlens[:-1].tolist(), b.lengths.tolist()))
+    assert loader.stats["cropped"] == crops > 0
 
 
 def corrupt_copy(shards, tmp_path):
