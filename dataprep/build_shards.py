@@ -1,0 +1,99 @@
+"""Build pretraining shards from FASTA files.
+
+    python dataprep/build_shards.py --input a.fa.gz b.fa.zst - --out shards/
+
+FASTA (plain, gzip, zstd, or - for stdin) -> normalise (upper-case, T->U, IUPAC kept, length filter;
+rejects.tsv) -> exact dedup (duplicates.tsv) -> MMseqs2 easy-linclust clusters -> cluster-held-out
+train/valid split -> global shuffle -> WebDataset tar shards of zstd record blocks + manifest.json + report/.
+Run it under `srun`/`mpirun` with --mpi to share the work between ranks (needs a shared file system).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script path: python dataprep/build_shards.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dataprep.cluster import ClusterConfig  # noqa: E402
+from dataprep.comm import SerialComm  # noqa: E402
+from dataprep.errors import DataprepError  # noqa: E402
+from dataprep.normalize import NormalizeConfig  # noqa: E402
+from dataprep.pipeline import BuildConfig, build  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
+    p = argparse.ArgumentParser(prog="build_shards.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="FASTA files (.gz/.zst ok), - for stdin")
+    p.add_argument("--out", required=True, help="output directory")
+    g = p.add_argument_group("normalisation")
+    g.add_argument("--min-len", type=int, default=16, help="shortest kept sequence (nt)")
+    g.add_argument("--max-len", type=int, default=8192, help="longest kept sequence (nt)")
+    g.add_argument("--label-key", default=None, help="header key=value copied into each record's label, e.g. rfam_acc")
+    g = p.add_argument_group("clustering (MMseqs2 easy-linclust)")
+    g.add_argument("--min-seq-id", type=float, default=0.7)
+    g.add_argument("--coverage", "-c", type=float, default=0.8)
+    g.add_argument("--cov-mode", type=int, default=None, help="MMseqs2 --cov-mode (default: MMseqs2's own)")
+    g.add_argument("--threads", type=int, default=2, help="MMseqs2 threads")
+    g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
+    g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
+    g = p.add_argument_group("split and shards")
+    g.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of clusters held out for validation")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--block-records", type=int, default=4096, help="records per zstd block (tar member)")
+    g.add_argument("--shard-records", type=int, default=0, help="records per shard (0: from --shard-mb)")
+    g.add_argument("--shard-mb", type=float, default=256.0, help="target uncompressed MB per shard")
+    g.add_argument("--zstd-level", type=int, default=3)
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=2, help="processes writing shards (per rank)")
+    g.add_argument("--chunk-mb", type=int, default=16, help="input chunk size for parsing")
+    g.add_argument("--mpi", action="store_true", help="share the work between MPI ranks (mpi4py)")
+    g.add_argument("--no-report", action="store_true", help="skip report/ (plots + summary.json)")
+    g.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    for name in ("min_len", "max_len", "block_records", "workers", "threads", "chunk_mb"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.min_len > a.max_len:
+        p.error("--min-len must not exceed --max-len")
+    if not 0 <= a.valid_fraction < 1:
+        p.error("--valid-fraction must be in [0, 1)")
+    cfg = BuildConfig(
+        inputs=tuple(a.input), out=a.out,
+        normalize=NormalizeConfig(min_len=a.min_len, max_len=a.max_len, label_key=a.label_key),
+        cluster=ClusterConfig(min_seq_id=a.min_seq_id, coverage=a.coverage, cov_mode=a.cov_mode,
+                              threads=a.threads, mmseqs=a.mmseqs),
+        no_cluster=a.no_cluster, valid_fraction=a.valid_fraction, seed=a.seed, block_records=a.block_records,
+        records_per_shard=a.shard_records, shard_mb=a.shard_mb, zstd_level=a.zstd_level, workers=a.workers,
+        chunk_mb=a.chunk_mb, report=not a.no_report, quiet=a.quiet)
+    return cfg, a.mpi
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, use_mpi = parse_args(argv)
+    comm = SerialComm()
+    if use_mpi:
+        from dataprep.comm import MpiComm
+
+        comm = MpiComm()
+    try:
+        build(cfg, comm)
+    except DataprepError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(2)
+        return 2
+    except BaseException:
+        if comm.size > 1:  # never leave the other ranks waiting in a collective
+            import traceback
+
+            traceback.print_exc()
+            comm.abort(1)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

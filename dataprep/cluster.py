@@ -1,0 +1,158 @@
+"""Clustering of the deduplicated records with the real MMseqs2 (`mmseqs easy-linclust`).
+
+MMseqs2 gets the sequences under fixed-width decimal names (their position in the kept list), so both
+writing its input and parsing its `_cluster.tsv` are fixed-width numpy operations. Note: MMseqs2's
+nucleotide clustering joins a sequence and its reverse complement into one cluster (no flag disables it
+in v14).
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import offsets_from_lengths
+from .errors import ToolError
+from .store import Store
+
+INSTALL_HINT = ("install MMseqs2: `sudo apt-get install mmseqs2` (Debian/Ubuntu), "
+                "`conda install -c conda-forge -c bioconda mmseqs2`, or `bash deploy/install_sysdeps.sh`; "
+                "or pass --no-cluster to give every record its own cluster")
+WRITE_BATCH = 262_144
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    min_seq_id: float = 0.7
+    coverage: float = 0.8
+    cov_mode: int | None = None  # MMseqs2's default (0: bidirectional) unless set
+    threads: int = 2
+    mmseqs: str = "mmseqs"
+
+
+@dataclass
+class Clusters:
+    cluster_id: np.ndarray  # int64 per kept record, 0..C-1 in order of the first member
+    cluster_size: np.ndarray  # int64 per kept record
+    index_in_cluster: np.ndarray  # int64 per kept record
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.cluster_id.max()) + 1 if len(self.cluster_id) else 0
+
+
+def find_mmseqs(binary: str = "mmseqs") -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise ToolError(f"MMseqs2 executable '{binary}' not found on PATH; {INSTALL_HINT}")
+    return path
+
+
+def mmseqs_version(binary: str = "mmseqs") -> str:
+    out = subprocess.run([find_mmseqs(binary), "version"], capture_output=True, text=True)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def name_width(n: int) -> int:
+    return max(1, len(str(max(n - 1, 0))))
+
+
+def _decimal(values: np.ndarray, width: int) -> np.ndarray:
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] // powers) % 10 + 48).astype(np.uint8)
+
+
+def fasta_block(names: np.ndarray, seq: np.ndarray, off: np.ndarray) -> np.ndarray:
+    """FASTA bytes `>name\\nseq\\n` for fixed-width names (uint8 [n, w]) and concatenated sequences."""
+    n, w = names.shape
+    start = offsets_from_lengths(np.diff(off) + w + 3)
+    out = np.empty(int(start[-1]), np.uint8)
+    hdr_pos = start[:-1, None] + np.arange(w + 2)
+    hdr = np.empty((n, w + 2), np.uint8)
+    hdr[:, 0], hdr[:, 1:-1], hdr[:, -1] = ord(">"), names, ord("\n")
+    seq_mask = np.ones(len(out), bool)
+    seq_mask[hdr_pos] = False
+    seq_mask[start[1:] - 1] = False
+    out[hdr_pos] = hdr
+    out[start[1:] - 1] = ord("\n")
+    out[seq_mask] = seq
+    return out
+
+
+def write_input(store: Store, keep: np.ndarray, path: Path) -> int:
+    """Write the kept records as MMseqs2 input; returns the name width."""
+    w = name_width(len(keep))
+    with open(path, "wb") as f:
+        for a in range(0, len(keep), WRITE_BATCH):
+            idx = keep[a: a + WRITE_BATCH]
+            seq, off = store.gather_seqs(idx)
+            f.write(memoryview(fasta_block(_decimal(np.arange(a, a + len(idx)), w), seq, off)))
+    return w
+
+
+def run_linclust(fasta: Path, workdir: Path, cfg: ClusterConfig, log: Path) -> Path:
+    exe = find_mmseqs(cfg.mmseqs)
+    prefix, tmp = workdir / "clu", workdir / "mmseqs_tmp"
+    cmd = [exe, "easy-linclust", str(fasta), str(prefix), str(tmp), "--min-seq-id", str(cfg.min_seq_id),
+           "-c", str(cfg.coverage), "--threads", str(cfg.threads), "--dbtype", "2"]
+    if cfg.cov_mode is not None:
+        cmd += ["--cov-mode", str(cfg.cov_mode)]
+    with open(log, "wb") as lf:
+        rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
+        raise ToolError(f"mmseqs easy-linclust failed (exit {rc}); command: {' '.join(cmd)}\n"
+                        f"last lines of {log}:\n{tail}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return Path(f"{prefix}_cluster.tsv")
+
+
+def parse_cluster_tsv(path: Path, n: int, width: int) -> np.ndarray:
+    """Representative (kept-list position) of each of the n records, from `rep\\tmember` lines."""
+    a = np.fromfile(path, np.uint8)
+    row = 2 * width + 2
+    if n == 0:
+        return np.zeros(0, np.int64)
+    rows = a.reshape(-1, row) if len(a) % row == 0 else None
+    if rows is None or len(rows) != n or np.any(rows[:, width] != 9) or np.any(rows[:, -1] != 10):
+        raise ToolError(f"{path}: unexpected MMseqs2 cluster TSV ({len(a)} bytes; want {n} lines of "
+                        f"'rep<TAB>member' with {width}-digit names)")
+    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
+    rep = (rows[:, :width].astype(np.int64) - 48) @ powers
+    member = (rows[:, width + 1: -1].astype(np.int64) - 48) @ powers
+    if np.any(np.bincount(member, minlength=n)[:n] != 1) or member.max() >= n or rep.max() >= n:
+        raise ToolError(f"{path}: MMseqs2 output does not list every input sequence exactly once")
+    out = np.empty(n, np.int64)
+    out[member] = rep
+    return out
+
+
+def assign(rep: np.ndarray) -> Clusters:
+    """Cluster id / size / index within the cluster from each record's representative."""
+    _, cid = np.unique(rep, return_inverse=True)
+    cid = cid.astype(np.int64).reshape(-1)
+    size = np.bincount(cid)
+    order = np.argsort(cid, kind="stable")
+    index = np.empty(len(cid), np.int64)
+    index[order] = np.arange(len(cid)) - np.repeat(offsets_from_lengths(size)[:-1], size)
+    return Clusters(cluster_id=cid, cluster_size=size[cid].astype(np.int64), index_in_cluster=index)
+
+
+def singletons(n: int) -> Clusters:
+    return Clusters(cluster_id=np.arange(n, dtype=np.int64), cluster_size=np.ones(n, np.int64),
+                    index_in_cluster=np.zeros(n, np.int64))
+
+
+def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig) -> Clusters:
+    workdir.mkdir(parents=True, exist_ok=True)
+    find_mmseqs(cfg.mmseqs)
+    fasta = workdir / "input.fasta"
+    width = write_input(store, keep, fasta)
+    tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
+    rep = parse_cluster_tsv(tsv, len(keep), width)
+    for leftover in (fasta, tsv, Path(f"{workdir}/clu_rep_seq.fasta"), Path(f"{workdir}/clu_all_seqs.fasta")):
+        leftover.unlink(missing_ok=True)
+    return assign(rep)

@@ -1,0 +1,117 @@
+"""Exact dedup over the record store, hash-partitioned so memory stays bounded at any corpus size.
+
+Records are grouped by their 64-bit digest, one hash bucket at a time (buckets are read from the memmapped
+digest column, so at most one bucket's arrays are in RAM). Within a group the first record in input order
+(source, line) is the representative; every other member is confirmed by comparing bytes, so a digest
+collision can never merge two different sequences. Two passes:
+
+1. ids: a later record whose id equals an earlier record's id but whose sequence differs is rejected
+   (same id, same sequence is just an exact duplicate and is merged by pass 2);
+2. sequences: the remaining records are merged into their group's representative.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrays import concat_ranges
+from .store import Store
+
+BUCKET_RECORDS = 4_000_000
+
+
+@dataclass
+class DedupResult:
+    keep: np.ndarray  # int64 store indices of the kept records, in input order
+    dup: np.ndarray  # int64 store indices of merged duplicates
+    dup_rep: np.ndarray  # int64 store index of each duplicate's representative (kept)
+    conflict: np.ndarray  # int64 store indices rejected for a duplicate id with another sequence
+    conflict_first: np.ndarray  # the earlier record holding that id
+
+
+def n_buckets(n: int, bucket_records: int = BUCKET_RECORDS) -> int:
+    return max(1, -(-n // bucket_records))
+
+
+def _same_bytes(blob: np.ndarray, off: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pair (a[i], b[i]): do the two records hold identical bytes?"""
+    la, lb = off[a + 1] - off[a], off[b + 1] - off[b]
+    same = la == lb
+    idx = np.flatnonzero(same & (la > 0))
+    if len(idx):
+        lens = la[idx]
+        diff = blob[concat_ranges(off[a[idx]], lens)] != blob[concat_ranges(off[b[idx]], lens)]
+        starts = np.cumsum(lens) - lens
+        same[idx] = ~np.logical_or.reduceat(diff, starts)
+    return same
+
+
+def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For records `sel` (ascending): (member, first) pairs for every record that is not the first (by key)
+    of its digest group. `key=None` means store order already is input order (a stable sort suffices)."""
+    order = np.argsort(digest[sel], kind="stable") if key is None else np.lexsort((key[sel], digest[sel]))
+    d = digest[sel][order]
+    new_group = np.ones(len(d), bool)
+    new_group[1:] = d[1:] != d[:-1]
+    group_first = np.maximum.accumulate(np.where(new_group, np.arange(len(d)), 0))
+    members = ~new_group
+    return sel[order[members]], sel[order[group_first[members]]]
+
+
+def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarray | None, buckets: list[int], nb: int,
+                 confirm: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    out_m, out_f = [], []
+    for b in buckets:
+        if nb == 1:
+            sel = np.arange(len(digest)) if eligible is None else np.flatnonzero(eligible)
+        else:
+            in_bucket = (digest % np.uint64(nb)) == np.uint64(b)
+            sel = np.flatnonzero(in_bucket if eligible is None else in_bucket & eligible)
+        m, f = _group_members(digest, key, sel)
+        ok = confirm(m, f)
+        out_m.append(m[ok])
+        out_f.append(f[ok])
+    return (np.concatenate(out_m) if out_m else np.zeros(0, np.int64),
+            np.concatenate(out_f) if out_f else np.zeros(0, np.int64))
+
+
+def _sort_key(store: Store) -> np.ndarray | None:
+    key = store.order_key
+    return None if len(key) < 2 or bool(np.all(key[1:] > key[:-1])) else key
+
+
+def id_conflicts(store: Store, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(record, earlier record) pairs with the same id and a different sequence."""
+    key = _sort_key(store)
+    m, f = _bucket_pass(store.idh, key, None, buckets, nb, lambda a, b: _same_bytes(store.ids, store.id_off, a, b))
+    differs = (store.seqh[m] != store.seqh[f]) | ~_same_bytes(store.seq, store.seq_off, m, f)
+    return m[differs], f[differs]
+
+
+def duplicates(store: Store, rejected: np.ndarray, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """(duplicate, representative) pairs among the records not `rejected` (bool mask)."""
+    return _bucket_pass(store.seqh, _sort_key(store), ~rejected, buckets, nb,
+                        lambda a, b: _same_bytes(store.seq, store.seq_off, a, b))
+
+
+def finish(store: Store, conflict: np.ndarray, conflict_first: np.ndarray, dup: np.ndarray,
+           dup_rep: np.ndarray) -> DedupResult:
+    drop = np.zeros(len(store), bool)
+    drop[conflict] = True
+    drop[dup] = True
+    keep = np.flatnonzero(~drop)
+    keep = keep[np.argsort(store.order_key[keep], kind="stable")]
+    return DedupResult(keep=keep, dup=dup, dup_rep=dup_rep, conflict=conflict, conflict_first=conflict_first)
+
+
+def dedup(store: Store, bucket_records: int = BUCKET_RECORDS) -> DedupResult:
+    """Single-process dedup over all buckets."""
+    nb = n_buckets(len(store), bucket_records)
+    everything = list(range(nb))
+    conflict, first = id_conflicts(store, everything, nb)
+    rejected = np.zeros(len(store), bool)
+    rejected[conflict] = True
+    dup, rep = duplicates(store, rejected, everything, nb)
+    return finish(store, conflict, first, dup, rep)

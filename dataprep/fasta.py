@@ -1,0 +1,174 @@
+"""Reading FASTA inputs (plain, gzip, zstd, stdin) as large byte chunks cut at record boundaries.
+
+Compression is detected from the magic bytes, not the file name. Every chunk starts at a '>' header line
+(except possibly the first, which the parser checks) and ends just before one, so records never straddle
+chunks. A record larger than `max_record_bytes` is not held in memory: it is streamed past and reported
+as an oversized record (its header and length), which the parser turns into a reject line.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from .errors import InputError
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_WS = b" \t\r\n\v\f"
+
+
+class _HashingReader:
+    """Raw byte reader that keeps a sha256 and a byte count of what it read (the input checksum)."""
+
+    def __init__(self, f):
+        self._f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return data
+
+
+class _ZstdReader:
+    """Multi-frame zstd stream that raises on truncation (zstandard's stream_reader returns short data)."""
+
+    def __init__(self, raw: _HashingReader, head: bytes):
+        self._raw, self._buf, self._obj = raw, head, zstandard.ZstdDecompressor().decompressobj()
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            data = self._buf or self._raw.read(1 << 20)
+            self._buf = b""
+            if not data:
+                if not self._obj.eof:
+                    raise EOFError("zstd stream ended before the end of its frame (truncated file)")
+                break
+            if self._obj.eof:  # next frame
+                self._obj = zstandard.ZstdDecompressor().decompressobj()
+            out += self._obj.decompress(data)
+            if self._obj.eof and self._obj.unused_data:
+                self._buf = self._obj.unused_data
+        return bytes(out)
+
+
+class _Prefixed:
+    """A reader that first returns `head` (the sniffed magic bytes), then the rest of `raw`."""
+
+    def __init__(self, raw, head: bytes):
+        self._raw, self._head = raw, head
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head:
+            head, self._head = self._head, b""
+            return head + self._raw.read(n - len(head) if n > 0 else -1)
+        return self._raw.read(n)
+
+
+@dataclass
+class Chunk:
+    data: bytes  # whole records (or, for the first chunk, whatever precedes the first header too)
+    first_line: int  # 1-based line number of data[0]
+    oversized: tuple[bytes, int] | None = None  # (header line, sequence length) of a streamed-past record
+
+
+class FastaStream:
+    """Iterate a FASTA input as `Chunk`s; `.sha256` / `.bytes` describe the raw (compressed) input once done."""
+
+    def __init__(self, path: str, chunk_bytes: int = 16 << 20, max_record_bytes: int = 64 << 20):
+        self.path, self.chunk_bytes, self.max_record_bytes = path, chunk_bytes, max_record_bytes
+        self.compression = "none"
+        self._raw: _HashingReader | None = None
+
+    @property
+    def sha256(self) -> str:
+        return self._raw.sha256.hexdigest() if self._raw else ""
+
+    @property
+    def bytes(self) -> int:
+        return self._raw.bytes if self._raw else 0
+
+    def _open(self):
+        if self.path == "-":
+            f = sys.stdin.buffer
+        else:
+            try:
+                f = open(self.path, "rb")
+            except OSError as e:
+                raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
+        self._file = f
+        self._raw = _HashingReader(f)
+        head = self._raw.read(4)
+        if head.startswith(GZIP_MAGIC):
+            self.compression = "gzip"
+            return gzip.GzipFile(fileobj=_Prefixed(self._raw, head), mode="rb")
+        if head == ZSTD_MAGIC:
+            self.compression = "zstd"
+            return _ZstdReader(self._raw, head)
+        return _Prefixed(self._raw, head)
+
+    def _read(self, stream, n: int) -> bytes:
+        try:
+            return stream.read(n)
+        except EOFError as e:
+            raise InputError(f"{self.path}: truncated {self.compression} input after {self.bytes} bytes ({e})") from None
+        except (OSError, zlib.error, zstandard.ZstdError) as e:
+            raise InputError(f"{self.path}: corrupt {self.compression} input after {self.bytes} bytes ({e})") from None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        stream = self._open()
+        try:
+            yield from self._chunks(stream)
+        finally:
+            if self._file is not sys.stdin.buffer:
+                self._file.close()
+
+    def _chunks(self, stream) -> Iterator[Chunk]:
+        carry, line = b"", 1
+        first = self._read(stream, self.chunk_bytes)
+        lead = first.lstrip(_WS)[:1]
+        if first and lead != b">":
+            raise InputError(f"{self.path}:1: does not start with a '>' header (not FASTA, or binary data?): "
+                             f"first bytes {first[:16]!r}")
+        data = first
+        while True:
+            buf = carry + data if carry else data
+            if not data:  # end of input
+                if buf:
+                    yield Chunk(buf, line)
+                return
+            cut = buf.rfind(b"\n>")
+            if cut >= 0:
+                out, carry = buf[: cut + 1], buf[cut + 1:]
+                yield Chunk(out, line)
+                line += out.count(b"\n")
+            elif len(buf) > self.max_record_bytes and buf.startswith(b">"):
+                header, seq_len, lines, carry = self._stream_past(stream, buf)
+                yield Chunk(b"", line, oversized=(header, seq_len))
+                line += lines
+            else:
+                carry = buf
+            data = self._read(stream, self.chunk_bytes)
+
+    def _stream_past(self, stream, buf: bytes) -> tuple[bytes, int, int, bytes]:
+        """Read past one oversized record without keeping it: (header line, sequence length, lines, rest)."""
+        nl = buf.find(b"\n")
+        header = buf[:nl] if nl >= 0 else buf
+        rest, lines, seq_len = (buf[nl + 1:], 1, 0) if nl >= 0 else (b"", 0, 0)
+        while True:
+            cut = rest.find(b"\n>")
+            body = rest if cut < 0 else rest[: cut + 1]
+            seq_len += len(body) - sum(body.count(bytes([c])) for c in _WS)
+            lines += body.count(b"\n")
+            if cut >= 0:
+                return header, seq_len, lines, rest[cut + 1:]
+            rest = self._read(stream, self.chunk_bytes)
+            if not rest:
+                return header, seq_len, lines, b""

@@ -1,0 +1,211 @@
+"""Vectorised FASTA chunk parsing + normalisation: one numpy pass per step over a whole chunk.
+
+Normalised sequence: upper-case, T->U, IUPAC codes (ACGU RYKMSWBDHVN) kept, whitespace and line breaks
+removed. Records that cannot be kept get a reject (line, id, reason); nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arrays import concat_ranges, offsets_from_lengths
+from .digest import PAD, segment_digests
+
+IUPAC = b"ACGURYKMSWBDHVN"
+_WS_BYTES = b" \t\r\v\f"  # '\n' is handled structurally
+_WS_MARK, _BAD_MARK = 0xFE, 0xFF
+
+
+def _norm_table() -> bytes:
+    t = bytearray([_BAD_MARK] * 256)
+    for c in IUPAC:
+        t[c] = t[ord(chr(c).lower())] = c
+    t[ord("T")] = t[ord("t")] = ord("U")
+    for c in _WS_BYTES:
+        t[c] = _WS_MARK
+    return bytes(t)
+
+
+NORM_TABLE = _norm_table()
+_IS_WS = np.zeros(256, bool)
+_IS_WS[list(b" \t\r\n\v\f")] = True
+_IS_CTRL = np.zeros(256, bool)
+_IS_CTRL[[c for c in range(32) if c not in b"\t\r\n\v\f"] + [127]] = True
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    min_len: int = 16
+    max_len: int = 8192
+    label_key: str | None = None  # header `key=value` copied into the record's label
+
+
+@dataclass
+class ParsedChunk:
+    """Kept records of one chunk (arrays aligned by record) plus the rejects."""
+    seq: np.ndarray  # uint8, concatenated normalised sequences
+    seq_len: np.ndarray  # int64
+    ids: bytes  # "id\n" per record
+    id_len: np.ndarray  # int32, without the "\n"
+    labels: bytes | None
+    label_len: np.ndarray | None
+    line: np.ndarray  # int64, header line number
+    seqh: np.ndarray  # uint64 digest of the sequence (dedup candidate key)
+    idh: np.ndarray  # uint64 digest of the id
+    records_in: int = 0
+    rejects: list[tuple[int, str, str]] = field(default_factory=list)  # (line, id, reason)
+
+    def __len__(self) -> int:
+        return len(self.seq_len)
+
+
+def _first_per_record(pos: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(record index, first position) of each record that contains any of the sorted positions `pos`."""
+    rec = np.searchsorted(offsets, pos, side="right") - 1
+    recs, first = np.unique(rec, return_index=True)
+    return recs, pos[first]
+
+
+def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChunk:
+    """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one)."""
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    a = np.frombuffer(data, np.uint8)
+    keep = a == 10
+    nl = np.flatnonzero(keep)
+    line_start = np.concatenate(([0], nl[:-1] + 1))
+    hk = np.flatnonzero(a[line_start] == 62)  # header line numbers within the chunk
+    if len(hk) == 0:
+        return _empty(0)
+    hs, he = line_start[hk], nl[hk]  # '>' position, header-ending newline
+    n = len(hk)
+    lines = first_line + hk
+
+    # ---- headers: ">text\n" per record, concatenated
+    hdr_len = he - hs + 1
+    hdr_idx = concat_ranges(hs, hdr_len)
+    hdr = a[hdr_idx]
+    hdr_off = np.concatenate(([0], np.cumsum(hdr_len)))
+    ws = np.flatnonzero(_IS_WS[hdr])
+    id_start = hdr_off[:-1] + 1
+    id_end = ws[np.searchsorted(ws, id_start)]
+    id_len = (id_end - id_start).astype(np.int32)
+
+    # ---- sequences: every byte that is neither a newline nor in a header line, in order
+    np.logical_not(keep, out=keep)  # newlines out
+    keep[hdr_idx] = False
+    keep[: hs[0]] = False  # blank lines before the first header
+    raw = a[keep].tobytes()
+    next_hs = np.append(hs[1:], len(a))
+    newlines_in_seq = np.diff(np.append(hk, len(nl))) - 1
+    raw_len = next_hs - he - 1 - newlines_in_seq
+    raw_off = np.concatenate(([0], np.cumsum(raw_len)))
+    norm = raw.translate(NORM_TABLE) + bytes(PAD)  # PAD: the digest reads whole words
+
+    reasons: dict[int, str] = {}
+    if norm.find(bytes([_BAD_MARK])) >= 0:
+        narr = np.frombuffer(norm, np.uint8)
+        recs, pos = _first_per_record(np.flatnonzero(narr == _BAD_MARK), raw_off)
+        for r, p in zip(recs.tolist(), pos.tolist()):
+            c = raw[p]
+            shown = chr(c) if 32 < c < 127 else f"\\x{c:02x}"
+            reasons[r] = f"invalid character '{shown}' (0x{c:02x}) at sequence position {p - raw_off[r] + 1}"
+    padded = np.frombuffer(norm, np.uint8)
+    seq_len = raw_len
+    if norm.find(bytes([_WS_MARK])) >= 0:  # spaces, tabs, CR inside sequences: drop them
+        ws_pos = np.flatnonzero(padded == _WS_MARK)
+        ws_rec = np.searchsorted(raw_off, ws_pos, side="right") - 1
+        seq_len = raw_len - np.bincount(ws_rec, minlength=n)
+        padded = np.delete(padded, ws_pos)
+    seq_off = np.concatenate(([0], np.cumsum(seq_len)))
+
+    _header_rejects(hdr, hdr_off, id_len, reasons)
+    for r in np.flatnonzero(seq_len == 0).tolist():
+        reasons.setdefault(r, "empty sequence (header without sequence)")
+    for r in np.flatnonzero((seq_len > 0) & (seq_len < cfg.min_len)).tolist():
+        reasons.setdefault(r, f"too short: {seq_len[r]} nt < min_len {cfg.min_len}")
+    for r in np.flatnonzero(seq_len > cfg.max_len).tolist():
+        reasons.setdefault(r, f"too long: {seq_len[r]} nt > max_len {cfg.max_len}")
+
+    id_blob = hdr[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
+    id_off = np.concatenate(([0], np.cumsum(id_len + 1)))
+    id_blob[id_off[1:] - 1] = 10
+    labels, label_len = _labels(hdr, hdr_off, cfg.label_key) if cfg.label_key else (None, None)
+
+    ok = np.ones(n, bool)
+    rejects = []
+    if reasons:
+        bad = np.fromiter(reasons.keys(), np.int64)
+        ok[bad] = False
+        for r in sorted(reasons):
+            rid = bytes(id_blob[id_off[r]: id_off[r + 1] - 1]).decode("utf-8", "backslashreplace")
+            rejects.append((int(lines[r]), rid, reasons[r]))
+    seqh = segment_digests(padded, seq_off)
+    ids = id_blob.tobytes()
+    idh = segment_digests(np.frombuffer(ids + bytes(PAD), np.uint8), id_off)  # id plus its "\n"
+    out = ParsedChunk(seq=padded[: seq_off[-1]], seq_len=seq_len.astype(np.int64), ids=ids, id_len=id_len,
+                      labels=labels, label_len=label_len, line=lines.astype(np.int64), seqh=seqh, idh=idh,
+                      records_in=n, rejects=rejects)
+    return out if ok.all() else _select(out, ok, seq_off, id_off)
+
+
+def _header_rejects(hdr: np.ndarray, hdr_off: np.ndarray, id_len: np.ndarray, reasons: dict[int, str]) -> None:
+    for r in np.flatnonzero(id_len == 0).tolist():
+        reasons.setdefault(r, "empty record id (nothing after '>')")
+    ctrl = np.flatnonzero(_IS_CTRL[hdr])
+    if len(ctrl):
+        recs, pos = _first_per_record(ctrl, hdr_off)
+        for r, p in zip(recs.tolist(), pos.tolist()):
+            reasons.setdefault(r, f"control character 0x{hdr[p]:02x} in header (binary data?)")
+    high = np.flatnonzero(hdr >= 0x80)
+    if len(high):
+        for r in np.unique(np.searchsorted(hdr_off, high, side="right") - 1).tolist():
+            try:
+                hdr[hdr_off[r]: hdr_off[r + 1]].tobytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                reasons.setdefault(r, f"header is not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _labels(hdr: np.ndarray, hdr_off: np.ndarray, key: str) -> tuple[bytes, np.ndarray]:
+    text = hdr.tobytes()
+    n = len(hdr_off) - 1
+    values = [b""] * n
+    pat = re.compile(rb"[ \t]" + re.escape(key.encode()) + rb"=([^\s]*)")
+    for m in pat.finditer(text):
+        r = int(np.searchsorted(hdr_off, m.start(), side="right")) - 1
+        if not values[r]:
+            values[r] = m.group(1)
+    return b"".join(v + b"\n" for v in values), np.fromiter(map(len, values), np.int32, n)
+
+
+def _keep_ranges(blob, offsets: np.ndarray, bad: np.ndarray):
+    """Concatenate blob[offsets[i]:offsets[i+1]] for every i not in the sorted `bad` (one slice per gap)."""
+    cuts = np.concatenate(([0], np.ravel(np.column_stack((offsets[bad], offsets[bad + 1]))), [offsets[-1]]))
+    pieces = [blob[a:b] for a, b in zip(cuts[0::2].tolist(), cuts[1::2].tolist())]
+    return np.concatenate(pieces) if isinstance(blob, np.ndarray) else b"".join(pieces)
+
+
+def _select(p: ParsedChunk, ok: np.ndarray, seq_off: np.ndarray, id_off: np.ndarray) -> ParsedChunk:
+    """Drop the rejected records (few): copy the runs of kept records between them."""
+    bad = np.flatnonzero(~ok)
+    labels = label_len = None
+    if p.labels is not None:
+        labels = _keep_ranges(p.labels, offsets_from_lengths(p.label_len.astype(np.int64) + 1), bad)
+        label_len = p.label_len[ok]
+    return ParsedChunk(seq=_keep_ranges(p.seq, seq_off, bad), seq_len=p.seq_len[ok],
+                       ids=_keep_ranges(p.ids, id_off, bad), id_len=p.id_len[ok], labels=labels,
+                       label_len=label_len, line=p.line[ok], seqh=p.seqh[ok], idh=p.idh[ok],
+                       records_in=p.records_in, rejects=p.rejects)
+
+
+def _empty(records_in: int) -> ParsedChunk:
+    z = np.zeros(0, np.int64)
+    return ParsedChunk(seq=np.zeros(0, np.uint8), seq_len=z, ids=b"", id_len=np.zeros(0, np.int32), labels=None,
+                       label_len=None, line=z, seqh=z.astype(np.uint64), idh=z.astype(np.uint64), records_in=records_in)
+
+
+def oversized_reject(header: bytes, seq_len: int, line: int, cfg: NormalizeConfig) -> tuple[int, str, str]:
+    rid = header[1:].split(None, 1)[0].decode("utf-8", "backslashreplace") if header[1:].strip() else ""
+    return line, rid, f"too long: {seq_len} nt > max_len {cfg.max_len} (record streamed past, not loaded)"

@@ -1,0 +1,389 @@
+"""The build: normalise -> dedup -> cluster -> split/shuffle -> shards + manifest + report.
+
+Each stage writes into OUT/.work/<stage>.tmp and is renamed to OUT/.work/<stage> with a `stage.json`
+holding its key (a hash of its inputs and parameters), so a re-run with the same inputs skips finished
+stages. The old manifest is removed before any shard is touched and the new one is written last, so an
+interrupted run never leaves a manifest that points at partial shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from . import cluster as clustering
+from . import dedup as dd
+from .cluster import ClusterConfig, Clusters
+from .comm import SerialComm
+from .errors import InputError
+from .fasta import FastaStream
+from .normalize import NormalizeConfig, oversized_reject, parse_chunk
+from .shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
+from .split import shard_jobs
+from .store import Store, StoreWriter, merge_parts
+from .write import CLUSTER_FIELDS, WriteContext, write_jobs
+
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    inputs: tuple[str, ...]
+    out: str
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    no_cluster: bool = False
+    valid_fraction: float = 0.01  # fraction of clusters held out whole for validation
+    seed: int = 0
+    block_records: int = 4096
+    records_per_shard: int = 0  # 0: from shard_mb
+    shard_mb: float = 256.0  # target uncompressed payload per shard when records_per_shard is 0
+    zstd_level: int = 3
+    workers: int = 2
+    chunk_mb: int = 16
+    report: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    skipped: list[str]  # stages reused from OUT/.work
+    seconds: dict[str, float]
+
+
+class Log:
+    def __init__(self, quiet: bool, rank: int):
+        self.quiet, self.rank, self.t0 = quiet or rank != 0, rank, time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[dataprep {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def progress(self, msg: str, every: float = 2.0) -> None:
+        now = time.perf_counter()
+        if now - self._last >= every:
+            self._last = now
+            self(msg)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _fingerprint(path: str) -> dict:
+    if path == "-":
+        return {"path": "-", "nonce": uuid.uuid4().hex}  # stdin: never reused
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read input ({e.strerror})") from None
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class _Stage:
+    def __init__(self, work: Path, name: str, key: str):
+        self.final, self.tmp, self.key = work / name, work / f"{name}.tmp", key
+
+    @property
+    def done(self) -> bool:
+        try:
+            return json.loads((self.final / "stage.json").read_text())["key"] == self.key
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def begin(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def commit(self) -> None:
+        (self.tmp / "stage.json").write_text(json.dumps({"key": self.key}))
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.replace(self.tmp, self.final)
+
+
+# ------------------------------------------------------------------------------------------ normalise
+def _normalise_rank(cfg: BuildConfig, part: Path, comm, log: Log) -> None:
+    """This rank's share of the chunks (chunk k goes to rank k % size) into its own part store."""
+    writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
+    sources, k, done = [], 0, 0
+    with open(part / "rejects.tsv", "w") as rej:
+        for s, path in enumerate(cfg.inputs):
+            stream = FastaStream(path, chunk_bytes=cfg.chunk_mb << 20,
+                                 max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)))
+            records = rejected = 0
+            for chunk in stream:
+                k += 1
+                if (k - 1) % comm.size != comm.rank:
+                    continue
+                if chunk.oversized:
+                    line, rid, reason = oversized_reject(*chunk.oversized, chunk.first_line, cfg.normalize)
+                    rej.write(f"{s}\t{line}\t{rid}\t{reason}\n")
+                    records, rejected = records + 1, rejected + 1
+                    continue
+                p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
+                writer.append(p, s)
+                rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
+                records, rejected = records + p.records_in, rejected + len(p.rejects)
+                done += p.records_in
+                log.progress(f"normalise: {path}: {done:,} records, {stream.bytes / 1e6:,.0f} MB read")
+            sources.append({"path": path, "sha256": stream.sha256, "bytes": stream.bytes,
+                            "compression": stream.compression, "records": records, "rejected": rejected})
+    writer.close()
+    (part / "sources.json").write_text(json.dumps(sources))
+
+
+def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
+    tmp = stage.begin() if comm.rank == 0 else stage.tmp
+    comm.barrier()
+    part = tmp / f"rank-{comm.rank:04d}"
+    _normalise_rank(cfg, part, comm, log)
+    comm.barrier()
+    if comm.rank != 0:
+        return
+    parts = sorted(tmp.glob("rank-*"))
+    merge_parts(parts, tmp)
+    per_rank = [json.loads((p / "sources.json").read_text()) for p in parts]
+    sources = per_rank[0]
+    for other in per_rank[1:]:
+        for s, o in zip(sources, other):
+            s["records"] += o["records"]
+            s["rejected"] += o["rejected"]
+    for s in sources:
+        if s["records"] == 0:
+            raise InputError(f"{s['path']}: no FASTA records (empty input)")
+    rows = [line for p in parts for line in (p / "rejects.tsv").read_text().splitlines()]
+    rows.sort(key=lambda r: (int(r.split("\t", 2)[0]), int(r.split("\t", 2)[1])))
+    (tmp / "rejects.tsv").write_text("".join(r + "\n" for r in rows))
+    (tmp / "sources.json").write_text(json.dumps(sources))
+    for p in parts:
+        shutil.rmtree(p)
+    stage.commit()
+
+
+# -------------------------------------------------------------------------------------------- dedup
+def dedup(store: Store, stage: _Stage, comm) -> None:
+    nb = dd.n_buckets(len(store))
+    mine = [b for b in range(nb) if b % comm.size == comm.rank]
+    pairs = comm.allgather(dd.id_conflicts(store, mine, nb))
+    conflict = np.concatenate([p[0] for p in pairs])
+    first = np.concatenate([p[1] for p in pairs])
+    rejected = np.zeros(len(store), bool)
+    rejected[conflict] = True
+    gathered = comm.gather(dd.duplicates(store, rejected, mine, nb))
+    if comm.rank != 0:
+        return
+    res = dd.finish(store, conflict, first, np.concatenate([g[0] for g in gathered]),
+                    np.concatenate([g[1] for g in gathered]))
+    tmp = stage.begin()
+    for name in ("keep", "dup", "dup_rep", "conflict", "conflict_first"):
+        np.save(tmp / f"{name}.npy", getattr(res, name))
+    stage.commit()
+
+
+# ------------------------------------------------------------------------------------------ cluster
+def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
+    keep = np.load(stage.final.parent / "dedup" / "keep.npy")
+    tmp = stage.begin()
+    if cfg.no_cluster:
+        cl = clustering.singletons(len(keep))
+    else:
+        log(f"cluster: mmseqs easy-linclust on {len(keep):,} sequences (log: {stage.final / 'mmseqs.log'})")
+        cl = clustering.cluster(store, keep, tmp, cfg.cluster)
+    np.save(tmp / "keep.npy", keep)
+    for name in CLUSTER_FIELDS[1:]:
+        np.save(tmp / f"{name}.npy", getattr(cl, name))
+    stage.commit()
+
+
+def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
+    if cfg.records_per_shard > 0:
+        return cfg.records_per_shard
+    if len(keep) == 0:
+        return cfg.block_records
+    per_record = float(store.seq_len[keep].mean() + store.id_len[keep].mean()) + 40
+    blocks = max(1, round(cfg.shard_mb * 1e6 / per_record / cfg.block_records))
+    return blocks * cfg.block_records
+
+
+# ------------------------------------------------------------------------------------------- build
+def build(cfg: BuildConfig, comm=None) -> BuildResult:
+    comm = comm or SerialComm()
+    log = Log(cfg.quiet, comm.rank)
+    if comm.size > 1 and "-" in cfg.inputs:
+        raise InputError("-: stdin input cannot be shared between MPI ranks; write it to a file first")
+    out, seconds, skipped = Path(cfg.out), {}, []
+    work = out / ".work"
+    if comm.rank == 0:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: output path exists and is not a directory")
+        work.mkdir(parents=True, exist_ok=True)
+    comm.barrier()
+    keys = {"normalise": _hash(PIPELINE_VERSION, [_fingerprint(p) for p in cfg.inputs], asdict(cfg.normalize))}
+    if "-" in cfg.inputs:
+        keys["normalise"] = comm.bcast(keys["normalise"])
+    keys["dedup"] = _hash(keys["normalise"], "dedup")
+    keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
+                            None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
+                                                         cfg.cluster.cov_mode])
+    stages = {name: _Stage(work, name, key) for name, key in keys.items()}
+
+    def run(name, fn, *args, collective=True):
+        if comm.bcast(stages[name].done if comm.rank == 0 else None):
+            skipped.append(name)
+            log(f"{name}: up to date, reused {stages[name].final}")
+            return
+        t = time.perf_counter()
+        if collective or comm.rank == 0:
+            fn(*args)
+        comm.barrier()
+        seconds[name] = time.perf_counter() - t
+
+    run("normalise", normalise, cfg, stages["normalise"], comm, log)
+    store = Store(stages["normalise"].final)
+    log(f"normalise: {len(store):,} valid records")
+    run("dedup", lambda: dedup(store, stages["dedup"], comm))
+    run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
+
+    cl_dir = stages["cluster"].final
+    keep = np.load(cl_dir / "keep.npy")
+    rps = _records_per_shard(cfg, store, keep)
+    params = _params(cfg, rps)
+    build_key = _hash(keys["cluster"], params)
+    if comm.rank == 0 and _manifest_current(out, build_key):
+        skipped.append("shards")
+        log(f"shards: up to date ({out / MANIFEST_NAME})")
+    up_to_date = comm.bcast("shards" in skipped)
+    if up_to_date:
+        return BuildResult(read_manifest(out), skipped, seconds)
+
+    t = time.perf_counter()
+    if comm.rank == 0:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards exist
+    comm.barrier()
+    cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
+    n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
+    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
+    ctx = WriteContext(str(out), str(stages["normalise"].final), str(cl_dir), cfg.block_records, cfg.zstd_level)
+    mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
+    log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} processes"
+        + (f" x {comm.size} ranks" if comm.size > 1 else ""))
+    infos = comm.gather(write_jobs(ctx, mine, cfg.workers))
+    seconds["shards"] = time.perf_counter() - t
+    manifest = None
+    if comm.rank == 0:
+        shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
+        manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log)
+    comm.barrier()
+    return BuildResult(manifest or read_manifest(out), skipped, seconds)
+
+
+def _params(cfg: BuildConfig, rps: int) -> dict:
+    p = asdict(cfg)
+    for transient in ("out", "quiet", "workers", "report"):
+        p.pop(transient)
+    p["cluster"].pop("threads")
+    p["records_per_shard"] = rps
+    p["pipeline_version"] = PIPELINE_VERSION
+    return p
+
+
+def _manifest_current(out: Path, build_key: str) -> bool:
+    try:
+        m = read_manifest(out)
+    except Exception:
+        return False
+    if m.params.get("build_key") != build_key:
+        return False
+    return all((out / s.path).is_file() and (out / s.path).stat().st_size == s.bytes for s in m.shards)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
+            build_key: str, n_clusters: int, seconds: dict, log: Log) -> Manifest:
+    norm_dir, dd_dir, cl_dir = (stages[n].final for n in ("normalise", "dedup", "cluster"))
+    sources = json.loads((norm_dir / "sources.json").read_text())
+    names = [s["path"] for s in sources]
+    res = {n: np.load(dd_dir / f"{n}.npy") for n in ("keep", "dup", "dup_rep", "conflict", "conflict_first")}
+    _write_rejects(out, norm_dir, store, res, names)
+    _write_duplicates(out, store, res, names)
+    n_src = len(sources)
+    for field_name, idx in (("duplicates", res["dup"]), ("kept", res["keep"])):
+        counts = np.bincount(store.source[idx], minlength=n_src)
+        for s, c in zip(sources, counts.tolist()):
+            s[field_name] = c
+    conflicts = np.bincount(store.source[res["conflict"]], minlength=n_src)
+    for s, c in zip(sources, conflicts.tolist()):
+        s["rejected"] += c
+    counts = {"records_in": sum(s["records"] for s in sources), "rejected": sum(s["rejected"] for s in sources),
+              "duplicates": int(len(res["dup"])), "kept": int(len(res["keep"])), "clusters": n_clusters}
+    for split in ("train", "valid"):
+        mine = [s for s in shards if s.split == split]
+        counts[split] = {"records": sum(s.records for s in mine), "tokens": sum(s.tokens for s in mine),
+                         "shards": len(mine)}
+    assert counts["records_in"] == counts["rejected"] + counts["duplicates"] + counts["kept"], counts
+    assert counts["kept"] == counts["train"]["records"] + counts["valid"]["records"], counts
+    tools = {"mmseqs": None if cfg.no_cluster else clustering.mmseqs_version(cfg.cluster.mmseqs),
+             "python": platform.python_version(), "numpy": np.__version__, "zstandard": zstandard.__version__,
+             "shard_format": FORMAT_VERSION}
+    manifest = Manifest(shards=shards, sources=sources, params={**params, "build_key": build_key}, tools=tools,
+                        counts=counts, out_dir=str(out))
+    listed = {s.path for s in shards}
+    for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
+        if str(old.relative_to(out)) not in listed:
+            old.unlink()
+    if cfg.report:
+        from .report import write_report
+
+        write_report(out / "report", store, res["keep"], cl_dir, shards, sources, counts, seconds)
+    write_manifest(out, manifest)
+    log(f"done: {counts['records_in']:,} records in, {counts['rejected']:,} rejected, "
+        f"{counts['duplicates']:,} duplicates, {counts['kept']:,} kept in {n_clusters:,} clusters; "
+        f"train {counts['train']['records']:,} / valid {counts['valid']['records']:,} records; {out / MANIFEST_NAME}")
+    return manifest
+
+
+def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: list[str]) -> None:
+    rows = []
+    for line in (norm_dir / "rejects.tsv").read_text().splitlines():
+        s, ln, rid, reason = line.split("\t", 3)
+        rows.append((int(s), int(ln), rid, reason))
+    c, f = res["conflict"], res["conflict_first"]
+    if len(c):
+        for (rid, s, ln, fs, fl) in zip(store.ids_of(c), store.source[c].tolist(), store.line[c].tolist(),
+                                         store.source[f].tolist(), store.line[f].tolist()):
+            rows.append((s, ln, rid, f"duplicate id with a different sequence (first seen at {names[fs]}:{fl})"))
+        rows.sort(key=lambda r: (r[0], r[1]))
+    text = "source\tid\tline\treason\n" + "".join(f"{names[s]}\t{rid}\t{ln}\t{reason}\n" for s, ln, rid, reason in rows)
+    _write_text_atomic(out / "rejects.tsv", text)
+
+
+def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> None:
+    d, r = res["dup"], res["dup_rep"]
+    order = np.argsort(store.order_key[d], kind="stable")
+    d, r = d[order], r[order]
+    rows = zip(store.ids_of(r), store.ids_of(d), store.source[d].tolist(), store.line[d].tolist())
+    text = "kept_id\tduplicate_id\tduplicate_source\tduplicate_line\n" + "".join(
+        f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows)
+    _write_text_atomic(out / "duplicates.tsv", text)
+
+
+def with_inputs(cfg: BuildConfig, inputs: list[str]) -> BuildConfig:
+    return replace(cfg, inputs=tuple(inputs))

@@ -1,0 +1,102 @@
+"""Corpus report next to the manifest: summary.json plus PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import concat_ranges, offsets_from_lengths
+from .digest import PAD, segment_digests
+from .shards import ShardInfo
+from .store import Store
+
+TOP_LABELS = 20
+
+
+def _stats(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {"n": 0}
+    q = np.percentile(x, [5, 50, 95])
+    return {"n": int(len(x)), "min": int(x.min()), "p5": float(q[0]), "median": float(q[1]), "mean": float(x.mean()),
+            "p95": float(q[2]), "max": int(x.max())}
+
+
+def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tuple[str, int]]:
+    """Most frequent labels among the kept records (digest-counted, so only k strings are decoded)."""
+    if not store.has_labels or len(keep) == 0:
+        return []
+    lens = store.label_len[keep].astype(np.int64) + 1
+    starts = store.label_off[keep]
+
+    blob = np.concatenate((store.labels[concat_ranges(starts, lens)], np.zeros(PAD, np.uint8)))
+    off = offsets_from_lengths(lens)
+    h = segment_digests(blob, off)
+    uniq, first, count = np.unique(h, return_index=True, return_counts=True)
+    order = np.argsort(-count, kind="stable")[:k]
+    out = []
+    for i in order.tolist():
+        r = first[i]
+        label = blob[off[r]: off[r + 1] - 1].tobytes().decode("utf-8", "replace")
+        out.append((label or "(none)", int(count[i])))
+    return out
+
+
+def write_report(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, shards: list[ShardInfo],
+                 sources: list[dict], counts: dict, seconds: dict) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    lengths = np.asarray(store.seq_len[keep])
+    cluster_id = np.load(cluster_dir / "cluster_id.npy", mmap_mode="r")
+    sizes = np.bincount(cluster_id) if len(cluster_id) else np.zeros(0, np.int64)
+    labels = top_labels(store, keep)
+    summary = {
+        "counts": counts, "length_nt": _stats(lengths), "cluster_size": {**_stats(sizes),
+                                                                       "singletons": int((sizes == 1).sum())},
+        "sources": sources, "top_labels": labels, "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "shards": {"count": len(shards), "bytes": sum(s.bytes for s in shards)},
+    }
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(lengths):
+        ax.hist(lengths, bins=np.unique(np.geomspace(max(1, lengths.min()), lengths.max() + 1, 60).astype(int)))
+    ax.set(xscale="log", xlabel="sequence length (nt)", ylabel="records", title="Kept sequence lengths")
+    fig.tight_layout()
+    fig.savefig(report_dir / "lengths.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(sizes):
+        values, freq = np.unique(sizes, return_counts=True)
+        ax.loglog(values, freq, "o", ms=3)
+    ax.set(xlabel="cluster size (records)", ylabel="clusters", title="Cluster-size distribution")
+    fig.tight_layout()
+    fig.savefig(report_dir / "cluster_sizes.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(sources)))
+    names = [Path(s["path"]).name for s in sources]
+    left = np.zeros(len(sources))
+    for key in ("kept", "duplicates", "rejected"):
+        vals = np.array([s.get(key, 0) for s in sources], float)
+        ax.barh(names, vals, left=left, label=key)
+        left += vals
+    ax.set(xlabel="records", title="Records per input")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(report_dir / "sources.png", dpi=100)
+    plt.close(fig)
+
+    if labels:
+        fig, ax = plt.subplots(figsize=(7, 1.5 + 0.3 * len(labels)))
+        ax.barh([lab for lab, _ in labels][::-1], [c for _, c in labels][::-1])
+        ax.set(xlabel="kept records", title=f"Top {len(labels)} labels")
+        fig.tight_layout()
+        fig.savefig(report_dir / "labels.png", dpi=100)
+        plt.close(fig)
+    return summary

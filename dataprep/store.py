@@ -1,0 +1,110 @@
+"""On-disk record store written by the normalise stage: flat binary columns, read back as memmaps.
+
+Nothing per record lives in Python objects: sequences and ids are concatenated byte files, every other
+field is one fixed-width column file. The store is append-only while it is written.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .arrays import concat_ranges, offsets_from_lengths
+from .normalize import ParsedChunk
+
+COLUMNS: dict[str, type] = {"seq_len": np.int64, "id_len": np.int32, "label_len": np.int32, "line": np.int64,
+                            "source": np.int32, "seqh": np.uint64, "idh": np.uint64}
+BLOBS = ("seq", "ids", "labels")
+
+
+class StoreWriter:
+    def __init__(self, directory: str | os.PathLike, labels: bool):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.labels = labels
+        names = [*BLOBS, *COLUMNS] if labels else [n for n in [*BLOBS, *COLUMNS] if n not in ("labels", "label_len")]
+        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in names}
+        self.records = 0
+
+    def append(self, p: ParsedChunk, source: int) -> None:
+        f = self._files
+        f["seq"].write(memoryview(np.ascontiguousarray(p.seq)))
+        f["ids"].write(p.ids)
+        f["seq_len"].write(p.seq_len.astype(np.int64).tobytes())
+        f["id_len"].write(p.id_len.astype(np.int32).tobytes())
+        f["line"].write(p.line.astype(np.int64).tobytes())
+        f["source"].write(np.full(len(p), source, np.int32).tobytes())
+        f["seqh"].write(p.seqh.tobytes())
+        f["idh"].write(p.idh.tobytes())
+        if self.labels:
+            f["labels"].write(p.labels or b"")
+            f["label_len"].write((p.label_len if p.label_len is not None else np.zeros(0, np.int32)).tobytes())
+        self.records += len(p)
+
+    def close(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+
+def merge_parts(parts: list[Path], out_dir: Path) -> None:
+    """Concatenate the column files of several part stores (MPI ranks) into one store, in the given order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*BLOBS, *COLUMNS]:
+        sources = [p / f"{name}.bin" for p in parts if (p / f"{name}.bin").exists()]
+        if not sources:
+            continue
+        if len(sources) == 1:
+            os.replace(sources[0], out_dir / f"{name}.bin")
+            continue
+        with open(out_dir / f"{name}.bin", "wb") as out:
+            for src in sources:
+                with open(src, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+
+
+def _load(path: Path, dtype) -> np.ndarray:
+    if not path.exists() or path.stat().st_size == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class Store:
+    """Read side of a finished store (memmapped columns; offsets computed once)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        for name, dtype in COLUMNS.items():
+            setattr(self, name, _load(self.dir / f"{name}.bin", dtype))
+        self.seq = _load(self.dir / "seq.bin", np.uint8)
+        self.ids = _load(self.dir / "ids.bin", np.uint8)
+        self.has_labels = (self.dir / "label_len.bin").exists()
+        self.labels = _load(self.dir / "labels.bin", np.uint8)
+        self.seq_off = offsets_from_lengths(self.seq_len)
+        self.id_off = offsets_from_lengths(self.id_len.astype(np.int64) + 1)
+        self.label_off = offsets_from_lengths(self.label_len.astype(np.int64) + 1) if self.has_labels else None
+
+    def __len__(self) -> int:
+        return len(self.seq_len)
+
+    @property
+    def order_key(self) -> np.ndarray:
+        """Input order of each record, (source, line), as one sortable int64."""
+        return (self.source.astype(np.int64) << 40) | self.line
+
+    def gather_seqs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(concatenated sequences, offsets) of the records `idx`, in that order."""
+        lens = self.seq_len[idx]
+        return self.seq[concat_ranges(self.seq_off[idx], lens)], offsets_from_lengths(lens)
+
+    def gather_text(self, blob: np.ndarray, off: np.ndarray, idx: np.ndarray) -> list[str]:
+        """Ids or labels ("x\\n" per record) of the records `idx` as strings."""
+        raw = blob[concat_ranges(off[idx], off[idx + 1] - off[idx])].tobytes()
+        return raw.decode("utf-8", "backslashreplace").split("\n")[:-1]
+
+    def ids_of(self, idx: np.ndarray) -> list[str]:
+        return self.gather_text(self.ids, self.id_off, idx)
+
+    def labels_of(self, idx: np.ndarray) -> list[str] | None:
+        return self.gather_text(self.labels, self.label_off, idx) if self.has_labels else None
