@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 class SlurmCluster:
     base: Path
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # munged wants every parent of its socket traversable by all; pytest's tmp dirs are 0700, so the socket
+    # (and munged's pid file) live in a private 0755 dir directly under the system temp dir.
+    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rnalm-munge-")))
 
     @property
     def conf(self) -> Path:
@@ -107,7 +111,7 @@ class SlurmCluster:
 
     @property
     def sock(self) -> Path:
-        return self.base / "munge" / "run" / "munge.sock"
+        return self.run_dir / "munge.sock"
 
     @property
     def env(self) -> dict[str, str]:
@@ -118,17 +122,15 @@ class SlurmCluster:
 
     def start(self) -> "SlurmCluster":
         b = self.base
-        for d in ("state", "spool", "log", "munge/etc", "munge/run"):
+        for d in ("state", "spool", "log", "munge/etc"):
             (b / d).mkdir(parents=True, exist_ok=True)
-        # munged insists on a 0700 key dir and a socket dir every user can traverse.
-        for d in (b, b / "munge", b / "munge" / "run"):
-            d.chmod(0o755)
         (b / "munge" / "etc").chmod(0o700)
+        self.run_dir.chmod(0o755)
         key = b / "munge" / "etc" / "munge.key"
         if not key.exists():
             _run(["mungekey", "--create", f"--keyfile={key}"])
         _run(["munged", "-S", str(self.sock), f"--key-file={key}", f"--log-file={b}/log/munged.log",
-              f"--pid-file={b}/munge/run/munged.pid", f"--seed-file={b}/munge/etc/munged.seed"])
+              f"--pid-file={self.run_dir}/munged.pid", f"--seed-file={b}/munge/etc/munged.seed"])
         self.conf.write_text(SLURM_CONF.format(base=b, sock=self.sock, cpus=self.cpus,
                                                ctld_port=free_port(), slurmd_port=free_port()))
         _run(["slurmctld", "-i"], env=self.env)
@@ -146,6 +148,7 @@ class SlurmCluster:
         for pid_file in ("slurmctld.pid", "slurmd.pid"):
             _wait_pid_file_gone(self.base / pid_file, timeout=15)
         subprocess.run(["munged", "-S", str(self.sock), "--stop"], capture_output=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         r = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -285,6 +288,13 @@ class Prometheus:
 
     def active_targets(self, job: str) -> list[dict]:
         return [t for t in self.api("targets", state="active")["activeTargets"] if t["labels"].get("job") == job]
+
+
+def start_prometheus(work: Path, targets_dir: Path) -> Prometheus:
+    """A Prometheus with the repository's config and rules (test intervals), its files under ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = prometheus_test_config(targets_dir, work / "prometheus.yml")
+    return Prometheus(cfg, work / "data", work / "prometheus.log").start()
 
 
 def value(sample: dict) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import REPO, free_port, value, wait_until
+from tests.deploy.daemons import REPO, free_port, value, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(180)]
 JOB_ID = "4242"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons import REPO, require_tools
+from tests.deploy.daemons import REPO, require_tools
 
 pytestmark = pytest.mark.system
 PROM = REPO / "deploy" / "prometheus"

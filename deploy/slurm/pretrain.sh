@@ -1,0 +1,154 @@
+#!/bin/bash
+# RiNALMo pretraining on a Slurm GPU cluster: one task per GPU through srun (no ssh/pdsh), env:// rendezvous
+# for DeepSpeed, self-requeue on the pre-time-limit signal, Prometheus file_sd targets for every rank.
+#
+#   sbatch deploy/slurm/pretrain.sh [CONFIG.yaml] [--section.key=value ...]
+#   sbatch --nodes=4 --time=2-00:00:00 deploy/slurm/pretrain.sh pretrain/configs/giga.yaml \
+#          --data.shards=/shared/shards --train.out_dir=/shared/runs/giga
+#   CPU only (tests, demo):  sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 \
+#          deploy/slurm/pretrain.sh pretrain/configs/tiny_cpu.yaml --data.shards=...
+#
+# Every #SBATCH default below can be overridden on the sbatch command line. Submit from the repository root
+# (or set RNALM_REPO). Knobs (environment variables at submit time; sbatch passes them to the job):
+#   RNALM_REPO               repository root                          (default: the submit directory)
+#   RNALM_PYTHON             interpreter                              (default: $RNALM_REPO/.venv/bin/python)
+#   RNALM_METRICS_PORT_BASE  rank r serves metrics on port base+LOCAL_RANK (default 9500; an explicit
+#                            --metrics.port_base=N argument wins)
+#   RNALM_PROM_SD_DIR        where the file_sd target file goes       (default: $RNALM_REPO/deploy/prometheus/targets)
+#   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 20000)
+#   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: cluster-specific NCCL settings; export them before sbatch.
+#
+# Preemption/time limit: Slurm sends USR1 to this shell 5 minutes before the limit (--signal=B:USR1@300); it
+# is forwarded to the ranks, which save a checkpoint at the next step boundary and exit 0; then the job requeues
+# itself and the rerun resumes from the newest checkpoint in train.out_dir (same job id, output appended).
+#
+#SBATCH --job-name=rnalm-pretrain
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+set -uo pipefail
+
+log() { echo "[pretrain.sh $(date '+%F %T')] $*"; }
+die() { log "error: $*" >&2; exit 1; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
+RNALM_REPO=${RNALM_REPO:-$SLURM_SUBMIT_DIR}
+[ -f "$RNALM_REPO/pretrain/train.py" ] || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
+cd "$RNALM_REPO" || die "cannot cd to $RNALM_REPO"
+PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=$(command -v python3) || die "no python: set RNALM_PYTHON"
+
+# ---------------------------------------------------------------------------------------- arguments
+CONFIG=pretrain/configs/giga.yaml
+if [ $# -gt 0 ] && [[ $1 != --* ]]; then CONFIG=$1; shift; fi
+[ -f "$CONFIG" ] || die "config file $CONFIG not found"
+OVERRIDES=("$@")
+
+PORT_BASE=""
+METRICS=true
+for arg in "${OVERRIDES[@]}"; do
+  case $arg in
+    --metrics.port_base=*) PORT_BASE=${arg#*=} ;;
+    --metrics.enabled=*) METRICS=${arg#*=} ;;
+  esac
+done
+if [ -z "$PORT_BASE" ]; then   # the file_sd targets must name the ports the ranks really use
+  PORT_BASE=${RNALM_METRICS_PORT_BASE:-9500}
+  OVERRIDES+=("--metrics.port_base=$PORT_BASE")
+fi
+
+# ---------------------------------------------------------------------- distributed and library settings
+# Ranks come from srun: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID (set per task in the srun command).
+mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+export MASTER_ADDR=${HOSTS[0]}
+export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export WORLD_SIZE=$SLURM_NTASKS
+# NCCL and threads: the one place for them.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}   # a hung collective kills the job
+export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
+
+GPUS=${SLURM_GPUS_ON_NODE:-0}
+[ "$GPUS" -gt 0 ] 2>/dev/null || GPUS=0
+log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${#HOSTS[@]} node(s) [${HOSTS[*]}], $WORLD_SIZE ranks," \
+    "$GPUS GPU(s)/node$([ "$GPUS" = 0 ] && echo ' (CPU mode)'), master $MASTER_ADDR:$MASTER_PORT"
+log "config $CONFIG ${OVERRIDES[*]}"
+
+# ------------------------------------------------------------------------------- Prometheus file_sd
+SD_DIR=${RNALM_PROM_SD_DIR:-$RNALM_REPO/deploy/prometheus/targets}
+TARGETS=$SD_DIR/rnalm-$SLURM_JOB_ID.json
+
+remove_stale_targets() {  # files of jobs that no longer run (killed with SIGKILL, node crash)
+  local f id
+  for f in "$SD_DIR"/rnalm-*.json; do
+    [ -e "$f" ] || continue
+    id=${f##*/rnalm-}; id=${id%.json}
+    [ "$id" = "$SLURM_JOB_ID" ] && continue
+    [ -n "$(squeue -h -j "$id" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>/dev/null)" ] || rm -f "$f"
+  done
+}
+
+write_targets() {
+  if [ "$METRICS" != true ] || [ "$PORT_BASE" = 0 ]; then
+    log "no Prometheus targets (metrics.enabled=$METRICS, port_base=$PORT_BASE)"; return
+  fi
+  remove_stale_targets
+  "$PYTHON" deploy/slurm/prom_targets.py --out "$TARGETS" --job-id "$SLURM_JOB_ID" \
+      --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --tasks-per-node "$SLURM_TASKS_PER_NODE" \
+      --port-base "$PORT_BASE" && log "Prometheus targets: $TARGETS" \
+    || log "warning: could not write $TARGETS (training goes on without Prometheus discovery)"
+}
+
+remove_targets() { rm -f "$TARGETS"; }
+
+# ----------------------------------------------------------------------------------------- signals
+PREEMPTED=0
+INTERRUPTED=0
+on_usr1() {
+  INTERRUPTED=1
+  PREEMPTED=1
+  log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
+  scancel --signal=USR1 "$SLURM_JOB_ID"   # to the job steps (the ranks), not to this shell
+}
+on_term() {
+  INTERRUPTED=1
+  log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
+}
+trap on_usr1 USR1
+trap on_term TERM
+trap remove_targets EXIT
+
+# --------------------------------------------------------------------------------------------- run
+write_targets
+# shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+  bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
+  "$PYTHON" -m pretrain.train --config "$CONFIG" "${OVERRIDES[@]}" &
+STEP_PID=$!
+
+# A trapped signal interrupts `wait` (status > 128) while srun keeps running: wait again.
+while :; do
+  INTERRUPTED=0
+  wait "$STEP_PID"
+  RC=$?
+  [ "$INTERRUPTED" = 1 ] && [ "$RC" -gt 128 ] || break
+done
+log "training step ended with exit code $RC"
+
+if [ "$PREEMPTED" = 1 ]; then
+  [ "$RC" = 0 ] || log "warning: the ranks did not exit cleanly; the rerun resumes from the newest good checkpoint"
+  remove_targets
+  log "requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed"
+  exit 0
+fi
+exit "$RC"

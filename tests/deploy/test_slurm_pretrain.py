@@ -1,0 +1,139 @@
+"""`sbatch deploy/slurm/pretrain.sh` on a real single-node Slurm: 2 CPU ranks of the tiny config run to
+COMPLETED with a checkpoint while a real Prometheus finds them through the job's file_sd file; a job signalled
+mid-run (USR1 to the batch shell, as Slurm does before the time limit) checkpoints, requeues itself and the
+rerun resumes and finishes with exactly the per-step sample stream and losses of the uninterrupted run."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.daemons import (REPO, SlurmCluster, free_port, read_jsonl, require_tools, start_prometheus,
+                                  value, wait_until)
+
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS = 60
+TRAIN_ARGS = ("--train.valid_every=0", "--checkpoint.every=20", "--train.log_every=20")
+
+
+def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml"):
+    """CPU mode: no GPUs, 2 tasks of 1 CPU on the one node; everything else is the script's defaults."""
+    run.mkdir(parents=True, exist_ok=True)
+    return slurm.sbatch(
+        "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--job-name=rnalm-test",
+        f"--output={run}/slurm-%j.out", str(REPO / "deploy/slurm/pretrain.sh"), config,
+        f"--data.shards={shards}", f"--train.out_dir={run / 'out'}", f"--train.max_steps={STEPS}", *TRAIN_ARGS,
+        f"--metrics.port_base={free_port(2)}", *overrides,
+        env={"RNALM_PROM_SD_DIR": str(run / "targets"), "RNALM_PYTHON": sys.executable}, cwd=REPO)
+
+
+def steps(log: list[dict]) -> list[dict]:
+    return [r for r in log if "event" not in r]
+
+
+def events(log: list[dict], name: str) -> list[dict]:
+    return [r for r in log if r.get("event") == name]
+
+
+def batch_output(run: Path, job_id: str) -> str:
+    return (run / f"slurm-{job_id}.out").read_text(errors="replace")
+
+
+@dataclass
+class Run:
+    job_id: str
+    dir: Path
+    info: dict[str, str]
+    up: list[dict] = field(default_factory=list)
+    tokens: list[dict] = field(default_factory=list)
+    targets_after_end: list[dict] = field(default_factory=list)
+
+    @property
+    def log(self) -> list[dict]:
+        return read_jsonl(self.dir / "out" / "log.jsonl")
+
+
+@pytest.fixture(scope="module")
+def straight_run(slurm, synthetic_shards, tmp_path_factory) -> Run:
+    """The uninterrupted reference job, watched by a real Prometheus through the job's file_sd directory."""
+    require_tools("prometheus")
+    run = tmp_path_factory.mktemp("straight")
+    (run / "targets").mkdir()
+    prom = start_prometheus(run / "prometheus", run / "targets")
+    try:
+        job_id = submit(slurm, synthetic_shards, run)
+        sel = f'slurm_job_id="{job_id}"'
+        up = prom.wait_for(f'up{{{sel}}} == 1', timeout=90, what="the job's ranks as Prometheus targets")
+        wait_until(lambda: len(prom.query(f'up{{{sel}}} == 1')) == 2, 30, what="both ranks scraped")
+        tokens = prom.wait_for(f'rnalm_train_tokens_total{{{sel}}} > 0', timeout=60)
+        up = prom.query(f'up{{{sel}}}')
+        info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
+        # The job removed its target file, so Prometheus drops the targets.
+        wait_until(lambda: not prom.active_targets("rnalm_train"), 30, what="targets gone after the job")
+        return Run(job_id, run, info, up=up, tokens=tokens, targets_after_end=prom.active_targets("rnalm_train"))
+    finally:
+        prom.stop()
+
+
+def test_sbatch_pretrain_completes_with_checkpoint(straight_run):
+    r = straight_run
+    out = batch_output(r.dir, r.job_id)
+    assert r.info["JobState"] == "COMPLETED" and r.info["ExitCode"] == "0:0", (r.info, out[-3000:])
+    log = r.log
+    assert events(log, "start")[0]["world_size"] == 2
+    assert events(log, "done") == [events(log, "done")[0]] and events(log, "done")[0]["step"] == STEPS
+    assert [s["step"] for s in steps(log)] == list(range(1, STEPS + 1))
+    ckpts = r.dir / "out" / "checkpoints"
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest == events(log, "checkpoint")[-1]["tag"] and events(log, "checkpoint")[-1]["step"] == STEPS
+    assert any((ckpts / latest).iterdir())
+    assert "2 ranks" in out and "CPU mode" in out and "exit code 0" in out
+    assert not list((r.dir / "targets").glob("*.json")), "target file left behind"
+
+
+def test_prometheus_finds_the_job_through_file_sd(straight_run):
+    r = straight_run
+    ranks = sorted((s["metric"]["rank"], s["metric"]["local_rank"], s["metric"]["node"]) for s in r.up)
+    assert ranks == [("0", "0", "localhost"), ("1", "1", "localhost")]
+    assert all(s["metric"]["slurm_job_name"] == "rnalm-test" for s in r.up)
+    assert r.tokens and all(value(s) > 0 for s in r.tokens)
+    assert r.targets_after_end == []
+
+
+def test_preempted_job_requeues_and_resumes_the_same_stream(slurm, synthetic_shards, straight_run, tmp_path):
+    job_id = submit(slurm, synthetic_shards, tmp_path)
+    log_path = tmp_path / "out" / "log.jsonl"
+
+    def past_step_15():
+        return log_path.exists() and any(s["step"] >= 15 for s in steps(read_jsonl(log_path)))
+
+    wait_until(past_step_15, 120, interval=0.2, what="step 15 of the job")
+    slurm.cmd("scancel", "--batch", "--signal=USR1", job_id)   # what --signal=B:USR1@300 delivers
+    info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
+    out = batch_output(tmp_path, job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out[-3000:])
+    assert info["Restarts"] == "1", info
+    assert "requeueing job" in out and "restart 1" in out
+
+    log = read_jsonl(log_path)
+    (preempted,) = events(log, "preempted")
+    starts = events(log, "start")
+    assert len(starts) == 2 and starts[1]["step"] == preempted["step"] >= 15
+    assert starts[1]["resumed_from"] == next(e["tag"] for e in events(log, "checkpoint")
+                                             if e["step"] == preempted["step"])
+    assert events(log, "done")[0]["step"] == STEPS
+    got, want = steps(log), steps(straight_run.log)
+    assert [s["step"] for s in got] == list(range(1, STEPS + 1))
+    assert [s["samples_sha1"] for s in got] == [s["samples_sha1"] for s in want]
+    assert [s["loss"] for s in got] == [s["loss"] for s in want]
+    assert not list((tmp_path / "targets").glob("*.json"))
+
+
+def test_missing_config_fails_the_job_with_a_clear_message(slurm, synthetic_shards, tmp_path):
+    job_id = submit(slurm, synthetic_shards, tmp_path, config="pretrain/configs/no_such.yaml")
+    info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    assert info["JobState"] == "FAILED"
+    assert "config file pretrain/configs/no_such.yaml not found" in batch_output(tmp_path, job_id)
