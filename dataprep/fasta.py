@@ -66,10 +66,13 @@ class _Prefixed:
         self._raw, self._head = raw, head
 
     def read(self, n: int = -1) -> bytes:
-        if self._head:
-            head, self._head = self._head, b""
-            return head + self._raw.read(n - len(head) if n > 0 else -1)
-        return self._raw.read(n)
+        if not self._head:
+            return self._raw.read(n)
+        if 0 <= n <= len(self._head):
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        head, self._head = self._head, b""
+        return head + self._raw.read(n - len(head) if n > 0 else -1)
 
 
 @dataclass
@@ -134,7 +137,7 @@ class FastaStream:
         carry, line = b"", 1
         first = self._read(stream, self.chunk_bytes)
         lead = first.lstrip(_WS)[:1]
-        if first and lead != b">":
+        if lead and lead != b">":
             raise InputError(f"{self.path}:1: does not start with a '>' header (not FASTA, or binary data?): "
                              f"first bytes {first[:16]!r}")
         data = first

@@ -255,6 +255,9 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     store = Store(stages["normalise"].final)
     log(f"normalise: {len(store):,} valid records")
     run("dedup", lambda: dedup(store, stages["dedup"], comm))
+    if comm.rank == 0 and len(np.load(stages["dedup"].final / "keep.npy", mmap_mode="r")) == 0:
+        raise InputError(f"{', '.join(cfg.inputs)}: no records left after normalisation and dedup "
+                         f"(see the reasons in {out / '.work' / 'normalise' / 'rejects.tsv'})")
     run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
 
     cl_dir = stages["cluster"].final

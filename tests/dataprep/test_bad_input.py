@@ -1,0 +1,204 @@
+"""Malformed and awkward FASTA: every case is a clear error or a reject line, never a silent drop."""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zstandard
+
+from dataprep.errors import InputError
+
+from dataprep_helpers import REPO, build_small, read_back, read_tsv
+
+ACGU20 = "ACGUACGUACGUACGUACGU"
+
+
+def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
+    """Build; check nothing was lost (in = rejected + duplicates + kept); return {id: reason}, kept records."""
+    res = build_small(tmp_path, [path], **kw)
+    c = res.manifest.counts
+    assert c["records_in"] == c["rejected"] + c["duplicates"] + c["kept"]
+    rows = read_tsv(tmp_path / "out" / "rejects.tsv")
+    assert len(rows) == c["rejected"]
+    got = read_back(tmp_path / "out")
+    assert len(got) == c["kept"]
+    return {r["id"]: r["reason"] for r in rows}, got
+
+
+# ------------------------------------------------------------------------------------ reject lines
+@pytest.mark.parametrize("seq,reason", [
+    ("ACGUXACGUACGUACGUACGU", r"invalid character 'X' \(0x58\) at sequence position 5"),
+    ("ACGU*ACGUACGUACGUACGU", "invalid character '\\*'"),
+    ("ACGU-ACGU-ACGU-ACGU-A", "invalid character '-'"),
+    ("ACGU.ACGUACGUACGUACGU", "invalid character '.'"),
+    ("ACGU1234ACGUACGUACGUA", "invalid character '1'"),
+    ("ACGU>ACGUACGUACGUACGU", "invalid character '>'"),  # '>' not at a line start
+    ("ACGU\x00ACGUACGUACGUACGU", r"invalid character '\\x00'"),  # binary inside a sequence
+    ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
+    ("ACGUA", "too short: 5 nt < min_len 16"),
+], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-inside", "nul", "non-ascii", "short"])
+def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
+    path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
+    rejects, kept = rejects_of(tmp_path, path)
+    assert list(rejects) == ["bad"]
+    assert re.search(reason, rejects["bad"]), rejects["bad"]
+    assert set(kept) == {"good1", "good2"}
+
+
+def test_reject_line_has_source_and_line_number(tmp_path, fasta):
+    path = fasta(f">a\n{ACGU20}\n>b\nACGU\nXX\n>c\n{ACGU20}C\n")
+    build_small(tmp_path, [path])
+    rows = read_tsv(tmp_path / "out" / "rejects.tsv")
+    assert rows == [{"source": str(path), "id": "b", "line": "3", "reason": rows[0]["reason"]}]
+
+
+def test_too_long(tmp_path, fasta):
+    rejects, kept = rejects_of(tmp_path, fasta(f">long\n{'A' * 101}\n>ok\n{'A' * 100}\n"), max_len=100)
+    assert rejects == {"long": "too long: 101 nt > max_len 100"} and set(kept) == {"ok"}
+
+
+def test_empty_sequence_between_headers(tmp_path, fasta):
+    rejects, _ = rejects_of(tmp_path, fasta(f">a\n>b\n{ACGU20}\n"))
+    assert rejects == {"a": "empty sequence (header without sequence)"}
+
+
+def test_header_without_sequence_at_end_of_file(tmp_path, fasta):
+    rejects, _ = rejects_of(tmp_path, fasta(f">a\n{ACGU20}\n>last"))
+    assert rejects == {"last": "empty sequence (header without sequence)"}
+
+
+@pytest.mark.parametrize("header", [">", "> description only", ">\tx"])
+def test_empty_id(tmp_path, fasta, header):
+    rejects, _ = rejects_of(tmp_path, fasta(f"{header}\n{ACGU20}\n>ok\n{ACGU20}A\n"))
+    assert rejects == {"": "empty record id (nothing after '>')"}
+
+
+def test_non_utf8_header(tmp_path, fasta):
+    rejects, _ = rejects_of(tmp_path, fasta(b">bad\xff\xfeid x\n" + ACGU20.encode() + b"\n>ok\n" + ACGU20.encode() + b"\n"))
+    (rid, reason), = rejects.items()
+    assert "not valid UTF-8" in reason and rid.startswith("bad")
+
+
+def test_utf8_header_is_fine(tmp_path, fasta):
+    _, kept = rejects_of(tmp_path, fasta(f">säq1 Größe\n{ACGU20}\n"))
+    assert set(kept) == {"säq1"}
+
+
+def test_control_character_in_header(tmp_path, fasta):
+    rejects, _ = rejects_of(tmp_path, fasta(f">bin\x01ary\n{ACGU20}\n>ok\n{ACGU20}\n"))
+    assert rejects["bin\x01ary"] == "control character 0x01 in header (binary data?)"
+
+
+def test_duplicate_id_with_different_sequence(tmp_path, fasta):
+    rejects, kept = rejects_of(tmp_path, fasta(f">x\n{ACGU20}\n>y\n{ACGU20}A\n>x\n{ACGU20}GG\n"))
+    assert rejects == {"x": f"duplicate id with a different sequence (first seen at {tmp_path / 'in.fa'}:1)"}
+    assert kept["x"][0] == ACGU20.encode()
+
+
+def test_duplicate_id_with_same_sequence_is_a_duplicate(tmp_path, fasta):
+    rejects, kept = rejects_of(tmp_path, fasta(f">x\n{ACGU20}\n>x\n{ACGU20.lower()}\n"))
+    assert rejects == {} and set(kept) == {"x"}
+    assert read_tsv(tmp_path / "out" / "duplicates.tsv")[0]["duplicate_line"] == "3"
+
+
+def test_huge_single_record_is_streamed_past(tmp_path, fasta):
+    """A record far larger than any chunk is rejected without being held in memory; neighbours survive."""
+    from dataprep.fasta import FastaStream
+
+    huge = ("ACGU" * 20 + "\n") * 50_000  # 4 Mnt
+    path = fasta(f">a\n{ACGU20}\n>huge desc\n{huge}>b\n{ACGU20}C\n")
+    chunks = list(FastaStream(str(path), chunk_bytes=1 << 16, max_record_bytes=1 << 20))
+    assert any(c.oversized == (b">huge desc", 4_000_000) for c in chunks)
+    assert max(len(c.data) for c in chunks) < 2 << 20
+    rejects, kept = rejects_of(tmp_path, path, chunk_mb=1)
+    assert rejects["huge"].startswith("too long: 4000000 nt > max_len 8192")
+    assert set(kept) == {"a", "b"}
+    assert read_tsv(tmp_path / "out" / "rejects.tsv")[0]["line"] == "3"
+
+
+# -------------------------------------------------------------------------------- normalisation
+def test_crlf_lowercase_dna_whitespace_are_normalised(tmp_path, fasta):
+    path = fasta(">a desc\r\nacgt acgt\tACGT\r\nTTTT\r\n>b\r\nRYKMSWBDHVNacgun\r\n")
+    rejects, kept = rejects_of(tmp_path, path)
+    assert rejects == {}
+    assert kept["a"][0] == b"ACGUACGUACGUUUUU"
+    assert kept["b"][0] == b"RYKMSWBDHVNACGUN"
+
+
+def test_records_spanning_chunks(tmp_path):
+    """Chunk boundaries never split a record: a 1 MiB-chunked read of a multi-MiB file gives the same records."""
+    from dataprep.synth import SynthConfig, write_fasta
+
+    path = tmp_path / "s.fa"
+    write_fasta(SynthConfig(20_000, seed=3, wrap=60), path)
+    small = build_small(tmp_path, [path], out="small", chunk_mb=1)
+    big = build_small(tmp_path, [path], out="big", chunk_mb=64)
+    assert small.manifest.counts == big.manifest.counts
+    assert read_back(tmp_path / "small") == read_back(tmp_path / "big")
+
+
+# ---------------------------------------------------------------------------------- fatal errors
+def test_no_header(tmp_path, fasta):
+    with pytest.raises(InputError, match=r"in.fa:1: does not start with a '>' header"):
+        build_small(tmp_path, [fasta(f"{ACGU20}\n>a\n{ACGU20}\n")])
+
+
+def test_binary_file(tmp_path, fasta):
+    path = fasta(np.random.default_rng(0).bytes(5000), "random.bin")
+    with pytest.raises(InputError, match="random.bin.*not FASTA, or binary data"):
+        build_small(tmp_path, [path])
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"], ids=["empty", "blank"])
+def test_empty_file(tmp_path, fasta, content):
+    with pytest.raises(InputError, match="in.fa: no FASTA records"):
+        build_small(tmp_path, [fasta(content)])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="nope.fa: cannot read input"):
+        build_small(tmp_path, [tmp_path / "nope.fa"])
+
+
+def test_truncated_gzip(tmp_path, fasta):
+    data = gzip.compress((f">a\n{ACGU20}\n" * 20000).encode())
+    with pytest.raises(InputError, match=r"in.fa.gz: truncated gzip input"):
+        build_small(tmp_path, [fasta(data[: len(data) // 2], "in.fa.gz")])
+
+
+def test_corrupt_gzip(tmp_path, fasta):
+    data = bytearray(gzip.compress((f">a\n{ACGU20}\n" * 20000).encode()))
+    data[100:110] = b"\x00" * 10
+    with pytest.raises(InputError, match=r"in.fa.gz: (corrupt|truncated) gzip input"):
+        build_small(tmp_path, [fasta(bytes(data), "in.fa.gz")])
+
+
+def test_truncated_zstd(tmp_path, fasta):
+    data = zstandard.ZstdCompressor().compress((f">a\n{ACGU20}\n" * 20000).encode())
+    with pytest.raises(InputError, match=r"in.fa.zst: truncated zstd input"):
+        build_small(tmp_path, [fasta(data[: len(data) // 2], "in.fa.zst")])
+
+
+def test_all_records_rejected(tmp_path, fasta):
+    with pytest.raises(InputError, match="no records left after normalisation and dedup"):
+        build_small(tmp_path, [fasta(">a\nACGU\n>b\nXXXXXXXXXXXXXXXXXXXXX\n")])
+
+
+def test_output_is_a_file(tmp_path, fasta):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(InputError, match="not a directory"):
+        build_small(tmp_path, [fasta(f">a\n{ACGU20}\n")])
+
+
+def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta):
+    path = fasta(b"\x89PNG\r\n\x1a\n" + bytes(200), "image.fa")
+    r = subprocess.run([sys.executable, str(REPO / "dataprep" / "build_shards.py"), "--input", str(path),
+                        "--out", str(tmp_path / "o"), "--no-cluster"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "image.fa" in r.stderr and "Traceback" not in r.stderr
