@@ -1,0 +1,105 @@
+"""Training checkpoints -> released weights, or -> a universal checkpoint for another world size.
+
+    python -m pretrain.convert CKPT_DIR OUT_DIR [--tag TAG]
+        ZeRO shards -> OUT_DIR/model.safetensors + config.json (DeepSpeed's zero_to_fp32 consolidation, fp32
+        master weights, written through rnalm.io.save_pretrained; no huggingface_hub needed).
+    python -m pretrain.convert --universal CKPT_DIR [--tag TAG]
+        DeepSpeed's ds_to_universal -> CKPT_DIR/<tag>_universal (with our trainer state and RNG files), so a
+        run with a different number of ranks resumes with --checkpoint.load_universal=true.
+CKPT_DIR is a run's out_dir or its checkpoints/ folder; TAG defaults to the newest good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, latest_tag,
+                                 read_trainer_state, write_text_atomic)
+
+
+def checkpoints_root(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def resolve_tag(root: Path, tag: str | None) -> str:
+    tag = tag or latest_tag(root)
+    if tag is None:
+        raise CheckpointError(f"{root}: no complete checkpoint (a step* dir with {STATE_FILE})")
+    if not (root / tag / STATE_FILE).is_file():
+        raise CheckpointError(f"{root / tag}: not a complete checkpoint (no {STATE_FILE})")
+    return tag
+
+
+def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """Consolidate the ZeRO partitions of `tag` into fp32 weights; write model.safetensors + config.json."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from rnalm.config import ModelConfig
+    from rnalm.io import save_pretrained
+
+    root = checkpoints_root(ckpt_dir)
+    tag = resolve_tag(root, tag)
+    state = read_trainer_state(root, tag)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    config = ModelConfig.from_dict(state["model"])
+    provenance = {"source": "pretrain.convert", "checkpoint": str((root / tag).resolve()), "tag": tag,
+                  "step": state["step"], "tokens": state["tokens"], "samples": state["samples"],
+                  "world_size": state["world_size"], "deepspeed": deepspeed.__version__,
+                  "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "train_config": state.get("config")}
+    return save_pretrained(weights, out_dir, config=config, provenance=provenance)
+
+
+def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
+    """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it."""
+    root = checkpoints_root(ckpt_dir)
+    tag = resolve_tag(root, tag)
+    final = root / (tag + UNIVERSAL_SUFFIX)
+    tmp = root / (TMP_PREFIX + tag + UNIVERSAL_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+           "--output_folder", str(tmp), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+           ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"ds_to_universal failed on {root / tag} (exit {proc.returncode}):\n"
+                              f"{proc.stderr[-3000:]}")
+    for f in (root / tag).iterdir():  # our own files: trainer state (loader states!) and RNG states
+        if f.name == STATE_FILE or f.name.startswith("rng_rank"):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_text_atomic(root / "latest_universal", final.name)  # ds_to_universal wrote the temp name there
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt_dir", help="run out_dir or its checkpoints/ folder")
+    parser.add_argument("out_dir", nargs="?", help="where model.safetensors + config.json go")
+    parser.add_argument("--tag", help="checkpoint tag (default: the newest good one)")
+    parser.add_argument("--universal", action="store_true",
+                        help="write CKPT_DIR/<tag>_universal for resuming on another world size instead")
+    args = parser.parse_args(argv)
+    if not args.universal and not args.out_dir:
+        parser.error("OUT_DIR is required (or --universal)")
+    try:
+        if args.universal:
+            print(f"universal checkpoint: {to_universal(args.ckpt_dir, args.tag)}")
+        else:
+            out = to_pretrained(args.ckpt_dir, args.out_dir, args.tag)
+            print(f"released weights: {out}")
+    except CheckpointError as e:
+        parser.exit(1, f"python -m pretrain.convert: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

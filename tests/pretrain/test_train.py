@@ -1,0 +1,160 @@
+"""The trainer end to end: real DeepSpeed ZeRO-3, 2 ranks on gloo, tiny model, shards of the real ncRNA corpus."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+import yaml
+
+from pretrain.checkpoint import latest_tag, tag_for
+from pretrain.config import PretrainConfig
+from rnalm.configfile import load
+
+from .trainer_runs import (STRAIGHT_STEPS, events, read_log, run_trainer, signal_tree, start_trainer, step_lines,
+                           wait_for)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "mfu", "samples_sha1"}
+
+
+def by_step(records: list[dict]) -> dict[int, dict]:
+    """Step -> its last log line (a crashed run redoes the steps after its last checkpoint)."""
+    return {r["step"]: r for r in step_lines(records)}
+
+
+def assert_same_steps(run: dict[int, dict], reference: dict[int, dict]) -> None:
+    assert sorted(run) == sorted(reference) == list(range(1, STRAIGHT_STEPS + 1))
+    for step, ref in reference.items():
+        got = run[step]
+        assert got["samples_sha1"] == ref["samples_sha1"], f"step {step}: different samples"
+        assert (got["loss"], got["lr"], got["grad_norm"], got["tokens"]) == \
+               (ref["loss"], ref["lr"], ref["grad_norm"], ref["tokens"]), f"step {step}: {got} != {ref}"
+
+
+def test_loss_falls_and_every_step_is_logged(straight_run):
+    records = read_log(straight_run)
+    steps = step_lines(records)
+    assert [r["step"] for r in steps] == list(range(1, STRAIGHT_STEPS + 1))
+    assert all(STEP_KEYS <= set(r) for r in steps)
+    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
+    assert first > 2.5 and last < first - 0.8, [r["loss"] for r in steps]
+    assert steps[-1]["tokens"] == sum(r["step_tokens"] for r in steps)
+    assert len({r["samples_sha1"] for r in steps}) == STRAIGHT_STEPS  # fresh samples every step
+    start = events(records, "start")[0]
+    assert start["world_size"] == 2 and start["resumed_from"] is None
+    valid = events(records, "valid")
+    assert [v["step"] for v in valid] == [STRAIGHT_STEPS]
+    assert 0 < valid[0]["accuracy"] < 1 and valid[0]["perplexity"] > 1 and valid[0]["masked_tokens"] > 0
+    assert events(records, "done") == [{**events(records, "done")[0], "step": STRAIGHT_STEPS}]
+
+
+def test_resolved_config_is_written_beside_the_checkpoints(straight_run):
+    cfg = load(PretrainConfig, straight_run / "config.yaml")
+    assert cfg.train.max_steps == STRAIGHT_STEPS and cfg.train.grad_accum == 2
+    assert cfg.model.dim == 64 and cfg.data.token_budget == 1024
+    raw = yaml.safe_load((straight_run / "config.yaml").read_text())
+    assert set(raw) == {"model", "data", "optim", "train", "checkpoint", "metrics"}
+
+
+def test_sigusr1_stops_at_a_step_boundary_and_resume_equals_the_straight_run(pretrain_shards, straight_run,
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    proc = start_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}",
+                         f"--train.valid_every={STRAIGHT_STEPS}")
+    try:
+        pids = wait_for(lambda: [e["pid"] for e in events(read_log(out), "start")], 120, "start event", proc)
+        wait_for(lambda: len(step_lines(read_log(out))) >= 3, 120, "step 3", proc, poll=0.02)
+        # As `scancel --signal=USR1 --full` does: every rank gets it (torchrun itself ignores SIGUSR1).
+        workers = signal_tree(proc, signal.SIGUSR1, workers_only=True)
+        assert pids[0] in workers and len(workers) == 2
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc, signal.SIGKILL)
+    records = read_log(out)
+    stopped = events(records, "preempted")
+    assert len(stopped) == 1, "the run finished before the signal arrived"
+    k = stopped[0]["step"]
+    assert 3 <= k < STRAIGHT_STEPS
+    assert latest_tag(out / "checkpoints") == tag_for(k)
+    assert events(records, "checkpoint")[-1]["step"] == k
+    assert not events(records, "done")
+
+    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", f"--train.valid_every={STRAIGHT_STEPS}")
+    records = read_log(out)
+    assert events(records, "start")[-1]["resumed_from"] == tag_for(k)
+    assert [r["step"] for r in step_lines(records)] == list(range(1, STRAIGHT_STEPS + 1))  # nothing redone
+    assert_same_steps(by_step(records), by_step(read_log(straight_run)))
+    assert events(records, "valid")[-1]["loss"] == events(read_log(straight_run), "valid")[-1]["loss"]
+
+
+def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pretrain_shards, straight_run,
+                                                                              tmp_path):
+    out = tmp_path / "run"
+    proc = start_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}",
+                         f"--train.valid_every={STRAIGHT_STEPS}")
+    try:
+        wait_for(lambda: any(r.get("step", 0) >= 6 for r in step_lines(read_log(out))), 120, "step 6", proc,
+                 poll=0.02)
+    finally:
+        signal_tree(proc, signal.SIGKILL)
+        proc.wait()
+    ckpt = out / "checkpoints"
+    good = latest_tag(ckpt)
+    assert good is not None and int(good[4:]) >= 4
+    # What a crash in the middle of the next save leaves behind: a temp dir with part of the files.
+    partial = ckpt / f".tmp-{tag_for(int(good[4:]) + 4)}"
+    shutil.copytree(ckpt / good, partial)
+    (partial / "trainer_state.json").unlink()
+    (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"truncated")
+    pointer_before = (ckpt / "latest").read_text()
+
+    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", f"--train.valid_every={STRAIGHT_STEPS}")
+    records = read_log(out)
+    assert pointer_before == good
+    assert events(records, "removed_partial_checkpoints")[-1]["dirs"] == [partial.name]
+    assert not partial.exists()
+    assert events(records, "start")[-1]["resumed_from"] == good
+    assert_same_steps(by_step(records), by_step(read_log(straight_run)))
+
+
+def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    # Attempt 3 is poisoned on rank 1 only (both ranks must skip it), then attempts 5 and 6: two in a row.
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=20", "--train.inject_nonfinite_at=[3, 5, 6]",
+                       "--train.max_nonfinite_in_row=2", "--checkpoint.every=0", expect_rc=None)
+    assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # every worker exits 3 (EXIT_NONFINITE)
+    records = read_log(out)
+    bad = events(records, "nonfinite")
+    assert [(e["step"], e["stepped"], e["in_row"]) for e in bad] == [(3, False, 1), (4, False, 1), (4, False, 2)]
+    assert [r["step"] for r in step_lines(records)] == [1, 2, 3]  # attempt 3 took no step; attempt 4 was step 3
+    stop = events(records, "stopped_nonfinite")[0]
+    assert stop["step"] == 3 and "2 steps in a row had a NaN/inf loss" in stop["message"]
+    assert "2 steps in a row had a NaN/inf loss" in proc.stderr
+    assert all(r["loss"] == r["loss"] for r in step_lines(records))  # no NaN reached the weights
+
+
+def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, copy_of_straight_run):
+    out = copy_of_straight_run
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1, expect_rc=None)
+    assert proc.returncode != 0 and "written by 2 ranks, this run has 1" in proc.stderr
+
+    from pretrain.convert import main as convert_main
+    convert_main(["--universal", str(out)])
+    universal = tag_for(STRAIGHT_STEPS) + "_universal"
+    assert (out / "checkpoints" / universal / "trainer_state.json").exists()
+    assert (out / "checkpoints" / "latest_universal").read_text() == universal
+
+    run_trainer(pretrain_shards, out, "--train.max_steps=14", "--checkpoint.load_universal=true", nproc=1)
+    records = read_log(out)
+    start = events(records, "start")[-1]
+    assert start["resumed_from"] == universal and start["world_size"] == 1
+    resumed = [r for r in step_lines(records) if r["step"] > STRAIGHT_STEPS]
+    assert [r["step"] for r in resumed] == [13, 14]
+    before = by_step(records)[STRAIGHT_STEPS]
+    assert resumed[0]["tokens"] > before["tokens"] and resumed[0]["samples"] > before["samples"]
+    assert resumed[0]["lr"] < before["lr"]  # the cosine schedule went on from step 12
+    assert all(r["loss"] < 3.0 for r in resumed)  # trained weights, not a fresh model
+    assert latest_tag(out / "checkpoints") == tag_for(14)
