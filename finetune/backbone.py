@@ -31,7 +31,8 @@ class BackboneConfig:
     path: str | None = None          # converted dir, original .pt, multimolecule file/dir, or a fine-tuned dir
     format: Literal["auto", "rnalm", "official", "multimolecule", "finetuned"] = "auto"
     random_preset: str | None = None  # e.g. "micro": randomly initialised model instead of `path`
-    random_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {dim: 64, num_layers: 2, num_heads: 4}
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields: for random_preset (e.g. {dim: 64,
+    # num_layers: 2, num_heads: 4}) or for imported weights (e.g. {num_heads: 4}: .pt files do not record heads)
     dropout: float | None = None     # override attention/residual dropout of the loaded config
     attention_backend: str | None = None
 
@@ -72,13 +73,13 @@ def detect_format(path: Path) -> str:
 
 def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     """A RiNALMo from any accepted source (see module doc); dropout/backend overrides applied."""
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(cfg.overrides)
     if cfg.dropout is not None:
         overrides.update(attn_dropout=cfg.dropout, residual_dropout=cfg.dropout)
     if cfg.attention_backend is not None:
         overrides["attention_backend"] = cfg.attention_backend
     if cfg.random_preset is not None:
-        return RiNALMo(ModelConfig.preset(cfg.random_preset, **{**cfg.random_overrides, **overrides}))
+        return RiNALMo(ModelConfig.preset(cfg.random_preset, **overrides))
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
@@ -119,9 +120,13 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[Ta
 
     model_dir = Path(model_dir)
     meta_path = model_dir / FT_META
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: fine-tuned model directory not found")
     if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: is {model_dir} a fine-tuned model directory "
-                                f"(written by `python -m finetune <task> train`)?")
+        hint = (" It holds a pretrained backbone: fine-tune it first, e.g. `python -m finetune ss train "
+                f"--model.path={model_dir}`." if (model_dir / rio.CONFIG_NAME).exists() else "")
+        raise FileNotFoundError(f"{model_dir} is not a fine-tuned model directory (no {FT_META}; written by "
+                                f"`python -m finetune <task> train`).{hint}")
     meta = json.loads(meta_path.read_text())
     lm = RiNALMo(ModelConfig.from_dict(meta["model"]))
     head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)

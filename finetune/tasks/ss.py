@@ -33,7 +33,7 @@ TABLE_COLUMNS = ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "thre
 class SSDataConfig:
     root: str = DEFAULT_DATA_ROOT
     dataset: Literal["bprna", "archiveii"] = "bprna"
-    test_family: str = "5s"                # ArchiveII: one of the 9 families, or "all" for every fold
+    test_family: str = "all"               # ArchiveII: one of the 9 families, several (comma-separated), or all
     valid_fraction: float = 0.1            # ArchiveII: random share of the non-test families for validation
     near_dup_kmer: int = 8
     near_dup_containment: float = 0.5
@@ -75,7 +75,8 @@ def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
     if cfg.dataset == "bprna":
         splits = bprna_splits(cfg.root)
     else:
-        splits = archiveii_fold(load_archiveii(cfg.root), family or cfg.test_family, cfg.valid_fraction, cfg.seed,
+        family = family or fold_families(cfg.test_family)[0]
+        splits = archiveii_fold(load_archiveii(cfg.root), family, cfg.valid_fraction, cfg.seed,
                                 cfg.near_dup_kmer, cfg.near_dup_containment)
     too_long = [r.id for r in splits.train if len(r) > cfg.max_train_len]
     train = [r for r in splits.train if len(r) <= cfg.max_train_len]
@@ -163,24 +164,40 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[s
 
 
 def _test_name(cfg: SSDataConfig, family: str | None) -> str:
-    return "bpRNA TS0" if cfg.dataset == "bprna" else f"ArchiveII {family or cfg.test_family} (held-out family)"
+    return "bpRNA TS0" if cfg.dataset == "bprna" else f"ArchiveII {family or fold_families(cfg.test_family)[0]} (held-out family)"
+
+
+def fold_families(test_family: str) -> list[str]:
+    """`all` -> the paper's 9 families; `a,b` -> several folds; `a` -> one fold."""
+    fams = list(ARCHIVEII_FAMILIES) if test_family == "all" else [f for f in test_family.split(",") if f]
+    unknown = [f for f in fams if f not in ARCHIVEII_FAMILIES]
+    if unknown or not fams:
+        raise ValueError(f"data.test_family: unknown {unknown or test_family!r}; use one or more (comma-separated) "
+                         f"of {', '.join(ARCHIVEII_FAMILIES)}, or all")
+    return fams
 
 
 def train(cfg: SSConfig) -> dict[str, Any]:
+    """bpRNA: one run. ArchiveII: one run per held-out family (OUT/<family>/), then a summary with the mean."""
     out = Path(cfg.train.out_dir)
-    if cfg.data.dataset == "archiveii" and cfg.data.test_family == "all":
-        folds = {fam: train_one(cfg, out / fam, fam) for fam in ARCHIVEII_FAMILIES}
-        rows = {fam: {**r["rows"][next(iter(r["rows"]))], **{f"rnafold_{k}": v for k, v in
-                                                              r["rows"].get("RNAfold", {}).items()}}
-                for fam, r in folds.items()}
-        keys = [k for k in next(iter(rows.values())) if isinstance(next(iter(rows.values()))[k], float)]
-        rows["mean of 9 families"] = {k: float(np.mean([rows[f][k] for f in ARCHIVEII_FAMILIES])) for k in keys}
-        summary = {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "rows": rows}
-        write_json(summary, out / "results.json")
-        (out / "results.md").write_text(markdown_table(rows, ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift"),
-                                                       "held-out family"))
-        return summary
-    return train_one(cfg, out)
+    if cfg.data.dataset == "bprna":
+        return train_one(cfg, out)
+    families = fold_families(cfg.data.test_family)
+    if len(families) == 1:
+        return train_one(cfg, out, families[0])
+    folds = {fam: train_one(cfg, out / fam, fam) for fam in families}
+    rows: dict[str, dict[str, Any]] = {}
+    for fam, r in folds.items():
+        model_row = next(v for k, v in r["rows"].items() if k != "RNAfold")
+        rows[fam] = {**model_row, **{f"rnafold_{k}": v for k, v in r["rows"].get("RNAfold", {}).items()}}
+    numeric = [k for k, v in rows[families[0]].items() if isinstance(v, float)]
+    rows[f"mean of {len(families)} families"] = {k: float(np.mean([rows[f][k] for f in families])) for k in numeric}
+    summary = {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "rows": rows,
+               "removed_near_duplicates": {f: r["data"]["removed_near_duplicates"] for f, r in folds.items()}}
+    write_json(summary, out / "results.json")
+    (out / "results.md").write_text(markdown_table(rows, ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift"),
+                                                   "held-out family"))
+    return summary
 
 
 def evaluate(cfg: SSConfig) -> dict[str, Any]:

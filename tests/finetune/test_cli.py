@@ -1,0 +1,157 @@
+"""CLI end to end on a tiny random checkpoint saved with rnalm.io: train -> evaluate -> predict, embed,
+checkpoint formats, and clear errors on bad input."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.backbone import BackboneConfig, detect_format, load_backbone
+from finetune.cli import run
+from finetune.postprocess import canonical_mask
+from finetune.structure import parse_dot_bracket, read_bpseq, read_ct, read_fasta
+from rnalm import io as rio
+from rnalm.tokenizer import batch_encode
+
+REPO = Path(__file__).resolve().parents[2]
+SEQS = {"hairpin": "GGGGAAACCCCAUAUGCGCAAAAGCGCU", "t_letters": "ACGTTGCAACGTTTGCA", "short": "GCAUG"}
+
+
+@pytest.fixture(scope="module")
+def ss_model(tiny_checkpoint, shared_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ss_ft")
+    rc = run(["ss", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
+              "--data.limit_train=12", "--data.limit_valid=6", "--data.limit_test=6", "--train.epochs=1",
+              "--eval.rnafold=false", f"--train.out_dir={out}", "--train.progress=false"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture()
+def fasta(tmp_path) -> Path:
+    path = tmp_path / "in.fa"
+    path.write_text("".join(f">{k} some description\n{v}\n" for k, v in SEQS.items()))
+    return path
+
+
+def test_train_writes_results_and_config(ss_model):
+    res = json.loads((ss_model / "results.json").read_text())
+    assert res["test_set"] == "bpRNA TS0" and res["splits"] == {"train": 12, "valid": 6, "test": 6}
+    assert (ss_model / "train_config.yaml").exists() and (ss_model / "results.md").exists()
+
+
+def test_evaluate_uses_stored_threshold(ss_model, shared_data, tmp_path, capsys):
+    assert run(["ss", "evaluate", f"--model.path={ss_model}", f"--data.root={shared_data}", "--data.limit_test=5",
+                "--eval.rnafold=true", f"--train.out_dir={tmp_path}", "--train.progress=false"]) == 0
+    res = json.loads((tmp_path / "eval_results.json").read_text())
+    meta = json.loads((ss_model / "finetune.json").read_text())
+    assert res["rows"]["nano fine-tuned"]["threshold"] == meta["threshold"]
+    assert res["rows"]["RNAfold"]["n"] == 5
+    assert "| RNAfold |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["dbn", "bpseq", "ct"])
+def test_predict_ss_formats_round_trip(ss_model, fasta, tmp_path, fmt):
+    out = tmp_path / "pred"
+    # threshold 0 forces many candidate pairs through post-processing
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={out}", f"--format={fmt}",
+                "--threshold=0.0", "--progress=false", "--batch_size=2"]) == 0
+    if fmt == "dbn":
+        lines = (out / "predictions.dbn").read_text().splitlines()
+        recs = {lines[k][1:]: (lines[k + 1], parse_dot_bracket(lines[k + 2])) for k in range(0, len(lines), 3)}
+    elif fmt == "bpseq":
+        recs = {k: (r.sequence, r.pairs) for k in SEQS for r in [read_bpseq(out / f"{k}.bpseq")]}
+    else:
+        recs = {k: (r.sequence, r.pairs) for k in SEQS for r in read_ct(out / f"{k}.ct")}
+    assert set(recs) == set(SEQS)
+    for k, (seq, pairs) in recs.items():
+        assert seq == SEQS[k].replace("T", "U")
+        mask = canonical_mask(seq)
+        assert all(mask[i, j] for i, j in pairs)
+        assert len(np.unique(pairs.ravel())) == pairs.size
+    assert len(recs["hairpin"][1]) > 0 and len(recs["short"][1]) == 0  # GCAUG: the only canonical pair is 3 apart
+
+
+def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nACGU\n>broken\nACGU123\n")
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={bad}", f"--out={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.fa:3" in err and "'broken'" in err and "invalid characters" in err
+    good = tmp_path / "good.fa"
+    good.write_text(">a\nACGUACGUAC\n")
+    assert run(["predict-ss", f"--model={tiny_checkpoint}", f"--fasta={good}", f"--out={tmp_path}"]) == 2
+    assert "is not a fine-tuned model directory" in capsys.readouterr().err
+    assert run(["predict-ss", f"--model={tmp_path / 'nope'}", f"--fasta={good}"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
+
+
+def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path):
+    with gzip.open(ncrna_fasta, "rt") as f:
+        head = "".join(islice(f, 400))
+    src = tmp_path / "slice.fa"
+    src.write_text(head[: head.rfind(">")])
+    n = src.read_text().count(">")
+    assert n >= 50
+    out = tmp_path / "emb"
+    assert run(["embed", f"--model={tiny_checkpoint}", f"--fasta={src}", f"--out={out}", "--progress=false"]) == 0
+    cls, mean = np.load(out / "cls.npy"), np.load(out / "mean.npy")
+    ids = (out / "ids.txt").read_text().split()
+    assert cls.shape == mean.shape == (n, 32) and len(ids) == n and ids[0] == "ncrna_000001"
+    assert len((out / "labels.txt").read_text().split()) == n
+    assert (out / "embeddings.png").stat().st_size > 10_000
+    # the first row equals a direct forward of the first sequence
+    lm = rio.load_pretrained(tiny_checkpoint)
+    tokens = torch.tensor(batch_encode([read_fasta(src)[0].sequence])[0])
+    with torch.no_grad():
+        rep = lm(tokens).representation[0]
+    np.testing.assert_allclose(cls[0], rep[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(mean[0], rep[1:-1].mean(0).numpy(), atol=1e-5)
+
+
+def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
+    ref = rio.load_pretrained(tiny_checkpoint)
+    state = ref.state_dict()
+    rio.export_official(state, tmp_path / "rinalmo_tiny_pretrained.pt")
+    torch.save({f"lm.{k}": v for k, v in state.items()} | {"threshold": torch.tensor(0.1)}, tmp_path / "ss_ft.pt")
+    from safetensors.torch import save_file
+    save_file(rio.export_multimolecule(state), tmp_path / "mm.safetensors")
+    tokens = torch.tensor(batch_encode(["ACGUAGCUAGC", "GGA"])[0])
+    with torch.no_grad():
+        want = ref(tokens).representation
+        for path, fmt in ((tiny_checkpoint, "rnalm"), (tmp_path / "rinalmo_tiny_pretrained.pt", "official"),
+                          (tmp_path / "ss_ft.pt", "official"), (tmp_path / "mm.safetensors", "multimolecule")):
+            assert detect_format(Path(path)) == fmt
+            heads = {} if fmt == "rnalm" else {"num_heads": 4}  # original files do not record the head count
+            got = load_backbone(BackboneConfig(path=str(path), overrides=heads)).eval()(tokens).representation
+            torch.testing.assert_close(got, want)
+    rand = load_backbone(BackboneConfig(random_preset="nano", overrides={"dim": 16, "num_layers": 1,
+                                                                                "num_heads": 2}))
+    assert rand.config.dim == 16
+
+
+def test_splice_and_mrl_predict(tiny_checkpoint, shared_data, fasta, tmp_path):
+    for task, extra in (("splice", []), ("mrl", ["--unfreeze.head_only_epochs=0"])):
+        ft = tmp_path / task
+        assert run([task, "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
+                    "--data.limit_train=16", "--data.limit_valid=8", "--data.limit_test=8", "--train.epochs=1",
+                    f"--train.out_dir={ft}", "--train.progress=false", *extra]) == 0
+        assert run([task, "predict", f"--model={ft}", f"--fasta={fasta}", f"--out={ft}/pred",
+                    "--progress=false"]) == 0
+        rows = (ft / "pred" / "predictions.tsv").read_text().splitlines()
+        assert len(rows) == 1 + len(SEQS) and rows[1].split("\t")[0] == "hairpin"
+    assert run(["predict-ss", f"--model={tmp_path / 'mrl'}", f"--fasta={fasta}"]) == 2
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "finetune", "ss", "train", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--train.lr=" in out.stdout and "--unfreeze.head_only_epochs=" in out.stdout

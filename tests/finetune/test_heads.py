@@ -1,0 +1,85 @@
+"""Heads: shapes, symmetry, the factorised outer concatenation, and independence from padding."""
+from __future__ import annotations
+
+import torch
+
+from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead, upper_triangle_bce
+from finetune.unfreeze import Unfreezer, UnfreezeConfig, schedule
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+from rnalm.tokenizer import batch_encode
+
+
+def test_ss_head_matches_explicit_outer_concatenation_and_is_symmetric():
+    torch.manual_seed(0)
+    head = SecondaryStructureHead(8).eval()
+    x = torch.randn(7, 8)
+    concat = torch.cat([x[:, None, :].expand(7, 7, 8), x[None, :, :].expand(7, 7, 8)], dim=-1)
+    grid = head.linear_in(concat).permute(2, 0, 1)[None]
+    ref = torch.triu(head.conv_out(head.resnet(grid))[0, 0], 1)
+    logits = head.pair_logits(x)
+    torch.testing.assert_close(logits, ref + ref.T)
+    assert torch.all(logits.diagonal() == 0)
+    assert sorted(k.split(".")[0] for k in head.state_dict()) == sorted(
+        ["linear_in"] * 2 + ["resnet"] * 6 + ["conv_out"] * 2)
+
+
+def test_ss_head_per_sequence_output_ignores_padding():
+    torch.manual_seed(0)
+    head = SecondaryStructureHead(8).eval()
+    tokens = torch.tensor(batch_encode(["ACGUACGUAC", "GGGAAACC"])[0])
+    rep = torch.randn(2, tokens.shape[1], 8)
+    both = head(rep, tokens)
+    assert [t.shape for t in both] == [(10, 10), (8, 8)]
+    alone = head(rep[1:, :10], tokens[1:, :10])[0]
+    torch.testing.assert_close(both[1], alone)
+
+
+def test_mrl_head_ignores_padding_and_splice_head_uses_cls():
+    torch.manual_seed(0)
+    head = RibosomeLoadHead(8, HeadConfig(mrl_num_blocks=2)).eval()
+    tokens = torch.tensor(batch_encode(["ACGUACGUACGUACGU", "GGGAAACC"])[0])
+    rep = torch.randn(2, tokens.shape[1], 8)
+    short_alone = head(rep[1:, :10], tokens[1:, :10])
+    rep_noisy = rep.clone()
+    rep_noisy[1, 10:] = 100.0  # garbage at pad positions
+    torch.testing.assert_close(head(rep_noisy, tokens)[1:], short_alone)
+    splice = SpliceSiteHead(8, 3).eval()
+    rep2 = rep.clone()
+    rep2[:, 1:] = 0
+    torch.testing.assert_close(splice(rep, tokens), splice(rep2, tokens))
+
+
+def test_upper_triangle_bce_ignores_lower_triangle_and_diagonal():
+    logits = torch.zeros(4, 4)
+    target = torch.zeros(4, 4)
+    target[2, 0] = target[1, 1] = 1.0  # below / on the diagonal: not counted
+    assert torch.isclose(upper_triangle_bce(logits, target), torch.log(torch.tensor(2.0)))
+
+
+def test_unfreeze_schedules_of_the_paper():
+    ss = schedule(UnfreezeConfig(head_only_epochs=3, every=3, blocks_per_step=3, max_blocks=24), 33)
+    assert sorted(ss) == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert ss[3] == ["transformer.final_layer_norm.", "transformer.blocks.30.", "transformer.blocks.31.",
+                     "transformer.blocks.32."]
+    assert ss[24] == [f"transformer.blocks.{i}." for i in (9, 10, 11)]
+    mrl = schedule(UnfreezeConfig(head_only_epochs=3, blocks_per_step=27, max_blocks=27), 33)
+    assert list(mrl) == [3] and mrl[3][1] == "transformer.blocks.6." and len(mrl[3]) == 28
+    at_once = schedule(UnfreezeConfig(head_only_epochs=0), 4)
+    assert list(at_once) == [0] and len(at_once[0]) == 5
+
+
+def test_unfreezer_on_a_model():
+    lm = RiNALMo(ModelConfig.preset("nano", dim=16, num_layers=3, num_heads=2))
+    u = Unfreezer(lm, UnfreezeConfig(head_only_epochs=1, every=1, blocks_per_step=2), 3)
+    assert not any(p.requires_grad for p in lm.parameters())
+    assert u.step(0) == []
+    first = u.step(1)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert len(first) == len(trainable)
+    assert all(n.startswith(("transformer.blocks.1.", "transformer.blocks.2.", "transformer.final_layer_norm."))
+               for n in trainable)
+    u.step(2)
+    assert lm.transformer.blocks[0].mh_attn.Wqkv.weight.requires_grad
+    assert not lm.embedding.weight.requires_grad and not lm.lm_mask_head.linear1.weight.requires_grad
+    assert u.lr_scale(0) == 1.0 and u.lr_scale(2) == 0.1

@@ -1,0 +1,40 @@
+"""bpRNA splits and ArchiveII leave-one-family-out with the near-duplicate filter (real data)."""
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.ss_data import ARCHIVEII_FAMILIES, archiveii_fold, bprna_splits, load_archiveii, near_duplicate_mask
+
+
+def test_bprna_spot_splits(shared_data):
+    s = bprna_splits(shared_data)
+    assert (len(s.train), len(s.valid), len(s.test)) == (4082, 485, 473)
+    assert not {r.id for r in s.train} & {r.id for r in s.test}
+
+
+def test_near_duplicate_filter_on_synthetic_sequences():
+    rng = np.random.default_rng(0)
+    ref = "".join(rng.choice(list("ACGU"), 300))
+    mutant = list(ref)
+    for pos in rng.choice(300, 6, replace=False):  # 98% identity
+        mutant[pos] = "A" if mutant[pos] != "A" else "C"
+    unrelated = "".join(rng.choice(list("ACGU"), 300))
+    fragment = ref[100:180]  # a piece of a test sequence
+    mask = near_duplicate_mask(["".join(mutant), unrelated, fragment], [ref])
+    assert mask.tolist() == [True, False, True]
+
+
+def test_archiveii_folds_hold_out_family_and_near_duplicates(shared_data):
+    recs = load_archiveii(shared_data)
+    assert len(ARCHIVEII_FAMILIES) == 9 and "grp2" not in ARCHIVEII_FAMILIES
+    fam_of = {r.id: f for r, f in recs}
+    fold = archiveii_fold(recs, "tRNA")
+    assert {fam_of[r.id] for r in fold.test} == {"tRNA"} and len(fold.test) == 557
+    train_valid = fold.train + fold.valid
+    assert "tRNA" not in {fam_of[r.id] for r in train_valid}
+    # a group-I intron that sits inside a tRNA-Leu gene shares long stretches with tRNAs: it must be gone
+    assert "grp1_a.I1.c.N.tabacum.C3.tLEU" in fold.info["removed_ids"]
+    assert "grp1_a.I1.c.N.tabacum.C3.tLEU" not in {r.id for r in train_valid}
+    assert len(train_valid) + fold.info["removed_near_duplicates"] == len(recs) - 557
+    again = archiveii_fold(recs, "tRNA")
+    assert [r.id for r in again.valid] == [r.id for r in fold.valid]  # seeded split

@@ -1,0 +1,110 @@
+"""Readers and writers for dot-bracket, bpseq, ct and FASTA: round trips and clear errors."""
+from __future__ import annotations
+
+import gzip
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+from finetune.structure import (StructureError, StructureRecord, parse_dot_bracket, read_bpseq, read_ct, read_fasta,
+                                read_structure_csv, to_dot_bracket, write_bpseq, write_ct)
+
+
+def as_set(pairs):
+    return {tuple(p) for p in pairs.tolist()}
+
+
+def test_dot_bracket_nested_and_pseudoknot():
+    #            0123456789012345
+    db = "((..[[..))..]]Aa"
+    assert as_set(parse_dot_bracket(db)) == {(0, 9), (1, 8), (4, 13), (5, 12), (14, 15)}
+
+
+def test_dot_bracket_writer_puts_crossing_pairs_on_new_levels():
+    pairs = np.array([[0, 10], [2, 14], [5, 17], [6, 8]])  # (0,10) x (2,14) x (5,17) all cross each other
+    db = to_dot_bracket(pairs, 18)
+    assert db == "(.[..{(.).)...]..}"
+    assert as_set(parse_dot_bracket(db)) == as_set(pairs)
+
+
+def test_dot_bracket_round_trip_random():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(10, 80))
+        perm = rng.permutation(n)[: 2 * int(rng.integers(0, n // 2))]
+        pairs = np.sort(perm.reshape(-1, 2), axis=1)
+        pairs = pairs[np.argsort(pairs[:, 0])]
+        assert as_set(parse_dot_bracket(to_dot_bracket(pairs, n))) == as_set(pairs)
+
+
+@pytest.mark.parametrize("db, msg", [("((..)", "unmatched '('"), ("..)", "unmatched ')'"), ("(.*.)", "invalid dot-bracket character")])
+def test_dot_bracket_errors(db, msg):
+    with pytest.raises(StructureError, match=re.escape(msg)):
+        parse_dot_bracket(db, where="rec1")
+
+
+def test_bpseq_and_ct_round_trip(tmp_path):
+    rec = StructureRecord("my rna", "GGGAAACCCAUGCAUAUGCAU", parse_dot_bracket("(((.[[)))...]]..(..)"[:20] + "."))
+    write_bpseq(rec, tmp_path / "a.bpseq")
+    back = read_bpseq(tmp_path / "a.bpseq", record_id="my rna")
+    assert back.sequence == rec.sequence and as_set(back.pairs) == as_set(rec.pairs)
+    other = StructureRecord("second", "ACGUACGUACGUAC", np.array([[0, 9], [3, 12]]))  # crossing pairs
+    write_ct([rec, other], tmp_path / "two.ct")
+    got = read_ct(tmp_path / "two.ct")
+    assert [r.id for r in got] == ["my", "second"]  # ct titles: first word is the id
+    assert as_set(got[0].pairs) == as_set(rec.pairs) and as_set(got[1].pairs) == {(0, 9), (3, 12)}
+    assert got[1].sequence == other.sequence
+
+
+def test_bpseq_inconsistent_partner_names_file_and_bases(tmp_path):
+    path = tmp_path / "bad.bpseq"
+    path.write_text("1 G 5\n2 A 0\n3 A 0\n4 A 0\n5 C 2\n")
+    with pytest.raises(StructureError, match=r"bad\.bpseq.*base 1 pairs with 5 but base 5 pairs with 2"):
+        read_bpseq(path)
+
+
+def test_ct_truncated_record(tmp_path):
+    path = tmp_path / "short.ct"
+    path.write_text("5 rec\n1 G 0 2 5 1\n2 A 1 3 0 2\n")
+    with pytest.raises(StructureError, match="declares 5 bases but has 2"):
+        read_ct(path)
+
+
+def test_fasta_errors_name_file_line_and_record(tmp_path):
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nACGU\n>weird\nACGXZ\n")
+    with pytest.raises(StructureError, match=r"bad\.fa:3: record 'weird' has invalid characters 'XZ'"):
+        read_fasta(bad)
+    (tmp_path / "dup.fa").write_text(">a\nACGU\n>a\nACGU\n")
+    with pytest.raises(StructureError, match="duplicate record id 'a'"):
+        read_fasta(tmp_path / "dup.fa")
+    (tmp_path / "empty.fa").write_text(">a\n>b\nACGU\n")
+    with pytest.raises(StructureError, match="record 'a' has an empty sequence"):
+        read_fasta(tmp_path / "empty.fa")
+    (tmp_path / "plain.txt").write_text("ACGUACGU\n")
+    with pytest.raises(StructureError, match="before the first '>'"):
+        read_fasta(tmp_path / "plain.txt")
+    with pytest.raises(StructureError, match="file not found"):
+        read_fasta(tmp_path / "missing.fa")
+
+
+def test_fasta_gzip_and_description(tmp_path):
+    path = tmp_path / "x.fa.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(">r1 class=tRNA len=8\nACGU\nacgu\n>r2\nGGGG\n")
+    recs = read_fasta(path)
+    assert [(r.id, r.sequence, r.description) for r in recs] == [("r1", "ACGUacgu", "class=tRNA len=8"),
+                                                                  ("r2", "GGGG", "")]
+
+
+def test_archiveii_pair_lists_match_dot_bracket(shared_data):
+    """The CSV's exact pair list and its dot-bracket column describe the same structure (pseudoknots included)."""
+    rows = list(itertools.islice(read_structure_csv(shared_data / "ss" / "archiveII_3975.csv.gz"), 400))
+    knotted = 0
+    for rec, row in rows:
+        assert as_set(rec.pairs) == as_set(parse_dot_bracket(row["structure"])), rec.id
+        assert len(rec.pairs) == int(row["n_pairs"])
+        knotted += int(row["pseudoknotted"])
+    assert knotted > 0

@@ -1,0 +1,96 @@
+"""Short CPU fine-tunes of a tiny model on slices of the real data: the training loss falls, the best
+checkpoint and results are written, and the saved model reloads with identical outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from finetune.backbone import BackboneConfig, load_finetuned
+from finetune.tasks import mrl, splice, ss
+from finetune.trainer import TrainConfig
+from finetune.unfreeze import UnfreezeConfig
+
+
+def quick_train(out_dir, **kw) -> TrainConfig:
+    return TrainConfig(out_dir=str(out_dir), progress=False, **kw)
+
+
+def test_ss_bprna_loss_falls_and_checkpoint_reloads(tiny_checkpoint, shared_data, tmp_path):
+    cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                      data=ss.SSDataConfig(root=str(shared_data), limit_train=32, limit_valid=12, limit_test=12),
+                      train=quick_train(tmp_path, epochs=4, lr=2e-3, batch_size=2),
+                      unfreeze=UnfreezeConfig(head_only_epochs=2, every=1, blocks_per_step=1))
+    result = ss.train(cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert result["history"][0]["trainable_lm_params"] == 0 < result["history"][-1]["trainable_lm_params"]
+    assert set(result["rows"]) == {"nano fine-tuned", "RNAfold"}
+    assert result["rows"]["RNAfold"]["n"] == 12 and 0 <= result["rows"]["nano fine-tuned"]["f1_shift"] <= 1
+    assert (tmp_path / "results.md").read_text().count("|") > 10
+    model, meta = load_finetuned(tmp_path)
+    assert meta["task"] == "ss" and meta["threshold"] in cfg.eval.thresholds
+    assert len(open(tmp_path / "log.jsonl").read().splitlines()) == 4
+    tokens = torch.tensor([[0, 5, 6, 7, 8, 5, 6, 7, 8, 2]])
+    again, _ = load_finetuned(tmp_path)
+    torch.testing.assert_close(model(tokens)[0], again(tokens)[0])
+
+
+@pytest.mark.slow
+def test_ss_archiveii_folds_and_summary(tiny_checkpoint, shared_data, tmp_path):
+    cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                      data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii", test_family="tRNA,telomerase",
+                                           max_train_len=150, limit_train=16, limit_valid=6, limit_test=4),
+                      train=quick_train(tmp_path, epochs=1), eval=ss.SSEvalConfig(rnafold=True))
+    summary = ss.train(cfg)
+    assert set(summary["rows"]) == {"tRNA", "telomerase", "mean of 2 families"}
+    assert summary["removed_near_duplicates"]["tRNA"] >= 1
+    fold = json.loads((tmp_path / "tRNA" / "results.json").read_text())
+    assert fold["test_set"] == "ArchiveII tRNA (held-out family)"
+    assert fold["splits"] == {"train": 16, "valid": 6, "test": 4}
+    mean = summary["rows"]["mean of 2 families"]
+    assert mean["rnafold_f1_shift"] == pytest.approx(
+        (summary["rows"]["tRNA"]["rnafold_f1_shift"] + summary["rows"]["telomerase"]["rnafold_f1_shift"]) / 2)
+    with pytest.raises(ValueError, match="unknown"):
+        ss.fold_families("tRNA,grp2")
+
+
+def test_splice_loss_falls(tiny_checkpoint, shared_data, tmp_path):
+    cfg = splice.SpliceConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                              data=splice.SpliceDataConfig(root=str(shared_data), limit_train=48, limit_valid=16,
+                                                           limit_test=16),
+                              train=quick_train(tmp_path, epochs=3, batch_size=16, lr=3e-3, optimizer="adamw"))
+    result = splice.train(cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0], losses
+    row = result["rows"]["GUE splice test"]
+    assert row["n"] == 16 and {"accuracy", "macro_f1", "f1_acceptor", "f1_donor", "f1_non_splice_site"} <= set(row)
+
+
+def test_splice_split_drops_test_sequences_from_training(shared_data):
+    s = splice.load_splits(splice.SpliceDataConfig(root=str(shared_data)))
+    test = {seq for seq, _ in s["test"]}
+    assert len(s["test"]) == 4562
+    assert not test & {seq for seq, _ in s["train"] + s["valid"]}
+    assert len(s["train"]) + len(s["valid"]) < 4562
+
+
+def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_path):
+    cfg = mrl.MRLConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                        data=mrl.MRLDataConfig(root=str(shared_data), limit_train=256, limit_valid=64, limit_test=64),
+                        train=quick_train(tmp_path, epochs=4, batch_size=32, lr=3e-3),
+                        unfreeze=UnfreezeConfig(head_only_epochs=2, blocks_per_step=2))
+    result = mrl.train(cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0], losses
+    assert set(result["rows"]) == {"all", "human", "random"}
+    assert "split at random" in result["note"]
+    meta = json.loads((tmp_path / "finetune.json").read_text())
+    assert meta["scaler"]["std"] > 0 and 3 < meta["scaler"]["mean"] < 7
+
+
+def test_mrl_split_is_disjoint_and_complete(shared_data):
+    s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
+    assert [len(s[k]) for k in ("train", "valid", "test")] == [12160, 1520, 1520]
+    assert {e.group for e in s["test"]} == {"random", "human"}
