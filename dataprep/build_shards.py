@@ -48,14 +48,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--zstd-level", type=int, default=3)
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=2, help="processes writing shards (per rank)")
-    g.add_argument("--chunk-mb", type=int, default=16, help="input chunk size for parsing")
+    g.add_argument("--chunk-mb", type=float, default=16.0, help="input chunk size for parsing (MiB)")
+    g.add_argument("--dedup-bucket-records", type=int, default=4_000_000,
+                   help="records per dedup hash bucket; lower it to bound dedup memory")
     g.add_argument("--mpi", action="store_true", help="share the work between MPI ranks (mpi4py)")
     g.add_argument("--no-report", action="store_true", help="skip report/ (plots + summary.json)")
     g.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    for name in ("min_len", "max_len", "block_records", "workers", "threads", "chunk_mb"):
+    for name in ("min_len", "max_len", "block_records", "workers", "threads", "dedup_bucket_records"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.chunk_mb <= 0:
+        p.error("--chunk-mb must be > 0")
     if a.min_len > a.max_len:
         p.error("--min-len must not exceed --max-len")
     if not 0 <= a.valid_fraction < 1:
@@ -67,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
                               threads=a.threads, mmseqs=a.mmseqs),
         no_cluster=a.no_cluster, valid_fraction=a.valid_fraction, seed=a.seed, block_records=a.block_records,
         records_per_shard=a.shard_records, shard_mb=a.shard_mb, zstd_level=a.zstd_level, workers=a.workers,
-        chunk_mb=a.chunk_mb, report=not a.no_report, quiet=a.quiet)
+        chunk_mb=a.chunk_mb, dedup_bucket_records=a.dedup_bucket_records, report=not a.no_report, quiet=a.quiet)
     return cfg, a.mpi
 
 

@@ -3,7 +3,7 @@
 Records are grouped by their 64-bit digest, one hash bucket at a time (buckets are read from the memmapped
 digest column, so at most one bucket's arrays are in RAM). Within a group the first record in input order
 (source, line) is the representative; every other member is confirmed by comparing bytes, so a digest
-collision can never merge two different sequences. Two passes:
+collision can never merge two different sequences (members that differ are regrouped and compared again). Two passes:
 
 1. ids: a later record whose id equals an earlier record's id but whose sequence differs is rejected
    (same id, same sequence is just an exact duplicate and is merged by pass 2);
@@ -69,10 +69,12 @@ def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarra
         else:
             in_bucket = (digest % np.uint64(nb)) == np.uint64(b)
             sel = np.flatnonzero(in_bucket if eligible is None else in_bucket & eligible)
-        m, f = _group_members(digest, key, sel)
-        ok = confirm(m, f)
-        out_m.append(m[ok])
-        out_f.append(f[ok])
+        while len(sel):  # members that differ from their group's first are regrouped among themselves
+            m, f = _group_members(digest, key, sel)
+            ok = confirm(m, f)
+            out_m.append(m[ok])
+            out_f.append(f[ok])
+            sel = np.sort(m[~ok])
     return (np.concatenate(out_m) if out_m else np.zeros(0, np.int64),
             np.concatenate(out_f) if out_f else np.zeros(0, np.int64))
 

@@ -50,7 +50,8 @@ class BuildConfig:
     shard_mb: float = 256.0  # target uncompressed payload per shard when records_per_shard is 0
     zstd_level: int = 3
     workers: int = 2
-    chunk_mb: int = 16
+    chunk_mb: float = 16.0  # input chunk parsed at once
+    dedup_bucket_records: int = dd.BUCKET_RECORDS  # records per dedup hash bucket (bounds dedup memory)
     report: bool = True
     quiet: bool = False
 
@@ -121,7 +122,7 @@ def _normalise_rank(cfg: BuildConfig, part: Path, comm, log: Log) -> None:
     sources, k, done = [], 0, 0
     with open(part / "rejects.tsv", "w") as rej:
         for s, path in enumerate(cfg.inputs):
-            stream = FastaStream(path, chunk_bytes=cfg.chunk_mb << 20,
+            stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
                                  max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)))
             records = rejected = 0
             for chunk in stream:
@@ -174,8 +175,8 @@ def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
 
 
 # -------------------------------------------------------------------------------------------- dedup
-def dedup(store: Store, stage: _Stage, comm) -> None:
-    nb = dd.n_buckets(len(store))
+def dedup(store: Store, stage: _Stage, comm, bucket_records: int) -> None:
+    nb = dd.n_buckets(len(store), bucket_records)
     mine = [b for b in range(nb) if b % comm.size == comm.rank]
     pairs = comm.allgather(dd.id_conflicts(store, mine, nb))
     conflict = np.concatenate([p[0] for p in pairs])
@@ -254,7 +255,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     run("normalise", normalise, cfg, stages["normalise"], comm, log)
     store = Store(stages["normalise"].final)
     log(f"normalise: {len(store):,} valid records")
-    run("dedup", lambda: dedup(store, stages["dedup"], comm))
+    run("dedup", lambda: dedup(store, stages["dedup"], comm, cfg.dedup_bucket_records))
     if comm.rank == 0 and len(np.load(stages["dedup"].final / "keep.npy", mmap_mode="r")) == 0:
         raise InputError(f"{', '.join(cfg.inputs)}: no records left after normalisation and dedup "
                          f"(see the reasons in {out / '.work' / 'normalise' / 'rejects.tsv'})")
@@ -295,7 +296,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
 
 def _params(cfg: BuildConfig, rps: int) -> dict:
     p = asdict(cfg)
-    for transient in ("out", "quiet", "workers", "report"):
+    for transient in ("out", "quiet", "workers", "report", "chunk_mb", "dedup_bucket_records"):
         p.pop(transient)
     p["cluster"].pop("threads")
     p["records_per_shard"] = rps

