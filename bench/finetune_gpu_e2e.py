@@ -1,0 +1,113 @@
+"""Issue 6 step 10: pretrain micro on the ncRNA corpus (bpRNA-sourced records removed), convert, fine-tune
+secondary structure on bpRNA TR0 (VL0 for threshold and checkpoint choice), score TS0 beside RNAfold and beside
+the same head on a randomly initialised micro model. Each stage is one command (each fits the 10-minute limit
+of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked).
+
+    python bench/finetune_gpu_e2e.py --stage data       # FASTA without bpRNA records -> dataprep shards
+    python bench/finetune_gpu_e2e.py --stage pretrain   # torchrun, 1 GPU, DeepSpeed, micro preset, bf16
+    python bench/finetune_gpu_e2e.py --stage convert    # ZeRO checkpoint -> model.safetensors + config.json
+    python bench/finetune_gpu_e2e.py --stage ft         # fine-tune the converted micro on bpRNA TR0
+    python bench/finetune_gpu_e2e.py --stage ft-random  # the same head on a random micro
+    python bench/finetune_gpu_e2e.py --stage table      # WORK/table.md: TS0 rows for both + RNAfold
+    python bench/finetune_gpu_e2e.py --stage all        # everything in order
+
+`--tiny` runs the same pipeline with a 2-layer model and a handful of steps on CPU (smoke test of the script).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RNALM_SHARED_DATA", REPO.parent / "shared" / "data"))
+STAGES = ("data", "pretrain", "convert", "ft", "ft-random", "table")
+
+
+def sh(cmd: list[str]) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def stage_data(work: Path, args) -> None:
+    """Drop source=bpRNA1m90 records (the same molecules as the bpRNA structure set), then build shards."""
+    src, dst = DATA / "ncrna" / "ncrna_corpus.fasta.gz", work / "ncrna_no_bprna.fa"
+    kept = dropped = 0
+    with gzip.open(src, "rt") as f, open(dst, "w") as out:
+        keep = False
+        for line in f:
+            if line.startswith(">"):
+                keep = "source=bpRNA1m90" not in line
+                kept, dropped = kept + keep, dropped + (not keep)
+            if keep:
+                out.write(line)
+    print(f"kept {kept} records, dropped {dropped} bpRNA-sourced records -> {dst}")
+    cmd = [sys.executable, "dataprep/build_shards.py", "--input", str(dst), "--out", str(work / "shards"),
+           "--valid-fraction", "0.02", "--label-key", "rfam_acc"]
+    if shutil.which("mmseqs") is None:
+        print("mmseqs not found: every record is its own cluster (--no-cluster)")
+        cmd.append("--no-cluster")
+    sh(cmd)
+
+
+def stage_pretrain(work: Path, args) -> None:
+    config = "pretrain/configs/tiny_cpu.yaml" if args.tiny else "pretrain/configs/micro.yaml"
+    steps = args.pretrain_steps or (30 if args.tiny else 1500)
+    sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "pretrain.train", "--config", config,
+        f"--data.shards={work / 'shards'}", f"--train.out_dir={work / 'pretrain'}", f"--train.max_steps={steps}",
+        f"--optim.warmup_steps={max(steps // 10, 1)}", f"--checkpoint.every={steps}",
+        f"--train.valid_every={steps}", *(["--data.num_workers=0"] if args.tiny else [])])
+
+
+def stage_convert(work: Path, args) -> None:
+    sh([sys.executable, "-m", "pretrain.convert", str(work / "pretrain"), str(work / "micro_converted")])
+
+
+def finetune_cmd(work: Path, args, random: bool) -> list[str]:
+    out = work / ("ss_random" if random else "ss_pretrained")
+    model = ([f"--model.random_preset={'nano' if args.tiny else 'micro'}"]
+             + (['--model.overrides={dim: 64, num_layers: 2, num_heads: 4}'] if args.tiny else [])
+             if random else [f"--model.path={work / 'micro_converted'}"])
+    quick = (["--data.limit_train=64", "--data.limit_valid=16", "--data.limit_test=16", "--train.epochs=2"]
+             if args.tiny else [f"--train.epochs={args.ft_epochs}"])
+    return [sys.executable, "-m", "finetune", "ss", "train", *model, f"--data.root={DATA}", "--data.dataset=bprna",
+            f"--train.out_dir={out}", "--train.batch_size=8", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
+            f"--train.precision={'fp32' if args.tiny else 'bf16'}", "--train.progress=false",
+            "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--unfreeze.blocks_per_step=4",
+            "--unfreeze.max_blocks=12", f"--eval.rnafold={'false' if random else 'true'}", *quick]
+
+
+def stage_table(work: Path, args) -> None:
+    pre = json.loads((work / "ss_pretrained" / "results.json").read_text())
+    rnd = json.loads((work / "ss_random" / "results.json").read_text())
+    rows = {**{f"{k} (pretrained on ncRNA, no bpRNA)" if k != "RNAfold" else k: v for k, v in pre["rows"].items()},
+            **{k: v for k, v in rnd["rows"].items() if k != "RNAfold"}}
+    from finetune.results import markdown_table
+    table = markdown_table(rows, ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "threshold"), "model")
+    (work / "table.md").write_text(table)
+    print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    ap.add_argument("--work", type=Path, default=REPO / "bench_out" / "e2e")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a 2-layer model")
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--ft-epochs", type=int, default=12)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    run = {"data": stage_data, "pretrain": stage_pretrain, "convert": stage_convert,
+           "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
+           "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        run[stage](args.work, args)
+
+
+if __name__ == "__main__":
+    main()
