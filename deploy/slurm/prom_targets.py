@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port-base", type=int, default=9500)
     a = p.parse_args(argv)
     hosts = a.hosts.replace(",", " ").split()
-    groups = target_groups(hosts, expand_tasks_per_node(a.tasks_per_node), a.port_base, a.job_id, a.job_name)
+    try:
+        groups = target_groups(hosts, expand_tasks_per_node(a.tasks_per_node), a.port_base, a.job_id, a.job_name)
+    except ValueError as e:
+        p.error(str(e))
     write_atomic(a.out, groups)
 
 

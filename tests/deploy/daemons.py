@@ -97,6 +97,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 
 
+# Pending reasons that mean the request does not fit the one test node (fail at once instead of timing out).
+NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "ReqNodeNotAvail"}
+
+
 @dataclass
 class SlurmCluster:
     base: Path
@@ -175,6 +179,8 @@ class SlurmCluster:
         def reached():
             nonlocal info
             info = self.job(job_id)
+            if info.get("JobState") == "PENDING" and info.get("Reason") in NEVER_RUNS:
+                raise RuntimeError(f"job {job_id} can never run on the test node: Reason={info['Reason']} {info}")
             return info.get("JobState") in states
 
         try:

@@ -1,0 +1,41 @@
+"""The file_sd target file pretrain.sh writes for multi-node jobs (rank layout of srun's block distribution)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.deploy.daemons import REPO
+
+SCRIPT = str(REPO / "deploy" / "slurm" / "prom_targets.py")
+
+
+def write(tmp_path, hosts: str, tasks: str, port_base: int = 9500) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "sd" / "rnalm-77.json"), "--job-id", "77",
+                           "--job-name", "giga", "--hosts", hosts, "--tasks-per-node", tasks,
+                           "--port-base", str(port_base)], capture_output=True, text=True)
+
+
+def test_one_target_per_rank_over_nodes(tmp_path):
+    r = write(tmp_path, "gpu001\ngpu002 gpu003", "4(x2),2", port_base=9600)
+    assert r.returncode == 0, r.stderr
+    groups = json.loads((tmp_path / "sd" / "rnalm-77.json").read_text())
+    assert [g["targets"] for g in groups] == [[f"gpu001:{9600 + i}"] for i in range(4)] + \
+        [[f"gpu002:{9600 + i}"] for i in range(4)] + [["gpu003:9600"], ["gpu003:9601"]]
+    assert [g["labels"]["rank"] for g in groups] == [str(i) for i in range(10)]
+    assert [g["labels"]["local_rank"] for g in groups] == ["0", "1", "2", "3"] * 2 + ["0", "1"]
+    assert {g["labels"]["slurm_job_id"] for g in groups} == {"77"}
+    assert {g["labels"]["slurm_job_name"] for g in groups} == {"giga"}
+    assert [p.name for p in (tmp_path / "sd").iterdir()] == ["rnalm-77.json"]   # no temporary file left
+
+
+@pytest.mark.parametrize("hosts,tasks,message", [
+    ("a b", "4", "2 hosts (a b) but tasks per node for 1"),
+    ("a", "4(y2)", "cannot parse SLURM_TASKS_PER_NODE='4(y2)'"),
+])
+def test_inconsistent_layout_is_rejected_with_reason(tmp_path, hosts, tasks, message):
+    r = write(tmp_path, hosts, tasks)
+    assert r.returncode != 0 and message in r.stderr
+    assert not (tmp_path / "sd" / "rnalm-77.json").exists()
