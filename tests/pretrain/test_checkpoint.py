@@ -1,0 +1,70 @@
+"""Checkpoint bookkeeping: which tag is good, what a crash leaves, keep-K, RNG state round trip."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.checkpoint import (LATEST, STATE_FILE, Checkpointer, complete_tags, latest_tag, read_trainer_state,
+                                 rng_state, set_rng_state, tag_for)
+
+
+def make_tag(root, step: int, complete: bool = True):
+    d = root / tag_for(step)
+    d.mkdir(parents=True)
+    (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (d / STATE_FILE).write_text(f'{{"step": {step}}}')
+    return d
+
+
+def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete(tmp_path):
+    assert latest_tag(tmp_path / "missing") is None and latest_tag(tmp_path) is None
+    make_tag(tmp_path, 4)
+    make_tag(tmp_path, 8)
+    make_tag(tmp_path, 12, complete=False)              # renamed dirs always hold the state file; be strict anyway
+    (tmp_path / ".tmp-step00000016").mkdir()            # a save that crashed
+    assert complete_tags(tmp_path) == [tag_for(4), tag_for(8)]
+    assert latest_tag(tmp_path) == tag_for(8)           # no pointer (crash before the first pointer write)
+    (tmp_path / LATEST).write_text(tag_for(4))
+    assert latest_tag(tmp_path) == tag_for(4)           # the pointer wins while it names a complete checkpoint
+    (tmp_path / LATEST).write_text(tag_for(12))
+    assert latest_tag(tmp_path) == tag_for(8)           # a dangling pointer is not trusted
+    assert read_trainer_state(tmp_path, tag_for(8)) == {"step": 8}
+    with pytest.raises(Exception, match="unreadable trainer state"):
+        read_trainer_state(tmp_path, tag_for(12))
+
+
+def test_partial_saves_are_removed_at_start_up(tmp_path):
+    make_tag(tmp_path, 4)
+    partial = tmp_path / ".tmp-step00000008"
+    partial.mkdir()
+    (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    ckpt = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
+    assert ckpt.remove_partial_saves() == [partial.name]
+    assert not partial.exists() and complete_tags(tmp_path) == [tag_for(4)]
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        Checkpointer(tmp_path, keep=0, rank=0, world_size=1)
+
+
+def test_straight_run_kept_the_newest_two_and_points_at_the_last(straight_run):
+    root = straight_run / "checkpoints"
+    assert complete_tags(root) == [tag_for(8), tag_for(12)]
+    assert (root / LATEST).read_text() == tag_for(12)
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    state = read_trainer_state(root, tag_for(12))
+    assert state["step"] == 12 and state["world_size"] == 2
+    assert [s["rank"] for s in state["loader_states"]] == [0, 1]
+    assert sorted(p.name for p in (root / tag_for(12)).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]

@@ -1,0 +1,87 @@
+"""MFU formula and the Prometheus exporter (real prometheus-client HTTP server, scraped over HTTP)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from pretrain.metrics import TrainMetrics
+from pretrain.mfu import FlopCounter, mfu
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+
+CONTRACT_NAMES = {
+    "rnalm_train_tokens_total", "rnalm_train_samples_total", "rnalm_train_steps_total", "rnalm_train_loss",
+    "rnalm_train_learning_rate", "rnalm_train_grad_norm", "rnalm_train_step_duration_seconds",
+    "rnalm_train_tokens_per_second", "rnalm_train_mfu_ratio", "rnalm_dataloader_wait_seconds_total",
+    "rnalm_train_nonfinite_steps_total", "rnalm_device_memory_allocated_bytes", "rnalm_device_memory_peak_bytes",
+    "rnalm_checkpoint_duration_seconds", "rnalm_checkpoint_last_success_timestamp_seconds",
+    "rnalm_train_last_step_timestamp_seconds", "rnalm_valid_loss", "rnalm_run_info",
+}
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append(s)
+    return samples
+
+
+def value(samples: dict[str, list], name: str) -> float:
+    (s,) = samples[name]
+    return s.value
+
+
+def test_step_flops_follow_the_stated_formula():
+    cfg = ModelConfig.preset("nano", dim=64, num_layers=2, num_heads=4)
+    model = RiNALMo(cfg)
+    encoder = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embedding", "lm_mask_head")))
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("lm_mask_head"))
+    lengths, masked = [5, 10, 120], 20
+    expected = 6 * encoder * 135 + 6 * head * masked + 12 * 2 * 64 * (25 + 100 + 14400)
+    assert FlopCounter(cfg).step_flops(lengths, masked) == pytest.approx(expected, rel=1e-12)
+    assert FlopCounter(cfg).step_flops([], 0) == 0.0
+
+
+def test_giga_parameter_counts_match_the_original_and_mfu_uses_the_peak():
+    # Original giga: 650,901,793 parameters with the MLM head, 649,231,371 without; embedding 22 x 1280.
+    encoder, head = 649_231_371 - 22 * 1280, 650_901_793 - 649_231_371
+    flops = FlopCounter(ModelConfig.preset("giga")).step_flops([1024], 150)
+    assert flops == pytest.approx(6 * encoder * 1024 + 6 * head * 150 + 12 * 33 * 1280 * 1024**2, rel=1e-12)
+    assert mfu(989e12 * 0.5, 1.0) == pytest.approx(0.5)
+    assert mfu(2 * 989e12, 2.0, devices=2) == pytest.approx(0.5)
+    assert mfu(1e12, 1.0, peak_flops=4e12) == pytest.approx(0.25)
+    assert mfu(1.0, 0.0) == 0.0
+
+
+def test_exporter_serves_every_contract_metric():
+    metrics = TrainMetrics(run_id="r1", model="nano", world_size=2, slurm_job_id="77")
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        metrics.record_step(loss=2.5, lr=1e-4, grad_norm=0.7, tokens=1000, samples=9, seconds=0.5, mfu=0.25,
+                            loader_wait=0.01)
+        metrics.record_step(loss=2.0, lr=2e-4, grad_norm=0.6, tokens=500, samples=4, seconds=0.25, mfu=0.3,
+                            loader_wait=0.02)
+        metrics.record_checkpoint(1.5)
+        metrics.valid_loss.set(2.2)
+        samples = scrape(port)
+    finally:
+        metrics.close()
+    names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in samples}
+    assert CONTRACT_NAMES <= names
+    assert value(samples, "rnalm_train_tokens_total") == 1500
+    assert value(samples, "rnalm_train_samples_total") == 13
+    assert value(samples, "rnalm_train_steps_total") == 2
+    assert value(samples, "rnalm_train_loss") == 2.0 and value(samples, "rnalm_train_learning_rate") == 2e-4
+    assert value(samples, "rnalm_train_tokens_per_second") == 2000
+    assert value(samples, "rnalm_dataloader_wait_seconds_total") == pytest.approx(0.03)
+    assert value(samples, "rnalm_train_step_duration_seconds_count") == 2
+    assert value(samples, "rnalm_checkpoint_duration_seconds") == 1.5
+    assert value(samples, "rnalm_device_memory_allocated_bytes") > 0
+    (info,) = samples["rnalm_run_info"]
+    assert info.labels == {"run_id": "r1", "model": "nano", "world_size": "2", "slurm_job_id": "77"}
+    assert not math.isnan(value(samples, "rnalm_train_last_step_timestamp_seconds"))

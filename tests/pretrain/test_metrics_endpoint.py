@@ -1,0 +1,46 @@
+"""Scrape every rank's real endpoint during a 2-rank training run, then stop it with SIGTERM to torchrun."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from pretrain.checkpoint import latest_tag, tag_for
+
+from .test_metrics import CONTRACT_NAMES, scrape, value
+from .trainer_runs import events, read_log, signal_tree, start_trainer, step_lines, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_every_rank_serves_live_metrics_and_sigterm_saves_and_stops(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = start_trainer(pretrain_shards, out, "--train.max_steps=400", "--optim.decay_steps=400",
+                         "--checkpoint.every=0", "--metrics.run_id=metrics-test")
+    try:
+        start = wait_for(lambda: events(read_log(out), "start"), 120, "start event", proc)[0]
+        ports = start["metrics_ports"]
+        assert len(ports) == 2 and len(set(ports)) == 2
+        wait_for(lambda: len(step_lines(read_log(out))) >= 3, 120, "step 3", proc)
+        per_rank = [scrape(port) for port in ports]
+        for samples in per_rank:
+            names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in samples}
+            assert CONTRACT_NAMES <= names
+            assert value(samples, "rnalm_train_steps_total") >= 3
+            assert value(samples, "rnalm_train_tokens_total") > 0 and value(samples, "rnalm_train_samples_total") > 0
+            assert 0 < value(samples, "rnalm_train_loss") < 10
+            assert value(samples, "rnalm_train_learning_rate") > 0
+            assert value(samples, "rnalm_train_step_duration_seconds_count") >= 3
+            assert value(samples, "rnalm_train_tokens_per_second") > 0
+            assert value(samples, "rnalm_device_memory_allocated_bytes") > 0
+            (info,) = samples["rnalm_run_info"]
+            assert info.labels["run_id"] == "metrics-test" and info.labels["world_size"] == "2"
+        signal_tree(proc, signal.SIGTERM)  # as Slurm does at the time limit: every process of the step
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc, signal.SIGKILL)
+    records = read_log(out)
+    stopped = events(records, "preempted")
+    assert len(stopped) == 1 and stopped[0]["step"] < 400
+    assert latest_tag(out / "checkpoints") == tag_for(stopped[0]["step"])

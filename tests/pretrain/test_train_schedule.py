@@ -1,0 +1,64 @@
+"""Warm-up + cosine LR schedule (RiNALMo defaults) and the DeepSpeed config the trainer builds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
+from pretrain.schedule import build_scheduler, warmup_cosine
+from rnalm.configfile import load
+
+
+def test_defaults_are_the_original_recipe():
+    s = warmup_cosine(OptimConfig(), max_steps=76_000)
+    assert s.lr(0) == pytest.approx(1e-7)
+    assert s.lr(1000) == pytest.approx(1e-7 + (5e-5 - 1e-7) / 2)
+    assert s.lr(2000) == pytest.approx(5e-5)
+    mid = 2000 + (76_000 - 2000) // 2
+    assert s.lr(mid) == pytest.approx((5e-5 + 1e-5) / 2)
+    assert s.lr(76_000) == pytest.approx(1e-5) and s.lr(90_000) == pytest.approx(1e-5)
+    lrs = [s.lr(i) for i in range(2000, 76_001, 500)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_scheduler_drives_the_optimizer_and_pickles_its_state():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = build_scheduler(opt, OptimConfig(lr=1e-3, min_lr=1e-4, warmup_start_lr=0.0, warmup_steps=4,
+                                             decay_steps=4), max_steps=100)
+    seen = []
+    for _ in range(9):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert seen[6] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 0.5)))
+    assert seen[8] == pytest.approx(1e-4)
+    state = sched.state_dict()
+    assert state["last_epoch"] == 9
+
+
+def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.grad_accum=3", "optim.grad_clip=0.5"])
+    ds = deepspeed_config(cfg, bf16=True)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0   # from ds_overrides
+    assert ds["zero_optimization"]["overlap_comm"] is True                     # from ds_configs/zero3.json
+    assert (ds["gradient_accumulation_steps"], ds["gradient_clipping"], ds["bf16"]) == (3, 0.5, {"enabled": True})
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 2.0}')
+    cfg.train.ds_config = str(bad)
+    with pytest.raises(ValueError, match="gradient_clipping.*set by the trainer"):
+        deepspeed_config(cfg, bf16=False)
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "nano", "micro", "mega", "giga"])
+def test_every_shipped_config_loads_and_validates(name):
+    cfg = load(PretrainConfig, f"pretrain/configs/{name}.yaml", ["data.shards=/somewhere"])
+    cfg.validate()
+    assert cfg.model.build().name == ("nano" if name == "tiny_cpu" else name)
+    for ds in ("zero3", "zero2", "zero3_offload"):
+        cfg.train.ds_config = f"ds_configs/{ds}.json"
+        assert deepspeed_config(cfg, bf16=True)["zero_optimization"]["stage"] in (2, 3)
