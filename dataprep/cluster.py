@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Clusters:
     cluster_id: np.ndarray  # int64 per kept record, 0..C-1 in order of the first member
     cluster_size: np.ndarray  # int64 per kept record
     index_in_cluster: np.ndarray  # int64 per kept record
+    tool_seconds: float = 0.0  # wall time of the mmseqs process itself
 
     @property
     def n_clusters(self) -> int:
@@ -151,8 +153,12 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig) -
     find_mmseqs(cfg.mmseqs)
     fasta = workdir / "input.fasta"
     width = write_input(store, keep, fasta)
+    t = time.perf_counter()
     tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
+    seconds = time.perf_counter() - t
     rep = parse_cluster_tsv(tsv, len(keep), width)
     for leftover in (fasta, tsv, Path(f"{workdir}/clu_rep_seq.fasta"), Path(f"{workdir}/clu_all_seqs.fasta")):
         leftover.unlink(missing_ok=True)
-    return assign(rep)
+    out = assign(rep)
+    out.tool_seconds = seconds
+    return out

@@ -203,6 +203,7 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     else:
         log(f"cluster: mmseqs easy-linclust on {len(keep):,} sequences (log: {stage.final / 'mmseqs.log'})")
         cl = clustering.cluster(store, keep, tmp, cfg.cluster)
+    (tmp / "mmseqs_seconds.txt").write_text(f"{cl.tool_seconds:.3f}\n")
     np.save(tmp / "keep.npy", keep)
     for name in CLUSTER_FIELDS[1:]:
         np.save(tmp / f"{name}.npy", getattr(cl, name))
@@ -262,6 +263,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
 
     cl_dir = stages["cluster"].final
+    if "cluster" in seconds:
+        seconds["mmseqs"] = float((cl_dir / "mmseqs_seconds.txt").read_text())
     keep = np.load(cl_dir / "keep.npy")
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)
