@@ -86,11 +86,12 @@ def main() -> None:
     shards = build(args)
     print(f"shards: {shards}  cpus: {os.cpu_count()}", file=sys.stderr)
     results = [measure(shards, w, args) for w in args.workers]
-    print("| workers | samples/s | tokens/s | tokens/s per worker | batch fill | x 200k tok/s |")
-    print("|---|---|---|---|---|---|")
+    print(f"token_budget {args.token_budget}, sampling {args.sampling}, {args.batches} batches")
+    print("| workers | samples/s | tokens/s | samples/s per worker | tokens/s per worker | batch fill | x 200k tok/s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['workers']} | {r['samples_per_s']:,} | {r['tokens_per_s']:,} | {r['tokens_per_s_per_worker']:,} "
-              f"| {r['fill']:.3f} | {r['x_trainer_target']} |")
+        print(f"| {r['workers']} | {r['samples_per_s']:,} | {r['tokens_per_s']:,} | {r['samples_per_s_per_worker']:,} "
+              f"| {r['tokens_per_s_per_worker']:,} | {r['fill']:.3f} | {r['x_trainer_target']} |")
     if args.out:
         with open(args.out, "a") as f:
             for r in results:
