@@ -45,6 +45,8 @@ class PackedArrays:
 
 
 class Packer:
+    """Cuts a stream of windows into batches; `flush()` ends the current batch early (end of a pass)."""
+
     def __init__(self, token_budget: int):
         self.budget = token_budget
         self._parts: list[Samples] = []

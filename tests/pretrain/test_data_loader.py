@@ -125,18 +125,20 @@ def test_resume_with_the_same_world_size_continues_the_exact_stream(shards, work
     assert got == full
 
 
-@pytest.mark.parametrize("old,new", [((2, 2), (1, 0)), ((1, 2), (3, 1)), ((2, 0), (1, 2))])
-def test_resume_with_another_world_size_repeats_nothing(shards, corpus, old, new):
-    (old_world, old_workers), (new_world, new_workers) = old, new
-    cfg = config(shards, sampling="uniform", infinite=False, num_workers=old_workers)
-    before = [PretrainLoader(cfg, r, old_world) for r in range(old_world)]
-    seen = [i for r, loader in enumerate(before) for i in sample_ids(take(loader, 4 + 3 * r))]
-    states = [loader.state_dict() for loader in before]
-    cfg = config(shards, sampling="uniform", infinite=False, num_workers=new_workers)
-    for r in range(new_world):
-        loader = PretrainLoader(cfg, r, new_world)
-        loader.load_state_dict(states)
-        seen += sample_ids(take(loader))
+@pytest.mark.parametrize("stages", [[(2, 2), (1, 0)], [(1, 2), (3, 1)], [(2, 0), (1, 2)],
+                                    [(2, 2), (3, 0), (3, 0), (1, 2)]])
+def test_resume_with_another_world_size_repeats_nothing(shards, corpus, stages):
+    """Each stage (world size, workers) reads a few batches per rank and hands over; the last one finishes."""
+    seen, states = [], None
+    for k, (world, workers) in enumerate(stages):
+        cfg = config(shards, sampling="uniform", infinite=False, num_workers=workers)
+        loaders = [PretrainLoader(cfg, r, world) for r in range(world)]
+        last = k == len(stages) - 1
+        for r, loader in enumerate(loaders):
+            if states:
+                loader.load_state_dict(states)
+            seen += sample_ids(take(loader, None if last else 3 + 2 * r))
+        states = [loader.state_dict() for loader in loaders]
     assert Counter(seen) == Counter(train_ids(corpus))
 
 
