@@ -13,7 +13,7 @@ import pytest
 
 from dataprep.shards import ShardError, read_manifest
 from pretrain.data import DataConfig, PretrainLoader
-from pretrain.data.synthetic import synthetic_corpus, write_shards
+from pretrain.data.synthetic import cluster_members, synthetic_corpus, write_shards
 from rnalm.tokenizer import CLS_ID, encode
 
 
@@ -275,3 +275,33 @@ def test_real_ncrna_records_come_out_as_their_tokens(ncrna_fasta, tmp_path):
                 assert len(got) == 510 and any(body[k:k + 510] == got for k in range(len(body) - 509))
             seen.append(b.ids[i])
     assert sorted(seen) == sorted(ids)
+
+
+def test_hand_over_while_streams_are_in_different_epochs(shards, corpus):
+    """Two workers' streams cross the epoch boundary at different times; a save in between is handed to one
+    stream, which first finishes epoch 0, then the rest of epoch 1: each epoch is delivered exactly once."""
+    from pretrain.data.sampling import cluster_pick
+
+    cfg = config(shards, num_workers=2)
+    train = corpus["split"] == "train"
+    size, index = (a[train] for a in cluster_members(corpus["cluster_id"]))  # as write_shards stores them
+    cid, ids = corpus["cluster_id"][train], np.array(corpus["ids"], dtype=object)[train]
+    picks = Counter()
+    for epoch in (0, 1):
+        picks.update(ids[cluster_pick(cfg.seed, epoch, cid, size) == index].tolist())
+
+    loader, seen = PretrainLoader(cfg), []
+    it = iter(loader)
+    for _ in range(200):
+        seen += next(it).ids
+        epochs = {s["pieces"][0][0] if s["pieces"] else s["next_epoch"] for s in loader.state_dict()["streams"]}
+        if len(epochs) == 2:
+            break
+    assert epochs == {0, 1}
+    states = [loader.state_dict()]
+    del it
+    after = PretrainLoader(config(shards, num_workers=0))
+    after.load_state_dict(states)
+    need = sum(picks.values()) - len(seen)
+    rest = sample_ids(take(after, need // 10 + 2))
+    assert Counter(seen + rest[:need]) == picks
