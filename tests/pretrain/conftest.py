@@ -24,7 +24,9 @@ def pretrain_shards(tmp_path_factory, ncrna_fasta) -> Path:
     if not script.exists():
         pytest.skip("dataprep/build_shards.py not present yet")
     out = tmp_path_factory.mktemp("shards") / "ncrna"
-    proc = subprocess.run([PY, str(script), "--input", str(ncrna_fasta), "--out", str(out), "--no-cluster"],
+    proc = subprocess.run([PY, str(script), "--input", str(ncrna_fasta), "--out", str(out), "--no-cluster",
+                           "--valid-fraction", "0.05", "--shard-records", "6000", "--block-records", "512",
+                           "--no-report", "--quiet"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"build_shards failed:\n{proc.stderr[-4000:]}"
     return out
