@@ -20,6 +20,7 @@ from .arrays import concat_ranges
 from .store import Store
 
 BUCKET_RECORDS = 4_000_000
+_CMP_CHUNK = 1 << 20
 
 
 @dataclass
@@ -48,16 +49,26 @@ def _same_bytes(blob: np.ndarray, off: np.ndarray, a: np.ndarray, b: np.ndarray)
     return same
 
 
-def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For records `sel` (ascending): (member, first) pairs for every record that is not the first (by key)
-    of its digest group. `key=None` means store order already is input order (a stable sort suffices)."""
-    order = np.argsort(digest[sel], kind="stable") if key is None else np.lexsort((key[sel], digest[sel]))
-    d = digest[sel][order]
-    new_group = np.ones(len(d), bool)
-    new_group[1:] = d[1:] != d[:-1]
-    group_first = np.maximum.accumulate(np.where(new_group, np.arange(len(d)), 0))
-    members = ~new_group
-    return sel[order[members]], sel[order[group_first[members]]]
+def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(member, first) store-index pairs for every record of `sel` (ascending; None = all) that is not the first,
+    by `key`, of its digest group. `key=None`: store order is input order, so a stable sort suffices.
+    Memory: the sort order (8 B/record) plus one bool per record; members are few."""
+    d = digest if sel is None else digest[sel]
+    if key is None:
+        order = np.argsort(d, kind="stable")
+    else:
+        order = np.lexsort((key if sel is None else key[sel], d))
+    same = np.empty(max(len(order) - 1, 0), bool)
+    for a in range(0, len(same), _CMP_CHUNK):  # chunked so no second sorted copy of the digests is held
+        b = min(a + _CMP_CHUNK, len(same))
+        w = d[order[a: b + 1]]
+        same[a:b] = w[1:] == w[:-1]
+    pos = np.flatnonzero(same) + 1  # sorted positions of non-first members; a run follows its first directly
+    run_start = np.ones(len(pos), bool)
+    run_start[1:] = pos[1:] != pos[:-1] + 1
+    first = (pos - 1)[run_start][np.cumsum(run_start) - 1]
+    m, f = order[pos], order[first]
+    return (m, f) if sel is None else (sel[m], sel[f])
 
 
 def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarray | None, buckets: list[int], nb: int,
@@ -65,11 +76,11 @@ def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarra
     out_m, out_f = [], []
     for b in buckets:
         if nb == 1:
-            sel = np.arange(len(digest)) if eligible is None else np.flatnonzero(eligible)
+            sel = None if eligible is None else np.flatnonzero(eligible)
         else:
             in_bucket = (digest % np.uint64(nb)) == np.uint64(b)
             sel = np.flatnonzero(in_bucket if eligible is None else in_bucket & eligible)
-        while len(sel):  # members that differ from their group's first are regrouped among themselves
+        while sel is None or len(sel):  # members that differ from their group's first are regrouped
             m, f = _group_members(digest, key, sel)
             ok = confirm(m, f)
             out_m.append(m[ok])
@@ -80,8 +91,7 @@ def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarra
 
 
 def _sort_key(store: Store) -> np.ndarray | None:
-    key = store.order_key
-    return None if len(key) < 2 or bool(np.all(key[1:] > key[:-1])) else key
+    return None if store.in_input_order else store.order_key
 
 
 def id_conflicts(store: Store, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -94,17 +104,18 @@ def id_conflicts(store: Store, buckets: list[int], nb: int) -> tuple[np.ndarray,
 
 def duplicates(store: Store, rejected: np.ndarray, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
     """(duplicate, representative) pairs among the records not `rejected` (bool mask)."""
-    return _bucket_pass(store.seqh, _sort_key(store), ~rejected, buckets, nb,
+    return _bucket_pass(store.seqh, _sort_key(store), ~rejected if rejected.any() else None, buckets, nb,
                         lambda a, b: _same_bytes(store.seq, store.seq_off, a, b))
 
 
 def finish(store: Store, conflict: np.ndarray, conflict_first: np.ndarray, dup: np.ndarray,
            dup_rep: np.ndarray) -> DedupResult:
-    drop = np.zeros(len(store), bool)
-    drop[conflict] = True
-    drop[dup] = True
-    keep = np.flatnonzero(~drop)
-    keep = keep[np.argsort(store.order_key[keep], kind="stable")]
+    keep = np.ones(len(store), bool)
+    keep[conflict] = False
+    keep[dup] = False
+    keep = np.flatnonzero(keep)
+    if not store.in_input_order:
+        keep = keep[np.argsort(store.order_key[keep], kind="stable")]
     return DedupResult(keep=keep, dup=dup, dup_rep=dup_rep, conflict=conflict, conflict_first=conflict_first)
 
 

@@ -213,13 +213,16 @@ class ShardWriter:
         self.blocks = self.records = self.tokens = 0
 
     def write(self, block: RecordBlock) -> None:
-        payload = self._cctx.compress(encode_block(block))
+        self.write_payload(self._cctx.compress(encode_block(block)), len(block), int(block.offsets[-1]))
+
+    def write_payload(self, payload: bytes, records: int, tokens: int) -> None:
+        """Append an already compressed block (`compress_block`), e.g. one made by a worker process."""
         info = tarfile.TarInfo(f"{self.blocks:06d}.{BLOCK_EXT}")
         info.size, info.mtime, info.mode = len(payload), 0, 0o644
         self._tar.addfile(info, io.BytesIO(payload))
         self.blocks += 1
-        self.records += len(block)
-        self.tokens += int(block.offsets[-1])
+        self.records += records
+        self.tokens += tokens
 
     def close(self) -> tuple[int, str]:
         """Finish the tar, fsync, rename into place; returns (bytes, sha256)."""

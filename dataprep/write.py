@@ -1,4 +1,4 @@
-"""Writing shard jobs (in parallel processes): gather records from the store, cut blocks, compress, tar."""
+"""Writing shards: worker processes gather and compress blocks from the store, the parent appends them to tars."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import RecordBlock, ShardInfo, ShardWriter
+from .shards import RecordBlock, ShardInfo, ShardWriter, compress_block
 from .split import ShardJob
 from .store import Store
 
@@ -30,34 +30,44 @@ def _open(ctx: WriteContext) -> tuple[Store, dict[str, np.ndarray]]:
     return Store(ctx.store_dir), cols
 
 
-def write_job(ctx: WriteContext, job: ShardJob) -> ShardInfo:
+def _block(ctx: WriteContext, pos: np.ndarray) -> RecordBlock:
+    """The records at kept-list positions `pos` (in that order) as one block."""
     store, cols = _open(ctx)
+    idx = np.asarray(cols["keep"][pos])
+    seq, off = store.gather_seqs(idx)
+    return RecordBlock(seq=seq, offsets=off, ids=store.ids_of(idx), cluster_id=np.asarray(cols["cluster_id"][pos]),
+                       cluster_size=np.asarray(cols["cluster_size"][pos]),
+                       index_in_cluster=np.asarray(cols["index_in_cluster"][pos]),
+                       source=np.asarray(store.source[idx]), labels=store.labels_of(idx))
+
+
+def _payload(args: tuple[WriteContext, np.ndarray]) -> tuple[bytes, int, int]:
+    ctx, pos = args
+    block = _block(ctx, pos)
+    return compress_block(block, ctx.zstd_level), len(block), int(block.offsets[-1])
+
+
+def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int) -> list[ShardInfo]:
+    """Write every job's shard in order; blocks are gathered and compressed by `workers` processes."""
+    pieces = [(ctx, j.records[a: a + ctx.block_records]) for j in jobs
+              for a in range(0, len(j.records), ctx.block_records)]
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(pieces) > 1 else None
+    try:
+        payloads = pool.imap(_payload, pieces, chunksize=2) if pool else map(_payload, pieces)
+        return [_write_one(ctx, job, payloads) for job in jobs]
+    finally:
+        if pool:
+            pool.terminate()
+
+
+def _write_one(ctx: WriteContext, job: ShardJob, payloads) -> ShardInfo:
     writer = ShardWriter(Path(ctx.out_dir) / job.path, level=ctx.zstd_level)
     try:
-        for a in range(0, len(job.records), ctx.block_records):
-            pos = job.records[a: a + ctx.block_records]
-            idx = np.asarray(cols["keep"][pos])
-            seq, off = store.gather_seqs(idx)
-            writer.write(RecordBlock(seq=seq, offsets=off, ids=store.ids_of(idx),
-                                     cluster_id=np.asarray(cols["cluster_id"][pos]),
-                                     cluster_size=np.asarray(cols["cluster_size"][pos]),
-                                     index_in_cluster=np.asarray(cols["index_in_cluster"][pos]),
-                                     source=np.asarray(store.source[idx]), labels=store.labels_of(idx)))
+        for _ in range(-(-len(job.records) // ctx.block_records)):
+            writer.write_payload(*next(payloads))
         nbytes, sha = writer.close()
     except BaseException:
         writer.abort()
         raise
     return ShardInfo(path=job.path, split=job.split, records=writer.records, blocks=writer.blocks,
                      tokens=writer.tokens, bytes=nbytes, sha256=sha)
-
-
-def _write_star(args: tuple[WriteContext, ShardJob]) -> ShardInfo:
-    return write_job(*args)
-
-
-def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int) -> list[ShardInfo]:
-    """Write every job, with `workers` processes when there is more than one job."""
-    if workers <= 1 or len(jobs) <= 1:
-        return [write_job(ctx, j) for j in jobs]
-    with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-        return list(pool.imap(_write_star, [(ctx, j) for j in jobs]))
