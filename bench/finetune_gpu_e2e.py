@@ -12,10 +12,14 @@ of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked
     python bench/finetune_gpu_e2e.py --stage all        # everything in order
 
 `--tiny` runs the same pipeline with a 2-layer model and a handful of steps on CPU (smoke test of the script).
+`--export DIR` copies the few result files (logs, results JSON, table) flat into DIR (e.g. the device's $OUT).
+RNAfold (ViennaRNA) runs where it is installed; if the fine-tune stage ran without it, `--stage table` adds
+the RNAfold row on the same TS0 records (run it on the CPU machine, beside the fetched results).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import gzip
 import json
 import os
@@ -25,6 +29,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("RNALM_SHARED_DATA", REPO.parent / "shared" / "data"))
 STAGES = ("data", "pretrain", "convert", "ft", "ft-random", "table")
 
@@ -57,7 +62,7 @@ def stage_data(work: Path, args) -> None:
 
 def stage_pretrain(work: Path, args) -> None:
     config = "pretrain/configs/tiny_cpu.yaml" if args.tiny else "pretrain/configs/micro.yaml"
-    steps = args.pretrain_steps or (30 if args.tiny else 1500)
+    steps = args.pretrain_steps or (30 if args.tiny else 2000)
     sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "pretrain.train", "--config", config,
         f"--data.shards={work / 'shards'}", f"--train.out_dir={work / 'pretrain'}", f"--train.max_steps={steps}",
         f"--optim.warmup_steps={max(steps // 10, 1)}", f"--checkpoint.every={steps}",
@@ -73,24 +78,45 @@ def finetune_cmd(work: Path, args, random: bool) -> list[str]:
     model = ([f"--model.random_preset={'nano' if args.tiny else 'micro'}"]
              + (['--model.overrides={dim: 64, num_layers: 2, num_heads: 4}'] if args.tiny else [])
              if random else [f"--model.path={work / 'micro_converted'}"])
+    rnafold = not random and importlib.util.find_spec("RNA") is not None
     quick = (["--data.limit_train=64", "--data.limit_valid=16", "--data.limit_test=16", "--train.epochs=2"]
              if args.tiny else [f"--train.epochs={args.ft_epochs}"])
     return [sys.executable, "-m", "finetune", "ss", "train", *model, f"--data.root={DATA}", "--data.dataset=bprna",
             f"--train.out_dir={out}", "--train.batch_size=8", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
             f"--train.precision={'fp32' if args.tiny else 'bf16'}", "--train.progress=false",
             "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--unfreeze.blocks_per_step=4",
-            "--unfreeze.max_blocks=12", f"--eval.rnafold={'false' if random else 'true'}", *quick]
+            "--unfreeze.max_blocks=12", f"--eval.rnafold={str(rnafold).lower()}", *quick]
 
 
 def stage_table(work: Path, args) -> None:
+    from finetune.results import markdown_table, write_json
+
     pre = json.loads((work / "ss_pretrained" / "results.json").read_text())
     rnd = json.loads((work / "ss_random" / "results.json").read_text())
-    rows = {**{f"{k} (pretrained on ncRNA, no bpRNA)" if k != "RNAfold" else k: v for k, v in pre["rows"].items()},
-            **{k: v for k, v in rnd["rows"].items() if k != "RNAfold"}}
-    from finetune.results import markdown_table
+    rows = {f"{k} (pretrained on ncRNA without bpRNA)": v for k, v in pre["rows"].items() if k != "RNAfold"}
+    rows.update({k: v for k, v in rnd["rows"].items() if k != "RNAfold"})
+    if "RNAfold" in pre["rows"]:
+        rows["RNAfold"] = pre["rows"]["RNAfold"]
+    else:  # fine-tuned where ViennaRNA is missing: score RNAfold here on the same TS0 records
+        from finetune.tasks.ss import SSDataConfig, load_splits, rnafold_row
+        limit = pre["splits"]["test"]
+        rows["RNAfold"] = rnafold_row(load_splits(SSDataConfig(root=str(DATA), limit_test=limit)).test)
     table = markdown_table(rows, ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "threshold"), "model")
     (work / "table.md").write_text(table)
+    write_json({"rows": rows, "pretrained_history": pre["history"], "random_history": rnd["history"]},
+               work / "table.json")
     print(table)
+
+
+def export(work: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for src, name in ((work / "pretrain" / "log.jsonl", "pretrain_log.jsonl"),
+                      (work / "micro_converted" / "config.json", "converted_config.json"),
+                      (work / "ss_pretrained" / "results.json", "ss_pretrained_results.json"),
+                      (work / "ss_random" / "results.json", "ss_random_results.json"),
+                      (work / "table.md", "table.md")):
+        if src.exists():
+            shutil.copy(src, dest / name)
 
 
 def main() -> None:
@@ -100,6 +126,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a 2-layer model")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--ft-epochs", type=int, default=12)
+    ap.add_argument("--export", type=Path, default=None, help="copy the result files flat into this directory")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"data": stage_data, "pretrain": stage_pretrain, "convert": stage_convert,
@@ -107,6 +134,8 @@ def main() -> None:
            "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
     for stage in STAGES if args.stage == "all" else (args.stage,):
         run[stage](args.work, args)
+    if args.export:
+        export(args.work, args.export)
 
 
 if __name__ == "__main__":

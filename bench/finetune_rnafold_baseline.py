@@ -8,7 +8,6 @@ Single process, CPU; ArchiveII's long rRNAs dominate the time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

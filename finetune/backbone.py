@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,7 +133,3 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[Ta
     model = TaskModel(lm, head)
     model.load_state_dict(load_file(str(model_dir / FT_WEIGHTS), device=map_location))
     return model.eval(), meta
-
-
-def head_meta(head_cfg) -> dict[str, Any]:
-    return asdict(head_cfg)

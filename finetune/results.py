@@ -9,14 +9,18 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(obj: Any, path: str | Path) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fmt(v: Any) -> str:
@@ -31,3 +35,9 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str]
     for name, row in rows.items():
         lines.append("| " + " | ".join([name, *(_fmt(row[c]) if c in row else "" for c in columns)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(out_dir: str | Path, name: str, result: Mapping[str, Any], table: str) -> None:
+    """OUT/<name>.json (everything) and OUT/<name>.md (the table), both atomically."""
+    write_json(result, Path(out_dir) / f"{name}.json")
+    atomic_write_text(Path(out_dir) / f"{name}.md", table)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 import string
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from finetune.results import atomic_write_text
 
 # Bracket levels in the order pseudoknot depth is written: () [] {} <> then Aa Bb ... Zz.
 BRACKETS: tuple[tuple[str, str], ...] = (("(", ")"), ("[", "]"), ("{", "}"), ("<", ">")) + tuple(
@@ -140,7 +140,7 @@ def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecor
 def write_bpseq(record: StructureRecord, path: str | Path) -> None:
     partner = pairs_to_partner(record.pairs, len(record))
     lines = [f"# {record.id}"] + [f"{i + 1} {b} {p + 1}" for i, (b, p) in enumerate(zip(record.sequence, partner))]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- ct
@@ -184,7 +184,7 @@ def format_ct(record: StructureRecord) -> str:
 
 def write_ct(records: StructureRecord | Iterable[StructureRecord], path: str | Path) -> None:
     recs = [records] if isinstance(records, StructureRecord) else list(records)
-    _atomic_write(path, "".join(format_ct(r) for r in recs))
+    atomic_write_text(path, "".join(format_ct(r) for r in recs))
 
 
 # ---------------------------------------------------------------- dot-bracket CSV / FASTA-like text
@@ -302,12 +302,3 @@ def _open_text(path: Path) -> io.TextIOBase:
     if not path.exists():
         raise StructureError(f"{path}: file not found")
     return gzip.open(path, "rt") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def _atomic_write(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -21,7 +21,7 @@ from sklearn.metrics import r2_score
 
 from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, RibosomeLoadHead
-from finetune.results import markdown_table, write_json
+from finetune.results import markdown_table, write_results
 from finetune.tasks.common import DEFAULT_DATA_ROOT, batched_inference, minibatches, model_device, tokens_for
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -152,8 +152,7 @@ def train(cfg: MRLConfig) -> dict[str, Any]:
               "history": history, "splits": {k: len(v) for k, v in splits.items()},
               "note": "only Sample et al. test sets exist in shared data: this file was split at random "
                       f"(seed {cfg.data.seed}) into train/valid/test; not comparable to the paper's split"}
-    write_json(result, out / "results.json")
-    (out / "results.md").write_text(markdown_table(rows, COLUMNS, "test subset"))
+    write_results(out, "results", result, markdown_table(rows, COLUMNS, "test subset"))
     return result
 
 
@@ -164,6 +163,5 @@ def evaluate(cfg: MRLConfig) -> dict[str, Any]:
                              cfg.train.eval_batch_size, cfg.train.progress)
     out = Path(cfg.train.out_dir)
     result = {"task": "mrl", "model": cfg.model.path, "rows": rows}
-    write_json(result, out / "eval_results.json")
-    (out / "eval_results.md").write_text(markdown_table(rows, COLUMNS, "test subset"))
+    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS, "test subset"))
     return result

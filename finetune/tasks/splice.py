@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, SpliceSiteHead
-from finetune.results import markdown_table, write_json
+from finetune.results import markdown_table, write_results
 from finetune.tasks.common import DEFAULT_DATA_ROOT, batched_inference, minibatches, model_device, tokens_for
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -127,8 +127,7 @@ def train(cfg: SpliceConfig) -> dict[str, Any]:
     result = {"task": "splice", "model": lm.config.name, "rows": rows, "history": history,
               "splits": {k: len(v) for k, v in splits.items()},
               "note": "train/valid = GUE dev minus sequences also in test (90/10 random split); test = GUE test"}
-    write_json(result, out / "results.json")
-    (out / "results.md").write_text(markdown_table(rows, COLUMNS))
+    write_results(out, "results", result, markdown_table(rows, COLUMNS))
     return result
 
 
@@ -139,6 +138,5 @@ def evaluate(cfg: SpliceConfig) -> dict[str, Any]:
                                                  cfg.train.progress)}
     out = Path(cfg.train.out_dir)
     result = {"task": "splice", "model": cfg.model.path, "rows": rows}
-    write_json(result, out / "eval_results.json")
-    (out / "eval_results.md").write_text(markdown_table(rows, COLUMNS))
+    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS))
     return result

@@ -18,7 +18,7 @@ from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_fin
 from finetune.heads import HeadConfig, SecondaryStructureHead, upper_triangle_bce
 from finetune.metrics import mean_scores, ss_report
 from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pairs
-from finetune.results import markdown_table, write_json
+from finetune.results import markdown_table, write_results
 from finetune.rnafold import rnafold_pairs
 from finetune.ss_data import ARCHIVEII_FAMILIES, SSSplits, archiveii_fold, bprna_splits, load_archiveii
 from finetune.structure import StructureRecord, pairs_to_matrix
@@ -27,6 +27,7 @@ from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
 TABLE_COLUMNS = ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "threshold")
+SUMMARY_COLUMNS = ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift")
 
 
 @dataclass
@@ -158,13 +159,18 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[s
     result = {"task": "ss", "test_set": _test_name(cfg.data, family), "rows": rows, "data": splits.info,
               "splits": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
               "history": history}
-    write_json(result, out_dir / "results.json")
-    (out_dir / "results.md").write_text(f"### {result['test_set']}\n\n" + markdown_table(rows, TABLE_COLUMNS, "model"))
+    write_results(out_dir, "results", result, _titled_table(result))
     return result
 
 
 def _test_name(cfg: SSDataConfig, family: str | None) -> str:
-    return "bpRNA TS0" if cfg.dataset == "bprna" else f"ArchiveII {family or fold_families(cfg.test_family)[0]} (held-out family)"
+    if cfg.dataset == "bprna":
+        return "bpRNA TS0"
+    return f"ArchiveII {family or fold_families(cfg.test_family)[0]} (held-out family)"
+
+
+def _titled_table(result: dict[str, Any]) -> str:
+    return f"### {result['test_set']}\n\n" + markdown_table(result["rows"], TABLE_COLUMNS, "model")
 
 
 def fold_families(test_family: str) -> list[str]:
@@ -194,9 +200,7 @@ def train(cfg: SSConfig) -> dict[str, Any]:
     rows[f"mean of {len(families)} families"] = {k: float(np.mean([rows[f][k] for f in families])) for k in numeric}
     summary = {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "rows": rows,
                "removed_near_duplicates": {f: r["data"]["removed_near_duplicates"] for f, r in folds.items()}}
-    write_json(summary, out / "results.json")
-    (out / "results.md").write_text(markdown_table(rows, ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift"),
-                                                   "held-out family"))
+    write_results(out, "results", summary, markdown_table(rows, SUMMARY_COLUMNS, "held-out family"))
     return summary
 
 
@@ -211,6 +215,5 @@ def evaluate(cfg: SSConfig) -> dict[str, Any]:
         rows["RNAfold"] = rnafold_row(splits.test)
     out = Path(cfg.train.out_dir)
     result = {"task": "ss", "test_set": _test_name(cfg.data, None), "model": cfg.model.path, "rows": rows}
-    write_json(result, out / "eval_results.json")
-    (out / "eval_results.md").write_text(f"### {result['test_set']}\n\n" + markdown_table(rows, TABLE_COLUMNS, "model"))
+    write_results(out, "eval_results", result, _titled_table(result))
     return result
