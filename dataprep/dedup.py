@@ -21,6 +21,7 @@ from .store import Store
 
 BUCKET_RECORDS = 4_000_000
 _CMP_CHUNK = 1 << 20
+_PAIR_CHUNK = 4096
 
 
 @dataclass
@@ -37,15 +38,15 @@ def n_buckets(n: int, bucket_records: int = BUCKET_RECORDS) -> int:
 
 
 def _same_bytes(blob: np.ndarray, off: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per pair (a[i], b[i]): do the two records hold identical bytes?"""
+    """Per pair (a[i], b[i]): do the two records hold identical bytes? (chunked: bounded temporaries)"""
     la, lb = off[a + 1] - off[a], off[b + 1] - off[b]
     same = la == lb
     idx = np.flatnonzero(same & (la > 0))
-    if len(idx):
-        lens = la[idx]
-        diff = blob[concat_ranges(off[a[idx]], lens)] != blob[concat_ranges(off[b[idx]], lens)]
-        starts = np.cumsum(lens) - lens
-        same[idx] = ~np.logical_or.reduceat(diff, starts)
+    for c in range(0, len(idx), _PAIR_CHUNK):
+        i = idx[c: c + _PAIR_CHUNK]
+        lens = la[i]
+        diff = blob[concat_ranges(off[a[i]], lens)] != blob[concat_ranges(off[b[i]], lens)]
+        same[i] = ~np.logical_or.reduceat(diff, np.cumsum(lens) - lens)
     return same
 
 

@@ -77,7 +77,7 @@ class _Prefixed:
 
 @dataclass
 class Chunk:
-    data: bytes  # whole records (or, for the first chunk, whatever precedes the first header too)
+    data: bytes | memoryview  # whole records (or, for the first chunk, whatever precedes the first header too)
     first_line: int  # 1-based line number of data[0]
     oversized: tuple[bytes, int] | None = None  # (header line, sequence length) of a streamed-past record
 
@@ -149,9 +149,9 @@ class FastaStream:
                 return
             cut = buf.rfind(b"\n>")
             if cut >= 0:
-                out, carry = buf[: cut + 1], buf[cut + 1:]
-                yield Chunk(out, line)
-                line += out.count(b"\n")
+                carry = buf[cut + 1:]
+                yield Chunk(memoryview(buf)[: cut + 1], line)  # no copy of the chunk
+                line += buf.count(b"\n", 0, cut + 1)
             elif len(buf) > self.max_record_bytes and buf.startswith(b">"):
                 header, seq_len, lines, carry = self._stream_past(stream, buf)
                 yield Chunk(b"", line, oversized=(header, seq_len))

@@ -29,8 +29,6 @@ def _norm_table() -> bytes:
 
 
 NORM_TABLE = _norm_table()
-_IS_WS = np.zeros(256, bool)
-_IS_WS[list(b" \t\r\n\v\f")] = True
 _IS_CTRL = np.zeros(256, bool)
 _IS_CTRL[[c for c in range(32) if c not in b"\t\r\n\v\f"] + [127]] = True
 
@@ -70,8 +68,8 @@ def _first_per_record(pos: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
 
 def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChunk:
     """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one)."""
-    if not data.endswith(b"\n"):
-        data += b"\n"
+    if data[-1:] != b"\n":
+        data = bytes(data) + b"\n"
     a = np.frombuffer(data, np.uint8)
     keep = a == 10
     nl = np.flatnonzero(keep)
@@ -88,9 +86,9 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     hdr_idx = concat_ranges(hs, hdr_len)
     hdr = a[hdr_idx]
     hdr_off = np.concatenate(([0], np.cumsum(hdr_len)))
-    ws = np.flatnonzero(_IS_WS[hdr])
+    low = np.flatnonzero(hdr <= 32)  # whitespace and control characters; every header ends with one ("\n")
     id_start = hdr_off[:-1] + 1
-    id_end = ws[np.searchsorted(ws, id_start)]
+    id_end = low[np.searchsorted(low, id_start)]
     id_len = (id_end - id_start).astype(np.int32)
 
     # ---- sequences: every byte that is neither a newline nor in a header line, in order
@@ -121,7 +119,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         padded = np.delete(padded, ws_pos)
     seq_off = np.concatenate(([0], np.cumsum(seq_len)))
 
-    _header_rejects(hdr, hdr_off, id_len, reasons)
+    _header_rejects(hdr, hdr_off, low, id_len, reasons)
     for r in np.flatnonzero(seq_len == 0).tolist():
         reasons.setdefault(r, "empty sequence (header without sequence)")
     for r in np.flatnonzero((seq_len > 0) & (seq_len < cfg.min_len)).tolist():
@@ -151,15 +149,18 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     return out if ok.all() else _select(out, ok, seq_off, id_off)
 
 
-def _header_rejects(hdr: np.ndarray, hdr_off: np.ndarray, id_len: np.ndarray, reasons: dict[int, str]) -> None:
+def _header_rejects(hdr: np.ndarray, hdr_off: np.ndarray, low: np.ndarray, id_len: np.ndarray,
+                    reasons: dict[int, str]) -> None:
     for r in np.flatnonzero(id_len == 0).tolist():
         reasons.setdefault(r, "empty record id (nothing after '>')")
-    ctrl = np.flatnonzero(_IS_CTRL[hdr])
+    ctrl = low[_IS_CTRL[hdr[low]]]
+    if hdr[-1:].size and hdr.max() == 127:
+        ctrl = np.union1d(ctrl, np.flatnonzero(hdr == 127))
     if len(ctrl):
         recs, pos = _first_per_record(ctrl, hdr_off)
         for r, p in zip(recs.tolist(), pos.tolist()):
             reasons.setdefault(r, f"control character 0x{hdr[p]:02x} in header (binary data?)")
-    high = np.flatnonzero(hdr >= 0x80)
+    high = np.flatnonzero(hdr >= 0x80) if hdr.max(initial=0) >= 0x80 else ()
     if len(high):
         for r in np.unique(np.searchsorted(hdr_off, high, side="right") - 1).tolist():
             try:
