@@ -1,6 +1,6 @@
-"""Training FLOPs of a packed step and model FLOPs utilisation (MFU); the one formula metrics and bench use.
+"""Training FLOPs of a packed step and model FLOPs utilisation (MFU), as the trainer's metrics and the bench use them.
 
-FLOPs(step) = sum over sequences i of L_i * model.flops_per_token(L_i, head_fraction), i.e.
+The formula lives in rnalm.model (`RiNALMo.training_flops` / `flops_per_token`); here it is applied to a step:
     6 * N_encoder * T  +  6 * N_head * M  +  12 * layers * dim * sum_i L_i^2
 with T the real (non-pad) tokens, M the masked tokens (the MLM head runs only there), N_encoder the
 parameters without the embedding lookup and the MLM head, N_head the MLM head's parameters; the last
@@ -25,12 +25,12 @@ class FlopCounter:
             self._model = RiNALMo(cfg)
 
     def step_flops(self, lengths: Sequence[int] | torch.Tensor, masked_tokens: int) -> float:
+        """FLOPs of forward + backward over sequences of these real lengths, MLM head on `masked_tokens` rows."""
         lengths = torch.as_tensor(lengths, dtype=torch.float64)
         tokens = float(lengths.sum())
         if tokens == 0:
             return 0.0
-        mean_attended = float((lengths * lengths).sum()) / tokens  # so that T * 12*l*d*this = 12*l*d*sum L^2
-        return tokens * self._model.flops_per_token(mean_attended, head_fraction=masked_tokens / tokens)
+        return self._model.training_flops(lengths, head_fraction=masked_tokens / tokens)
 
 
 def mfu(flops: float, seconds: float, devices: int = 1, peak_flops: float = H100_BF16_DENSE_FLOPS) -> float:

@@ -27,7 +27,7 @@ from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer
                                  read_trainer_state)
 from pretrain.config import PretrainConfig, deepspeed_config
 from pretrain.data import PretrainLoader
-from pretrain.metrics import TrainMetrics
+from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
 from pretrain.schedule import build_scheduler
 from rnalm.batch import IGNORE_INDEX, PackedBatch
@@ -252,7 +252,8 @@ class Trainer:
         tokens_per_s = r.tokens / seconds
         self._log(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
                   samples=self.samples, tokens_per_s=tokens_per_s, mfu=global_mfu, samples_sha1=r.ids_digest,
-                  step_tokens=r.tokens, masked_tokens=r.masked, step_seconds=seconds, loader_wait_s=wait)
+                  step_tokens=r.tokens, masked_tokens=r.masked, step_flops=r.flops, step_seconds=seconds,
+                  loader_wait_s=wait, memory_peak_bytes=device_memory()[1])
         if self.rank == 0 and (self.step % self.cfg.train.log_every == 0 or self.step == 1):
             _eprint(f"step {self.step}/{self.cfg.train.max_steps} | loss {r.loss:.4f} | lr {lr:.2e} | "
                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {global_mfu:.2%} | "
