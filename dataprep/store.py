@@ -5,13 +5,14 @@ field is one fixed-width column file. The store is append-only while it is writt
 """
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .arrays import concat_ranges, offsets_from_lengths
+from .arrays import offsets_from_lengths
 from .normalize import ParsedChunk
 
 COLUMNS: dict[str, type] = {"seq_len": np.int64, "id_len": np.int32, "label_len": np.int32, "line": np.int64,
@@ -84,6 +85,7 @@ class Store:
         self.seq_off = offsets_from_lengths(self.seq_len)
         self.id_off = offsets_from_lengths(self.id_len.astype(np.int64) + 1)
         self.label_off = offsets_from_lengths(self.label_len.astype(np.int64) + 1) if self.has_labels else None
+        self._mmaps: dict[str, mmap.mmap] = {}
 
     def __len__(self) -> int:
         return len(self.seq_len)
@@ -107,18 +109,31 @@ class Store:
             self._in_order = ok
         return self._in_order
 
+    def _bytes(self, name: str, off: np.ndarray, idx: np.ndarray) -> bytes:
+        """Concatenated bytes of records `idx` from blob file `name`: one slice per run of consecutive records."""
+        mm = self._mmaps.get(name)
+        if mm is None:
+            path = self.dir / f"{name}.bin"
+            if path.stat().st_size == 0:
+                return b""
+            with open(path, "rb") as f:
+                mm = self._mmaps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        idx = np.asarray(idx, np.int64)
+        if len(idx) == 0:
+            return b""
+        brk = np.flatnonzero(idx[1:] != idx[:-1] + 1) + 1
+        first, last = np.concatenate(([0], brk)), np.concatenate((brk, [len(idx)])) - 1
+        starts, ends = off[idx[first]].tolist(), off[idx[last] + 1].tolist()
+        return b"".join([mm[a:b] for a, b in zip(starts, ends)])
+
     def gather_seqs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(concatenated sequences, offsets) of the records `idx`, in that order."""
-        lens = self.seq_len[idx]
-        return self.seq[concat_ranges(self.seq_off[idx], lens)], offsets_from_lengths(lens)
-
-    def gather_text(self, blob: np.ndarray, off: np.ndarray, idx: np.ndarray) -> list[str]:
-        """Ids or labels ("x\\n" per record) of the records `idx` as strings."""
-        raw = blob[concat_ranges(off[idx], off[idx + 1] - off[idx])].tobytes()
-        return raw.decode("utf-8", "backslashreplace").split("\n")[:-1]
+        return np.frombuffer(self._bytes("seq", self.seq_off, idx), np.uint8), offsets_from_lengths(self.seq_len[idx])
 
     def ids_of(self, idx: np.ndarray) -> list[str]:
-        return self.gather_text(self.ids, self.id_off, idx)
+        return self._bytes("ids", self.id_off, idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
 
     def labels_of(self, idx: np.ndarray) -> list[str] | None:
-        return self.gather_text(self.labels, self.label_off, idx) if self.has_labels else None
+        if not self.has_labels:
+            return None
+        return self._bytes("labels", self.label_off, idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
