@@ -158,3 +158,34 @@ def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, cop
     assert resumed[0]["lr"] < before["lr"]  # the cosine schedule went on from step 12
     assert all(r["loss"] < 3.0 for r in resumed)  # trained weights, not a fresh model
     assert latest_tag(out / "checkpoints") == tag_for(14)
+
+
+def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretrain_shards, tmp_path):
+    """The engine's first step (2 ranks x 2 micro-batches, no dropout) against one process computing
+    sum(CE over every masked token of the 4 micro-batches) / their count on the same initial weights."""
+    import torch
+
+    from pretrain.data import PretrainLoader
+    from pretrain.train import masked_index, mlm_sums
+    from rnalm.model import RiNALMo
+
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=1", "--model.attn_dropout=0", "--model.residual_dropout=0",
+                "--checkpoint.every=0", "--checkpoint.save_at_end=false")
+    engine_step = step_lines(read_log(out))[0]
+    cfg = load(PretrainConfig, out / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    model = RiNALMo(cfg.model.build()).train()
+    micro = [b for rank in range(2) for b, _ in zip(PretrainLoader(cfg.data, rank=rank, world_size=2), range(2))]
+    ce_sum, masked = 0.0, 0
+    for b in micro:
+        index = masked_index(b)
+        ce, _ = mlm_sums(model.forward_packed(b, logits_index=index).logits, b.targets[index])
+        ce_sum = ce_sum + ce
+        masked += index.numel()
+    loss = ce_sum / masked
+    loss.backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
+    assert masked == engine_step["masked_tokens"]
+    assert engine_step["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert engine_step["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
