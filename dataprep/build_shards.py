@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     for name in ("min_len", "max_len", "block_records", "workers", "threads", "dedup_bucket_records"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.mpi and "-" in a.input:
+        p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
     if a.chunk_mb <= 0:
         p.error("--chunk-mb must be > 0")
     if a.min_len > a.max_len:

@@ -121,7 +121,8 @@ class FastaStream:
         try:
             return stream.read(n)
         except EOFError as e:
-            raise InputError(f"{self.path}: truncated {self.compression} input after {self.bytes} bytes ({e})") from None
+            raise InputError(f"{self.path}: truncated {self.compression} input after {self.bytes} bytes "
+                             f"({e})") from None
         except (OSError, zlib.error, zstandard.ZstdError) as e:
             raise InputError(f"{self.path}: corrupt {self.compression} input after {self.bytes} bytes ({e})") from None
 

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import zstandard
 
 from . import cluster as clustering
 from . import dedup as dd
-from .cluster import ClusterConfig, Clusters
+from .cluster import ClusterConfig
 from .comm import SerialComm
 from .errors import InputError
 from .fasta import FastaStream
@@ -390,7 +390,3 @@ def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> N
     text = "kept_id\tduplicate_id\tduplicate_source\tduplicate_line\n" + "".join(
         f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows)
     _write_text_atomic(out / "duplicates.tsv", text)
-
-
-def with_inputs(cfg: BuildConfig, inputs: list[str]) -> BuildConfig:
-    return replace(cfg, inputs=tuple(inputs))

@@ -90,7 +90,8 @@ def test_empty_id(tmp_path, fasta, header):
 
 
 def test_non_utf8_header(tmp_path, fasta):
-    rejects, _ = rejects_of(tmp_path, fasta(b">bad\xff\xfeid x\n" + ACGU20.encode() + b"\n>ok\n" + ACGU20.encode() + b"\n"))
+    body = ACGU20.encode()
+    rejects, _ = rejects_of(tmp_path, fasta(b">bad\xff\xfeid x\n" + body + b"\n>ok\n" + body + b"\n"))
     (rid, reason), = rejects.items()
     assert "not valid UTF-8" in reason and rid.startswith("bad")
 
