@@ -117,7 +117,12 @@ on_usr1() {
   INTERRUPTED=1
   PREEMPTED=1
   log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
-  scancel --signal=USR1 "$SLURM_JOB_ID"   # to the job steps (the ranks), not to this shell
+  if [ -n "${STEP_PID:-}" ] && [ -z "${FORWARDER:-}" ]; then
+    # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
+    # until the trainer has installed its handler (see the srun line).
+    ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &
+    FORWARDER=$!
+  fi
 }
 on_term() {
   INTERRUPTED=1
@@ -127,11 +132,22 @@ trap on_usr1 USR1
 trap on_term TERM
 trap remove_targets EXIT
 
+requeue() {
+  [ -n "${FORWARDER:-}" ] && kill "$FORWARDER" 2>/dev/null
+  remove_targets
+  log "requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed"
+  exit 0
+}
+
 # --------------------------------------------------------------------------------------------- run
 write_targets
+[ "$PREEMPTED" = 1 ] && requeue   # signalled before the ranks started: nothing to save
+# Each task: its rank from Slurm, and USR1 ignored until the trainer installs its handler (an early USR1 must
+# not kill a rank that is still starting up; the forwarder above repeats it).
 # shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
 srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-  bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
+  bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
   "$PYTHON" -m pretrain.train --config "$CONFIG" "${OVERRIDES[@]}" &
 STEP_PID=$!
 
@@ -146,9 +162,6 @@ log "training step ended with exit code $RC"
 
 if [ "$PREEMPTED" = 1 ]; then
   [ "$RC" = 0 ] || log "warning: the ranks did not exit cleanly; the rerun resumes from the newest good checkpoint"
-  remove_targets
-  log "requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed"
-  exit 0
+  requeue
 fi
 exit "$RC"

@@ -19,11 +19,12 @@ STEPS = 60
 TRAIN_ARGS = ("--train.valid_every=0", "--checkpoint.every=20", "--train.log_every=20")
 
 
-def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml"):
+def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml",
+           sbatch_args: tuple[str, ...] = ()):
     """CPU mode: no GPUs, 2 tasks of 1 CPU on the one node; everything else is the script's defaults."""
     run.mkdir(parents=True, exist_ok=True)
     return slurm.sbatch(
-        "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--job-name=rnalm-test",
+        "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--job-name=rnalm-test", *sbatch_args,
         f"--output={run}/slurm-%j.out", str(REPO / "deploy/slurm/pretrain.sh"), config,
         f"--data.shards={shards}", f"--train.out_dir={run / 'out'}", f"--train.max_steps={STEPS}", *TRAIN_ARGS,
         f"--metrics.port_base={free_port(2)}", *overrides,
@@ -137,3 +138,26 @@ def test_missing_config_fails_the_job_with_a_clear_message(slurm, synthetic_shar
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
     assert info["JobState"] == "FAILED"
     assert "config file pretrain/configs/no_such.yaml not found" in batch_output(tmp_path, job_id)
+
+
+def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shards, tmp_path):
+    """Slurm itself sends USR1 before the time limit (--signal=B:USR1@40 with --time=1; slurmctld checks
+    limits about every 30 s); the job checkpoints, requeues and the rerun resumes. The rerun would be
+    signalled again a minute later, so the test cancels it once it has resumed."""
+    job_id = submit(slurm, synthetic_shards, tmp_path, "--train.max_steps=100000", "--checkpoint.every=0",
+                    sbatch_args=("--time=1", "--signal=B:USR1@40"))
+    log_path = tmp_path / "out" / "log.jsonl"
+
+    def resumed():
+        return log_path.exists() and len(events(read_jsonl(log_path), "start")) == 2
+
+    try:
+        wait_until(resumed, 200, interval=1, what="the requeued run to start")
+    finally:
+        slurm.cmd("scancel", job_id)
+    log = read_jsonl(log_path)
+    (preempted,) = events(log, "preempted")[:1]
+    assert preempted["step"] > 0
+    assert events(log, "start")[1]["resumed_from"] == events(log, "checkpoint")[0]["tag"]
+    assert events(log, "start")[1]["step"] == preempted["step"]
+    assert slurm.job(job_id)["Restarts"] == "1"
