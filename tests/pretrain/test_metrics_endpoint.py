@@ -35,7 +35,7 @@ def test_every_rank_serves_live_metrics_and_sigterm_saves_and_stops(pretrain_sha
             assert value(samples, "rnalm_device_memory_allocated_bytes") > 0
             (info,) = samples["rnalm_run_info"]
             assert info.labels["run_id"] == "metrics-test" and info.labels["world_size"] == "2"
-        signal_tree(proc, signal.SIGTERM)  # as Slurm does at the time limit: every process of the step
+        proc.send_signal(signal.SIGTERM)  # to torchrun only: it passes SIGTERM on to its workers
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
