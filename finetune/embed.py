@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from finetune.backbone import BackboneConfig, load_backbone
-from finetune.structure import read_fasta
+from finetune.structure import read_fasta, warn_unknown_letters
 from finetune.tasks.common import batched_inference, tokens_for
 from finetune.trainer import pick_device
 
@@ -27,7 +27,7 @@ class EmbedConfig:
     out: str = "embeddings"
     label_key: str = "class"         # header field `key=value` used to colour the plot (e.g. class, rfam_id, family)
     max_len: int = 1022              # longer sequences are embedded from their first max_len nucleotides
-    limit: int | None = None
+    limit: int | None = None         # embed a seeded random sample of this many records
     batch_size: int = 16
     device: str = "auto"
     plot: Literal["auto", "tsne", "pca", "none"] = "auto"
@@ -46,7 +46,11 @@ def header_label(description: str, key: str) -> str | None:
 def embed(cfg: EmbedConfig) -> dict[str, np.ndarray]:
     if not cfg.model or not cfg.fasta:
         raise ValueError("--model and --fasta are required")
-    records = read_fasta(cfg.fasta)[: cfg.limit]
+    records = read_fasta(cfg.fasta)
+    if cfg.limit is not None and cfg.limit < len(records):  # a seeded random sample, kept in FASTA order
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))
+        records = [records[i] for i in keep]
+    warn_unknown_letters(records, cfg.fasta)
     device = pick_device(cfg.device)
     lm = load_backbone(BackboneConfig(path=cfg.model)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
@@ -97,7 +101,7 @@ def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConf
     for k, lab in enumerate(sorted(set(shown), key=lambda s: (s == "other", s))):
         sel = shown == lab
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=f"{lab} ({sel.sum()})",
-                   color="lightgrey" if lab == "other" else plt.cm.tab20(k % 20))
+                   color="lightgrey" if lab == "other" else plt.cm.tab20((2 * k) % 20 + (k // 10) % 2))
     ax.set_title(f"{method.upper()} of CLS embeddings ({len(x)} sequences, colour: {cfg.label_key})")
     ax.legend(markerscale=3, fontsize=7, loc="best")
     fig.tight_layout()

@@ -16,7 +16,8 @@ import numpy as np
 from finetune.backbone import load_finetuned
 from finetune.postprocess import decode_pairs
 from finetune.results import atomic_write_text
-from finetune.structure import StructureRecord, read_fasta, to_dot_bracket, write_bpseq, write_ct
+from finetune.structure import (StructureRecord, read_fasta, to_dot_bracket, warn_unknown_letters, write_bpseq,
+                                write_ct)
 from finetune.trainer import pick_device
 
 
@@ -51,6 +52,7 @@ def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
     from finetune.tasks.ss import pair_probabilities
 
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
+    warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, "ss")
     threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
     probs = pair_probabilities(model, [r.sequence for r in records], cfg.batch_size, cfg.progress)
@@ -73,6 +75,7 @@ def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
 def predict_table(cfg: PredictConfig, task: str) -> Path:
     """splice: id, predicted class, class probabilities; mrl: id, predicted MRL. Written to OUT/predictions.tsv."""
     records = read_fasta(cfg.fasta)
+    warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, task)
     seqs = [r.sequence for r in records]
     if task == "splice":

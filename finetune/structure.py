@@ -10,6 +10,7 @@ import csv
 import gzip
 import io
 import string
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,18 +271,31 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
     return records
 
 
-_FASTA_OK = frozenset("ACGUTIRYKMSWBDHVN-acgutirykmswbdhvn")
+# Letters of the RiNALMo alphabet (any case; U and T alike). Other letters (X, P, modified bases) are read as
+# <unk> and reported by `warn_unknown_letters`; anything that is not a letter or '-' is an error.
+ALPHABET = frozenset("ACGUTIRYKMSWBDHVN-acgutirykmswbdhvn")
+_LETTERS = frozenset(string.ascii_letters + "-")
 
 
 def _fasta_record(path: Path, rid: str, desc: str, chunks: list[str], lineno: int) -> FastaRecord:
     seq = "".join(chunks)
     if not seq:
         raise StructureError(f"{path}:{lineno}: record {rid!r} has an empty sequence")
-    bad = sorted(set(seq) - _FASTA_OK)
+    bad = sorted(set(seq) - _LETTERS)
     if bad:
         raise StructureError(f"{path}:{lineno}: record {rid!r} has invalid characters {''.join(bad)!r} "
-                             "(allowed: nucleotides and IUPAC codes)")
+                             "(a sequence holds letters and '-' only)")
     return FastaRecord(rid, seq, desc)
+
+
+def warn_unknown_letters(records: list[FastaRecord], path: str | Path) -> int:
+    """Print one warning naming how many records hold letters outside the alphabet (read as <unk>)."""
+    odd = [(r.id, sorted(set(r.sequence) - ALPHABET)) for r in records if not set(r.sequence) <= ALPHABET]
+    if odd:
+        letters = sorted({c for _, cs in odd for c in cs})
+        print(f"warning: {path}: {len(odd)} record(s) contain letters outside the RiNALMo alphabet "
+              f"({''.join(letters)}), read as <unk> and never paired; first: {odd[0][0]!r}", file=sys.stderr)
+    return len(odd)
 
 
 # ---------------------------------------------------------------- helpers

@@ -206,6 +206,8 @@ def train(cfg: SSConfig) -> dict[str, Any]:
 
 def evaluate(cfg: SSConfig) -> dict[str, Any]:
     """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
+    if cfg.data.dataset == "archiveii" and len(fold_families(cfg.data.test_family)) != 1:
+        raise ValueError("ss evaluate scores one ArchiveII family: set --data.test_family to the model's held-out one")
     model, meta = load_finetuned(cfg.model.path)
     model.to(pick_device(cfg.train.device))
     splits = load_splits(cfg.data)

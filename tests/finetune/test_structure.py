@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from finetune.structure import (StructureError, StructureRecord, parse_dot_bracket, read_bpseq, read_ct, read_fasta,
-                                read_structure_csv, to_dot_bracket, write_bpseq, write_ct)
+                                read_structure_csv, to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
 
 
 def as_set(pairs):
@@ -74,8 +74,8 @@ def test_ct_truncated_record(tmp_path):
 
 def test_fasta_errors_name_file_line_and_record(tmp_path):
     bad = tmp_path / "bad.fa"
-    bad.write_text(">ok\nACGU\n>weird\nACGXZ\n")
-    with pytest.raises(StructureError, match=r"bad\.fa:3: record 'weird' has invalid characters 'XZ'"):
+    bad.write_text(">ok\nACGU\n>weird\nACG1*\n")
+    with pytest.raises(StructureError, match=r"bad\.fa:3: record 'weird' has invalid characters '\*1'"):
         read_fasta(bad)
     (tmp_path / "dup.fa").write_text(">a\nACGU\n>a\nACGU\n")
     with pytest.raises(StructureError, match="duplicate record id 'a'"):
@@ -88,6 +88,14 @@ def test_fasta_errors_name_file_line_and_record(tmp_path):
         read_fasta(tmp_path / "plain.txt")
     with pytest.raises(StructureError, match="file not found"):
         read_fasta(tmp_path / "missing.fa")
+
+
+def test_letters_outside_the_alphabet_are_reported(tmp_path, capsys):
+    path = tmp_path / "odd.fa"
+    path.write_text(">a\nACGU\n>b\nACXP\n>c\nggnn\n")
+    recs = read_fasta(path)
+    assert warn_unknown_letters(recs, path) == 1
+    assert "1 record(s) contain letters outside the RiNALMo alphabet (PX)" in capsys.readouterr().err
 
 
 def test_fasta_gzip_and_description(tmp_path):
