@@ -9,7 +9,11 @@ of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked
     python bench/finetune_gpu_e2e.py --stage ft         # fine-tune the converted micro on bpRNA TR0
     python bench/finetune_gpu_e2e.py --stage ft-random  # the same head on a random micro
     python bench/finetune_gpu_e2e.py --stage table      # WORK/table.md: TS0 rows for both + RNAfold
-    python bench/finetune_gpu_e2e.py --stage all        # everything in order
+    python bench/finetune_gpu_e2e.py --stage all        # everything in order (both fine-tunes in parallel)
+
+On the lent GPU machine everything must happen in one call (its disk is gone after the call; the converted
+checkpoint is too large to come back), within 10 minutes: --pretrain-seconds and --ft-seconds bound the two
+long stages, e.g. `--stage all --pretrain-seconds 270 --ft-seconds 150 --export $OUT`.
 
 `--tiny` runs the same pipeline with a 2-layer model and a handful of steps on CPU (smoke test of the script).
 `--export DIR` copies the few result files (logs, results JSON, table) flat into DIR (e.g. the device's $OUT).
@@ -61,12 +65,17 @@ def stage_data(work: Path, args) -> None:
 
 
 def stage_pretrain(work: Path, args) -> None:
+    """One rank, plain python (the trainer sets up a 1-rank group). A wall-clock budget ends it with SIGTERM:
+    the trainer saves a checkpoint at the next step and exits 0, so the stages after it still run."""
     config = "pretrain/configs/tiny_cpu.yaml" if args.tiny else "pretrain/configs/micro.yaml"
     steps = args.pretrain_steps or (30 if args.tiny else 2000)
-    sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "pretrain.train", "--config", config,
-        f"--data.shards={work / 'shards'}", f"--train.out_dir={work / 'pretrain'}", f"--train.max_steps={steps}",
-        f"--optim.warmup_steps={max(steps // 10, 1)}", f"--checkpoint.every={steps}",
-        f"--train.valid_every={steps}", *(["--data.num_workers=0"] if args.tiny else [])])
+    cmd = [sys.executable, "-m", "pretrain.train", "--config", config, f"--data.shards={work / 'shards'}",
+           f"--train.out_dir={work / 'pretrain'}", f"--train.max_steps={steps}",
+           f"--optim.warmup_steps={max(steps // 10, 1)}", f"--checkpoint.every={steps}",
+           f"--train.valid_every={steps}", *(["--data.num_workers=0"] if args.tiny else [])]
+    if args.pretrain_seconds:
+        cmd = ["timeout", "--preserve-status", "-s", "TERM", "-k", "120", str(args.pretrain_seconds), *cmd]
+    sh(cmd)
 
 
 def stage_convert(work: Path, args) -> None:
@@ -82,7 +91,7 @@ def finetune_cmd(work: Path, args, random: bool) -> list[str]:
     quick = (["--data.limit_train=64", "--data.limit_valid=16", "--data.limit_test=16", "--train.epochs=2"]
              if args.tiny else [f"--train.epochs={args.ft_epochs}"])
     return [sys.executable, "-m", "finetune", "ss", "train", *model, f"--data.root={DATA}", "--data.dataset=bprna",
-            f"--train.out_dir={out}", "--train.batch_size=8", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
+            f"--train.out_dir={out}", "--train.batch_size=8", f"--train.max_seconds={args.ft_seconds}", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
             f"--train.precision={'fp32' if args.tiny else 'bf16'}", "--train.progress=false",
             "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--unfreeze.blocks_per_step=4",
             "--unfreeze.max_blocks=12", f"--eval.rnafold={str(rnafold).lower()}", *quick]
@@ -126,14 +135,22 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a 2-layer model")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--ft-epochs", type=int, default=12)
+    ap.add_argument("--pretrain-seconds", type=int, default=None, help="wall-clock budget of the pretrain stage")
+    ap.add_argument("--ft-seconds", type=int, default=240, help="training-time budget of each fine-tune")
     ap.add_argument("--export", type=Path, default=None, help="copy the result files flat into this directory")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"data": stage_data, "pretrain": stage_pretrain, "convert": stage_convert,
            "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
            "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
-    for stage in STAGES if args.stage == "all" else (args.stage,):
-        run[stage](args.work, args)
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "ft" and "ft-random" in stages:  # both fine-tunes at once: one GPU holds both easily
+            procs = [subprocess.Popen(finetune_cmd(args.work, args, random=r), cwd=REPO) for r in (False, True)]
+            if any(p.wait() != 0 for p in procs):
+                sys.exit("a fine-tune failed")
+        elif stage != "ft-random" or "ft" not in stages:
+            run[stage](args.work, args)
     if args.export:
         export(args.work, args.export)
 

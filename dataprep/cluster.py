@@ -7,6 +7,7 @@ in v14).
 """
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import time
@@ -40,6 +41,7 @@ class Clusters:
     cluster_size: np.ndarray  # int64 per kept record
     index_in_cluster: np.ndarray  # int64 per kept record
     tool_seconds: float = 0.0  # wall time of the mmseqs process itself
+    tool_cpu_seconds: float = 0.0  # its CPU time (user + sys, all threads)
 
     @property
     def n_clusters(self) -> int:
@@ -153,12 +155,13 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig) -
     find_mmseqs(cfg.mmseqs)
     fasta = workdir / "input.fasta"
     width = write_input(store, keep, fasta)
-    t = time.perf_counter()
+    t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
-    seconds = time.perf_counter() - t
+    seconds, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     rep = parse_cluster_tsv(tsv, len(keep), width)
     for leftover in (fasta, tsv, Path(f"{workdir}/clu_rep_seq.fasta"), Path(f"{workdir}/clu_all_seqs.fasta")):
         leftover.unlink(missing_ok=True)
     out = assign(rep)
     out.tool_seconds = seconds
+    out.tool_cpu_seconds = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -116,8 +117,8 @@ class _Stage:
 
 
 # ------------------------------------------------------------------------------------------ normalise
-def _normalise_rank(cfg: BuildConfig, part: Path, comm, log: Log) -> None:
-    """This rank's share of the chunks (chunk k goes to rank k % size) into its own part store."""
+def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, log: Log) -> None:
+    """One share of the chunks (chunk k goes to share k % size) into its own part store."""
     writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
     sources, k, done = [], 0, 0
     with open(part / "rejects.tsv", "w") as rej:
@@ -127,7 +128,7 @@ def _normalise_rank(cfg: BuildConfig, part: Path, comm, log: Log) -> None:
             records = rejected = 0
             for chunk in stream:
                 k += 1
-                if (k - 1) % comm.size != comm.rank:
+                if (k - 1) % size != rank:
                     continue
                 if chunk.oversized:
                     line, rid, reason = oversized_reject(*chunk.oversized, chunk.first_line, cfg.normalize)
@@ -135,22 +136,38 @@ def _normalise_rank(cfg: BuildConfig, part: Path, comm, log: Log) -> None:
                     records, rejected = records + 1, rejected + 1
                     continue
                 p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
-                writer.append(p, s)
+                writer.append(p, s, k - 1)
                 rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
                 records, rejected = records + p.records_in, rejected + len(p.rejects)
                 done += p.records_in
-                log.progress(f"normalise: {path}: {done:,} records, {stream.bytes / 1e6:,.0f} MB read")
+                log.progress(f"normalise: {path}: {done * size:,} records, {stream.bytes / 1e6:,.0f} MB read")
             sources.append({"path": path, "sha256": stream.sha256, "bytes": stream.bytes,
                             "compression": stream.compression, "records": records, "rejected": rejected})
     writer.close()
     (part / "sources.json").write_text(json.dumps(sources))
 
 
+def _normalise_local(cfg: BuildConfig, tmp: Path, log: Log) -> None:
+    """Single-node: `workers` processes each parse every workers-th chunk (each reads the whole input)."""
+    n = cfg.workers if "-" not in cfg.inputs else 1
+    if n == 1:
+        _normalise_share(cfg, tmp / "rank-0000", 0, 1, log)
+        return
+    with mp.get_context("fork").Pool(n - 1) as pool:
+        others = [pool.apply_async(_normalise_share, (cfg, tmp / f"rank-{r:04d}", r, n, Log(True, r)))
+                  for r in range(1, n)]
+        _normalise_share(cfg, tmp / "rank-0000", 0, n, log)
+        for o in others:
+            o.get()
+
+
 def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
     tmp = stage.begin() if comm.rank == 0 else stage.tmp
     comm.barrier()
-    part = tmp / f"rank-{comm.rank:04d}"
-    _normalise_rank(cfg, part, comm, log)
+    if comm.size > 1:
+        _normalise_share(cfg, tmp / f"rank-{comm.rank:04d}", comm.rank, comm.size, log)
+    else:
+        _normalise_local(cfg, tmp, log)
     comm.barrier()
     if comm.rank != 0:
         return
@@ -203,7 +220,7 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     else:
         log(f"cluster: mmseqs easy-linclust on {len(keep):,} sequences (log: {stage.final / 'mmseqs.log'})")
         cl = clustering.cluster(store, keep, tmp, cfg.cluster)
-    (tmp / "mmseqs_seconds.txt").write_text(f"{cl.tool_seconds:.3f}\n")
+    (tmp / "mmseqs_time.json").write_text(json.dumps({"wall": cl.tool_seconds, "cpu": cl.tool_cpu_seconds}))
     np.save(tmp / "keep.npy", keep)
     for name in CLUSTER_FIELDS[1:]:
         np.save(tmp / f"{name}.npy", getattr(cl, name))
@@ -264,7 +281,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
 
     cl_dir = stages["cluster"].final
     if "cluster" in seconds:
-        seconds["mmseqs"] = float((cl_dir / "mmseqs_seconds.txt").read_text())
+        mm = json.loads((cl_dir / "mmseqs_time.json").read_text())
+        seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
     keep = np.load(cl_dir / "keep.npy")
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)

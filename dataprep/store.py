@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,48 +20,59 @@ BLOBS = ("seq", "ids", "labels")
 
 
 class StoreWriter:
+    """Appends parsed chunks; remembers each chunk's byte size per file so parts can be merged in input order."""
+
     def __init__(self, directory: str | os.PathLike, labels: bool):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.labels = labels
-        names = [*BLOBS, *COLUMNS] if labels else [n for n in [*BLOBS, *COLUMNS] if n not in ("labels", "label_len")]
-        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in names}
+        self.names = [n for n in [*BLOBS, *COLUMNS] if labels or n not in ("labels", "label_len")]
+        self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.names}
+        self._chunks: list[list[int]] = []  # [chunk index, bytes written to each file...]
         self.records = 0
 
-    def append(self, p: ParsedChunk, source: int) -> None:
-        f = self._files
-        f["seq"].write(memoryview(np.ascontiguousarray(p.seq)))
-        f["ids"].write(p.ids)
-        f["seq_len"].write(p.seq_len.astype(np.int64).tobytes())
-        f["id_len"].write(p.id_len.astype(np.int32).tobytes())
-        f["line"].write(p.line.astype(np.int64).tobytes())
-        f["source"].write(np.full(len(p), source, np.int32).tobytes())
-        f["seqh"].write(p.seqh.tobytes())
-        f["idh"].write(p.idh.tobytes())
-        if self.labels:
-            f["labels"].write(p.labels or b"")
-            f["label_len"].write((p.label_len if p.label_len is not None else np.zeros(0, np.int32)).tobytes())
+    def append(self, p: ParsedChunk, source: int, chunk: int) -> None:
+        data = {"seq": memoryview(np.ascontiguousarray(p.seq)), "ids": p.ids,
+                "seq_len": p.seq_len.astype(np.int64).tobytes(), "id_len": p.id_len.astype(np.int32).tobytes(),
+                "line": p.line.astype(np.int64).tobytes(), "source": np.full(len(p), source, np.int32).tobytes(),
+                "seqh": p.seqh.tobytes(), "idh": p.idh.tobytes()}
+        if "labels" in self._files:
+            data["labels"] = p.labels or b""
+            data["label_len"] = (p.label_len if p.label_len is not None else np.zeros(0, np.int32)).tobytes()
+        for name in self.names:
+            self._files[name].write(data[name])
+        self._chunks.append([chunk] + [len(data[name]) if not isinstance(data[name], memoryview)
+                                       else data[name].nbytes for name in self.names])
         self.records += len(p)
 
     def close(self) -> None:
         for fh in self._files.values():
             fh.close()
+        table = np.array(self._chunks, np.int64).reshape(-1, 1 + len(self.names))
+        np.save(self.dir / "chunks.npy", table)
+        (self.dir / "columns.txt").write_text("\n".join(self.names))
 
 
 def merge_parts(parts: list[Path], out_dir: Path) -> None:
-    """Concatenate the column files of several part stores (MPI ranks) into one store, in the given order."""
+    """Merge part stores (one per process or MPI rank, chunks interleaved) into one store in input-chunk order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*BLOBS, *COLUMNS]:
-        sources = [p / f"{name}.bin" for p in parts if (p / f"{name}.bin").exists()]
-        if not sources:
-            continue
-        if len(sources) == 1:
-            os.replace(sources[0], out_dir / f"{name}.bin")
-            continue
-        with open(out_dir / f"{name}.bin", "wb") as out:
-            for src in sources:
-                with open(src, "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 24)
+    names = (parts[0] / "columns.txt").read_text().split("\n")
+    if len(parts) == 1:
+        for name in names:
+            os.replace(parts[0] / f"{name}.bin", out_dir / f"{name}.bin")
+        return
+    tables = [np.load(p / "chunks.npy") for p in parts]
+    starts = [np.cumsum(t[:, 1:], axis=0) - t[:, 1:] for t in tables]  # byte offset of each chunk per file
+    order = sorted((int(k), pi, ci) for pi, t in enumerate(tables) for ci, k in enumerate(t[:, 0]))
+    for j, name in enumerate(names):
+        srcs = [open(p / f"{name}.bin", "rb") for p in parts]
+        try:
+            with open(out_dir / f"{name}.bin", "wb") as out:
+                for _, pi, ci in order:
+                    srcs[pi].seek(int(starts[pi][ci, j]))
+                    out.write(srcs[pi].read(int(tables[pi][ci, j + 1])))
+        finally:
+            for f in srcs:
+                f.close()
 
 
 def _load(path: Path, dtype) -> np.ndarray:

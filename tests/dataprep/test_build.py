@@ -132,9 +132,9 @@ def test_failed_run_leaves_no_manifest(tmp_path, synth_fa):
     check_build(out, [synth_fa])
 
 
-def test_parallel_writers_give_identical_shards(tmp_path, synth_fa):
+def test_parallel_normalise_and_writers_give_identical_shards(tmp_path, synth_fa):
     one = build_small(tmp_path, [synth_fa], out="w1", records_per_shard=300, workers=1)
-    two = build_small(tmp_path, [synth_fa], out="w2", records_per_shard=300, workers=2)
+    two = build_small(tmp_path, [synth_fa], out="w2", records_per_shard=300, workers=2, chunk_mb=0.05)
     assert one.manifest.shards == two.manifest.shards
 
 

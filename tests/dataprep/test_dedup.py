@@ -39,7 +39,7 @@ def test_digest_depends_on_content_position_and_length():
 def make_store(tmp_path, text: str) -> Store:
     p = parse_chunk(text.encode(), 1, NormalizeConfig(min_len=1))
     w = StoreWriter(tmp_path / "store", labels=False)
-    w.append(p, 0)
+    w.append(p, 0, 0)
     w.close()
     return Store(tmp_path / "store")
 
