@@ -32,6 +32,7 @@ class TrainConfig:
     lr_decay_steps: int = 5000
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None  # cap for quick runs
+    max_seconds: float | None = None     # stop after the epoch during which this much training time has passed
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA
@@ -73,7 +74,10 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     log_path = Path(cfg.out_dir) / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     best, history, step = -math.inf if higher_is_better else math.inf, [], 0
+    started = time.time()
     for epoch in range(cfg.epochs):
+        if cfg.max_seconds is not None and epoch > 0 and time.time() - started > cfg.max_seconds:
+            break
         new = unfreezer.step(epoch)
         if new:
             lr = cfg.lr * unfreezer.lr_scale(epoch)

@@ -94,3 +94,11 @@ def test_mrl_split_is_disjoint_and_complete(shared_data):
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
     assert [len(s[k]) for k in ("train", "valid", "test")] == [12160, 1520, 1520]
     assert {e.group for e in s["test"]} == {"random", "human"}
+
+
+def test_time_budget_stops_after_the_running_epoch(tiny_checkpoint, shared_data, tmp_path):
+    cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                      data=ss.SSDataConfig(root=str(shared_data), limit_train=4, limit_valid=3, limit_test=3),
+                      train=quick_train(tmp_path, epochs=5, max_seconds=0.0), eval=ss.SSEvalConfig(rnafold=False))
+    result = ss.train(cfg)
+    assert len(result["history"]) == 1 and (tmp_path / "finetuned.safetensors").exists()
