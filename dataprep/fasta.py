@@ -24,14 +24,15 @@ _WS = b" \t\r\n\v\f"
 
 
 class _HashingReader:
-    """Raw byte reader that keeps a sha256 and a byte count of what it read (the input checksum)."""
+    """Raw byte reader that keeps a sha256 (when asked) and a byte count of what it read (the input checksum)."""
 
-    def __init__(self, f):
-        self._f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+    def __init__(self, f, checksum: bool = True):
+        self._f, self.sha256, self.bytes = f, hashlib.sha256() if checksum else None, 0
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
-        self.sha256.update(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.bytes += len(data)
         return data
 
@@ -85,14 +86,16 @@ class Chunk:
 class FastaStream:
     """Iterate a FASTA input as `Chunk`s; `.sha256` / `.bytes` describe the raw (compressed) input once done."""
 
-    def __init__(self, path: str, chunk_bytes: int = 16 << 20, max_record_bytes: int = 64 << 20):
+    def __init__(self, path: str, chunk_bytes: int = 16 << 20, max_record_bytes: int = 64 << 20,
+                 checksum: bool = True):
         self.path, self.chunk_bytes, self.max_record_bytes = path, chunk_bytes, max_record_bytes
+        self.checksum = checksum
         self.compression = "none"
         self._raw: _HashingReader | None = None
 
     @property
     def sha256(self) -> str:
-        return self._raw.sha256.hexdigest() if self._raw else ""
+        return self._raw.sha256.hexdigest() if self._raw and self._raw.sha256 else ""
 
     @property
     def bytes(self) -> int:
@@ -107,7 +110,7 @@ class FastaStream:
             except OSError as e:
                 raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
         self._file = f
-        self._raw = _HashingReader(f)
+        self._raw = _HashingReader(f, self.checksum)
         head = self._raw.read(4)
         if head.startswith(GZIP_MAGIC):
             self.compression = "gzip"

@@ -124,7 +124,8 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, log: Lo
     with open(part / "rejects.tsv", "w") as rej:
         for s, path in enumerate(cfg.inputs):
             stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
-                                 max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)))
+                                 max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)),
+                                 checksum=rank == 0)  # every share reads the same bytes
             records = rejected = 0
             for chunk in stream:
                 k += 1
