@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,13 @@ class BackboneConfig:
     # num_layers: 2, num_heads: 4}) or for imported weights (e.g. {num_heads: 4}: .pt files do not record heads)
     dropout: float | None = None     # override attention/residual dropout of the loaded config
     attention_backend: str | None = None
+
+
+@dataclass
+class ImportConfig:
+    checkpoint: str = ""      # the original's ss_*_ft.pt
+    out: str = "imported_ss"
+    num_heads: int = 20       # all original sizes use 20 heads (not stored in .pt files)
 
 
 class TaskModel(nn.Module):
@@ -115,7 +122,7 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
 
 
 def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[TaskModel, dict[str, Any]]:
-    from finetune.heads import HeadConfig  # local: heads imports nothing from here, keeps the graph simple
+    from finetune.heads import HeadConfig
     from finetune.tasks import build_head
 
     model_dir = Path(model_dir)
@@ -133,3 +140,29 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[Ta
     model = TaskModel(lm, head)
     model.load_state_dict(load_file(str(model_dir / FT_WEIGHTS), device=map_location))
     return model.eval(), meta
+
+
+def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_overrides: Any) -> Path:
+    """The original's fine-tuned secondary-structure weights (`ss_*_ft.pt`: `lm.*`, `pred_head.*`, `threshold`)
+    -> a fine-tuned directory that `predict-ss` and `ss evaluate` read. Head parameter names are the original's."""
+    from finetune.heads import HeadConfig, SecondaryStructureHead
+
+    state = rio._read_state(checkpoint)
+    head_state = {k[len("pred_head."):]: v for k, v in state.items() if k.startswith("pred_head.")}
+    if not head_state or "threshold" not in state:
+        raise rio.WeightsError(f"{checkpoint}: not an original secondary-structure checkpoint "
+                               f"(needs pred_head.* tensors and a threshold)")
+    mcfg, lm_state = rio.import_official({k: v for k, v in state.items() if not k.startswith("pred_head.")},
+                                         **config_overrides)
+    lm = RiNALMo(mcfg)
+    lm.load_state_dict(lm_state)
+    blocks = {k.split(".")[2] for k in head_state if k.startswith("resnet.blocks.")}
+    head_cfg = HeadConfig(ss_conv_dim=head_state["linear_in.weight"].shape[0], ss_num_blocks=len(blocks))
+    head = SecondaryStructureHead(mcfg.dim, head_cfg)
+    try:
+        head.load_state_dict(head_state)
+    except RuntimeError as e:
+        raise rio.WeightsError(f"{checkpoint}: secondary-structure head does not fit: {e}") from None
+    return save_finetuned(TaskModel(lm, head), out_dir, {
+        "task": "ss", "head": asdict(head_cfg), "threshold": float(state["threshold"]),
+        "backbone": {"imported_from": str(checkpoint)}})

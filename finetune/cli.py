@@ -16,6 +16,7 @@ USAGE = """usage:
   python -m finetune {ss,splice,mrl} predict --model=FT_DIR --fasta=FILE [--out=DIR] [...]
   python -m finetune predict-ss --model=FT_DIR --fasta=FILE [--out=DIR] [--format=dbn|bpseq|ct]
   python -m finetune embed --model=CHECKPOINT --fasta=FILE [--out=DIR] [--label_key=class]
+  python -m finetune import-original-ss --checkpoint=ss_bprna_ft.pt --out=DIR   (then predict-ss --model=DIR)
 add --help after a command for its options and defaults"""
 
 
@@ -49,6 +50,15 @@ def run(argv: Sequence[str]) -> int:
             return 0
         if cmd == "predict-ss":
             return _predict("ss", rest, "python -m finetune predict-ss")
+        if cmd == "import-original-ss":
+            from finetune.backbone import ImportConfig, import_original_ss
+
+            cfg = from_cli(ImportConfig, rest, prog="python -m finetune import-original-ss")
+            if not cfg.checkpoint:
+                raise ValueError("--checkpoint is required (the original's ss_*_ft.pt)")
+            out = import_original_ss(cfg.checkpoint, cfg.out, num_heads=cfg.num_heads)
+            print(f"wrote {out}: use python -m finetune predict-ss --model={out} --fasta=...")
+            return 0
         if cmd == "embed":
             from finetune.embed import EmbedConfig, embed
 

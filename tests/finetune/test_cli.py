@@ -155,3 +155,25 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "finetune", "ss", "train", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--train.lr=" in out.stdout and "--unfreeze.head_only_epochs=" in out.stdout
+
+
+def test_import_original_ss_checkpoint_then_predict(ss_model, fasta, tmp_path, capsys):
+    """An original-layout `ss_*_ft.pt` (lm.*, pred_head.*, threshold) becomes a directory predict-ss reads."""
+    from finetune.backbone import load_finetuned
+
+    model, _ = load_finetuned(ss_model)
+    original = {k: v for k, v in model.state_dict().items()} | {"threshold": torch.tensor(0.17)}
+    torch.save(original, tmp_path / "ss_tiny_ft.pt")
+    out = tmp_path / "imported"
+    assert run(["import-original-ss", f"--checkpoint={tmp_path / 'ss_tiny_ft.pt'}", f"--out={out}",
+                "--num_heads=4"]) == 0
+    imported, meta = load_finetuned(out)
+    assert meta["threshold"] == pytest.approx(0.17) and meta["task"] == "ss"
+    tokens = torch.tensor(batch_encode(["GGGGAAACCCCAUAUGC"])[0])
+    with torch.no_grad():
+        torch.testing.assert_close(imported(tokens)[0], model(tokens)[0])
+    assert run(["predict-ss", f"--model={out}", f"--fasta={fasta}", f"--out={tmp_path / 'p'}",
+                "--progress=false"]) == 0
+    torch.save({k: v for k, v in original.items() if not k.startswith("pred_head.")}, tmp_path / "lm_only.pt")
+    assert run(["import-original-ss", f"--checkpoint={tmp_path / 'lm_only.pt'}", "--num_heads=4"]) == 2
+    assert "not an original secondary-structure checkpoint" in capsys.readouterr().err
