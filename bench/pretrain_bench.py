@@ -2,7 +2,7 @@
 padded baseline trained the original way, in one run, on sequence lengths of the real ncRNA corpus.
 
     python bench/pretrain_bench.py --preset giga --out bench_pretrain_giga.json            # H100: ZeRO-3, bf16
-    python bench/pretrain_bench.py --preset giga --set data.token_budget=49152 --set train.ds_config=ds_configs/zero2.json
+    python bench/pretrain_bench.py --preset giga --out bench_pretrain_giga.json          # H100: ZeRO-3, bf16
     python bench/pretrain_bench.py --tiny --steps 4 --warmup 2                           # CPU: logic check
 
 packed: `python -m pretrain.train` (torchrun, --nproc ranks) on shards built from the ncRNA corpus with

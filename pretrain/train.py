@@ -98,8 +98,11 @@ class Trainer:
         self.flops = FlopCounter(self.model_cfg)
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
         self.stop_requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):  # early: a signal during start-up stops at the first step
+            signal.signal(sig, self._on_signal)
         self.step = self.tokens = self.samples = self.nonfinite_steps = 0
-        self.attempts = 0
+        self.attempts = self.nonfinite_in_row = 0
+        self.last_valid = -1
 
         if self.rank == 0:
             save_yaml(cfg, self.out / "config.yaml")
@@ -130,57 +133,63 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         resumed = self._resume()
+        start_step = self.step
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), metrics_ports=ports, pid=os.getpid())
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
         end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
         batches = iter(self.loader)
-        nonfinite_in_row = 0
         last_saved = self.step if resumed else -1
-        self.last_valid = -1
         while self.step < end:
             t0 = time.perf_counter()
             micro, wait = _take(batches, cfg.train.grad_accum)
             lr = self.engine.get_lr()[0]
             result = self._train_step(micro)
-            seconds = time.perf_counter() - t0
-            nonfinite_in_row = nonfinite_in_row + 1 if result.nonfinite else 0
-            if result.nonfinite:
-                self.nonfinite_steps += 1
-                self.metrics.nonfinite.inc()
-                self._log(event="nonfinite", step=self.step + 1, micro_batches=result.nonfinite,
-                          stepped=result.stepped, in_row=nonfinite_in_row)
-                if nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
-                    msg = (f"stopping: {nonfinite_in_row} steps in a row had a NaN/inf loss "
-                           f"(train.max_nonfinite_in_row={cfg.train.max_nonfinite_in_row}); last good step "
-                           f"{self.step}. Lower optim.lr, check the data, or resume from the last checkpoint.")
-                    self._log(event="stopped_nonfinite", step=self.step, message=msg)
-                    _eprint(msg) if self.rank == 0 else None
-                    return EXIT_NONFINITE
+            if self._nonfinite_stop(result):
+                return EXIT_NONFINITE
             if result.stepped:
                 self.step += 1
                 self.tokens += result.tokens
                 self.samples += result.samples
-                self._record(result, lr, seconds, wait)
-            if cfg.train.valid_every and self.step % cfg.train.valid_every == 0 and result.stepped:
-                self.validate()
-            every = cfg.checkpoint.every
+                self._record(result, lr, time.perf_counter() - t0, wait)
+                if cfg.train.valid_every and self.step % cfg.train.valid_every == 0:
+                    self.validate()
             if result.stop:
                 self._save()
                 self._log(event="preempted", step=self.step)
                 return 0
-            if every and self.step % every == 0 and result.stepped and self.step != last_saved:
+            if result.stepped and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self._save()
                 last_saved = self.step
-        if self.step >= cfg.train.max_steps and cfg.train.valid_every and self.last_valid != self.step:
+        finished = self.step >= cfg.train.max_steps
+        if finished and self.step > start_step and cfg.train.valid_every and self.last_valid != self.step:
             self.validate()
-        if self.step != last_saved and (cfg.checkpoint.save_at_end or self.step < cfg.train.max_steps):
+        if self.step != last_saved and (cfg.checkpoint.save_at_end or not finished):
             self._save()
         self._log(event="done", step=self.step)
         return 0
+
+    def _nonfinite_stop(self, result: StepResult) -> bool:
+        """Count a step with a dropped (NaN/inf) micro-batch; True when too many came in a row."""
+        if not result.nonfinite:
+            self.nonfinite_in_row = 0
+            return False
+        self.nonfinite_in_row += 1
+        self.nonfinite_steps += 1
+        self.metrics.nonfinite.inc()
+        limit = self.cfg.train.max_nonfinite_in_row
+        self._log(event="nonfinite", step=self.step + 1, micro_batches=result.nonfinite, stepped=result.stepped,
+                  in_row=self.nonfinite_in_row)
+        if self.nonfinite_in_row < limit:
+            return False
+        msg = (f"stopping: {self.nonfinite_in_row} steps in a row had a NaN/inf loss (train.max_nonfinite_in_row="
+               f"{limit}); last good step {self.step}. Lower optim.lr, check the data, or resume from the last "
+               f"checkpoint.")
+        self._log(event="stopped_nonfinite", step=self.step, message=msg)
+        if self.rank == 0:
+            _eprint(msg)
+        return True
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_requested = True  # acted on at the next step boundary, agreed by all ranks

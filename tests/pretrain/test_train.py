@@ -1,7 +1,6 @@
 """The trainer end to end: real DeepSpeed ZeRO-3, 2 ranks on gloo, tiny model, shards of the real ncRNA corpus."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 
@@ -189,3 +188,29 @@ def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretr
     assert masked == engine_step["masked_tokens"]
     assert engine_step["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert engine_step["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3_offload"])
+def test_other_deepspeed_configs_train_the_same_steps(pretrain_shards, straight_run, tmp_path, ds_config):
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=4", f"--train.ds_config=ds_configs/{ds_config}.json",
+                "--checkpoint.every=0")
+    reference = by_step(read_log(straight_run))
+    for step, got in by_step(read_log(out)).items():
+        assert got["samples_sha1"] == reference[step]["samples_sha1"]
+        assert got["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4)
+
+
+def test_bf16_with_activation_checkpointing_tracks_fp32(pretrain_shards, straight_run, tmp_path):
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=6", "--train.precision=bf16",
+                "--model.activation_checkpointing=true", "--checkpoint.every=0")
+    assert events(read_log(out), "start")[0]["precision"] == "bf16"
+    reference = by_step(read_log(straight_run))
+    got = by_step(read_log(out))
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step]["samples_sha1"] == reference[step]["samples_sha1"]
+        assert got[step]["loss"] == pytest.approx(reference[step]["loss"], abs=0.05)
+    assert got[6]["loss"] < got[1]["loss"] - 0.5
