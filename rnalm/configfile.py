@@ -263,5 +263,11 @@ def _help_epilog(cls: type) -> str:
         default = section.default_factory() if section.default_factory is not dataclasses.MISSING else None
         for f in dataclasses.fields(sub):
             value = getattr(default, f.name, "") if default is not None else ""
-            lines.append(f"  --{section.name}.{f.name}={value}")
+            lines.append(f"  --{section.name}.{f.name}={_yaml_scalar(value)}")
     return "\n".join(lines)
+
+
+def _yaml_scalar(value: Any) -> str:
+    """How to write the value on the command line: null / true / [0.9, 0.999] / {} / plain text."""
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 20).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()

@@ -116,3 +116,13 @@ def test_cli_parses_config_and_both_override_spellings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         from_cli(Run, ["--optim.lr"])
     assert "has no value" in capsys.readouterr().err
+
+
+def test_help_lists_every_key_with_its_default_as_yaml(capsys):
+    with pytest.raises(SystemExit) as info:
+        from_cli(Run, ["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for line in ("--optim.lr=5.0e-05", "--optim.betas=[0.9, 0.98]", "--train.max_steps=null",
+                 "--train.activation_checkpointing=false", "--train.tags=[]", "--train.out_dir=runs/x"):
+        assert line in out
