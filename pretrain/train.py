@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -121,6 +121,8 @@ class Trainer:
             model=model, optimizer=optimizer, config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
+        if cfg.data.pin_memory and self.device.type != "cuda":
+            cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
         self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
         self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
                                     world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
