@@ -67,7 +67,11 @@ fi
 # ---------------------------------------------------------------------- distributed and library settings
 # Ranks come from srun: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID (set per task in the srun command).
 mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-export MASTER_ADDR=${HOSTS[0]}
+# The address Slurm itself uses to reach a node (NodeAddr; the node name when the site sets none).
+node_addr() { scontrol show node -o "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2 | grep . || echo "$1"; }
+ADDRS=()
+for h in "${HOSTS[@]}"; do ADDRS+=("$(node_addr "$h")"); done
+export MASTER_ADDR=${ADDRS[0]}
 export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export WORLD_SIZE=$SLURM_NTASKS
 # NCCL and threads: the one place for them.
@@ -103,7 +107,8 @@ write_targets() {
   fi
   remove_stale_targets
   "$PYTHON" deploy/slurm/prom_targets.py --out "$TARGETS" --job-id "$SLURM_JOB_ID" \
-      --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --tasks-per-node "$SLURM_TASKS_PER_NODE" \
+      --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --addresses "${ADDRS[*]}" \
+      --tasks-per-node "$SLURM_TASKS_PER_NODE" \
       --port-base "$PORT_BASE" && log "Prometheus targets: $TARGETS" \
     || log "warning: could not write $TARGETS (training goes on without Prometheus discovery)"
 }

@@ -2,12 +2,13 @@
 """Write the Prometheus file_sd target file of a Slurm training job: one target per rank.
 
 pretrain.sh calls this from the batch shell; the ranks are laid out the way `srun` places them by default
-(block distribution: node i runs the next tasks_per_node[i] ranks, local ranks 0..n-1), and rank r on node h
-serves its metrics on h:(port_base + local_rank). The file is written to a temporary name and renamed, so a
+(block distribution: node i runs the next tasks_per_node[i] ranks, local ranks 0..n-1), and a rank on node h
+serves its metrics on addr(h):(port_base + local_rank), addr(h) being the node's address (Slurm's NodeAddr,
+by default the node name); the `node` label is the node name. The file is written to a temporary name and renamed, so a
 watching Prometheus never reads half a file. Stdlib only.
 
-    prom_targets.py --out DIR/rnalm-123.json --job-id 123 --job-name pretrain \
-        --hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST")" --tasks-per-node "$SLURM_TASKS_PER_NODE"
+    prom_targets.py --out DIR/rnalm-123.json --job-id 123 --job-name pretrain --hosts "gpu001 gpu002" \
+        --addresses "10.0.0.1 10.0.0.2" --tasks-per-node "$SLURM_TASKS_PER_NODE"
 """
 from __future__ import annotations
 
@@ -32,15 +33,17 @@ def expand_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
-def target_groups(hosts: list[str], tasks_per_node: list[int], port_base: int,
-                  job_id: str, job_name: str) -> list[dict]:
-    if len(hosts) != len(tasks_per_node):
-        raise ValueError(f"{len(hosts)} hosts ({' '.join(hosts)}) but tasks per node for {len(tasks_per_node)}")
+def target_groups(hosts: list[str], tasks_per_node: list[int], port_base: int, job_id: str, job_name: str,
+                  addresses: list[str] | None = None) -> list[dict]:
+    addresses = addresses or hosts
+    if not len(hosts) == len(addresses) == len(tasks_per_node):
+        raise ValueError(f"{len(hosts)} hosts ({' '.join(hosts)}), {len(addresses)} addresses but tasks per node "
+                         f"for {len(tasks_per_node)}")
     groups, rank = [], 0
-    for host, ntasks in zip(hosts, tasks_per_node):
+    for host, addr, ntasks in zip(hosts, addresses, tasks_per_node):
         for local_rank in range(ntasks):
             groups.append({
-                "targets": [f"{host}:{port_base + local_rank}"],
+                "targets": [f"{addr}:{port_base + local_rank}"],
                 "labels": {"rank": str(rank), "local_rank": str(local_rank), "node": host,
                            "slurm_job_id": job_id, "slurm_job_name": job_name},
             })
@@ -63,13 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="target file (*.json) in the file_sd directory")
     p.add_argument("--job-id", required=True)
     p.add_argument("--job-name", default="")
-    p.add_argument("--hosts", required=True, help="host names, whitespace/comma separated, in node order")
+    p.add_argument("--hosts", required=True, help="node names, whitespace/comma separated, in node order")
+    p.add_argument("--addresses", default="", help="the nodes' addresses, same order (default: the names)")
     p.add_argument("--tasks-per-node", required=True, help="SLURM_TASKS_PER_NODE, e.g. '8(x4)'")
     p.add_argument("--port-base", type=int, default=9500)
     a = p.parse_args(argv)
-    hosts = a.hosts.replace(",", " ").split()
+    hosts, addresses = (v.replace(",", " ").split() for v in (a.hosts, a.addresses))
     try:
-        groups = target_groups(hosts, expand_tasks_per_node(a.tasks_per_node), a.port_base, a.job_id, a.job_name)
+        groups = target_groups(hosts, expand_tasks_per_node(a.tasks_per_node), a.port_base, a.job_id, a.job_name,
+                               addresses)
     except ValueError as e:
         p.error(str(e))
     write_atomic(a.out, groups)

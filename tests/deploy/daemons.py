@@ -1,7 +1,8 @@
 """Real daemons for the deployment tests, started and stopped on loopback under one base directory.
 
-SlurmCluster: munged + slurmctld + slurmd as root, single node ``localhost``, all state, logs, the munge key
-and socket under ``base``; clients find it through ``SLURM_CONF`` (``cluster.env``). Nothing is written to /etc.
+SlurmCluster: munged + slurmctld + one slurmd per node (``node1``, ``node2``: all on this machine) as root,
+all state, logs and the munge key under ``base``; clients find it through ``SLURM_CONF`` (``cluster.env``).
+Nothing is written to /etc.
 Prometheus: a server with a given config, on 127.0.0.1:<free port>, with a tiny HTTP API client.
 Recipes and timings: shared/notes/spike_ops.md.
 """
@@ -66,16 +67,15 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire=10
 StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool
+SlurmdSpoolDir={base}/spool-%n
 SlurmctldPidFile={base}/slurmctld.pid
-SlurmdPidFile={base}/slurmd.pid
+SlurmdPidFile={base}/slurmd-%n.pid
 SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd.log
+SlurmdLogFile={base}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -92,9 +92,12 @@ ReturnToService=2
 InactiveLimit=0
 KillWait=10
 MinJobAge=600
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+# Every "node" is a slurmd of its own on this machine (own port, spool, pid and log via %n), reached at
+# 127.0.0.1: enough for real multi-node jobs (`sbatch --nodes=2`) on one host.
+NODE_LINE = "NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={port} CPUs={cpus} State=UNKNOWN"
 
 
 # Pending reasons that mean the request does not fit the one test node (fail at once instead of timing out).
@@ -104,7 +107,8 @@ NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "Ba
 @dataclass
 class SlurmCluster:
     base: Path
-    cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
+    nodes: int = 2
+    cpus: int = field(default_factory=lambda: max(2, os.cpu_count() or 1))   # per node
     # munged wants every parent of its socket traversable by all; pytest's tmp dirs are 0700, so the socket
     # (and munged's pid file) live in a private 0755 dir directly under the system temp dir.
     run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rnalm-munge-")))
@@ -135,21 +139,31 @@ class SlurmCluster:
             _run(["mungekey", "--create", f"--keyfile={key}"])
         _run(["munged", "-S", str(self.sock), f"--key-file={key}", f"--log-file={b}/log/munged.log",
               f"--pid-file={self.run_dir}/munged.pid", f"--seed-file={b}/munge/etc/munged.seed"])
-        self.conf.write_text(SLURM_CONF.format(base=b, sock=self.sock, cpus=self.cpus,
-                                               ctld_port=free_port(), slurmd_port=free_port()))
+        lines = [NODE_LINE.format(name=n, port=free_port(), cpus=self.cpus) for n in self.node_names]
+        self.conf.write_text(SLURM_CONF.format(base=b, sock=self.sock, ctld_port=free_port(),
+                                               node_lines="\n".join(lines)))
         _run(["slurmctld", "-i"], env=self.env)
-        _run(["slurmd", "-N", "localhost"], env=self.env)
+        for name in self.node_names:
+            _run(["slurmd", "-N", name], env=self.env)
+
+        def all_idle():
+            states = self.cmd("sinfo", "-h", "-N", "-o", "%T", check=False).split()
+            return len(states) == self.nodes and set(states) == {"idle"}
+
         try:
-            wait_until(lambda: self.cmd("sinfo", "-h", "-o", "%T", check=False).strip() == "idle",
-                       timeout=30, interval=0.1, what="the Slurm node to become idle")
+            wait_until(all_idle, timeout=30, interval=0.1, what=f"{self.nodes} Slurm nodes to become idle")
         except TimeoutError as e:
             raise RuntimeError(f"{e}\n{self.logs()}") from None
         return self
 
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node{i}" for i in range(1, self.nodes + 1)]
+
     def stop(self) -> None:
         self.cmd("scancel", "--full", "--signal=KILL", "--user=root", check=False)
         self.cmd("scontrol", "shutdown", check=False)
-        for pid_file in ("slurmctld.pid", "slurmd.pid"):
+        for pid_file in ["slurmctld.pid"] + [f"slurmd-{n}.pid" for n in self.node_names]:
             _wait_pid_file_gone(self.base / pid_file, timeout=15)
         subprocess.run(["munged", "-S", str(self.sock), "--stop"], capture_output=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -191,7 +205,7 @@ class SlurmCluster:
 
     def logs(self) -> str:
         parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+        for name in ["slurmctld.log", "munged.log"] + [f"slurmd-{n}.log" for n in self.node_names]:
             p = self.base / "log" / name
             if p.exists():
                 parts.append(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:]))

@@ -12,9 +12,9 @@ from tests.deploy.daemons import REPO
 SCRIPT = str(REPO / "deploy" / "slurm" / "prom_targets.py")
 
 
-def write(tmp_path, hosts: str, tasks: str, port_base: int = 9500) -> subprocess.CompletedProcess:
+def write(tmp_path, hosts: str, tasks: str, port_base: int = 9500, addresses: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "sd" / "rnalm-77.json"), "--job-id", "77",
-                           "--job-name", "giga", "--hosts", hosts, "--tasks-per-node", tasks,
+                           "--job-name", "giga", "--hosts", hosts, "--addresses", addresses, "--tasks-per-node", tasks,
                            "--port-base", str(port_base)], capture_output=True, text=True)
 
 
@@ -31,8 +31,17 @@ def test_one_target_per_rank_over_nodes(tmp_path):
     assert [p.name for p in (tmp_path / "sd").iterdir()] == ["rnalm-77.json"]   # no temporary file left
 
 
+def test_targets_use_node_addresses_and_keep_node_names(tmp_path):
+    r = write(tmp_path, "gpu001,gpu002", "2(x2)", addresses="10.0.0.1,10.0.0.2")
+    assert r.returncode == 0, r.stderr
+    groups = json.loads((tmp_path / "sd" / "rnalm-77.json").read_text())
+    assert [(g["targets"][0], g["labels"]["node"]) for g in groups] == [
+        ("10.0.0.1:9500", "gpu001"), ("10.0.0.1:9501", "gpu001"), ("10.0.0.2:9500", "gpu002"),
+        ("10.0.0.2:9501", "gpu002")]
+
+
 @pytest.mark.parametrize("hosts,tasks,message", [
-    ("a b", "4", "2 hosts (a b) but tasks per node for 1"),
+    ("a b", "4", "2 hosts (a b), 2 addresses but tasks per node for 1"),
     ("a", "4(y2)", "cannot parse SLURM_TASKS_PER_NODE='4(y2)'"),
 ])
 def test_inconsistent_layout_is_rejected_with_reason(tmp_path, hosts, tasks, message):
