@@ -152,7 +152,8 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[s
                   ss_loss, validate, save, score_key=cfg.eval.tune_on)
     best, meta = load_finetuned(out_dir)
     best.to(pick_device(tcfg.device))
-    name = f"{lm.config.name} fine-tuned" if cfg.model.random_preset is None else f"{lm.config.name} random init"
+    init = "" if cfg.model.random_preset is None else " (random init)"
+    name = f"{lm.config.name}{init} fine-tuned"
     rows = {name: evaluate_records(best, splits.test, meta["threshold"], tcfg.eval_batch_size, tcfg.progress)}
     if cfg.eval.rnafold:
         rows["RNAfold"] = rnafold_row(splits.test)
