@@ -65,8 +65,9 @@ class TrainConfig:
     valid_split: str = "valid"
     valid_sampling: str = "uniform"
     max_nonfinite_in_row: int = 10        # stop the run after this many skipped steps in a row
-    inject_nonfinite_at: list[int] = field(default_factory=list)  # fault injection for tests: steps whose
-                                                                   # loss is made NaN on the last rank
+    inject_nonfinite_at: list[int] = field(default_factory=list)  # fault injection for tests: in these step
+                                                                   # attempts the last micro-batch's loss is
+                                                                   # made NaN on the last rank
 
 
 @dataclass

@@ -217,14 +217,14 @@ class Trainer:
         dropped = owed = backwards = 0
         ids: list[str] = []
         local_flops = 0.0
-        for b in micro:
+        for j, b in enumerate(micro):
             ids.extend(b.ids or ())
             local_flops += self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum()))
             b = b.to(dev, non_blocking=True)
             index = masked_index(b)
             logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
             ce, _ = mlm_sums(logits, b.targets[index])
-            if poison:
+            if poison and j == len(micro) - 1:
                 ce = ce * float("nan")
             bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(ce) else 1.0], device=dev))[0].item()
             if bad:

@@ -121,9 +121,11 @@ def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pre
 
 def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards, tmp_path):
     out = tmp_path / "run"
-    # Attempt 3 is poisoned on rank 1 only (both ranks must skip it), then attempts 5 and 6: two in a row.
-    proc = run_trainer(pretrain_shards, out, "--train.max_steps=20", "--train.inject_nonfinite_at=[3, 5, 6]",
-                       "--train.max_nonfinite_in_row=2", "--checkpoint.every=0", expect_rc=None)
+    # One micro-batch per step: a poisoned attempt takes no step. Attempt 3 is poisoned on rank 1 only (both
+    # ranks must skip it), then attempts 5 and 6: two in a row.
+    proc = run_trainer(pretrain_shards, out, "--train.grad_accum=1", "--train.max_steps=20",
+                       "--train.inject_nonfinite_at=[3, 5, 6]", "--train.max_nonfinite_in_row=2",
+                       "--checkpoint.every=0", expect_rc=None)
     assert proc.returncode != 0 and "exitcode  : 3" in proc.stderr  # every worker exits 3 (EXIT_NONFINITE)
     records = read_log(out)
     bad = events(records, "nonfinite")
@@ -133,6 +135,21 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards
     assert stop["step"] == 3 and "2 steps in a row had a NaN/inf loss" in stop["message"]
     assert "2 steps in a row had a NaN/inf loss" in proc.stderr
     assert all(r["loss"] == r["loss"] for r in step_lines(records))  # no NaN reached the weights
+
+
+def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_shards, straight_run, tmp_path):
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.inject_nonfinite_at=[3]",
+                "--checkpoint.every=0")
+    records = read_log(out)
+    assert [(e["step"], e["micro_batches"], e["stepped"]) for e in events(records, "nonfinite")] == [(3, 1, True)]
+    got, reference = by_step(records), by_step(read_log(straight_run))
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert [got[s]["loss"] for s in (1, 2)] == [reference[s]["loss"] for s in (1, 2)]
+    assert got[3]["samples_sha1"] == reference[3]["samples_sha1"]         # same data consumed ...
+    assert got[3]["masked_tokens"] < reference[3]["masked_tokens"]         # ... but one micro-batch not trained on
+    assert got[4]["loss"] != reference[4]["loss"]                          # so the weights differ afterwards
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
 
 
 def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, copy_of_straight_run):
