@@ -46,19 +46,27 @@ PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=$(command -v python3) || die "no python: set RNALM_PYTHON"
 
 # ---------------------------------------------------------------------------------------- arguments
+# [CONFIG] then overrides as the trainer takes them (--section.key=value or --section.key value; --config FILE
+# works too); normalised to --key=value, picking out what this script needs to know.
 CONFIG=pretrain/configs/giga.yaml
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then CONFIG=$1; shift; fi
-[ -f "$CONFIG" ] || die "config file $CONFIG not found"
-OVERRIDES=("$@")
-
+OVERRIDES=()
 PORT_BASE=""
 METRICS=true
-for arg in "${OVERRIDES[@]}"; do
-  case $arg in
-    --metrics.port_base=*) PORT_BASE=${arg#*=} ;;
-    --metrics.enabled=*) METRICS=${arg#*=} ;;
+while [ $# -gt 0 ]; do
+  case $1 in
+    --*=*) key=${1%%=*}; val=${1#*=}; shift ;;
+    --*) key=$1; val=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+    *) die "unexpected argument '$1': overrides look like --section.key=value" ;;
   esac
+  case $key in
+    --config) CONFIG=$val; continue ;;
+    --metrics.port_base) PORT_BASE=$val ;;
+    --metrics.enabled) case ${val,,} in false | 0 | no | off) METRICS=false ;; *) METRICS=true ;; esac ;;
+  esac
+  OVERRIDES+=("$key=$val")
 done
+[ -f "$CONFIG" ] || die "config file $CONFIG not found"
 if [ -z "$PORT_BASE" ]; then   # the file_sd targets must name the ports the ranks really use
   PORT_BASE=${RNALM_METRICS_PORT_BASE:-9500}
   OVERRIDES+=("--metrics.port_base=$PORT_BASE")

@@ -138,12 +138,13 @@ def test_two_node_job_matches_the_single_node_run(slurm, synthetic_shards, strai
     """`sbatch --nodes=2` without edits: one rank on each of two slurmd nodes, rendezvous at the first node's
     address; same world size, so the same sample stream and losses as 2 ranks on one node. (Metrics are off:
     both "nodes" are this machine, so local rank 0 of each would want the same port.)"""
-    job_id = submit(slurm, synthetic_shards, tmp_path, "--metrics.enabled=false",
+    job_id = submit(slurm, synthetic_shards, tmp_path, "--metrics.enabled", "False",   # the "--key value" form
                     sbatch_args=("--nodes=2", "--ntasks-per-node=1"))
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
     out = batch_output(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out[-3000:])
     assert "2 node(s) [node1 node2], 2 ranks" in out and "master 127.0.0.1:" in out
+    assert "no Prometheus targets (metrics.enabled=false" in out
     log = read_jsonl(tmp_path / "out" / "log.jsonl")
     assert events(log, "start")[0]["world_size"] == 2 and events(log, "done")[0]["step"] == STEPS
     got, want = steps(log), steps(straight_run.log)
