@@ -95,12 +95,16 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
         return rio.load_pretrained(path, **overrides)
     if fmt == "finetuned":
         return load_finetuned(path)[0].lm
-    if fmt == "official":
-        mcfg, state = rio.import_official(path, **overrides)
-    else:
-        if path.is_dir():
-            path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
-        mcfg, state = rio.import_multimolecule(path, **overrides)
+    if fmt == "multimolecule" and path.is_dir():
+        path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+    importer = rio.import_official if fmt == "official" else rio.import_multimolecule
+    try:
+        mcfg, state = importer(path, **overrides)
+    except ValueError as e:
+        if "num_heads" in str(e) and "num_heads" not in overrides:
+            raise ValueError(f"{path}: {e}. The file does not record the head count (20 in every original "
+                             f"size); pass it, e.g. --model.overrides='{{num_heads: 4}}'") from e
+        raise
     model = RiNALMo(mcfg)
     model.load_state_dict(state)
     return model
