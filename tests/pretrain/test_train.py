@@ -210,10 +210,13 @@ def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretr
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3_offload"])
 def test_other_deepspeed_configs_train_the_same_steps(pretrain_shards, straight_run, tmp_path, ds_config):
     out = tmp_path / "run"
-    run_trainer(pretrain_shards, out, "--train.max_steps=4", f"--train.ds_config=ds_configs/{ds_config}.json",
-                "--checkpoint.every=0")
+    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", "--train.stop_after=4",
+                f"--train.ds_config=ds_configs/{ds_config}.json", "--checkpoint.every=0")
+    records = read_log(out)
+    assert events(records, "done")[0]["step"] == 4 and latest_tag(out / "checkpoints") == tag_for(4)  # stop_after
     reference = by_step(read_log(straight_run))
-    for step, got in by_step(read_log(out)).items():
+    assert sorted(by_step(records)) == [1, 2, 3, 4]
+    for step, got in by_step(records).items():
         assert got["samples_sha1"] == reference[step]["samples_sha1"]
         assert got["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=1e-4)
