@@ -306,7 +306,13 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
     log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} processes"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
-    infos = comm.gather(write_jobs(ctx, mine, cfg.workers))
+    done = []
+
+    def progress(info: ShardInfo) -> None:
+        done.append(info)
+        log.progress(f"shards: {len(done)}/{len(mine)} written ({info.path}, {info.bytes / 1e6:,.1f} MB)")
+
+    infos = comm.gather(write_jobs(ctx, mine, cfg.workers, progress))
     seconds["shards"] = time.perf_counter() - t
     manifest = None
     if comm.rank == 0:

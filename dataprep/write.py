@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,14 +48,19 @@ def _payload(args: tuple[WriteContext, np.ndarray]) -> tuple[bytes, int, int]:
     return compress_block(block, ctx.zstd_level), len(block), int(block.offsets[-1])
 
 
-def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int) -> list[ShardInfo]:
+def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int,
+               progress: Callable[[ShardInfo], None] = lambda info: None) -> list[ShardInfo]:
     """Write every job's shard in order; blocks are gathered and compressed by `workers` processes."""
     pieces = [(ctx, j.records[a: a + ctx.block_records]) for j in jobs
               for a in range(0, len(j.records), ctx.block_records)]
     pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(pieces) > 1 else None
     try:
         payloads = pool.imap(_payload, pieces, chunksize=2) if pool else map(_payload, pieces)
-        return [_write_one(ctx, job, payloads) for job in jobs]
+        infos = []
+        for job in jobs:
+            infos.append(_write_one(ctx, job, payloads))
+            progress(infos[-1])
+        return infos
     finally:
         if pool:
             pool.terminate()
