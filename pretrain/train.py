@@ -328,12 +328,14 @@ class Trainer:
         tag = latest_tag(ckpt.root)
         if tag is None:
             return None
+        saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
         if self.cfg.checkpoint.load_universal:
             tag += UNIVERSAL_SUFFIX
             if not (ckpt.root / tag).is_dir():
-                raise CheckpointError(f"{ckpt.root / tag} not found: run `python -m pretrain.convert --universal "
-                                      f"{ckpt.root}` first")
-        saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
+                hint = ("it was written with this world size: drop --checkpoint.load_universal"
+                        if saved_world == self.world else
+                        f"run `python -m pretrain.convert --universal {ckpt.root}` first")
+                raise CheckpointError(f"{ckpt.root / tag} not found: {hint}")
         if saved_world != self.world and not self.cfg.checkpoint.load_universal:
             raise CheckpointError(f"{ckpt.root / tag} was written by {saved_world} ranks, this run has {self.world}: "
                                   f"run `python -m pretrain.convert --universal {ckpt.root}` and resume with "
