@@ -74,7 +74,7 @@ def detect_format(path: Path) -> str:
         raise FileNotFoundError(f"{path}: no {rio.WEIGHTS_NAME}+{rio.CONFIG_NAME}, {FT_META} or multimolecule weights")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    keys = rio._read_state(path).keys()
+    keys = rio.read_state_dict(path).keys()
     return "multimolecule" if any(k.startswith("model.embeddings.") for k in keys) else "official"
 
 
@@ -151,7 +151,7 @@ def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_ove
     -> a fine-tuned directory that `predict-ss` and `ss evaluate` read. Head parameter names are the original's."""
     from finetune.heads import HeadConfig, SecondaryStructureHead
 
-    state = rio._read_state(checkpoint)
+    state = rio.read_state_dict(checkpoint)
     head_state = {k[len("pred_head."):]: v for k, v in state.items() if k.startswith("pred_head.")}
     if not head_state or "threshold" not in state:
         raise rio.WeightsError(f"{checkpoint}: not an original secondary-structure checkpoint "

@@ -113,7 +113,7 @@ def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
 
 # --- the original RiNALMo layout -------------------------------------------------------------------
 
-def _read_state(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
+def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
     if isinstance(path_or_state, Mapping):
         return dict(path_or_state)
     path = Path(path_or_state)
@@ -140,7 +140,7 @@ def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any
 def import_official(path_or_state, **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
     """The original's `*_pretrained.pt` (or a fine-tuned wrapper with prefix `lm.`/`rinalmo.`)."""
     where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "official state dict"
-    state = _read_state(path_or_state)
+    state = read_state_dict(path_or_state)
     for prefix in ("lm.", "rinalmo."):
         if any(k.startswith(prefix + "embedding.") for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -194,7 +194,7 @@ def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] = MULTIMOLECUL
                          **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
     """multimolecule `RiNALMoForMaskedLM` weights -> our (the original's) names and vocabulary order."""
     where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "multimolecule state dict"
-    mm = _read_state(path_or_state)
+    mm = read_state_dict(path_or_state)
     rows = torch.tensor(_mm_rows(mm_vocab))
     try:
         state: StateDict = {"embedding.weight": mm["model.embeddings.word_embeddings.weight"][rows]}
