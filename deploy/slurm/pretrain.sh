@@ -114,11 +114,13 @@ write_targets() {
     log "no Prometheus targets (metrics.enabled=$METRICS, port_base=$PORT_BASE)"; return
   fi
   remove_stale_targets
-  "$PYTHON" deploy/slurm/prom_targets.py --out "$TARGETS" --job-id "$SLURM_JOB_ID" \
-      --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --addresses "${ADDRS[*]}" \
-      --tasks-per-node "$SLURM_TASKS_PER_NODE" \
-      --port-base "$PORT_BASE" && log "Prometheus targets: $TARGETS" \
-    || log "warning: could not write $TARGETS (training goes on without Prometheus discovery)"
+  if "$PYTHON" deploy/slurm/prom_targets.py --out "$TARGETS" --job-id "$SLURM_JOB_ID" \
+       --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --addresses "${ADDRS[*]}" \
+       --tasks-per-node "$SLURM_TASKS_PER_NODE" --port-base "$PORT_BASE"; then
+    log "Prometheus targets: $TARGETS"
+  else
+    log "warning: could not write $TARGETS (training goes on without Prometheus discovery)"
+  fi
 }
 
 remove_targets() { rm -f "$TARGETS"; }
@@ -126,6 +128,7 @@ remove_targets() { rm -f "$TARGETS"; }
 # ----------------------------------------------------------------------------------------- signals
 PREEMPTED=0
 INTERRUPTED=0
+# shellcheck disable=SC2317  # trap handlers
 on_usr1() {
   INTERRUPTED=1
   PREEMPTED=1
@@ -137,6 +140,7 @@ on_usr1() {
     FORWARDER=$!
   fi
 }
+# shellcheck disable=SC2317
 on_term() {
   INTERRUPTED=1
   log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
@@ -169,7 +173,7 @@ while :; do
   INTERRUPTED=0
   wait "$STEP_PID"
   RC=$?
-  [ "$INTERRUPTED" = 1 ] && [ "$RC" -gt 128 ] || break
+  if [ "$INTERRUPTED" = 0 ] || [ "$RC" -le 128 ]; then break; fi
 done
 log "training step ended with exit code $RC"
 
