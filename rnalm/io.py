@@ -114,6 +114,7 @@ def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
 # --- the original RiNALMo layout -------------------------------------------------------------------
 
 def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> StateDict:
+    """A state dict from `.safetensors`, or from `.pt` with `torch.load(weights_only=True)` (no pickled code)."""
     if isinstance(path_or_state, Mapping):
         return dict(path_or_state)
     path = Path(path_or_state)
