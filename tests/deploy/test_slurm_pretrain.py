@@ -63,6 +63,8 @@ def straight_run(slurm, synthetic_shards, tmp_path_factory) -> Run:
     require_tools("prometheus")
     run = tmp_path_factory.mktemp("straight")
     (run / "targets").mkdir()
+    # Left behind by a job that no longer exists (SIGKILL, node crash): the next job removes it.
+    (run / "targets" / "rnalm-987654.json").write_text('[{"targets": ["127.0.0.1:1"], "labels": {}}]')
     prom = start_prometheus(run / "prometheus", run / "targets")
     try:
         job_id = submit(slurm, synthetic_shards, run)
@@ -92,7 +94,7 @@ def test_sbatch_pretrain_completes_with_checkpoint(straight_run):
     assert latest == events(log, "checkpoint")[-1]["tag"] and events(log, "checkpoint")[-1]["step"] == STEPS
     assert any((ckpts / latest).iterdir())
     assert "2 ranks" in out and "CPU mode" in out and "exit code 0" in out
-    assert not list((r.dir / "targets").glob("*.json")), "target file left behind"
+    assert not list((r.dir / "targets").glob("*.json")), "target file left behind (or the stale one not removed)"
 
 
 def test_prometheus_finds_the_job_through_file_sd(straight_run):
