@@ -161,12 +161,33 @@ class SlurmCluster:
         return [f"node{i}" for i in range(1, self.nodes + 1)]
 
     def stop(self) -> None:
-        self.cmd("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+        # Let every job end first: a slurmstepd whose slurmd is gone never exits.
+        self.cmd("scancel", "--user=root", check=False)
+        try:
+            wait_until(lambda: not self.cmd("squeue", "-h", check=False).strip(), 60, what="the queue to drain")
+        except TimeoutError:
+            self.cmd("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+            time.sleep(2)
         self.cmd("scontrol", "shutdown", check=False)
         for pid_file in ["slurmctld.pid"] + [f"slurmd-{n}.pid" for n in self.node_names]:
             _wait_pid_file_gone(self.base / pid_file, timeout=15)
+        for pid in self.leftover_pids():   # e.g. after a job killed at the worst moment
+            os.kill(pid, signal.SIGKILL)
         subprocess.run(["munged", "-S", str(self.sock), "--stop"], capture_output=True)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        """Processes of this cluster still alive (daemons, step daemons, tasks): they carry its SLURM_CONF."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != os.getpid():
+                try:
+                    if marker in (proc / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(proc.name))
+                except OSError:
+                    continue
+        return pids
 
     def cmd(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         r = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)

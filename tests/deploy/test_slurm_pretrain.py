@@ -176,6 +176,8 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
         wait_until(resumed, 200, interval=1, what="the requeued run to start")
     finally:
         slurm.cmd("scancel", job_id)
+        wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
+                   what=f"cancelled job {job_id} to leave the queue")
     log = read_jsonl(log_path)
     (preempted,) = events(log, "preempted")[:1]
     assert preempted["step"] > 0
