@@ -265,7 +265,6 @@ def prometheus_test_config(targets_dir: Path, out: Path, interval: str = "1s") -
     cfg["global"].update(scrape_interval=interval, evaluation_interval=interval)
     cfg["rule_files"] = [str(prom_dir / f) for f in cfg["rule_files"]]
     for job in cfg["scrape_configs"]:
-        job.pop("scrape_timeout", None)
         for sd in job.get("file_sd_configs", []):
             sd["refresh_interval"] = interval
             sd["files"] = [str(targets_dir / "*.json") if job["job_name"] == "rnalm_train"
