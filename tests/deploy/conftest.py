@@ -24,12 +24,12 @@ def slurm(tmp_path_factory) -> SlurmCluster:
 
 @pytest.fixture
 def prometheus_factory(tmp_path: Path):
-    """start(targets_dir) -> a running Prometheus using the repository's config and rules (test intervals)."""
+    """start() -> a running Prometheus using the repository's config and rules (test intervals)."""
     require_tools("prometheus")
     servers: list[Prometheus] = []
 
-    def start(targets_dir: Path) -> Prometheus:
-        servers.append(start_prometheus(tmp_path / f"prometheus{len(servers)}", targets_dir))
+    def start() -> Prometheus:
+        servers.append(start_prometheus(tmp_path / f"prometheus{len(servers)}"))
         return servers[-1]
 
     yield start

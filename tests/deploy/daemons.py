@@ -255,20 +255,21 @@ def _wait_pid_file_gone(pid_file: Path, timeout: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------ Prometheus
-def prometheus_test_config(targets_dir: Path, out: Path, interval: str = "1s") -> Path:
-    """The repository's prometheus.yml, with test-speed intervals, its rule files by absolute path and the
-    training-job file_sd pointed at ``targets_dir``. Everything else (jobs, rules) is used unchanged."""
+def prometheus_test_config(work: Path, interval: str = "1s") -> Path:
+    """A copy of deploy/prometheus (prometheus.yml + rules/) in ``work`` with test-speed intervals; nothing else
+    changes, so the relative paths (rules/, targets/*.json) resolve as in a real deployment: a job's target file
+    goes to ``work/targets``."""
     import yaml
 
     prom_dir = REPO / "deploy" / "prometheus"
+    shutil.copytree(prom_dir / "rules", work / "rules")
+    (work / "targets").mkdir()
     cfg = yaml.safe_load((prom_dir / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval=interval, evaluation_interval=interval)
-    cfg["rule_files"] = [str(prom_dir / f) for f in cfg["rule_files"]]
     for job in cfg["scrape_configs"]:
         for sd in job.get("file_sd_configs", []):
             sd["refresh_interval"] = interval
-            sd["files"] = [str(targets_dir / "*.json") if job["job_name"] == "rnalm_train"
-                           else str(out.parent / f"{job['job_name']}_targets" / "*.json")]
+    out = work / "prometheus.yml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
 
@@ -284,6 +285,11 @@ class Prometheus:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def targets_dir(self) -> Path:
+        """Where file_sd looks for training jobs (targets/*.json next to prometheus.yml)."""
+        return self.config.parent / "targets"
 
     def start(self) -> "Prometheus":
         self.port = self.port or free_port()
@@ -330,10 +336,11 @@ class Prometheus:
         return [t for t in self.api("targets", state="active")["activeTargets"] if t["labels"].get("job") == job]
 
 
-def start_prometheus(work: Path, targets_dir: Path) -> Prometheus:
-    """A Prometheus with the repository's config and rules (test intervals), its files under ``work``."""
+def start_prometheus(work: Path) -> Prometheus:
+    """A Prometheus with the repository's config and rules (test intervals), its files under ``work``;
+    training jobs are discovered from ``server.targets_dir``."""
     work.mkdir(parents=True, exist_ok=True)
-    cfg = prometheus_test_config(targets_dir, work / "prometheus.yml")
+    cfg = prometheus_test_config(work)
     return Prometheus(cfg, work / "data", work / "prometheus.log").start()
 
 

@@ -71,10 +71,8 @@ def exporter():
 
 def test_prometheus_scrapes_ranks_found_through_file_sd(tmp_path, prometheus_factory, exporter):
     proc, port_base = exporter
-    targets_dir = tmp_path / "targets"
-    targets_dir.mkdir()
-    prom = prometheus_factory(targets_dir)
-    target_file = write_targets(targets_dir, port_base)   # written while Prometheus runs, as in a real job
+    prom = prometheus_factory()
+    target_file = write_targets(prom.targets_dir, port_base)   # written while Prometheus runs, as in a real job
 
     up = prom.wait_for(f'up{{job="rnalm_train",slurm_job_id="{JOB_ID}"}} == 1', timeout=30)
     wait_until(lambda: len(prom.query(f'up{{slurm_job_id="{JOB_ID}"}} == 1')) == 2, 15, what="both ranks up")

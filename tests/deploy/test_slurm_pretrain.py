@@ -20,15 +20,16 @@ TRAIN_ARGS = ("--train.valid_every=0", "--checkpoint.every=20", "--train.log_eve
 
 
 def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml",
-           sbatch_args: tuple[str, ...] = ()):
-    """CPU mode: no GPUs, 2 tasks of 1 CPU on the one node; everything else is the script's defaults."""
+           sbatch_args: tuple[str, ...] = (), sd_dir: Path | None = None):
+    """CPU mode: no GPUs, 2 tasks of 1 CPU on one node; everything else is the script's defaults. The file_sd
+    target file goes to ``sd_dir`` (default run/targets)."""
     run.mkdir(parents=True, exist_ok=True)
     return slurm.sbatch(
         "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--job-name=rnalm-test", *sbatch_args,
         f"--output={run}/slurm-%j.out", str(REPO / "deploy/slurm/pretrain.sh"), config,
         f"--data.shards={shards}", f"--train.out_dir={run / 'out'}", f"--train.max_steps={STEPS}", *TRAIN_ARGS,
         f"--metrics.port_base={free_port(2)}", *overrides,
-        env={"RNALM_PROM_SD_DIR": str(run / "targets"), "RNALM_PYTHON": sys.executable}, cwd=REPO)
+        env={"RNALM_PROM_SD_DIR": str(sd_dir or run / "targets"), "RNALM_PYTHON": sys.executable}, cwd=REPO)
 
 
 def steps(log: list[dict]) -> list[dict]:
@@ -51,6 +52,7 @@ class Run:
     up: list[dict] = field(default_factory=list)
     tokens: list[dict] = field(default_factory=list)
     targets_after_end: list[dict] = field(default_factory=list)
+    target_files_after_end: list[str] = field(default_factory=list)
 
     @property
     def log(self) -> list[dict]:
@@ -62,12 +64,11 @@ def straight_run(slurm, synthetic_shards, tmp_path_factory) -> Run:
     """The uninterrupted reference job, watched by a real Prometheus through the job's file_sd directory."""
     require_tools("prometheus")
     run = tmp_path_factory.mktemp("straight")
-    (run / "targets").mkdir()
+    prom = start_prometheus(run / "prometheus")
     # Left behind by a job that no longer exists (SIGKILL, node crash): the next job removes it.
-    (run / "targets" / "rnalm-987654.json").write_text('[{"targets": ["127.0.0.1:1"], "labels": {}}]')
-    prom = start_prometheus(run / "prometheus", run / "targets")
+    (prom.targets_dir / "rnalm-987654.json").write_text('[{"targets": ["127.0.0.1:1"], "labels": {}}]')
     try:
-        job_id = submit(slurm, synthetic_shards, run)
+        job_id = submit(slurm, synthetic_shards, run, sd_dir=prom.targets_dir)
         sel = f'slurm_job_id="{job_id}"'
         up = prom.wait_for(f'up{{{sel}}} == 1', timeout=90, what="the job's ranks as Prometheus targets")
         wait_until(lambda: len(prom.query(f'up{{{sel}}} == 1')) == 2, 30, what="both ranks scraped")
@@ -76,7 +77,8 @@ def straight_run(slurm, synthetic_shards, tmp_path_factory) -> Run:
         info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
         # The job removed its target file, so Prometheus drops the targets.
         wait_until(lambda: not prom.active_targets("rnalm_train"), 30, what="targets gone after the job")
-        return Run(job_id, run, info, up=up, tokens=tokens, targets_after_end=prom.active_targets("rnalm_train"))
+        return Run(job_id, run, info, up=up, tokens=tokens, targets_after_end=prom.active_targets("rnalm_train"),
+                   target_files_after_end=sorted(p.name for p in prom.targets_dir.iterdir()))
     finally:
         prom.stop()
 
@@ -94,7 +96,7 @@ def test_sbatch_pretrain_completes_with_checkpoint(straight_run):
     assert latest == events(log, "checkpoint")[-1]["tag"] and events(log, "checkpoint")[-1]["step"] == STEPS
     assert any((ckpts / latest).iterdir())
     assert "2 ranks" in out and "CPU mode" in out and "exit code 0" in out
-    assert not list((r.dir / "targets").glob("*.json")), "target file left behind (or the stale one not removed)"
+    assert r.target_files_after_end == [], "target file left behind (or the stale one not removed)"
 
 
 def test_prometheus_finds_the_job_through_file_sd(straight_run):
