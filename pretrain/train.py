@@ -36,6 +36,7 @@ from rnalm.model import RiNALMo
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 
 EXIT_NONFINITE = 3
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PretrainModel(RiNALMo):
@@ -98,7 +99,7 @@ class Trainer:
         self.flops = FlopCounter(self.model_cfg)
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
         self.stop_requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):  # early: a signal during start-up stops at the first step
+        for sig in STOP_SIGNALS:  # early: a signal during start-up stops at the first step
             signal.signal(sig, self._on_signal)
         self.step = self.tokens = self.samples = self.nonfinite_steps = 0
         self.attempts = self.nonfinite_in_row = 0
@@ -281,7 +282,7 @@ class Trainer:
         with torch.no_grad():
             while True:
                 limit = cfg.train.valid_max_batches
-                b = next(loader, None) if not limit or batches < limit else None
+                b = _next_batch(loader, None) if not limit or batches < limit else None
                 if _all_reduce(torch.tensor([float(b is not None)], device=dev))[0].item() == 0:
                     break
                 real = b is not None
@@ -378,10 +379,25 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _next_batch(batches, default=StopIteration):
+    """next() with two guards for the DataLoader worker processes it may start:
+    - outside the training RNG stream: a DataLoader draws its workers' base seed from the global torch RNG,
+      which would shift dropout after a resume (or a validation) and break exact replay;
+    - with the stop signals blocked, so the workers inherit them blocked: Slurm and torchrun send SIGTERM to
+      every process, and a worker killed by it would crash the rank before it can save. The rank itself gets
+      any signal that arrived meanwhile when the mask is restored."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return next(batches) if default is StopIteration else next(batches, default)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _take(batches, n: int) -> tuple[list[PackedBatch], float]:
     t0 = time.perf_counter()
     try:
-        micro = [next(batches) for _ in range(n)]
+        micro = [_next_batch(batches) for _ in range(n)]
     except StopIteration:
         raise RuntimeError("the training loader ended; pretraining needs data.infinite=true") from None
     return micro, time.perf_counter() - t0

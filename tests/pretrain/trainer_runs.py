@@ -17,7 +17,7 @@ TORCHRUN = str(Path(PY).with_name("torchrun"))
 
 # The run every trainer test compares against: 12 optimizer steps of 2 micro-batches on each of 2 ranks.
 STRAIGHT_STEPS = 12
-BASE_OVERRIDES = ("--data.token_budget=1024", "--train.grad_accum=2", "--optim.warmup_steps=3",
+BASE_OVERRIDES = ("--data.token_budget=1024", "--data.num_workers=1", "--train.grad_accum=2", "--optim.warmup_steps=3",
                   "--optim.decay_steps=20", "--train.valid_every=0", "--train.valid_max_batches=8",
                   "--train.log_every=4", "--checkpoint.every=4", "--checkpoint.keep=2")
 
@@ -51,8 +51,8 @@ def start_trainer(shards: Path, out_dir: Path, *overrides: str, nproc: int = 2) 
 
 
 def signal_tree(proc: subprocess.Popen, sig: int, workers_only: bool = False) -> list[int]:
-    """Send `sig` to torchrun's workers (torchrun starts them in their own sessions) and, unless
-    workers_only, to torchrun itself; returns the worker pids."""
+    """Send `sig` to every process below torchrun (ranks, their DataLoader workers; torchrun starts the ranks
+    in their own sessions) and, unless workers_only, to torchrun itself; returns their pids."""
     import psutil  # installed with deepspeed
 
     workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
