@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         print(f"   validation: loss {v['loss']:.4f}, perplexity {v['perplexity']:.3f}, "
               f"masked accuracy {v['accuracy']:.2%}")
     if fasta.name == "synthetic.fa":
-        print("   (the synthetic sequences are mostly random: ln 4 = 1.386 is about the best loss on them)")
+        print("   (the synthetic sequences are mostly random, so the loss cannot go far below ln 4 = 1.386)")
     print(f"   shards:          {paths['shards']}  (manifest.json, report/)")
     print(f"   training run:    {paths['pretrain']}  (config.yaml, log.jsonl, checkpoints/)")
     print(f"   released model:  {paths['model']}  (model.safetensors, config.json)")
