@@ -1,4 +1,5 @@
-"""`make demo`: synthetic FASTA -> shards -> ZeRO-3 pretraining on 2 CPU ranks (tiny model) -> released weights.
+"""`make demo`: synthetic FASTA -> shards -> ZeRO-3 pretraining on 2 CPU ranks (tiny model) -> released weights
+-> fine-tuning (secondary structure on a bpRNA slice, RNAfold beside it) -> predict-ss and embed on a FASTA.
 
     python -m pretrain.demo [--out demo_out] [--records 20000] [--steps 300] [--nproc 2]
 
@@ -31,13 +32,8 @@ def run(cmd: list[str], what: str) -> None:
 
 def make_fasta(out: Path, records: int) -> Path:
     fasta = out / "synthetic.fa"
-    if (REPO / "dataprep" / "synth.py").exists():
-        run([sys.executable, "-m", "dataprep.synth", str(records), str(fasta)], "synthetic ncRNA-like FASTA")
-        return fasta
-    corpus = REPO.parent / "shared" / "data" / "ncrna" / "ncrna_corpus.fasta.gz"
-    if not corpus.exists():
-        sys.exit("demo: neither dataprep.synth nor the ncRNA corpus is available")
-    return corpus
+    run([sys.executable, "-m", "dataprep.synth", str(records), str(fasta)], "synthetic ncRNA-like FASTA")
+    return fasta
 
 
 def build_shards(fasta: Path, shards: Path) -> None:
@@ -61,6 +57,29 @@ def pretrain(shards: Path, run_dir: Path, steps: int, nproc: int) -> None:
 def convert(run_dir: Path, model_dir: Path) -> None:
     run([sys.executable, "-m", "pretrain.convert", str(run_dir), str(model_dir)],
         "convert: ZeRO-3 checkpoint -> model.safetensors + config.json")
+
+
+def finetune(model_dir: Path, fasta: Path, out: Path) -> dict[str, Path] | None:
+    """A short secondary-structure fine-tune of the converted model, then predictions and embeddings."""
+    data = REPO.parent / "shared" / "data"
+    if not (data / "ss").exists():
+        print(f"\n== fine-tuning skipped: {data / 'ss'} not found (set up ../shared/data to run it)")
+        return None
+    paths = {"finetune": out / "finetune_ss", "predict": out / "predict_ss", "embed": out / "embed"}
+    run([sys.executable, "-m", "finetune", "ss", "train", f"--model.path={model_dir}", f"--data.root={data}",
+         "--data.limit_train=300", "--data.limit_valid=60", "--data.limit_test=120", "--train.epochs=2",
+         "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--train.progress=false",
+         f"--train.out_dir={paths['finetune']}"],
+        "fine-tune: secondary structure on a bpRNA TR0 slice, scored on TS0 with RNAfold beside it")
+    few = out / "few.fa"
+    with open(fasta, "rb") as fh:  # the first 20 records of the demo FASTA stand for a user's file
+        records = fh.read().split(b"\n>")[:20]
+    few.write_bytes(b"\n>".join(records).rstrip(b"\n") + b"\n")
+    run([sys.executable, "-m", "finetune", "predict-ss", f"--model={paths['finetune']}", f"--fasta={few}",
+         f"--out={paths['predict']}", "--format=dbn"], "predict-ss: structures for a FASTA")
+    run([sys.executable, "-m", "finetune", "embed", f"--model={model_dir}", f"--fasta={few}",
+         f"--out={paths['embed']}", "--plot=pca"], "embed: CLS and mean embeddings with a plot")
+    return paths
 
 
 def summary(run_dir: Path) -> dict:
@@ -87,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     build_shards(fasta, paths["shards"])
     pretrain(paths["shards"], paths["pretrain"], args.steps, args.nproc)
     convert(paths["pretrain"], paths["model"])
+    tuned = finetune(paths["model"], fasta, out)
     s = summary(paths["pretrain"])
     print(f"\n== pretraining demo done: {s['steps']} steps, {s['tokens']:,} tokens, loss {s['first_loss']:.3f} -> "
           f"{s['last_loss']:.3f}, median {s['median_tokens_per_s']:,.0f} tokens/s")
@@ -94,11 +114,16 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         v = s["valid"]
         print(f"   validation: loss {v['loss']:.4f}, perplexity {v['perplexity']:.3f}, "
               f"masked accuracy {v['accuracy']:.2%}")
-    if fasta.name == "synthetic.fa":
-        print("   (the synthetic sequences are mostly random, so the loss cannot go far below ln 4 = 1.386)")
+    print("   (the synthetic sequences are mostly random, so the loss cannot go far below ln 4 = 1.386)")
     print(f"   shards:          {paths['shards']}  (manifest.json, report/)")
     print(f"   training run:    {paths['pretrain']}  (config.yaml, log.jsonl, checkpoints/)")
     print(f"   released model:  {paths['model']}  (model.safetensors, config.json)")
+    if tuned:
+        print((tuned["finetune"] / "results.md").read_text())
+        print(f"   fine-tuned SS:   {tuned['finetune']}  (results.md, results.json, finetuned.safetensors)")
+        print(f"   predictions:     {tuned['predict']}  (predictions.dbn)")
+        print(f"   embeddings:      {tuned['embed']}  (.npy + plot)")
+        paths.update(tuned)
     return paths
 
 

@@ -60,6 +60,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; released weights are shared files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -28,6 +28,7 @@ def test_round_trips_at_every_preset(name, tmp_path):
     with torch.no_grad():
         logits = model(TOKENS).logits
     save_pretrained(model, tmp_path / "m", provenance={"test": name})
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o044 == 0o044  # group/world readable
     loaded = load_pretrained(tmp_path / "m")
     assert loaded.config == model.config
     assert_same_state(loaded.state_dict(), state)
