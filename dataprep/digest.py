@@ -1,8 +1,9 @@
 """Vectorised 64-bit digests of many byte segments at once (exact-dedup candidate keys).
 
 Each segment is read as little-endian 64-bit words (unaligned loads from one strided view, the last word
-masked to the segment's end); every word is keyed by its index in the segment, mixed (multiply-xorshift)
-and summed per segment; the sum and the length go through the murmur3 64-bit finaliser.
+masked to the segment's end); every word is mixed (multiply-xorshift) and weighted by a power of an odd
+constant for its position in the segment (a polynomial hash mod 2**64); the sum and the length go through
+the murmur3 64-bit finaliser.
 """
 from __future__ import annotations
 
@@ -24,11 +25,43 @@ def _fmix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_P = _U(0x9E3779B97F4A7C15 | 1)  # odd, so its powers are invertible mod 2**64
+_powers = np.ones(1, np.uint64)
+_inverse_powers = np.ones(1, np.uint64)
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**k and P**-k (mod 2**64) for k < n, grown by doubling and kept for the next call."""
+    global _powers, _inverse_powers
+    if len(_powers) < n:
+        size = max(n, 2 * len(_powers), 1 << 16)
+        p = np.empty(size, np.uint64)
+        p[0] = 1
+        k = 1
+        with np.errstate(over="ignore"):
+            while k < size:  # p[k:2k] = p[:k] * P**k
+                step = p[k - 1] * _P
+                p[k: 2 * k] = p[: min(k, size - k)] * step
+                k *= 2
+        inv = _U(pow(int(_P), -1, 1 << 64))
+        q = np.empty(size, np.uint64)
+        q[0], k = 1, 1
+        with np.errstate(over="ignore"):
+            while k < size:
+                step = q[k - 1] * inv
+                q[k: 2 * k] = q[: min(k, size - k)] * step
+                k *= 2
+        _powers, _inverse_powers = p, q
+    return _powers, _inverse_powers
+
+
 def segment_digests(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """64-bit digest (uint64 [n]) of each buf[offsets[i]:offsets[i+1]].
 
-    `buf` (uint8) must have at least PAD readable bytes after offsets[-1]. Equal digests are candidates
-    only: dedup confirms them by comparing the bytes, so a weak spot in the mixing costs time, not data.
+    `buf` (uint8) must have at least PAD readable bytes after offsets[-1]. Each 64-bit word is mixed and
+    weighted by P**(its global word index); multiplying a segment's sum by P**-(its first word index) makes
+    the weights relative to the segment start. Equal digests are candidates only: dedup confirms them by
+    comparing the bytes, so a weak spot in the mixing costs time, not data.
     """
     n = len(offsets) - 1
     lens = np.diff(offsets).astype(np.int64)
@@ -40,21 +73,17 @@ def segment_digests(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         starts, sl = offsets[:-1][nonempty], lens[nonempty]
         nw = (sl + 7) // 8
         wstart = np.cumsum(nw) - nw
-        j = np.arange(int(nw.sum()), dtype=np.int64)
-        j -= np.repeat(wstart, nw)  # word index within its segment
-        pos = np.repeat(starts, nw)
-        j <<= 3
-        pos += j
-        j >>= 3
+        total = int(nw.sum())
+        powers, inverse = _power_tables(total)
+        pos = np.repeat(starts - 8 * wstart, nw)
+        pos += np.arange(0, 8 * total, 8, dtype=np.int64)
         words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned loads
         x = words[pos]
         del pos
         rem = (sl - 8 * (nw - 1)).astype(np.uint64)  # bytes used in the last word, 1..8
         x[wstart + nw - 1] &= np.where(rem == 8, _U(0xFFFFFFFFFFFFFFFF), (_U(1) << (_U(8) * (rem % _U(8)))) - _U(1))
-        jk = j.view(np.uint64)
-        jk *= _C3
-        x ^= jk
         x *= _C1
         x ^= x >> _S29
-        h[nonempty] = np.add.reduceat(x, wstart)
+        x *= powers[:total]
+        h[nonempty] = np.add.reduceat(x, wstart) * inverse[wstart]
     return _fmix(h ^ (lens.astype(np.uint64) * _K_LEN))
