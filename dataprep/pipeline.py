@@ -298,6 +298,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     t = time.perf_counter()
     if comm.rank == 0:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards exist
+        for stale in [*out.glob("train/*.tmp-*"), *out.glob("valid/*.tmp-*")]:  # left by a killed run
+            stale.unlink()
     comm.barrier()
     cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0

@@ -188,3 +188,32 @@ def test_ncrna_corpus_done_when(tmp_path, ncrna_fasta):
     assert all(r["reason"].startswith(("too short", "invalid character")) for r in
                read_tsv(tmp_path / "out" / "rejects.tsv"))
     assert len(got) == c["kept"]
+
+
+def test_killed_run_never_leaves_a_manifest_over_partial_shards(tmp_path):
+    """SIGKILL while shards are being written: no manifest (the old one is gone too); a re-run completes."""
+    import signal
+    import time
+
+    fasta = tmp_path / "big.fa"
+    write_fasta(SynthConfig(60_000, seed=11), fasta)
+    out = tmp_path / "out"
+    base = [sys.executable, SCRIPT, "--input", str(fasta), "--out", str(out), "--no-cluster", "--no-report",
+            "--quiet", "--shard-records", "300", "--block-records", "100"]
+    subprocess.run(base + ["--seed", "1"], check=True)
+    assert (out / "manifest.json").exists()
+    proc = subprocess.Popen(base + ["--seed", "2"])
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if not (out / "manifest.json").exists() and any((out / "train").glob("*.tmp-*")):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    assert not (out / "manifest.json").exists()
+    subprocess.run(base + ["--seed", "2"], check=True)
+    m = read_manifest(out)
+    assert m.params["seed"] == 2
+    assert not list(out.glob("*/*.tmp-*"))  # the killed writer's temporary file was cleaned up
+    check_build(out, [fasta])
