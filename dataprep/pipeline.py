@@ -30,6 +30,7 @@ from .errors import InputError
 from .fasta import FastaStream
 from .normalize import NormalizeConfig, oversized_reject, parse_chunk
 from .shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
+from .report import start_plots, write_summary
 from .split import shard_jobs
 from .store import Store, StoreWriter, merge_parts
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
@@ -306,6 +307,11 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
     ctx = WriteContext(str(out), str(stages["normalise"].final), str(cl_dir), cfg.block_records, cfg.zstd_level)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
+    sources, res, plots = None, None, None
+    if comm.rank == 0:
+        sources, res = _source_counts(store, stages)
+        if cfg.report:
+            plots = start_plots(out / "report", store, res["keep"], cl_dir, sources)
     log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} processes"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
@@ -319,7 +325,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     manifest = None
     if comm.rank == 0:
         shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
-        manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log)
+        manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
+                           sources, res, plots)
     comm.barrier()
     return BuildResult(manifest or read_manifest(out), skipped, seconds)
 
@@ -350,22 +357,26 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
-            build_key: str, n_clusters: int, seconds: dict, log: Log) -> Manifest:
-    norm_dir, dd_dir, cl_dir = (stages[n].final for n in ("normalise", "dedup", "cluster"))
-    sources = json.loads((norm_dir / "sources.json").read_text())
-    names = [s["path"] for s in sources]
-    res = {n: np.load(dd_dir / f"{n}.npy") for n in ("keep", "dup", "dup_rep", "conflict", "conflict_first")}
-    _write_rejects(out, norm_dir, store, res, names)
-    _write_duplicates(out, store, res, names)
+def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
+    """Per-input records / rejected / duplicates / kept, and the dedup result arrays."""
+    sources = json.loads((stages["normalise"].final / "sources.json").read_text())
+    res = {n: np.load(stages["dedup"].final / f"{n}.npy")
+           for n in ("keep", "dup", "dup_rep", "conflict", "conflict_first")}
     n_src = len(sources)
     for field_name, idx in (("duplicates", res["dup"]), ("kept", res["keep"])):
-        counts = np.bincount(store.source[idx], minlength=n_src)
-        for s, c in zip(sources, counts.tolist()):
+        for s, c in zip(sources, np.bincount(store.source[idx], minlength=n_src).tolist()):
             s[field_name] = c
-    conflicts = np.bincount(store.source[res["conflict"]], minlength=n_src)
-    for s, c in zip(sources, conflicts.tolist()):
+    for s, c in zip(sources, np.bincount(store.source[res["conflict"]], minlength=n_src).tolist()):
         s["rejected"] += c
+    return sources, res
+
+
+def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
+            build_key: str, n_clusters: int, seconds: dict, log: Log, sources: list[dict], res: dict,
+            plots) -> Manifest:
+    names = [s["path"] for s in sources]
+    _write_rejects(out, stages["normalise"].final, store, res, names)
+    _write_duplicates(out, store, res, names)
     counts = {"records_in": sum(s["records"] for s in sources), "rejected": sum(s["rejected"] for s in sources),
               "duplicates": int(len(res["dup"])), "kept": int(len(res["keep"])), "clusters": n_clusters}
     for split in ("train", "valid"):
@@ -383,10 +394,11 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:
             old.unlink()
-    if cfg.report:
-        from .report import write_report
-
-        write_report(out / "report", store, res["keep"], cl_dir, shards, sources, counts, seconds)
+    if plots is not None:
+        plots.join()
+        if plots.exitcode != 0:
+            raise RuntimeError(f"the report process failed (exit code {plots.exitcode}); see its traceback above")
+        write_summary(out / "report", counts, sources, shards, seconds)
     write_manifest(out, manifest)
     log(f"done: {counts['records_in']:,} records in, {counts['rejected']:,} rejected, "
         f"{counts['duplicates']:,} duplicates, {counts['kept']:,} kept in {n_clusters:,} clusters; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,8 @@ def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tupl
     return out
 
 
-def write_report(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, shards: list[ShardInfo],
-                 sources: list[dict], counts: dict, seconds: dict) -> dict:
+def write_plots(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, sources: list[dict]) -> None:
+    """PNG plots plus corpus.json (length / cluster-size statistics, top labels) for `write_summary`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,30 +55,22 @@ def write_report(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: 
     cluster_id = np.load(cluster_dir / "cluster_id.npy", mmap_mode="r")
     sizes = np.bincount(cluster_id) if len(cluster_id) else np.zeros(0, np.int64)
     labels = top_labels(store, keep)
-    summary = {
-        "counts": counts, "length_nt": _stats(lengths), "cluster_size": {**_stats(sizes),
-                                                                       "singletons": int((sizes == 1).sum())},
-        "sources": sources, "top_labels": labels, "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "shards": {"count": len(shards), "bytes": sum(s.bytes for s in shards)},
-    }
-    (report_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    corpus = {"length_nt": _stats(lengths), "cluster_size": {**_stats(sizes), "singletons": int((sizes == 1).sum())},
+              "top_labels": labels}
+    (report_dir / "corpus.json").write_text(json.dumps(corpus))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(lengths):
         ax.hist(lengths, bins=np.unique(np.geomspace(max(1, lengths.min()), lengths.max() + 1, 60).astype(int)))
     ax.set(xscale="log", xlabel="sequence length (nt)", ylabel="records", title="Kept sequence lengths")
-    fig.tight_layout()
-    fig.savefig(report_dir / "lengths.png", dpi=100)
-    plt.close(fig)
+    _save(fig, report_dir / "lengths.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(sizes):
         values, freq = np.unique(sizes, return_counts=True)
         ax.loglog(values, freq, "o", ms=3)
     ax.set(xlabel="cluster size (records)", ylabel="clusters", title="Cluster-size distribution")
-    fig.tight_layout()
-    fig.savefig(report_dir / "cluster_sizes.png", dpi=100)
-    plt.close(fig)
+    _save(fig, report_dir / "cluster_sizes.png")
 
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(sources)))
     names = [Path(s["path"]).name for s in sources]
@@ -88,15 +81,36 @@ def write_report(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: 
         left += vals
     ax.set(xlabel="records", title="Records per input")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(report_dir / "sources.png", dpi=100)
-    plt.close(fig)
+    _save(fig, report_dir / "sources.png")
 
     if labels:
         fig, ax = plt.subplots(figsize=(7, 1.5 + 0.3 * len(labels)))
         ax.barh([lab for lab, _ in labels][::-1], [c for _, c in labels][::-1])
         ax.set(xlabel="kept records", title=f"Top {len(labels)} labels")
-        fig.tight_layout()
-        fig.savefig(report_dir / "labels.png", dpi=100)
-        plt.close(fig)
+        _save(fig, report_dir / "labels.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def start_plots(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, sources: list[dict]):
+    """Run `write_plots` in a forked process (it overlaps with shard writing); join it before `write_summary`."""
+    proc = mp.get_context("fork").Process(target=write_plots, args=(report_dir, store, keep, cluster_dir, sources),
+                                          name="dataprep-report")
+    proc.start()
+    return proc
+
+
+def write_summary(report_dir: Path, counts: dict, sources: list[dict], shards: list[ShardInfo],
+                  seconds: dict) -> dict:
+    corpus = json.loads((report_dir / "corpus.json").read_text())
+    summary = {"counts": counts, **corpus, "sources": sources,
+               "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
+               "shards": {"count": len(shards), "bytes": sum(s.bytes for s in shards)}}
+    (report_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
