@@ -12,6 +12,7 @@ import hashlib
 import sys
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import zstandard
@@ -24,17 +25,27 @@ _WS = b" \t\r\n\v\f"
 
 
 class _HashingReader:
-    """Raw byte reader that keeps a sha256 (when asked) and a byte count of what it read (the input checksum)."""
+    """Raw byte reader that keeps a sha256 (when asked) and a byte count of what it read (the input checksum).
+
+    The hash is updated on a helper thread (hashlib releases the GIL), so it overlaps with parsing."""
 
     def __init__(self, f, checksum: bool = True):
-        self._f, self.sha256, self.bytes = f, hashlib.sha256() if checksum else None, 0
+        self._f, self.bytes = f, 0
+        self._sha = hashlib.sha256() if checksum else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if checksum else None
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
-        if self.sha256 is not None:
-            self.sha256.update(data)
+        if self._pool is not None and data:
+            self._pool.submit(self._sha.update, data)  # one worker thread: updates stay in order
         self.bytes += len(data)
         return data
+
+    def hexdigest(self) -> str:
+        if self._pool is None:
+            return ""
+        self._pool.shutdown(wait=True)
+        return self._sha.hexdigest()
 
 
 class _ZstdReader:
@@ -95,7 +106,7 @@ class FastaStream:
 
     @property
     def sha256(self) -> str:
-        return self._raw.sha256.hexdigest() if self._raw and self._raw.sha256 else ""
+        return self._raw.hexdigest() if self._raw else ""
 
     @property
     def bytes(self) -> int:
