@@ -28,11 +28,12 @@ def _fmix(x: np.ndarray) -> np.ndarray:
 _P = _U(0x9E3779B97F4A7C15 | 1)  # odd, so its powers are invertible mod 2**64
 _powers = np.ones(1, np.uint64)
 _inverse_powers = np.ones(1, np.uint64)
+_word_starts = np.zeros(1, np.int64)  # 8 * k
 
 
 def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     """P**k and P**-k (mod 2**64) for k < n, grown by doubling and kept for the next call."""
-    global _powers, _inverse_powers
+    global _powers, _inverse_powers, _word_starts
     if len(_powers) < n:
         size = max(n, 2 * len(_powers), 1 << 16)
         p = np.empty(size, np.uint64)
@@ -51,7 +52,7 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
                 step = q[k - 1] * inv
                 q[k: 2 * k] = q[: min(k, size - k)] * step
                 k *= 2
-        _powers, _inverse_powers = p, q
+        _powers, _inverse_powers, _word_starts = p, q, np.arange(0, 8 * size, 8, dtype=np.int64)
     return _powers, _inverse_powers
 
 
@@ -76,7 +77,7 @@ def segment_digests(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         total = int(nw.sum())
         powers, inverse = _power_tables(total)
         pos = np.repeat(starts - 8 * wstart, nw)
-        pos += np.arange(0, 8 * total, 8, dtype=np.int64)
+        pos += _word_starts[:total]
         words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))  # unaligned loads
         x = words[pos]
         del pos
