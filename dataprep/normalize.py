@@ -66,13 +66,25 @@ def _first_per_record(pos: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
     return recs, pos[first]
 
 
+def _raw_to_input(pos: np.ndarray, line_start: np.ndarray, nl: np.ndarray, hk: np.ndarray) -> np.ndarray:
+    """Input positions of the raw (sequence bytes only) positions `pos`: raw is the concatenation of the
+    sequence lines, i.e. every line after the first header that is not a header line, without its newline."""
+    is_seq = np.ones(len(nl), bool)
+    is_seq[: hk[0]] = False
+    is_seq[hk] = False
+    lines = np.flatnonzero(is_seq)
+    line_len = nl[lines] - line_start[lines]
+    line_off = np.cumsum(line_len) - line_len
+    j = np.searchsorted(line_off, pos, side="right") - 1  # empty lines share an offset; the last one is right
+    return line_start[lines[j]] + (pos - line_off[j])
+
+
 def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChunk:
     """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one)."""
     if data[-1:] != b"\n":
         data = bytes(data) + b"\n"
     a = np.frombuffer(data, np.uint8)
-    keep = a == 10
-    nl = np.flatnonzero(keep)
+    nl = np.flatnonzero(a == 10)
     line_start = np.concatenate(([0], nl[:-1] + 1))
     hk = np.flatnonzero(a[line_start] == 62)  # header line numbers within the chunk
     if len(hk) == 0:
@@ -91,23 +103,29 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     id_end = low[np.searchsorted(low, id_start)]
     id_len = (id_end - id_start).astype(np.int32)
 
-    # ---- sequences: every byte that is neither a newline nor in a header line, in order
-    np.logical_not(keep, out=keep)  # newlines out
-    keep[hdr_idx] = False
-    keep[: hs[0]] = False  # blank lines before the first header
-    raw = a[keep].tobytes()
+    # ---- sequences ("raw": every byte that is neither a newline nor in a header line, in order), normalised in
+    # one pass: header bytes (and blank lines before the first header) are overwritten with newlines in a copy,
+    # and `translate` maps every byte while deleting the newlines.
+    scratch = bytearray(data)
+    blank = np.frombuffer(scratch, np.uint8)
+    blank[hdr_idx] = 10
+    blank[: hs[0]] = 10
+    del blank  # (a bytearray cannot be resized while exported)
     next_hs = np.append(hs[1:], len(a))
     newlines_in_seq = np.diff(np.append(hk, len(nl))) - 1
     raw_len = next_hs - he - 1 - newlines_in_seq
     raw_off = np.concatenate(([0], np.cumsum(raw_len)))
-    norm = raw.translate(NORM_TABLE) + bytes(PAD)  # PAD: the digest reads whole words
+    norm = scratch.translate(NORM_TABLE, b"\n")
+    del scratch
+    norm += bytes(PAD)  # PAD: the digest reads whole words
 
     reasons: dict[int, str] = {}
     if norm.find(bytes([_BAD_MARK])) >= 0:
         narr = np.frombuffer(norm, np.uint8)
         recs, pos = _first_per_record(np.flatnonzero(narr == _BAD_MARK), raw_off)
-        for r, p in zip(recs.tolist(), pos.tolist()):
-            c = raw[p]
+        original = _raw_to_input(pos, line_start, nl, hk)
+        for r, p, q in zip(recs.tolist(), pos.tolist(), original.tolist()):
+            c = int(a[q])
             shown = chr(c) if 32 < c < 127 else f"\\x{c:02x}"
             reasons[r] = f"invalid character '{shown}' (0x{c:02x}) at sequence position {p - raw_off[r] + 1}"
     padded = np.frombuffer(norm, np.uint8)
