@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,12 @@ BLOBS = ("seq", "ids", "labels")
 
 
 class StoreWriter:
-    """Appends parsed chunks; remembers each chunk's byte size per file so parts can be merged in input order."""
+    """Appends parsed chunks; remembers each chunk's byte size per file so parts can be merged in input order.
+
+    The file writes run on a helper thread (writes release the GIL), overlapping with parsing the next chunk;
+    at most `MAX_PENDING` chunks wait to be written, so memory stays bounded when the disk is slow."""
+
+    MAX_PENDING = 2
 
     def __init__(self, directory: str | os.PathLike, labels: bool):
         self.dir = Path(directory)
@@ -28,6 +35,8 @@ class StoreWriter:
         self.names = [n for n in [*BLOBS, *COLUMNS] if labels or n not in ("labels", "label_len")]
         self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.names}
         self._chunks: list[list[int]] = []  # [chunk index, bytes written to each file...]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-writer")  # one thread: writes stay in order
+        self._pending: deque = deque()
         self.records = 0
 
     def append(self, p: ParsedChunk, source: int, chunk: int) -> None:
@@ -38,15 +47,25 @@ class StoreWriter:
         if "labels" in self._files:
             data["labels"] = p.labels or b""
             data["label_len"] = (p.label_len if p.label_len is not None else np.zeros(0, np.int32)).tobytes()
-        for name in self.names:
-            self._files[name].write(data[name])
+        while len(self._pending) >= self.MAX_PENDING:
+            self._pending.popleft().result()  # re-raises a failed write
+        self._pending.append(self._pool.submit(self._write, [data[name] for name in self.names]))
         self._chunks.append([chunk] + [len(data[name]) if not isinstance(data[name], memoryview)
                                        else data[name].nbytes for name in self.names])
         self.records += len(p)
 
+    def _write(self, parts: list) -> None:
+        for name, part in zip(self.names, parts):
+            self._files[name].write(part)
+
     def close(self) -> None:
-        for fh in self._files.values():
-            fh.close()
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+            for fh in self._files.values():
+                fh.close()
         table = np.array(self._chunks, np.int64).reshape(-1, 1 + len(self.names))
         np.save(self.dir / "chunks.npy", table)
         (self.dir / "columns.txt").write_text("\n".join(self.names))
