@@ -28,9 +28,10 @@ class ModelSection:
     residual_dropout: float | None = None
     attention_backend: str = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False           # torch.compile each block around attention; pads micro-batches to the budget
 
     def build(self) -> ModelConfig:
-        overrides = {k: v for k, v in vars(self).items() if k != "preset" and v is not None}
+        overrides = {k: v for k, v in vars(self).items() if k not in ("preset", "compile") and v is not None}
         return ModelConfig.preset(self.preset, **overrides)
 
 

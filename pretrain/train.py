@@ -27,12 +27,13 @@ from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer
                                  read_trainer_state)
 from pretrain.config import PretrainConfig, deepspeed_config
 from pretrain.data import PretrainLoader
+from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
 from pretrain.schedule import build_scheduler
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.configfile import from_cli, save_yaml, to_dict
-from rnalm.model import RiNALMo
+from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 
 EXIT_NONFINITE = 3
@@ -114,6 +115,13 @@ class Trainer:
                 model = PretrainModel(self.model_cfg)
         else:
             model = PretrainModel(self.model_cfg)
+        # torch.compile with static shapes: every micro-batch padded to the token budget (see _static_shape)
+        self.static_tokens = cfg.data.token_budget if cfg.model.compile else None
+        if cfg.model.compile:
+            model.compile_blocks(dynamic=False)
+            if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+                # ZeRO-3 gathers a block's parameters at block entry, so no hook runs inside the compiled parts
+                deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas, eps=cfg.optim.eps,
                                       fused=cfg.optim.fused if cfg.optim.fused is not None else
@@ -156,6 +164,8 @@ class Trainer:
                 self.tokens += result.tokens
                 self.samples += result.samples
                 self._record(result, lr, time.perf_counter() - t0, wait)
+                if self.static_tokens is not None and self.step in (start_step + 1, end):
+                    self._log_compile_stats()
                 if cfg.train.valid_every and self.step % cfg.train.valid_every == 0:
                     self.validate()
             if result.stop:
@@ -221,7 +231,7 @@ class Trainer:
         for j, b in enumerate(micro):
             ids.extend(b.ids or ())
             local_flops += self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum()))
-            b = b.to(dev, non_blocking=True)
+            b = self._static_shape(b).to(dev, non_blocking=True)
             index = masked_index(b)
             logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
             ce, _ = mlm_sums(logits, b.targets[index])
@@ -252,6 +262,19 @@ class Trainer:
                           tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
                           stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
                           local_samples=local_samples, local_flops=local_flops)
+
+    def _static_shape(self, b: PackedBatch) -> PackedBatch:
+        """With model.compile: pad-only sequences (no loss) up to the token budget, so shapes never change."""
+        if self.static_tokens is None:
+            return b
+        return pad_to_tokens(b, self.static_tokens, chunk=self.cfg.data.max_len)
+
+    def _log_compile_stats(self) -> None:
+        """Graphs compiled so far and graph breaks: recompiles or breaks (e.g. from ZeRO hooks) show up here."""
+        from torch._dynamo.utils import counters
+
+        self._log(event="compile_stats", step=self.step, unique_graphs=counters["stats"]["unique_graphs"],
+                  graph_breaks=sum(counters["graph_break"].values()), static_tokens=self.static_tokens)
 
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
@@ -286,7 +309,7 @@ class Trainer:
                 if _all_reduce(torch.tensor([float(b is not None)], device=dev))[0].item() == 0:
                     break
                 real = b is not None
-                b = (b if real else dummy_batch()).to(dev)
+                b = self._static_shape(b if real else dummy_batch()).to(dev)
                 index = masked_index(b)
                 logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
                 if real:

@@ -55,11 +55,18 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
                 max_seqlen: int, backend: str) -> torch.Tensor:
+        return self.out_proj(self.attend(*self.qkv(x, rope), cu_seqlens, max_seqlen, backend))
+
+    def qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Rotated q, k and v, each [T, H, Dh]."""
         q, k, v = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               backend: str) -> torch.Tensor:
+        """Varlen attention, heads merged: [T, D] (before out_proj)."""
         dropout = self.dropout if self.training else 0.0
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout, backend)
-        return self.out_proj(out.reshape(x.shape[0], -1))
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout, backend).reshape(q.shape[0], -1)
 
 
 class SwiGLU(nn.Module):
@@ -88,9 +95,23 @@ class TransformerBlock(nn.Module):
         self.transition_dropout = nn.Dropout(cfg.residual_dropout)
 
     def forward(self, x, rope, cu_seqlens, max_seqlen, backend):
+        h, q, k, v = self.pre_attention(x, rope)
+        return self.post_attention(h, self.mh_attn.attend(q, k, v, cu_seqlens, max_seqlen, backend))
+
+    # The block split around attention: these two parts see only [T, ...] tensors, so with a fixed token
+    # count they compile to static shapes (compile_blocks); attention keeps the varying cu_seqlens/max_seqlen.
+    def pre_attention(self, x, rope):
         h = self.attn_layer_norm(x)
-        h = h + self.attn_dropout(self.mh_attn(h, rope, cu_seqlens, max_seqlen, backend))
+        return (h, *self.mh_attn.qkv(h, rope))
+
+    def post_attention(self, h, attn):
+        h = h + self.attn_dropout(self.mh_attn.out_proj(attn))
         return h + self.transition_dropout(self.transition(self.out_layer_norm(h)))
+
+    def compile_parts(self, **kwargs) -> None:
+        """torch.compile the parts around attention (kwargs go to torch.compile, e.g. dynamic=False)."""
+        self.pre_attention = torch.compile(self.pre_attention, **kwargs)
+        self.post_attention = torch.compile(self.post_attention, **kwargs)
 
 
 class Transformer(nn.Module):
@@ -162,6 +183,13 @@ class RiNALMo(nn.Module):
         b, length = tokens.shape
         return ModelOutput(logits=pad(out.logits, index, b, length),
                            representation=pad(out.representation, index, b, length))
+
+    def compile_blocks(self, dynamic: bool = False) -> "RiNALMo":
+        """torch.compile every transformer block around its attention call (static shapes by default: feed
+        batches of one token count, e.g. pretrain's budget padding). Parameter names are unchanged."""
+        for block in self.transformer.blocks:
+            block.compile_parts(dynamic=dynamic)
+        return self
 
     def num_parameters(self, include_head: bool = True, include_embedding: bool = True) -> int:
         total = 0

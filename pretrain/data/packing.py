@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
-from rnalm.batch import PackedBatch
+from rnalm.batch import IGNORE_INDEX, PackedBatch
+from rnalm.tokenizer import PAD_ID
 
 from .masking import Samples, ragged_arange
 from .plan import StreamState
@@ -77,3 +79,23 @@ class Packer:
 
     def __bool__(self) -> bool:
         return bool(self._parts)
+
+
+def pad_to_tokens(batch: PackedBatch, total: int, chunk: int) -> PackedBatch:
+    """`batch` plus pad-only sequences of at most `chunk` tokens (no loss: IGNORE_INDEX targets) up to exactly
+    `total` tokens, so every micro-batch has one shape (torch.compile with static shapes). Real sequences keep
+    their tokens, positions and attention span, hence their results; `ids` still lists the real ones only."""
+    missing = total - batch.num_tokens
+    if missing < 0:
+        raise ValueError(f"batch of {batch.num_tokens} tokens exceeds the padded size {total}")
+    if missing == 0:
+        return batch
+    lengths = np.full(-(-missing // chunk), chunk, dtype=np.int64)
+    lengths[-1] = missing - chunk * (len(lengths) - 1)
+    cu = batch.cu_seqlens.new_tensor(np.cumsum(lengths)) + batch.cu_seqlens[-1]
+    pad = partial(torch.full, (missing,), device=batch.tokens.device, dtype=batch.tokens.dtype)
+    targets = None if batch.targets is None else torch.cat([batch.targets, pad(IGNORE_INDEX)])
+    positions = torch.from_numpy(ragged_arange(lengths)).to(batch.positions)
+    return PackedBatch(tokens=torch.cat([batch.tokens, pad(PAD_ID)]), cu_seqlens=torch.cat([batch.cu_seqlens, cu]),
+                       max_seqlen=max(batch.max_seqlen, int(lengths.max())),
+                       positions=torch.cat([batch.positions, positions]), targets=targets, ids=batch.ids)

@@ -1,0 +1,324 @@
+"""One lent-GPU call's plan inside a wall-clock budget; what was measured is in $OUT after every step.
+
+    python bench/gpu/runner.py session|levers|e2e      (normally through bench/gpu/{session,levers,e2e}.sh)
+
+Plans (each fits one device call of at most 10 minutes):
+- session: the environment, bench/model_bench.py on giga (issue 2 step 6), bench/pretrain_bench.py on giga,
+  packed trainer vs the padded original recipe (issue 4 step 7, issue 7 baseline);
+- levers:  issue 7's levers, one pretrain_bench packed run each (token budget, activation checkpointing,
+  ZeRO-2 vs ZeRO-3, torch.compile, ZeRO-3 persistence, unfused AdamW); RNALM_GPU_LEVERS=a,b picks some;
+- e2e:     bench/finetune_gpu_e2e.py --stage all (issue 6 step 10), its time budgets fitted to what is left.
+
+Every step runs as a child process group with a timeout of min(its cap, time left); its output goes to stdout
+and $OUT/session.log with a timestamp. $OUT/summary.json (plan, steps with status/rc/seconds, the results each
+step wrote) is rewritten atomically after every step, so a later failure or the call's own time limit never
+loses what came before. A failed step with a trainer log behind it keeps that log's step lines. The first
+step (env) failing stops the plan: without CUDA or an importable DeepSpeed nothing else is worth the time.
+
+Environment: OUT (required), RNALM_GPU_T0 (epoch seconds the call started; default now),
+RNALM_GPU_BUDGET_S (default 560), RNALM_GPU_WORK (default /tmp/rnalm_gpu), RNALM_SHARED_DATA (default
+./shared/data), RNALM_GPU_SESSION_TINY=1 (tiny models and step counts on CPU: tests the plans' logic).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = os.environ.get("RNALM_GPU_SESSION_TINY") == "1"
+PY = sys.executable
+RESERVE_S = 8.0          # kept back at the end for the last summary
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]
+    cap: float                         # seconds at most
+    min_seconds: float = 20.0          # skipped when less than this is left
+    result: Path | None = None         # JSON the step writes; copied into the summary
+    essential: bool = False            # failure stops the plan
+    oom_retry: list[str] = field(default_factory=list)   # extra argv for one retry after CUDA OOM
+    meta: dict = field(default_factory=dict)
+
+
+class Plan:
+    def __init__(self, name: str, out: Path, work: Path, t0: float, budget: float) -> None:
+        self.name, self.out, self.work, self.deadline = name, out, work, t0 + budget
+        self.log = open(out / "session.log", "a", buffering=1)
+        self.summary = {"plan": name, "tiny": TINY, "budget_s": budget, "started": _stamp(t0), "steps": []}
+        self.write_summary()
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} {self.name} {self.left():5.0f}s left] {msg}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+
+    def write_summary(self) -> None:
+        tmp = self.out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
+        os.replace(tmp, self.out / "summary.json")
+
+    def run(self, step: Step) -> dict:
+        record = {"name": step.name, **step.meta, "cmd": " ".join(step.argv)}
+        self.summary["steps"].append(record)
+        room = self.left() - RESERVE_S
+        if room < step.min_seconds:
+            record.update(status="skipped", reason=f"{room:.0f} s left, needs {step.min_seconds:.0f}")
+            self.say(f"{step.name}: SKIPPED ({record['reason']})")
+            self.write_summary()
+            return record
+        record.update(self._attempt(step, step.argv, min(step.cap, room)))
+        if record["status"] == "failed" and record.get("oom") and step.oom_retry and self.left() - RESERVE_S > step.min_seconds:
+            self.say(f"{step.name}: CUDA out of memory; retrying with {' '.join(step.oom_retry)}")
+            record["first_try"] = {k: record.pop(k) for k in ("status", "rc", "seconds", "tail", "oom")}
+            argv = step.argv + step.oom_retry
+            record.update(self._attempt(step, argv, min(step.cap, self.left() - RESERVE_S)), cmd=" ".join(argv))
+        if step.result is not None and step.result.exists() and record["status"] == "ok":
+            record["result"] = json.loads(step.result.read_text())
+        self.write_summary()
+        return record
+
+    def _attempt(self, step: Step, argv: list[str], timeout: float) -> dict:
+        tmp = self.work / step.name / "tmp"   # a killed pretrain_bench leaves its trainer log here
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning")
+        self.say(f"{step.name}: start (timeout {timeout:.0f} s): {' '.join(argv)}")
+        t0 = time.time()
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", start_new_session=True)
+        tail: collections.deque[str] = collections.deque(maxlen=30)
+        oom = threading.Event()
+        reader = threading.Thread(target=self._pump, args=(proc, step.name, tail, oom), daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.say(f"{step.name}: TIMEOUT after {timeout:.0f} s: killing its processes")
+            _kill_tree(proc)
+        reader.join(timeout=5)
+        seconds = round(time.time() - t0, 1)
+        status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
+        result = {"status": status, "rc": proc.returncode, "seconds": seconds}
+        if status != "ok":
+            result.update(tail=list(tail)[-15:], oom=oom.is_set())
+            steps = _partial_trainer_steps(tmp)
+            if steps:
+                result["partial_trainer_steps"] = steps
+        self.say(f"{step.name}: {status.upper()} (rc {proc.returncode}) in {seconds} s")
+        return result
+
+    def _pump(self, proc: subprocess.Popen, name: str, tail, oom: threading.Event) -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if "out of memory" in line.lower() or "OutOfMemoryError" in line:
+                oom.set()
+            stamped = f"{time.strftime('%H:%M:%S')} {name} | {line}"
+            print(stamped, flush=True)
+            self.log.write(stamped + "\n")
+
+    def finish(self) -> int:
+        steps = self.summary["steps"]
+        self.summary["finished"] = _stamp(time.time())
+        self.summary["ok"] = all(s["status"] == "ok" for s in steps)
+        self.write_summary()
+        print("\n" + table(self.summary), flush=True)
+        self.log.write("\n" + table(self.summary) + "\n")
+        return 0 if self.summary["ok"] else 1
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the step's process group and every descendant, also those in groups or sessions of their own
+    (torchrun's ranks, coreutils timeout's child): a killed measurement is lost anyway, and a survivor would
+    hold GPU memory during the next step. (SIGTERM would make a trainer save a checkpoint first.)"""
+    try:
+        import psutil
+
+        descendants = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001 - psutil missing or the process already gone: the group kill remains
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in descendants:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _partial_trainer_steps(tmp: Path) -> list[dict]:
+    """Per-step lines of the newest trainer log a failed or killed step left under its TMPDIR."""
+    logs = sorted(tmp.glob("*/run/log.jsonl"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return []
+    keys = ("step", "loss", "tokens_per_s", "mfu", "step_seconds", "step_tokens", "loader_wait_s", "memory_peak_bytes")
+    lines = [json.loads(x) for x in logs[-1].read_text().splitlines() if x.strip()]
+    return [{k: r.get(k) for k in keys} for r in lines if "event" not in r]
+
+
+# ------------------------------------------------------------------------------------------------- plans
+def corpus() -> Path:
+    return Path(os.environ["RNALM_SHARED_DATA"]) / "ncrna" / "ncrna_corpus.fasta.gz"
+
+
+def env_step(out: Path) -> Step:
+    argv = [PY, "bench/gpu/env_check.py", str(out / "env.json"), *([] if TINY else ["--require-cuda"])]
+    return Step("env", argv, cap=120, min_seconds=10, essential=True)
+
+
+def session_steps(out: Path, work: Path) -> list[Step]:
+    if TINY:
+        model = ["--preset", "nano", "--dim", "64", "--layers", "2", "--heads", "4", "--budget", "2048",
+                 "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32"]
+        pretrain = ["--tiny", "--steps", "3", "--warmup", "1", "--padded-batch", "8", "--padded-steps", "2"]
+    else:
+        # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
+        # sequences without activation checkpointing need ~200 GiB of activations for giga
+        model = ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "--padded-batch", "32",
+                 "--steps", "20", "--warmup", "3"]
+        pretrain = ["--preset", "giga", "--steps", "20", "--warmup", "5", "--padded-batch", "192",
+                    "--padded-steps", "5"]
+    return [Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
+                                 "--out", str(out / "model_bench.json")], cap=200, result=out / "model_bench.json"),
+            Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--corpus", str(corpus()),
+                                    "--out", str(out / "pretrain_bench.json")], cap=420, min_seconds=90,
+                 result=out / "pretrain_bench.json", oom_retry=["--set", "model.activation_checkpointing=true"])]
+
+
+# name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook)
+LEVERS: dict[str, list[str]] = {
+    "baseline": [],
+    "zero2": ["train.ds_config=ds_configs/zero2.json"],
+    "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
+    "compile": ["model.compile=true"],
+    "budget16k": ["data.token_budget=16384"],
+    "budget48k_ac": ["data.token_budget=49152", "model.activation_checkpointing=true"],
+    "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
+    "adamw_unfused": ["optim.fused=false"],
+    "budget48k": ["data.token_budget=49152"],
+}
+DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
+
+
+def lever_overrides(name: str) -> list[str]:
+    sets = LEVERS[name]
+    if TINY:  # budgets / 16 (2048 = the tiny config's), the tiny config's ZeRO-3 override kept
+        sets = [f"data.token_budget={int(s.split('=')[1]) // 16}" if s.startswith("data.token_budget=") else s
+                for s in sets]
+    return sets
+
+
+def lever_steps(out: Path, work: Path) -> list[Step]:
+    wanted = os.environ.get("RNALM_GPU_LEVERS")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else DEFAULT_LEVERS
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"runner: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    shards = work / "shards"
+    (work / "levers").mkdir(parents=True, exist_ok=True)
+    steps = [Step("shards", [PY, "dataprep/build_shards.py", "--input", str(corpus()), "--out", str(shards),
+                             "--no-cluster", "--valid-fraction", "0.01", "--no-report", "--quiet"],
+                  cap=120, essential=True)]
+    common = (["--tiny", "--steps", "2", "--warmup", "1"] if TINY else
+              ["--preset", "giga", "--steps", "10", "--warmup", "3"])
+    for name in names:
+        sets = [a for s in lever_overrides(name) for a in ("--set", s)]
+        compiled = "model.compile=true" in LEVERS[name]
+        result = work / "levers" / f"{name}.json"
+        steps.append(Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(shards),
+                                 "--corpus", str(corpus()), *sets, "--out", str(result)],
+                          cap=240 if compiled else 150, min_seconds=60 if not TINY else 10, result=result,
+                          meta={"lever": LEVERS[name]}))
+    return steps
+
+
+def e2e_steps(out: Path, work: Path, left: float) -> list[Step]:
+    if TINY:
+        budgets = ["--tiny", "--pretrain-seconds", "60", "--ft-seconds", "20"]
+    else:  # what is left after start-up, minus conversion, RNAfold scoring and the table (~90 s)
+        pretrain = max(60, min(270, int(left - RESERVE_S - 60 - 150 - 90)))
+        budgets = ["--pretrain-seconds", str(pretrain), "--ft-seconds", "150"]
+    return [Step("e2e", [PY, "bench/finetune_gpu_e2e.py", "--stage", "all", "--work", str(work / "e2e"),
+                         *budgets, "--export", str(out)], cap=600, min_seconds=120 if not TINY else 10,
+                 result=out / "ss_pretrained_results.json")]
+
+
+# ------------------------------------------------------------------------------------------------ report
+def table(summary: dict) -> str:
+    rows = ["| step | status | s | real tok/s | MFU | peak GiB | notes |", "|---|---|---:|---:|---:|---:|---|"]
+    for s in summary["steps"]:
+        r = s.get("result") or {}
+        cells = {"tok": "", "mfu": "", "mem": "", "notes": s.get("reason", "")}
+        if "packed" in r:
+            p = r["packed"]
+            cells.update(tok=f"{p['real_tokens_per_s']:,.0f}", mfu=f"{p['mfu']:.1%}",
+                         mem=f"{p.get('peak_memory_gib', float('nan')):.1f}")
+            if "padded" in r:
+                cells["notes"] = (f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s "
+                                  f"(x{r['packed_over_padded']:.1f})")
+            if "agreement" in r:
+                a = r["agreement"]
+                cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "
+                                   f"grads {a['packed_vs_padded_grads']:.1e}")
+        if s["status"] not in ("ok", "skipped"):
+            cells["notes"] = "OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80]
+        if "first_try" in s:
+            cells["notes"] += " (after an OOM retry with activation checkpointing)"
+        cells["notes"] = cells["notes"].replace("|", "/")
+        rows.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | {cells['tok']} | {cells['mfu']} | "
+                    f"{cells['mem']} | {cells['notes']} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in ("session", "levers", "e2e"):
+        print("usage: runner.py session|levers|e2e", file=sys.stderr)
+        return 2
+    if not os.environ.get("OUT"):
+        print("runner: OUT is not set (the device tool sets it; elsewhere export OUT=DIR)", file=sys.stderr)
+        return 2
+    out = Path(os.environ["OUT"])
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("RNALM_GPU_WORK", "/tmp/rnalm_gpu"))
+    os.environ.setdefault("RNALM_SHARED_DATA", str(REPO / "shared" / "data"))
+    if not corpus().exists():
+        print(f"runner: {corpus()} not found: run bench/gpu/prepare.sh here and carry shared", file=sys.stderr)
+        return 2
+    plan = Plan(argv[0], out, work, float(os.environ.get("RNALM_GPU_T0", time.time())),
+                float(os.environ.get("RNALM_GPU_BUDGET_S", 560)))
+    steps = [env_step(out)]
+    steps += {"session": lambda: session_steps(out, work), "levers": lambda: lever_steps(out, work),
+              "e2e": lambda: e2e_steps(out, work, plan.left())}[argv[0]]()
+    for step in steps:
+        record = plan.run(step)
+        if step.essential and record["status"] != "ok":
+            plan.say(f"{step.name} failed: stopping here (see {out / 'session.log'})")
+            plan.finish()
+            return 2
+    return plan.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

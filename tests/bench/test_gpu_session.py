@@ -1,0 +1,99 @@
+"""bench/gpu/{session,levers,e2e}.sh end to end on CPU (RNALM_GPU_SESSION_TINY=1: tiny models, few steps), with a
+fake $OUT: the plans run the real benches, write their results after every step, stop at their time budget
+without leaving processes behind, and fail fast with a clear message."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def run_plan(plan: str, out: Path, work: Path, data: Path, tiny: bool = True, **env: str):
+    full_env = dict(os.environ, OUT=str(out), RNALM_GPU_WORK=str(work), RNALM_GPU_PYTHON=sys.executable,
+                    RNALM_GPU_SKIP_INSTALL="1", RNALM_SHARED_DATA=str(data), OMP_NUM_THREADS="1", **env)
+    full_env.pop("RNALM_GPU_SESSION_TINY", None)
+    if tiny:
+        full_env["RNALM_GPU_SESSION_TINY"] = "1"
+    return subprocess.run(["bash", f"bench/gpu/{plan}.sh"], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=280)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_session_plan_measures_model_and_pretrain_benches(shared_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_plan("session", out, tmp_path / "work", shared_data)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    s = summary(out)
+    assert s["plan"] == "session" and s["ok"] and [x["name"] for x in s["steps"]] == ["env", "model_bench",
+                                                                                        "pretrain_bench"]
+    env = json.loads((out / "env.json").read_text())
+    assert {"torch", "deepspeed", "webdataset", "zstandard", "rnalm"} <= set(env["modules"]) and not env["missing"]
+    model = s["steps"][1]["result"]
+    assert model["agreement"]["packed_vs_padded_logits"] < 1e-5 and model["packed"]["real_tokens_per_s"] > 0
+    pretrain = s["steps"][2]["result"]
+    assert pretrain["packed"]["steps"] == 3 and pretrain["padded"]["batch"] == 8
+    assert json.loads((out / "pretrain_bench.json").read_text()) == pretrain
+    log = (out / "session.log").read_text()
+    assert "pretrain_bench | " in log and "| pretrain_bench | ok |" in log     # child output + final table
+    assert len(list(out.iterdir())) <= 8        # the device brings back at most 8 files
+
+
+def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    steps = {x["name"]: x for x in summary(out)["steps"]}
+    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac"]
+    zero2, budget = steps["zero2"]["result"], steps["budget48k_ac"]["result"]
+    assert "--set train.ds_config=ds_configs/zero2.json" in zero2["command"] and "padded" not in zero2
+    # tiny mode scales budgets by 1/16: 49152 -> 3072 tokens
+    assert "--set data.token_budget=3072 --set model.activation_checkpointing=true" in budget["command"]
+    assert zero2["packed"]["steps"] == 2 and budget["packed"]["real_tokens_per_s"] > 0
+
+
+def test_levers_plan_rejects_unknown_levers(shared_data, tmp_path):
+    proc = run_plan("levers", tmp_path / "out", tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,warp9")
+    assert proc.returncode != 0 and "unknown lever(s) ['warp9']" in proc.stderr
+
+
+def test_budget_stops_a_step_kills_its_processes_and_keeps_the_summary(shared_data, tmp_path):
+    import psutil
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = run_plan("e2e", out, work, shared_data, RNALM_GPU_BUDGET_S="40")
+    assert proc.returncode == 1
+    env, e2e = summary(out)["steps"]
+    assert env["status"] == "ok" and e2e["status"] == "timeout" and e2e["seconds"] < 40
+    assert "e2e: TIMEOUT" in (out / "session.log").read_text()
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers, f"processes of the killed step still run: {leftovers}"
+
+
+def test_without_cuda_the_real_plan_stops_at_the_environment_check(shared_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_plan("session", out, tmp_path / "work", shared_data, tiny=False, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 2
+    assert "no CUDA device visible to torch" in proc.stdout + proc.stderr
+    s = summary(out)
+    assert [x["name"] for x in s["steps"]] == ["env"] and s["steps"][0]["status"] == "failed" and not s["ok"]
+    assert json.loads((out / "env.json").read_text())["cuda_available"] is False
+
+
+def test_fails_fast_without_out_or_data(tmp_path):
+    env = dict(os.environ, RNALM_GPU_PYTHON=sys.executable, RNALM_GPU_SKIP_INSTALL="1")
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", "bench/gpu/session.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "OUT is not set" in proc.stderr
+    env.update(OUT=str(tmp_path / "out"), RNALM_SHARED_DATA=str(tmp_path / "nothing"))
+    proc = subprocess.run(["bash", "bench/gpu/levers.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "run bench/gpu/prepare.sh" in proc.stderr
