@@ -68,27 +68,38 @@ class RecordBlock:
 
 def encode_block(block: RecordBlock) -> bytes:
     """Serialise a block (uncompressed); `compress_block` adds the zstd frame."""
-    n = len(block)
-    ids = "".join(i + "\n" for i in block.ids).encode("utf-8")
-    labels = b"" if block.labels is None else "".join(x + "\n" for x in block.labels).encode("utf-8")
-    if len(block.ids) != n or (block.labels is not None and len(block.labels) != n):
+    if len(block.ids) != len(block) or (block.labels is not None and len(block.labels) != len(block)):
         raise ValueError("ids/labels length does not match the number of records")
-    seq = np.ascontiguousarray(block.seq, dtype=np.uint8)
-    header = _HEADER.pack(_MAGIC, _FLAG_LABELS if block.labels is not None else 0,
-                          n, len(seq), len(ids), len(labels))
+    ids = "".join(i + "\n" for i in block.ids).encode("utf-8")
+    labels = None if block.labels is None else "".join(x + "\n" for x in block.labels).encode("utf-8")
+    return encode_columns(block.seq, block.offsets, ids, labels, block.cluster_id, block.cluster_size,
+                          block.index_in_cluster, block.source)
+
+
+def encode_columns(seq, offsets: np.ndarray, ids: bytes, labels: bytes | None, cluster_id: np.ndarray,
+                   cluster_size: np.ndarray, index_in_cluster: np.ndarray, source: np.ndarray) -> bytes:
+    """`encode_block` from the raw columns: `seq` (bytes or uint8 array), "id\\n" per record as one UTF-8 blob,
+    likewise the labels (None: no labels). The shard writer passes store bytes straight through."""
+    n = len(offsets) - 1
+    seq = seq if isinstance(seq, bytes) else np.ascontiguousarray(seq, dtype=np.uint8).tobytes()
+    header = _HEADER.pack(_MAGIC, _FLAG_LABELS if labels is not None else 0,
+                          n, len(seq), len(ids), len(labels or b""))
     parts = [header,
-             np.ascontiguousarray(block.offsets, dtype="<i8").tobytes(),
-             np.ascontiguousarray(block.cluster_id, dtype="<i8").tobytes(),
-             np.ascontiguousarray(block.cluster_size, dtype="<i8").tobytes(),
-             np.ascontiguousarray(block.index_in_cluster, dtype="<i8").tobytes(),
-             np.ascontiguousarray(block.source, dtype="<i4").tobytes(),
-             ids, labels, seq.tobytes()]
+             np.ascontiguousarray(offsets, dtype="<i8").tobytes(),
+             np.ascontiguousarray(cluster_id, dtype="<i8").tobytes(),
+             np.ascontiguousarray(cluster_size, dtype="<i8").tobytes(),
+             np.ascontiguousarray(index_in_cluster, dtype="<i8").tobytes(),
+             np.ascontiguousarray(source, dtype="<i4").tobytes(),
+             ids, labels or b"", seq]
     return b"".join(parts)
 
 
+def compressor(level: int = 3) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+
+
 def compress_block(block: RecordBlock, level: int = 3) -> bytes:
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return cctx.compress(encode_block(block))
+    return compressor(level).compress(encode_block(block))
 
 
 def _decompress(payload: bytes, where: str) -> bytes:
@@ -209,7 +220,7 @@ class ShardWriter:
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        self._cctx = compressor(level)
         self.blocks = self.records = self.tokens = 0
 
     def write(self, block: RecordBlock) -> None:

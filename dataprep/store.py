@@ -155,14 +155,25 @@ class Store:
         starts, ends = off[idx[first]].tolist(), off[idx[last] + 1].tolist()
         return b"".join([mm[a:b] for a, b in zip(starts, ends)])
 
+    def seq_bytes(self, idx: np.ndarray) -> bytes:
+        """Concatenated sequences of the records `idx`, in that order."""
+        return self._bytes("seq", self.seq_off, idx)
+
     def gather_seqs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(concatenated sequences, offsets) of the records `idx`, in that order."""
-        return np.frombuffer(self._bytes("seq", self.seq_off, idx), np.uint8), offsets_from_lengths(self.seq_len[idx])
+        return np.frombuffer(self.seq_bytes(idx), np.uint8), offsets_from_lengths(self.seq_len[idx])
+
+    def id_bytes(self, idx: np.ndarray) -> bytes:
+        """"id\\n" per record of `idx` (UTF-8: headers that are not were rejected)."""
+        return self._bytes("ids", self.id_off, idx)
+
+    def label_bytes(self, idx: np.ndarray) -> bytes | None:
+        """"label\\n" per record of `idx`, or None when the store has no labels."""
+        return self._bytes("labels", self.label_off, idx) if self.has_labels else None
 
     def ids_of(self, idx: np.ndarray) -> list[str]:
-        return self._bytes("ids", self.id_off, idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
+        return self.id_bytes(idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
 
     def labels_of(self, idx: np.ndarray) -> list[str] | None:
-        if not self.has_labels:
-            return None
-        return self._bytes("labels", self.label_off, idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
+        blob = self.label_bytes(idx)
+        return None if blob is None else blob.decode("utf-8", "backslashreplace").split("\n")[:-1]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import RecordBlock, ShardInfo, ShardWriter, compress_block
+from .arrays import offsets_from_lengths
+from .shards import ShardInfo, ShardWriter, compressor, encode_columns
 from .split import ShardJob
 from .store import Store
 
@@ -31,21 +32,17 @@ def _open(ctx: WriteContext) -> tuple[Store, dict[str, np.ndarray]]:
     return Store(ctx.store_dir), cols
 
 
-def _block(ctx: WriteContext, pos: np.ndarray) -> RecordBlock:
-    """The records at kept-list positions `pos` (in that order) as one block."""
+def _payload(args: tuple[WriteContext, np.ndarray]) -> tuple[bytes, int, int]:
+    """The compressed block of the records at kept-list positions `pos` (in that order): store bytes are
+    passed straight into the block (no per-record strings), identical to `compress_block` of the RecordBlock."""
+    ctx, pos = args
     store, cols = _open(ctx)
     idx = np.asarray(cols["keep"][pos])
-    seq, off = store.gather_seqs(idx)
-    return RecordBlock(seq=seq, offsets=off, ids=store.ids_of(idx), cluster_id=np.asarray(cols["cluster_id"][pos]),
-                       cluster_size=np.asarray(cols["cluster_size"][pos]),
-                       index_in_cluster=np.asarray(cols["index_in_cluster"][pos]),
-                       source=np.asarray(store.source[idx]), labels=store.labels_of(idx))
-
-
-def _payload(args: tuple[WriteContext, np.ndarray]) -> tuple[bytes, int, int]:
-    ctx, pos = args
-    block = _block(ctx, pos)
-    return compress_block(block, ctx.zstd_level), len(block), int(block.offsets[-1])
+    offsets = offsets_from_lengths(store.seq_len[idx])
+    raw = encode_columns(store.seq_bytes(idx), offsets, store.id_bytes(idx), store.label_bytes(idx),
+                         cols["cluster_id"][pos], cols["cluster_size"][pos], cols["index_in_cluster"][pos],
+                         store.source[idx])
+    return compressor(ctx.zstd_level).compress(raw), len(pos), int(offsets[-1])
 
 
 def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int,
