@@ -92,6 +92,8 @@ class Chunk:
     data: bytes | memoryview  # whole records (or, for the first chunk, whatever precedes the first header too)
     first_line: int  # 1-based line number of data[0]
     oversized: tuple[bytes, int] | None = None  # (header line, sequence length) of a streamed-past record
+    newlines: int | None = None  # a consumer that counted the newlines in `data` sets this; the stream then
+    # does not count them again to number the next chunk's lines
 
 
 class FastaStream:
@@ -165,8 +167,9 @@ class FastaStream:
             cut = buf.rfind(b"\n>")
             if cut >= 0:
                 carry = buf[cut + 1:]
-                yield Chunk(memoryview(buf)[: cut + 1], line)  # no copy of the chunk
-                line += buf.count(b"\n", 0, cut + 1)
+                chunk = Chunk(memoryview(buf)[: cut + 1], line)  # no copy of the chunk
+                yield chunk
+                line += chunk.newlines if chunk.newlines is not None else buf.count(b"\n", 0, cut + 1)
             elif len(buf) > self.max_record_bytes and buf.startswith(b">"):
                 header, seq_len, lines, carry = self._stream_past(stream, buf)
                 yield Chunk(b"", line, oversized=(header, seq_len))

@@ -53,6 +53,7 @@ class ParsedChunk:
     seqh: np.ndarray  # uint64 digest of the sequence (dedup candidate key)
     idh: np.ndarray  # uint64 digest of the id
     records_in: int = 0
+    newlines: int = 0  # in the input chunk (FastaStream need not count them again)
     rejects: list[tuple[int, str, str]] = field(default_factory=list)  # (line, id, reason)
 
     def __len__(self) -> int:
@@ -81,14 +82,18 @@ def _raw_to_input(pos: np.ndarray, line_start: np.ndarray, nl: np.ndarray, hk: n
 
 def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChunk:
     """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one)."""
-    if data[-1:] != b"\n":
+    added_newline = data[-1:] != b"\n"
+    if added_newline:
         data = bytes(data) + b"\n"
     a = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(a == 10)
+    newlines_in_data = len(nl) - added_newline
     line_start = np.concatenate(([0], nl[:-1] + 1))
     hk = np.flatnonzero(a[line_start] == 62)  # header line numbers within the chunk
     if len(hk) == 0:
-        return _empty(0)
+        out = _empty(0)
+        out.newlines = newlines_in_data
+        return out
     hs, he = line_start[hk], nl[hk]  # '>' position, header-ending newline
     n = len(hk)
     lines = first_line + hk
@@ -163,7 +168,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     idh = segment_digests(np.frombuffer(ids + bytes(PAD), np.uint8), id_off)  # id plus its "\n"
     out = ParsedChunk(seq=padded[: seq_off[-1]], seq_len=seq_len.astype(np.int64), ids=ids, id_len=id_len,
                       labels=labels, label_len=label_len, line=lines.astype(np.int64), seqh=seqh, idh=idh,
-                      records_in=n, rejects=rejects)
+                      records_in=n, rejects=rejects, newlines=newlines_in_data)
     return out if ok.all() else _select(out, ok, seq_off, id_off)
 
 
@@ -216,7 +221,7 @@ def _select(p: ParsedChunk, ok: np.ndarray, seq_off: np.ndarray, id_off: np.ndar
     return ParsedChunk(seq=_keep_ranges(p.seq, seq_off, bad), seq_len=p.seq_len[ok],
                        ids=_keep_ranges(p.ids, id_off, bad), id_len=p.id_len[ok], labels=labels,
                        label_len=label_len, line=p.line[ok], seqh=p.seqh[ok], idh=p.idh[ok],
-                       records_in=p.records_in, rejects=p.rejects)
+                       records_in=p.records_in, rejects=p.rejects, newlines=p.newlines)
 
 
 def _empty(records_in: int) -> ParsedChunk:

@@ -138,6 +138,7 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, log: Lo
                     records, rejected = records + 1, rejected + 1
                     continue
                 p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
+                chunk.newlines = p.newlines
                 writer.append(p, s, k - 1)
                 rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
                 records, rejected = records + p.records_in, rejected + len(p.rejects)
