@@ -86,7 +86,8 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     if added_newline:
         data = bytes(data) + b"\n"
     a = np.frombuffer(data, np.uint8)
-    nl = np.flatnonzero(a == 10)
+    low = np.flatnonzero(a <= 32)  # whitespace and control characters, every newline included
+    nl = low[a[low] == 10]
     newlines_in_data = len(nl) - added_newline
     line_start = np.concatenate(([0], nl[:-1] + 1))
     hk = np.flatnonzero(a[line_start] == 62)  # header line numbers within the chunk
@@ -98,14 +99,10 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     n = len(hk)
     lines = first_line + hk
 
-    # ---- headers: ">text\n" per record, concatenated
-    hdr_len = he - hs + 1
-    hdr_idx = concat_ranges(hs, hdr_len)
-    hdr = a[hdr_idx]
-    hdr_off = np.concatenate(([0], np.cumsum(hdr_len)))
-    low = np.flatnonzero(hdr <= 32)  # whitespace and control characters; every header ends with one ("\n")
-    id_start = hdr_off[:-1] + 1
-    id_end = low[np.searchsorted(low, id_start)]
+    # ---- headers: ">text\n" at a[hs:he + 1]; the id is the text up to the first whitespace/control character
+    hdr_idx = concat_ranges(hs, he - hs + 1)
+    id_start = hs + 1
+    id_end = low[np.searchsorted(low, id_start)]  # at most he
     id_len = (id_end - id_start).astype(np.int32)
 
     # ---- sequences ("raw": every byte that is neither a newline nor in a header line, in order), normalised in
@@ -142,7 +139,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         padded = np.delete(padded, ws_pos)
     seq_off = np.concatenate(([0], np.cumsum(seq_len)))
 
-    _header_rejects(hdr, hdr_off, low, id_len, reasons)
+    _header_rejects(a, hs, he, low, id_len, reasons)
     for r in np.flatnonzero(seq_len == 0).tolist():
         reasons.setdefault(r, "empty sequence (header without sequence)")
     for r in np.flatnonzero((seq_len > 0) & (seq_len < cfg.min_len)).tolist():
@@ -150,10 +147,12 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     for r in np.flatnonzero(seq_len > cfg.max_len).tolist():
         reasons.setdefault(r, f"too long: {seq_len[r]} nt > max_len {cfg.max_len}")
 
-    id_blob = hdr[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
+    id_blob = a[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
     id_off = np.concatenate(([0], np.cumsum(id_len + 1)))
     id_blob[id_off[1:] - 1] = 10
-    labels, label_len = _labels(hdr, hdr_off, cfg.label_key) if cfg.label_key else (None, None)
+    labels = label_len = None
+    if cfg.label_key:
+        labels, label_len = _labels(a[hdr_idx], offsets_from_lengths(he - hs + 1), cfg.label_key)
 
     ok = np.ones(n, bool)
     rejects = []
@@ -172,24 +171,34 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     return out if ok.all() else _select(out, ok, seq_off, id_off)
 
 
-def _header_rejects(hdr: np.ndarray, hdr_off: np.ndarray, low: np.ndarray, id_len: np.ndarray,
+def _header_rejects(a: np.ndarray, hs: np.ndarray, he: np.ndarray, low: np.ndarray, id_len: np.ndarray,
                     reasons: dict[int, str]) -> None:
+    """Empty ids, control characters and invalid UTF-8 in the headers a[hs[r]:he[r] + 1]."""
     for r in np.flatnonzero(id_len == 0).tolist():
         reasons.setdefault(r, "empty record id (nothing after '>')")
-    ctrl = low[_IS_CTRL[hdr[low]]]
-    if hdr[-1:].size and hdr.max() == 127:
-        ctrl = np.union1d(ctrl, np.flatnonzero(hdr == 127))
-    if len(ctrl):
-        recs, pos = _first_per_record(ctrl, hdr_off)
-        for r, p in zip(recs.tolist(), pos.tolist()):
-            reasons.setdefault(r, f"control character 0x{hdr[p]:02x} in header (binary data?)")
-    high = np.flatnonzero(hdr >= 0x80) if hdr.max(initial=0) >= 0x80 else ()
-    if len(high):
-        for r in np.unique(np.searchsorted(hdr_off, high, side="right") - 1).tolist():
+    top = int(a.max())
+    ctrl = low[_IS_CTRL[a[low]]]
+    if top >= 127:  # DEL (not `== 127`: a byte >= 0x80 elsewhere in the chunk must not hide it)
+        ctrl = np.union1d(ctrl, np.flatnonzero(a == 127))
+    recs, pos = _in_headers(ctrl, hs, he)
+    if len(recs):
+        recs, first = np.unique(recs, return_index=True)
+        for r, p in zip(recs.tolist(), pos[first].tolist()):
+            reasons.setdefault(r, f"control character 0x{a[p]:02x} in header (binary data?)")
+    if top >= 0x80:
+        for r in np.unique(_in_headers(np.flatnonzero(a >= 0x80), hs, he)[0]).tolist():
             try:
-                hdr[hdr_off[r]: hdr_off[r + 1]].tobytes().decode("utf-8")
+                a[hs[r]: he[r] + 1].tobytes().decode("utf-8")
             except UnicodeDecodeError as e:
                 reasons.setdefault(r, f"header is not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def _in_headers(pos: np.ndarray, hs: np.ndarray, he: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(record, position) of the sorted positions `pos` that lie in a header line [hs[r], he[r]]."""
+    rec = np.searchsorted(hs, pos, side="right") - 1
+    inside = rec >= 0
+    inside[inside] = pos[inside] <= he[rec[inside]]
+    return rec[inside], pos[inside]
 
 
 def _labels(hdr: np.ndarray, hdr_off: np.ndarray, key: str) -> tuple[bytes, np.ndarray]:

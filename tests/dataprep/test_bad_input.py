@@ -106,6 +106,13 @@ def test_control_character_in_header(tmp_path, fasta):
     assert rejects == {"bin": "control character 0x01 in header (binary data?)"}
 
 
+def test_del_in_header_next_to_non_ascii_bytes(tmp_path, fasta):
+    seq = "ACGU" * 5
+    rejects, _ = rejects_of(tmp_path, fasta(f">del\x7f\n{seq}\n>ok caf\u00e9\n{seq}\n>bad\n{seq}\u00e9\n".encode()))
+    assert rejects["del\x7f"] == "control character 0x7f in header (binary data?)"
+    assert "ok" not in rejects and rejects["bad"].startswith("invalid character")
+
+
 def test_duplicate_id_with_different_sequence(tmp_path, fasta):
     rejects, kept = rejects_of(tmp_path, fasta(f">x\n{ACGU20}\n>y\n{ACGU20}A\n>x\n{ACGU20}GG\n"))
     assert rejects == {"x": f"duplicate id with a different sequence (first seen at {tmp_path / 'in.fa'}:1)"}
