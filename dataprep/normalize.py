@@ -60,11 +60,16 @@ class ParsedChunk:
         return len(self.seq_len)
 
 
-def _first_per_record(pos: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(record index, first position) of each record that contains any of the sorted positions `pos`."""
-    rec = np.searchsorted(offsets, pos, side="right") - 1
-    recs, first = np.unique(rec, return_index=True)
-    return recs, pos[first]
+def _first_bad_per_record(norm: bytearray, at: int, raw_off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(record, first invalid position) per record with an invalid byte, `at` being the first one: a memchr
+    scan that skips to the next record after each hit (invalid records are few, their bad bytes maybe many)."""
+    recs, pos, end = [], [], int(raw_off[-1])
+    while 0 <= at < end:
+        r = int(np.searchsorted(raw_off, at, side="right")) - 1
+        recs.append(r)
+        pos.append(at)
+        at = norm.find(_BAD_MARK, int(raw_off[r + 1]), end)
+    return np.array(recs, np.int64), np.array(pos, np.int64)
 
 
 def _raw_to_input(pos: np.ndarray, line_start: np.ndarray, nl: np.ndarray, hk: np.ndarray) -> np.ndarray:
@@ -122,9 +127,9 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     norm += bytes(PAD)  # PAD: the digest reads whole words
 
     reasons: dict[int, str] = {}
-    if norm.find(bytes([_BAD_MARK])) >= 0:
-        narr = np.frombuffer(norm, np.uint8)
-        recs, pos = _first_per_record(np.flatnonzero(narr == _BAD_MARK), raw_off)
+    bad_at = norm.find(_BAD_MARK)
+    if bad_at >= 0:
+        recs, pos = _first_bad_per_record(norm, bad_at, raw_off)
         original = _raw_to_input(pos, line_start, nl, hk)
         for r, p, q in zip(recs.tolist(), pos.tolist(), original.tolist()):
             c = int(a[q])
