@@ -93,7 +93,8 @@ class Plan:
     def _attempt(self, step: Step, argv: list[str], timeout: float) -> dict:
         tmp = self.work / step.name / "tmp"   # a killed pretrain_bench leaves its trainer log here
         tmp.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning",
+                   TORCHINDUCTOR_CACHE_DIR=str(self.work / "inductor"))   # shared: a 2nd compile reuses kernels
         self.say(f"{step.name}: start (timeout {timeout:.0f} s): {' '.join(argv)}")
         t0 = time.time()
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -1,6 +1,8 @@
 """model.compile (issue 7): budget padding keeps real sequences' results, and compiled training equals eager."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,10 @@ from rnalm.model import RiNALMo
 from rnalm.tokenizer import MASK_ID, PAD_ID
 
 from .trainer_runs import events, read_log, run_trainer, step_lines
+
+# torch.compile on CPU generates C++ (inductor): it needs a compiler
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="torch.compile's CPU backend needs a C++ compiler (g++)")
 
 
 def masked_batch(lengths, seed=0) -> PackedBatch:
@@ -68,6 +74,7 @@ def test_budget_padding_leaves_loss_and_gradients_unchanged():
 
 
 @pytest.mark.slow
+@needs_cxx
 def test_compiled_blocks_match_eager_and_keep_parameter_names():
     eager, compiled = tiny_model(), tiny_model().compile_blocks(dynamic=False)
     assert list(compiled.state_dict()) == list(eager.state_dict())
@@ -81,6 +88,7 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names():
 
 
 @pytest.mark.slow
+@needs_cxx
 @pytest.mark.timeout(400)
 def test_trainer_with_compile_matches_eager_under_zero3(pretrain_shards, tmp_path):
     """The real trainer (2 ranks, ZeRO-3 on gloo, blocks as ZeRO-3 leaves) with and without model.compile,
