@@ -33,10 +33,11 @@ def masked_batch(lengths, seed=0) -> PackedBatch:
     return PackedBatch.from_sequences(seqs, targets=targets, ids=[f"r{i}" for i in range(len(seqs))])
 
 
-def tiny_model() -> RiNALMo:
+def tiny_model(activation_checkpointing: bool = False) -> RiNALMo:
     torch.manual_seed(0)
     return RiNALMo(ModelConfig.preset("nano", dim=64, num_layers=2, num_heads=4, attn_dropout=0.0,
-                                      residual_dropout=0.0, attention_backend="sdpa")).train()
+                                      residual_dropout=0.0, attention_backend="sdpa",
+                                      activation_checkpointing=activation_checkpointing)).train()
 
 
 def loss_and_grads(model: RiNALMo, batch: PackedBatch):
@@ -75,8 +76,10 @@ def test_budget_padding_leaves_loss_and_gradients_unchanged():
 
 @pytest.mark.slow
 @needs_cxx
-def test_compiled_blocks_match_eager_and_keep_parameter_names():
-    eager, compiled = tiny_model(), tiny_model().compile_blocks(dynamic=False)
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_compiled_blocks_match_eager_and_keep_parameter_names(activation_checkpointing):
+    eager = tiny_model()
+    compiled = tiny_model(activation_checkpointing).compile_blocks(dynamic=False)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for seed, lengths in enumerate(([40, 7, 120, 33], [200, 100])):   # two batches, one padded shape
         batch = pad_to_tokens(masked_batch(lengths, seed=seed), 320, chunk=128)
