@@ -5,8 +5,9 @@
 Plans (each fits one device call of at most 10 minutes):
 - session: the environment, bench/model_bench.py on giga (issue 2 step 6), bench/pretrain_bench.py on giga,
   packed trainer vs the padded original recipe (issue 4 step 7, issue 7 baseline);
-- levers:  issue 7's levers, one pretrain_bench packed run each (token budget, activation checkpointing,
-  ZeRO-2 vs ZeRO-3, torch.compile, ZeRO-3 persistence, unfused AdamW); RNALM_GPU_LEVERS=a,b picks some;
+- levers:  the data loader alone on the GPU node's CPUs (bench/loader_bench.py, 0/1/4 workers, 32k budget), then
+  issue 7's levers, one pretrain_bench packed run each (token budget, activation checkpointing, ZeRO-2 vs
+  ZeRO-3, torch.compile, ZeRO-3 persistence, unfused AdamW); RNALM_GPU_LEVERS=a,b picks some;
 - e2e:     bench/finetune_gpu_e2e.py --stage all (issue 6 step 10), its time budgets fitted to what is left.
 
 Every step runs as a child process group with a timeout of min(its cap, time left); its output goes to stdout
@@ -86,7 +87,7 @@ class Plan:
             argv = step.argv + step.oom_retry
             record.update(self._attempt(step, argv, min(step.cap, self.left() - RESERVE_S)), cmd=" ".join(argv))
         if step.result is not None and step.result.exists() and record["status"] == "ok":
-            record["result"] = json.loads(step.result.read_text())
+            record["result"] = _read_result(step.result)
         self.write_summary()
         return record
 
@@ -168,6 +169,15 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _read_result(path: Path):
+    """A bench's JSON, or its JSON lines as a list (loader_bench appends one line per configuration)."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def _partial_trainer_steps(tmp: Path) -> list[dict]:
     """Per-step lines of the newest trainer log a failed or killed step left under its TMPDIR."""
     logs = sorted(tmp.glob("*/run/log.jsonl"), key=lambda p: p.stat().st_mtime)
@@ -241,6 +251,10 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
     steps = [Step("shards", [PY, "dataprep/build_shards.py", "--input", str(corpus()), "--out", str(shards),
                              "--no-cluster", "--valid-fraction", "0.01", "--no-report", "--quiet"],
                   cap=120, essential=True)]
+    loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
+              ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
+    steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(shards), *loader,
+                                 "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))
     common = (["--tiny", "--steps", "2", "--warmup", "1"] if TINY else
               ["--preset", "giga", "--steps", "10", "--warmup", "3"])
     for name in names:
@@ -282,6 +296,9 @@ def table(summary: dict) -> str:
                 a = r["agreement"]
                 cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "
                                    f"grads {a['packed_vs_padded_grads']:.1e}")
+        if isinstance(r, list):  # loader_bench: one row per worker count
+            cells["notes"] = "; ".join(f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} "
+                                       f"of 200k)" for x in r)
         if s["status"] not in ("ok", "skipped"):
             cells["notes"] = "OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80]
         if "first_try" in s:

@@ -53,7 +53,9 @@ def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = {x["name"]: x for x in summary(out)["steps"]}
-    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac"]
+    assert list(steps) == ["env", "shards", "loader", "zero2", "budget48k_ac"]
+    assert [r["workers"] for r in steps["loader"]["result"]] == [0, 1]
+    assert all(r["tokens_per_s"] > 0 and r["token_budget"] == 2048 for r in steps["loader"]["result"])
     zero2, budget = steps["zero2"]["result"], steps["budget48k_ac"]["result"]
     assert "--set train.ds_config=ds_configs/zero2.json" in zero2["command"] and "padded" not in zero2
     # tiny mode scales budgets by 1/16: 49152 -> 3072 tokens
