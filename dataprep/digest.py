@@ -35,22 +35,22 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     """P**k and P**-k (mod 2**64) for k < n, grown by doubling and kept for the next call."""
     global _powers, _inverse_powers, _word_starts
     if len(_powers) < n:
-        size = max(n, 2 * len(_powers), 1 << 16)
+        size = 1 << max(16, (n - 1).bit_length())  # next power of two: one build covers every chunk of a size
         p = np.empty(size, np.uint64)
         p[0] = 1
         k = 1
         with np.errstate(over="ignore"):
             while k < size:  # p[k:2k] = p[:k] * P**k
-                step = p[k - 1] * _P
-                p[k: 2 * k] = p[: min(k, size - k)] * step
+                m = min(k, size - k)
+                np.multiply(p[:m], p[k - 1] * _P, out=p[k: k + m])
                 k *= 2
         inv = _U(pow(int(_P), -1, 1 << 64))
         q = np.empty(size, np.uint64)
         q[0], k = 1, 1
         with np.errstate(over="ignore"):
             while k < size:
-                step = q[k - 1] * inv
-                q[k: 2 * k] = q[: min(k, size - k)] * step
+                m = min(k, size - k)
+                np.multiply(q[:m], q[k - 1] * inv, out=q[k: k + m])
                 k *= 2
         _powers, _inverse_powers, _word_starts = p, q, np.arange(0, 8 * size, 8, dtype=np.int64)
     return _powers, _inverse_powers
