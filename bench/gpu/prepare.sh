@@ -78,6 +78,7 @@ tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb 2>
 whl=$(du -sb "$WHL" | cut -f1); data=$(du -sb shared | cut -f1)
 total=$((tree + whl + data))
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-log "travels: working tree $(mib "$tree") MiB + .whl $(mib "$whl") MiB + shared $(mib "$data") MiB = $(mib "$total") MiB"
+log "travels: working tree $(mib "$tree") MiB + .whl $(mib "$whl") MiB + shared $(mib "$data") MiB" \
+    "= $(mib "$total") MiB"
 (( total < LIMIT_MIB * 1048576 )) || die "$(mib "$total") MiB is over the ${LIMIT_MIB} MiB budget (the device takes 64)"
 log "ready: carry [\".whl\", \"shared\"] (see BENCHMARKS.md, GPU session runbook)"

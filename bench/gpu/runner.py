@@ -81,9 +81,11 @@ class Plan:
             self.write_summary()
             return record
         record.update(self._attempt(step, step.argv, min(step.cap, room)))
-        if record["status"] == "failed" and record.get("oom") and step.oom_retry and self.left() - RESERVE_S > step.min_seconds:
+        retry = record["status"] == "failed" and record.get("oom") and step.oom_retry
+        if retry and self.left() - RESERVE_S > step.min_seconds:
             self.say(f"{step.name}: CUDA out of memory; retrying with {' '.join(step.oom_retry)}")
-            record["first_try"] = {k: record.pop(k) for k in ("status", "rc", "seconds", "tail", "oom")}
+            first = ("status", "rc", "seconds", "tail", "oom", "partial_trainer_steps")
+            record["first_try"] = {k: record.pop(k) for k in first if k in record}
             argv = step.argv + step.oom_retry
             record.update(self._attempt(step, argv, min(step.cap, self.left() - RESERVE_S)), cmd=" ".join(argv))
         if step.result is not None and step.result.exists() and record["status"] == "ok":

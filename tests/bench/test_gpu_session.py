@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,17 @@ def test_fails_fast_without_out_or_data(tmp_path):
     env.update(OUT=str(tmp_path / "out"), RNALM_SHARED_DATA=str(tmp_path / "nothing"))
     proc = subprocess.run(["bash", "bench/gpu/levers.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "run bench/gpu/prepare.sh" in proc.stderr
+
+
+def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budget_skips(tmp_path):
+    from bench.gpu.runner import Plan, Step
+
+    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
+    script = ("import sys; ok = '--ac' in sys.argv; print('ok' if ok else 'torch.OutOfMemoryError: CUDA out of "
+              "memory. Tried to allocate 2.00 GiB'); sys.exit(0 if ok else 1)")
+    record = plan.run(Step("x", [sys.executable, "-c", script], cap=30, min_seconds=1, oom_retry=["--ac"]))
+    assert record["status"] == "ok" and record["cmd"].endswith(" --ac")
+    assert record["first_try"]["status"] == "failed" and record["first_try"]["oom"]
+    skipped = plan.run(Step("y", [sys.executable, "-c", "pass"], cap=30, min_seconds=120))
+    assert skipped["status"] == "skipped" and "needs 120" in skipped["reason"]
+    assert plan.finish() == 1 and [s["status"] for s in summary(tmp_path)["steps"]] == ["ok", "skipped"]
