@@ -136,8 +136,9 @@ def parse_cluster_tsv(path: Path, n: int, width: int) -> np.ndarray:
 
 def assign(rep: np.ndarray) -> Clusters:
     """Cluster id / size / index within the cluster from each record's representative."""
-    _, cid = np.unique(rep, return_inverse=True)
-    cid = cid.astype(np.int64).reshape(-1)
+    is_rep = np.zeros(len(rep), bool)  # rep values are kept-list positions, so ranks come from a cumsum, not a sort
+    is_rep[rep] = True
+    cid = (np.cumsum(is_rep) - 1)[rep]  # = np.unique(rep, return_inverse=True)[1]
     size = np.bincount(cid)
     order = np.argsort(cid, kind="stable")
     index = np.empty(len(cid), np.int64)
