@@ -273,8 +273,12 @@ class Trainer:
         """Graphs compiled so far and graph breaks: recompiles or breaks (e.g. from ZeRO hooks) show up here."""
         from torch._dynamo.utils import counters
 
-        self._log(event="compile_stats", step=self.step, unique_graphs=counters["stats"]["unique_graphs"],
-                  graph_breaks=sum(counters["graph_break"].values()), static_tokens=self.static_tokens)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        self._log(event="compile_stats", step=self.step, unique_graphs=graphs, graph_breaks=breaks,
+                  static_tokens=self.static_tokens)
+        if self.rank == 0:
+            _eprint(f"torch.compile after step {self.step}: {graphs} graphs, {breaks} graph breaks "
+                    f"(micro-batches padded to {self.static_tokens} tokens)")
 
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
