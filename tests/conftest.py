@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds its CPU comm op under a lock in TORCH_EXTENSIONS_DIR; a per-checkout cache keeps other
+# checkouts' runs (and a lock left by a process killed mid-build there) out of this one. Subprocesses inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 SHARED_DATA = Path(os.environ.get("RNALM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
