@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.deploy.daemons import REPO, require_tools
+from tests.contract import METRIC_NAMES
 
 pytestmark = pytest.mark.system
 PROM = REPO / "deploy" / "prometheus"
@@ -17,14 +18,7 @@ RULES = PROM / "rules"
 
 # Metric names the trainer exports (contract C); the dashboard and rules may use only these (plus Prometheus'
 # own `up`, the `_created` series prometheus-client adds to counters, and the DCGM exporter's DCGM_FI_* names).
-CONTRACT_METRICS = {
-    "rnalm_train_tokens_total", "rnalm_train_samples_total", "rnalm_train_steps_total", "rnalm_train_loss",
-    "rnalm_train_learning_rate", "rnalm_train_grad_norm", "rnalm_train_step_duration_seconds",
-    "rnalm_train_tokens_per_second", "rnalm_train_mfu_ratio", "rnalm_dataloader_wait_seconds_total",
-    "rnalm_train_nonfinite_steps_total", "rnalm_device_memory_allocated_bytes", "rnalm_device_memory_peak_bytes",
-    "rnalm_checkpoint_duration_seconds", "rnalm_checkpoint_last_success_timestamp_seconds",
-    "rnalm_train_last_step_timestamp_seconds", "rnalm_valid_loss", "rnalm_run_info",
-}
+CONTRACT_METRICS = METRIC_NAMES
 
 
 def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
