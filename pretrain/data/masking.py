@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnalm.batch import IGNORE_INDEX
+from rnalm.batch import IGNORE_INDEX, ragged_arange
 from rnalm.tokenizer import CLS_ID, EOS_ID, MASK_ID, NUCLEOTIDE_IDS, STANDARD_NUCLEOTIDE_IDS, encode_bytes
 
 from .sampling import splitmix64, stream_at
@@ -43,13 +43,6 @@ class Samples:
         a, b = int(self.offsets[i]), int(self.offsets[j])
         return Samples(self.tokens[a:b], self.targets[a:b], self.offsets[i:j + 1] - a, self.ids[i:j],
                        self.cropped[i:j])
-
-
-def ragged_arange(counts: np.ndarray) -> np.ndarray:
-    """[0..counts[0]-1, 0..counts[1]-1, ...] without a Python loop."""
-    total = int(counts.sum())
-    ends = np.cumsum(counts)
-    return np.arange(total, dtype=np.int64) - np.repeat(ends - counts, counts)
 
 
 def crop_and_mask(seq: np.ndarray, starts: np.ndarray, lengths: np.ndarray, keys: np.ndarray,
