@@ -71,6 +71,19 @@ class _ZstdReader:
         return bytes(out)
 
 
+class _Limited:
+    """At most `n` bytes of `f` (a byte range of a plain file, the file positioned at its start)."""
+
+    def __init__(self, f, n: int):
+        self._f, self._left = f, n
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+
 class _Prefixed:
     """A reader that first returns `head` (the sniffed magic bytes), then the rest of `raw`."""
 
@@ -96,14 +109,45 @@ class Chunk:
     # does not count them again to number the next chunk's lines
 
 
+def split_points(path: str, n: int, probe: int = 1 << 20) -> list[int] | None:
+    """n + 1 byte offsets cutting a plain FASTA file into n ranges that each start at a header line, so that n
+    readers can each parse one range without reading the others; None for stdin and compressed files."""
+    if path == "-":
+        return None
+    try:
+        with open(path, "rb") as f:
+            if f.read(4)[:2] in (GZIP_MAGIC, ZSTD_MAGIC[:2]):
+                return None
+            size = f.seek(0, 2)
+            cuts = [0]
+            for r in range(1, n):
+                at = max(size * r // n - 1, cuts[-1])
+                f.seek(at)
+                while True:  # the first "\n>" at or after `at`: the next header (a huge record is scanned past)
+                    block = f.read(probe + 1)
+                    hit = block.find(b"\n>")
+                    if hit >= 0 or len(block) <= 1:
+                        at = at + hit + 1 if hit >= 0 else size
+                        break
+                    at += len(block) - 1
+                    f.seek(at)
+                cuts.append(at)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read input ({e.strerror})") from None
+    return cuts + [size]
+
+
 class FastaStream:
-    """Iterate a FASTA input as `Chunk`s; `.sha256` / `.bytes` describe the raw (compressed) input once done."""
+    """Iterate a FASTA input as `Chunk`s; `.sha256` / `.bytes` describe the raw (compressed) input once done,
+    `.newlines` the line breaks read. With `byte_range` (plain files only, see `split_points`) only that part of
+    the file is read; its line numbers then count from the start of the range."""
 
     def __init__(self, path: str, chunk_bytes: int = 16 << 20, max_record_bytes: int = 64 << 20,
-                 checksum: bool = True):
+                 checksum: bool = True, byte_range: tuple[int, int] | None = None):
         self.path, self.chunk_bytes, self.max_record_bytes = path, chunk_bytes, max_record_bytes
-        self.checksum = checksum
+        self.checksum, self.byte_range = checksum, byte_range
         self.compression = "none"
+        self.newlines = 0
         self._raw: _HashingReader | None = None
 
     @property
@@ -123,6 +167,11 @@ class FastaStream:
             except OSError as e:
                 raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
         self._file = f
+        if self.byte_range is not None:
+            start, end = self.byte_range
+            f.seek(start)
+            self._raw = _HashingReader(_Limited(f, end - start), self.checksum)
+            return self._raw
         self._raw = _HashingReader(f, self.checksum)
         head = self._raw.read(4)
         if head.startswith(GZIP_MAGIC):
@@ -151,7 +200,7 @@ class FastaStream:
                 self._file.close()
 
     def _chunks(self, stream) -> Iterator[Chunk]:
-        carry, line = b"", 1
+        carry = b""
         first = self._read(stream, self.chunk_bytes)
         lead = first.lstrip(_WS)[:1]
         if lead and lead != b">":
@@ -162,21 +211,24 @@ class FastaStream:
             buf = carry + data if carry else data
             if not data:  # end of input
                 if buf:
-                    yield Chunk(buf, line)
+                    yield from self._counted(Chunk(buf, self.newlines + 1), buf, len(buf))
                 return
             cut = buf.rfind(b"\n>")
             if cut >= 0:
                 carry = buf[cut + 1:]
-                chunk = Chunk(memoryview(buf)[: cut + 1], line)  # no copy of the chunk
-                yield chunk
-                line += chunk.newlines if chunk.newlines is not None else buf.count(b"\n", 0, cut + 1)
+                yield from self._counted(Chunk(memoryview(buf)[: cut + 1], self.newlines + 1), buf, cut + 1)
             elif len(buf) > self.max_record_bytes and buf.startswith(b">"):
                 header, seq_len, lines, carry = self._stream_past(stream, buf)
-                yield Chunk(b"", line, oversized=(header, seq_len))
-                line += lines
+                yield Chunk(b"", self.newlines + 1, oversized=(header, seq_len))
+                self.newlines += lines
             else:
                 carry = buf
             data = self._read(stream, self.chunk_bytes)
+
+    def _counted(self, chunk: Chunk, buf: bytes, end: int) -> Iterator[Chunk]:
+        """Yield `chunk` (= buf[:end], no copy), then count its line breaks unless the consumer did."""
+        yield chunk
+        self.newlines += chunk.newlines if chunk.newlines is not None else buf.count(b"\n", 0, end)
 
     def _stream_past(self, stream, buf: bytes) -> tuple[bytes, int, int, bytes]:
         """Read past one oversized record without keeping it: (header line, sequence length, lines, rest)."""

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from . import dedup as dd
 from .cluster import ClusterConfig
 from .comm import SerialComm
 from .errors import InputError
-from .fasta import FastaStream
+from .fasta import FastaStream, split_points
 from .normalize import NormalizeConfig, oversized_reject, parse_chunk
 from .shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
-from .report import start_plots, write_summary
+from .report import ReportProcess, write_summary
 from .split import shard_jobs
 from .store import Store, StoreWriter, merge_parts
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
@@ -118,20 +119,24 @@ class _Stage:
 
 
 # ------------------------------------------------------------------------------------------ normalise
-def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, log: Log) -> None:
-    """One share of the chunks (chunk k goes to share k % size) into its own part store."""
+def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: list[list[int] | None],
+                     log: Log) -> None:
+    """Share `rank` of `size` into its own part store: of each plain input the byte range between its cuts
+    (`split_points`), of a compressed input (or stdin) every size-th chunk (so each share decompresses it all).
+    Chunks are keyed (source, range, chunk) so that sorting the keys gives input order."""
     writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
-    sources, k, done = [], 0, 0
-    with open(part / "rejects.tsv", "w") as rej:
-        for s, path in enumerate(cfg.inputs):
+    sources, done = [], 0
+    with open(part / "rejects.tsv", "w") as rej, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        for s, (path, cut) in enumerate(zip(cfg.inputs, cuts)):
+            whole = hasher.submit(_file_sha256, path) if cut and rank == 0 else None
             stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
                                  max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)),
-                                 checksum=rank == 0)  # every share reads the same bytes
+                                 checksum=rank == 0 and not cut, byte_range=(cut[rank], cut[rank + 1]) if cut else None)
             records = rejected = 0
-            for chunk in stream:
-                k += 1
-                if (k - 1) % size != rank:
+            for k, chunk in enumerate(stream):
+                if not cut and k % size != rank:
                     continue
+                key = (s << 48) | ((rank if cut else 0) << 32) | k
                 if chunk.oversized:
                     line, rid, reason = oversized_reject(*chunk.oversized, chunk.first_line, cfg.normalize)
                     rej.write(f"{s}\t{line}\t{rid}\t{reason}\n")
@@ -139,59 +144,88 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, log: Lo
                     continue
                 p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
                 chunk.newlines = p.newlines
-                writer.append(p, s, k - 1)
+                writer.append(p, s, key)
                 rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
                 records, rejected = records + p.records_in, rejected + len(p.rejects)
                 done += p.records_in
                 log.progress(f"normalise: {path}: {done * size:,} records, {stream.bytes / 1e6:,.0f} MB read")
-            sources.append({"path": path, "sha256": stream.sha256, "bytes": stream.bytes,
-                            "compression": stream.compression, "records": records, "rejected": rejected})
+            sha, nbytes = whole.result() if whole else (stream.sha256, stream.bytes)
+            sources.append({"path": path, "sha256": sha, "bytes": nbytes, "compression": stream.compression,
+                            "records": records, "rejected": rejected, "newlines": stream.newlines if cut else 0})
     writer.close()
     (part / "sources.json").write_text(json.dumps(sources))
 
 
-def _normalise_local(cfg: BuildConfig, tmp: Path, log: Log) -> None:
-    """Single-node: `workers` processes each parse every workers-th chunk (each reads the whole input)."""
-    n = cfg.workers if "-" not in cfg.inputs else 1
+def _file_sha256(path: str) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
+
+
+def _normalise_local(cfg: BuildConfig, tmp: Path, n: int, cuts: list, log: Log) -> None:
+    """Single node: n forked processes, one share each."""
     if n == 1:
-        _normalise_share(cfg, tmp / "rank-0000", 0, 1, log)
+        _normalise_share(cfg, tmp / "rank-0000", 0, 1, cuts, log)
         return
     with mp.get_context("fork").Pool(n - 1) as pool:
-        others = [pool.apply_async(_normalise_share, (cfg, tmp / f"rank-{r:04d}", r, n, Log(True, r)))
+        others = [pool.apply_async(_normalise_share, (cfg, tmp / f"rank-{r:04d}", r, n, cuts, Log(True, r)))
                   for r in range(1, n)]
-        _normalise_share(cfg, tmp / "rank-0000", 0, n, log)
+        _normalise_share(cfg, tmp / "rank-0000", 0, n, cuts, log)
         for o in others:
             o.get()
 
 
 def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
+    shares = comm.size if comm.size > 1 else (cfg.workers if "-" not in cfg.inputs else 1)
+    cuts = comm.bcast([split_points(p, shares) if shares > 1 else None for p in cfg.inputs]
+                      if comm.rank == 0 else None)
     tmp = stage.begin() if comm.rank == 0 else stage.tmp
     comm.barrier()
     if comm.size > 1:
-        _normalise_share(cfg, tmp / f"rank-{comm.rank:04d}", comm.rank, comm.size, log)
+        _normalise_share(cfg, tmp / f"rank-{comm.rank:04d}", comm.rank, comm.size, cuts, log)
     else:
-        _normalise_local(cfg, tmp, log)
+        _normalise_local(cfg, tmp, shares, cuts, log)
     comm.barrier()
-    if comm.rank != 0:
-        return
+    if comm.rank == 0:
+        _merge_shares(tmp)
+        stage.commit()
+
+
+def _merge_shares(tmp: Path) -> None:
+    """Part stores -> one store in input order, with line numbers counted from the start of each input."""
     parts = sorted(tmp.glob("rank-*"))
+    per_part = [json.loads((p / "sources.json").read_text()) for p in parts]
+    line_base = np.cumsum([[0] * len(per_part[0])] + [[s["newlines"] for s in pp] for pp in per_part[:-1]], axis=0)
+    rows = []
+    for p, base in zip(parts, line_base):
+        if base.any():
+            _shift_lines(p, base)
+        for row in (p / "rejects.tsv").read_text().splitlines():
+            s, line, rest = row.split("\t", 2)
+            rows.append((int(s), int(line) + int(base[int(s)]), rest))
     merge_parts(parts, tmp)
-    per_rank = [json.loads((p / "sources.json").read_text()) for p in parts]
-    sources = per_rank[0]
-    for other in per_rank[1:]:
+    sources = per_part[0]
+    for other in per_part[1:]:
         for s, o in zip(sources, other):
             s["records"] += o["records"]
             s["rejected"] += o["rejected"]
     for s in sources:
+        del s["newlines"]
         if s["records"] == 0:
             raise InputError(f"{s['path']}: no FASTA records (empty input)")
-    rows = [line for p in parts for line in (p / "rejects.tsv").read_text().splitlines()]
-    rows.sort(key=lambda r: (int(r.split("\t", 2)[0]), int(r.split("\t", 2)[1])))
-    (tmp / "rejects.tsv").write_text("".join(r + "\n" for r in rows))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    (tmp / "rejects.tsv").write_text("".join(f"{s}\t{line}\t{rest}\n" for s, line, rest in rows))
     (tmp / "sources.json").write_text(json.dumps(sources))
     for p in parts:
         shutil.rmtree(p)
-    stage.commit()
+
+
+def _shift_lines(part: Path, base: np.ndarray) -> None:
+    """Add each source's line offset (line breaks in the earlier byte ranges) to a part's line column."""
+    if (part / "line.bin").stat().st_size == 0:
+        return
+    line = np.memmap(part / "line.bin", np.int64, "r+")
+    line += base.astype(np.int64)[np.fromfile(part / "source.bin", np.int32)]
+    line.flush()
 
 
 # -------------------------------------------------------------------------------------------- dedup
@@ -277,42 +311,59 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     store = Store(stages["normalise"].final)
     log(f"normalise: {len(store):,} valid records")
     run("dedup", lambda: dedup(store, stages["dedup"], comm, cfg.dedup_bucket_records))
-    if comm.rank == 0 and len(np.load(stages["dedup"].final / "keep.npy", mmap_mode="r")) == 0:
+    keep = np.load(stages["dedup"].final / "keep.npy")
+    if comm.rank == 0 and len(keep) == 0:
         raise InputError(f"{', '.join(cfg.inputs)}: no records left after normalisation and dedup "
                          f"(see the reasons in {out / '.work' / 'normalise' / 'rejects.tsv'})")
-    run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
-
-    cl_dir = stages["cluster"].final
-    if "cluster" in seconds:
-        mm = json.loads((cl_dir / "mmseqs_time.json").read_text())
-        seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
-    keep = np.load(cl_dir / "keep.npy")
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)
     build_key = _hash(keys["cluster"], params)
-    if comm.rank == 0 and _manifest_current(out, build_key):
-        skipped.append("shards")
+    if comm.bcast(_manifest_current(out, build_key) if comm.rank == 0 else None):
+        skipped += ["cluster"] * stages["cluster"].done + ["shards"]
         log(f"shards: up to date ({out / MANIFEST_NAME})")
-    up_to_date = comm.bcast("shards" in skipped)
-    if up_to_date:
         return BuildResult(read_manifest(out), skipped, seconds)
 
-    t = time.perf_counter()
+    sources = res = report = None
+    if comm.rank == 0:
+        sources, res = _source_counts(store, stages)
+        if cfg.report:  # draws what needs no clusters while MMseqs2 runs
+            report = ReportProcess(out / "report", store, keep, sources)
+    try:
+        run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
+        if "cluster" in seconds:
+            mm = json.loads((stages["cluster"].final / "mmseqs_time.json").read_text())
+            seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
+        if report:
+            report.clusters_ready(stages["cluster"].final)
+        t = time.perf_counter()
+        infos, n_clusters = _write_shards(cfg, out, stages, rps, comm, log)
+        seconds["shards"] = time.perf_counter() - t
+        manifest = None
+        if comm.rank == 0:
+            shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
+            manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
+                               sources, res, report)
+    except BaseException:
+        if report:
+            report.stop()
+        raise
+    comm.barrier()
+    return BuildResult(manifest or read_manifest(out), skipped, seconds)
+
+
+def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log: Log) -> tuple[list, int]:
+    """Split by cluster, shuffle, write this rank's shards; (every rank's ShardInfos on rank 0, clusters)."""
     if comm.rank == 0:
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards exist
         for stale in [*out.glob("train/*.tmp-*"), *out.glob("valid/*.tmp-*")]:  # left by a killed run
             stale.unlink()
     comm.barrier()
+    cl_dir = stages["cluster"].final
     cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
     jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
     ctx = WriteContext(str(out), str(stages["normalise"].final), str(cl_dir), cfg.block_records, cfg.zstd_level)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
-    sources, res, plots = None, None, None
-    if comm.rank == 0:
-        sources, res = _source_counts(store, stages)
-        if cfg.report:
-            plots = start_plots(out / "report", store, res["keep"], cl_dir, sources)
     log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} processes"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
@@ -321,15 +372,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
         done.append(info)
         log.progress(f"shards: {len(done)}/{len(mine)} written ({info.path}, {info.bytes / 1e6:,.1f} MB)")
 
-    infos = comm.gather(write_jobs(ctx, mine, cfg.workers, progress))
-    seconds["shards"] = time.perf_counter() - t
-    manifest = None
-    if comm.rank == 0:
-        shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
-        manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
-                           sources, res, plots)
-    comm.barrier()
-    return BuildResult(manifest or read_manifest(out), skipped, seconds)
+    return comm.gather(write_jobs(ctx, mine, cfg.workers, progress)), n_clusters
 
 
 def _params(cfg: BuildConfig, rps: int) -> dict:
@@ -374,7 +417,7 @@ def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
 
 def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
             build_key: str, n_clusters: int, seconds: dict, log: Log, sources: list[dict], res: dict,
-            plots) -> Manifest:
+            report: ReportProcess | None) -> Manifest:
     names = [s["path"] for s in sources]
     _write_rejects(out, stages["normalise"].final, store, res, names)
     _write_duplicates(out, store, res, names)
@@ -395,10 +438,8 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:
             old.unlink()
-    if plots is not None:
-        plots.join()
-        if plots.exitcode != 0:
-            raise RuntimeError(f"the report process failed (exit code {plots.exitcode}); see its traceback above")
+    if report is not None:
+        report.join()
         write_summary(out / "report", counts, sources, shards, seconds)
     write_manifest(out, manifest)
     log(f"done: {counts['records_in']:,} records in, {counts['rejected']:,} rejected, "

@@ -43,34 +43,19 @@ def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tupl
     return out
 
 
-def write_plots(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, sources: list[dict]) -> None:
-    """PNG plots plus corpus.json (length / cluster-size statistics, top labels) for `write_summary`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _plot_corpus(report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]) -> dict:
+    """Length, per-input and label plots (no clusters needed); their statistics for corpus.json."""
     import matplotlib.pyplot as plt
 
     report_dir.mkdir(parents=True, exist_ok=True)
     lengths = np.asarray(store.seq_len[keep])
-    cluster_id = np.load(cluster_dir / "cluster_id.npy", mmap_mode="r")
-    sizes = np.bincount(cluster_id) if len(cluster_id) else np.zeros(0, np.int64)
     labels = top_labels(store, keep)
-    corpus = {"length_nt": _stats(lengths), "cluster_size": {**_stats(sizes), "singletons": int((sizes == 1).sum())},
-              "top_labels": labels}
-    (report_dir / "corpus.json").write_text(json.dumps(corpus))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(lengths):
         ax.hist(lengths, bins=np.unique(np.geomspace(max(1, lengths.min()), lengths.max() + 1, 60).astype(int)))
     ax.set(xscale="log", xlabel="sequence length (nt)", ylabel="records", title="Kept sequence lengths")
     _save(fig, report_dir / "lengths.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if len(sizes):
-        values, freq = np.unique(sizes, return_counts=True)
-        ax.loglog(values, freq, "o", ms=3)
-    ax.set(xlabel="cluster size (records)", ylabel="clusters", title="Cluster-size distribution")
-    _save(fig, report_dir / "cluster_sizes.png")
 
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(sources)))
     names = [Path(s["path"]).name for s in sources]
@@ -88,6 +73,21 @@ def write_plots(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: P
         ax.barh([lab for lab, _ in labels][::-1], [c for _, c in labels][::-1])
         ax.set(xlabel="kept records", title=f"Top {len(labels)} labels")
         _save(fig, report_dir / "labels.png")
+    return {"length_nt": _stats(lengths), "top_labels": labels}
+
+
+def _plot_clusters(report_dir: Path, cluster_dir: Path) -> dict:
+    import matplotlib.pyplot as plt
+
+    cluster_id = np.load(cluster_dir / "cluster_id.npy", mmap_mode="r")
+    sizes = np.bincount(cluster_id) if len(cluster_id) else np.zeros(0, np.int64)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(sizes):
+        values, freq = np.unique(sizes, return_counts=True)
+        ax.loglog(values, freq, "o", ms=3)
+    ax.set(xlabel="cluster size (records)", ylabel="clusters", title="Cluster-size distribution")
+    _save(fig, report_dir / "cluster_sizes.png")
+    return {**_stats(sizes), "singletons": int((sizes == 1).sum())}
 
 
 def _save(fig, path: Path) -> None:
@@ -98,12 +98,38 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def start_plots(report_dir: Path, store: Store, keep: np.ndarray, cluster_dir: Path, sources: list[dict]):
-    """Run `write_plots` in a forked process (it overlaps with shard writing); join it before `write_summary`."""
-    proc = mp.get_context("fork").Process(target=write_plots, args=(report_dir, store, keep, cluster_dir, sources),
-                                          name="dataprep-report")
-    proc.start()
-    return proc
+def _report_main(conn, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    corpus = _plot_corpus(report_dir, store, keep, sources)
+    corpus["cluster_size"] = _plot_clusters(report_dir, Path(conn.recv()))
+    (report_dir / "corpus.json").write_text(json.dumps(corpus))
+
+
+class ReportProcess:
+    """The plots, drawn in a forked process started before clustering: what needs no clusters is drawn while
+    MMseqs2 runs; `clusters_ready` lets it draw the cluster sizes; `join` before `write_summary`."""
+
+    def __init__(self, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]):
+        ctx = mp.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_report_main, args=(child, report_dir, store, keep, sources),
+                                 name="dataprep-report")
+        self._proc.start()
+
+    def clusters_ready(self, cluster_dir: Path) -> None:
+        self._conn.send(str(cluster_dir))
+
+    def join(self) -> None:
+        self._proc.join()
+        if self._proc.exitcode != 0:
+            raise RuntimeError(f"the report process failed (exit code {self._proc.exitcode}); see its traceback above")
+
+    def stop(self) -> None:
+        """The build failed or ended early: no report."""
+        self._proc.kill()
+        self._proc.join()
 
 
 def write_summary(report_dir: Path, counts: dict, sources: list[dict], shards: list[ShardInfo],

@@ -34,12 +34,13 @@ class StoreWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.names = [n for n in [*BLOBS, *COLUMNS] if labels or n not in ("labels", "label_len")]
         self._files = {name: open(self.dir / f"{name}.bin", "wb") for name in self.names}
-        self._chunks: list[list[int]] = []  # [chunk index, bytes written to each file...]
+        self._chunks: list[list[int]] = []  # [chunk key, bytes written to each file...]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-writer")  # one thread: writes stay in order
         self._pending: deque = deque()
         self.records = 0
 
-    def append(self, p: ParsedChunk, source: int, chunk: int) -> None:
+    def append(self, p: ParsedChunk, source: int, key: int) -> None:
+        """Append a chunk of `source`; `key` orders the chunks of all parts in input order (`merge_parts`)."""
         data = {"seq": memoryview(np.ascontiguousarray(p.seq)), "ids": p.ids,
                 "seq_len": p.seq_len.astype(np.int64).tobytes(), "id_len": p.id_len.astype(np.int32).tobytes(),
                 "line": p.line.astype(np.int64).tobytes(), "source": np.full(len(p), source, np.int32).tobytes(),
@@ -50,7 +51,7 @@ class StoreWriter:
         while len(self._pending) >= self.MAX_PENDING:
             self._pending.popleft().result()  # re-raises a failed write
         self._pending.append(self._pool.submit(self._write, [data[name] for name in self.names]))
-        self._chunks.append([chunk] + [len(data[name]) if not isinstance(data[name], memoryview)
+        self._chunks.append([key] + [len(data[name]) if not isinstance(data[name], memoryview)
                                        else data[name].nbytes for name in self.names])
         self.records += len(p)
 
@@ -72,7 +73,7 @@ class StoreWriter:
 
 
 def merge_parts(parts: list[Path], out_dir: Path) -> None:
-    """Merge part stores (one per process or MPI rank, chunks interleaved) into one store in input-chunk order."""
+    """Merge part stores (one per process or MPI rank) into one store in order of their chunk keys."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (parts[0] / "columns.txt").read_text().split("\n")
     if len(parts) == 1:
@@ -82,16 +83,37 @@ def merge_parts(parts: list[Path], out_dir: Path) -> None:
     tables = [np.load(p / "chunks.npy") for p in parts]
     starts = [np.cumsum(t[:, 1:], axis=0) - t[:, 1:] for t in tables]  # byte offset of each chunk per file
     order = sorted((int(k), pi, ci) for pi, t in enumerate(tables) for ci, k in enumerate(t[:, 0]))
+    runs: list[list[int]] = []  # [part, first chunk, last chunk]: consecutive chunks of one part, copied at once
+    for _, pi, ci in order:
+        if runs and runs[-1][0] == pi and runs[-1][2] == ci - 1:
+            runs[-1][2] = ci
+        else:
+            runs.append([pi, ci, ci])
     for j, name in enumerate(names):
         srcs = [open(p / f"{name}.bin", "rb") for p in parts]
         try:
             with open(out_dir / f"{name}.bin", "wb") as out:
-                for _, pi, ci in order:
-                    srcs[pi].seek(int(starts[pi][ci, j]))
-                    out.write(srcs[pi].read(int(tables[pi][ci, j + 1])))
+                for pi, a, b in runs:
+                    start = int(starts[pi][a, j])
+                    _copy_range(srcs[pi], out, start, int(starts[pi][b, j] + tables[pi][b, j + 1]) - start)
         finally:
             for f in srcs:
                 f.close()
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """src[offset:offset + count] appended to dst, in the kernel where it can (copy_file_range)."""
+    dst.flush()
+    while count > 0:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), min(count, 1 << 30), offset)
+        except OSError:  # not supported here (old kernel, some file systems): copy through user space
+            src.seek(offset)
+            dst.write(src.read(count))
+            return
+        if n == 0:
+            raise OSError(f"{src.name}: ended before byte {offset + count}")
+        offset, count = offset + n, count - n
 
 
 def _load(path: Path, dtype) -> np.ndarray:

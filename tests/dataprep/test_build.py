@@ -138,9 +138,74 @@ def test_parallel_normalise_and_writers_give_identical_shards(tmp_path, synth_fa
     assert one.manifest.shards == two.manifest.shards
 
 
+def _messy_fasta(path: Path) -> Path:
+    """Synthetic records with the awkward cases near every cut point: wrapped and CRLF lines, blank lines, rejects,
+    duplicates, a duplicate id with another sequence, and a 1.2 Mnt record far longer than a 0.05 MiB chunk."""
+    base = path.with_suffix(".base")
+    write_fasta(SynthConfig(6000, seed=5, invalid_fraction=0.02, wrap=50), base)
+    text = base.read_bytes().split(b"\n>")
+    out = []
+    for i, rec in enumerate(text):
+        rec = rec if i == 0 else b">" + rec
+        if i % 97 == 0:
+            rec = rec.replace(b"\n", b"\r\n")
+        if i % 89 == 0:
+            rec += b"\n\n"
+        out.append(rec)
+    out.insert(2500, b">dup_id desc\nACGUACGUACGUACGUACGU\n>dup_id\nGGGGACGUACGUACGUACGU")
+    out.insert(4000, b">huge\n" + (b"ACGU" * 25 + b"\n") * 12_000)
+    path.write_bytes(b"\n".join(r.rstrip(b"\n") for r in out) + b"\n")
+    return path
+
+
+def test_byte_range_shares_equal_one_process(tmp_path):
+    """A plain input cut into 2 and 3 byte ranges (one process each) gives the same store, rejects (with their line
+    numbers), duplicates and shards as one process reading it all."""
+    from dataprep.fasta import split_points
+    from dataprep.comm import SerialComm
+    from dataprep.pipeline import BuildConfig, Log, _Stage, normalise
+
+    fa = _messy_fasta(tmp_path / "messy.fa")
+    data = fa.read_bytes()
+    for n in (2, 3, 7):
+        cuts = split_points(str(fa), n)
+        assert cuts[0] == 0 and cuts[-1] == len(data) and cuts == sorted(cuts)
+        assert all(data[c - 1: c + 1] == b"\n>" for c in cuts[1:-1])
+    results = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        cfg = BuildConfig(inputs=(str(fa), str(fa)), out=str(out), workers=workers, chunk_mb=0.05, quiet=True,
+                          no_cluster=True, report=False, records_per_shard=700)
+        work = out / ".work"
+        work.mkdir(parents=True)
+        normalise(cfg, _Stage(work, "normalise", "k"), SerialComm(), Log(True, 0))
+        results[workers] = {f.name: f.read_bytes() for f in (work / "normalise").iterdir() if f.name != "stage.json"}
+    assert results[1].keys() == results[2].keys() == results[3].keys()
+    for name in results[1]:
+        assert results[1][name] == results[2][name] == results[3][name], name
+    rejects = results[1]["rejects.tsv"].decode()
+    assert "too long" in rejects and "invalid character" in rejects
+    src = json.loads(results[2]["sources.json"])
+    assert src[0]["sha256"] == hashlib.sha256(data).hexdigest() and src[0]["bytes"] == len(data)
+
+
+def test_byte_range_builds_match(tmp_path):
+    fa = _messy_fasta(tmp_path / "messy.fa")
+    one = build_small(tmp_path, [fa], out="w1", records_per_shard=700, workers=1)
+    two = build_small(tmp_path, [fa], out="w2", records_per_shard=700, workers=2, chunk_mb=0.05)
+    assert one.manifest.shards == two.manifest.shards and one.manifest.sources == two.manifest.sources
+    for name in ("rejects.tsv", "duplicates.tsv"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+    check_build(tmp_path / "w2", [fa])
+
+
 def test_missing_mmseqs_names_the_install_command(tmp_path, synth_fa):
+    import multiprocessing
+
     with pytest.raises(ToolError, match="apt-get install mmseqs2"):
-        build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(mmseqs="mmseqs-not-here"))
+        build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(mmseqs="mmseqs-not-here"),
+                    report=True)
+    assert multiprocessing.active_children() == []  # the report process (started before clustering) is gone
     r = subprocess.run([sys.executable, "-m", "dataprep.build_shards", "--input", str(synth_fa), "--out",
                         str(tmp_path / "o2"), "--mmseqs", "/nonexistent/mmseqs"], capture_output=True, text=True,
                        cwd=REPO)
