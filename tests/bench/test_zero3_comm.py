@@ -1,0 +1,80 @@
+"""bench/zero3_comm.py: the on-paper ZeRO communication and H100-hours calculator against hand-computed values."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.zero3_comm import (ORIGINAL_SEQUENCES, Link, Setup, collectives, estimate, gpu_hours, main,
+                              parameter_numels)
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+
+# A made-up model: P = 2,001,050 parameters; with threshold 1000, "a" and "b" (1,050) stay resident.
+NUMELS = {"a": 1000, "b": 50, "c": 2_000_000}
+SLOW = Link("slow", gbytes_per_s=10.0, efficiency=0.5)      # 5e9 B/s
+FAST = Link("fast", gbytes_per_s=100.0, efficiency=1.0)     # 1e11 B/s
+
+
+@pytest.mark.parametrize("preset", ["nano", "giga"])
+def test_parameter_numels_match_the_model(preset):
+    cfg = ModelConfig.preset(preset)
+    with torch.device("meta"):
+        model = RiNALMo(cfg)
+    assert parameter_numels(cfg) == {n: p.numel() for n, p in model.named_parameters()}
+
+
+def test_zero3_without_persistence_is_three_bf16_passes_over_the_ring():
+    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=0))
+    est = estimate(colls, tokens_per_micro=1000, grad_accum=1, tokens_per_s=1e6)
+    assert est.bytes_per_gpu == pytest.approx(9_004_725.0)          # 3 x 2 B x 2,001,050 x 3/4
+    assert est.comm_s == pytest.approx(1.800945e-3)                  # / 5e9 B/s
+    assert est.compute_s == pytest.approx(1e-3)
+    assert est.efficiency_serial == pytest.approx(1 / 2.800945)
+    assert est.efficiency_overlapped == pytest.approx(1 / 1.800945)
+    assert est.break_even_tokens == pytest.approx(1800.945)
+    ga3 = estimate(colls, tokens_per_micro=1000, grad_accum=3, tokens_per_s=1e6)
+    assert ga3.bytes_per_gpu == pytest.approx(27_014_175.0)          # every micro-step again
+    assert ga3.efficiency_serial == pytest.approx(est.efficiency_serial)
+
+
+def test_persistent_params_are_gathered_once_per_step_and_not_overlapped():
+    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=1000))
+    est = estimate(colls, tokens_per_micro=1000, grad_accum=2, tokens_per_s=1e6)
+    # per micro-step: 2 gathers of 2,000,000 x 2 B + reduce-scatter of 2,001,050 x 2 B, x 3/4; per step: 1,050 x 2 B x 3/4
+    assert est.bytes_per_gpu == pytest.approx(2 * 9_001_575.0 + 1575.0)
+    assert est.efficiency_overlapped == pytest.approx(2e-3 / (2 * 1.800315e-3 + 315e-9))
+
+
+def test_hpz_moves_the_backward_gather_to_the_node():
+    colls = collectives(NUMELS, Setup(3, 8, SLOW, node_link=FAST, gpus_per_node=2, persistence_threshold=0))
+    bwd = next(c for c in colls if c.name.startswith("bwd"))
+    assert (bwd.group, bwd.link, bwd.bytes_per_gpu) == (2, FAST, pytest.approx(2_001_050.0))  # 2 B x P x 1/2
+    slow_bytes = 2 * 2 * 2_001_050 * 7 / 8
+    assert estimate(colls, 1000, 1, 1e6).comm_s == pytest.approx(slow_bytes / 5e9 + 2_001_050.0 / 1e11)
+
+
+def test_zero1_communicates_once_per_step_whatever_the_accumulation():
+    colls = collectives(NUMELS, Setup(1, 4, SLOW))
+    one, four = (estimate(colls, 1000, g, 1e6) for g in (1, 4))
+    assert one.bytes_per_gpu == four.bytes_per_gpu == pytest.approx(6_003_150.0)   # 2 x 2 B x P x 3/4
+    assert four.efficiency_serial == pytest.approx(4e-3 / (4e-3 + 1.20063e-3))
+    assert collectives(NUMELS, Setup(2, 4, SLOW))[0].per_micro_step      # ZeRO-2 reduce-scatters every micro-step
+
+
+def test_h100_hours():
+    assert ORIGINAL_SEQUENCES == 102e6
+    assert gpu_hours(102e6, 120.22, 41_000) == pytest.approx(83.079, rel=1e-4)  # 1.226244e10 tokens / 41k / 3600
+    assert gpu_hours(1e6, 100, 1000, efficiency=0.5) == pytest.approx(1e8 / 500 / 3600)
+
+
+def test_cli_giga(capsys):
+    r = main(["--json", "--tokens-per-s", "100000", "--mean-tokens", "300"])
+    capsys.readouterr()
+    assert r["params"] == 650_901_793
+    resident = r["persistent_params"]
+    zero3_64 = next(w for w in r["scaling"] if (w["zero"], w["gpus"], w["link"], w["hpz"]) == (3, 64, "IB", False))
+    per_dir = (2 * 2 * (650_901_793 - resident) + 2 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
+    assert zero3_64["by_speed"]["measured"]["bytes_per_gpu"] == pytest.approx(per_dir)
+    assert zero3_64["by_speed"]["measured"]["compute_s"] == pytest.approx(32768 / 1e5)
+    measured = next(h for h in r["h100_hours"] if h["speed"] == "measured")
+    assert measured["given"] == pytest.approx(102e6 * 300 / 1e5 / 3600)
