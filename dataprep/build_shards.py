@@ -21,6 +21,7 @@ from dataprep.comm import SerialComm  # noqa: E402
 from dataprep.errors import DataprepError  # noqa: E402
 from dataprep.normalize import NormalizeConfig  # noqa: E402
 from dataprep.pipeline import BuildConfig, build  # noqa: E402
+from dataprep.shards import ZSTD_LEVEL  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
@@ -45,9 +46,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--block-records", type=int, default=4096, help="records per zstd block (tar member)")
     g.add_argument("--shard-records", type=int, default=0, help="records per shard (0: from --shard-mb)")
     g.add_argument("--shard-mb", type=float, default=256.0, help="target uncompressed MB per shard")
-    g.add_argument("--zstd-level", type=int, default=3)
+    g.add_argument("--zstd-level", type=int, default=ZSTD_LEVEL)
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=2, help="processes writing shards (per rank)")
+    g.add_argument("--workers", type=int, default=2, help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank")
     g.add_argument("--chunk-mb", type=float, default=16.0, help="input chunk size for parsing (MiB)")
     g.add_argument("--dedup-bucket-records", type=int, default=4_000_000,
                    help="records per dedup hash bucket; lower it to bound dedup memory")

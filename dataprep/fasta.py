@@ -116,7 +116,8 @@ def split_points(path: str, n: int, probe: int = 1 << 20) -> list[int] | None:
         return None
     try:
         with open(path, "rb") as f:
-            if f.read(4)[:2] in (GZIP_MAGIC, ZSTD_MAGIC[:2]):
+            head = f.read(4)
+            if head.startswith(GZIP_MAGIC) or head == ZSTD_MAGIC:
                 return None
             size = f.seek(0, 2)
             cuts = [0]

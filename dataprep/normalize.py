@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import concat_ranges, offsets_from_lengths
+from .arrays import concat_ranges, fill_ranges, offsets_from_lengths
 from .digest import PAD, segment_digests
 
 IUPAC = b"ACGURYKMSWBDHVN"
@@ -105,7 +105,6 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     lines = first_line + hk
 
     # ---- headers: ">text\n" at a[hs:he + 1]; the id is the text up to the first whitespace/control character
-    hdr_idx = concat_ranges(hs, he - hs + 1)
     id_start = hs + 1
     id_end = low[np.searchsorted(low, id_start)]  # at most he
     id_len = (id_end - id_start).astype(np.int32)
@@ -115,7 +114,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     # and `translate` maps every byte while deleting the newlines.
     scratch = bytearray(data)
     blank = np.frombuffer(scratch, np.uint8)
-    blank[hdr_idx] = 10
+    fill_ranges(blank, hs, he - hs + 1, 10)
     blank[: hs[0]] = 10
     del blank  # (a bytearray cannot be resized while exported)
     next_hs = np.append(hs[1:], len(a))
@@ -157,7 +156,8 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     id_blob[id_off[1:] - 1] = 10
     labels = label_len = None
     if cfg.label_key:
-        labels, label_len = _labels(a[hdr_idx], offsets_from_lengths(he - hs + 1), cfg.label_key)
+        labels, label_len = _labels(a[concat_ranges(hs, he - hs + 1)], offsets_from_lengths(he - hs + 1),
+                                    cfg.label_key)
 
     ok = np.ones(n, bool)
     rejects = []

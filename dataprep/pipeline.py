@@ -30,7 +30,8 @@ from .comm import SerialComm
 from .errors import InputError
 from .fasta import FastaStream, split_points
 from .normalize import NormalizeConfig, oversized_reject, parse_chunk
-from .shards import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, read_manifest, write_manifest
+from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
+                     write_manifest)
 from .report import ReportProcess, write_summary
 from .split import shard_jobs
 from .store import Store, StoreWriter, merge_parts
@@ -51,8 +52,8 @@ class BuildConfig:
     block_records: int = 4096
     records_per_shard: int = 0  # 0: from shard_mb
     shard_mb: float = 256.0  # target uncompressed payload per shard when records_per_shard is 0
-    zstd_level: int = 3
-    workers: int = 2
+    zstd_level: int = ZSTD_LEVEL
+    workers: int = 2  # normalise processes and shard-compression threads (per rank)
     chunk_mb: float = 16.0  # input chunk parsed at once
     dedup_bucket_records: int = dd.BUCKET_RECORDS  # records per dedup hash bucket (bounds dedup memory)
     report: bool = True
@@ -364,7 +365,7 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
     ctx = WriteContext(str(out), str(stages["normalise"].final), str(cl_dir), cfg.block_records, cfg.zstd_level)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
-    log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} processes"
+    log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} compression threads"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
 

@@ -89,16 +89,21 @@ def merge_parts(parts: list[Path], out_dir: Path) -> None:
             runs[-1][2] = ci
         else:
             runs.append([pi, ci, ci])
+    head = runs[0][0] if runs[0][1] == 0 and [r[0] for r in runs].count(runs[0][0]) == 1 else None
     for j, name in enumerate(names):
-        srcs = [open(p / f"{name}.bin", "rb") for p in parts]
+        if head is not None:  # the first run is a whole part file: it becomes the output, the rest is appended
+            os.replace(parts[head] / f"{name}.bin", out_dir / f"{name}.bin")
+        srcs = [open(p / f"{name}.bin", "rb") if i != head else None for i, p in enumerate(parts)]
         try:
-            with open(out_dir / f"{name}.bin", "wb") as out:
-                for pi, a, b in runs:
+            with open(out_dir / f"{name}.bin", "r+b" if head is not None else "wb") as out:
+                out.seek(0, os.SEEK_END)  # (not "ab": copy_file_range refuses O_APPEND files)
+                for pi, a, b in runs[head is not None:]:
                     start = int(starts[pi][a, j])
                     _copy_range(srcs[pi], out, start, int(starts[pi][b, j] + tables[pi][b, j + 1]) - start)
         finally:
             for f in srcs:
-                f.close()
+                if f is not None:
+                    f.close()
 
 
 def _copy_range(src, dst, offset: int, count: int) -> None:

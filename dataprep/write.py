@@ -1,16 +1,23 @@
-"""Writing shards: worker processes gather and compress blocks from the store, the parent appends them to tars."""
+"""Writing shards: blocks are gathered from the store in order and compressed by a pool of threads.
+
+Gathering (slices of the memory-mapped store, in shuffled order) holds the GIL; zstd compression releases it,
+so `threads` compressors overlap with gathering the next blocks. Threads rather than processes: no store is
+mapped twice and no compressed block crosses a pipe (processes cost 1.7x the CPU for a slower stage, see
+BENCHMARKS.md); more cores are used through more ranks (`--mpi`).
+"""
 from __future__ import annotations
 
-import multiprocessing as mp
-from collections.abc import Callable
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from .arrays import offsets_from_lengths
-from .shards import ShardInfo, ShardWriter, compressor, encode_columns
+from .shards import ZSTD_LEVEL, ShardInfo, ShardWriter, compressor, encode_columns
 from .split import ShardJob
 from .store import Store
 
@@ -23,47 +30,62 @@ class WriteContext:
     store_dir: str
     cluster_dir: str  # keep.npy (store index per kept record) + the three cluster columns
     block_records: int = 4096
-    zstd_level: int = 3
+    zstd_level: int = ZSTD_LEVEL
 
 
-@lru_cache(maxsize=2)
-def _open(ctx: WriteContext) -> tuple[Store, dict[str, np.ndarray]]:
-    cols = {name: np.load(Path(ctx.cluster_dir) / f"{name}.npy", mmap_mode="r") for name in CLUSTER_FIELDS}
-    return Store(ctx.store_dir), cols
+class _Blocks:
+    """Uncompressed blocks of kept-list positions: store bytes go straight into the block (no per-record
+    strings), identical to `encode_block` of the RecordBlock."""
+
+    def __init__(self, ctx: WriteContext):
+        self.store = Store(ctx.store_dir)
+        self.cols = {name: np.load(Path(ctx.cluster_dir) / f"{name}.npy", mmap_mode="r") for name in CLUSTER_FIELDS}
+
+    def encode(self, pos: np.ndarray) -> tuple[bytes, int, int]:
+        store, cols = self.store, self.cols
+        idx = np.asarray(cols["keep"][pos])
+        offsets = offsets_from_lengths(store.seq_len[idx])
+        raw = encode_columns(store.seq_bytes(idx), offsets, store.id_bytes(idx), store.label_bytes(idx),
+                             cols["cluster_id"][pos], cols["cluster_size"][pos], cols["index_in_cluster"][pos],
+                             store.source[idx])
+        return raw, len(pos), int(offsets[-1])
 
 
-def _payload(args: tuple[WriteContext, np.ndarray]) -> tuple[bytes, int, int]:
-    """The compressed block of the records at kept-list positions `pos` (in that order): store bytes are
-    passed straight into the block (no per-record strings), identical to `compress_block` of the RecordBlock."""
-    ctx, pos = args
-    store, cols = _open(ctx)
-    idx = np.asarray(cols["keep"][pos])
-    offsets = offsets_from_lengths(store.seq_len[idx])
-    raw = encode_columns(store.seq_bytes(idx), offsets, store.id_bytes(idx), store.label_bytes(idx),
-                         cols["cluster_id"][pos], cols["cluster_size"][pos], cols["index_in_cluster"][pos],
-                         store.source[idx])
-    return compressor(ctx.zstd_level).compress(raw), len(pos), int(offsets[-1])
+def _compressed(ctx: WriteContext, jobs: list[ShardJob], threads: int) -> Iterator[tuple[bytes, int, int]]:
+    """(zstd block, records, tokens) of every job's blocks, in order; at most 2 x threads blocks in flight."""
+    blocks, local = _Blocks(ctx), threading.local()
 
+    def compress(raw: bytes) -> bytes:
+        if not hasattr(local, "cctx"):  # a ZstdCompressor must not be shared between threads
+            local.cctx = compressor(ctx.zstd_level)
+        return local.cctx.compress(raw)
 
-def write_jobs(ctx: WriteContext, jobs: list[ShardJob], workers: int,
-               progress: Callable[[ShardInfo], None] = lambda info: None) -> list[ShardInfo]:
-    """Write every job's shard in order; blocks are gathered and compressed by `workers` processes."""
-    pieces = [(ctx, j.records[a: a + ctx.block_records]) for j in jobs
-              for a in range(0, len(j.records), ctx.block_records)]
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 and len(pieces) > 1 else None
-    try:
-        payloads = pool.imap(_payload, pieces, chunksize=2) if pool else map(_payload, pieces)
-        infos = []
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="zstd") as pool:
+        pending: deque = deque()
         for job in jobs:
-            infos.append(_write_one(ctx, job, payloads))
-            progress(infos[-1])
-        return infos
-    finally:
-        if pool:
-            pool.terminate()
+            for a in range(0, len(job.records), ctx.block_records):
+                raw, records, tokens = blocks.encode(job.records[a: a + ctx.block_records])
+                pending.append((pool.submit(compress, raw), records, tokens))
+                while len(pending) > 2 * threads:
+                    future, records, tokens = pending.popleft()
+                    yield future.result(), records, tokens
+        while pending:
+            future, records, tokens = pending.popleft()
+            yield future.result(), records, tokens
 
 
-def _write_one(ctx: WriteContext, job: ShardJob, payloads) -> ShardInfo:
+def write_jobs(ctx: WriteContext, jobs: list[ShardJob], threads: int,
+               progress: Callable[[ShardInfo], None] = lambda info: None) -> list[ShardInfo]:
+    """Write every job's shard in order, blocks compressed by `threads` threads."""
+    payloads = _compressed(ctx, jobs, threads)
+    infos = []
+    for job in jobs:
+        infos.append(_write_one(ctx, job, payloads))
+        progress(infos[-1])
+    return infos
+
+
+def _write_one(ctx: WriteContext, job: ShardJob, payloads: Iterator) -> ShardInfo:
     writer = ShardWriter(Path(ctx.out_dir) / job.path, level=ctx.zstd_level)
     try:
         for _ in range(-(-len(job.records) // ctx.block_records)):

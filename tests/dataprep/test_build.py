@@ -212,6 +212,15 @@ def test_missing_mmseqs_names_the_install_command(tmp_path, synth_fa):
     assert r.returncode == 2 and "not found" in r.stderr and "--no-cluster" in r.stderr
 
 
+def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
+    fake = tmp_path / "mmseqs"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = linclust ]; then echo 'out of memory in kmermatcher'; exit 3; fi\n"
+                    "if [ \"$1\" = version ]; then echo fake; fi\nexit 0\n")
+    fake.chmod(0o755)
+    with pytest.raises(ToolError, match=r"(?s)mmseqs linclust failed \(exit 3\).*out of memory in kmermatcher"):
+        build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(mmseqs=str(fake)))
+
+
 def test_stdin_with_mpi_is_refused(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--mpi", "--input", "-", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, input="")
