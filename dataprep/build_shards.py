@@ -21,7 +21,6 @@ from dataprep.comm import SerialComm  # noqa: E402
 from dataprep.errors import DataprepError  # noqa: E402
 from dataprep.normalize import NormalizeConfig  # noqa: E402
 from dataprep.pipeline import BuildConfig, build  # noqa: E402
-from dataprep.shards import ZSTD_LEVEL  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
@@ -30,27 +29,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="FASTA files (.gz/.zst ok), - for stdin")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("normalisation")
-    g.add_argument("--min-len", type=int, default=16, help="shortest kept sequence (nt)")
-    g.add_argument("--max-len", type=int, default=8192, help="longest kept sequence (nt)")
+    g.add_argument("--min-len", type=int, default=NormalizeConfig.min_len, help="shortest kept sequence (nt)")
+    g.add_argument("--max-len", type=int, default=NormalizeConfig.max_len, help="longest kept sequence (nt)")
     g.add_argument("--label-key", default=None, help="header key=value copied into each record's label, e.g. rfam_acc")
-    g = p.add_argument_group("clustering (MMseqs2 easy-linclust)")
-    g.add_argument("--min-seq-id", type=float, default=0.7)
-    g.add_argument("--coverage", "-c", type=float, default=0.8)
+    g = p.add_argument_group("clustering (MMseqs2 linclust)")
+    g.add_argument("--min-seq-id", type=float, default=ClusterConfig.min_seq_id)
+    g.add_argument("--coverage", "-c", type=float, default=ClusterConfig.coverage)
     g.add_argument("--cov-mode", type=int, default=None, help="MMseqs2 --cov-mode (default: MMseqs2's own)")
-    g.add_argument("--threads", type=int, default=2, help="MMseqs2 threads")
+    g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads")
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
     g = p.add_argument_group("split and shards")
-    g.add_argument("--valid-fraction", type=float, default=0.01, help="fraction of clusters held out for validation")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-records", type=int, default=4096, help="records per zstd block (tar member)")
+    g.add_argument("--valid-fraction", type=float, default=BuildConfig.valid_fraction, help="fraction of clusters held out for validation")
+    g.add_argument("--seed", type=int, default=BuildConfig.seed)
+    g.add_argument("--block-records", type=int, default=BuildConfig.block_records, help="records per zstd block (tar member)")
     g.add_argument("--shard-records", type=int, default=0, help="records per shard (0: from --shard-mb)")
-    g.add_argument("--shard-mb", type=float, default=256.0, help="target uncompressed MB per shard")
-    g.add_argument("--zstd-level", type=int, default=ZSTD_LEVEL)
+    g.add_argument("--shard-mb", type=float, default=BuildConfig.shard_mb, help="target uncompressed MB per shard")
+    g.add_argument("--zstd-level", type=int, default=BuildConfig.zstd_level)
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=2, help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank")
-    g.add_argument("--chunk-mb", type=float, default=16.0, help="input chunk size for parsing (MiB)")
-    g.add_argument("--dedup-bucket-records", type=int, default=4_000_000,
+    g.add_argument("--workers", type=int, default=BuildConfig.workers,
+                   help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank")
+    g.add_argument("--chunk-mb", type=float, default=BuildConfig.chunk_mb, help="input chunk size for parsing (MiB)")
+    g.add_argument("--dedup-bucket-records", type=int, default=BuildConfig.dedup_bucket_records,
                    help="records per dedup hash bucket; lower it to bound dedup memory")
     g.add_argument("--mpi", action="store_true", help="share the work between MPI ranks (mpi4py)")
     g.add_argument("--no-report", action="store_true", help="skip report/ (plots + summary.json)")

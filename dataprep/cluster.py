@@ -23,7 +23,7 @@ from .store import Store
 INSTALL_HINT = ("install MMseqs2: `sudo apt-get install mmseqs2` (Debian/Ubuntu), "
                 "`conda install -c conda-forge -c bioconda mmseqs2`, or `bash deploy/install_sysdeps.sh`; "
                 "or pass --no-cluster to give every record its own cluster")
-WRITE_BATCH = 262_144
+WRITE_BATCH = 16_384  # small batches reuse their buffers (fresh large temporaries page-fault on every batch)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ from .normalize import NormalizeConfig, oversized_reject, parse_chunk
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
 from .report import ReportProcess, write_summary
-from .split import shard_jobs
-from .store import Store, StoreWriter, merge_parts
+from .split import shard_jobs, shuffled_order
+from .background import Background
+from .store import Store, StoreWriter, merge_parts, write_permuted
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
 
 PIPELINE_VERSION = 1
@@ -54,7 +55,7 @@ class BuildConfig:
     shard_mb: float = 256.0  # target uncompressed payload per shard when records_per_shard is 0
     zstd_level: int = ZSTD_LEVEL
     workers: int = 2  # normalise processes and shard-compression threads (per rank)
-    chunk_mb: float = 16.0  # input chunk parsed at once
+    chunk_mb: float = 2.0  # input chunk parsed at once (small: its temporaries are reused, not page-faulted anew)
     dedup_bucket_records: int = dd.BUCKET_RECORDS  # records per dedup hash bucket (bounds dedup memory)
     report: bool = True
     quiet: bool = False
@@ -249,6 +250,14 @@ def dedup(store: Store, stage: _Stage, comm, bucket_records: int) -> None:
     stage.commit()
 
 
+# ------------------------------------------------------------------------------------------ shuffle
+def shuffle(cfg: BuildConfig, store: Store, keep: np.ndarray, stage: _Stage) -> None:
+    """The kept records laid out in shard order (`split.shuffled_order`); runs while MMseqs2 clusters."""
+    tmp = stage.begin()
+    write_permuted(store, keep[shuffled_order(len(keep), cfg.seed)], tmp)
+    stage.commit()
+
+
 # ------------------------------------------------------------------------------------------ cluster
 def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     keep = np.load(stage.final.parent / "dedup" / "keep.npy")
@@ -260,7 +269,7 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
         cl = clustering.cluster(store, keep, tmp, cfg.cluster)
     (tmp / "mmseqs_time.json").write_text(json.dumps({"wall": cl.tool_seconds, "cpu": cl.tool_cpu_seconds}))
     np.save(tmp / "keep.npy", keep)
-    for name in CLUSTER_FIELDS[1:]:
+    for name in CLUSTER_FIELDS:
         np.save(tmp / f"{name}.npy", getattr(cl, name))
     stage.commit()
 
@@ -295,6 +304,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
                                                          cfg.cluster.cov_mode])
+    keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
     stages = {name: _Stage(work, name, key) for name, key in keys.items()}
 
     def run(name, fn, *args, collective=True):
@@ -324,11 +334,13 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
         log(f"shards: up to date ({out / MANIFEST_NAME})")
         return BuildResult(read_manifest(out), skipped, seconds)
 
-    sources = res = report = None
-    if comm.rank == 0:
+    sources = res = report = shuffling = None
+    if comm.rank == 0:  # background processes that need no clusters, overlapping MMseqs2
         sources, res = _source_counts(store, stages)
-        if cfg.report:  # draws what needs no clusters while MMseqs2 runs
+        if cfg.report:
             report = ReportProcess(out / "report", store, keep, sources)
+        if not cfg.no_cluster and not stages["shuffle"].done:
+            shuffling = Background("shuffle", shuffle, cfg, store, keep, stages["shuffle"])
     try:
         run("cluster", cluster, cfg, store, stages["cluster"], log, collective=False)
         if "cluster" in seconds:
@@ -336,6 +348,11 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
         if report:
             report.clusters_ready(stages["cluster"].final)
+        t = time.perf_counter()
+        if shuffling:
+            shuffling.join()
+            seconds["shuffle_wait"] = time.perf_counter() - t  # what clustering did not hide
+        comm.barrier()
         t = time.perf_counter()
         infos, n_clusters = _write_shards(cfg, out, stages, rps, comm, log)
         seconds["shards"] = time.perf_counter() - t
@@ -345,8 +362,9 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
                                sources, res, report)
     except BaseException:
-        if report:
-            report.stop()
+        for process in (report, shuffling):
+            if process:
+                process.stop()
         raise
     comm.barrier()
     return BuildResult(manifest or read_manifest(out), skipped, seconds)
@@ -363,7 +381,9 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
     jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
-    ctx = WriteContext(str(out), str(stages["normalise"].final), str(cl_dir), cfg.block_records, cfg.zstd_level)
+    shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
+    ctx = WriteContext(str(out), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
+                       block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
     log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} compression threads"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))

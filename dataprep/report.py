@@ -9,6 +9,7 @@ import numpy as np
 
 from .arrays import concat_ranges, offsets_from_lengths
 from .digest import PAD, segment_digests
+from .background import Background
 from .shards import ShardInfo
 from .store import Store
 
@@ -107,29 +108,16 @@ def _report_main(conn, report_dir: Path, store: Store, keep: np.ndarray, sources
     (report_dir / "corpus.json").write_text(json.dumps(corpus))
 
 
-class ReportProcess:
-    """The plots, drawn in a forked process started before clustering: what needs no clusters is drawn while
+class ReportProcess(Background):
+    """The plots, drawn in a background process started before clustering: what needs no clusters is drawn while
     MMseqs2 runs; `clusters_ready` lets it draw the cluster sizes; `join` before `write_summary`."""
 
     def __init__(self, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]):
-        ctx = mp.get_context("fork")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_report_main, args=(child, report_dir, store, keep, sources),
-                                 name="dataprep-report")
-        self._proc.start()
+        self._conn, child = mp.get_context("fork").Pipe()
+        super().__init__("report", _report_main, child, report_dir, store, keep, sources)
 
     def clusters_ready(self, cluster_dir: Path) -> None:
         self._conn.send(str(cluster_dir))
-
-    def join(self) -> None:
-        self._proc.join()
-        if self._proc.exitcode != 0:
-            raise RuntimeError(f"the report process failed (exit code {self._proc.exitcode}); see its traceback above")
-
-    def stop(self) -> None:
-        """The build failed or ended early: no report."""
-        self._proc.kill()
-        self._proc.join()
 
 
 def write_summary(report_dir: Path, counts: dict, sources: list[dict], shards: list[ShardInfo],

@@ -214,6 +214,29 @@ def iter_records(shard_path: str | os.PathLike) -> Iterator[tuple[str, bytes, in
 
 
 # ---------------------------------------------------------------------------------------------- writing
+class _HashingFile:
+    """A file opened for writing that keeps the sha256 and size of what was written (no re-read at the end)."""
+
+    def __init__(self, path: Path):
+        self._f, self.sha256, self.bytes = open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def sync_and_close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class ShardWriter:
     """Writes one shard tar atomically: to `path.tmp-<pid>`, renamed over `path` by `close()`."""
 
@@ -221,7 +244,7 @@ class ShardWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "wb")
+        self._file = _HashingFile(self._tmp)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._cctx = compressor(level)
         self.blocks = self.records = self.tokens = 0
@@ -241,11 +264,9 @@ class ShardWriter:
     def close(self) -> tuple[int, str]:
         """Finish the tar, fsync, rename into place; returns (bytes, sha256)."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        self._file.sync_and_close()
         os.replace(self._tmp, self.path)
-        return self.path.stat().st_size, file_sha256(self.path)
+        return self._file.bytes, self._file.sha256.hexdigest()
 
     def abort(self) -> None:
         self._file.close()

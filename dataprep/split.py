@@ -1,4 +1,9 @@
-"""Cluster-held-out train/valid split, global shuffle, and cutting each split into shard jobs."""
+"""Cluster-held-out train/valid split, global shuffle, and cutting each split into shard jobs.
+
+The shuffle is one seeded permutation of all kept records, drawn before clustering; each split takes its records
+in that order. So the records can be laid out in shuffled order while MMseqs2 runs (`shuffled_order`,
+`store.write_permuted`), and a shard block is then a nearly contiguous range of that layout.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +16,16 @@ class ShardJob:
     split: str
     index: int
     records: np.ndarray  # positions in the kept list, in shard order
+    shuffled: np.ndarray  # the same records' positions in the shuffled order (increasing)
 
     @property
     def path(self) -> str:
         return f"{self.split}/shard-{self.index:06d}.tar"
+
+
+def shuffled_order(n: int, seed: int) -> np.ndarray:
+    """Kept-list positions in shuffled order (seeded)."""
+    return np.random.default_rng([seed, 2]).permutation(n)
 
 
 def valid_clusters(n_clusters: int, valid_fraction: float, seed: int) -> np.ndarray:
@@ -29,11 +40,12 @@ def valid_clusters(n_clusters: int, valid_fraction: float, seed: int) -> np.ndar
 
 def shard_jobs(cluster_id: np.ndarray, n_clusters: int, valid_fraction: float, seed: int,
                records_per_shard: int) -> list[ShardJob]:
-    """Every kept record in exactly one job; whole clusters per split; records shuffled within a split."""
-    is_valid = valid_clusters(n_clusters, valid_fraction, seed)[cluster_id]
+    """Every kept record in exactly one job; whole clusters per split; each split in the shuffled order."""
+    order = shuffled_order(len(cluster_id), seed)
+    in_valid = valid_clusters(n_clusters, valid_fraction, seed)[cluster_id[order]]
     jobs = []
-    for k, (split, members) in enumerate((("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid)))):
-        order = members[np.random.default_rng([seed, 2, k]).permutation(len(members))]
-        for i, a in enumerate(range(0, len(order), records_per_shard)):
-            jobs.append(ShardJob(split, i, order[a: a + records_per_shard]))
+    for split, where in (("train", np.flatnonzero(~in_valid)), ("valid", np.flatnonzero(in_valid))):
+        for i, a in enumerate(range(0, len(where), records_per_shard)):
+            at = where[a: a + records_per_shard]
+            jobs.append(ShardJob(split, i, order[at], at))
     return jobs

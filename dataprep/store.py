@@ -204,3 +204,21 @@ class Store:
     def labels_of(self, idx: np.ndarray) -> list[str] | None:
         blob = self.label_bytes(idx)
         return None if blob is None else blob.decode("utf-8", "backslashreplace").split("\n")[:-1]
+
+
+def write_permuted(store: Store, idx: np.ndarray, out_dir: Path, batch: int = 1 << 18) -> None:
+    """A store whose record j is `store`'s record idx[j]: the records laid out in shard order, so that the shard
+    writer reads nearly contiguous ranges instead of one slice per record."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blobs = {"seq": store.seq_bytes, "ids": store.id_bytes, **({"labels": store.label_bytes} if store.has_labels else {})}
+    files = {name: open(out_dir / f"{name}.bin", "wb") for name in blobs}
+    try:
+        for a in range(0, len(idx), batch):
+            for name, gather in blobs.items():
+                files[name].write(gather(idx[a: a + batch]))
+    finally:
+        for f in files.values():
+            f.close()
+    for name, dtype in COLUMNS.items():
+        if name != "label_len" or store.has_labels:
+            np.asarray(getattr(store, name))[idx].astype(dtype).tofile(out_dir / f"{name}.bin")

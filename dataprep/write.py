@@ -1,7 +1,9 @@
-"""Writing shards: blocks are gathered from the store in order and compressed by a pool of threads.
+"""Writing shards: blocks are read from the store and compressed by a pool of threads.
 
-Gathering (slices of the memory-mapped store, in shuffled order) holds the GIL; zstd compression releases it,
-so `threads` compressors overlap with gathering the next blocks. Threads rather than processes: no store is
+The store is either the normalised one (one slice per record of a block: the records are in shuffled order) or,
+when MMseqs2 left the time to lay it out, the kept records in shuffled order (`write_permuted`: a block is a few
+slices); the shards are the same bytes. Reading holds the GIL; zstd compression releases it, so `threads`
+compressors overlap with reading the next blocks. Threads rather than processes: no store is
 mapped twice and no compressed block crosses a pipe (processes cost 1.7x the CPU for a slower stage, see
 BENCHMARKS.md); more cores are used through more ranks (`--mpi`).
 """
@@ -21,16 +23,17 @@ from .shards import ZSTD_LEVEL, ShardInfo, ShardWriter, compressor, encode_colum
 from .split import ShardJob
 from .store import Store
 
-CLUSTER_FIELDS = ("keep", "cluster_id", "cluster_size", "index_in_cluster")
+CLUSTER_FIELDS = ("cluster_id", "cluster_size", "index_in_cluster")
 
 
 @dataclass(frozen=True)
 class WriteContext:
     out_dir: str
     store_dir: str
-    cluster_dir: str  # keep.npy (store index per kept record) + the three cluster columns
+    cluster_dir: str  # the cluster columns per kept record, and keep.npy (store index per kept record)
     block_records: int = 4096
     zstd_level: int = ZSTD_LEVEL
+    shuffled: bool = False  # store_dir holds the kept records in shuffled order (`store.write_permuted`)
 
 
 class _Blocks:
@@ -40,10 +43,12 @@ class _Blocks:
     def __init__(self, ctx: WriteContext):
         self.store = Store(ctx.store_dir)
         self.cols = {name: np.load(Path(ctx.cluster_dir) / f"{name}.npy", mmap_mode="r") for name in CLUSTER_FIELDS}
+        self.keep = None if ctx.shuffled else np.load(Path(ctx.cluster_dir) / "keep.npy", mmap_mode="r")
 
-    def encode(self, pos: np.ndarray) -> tuple[bytes, int, int]:
+    def encode(self, pos: np.ndarray, shuffled: np.ndarray) -> tuple[bytes, int, int]:
+        """The block of kept-list positions `pos` (at `shuffled` in the shuffled order)."""
         store, cols = self.store, self.cols
-        idx = np.asarray(cols["keep"][pos])
+        idx = shuffled if self.keep is None else np.asarray(self.keep[pos])
         offsets = offsets_from_lengths(store.seq_len[idx])
         raw = encode_columns(store.seq_bytes(idx), offsets, store.id_bytes(idx), store.label_bytes(idx),
                              cols["cluster_id"][pos], cols["cluster_size"][pos], cols["index_in_cluster"][pos],
@@ -64,7 +69,8 @@ def _compressed(ctx: WriteContext, jobs: list[ShardJob], threads: int) -> Iterat
         pending: deque = deque()
         for job in jobs:
             for a in range(0, len(job.records), ctx.block_records):
-                raw, records, tokens = blocks.encode(job.records[a: a + ctx.block_records])
+                b = a + ctx.block_records
+                raw, records, tokens = blocks.encode(job.records[a: b], job.shuffled[a: b])
                 pending.append((pool.submit(compress, raw), records, tokens))
                 while len(pending) > 2 * threads:
                     future, records, tokens = pending.popleft()
