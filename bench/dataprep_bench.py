@@ -7,9 +7,11 @@ Measures (each in a fresh process, wall time with a warm page cache, peak RSS fr
 1. normalise + exact dedup in one process (`--workers 1`; its two helper threads hash the input and write the
    store): records in / wall s, and records in / CPU s of the process (all its threads);
    dedup memory = tracemalloc peak of the dedup stage / records (numpy buffers are traced);
-2. the whole pipeline (`build_shards.py`, MMseqs2 clustering, 2 shard writers, report): wall s, and the
-   same minus the wall time of the mmseqs process itself (= "pipeline excluding MMseqs2");
-3. MMseqs2 alone: `mmseqs easy-linclust` on the same deduplicated sequences with the same threads.
+2. the whole pipeline (`build_shards.py`, MMseqs2 clustering, 2 workers, report): wall s, and the
+   same minus the wall time of the mmseqs processes themselves (= "pipeline excluding MMseqs2"); and the
+   pipeline run without clustering (`--no-cluster`: the other reading of "excluding MMseqs2");
+3. MMseqs2 alone: `mmseqs easy-linclust` on the same deduplicated sequences with the same threads (what a user
+   runs by hand), and the createdb + linclust + createtsv steps the pipeline runs (`cluster.linclust_steps`).
 The summary line gives pipeline / MMseqs2-alone. Results are printed as JSON (and appended to WORK/results.jsonl).
 """
 from __future__ import annotations
@@ -92,7 +94,14 @@ def bench(fasta: Path, work: Path, threads: int, workers: int) -> dict:
                        "records_per_cpu_s_excluding_mmseqs": n / (b["cpu_s"] - mm_cpu),
                        "counts": summary["counts"], "shard_bytes": summary["shards"]["bytes"]}
 
-    from dataprep.cluster import write_input
+    nc = timed([sys.executable, str(REPO / "dataprep" / "build_shards.py"), "--input", str(fasta), "--out",
+                str(work / "build_nc"), "--no-cluster", "--workers", str(workers), "--quiet"])
+    res["pipeline_no_cluster"] = {"wall_s": nc["wall_s"], "cpu_s": nc["cpu_s"], "records_per_s": n / nc["wall_s"],
+                                  "stage_seconds": json.loads((work / "build_nc" / "report" / "summary.json")
+                                                              .read_text())["stage_seconds"]}
+    shutil.rmtree(work / "build_nc", ignore_errors=True)
+
+    from dataprep.cluster import ClusterConfig, linclust_steps, write_input
     from dataprep.store import Store
     import numpy as np
 
@@ -108,6 +117,11 @@ def bench(fasta: Path, work: Path, threads: int, workers: int) -> dict:
                            "peak_rss_bytes": m["peak_rss_bytes"], "clusters": clusters}
     res["pipeline_over_mmseqs_alone"] = b["wall_s"] / m["wall_s"]
     res["pipeline_over_mmseqs_alone_cpu"] = b["cpu_s"] / m["cpu_s"]
+    (alone / "steps").mkdir()
+    steps = [timed(cmd) for cmd in linclust_steps("mmseqs", alone / "dedup.fa", alone / "steps",
+                                                  ClusterConfig(threads=threads))]
+    res["mmseqs_steps_alone"] = {"wall_s": sum(s["wall_s"] for s in steps), "cpu_s": sum(s["cpu_s"] for s in steps)}
+    res["pipeline_over_mmseqs_steps_alone"] = b["wall_s"] / res["mmseqs_steps_alone"]["wall_s"]
     shutil.rmtree(alone, ignore_errors=True)
     return res
 
@@ -146,9 +160,11 @@ def main() -> None:
     print(f"\nnormalise+dedup: {nd['records_per_s_wall'] / 1e6:.2f} M rec/s wall, "
           f"{nd['records_per_s_cpu'] / 1e6:.2f} M rec/s per CPU s, dedup {nd['dedup_bytes_per_record']:.1f} B/record; "
           f"pipeline excl. MMseqs2: {pl['records_per_s_excluding_mmseqs'] / 1e3:.0f} k rec/s wall, "
-          f"{pl['records_per_cpu_s_excluding_mmseqs'] / 1e3:.0f} k rec/CPU s; pipeline {pl['wall_s']:.1f} s vs "
+          f"{pl['records_per_cpu_s_excluding_mmseqs'] / 1e3:.0f} k rec/CPU s; --no-cluster pipeline "
+          f"{res['pipeline_no_cluster']['records_per_s'] / 1e3:.0f} k rec/s wall; pipeline {pl['wall_s']:.1f} s vs "
           f"MMseqs2 alone {res['mmseqs_alone']['wall_s']:.1f} s = {res['pipeline_over_mmseqs_alone']:.3f}x wall, "
-          f"{res['pipeline_over_mmseqs_alone_cpu']:.3f}x CPU")
+          f"{res['pipeline_over_mmseqs_alone_cpu']:.3f}x CPU; vs the same MMseqs2 steps alone "
+          f"{res['mmseqs_steps_alone']['wall_s']:.1f} s = {res['pipeline_over_mmseqs_steps_alone']:.3f}x wall")
 
 
 if __name__ == "__main__":
