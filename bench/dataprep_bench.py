@@ -109,7 +109,7 @@ def bench(fasta: Path, work: Path, threads: int, workers: int) -> dict:
     shutil.rmtree(alone, ignore_errors=True)
     alone.mkdir(parents=True)
     keep = np.load(out / ".work" / "cluster" / "keep.npy")
-    write_input(Store(out / ".work" / "normalise"), keep, alone / "dedup.fa")
+    write_input(Store(out / ".work" / "normalise"), keep, [alone / "dedup.fa"])
     m = timed(["mmseqs", "easy-linclust", str(alone / "dedup.fa"), str(alone / "clu"), str(alone / "tmp"),
                "--min-seq-id", "0.7", "-c", "0.8", "--threads", str(threads), "--dbtype", "2"])
     clusters = len({line.split("\t", 1)[0] for line in open(alone / "clu_cluster.tsv")})
@@ -118,7 +118,7 @@ def bench(fasta: Path, work: Path, threads: int, workers: int) -> dict:
     res["pipeline_over_mmseqs_alone"] = b["wall_s"] / m["wall_s"]
     res["pipeline_over_mmseqs_alone_cpu"] = b["cpu_s"] / m["cpu_s"]
     (alone / "steps").mkdir()
-    steps = [timed(cmd) for cmd in linclust_steps("mmseqs", alone / "dedup.fa", alone / "steps",
+    steps = [timed(cmd) for cmd in linclust_steps("mmseqs", [alone / "dedup.fa"], alone / "steps",
                                                   ClusterConfig(threads=threads))]
     res["mmseqs_steps_alone"] = {"wall_s": sum(s["wall_s"] for s in steps), "cpu_s": sum(s["cpu_s"] for s in steps)}
     res["pipeline_over_mmseqs_steps_alone"] = b["wall_s"] / res["mmseqs_steps_alone"]["wall_s"]

@@ -8,15 +8,18 @@ from collections.abc import Callable
 NICE = 10
 
 
-def _niced(fn: Callable, args: tuple) -> None:
-    os.nice(NICE)
+def _niced(nice: int, fn: Callable, args: tuple) -> None:
+    if nice:
+        os.nice(nice)
     fn(*args)
 
 
 class Background:
-    def __init__(self, name: str, fn: Callable, *args):
+    """fn(*args) in a forked process (the arguments are inherited, not pickled)."""
+
+    def __init__(self, name: str, fn: Callable, *args, nice: int = NICE):
         self.name = name
-        self._proc = mp.get_context("fork").Process(target=_niced, args=(fn, args), name=name)
+        self._proc = mp.get_context("fork").Process(target=_niced, args=(nice, fn, args), name=name)
         self._proc.start()
 
     def join(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import offsets_from_lengths
+from .background import Background
 from .errors import ToolError
 from .store import Store
 
@@ -86,18 +87,30 @@ def fasta_block(names: np.ndarray, seq: np.ndarray, off: np.ndarray) -> np.ndarr
     return out
 
 
-def write_input(store: Store, keep: np.ndarray, path: Path) -> int:
-    """Write the kept records as MMseqs2 input; returns the name width."""
+def write_input(store: Store, keep: np.ndarray, paths: list[Path]) -> int:
+    """The kept records as MMseqs2 input, cut into len(paths) FASTA files written by as many processes (MMseqs2
+    reads them in order as one database); returns the name width."""
     w = name_width(len(keep))
-    with open(path, "wb") as f:
-        for a in range(0, len(keep), WRITE_BATCH):
-            idx = keep[a: a + WRITE_BATCH]
-            seq, off = store.gather_seqs(idx)
-            f.write(memoryview(fasta_block(_decimal(np.arange(a, a + len(idx)), w), seq, off)))
+    cuts = np.linspace(0, len(keep), len(paths) + 1).astype(np.int64).tolist()
+    parts = [(store, keep, w, a, b, path) for a, b, path in zip(cuts[:-1], cuts[1:], paths)]
+    others = [Background("mmseqs-input", _write_part, *part, nice=0) for part in parts[1:]]
+    try:
+        _write_part(*parts[0])
+    finally:
+        for proc in others:
+            proc.join()
     return w
 
 
-def linclust_steps(exe: str, fasta: Path, tmp: Path, cfg: ClusterConfig) -> list[list[str]]:
+def _write_part(store: Store, keep: np.ndarray, w: int, start: int, end: int, path: Path) -> None:
+    with open(path, "wb") as f:
+        for a in range(start, end, WRITE_BATCH):
+            idx = keep[a: min(a + WRITE_BATCH, end)]
+            seq, off = store.gather_seqs(idx)
+            f.write(memoryview(fasta_block(_decimal(np.arange(a, a + len(idx)), w), seq, off)))
+
+
+def linclust_steps(exe: str, fasta: list[Path], tmp: Path, cfg: ClusterConfig) -> list[list[str]]:
     """The MMseqs2 commands of `mmseqs easy-linclust` (v14) that the pipeline needs: createdb, linclust with
     the arguments easy-linclust passes to it, createtsv. Not its rep_seq/all_seqs FASTA outputs, which the
     pipeline does not read (about 8 % of easy-linclust's time on 1M records)."""
@@ -107,14 +120,14 @@ def linclust_steps(exe: str, fasta: Path, tmp: Path, cfg: ClusterConfig) -> list
                 "--remove-tmp-files", "1"]
     if cfg.cov_mode is not None:
         linclust += ["--cov-mode", str(cfg.cov_mode)]
-    return [[exe, "createdb", str(fasta), str(db), "--dbtype", "2", "--shuffle", "0", "--createdb-mode", "1",
+    return [[exe, "createdb", *map(str, fasta), str(db), "--dbtype", "2", "--shuffle", "0", "--createdb-mode", "1",
              "--write-lookup", "0"],
             linclust,
             [exe, "createtsv", str(db), str(db), str(clu), str(tsv), "--threads", str(cfg.threads)]]
 
 
-def run_linclust(fasta: Path, workdir: Path, cfg: ClusterConfig, log: Path) -> Path:
-    """Cluster `fasta`; returns the `rep<TAB>member` TSV."""
+def run_linclust(fasta: list[Path], workdir: Path, cfg: ClusterConfig, log: Path) -> Path:
+    """Cluster the sequences of the FASTA files `fasta`; returns the `rep<TAB>member` TSV."""
     tmp = workdir / "mmseqs_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as lf:
@@ -167,16 +180,18 @@ def singletons(n: int) -> Clusters:
                     index_in_cluster=np.zeros(n, np.int64))
 
 
-def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig) -> Clusters:
+def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, writers: int = 1) -> Clusters:
+    """Cluster the kept records (`writers` processes write MMseqs2's input)."""
     workdir.mkdir(parents=True, exist_ok=True)
     find_mmseqs(cfg.mmseqs)
-    fasta = workdir / "input.fasta"
+    fasta = [workdir / f"input-{i}.fasta" for i in range(max(1, writers))]
     width = write_input(store, keep, fasta)
     t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
     seconds, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     rep = parse_cluster_tsv(tsv, len(keep), width)
-    fasta.unlink()
+    for f in fasta:
+        f.unlink()
     shutil.rmtree(tsv.parent)
     out = assign(rep)
     out.tool_seconds = seconds

@@ -266,7 +266,7 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
         cl = clustering.singletons(len(keep))
     else:
         log(f"cluster: mmseqs linclust on {len(keep):,} sequences (log: {stage.final / 'mmseqs.log'})")
-        cl = clustering.cluster(store, keep, tmp, cfg.cluster)
+        cl = clustering.cluster(store, keep, tmp, cfg.cluster, writers=cfg.workers)
     (tmp / "mmseqs_time.json").write_text(json.dumps({"wall": cl.tool_seconds, "cpu": cl.tool_cpu_seconds}))
     np.save(tmp / "keep.npy", keep)
     for name in CLUSTER_FIELDS:
