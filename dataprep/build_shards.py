@@ -40,9 +40,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
     g = p.add_argument_group("split and shards")
-    g.add_argument("--valid-fraction", type=float, default=BuildConfig.valid_fraction, help="fraction of clusters held out for validation")
+    g.add_argument("--valid-fraction", type=float, default=BuildConfig.valid_fraction,
+                   help="fraction of clusters held out for validation")
     g.add_argument("--seed", type=int, default=BuildConfig.seed)
-    g.add_argument("--block-records", type=int, default=BuildConfig.block_records, help="records per zstd block (tar member)")
+    g.add_argument("--block-records", type=int, default=BuildConfig.block_records,
+                   help="records per zstd block (tar member)")
     g.add_argument("--shard-records", type=int, default=0, help="records per shard (0: from --shard-mb)")
     g.add_argument("--shard-mb", type=float, default=BuildConfig.shard_mb, help="target uncompressed MB per shard")
     g.add_argument("--zstd-level", type=int, default=BuildConfig.zstd_level)

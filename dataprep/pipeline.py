@@ -133,7 +133,8 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
             whole = hasher.submit(_file_sha256, path) if cut and rank == 0 else None
             stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
                                  max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)),
-                                 checksum=rank == 0 and not cut, byte_range=(cut[rank], cut[rank + 1]) if cut else None)
+                                 checksum=rank == 0 and not cut,
+                                 byte_range=(cut[rank], cut[rank + 1]) if cut else None)
             records = rejected = 0
             for k, chunk in enumerate(stream):
                 if not cut and k % size != rank:

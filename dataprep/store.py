@@ -210,7 +210,9 @@ def write_permuted(store: Store, idx: np.ndarray, out_dir: Path, batch: int = 1 
     """A store whose record j is `store`'s record idx[j]: the records laid out in shard order, so that the shard
     writer reads nearly contiguous ranges instead of one slice per record."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    blobs = {"seq": store.seq_bytes, "ids": store.id_bytes, **({"labels": store.label_bytes} if store.has_labels else {})}
+    blobs = {"seq": store.seq_bytes, "ids": store.id_bytes}
+    if store.has_labels:
+        blobs["labels"] = store.label_bytes
     files = {name: open(out_dir / f"{name}.bin", "wb") for name in blobs}
     try:
         for a in range(0, len(idx), batch):
