@@ -164,29 +164,28 @@ def _file_sha256(path: str) -> tuple[str, int]:
         return hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
 
 
-def _normalise_local(cfg: BuildConfig, tmp: Path, n: int, cuts: list, log: Log) -> None:
-    """Single node: n forked processes, one share each."""
-    if n == 1:
-        _normalise_share(cfg, tmp / "rank-0000", 0, 1, cuts, log)
+def _normalise_shares(cfg: BuildConfig, tmp: Path, mine: list[int], total: int, cuts: list, log: Log) -> None:
+    """Shares `mine` of `total`: one process each (the first in this one, the others forked)."""
+    parts = [(cfg, tmp / f"share-{r:04d}", r, total, cuts, log if i == 0 else Log(True, r)) for i, r in enumerate(mine)]
+    if len(parts) == 1:
+        _normalise_share(*parts[0])
         return
-    with mp.get_context("fork").Pool(n - 1) as pool:
-        others = [pool.apply_async(_normalise_share, (cfg, tmp / f"rank-{r:04d}", r, n, cuts, Log(True, r)))
-                  for r in range(1, n)]
-        _normalise_share(cfg, tmp / "rank-0000", 0, n, cuts, log)
+    with mp.get_context("fork").Pool(len(parts) - 1) as pool:
+        others = [pool.apply_async(_normalise_share, part) for part in parts[1:]]
+        _normalise_share(*parts[0])
         for o in others:
             o.get()
 
 
 def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
-    shares = comm.size if comm.size > 1 else (cfg.workers if "-" not in cfg.inputs else 1)
-    cuts = comm.bcast([split_points(p, shares) if shares > 1 else None for p in cfg.inputs]
+    """Every rank runs `workers` shares (one with stdin input): a byte range of each plain input per share."""
+    local = cfg.workers if "-" not in cfg.inputs else 1
+    total = comm.size * local
+    cuts = comm.bcast([split_points(p, total) if total > 1 else None for p in cfg.inputs]
                       if comm.rank == 0 else None)
     tmp = stage.begin() if comm.rank == 0 else stage.tmp
     comm.barrier()
-    if comm.size > 1:
-        _normalise_share(cfg, tmp / f"rank-{comm.rank:04d}", comm.rank, comm.size, cuts, log)
-    else:
-        _normalise_local(cfg, tmp, shares, cuts, log)
+    _normalise_shares(cfg, tmp, [comm.rank * local + i for i in range(local)], total, cuts, log)
     comm.barrier()
     if comm.rank == 0:
         _merge_shares(tmp)
@@ -195,7 +194,7 @@ def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
 
 def _merge_shares(tmp: Path) -> None:
     """Part stores -> one store in input order, with line numbers counted from the start of each input."""
-    parts = sorted(tmp.glob("rank-*"))
+    parts = sorted(tmp.glob("share-*"))
     per_part = [json.loads((p / "sources.json").read_text()) for p in parts]
     line_base = np.cumsum([[0] * len(per_part[0])] + [[s["newlines"] for s in pp] for pp in per_part[:-1]], axis=0)
     rows = []
