@@ -115,9 +115,9 @@ def linclust_steps(exe: str, fasta: list[Path], tmp: Path, cfg: ClusterConfig) -
     the arguments easy-linclust passes to it, createtsv. Not its rep_seq/all_seqs FASTA outputs, which the
     pipeline does not read (about 8 % of easy-linclust's time on 1M records)."""
     db, clu, tsv = tmp / "input", tmp / "clu", tmp / "cluster.tsv"
-    linclust = [exe, "linclust", str(db), str(clu), str(tmp / "clu_tmp"), "--threads", str(cfg.threads), "-e", "0.001",
-                "--min-seq-id", str(cfg.min_seq_id), "-c", str(cfg.coverage), "--spaced-kmer-mode", "0",
-                "--remove-tmp-files", "1"]
+    linclust = [exe, "linclust", str(db), str(clu), str(tmp / "clu_tmp"), "--threads", str(cfg.threads),
+                "-e", "0.001", "--min-seq-id", str(cfg.min_seq_id), "-c", str(cfg.coverage),
+                "--spaced-kmer-mode", "0", "--remove-tmp-files", "1"]
     if cfg.cov_mode is not None:
         linclust += ["--cov-mode", str(cfg.cov_mode)]
     return [[exe, "createdb", *map(str, fasta), str(db), "--dbtype", "2", "--shuffle", "0", "--createdb-mode", "1",
@@ -184,7 +184,7 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, w
     """Cluster the kept records (`writers` processes write MMseqs2's input)."""
     workdir.mkdir(parents=True, exist_ok=True)
     find_mmseqs(cfg.mmseqs)
-    fasta = [workdir / f"input-{i}.fasta" for i in range(max(1, writers))]
+    fasta = [workdir / f"input-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]  # none empty
     width = write_input(store, keep, fasta)
     t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
