@@ -89,7 +89,7 @@ def merge_parts(parts: list[Path], out_dir: Path) -> None:
             runs[-1][2] = ci
         else:
             runs.append([pi, ci, ci])
-    head = runs[0][0] if runs[0][1] == 0 and [r[0] for r in runs].count(runs[0][0]) == 1 else None
+    head = runs[0][0] if runs and runs[0][1] == 0 and [r[0] for r in runs].count(runs[0][0]) == 1 else None
     for j, name in enumerate(names):
         if head is not None:  # the first run is a whole part file: it becomes the output, the rest is appended
             os.replace(parts[head] / f"{name}.bin", out_dir / f"{name}.bin")

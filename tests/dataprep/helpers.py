@@ -15,7 +15,7 @@ def build_small(tmp_path: Path, inputs: list[Path | str], out: str = "out", **kw
     norm = {k: kw.pop(k) for k in ("min_len", "max_len", "label_key") if k in kw}
     cfg = BuildConfig(inputs=tuple(str(p) for p in inputs), out=str(tmp_path / out),
                       normalize=NormalizeConfig(**norm), no_cluster=kw.pop("no_cluster", True),
-                      report=kw.pop("report", False), quiet=True, workers=kw.pop("workers", 1), **kw)
+                      report=kw.pop("report", False), quiet=True, workers=kw.pop("workers", 2), **kw)
     return build(cfg)
 
 
