@@ -133,7 +133,7 @@ def main() -> None:
     p.add_argument("--fasta", help="benchmark this FASTA instead of a synthetic one")
     p.add_argument("--work", default="/tmp/dataprep_bench")
     p.add_argument("--threads", type=int, default=2, help="MMseqs2 threads")
-    p.add_argument("--workers", type=int, default=2, help="shard-writing processes")
+    p.add_argument("--workers", type=int, default=2, help="build_shards.py --workers")
     p.add_argument("--stage", choices=["normdedup"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage:
