@@ -3,12 +3,15 @@
 Compression is detected from the magic bytes, not the file name. Every chunk starts at a '>' header line
 (except possibly the first, which the parser checks) and ends just before one, so records never straddle
 chunks. A record larger than `max_record_bytes` is not held in memory: it is streamed past and reported
-as an oversized record (its header and length), which the parser turns into a reject line.
+as an oversized record (its header and length), which the parser turns into a reject line. A plain file is
+memory-mapped: its chunks are views of the page cache, not copies.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import mmap
+import os
 import sys
 import zlib
 from collections.abc import Iterator
@@ -69,19 +72,6 @@ class _ZstdReader:
             if self._obj.eof and self._obj.unused_data:
                 self._buf = self._obj.unused_data
         return bytes(out)
-
-
-class _Limited:
-    """At most `n` bytes of `f` (a byte range of a plain file, the file positioned at its start)."""
-
-    def __init__(self, f, n: int):
-        self._f, self._left = f, n
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
 
 
 class _Prefixed:
@@ -149,7 +139,7 @@ class FastaStream:
         self.checksum, self.byte_range = checksum, byte_range
         self.compression = "none"
         self.newlines = 0
-        self._raw: _HashingReader | None = None
+        self._raw: _HashingReader | _MappedHash | None = None
 
     @property
     def sha256(self) -> str:
@@ -160,6 +150,7 @@ class FastaStream:
         return self._raw.bytes if self._raw else 0
 
     def _open(self):
+        """The stream to read, or None for a plain file (then iterated memory-mapped)."""
         if self.path == "-":
             f = sys.stdin.buffer
         else:
@@ -168,11 +159,13 @@ class FastaStream:
             except OSError as e:
                 raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
         self._file = f
-        if self.byte_range is not None:
-            start, end = self.byte_range
-            f.seek(start)
-            self._raw = _HashingReader(_Limited(f, end - start), self.checksum)
-            return self._raw
+        if f is not sys.stdin.buffer:
+            head = f.read(4)
+            f.seek(0)
+            if not head.startswith(GZIP_MAGIC) and head != ZSTD_MAGIC:
+                return None
+        elif self.byte_range is not None:
+            raise ValueError("byte_range needs a plain file")
         self._raw = _HashingReader(f, self.checksum)
         head = self._raw.read(4)
         if head.startswith(GZIP_MAGIC):
@@ -195,19 +188,50 @@ class FastaStream:
     def __iter__(self) -> Iterator[Chunk]:
         stream = self._open()
         try:
-            yield from self._chunks(stream)
+            yield from self._chunks(stream) if stream is not None else self._mapped_chunks()
         finally:
             if self._file is not sys.stdin.buffer:
                 self._file.close()
 
-    def _chunks(self, stream) -> Iterator[Chunk]:
-        carry = b""
-        first = self._read(stream, self.chunk_bytes)
+    def _check_start(self, first: bytes) -> None:
         lead = first.lstrip(_WS)[:1]
         if lead and lead != b">":
             raise InputError(f"{self.path}:1: does not start with a '>' header (not FASTA, or binary data?): "
                              f"first bytes {first[:16]!r}")
-        data = first
+
+    def _mapped_chunks(self) -> Iterator[Chunk]:
+        """A plain file's chunks as views of its memory map (no copies; the sha256 is taken from the map too)."""
+        size = os.fstat(self._file.fileno()).st_size
+        start, end = self.byte_range or (0, size)
+        self._raw = _MappedHash(self.checksum, end - start)
+        if end <= start:
+            return
+        mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mm)
+        self._check_start(bytes(view[start: start + self.chunk_bytes]))
+        pos = start
+        while pos < end:
+            cut, single = min(pos + self.chunk_bytes, end), False
+            if cut < end:
+                hit = mm.rfind(b"\n>", pos, cut + 1)  # the last header starting inside the window
+                if hit < pos:  # none: one record longer than a chunk
+                    hit, single = mm.find(b"\n>", cut, end), True
+                cut = hit + 1 if hit >= 0 else end
+            piece = view[pos: cut]
+            self._raw.update(piece)
+            if single and cut - pos > self.max_record_bytes and piece[:1] == b">":
+                header, seq_len, lines = _tally((bytes(piece[a: a + self.chunk_bytes])
+                                                 for a in range(0, len(piece), self.chunk_bytes)))
+                yield Chunk(b"", self.newlines + 1, oversized=(header, seq_len))
+                self.newlines += lines
+            else:
+                yield from self._counted(Chunk(piece, self.newlines + 1), piece, len(piece))
+            pos = cut
+
+    def _chunks(self, stream) -> Iterator[Chunk]:
+        carry = b""
+        data = self._read(stream, self.chunk_bytes)
+        self._check_start(data)
         while True:
             buf = carry + data if carry else data
             if not data:  # end of input
@@ -226,23 +250,65 @@ class FastaStream:
                 carry = buf
             data = self._read(stream, self.chunk_bytes)
 
-    def _counted(self, chunk: Chunk, buf: bytes, end: int) -> Iterator[Chunk]:
+    def _counted(self, chunk: Chunk, buf: bytes | memoryview, end: int) -> Iterator[Chunk]:
         """Yield `chunk` (= buf[:end], no copy), then count its line breaks unless the consumer did."""
         yield chunk
-        self.newlines += chunk.newlines if chunk.newlines is not None else buf.count(b"\n", 0, end)
+        if chunk.newlines is None:
+            chunk.newlines = (buf if isinstance(buf, bytes) else bytes(buf)).count(b"\n", 0, end)
+        self.newlines += chunk.newlines
 
     def _stream_past(self, stream, buf: bytes) -> tuple[bytes, int, int, bytes]:
         """Read past one oversized record without keeping it: (header line, sequence length, lines, rest)."""
-        nl = buf.find(b"\n")
-        header = buf[:nl] if nl >= 0 else buf
-        rest, lines, seq_len = (buf[nl + 1:], 1, 0) if nl >= 0 else (b"", 0, 0)
-        while True:
-            cut = rest.find(b"\n>")
-            body = rest if cut < 0 else rest[: cut + 1]
-            seq_len += len(body) - sum(body.count(bytes([c])) for c in _WS)
-            lines += body.count(b"\n")
-            if cut >= 0:
-                return header, seq_len, lines, rest[cut + 1:]
-            rest = self._read(stream, self.chunk_bytes)
-            if not rest:
-                return header, seq_len, lines, b""
+        rest = b""
+
+        def pieces() -> Iterator[bytes]:  # buf, then what follows up to the next header line
+            nonlocal rest
+            data, last = buf, b""
+            while data:
+                if last == b"\n" and data[:1] == b">":  # the record ended with the previous piece
+                    rest = data
+                    return
+                cut = data.find(b"\n>")
+                if cut >= 0:
+                    rest = data[cut + 1:]
+                    yield data[: cut + 1]
+                    return
+                yield data
+                last, data = data[-1:], self._read(stream, self.chunk_bytes)
+
+        header, seq_len, lines = _tally(pieces())
+        return header, seq_len, lines, rest
+
+
+def _tally(pieces: Iterator[bytes]) -> tuple[bytes, int, int]:
+    """(header line, sequence length without whitespace, line breaks) of one record given in pieces."""
+    header, seq_len, lines, in_header = b"", 0, 0, True
+    for body in pieces:
+        if in_header:
+            nl = body.find(b"\n")
+            header += body if nl < 0 else body[:nl]
+            if nl < 0:
+                continue
+            in_header, lines, body = False, 1, body[nl + 1:]
+        seq_len += len(body) - sum(body.count(bytes([c])) for c in _WS)
+        lines += body.count(b"\n")
+    return header, seq_len, lines
+
+
+class _MappedHash:
+    """sha256 (on a helper thread, when asked) and size of a memory-mapped input."""
+
+    def __init__(self, checksum: bool, nbytes: int):
+        self.bytes = nbytes
+        self._sha = hashlib.sha256() if checksum else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if checksum else None
+
+    def update(self, view: memoryview) -> None:
+        if self._pool is not None:
+            self._pool.submit(self._sha.update, view)  # one worker thread: updates stay in order
+
+    def hexdigest(self) -> str:
+        if self._pool is None:
+            return ""
+        self._pool.shutdown(wait=True)
+        return self._sha.hexdigest()

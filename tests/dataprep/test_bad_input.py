@@ -140,6 +140,27 @@ def test_huge_single_record_is_streamed_past(tmp_path, fasta):
     assert read_tsv(tmp_path / "out" / "rejects.tsv")[0]["line"] == "3"
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["plain-mmap", "gzip-stream"])
+def test_oversized_record_ending_exactly_at_a_read_boundary(tmp_path, compress):
+    """The record after an oversized one survives even when the oversized record's last newline is the last byte
+    of a read (1024-byte reads, streamed past after 5 of them: 5120 + 2 x 1024 bytes)."""
+    import gzip
+
+    from dataprep.fasta import FastaStream
+
+    seq_lines = "A" * 60 + "\n"
+    big = ">big\n" + seq_lines * 117 + "A" * 25 + "\n"
+    assert len(big) == 5120 + 2 * 1024
+    text = (big + ">b\n" + ACGU20 + "\n").encode()
+    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
+    path.write_bytes(gzip.compress(text) if compress else text)
+    chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096))
+    assert [c.oversized for c in chunks if c.oversized] == [(b">big", 60 * 117 + 25)]
+    rest = b"".join(bytes(c.data) for c in chunks if not c.oversized)
+    assert rest == b">b\n" + ACGU20.encode() + b"\n"
+    assert [c.first_line for c in chunks if not c.oversized] == [120]
+
+
 # -------------------------------------------------------------------------------- normalisation
 def test_crlf_lowercase_dna_whitespace_are_normalised(tmp_path, fasta):
     path = fasta(">a desc\r\nacgt acgt\tACGT\r\nTTTT\r\n>b\r\nRYKMSWBDHVNacgun\r\n")
