@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import platform
 import shutil
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,14 +26,14 @@ from . import dedup as dd
 from .cluster import ClusterConfig
 from .comm import SerialComm
 from .errors import InputError
-from .fasta import FastaStream, split_points
-from .normalize import NormalizeConfig, oversized_reject, parse_chunk
+from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
 from .report import ReportProcess, write_summary
 from .split import shard_jobs, shuffled_order
 from .background import Background
-from .store import Store, StoreWriter, merge_parts, write_permuted
+from .shares import normalise_inputs
+from .store import Store, write_permuted
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
 
 PIPELINE_VERSION = 1
@@ -121,113 +119,11 @@ class _Stage:
 
 
 # ------------------------------------------------------------------------------------------ normalise
-def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: list[list[int] | None],
-                     log: Log) -> None:
-    """Share `rank` of `size` into its own part store: of each plain input the byte range between its cuts
-    (`split_points`), of a compressed input (or stdin) every size-th chunk (so each share decompresses it all).
-    Chunks are keyed (source, range, chunk) so that sorting the keys gives input order."""
-    writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
-    sources, done = [], 0
-    with open(part / "rejects.tsv", "w") as rej, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
-        for s, (path, cut) in enumerate(zip(cfg.inputs, cuts)):
-            whole = hasher.submit(_file_sha256, path) if cut and rank == 0 else None
-            stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
-                                 max_record_bytes=max(64 << 20, 2 * cfg.normalize.max_len + (1 << 20)),
-                                 checksum=rank == 0 and not cut,
-                                 byte_range=(cut[rank], cut[rank + 1]) if cut else None)
-            records = rejected = 0
-            for k, chunk in enumerate(stream):
-                if not cut and k % size != rank:
-                    continue
-                key = (s << 48) | ((rank if cut else 0) << 32) | k
-                if chunk.oversized:
-                    line, rid, reason = oversized_reject(*chunk.oversized, chunk.first_line, cfg.normalize)
-                    rej.write(f"{s}\t{line}\t{rid}\t{reason}\n")
-                    records, rejected = records + 1, rejected + 1
-                    continue
-                p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
-                chunk.newlines = p.newlines
-                writer.append(p, s, key)
-                rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
-                records, rejected = records + p.records_in, rejected + len(p.rejects)
-                done += p.records_in
-                log.progress(f"normalise: {path}: {done * size:,} records, {stream.bytes / 1e6:,.0f} MB read")
-            sha, nbytes = whole.result() if whole else (stream.sha256, stream.bytes)
-            sources.append({"path": path, "sha256": sha, "bytes": nbytes, "compression": stream.compression,
-                            "records": records, "rejected": rejected, "newlines": stream.newlines if cut else 0})
-    writer.close()
-    (part / "sources.json").write_text(json.dumps(sources))
-
-
-def _file_sha256(path: str) -> tuple[str, int]:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest(), os.fstat(f.fileno()).st_size
-
-
-def _normalise_shares(cfg: BuildConfig, tmp: Path, mine: list[int], total: int, cuts: list, log: Log) -> None:
-    """Shares `mine` of `total`: one process each (the first in this one, the others forked)."""
-    parts = [(cfg, tmp / f"share-{r:04d}", r, total, cuts, log if i == 0 else Log(True, r)) for i, r in enumerate(mine)]
-    if len(parts) == 1:
-        _normalise_share(*parts[0])
-        return
-    with mp.get_context("fork").Pool(len(parts) - 1) as pool:
-        others = [pool.apply_async(_normalise_share, part) for part in parts[1:]]
-        _normalise_share(*parts[0])
-        for o in others:
-            o.get()
-
-
 def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
-    """Every rank runs `workers` shares (one with stdin input): a byte range of each plain input per share."""
-    local = cfg.workers if "-" not in cfg.inputs else 1
-    total = comm.size * local
-    cuts = comm.bcast([split_points(p, total) if total > 1 else None for p in cfg.inputs]
-                      if comm.rank == 0 else None)
     tmp = stage.begin() if comm.rank == 0 else stage.tmp
-    comm.barrier()
-    _normalise_shares(cfg, tmp, [comm.rank * local + i for i in range(local)], total, cuts, log)
-    comm.barrier()
+    normalise_inputs(cfg, tmp, comm, log)
     if comm.rank == 0:
-        _merge_shares(tmp)
         stage.commit()
-
-
-def _merge_shares(tmp: Path) -> None:
-    """Part stores -> one store in input order, with line numbers counted from the start of each input."""
-    parts = sorted(tmp.glob("share-*"))
-    per_part = [json.loads((p / "sources.json").read_text()) for p in parts]
-    line_base = np.cumsum([[0] * len(per_part[0])] + [[s["newlines"] for s in pp] for pp in per_part[:-1]], axis=0)
-    rows = []
-    for p, base in zip(parts, line_base):
-        if base.any():
-            _shift_lines(p, base)
-        for row in (p / "rejects.tsv").read_text().splitlines():
-            s, line, rest = row.split("\t", 2)
-            rows.append((int(s), int(line) + int(base[int(s)]), rest))
-    merge_parts(parts, tmp)
-    sources = per_part[0]
-    for other in per_part[1:]:
-        for s, o in zip(sources, other):
-            s["records"] += o["records"]
-            s["rejected"] += o["rejected"]
-    for s in sources:
-        del s["newlines"]
-        if s["records"] == 0:
-            raise InputError(f"{s['path']}: no FASTA records (empty input)")
-    rows.sort(key=lambda r: (r[0], r[1]))
-    (tmp / "rejects.tsv").write_text("".join(f"{s}\t{line}\t{rest}\n" for s, line, rest in rows))
-    (tmp / "sources.json").write_text(json.dumps(sources))
-    for p in parts:
-        shutil.rmtree(p)
-
-
-def _shift_lines(part: Path, base: np.ndarray) -> None:
-    """Add each source's line offset (line breaks in the earlier byte ranges) to a part's line column."""
-    if (part / "line.bin").stat().st_size == 0:
-        return
-    line = np.memmap(part / "line.bin", np.int64, "r+")
-    line += base.astype(np.int64)[np.fromfile(part / "source.bin", np.int32)]
-    line.flush()
 
 
 # -------------------------------------------------------------------------------------------- dedup
