@@ -27,28 +27,44 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _WS = b" \t\r\n\v\f"
 
 
-class _HashingReader:
-    """Raw byte reader that keeps a sha256 (when asked) and a byte count of what it read (the input checksum).
+def _compression(head: bytes) -> str:
+    """"gzip", "zstd" or "none" from a file's first 4 bytes."""
+    return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head == ZSTD_MAGIC else "none"
+
+
+class _Hasher:
+    """sha256 (when asked) and byte count of the raw input, the checksum in the manifest.
 
     The hash is updated on a helper thread (hashlib releases the GIL), so it overlaps with parsing."""
 
-    def __init__(self, f, checksum: bool = True):
-        self._f, self.bytes = f, 0
+    def __init__(self, checksum: bool = True):
+        self.bytes = 0
         self._sha = hashlib.sha256() if checksum else None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if checksum else None
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        if self._pool is not None and data:
+    def update(self, data: bytes | memoryview) -> None:
+        if self._pool is not None and len(data):
             self._pool.submit(self._sha.update, data)  # one worker thread: updates stay in order
         self.bytes += len(data)
-        return data
 
     def hexdigest(self) -> str:
         if self._pool is None:
             return ""
         self._pool.shutdown(wait=True)
         return self._sha.hexdigest()
+
+
+class _HashingReader(_Hasher):
+    """Raw byte reader that hashes what it reads."""
+
+    def __init__(self, f, checksum: bool = True):
+        super().__init__(checksum)
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.update(data)
+        return data
 
 
 class _ZstdReader:
@@ -106,8 +122,7 @@ def split_points(path: str, n: int, probe: int = 1 << 20) -> list[int] | None:
         return None
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
-            if head.startswith(GZIP_MAGIC) or head == ZSTD_MAGIC:
+            if _compression(f.read(4)) != "none":
                 return None
             size = f.seek(0, 2)
             cuts = [0]
@@ -139,7 +154,7 @@ class FastaStream:
         self.checksum, self.byte_range = checksum, byte_range
         self.compression = "none"
         self.newlines = 0
-        self._raw: _HashingReader | _MappedHash | None = None
+        self._raw: _Hasher | None = None
 
     @property
     def sha256(self) -> str:
@@ -160,19 +175,18 @@ class FastaStream:
                 raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
         self._file = f
         if f is not sys.stdin.buffer:
-            head = f.read(4)
+            plain = _compression(f.read(4)) == "none"
             f.seek(0)
-            if not head.startswith(GZIP_MAGIC) and head != ZSTD_MAGIC:
+            if plain:
                 return None
         elif self.byte_range is not None:
             raise ValueError("byte_range needs a plain file")
         self._raw = _HashingReader(f, self.checksum)
         head = self._raw.read(4)
-        if head.startswith(GZIP_MAGIC):
-            self.compression = "gzip"
+        self.compression = _compression(head)
+        if self.compression == "gzip":
             return gzip.GzipFile(fileobj=_Prefixed(self._raw, head), mode="rb")
-        if head == ZSTD_MAGIC:
-            self.compression = "zstd"
+        if self.compression == "zstd":
             return _ZstdReader(self._raw, head)
         return _Prefixed(self._raw, head)
 
@@ -203,7 +217,7 @@ class FastaStream:
         """A plain file's chunks as views of its memory map (no copies; the sha256 is taken from the map too)."""
         size = os.fstat(self._file.fileno()).st_size
         start, end = self.byte_range or (0, size)
-        self._raw = _MappedHash(self.checksum, end - start)
+        self._raw = _Hasher(self.checksum)
         if end <= start:
             return
         mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -293,22 +307,3 @@ def _tally(pieces: Iterator[bytes]) -> tuple[bytes, int, int]:
         seq_len += len(body) - sum(body.count(bytes([c])) for c in _WS)
         lines += body.count(b"\n")
     return header, seq_len, lines
-
-
-class _MappedHash:
-    """sha256 (on a helper thread, when asked) and size of a memory-mapped input."""
-
-    def __init__(self, checksum: bool, nbytes: int):
-        self.bytes = nbytes
-        self._sha = hashlib.sha256() if checksum else None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if checksum else None
-
-    def update(self, view: memoryview) -> None:
-        if self._pool is not None:
-            self._pool.submit(self._sha.update, view)  # one worker thread: updates stay in order
-
-    def hexdigest(self) -> str:
-        if self._pool is None:
-            return ""
-        self._pool.shutdown(wait=True)
-        return self._sha.hexdigest()
