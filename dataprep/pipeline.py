@@ -281,7 +281,7 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     ctx = WriteContext(str(out), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
-    log(f"shards: writing {len(jobs)} shards ({rps:,} records each) with {cfg.workers} compression threads"
+    log(f"shards: writing {len(jobs)} shards (at most {rps:,} records each) with {cfg.workers} compression threads"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
 

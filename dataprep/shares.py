@@ -70,7 +70,8 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
                 records, rejected = records + p.records_in, rejected + len(p.rejects)
                 done += p.records_in
                 if log:
-                    log.progress(f"normalise: {path}: {done * size:,} records, {stream.bytes / 1e6:,.0f} MB read")
+                    log.progress(f"normalise: {path}: ~{done * size:,} records so far"
+                                 + (f" (estimated from 1 of {size} shares)" if size > 1 else ""))
             sha, nbytes = whole.result() if whole else (stream.sha256, stream.bytes)
             sources.append({"path": path, "sha256": sha, "bytes": nbytes, "compression": stream.compression,
                             "records": records, "rejected": rejected, "newlines": stream.newlines if cut else 0})

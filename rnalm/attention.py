@@ -5,8 +5,8 @@ and attend only within each sequence (non-causal, scale 1/sqrt(Dh)).
 - torch_varlen: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA). It has no
   attention-probability dropout, so that dropout is not applied with this backend.
 - flash_attn: `flash_attn_varlen_func` when flash-attn is installed (CUDA), with dropout.
-- sdpa: pads to [B, H, Lmax, Dh] and calls scaled_dot_product_attention with a key-padding mask;
-  runs anywhere (the CPU path).
+- sdpa: pads groups of similar-length sequences to [b, H, Lmax_group, Dh] and calls
+  scaled_dot_product_attention with a key-padding mask; runs anywhere (the CPU path).
 """
 from __future__ import annotations
 
@@ -37,22 +37,25 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, dropout_p):
 
 
 def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
-    total, heads, head_dim = q.shape
-    batch = cu_seqlens.numel() - 1
+    """Sequences of similar length (within a factor sqrt(2)) padded together, one SDPA call per group: the
+    padded score matrices stay within 2x of sum(L_i^2) instead of B * Lmax^2, which in a packed batch of many
+    short sequences and one long crop is ~30x more (the math kernel, the only one with dropout, keeps them)."""
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths, output_size=total)
-    slot = seq_of_token * max_seqlen + (torch.arange(total, device=q.device) - cu[seq_of_token])
-
-    def to_padded(x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(batch * max_seqlen, heads, head_dim)
-        out[slot] = x
-        return out.view(batch, max_seqlen, heads, head_dim).transpose(1, 2)
-
-    key_ok = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]
-    out = F.scaled_dot_product_attention(to_padded(q), to_padded(k), to_padded(v),
-                                         attn_mask=key_ok[:, None, None, :], dropout_p=dropout_p)
-    return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim)[slot]
+    group_of_seq = torch.floor(2 * torch.log2(lengths.clamp(min=1).double())).long()
+    outs, rows = [], []
+    for group in torch.unique(group_of_seq).tolist():
+        seqs = (group_of_seq == group).nonzero().squeeze(1)
+        lens = lengths[seqs]
+        longest = int(lens.max())
+        pos = torch.arange(longest, device=q.device)
+        valid = pos[None, :] < lens[:, None]                              # [b, longest]
+        token = (cu[seqs][:, None] + pos[None, :]).clamp(max=q.shape[0] - 1)  # pad slots read real rows: masked
+        qb, kb, vb = (x[token].transpose(1, 2) for x in (q, k, v))         # [b, H, longest, Dh]
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :], dropout_p=dropout_p)
+        outs.append(out.transpose(1, 2)[valid])
+        rows.append(token[valid])
+    return torch.zeros_like(q).index_copy(0, torch.cat(rows), torch.cat(outs))
 
 
 BACKENDS: dict[str, AttentionFn] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "sdpa": _sdpa}

@@ -98,21 +98,35 @@ def test_token_dropout_is_active_in_eval_and_rescales_per_sequence():
 
 
 def test_attention_backends_agree_with_float64_reference():
+    """Outputs and input gradients; the lengths put unequal sequences into the same padded group of the
+    sdpa backend (6 and 7, 17 and 20), so its key-padding mask and the scatter back are exercised."""
     torch.manual_seed(1)
-    lengths = [5, 17, 1, 33]
+    lengths = [5, 17, 1, 33, 6, 20, 7, 24]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
-    q, k, v = (torch.randn(sum(lengths), 4, 16) for _ in range(3))
-    expected = []
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qd, kd, vd = q[s:e].double(), k[s:e].double(), v[s:e].double()
-        w = torch.einsum("qhd,khd->hqk", qd, kd).div(4.0).softmax(-1)
-        expected.append(torch.einsum("hqk,khd->qhd", w, vd))
-    expected = torch.cat(expected)
+    q, k, v = (torch.randn(sum(lengths), 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    weight = torch.randn(sum(lengths), 4, 16, dtype=torch.float64)
+
+    def reference():
+        out = []
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            w = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]).div(4.0).softmax(-1)
+            out.append(torch.einsum("hqk,khd->qhd", w, v[s:e]))
+        return torch.cat(out)
+
+    def with_grads(fn):
+        out = fn()
+        grads = torch.autograd.grad((out.double() * weight).sum(), (q, k, v))
+        return out.detach().double(), grads
+
+    expected, expected_grads = with_grads(reference)
     backends = available_backends("cpu")
     assert "sdpa" in backends
     for name in backends:
-        out = varlen_attention(q, k, v, cu, max(lengths), backend=name)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=name)
+        out, grads = with_grads(lambda: varlen_attention(q.float(), k.float(), v.float(), cu, max(lengths),
+                                                         backend=name))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=name)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=name)
     assert set(backends) <= set(BACKENDS)
 
 
