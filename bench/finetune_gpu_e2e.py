@@ -1,13 +1,13 @@
-"""Issue 6 step 10: pretrain micro on the ncRNA corpus (bpRNA-sourced records removed), convert, fine-tune
-secondary structure on bpRNA TR0 (VL0 for threshold and checkpoint choice), score TS0 beside RNAfold and beside
-the same head on a randomly initialised micro model. Each stage is one command (each fits the 10-minute limit
-of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked).
+"""Issue 6 step 10: pretrain micro (or --preset nano) on the ncRNA corpus (bpRNA-sourced records removed), convert,
+fine-tune secondary structure on bpRNA TR0 (VL0 for threshold and checkpoint choice), score TS0 beside RNAfold and
+beside the same head on a randomly initialised model of the same size. Each stage is one command (each fits the
+10-minute limit of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked).
 
     python bench/finetune_gpu_e2e.py --stage data       # FASTA without bpRNA records -> dataprep shards
-    python bench/finetune_gpu_e2e.py --stage pretrain   # torchrun, 1 GPU, DeepSpeed, micro preset, bf16
+    python bench/finetune_gpu_e2e.py --stage pretrain   # 1 rank, DeepSpeed ZeRO-3, bf16 on a GPU
     python bench/finetune_gpu_e2e.py --stage convert    # ZeRO checkpoint -> model.safetensors + config.json
-    python bench/finetune_gpu_e2e.py --stage ft         # fine-tune the converted micro on bpRNA TR0
-    python bench/finetune_gpu_e2e.py --stage ft-random  # the same head on a random micro
+    python bench/finetune_gpu_e2e.py --stage ft         # fine-tune the converted model on bpRNA TR0
+    python bench/finetune_gpu_e2e.py --stage ft-random  # the same head on a random model
     python bench/finetune_gpu_e2e.py --stage table      # WORK/table.md: TS0 rows for both + RNAfold
     python bench/finetune_gpu_e2e.py --stage all        # everything in order (both fine-tunes in parallel)
 
@@ -15,6 +15,8 @@ On the lent GPU machine everything must happen in one call (its disk is gone aft
 checkpoint is too large to come back), within 10 minutes: --pretrain-seconds and --ft-seconds bound the two
 long stages, e.g. `--stage all --pretrain-seconds 270 --ft-seconds 150 --export $OUT`.
 
+On a CPU, e.g. `--preset nano --pretrain-steps 1000 --pretrain-set data.token_budget=4096 --pretrain-set
+data.num_workers=1 --pretrain-set optim.lr=1e-3` (BENCHMARKS.md, "Fine-tuning").
 `--tiny` runs the same pipeline with a 2-layer model and a handful of steps on CPU (smoke test of the script).
 `--export DIR` copies the few result files (logs, results JSON, table) flat into DIR (e.g. the device's $OUT).
 RNAfold (ViennaRNA) runs where it is installed; if the fine-tune stage ran without it, `--stage table` adds
@@ -67,32 +69,33 @@ def stage_data(work: Path, args) -> None:
 def stage_pretrain(work: Path, args) -> None:
     """One rank, plain python (the trainer sets up a 1-rank group). A wall-clock budget ends it with SIGTERM:
     the trainer saves a checkpoint at the next step and exits 0, so the stages after it still run."""
-    config = "pretrain/configs/tiny_cpu.yaml" if args.tiny else "pretrain/configs/micro.yaml"
+    config = "pretrain/configs/tiny_cpu.yaml" if args.tiny else f"pretrain/configs/{args.preset}.yaml"
     steps = args.pretrain_steps or (30 if args.tiny else 2000)
     cmd = [sys.executable, "-m", "pretrain.train", "--config", config, f"--data.shards={work / 'shards'}",
            f"--train.out_dir={work / 'pretrain'}", f"--train.max_steps={steps}",
            f"--optim.warmup_steps={max(steps // 10, 1)}", f"--checkpoint.every={steps}",
-           f"--train.valid_every={steps}", *(["--data.num_workers=0"] if args.tiny else [])]
+           f"--train.valid_every={steps}", *(["--data.num_workers=0"] if args.tiny else []),
+           *(f"--{kv}" for kv in args.pretrain_set)]
     if args.pretrain_seconds:
         cmd = ["timeout", "--preserve-status", "-s", "TERM", "-k", "120", str(args.pretrain_seconds), *cmd]
     sh(cmd)
 
 
 def stage_convert(work: Path, args) -> None:
-    sh([sys.executable, "-m", "pretrain.convert", str(work / "pretrain"), str(work / "micro_converted")])
+    sh([sys.executable, "-m", "pretrain.convert", str(work / "pretrain"), str(work / "converted")])
 
 
 def finetune_cmd(work: Path, args, random: bool) -> list[str]:
     out = work / ("ss_random" if random else "ss_pretrained")
-    model = ([f"--model.random_preset={'nano' if args.tiny else 'micro'}"]
+    model = ([f"--model.random_preset={'nano' if args.tiny else args.preset}"]
              + (['--model.overrides={dim: 64, num_layers: 2, num_heads: 4}'] if args.tiny else [])
-             if random else [f"--model.path={work / 'micro_converted'}"])
+             if random else [f"--model.path={work / 'converted'}"])
     rnafold = not random and importlib.util.find_spec("RNA") is not None
     quick = (["--data.limit_train=64", "--data.limit_valid=16", "--data.limit_test=16", "--train.epochs=2"]
              if args.tiny else [f"--train.epochs={args.ft_epochs}"])
     return [sys.executable, "-m", "finetune", "ss", "train", *model, f"--data.root={DATA}", "--data.dataset=bprna",
             f"--train.out_dir={out}", "--train.batch_size=8", f"--train.max_seconds={args.ft_seconds}", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
-            f"--train.precision={'fp32' if args.tiny else 'bf16'}", "--train.progress=false",
+            "--train.precision=bf16", "--train.progress=false",
             "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--unfreeze.blocks_per_step=4",
             "--unfreeze.max_blocks=12", f"--eval.rnafold={str(rnafold).lower()}", *quick]
 
@@ -120,7 +123,7 @@ def stage_table(work: Path, args) -> None:
 def export(work: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for src, name in ((work / "pretrain" / "log.jsonl", "pretrain_log.jsonl"),
-                      (work / "micro_converted" / "config.json", "converted_config.json"),
+                      (work / "converted" / "config.json", "converted_config.json"),
                       (work / "ss_pretrained" / "results.json", "ss_pretrained_results.json"),
                       (work / "ss_random" / "results.json", "ss_random_results.json"),
                       (work / "table.md", "table.md")):
@@ -133,6 +136,9 @@ def main() -> None:
     ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     ap.add_argument("--work", type=Path, default=REPO / "bench_out" / "e2e")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a 2-layer model")
+    ap.add_argument("--preset", choices=("nano", "micro"), default="micro", help="model pretrained and fine-tuned")
+    ap.add_argument("--pretrain-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="trainer override (repeatable), e.g. data.token_budget=4096 for a CPU run")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--ft-epochs", type=int, default=12)
     ap.add_argument("--pretrain-seconds", type=int, default=None, help="wall-clock budget of the pretrain stage")
