@@ -1,9 +1,8 @@
 """Pretraining throughput: the real trainer (DeepSpeed ZeRO-3, packed token budget, streaming loader) against a
 padded baseline trained the original way, in one run, on sequence lengths of the real ncRNA corpus.
 
-    python bench/pretrain_bench.py --preset giga --out bench_pretrain_giga.json            # H100: ZeRO-3, bf16
-    python bench/pretrain_bench.py --preset giga --out bench_pretrain_giga.json          # H100: ZeRO-3, bf16
-    python bench/pretrain_bench.py --tiny --steps 4 --warmup 2                           # CPU: logic check
+    python bench/pretrain_bench.py --preset giga --out bench_pretrain_giga.json  # H100: ZeRO-3, bf16
+    python bench/pretrain_bench.py --tiny --steps 4 --warmup 2  # CPU: logic check
 
 packed: `python -m pretrain.train` (torchrun, --nproc ranks) on shards built from the ncRNA corpus with
   dataprep's CLI; steady-state numbers from its log.jsonl after --warmup steps: real (non-pad) tokens/s,
