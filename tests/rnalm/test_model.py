@@ -130,6 +130,26 @@ def test_attention_backends_agree_with_float64_reference():
     assert set(backends) <= set(BACKENDS)
 
 
+def test_sdpa_pads_sequences_only_to_the_longest_of_their_length_group(monkeypatch):
+    """The CPU path's score matrices stay within 2x of sum(L^2): one 512-long crop among 40 short sequences
+    must not pad all 41 to 512 (that padding made an 8k-token nano training step need > 24 GB)."""
+    import rnalm.attention as attention
+
+    areas = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        areas.append(q.shape[0] * q.shape[2] ** 2)   # [b, H, L, Dh]: b x L^2 score entries per head
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    lengths = [512] + [20 + i for i in range(40)]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q = torch.randn(sum(lengths), 2, 8)
+    varlen_attention(q, q, q, cu, max(lengths), dropout_p=0.1, backend="sdpa")
+    assert sum(areas) <= 2 * sum(n * n for n in lengths)
+
+
 def test_unavailable_or_unknown_backend_is_a_clear_error():
     q = torch.randn(3, 1, 2)
     cu = torch.tensor([0, 3], dtype=torch.int32)
