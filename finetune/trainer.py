@@ -32,7 +32,7 @@ class TrainConfig:
     lr_decay_steps: int = 5000
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None  # cap for quick runs
-    max_seconds: float | None = None     # stop after the epoch during which this much training time has passed
+    max_seconds: float | None = None     # training time budget: the step past it ends training (then validate)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA
@@ -75,8 +75,12 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     best, history, step = -math.inf if higher_is_better else math.inf, [], 0
     started = time.time()
+
+    def out_of_time() -> bool:
+        return cfg.max_seconds is not None and time.time() - started > cfg.max_seconds
+
     for epoch in range(cfg.epochs):
-        if cfg.max_seconds is not None and epoch > 0 and time.time() - started > cfg.max_seconds:
+        if epoch > 0 and out_of_time():
             break
         new = unfreezer.step(epoch)
         if new:
@@ -86,8 +90,8 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         t0, losses = time.time(), []
         it = tqdm(batches(epoch), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
         for k, batch in enumerate(it):
-            if cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch:
-                break
+            if (cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch) or (step and out_of_time()):
+                break  # a budget cut mid-epoch: that part-epoch is still validated (and kept when best)
             factor = 1.0 + (cfg.lr_end_factor - 1.0) * min(step / max(cfg.lr_decay_steps, 1), 1.0)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * factor

@@ -96,9 +96,10 @@ def test_mrl_split_is_disjoint_and_complete(shared_data):
     assert {e.group for e in s["test"]} == {"random", "human"}
 
 
-def test_time_budget_stops_after_the_running_epoch(tiny_checkpoint, shared_data, tmp_path):
+def test_time_budget_stops_training_at_the_step_past_it_and_still_validates(tiny_checkpoint, shared_data, tmp_path):
     cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
                       data=ss.SSDataConfig(root=str(shared_data), limit_train=4, limit_valid=3, limit_test=3),
                       train=quick_train(tmp_path, epochs=5, max_seconds=0.0), eval=ss.SSEvalConfig(rnafold=False))
     result = ss.train(cfg)
-    assert len(result["history"]) == 1 and (tmp_path / "finetuned.safetensors").exists()
+    assert [h["steps"] for h in result["history"]] == [1]   # one step of epoch 0's four, then validation
+    assert (tmp_path / "finetuned.safetensors").exists()
