@@ -44,7 +44,8 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
     lengths = cu[1:] - cu[:-1]
     group_of_seq = torch.floor(2 * torch.log2(lengths.clamp(min=1).double())).long()
     outs, rows = [], []
-    for group in torch.unique(group_of_seq).tolist():
+    group_of_seq[lengths == 0] = -1                                        # empty sequences: nothing to attend
+    for group in torch.unique(group_of_seq[group_of_seq >= 0]).tolist():
         seqs = (group_of_seq == group).nonzero().squeeze(1)
         lens = lengths[seqs]
         longest = int(lens.max())

@@ -101,7 +101,7 @@ def test_attention_backends_agree_with_float64_reference():
     """Outputs and input gradients; the lengths put unequal sequences into the same padded group of the
     sdpa backend (6 and 7, 17 and 20), so its key-padding mask and the scatter back are exercised."""
     torch.manual_seed(1)
-    lengths = [5, 17, 1, 33, 6, 20, 7, 24]
+    lengths = [5, 17, 1, 33, 6, 0, 20, 7, 24]   # 0: an empty sequence attends to nothing
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     q, k, v = (torch.randn(sum(lengths), 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     weight = torch.randn(sum(lengths), 4, 16, dtype=torch.float64)
