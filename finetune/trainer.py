@@ -32,7 +32,7 @@ class TrainConfig:
     lr_decay_steps: int = 5000
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None  # cap for quick runs
-    max_seconds: float | None = None     # training time budget: the step past it ends training (then validate)
+    max_seconds: float | None = None     # wall-clock budget of fit (validations count): the step past it ends training
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA
