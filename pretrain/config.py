@@ -27,7 +27,7 @@ class ModelSection:
     attn_dropout: float | None = None
     residual_dropout: float | None = None
     attention_backend: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False   # true: every block; n: the first n blocks
     compile: bool = False           # torch.compile each block around attention; pads micro-batches to the budget
 
     def build(self) -> ModelConfig:

@@ -32,17 +32,26 @@ class ModelConfig:
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5
     attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | sdpa
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | int = False   # True: every block; an int n: the first n blocks
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing < 0:
+            raise ValueError(f"activation_checkpointing must be true, false or a block count >= 0, "
+                             f"got {self.activation_checkpointing}")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many blocks (the first ones) recompute their forward in the backward pass."""
+        ac = self.activation_checkpointing
+        return (self.num_layers if ac else 0) if isinstance(ac, bool) else min(ac, self.num_layers)
 
     @property
     def ffn_dim(self) -> int:

@@ -74,6 +74,30 @@ class MultiHeadSelfAttention(nn.Module):
         return varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout, backend).reshape(q.shape[0], -1)
 
 
+class SwishGate(torch.autograd.Function):
+    """a * sigmoid(beta * a) * gate that keeps only a and gate for the backward pass and recomputes the sigmoid.
+
+    Autograd would keep four [T, ffn] tensors (a, the sigmoid, a * sigmoid, gate): with the output that the next
+    Linear keeps, the largest share of a block's activation memory (bench/activation_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, gate: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, gate, beta)
+        return a * torch.sigmoid(beta * a) * gate
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, gate, beta = ctx.saved_tensors
+        s = (beta * a).sigmoid_()
+        swish = a * s
+        grad_gate = grad * swish
+        grad_swish = grad * gate
+        t = swish.mul_(1 - s)              # a s (1 - s): d swish / da = s + beta t, d swish / d beta = a t
+        grad_beta = torch.vdot((grad_swish * t).flatten(), a.flatten().to(t.dtype)).reshape(beta.shape)
+        grad_a = grad_swish.mul_(s.addcmul_(t, beta))
+        return grad_a.to(a.dtype), grad_gate.to(gate.dtype), grad_beta.to(beta.dtype)
+
+
 class SwiGLU(nn.Module):
     """a * sigmoid(beta * a) * gate, with a = linear(x), gate = linear_gate(x) and a learnable beta."""
 
@@ -84,8 +108,7 @@ class SwiGLU(nn.Module):
         self.beta = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.linear(x)
-        return a * torch.sigmoid(self.beta * a) * self.linear_gate(x)
+        return SwishGate.apply(self.linear(x), self.linear_gate(x), self.beta)
 
 
 class TransformerBlock(nn.Module):
@@ -125,12 +148,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
-        self.activation_checkpointing = cfg.activation_checkpointing
+        # The first blocks, not the last: when the backward pass reaches them the later blocks' activations are
+        # freed, so their recomputation never adds to the peak held at the end of the forward pass.
+        self.checkpointed_blocks = cfg.checkpointed_blocks
 
     def forward(self, x, positions, cu_seqlens, max_seqlen, backend):
         rope = self.rotary(positions)
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if i < self.checkpointed_blocks and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, cu_seqlens, max_seqlen, backend, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens, max_seqlen, backend)

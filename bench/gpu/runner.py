@@ -226,7 +226,7 @@ LEVERS: dict[str, list[str]] = {
     "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
     "compile": ["model.compile=true"],
     "budget16k": ["data.token_budget=16384"],
-    "budget48k_ac": ["data.token_budget=49152", "model.activation_checkpointing=true"],
+    "budget48k_ac9": ["data.token_budget=49152", "model.activation_checkpointing=9"],
     "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
     "adamw_unfused": ["optim.fused=false"],
     "budget48k": ["data.token_budget=49152"],
@@ -257,6 +257,11 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
     steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(shards), *loader,
                                  "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))
+    memory = (["--preset", "nano", "--dtype", "fp32", "--tokens", "256", "--budget", "2048"] if TINY else
+              ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "32768", "49152"])
+    steps.append(Step("activation_memory", [PY, "bench/activation_memory.py", *memory,
+                                            "--out", str(work / "activation_memory.json")],
+                      cap=60, min_seconds=15, result=work / "activation_memory.json"))
     common = (["--tiny", "--steps", "2", "--warmup", "1"] if TINY else
               ["--preset", "giga", "--steps", "10", "--warmup", "3"])
     for name in names:
@@ -266,7 +271,7 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
         steps.append(Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(shards),
                                  "--corpus", str(corpus()), *sets, "--out", str(result)],
                           cap=240 if compiled else 150, min_seconds=60 if not TINY else 10, result=result,
-                          meta={"lever": LEVERS[name]}))
+                          meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"]))
     return steps
 
 
@@ -298,6 +303,10 @@ def table(summary: dict) -> str:
                 a = r["agreement"]
                 cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "
                                    f"grads {a['packed_vs_padded_grads']:.1e}")
+        if "bytes_per_token_per_block" in r:  # activation_memory
+            cells["notes"] = f"{r['bytes_per_token_per_block'] / 1e3:.1f} KB per token per block; " + "; ".join(
+                f"{b['budget']}: {b['activations_gib']:.1f} GiB, checkpoint {b.get('checkpointed_blocks')}"
+                for b in r["budgets"])
         if isinstance(r, list):  # loader_bench: one row per worker count
             cells["notes"] = "; ".join(f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} "
                                        f"of 200k)" for x in r)

@@ -52,16 +52,18 @@ def test_session_plan_measures_model_and_pretrain_benches(shared_data, tmp_path)
 
 def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     out = tmp_path / "out"
-    proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac")
+    proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac9")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = {x["name"]: x for x in summary(out)["steps"]}
-    assert list(steps) == ["env", "shards", "loader", "zero2", "budget48k_ac"]
+    assert list(steps) == ["env", "shards", "loader", "activation_memory", "zero2", "budget48k_ac9"]
     assert [r["workers"] for r in steps["loader"]["result"]] == [0, 1]
     assert all(r["tokens_per_s"] > 0 and r["token_budget"] == 2048 for r in steps["loader"]["result"])
-    zero2, budget = steps["zero2"]["result"], steps["budget48k_ac"]["result"]
+    zero2, budget = steps["zero2"]["result"], steps["budget48k_ac9"]["result"]
     assert "--set train.ds_config=ds_configs/zero2.json" in zero2["command"] and "padded" not in zero2
     # tiny mode scales budgets by 1/16: 49152 -> 3072 tokens
-    assert "--set data.token_budget=3072 --set model.activation_checkpointing=true" in budget["command"]
+    assert "--set data.token_budget=3072 --set model.activation_checkpointing=9" in budget["command"]
+    memory = steps["activation_memory"]["result"]
+    assert memory["bytes_per_token_per_block"] > 0 and memory["budgets"][0]["budget"] == 2048
     assert zero2["packed"]["steps"] == 2 and budget["packed"]["real_tokens_per_s"] > 0
 
 

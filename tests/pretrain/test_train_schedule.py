@@ -62,3 +62,10 @@ def test_every_shipped_config_loads_and_validates(name):
     for ds in ("zero3", "zero2", "zero3_offload"):
         cfg.train.ds_config = f"ds_configs/{ds}.json"
         assert deepspeed_config(cfg, bf16=True)["zero_optimization"]["stage"] in (2, 3)
+
+
+@pytest.mark.parametrize(("value", "blocks"), [("true", 33), ("false", 0), ("12", 12)])
+def test_activation_checkpointing_override_takes_a_bool_or_a_block_count(value, blocks):
+    cfg = load(PretrainConfig, "pretrain/configs/giga.yaml",
+               ["data.shards=/somewhere", f"model.activation_checkpointing={value}"])
+    assert cfg.model.build().checkpointed_blocks == blocks

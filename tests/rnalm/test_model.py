@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch
 from rnalm.attention import BACKENDS, available_backends, varlen_attention
 from rnalm.batch import PackedBatch, pad, unpad
 from rnalm.config import ModelConfig
-from rnalm.model import RiNALMo
+from rnalm.model import RiNALMo, SwishGate
 from rnalm.tokenizer import MASK_ID, batch_encode, encode
 
 from .reference import reference_forward
@@ -159,10 +161,37 @@ def test_unavailable_or_unknown_backend_is_a_clear_error():
         varlen_attention(q, q, q, cu, 3, backend="xformers")
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_swish_gate_matches_autograd_of_its_expression():
+    g = torch.Generator().manual_seed(0)
+    a, gate = (torch.randn(40, 24, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    beta = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwishGate.apply, (a, gate, beta))
+    upstream = torch.randn(40, 24, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad(SwishGate.apply(a, gate, beta), (a, gate, beta), upstream)
+    plain = torch.autograd.grad(a * torch.sigmoid(beta * a) * gate, (a, gate, beta), upstream)
+    for x, y in zip(ours, plain):
+        torch.testing.assert_close(x, y)
+    # in bf16 (DeepSpeed's mode) the recomputation is as close to float64 as autograd's own bf16 gradients
+    def bf16_errors(fn):
+        inputs = [x.detach().bfloat16().requires_grad_() for x in (a, gate, beta)]
+        got = torch.autograd.grad(fn(*inputs), inputs, upstream.bfloat16())
+        return [((x.double() - y).norm() / y.norm()).item() for x, y in zip(got, plain)]
+    for ours_err, plain_err in zip(bf16_errors(SwishGate.apply), bf16_errors(lambda x, g, b: x * torch.sigmoid(b * x) * g)):
+        assert ours_err <= 1.5 * plain_err + 1e-3
+    # bf16 activations with an fp32 beta (autocast over fp32 weights): fp32 out, gradients in each input's dtype
+    a16, gate16 = (x.detach().bfloat16().requires_grad_() for x in (a, gate))
+    beta32 = beta.detach().float().requires_grad_()
+    out = SwishGate.apply(a16, gate16, beta32)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert (a16.grad.dtype, gate16.grad.dtype, beta32.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("ckpt", [True, 1])     # every block; the first of two
+def test_activation_checkpointing_gives_the_same_gradients(ckpt):
     batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
     grads = []
-    for ckpt in (False, True):
+    for ckpt in (False, ckpt):
         model = tiny_model(seed=3, activation_checkpointing=ckpt, attn_dropout=0.0, residual_dropout=0.0).train()
         model.forward_packed(batch).logits.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -181,3 +210,11 @@ def test_dropout_only_in_training_and_flops_formula():
     assert model.flops_per_token(100, head_fraction=0.0) == 6 * encoder + 12 * cfg.num_layers * cfg.dim * 100
     lengths = torch.tensor([3, 100])
     assert model.training_flops(lengths) == pytest.approx(3 * model.flops_per_token(3) + 100 * model.flops_per_token(100))
+
+
+def test_activation_checkpointing_is_all_none_or_a_block_count():
+    cfg = ModelConfig.preset("giga")
+    assert [replace(cfg, activation_checkpointing=v).checkpointed_blocks for v in (False, True, 0, 12, 99)] == \
+        [0, 33, 0, 12, 33]
+    with pytest.raises(ValueError, match="activation_checkpointing must be"):
+        replace(cfg, activation_checkpointing=-1)
