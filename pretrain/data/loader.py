@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import signal
 from collections.abc import Iterator
-from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -28,26 +26,11 @@ from .stream import RecordStream
 STATE_FORMAT = 1
 # Loader settings that fix which records a state refers to; a resume with other values would be wrong.
 _STATE_KEYS = ("split", "sampling", "seed", "shuffle_buffer", "infinite", "dataset")
-# What Slurm (scancel --full, preemption) and torchrun send to every process of a job to stop it.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-# Workers fork from a single-threaded server, not from the trainer: a fork of a process that runs threads
-# (metrics server, gloo, DeepSpeed) can leave the child deadlocked for good (CPython gh-112275, Python <= 3.11:
-# a rank's worker hung that way in CI).
-_WORKERS = multiprocessing.get_context("forkserver")
-_WORKERS.set_forkserver_preload([__name__])
-
-
-def _start_worker_server() -> None:
-    """Start (if not running) multiprocessing's resource tracker and forkserver with the stop signals blocked:
-    the workers inherit the mask, so that a stop signal reaches the rank, which saves a checkpoint, and does
-    not kill a worker under it first. The tracker's start unblocks SIGTERM in this thread, hence the re-block."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+# Workers are spawned (a fresh interpreter each), not forked from the caller: a fork of a process that runs
+# threads (the trainer's metrics server, gloo, DataLoader feeder threads) can leave the child deadlocked for good
+# (CPython gh-112275, Python <= 3.11: a rank's worker hung that way in CI). The forkserver would avoid it too,
+# but it listens on an AF_UNIX socket under TMPDIR, and a long per-job TMPDIR exceeds the 108-byte path limit.
+_WORKERS = multiprocessing.get_context("spawn")
 
 
 class _StreamsDataset(IterableDataset):
@@ -112,7 +95,6 @@ class PretrainLoader:
         if self.cfg.num_workers == 0:
             source = iter(dataset)
         else:
-            _start_worker_server()
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                                      prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
                                      multiprocessing_context=_WORKERS))
