@@ -2,12 +2,13 @@
 
     python bench/gpu/runner.py session|levers|e2e      (normally through bench/gpu/{session,levers,e2e}.sh)
 
-Plans (each fits one device call of at most 10 minutes):
-- session: the environment, bench/model_bench.py on giga (issue 2 step 6), bench/pretrain_bench.py on giga,
-  packed trainer vs the padded original recipe (issue 4 step 7, issue 7 baseline);
-- levers:  the data loader alone on the GPU node's CPUs (bench/loader_bench.py, 0/1/4 workers, 32k budget), then
-  issue 7's levers, one pretrain_bench packed run each (token budget, activation checkpointing, ZeRO-2 vs
-  ZeRO-3, torch.compile, ZeRO-3 persistence, unfused AdamW); RNALM_GPU_LEVERS=a,b picks some;
+Plans (each fits one device call of at most 10 minutes; a session has 15 device-minutes, machine start included):
+- session: the environment, bench/pretrain_bench.py on giga, the trainer's defaults vs the padded original
+  recipe (issue 4 step 7, issue 7 baseline), bench/model_bench.py on giga (issue 2 step 6), then issue 7's
+  levers (LEVERS: one pretrain_bench packed run each, best expected first) until the time is up; the summary's
+  `levers_left` and the last lines name those left for a second call;
+- levers:  the levers named by RNALM_GPU_LEVERS=a,b (default all), then the data loader alone on the GPU node's
+  CPUs (bench/loader_bench.py, 0/1/4 workers, 32k budget) and a giga block's activation memory;
 - e2e:     bench/finetune_gpu_e2e.py --stage all (issue 6 step 10), its time budgets fitted to what is left.
 
 Every step runs as a child process group with a timeout of min(its cap, time left); its output goes to stdout
@@ -200,7 +201,15 @@ def env_step(out: Path) -> Step:
     return Step("env", argv, cap=120, min_seconds=10, essential=True)
 
 
+def shards_step(work: Path) -> Step:
+    return Step("shards", [PY, "dataprep/build_shards.py", "--input", str(corpus()), "--out", str(work / "shards"),
+                           "--no-cluster", "--valid-fraction", "0.01", "--no-report", "--quiet"],
+                cap=120, essential=True)
+
+
 def session_steps(out: Path, work: Path) -> list[Step]:
+    """The first call of a GPU session: issue 4 step 7 and issue 7's baseline (the trainer's defaults against the
+    padded original recipe), issue 2 step 6, then as many levers as the time allows, best expected first."""
     if TINY:
         model = ["--preset", "nano", "--dim", "64", "--layers", "2", "--heads", "4", "--budget", "2048",
                  "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32"]
@@ -209,29 +218,43 @@ def session_steps(out: Path, work: Path) -> list[Step]:
         # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
         # sequences without activation checkpointing need ~200 GiB of activations for giga
         model = ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "--padded-batch", "32",
-                 "--steps", "20", "--warmup", "3"]
-        pretrain = ["--preset", "giga", "--steps", "20", "--warmup", "5", "--padded-batch", "192",
-                    "--padded-steps", "5"]
-    return [Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
-                                 "--out", str(out / "model_bench.json")], cap=200, result=out / "model_bench.json"),
-            Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--corpus", str(corpus()),
-                                    "--out", str(out / "pretrain_bench.json")], cap=420, min_seconds=90,
-                 result=out / "pretrain_bench.json", oom_retry=["--set", "model.activation_checkpointing=true"])]
+                 "--steps", "10", "--warmup", "2"]
+        pretrain = [*LEVER_RUN, "--padded-batch", "192", "--padded-steps", "3"]
+    return [shards_step(work),
+            Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--shards", str(work / "shards"),
+                                    "--corpus", str(corpus()), "--out", str(out / "pretrain_bench.json")],
+                 cap=300, min_seconds=90, result=out / "pretrain_bench.json",
+                 oom_retry=["--set", "model.activation_checkpointing=true"]),
+            Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
+                                 "--out", str(out / "model_bench.json")], cap=150, result=out / "model_bench.json"),
+            *[lever_step(name, work) for name in wanted_levers()]]
 
 
-# name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook)
+# name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook).
+# Sized for the lent H200 (139 GiB): 48k and 64k tokens fit without activation checkpointing there; budget48k_ac9
+# is the H100 (80 GB) case.
 LEVERS: dict[str, list[str]] = {
     "baseline": [],
-    "zero2": ["train.ds_config=ds_configs/zero2.json"],
     "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
-    "compile": ["model.compile=true"],
-    "budget16k": ["data.token_budget=16384"],
-    "budget48k_ac9": ["data.token_budget=49152", "model.activation_checkpointing=9"],
     "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
+    "compile": ["model.compile=true"],
+    "zero2": ["train.ds_config=ds_configs/zero2.json"],
+    "budget64k": ["data.token_budget=65536"],
+    "budget16k": ["data.token_budget=16384"],
     "adamw_unfused": ["optim.fused=false"],
-    "budget48k": ["data.token_budget=49152"],
+    "budget48k_ac9": ["data.token_budget=49152", "model.activation_checkpointing=9"],
 }
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
+LEVER_RUN = ["--preset", "giga", "--steps", "10", "--warmup", "3"]   # pretrain_bench's packed run, every lever
+
+
+def wanted_levers() -> list[str]:
+    wanted = os.environ.get("RNALM_GPU_LEVERS")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else DEFAULT_LEVERS
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"runner: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    return names
 
 
 def lever_overrides(name: str) -> list[str]:
@@ -242,36 +265,33 @@ def lever_overrides(name: str) -> list[str]:
     return sets
 
 
+def lever_step(name: str, work: Path) -> Step:
+    """One pretrain_bench packed run with the lever's overrides, on the shards of shards_step."""
+    sets = [a for s in lever_overrides(name) for a in ("--set", s)]
+    compiled = "model.compile=true" in LEVERS[name]
+    result = work / "levers" / f"{name}.json"
+    common = ["--tiny", "--steps", "2", "--warmup", "1"] if TINY else LEVER_RUN
+    return Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
+                       "--corpus", str(corpus()), *sets, "--out", str(result)],
+                cap=240 if compiled else 150, min_seconds=60 if not TINY else 10, result=result,
+                meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"])
+
+
 def lever_steps(out: Path, work: Path) -> list[Step]:
-    wanted = os.environ.get("RNALM_GPU_LEVERS")
-    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else DEFAULT_LEVERS
-    unknown = [n for n in names if n not in LEVERS]
-    if unknown:
-        raise SystemExit(f"runner: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
-    shards = work / "shards"
+    """The second call: the levers the first left (RNALM_GPU_LEVERS), then the data loader alone on the GPU
+    node's CPUs and the activation memory of a giga block on the GPU."""
+    names = wanted_levers()
     (work / "levers").mkdir(parents=True, exist_ok=True)
-    steps = [Step("shards", [PY, "dataprep/build_shards.py", "--input", str(corpus()), "--out", str(shards),
-                             "--no-cluster", "--valid-fraction", "0.01", "--no-report", "--quiet"],
-                  cap=120, essential=True)]
+    steps = [shards_step(work), *[lever_step(name, work) for name in names]]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
-    steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(shards), *loader,
+    steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(work / "shards"), *loader,
                                  "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))
     memory = (["--preset", "nano", "--dtype", "fp32", "--tokens", "256", "--budget", "2048"] if TINY else
-              ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "32768", "49152"])
+              ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "32768", "65536"])
     steps.append(Step("activation_memory", [PY, "bench/activation_memory.py", *memory,
                                             "--out", str(work / "activation_memory.json")],
                       cap=60, min_seconds=15, result=work / "activation_memory.json"))
-    common = (["--tiny", "--steps", "2", "--warmup", "1"] if TINY else
-              ["--preset", "giga", "--steps", "10", "--warmup", "3"])
-    for name in names:
-        sets = [a for s in lever_overrides(name) for a in ("--set", s)]
-        compiled = "model.compile=true" in LEVERS[name]
-        result = work / "levers" / f"{name}.json"
-        steps.append(Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(shards),
-                                 "--corpus", str(corpus()), *sets, "--out", str(result)],
-                          cap=240 if compiled else 150, min_seconds=60 if not TINY else 10, result=result,
-                          meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"]))
     return steps
 
 
@@ -337,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = Plan(argv[0], out, work, float(os.environ.get("RNALM_GPU_T0", time.time())),
                 float(os.environ.get("RNALM_GPU_BUDGET_S", 560)))
+    (work / "levers").mkdir(parents=True, exist_ok=True)
     steps = [env_step(out)]
     steps += {"session": lambda: session_steps(out, work), "levers": lambda: lever_steps(out, work),
               "e2e": lambda: e2e_steps(out, work, plan.left())}[argv[0]]()
@@ -346,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             plan.say(f"{step.name} failed: stopping here (see {out / 'session.log'})")
             plan.finish()
             return 2
+    left = [s["name"] for s in plan.summary["steps"] if s["status"] == "skipped" and s["name"] in LEVERS]
+    if left:
+        plan.summary["levers_left"] = left
+        plan.say(f"levers left for the next call: RNALM_GPU_LEVERS={','.join(left)} bash bench/gpu/levers.sh")
     return plan.finish()
 
 

@@ -31,19 +31,23 @@ def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def test_session_plan_measures_model_and_pretrain_benches(shared_data, tmp_path):
+def test_session_plan_measures_pretrain_and_model_benches_then_levers(shared_data, tmp_path):
     out = tmp_path / "out"
-    proc = run_plan("session", out, tmp_path / "work", shared_data)
+    proc = run_plan("session", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     s = summary(out)
-    assert s["plan"] == "session" and s["ok"] and [x["name"] for x in s["steps"]] == ["env", "model_bench",
-                                                                                        "pretrain_bench"]
+    steps = {x["name"]: x for x in s["steps"]}
+    assert s["plan"] == "session" and s["ok"] and "levers_left" not in s
+    assert list(steps) == ["env", "shards", "pretrain_bench", "model_bench", "zero2"]
     env = json.loads((out / "env.json").read_text())
     assert {"torch", "deepspeed", "webdataset", "zstandard", "rnalm"} <= set(env["modules"]) and not env["missing"]
-    model = s["steps"][1]["result"]
+    model = steps["model_bench"]["result"]
     assert model["agreement"]["packed_vs_padded_logits"] < 1e-5 and model["packed"]["real_tokens_per_s"] > 0
-    pretrain = s["steps"][2]["result"]
+    pretrain = steps["pretrain_bench"]["result"]
     assert pretrain["packed"]["steps"] == 3 and pretrain["padded"]["batch"] == 8
+    assert f"--shards {tmp_path / 'work' / 'shards'}" in pretrain["command"]     # the shards built once
+    zero2 = steps["zero2"]["result"]
+    assert "--set train.ds_config=ds_configs/zero2.json" in zero2["command"] and "padded" not in zero2
     assert json.loads((out / "pretrain_bench.json").read_text()) == pretrain
     log = (out / "session.log").read_text()
     assert "pretrain_bench | " in log and "| pretrain_bench | ok |" in log     # child output + final table
@@ -55,7 +59,7 @@ def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac9")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = {x["name"]: x for x in summary(out)["steps"]}
-    assert list(steps) == ["env", "shards", "loader", "activation_memory", "zero2", "budget48k_ac9"]
+    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac9", "loader", "activation_memory"]
     assert [r["workers"] for r in steps["loader"]["result"]] == [0, 1]
     assert all(r["tokens_per_s"] > 0 and r["token_budget"] == 2048 for r in steps["loader"]["result"])
     zero2, budget = steps["zero2"]["result"], steps["budget48k_ac9"]["result"]
