@@ -138,6 +138,10 @@ class Plan:
 
     def finish(self) -> int:
         steps = self.summary["steps"]
+        left = [s["name"] for s in steps if s["status"] == "skipped" and "lever" in s]
+        if left:
+            self.summary["levers_left"] = left
+            self.say(f"levers left for the next call: RNALM_GPU_LEVERS={','.join(left)} bash bench/gpu/levers.sh")
         self.summary["finished"] = _stamp(time.time())
         self.summary["ok"] = all(s["status"] == "ok" for s in steps)
         self.write_summary()
@@ -367,10 +371,6 @@ def main(argv: list[str] | None = None) -> int:
             plan.say(f"{step.name} failed: stopping here (see {out / 'session.log'})")
             plan.finish()
             return 2
-    left = [s["name"] for s in plan.summary["steps"] if s["status"] == "skipped" and s["name"] in LEVERS]
-    if left:
-        plan.summary["levers_left"] = left
-        plan.say(f"levers left for the next call: RNALM_GPU_LEVERS={','.join(left)} bash bench/gpu/levers.sh")
     return plan.finish()
 
 

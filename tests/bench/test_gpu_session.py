@@ -143,7 +143,8 @@ def test_fails_fast_without_out_or_data(tmp_path):
     assert proc.returncode == 2 and "run bench/gpu/prepare.sh" in proc.stderr
 
 
-def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budget_skips(tmp_path):
+def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budget_skips_and_names_levers_left(
+        tmp_path):
     from bench.gpu.runner import Plan, Step
 
     plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
@@ -154,4 +155,9 @@ def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budg
     assert record["first_try"]["status"] == "failed" and record["first_try"]["oom"]
     skipped = plan.run(Step("y", [sys.executable, "-c", "pass"], cap=30, min_seconds=120))
     assert skipped["status"] == "skipped" and "needs 120" in skipped["reason"]
-    assert plan.finish() == 1 and [s["status"] for s in summary(tmp_path)["steps"]] == ["ok", "skipped"]
+    lever = plan.run(Step("zero2", [sys.executable, "-c", "pass"], cap=30, min_seconds=120, meta={"lever": []}))
+    assert lever["status"] == "skipped"
+    assert plan.finish() == 1
+    assert [s["status"] for s in summary(tmp_path)["steps"]] == ["ok", "skipped", "skipped"]
+    assert summary(tmp_path)["levers_left"] == ["zero2"]          # the next call's RNALM_GPU_LEVERS
+    assert "RNALM_GPU_LEVERS=zero2 bash bench/gpu/levers.sh" in (tmp_path / "session.log").read_text()
