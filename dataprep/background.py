@@ -3,27 +3,55 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import sys
 from collections.abc import Callable
+
+from .errors import DataprepError
 
 NICE = 10
 
 
-def _niced(nice: int, fn: Callable, args: tuple) -> None:
-    if nice:
-        os.nice(nice)
-    fn(*args)
+def _niced(errors, nice: int, fn: Callable, args: tuple) -> None:
+    try:
+        if nice:
+            os.nice(nice)
+        fn(*args)
+    except BaseException as exc:
+        try:
+            errors.send(exc)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            errors.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        if isinstance(exc, DataprepError):  # the message says it all, and the caller prints it
+            sys.exit(1)
+        raise                               # a bug: its traceback on stderr too
+    finally:
+        errors.close()
 
 
 class Background:
-    """fn(*args) in a forked process (the arguments are inherited, not pickled)."""
+    """fn(*args) in a forked process (the arguments are inherited, not pickled); `join` raises what it raised.
+
+    A pipe, not a multiprocessing queue or pool, carries the exception back: a process killed while it holds a
+    queue's lock (Pool.terminate after another share failed) leaves that lock taken, and the pool's shutdown
+    then waits for it for ever."""
 
     def __init__(self, name: str, fn: Callable, *args, nice: int = NICE):
         self.name = name
-        self._proc = mp.get_context("fork").Process(target=_niced, args=(nice, fn, args), name=name)
+        ctx = mp.get_context("fork")
+        self._errors, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_niced, args=(child, nice, fn, args), name=name)
         self._proc.start()
+        child.close()
 
     def join(self) -> None:
+        try:
+            error = self._errors.recv()      # before join(): a large exception could fill the pipe
+        except EOFError:                     # ended without one
+            error = None
         self._proc.join()
+        if error is not None:
+            raise error
         if self._proc.exitcode != 0:
             raise RuntimeError(f"the {self.name} process failed (exit code {self._proc.exitcode}); "
                                "see its traceback above")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .background import Background
 from .errors import InputError
 from .fasta import FastaStream, split_points
 from .normalize import oversized_reject, parse_chunk
@@ -87,14 +87,15 @@ def _file_sha256(path: str) -> tuple[str, int]:
 def _normalise_shares(cfg: BuildConfig, tmp: Path, mine: list[int], total: int, cuts: list, log: Log) -> None:
     """Shares `mine` of `total`: one process each (the first in this one, the others forked)."""
     parts = [(cfg, tmp / f"share-{r:04d}", r, total, cuts, log if i == 0 else None) for i, r in enumerate(mine)]
-    if len(parts) == 1:
+    others = [Background(f"normalise share {part[2]}", _normalise_share, *part, nice=0) for part in parts[1:]]
+    try:
         _normalise_share(*parts[0])
-        return
-    with mp.get_context("fork").Pool(len(parts) - 1) as pool:
-        others = [pool.apply_async(_normalise_share, part) for part in parts[1:]]
-        _normalise_share(*parts[0])
-        for o in others:
-            o.get()
+        for proc in others:
+            proc.join()
+    except BaseException:
+        for proc in others:
+            proc.stop()
+        raise
 
 
 def _merge_shares(tmp: Path) -> None:
