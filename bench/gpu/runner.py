@@ -284,9 +284,7 @@ def lever_step(name: str, work: Path) -> Step:
 def lever_steps(out: Path, work: Path) -> list[Step]:
     """The second call: the levers the first left (RNALM_GPU_LEVERS), then the data loader alone on the GPU
     node's CPUs and the activation memory of a giga block on the GPU."""
-    names = wanted_levers()
-    (work / "levers").mkdir(parents=True, exist_ok=True)
-    steps = [shards_step(work), *[lever_step(name, work) for name in names]]
+    steps = [shards_step(work), *[lever_step(name, work) for name in wanted_levers()]]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
     steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(work / "shards"), *loader,
