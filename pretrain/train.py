@@ -17,6 +17,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, replace
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import torch
@@ -27,7 +28,6 @@ from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer
                                  read_trainer_state)
 from pretrain.config import PretrainConfig, deepspeed_config
 from pretrain.data import PretrainLoader
-from pretrain.data.loader import STOP_SIGNALS
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
@@ -38,6 +38,7 @@ from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 
 EXIT_NONFINITE = 3
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PretrainModel(RiNALMo):
@@ -407,10 +408,21 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _next_batch(batches, default=StopIteration):
-    """next() outside the training RNG stream: a DataLoader draws its workers' base seed from the global torch
-    RNG, which would shift dropout after a resume (or a validation) and break exact replay."""
-    with torch.random.fork_rng(devices=[]):
-        return next(batches) if default is StopIteration else next(batches, default)
+    """next() with two guards for the DataLoader worker processes it may start:
+    - outside the training RNG stream: a DataLoader draws its workers' base seed from the global torch RNG,
+      which would shift dropout after a resume (or a validation) and break exact replay;
+    - with the stop signals blocked, so the workers inherit them blocked: Slurm and torchrun send SIGTERM to
+      every process, and a worker killed by it would crash the rank before it can save. The rank itself gets
+      any signal that arrived meanwhile when the mask is restored. multiprocessing's resource tracker is
+      started first, inside the mask: its start unblocks SIGTERM in the calling thread."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        with torch.random.fork_rng(devices=[]):
+            return next(batches) if default is StopIteration else next(batches, default)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _take(batches, n: int) -> tuple[list[PackedBatch], float]:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import signal
 from collections.abc import Iterator
-from multiprocessing import resource_tracker
 from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,22 +31,6 @@ _STATE_KEYS = ("split", "sampling", "seed", "shuffle_buffer", "infinite", "datas
 # (CPython gh-112275, Python <= 3.11: a rank's worker hung that way in CI). The forkserver would avoid it too,
 # but it listens on an AF_UNIX socket under TMPDIR, and a long per-job TMPDIR exceeds the 108-byte path limit.
 _WORKERS = multiprocessing.get_context("spawn")
-# What Slurm (scancel --full, preemption) and torchrun send to every process of a job to stop it.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def _start_workers(loader: DataLoader) -> Iterator:
-    """iter(loader), which starts its worker processes, with the stop signals blocked: the workers inherit the
-    mask, so a stop signal reaches the rank, which saves a checkpoint, and does not kill a worker under it
-    first; the rank gets any signal that arrived meanwhile when the mask is restored. multiprocessing's
-    resource tracker is started first, inside the mask: its start unblocks SIGTERM in the calling thread."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class _StreamsDataset(IterableDataset):
@@ -113,9 +95,9 @@ class PretrainLoader:
         if self.cfg.num_workers == 0:
             source = iter(dataset)
         else:
-            source = _start_workers(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                               prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
-                                               multiprocessing_context=_WORKERS))
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                     prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                                     multiprocessing_context=_WORKERS))
         for arrays, meta in source:
             batch = arrays.to_batch()
             if self.cfg.pin_memory:
