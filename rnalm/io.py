@@ -247,5 +247,8 @@ def export_multimolecule(state: Mapping[str, torch.Tensor],
     for ours, theirs in _MM_TOP.items():
         mm[theirs] = state[ours]
     mm["lm_head.decoder.weight"] = reindex(state["lm_mask_head.linear2.weight"])
+    # their model ties lm_head.bias to lm_head.decoder.bias; both names, as their converter writes (a copy, so that
+    # safetensors, which refuses shared tensors, can save the dict)
     mm["lm_head.bias"] = reindex(state["lm_mask_head.linear2.bias"])
+    mm["lm_head.decoder.bias"] = mm["lm_head.bias"].clone()
     return mm
