@@ -33,12 +33,15 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | sdpa
     activation_checkpointing: bool | int = False   # True: every block; an int n: the first n blocks
+    ffn_align: int = 1     # the FFN matmuls run at its width rounded up to this (zero padding; weights unchanged)
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.ffn_align < 1:
+            raise ValueError(f"ffn_align must be >= 1, got {self.ffn_align}")
         if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing < 0:
             raise ValueError(f"activation_checkpointing must be true, false or a block count >= 0, "
                              f"got {self.activation_checkpointing}")
@@ -56,6 +59,11 @@ class ModelConfig:
     @property
     def ffn_dim(self) -> int:
         return int(2 / 3 * 4 * self.dim)
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN width the matmuls see: ffn_dim rounded up to a multiple of ffn_align."""
+        return -(-self.ffn_dim // self.ffn_align) * self.ffn_align
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ModelConfig":

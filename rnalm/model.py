@@ -98,13 +98,33 @@ class SwishGate(torch.autograd.Function):
         return grad_a.to(a.dtype), grad_gate.to(gate.dtype), grad_beta.to(beta.dtype)
 
 
-class SwiGLU(nn.Module):
-    """a * sigmoid(beta * a) * gate, with a = linear(x), gate = linear_gate(x) and a learnable beta."""
+class AlignedLinear(nn.Linear):
+    """nn.Linear (same parameters and names) whose matmul may run wider than its weight: `out_pad` extra zero
+    output rows, and zero input columns up to the input's width. Exact: the extra outputs are 0 and the extra inputs
+    meet zero weights; their gradients never reach a parameter. Why: the original FFN width (3413 for giga) gives
+    rows of 6826 bytes, not a multiple of 16, which keeps GPU GEMMs off their aligned (TMA) kernels."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, out_pad: int = 0) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.out_pad = out_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, in_pad = self.weight, self.bias, x.shape[-1] - self.in_features
+        if self.out_pad or in_pad:
+            weight = F.pad(weight, (0, in_pad, 0, self.out_pad))
+            bias = None if bias is None else F.pad(bias, (0, self.out_pad))
+        return F.linear(x, weight, bias)
+
+
+class SwiGLU(nn.Module):
+    """a * sigmoid(beta * a) * gate, with a = linear(x), gate = linear_gate(x) and a learnable beta.
+    `width` >= hidden: the width the matmuls and the output have (zeros beyond hidden; ModelConfig.ffn_align)."""
+
+    def __init__(self, dim: int, hidden: int, width: int | None = None) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, hidden)
-        self.linear_gate = nn.Linear(dim, hidden)
+        pad = (width or hidden) - hidden
+        self.linear = AlignedLinear(dim, hidden, out_pad=pad)
+        self.linear_gate = AlignedLinear(dim, hidden, out_pad=pad)
         self.beta = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +137,8 @@ class TransformerBlock(nn.Module):
         self.mh_attn = MultiHeadSelfAttention(cfg)
         self.attn_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.attn_dropout = nn.Dropout(cfg.residual_dropout)
-        self.transition = nn.Sequential(SwiGLU(cfg.dim, cfg.ffn_dim), nn.Dropout(cfg.transition_dropout),
-                                        nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.transition = nn.Sequential(SwiGLU(cfg.dim, cfg.ffn_dim, cfg.ffn_width),
+                                        nn.Dropout(cfg.transition_dropout), AlignedLinear(cfg.ffn_dim, cfg.dim))
         self.out_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.transition_dropout = nn.Dropout(cfg.residual_dropout)
 

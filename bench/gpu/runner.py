@@ -216,13 +216,13 @@ def session_steps(out: Path, work: Path) -> list[Step]:
     padded original recipe), issue 2 step 6, then as many levers as the time allows, best expected first."""
     if TINY:
         model = ["--preset", "nano", "--dim", "64", "--layers", "2", "--heads", "4", "--budget", "2048",
-                 "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32"]
+                 "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--ffn-align", "64"]
         pretrain = ["--tiny", "--steps", "3", "--warmup", "1", "--padded-batch", "8", "--padded-steps", "2"]
     else:
         # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
         # sequences without activation checkpointing need ~200 GiB of activations for giga
         model = ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "--padded-batch", "32",
-                 "--steps", "10", "--warmup", "2"]
+                 "--steps", "10", "--warmup", "2", "--ffn-align", "64"]
         pretrain = [*LEVER_RUN, "--padded-batch", "192", "--padded-steps", "3"]
     return [shards_step(work),
             Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--shards", str(work / "shards"),
@@ -239,6 +239,8 @@ def session_steps(out: Path, work: Path) -> list[Step]:
 # is the H100 (80 GB) case.
 LEVERS: dict[str, list[str]] = {
     "baseline": [],
+    "align_zero2_compile": ["model.ffn_align=64", "train.ds_config=ds_configs/zero2.json", "model.compile=true"],
+    "ffn_align": ["model.ffn_align=64"],
     "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
     "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
     "compile": ["model.compile=true"],
@@ -321,6 +323,8 @@ def table(summary: dict) -> str:
             if "padded" in r:
                 cells["notes"] = (f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s "
                                   f"(x{r['packed_over_padded']:.1f})")
+            if "packed_ffn_align64" in r:
+                cells["notes"] += f"; FFN aligned to 64: x{r['packed_ffn_align64']['vs_packed']:.2f} packed"
             if "agreement" in r:
                 a = r["agreement"]
                 cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "

@@ -1,4 +1,5 @@
-"""model.compile (issue 7): budget padding keeps real sequences' results, and compiled training equals eager."""
+"""model.compile and model.ffn_align (issue 7): budget padding keeps real sequences' results, and compiled,
+FFN-aligned training equals eager."""
 from __future__ import annotations
 
 import shutil
@@ -93,13 +94,15 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names(activation_checkpo
 @pytest.mark.slow
 @needs_cxx
 @pytest.mark.timeout(400)
-def test_trainer_with_compile_matches_eager_under_zero3(pretrain_shards, tmp_path):
-    """The real trainer (2 ranks, ZeRO-3 on gloo, blocks as ZeRO-3 leaves) with and without model.compile,
-    dropout off: same sample stream, same losses; the compiled run pads every micro-batch to the budget."""
+def test_trainer_with_compile_and_ffn_align_matches_eager_under_zero3(pretrain_shards, tmp_path):
+    """The real trainer (2 ranks, ZeRO-3 on gloo, blocks as ZeRO-3 leaves) with model.compile and model.ffn_align
+    (issue 7's candidate default) and with neither, dropout off: same sample stream, same losses; the compiled run
+    pads every micro-batch to the budget."""
     common = ("--train.max_steps=4", "--checkpoint.every=0", "--checkpoint.save_at_end=false",
               "--model.attn_dropout=0", "--model.residual_dropout=0")
     run_trainer(pretrain_shards, tmp_path / "eager", *common)
-    run_trainer(pretrain_shards, tmp_path / "compiled", *common, "--model.compile=true", timeout=360)
+    run_trainer(pretrain_shards, tmp_path / "compiled", *common, "--model.compile=true", "--model.ffn_align=64",
+                timeout=360)
     eager, compiled = step_lines(read_log(tmp_path / "eager")), step_lines(read_log(tmp_path / "compiled"))
     assert [r["samples_sha1"] for r in compiled] == [r["samples_sha1"] for r in eager] and len(eager) == 4
     assert [r["step_tokens"] for r in compiled] == [r["step_tokens"] for r in eager]   # real tokens only

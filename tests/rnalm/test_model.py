@@ -218,3 +218,33 @@ def test_activation_checkpointing_is_all_none_or_a_block_count():
         [0, 33, 0, 12, 33]
     with pytest.raises(ValueError, match="activation_checkpointing must be"):
         replace(cfg, activation_checkpointing=-1)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_ffn_align_widens_the_matmuls_and_changes_nothing_else(ckpt):
+    """ffn_align: the FFN's matmuls run at a 16-byte-aligned width (giga 3413 -> 3456); parameters, outputs and
+    gradients stay those of the original width, so AdamW steps keep the two models identical."""
+    assert ModelConfig.preset("giga", ffn_align=64).ffn_width == 3456 and ModelConfig.preset("giga").ffn_width == 3413
+    plain = tiny_model(seed=4, activation_checkpointing=ckpt).double().train()   # ffn_dim 170
+    aligned = tiny_model(seed=5, ffn_align=64, activation_checkpointing=ckpt).double().train()
+    assert {k: v.shape for k, v in aligned.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    aligned.load_state_dict(plain.state_dict())
+    widths = []
+    aligned.transformer.blocks[0].transition[2].register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[-1]))
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    optims = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (plain, aligned)]
+    for step in range(3):
+        logits = []
+        for model, opt in zip((plain, aligned), optims):
+            torch.manual_seed(step)                       # the same dropout masks
+            out = model.forward_packed(batch).logits
+            out.square().mean().backward()
+            logits.append(out.detach())
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-12, atol=1e-12)
+    assert widths[0] == 192
+    for (name, p), q in zip(plain.named_parameters(), aligned.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="ffn_align"):
+        ModelConfig.preset("nano", ffn_align=0)
