@@ -17,11 +17,16 @@ IMAGE=(torch==2.11.0 "setuptools<82" numpy einops msgpack ninja psutil py-cpuinf
 die() { echo "[rehearse] ERROR: $*" >&2; exit 2; }
 compgen -G ".whl/*.whl" > /dev/null || die "no .whl/: run bash bench/gpu/prepare.sh first"
 if [[ ! -f $VENV/.complete ]]; then
-  py=${PYTHON312:-$(command -v python3.12 || ls -d ~/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)}
-  [[ -n $py && -x $py ]] || die "no Python 3.12: set PYTHON312"
+  py=
+  for c in ${PYTHON312:-} $(command -v python3.12) ~/.pyenv/versions/3.12*/bin/python3.12; do
+    "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2> /dev/null && { py=$c; break; }
+  done
+  [[ -n $py ]] || die "no working Python 3.12: set PYTHON312"
   echo "[rehearse] building $VENV (torch 2.11 and the image's packages our code uses)"
   rm -rf "$VENV"
-  "$py" -m venv "$VENV" && "$VENV/bin/python" -m pip install -q "${IMAGE[@]}" || die "could not build $VENV"
+  "$py" -m venv "$VENV" || die "could not create $VENV"
+  "$VENV/bin/python" -m pip install -q "${IMAGE[@]}" 2>&1 | grep -v "^WARNING: Location"
+  [[ ${PIPESTATUS[0]} == 0 ]] || die "could not install the image's packages into $VENV"
   touch "$VENV/.complete"
 fi
 

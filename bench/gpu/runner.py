@@ -279,7 +279,8 @@ def lever_step(name: str, work: Path) -> Step:
     common = ["--tiny", "--steps", "2", "--warmup", "1"] if TINY else LEVER_RUN
     return Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
                        "--corpus", str(corpus()), *sets, "--out", str(result)],
-                cap=240 if compiled else 150, min_seconds=60 if not TINY else 10, result=result,
+                # a compiled giga needs ~1-2 min before its first step: with less room, a lever after it runs instead
+                cap=240 if compiled else 150, min_seconds=10 if TINY else 150 if compiled else 60, result=result,
                 meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"])
 
 
@@ -289,6 +290,7 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
     steps = [shards_step(work), *[lever_step(name, work) for name in wanted_levers()]]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
+    (work / "loader.jsonl").unlink(missing_ok=True)   # loader_bench appends: a rerun's rows only
     steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(work / "shards"), *loader,
                                  "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))
     memory = (["--preset", "nano", "--dtype", "fp32", "--tokens", "256", "--budget", "2048"] if TINY else
