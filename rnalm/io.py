@@ -30,6 +30,12 @@ MULTIMOLECULE_VOCAB: tuple[str, ...] = (
     "<pad>", "<cls>", "<eos>", "<unk>", "<mask>", "<null>",
     "A", "C", "G", "U", "N", "R", "Y", "S", "W", "K", "M", "B", "D", "H", "V", ".", "X", "*", "-", "I",
 )
+# the 28-token vocabulary of its current releases (0.2.x): I moved, |, ? added
+MULTIMOLECULE_VOCAB_28: tuple[str, ...] = (
+    "<pad>", "<cls>", "<eos>", "<unk>", "<mask>", "<null>",
+    "A", "C", "G", "U", "N", "R", "Y", "S", "W", "K", "M", "B", "D", "H", "V", "I", "X", "|", ".", "*", "-", "?",
+)
+MULTIMOLECULE_VOCABS = {len(v): v for v in (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28)}
 _OURS_TO_MM_TOKEN = {tok: ("U" if tok == "T" else tok) for tok in VOCAB}
 
 
@@ -194,13 +200,24 @@ def _mm_rows(mm_vocab: tuple[str, ...]) -> list[int]:
     return [mm_vocab.index(_OURS_TO_MM_TOKEN[t]) for t in VOCAB]
 
 
-def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] = MULTIMOLECULE_VOCAB,
+def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] | None = None,
                          **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
-    """multimolecule `RiNALMoForMaskedLM` weights -> our (the original's) names and vocabulary order."""
+    """multimolecule `RiNALMoForMaskedLM` weights -> our (the original's) names and vocabulary order. The
+    vocabulary is told by the embedding's row count (26: published checkpoints, 28: current releases) unless
+    given; rows are re-indexed by token, so a vocabulary that does not match the weights is an error."""
     where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "multimolecule state dict"
     mm = read_state_dict(path_or_state)
-    rows = torch.tensor(_mm_rows(mm_vocab))
     try:
+        vocab_rows = mm["model.embeddings.word_embeddings.weight"].shape[0]
+        if mm_vocab is None and vocab_rows not in MULTIMOLECULE_VOCABS:
+            raise WeightsError(f"{where}: {vocab_rows} embedding rows, but the known multimolecule vocabularies "
+                               f"have {sorted(MULTIMOLECULE_VOCABS)} tokens: pass mm_vocab")
+        mm_vocab = mm_vocab or MULTIMOLECULE_VOCABS[vocab_rows]
+        for name in ("model.embeddings.word_embeddings.weight", "lm_head.decoder.weight"):
+            if mm[name].shape[0] != len(mm_vocab):
+                raise WeightsError(f"{where}: {name} has {mm[name].shape[0]} rows for a vocabulary of "
+                                   f"{len(mm_vocab)} tokens")
+        rows = torch.tensor(_mm_rows(mm_vocab))
         state: StateDict = {"embedding.weight": mm["model.embeddings.word_embeddings.weight"][rows]}
         layers = 1 + max(int(m.group(1)) for k in mm if (m := re.match(r"model\.encoder\.layer\.(\d+)\.", k)))
         for i in range(layers):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rnalm.config import ModelConfig
-from rnalm.io import (MULTIMOLECULE_VOCAB, WeightsError, export_multimolecule, export_official, import_multimolecule,
+from rnalm.io import (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28, WeightsError, export_multimolecule, export_official, import_multimolecule,
                       import_official, load_pretrained, save_pretrained)
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import batch_encode
@@ -56,6 +56,19 @@ def test_multimolecule_layout_has_its_names_vocabulary_and_pad_id():
     q, k, v = (mm[f"model.encoder.layer.0.attention.self.{n}.weight"] for n in ("query", "key", "value"))
     assert torch.equal(torch.cat([q, k, v]), state["transformer.blocks.0.mh_attn.Wqkv.weight"])
     assert mm["model.encoder.layer.3.intermediate.bias"].shape == (1,)   # beta under multimolecule's name
+
+
+def test_multimolecule_vocabulary_is_told_by_the_row_count_and_a_mismatch_is_an_error():
+    state = random_model("nano").state_dict()
+    for vocab in (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28):
+        _, back = import_multimolecule(export_multimolecule(state, mm_vocab=vocab))
+        assert_same_state(back, state)
+    mm28 = export_multimolecule(state, mm_vocab=MULTIMOLECULE_VOCAB_28)
+    with pytest.raises(WeightsError, match="word_embeddings.weight has 28 rows for a vocabulary of 26 tokens"):
+        import_multimolecule(mm28, mm_vocab=MULTIMOLECULE_VOCAB)   # I and - would get other tokens' rows
+    mm28["model.embeddings.word_embeddings.weight"] = mm28["model.embeddings.word_embeddings.weight"][:27]
+    with pytest.raises(WeightsError, match="27 embedding rows, but the known multimolecule vocabularies have"):
+        import_multimolecule(mm28)
 
 
 def test_official_finetuned_wrapper_and_rope_buffer_are_handled(tmp_path):

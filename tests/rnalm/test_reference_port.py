@@ -16,7 +16,7 @@ from multimolecule import RiNALMoConfig, RiNALMoForMaskedLM, RnaTokenizer  # noq
 from multimolecule.models.rinalmo.convert_checkpoint import _convert_checkpoint, original_vocab_list  # noqa: E402
 
 from rnalm.config import ModelConfig  # noqa: E402
-from rnalm.io import export_multimolecule, export_official, import_multimolecule  # noqa: E402
+from rnalm.io import MULTIMOLECULE_VOCAB_28, export_multimolecule, export_official, import_multimolecule  # noqa: E402
 from rnalm.model import RiNALMo  # noqa: E402
 from rnalm.tokenizer import MASK_ID, VOCAB, batch_encode  # noqa: E402
 
@@ -26,6 +26,10 @@ MASKED = [(0, 3), (1, 10), (1, 11), (1, 30), (2, 2)]          # (sequence, token
 TOKENIZER = RnaTokenizer()
 MM_VOCAB = tuple(sorted(TOKENIZER.get_vocab(), key=TOKENIZER.get_vocab().get))
 OUR_ROWS = [MM_VOCAB.index("U" if t == "T" else t) for t in VOCAB]   # their logit column of each of our ids
+
+
+def test_the_installed_tokeniser_has_the_vocabulary_rnalm_knows():
+    assert MM_VOCAB == MULTIMOLECULE_VOCAB_28
 
 
 def mm_model(cfg: ModelConfig) -> RiNALMoForMaskedLM:
@@ -75,7 +79,7 @@ def test_multimolecule_weights_give_the_reference_outputs(dims):
     theirs = mm_model(cfg)
     randomise(theirs)
     imported_cfg, state = import_multimolecule({k: v.float() for k, v in theirs.state_dict().items()},
-                                               mm_vocab=MM_VOCAB, num_heads=cfg.num_heads)
+                                               num_heads=cfg.num_heads)    # its vocabulary told by the row count
     assert (imported_cfg.dim, imported_cfg.num_layers) == (cfg.dim, cfg.num_layers)
     ours = RiNALMo(imported_cfg).eval().double()
     ours.load_state_dict({k: v.double() for k, v in state.items()})
