@@ -4,7 +4,8 @@ run on), whose authors checked it against the original's intermediate representa
 Same random weights, same sequences (with <mask> tokens, ambiguity codes and padding), in float64: logits and
 representations agree. This pins what our own tests cannot: the architecture details (residual quirk of the block,
 RoPE layout, token-dropout rescaling, SwiGLU's beta, head) and the weight layouts, through multimolecule's own
-converter of the official checkpoints. multimolecule is a test-only reference (AGPL-3.0; never imported by the
+converter of the official checkpoints; and finetune's secondary-structure head, on a checkpoint in the original's
+fine-tuned layout. multimolecule is a test-only reference (AGPL-3.0; never imported by the
 packages); its private `_convert_checkpoint` is why the version is pinned in pyproject's dev extra.
 """
 import pytest
@@ -109,3 +110,39 @@ def test_our_multimolecule_export_loads_strictly_into_their_model():
     missing, unexpected = theirs.load_state_dict(exported, strict=False)
     assert not unexpected and not [k for k in missing if "inv_freq" not in k], (missing, unexpected)
     assert_same_outputs(ours, theirs)
+
+
+def test_original_ss_checkpoint_predicts_as_in_the_reference(tmp_path):
+    """A secondary-structure checkpoint in the original's fine-tuned layout (`lm.*`, `pred_head.*`, threshold),
+    read by our importer and by multimolecule's converter of the released `ss_*_ft.pt`: same pair logits."""
+    from multimolecule import RiNALMoForSecondaryStructurePrediction
+
+    from finetune.backbone import TaskModel, import_original_ss, load_finetuned
+    from finetune.heads import HeadConfig, SecondaryStructureHead
+
+    cfg = ModelConfig.preset("nano")
+    ours = TaskModel(RiNALMo(cfg), SecondaryStructureHead(cfg.dim, HeadConfig())).eval().double()
+    randomise(ours)
+    export_official(ours.lm.state_dict(), tmp_path / "lm.pt")
+    original = {**{f"lm.{k}": v for k, v in torch.load(tmp_path / "lm.pt", weights_only=True).items()},
+                **{f"pred_head.{k}": v for k, v in ours.pred_head.state_dict().items()}, "threshold": torch.tensor(0.1)}
+    torch.save(original, tmp_path / "ss_test_ft.pt")
+    imported, meta = load_finetuned(import_original_ss(tmp_path / "ss_test_ft.pt", tmp_path / "imported"))
+    imported = imported.double()
+    assert meta["threshold"] == pytest.approx(0.1)
+
+    theirs_cfg = mm_model(cfg).config
+    theirs_cfg.head = {"num_channels": 64, "num_layers": 2}
+    theirs = RiNALMoForSecondaryStructurePrediction(theirs_cfg).eval().double()
+    converted = _convert_checkpoint(theirs_cfg, original, list(MM_VOCAB), original_vocab_list, task="ss")
+    missing, unexpected = theirs.load_state_dict(converted, strict=False)
+    assert not unexpected and not [k for k in missing if "inv_freq" not in k], (missing, unexpected)
+    for seq in SEQS[:2]:                       # one at a time: the head's InstanceNorm sees one L x L grid
+        ids = torch.as_tensor(batch_encode([seq])[0])
+        enc = TOKENIZER([seq], return_tensors="pt")
+        with torch.no_grad():
+            a = imported.pred_head(imported.lm(ids).representation, ids)[0]   # TaskModel's own runs the head in fp32
+            b = theirs(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0, ..., 0]
+        assert a.shape == b.shape == (len(seq), len(seq))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert a.std() > 0.1
