@@ -172,7 +172,8 @@ def main() -> None:
     overrides = {k: v for k, v in (("dim", args.dim), ("num_layers", args.layers), ("num_heads", args.heads)) if v}
     cfg = ModelConfig.preset(args.preset, attn_dropout=0.0, residual_dropout=0.0, **overrides)
     torch.manual_seed(0)
-    model = RiNALMo(cfg).to(device)
+    with device:
+        model = RiNALMo(cfg)
     model.attention_backend = resolve_backend("auto", device)
     rng = np.random.default_rng(0)
     lengths = corpus_lengths(args.corpus)

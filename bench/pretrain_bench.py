@@ -79,7 +79,8 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
 def padded_run(args, cfg: ModelConfig, lengths: np.ndarray, device: torch.device) -> dict:
     """Original-style training steps: B sequences padded to the longest, all positions computed."""
     torch.manual_seed(0)
-    model = RiNALMo(ModelConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": True})).to(device).train()
+    with device:
+        model = RiNALMo(ModelConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": True})).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, fused=device.type == "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     flops = FlopCounter(cfg)

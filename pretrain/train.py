@@ -111,10 +111,8 @@ class Trainer:
             save_yaml(cfg, self.out / "config.yaml")
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         ds_cfg = deepspeed_config(cfg, self.bf16)
-        if cfg.train.zero_init:
-            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-                model = PretrainModel(self.model_cfg)
-        else:
+        # built where it trains: on a CPU, giga's random init alone takes ~9 s (the CPU generator is serial)
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else self.device:
             model = PretrainModel(self.model_cfg)
         # torch.compile with static shapes: every micro-batch padded to the token budget (see _static_shape)
         self.static_tokens = cfg.data.token_budget if cfg.model.compile else None
