@@ -47,7 +47,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    fused: bool | None = None       # torch fused AdamW; None: on CUDA only
+    # auto: torch's fused kernel on CUDA, its multi-tensor one elsewhere; deepspeed: DeepSpeed's FusedAdam (JIT-built)
+    adamw: Literal["auto", "torch", "torch_fused", "deepspeed"] = "auto"
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
                                  read_trainer_state)
-from pretrain.config import PretrainConfig, deepspeed_config
+from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
 from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
@@ -121,12 +121,8 @@ class Trainer:
             if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
                 # ZeRO-3 gathers a block's parameters at block entry, so no hook runs inside the compiled parts
                 deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                      fused=cfg.optim.fused if cfg.optim.fused is not None else
-                                      self.device.type == "cuda")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_cfg,
+            model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         if cfg.data.pin_memory and self.device.type != "cuda":
@@ -399,10 +395,15 @@ class _JsonLog:
         self._f.close()
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for _, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.adamw == "deepspeed":
+        from deepspeed.ops.adam import FusedAdam  # builds its op on first use
+        return FusedAdam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, adam_w_mode=True)
+    fused = cfg.adamw == "torch_fused" or (cfg.adamw == "auto" and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
 def _next_batch(batches, default=StopIteration):

@@ -247,8 +247,9 @@ LEVERS: dict[str, list[str]] = {
     "zero2": ["train.ds_config=ds_configs/zero2.json"],
     "budget64k": ["data.token_budget=65536"],
     "budget16k": ["data.token_budget=16384"],
-    "adamw_unfused": ["optim.fused=false"],
+    "adamw_unfused": ["optim.adamw=torch"],
     "budget48k_ac9": ["data.token_budget=49152", "model.activation_checkpointing=9"],
+    "adamw_deepspeed": ["optim.adamw=deepspeed"],
 }
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
 LEVER_RUN = ["--preset", "giga", "--steps", "10", "--warmup", "3"]   # pretrain_bench's packed run, every lever

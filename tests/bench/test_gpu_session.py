@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.gpu.runner import LEVERS
+from pretrain.config import PretrainConfig
+from rnalm.configfile import from_cli
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -161,3 +165,11 @@ def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budg
     assert [s["status"] for s in summary(tmp_path)["steps"]] == ["ok", "skipped", "skipped"]
     assert summary(tmp_path)["levers_left"] == ["zero2"]          # the next call's RNALM_GPU_LEVERS
     assert "RNALM_GPU_LEVERS=zero2 bash bench/gpu/levers.sh" in (tmp_path / "session.log").read_text()
+
+
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_every_levers_overrides_make_a_valid_giga_config(lever):
+    """A device minute is too dear to find a renamed config key there: each lever's overrides parse here."""
+    cfg = from_cli(PretrainConfig, ["--config", str(REPO / "pretrain/configs/giga.yaml"),
+                                    *(f"--{s}" for s in LEVERS[lever])])
+    assert cfg.model.preset == "giga"

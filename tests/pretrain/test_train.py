@@ -212,11 +212,14 @@ def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretr
     assert engine_step["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
 
 
-@pytest.mark.parametrize("ds_config", ["zero2", "zero3_offload"])
-def test_other_deepspeed_configs_train_the_same_steps(pretrain_shards, straight_run, tmp_path, ds_config):
+@pytest.mark.parametrize("setting", ["train.ds_config=ds_configs/zero2.json",
+                                     "train.ds_config=ds_configs/zero3_offload.json",
+                                     "optim.adamw=deepspeed"])  # DeepSpeed's FusedAdam: its first use builds it
+def test_other_deepspeed_configs_and_optimizers_train_the_same_steps(pretrain_shards, straight_run, tmp_path,
+                                                                      setting):
     out = tmp_path / "run"
     run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", "--train.stop_after=4",
-                f"--train.ds_config=ds_configs/{ds_config}.json", "--checkpoint.every=0")
+                f"--{setting}", "--checkpoint.every=0")
     records = read_log(out)
     assert events(records, "done")[0]["step"] == 4 and latest_tag(out / "checkpoints") == tag_for(4)  # stop_after
     reference = by_step(read_log(straight_run))
