@@ -249,6 +249,8 @@ LEVERS: dict[str, list[str]] = {
     "budget16k": ["data.token_budget=16384"],
     "adamw_unfused": ["optim.adamw=torch"],
     "budget48k_ac9": ["data.token_budget=49152", "model.activation_checkpointing=9"],
+    "zero3_buckets": ["train.ds_overrides={zero_optimization: {reduce_bucket_size: 200000000, "
+                      "stage3_prefetch_bucket_size: 200000000}}"],
     "adamw_deepspeed": ["optim.adamw=deepspeed"],
 }
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
