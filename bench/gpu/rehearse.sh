@@ -25,8 +25,8 @@ if [[ ! -f $VENV/.complete ]]; then
   echo "[rehearse] building $VENV (torch 2.11 and the image's packages our code uses)"
   rm -rf "$VENV"
   "$py" -m venv "$VENV" || die "could not create $VENV"
-  "$VENV/bin/python" -m pip install -q "${IMAGE[@]}" 2>&1 | grep -v "^WARNING: Location"
-  [[ ${PIPESTATUS[0]} == 0 ]] || die "could not install the image's packages into $VENV"
+  "$VENV/bin/python" -m pip install -q "${IMAGE[@]}" > "$DIR/pip.log" 2>&1 ||
+    { grep -v "^WARNING: Location" "$DIR/pip.log"; die "could not install the image's packages into $VENV"; }
   touch "$VENV/.complete"
 fi
 
