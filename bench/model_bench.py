@@ -186,7 +186,7 @@ def main() -> None:
     result["packed"] = throughput(model, packed, device, dtype, args.warmup)
     result["padded"] = throughput(model, padded_batches(lengths, args.padded_batch, rng, n), device, dtype, args.warmup)
     for align in args.ffn_align:
-        with torch.device(device):
+        with device:
             aligned = RiNALMo(replace(cfg, ffn_align=align))
         aligned.load_state_dict(model.state_dict())
         aligned.attention_backend = model.attention_backend
