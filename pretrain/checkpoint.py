@@ -7,6 +7,8 @@ Layout of `out_dir/checkpoints/`:
     step00001000_universal/  optional, from `python -m pretrain.convert --universal` (other world sizes)
     latest                   text file with the newest good tag (DeepSpeed's own pointer format)
     .tmp-step00001000/       only while saving; a crash leaves it behind and the next start deletes it
+    .old-step00001000/       only while a save replaces a checkpoint of the same step; a crash that leaves it
+                             without its successor has the next start put it back
 A directory gets its final name only after every rank has written into it, so a name is a complete
 checkpoint; the pointer moves after the rename, so it never names a partial one.
 """
@@ -28,6 +30,7 @@ import torch.distributed as dist
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step(\d{8})$")
 
@@ -117,11 +120,14 @@ class Checkpointer:
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
     def remove_partial_saves(self) -> list[str]:
-        """Rank 0, at start-up: delete temp dirs left by a save that crashed."""
+        """Rank 0, at start-up: delete temp dirs left by a save that crashed; put back a replaced checkpoint
+        whose successor never got its name."""
         removed = []
         if self.rank == 0 and self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.startswith(TMP_PREFIX) and p.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if p.name.startswith(OLD_PREFIX) and not (self.root / p.name[len(OLD_PREFIX):]).exists():
+                    os.rename(p, self.root / p.name[len(OLD_PREFIX):])
+                elif p.name.startswith((TMP_PREFIX, OLD_PREFIX)) and p.is_dir():
                     shutil.rmtree(p)
                     removed.append(p.name)
         _barrier()
@@ -141,11 +147,7 @@ class Checkpointer:
         _barrier()
         if self.rank == 0:
             write_text_atomic(tmp_dir / STATE_FILE, json.dumps(state))
-            final = self.root / tag
-            if final.exists():  # same step saved before (e.g. resumed run stopped at once): replace it
-                shutil.rmtree(final)
-            os.rename(tmp_dir, final)
-            _fsync_dir(self.root)
+            self._publish(tmp_dir, self.root / tag)
             write_text_atomic(self.root / LATEST, tag)
             self._prune(keep_also=tag)
         _barrier()
@@ -164,6 +166,16 @@ class Checkpointer:
         else:  # another world size: ranks no longer map 1:1; reseed deterministically
             torch.manual_seed(hash((state.get("seed", 0), state["step"], self.rank)) & 0xFFFFFFFF)
         return state
+
+    def _publish(self, tmp_dir: Path, final: Path) -> None:
+        """tmp_dir -> final. A checkpoint already there (same step saved before, e.g. a resumed run stopped
+        before its first step) is moved aside first and deleted last, so a crash never leaves neither."""
+        old = self.root / (OLD_PREFIX + final.name)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp_dir, final)
+        _fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep_also: str) -> None:
         tags = complete_tags(self.root)

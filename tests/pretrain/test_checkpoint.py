@@ -49,6 +49,44 @@ def test_partial_saves_are_removed_at_start_up(tmp_path):
         Checkpointer(tmp_path, keep=0, rank=0, world_size=1)
 
 
+def test_replacing_a_checkpoint_of_the_same_step_survives_a_crash_at_any_point(tmp_path, monkeypatch):
+    import os
+
+    import pretrain.checkpoint as checkpoint
+
+    ckpt = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
+
+    def new_save(marker: str):
+        tmp = tmp_path / ".tmp-step00000008"
+        tmp.mkdir()
+        (tmp / STATE_FILE).write_text(f'{{"step": 8, "run": "{marker}"}}')
+        return tmp
+
+    make_tag(tmp_path, 8)
+    ckpt._publish(new_save("second"), tmp_path / tag_for(8))  # no crash: replaced, nothing left aside
+    assert read_trainer_state(tmp_path, tag_for(8))["run"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(8)]
+
+    real_rename = os.rename
+    for crash_at in (1, 2):  # during the move aside, then between the move aside and the new name
+        calls = []
+
+        def rename(src, dst, _crash_at=crash_at, _calls=calls):
+            _calls.append(src)
+            if len(_calls) == _crash_at:
+                raise OSError("node lost")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(checkpoint.os, "rename", rename)
+        with pytest.raises(OSError, match="node lost"):
+            ckpt._publish(new_save("third"), tmp_path / tag_for(8))
+        monkeypatch.setattr(checkpoint.os, "rename", real_rename)
+        ckpt.remove_partial_saves()  # the next start
+        assert complete_tags(tmp_path) == [tag_for(8)]
+        assert read_trainer_state(tmp_path, tag_for(8))["run"] == "second"
+        assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(8)]
+
+
 def test_straight_run_kept_the_newest_two_and_points_at_the_last(straight_run):
     root = straight_run / "checkpoints"
     assert complete_tags(root) == [tag_for(8), tag_for(12)]
