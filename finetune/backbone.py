@@ -9,8 +9,6 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +19,7 @@ from torch import nn
 
 from rnalm import io as rio
 from rnalm.config import ModelConfig
+from rnalm.files import atomic_write
 from rnalm.model import RiNALMo
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
@@ -116,12 +115,8 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     full = {**meta, "model": model.lm.config.to_dict()}
-    for name, write in ((FT_WEIGHTS, lambda p: save_file(tensors, p)),
-                        (FT_META, lambda p: Path(p).write_text(json.dumps(full, indent=2, default=str) + "\n"))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, out / name)
+    atomic_write(out / FT_WEIGHTS, lambda p: save_file(tensors, p))
+    atomic_write(out / FT_META, json.dumps(full, indent=2, default=str) + "\n")
     return out
 
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from finetune.backbone import load_finetuned
 from finetune.postprocess import decode_pairs
-from finetune.results import atomic_write_text
 from finetune.structure import (StructureRecord, read_fasta, to_dot_bracket, warn_unknown_letters, write_bpseq,
                                 write_ct)
 from finetune.trainer import pick_device
+from rnalm.files import atomic_write
 
 
 @dataclass
@@ -61,8 +61,8 @@ def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
     preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), decode_pairs(p, r.sequence, threshold))
              for r, p in zip(records, probs)]
     if cfg.format == "dbn":
-        atomic_write_text(out / "predictions.dbn",
-                      "".join(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n" for p in preds))
+        atomic_write(out / "predictions.dbn",
+                     "".join(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n" for p in preds))
     else:
         names = [safe_name(p.id) for p in preds]
         if len(set(names)) != len(names):  # ids that differ only in characters we replace
@@ -91,5 +91,6 @@ def predict_table(cfg: PredictConfig, task: str) -> Path:
         values = predict_mrl(model, seqs, Scaler(**meta["scaler"]), cfg.batch_size, cfg.progress)
         lines = ["id\tmrl"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
     path = Path(cfg.out) / "predictions.tsv"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

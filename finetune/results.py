@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from rnalm.files import atomic_write
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _fmt(v: Any) -> str:
@@ -40,4 +31,4 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str]
 def write_results(out_dir: str | Path, name: str, result: Mapping[str, Any], table: str) -> None:
     """OUT/<name>.json (everything) and OUT/<name>.md (the table), both atomically."""
     write_json(result, Path(out_dir) / f"{name}.json")
-    atomic_write_text(Path(out_dir) / f"{name}.md", table)
+    atomic_write(Path(out_dir) / f"{name}.md", table)

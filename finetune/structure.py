@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.results import atomic_write_text
+from rnalm.files import atomic_write
+
 
 # Bracket levels in the order pseudoknot depth is written: () [] {} <> then Aa Bb ... Zz.
 BRACKETS: tuple[tuple[str, str], ...] = (("(", ")"), ("[", "]"), ("{", "}"), ("<", ">")) + tuple(
@@ -141,7 +142,7 @@ def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecor
 def write_bpseq(record: StructureRecord, path: str | Path) -> None:
     partner = pairs_to_partner(record.pairs, len(record))
     lines = [f"# {record.id}"] + [f"{i + 1} {b} {p + 1}" for i, (b, p) in enumerate(zip(record.sequence, partner))]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- ct
@@ -185,7 +186,7 @@ def format_ct(record: StructureRecord) -> str:
 
 def write_ct(records: StructureRecord | Iterable[StructureRecord], path: str | Path) -> None:
     recs = [records] if isinstance(records, StructureRecord) else list(records)
-    atomic_write_text(path, "".join(format_ct(r) for r in recs))
+    atomic_write(path, "".join(format_ct(r) for r in recs))
 
 
 # ---------------------------------------------------------------- dot-bracket CSV / FASTA-like text

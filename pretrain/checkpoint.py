@@ -19,13 +19,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from rnalm.files import atomic_write, fsync_path
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -41,25 +42,6 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -146,9 +128,9 @@ class Checkpointer:
         torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank}.pt")
         _barrier()
         if self.rank == 0:
-            write_text_atomic(tmp_dir / STATE_FILE, json.dumps(state))
+            atomic_write(tmp_dir / STATE_FILE, json.dumps(state), durable=True)
             self._publish(tmp_dir, self.root / tag)
-            write_text_atomic(self.root / LATEST, tag)
+            atomic_write(self.root / LATEST, tag, durable=True)
             self._prune(keep_also=tag)
         _barrier()
         return tag
@@ -174,7 +156,7 @@ class Checkpointer:
         if final.exists():
             os.rename(final, old)
         os.rename(tmp_dir, final)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep_also: str) -> None:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, latest_tag,
-                                 read_trainer_state, write_text_atomic)
+                                 read_trainer_state)
+from rnalm.files import atomic_write
 
 
 def checkpoints_root(path: str | Path) -> Path:
@@ -76,7 +77,7 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
             shutil.copy2(f, tmp / f.name)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    write_text_atomic(root / "latest_universal", final.name)  # ds_to_universal wrote the temp name there
+    atomic_write(root / "latest_universal", final.name, durable=True)  # ds_to_universal wrote the temp name there
     return final
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rnalm.config import PRESETS, ModelConfig
+from rnalm.files import atomic_write
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import VOCAB
 
@@ -61,20 +61,6 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where:
                            + "; ".join(problems))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; released weights are shared files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
                     config: ModelConfig | None = None, provenance: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` + `config.json` into out_dir (each file atomically)."""
@@ -89,11 +75,11 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
             "provenance": provenance or {}}
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return out
 
 
@@ -162,7 +148,7 @@ def import_official(path_or_state, **config_overrides: Any) -> tuple[ModelConfig
 
 def export_official(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict the original code loads with `load_state_dict(torch.load(path))`."""
-    _atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p))
+    atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p))
 
 
 # --- the multimolecule layout ----------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""One way to write a file that readers (and a crash) see whole or not at all. Standard library only, so the
+torch-free dataprep uses it too."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str], None],
+                 durable: bool = False) -> None:
+    """Write `content` (text, bytes, or a function that writes the given temp path) into a temp file beside
+    `path`, then rename it over `path`. The file gets the umask's mode (mkstemp's 0600 would hide shared
+    results from a team); the temp name ends in .tmp so no `*.json`-style glob sees it. `durable`: fsync the
+    file and the directory (checkpoint pointers, manifests: must survive a node crash)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if callable(content):
+            os.close(fd)
+            fd = -1
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                fd = -1
+                f.write(content.encode() if isinstance(content, str) else content)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a rename is durable once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
