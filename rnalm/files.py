@@ -16,15 +16,12 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str],
     file and the directory (checkpoint pointers, manifests: must survive a node crash)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
         if callable(content):
-            os.close(fd)
-            fd = -1
             content(tmp)
         else:
-            with os.fdopen(fd, "wb") as f:
-                fd = -1
-                f.write(content.encode() if isinstance(content, str) else content)
+            Path(tmp).write_bytes(content.encode() if isinstance(content, str) else content)
         os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
         if durable:
             fsync_path(tmp)
@@ -32,8 +29,6 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str],
         if durable:
             fsync_path(path.parent)
     finally:
-        if fd >= 0:
-            os.close(fd)
         if os.path.exists(tmp):
             os.unlink(tmp)
 
