@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from rnalm.files import atomic_write
+
 from . import cluster as clustering
 from . import dedup as dd
 from .cluster import ClusterConfig
@@ -312,12 +314,6 @@ def _manifest_current(out: Path, build_key: str) -> bool:
     return all((out / s.path).is_file() and (out / s.path).stat().st_size == s.bytes for s in m.shards)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
     """Per-input records / rejected / duplicates / kept, and the dedup result arrays."""
     sources = json.loads((stages["normalise"].final / "sources.json").read_text())
@@ -377,7 +373,7 @@ def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: li
             rows.append((s, ln, rid, f"duplicate id with a different sequence (first seen at {names[fs]}:{fl})"))
         rows.sort(key=lambda r: (r[0], r[1]))
     text = "source\tid\tline\treason\n" + "".join(f"{names[s]}\t{rid}\t{ln}\t{reason}\n" for s, ln, rid, reason in rows)
-    _write_text_atomic(out / "rejects.tsv", text)
+    atomic_write(out / "rejects.tsv", text)
 
 
 def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> None:
@@ -387,4 +383,4 @@ def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> N
     rows = zip(store.ids_of(r), store.ids_of(d), store.source[d].tolist(), store.line[d].tolist())
     text = "kept_id\tduplicate_id\tduplicate_source\tduplicate_line\n" + "".join(
         f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows)
-    _write_text_atomic(out / "duplicates.tsv", text)
+    atomic_write(out / "duplicates.tsv", text)

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
+from rnalm.files import atomic_write
+
 BLOCK_EXT = "rec.zst"
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -322,13 +324,7 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> None:
-    path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(Path(out_dir) / MANIFEST_NAME, manifest.to_json(), durable=True)
 
 
 def _manifest_sha256(shard_path: Path) -> str:

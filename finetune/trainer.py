@@ -60,11 +60,14 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         batches: Callable[[int], Iterable[Any]], loss_fn: Callable[[TaskModel, Any], torch.Tensor],
         validate: Callable[[TaskModel], dict[str, Any]], save: Callable[[TaskModel, dict[str, Any]], None],
         score_key: str, higher_is_better: bool = True) -> list[dict[str, Any]]:
-    """Train for cfg.epochs; after each epoch validate, and `save` when `score_key` improved.
+    """Train for cfg.epochs; after each epoch validate, and `save` when `score_key` improved (a NaN score never
+    does). Raises when no epoch was saved, so a caller never goes on with an older run's model in OUT.
 
     `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
-    Returns the per-epoch history (also appended to OUT/log.jsonl).
+    Returns the per-epoch history (also written to OUT/log.jsonl, which each run starts anew).
     """
+    if cfg.epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {cfg.epochs}")
     device = pick_device(cfg.device)
     model.to(device)
     unfreezer = Unfreezer(model.lm, unfreeze, model.lm.config.num_layers)
@@ -73,6 +76,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     opt = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     log_path = Path(cfg.out_dir) / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
     best, history, step = -math.inf if higher_is_better else math.inf, [], 0
     started = time.time()
 
@@ -122,4 +126,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         if improved:
             best = score
             save(model, val)
+    if not any(r["best"] for r in history):
+        raise ValueError(f"no model saved in {cfg.out_dir}: the validation {score_key} was never a number "
+                         f"({[r[f'valid_{score_key}'] for r in history]}); is the validation split big enough?")
     return history

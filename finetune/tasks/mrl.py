@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import gzip
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,12 +156,30 @@ def train(cfg: MRLConfig) -> dict[str, Any]:
     return result
 
 
+SPLIT_KEYS = ("file", "valid_fraction", "test_fraction", "seed")
+
+
+def trained_split(asked: MRLDataConfig, meta: dict[str, Any], where: str) -> MRLDataConfig:
+    """The split the model was trained with (file, fractions, seed from its finetune.json): another one would
+    put training records into the "test" set. Asking for a different one explicitly is an error."""
+    trained = {k: meta["data"][k] for k in SPLIT_KEYS}
+    default = MRLDataConfig()
+    clash = {k: getattr(asked, k) for k in SPLIT_KEYS
+             if getattr(asked, k) != getattr(default, k) and getattr(asked, k) != trained[k]}
+    if clash:
+        raise ValueError(f"{where} was trained on the split {trained}; evaluating with {clash} would test on "
+                         f"records it was trained on (the test part of the split it was trained with is used)")
+    return replace(asked, **trained)
+
+
 def evaluate(cfg: MRLConfig) -> dict[str, Any]:
     model, meta = load_finetuned(cfg.model.path)
     model.to(pick_device(cfg.train.device))
-    rows = evaluate_examples(model, load_splits(cfg.data)["test"], Scaler(**meta["scaler"]),
+    data = trained_split(cfg.data, meta, cfg.model.path)
+    rows = evaluate_examples(model, load_splits(data)["test"], Scaler(**meta["scaler"]),
                              cfg.train.eval_batch_size, cfg.train.progress)
     out = Path(cfg.train.out_dir)
-    result = {"task": "mrl", "model": cfg.model.path, "rows": rows}
+    result = {"task": "mrl", "model": cfg.model.path, "file": MRL_FILES[data.file], "split_seed": data.seed,
+              "rows": rows}
     write_results(out, "eval_results", result, markdown_table(rows, COLUMNS, "test subset"))
     return result

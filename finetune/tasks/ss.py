@@ -7,7 +7,7 @@ post-processing and metric, RNAfold on the same records in the same table.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,18 +205,30 @@ def train(cfg: SSConfig) -> dict[str, Any]:
     return summary
 
 
+def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> SSDataConfig:
+    """An ArchiveII model is scored on the family it held out (by default): the others were its training data."""
+    held_out = meta.get("data", {}).get("test") if meta.get("data", {}).get("dataset") == "ArchiveII" else None
+    if asked.dataset == "archiveii" and held_out is not None and asked.test_family == "all":
+        return replace(asked, test_family=held_out)
+    if asked.dataset == "archiveii" and held_out is not None and asked.test_family != held_out:
+        raise ValueError(f"{where} was trained on ArchiveII with family {held_out} held out; family "
+                         f"{asked.test_family} was in its training data")
+    if asked.dataset == "archiveii" and len(fold_families(asked.test_family)) != 1:
+        raise ValueError("ss evaluate scores one ArchiveII family: set --data.test_family")
+    return asked
+
+
 def evaluate(cfg: SSConfig) -> dict[str, Any]:
     """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
-    if cfg.data.dataset == "archiveii" and len(fold_families(cfg.data.test_family)) != 1:
-        raise ValueError("ss evaluate scores one ArchiveII family: set --data.test_family to the model's held-out one")
     model, meta = load_finetuned(cfg.model.path)
+    data = _evaluation_data(cfg.data, meta, cfg.model.path)
     model.to(pick_device(cfg.train.device))
-    splits = load_splits(cfg.data)
+    splits = load_splits(data)
     rows = {f"{model.lm.config.name} fine-tuned": evaluate_records(model, splits.test, meta["threshold"],
                                                                   cfg.train.eval_batch_size, cfg.train.progress)}
     if cfg.eval.rnafold:
         rows["RNAfold"] = rnafold_row(splits.test)
     out = Path(cfg.train.out_dir)
-    result = {"task": "ss", "test_set": _test_name(cfg.data, None), "model": cfg.model.path, "rows": rows}
+    result = {"task": "ss", "test_set": _test_name(data, None), "model": cfg.model.path, "rows": rows}
     write_results(out, "eval_results", result, _titled_table(result))
     return result

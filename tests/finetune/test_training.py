@@ -55,6 +55,16 @@ def test_ss_archiveii_folds_and_summary(tiny_checkpoint, shared_data, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         ss.fold_families("tRNA,grp2")
 
+    def evaluate(family):
+        return ss.evaluate(ss.SSConfig(model=BackboneConfig(path=str(tmp_path / "tRNA")),
+                                       data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii",
+                                                            test_family=family, limit_test=4),
+                                       train=quick_train(tmp_path / "eval"), eval=ss.SSEvalConfig(rnafold=False)))
+
+    assert evaluate("all")["test_set"] == "ArchiveII tRNA (held-out family)"  # the model's held-out family
+    with pytest.raises(ValueError, match="held out; family telomerase was in its training data"):
+        evaluate("telomerase")
+
 
 def test_splice_loss_falls(tiny_checkpoint, shared_data, tmp_path):
     cfg = splice.SpliceConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
@@ -103,3 +113,26 @@ def test_time_budget_stops_training_at_the_step_past_it_and_still_validates(tiny
     result = ss.train(cfg)
     assert [h["steps"] for h in result["history"]] == [1]   # one step of epoch 0's four, then validation
     assert (tmp_path / "finetuned.safetensors").exists()
+
+
+def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fails(tiny_checkpoint, shared_data,
+                                                                                  tmp_path):
+    def run_cfg(model, out, **data):
+        return mrl.MRLConfig(model=BackboneConfig(path=str(model)),
+                             data=mrl.MRLDataConfig(root=str(shared_data), **data),
+                             train=quick_train(out, epochs=1, batch_size=32), unfreeze=UnfreezeConfig(head_only_epochs=1))
+
+    mrl.train(run_cfg(tiny_checkpoint, tmp_path, seed=1, limit_train=64, limit_valid=32, limit_test=16))
+    result = mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", limit_test=16))  # seed left at its default 0
+    assert result["split_seed"] == 1
+    test_seed1 = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), seed=1, limit_test=16))["test"]
+    model, meta = load_finetuned(tmp_path)
+    assert result["rows"] == mrl.evaluate_examples(model, test_seed1, mrl.Scaler(**meta["scaler"]), 64, False)
+    with pytest.raises(ValueError, match="trained on the split .* 'seed': 1.* records it was trained on"):
+        mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", seed=2))
+
+    saved = (tmp_path / "finetuned.safetensors").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"no model saved .* r2 was never a number \(\[nan\]\)"):
+        mrl.train(run_cfg(tiny_checkpoint, tmp_path, seed=1, limit_train=32, limit_valid=1))  # R^2 of 1 record: NaN
+    assert (tmp_path / "finetuned.safetensors").stat().st_mtime_ns == saved
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # this run's epoch only
