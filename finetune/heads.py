@@ -67,6 +67,8 @@ class SecondaryStructureHead(nn.Module):
 
     def pair_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [L, D] (nucleotides only) -> symmetric logits [L, L] (diagonal 0)."""
+        if x.shape[0] < 2:  # one nucleotide: no pair, and InstanceNorm has no statistics on a 1 x 1 grid
+            return x.new_zeros(x.shape[0], x.shape[0])
         d = x.shape[-1]
         w, b = self.linear_in.weight, self.linear_in.bias
         left = x @ w[:, :d].T

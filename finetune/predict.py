@@ -7,6 +7,7 @@ Batched by length, on CPU or GPU.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,8 +16,8 @@ import numpy as np
 
 from finetune.backbone import load_finetuned
 from finetune.postprocess import decode_pairs
-from finetune.structure import (StructureRecord, read_fasta, to_dot_bracket, warn_unknown_letters, write_bpseq,
-                                write_ct)
+from finetune.structure import (BRACKETS, StructureError, StructureRecord, read_fasta, to_dot_bracket,
+                                warn_unknown_letters, write_bpseq, write_ct)
 from finetune.trainer import pick_device
 from rnalm.files import atomic_write
 
@@ -61,15 +62,35 @@ def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
     preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), decode_pairs(p, r.sequence, threshold))
              for r, p in zip(records, probs)]
     if cfg.format == "dbn":
-        atomic_write(out / "predictions.dbn",
-                     "".join(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n" for p in preds))
+        _write_dbn(preds, out)
     else:
-        names = [safe_name(p.id) for p in preds]
-        if len(set(names)) != len(names):  # ids that differ only in characters we replace
-            names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
-        for p, name in zip(preds, names):
-            (write_bpseq if cfg.format == "bpseq" else write_ct)(p, out / f"{name}.{cfg.format}")
+        _write_per_record(preds, out, cfg.format)
     return preds
+
+
+def _write_dbn(preds: list[StructureRecord], out: Path) -> None:
+    """OUT/predictions.dbn; a structure that needs more pseudoknot levels than dot-bracket has brackets goes to
+    OUT/<id>.bpseq instead, with a warning, so no prediction is lost."""
+    entries, too_knotted = [], []
+    for p in preds:
+        try:
+            entries.append(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n")
+        except StructureError:
+            too_knotted.append(p)
+    atomic_write(out / "predictions.dbn", "".join(entries))
+    if too_knotted:
+        _write_per_record(too_knotted, out, "bpseq")
+        ids = ", ".join(p.id for p in too_knotted[:5]) + (" ..." if len(too_knotted) > 5 else "")
+        print(f"warning: {len(too_knotted)} predicted structure(s) need more than {len(BRACKETS)} bracket levels "
+              f"({ids}): written as {out}/<id>.bpseq instead of in predictions.dbn", file=sys.stderr)
+
+
+def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> None:
+    names = [safe_name(p.id) for p in preds]
+    if len(set(names)) != len(names):  # ids that differ only in characters we replace
+        names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
+    for p, name in zip(preds, names):
+        (write_bpseq if fmt == "bpseq" else write_ct)(p, out / f"{name}.{fmt}")
 
 
 def predict_table(cfg: PredictConfig, task: str) -> Path:

@@ -79,6 +79,25 @@ def test_predict_ss_formats_round_trip(ss_model, fasta, tmp_path, fmt):
     assert len(recs["hairpin"][1]) > 0 and len(recs["short"][1]) == 0  # GCAUG: the only canonical pair is 3 apart
 
 
+def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
+    from finetune.predict import _write_dbn
+    from finetune.structure import StructureRecord
+
+    tiny = tmp_path / "tiny.fa"
+    tiny.write_text(">one\nA\n>two\nGC\n>ten\nGGGAAAUCCC\n")
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={tiny}", f"--out={tmp_path / 'p'}",
+                "--progress=false"]) == 0
+    assert (tmp_path / "p" / "predictions.dbn").read_text().splitlines()[:6] == [">one", "A", ".", ">two", "GC", ".."]
+
+    knot = np.array([(i, i + 31) for i in range(31)])  # 31 mutually crossing pairs: one bracket level each
+    preds = [StructureRecord("knotted", "G" * 31 + "A" * 8 + "C" * 31, knot),
+             StructureRecord("hairpin", "GGGAAACCC", np.array([(0, 8), (1, 7)]))]
+    _write_dbn(preds, tmp_path)
+    assert (tmp_path / "predictions.dbn").read_text() == ">hairpin\nGGGAAACCC\n((.....))\n"
+    assert read_bpseq(tmp_path / "knotted.bpseq").pairs.tolist() == knot.tolist()
+    assert "1 predicted structure(s) need more than 30 bracket levels (knotted)" in capsys.readouterr().err
+
+
 def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.fa"
     bad.write_text(">ok\nACGU\n>broken\nACGU123\n")

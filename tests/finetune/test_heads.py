@@ -33,6 +33,9 @@ def test_ss_head_per_sequence_output_ignores_padding():
     assert [t.shape for t in both] == [(10, 10), (8, 8)]
     alone = head(rep[1:, :10], tokens[1:, :10])[0]
     torch.testing.assert_close(both[1], alone)
+    tokens = torch.tensor(batch_encode(["A", "GC"])[0])  # a lone nucleotide has no InstanceNorm statistics
+    one, two = head(torch.randn(2, tokens.shape[1], 8), tokens)
+    assert one.tolist() == [[0.0]] and two.shape == (2, 2) and two[0, 1] == two[1, 0]
 
 
 def test_mrl_head_ignores_padding_and_splice_head_uses_cls():
