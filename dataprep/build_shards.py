@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import zstandard
+
 if __package__ in (None, ""):  # run as a script path: python dataprep/build_shards.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -21,6 +23,8 @@ from dataprep.comm import SerialComm  # noqa: E402
 from dataprep.errors import DataprepError  # noqa: E402
 from dataprep.normalize import NormalizeConfig  # noqa: E402
 from dataprep.pipeline import BuildConfig, build  # noqa: E402
+
+ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(): python-zstandard exposes only the maximum
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
@@ -35,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g = p.add_argument_group("clustering (MMseqs2 linclust)")
     g.add_argument("--min-seq-id", type=float, default=ClusterConfig.min_seq_id)
     g.add_argument("--coverage", "-c", type=float, default=ClusterConfig.coverage)
-    g.add_argument("--cov-mode", type=int, default=None, help="MMseqs2 --cov-mode (default: MMseqs2's own)")
+    g.add_argument("--cov-mode", type=int, default=None, choices=range(6),
+                   help="MMseqs2 --cov-mode (default: MMseqs2's own)")
     g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads")
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
@@ -58,17 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--no-report", action="store_true", help="skip report/ (plots + summary.json)")
     g.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    for name in ("min_len", "max_len", "block_records", "workers", "threads", "dedup_bucket_records"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.mpi and "-" in a.input:
-        p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
-    if a.chunk_mb <= 0:
-        p.error("--chunk-mb must be > 0")
-    if a.min_len > a.max_len:
-        p.error("--min-len must not exceed --max-len")
-    if not 0 <= a.valid_fraction < 1:
-        p.error("--valid-fraction must be in [0, 1)")
+    _check(p, a)
     cfg = BuildConfig(
         inputs=tuple(a.input), out=a.out,
         normalize=NormalizeConfig(min_len=a.min_len, max_len=a.max_len, label_key=a.label_key),
@@ -78,6 +73,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
         records_per_shard=a.shard_records, shard_mb=a.shard_mb, zstd_level=a.zstd_level, workers=a.workers,
         chunk_mb=a.chunk_mb, dedup_bucket_records=a.dedup_bucket_records, report=not a.no_report, quiet=a.quiet)
     return cfg, a.mpi
+
+
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse bad values here, not hours later in the stage that first uses them."""
+    def option(name: str) -> str:
+        return f"--{name.replace('_', '-')}"
+
+    for name in ("min_len", "max_len", "block_records", "workers", "threads", "dedup_bucket_records"):
+        if getattr(a, name) < 1:
+            p.error(f"{option(name)} must be >= 1")
+    for name in ("seed", "shard_records"):
+        if getattr(a, name) < 0:
+            p.error(f"{option(name)} must be >= 0")
+    for name in ("chunk_mb", "shard_mb"):
+        if getattr(a, name) <= 0:
+            p.error(f"{option(name)} must be > 0")
+    for name in ("min_seq_id", "coverage"):
+        if not 0 <= getattr(a, name) <= 1:
+            p.error(f"{option(name)} must be in [0, 1]")
+    if not 0 <= a.valid_fraction < 1:
+        p.error("--valid-fraction must be in [0, 1)")
+    if not ZSTD_MIN_LEVEL <= a.zstd_level <= zstandard.MAX_COMPRESSION_LEVEL:
+        p.error(f"--zstd-level must be in {ZSTD_MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}")
+    if a.min_len > a.max_len:
+        p.error("--min-len must not exceed --max-len")
+    if a.label_key is not None and (not a.label_key or any(c.isspace() or c == "=" for c in a.label_key)):
+        p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (no spaces or '=')")
+    if a.mpi and "-" in a.input:
+        p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
 
 
 def main(argv: list[str] | None = None) -> int:

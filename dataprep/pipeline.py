@@ -191,9 +191,10 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     out, seconds, skipped = Path(cfg.out), {}, []
     work = out / ".work"
     if comm.rank == 0:
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: output path exists and is not a directory")
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{out}: cannot create the output directory ({e.strerror}: {e.filename})") from None
     comm.barrier()
     keys = {"normalise": _hash(PIPELINE_VERSION, [_fingerprint(p) for p in cfg.inputs], asdict(cfg.normalize))}
     if "-" in cfg.inputs:

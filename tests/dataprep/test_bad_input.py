@@ -229,16 +229,41 @@ def test_all_records_rejected(tmp_path, fasta):
         build_small(tmp_path, [fasta(">a\nACGU\n>b\nXXXXXXXXXXXXXXXXXXXXX\n")])
 
 
-def test_output_is_a_file(tmp_path, fasta):
-    (tmp_path / "out").write_text("x")
-    with pytest.raises(InputError, match="not a directory"):
-        build_small(tmp_path, [fasta(f">a\n{ACGU20}\n")])
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_output_is_a_file(tmp_path, fasta, out):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=f"{out}: cannot create the output directory \\(Not a directory"):
+        build_small(tmp_path, [fasta(f">a\n{ACGU20}\n")], out=out)
 
 
-def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta):
-    path = fasta(b"\x89PNG\r\n\x1a\n" + bytes(200), "image.fa")
+@pytest.mark.parametrize("image,out,named", [(True, "o", "image.fa"), (False, "image.fa/sub", "image.fa/sub")],
+                         ids=["binary-input", "output-under-a-file"])
+def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta, image, out, named):
+    path = fasta(b"\x89PNG\r\n\x1a\n" + bytes(200) if image else f">a\n{ACGU20}\n", "image.fa")
     r = subprocess.run([sys.executable, str(REPO / "dataprep" / "build_shards.py"), "--input", str(path),
-                        "--out", str(tmp_path / "o"), "--no-cluster"], capture_output=True, text=True,
+                        "--out", str(tmp_path / out), "--no-cluster"], capture_output=True, text=True,
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert r.returncode == 2
-    assert r.stderr.startswith("error: ") and "image.fa" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and named in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--zstd-level", "23"], "--zstd-level must be in -131072..22"),
+    (["--zstd-level", "-131073"], "--zstd-level must be in"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--shard-records", "-5"], "--shard-records must be >= 0"),
+    (["--shard-mb", "0"], "--shard-mb must be > 0"),
+    (["--min-seq-id", "2"], "--min-seq-id must be in [0, 1]"),
+    (["--coverage", "-0.1"], "--coverage must be in [0, 1]"),
+    (["--cov-mode", "6"], "--cov-mode: invalid choice: 6"),
+    (["--label-key", ""], "--label-key '': want a header key"),
+    (["--label-key", "a=b"], "--label-key 'a=b': want a header key"),
+], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "min-seq-id", "coverage", "cov-mode", "label-empty",
+        "label-eq"])
+def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
+    from dataprep.build_shards import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--input", "in.fa", "--out", str(tmp_path / "o"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
