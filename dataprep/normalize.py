@@ -133,7 +133,8 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         for r, p, q in zip(recs.tolist(), pos.tolist(), original.tolist()):
             c = int(a[q])
             shown = chr(c) if 32 < c < 127 else f"\\x{c:02x}"
-            reasons[r] = f"invalid character '{shown}' (0x{c:02x}) at sequence position {p - raw_off[r] + 1}"
+            at = p - raw_off[r] - norm.count(_WS_MARK, raw_off[r], p) + 1  # whitespace is not in the sequence
+            reasons[r] = f"invalid character '{shown}' (0x{c:02x}) at sequence position {at}"
     padded = np.frombuffer(norm, np.uint8)
     seq_len = raw_len
     if norm.find(bytes([_WS_MARK])) >= 0:  # spaces, tabs, CR inside sequences: drop them

@@ -93,7 +93,12 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if fmt == "rnalm":
         return rio.load_pretrained(path, **overrides)
     if fmt == "finetuned":
-        return load_finetuned(path)[0].lm
+        lm = load_finetuned(path)[0].lm
+        if not overrides:
+            return lm
+        model = RiNALMo(ModelConfig.from_dict({**lm.config.to_dict(), **overrides}))
+        model.load_state_dict(lm.state_dict())
+        return model
     if fmt == "multimolecule" and path.is_dir():
         path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
     importer = rio.import_official if fmt == "official" else rio.import_multimolecule
@@ -102,7 +107,8 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     except ValueError as e:
         if "num_heads" in str(e) and "num_heads" not in overrides:
             raise ValueError(f"{path}: {e}. The file does not record the head count (20 in every original "
-                             f"size); pass it, e.g. --model.overrides='{{num_heads: 4}}'") from e
+                             f"size); pass it, e.g. --model.overrides='{{num_heads: 4}}' (embed: "
+                             f"--overrides='{{num_heads: 4}}')") from e
         raise
     model = RiNALMo(mcfg)
     model.load_state_dict(state)
@@ -114,7 +120,7 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    full = {**meta, "model": model.lm.config.to_dict()}
+    full = {**meta, "model": model.lm.config.released().to_dict()}
     atomic_write(out / FT_WEIGHTS, lambda p: save_file(tensors, p))
     atomic_write(out / FT_META, json.dumps(full, indent=2, default=str) + "\n")
     return out

@@ -7,9 +7,9 @@ OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from finetune.trainer import pick_device
 @dataclass
 class EmbedConfig:
     model: str = ""                  # any backbone: converted dir, original .pt, multimolecule, fine-tuned dir
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. {num_heads: 4} for a .pt
     fasta: str = ""
     out: str = "embeddings"
     label_key: str = "class"         # header field `key=value` used to colour the plot (e.g. class, rfam_id, family)
@@ -52,7 +53,7 @@ def embed(cfg: EmbedConfig) -> dict[str, np.ndarray]:
         records = [records[i] for i in keep]
     warn_unknown_letters(records, cfg.fasta)
     device = pick_device(cfg.device)
-    lm = load_backbone(BackboneConfig(path=cfg.model)).to(device).eval()
+    lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
 
     def run(idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -75,6 +75,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def released(self) -> "ModelConfig":
+        """Without the choices of the machine that ran it (attention kernel, recomputation, GEMM padding): what a
+        saved model records, so it loads anywhere (a pretraining run's torch_varlen has no CPU kernel)."""
+        return replace(self, attention_backend="auto", activation_checkpointing=False, ffn_align=1)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}

@@ -76,7 +76,7 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    meta = {"format_version": FORMAT_VERSION, "model": config.to_dict(),
+    meta = {"format_version": FORMAT_VERSION, "model": config.released().to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
             "provenance": provenance or {}}
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))

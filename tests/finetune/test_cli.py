@@ -157,6 +157,20 @@ def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
     assert rand.config.dim == 16
 
 
+def test_overrides_reach_every_backbone_kind(ss_model, tiny_checkpoint, fasta, tmp_path):
+    from finetune.backbone import load_finetuned
+
+    tuned = load_finetuned(ss_model)[0].lm
+    lm = load_backbone(BackboneConfig(path=str(ss_model), dropout=0.0, attention_backend="sdpa"))
+    assert (lm.config.attn_dropout, lm.config.residual_dropout, lm.config.attention_backend) == (0.0, 0.0, "sdpa")
+    assert tuned.config.attn_dropout == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), tuned.state_dict().values()))
+    rio.export_official(rio.load_pretrained(tiny_checkpoint).state_dict(), tmp_path / "official.pt")
+    assert run(["embed", f"--model={tmp_path / 'official.pt'}", f"--fasta={fasta}", f"--out={tmp_path / 'e'}",
+                "--overrides={num_heads: 4}", "--plot=none", "--progress=false"]) == 0
+    assert np.load(tmp_path / "e" / "cls.npy").shape == (len(SEQS), 32)
+
+
 def test_splice_and_mrl_predict(tiny_checkpoint, shared_data, fasta, tmp_path):
     for task, extra in (("splice", []), ("mrl", ["--unfreeze.head_only_epochs=0"])):
         ft = tmp_path / task

@@ -107,3 +107,17 @@ def test_mismatched_files_name_the_offending_tensors(tmp_path):
         load_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def test_saved_config_leaves_out_how_the_training_machine_ran_it(tmp_path):
+    torch.manual_seed(0)
+    trained = ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, attention_backend="torch_varlen",
+                                 activation_checkpointing=True, ffn_align=64)  # a GPU run's settings
+    state = RiNALMo(trained).state_dict()
+    save_pretrained(state, tmp_path / "m", config=trained)
+    loaded = load_pretrained(tmp_path / "m")  # on this CPU, where torch_varlen has no kernel
+    assert loaded.config == trained.released() != trained
+    assert (loaded.config.attention_backend, loaded.config.activation_checkpointing, loaded.config.ffn_align) == (
+        "auto", False, 1)
+    with torch.no_grad():
+        assert loaded(TOKENS).logits.isfinite().all()
