@@ -52,7 +52,10 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGU\x00ACGUACGUACGUACGU", r"invalid character '\\x00'"),  # binary inside a sequence
     ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
     ("ACGUA", "too short: 5 nt < min_len 16"),
-], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-inside", "nul", "non-ascii", "short"])
+    ("ACGU ACGU\tACG*UACGUACGU", r"'\*' \(0x2a\) at sequence position 12$"),  # whitespace is not counted
+    ("ACGUACGUAC\r\nACGUACGUAC\r\nACG*ACGUAC\r", r"'\*' \(0x2a\) at sequence position 24$"),  # nor CR
+], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-inside", "nul", "non-ascii", "short", "after-spaces",
+        "after-crlf-lines"])
 def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
     path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
     rejects, kept = rejects_of(tmp_path, path)
