@@ -265,6 +265,8 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
                     chunks.append(line)
     except UnicodeDecodeError as e:
         raise StructureError(f"{path}: not a text FASTA file ({e.reason})") from e
+    except (OSError, EOFError) as e:  # a directory, a damaged or truncated gzip, an unreadable file
+        raise StructureError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
     if rid is not None:
         records.append(_fasta_record(path, rid, desc, chunks, start))
     if not records:
@@ -316,4 +318,5 @@ def _record_from_partners(rid: str, seq: str, partners: list[int], where: str) -
 def _open_text(path: Path) -> io.TextIOBase:
     if not path.exists():
         raise StructureError(f"{path}: file not found")
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a byte-order mark (some Windows editors write one) is not data
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")

@@ -88,6 +88,16 @@ def test_fasta_errors_name_file_line_and_record(tmp_path):
         read_fasta(tmp_path / "plain.txt")
     with pytest.raises(StructureError, match="file not found"):
         read_fasta(tmp_path / "missing.fa")
+    with pytest.raises(StructureError, match=f"{tmp_path}: cannot read"):
+        read_fasta(tmp_path)  # a directory
+    (tmp_path / "fake.fa.gz").write_text(">a\nACGU\n")
+    with pytest.raises(StructureError, match=r"fake\.fa\.gz: cannot read .*gzip"):
+        read_fasta(tmp_path / "fake.fa.gz")
+    (tmp_path / "cut.fa.gz").write_bytes(gzip.compress("".join(f">r{i}\nACGU\n" for i in range(1000)).encode())[:200])
+    with pytest.raises(StructureError, match=r"cut\.fa\.gz: cannot read"):
+        read_fasta(tmp_path / "cut.fa.gz")
+    (tmp_path / "bom.fa").write_bytes(b"\xef\xbb\xbf>a\nACGU\n")  # a byte-order mark is not data
+    assert [(r.id, r.sequence) for r in read_fasta(tmp_path / "bom.fa")] == [("a", "ACGU")]
 
 
 def test_letters_outside_the_alphabet_are_reported(tmp_path, capsys):
