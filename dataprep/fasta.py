@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import mmap
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterator
@@ -115,10 +116,21 @@ class Chunk:
     # does not count them again to number the next chunk's lines
 
 
+def regular_file(path: str) -> bool:
+    """Whether `path` can be re-read, memory-mapped and cut into byte ranges: False for stdin ("-"), a named pipe
+    or a process substitution (/dev/fd/N), which can only be read once, as a stream."""
+    if path == "-":
+        return False
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read input ({e.strerror})") from None
+
+
 def split_points(path: str, n: int, probe: int = 1 << 20) -> list[int] | None:
     """n + 1 byte offsets cutting a plain FASTA file into n ranges that each start at a header line, so that n
-    readers can each parse one range without reading the others; None for stdin and compressed files."""
-    if path == "-":
+    readers can each parse one range without reading the others; None for streams and compressed files."""
+    if not regular_file(path):
         return None
     try:
         with open(path, "rb") as f:
@@ -174,7 +186,7 @@ class FastaStream:
             except OSError as e:
                 raise InputError(f"{self.path}: cannot open input ({e.strerror})") from None
         self._file = f
-        if f is not sys.stdin.buffer:
+        if f is not sys.stdin.buffer and stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             plain = _compression(f.read(4)) == "none"
             f.seek(0)
             if plain:

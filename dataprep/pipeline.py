@@ -28,6 +28,7 @@ from . import dedup as dd
 from .cluster import ClusterConfig
 from .comm import SerialComm
 from .errors import InputError
+from .fasta import regular_file
 from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
@@ -89,12 +90,9 @@ def _hash(*parts) -> str:
 
 
 def _fingerprint(path: str) -> dict:
-    if path == "-":
-        return {"path": "-", "nonce": uuid.uuid4().hex}  # stdin: never reused
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read input ({e.strerror})") from None
+    if not regular_file(path):
+        return {"path": path, "nonce": uuid.uuid4().hex}  # stdin or a pipe: read once, never reused
+    st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
@@ -186,8 +184,9 @@ def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
 def build(cfg: BuildConfig, comm=None) -> BuildResult:
     comm = comm or SerialComm()
     log = Log(cfg.quiet, comm.rank)
-    if comm.size > 1 and "-" in cfg.inputs:
-        raise InputError("-: stdin input cannot be shared between MPI ranks; write it to a file first")
+    streams = [p for p in cfg.inputs if not regular_file(p)]
+    if comm.size > 1 and streams:
+        raise InputError(f"{streams[0]}: stdin or a pipe cannot be shared between MPI ranks; write it to a file first")
     out, seconds, skipped = Path(cfg.out), {}, []
     work = out / ".work"
     if comm.rank == 0:
@@ -197,8 +196,6 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             raise InputError(f"{out}: cannot create the output directory ({e.strerror}: {e.filename})") from None
     comm.barrier()
     keys = {"normalise": _hash(PIPELINE_VERSION, [_fingerprint(p) for p in cfg.inputs], asdict(cfg.normalize))}
-    if "-" in cfg.inputs:
-        keys["normalise"] = comm.bcast(keys["normalise"])
     keys["dedup"] = _hash(keys["normalise"], "dedup")
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,

@@ -18,7 +18,7 @@ import numpy as np
 
 from .background import Background
 from .errors import InputError
-from .fasta import FastaStream, split_points
+from .fasta import FastaStream, regular_file, split_points
 from .normalize import oversized_reject, parse_chunk
 from .store import StoreWriter, merge_parts
 
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 
 def normalise_inputs(cfg: BuildConfig, tmp: Path, comm, log: Log) -> None:
-    """Every rank runs `workers` shares (one with stdin input); rank 0 merges the parts into `tmp`."""
-    local = cfg.workers if "-" not in cfg.inputs else 1
+    """Every rank runs `workers` shares (one with stdin or a pipe as input); rank 0 merges the parts into `tmp`."""
+    local = cfg.workers if all(map(regular_file, cfg.inputs)) else 1  # a stream can be read by one process only
     total = comm.size * local
     cuts = comm.bcast([split_points(p, total) if total > 1 else None for p in cfg.inputs]
                       if comm.rank == 0 else None)

@@ -261,8 +261,8 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta, image, out, name
     (["--cov-mode", "6"], "--cov-mode: invalid choice: 6"),
     (["--label-key", ""], "--label-key '': want a header key"),
     (["--label-key", "a=b"], "--label-key 'a=b': want a header key"),
-], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "min-seq-id", "coverage", "cov-mode", "label-empty",
-        "label-eq"])
+], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "min-seq-id", "coverage", "cov-mode",
+        "label-empty", "label-eq"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main
 

@@ -103,6 +103,24 @@ def test_inputs_plain_gzip_zstd_stdin(tmp_path, synth_fa):
     assert per_source == [s["kept"] for s in m.sources]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_named_pipe_input_is_streamed_and_never_reused(tmp_path, synth_fa, workers):
+    """A named pipe (or a process substitution, /dev/fd/N) is read once, like stdin: no seek, no byte ranges."""
+    import threading
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    for _ in range(2):
+        writer = threading.Thread(target=fifo.write_bytes, args=(synth_fa.read_bytes(),))
+        writer.start()
+        res = build_small(tmp_path, [fifo], workers=workers)
+        writer.join()
+        assert res.skipped == []
+    check_build(tmp_path / "out", [synth_fa])
+    assert res.manifest.sources[0]["sha256"] == hashlib.sha256(synth_fa.read_bytes()).hexdigest()
+
+
 def test_rerun_skips_finished_stages(tmp_path, synth_fa):
     first = build_small(tmp_path, [synth_fa], records_per_shard=500)
     assert first.skipped == []
