@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from rnalm import io as rio
@@ -23,6 +23,7 @@ from rnalm.files import atomic_write
 from rnalm.model import RiNALMo
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
+TASK_META = {"ss": ("threshold",), "splice": ("classes",), "mrl": ("scaler",)}  # beside task, model, head
 
 
 @dataclass
@@ -65,10 +66,13 @@ def detect_format(path: Path) -> str:
         if (path / FT_META).exists():
             return "finetuned"
         cfg = path / rio.CONFIG_NAME
-        if cfg.exists() and "format_version" in json.loads(cfg.read_text()):
+        if cfg.exists() and "format_version" in rio.read_json(cfg):
             return "rnalm"
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
+                if name == rio.WEIGHTS_NAME and "embedding.weight" in rio.safetensors_keys(path / name):
+                    raise FileNotFoundError(f"{path}: {name} in this tool's layout but no {rio.CONFIG_NAME} "
+                                            f"beside it (written with it by pretrain.convert / save_pretrained)")
                 return "multimolecule"
         raise FileNotFoundError(f"{path}: no {rio.WEIGHTS_NAME}+{rio.CONFIG_NAME}, {FT_META} or multimolecule weights")
     if not path.exists():
@@ -139,11 +143,17 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[Ta
                 f"--model.path={model_dir}`." if (model_dir / rio.CONFIG_NAME).exists() else "")
         raise FileNotFoundError(f"{model_dir} is not a fine-tuned model directory (no {FT_META}; written by "
                                 f"`python -m finetune <task> train`).{hint}")
-    meta = json.loads(meta_path.read_text())
-    lm = RiNALMo(ModelConfig.from_dict(meta["model"]))
-    head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
-    model = TaskModel(lm, head)
-    model.load_state_dict(load_file(str(model_dir / FT_WEIGHTS), device=map_location))
+    meta = rio.read_json(meta_path)
+    missing = [k for k in ("task", "model", *TASK_META.get(meta.get("task"), ())) if k not in meta]
+    if missing:
+        raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")
+    try:
+        lm = RiNALMo(ModelConfig.from_dict(meta["model"]))
+        head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
+        model = TaskModel(lm, head)
+        model.load_state_dict(rio.read_safetensors(model_dir / FT_WEIGHTS, map_location))
+    except (TypeError, RuntimeError) as e:  # a config that builds no model, or weights that do not fit it
+        raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rnalm.config import PRESETS, ModelConfig
@@ -83,11 +84,34 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     return out
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: unreadable JSON ({e})") from e
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
+    try:
+        return load_file(str(path), device=str(device))
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names without reading the tensors."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({e})") from e
+
+
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: a model directory holds {WEIGHTS_NAME} and {CONFIG_NAME}")
-    meta = json.loads(path.read_text())
+    meta = read_json(path)
     if list(meta.get("tokenizer", {}).get("vocab", VOCAB)) != list(VOCAB):
         raise WeightsError(f"{path}: tokenizer vocabulary differs from RiNALMo's")
     return meta
@@ -99,7 +123,7 @@ def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
     meta = read_config(model_dir)
     cfg = ModelConfig.from_dict({**meta["model"], **config_overrides})
     path = Path(model_dir) / WEIGHTS_NAME
-    state = load_file(str(path), device=str(map_location))
+    state = read_safetensors(path, map_location)
     check_state_dict(state, cfg, str(path))
     model = RiNALMo(cfg).to(map_location)
     model.load_state_dict(state)
@@ -114,7 +138,7 @@ def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor
         return dict(path_or_state)
     path = Path(path_or_state)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return read_safetensors(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")

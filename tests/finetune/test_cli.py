@@ -113,6 +113,47 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
 
 
+def test_damaged_model_directories_are_named(ss_model, tiny_checkpoint, fasta, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def damaged(src, name, damage):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        damage(d)
+        return d
+
+    def error(cmd, model):
+        assert run([cmd, f"--model={model}", f"--fasta={fasta}", f"--out={tmp_path / 'out'}", "--progress=false"]) == 2
+        return capsys.readouterr().err
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[:1000])
+
+    def drop_tensor(path):
+        state = load_file(path)
+        save_file({k: v for k, v in state.items() if k != "pred_head.conv_out.bias"}, path)
+
+    def edit_meta(d, **changes):
+        meta = json.loads((d / "finetune.json").read_text())
+        (d / "finetune.json").write_text(json.dumps({k: v for k, v in {**meta, **changes}.items() if v is not None}))
+
+    d = damaged(tiny_checkpoint, "no_config", lambda d: (d / "config.json").unlink())
+    assert "model.safetensors in this tool's layout but no config.json" in error("embed", d)
+    d = damaged(tiny_checkpoint, "bad_json", lambda d: (d / "config.json").write_text("{oops"))
+    assert f"{d / 'config.json'}: unreadable JSON" in error("embed", d)
+    d = damaged(tiny_checkpoint, "cut", lambda d: truncate(d / "model.safetensors"))
+    assert f"{d / 'model.safetensors'}: unreadable safetensors file" in error("embed", d)
+    d = damaged(ss_model, "ft_tensor", lambda d: drop_tensor(d / "finetuned.safetensors"))
+    assert "finetuned.safetensors and finetune.json do not fit" in error("predict-ss", d)
+    d = damaged(ss_model, "ft_threshold", lambda d: edit_meta(d, threshold=None))
+    assert f"{d / 'finetune.json'}: missing threshold" in error("predict-ss", d)
+    d = damaged(ss_model, "ft_dim", lambda d: edit_meta(d, model={**json.loads((d / "finetune.json").read_text())[
+        "model"], "dim": 64}))
+    assert "do not fit" in error("predict-ss", d)
+
+
 def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path):
     with gzip.open(ncrna_fasta, "rt") as f:
         head = "".join(islice(f, 400))
