@@ -78,6 +78,11 @@ class Log:
         if not self.quiet:
             print(f"[dataprep {time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    def warn(self, msg: str) -> None:
+        """Printed even when quiet."""
+        if self.rank == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
     def progress(self, msg: str, every: float = 2.0) -> None:
         now = time.perf_counter()
         if now - self._last >= every:
@@ -228,7 +233,10 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     if comm.bcast(_manifest_current(out, build_key) if comm.rank == 0 else None):
         skipped += ["cluster"] * stages["cluster"].done + ["shards"]
         log(f"shards: up to date ({out / MANIFEST_NAME})")
-        return BuildResult(read_manifest(out), skipped, seconds)
+        manifest = read_manifest(out)
+        for warning in manifest.warnings:
+            log.warn(warning)
+        return BuildResult(manifest, skipped, seconds)
 
     sources = res = report = shuffling = None
     if comm.rank == 0:  # background processes that need no clusters, overlapping MMseqs2
@@ -343,8 +351,14 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
     tools = {"mmseqs": None if cfg.no_cluster else clustering.mmseqs_version(cfg.cluster.mmseqs),
              "python": platform.python_version(), "numpy": np.__version__, "zstandard": zstandard.__version__,
              "shard_format": FORMAT_VERSION}
+    warnings = []
+    if cfg.valid_fraction > 0 and counts["valid"]["records"] == 0:
+        warnings.append(f"the validation split is empty: --valid-fraction {cfg.valid_fraction} of {n_clusters:,} "
+                        f"cluster(s) holds out none (a cluster is never split), so training gets no validation data")
+    for warning in warnings:
+        log.warn(warning)
     manifest = Manifest(shards=shards, sources=sources, params={**params, "build_key": build_key}, tools=tools,
-                        counts=counts, out_dir=str(out))
+                        counts=counts, warnings=warnings, out_dir=str(out))
     listed = {s.path for s in shards}
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:

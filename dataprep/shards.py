@@ -294,6 +294,7 @@ class Manifest:
     params: dict
     tools: dict
     counts: dict = field(default_factory=dict)  # records_in, rejected, duplicates, kept, clusters, per split
+    warnings: list[str] = field(default_factory=list)  # what the build printed as warnings (e.g. empty valid split)
     version: int = FORMAT_VERSION
     out_dir: str = ""  # where it was read from (not stored)
 

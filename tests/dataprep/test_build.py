@@ -121,6 +121,22 @@ def test_named_pipe_input_is_streamed_and_never_reused(tmp_path, synth_fa, worke
     assert res.manifest.sources[0]["sha256"] == hashlib.sha256(synth_fa.read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("fraction", [0.01, 0.0])
+def test_an_empty_validation_split_is_a_warning_unless_asked_for(tmp_path, capfd, fraction):
+    fasta = tmp_path / "one.fa"
+    fasta.write_text(">only\nACGUACGUACGUACGUACGU\n")  # one record, so one cluster: it cannot be split
+    for _ in range(2):  # the second run reuses the shards and repeats the warning
+        m = build_small(tmp_path, [fasta], valid_fraction=fraction).manifest
+        assert m.counts["valid"]["records"] == 0
+        err = capfd.readouterr().err
+        if fraction:
+            assert m.warnings == ["the validation split is empty: --valid-fraction 0.01 of 1 cluster(s) holds out "
+                                  "none (a cluster is never split), so training gets no validation data"]
+            assert err == f"warning: {m.warnings[0]}\n"
+        else:
+            assert m.warnings == [] and err == ""
+
+
 def test_rerun_skips_finished_stages(tmp_path, synth_fa):
     first = build_small(tmp_path, [synth_fa], records_per_shard=500)
     assert first.skipped == []
