@@ -44,9 +44,12 @@ def header_label(description: str, key: str) -> str | None:
 
 
 @torch.no_grad()
-def embed(cfg: EmbedConfig) -> dict[str, np.ndarray]:
+def embed(cfg: EmbedConfig) -> dict[str, Any]:
+    """{"cls": [N, D], "mean": [N, D], "plot": the plot's path or None}."""
     if not cfg.model or not cfg.fasta:
         raise ValueError("--model and --fasta are required")
+    if cfg.max_len < 1 or (cfg.limit is not None and cfg.limit < 1):
+        raise ValueError(f"--max_len ({cfg.max_len}) and --limit ({cfg.limit}) must be >= 1")
     records = read_fasta(cfg.fasta)
     if cfg.limit is not None and cfg.limit < len(records):  # a seeded random sample, kept in FASTA order
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))
@@ -76,9 +79,10 @@ def embed(cfg: EmbedConfig) -> dict[str, np.ndarray]:
     labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
-    if cfg.plot != "none" and len(records) >= 3:
-        plot_embeddings(cls, labels, out / "embeddings.png", cfg)
-    return {"cls": cls, "mean": mean}
+    plot = out / "embeddings.png" if cfg.plot != "none" and len(records) >= 3 else None
+    if plot is not None:
+        plot_embeddings(cls, labels, plot, cfg)
+    return {"cls": cls, "mean": mean, "plot": plot}
 
 
 def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConfig) -> str:

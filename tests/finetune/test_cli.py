@@ -177,6 +177,17 @@ def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path
     np.testing.assert_allclose(mean[0], rep[1:-1].mean(0).numpy(), atol=1e-5)
 
 
+def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoint, tmp_path, capsys):
+    two = tmp_path / "two.fa"
+    two.write_text(">a\nACGU\n>b\nGGCC\n")
+    args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={two}", f"--out={tmp_path / 'e'}", "--progress=false"]
+    for bad in ("--max_len=0", "--limit=0"):
+        assert run([*args, bad]) == 2
+        assert "must be >= 1" in capsys.readouterr().err
+    assert run(args) == 0  # two records: too few to plot
+    assert "embeddings.png" not in capsys.readouterr().out and not (tmp_path / "e" / "embeddings.png").exists()
+
+
 def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
     ref = rio.load_pretrained(tiny_checkpoint)
     state = ref.state_dict()
