@@ -6,7 +6,8 @@
     python -m pretrain.convert --universal CKPT_DIR [--tag TAG]
         DeepSpeed's ds_to_universal -> CKPT_DIR/<tag>_universal (with our trainer state and RNG files), so a
         run with a different number of ranks resumes with --checkpoint.load_universal=true.
-CKPT_DIR is a run's out_dir or its checkpoints/ folder; TAG defaults to the newest good checkpoint.
+CKPT_DIR is a run's out_dir, its checkpoints/ folder (TAG defaults to the newest good checkpoint) or one
+step* checkpoint folder.
 """
 from __future__ import annotations
 
@@ -22,9 +23,15 @@ from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, Check
 from rnalm.files import atomic_write
 
 
-def checkpoints_root(path: str | Path) -> Path:
+def locate(path: str | Path, tag: str | None) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from a run's out_dir, its checkpoints/ folder, or one step* checkpoint."""
     path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (path / STATE_FILE).is_file():
+        if tag not in (None, path.name):
+            raise CheckpointError(f"{path} is checkpoint {path.name}, not --tag {tag}")
+        return path.parent, path.name
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return root, resolve_tag(root, tag)
 
 
 def resolve_tag(root: Path, tag: str | None) -> str:
@@ -44,8 +51,9 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
     from rnalm.config import ModelConfig
     from rnalm.io import save_pretrained
 
-    root = checkpoints_root(ckpt_dir)
-    tag = resolve_tag(root, tag)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    root, tag = locate(ckpt_dir, tag)
     state = read_trainer_state(root, tag)
     weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     config = ModelConfig.from_dict(state["model"])
@@ -59,8 +67,7 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
 
 def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
     """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it."""
-    root = checkpoints_root(ckpt_dir)
-    tag = resolve_tag(root, tag)
+    root, tag = locate(ckpt_dir, tag)
     final = root / (tag + UNIVERSAL_SUFFIX)
     tmp = root / (TMP_PREFIX + tag + UNIVERSAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +91,7 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt_dir", help="run out_dir or its checkpoints/ folder")
+    parser.add_argument("ckpt_dir", help="run out_dir, its checkpoints/ folder, or one step* checkpoint")
     parser.add_argument("out_dir", nargs="?", help="where model.safetensors + config.json go")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest good one)")
     parser.add_argument("--universal", action="store_true",

@@ -77,3 +77,12 @@ def test_older_tag_and_clear_errors(straight_run, tmp_path):
     proc = subprocess.run([PY, "-m", "pretrain.convert", str(straight_run), str(tmp_path / "y"), "--tag",
                            "step00000004"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "not a complete checkpoint" in proc.stderr  # pruned (keep=2)
+    step_dir = straight_run / "checkpoints" / "step00000008"
+    same = to_pretrained(step_dir, tmp_path / "from_step_dir")  # one checkpoint folder named directly
+    assert (same / "model.safetensors").read_bytes() == (older / "model.safetensors").read_bytes()
+    (tmp_path / "a_file").write_text("")
+    for args, message in (([str(step_dir), str(tmp_path / "z"), "--tag", "step00000012"], "not --tag step00000012"),
+                          ([str(straight_run), str(tmp_path / "a_file")], "a_file: exists and is not a directory")):
+        proc = subprocess.run([PY, "-m", "pretrain.convert", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
