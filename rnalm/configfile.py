@@ -250,17 +250,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _help_epilog(cls: type) -> str:
-    lines = ["overrides (--section.key=value), with defaults:"]
+    lines = ["overrides (--section.key=value or --key=value), with defaults:"]
     for section in dataclasses.fields(cls):
         sub = _dataclass_of(typing.get_type_hints(cls)[section.name])
+        default = _field_default(section)
         if sub is None:
-            lines.append(f"  --{section.name}")
+            lines.append(f"  --{section.name}={_yaml_scalar(default)}")
             continue
-        default = section.default_factory() if section.default_factory is not dataclasses.MISSING else None
         for f in dataclasses.fields(sub):
             value = getattr(default, f.name, "") if default is not None else ""
             lines.append(f"  --{section.name}.{f.name}={_yaml_scalar(value)}")
     return "\n".join(lines)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _yaml_scalar(value: Any) -> str:

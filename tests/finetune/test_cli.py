@@ -240,6 +240,9 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "finetune", "ss", "train", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--train.lr=" in out.stdout and "--unfreeze.head_only_epochs=" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "finetune", "predict-ss", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--format=dbn" in out.stdout and "--batch_size=8" in out.stdout
 
 
 def test_import_original_ss_checkpoint_then_predict(ss_model, fasta, tmp_path, capsys):
