@@ -128,6 +128,11 @@ class Trainer:
         if cfg.data.pin_memory and self.device.type != "cuda":
             cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
         self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
+        if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
+            try:
+                PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
+            except ValueError as e:
+                raise ValueError(f"validation data: {e}; train without it with --train.valid_every=0") from None
         self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
                                     world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
         self.metrics_port = None

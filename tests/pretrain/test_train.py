@@ -124,6 +124,14 @@ def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pre
     assert_same_steps(by_step(records), by_step(read_log(straight_run)))
 
 
+def test_a_missing_validation_split_stops_the_run_before_its_first_step(pretrain_shards, tmp_path):
+    proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.valid_every=4", "--train.valid_split=heldout",
+                       nproc=1, expect_rc=1)
+    assert "validation data:" in proc.stderr and "no records in split 'heldout'" in proc.stderr
+    assert "--train.valid_every=0" in proc.stderr
+    assert not [r for r in read_log(tmp_path / "run") if "step" in r and "event" not in r]
+
+
 def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards, tmp_path):
     out = tmp_path / "run"
     # One micro-batch per step: a poisoned attempt takes no step. Attempt 3 is poisoned on rank 1 only (both
