@@ -102,19 +102,31 @@ class RecordStream:
         self.num_streams, self.index = num_streams, index
         self.state = StreamState([list(p) for p in state.pieces], state.next_epoch)
         self.corrupt: dict[str, str] = {}  # shard path -> reason
+        self.records_read = 0
 
     def windows(self) -> Iterator[tuple[Samples, WindowPosition]]:
         state = self.state
+        pass_start = None  # records_read when the current whole epoch pass began
         while True:
             if not state.pieces:
+                if pass_start == self.records_read and self.corrupt:
+                    raise self._starved()
                 if not self.cfg.infinite and state.next_epoch >= 1:
                     return  # validation: one pass over epoch 0
                 state.pieces = [self.table.default_piece(state.next_epoch, self.num_streams, self.index)]
                 state.next_epoch += 1
+                pass_start = self.records_read
             piece, rest = state.pieces[0], tuple(state.pieces[1:])
             if piece[2] > piece[1]:
                 yield from self._piece_windows(piece, rest, state.next_epoch)
             state.pieces = list(rest)
+
+    def _starved(self) -> ShardError:
+        """A whole pass read nothing: every record of this stream lies behind damage, so skipping would spin for
+        ever (and stall every other rank at its next collective)."""
+        shards = "; ".join(self.corrupt.values())
+        return ShardError(f"stream {self.index} of {self.num_streams} read no record in a whole pass over its part "
+                         f"of split {self.cfg.split!r}: all of it lies in unreadable shards ({shards})")
 
     def _piece_windows(self, piece: Piece, rest: tuple, next_epoch: int) -> Iterator[tuple[Samples, WindowPosition]]:
         epoch, start, stop, skip = piece
@@ -146,6 +158,7 @@ class RecordStream:
             try:
                 for pos, block in read_shard(path, lo, hi):
                     a, b = max(lo, pos) - pos, min(hi, pos + len(block)) - pos
+                    self.records_read += b - a
                     yield raw + pos + a - lo, slice_block(block, a, b)
             except ShardError as e:
                 if self.cfg.on_corrupt == "fail":

@@ -5,8 +5,10 @@ import gzip
 import itertools
 import json
 import logging
+import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +222,30 @@ def test_corrupt_shard_is_fatal_on_request(shards, tmp_path, workers):
     loader = PretrainLoader(config(out, sampling="uniform", infinite=False, on_corrupt="fail", num_workers=workers))
     with pytest.raises(ShardError, match="shard-0000"):
         take(loader)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_that_reads_nothing_in_a_whole_pass_names_the_shards_instead_of_spinning(shards, tmp_path, workers):
+    """on_corrupt=skip skips damage while a stream has other records; a stream whose every record lies behind
+    damage would retry for ever (and in training stall every other rank). With 0 workers every shard is missing;
+    with 2, only the last stream's shards are (truncated): the first stream still delivers."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    loader = PretrainLoader(config(out, num_workers=workers))
+    table, streams = loader.table, max(1, workers)
+    _, start, stop, _ = table.default_piece(0, streams, streams - 1)
+    bad = {str(out / table.paths[shard]) for shard, *_ in table.locate(0, start, stop)}
+    for path in map(Path, bad):
+        if workers:
+            path.write_bytes(path.read_bytes()[:1000])  # inside the first member
+        else:
+            path.unlink()
+    delivered = []
+    with pytest.raises(ShardError, match="read no record in a whole pass") as e:
+        delivered.extend(loader)
+    assert set(re.findall(r"(/\S+?\.tar): ", str(e.value))) == bad
+    assert bool(delivered) == bool(workers)  # the first of two streams delivers before the starved one fails
 
 
 def test_bad_configs_are_refused_with_reasons(shards):
