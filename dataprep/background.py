@@ -1,19 +1,36 @@
-"""Work in a forked process at a lower CPU priority, so that it fills the cores MMseqs2 leaves idle."""
+"""Work in a forked process at a lower CPU priority, so that it fills the cores MMseqs2 leaves idle; and the
+parent-death signal that ends every helper process (these, MMseqs2) when the build process dies."""
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import sys
 from collections.abc import Callable
 
 from .errors import DataprepError
 
 NICE = 10
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None  # loaded before any fork
 
 
-def _niced(errors, nice: int, fn: Callable, args: tuple) -> None:
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Called in a new child of process `parent` (a pid): the kernel sends it `sig` when the parent dies, even by
+    SIGKILL or the OOM killer, so that no helper keeps running (and writing into OUT/.work) without the build.
+    Linux only (elsewhere nothing); the parent must be the process's main thread, as it is here."""
+    if _LIBC is None:
+        return
+    _LIBC.prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(sig))
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(1)
+
+
+def _niced(errors, parent: int, nice: int, fn: Callable, args: tuple) -> None:
     try:
+        die_with_parent(parent)
         if nice:
             os.nice(nice)
         fn(*args)
@@ -40,7 +57,7 @@ class Background:
         self.name = name
         ctx = mp.get_context("fork")
         self._errors, child = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_niced, args=(child, nice, fn, args), name=name)
+        self._proc = ctx.Process(target=_niced, args=(child, os.getpid(), nice, fn, args), name=name)
         self._proc.start()
         child.close()
 

@@ -7,8 +7,10 @@ in v14).
 """
 from __future__ import annotations
 
+import os
 import resource
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import offsets_from_lengths
-from .background import Background
+from .background import Background, die_with_parent
 from .errors import ToolError
 from .store import Store
 
@@ -126,6 +128,29 @@ def linclust_steps(exe: str, fasta: list[Path], tmp: Path, cfg: ClusterConfig) -
             [exe, "createtsv", str(db), str(db), str(clu), str(tsv), "--threads", str(cfg.threads)]]
 
 
+# MMseqs2 runs each workflow step as a child of a shell script (and Debian's `mmseqs` is a wrapper script too), so a
+# parent-death signal on the process we start would not reach the running step. That process is therefore a shell
+# that leads a process group of its own and, on the signal, kills the whole group.
+_GROUP_GUARD = ["/bin/sh", "-c", 'trap "kill -KILL 0" TERM; "$@" & wait $!', "mmseqs-group"]
+
+
+def _run_guarded(cmd: list[str], out) -> int:
+    """Run `cmd` (its output to the file `out`) so that it and all its descendants end with this process."""
+    parent = os.getpid()
+
+    def in_child() -> None:
+        os.setpgid(0, 0)
+        die_with_parent(parent, signal.SIGTERM)
+
+    proc = subprocess.Popen(_GROUP_GUARD + cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=in_child)
+    try:
+        return proc.wait()
+    except BaseException:  # e.g. Ctrl-C: the group is not in the terminal's foreground group, so end it here
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
 def run_linclust(fasta: list[Path], workdir: Path, cfg: ClusterConfig, log: Path) -> Path:
     """Cluster the sequences of the FASTA files `fasta`; returns the `rep<TAB>member` TSV."""
     tmp = workdir / "mmseqs_tmp"
@@ -134,7 +159,7 @@ def run_linclust(fasta: list[Path], workdir: Path, cfg: ClusterConfig, log: Path
         for cmd in linclust_steps(find_mmseqs(cfg.mmseqs), fasta, tmp, cfg):
             lf.write(f"$ {' '.join(cmd)}\n".encode())
             lf.flush()
-            rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT).returncode
+            rc = _run_guarded(cmd, lf)
             if rc != 0:
                 lf.close()
                 tail = log.read_bytes()[-2000:].decode("utf-8", "replace")

@@ -99,9 +99,10 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _report_main(conn, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]) -> None:
+def _report_main(conn, parent_end, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]) -> None:
     import matplotlib
 
+    parent_end.close()  # else recv() would wait for ever once the build process is gone, never seeing EOF
     matplotlib.use("Agg")
     corpus = _plot_corpus(report_dir, store, keep, sources)
     corpus["cluster_size"] = _plot_clusters(report_dir, Path(conn.recv()))
@@ -113,8 +114,9 @@ class ReportProcess(Background):
     MMseqs2 runs; `clusters_ready` lets it draw the cluster sizes; `join` before `write_summary`."""
 
     def __init__(self, report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]):
-        self._conn, child = mp.get_context("fork").Pipe()
-        super().__init__("report", _report_main, child, report_dir, store, keep, sources)
+        child, self._conn = mp.get_context("fork").Pipe(duplex=False)
+        super().__init__("report", _report_main, child, self._conn, report_dir, store, keep, sources)
+        child.close()
 
     def clusters_ready(self, cluster_dir: Path) -> None:
         self._conn.send(str(cluster_dir))

@@ -345,3 +345,47 @@ def test_killed_run_never_leaves_a_manifest_over_partial_shards(tmp_path):
     assert m.params["seed"] == 2
     assert not list(out.glob("*/*.tmp-*"))  # the killed writer's temporary file was cleaned up
     check_build(out, [fasta])
+
+
+def _tagged(tag: str) -> dict[int, bytes]:
+    """pid -> command line of the live processes whose environment holds `tag` (a zombie's is empty)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"{tag}=1".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours
+            pass
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_killing_the_build_process_ends_every_helper(tmp_path, synth_fa):
+    """SIGKILL of the main process alone (OOM killer, kill -9) while MMseqs2 runs: the report and shuffle processes
+    and MMseqs2 with the step its workflow script runs as a child (here a fake one: `sleep 60`) die with it, instead
+    of running on and writing into OUT/.work or, the report, waiting for ever for the clusters."""
+    import signal
+    import time
+    import uuid
+
+    fake = tmp_path / "mmseqs"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = linclust ]; then sleep 60; fi\n")  # a child, as MMseqs2's steps are
+    fake.chmod(0o755)
+    tag = f"RNALM_TEST_{uuid.uuid4().hex}"  # inherited by every descendant, found again after they are orphaned
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--input", str(synth_fa), "--out", str(tmp_path / "out"),
+                             "--mmseqs", str(fake), "--quiet"], env={**os.environ, tag: "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while not any(cmd.startswith(b"sleep\0") for cmd in _tagged(tag).values()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the linclust step never ran"
+            time.sleep(0.02)
+        assert sum(SCRIPT.encode() in cmd for cmd in _tagged(tag).values()) >= 2  # the main and the report process
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while (left := _tagged(tag)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left, f"still running 5 s after the build process was killed: {left}"
+    finally:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
