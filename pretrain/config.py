@@ -78,7 +78,6 @@ class CheckpointConfig:
     every: int = 1000                 # steps; 0: only on signals, stop_after and at the end
     keep: int = 3                     # newest K kept
     resume: bool = True               # auto-resume from the newest good checkpoint in out_dir/checkpoints
-    load_universal: bool = False      # resume from `<tag>_universal` (after pretrain.convert --universal)
     save_at_end: bool = True
 
 
@@ -103,8 +102,19 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.data.shards:
             raise ValueError("data.shards is not set: give the dataprep output dir (--data.shards=DIR)")
-        if self.train.grad_accum < 1 or self.train.max_steps < 1:
-            raise ValueError("train.grad_accum and train.max_steps must be >= 1")
+        t, o = self.train, self.optim
+        least = {"train.grad_accum": (t.grad_accum, 1), "train.max_steps": (t.max_steps, 1),
+                 "train.log_every": (t.log_every, 1), "train.stop_after": (t.stop_after, 1),
+                 "train.valid_every": (t.valid_every, 0), "train.valid_max_batches": (t.valid_max_batches, 0),
+                 "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
+                 "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
+                 "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0)}
+        for key, (value, low) in least.items():
+            if value is not None and value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
+        if not 0 < o.lr or o.min_lr > o.lr or not 0 < self.metrics.peak_flops:
+            raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr <= optim.lr (got {o.min_lr}) and "
+                             f"metrics.peak_flops > 0 (got {self.metrics.peak_flops})")
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
                              f"({self.train.max_steps}) or set optim.decay_steps")
@@ -121,8 +131,9 @@ TRAINER_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "
                          "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def deepspeed_config(cfg: PretrainConfig, bf16: bool) -> dict[str, Any]:
-    """The JSON file (ZeRO settings) + ds_overrides + the keys the trainer owns."""
+def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -> dict[str, Any]:
+    """The JSON file (ZeRO settings) + ds_overrides + the keys the trainer owns; `universal`: the run resumes
+    from a universal checkpoint."""
     path = Path(cfg.train.ds_config)
     if not path.is_absolute() and not path.exists():
         path = REPO / path
@@ -144,7 +155,7 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
     })
-    if cfg.checkpoint.load_universal:
+    if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     return ds
 

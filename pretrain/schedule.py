@@ -39,3 +39,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
                     max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """DeepSpeed steps it once per optimizer step and saves its state in the checkpoint."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim, max_steps))
+
+
+def set_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optim: OptimConfig, max_steps: int) -> None:
+    """Install this run's schedule at the scheduler's current step. A checkpoint's scheduler state holds the
+    schedule it was started with (LambdaLR saves its callable's fields), so without this a resumed run with a
+    new optim.lr or train.max_steps would silently keep the old one."""
+    fn = warmup_cosine(optim, max_steps)
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [fn] * len(groups)
+    scheduler.base_lrs = [optim.lr] * len(groups)
+    for group in groups:
+        group["lr"] = optim.lr * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
+SCHEDULE_KEYS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_start_lr"), ("optim", "warmup_steps"),
+                 ("optim", "decay_steps"), ("train", "max_steps"))
+
+
+def schedule_changes(saved_config: dict, cfg) -> dict[str, tuple]:
+    """{"section.key": (saved, now)} for the schedule settings that differ from a checkpoint's run config."""
+    changes = {}
+    for section, key in SCHEDULE_KEYS:
+        saved, now = saved_config.get(section, {}).get(key, None), getattr(getattr(cfg, section), key)
+        if key in saved_config.get(section, {}) and saved != now:
+            changes[f"{section}.{key}"] = (saved, now)
+    return changes

@@ -31,7 +31,7 @@ from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
-from pretrain.schedule import build_scheduler
+from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.configfile import from_cli, save_yaml, to_dict
 from rnalm.model import RiNALMo, TransformerBlock
@@ -107,10 +107,10 @@ class Trainer:
         self.attempts = self.nonfinite_in_row = 0
         self.last_valid = -1
 
-        if self.rank == 0:
-            save_yaml(cfg, self.out / "config.yaml")
+        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
+        self.resume_tag = self._resume_tag()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        ds_cfg = deepspeed_config(cfg, self.bf16)
+        ds_cfg = deepspeed_config(cfg, self.bf16, universal=(self.resume_tag or "").endswith(UNIVERSAL_SUFFIX))
         # built where it trains: on a CPU, giga's random init alone takes ~9 s (the CPU generator is serial)
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else self.device:
             model = PretrainModel(self.model_cfg)
@@ -124,7 +124,6 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
-        self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         if cfg.data.pin_memory and self.device.type != "cuda":
             cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
         self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
@@ -144,12 +143,14 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         resumed = self._resume()
+        if self.rank == 0:  # after the resume: a refused start leaves the run's config as it was
+            save_yaml(cfg, self.out / "config.yaml")
         start_step = self.step
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), metrics_ports=ports, pid=os.getpid())
-        end = min(cfg.train.max_steps, cfg.train.stop_after or cfg.train.max_steps)
+        end = min(cfg.train.max_steps, cfg.train.stop_after if cfg.train.stop_after is not None else cfg.train.max_steps)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
         while self.step < end:
@@ -176,7 +177,7 @@ class Trainer:
                 self._save()
                 last_saved = self.step
         finished = self.step >= cfg.train.max_steps
-        if finished and self.step > start_step and cfg.train.valid_every and self.last_valid != self.step:
+        if finished and cfg.train.valid_every and self.last_valid != self.step:  # also after a late preemption
             self.validate()
         if self.step != last_saved and (cfg.checkpoint.save_at_end or not finished):
             self._save()
@@ -338,7 +339,8 @@ class Trainer:
     def _save(self) -> None:
         t0 = time.perf_counter()
         state = {"step": self.step, "tokens": self.tokens, "samples": self.samples,
-                 "nonfinite_steps": self.nonfinite_steps, "world_size": self.world, "seed": self.cfg.train.seed,
+                 "nonfinite_steps": self.nonfinite_steps, "last_valid": self.last_valid, "world_size": self.world,
+                 "seed": self.cfg.train.seed,
                  "loader_states": _all_gather(self.loader.state_dict()), "model": self.model_cfg.to_dict(),
                  "config": to_dict(self.cfg), "time": time.time()}
         tag = self.checkpointer.save(self.engine, self.step, state)
@@ -346,34 +348,44 @@ class Trainer:
         self.metrics.record_checkpoint(seconds)
         self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
 
-    def _resume(self) -> str | None:
+    def _resume_tag(self) -> str | None:
+        """The newest good checkpoint, or its universal form (`pretrain.convert --universal`) when it was
+        written by another number of ranks; None for a fresh start."""
         ckpt = self.checkpointer
         removed = ckpt.remove_partial_saves()
         if removed:
             self._log(event="removed_partial_checkpoints", dirs=removed)
-        if not self.cfg.checkpoint.resume:
-            return None
         tag = latest_tag(ckpt.root)
         if tag is None:
             return None
+        if not self.cfg.checkpoint.resume:
+            raise CheckpointError(f"{ckpt.root} holds checkpoints of an earlier run (newest {tag}) and "
+                                  f"checkpoint.resume=false: use another train.out_dir, or remove them")
         saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
-        if self.cfg.checkpoint.load_universal:
-            tag += UNIVERSAL_SUFFIX
-            if not (ckpt.root / tag).is_dir():
-                hint = ("it was written with this world size: drop --checkpoint.load_universal"
-                        if saved_world == self.world else
-                        f"run `python -m pretrain.convert --universal {ckpt.root}` first")
-                raise CheckpointError(f"{ckpt.root / tag} not found: {hint}")
-        if saved_world != self.world and not self.cfg.checkpoint.load_universal:
-            raise CheckpointError(f"{ckpt.root / tag} was written by {saved_world} ranks, this run has {self.world}: "
-                                  f"run `python -m pretrain.convert --universal {ckpt.root}` and resume with "
-                                  f"--checkpoint.load_universal=true")
-        state = ckpt.load(self.engine, tag)
+        if saved_world == self.world:
+            return tag
+        if (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():
+            return tag + UNIVERSAL_SUFFIX
+        raise CheckpointError(f"{ckpt.root / tag} was written by {saved_world} ranks, this run has {self.world}: "
+                              f"run `python -m pretrain.convert --universal {ckpt.root}` first (the run then "
+                              f"resumes from its universal form)")
+
+    def _resume(self) -> str | None:
+        tag = self.resume_tag
+        if tag is None:
+            return None
+        state = self.checkpointer.load(self.engine, tag)
         self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        self.last_valid = state.get("last_valid", -1)
         self.loader.load_state_dict(state["loader_states"])
+        changed = schedule_changes(state.get("config", {}), self.cfg)
+        set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
+        if changed:
+            self._log(event="schedule_changed", step=self.step, changes=changed)
         if self.rank == 0:
-            _eprint(f"resumed from {ckpt.root / tag} at step {self.step}")
+            _eprint(f"resumed from {self.checkpointer.root / tag} at step {self.step}"
+                    + (f"; LR schedule from this run's config: {changed}" if changed else ""))
         return tag
 
     def _log(self, **record) -> None:

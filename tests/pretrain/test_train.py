@@ -94,6 +94,30 @@ def test_sigusr1_stops_at_a_step_boundary_and_resume_equals_the_straight_run(pre
     assert events(records, "valid")[-1]["loss"] == events(read_log(straight_run), "valid")[-1]["loss"]
 
 
+def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pretrain_shards, copy_of_straight_run):
+    from pretrain.schedule import warmup_cosine
+
+    out = copy_of_straight_run
+    config_before = (out / "config.yaml").read_bytes()
+    proc = run_trainer(pretrain_shards, out, "--checkpoint.resume=false", expect_rc=1)
+    assert "holds checkpoints of an earlier run (newest step00000012) and checkpoint.resume=false" in proc.stderr
+    assert (out / "config.yaml").read_bytes() == config_before  # a refused start leaves the run's config
+
+    run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3")  # longer, another peak LR
+    records = read_log(out)
+    changed = events(records, "schedule_changed")[-1]["changes"]
+    assert changed["optim.lr"][1] == 1e-3 and changed["train.max_steps"] == [STRAIGHT_STEPS, 14]
+    cfg = load(PretrainConfig, out / "config.yaml")
+    assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 14
+    schedule = warmup_cosine(cfg.optim, 14)
+    assert [r["lr"] for r in step_lines(records)[-2:]] == pytest.approx([schedule.lr(12), schedule.lr(13)])
+
+    # validation asked for at the end of a finished run (as after a preemption at its last step) still runs
+    assert not [v for v in events(records, "valid") if v["step"] == 14]
+    run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3", "--train.valid_every=7")
+    assert [v["step"] for v in events(read_log(out), "valid")][-1] == 14
+
+
 def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pretrain_shards, straight_run,
                                                                               tmp_path):
     out = tmp_path / "run"
@@ -176,7 +200,7 @@ def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, cop
     assert (out / "checkpoints" / universal / "trainer_state.json").exists()
     assert (out / "checkpoints" / "latest_universal").read_text() == universal
 
-    run_trainer(pretrain_shards, out, "--train.max_steps=14", "--checkpoint.load_universal=true", nproc=1)
+    run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1)  # finds the universal form itself
     records = read_log(out)
     start = events(records, "start")[-1]
     assert start["resumed_from"] == universal and start["world_size"] == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
-from pretrain.schedule import build_scheduler, warmup_cosine
+from pretrain.schedule import build_scheduler, schedule_changes, set_schedule, warmup_cosine
 from rnalm.configfile import load
 
 
@@ -38,6 +38,43 @@ def test_scheduler_drives_the_optimizer_and_pickles_its_state():
     assert seen[8] == pytest.approx(1e-4)
     state = sched.state_dict()
     assert state["last_epoch"] == 9
+
+
+def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
+    def scheduler(lr, max_steps):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return build_scheduler(opt, OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=2), max_steps=max_steps)
+
+    old = scheduler(3e-3, 8)
+    for _ in range(8):
+        old.optimizer.step()
+        old.step()
+    resumed = scheduler(1e-3, 20)
+    resumed.load_state_dict(old.state_dict())  # what DeepSpeed's load_checkpoint does: the old schedule is back
+    assert resumed.optimizer.param_groups[0]["lr"] != pytest.approx(warmup_cosine(OptimConfig(
+        lr=1e-3, min_lr=1e-4, warmup_steps=2), 20).lr(8))
+    new_cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)
+    set_schedule(resumed, new_cfg, 20)
+    for step in range(8, 12):
+        assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(new_cfg, 20).lr(step))
+        resumed.optimizer.step()
+        resumed.step()
+    cfg = PretrainConfig(optim=new_cfg)
+    cfg.train.max_steps = 20
+    saved = {"optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_start_lr": 1e-7, "warmup_steps": 2, "decay_steps": None},
+             "train": {"max_steps": 8}}
+    assert schedule_changes(saved, cfg) == {"optim.lr": (3e-3, 1e-3), "optim.min_lr": (3e-4, 1e-4),
+                                            "train.max_steps": (8, 20)}
+
+
+@pytest.mark.parametrize("override", ["train.log_every=0", "train.stop_after=0", "train.valid_every=-1",
+                                      "train.valid_max_batches=-1", "checkpoint.keep=0", "checkpoint.every=-1",
+                                      "optim.lr=0", "optim.min_lr=1", "optim.warmup_steps=-1", "optim.decay_steps=0",
+                                      "metrics.peak_flops=0"])
+def test_nonsense_values_are_refused_before_the_run_starts(override):
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["data.shards=/somewhere", override])
+    with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"\.")):
+        cfg.validate()
 
 
 def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
