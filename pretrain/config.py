@@ -165,3 +165,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pretrain.config CONFIG [--section.key=value ...] section.key ...`: the values the trainer
+    would use, one per line (true/false for booleans), for shell scripts such as deploy/slurm/pretrain.sh."""
+    import sys
+
+    from rnalm.configfile import ConfigError, load
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        sys.exit(main.__doc__)
+    overrides = [a for a in args[1:] if a.startswith("--")]
+    try:
+        cfg = load(PretrainConfig, args[0], overrides)
+        for key in (a for a in args[1:] if not a.startswith("--")):
+            section, name = key.split(".", 1)
+            value = getattr(getattr(cfg, section), name)
+            print(str(value).lower() if isinstance(value, bool) else value)
+    except (ConfigError, AttributeError, ValueError) as e:
+        sys.exit(f"python -m pretrain.config: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,8 +12,8 @@
 # (or set RNALM_REPO). Knobs (environment variables at submit time; sbatch passes them to the job):
 #   RNALM_REPO               repository root                          (default: the submit directory)
 #   RNALM_PYTHON             interpreter                              (default: $RNALM_REPO/.venv/bin/python)
-#   RNALM_METRICS_PORT_BASE  rank r serves metrics on port base+LOCAL_RANK (default 9500; an explicit
-#                            --metrics.port_base=N argument wins)
+#   RNALM_METRICS_PORT_BASE  rank r serves metrics on port base+LOCAL_RANK (default: the config's
+#                            metrics.port_base; an explicit --metrics.port_base=N argument wins)
 #   RNALM_PROM_SD_DIR        where the file_sd target file goes       (default: $RNALM_REPO/deploy/prometheus/targets)
 #   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 20000)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: cluster-specific NCCL settings; export them before sbatch.
@@ -52,7 +52,6 @@ CONFIG=pretrain/configs/giga.yaml
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then CONFIG=$1; shift; fi
 OVERRIDES=()
 PORT_BASE=""
-METRICS=true
 while [ $# -gt 0 ]; do
   case $1 in
     --*=*) key=${1%%=*}; val=${1#*=}; shift ;;
@@ -62,15 +61,18 @@ while [ $# -gt 0 ]; do
   case $key in
     --config) CONFIG=$val; continue ;;
     --metrics.port_base) PORT_BASE=$val ;;
-    --metrics.enabled) case ${val,,} in false | 0 | no | off) METRICS=false ;; *) METRICS=true ;; esac ;;
   esac
   OVERRIDES+=("$key=$val")
 done
 [ -f "$CONFIG" ] || die "config file $CONFIG not found"
-if [ -z "$PORT_BASE" ]; then   # the file_sd targets must name the ports the ranks really use
-  PORT_BASE=${RNALM_METRICS_PORT_BASE:-9500}
-  OVERRIDES+=("--metrics.port_base=$PORT_BASE")
+if [ -z "$PORT_BASE" ] && [ -n "${RNALM_METRICS_PORT_BASE:-}" ]; then
+  OVERRIDES+=("--metrics.port_base=$RNALM_METRICS_PORT_BASE")
 fi
+# The file_sd targets must name what the ranks really serve: the config file with the overrides, as the
+# trainer reads it (a YAML `metrics: {enabled: false}` means no targets).
+SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" "${OVERRIDES[@]}" metrics.enabled metrics.port_base) ||
+  die "cannot read $CONFIG with the overrides: $SETTINGS"
+{ read -r METRICS; read -r PORT_BASE; } <<< "$SETTINGS"
 
 # ---------------------------------------------------------------------- distributed and library settings
 # Ranks come from srun: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID (set per task in the srun command).

@@ -106,3 +106,16 @@ def test_activation_checkpointing_override_takes_a_bool_or_a_block_count(value, 
     cfg = load(PretrainConfig, "pretrain/configs/giga.yaml",
                ["data.shards=/somewhere", f"model.activation_checkpointing={value}"])
     assert cfg.model.build().checkpointed_blocks == blocks
+
+
+def test_config_values_for_shell_scripts(tmp_path, capsys):
+    from pretrain.config import main
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("metrics: {enabled: false, port_base: 9700}\n")
+    main([str(yaml_file), "metrics.enabled", "metrics.port_base"])
+    assert capsys.readouterr().out.split() == ["false", "9700"]  # what pretrain.sh's targets follow
+    main([str(yaml_file), "--metrics.enabled=true", "--metrics.port_base=9800", "metrics.enabled", "metrics.port_base"])
+    assert capsys.readouterr().out.split() == ["true", "9800"]
+    with pytest.raises(SystemExit, match="no attribute 'nope'"):
+        main([str(yaml_file), "metrics.nope"])
