@@ -20,7 +20,8 @@ class TrainMetrics:
         r = self.registry = CollectorRegistry()
         self.tokens = Counter("rnalm_train_tokens", "Real (non-pad) tokens trained on by this rank", registry=r)
         self.samples = Counter("rnalm_train_samples", "Sequences trained on by this rank", registry=r)
-        self.steps = Counter("rnalm_train_steps", "Optimizer steps taken", registry=r)
+        self.steps = Counter("rnalm_train_steps", "Optimizer steps taken by this process", registry=r)
+        self.step = Gauge("rnalm_train_step", "Training step of the run (continues across resumes)", registry=r)
         self.nonfinite = Counter("rnalm_train_nonfinite_steps", "Steps skipped for a NaN/inf loss", registry=r)
         self.loader_wait = Counter("rnalm_dataloader_wait_seconds", "Time spent waiting for batches", registry=r)
         self.loss = Gauge("rnalm_train_loss", "MLM loss of the last step (all ranks)", registry=r)
@@ -59,9 +60,10 @@ class TrainMetrics:
             self._server.shutdown()
             self._server = None
 
-    def record_step(self, *, loss: float, lr: float, grad_norm: float, tokens: int, samples: int,
+    def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, samples: int,
                     seconds: float, mfu: float, loader_wait: float) -> None:
         self.steps.inc()
+        self.step.set(step)
         self.tokens.inc(tokens)
         self.samples.inc(samples)
         self.loader_wait.inc(loader_wait)

@@ -228,11 +228,10 @@ class Trainer:
         ce_sum = masked_ok = 0.0
         dropped = owed = backwards = 0
         ids: list[str] = []
-        local_flops = 0.0
-        for j, b in enumerate(micro):
-            ids.extend(b.ids or ())
-            local_flops += self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum()))
-            b = self._static_shape(b).to(dev, non_blocking=True)
+        kept: list[PackedBatch] = []  # trained on: a dropped micro-batch counts in no token, sample or FLOP
+        for j, raw in enumerate(micro):
+            ids.extend(raw.ids or ())
+            b = self._static_shape(raw).to(dev, non_blocking=True)
             index = masked_index(b)
             logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
             ce, _ = mlm_sums(logits, b.targets[index])
@@ -249,13 +248,15 @@ class Trainer:
             engine.backward(ce * scale, scale_wrt_gas=False)
             engine.step()
             backwards += 1
+            kept.append(raw)
             ce_sum += ce.item()
             masked_ok += int(index.numel())
         if backwards:
             for _ in range(owed):
                 engine.step()  # the last of these is the boundary: the optimizer steps on the kept micro-batches
-        local_tokens = sum(b.num_tokens for b in micro)
-        local_samples = sum(b.num_sequences for b in micro)
+        local_tokens = sum(b.num_tokens for b in kept)
+        local_samples = sum(b.num_sequences for b in kept)
+        local_flops = sum(self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum())) for b in kept)
         stats = _all_reduce(torch.tensor([ce_sum, masked_ok, local_tokens, local_samples, local_flops,
                                           float(self.stop_requested)], dtype=torch.float64, device=dev)).tolist()
         all_ids = [i for rank_ids in _all_gather(ids) for i in rank_ids]
@@ -286,7 +287,7 @@ class Trainer:
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         peak = self.cfg.metrics.peak_flops
         global_mfu = mfu(r.flops, seconds, self.world, peak)
-        self.metrics.record_step(loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=r.local_tokens,
+        self.metrics.record_step(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=r.local_tokens,
                                  samples=r.local_samples, seconds=seconds,
                                  mfu=mfu(r.local_flops, seconds, 1, peak), loader_wait=wait)
         tokens_per_s = r.tokens / seconds

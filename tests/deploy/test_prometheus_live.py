@@ -31,7 +31,7 @@ step = 0
 while True:
     step += 1
     for m in ranks:
-        m.record_step(loss=3.0 / step, lr=1e-4, grad_norm=1.0, tokens=512, samples=4, seconds=0.2, mfu=0.01,
+        m.record_step(step=step, loss=3.0 / step, lr=1e-4, grad_norm=1.0, tokens=512, samples=4, seconds=0.2, mfu=0.01,
                       loader_wait=0.01)
         if step == 3:
             m.record_checkpoint(0.5)

@@ -56,9 +56,9 @@ def test_exporter_serves_every_contract_metric():
     metrics = TrainMetrics(run_id="r1", model="nano", world_size=2, slurm_job_id="77")
     port = metrics.serve("127.0.0.1", 0)
     try:
-        metrics.record_step(loss=2.5, lr=1e-4, grad_norm=0.7, tokens=1000, samples=9, seconds=0.5, mfu=0.25,
+        metrics.record_step(step=41, loss=2.5, lr=1e-4, grad_norm=0.7, tokens=1000, samples=9, seconds=0.5, mfu=0.25,
                             loader_wait=0.01)
-        metrics.record_step(loss=2.0, lr=2e-4, grad_norm=0.6, tokens=500, samples=4, seconds=0.25, mfu=0.3,
+        metrics.record_step(step=42, loss=2.0, lr=2e-4, grad_norm=0.6, tokens=500, samples=4, seconds=0.25, mfu=0.3,
                             loader_wait=0.02)
         metrics.record_checkpoint(1.5)
         metrics.valid_loss.set(2.2)
@@ -69,7 +69,7 @@ def test_exporter_serves_every_contract_metric():
     assert CONTRACT_NAMES <= names
     assert value(samples, "rnalm_train_tokens_total") == 1500
     assert value(samples, "rnalm_train_samples_total") == 13
-    assert value(samples, "rnalm_train_steps_total") == 2
+    assert value(samples, "rnalm_train_steps_total") == 2 and value(samples, "rnalm_train_step") == 42
     assert value(samples, "rnalm_train_loss") == 2.0 and value(samples, "rnalm_train_learning_rate") == 2e-4
     assert value(samples, "rnalm_train_tokens_per_second") == 2000
     assert value(samples, "rnalm_dataloader_wait_seconds_total") == pytest.approx(0.03)

@@ -26,7 +26,7 @@ def test_every_rank_serves_live_metrics_and_sigterm_saves_and_stops(pretrain_sha
         for samples in per_rank:
             names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in samples}
             assert CONTRACT_NAMES <= names
-            assert value(samples, "rnalm_train_steps_total") >= 3
+            assert value(samples, "rnalm_train_steps_total") >= 3 and value(samples, "rnalm_train_step") >= 3
             assert value(samples, "rnalm_train_tokens_total") > 0 and value(samples, "rnalm_train_samples_total") > 0
             assert 0 < value(samples, "rnalm_train_loss") < 10
             assert value(samples, "rnalm_train_learning_rate") > 0

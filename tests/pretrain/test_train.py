@@ -185,6 +185,8 @@ def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_
     assert [got[s]["loss"] for s in (1, 2)] == [reference[s]["loss"] for s in (1, 2)]
     assert got[3]["samples_sha1"] == reference[3]["samples_sha1"]         # same data consumed ...
     assert got[3]["masked_tokens"] < reference[3]["masked_tokens"]         # ... but one micro-batch not trained on
+    for counted in ("step_tokens", "step_flops"):                           # and not counted as trained on
+        assert got[3][counted] < reference[3][counted] and got[2][counted] == reference[2][counted]
     assert got[4]["loss"] != reference[4]["loss"]                          # so the weights differ afterwards
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
 
