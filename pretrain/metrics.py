@@ -41,8 +41,9 @@ class TrainMetrics:
                                "Unix time of the last successful checkpoint", registry=r)
         self.last_step_time = Gauge("rnalm_train_last_step_timestamp_seconds", "Unix time of the last step",
                                     registry=r)
-        self.valid_loss = Gauge("rnalm_valid_loss", "Loss on the held-out split at the last validation",
-                                registry=r)
+        self.valid_loss = Gauge("rnalm_valid_loss", "Loss on the held-out split at the last validation (NaN before "
+                                "the first)", registry=r)
+        self.valid_loss.set(float("nan"))  # not 0: a dashboard would plot a perfect loss that was never measured
         self.info = Gauge("rnalm_run_info", "Run metadata (value is always 1)",
                           ["run_id", "model", "world_size", "slurm_job_id"], registry=r)
         self.info.labels(run_id=run_id, model=model, world_size=str(world_size), slurm_job_id=slurm_job_id).set(1)

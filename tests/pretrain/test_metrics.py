@@ -56,6 +56,7 @@ def test_exporter_serves_every_contract_metric():
     metrics = TrainMetrics(run_id="r1", model="nano", world_size=2, slurm_job_id="77")
     port = metrics.serve("127.0.0.1", 0)
     try:
+        assert math.isnan(value(scrape(port), "rnalm_valid_loss"))  # no validation yet: no number
         metrics.record_step(step=41, loss=2.5, lr=1e-4, grad_norm=0.7, tokens=1000, samples=9, seconds=0.5, mfu=0.25,
                             loader_wait=0.01)
         metrics.record_step(step=42, loss=2.0, lr=2e-4, grad_norm=0.6, tokens=500, samples=4, seconds=0.25, mfu=0.3,
