@@ -49,7 +49,8 @@ def pretrain(shards: Path, run_dir: Path, steps: int, nproc: int) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (the trainer would otherwise resume)
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml", f"--data.shards={shards}",
-         f"--train.out_dir={run_dir}", f"--train.max_steps={steps}", f"--train.valid_every={max(steps // 3, 1)}",
+         f"--train.out_dir={run_dir}", f"--train.max_steps={steps}", f"--optim.warmup_steps={min(20, steps - 1)}",
+         f"--train.valid_every={max(steps // 3, 1)}",
          f"--checkpoint.every={max(steps // 3, 1)}"],
         f"pretraining: DeepSpeed ZeRO-3, {nproc} CPU ranks (gloo), tiny model, {steps} steps")
 

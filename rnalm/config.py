@@ -13,6 +13,7 @@ PRESETS: dict[str, tuple[int, int]] = {
     "mega": (640, 30),
     "giga": (1280, 33),
 }
+ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa")
 # Token dropout rescales by (1 - this) / (1 - observed mask ratio): 15% selected x 80% <mask>.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 
@@ -36,6 +37,18 @@ class ModelConfig:
     ffn_align: int = 1     # the FFN matmuls run at its width rounded up to this (zero padding; weights unchanged)
 
     def __post_init__(self) -> None:
+        for key in ("dim", "num_layers", "num_heads", "vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        for key in ("attn_dropout", "residual_dropout", "transition_dropout", "mask_ratio_train"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not (self.layer_norm_eps > 0 and self.rope_base > 0):
+            raise ValueError(f"layer_norm_eps and rope_base must be > 0, got {self.layer_norm_eps}, {self.rope_base}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:

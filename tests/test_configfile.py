@@ -25,6 +25,7 @@ class Train:
     max_steps: int | None = None
     activation_checkpointing: bool = False
     tags: list[str] = field(default_factory=list)
+    cache: Path | None = None
 
 
 @dataclass
@@ -68,6 +69,9 @@ def test_str_override_stays_verbatim():
     ("optim.lr", "expected section.key=value"),
     ("optim=3", "optim: expected a mapping of keys for Optim, got int"),
     ("optim.lr.x=3", "optim.lr is not a section"),
+    ("optim.betas=[0.9]", "optim.betas: expected 2 items, got 1"),
+    ("optim.betas=[0.9, 0.99, 0.5]", "optim.betas: expected 2 items, got 3"),
+    ("optim.betas=[0.9, x]", "optim.betas[1]: expected a number, got 'x'"),
 ])
 def test_bad_overrides_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError) as info:
@@ -92,12 +96,12 @@ def test_bad_file_shapes(tmp_path):
 
 
 def test_round_trip_through_saved_yaml(tmp_path):
-    cfg = load(Run, None, ["optim.lr=2e-3", "train.tags=[x]"])
+    cfg = load(Run, None, ["optim.lr=2e-3", "train.tags=[x]", "train.cache=/tmp/c"])
     save_yaml(cfg, tmp_path / "out" / "config.yaml")
     again = load(Run, tmp_path / "out" / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["optim"]["betas"] == [0.9, 0.98]
-    assert to_dict(cfg)["train"]["tags"] == ["x"]
+    assert to_dict(cfg)["train"]["tags"] == ["x"] and to_dict(cfg)["train"]["cache"] == "/tmp/c"
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]  # no temp file left
 
 

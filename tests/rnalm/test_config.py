@@ -1,0 +1,21 @@
+"""ModelConfig refuses sizes and settings that would crash late or train silently wrong, naming the field."""
+from __future__ import annotations
+
+import pytest
+
+from rnalm.config import ModelConfig
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_heads", 0), ("num_heads", -4), ("dim", -32), ("num_layers", 0), ("dim", "32"), ("num_layers", True),
+    ("attn_dropout", 1.5), ("residual_dropout", -0.5), ("layer_norm_eps", -1.0), ("rope_base", 0.0),
+    ("attention_backend", "flashattn"),
+])
+def test_bad_values_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{"dim": 32, "num_heads": 4, "num_layers": 2, field: value})
+
+
+def test_every_preset_is_valid():
+    for name in ("nano", "micro", "mega", "giga"):
+        assert ModelConfig.preset(name).num_heads == 20
