@@ -83,7 +83,10 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
         dim, layers = PRESETS[name]
-        return replace(cls(name=name, dim=dim, num_layers=layers), **overrides)
+        cfg = replace(cls(name=name, dim=dim, num_layers=layers), **overrides)
+        if (cfg.dim, cfg.num_layers, cfg.num_heads) != (dim, layers, cls.num_heads):
+            cfg = replace(cfg, name=f"{name}-custom")  # a resized preset is not that model: say so in every label
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

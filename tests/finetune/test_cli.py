@@ -52,7 +52,7 @@ def test_evaluate_uses_stored_threshold(ss_model, shared_data, tmp_path, capsys)
                 "--eval.rnafold=true", f"--train.out_dir={tmp_path}", "--train.progress=false"]) == 0
     res = json.loads((tmp_path / "eval_results.json").read_text())
     meta = json.loads((ss_model / "finetune.json").read_text())
-    assert res["rows"]["nano fine-tuned"]["threshold"] == meta["threshold"]
+    assert res["rows"]["nano-custom fine-tuned"]["threshold"] == meta["threshold"]
     assert res["rows"]["RNAfold"]["n"] == 5
     assert "| RNAfold |" in capsys.readouterr().out
 

@@ -26,8 +26,8 @@ def test_ss_bprna_loss_falls_and_checkpoint_reloads(tiny_checkpoint, shared_data
     losses = [h["train_loss"] for h in result["history"]]
     assert losses[-1] < 0.5 * losses[0], losses
     assert result["history"][0]["trainable_lm_params"] == 0 < result["history"][-1]["trainable_lm_params"]
-    assert set(result["rows"]) == {"nano fine-tuned", "RNAfold"}
-    assert result["rows"]["RNAfold"]["n"] == 12 and 0 <= result["rows"]["nano fine-tuned"]["f1_shift"] <= 1
+    assert set(result["rows"]) == {"nano-custom fine-tuned", "RNAfold"}
+    assert result["rows"]["RNAfold"]["n"] == 12 and 0 <= result["rows"]["nano-custom fine-tuned"]["f1_shift"] <= 1
     assert (tmp_path / "results.md").read_text().count("|") > 10
     model, meta = load_finetuned(tmp_path)
     assert meta["task"] == "ss" and meta["threshold"] in cfg.eval.thresholds

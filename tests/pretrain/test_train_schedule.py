@@ -95,7 +95,7 @@ def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
 def test_every_shipped_config_loads_and_validates(name):
     cfg = load(PretrainConfig, f"pretrain/configs/{name}.yaml", ["data.shards=/somewhere"])
     cfg.validate()
-    assert cfg.model.build().name == ("nano" if name == "tiny_cpu" else name)
+    assert cfg.model.build().name == ("nano-custom" if name == "tiny_cpu" else name)
     for ds in ("zero3", "zero2", "zero3_offload"):
         cfg.train.ds_config = f"ds_configs/{ds}.json"
         assert deepspeed_config(cfg, bf16=True)["zero_optimization"]["stage"] in (2, 3)

@@ -16,6 +16,8 @@ def test_bad_values_are_refused_naming_the_field(field, value):
         ModelConfig(**{"dim": 32, "num_heads": 4, "num_layers": 2, field: value})
 
 
-def test_every_preset_is_valid():
+def test_every_preset_is_valid_and_a_resized_one_says_so():
     for name in ("nano", "micro", "mega", "giga"):
-        assert ModelConfig.preset(name).num_heads == 20
+        assert ModelConfig.preset(name).num_heads == 20 and ModelConfig.preset(name).name == name
+    assert ModelConfig.preset("nano", attn_dropout=0.0).name == "nano"  # same model, other training setting
+    assert ModelConfig.preset("nano", dim=64, num_layers=2, num_heads=4).name == "nano-custom"
