@@ -97,12 +97,7 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if fmt == "rnalm":
         return rio.load_pretrained(path, **overrides)
     if fmt == "finetuned":
-        lm = load_finetuned(path)[0].lm
-        if not overrides:
-            return lm
-        model = RiNALMo(ModelConfig.from_dict({**lm.config.to_dict(), **overrides}))
-        model.load_state_dict(lm.state_dict())
-        return model
+        return load_finetuned(path, **overrides)[0].lm
     if fmt == "multimolecule" and path.is_dir():
         path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
     importer = rio.import_official if fmt == "official" else rio.import_multimolecule
@@ -130,7 +125,9 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
     return out
 
 
-def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[TaskModel, dict[str, Any]]:
+def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
+                   **lm_overrides: Any) -> tuple[TaskModel, dict[str, Any]]:
+    """The task model and its finetune.json; `lm_overrides`: ModelConfig fields (dropout, attention backend)."""
     from finetune.heads import HeadConfig
     from finetune.tasks import build_head
 
@@ -148,7 +145,7 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu") -> tuple[Ta
     if missing:
         raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")
     try:
-        lm = RiNALMo(ModelConfig.from_dict(meta["model"]))
+        lm = RiNALMo(ModelConfig.from_dict({**meta["model"], **lm_overrides}))
         head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
         model = TaskModel(lm, head)
         model.load_state_dict(rio.read_safetensors(model_dir / FT_WEIGHTS, map_location))

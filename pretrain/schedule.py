@@ -62,7 +62,7 @@ def schedule_changes(saved_config: dict, cfg) -> dict[str, tuple]:
     """{"section.key": (saved, now)} for the schedule settings that differ from a checkpoint's run config."""
     changes = {}
     for section, key in SCHEDULE_KEYS:
-        saved, now = saved_config.get(section, {}).get(key, None), getattr(getattr(cfg, section), key)
-        if key in saved_config.get(section, {}) and saved != now:
-            changes[f"{section}.{key}"] = (saved, now)
+        saved, now = saved_config.get(section, {}), getattr(getattr(cfg, section), key)
+        if key in saved and saved[key] != now:
+            changes[f"{section}.{key}"] = (saved[key], now)
     return changes

@@ -150,7 +150,7 @@ class Trainer:
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), metrics_ports=ports, pid=os.getpid())
-        end = min(cfg.train.max_steps, cfg.train.stop_after if cfg.train.stop_after is not None else cfg.train.max_steps)
+        end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
         while self.step < end:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from rnalm.config import ATTENTION_BACKENDS
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
@@ -98,8 +100,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     options = available_backends(device)
     if name == "auto":
         return options[0]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {['auto', *BACKENDS]}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
     if name not in options:
         raise RuntimeError(f"attention backend {name!r} is not available on {device}; available: {options}")
     return name

@@ -80,7 +80,7 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     meta = {"format_version": FORMAT_VERSION, "model": config.released().to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
             "provenance": provenance or {}}
-    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -102,14 +102,14 @@ SD_DIR=${RNALM_PROM_SD_DIR:-$RNALM_REPO/deploy/prometheus/targets}
 TARGETS=$SD_DIR/rnalm-$SLURM_JOB_ID.json
 
 remove_stale_targets() {  # files of jobs that no longer run (killed with SIGKILL, node crash)
-  local f id state
+  local f id state rc
   for f in "$SD_DIR"/rnalm-*.json; do
     [ -e "$f" ] || continue
     id=${f##*/rnalm-}; id=${id%.json}
     [ "$id" = "$SLURM_JOB_ID" ] && continue
     # only on squeue's word: a failed query (controller busy, socket timeout) must not end another job's scrape
-    state=$(squeue -h -j "$id" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>&1) || { [[ $state == *"Invalid job id"* ]] || continue; }
-    [[ -n $state && $state != *"Invalid job id"* ]] || rm -f "$f"
+    state=$(squeue -h -j "$id" -t RUNNING,COMPLETING,SUSPENDED -o %i 2>&1); rc=$?
+    if [[ $state == *"Invalid job id"* ]] || { [ "$rc" = 0 ] && [ -z "$state" ]; }; then rm -f "$f"; fi
   done
 }
 
