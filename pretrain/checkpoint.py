@@ -4,7 +4,7 @@ Layout of `out_dir/checkpoints/`:
     step00001000/            DeepSpeed files (zero_pp_rank_*_{model,optim}_states.pt, ...) plus ours:
         trainer_state.json   step, tokens, samples, every rank's loader state, model config (written last)
         rng_rank{r}.pt       torch / CUDA / numpy / python RNG states of rank r (DeepSpeed saves none)
-    step00001000_universal/  optional, from `python -m pretrain.convert --universal` (other world sizes)
+    step00001000_universal/  for another world size: by the trainer when it resumes, or `pretrain.convert --universal`
     latest                   text file with the newest good tag (DeepSpeed's own pointer format)
     .tmp-step00001000/       only while saving; a crash leaves it behind and the next start deletes it
     .old-step00001000/       only while a save replaces a checkpoint of the same step; a crash that leaves it

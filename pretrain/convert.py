@@ -5,7 +5,8 @@
         master weights, written through rnalm.io.save_pretrained; no huggingface_hub needed).
     python -m pretrain.convert --universal CKPT_DIR [--tag TAG]
         DeepSpeed's ds_to_universal -> CKPT_DIR/<tag>_universal (with our trainer state and RNG files), so a
-        run with a different number of ranks resumes from it (the trainer picks it when the world size differs).
+        run with a different number of ranks resumes from it. The trainer converts by itself when it resumes at
+        another world size; converting ahead (on a CPU node) spares the GPUs that wait.
 CKPT_DIR is a run's out_dir, its checkpoints/ folder (TAG defaults to the newest good checkpoint) or one
 step* checkpoint folder.
 """

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
                                  read_trainer_state)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
+from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
@@ -350,8 +351,8 @@ class Trainer:
         self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
 
     def _resume_tag(self) -> str | None:
-        """The newest good checkpoint, or its universal form (`pretrain.convert --universal`) when it was
-        written by another number of ranks; None for a fresh start."""
+        """The newest good checkpoint, or its universal form when it was written by another number of ranks
+        (converted now unless `pretrain.convert --universal` did it before); None for a fresh start."""
         ckpt = self.checkpointer
         removed = ckpt.remove_partial_saves()
         if removed:
@@ -365,11 +366,25 @@ class Trainer:
         saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
         if saved_world == self.world:
             return tag
-        if (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():
-            return tag + UNIVERSAL_SUFFIX
-        raise CheckpointError(f"{ckpt.root / tag} was written by {saved_world} ranks, this run has {self.world}: "
-                              f"run `python -m pretrain.convert --universal {ckpt.root}` first (the run then "
-                              f"resumes from its universal form)")
+        if not (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():
+            self._convert_to_universal(tag, saved_world)
+        return tag + UNIVERSAL_SUFFIX
+
+    def _convert_to_universal(self, tag: str, saved_world: int) -> None:
+        """DeepSpeed loads ZeRO shards only at the world size that wrote them: rank 0 converts the checkpoint
+        to the universal form, which any world size loads. The other ranks wait for its directory (renamed
+        into place when complete) rather than in a collective: giga's conversion can outlast the 10-minute
+        collective timeout. A failed conversion ends rank 0, and the launcher (srun, torchrun) the rest."""
+        target = self.checkpointer.root / (tag + UNIVERSAL_SUFFIX)
+        if self.rank == 0:
+            _eprint(f"{self.checkpointer.root / tag} was written by {saved_world} ranks, this run has "
+                    f"{self.world}: converting it to DeepSpeed's universal form ({target.name})")
+            t0 = time.perf_counter()
+            to_universal(self.checkpointer.root, tag, workers=min(8, len(os.sched_getaffinity(0))))
+            self._log(event="universal_conversion", tag=tag, saved_world_size=saved_world,
+                      world_size=self.world, seconds=time.perf_counter() - t0)
+        while not target.is_dir():
+            time.sleep(1)
 
     def _resume(self) -> str | None:
         tag = self.resume_tag

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 import torch
 
+from pretrain.checkpoint import TMP_PREFIX
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
 from pretrain.train import masked_index, mlm_sums
@@ -86,3 +87,18 @@ def test_older_tag_and_clear_errors(straight_run, tmp_path):
         proc = subprocess.run([PY, "-m", "pretrain.convert", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_universal_conversion_ahead_of_a_resume(copy_of_straight_run):
+    """What the trainer does by itself at another world size, run by hand (e.g. on a CPU node beforehand)."""
+    ckpts = copy_of_straight_run / "checkpoints"
+    proc = subprocess.run([PY, "-m", "pretrain.convert", "--universal", str(ckpts / "step00000008")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    universal = ckpts / "step00000008_universal"
+    assert f"universal checkpoint: {universal}" in proc.stdout
+    assert (ckpts / "latest_universal").read_text() == universal.name
+    ours = {p.name for p in universal.iterdir() if p.is_file()}
+    assert {"trainer_state.json", "rng_rank0.pt", "rng_rank1.pt"} <= ours
+    assert (universal / "zero").is_dir()  # DeepSpeed's per-parameter folders
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(TMP_PREFIX)]

@@ -191,19 +191,18 @@ def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
 
 
-def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, copy_of_straight_run):
+def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_resumes(pretrain_shards,
+                                                                                      copy_of_straight_run):
     out = copy_of_straight_run
-    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1, expect_rc=None)
-    assert proc.returncode != 0 and "written by 2 ranks, this run has 1" in proc.stderr
-
-    from pretrain.convert import main as convert_main
-    convert_main(["--universal", str(out)])
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1)
+    assert "was written by 2 ranks, this run has 1: converting" in proc.stderr
     universal = tag_for(STRAIGHT_STEPS) + "_universal"
     assert (out / "checkpoints" / universal / "trainer_state.json").exists()
     assert (out / "checkpoints" / "latest_universal").read_text() == universal
-
-    run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1)  # finds the universal form itself
     records = read_log(out)
+    [conversion] = events(records, "universal_conversion")
+    assert (conversion["tag"], conversion["saved_world_size"], conversion["world_size"]) == \
+        (tag_for(STRAIGHT_STEPS), 2, 1)
     start = events(records, "start")[-1]
     assert start["resumed_from"] == universal and start["world_size"] == 1
     resumed = [r for r in step_lines(records) if r["step"] > STRAIGHT_STEPS]
@@ -213,6 +212,13 @@ def test_universal_checkpoint_resumes_on_another_world_size(pretrain_shards, cop
     assert resumed[0]["lr"] < before["lr"]  # the cosine schedule went on from step 12
     assert all(r["loss"] < 3.0 for r in resumed)  # trained weights, not a fresh model
     assert latest_tag(out / "checkpoints") == tag_for(14)
+
+    # and back to 2 ranks: rank 1 waits for rank 0's conversion of the 1-rank checkpoint
+    run_trainer(pretrain_shards, out, "--train.max_steps=15")
+    records = read_log(out)
+    assert events(records, "universal_conversion")[-1]["saved_world_size"] == 1
+    assert events(records, "start")[-1]["resumed_from"] == tag_for(14) + "_universal"
+    assert [r["step"] for r in step_lines(records) if r["step"] > 14] == [15]
 
 
 def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretrain_shards, tmp_path):
