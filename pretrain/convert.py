@@ -4,7 +4,7 @@
         ZeRO shards -> OUT_DIR/model.safetensors + config.json (DeepSpeed's zero_to_fp32 consolidation, fp32
         master weights, written through rnalm.io.save_pretrained; no huggingface_hub needed).
     python -m pretrain.convert --universal CKPT_DIR [--tag TAG]
-        DeepSpeed's ds_to_universal -> CKPT_DIR/<tag>_universal (with our trainer state and RNG files), so a
+        DeepSpeed's ds_to_universal -> checkpoints/<tag>_universal (with our trainer state and RNG files), so a
         run with a different number of ranks resumes from it. The trainer converts by itself when it resumes at
         another world size; converting ahead (on a CPU node) spares the GPUs that wait.
 CKPT_DIR is a run's out_dir, its checkpoints/ folder (TAG defaults to the newest good checkpoint) or one
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", nargs="?", help="where model.safetensors + config.json go")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest good one)")
     parser.add_argument("--universal", action="store_true",
-                        help="write CKPT_DIR/<tag>_universal for resuming on another world size instead")
+                        help="write <checkpoints folder>/<tag>_universal for resuming on another world size instead")
     args = parser.parse_args(argv)
     if not args.universal and not args.out_dir:
         parser.error("OUT_DIR is required (or --universal)")

@@ -85,6 +85,7 @@ def test_prometheus_scrapes_ranks_found_through_file_sd(tmp_path, prometheus_fac
     assert {s["metric"]["rank"] for s in tokens} <= {"0", "1"} and all(value(s) > 0 for s in tokens)
     info = prom.wait_for(f'rnalm_run_info{{slurm_job_id="{JOB_ID}"}}')
     assert info[0]["metric"]["model"] == "nano"
+    assert not [k for k in info[0]["metric"] if k.startswith("exported_")]  # the rank's and the target's labels agree
 
     # Recording rules produce per-job series; no rule fails to evaluate.
     prom.wait_for(f'slurm_job:rnalm_train_tokens_per_second:rate5m{{slurm_job_id="{JOB_ID}"}} > 0')
