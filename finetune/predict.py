@@ -15,7 +15,6 @@ from typing import Literal
 import numpy as np
 
 from finetune.backbone import load_finetuned
-from finetune.postprocess import decode_pairs
 from finetune.structure import (BRACKETS, StructureError, StructureRecord, read_fasta, to_dot_bracket,
                                 warn_unknown_letters, write_bpseq, write_ct)
 from finetune.trainer import pick_device
@@ -50,17 +49,16 @@ def safe_name(record_id: str) -> str:
 
 
 def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
-    from finetune.tasks.ss import pair_probabilities
+    from finetune.tasks.ss import predict_pairs
 
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
     warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, "ss")
     threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
-    probs = pair_probabilities(model, [r.sequence for r in records], cfg.batch_size, cfg.progress)
+    pairs = predict_pairs(model, [r.sequence for r in records], threshold, cfg.batch_size, cfg.progress)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), decode_pairs(p, r.sequence, threshold))
-             for r, p in zip(records, probs)]
+    preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), p) for r, p in zip(records, pairs)]
     if cfg.format == "dbn":
         _write_dbn(preds, out)
     else:

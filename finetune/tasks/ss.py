@@ -7,6 +7,7 @@ post-processing and metric, RNAfold on the same records in the same table.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -96,15 +97,24 @@ def ss_loss(model: TaskModel, batch: list[StructureRecord]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool = True) -> list[np.ndarray]:
-    """Symmetric [L, L] pair probabilities per sequence (in input order)."""
+def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool = True,
+                       reduce: Callable[[np.ndarray, str], Any] | None = None) -> list[Any]:
+    """Symmetric [L, L] pair probabilities per sequence (in input order), or `reduce(probs, seq)` of each:
+    then a batch's matrices are dropped once reduced, so memory does not grow with the number of sequences."""
     device = model_device(model)
 
-    def run(idx: list[int]) -> list[np.ndarray]:
+    def run(idx: list[int]) -> list[Any]:
         logits = model(tokens_for([seqs[i] for i in idx], device))
-        return [torch.sigmoid(lg.float()).cpu().numpy() for lg in logits]
+        probs = [torch.sigmoid(lg.float()).cpu().numpy() for lg in logits]
+        return probs if reduce is None else [reduce(p, seqs[i]) for p, i in zip(probs, idx)]
 
     return batched_inference(seqs, batch_size, run, desc="pair probabilities", progress=progress)
+
+
+def predict_pairs(model: TaskModel, seqs: list[str], threshold: float, batch_size: int,
+                  progress: bool = True) -> list[np.ndarray]:
+    """Post-processed pairs per sequence (in input order); no [L, L] matrix outlives its batch."""
+    return pair_probabilities(model, seqs, batch_size, progress, lambda p, s: decode_pairs(p, s, threshold))
 
 
 def tune_threshold(probs: list[np.ndarray], records: list[StructureRecord], thresholds: list[float],
@@ -119,8 +129,8 @@ def tune_threshold(probs: list[np.ndarray], records: list[StructureRecord], thre
 
 def evaluate_records(model: TaskModel, records: list[StructureRecord], threshold: float, batch_size: int,
                      progress: bool = True) -> dict[str, Any]:
-    probs = pair_probabilities(model, [r.sequence for r in records], batch_size, progress)
-    items = [(r.pairs, decode_pairs(p, r.sequence, threshold), len(r)) for p, r in zip(probs, records)]
+    preds = predict_pairs(model, [r.sequence for r in records], threshold, batch_size, progress)
+    items = [(r.pairs, pred, len(r)) for pred, r in zip(preds, records)]
     return {**ss_report(items), "threshold": threshold}
 
 
