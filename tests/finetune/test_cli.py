@@ -120,6 +120,20 @@ def test_predict_ss_memory_does_not_grow_with_records(ss_model, tmp_path, monkey
     assert len(seen) == 8 and max(most_alive) <= 2
 
 
+def test_predict_ss_refuses_long_records_before_loading(ss_model, fasta, tmp_path, capsys):
+    """A 5,000-nt record needed ~32 GB in the head and was killed for memory after the model had loaded."""
+    long = tmp_path / "long.fa"
+    long.write_text(f">ok\nACGUACGU\n>chr1:5-1028\n{'ACGU' * 256}\n")
+    out = tmp_path / "p"
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={long}", f"--out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "1 record(s) longer than --max_len=1022: 'chr1:5-1028' (1024 nt)" in err and "--max_len=1024" in err
+    assert not out.exists()
+    args = ["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={out}", "--progress=false"]
+    assert run([*args, "--max_len=27"]) == 2 and "'hairpin' (28 nt)" in capsys.readouterr().err
+    assert run([*args, "--max_len=28"]) == 0 and (out / "predictions.dbn").exists()
+
+
 def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.fa"
     bad.write_text(">ok\nACGU\n>broken\nACGU123\n")
