@@ -7,6 +7,7 @@ OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png:
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from finetune.backbone import BackboneConfig, load_backbone
-from finetune.structure import read_fasta, warn_unknown_letters
+from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
 from finetune.tasks.common import batched_inference, tokens_for
 from finetune.trainer import pick_device
 
@@ -55,6 +56,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))
         records = [records[i] for i in keep]
     warn_unknown_letters(records, cfg.fasta)
+    warn_truncated(records, cfg)
     device = pick_device(cfg.device)
     lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
@@ -83,6 +85,14 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     if plot is not None:
         plot_embeddings(cls, labels, plot, cfg)
     return {"cls": cls, "mean": mean, "plot": plot}
+
+
+def warn_truncated(records: list[FastaRecord], cfg: EmbedConfig) -> None:
+    long = [r for r in records if len(r.sequence) > cfg.max_len]
+    if long:
+        first = max(long, key=lambda r: len(r.sequence))
+        print(f"warning: {cfg.fasta}: {len(long)} record(s) longer than --max_len={cfg.max_len} are embedded from "
+              f"their first {cfg.max_len} nt only; longest: {first.id!r} ({len(first.sequence)} nt)", file=sys.stderr)
 
 
 def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConfig) -> str:

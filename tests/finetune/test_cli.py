@@ -224,6 +224,17 @@ def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoi
     assert "embeddings.png" not in capsys.readouterr().out and not (tmp_path / "e" / "embeddings.png").exists()
 
 
+def test_embed_warns_when_it_truncates(tiny_checkpoint, tmp_path, capsys):
+    """A 3,000-nt record was embedded from its first 1,022 nt without a word."""
+    src = tmp_path / "long.fa"
+    src.write_text(">short\nACGUACGU\n>mrna_1 class=mRNA\nACGUAGGCUA\n")
+    args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={src}", f"--out={tmp_path / 'e'}", "--progress=false"]
+    assert run([*args, "--max_len=8"]) == 0
+    assert "1 record(s) longer than --max_len=8 are embedded from their first 8 nt only; longest: 'mrna_1' (10 nt)" \
+        in capsys.readouterr().err
+    assert run([*args, "--max_len=10"]) == 0 and "longer than" not in capsys.readouterr().err
+
+
 def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
     ref = rio.load_pretrained(tiny_checkpoint)
     state = ref.state_dict()
