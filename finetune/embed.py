@@ -78,6 +78,8 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     np.save(out / "cls.npy", cls)
     np.save(out / "mean.npy", mean)
     (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
+    for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
+        (out / stale).unlink(missing_ok=True)
     labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
         (out / "labels.txt").write_text("\n".join(labels) + "\n")

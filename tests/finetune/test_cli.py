@@ -224,6 +224,17 @@ def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoi
     assert "embeddings.png" not in capsys.readouterr().out and not (tmp_path / "e" / "embeddings.png").exists()
 
 
+def test_embed_leaves_no_earlier_run_beside_its_arrays(tiny_checkpoint, tmp_path):
+    """A second run into the same OUT kept the first run's 3-row labels.txt and plot beside its 2-row arrays."""
+    out = tmp_path / "e"
+    for text in (">a class=x\nACGU\n>b class=y\nGGCC\n>c class=x\nAAUU\n", ">a\nACGU\n>b\nGGCC\n"):
+        (tmp_path / "in.fa").write_text(text)
+        assert run(["embed", f"--model={tiny_checkpoint}", f"--fasta={tmp_path / 'in.fa'}", f"--out={out}",
+                    "--progress=false", "--plot=pca"]) == 0
+    assert (out / "ids.txt").read_text().split() == ["a", "b"]
+    assert not (out / "labels.txt").exists() and not (out / "embeddings.png").exists()
+
+
 def test_embed_warns_when_it_truncates(tiny_checkpoint, tmp_path, capsys):
     """A 3,000-nt record was embedded from its first 1,022 nt without a word."""
     src = tmp_path / "long.fa"
