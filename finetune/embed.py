@@ -49,8 +49,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """{"cls": [N, D], "mean": [N, D], "plot": the plot's path or None}."""
     if not cfg.model or not cfg.fasta:
         raise ValueError("--model and --fasta are required")
-    if cfg.max_len < 1 or (cfg.limit is not None and cfg.limit < 1):
-        raise ValueError(f"--max_len ({cfg.max_len}) and --limit ({cfg.limit}) must be >= 1")
+    if min(cfg.max_len, cfg.batch_size, 1 if cfg.limit is None else cfg.limit) < 1:
+        raise ValueError(f"--max_len ({cfg.max_len}), --batch_size ({cfg.batch_size}) and --limit ({cfg.limit}) "
+                         "must be >= 1")
     records = read_fasta(cfg.fasta)
     if cfg.limit is not None and cfg.limit < len(records):  # a seeded random sample, kept in FASTA order
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))

@@ -39,6 +39,8 @@ def _load(cfg: PredictConfig, task: str):
         raise ValueError("--model is required: a fine-tuned model directory")
     if not cfg.fasta:
         raise ValueError("--fasta is required")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch_size ({cfg.batch_size}) must be >= 1")
     model, meta = load_finetuned(cfg.model)
     if meta["task"] != task:
         raise ValueError(f"{cfg.model} is a fine-tuned '{meta['task']}' model, not '{task}'")

@@ -66,8 +66,9 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
     Returns the per-epoch history (also written to OUT/log.jsonl, which each run starts anew).
     """
-    if cfg.epochs < 1:
-        raise ValueError(f"train.epochs must be >= 1, got {cfg.epochs}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
     device = pick_device(cfg.device)
     model.to(device)
     unfreezer = Unfreezer(model.lm, unfreeze, model.lm.config.num_layers)

@@ -149,6 +149,16 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
 
 
+def test_batch_sizes_below_one_are_refused(ss_model, tiny_checkpoint, shared_data, fasta, tmp_path, capsys):
+    """--batch_size=0 was 'error: range() arg 3 must not be zero', -1 an AttributeError traceback."""
+    for size in (0, -1):
+        assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--batch_size={size}"]) == 2
+        assert f"--batch_size ({size}) must be >= 1" in capsys.readouterr().err
+        assert run(["mrl", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
+                    f"--train.out_dir={tmp_path}", f"--train.batch_size={size}"]) == 2
+        assert f"train.batch_size must be >= 1, got {size}" in capsys.readouterr().err
+
+
 def test_damaged_model_directories_are_named(ss_model, tiny_checkpoint, fasta, tmp_path, capsys):
     import shutil
 
@@ -217,7 +227,7 @@ def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoi
     two = tmp_path / "two.fa"
     two.write_text(">a\nACGU\n>b\nGGCC\n")
     args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={two}", f"--out={tmp_path / 'e'}", "--progress=false"]
-    for bad in ("--max_len=0", "--limit=0"):
+    for bad in ("--max_len=0", "--limit=0", "--batch_size=0"):
         assert run([*args, bad]) == 2
         assert "must be >= 1" in capsys.readouterr().err
     assert run(args) == 0  # two records: too few to plot
