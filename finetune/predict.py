@@ -104,7 +104,7 @@ def _write_dbn(preds: list[StructureRecord], out: Path) -> None:
 
 def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> None:
     names = [safe_name(p.id) for p in preds]
-    if len(set(names)) != len(names):  # ids that differ only in characters we replace
+    if len({n.lower() for n in names}) != len(names):  # ids that differ only in replaced characters or in case
         names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
     for p, name in zip(preds, names):
         (write_bpseq if fmt == "bpseq" else write_ct)(p, out / f"{name}.{fmt}")

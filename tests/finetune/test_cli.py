@@ -134,6 +134,16 @@ def test_predict_ss_refuses_long_records_before_loading(ss_model, fasta, tmp_pat
     assert run([*args, "--max_len=28"]) == 0 and (out / "predictions.dbn").exists()
 
 
+def test_per_record_files_never_overwrite_each_other(ss_model, tmp_path):
+    """tRNA1 and trna1 were written as tRNA1.ct and trna1.ct: one file on a case-insensitive file system."""
+    src = tmp_path / "case.fa"
+    src.write_text(">tRNA1\nGGGGAAACCCC\n>trna1\nGGGAAAUCCC\n")
+    out = tmp_path / "p"
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={src}", f"--out={out}", "--format=ct",
+                "--progress=false"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000001_tRNA1.ct", "000002_trna1.ct"]
+
+
 def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.fa"
     bad.write_text(">ok\nACGU\n>broken\nACGU123\n")
