@@ -75,9 +75,9 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:
-    from finetune.predict import PredictConfig, predict_ss, predict_table
+    from finetune.predict import PredictConfig, StructurePredictConfig, predict_ss, predict_table
 
-    cfg = from_cli(PredictConfig, rest, prog=prog)
+    cfg = from_cli(StructurePredictConfig if task == "ss" else PredictConfig, rest, prog=prog)
     if task == "ss":
         preds = predict_ss(cfg)
         print(f"predicted {len(preds)} structures -> {cfg.out} ({cfg.format})")

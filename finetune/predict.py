@@ -26,12 +26,16 @@ class PredictConfig:
     model: str = ""                 # fine-tuned model directory (finetune.json + finetuned.safetensors)
     fasta: str = ""
     out: str = "predictions"        # a directory
-    format: Literal["dbn", "bpseq", "ct"] = "dbn"   # secondary structure only
-    threshold: float | None = None  # secondary structure: override the tuned threshold
-    max_len: int = 1022             # secondary structure: longer records are refused (memory grows as length^2)
     batch_size: int = 8
     device: str = "auto"
     progress: bool = True
+
+
+@dataclass
+class StructurePredictConfig(PredictConfig):
+    format: Literal["dbn", "bpseq", "ct"] = "dbn"
+    threshold: float | None = None  # override the threshold tuned on validation (a pair probability, 0..1)
+    max_len: int = 1022             # longer records are refused (memory grows as length^2)
 
 
 def _load(cfg: PredictConfig, task: str):
@@ -51,9 +55,11 @@ def safe_name(record_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", record_id)[:200] or "record"
 
 
-def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
+def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     from finetune.tasks.ss import predict_pairs
 
+    if cfg.threshold is not None and not 0 <= cfg.threshold <= 1:
+        raise ValueError(f"--threshold ({cfg.threshold}) is a pair probability: it must be in [0, 1]")
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
     check_lengths(records, cfg)
     warn_unknown_letters(records, cfg.fasta)
@@ -70,7 +76,7 @@ def predict_ss(cfg: PredictConfig) -> list[StructureRecord]:
     return preds
 
 
-def check_lengths(records: list[FastaRecord], cfg: PredictConfig) -> None:
+def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> None:
     """Refuse records longer than cfg.max_len before any work: the head's [64, L, L] grids (about 1.3 GB at
     1,022 nt, 32 GB at 5,000) would otherwise end the run out of memory, with nothing written."""
     if cfg.max_len < 1:

@@ -156,6 +156,8 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert "is not a fine-tuned model directory" in capsys.readouterr().err
     assert run(["predict-ss", f"--model={tmp_path / 'nope'}", f"--fasta={good}"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={good}", "--threshold=1.5"]) == 2
+    assert "--threshold (1.5) is a pair probability" in capsys.readouterr().err
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
 
 
@@ -311,6 +313,9 @@ def test_splice_and_mrl_predict(tiny_checkpoint, shared_data, fasta, tmp_path):
                     "--progress=false"]) == 0
         rows = (ft / "pred" / "predictions.tsv").read_text().splitlines()
         assert len(rows) == 1 + len(SEQS) and rows[1].split("\t")[0] == "hairpin"
+        for structure_only in ("--format=ct", "--threshold=0.3"):  # refused, not silently ignored
+            with pytest.raises(SystemExit):
+                run([task, "predict", f"--model={ft}", f"--fasta={fasta}", structure_only])
     assert run(["predict-ss", f"--model={tmp_path / 'mrl'}", f"--fasta={fasta}"]) == 2
 
 
