@@ -156,7 +156,7 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert "is not a fine-tuned model directory" in capsys.readouterr().err
     assert run(["predict-ss", f"--model={tmp_path / 'nope'}", f"--fasta={good}"]) == 2
     assert "not found" in capsys.readouterr().err
-    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={good}", "--threshold=1.5"]) == 2
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={good}", f"--out={tmp_path}", "--threshold=1.5"]) == 2
     assert "--threshold (1.5) is a pair probability" in capsys.readouterr().err
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
 
@@ -164,7 +164,8 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
 def test_batch_sizes_below_one_are_refused(ss_model, tiny_checkpoint, shared_data, fasta, tmp_path, capsys):
     """--batch_size=0 was 'error: range() arg 3 must not be zero', -1 an AttributeError traceback."""
     for size in (0, -1):
-        assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--batch_size={size}"]) == 2
+        assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={tmp_path}",
+                    f"--batch_size={size}"]) == 2
         assert f"--batch_size ({size}) must be >= 1" in capsys.readouterr().err
         assert run(["mrl", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
                     f"--train.out_dir={tmp_path}", f"--train.batch_size={size}"]) == 2
@@ -315,7 +316,7 @@ def test_splice_and_mrl_predict(tiny_checkpoint, shared_data, fasta, tmp_path):
         assert len(rows) == 1 + len(SEQS) and rows[1].split("\t")[0] == "hairpin"
         for structure_only in ("--format=ct", "--threshold=0.3"):  # refused, not silently ignored
             with pytest.raises(SystemExit):
-                run([task, "predict", f"--model={ft}", f"--fasta={fasta}", structure_only])
+                run([task, "predict", f"--model={ft}", f"--fasta={fasta}", f"--out={ft}/x", structure_only])
     assert run(["predict-ss", f"--model={tmp_path / 'mrl'}", f"--fasta={fasta}"]) == 2
 
 
