@@ -117,10 +117,10 @@ def predict_pairs(model: TaskModel, seqs: list[str], threshold: float, batch_siz
     return pair_probabilities(model, seqs, batch_size, progress, lambda p, s: decode_pairs(p, s, threshold))
 
 
-def tune_threshold(probs: list[np.ndarray], records: list[StructureRecord], thresholds: list[float],
+def tune_threshold(per_seq: list[list[np.ndarray]], records: list[StructureRecord], thresholds: list[float],
                    shift: bool) -> tuple[float, float]:
-    """(threshold, mean F1) maximising mean F1 over records; the lowest threshold wins ties."""
-    per_seq = [decode_at_thresholds(p, r.sequence, thresholds) for p, r in zip(probs, records)]
+    """(threshold, mean F1) maximising mean F1 over records; the lowest threshold wins ties.
+    per_seq[i][k]: the pairs of records[i] decoded at thresholds[k]."""
     scores = [mean_scores([(r.pairs, preds[k], len(r)) for r, preds in zip(records, per_seq)], shift=shift).f1
               for k in range(len(thresholds))]
     best = int(np.argmax(scores))
@@ -150,8 +150,10 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[s
     shift = cfg.eval.tune_on == "f1_shift"
 
     def validate(m: TaskModel) -> dict[str, Any]:
-        probs = pair_probabilities(m, [r.sequence for r in splits.valid], tcfg.eval_batch_size, tcfg.progress)
-        thr, f1 = tune_threshold(probs, splits.valid, cfg.eval.thresholds, shift)
+        # decoded at every threshold inside each batch: no [L, L] matrix outlives its batch
+        per_seq = pair_probabilities(m, [r.sequence for r in splits.valid], tcfg.eval_batch_size, tcfg.progress,
+                                     lambda p, s: decode_at_thresholds(p, s, cfg.eval.thresholds))
+        thr, f1 = tune_threshold(per_seq, splits.valid, cfg.eval.thresholds, shift)
         return {cfg.eval.tune_on: f1, "threshold": thr}
 
     def save(m: TaskModel, val: dict[str, Any]) -> None:

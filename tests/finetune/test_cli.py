@@ -98,8 +98,8 @@ def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
     assert "1 predicted structure(s) need more than 30 bracket levels (knotted)" in capsys.readouterr().err
 
 
-def test_predict_ss_memory_does_not_grow_with_records(ss_model, tmp_path, monkeypatch):
-    """Each batch's [L, L] probabilities are dropped once decoded (1,000 records of 600 nt held 2.4 GB)."""
+def watch_pair_matrices(monkeypatch) -> tuple[list, list]:
+    """(decoded matrices, how many of them were alive at each decoding)."""
     import weakref
 
     from finetune import postprocess
@@ -113,11 +113,27 @@ def test_predict_ss_memory_does_not_grow_with_records(ss_model, tmp_path, monkey
         return greedy(probs, sequence, min_prob)
 
     monkeypatch.setattr(postprocess, "_greedy_candidates", watched)
+    return seen, most_alive
+
+
+def test_predict_ss_memory_does_not_grow_with_records(ss_model, tmp_path, monkeypatch):
+    """Each batch's [L, L] probabilities are dropped once decoded (1,000 records of 600 nt held 2.4 GB)."""
+    seen, most_alive = watch_pair_matrices(monkeypatch)
     many = tmp_path / "many.fa"
     many.write_text("".join(f">r{i}\n{SEQS['hairpin']}\n" for i in range(8)))
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={many}", f"--out={tmp_path / 'p'}",
                 "--progress=false", "--batch_size=2"]) == 0
     assert len(seen) == 8 and max(most_alive) <= 2
+
+
+def test_validation_memory_does_not_grow_with_records(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """Threshold tuning kept every validation record's [L, L] probabilities (ArchiveII's 23S: 34 MB each)."""
+    seen, most_alive = watch_pair_matrices(monkeypatch)
+    assert run(["ss", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
+                "--data.limit_train=2", "--data.limit_valid=8", "--data.limit_test=2", "--train.epochs=1",
+                "--train.eval_batch_size=2", "--eval.rnafold=false", f"--train.out_dir={tmp_path}",
+                "--train.progress=false"]) == 0
+    assert len(seen) == 8 + 2 and max(most_alive) <= 2
 
 
 def test_predict_ss_refuses_long_records_before_loading(ss_model, fasta, tmp_path, capsys):

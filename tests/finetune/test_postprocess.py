@@ -91,5 +91,7 @@ def test_tune_threshold_finds_the_separating_value():
     probs[true[:, 0], true[:, 1]] = 0.2
     probs[2, 25] = 0.12  # a G-C decoy
     probs = probs + probs.T
-    thr, f1 = tune_threshold([probs], [StructureRecord("r", seq, true)], list(THRESHOLD_GRID), shift=False)
+    grid = list(THRESHOLD_GRID)
+    thr, f1 = tune_threshold([decode_at_thresholds(probs, seq, grid)], [StructureRecord("r", seq, true)], grid,
+                             shift=False)
     assert thr == 0.12 and f1 == 1.0
