@@ -68,10 +68,21 @@ class _HashingReader(_Hasher):
         return data
 
 
+def decompressed(raw, head: bytes):
+    """(compression, reader) for a byte reader whose first bytes `head` were read already: gzip, zstd or plain,
+    told by the magic bytes. `reader.read(n)` raises EOFError on a truncated stream."""
+    compression = _compression(head)
+    if compression == "gzip":
+        return compression, gzip.GzipFile(fileobj=_Prefixed(raw, head), mode="rb")
+    if compression == "zstd":
+        return compression, _ZstdReader(raw, head)
+    return compression, _Prefixed(raw, head)
+
+
 class _ZstdReader:
     """Multi-frame zstd stream that raises on truncation (zstandard's stream_reader returns short data)."""
 
-    def __init__(self, raw: _HashingReader, head: bytes):
+    def __init__(self, raw, head: bytes):
         self._raw, self._buf, self._obj = raw, head, zstandard.ZstdDecompressor().decompressobj()
 
     def read(self, n: int) -> bytes:
@@ -194,13 +205,8 @@ class FastaStream:
         elif self.byte_range is not None:
             raise ValueError("byte_range needs a plain file")
         self._raw = _HashingReader(f, self.checksum)
-        head = self._raw.read(4)
-        self.compression = _compression(head)
-        if self.compression == "gzip":
-            return gzip.GzipFile(fileobj=_Prefixed(self._raw, head), mode="rb")
-        if self.compression == "zstd":
-            return _ZstdReader(self._raw, head)
-        return _Prefixed(self._raw, head)
+        self.compression, stream = decompressed(self._raw, self._raw.read(4))
+        return stream
 
     def _read(self, stream, n: int) -> bytes:
         try:

@@ -7,16 +7,19 @@ file, record and reason.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import string
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zstandard
 
+from dataprep.fasta import decompressed
 from rnalm.files import atomic_write
 
 
@@ -237,36 +240,31 @@ class FastaRecord:
 
 
 def read_fasta(path: str | Path) -> list[FastaRecord]:
-    """Records of a (gzip) FASTA. Errors name the file, line, record and reason (empty, duplicate id, bad letters)."""
+    """Records of a FASTA (plain, gzip or zstd; '-' for standard input). Errors name the file, line, record and
+    reason (empty, duplicate id, bad letters)."""
     path = Path(path)
     records: list[FastaRecord] = []
     seen: set[str] = set()
     rid, desc, chunks, start = None, "", [], 0
-    try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith(";"):
-                    continue
-                if line.startswith(">"):
-                    if rid is not None:
-                        records.append(_fasta_record(path, rid, desc, chunks, start))
-                    words = line[1:].split(maxsplit=1)
-                    rid, desc = (words[0], words[1] if len(words) > 1 else "") if words else ("", "")
-                    if not rid:
-                        raise StructureError(f"{path}:{lineno}: empty FASTA header")
-                    if rid in seen:
-                        raise StructureError(f"{path}:{lineno}: duplicate record id {rid!r}")
-                    seen.add(rid)
-                    chunks, start = [], lineno
-                elif rid is None:
-                    raise StructureError(f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)")
-                else:
-                    chunks.append(line)
-    except UnicodeDecodeError as e:
-        raise StructureError(f"{path}: not a text FASTA file ({e.reason})") from e
-    except (OSError, EOFError) as e:  # a directory, a damaged or truncated gzip, an unreadable file
-        raise StructureError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    for lineno, line in enumerate(_open_text(path), 1):
+        line = line.strip()
+        if not line or line.startswith(";"):
+            continue
+        if line.startswith(">"):
+            if rid is not None:
+                records.append(_fasta_record(path, rid, desc, chunks, start))
+            words = line[1:].split(maxsplit=1)
+            rid, desc = (words[0], words[1] if len(words) > 1 else "") if words else ("", "")
+            if not rid:
+                raise StructureError(f"{path}:{lineno}: empty FASTA header")
+            if rid in seen:
+                raise StructureError(f"{path}:{lineno}: duplicate record id {rid!r}")
+            seen.add(rid)
+            chunks, start = [], lineno
+        elif rid is None:
+            raise StructureError(f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)")
+        else:
+            chunks.append(line)
     if rid is not None:
         records.append(_fasta_record(path, rid, desc, chunks, start))
     if not records:
@@ -315,8 +313,18 @@ def _record_from_partners(rid: str, seq: str, partners: list[int], where: str) -
     return StructureRecord(rid, seq, normalize_pairs(pairs, n, where) if pairs else empty_pairs())
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if not path.exists():
-        raise StructureError(f"{path}: file not found")
-    # utf-8-sig: a byte-order mark (some Windows editors write one) is not data
-    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
+def _open_text(path: Path) -> io.StringIO:
+    """The whole text of a plain, gzip or zstd file (told by the magic bytes, as dataprep reads FASTA), or of
+    standard input for '-'. Errors name the file."""
+    try:
+        with nullcontext(sys.stdin.buffer) if str(path) == "-" else open(path, "rb") as raw:
+            _, reader = decompressed(raw, raw.read(4))
+            data = b"".join(iter(lambda: reader.read(1 << 20), b""))
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not data
+        return io.StringIO(data.decode("utf-8-sig"))
+    except FileNotFoundError:
+        raise StructureError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise StructureError(f"{path}: not a text file ({e.reason})") from None
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:  # a directory, damaged or truncated data
+        raise StructureError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import zstandard
 
 from finetune.structure import (StructureError, StructureRecord, parse_dot_bracket, read_bpseq, read_ct, read_fasta,
                                 read_structure_csv, to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
@@ -90,14 +91,34 @@ def test_fasta_errors_name_file_line_and_record(tmp_path):
         read_fasta(tmp_path / "missing.fa")
     with pytest.raises(StructureError, match=f"{tmp_path}: cannot read"):
         read_fasta(tmp_path)  # a directory
-    (tmp_path / "fake.fa.gz").write_text(">a\nACGU\n")
-    with pytest.raises(StructureError, match=r"fake\.fa\.gz: cannot read .*gzip"):
-        read_fasta(tmp_path / "fake.fa.gz")
-    (tmp_path / "cut.fa.gz").write_bytes(gzip.compress("".join(f">r{i}\nACGU\n" for i in range(1000)).encode())[:200])
+    many = "".join(f">r{i}\nACGU\n" for i in range(1000)).encode()
+    (tmp_path / "cut.fa.gz").write_bytes(gzip.compress(many)[:200])
     with pytest.raises(StructureError, match=r"cut\.fa\.gz: cannot read"):
         read_fasta(tmp_path / "cut.fa.gz")
+    (tmp_path / "cut.fa.zst").write_bytes(zstandard.ZstdCompressor().compress(many)[:200])
+    with pytest.raises(StructureError, match=r"cut\.fa\.zst: cannot read .*truncated"):
+        read_fasta(tmp_path / "cut.fa.zst")
+    (tmp_path / "binary.fa").write_bytes(b">a\n\xff\xfe\n")
+    with pytest.raises(StructureError, match=r"binary\.fa: not a text file"):
+        read_fasta(tmp_path / "binary.fa")
     (tmp_path / "bom.fa").write_bytes(b"\xef\xbb\xbf>a\nACGU\n")  # a byte-order mark is not data
     assert [(r.id, r.sequence) for r in read_fasta(tmp_path / "bom.fa")] == [("a", "ACGU")]
+
+
+def test_fasta_compression_is_told_by_the_content_and_stdin_is_read(tmp_path, monkeypatch):
+    """As dataprep reads its inputs: gzip and zstd by their magic bytes, whatever the name; '-' is stdin."""
+    import io
+    import sys
+
+    text = b">a desc\nACGU\n>b\nGGGAAACCC\n"
+    want = [("a", "ACGU"), ("b", "GGGAAACCC")]
+    for name, data in (("plain.fa.gz", text), ("gzipped.fa", gzip.compress(text)),
+                       ("two_frames.fa.zst", zstandard.ZstdCompressor().compress(text[:13])
+                        + zstandard.ZstdCompressor().compress(text[13:]))):
+        (tmp_path / name).write_bytes(data)
+        assert [(r.id, r.sequence) for r in read_fasta(tmp_path / name)] == want, name
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(zstandard.ZstdCompressor().compress(text))))
+    assert [(r.id, r.sequence) for r in read_fasta("-")] == want
 
 
 def test_letters_outside_the_alphabet_are_reported(tmp_path, capsys):
