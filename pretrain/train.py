@@ -32,6 +32,7 @@ from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
+from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.configfile import from_cli, save_yaml, to_dict
@@ -528,15 +529,33 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    trainer = None
+    lock = _lock_out_dir(cfg.train.out_dir)
     try:
         trainer = Trainer(cfg)
         code = trainer.run()
         trainer.close()
     except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
         traceback.print_exc()
-        _exit(1, clean=False)
-    _exit(code, clean=code == 0)
+        code = None
+    if lock is not None:
+        lock.release()
+    _exit(1 if code is None else code, clean=code == 0)
+
+
+def _lock_out_dir(out_dir: str) -> RunLock | None:
+    """Rank 0 (RANK from torchrun/srun; plain python is rank 0) locks out_dir before anything is written there;
+    exit 2 when another run holds it (the launcher then stops the other ranks)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = RunLock(out_dir)
+    try:
+        taken_over = lock.acquire()
+    except RunLockError as e:
+        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if taken_over:
+        _eprint(f"took over {lock.path}: {taken_over}")
+    return lock
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""One run per out_dir: two runs writing one checkpoints/ folder delete each other's saves in progress.
+
+Rank 0 holds `out_dir/run.lock` (JSON: host, pid, Slurm job id, start time) and touches it every
+HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: the same Slurm job
+(a requeue reruns the job under its id), a process no longer alive on this host, or a heartbeat older than
+STALE_S (the holder's node died); otherwise it refuses to start, naming the holder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from rnalm.files import atomic_write
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_S = 30.0
+STALE_S = 180.0
+
+
+class RunLockError(RuntimeError):
+    pass
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
+    """Why the lock's holder can be taken over, or None while it may still be running."""
+    if holder.get("slurm_job_id") and holder["slurm_job_id"] == me["slurm_job_id"]:
+        return f"Slurm job {me['slurm_job_id']} runs again (requeued)"
+    pid = holder.get("pid")
+    if holder.get("host") == me["host"] and isinstance(pid, int) and pid > 0 and not _alive(pid):
+        return f"process {pid} on this host has ended"
+    if heartbeat_age > STALE_S:
+        return f"no heartbeat for {heartbeat_age:.0f} s"
+    return None
+
+
+class RunLock:
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / LOCK_NAME
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock (raises RunLockError when another live run holds it); returns why an earlier
+        holder was taken over, if there was one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = _me()
+        taken_over = None
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except FileExistsError:
+            try:
+                holder = json.loads(self.path.read_text())
+                age = time.time() - self.path.stat().st_mtime
+            except (OSError, ValueError):  # half-written by a crash, or removed meanwhile
+                holder, age = {}, STALE_S + 1
+            taken_over = holder_gone(holder, me, age)
+            if taken_over is None:
+                raise RunLockError(
+                    f"{self.path.parent} is in use by another run: pid {holder.get('pid')} on "
+                    f"{holder.get('host')}" + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id")
+                                               else "")
+                    + f", started {holder.get('started')}, heartbeat {age:.0f} s ago. Two runs in one out_dir "
+                    f"would delete each other's checkpoints: use another --train.out_dir, stop that run, or "
+                    f"wait {STALE_S:.0f} s after it died") from None
+            atomic_write(self.path, json.dumps(me))
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return taken_over
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # a file system hiccup: the next beat tries again
+                pass
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        try:
+            holder = json.loads(self.path.read_text())
+            if (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass

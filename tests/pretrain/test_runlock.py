@@ -1,0 +1,89 @@
+"""One run per out_dir: pretrain.runlock, and the trainer refusing an out_dir another live run holds."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pretrain import runlock
+from pretrain.runlock import LOCK_NAME, RunLock, RunLockError
+
+from .trainer_runs import run_trainer
+
+
+def holder(tmp_path, **fields) -> dict:
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "", "started": "earlier", **fields}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
+    return lock
+
+
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_acquire_writes_who_holds_it_and_release_removes_it(tmp_path):
+    lock = RunLock(tmp_path / "run")
+    assert lock.acquire() is None
+    held = json.loads((tmp_path / "run" / LOCK_NAME).read_text())
+    assert (held["host"], held["pid"]) == (socket.gethostname(), os.getpid())
+    lock.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_a_live_holder_is_refused_and_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    holder(tmp_path, slurm_job_id="777")                        # this very process: alive
+    with pytest.raises(RunLockError, match=rf"in use by another run: pid {os.getpid()} .*Slurm job 777"):
+        RunLock(tmp_path).acquire()
+    holder(tmp_path, host="elsewhere", pid=1)                    # another node, fresh heartbeat
+    with pytest.raises(RunLockError, match="on elsewhere"):
+        RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"  # left as it was
+
+
+@pytest.mark.parametrize("case", ["requeued", "dead_process", "stale_node", "damaged"])
+def test_a_gone_holder_is_taken_over(tmp_path, monkeypatch, case):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    if case == "requeued":
+        holder(tmp_path, slurm_job_id="42")                      # alive by its pid, but it is this job's own
+    elif case == "dead_process":
+        holder(tmp_path, pid=dead_pid())
+    elif case == "stale_node":
+        holder(tmp_path, host="elsewhere", pid=1)
+        old = time.time() - runlock.STALE_S - 5
+        os.utime(tmp_path / LOCK_NAME, (old, old))
+    else:
+        (tmp_path / LOCK_NAME).write_text('{"host": ')           # a crash while the lock was written
+    lock = RunLock(tmp_path)
+    assert lock.acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_job_id"] == "42"
+    lock.release()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    old = time.time() - 1000
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    time.sleep(0.3)
+    assert time.time() - (tmp_path / LOCK_NAME).stat().st_mtime < 10
+    lock.release()
+
+
+@pytest.mark.slow
+def test_trainer_refuses_an_out_dir_held_by_a_live_run(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder(out, host="gpu007", pid=12345, slurm_job_id="9001")
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=2", expect_rc=None, timeout=120)
+    assert proc.returncode != 0
+    assert "in use by another run: pid 12345 on gpu007, Slurm job 9001" in proc.stderr
+    assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == 12345   # the holder's lock is not touched
