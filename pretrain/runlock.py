@@ -70,19 +70,23 @@ class RunLock:
                 json.dump(me, f)
         except FileExistsError:
             try:
-                holder = json.loads(self.path.read_text())
                 age = time.time() - self.path.stat().st_mtime
-            except (OSError, ValueError):  # half-written by a crash, or removed meanwhile
-                holder, age = {}, STALE_S + 1
+                text = self.path.read_text()
+            except OSError:  # removed meanwhile (its holder ended)
+                text, age = "", STALE_S + 1
+            try:
+                holder = json.loads(text)
+            except ValueError:  # not written yet by a run starting now, or damaged by a crash: judged by its age
+                holder = {}
             taken_over = holder_gone(holder, me, age)
             if taken_over is None:
+                who = (f"pid {holder.get('pid')} on {holder.get('host')}"
+                       + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else "")
+                       + f", started {holder.get('started')}" if holder else "a run whose lock is not written yet")
                 raise RunLockError(
-                    f"{self.path.parent} is in use by another run: pid {holder.get('pid')} on "
-                    f"{holder.get('host')}" + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id")
-                                               else "")
-                    + f", started {holder.get('started')}, heartbeat {age:.0f} s ago. Two runs in one out_dir "
-                    f"would delete each other's checkpoints: use another --train.out_dir, stop that run, or "
-                    f"wait {STALE_S:.0f} s after it died") from None
+                    f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. Two runs in "
+                    f"one out_dir would delete each other's checkpoints: use another --train.out_dir, stop that "
+                    f"run, or wait {STALE_S:.0f} s after it died") from None
             atomic_write(self.path, json.dumps(me))
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()

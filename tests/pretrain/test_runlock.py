@@ -47,6 +47,15 @@ def test_a_live_holder_is_refused_and_named(tmp_path, monkeypatch):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"  # left as it was
 
 
+def test_a_lock_not_written_yet_is_refused(tmp_path, monkeypatch):
+    # two runs starting at once: the second finds the first's lock created (O_EXCL) but still empty
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    (tmp_path / LOCK_NAME).write_text("")
+    with pytest.raises(RunLockError, match="in use by another run: a run whose lock is not written yet"):
+        RunLock(tmp_path).acquire()
+    assert (tmp_path / LOCK_NAME).read_text() == ""
+
+
 @pytest.mark.parametrize("case", ["requeued", "dead_process", "stale_node", "damaged"])
 def test_a_gone_holder_is_taken_over(tmp_path, monkeypatch, case):
     monkeypatch.setenv("SLURM_JOB_ID", "42")
@@ -60,6 +69,8 @@ def test_a_gone_holder_is_taken_over(tmp_path, monkeypatch, case):
         os.utime(tmp_path / LOCK_NAME, (old, old))
     else:
         (tmp_path / LOCK_NAME).write_text('{"host": ')           # a crash while the lock was written
+        old = time.time() - runlock.STALE_S - 5
+        os.utime(tmp_path / LOCK_NAME, (old, old))
     lock = RunLock(tmp_path)
     assert lock.acquire()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["slurm_job_id"] == "42"
