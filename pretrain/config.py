@@ -54,7 +54,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/pretrain"
-    max_steps: int = 76_000               # optimizer steps (RiNALMo: ~76k steps of 1344 sequences)
+    max_steps: int = 76_000               # optimizer steps (RiNALMo: ~76k steps of 1344 sequences; a step here is
+                                          # tokens, see docs/pretrain.md "Batch size and epochs")
     stop_after: int | None = None         # save and exit at this step (chunked jobs); the schedule keeps max_steps
     grad_accum: int = 1                   # micro-batches (each data.token_budget tokens per rank) per step
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU

@@ -119,3 +119,17 @@ def test_config_values_for_shell_scripts(tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["true", "9800"]
     with pytest.raises(SystemExit, match="no attribute 'nope'"):
         main([str(yaml_file), "metrics.nope"])
+
+
+def test_gpu_presets_share_one_global_batch_and_the_original_step_count():
+    """The original took 1344 sequences per step for 6 epochs of ~17M clusters (~76k steps) at every size; a step
+    here is data.token_budget x train.grad_accum tokens per rank, so the presets must agree on it (micro and nano
+    had twice giga's, a silently doubled batch) and docs/pretrain.md's sequences-per-step arithmetic holds."""
+    per_rank = {}
+    for name in ("nano", "micro", "mega", "giga"):
+        cfg = load(PretrainConfig, f"pretrain/configs/{name}.yaml", ["data.shards=/somewhere"])
+        per_rank[name] = cfg.data.token_budget * cfg.train.grad_accum
+        assert cfg.train.max_steps == round(6 * 17e6 / 1344, -3) == 76_000
+        assert (cfg.optim.warmup_steps, cfg.optim.decay_steps, cfg.optim.min_lr) == (2000, None, 1e-5)
+        assert cfg.optim.lr == (5e-5 if name == "giga" else 1e-4)   # the original config's giga override / default
+    assert set(per_rank.values()) == {32768}, per_rank
