@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-from rnalm.files import atomic_write
-
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
@@ -64,16 +62,12 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = _me()
         taken_over = None
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-        except FileExistsError:
+        while not self._create(me):
             try:
                 age = time.time() - self.path.stat().st_mtime
                 text = self.path.read_text()
-            except OSError:  # removed meanwhile (its holder ended)
-                text, age = "", STALE_S + 1
+            except FileNotFoundError:  # its holder ended meanwhile
+                continue
             try:
                 holder = json.loads(text)
             except ValueError:  # not written yet by a run starting now, or damaged by a crash: judged by its age
@@ -87,10 +81,32 @@ class RunLock:
                     f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. Two runs in "
                     f"one out_dir would delete each other's checkpoints: use another --train.out_dir, stop that "
                     f"run, or wait {STALE_S:.0f} s after it died") from None
-            atomic_write(self.path, json.dumps(me))
+            self._remove_if_unchanged(text)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return taken_over
+
+    def _create(self, me: dict) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return True
+
+    def _remove_if_unchanged(self, text: str) -> None:
+        """Remove a gone holder's lock unless another run has replaced it since it was read: of two runs taking
+        over one lock at once, one removes it and creates its own, which the other then finds and refuses."""
+        aside = self.path.with_name(f".{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}")
+        try:
+            os.rename(self.path, aside)  # a file is moved by one run only
+        except FileNotFoundError:
+            return
+        if aside.read_text() == text:
+            aside.unlink()
+        else:  # the other run's new lock: put it back
+            os.rename(aside, self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

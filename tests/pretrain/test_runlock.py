@@ -77,6 +77,26 @@ def test_a_gone_holder_is_taken_over(tmp_path, monkeypatch, case):
     lock.release()
 
 
+def test_of_two_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    holder(tmp_path, host="elsewhere", pid=1)
+    old = time.time() - runlock.STALE_S - 5
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    other, judge = RunLock(tmp_path), runlock.holder_gone
+
+    def other_run_takes_over_first(*args):  # between this run's reading of the lock and its taking it over
+        monkeypatch.setattr(runlock, "holder_gone", judge)
+        assert other.acquire() == "no heartbeat for 185 s"
+        return judge(*args)
+
+    monkeypatch.setattr(runlock, "holder_gone", other_run_takes_over_first)
+    with pytest.raises(RunLockError, match=rf"in use by another run: pid {os.getpid()} "):
+        RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == socket.gethostname()  # the other run's
+    other.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
     lock = RunLock(tmp_path)
