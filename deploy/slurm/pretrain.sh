@@ -5,6 +5,7 @@
 #   sbatch deploy/slurm/pretrain.sh [CONFIG.yaml] [--section.key=value ...]
 #   sbatch --nodes=4 --time=2-00:00:00 deploy/slurm/pretrain.sh pretrain/configs/giga.yaml \
 #          --data.shards=/shared/shards --train.out_dir=/shared/runs/giga
+#   (a step is token_budget x GPUs tokens: docs/pretrain.md "Batch size and epochs" sets it for the original's batch)
 #   CPU only (tests, demo):  sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 \
 #          deploy/slurm/pretrain.sh pretrain/configs/tiny_cpu.yaml --data.shards=...
 #
