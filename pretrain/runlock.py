@@ -1,9 +1,10 @@
 """One run per out_dir: two runs writing one checkpoints/ folder delete each other's saves in progress.
 
-Rank 0 holds `out_dir/run.lock` (JSON: host, pid, Slurm job id, start time) and touches it every
-HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: the same Slurm job
-(a requeue reruns the job under its id), a process no longer alive on this host, or a heartbeat older than
-STALE_S (the holder's node died); otherwise it refuses to start, naming the holder.
+Rank 0 holds `out_dir/run.lock` (JSON: host, pid, Slurm job id and restart count, start time) and touches it
+every HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: a later run of
+the same Slurm job (a requeue reruns the job under its id, with SLURM_RESTART_COUNT one higher), a process no
+longer alive on this host, or a heartbeat older than STALE_S (the holder's node died); otherwise it refuses to
+start, naming the holder.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class RunLockError(RuntimeError):
 
 def _me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -40,7 +42,8 @@ def _alive(pid: int) -> bool:
 
 def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
     """Why the lock's holder can be taken over, or None while it may still be running."""
-    if holder.get("slurm_job_id") and holder["slurm_job_id"] == me["slurm_job_id"]:
+    # the same restart count: another job step of this very run of the job (two sruns in one allocation)
+    if holder.get("slurm_job_id") == me["slurm_job_id"] != "" and holder.get("slurm_restart") != me["slurm_restart"]:
         return f"Slurm job {me['slurm_job_id']} runs again (requeued)"
     pid = holder.get("pid")
     if holder.get("host") == me["host"] and isinstance(pid, int) and pid > 0 and not _alive(pid):

@@ -17,7 +17,8 @@ from .trainer_runs import run_trainer
 
 
 def holder(tmp_path, **fields) -> dict:
-    lock = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "", "started": "earlier", **fields}
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "", "slurm_restart": "0",
+            "started": "earlier", **fields}
     (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
     return lock
 
@@ -47,6 +48,17 @@ def test_a_live_holder_is_refused_and_named(tmp_path, monkeypatch):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "elsewhere"  # left as it was
 
 
+def test_another_job_step_of_the_same_slurm_job_is_refused(tmp_path, monkeypatch):
+    # two sruns into one out_dir in one allocation share SLURM_JOB_ID and SLURM_RESTART_COUNT: not a requeue
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RunLockError, match=rf"in use by another run: pid {os.getpid()} .*Slurm job 42"):
+        RunLock(tmp_path).acquire()
+    first.release()
+
+
 def test_a_lock_not_written_yet_is_refused(tmp_path, monkeypatch):
     # two runs starting at once: the second finds the first's lock created (O_EXCL) but still empty
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -60,6 +72,7 @@ def test_a_lock_not_written_yet_is_refused(tmp_path, monkeypatch):
 def test_a_gone_holder_is_taken_over(tmp_path, monkeypatch, case):
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     if case == "requeued":
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
         holder(tmp_path, slurm_job_id="42")                      # alive by its pid, but it is this job's own
     elif case == "dead_process":
         holder(tmp_path, pid=dead_pid())
