@@ -151,7 +151,10 @@ class Checkpointer:
 
     def _publish(self, tmp_dir: Path, final: Path) -> None:
         """tmp_dir -> final. A checkpoint already there (same step saved before, e.g. a resumed run stopped
-        before its first step) is moved aside first and deleted last, so a crash never leaves neither."""
+        before its first step) is moved aside first and deleted last, so a crash never leaves neither. A universal
+        form of the tag goes first: it was converted from an earlier checkpoint of this step (one replaced, or
+        deleted by hand to roll back), and a resume at another world size would load it."""
+        shutil.rmtree(self.root / (final.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         old = self.root / (OLD_PREFIX + final.name)
         if final.exists():
             os.rename(final, old)

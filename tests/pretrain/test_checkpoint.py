@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint import (LATEST, STATE_FILE, Checkpointer, complete_tags, latest_tag, read_trainer_state,
-                                 rng_state, set_rng_state, tag_for)
+from pretrain.checkpoint import (LATEST, STATE_FILE, UNIVERSAL_SUFFIX, Checkpointer, complete_tags, latest_tag,
+                                 read_trainer_state, rng_state, set_rng_state, tag_for)
 
 
 def make_tag(root, step: int, complete: bool = True):
@@ -85,6 +85,21 @@ def test_replacing_a_checkpoint_of_the_same_step_survives_a_crash_at_any_point(t
         assert complete_tags(tmp_path) == [tag_for(8)]
         assert read_trainer_state(tmp_path, tag_for(8))["run"] == "second"
         assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(8)]
+
+
+@pytest.mark.parametrize("earlier", ["replaced", "deleted"])
+def test_a_new_checkpoint_of_a_step_removes_the_universal_form_of_the_earlier_one(tmp_path, earlier):
+    # step 8 converted for another world size, then saved again (a resumed run stopped before its first step)
+    # or deleted by hand and trained again (a roll-back): the old universal form must not be resumed from
+    if earlier == "replaced":
+        make_tag(tmp_path, 8)
+    universal = tmp_path / (tag_for(8) + UNIVERSAL_SUFFIX)
+    universal.mkdir()
+    new = tmp_path / ".tmp-step00000008"
+    new.mkdir()
+    (new / STATE_FILE).write_text('{"step": 8}')
+    Checkpointer(tmp_path, keep=2, rank=0, world_size=1)._publish(new, tmp_path / tag_for(8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(8)]
 
 
 def test_straight_run_kept_the_newest_two_and_points_at_the_last(straight_run):
