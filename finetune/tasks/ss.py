@@ -97,16 +97,16 @@ def ss_loss(model: TaskModel, batch: list[StructureRecord]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool = True,
-                       reduce: Callable[[np.ndarray, str], Any] | None = None) -> list[Any]:
-    """Symmetric [L, L] pair probabilities per sequence (in input order), or `reduce(probs, seq)` of each:
-    then a batch's matrices are dropped once reduced, so memory does not grow with the number of sequences."""
+def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool,
+                       reduce: Callable[[np.ndarray, str], Any]) -> list[Any]:
+    """`reduce(probs, seq)` per sequence (in input order) of its symmetric [L, L] pair probabilities; a batch's
+    matrices are dropped once reduced, so memory does not grow with the number of sequences."""
     device = model_device(model)
 
     def run(idx: list[int]) -> list[Any]:
         logits = model(tokens_for([seqs[i] for i in idx], device))
         probs = [torch.sigmoid(lg.float()).cpu().numpy() for lg in logits]
-        return probs if reduce is None else [reduce(p, seqs[i]) for p, i in zip(probs, idx)]
+        return [reduce(p, seqs[i]) for p, i in zip(probs, idx)]
 
     return batched_inference(seqs, batch_size, run, desc="pair probabilities", progress=progress)
 
