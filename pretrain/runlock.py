@@ -69,8 +69,10 @@ class RunLock:
             try:
                 age = time.time() - self.path.stat().st_mtime
                 text = self.path.read_text()
-            except FileNotFoundError:  # its holder ended meanwhile
-                continue
+            except FileNotFoundError:
+                if os.path.lexists(self.path):  # a link to nothing, which O_EXCL never creates through
+                    raise RunLockError(f"{self.path} is a broken link: remove it") from None
+                continue  # its holder ended meanwhile
             try:
                 holder = json.loads(text)
             except ValueError:  # not written yet by a run starting now, or damaged by a crash: judged by its age

@@ -131,3 +131,10 @@ def test_trainer_refuses_an_out_dir_held_by_a_live_run(pretrain_shards, tmp_path
     assert "in use by another run: pid 12345 on gpu007, Slurm job 9001" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "log.jsonl").exists()
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == 12345   # the holder's lock is not touched
+
+
+@pytest.mark.timeout(20)
+def test_a_broken_link_in_place_of_the_lock_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / LOCK_NAME).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(RunLockError, match="is a broken link"):
+        RunLock(tmp_path).acquire()
