@@ -39,6 +39,31 @@ set -uo pipefail
 log() { echo "[pretrain.sh $(date '+%F %T')] $*"; }
 die() { log "error: $*" >&2; exit 1; }
 
+# ----------------------------------------------------------------------------------------- signals
+# First of all: Slurm may send the time-limit USR1 up to 60 s before it is due, so at the job's very start
+# (short limits); an untrapped USR1 would kill this shell and end the job instead of requeueing it.
+PREEMPTED=0
+INTERRUPTED=0
+# shellcheck disable=SC2317  # trap handlers
+on_usr1() {
+  INTERRUPTED=1
+  PREEMPTED=1
+  log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
+  if [ -n "${STEP_PID:-}" ] && [ -z "${FORWARDER:-}" ]; then
+    # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
+    # until the trainer has installed its handler (see the srun line).
+    ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &
+    FORWARDER=$!
+  fi
+}
+# shellcheck disable=SC2317
+on_term() {
+  INTERRUPTED=1
+  log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
+}
+trap on_usr1 USR1
+trap on_term TERM
+
 [ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
 RNALM_REPO=${RNALM_REPO:-$SLURM_SUBMIT_DIR}
 [ -f "$RNALM_REPO/pretrain/train.py" ] || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
@@ -130,28 +155,6 @@ write_targets() {
 
 remove_targets() { rm -f "$TARGETS"; }
 
-# ----------------------------------------------------------------------------------------- signals
-PREEMPTED=0
-INTERRUPTED=0
-# shellcheck disable=SC2317  # trap handlers
-on_usr1() {
-  INTERRUPTED=1
-  PREEMPTED=1
-  log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
-  if [ -n "${STEP_PID:-}" ] && [ -z "${FORWARDER:-}" ]; then
-    # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
-    # until the trainer has installed its handler (see the srun line).
-    ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &
-    FORWARDER=$!
-  fi
-}
-# shellcheck disable=SC2317
-on_term() {
-  INTERRUPTED=1
-  log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
-}
-trap on_usr1 USR1
-trap on_term TERM
 trap remove_targets EXIT
 
 requeue() {

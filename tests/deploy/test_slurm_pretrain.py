@@ -177,19 +177,21 @@ def test_missing_config_fails_the_job_with_a_clear_message(slurm, synthetic_shar
     assert "config file pretrain/configs/no_such.yaml not found" in batch_output(tmp_path, job_id)
 
 
+@pytest.mark.timeout(420)
 def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shards, tmp_path):
-    """Slurm itself sends USR1 before the time limit (--signal=B:USR1@40 with --time=1; slurmctld checks
-    limits about every 30 s); the job checkpoints, requeues and the rerun resumes. The rerun would be
-    signalled again a minute later, so the test cancels it once it has resumed."""
+    """Slurm itself sends USR1 before the time limit (--signal=B:USR1@30 with --time=2); the job checkpoints,
+    requeues and the rerun resumes. Slurm may send the signal up to 60 s early (its event resolution; with
+    --time=1 and @40 it once came 2 s after the start, before the trainer ran), so the limit leaves >= 30 s
+    for the first run to start. The rerun would be signalled again, so the test cancels it once it has resumed."""
     job_id = submit(slurm, synthetic_shards, tmp_path, "--train.max_steps=100000", "--checkpoint.every=0",
-                    sbatch_args=("--time=1", "--signal=B:USR1@40"))
+                    sbatch_args=("--time=2", "--signal=B:USR1@30"))
     log_path = tmp_path / "out" / "log.jsonl"
 
     def resumed():
         return log_path.exists() and len(events(read_jsonl(log_path), "start")) == 2
 
     try:
-        wait_until(resumed, 200, interval=1, what="the requeued run to start")
+        wait_until(resumed, 240, interval=1, what="the requeued run to start")
     finally:
         slurm.cmd("scancel", job_id)
         wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
