@@ -1,4 +1,10 @@
-"""Downstream heads of the original RiNALMo (parameter names kept, so the original heads' weights map 1:1).
+"""Downstream heads of the original RiNALMo.
+
+Only the secondary-structure head keeps the original's parameter names (its released weights load 1:1, see
+`import_original_ss`). The splice and MRL heads have other names (original: `classifier.{0,2}`,
+`resnet.blocks.N.conv_net.{0,3}`), so their released weights need a key mapping; with one they give the
+original's outputs on an unpadded sequence (in a padded batch the original MRL head's InstanceNorm also sees
+the pads, this one does not).
 
 All heads take the language model's padded output `rep [B, L, D]` (CLS at 0, EOS after the last nucleotide,
 then pads) and `tokens [B, L]`.
