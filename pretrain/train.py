@@ -430,8 +430,13 @@ class _JsonLog:
 
 
 def _adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # By the full shape: a parameter built inside deepspeed.zero.Init (train.zero_init) is already partitioned, its
+    # tensor an empty 1-d placeholder and its real shape in ds_shape.
+    def matrix(p: torch.nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    decay = [p for p in model.parameters() if matrix(p)]
+    no_decay = [p for p in model.parameters() if not matrix(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.adamw == "deepspeed":
         from deepspeed.ops.adam import FusedAdam  # builds its op on first use

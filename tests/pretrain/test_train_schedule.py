@@ -133,3 +133,50 @@ def test_gpu_presets_share_one_global_batch_and_the_original_step_count():
         assert (cfg.optim.warmup_steps, cfg.optim.decay_steps, cfg.optim.min_lr) == (2000, None, 1e-5)
         assert cfg.optim.lr == (5e-5 if name == "giga" else 1e-4)   # the original config's giga override / default
     assert set(per_rank.values()) == {32768}, per_rank
+
+
+WEIGHT_DECAY_GROUPS = """
+import json, os, warnings
+warnings.filterwarnings("ignore")
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+import deepspeed, torch
+from pretrain.config import OptimConfig
+from pretrain.train import PretrainModel, _adamw
+from rnalm.config import ModelConfig
+
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+cfg = ModelConfig.preset("nano", dim=64, num_layers=2, num_heads=4)
+out = {}
+for zero_init in (False, True):
+    if zero_init:
+        with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                      "zero_optimization": {"stage": 3}}):
+            model = PretrainModel(cfg)
+    else:
+        model = PretrainModel(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = _adamw(model, OptimConfig(weight_decay=0.01), torch.device("cpu")).param_groups
+    out[str(zero_init)] = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+print(json.dumps(out))
+"""
+
+
+def test_weight_decay_groups_are_the_same_when_the_model_is_built_inside_zero_init():
+    """train.zero_init builds the model inside deepspeed.zero.Init, whose parameters are already partitioned
+    (empty 1-d placeholders) when the optimizer groups them: the matrices must still get weight decay."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.pretrain.trainer_runs import REPO, trainer_env
+    from pretrain.train import _free_port
+
+    proc = subprocess.run([sys.executable, "-c", WEIGHT_DECAY_GROUPS], cwd=REPO, capture_output=True, text=True,
+                          env=dict(trainer_env(), PORT=str(_free_port())), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    groups = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, zero_init = groups["False"], groups["True"]
+    decayed = {n for n, wd in plain.items() if wd > 0}
+    assert "embedding.weight" in decayed and "transformer.blocks.0.mh_attn.Wqkv.weight" in decayed
+    assert not any(n.endswith(("bias", "beta")) or "layer_norm" in n for n in decayed)
+    assert zero_init == plain
