@@ -34,6 +34,7 @@ from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
+from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.configfile import from_cli, save_yaml, to_dict
 from rnalm.model import RiNALMo, TransformerBlock
@@ -151,7 +152,7 @@ class Trainer:
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
-                  device=str(self.device), metrics_ports=ports, pid=os.getpid())
+                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), **self._attention())
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
@@ -350,6 +351,13 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.metrics.record_checkpoint(seconds)
         self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
+
+    def _attention(self) -> dict:
+        """The backend training runs with and the attention dropout it really applies (torch_varlen has none)."""
+        model = self.engine.module
+        backend = resolve_backend(model.attention_backend, self.device, model.applies_attention_dropout)
+        applied = 0.0 if backend in WITHOUT_DROPOUT else self.model_cfg.attn_dropout
+        return {"attention_backend": backend, "attention_dropout": applied}
 
     def _resume_tag(self) -> str | None:
         """The newest good checkpoint, or its universal form when it was written by another number of ranks

@@ -4,7 +4,8 @@ All backends take q, k, v of shape [T, H, Dh] for packed sequences delimited by 
 and attend only within each sequence (non-causal, scale 1/sqrt(Dh)).
 - torch_varlen: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA). It has no
   attention-probability dropout, so that dropout is not applied with this backend.
-- flash_attn: `flash_attn_varlen_func` when flash-attn is installed (CUDA), with dropout.
+- flash_attn: `flash_attn_varlen_func` when flash-attn is installed (CUDA), with dropout; "auto" prefers it
+  over torch_varlen when the model trains with attention dropout (the same kernels, so no loss of speed).
 - sdpa: pads groups of similar-length sequences to [b, H, Lmax_group, Dh] and calls
   scaled_dot_product_attention with a key-padding mask; runs anywhere (the CPU path).
 """
@@ -62,6 +63,7 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
 
 
 BACKENDS: dict[str, AttentionFn] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "sdpa": _sdpa}
+WITHOUT_DROPOUT = frozenset({"torch_varlen"})
 _warned: set[str] = set()
 
 
@@ -95,11 +97,14 @@ def _available_backends(device_type: str) -> tuple[str, ...]:
     return (*names, "sdpa")
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """'auto' picks the fastest backend for the device; an explicit name must be available there."""
+def resolve_backend(name: str, device: torch.device | str, dropout: bool = False) -> str:
+    """'auto' picks the fastest backend for the device, with `dropout` the fastest that applies attention dropout
+    unless only the sdpa fallback would; an explicit name must be available there."""
     options = available_backends(device)
     if name == "auto":
-        return options[0]
+        fast = [b for b in options if b != "sdpa"] or options
+        with_dropout = [b for b in fast if b not in WITHOUT_DROPOUT]
+        return (with_dropout if dropout and with_dropout else fast)[0]
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
     if name not in options:

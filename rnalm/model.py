@@ -217,8 +217,12 @@ class RiNALMo(nn.Module):
         scale = (1 - self.config.mask_ratio_train) / (1 - masks / lengths)
         return x * scale[seq_of_token, None].to(x.dtype)
 
+    @property
+    def applies_attention_dropout(self) -> bool:
+        return self.training and self.config.attn_dropout > 0
+
     def forward_packed(self, batch: PackedBatch, logits_index: torch.Tensor | None = None) -> ModelOutput:
-        backend = resolve_backend(self.attention_backend, batch.tokens.device)
+        backend = resolve_backend(self.attention_backend, batch.tokens.device, self.applies_attention_dropout)
         x = self.embed(batch.tokens, batch.cu_seqlens)
         rep = self.transformer(x, batch.positions, batch.cu_seqlens, batch.max_seqlen, backend)
         head_in = rep if logits_index is None else rep[logits_index]

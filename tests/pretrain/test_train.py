@@ -46,6 +46,7 @@ def test_loss_falls_and_every_step_is_logged(straight_run):
     assert len({r["samples_sha1"] for r in steps}) == STRAIGHT_STEPS  # fresh samples every step
     start = events(records, "start")[0]
     assert start["world_size"] == 2 and start["resumed_from"] is None
+    assert (start["attention_backend"], start["attention_dropout"]) == ("sdpa", 0.1)  # what training applies
     valid = events(records, "valid")
     assert [v["step"] for v in valid] == [STRAIGHT_STEPS]
     assert 0 < valid[0]["accuracy"] < 1 and valid[0]["perplexity"] > 1 and valid[0]["masked_tokens"] > 0

@@ -132,6 +132,35 @@ def test_attention_backends_agree_with_float64_reference():
     assert set(backends) <= set(BACKENDS)
 
 
+@pytest.mark.parametrize("available, dropout, expected", [
+    (("torch_varlen", "flash_attn", "sdpa"), False, "torch_varlen"),
+    (("torch_varlen", "flash_attn", "sdpa"), True, "flash_attn"),   # the one of the two that applies dropout
+    (("torch_varlen", "sdpa"), True, "torch_varlen"),               # not the slow fallback for the sake of it
+    (("sdpa",), True, "sdpa"),
+    (("sdpa",), False, "sdpa"),
+])
+def test_auto_backend_prefers_one_that_applies_attention_dropout_when_training_with_it(
+        monkeypatch, available, dropout, expected):
+    import rnalm.attention as attention
+
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: available)
+    assert attention.resolve_backend("auto", "cuda", dropout=dropout) == expected
+    assert attention.resolve_backend("sdpa", "cuda", dropout=dropout) == "sdpa"  # an explicit choice stands
+
+
+def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
+    import rnalm.model as model_module
+
+    asked = []
+    monkeypatch.setattr(model_module, "resolve_backend", lambda name, device, dropout=False: asked.append(dropout)
+                        or "sdpa")
+    tokens = masked_batch()
+    tiny_model().train()(tokens)
+    tiny_model().eval()(tokens)
+    tiny_model(attn_dropout=0.0).train()(tokens)
+    assert asked == [True, False, False]
+
+
 def test_sdpa_pads_sequences_only_to_the_longest_of_their_length_group(monkeypatch):
     """The CPU path's score matrices stay within 2x of sum(L^2): one 512-long crop among 40 short sequences
     must not pad all 41 to 512 (that padding made an 8k-token nano training step need > 24 GB)."""
