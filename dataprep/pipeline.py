@@ -284,12 +284,13 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     cl_dir = stages["cluster"].final
     cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
-    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps)
+    at_most = cfg.records_per_shard > 0  # --shard-records is a bound, --shard-mb a target
+    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps, at_most)
     shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
     ctx = WriteContext(str(out), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
-    log(f"shards: writing {len(jobs)} shards (at most {rps:,} records each) with {cfg.workers} compression threads"
+    log(f"shards: writing {len(jobs)} shards ({'at most' if at_most else 'about'} {rps:,} records each) with {cfg.workers} compression threads"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
 

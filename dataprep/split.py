@@ -39,16 +39,22 @@ def valid_clusters(n_clusters: int, valid_fraction: float, seed: int) -> np.ndar
 
 
 def shard_jobs(cluster_id: np.ndarray, n_clusters: int, valid_fraction: float, seed: int,
-               records_per_shard: int) -> list[ShardJob]:
-    """Every kept record in exactly one job; whole clusters per split; each split in the shuffled order."""
+               records_per_shard: int, at_most: bool = True) -> list[ShardJob]:
+    """Every kept record in exactly one job; whole clusters per split; each split in the shuffled order.
+
+    Each split is cut into shards of equal size (+-1 record): the fewest of at most `records_per_shard` records
+    (`at_most`, --shard-records), or the number nearest to `records_per_shard` each (a target, --shard-mb: shards of
+    0.75..1.25x the target, or a single one of up to 1.5x). Cutting every `records_per_shard` left a tail shard of
+    any size (3M synthetic records: three train shards of 75.6 MB and one of 0.2 MB)."""
     order = shuffled_order(len(cluster_id), seed)
     in_valid = valid_clusters(n_clusters, valid_fraction, seed)[cluster_id[order]]
     jobs = []
     for split, where in (("train", np.flatnonzero(~in_valid)), ("valid", np.flatnonzero(in_valid))):
-        # the fewest shards of at most `records_per_shard`, of equal size (+-1 record): cutting every
-        # `records_per_shard` left a tail shard of any size, e.g. 2,542 records (0.2 MB) after three of 75 MB
-        k = -(-len(where) // records_per_shard)
-        cuts = [len(where) * i // max(k, 1) for i in range(k + 1)]  # (an empty split: no shards)
+        n = len(where)
+        k = -(-n // records_per_shard)  # shards
+        if not at_most and n:
+            k = max(1, int(n / records_per_shard + 0.5))
+        cuts = [n * i // max(k, 1) for i in range(k + 1)]  # (an empty split: no shards)
         for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
             at = where[a:b]
             jobs.append(ShardJob(split, i, order[at], at))

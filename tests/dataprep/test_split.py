@@ -34,3 +34,17 @@ def test_clusters_stay_whole_and_each_split_is_balanced():
     valid = np.concatenate([j.records for j in jobs if j.split == "valid"])
     assert len(train) + len(valid) == 20_000
     assert not set(cluster_id[train].tolist()) & set(cluster_id[valid].tolist())
+
+
+@pytest.mark.parametrize("n", [500, 1_400, 1_600, 2_049, 2_600, 3_001, 10_400])
+def test_a_shard_size_target_gives_the_nearest_number_of_equal_shards(n):
+    """--shard-mb is a target (the design wants shards of 50 MB..1 GB): the ceiling would halve the shards of a
+    split just over one target (1M synthetic records at the default 256 MB: two train shards of 37.5 MB)."""
+    target = 1000
+    jobs = shard_jobs(np.arange(n), n, valid_fraction=0.0, seed=0, records_per_shard=target, at_most=False)
+    sizes = [len(j.records) for j in jobs]
+    assert len(jobs) == max(1, round(n / target)) and sum(sizes) == n and max(sizes) - min(sizes) <= 1, sizes
+    if len(jobs) > 1:
+        assert 0.75 * target <= min(sizes) and max(sizes) <= 1.25 * target, sizes
+    else:
+        assert n < 1.5 * target
