@@ -2,8 +2,10 @@
 
 Each stage writes into OUT/.work/<stage>.tmp and is renamed to OUT/.work/<stage> with a `stage.json`
 holding its key (a hash of its inputs and parameters), so a re-run with the same inputs skips finished
-stages. The old manifest is removed before any shard is touched and the new one is written last, so an
-interrupted run never leaves a manifest that points at partial shards.
+stages. The shards are written into OUT/.work/shards.tmp and moved into OUT only when all of them exist:
+the old manifest is removed just before the moves and the new one is written last, so an interrupted run
+never leaves a manifest that points at partial shards, and until that moment the earlier shard set (with
+its manifest) stays intact and readable.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, fsync_path
 
 from . import cluster as clustering
 from . import dedup as dd
@@ -276,9 +278,10 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
 
 def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log: Log) -> tuple[list, int]:
     """Split by cluster, shuffle, write this rank's shards; (every rank's ShardInfos on rank 0, clusters)."""
-    if comm.rank == 0:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards exist
-        for stale in [*out.glob("train/*.tmp-*"), *out.glob("valid/*.tmp-*")]:  # left by a killed run
+    if comm.rank == 0:  # the earlier shard set and its manifest stay untouched until `_publish`
+        shutil.rmtree(_staging(out), ignore_errors=True)  # left by a killed run
+        _staging(out).mkdir()
+        for stale in [*out.glob("train/*.tmp-*"), *out.glob("valid/*.tmp-*")]:  # (from a killed older version)
             stale.unlink()
     comm.barrier()
     cl_dir = stages["cluster"].final
@@ -287,7 +290,7 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     at_most = cfg.records_per_shard > 0  # --shard-records is a bound, --shard-mb a target
     jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps, at_most)
     shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
-    ctx = WriteContext(str(out), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
+    ctx = WriteContext(str(_staging(out)), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
     log(f"shards: writing {len(jobs)} shards ({'at most' if at_most else 'about'} {rps:,} records each) with {cfg.workers} compression threads"
@@ -299,6 +302,31 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
         log.progress(f"shards: {len(done)}/{len(mine)} written ({info.path}, {info.bytes / 1e6:,.1f} MB)")
 
     return comm.gather(write_jobs(ctx, mine, cfg.workers, progress)), n_clusters
+
+
+def _staging(out: Path) -> Path:
+    """Where the new shards (and rejects/duplicates TSVs) are written before `_publish` moves them into OUT."""
+    return out / ".work" / "shards.tmp"
+
+
+def _publish(out: Path, manifest: Manifest) -> None:
+    """Replace the earlier shard set by the staged one: a few renames between removing the old manifest and
+    writing the new one (the only moments without a readable set)."""
+    staging = _staging(out)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards are in place
+    for name in ("rejects.tsv", "duplicates.tsv"):
+        os.replace(staging / name, out / name)
+    listed = {s.path for s in manifest.shards}
+    for path in sorted(listed):
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / path, out / path)
+    for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
+        if str(old.relative_to(out)) not in listed:
+            old.unlink()
+    for split in {Path(p).parent for p in listed}:
+        fsync_path(out / split)  # the renames are durable before the manifest that names them
+    write_manifest(out, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _params(cfg: BuildConfig, rps: int) -> dict:
@@ -339,8 +367,8 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
             build_key: str, n_clusters: int, seconds: dict, log: Log, sources: list[dict], res: dict,
             report: ReportProcess | None) -> Manifest:
     names = [s["path"] for s in sources]
-    _write_rejects(out, stages["normalise"].final, store, res, names)
-    _write_duplicates(out, store, res, names)
+    _write_rejects(_staging(out), stages["normalise"].final, store, res, names)
+    _write_duplicates(_staging(out), store, res, names)
     counts = {"records_in": sum(s["records"] for s in sources), "rejected": sum(s["rejected"] for s in sources),
               "duplicates": int(len(res["dup"])), "kept": int(len(res["keep"])), "clusters": n_clusters}
     for split in ("train", "valid"):
@@ -360,14 +388,10 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
         log.warn(warning)
     manifest = Manifest(shards=shards, sources=sources, params={**params, "build_key": build_key}, tools=tools,
                         counts=counts, warnings=warnings, out_dir=str(out))
-    listed = {s.path for s in shards}
-    for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
-        if str(old.relative_to(out)) not in listed:
-            old.unlink()
     if report is not None:
         report.join()
         write_summary(out / "report", counts, sources, shards, seconds)
-    write_manifest(out, manifest)
+    _publish(out, manifest)
     log(f"done: {counts['records_in']:,} records in, {counts['rejected']:,} rejected, "
         f"{counts['duplicates']:,} duplicates, {counts['kept']:,} kept in {n_clusters:,} clusters; "
         f"train {counts['train']['records']:,} / valid {counts['valid']['records']:,} records; {out / MANIFEST_NAME}")

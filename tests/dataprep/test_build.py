@@ -318,8 +318,10 @@ def test_ncrna_corpus_done_when(tmp_path, ncrna_fasta):
     assert len(got) == c["kept"]
 
 
-def test_killed_run_never_leaves_a_manifest_over_partial_shards(tmp_path):
-    """SIGKILL while shards are being written: no manifest (the old one is gone too); a re-run completes."""
+def test_killed_run_keeps_the_earlier_shard_set(tmp_path):
+    """SIGKILL while a re-run writes its shards into an OUT that holds a good set: the earlier manifest and shards
+    stay intact and readable (before, the manifest was deleted before the first new shard was written, and the
+    new shards replaced the old ones in place); no manifest ever points at partial shards; a re-run completes."""
     import signal
     import time
 
@@ -329,21 +331,29 @@ def test_killed_run_never_leaves_a_manifest_over_partial_shards(tmp_path):
     base = [sys.executable, SCRIPT, "--input", str(fasta), "--out", str(out), "--no-cluster", "--no-report",
             "--quiet", "--shard-records", "300", "--block-records", "100"]
     subprocess.run(base + ["--seed", "1"], check=True)
-    assert (out / "manifest.json").exists()
+    before = (out / "manifest.json").read_bytes()
+    old = {p: p.read_bytes() for p in out.glob("*/shard-*.tar")}
     proc = subprocess.Popen(base + ["--seed", "2"])
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if not (out / "manifest.json").exists() and any((out / "train").glob("*.tmp-*")):
+        if any(out.glob("*/*.tmp-*")) or any(out.glob(".work/shards.tmp/*/*.tmp-*")):  # a shard being written
             break
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
-    assert not (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists(), "the killed run deleted the earlier set's manifest"
+    assert (out / "manifest.json").read_bytes() == before
+    assert {p: p.read_bytes() for p in out.glob("*/shard-*.tar")} == old
+    m = read_manifest(out)
+    assert m.params["seed"] == 1
+    for info in m.shards:
+        assert sum(len(b) for b in iter_blocks(m.shard_path(info), verify_checksum=True)) == info.records
+    check_build(out, [fasta])
     subprocess.run(base + ["--seed", "2"], check=True)
     m = read_manifest(out)
     assert m.params["seed"] == 2
-    assert not list(out.glob("*/*.tmp-*"))  # the killed writer's temporary file was cleaned up
+    assert not list(out.glob("*/*.tmp-*")) and not (out / ".work" / "shards.tmp").exists()  # cleaned up
     check_build(out, [fasta])
 
 
