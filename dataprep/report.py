@@ -74,6 +74,8 @@ def _plot_corpus(report_dir: Path, store: Store, keep: np.ndarray, sources: list
         ax.barh([lab for lab, _ in labels][::-1], [c for _, c in labels][::-1])
         ax.set(xlabel="kept records", title=f"Top {len(labels)} labels")
         _save(fig, report_dir / "labels.png")
+    else:  # an OUT reused from a build with labels must not keep that build's plot
+        (report_dir / "labels.png").unlink(missing_ok=True)
     return {"length_nt": _stats(lengths), "top_labels": labels}
 
 

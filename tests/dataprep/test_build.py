@@ -152,6 +152,16 @@ def test_rerun_skips_finished_stages(tmp_path, synth_fa):
     assert build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3).skipped == []
 
 
+def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa):
+    """Found by re-running the ncRNA corpus without --label-key into the OUT of a build with it: report/labels.png
+    of the earlier build stayed beside a summary.json with no labels."""
+    build_small(tmp_path, [synth_fa], report=True, label_key="family")
+    assert (tmp_path / "out" / "report" / "labels.png").exists()
+    build_small(tmp_path, [synth_fa], report=True)
+    assert json.loads((tmp_path / "out" / "report" / "summary.json").read_text())["top_labels"] == []
+    assert not (tmp_path / "out" / "report" / "labels.png").exists()
+
+
 def test_failed_run_leaves_no_manifest(tmp_path, synth_fa):
     build_small(tmp_path, [synth_fa], records_per_shard=500)
     out = tmp_path / "out"
