@@ -60,6 +60,9 @@ on_usr1() {
 on_term() {
   INTERRUPTED=1
   log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
+  # The target file goes now: Slurm SIGKILLs this shell too when the ranks' save outlasts KillWait, and the
+  # EXIT trap would never run (dead targets left to Prometheus: RnalmRankDown for a job that is gone).
+  [ -n "${TARGETS:-}" ] && rm -f "$TARGETS"
 }
 trap on_usr1 USR1
 trap on_term TERM

@@ -20,7 +20,7 @@ TRAIN_ARGS = ("--train.valid_every=0", "--checkpoint.every=20", "--train.log_eve
 
 
 def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml",
-           sbatch_args: tuple[str, ...] = (), sd_dir: Path | None = None):
+           sbatch_args: tuple[str, ...] = (), sd_dir: Path | None = None, python: str = sys.executable):
     """CPU mode: no GPUs, 2 tasks of 1 CPU on one node; everything else is the script's defaults. The file_sd
     target file goes to ``sd_dir`` (default run/targets)."""
     run.mkdir(parents=True, exist_ok=True)
@@ -29,7 +29,7 @@ def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config
         f"--output={run}/slurm-%j.out", str(REPO / "deploy/slurm/pretrain.sh"), config,
         f"--data.shards={shards}", f"--train.out_dir={run / 'out'}", f"--train.max_steps={STEPS}", *TRAIN_ARGS,
         f"--metrics.port_base={free_port(2)}", *overrides,
-        env={"RNALM_PROM_SD_DIR": str(sd_dir or run / "targets"), "RNALM_PYTHON": sys.executable}, cwd=REPO)
+        env={"RNALM_PROM_SD_DIR": str(sd_dir or run / "targets"), "RNALM_PYTHON": python}, cwd=REPO)
 
 
 def steps(log: list[dict]) -> list[dict]:
@@ -202,3 +202,28 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
     assert events(log, "start")[1]["resumed_from"] == events(log, "checkpoint")[0]["tag"]
     assert events(log, "start")[1]["step"] == preempted["step"]
     assert slurm.job(job_id)["Restarts"] == "1"
+
+
+def test_cancelled_job_whose_save_outlasts_killwait_leaves_no_targets(slurm, tmp_path):
+    """scancel (like preemption or the time limit) sends SIGTERM, and SIGKILL after KillWait (10 s here), to the
+    batch shell too: when the ranks' save outlasts KillWait the shell never reaches its EXIT trap, and its target
+    file must be gone anyway, or Prometheus keeps scraping the dead ranks (RnalmRankDown pages for a job that is
+    gone) until another job happens to clean up. The ranks are a stand-in that ignores SIGTERM, as a rank still
+    writing its last checkpoint does."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/bash\n"
+                      "if [ \"$1 $2\" = '-m pretrain.train' ]; then\n"
+                      "  trap '' TERM; echo \"rank $RANK up\"; for _ in $(seq 120); do sleep 1; done; exit 0\n"
+                      f"fi\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    job_id = submit(slurm, tmp_path / "shards", tmp_path, python=str(python))
+    out = tmp_path / f"slurm-{job_id}.out"
+    wait_until(lambda: out.exists() and "rank 1 up" in out.read_text(), 60, what="both stand-in ranks")
+    assert [p.name for p in (tmp_path / "targets").iterdir()] == [f"rnalm-{job_id}.json"]
+    slurm.cmd("scancel", job_id)
+    info = slurm.wait_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60)
+    wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
+               what=f"job {job_id} to leave the queue")
+    assert info["JobState"] == "CANCELLED", info
+    assert "SIGTERM" in out.read_text()
+    assert not list((tmp_path / "targets").glob("*.json")), out.read_text()[-2000:]
