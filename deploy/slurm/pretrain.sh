@@ -122,6 +122,15 @@ export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
 GPUS=${SLURM_GPUS_ON_NODE:-0}
 [ "$GPUS" -gt 0 ] 2>/dev/null || GPUS=0
+# One rank per GPU, rank LOCAL_RANK on cuda:LOCAL_RANK: more tasks than GPUs on a node fail in start-up
+# (invalid device ordinal), fewer leave GPUs idle. Typical cause: --gpus-per-node=4 without --ntasks-per-node=4.
+if [ "$GPUS" -gt 0 ]; then
+  IFS=, read -ra TASK_COUNTS <<< "$SLURM_TASKS_PER_NODE"
+  for n in "${TASK_COUNTS[@]}"; do
+    [ "${n%%(*}" = "$GPUS" ] || die "$GPUS GPU(s) per node but tasks per node $SLURM_TASKS_PER_NODE: one task per" \
+      "GPU is needed; give both, e.g. sbatch --gpus-per-node=$GPUS --ntasks-per-node=$GPUS ..."
+  done
+fi
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${#HOSTS[@]} node(s) [${HOSTS[*]}], $WORLD_SIZE ranks," \
     "$GPUS GPU(s)/node$([ "$GPUS" = 0 ] && echo ' (CPU mode)'), master $MASTER_ADDR:$MASTER_PORT"
 log "config $CONFIG ${OVERRIDES[*]}"

@@ -1,0 +1,83 @@
+"""pretrain.sh's multi-node layout without a cluster: the batch environment of an 8-node x 8-GPU job set by hand,
+stub scontrol/srun/squeue on PATH, a stand-in trainer. srun's stub runs the wrapped command as the first and the
+last task, so the ranks' RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* are the ones the real tasks would get."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.deploy.daemons import REPO
+
+STUBS = {
+    "scontrol": r"""case "$1 $2" in
+  "show hostnames") for i in $(seq -f '%02g' 1 "$NODES"); do echo "gpu$i"; done ;;
+  "show node") echo "NodeName=$4 NodeAddr=10.0.0.$((10#${4#gpu})) State=ALLOCATED" ;;
+esac""",
+    "squeue": "exit 0",
+    "scancel": "exit 0",
+    # --kill-on-bad-exit=1 --cpus-per-task=N bash -c SCRIPT rank PYTHON ARGS...: the first and the last task
+    "srun": r"""echo "srun $*" >> "$CALLS"; shift 2
+SLURM_PROCID=0 SLURM_LOCALID=0 "$@" && SLURM_PROCID=$((SLURM_NTASKS - 1)) SLURM_LOCALID=$((TASKS - 1)) "$@" """,
+}
+TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
+  echo "rank $RANK local $LOCAL_RANK world $WORLD_SIZE master $MASTER_ADDR:$MASTER_PORT" >> "$CALLS"
+  cp "$SD/rnalm-$SLURM_JOB_ID.json" "$SD/seen.json"; exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def run_script(tmp: Path, nodes: int, tasks: int, gpus: int) -> tuple[subprocess.CompletedProcess, str, Path]:
+    bin_dir, sd = tmp / "bin", tmp / "sd"
+    bin_dir.mkdir()
+    sd.mkdir()
+    for name, body in STUBS.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (tmp / "python").write_text(f"#!/bin/bash\n{TRAINER}")
+    (tmp / "python").chmod(0o755)
+    calls = tmp / "calls"
+    calls.touch()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
+           "CALLS": str(calls), "SD": str(sd), "REAL_PYTHON": sys.executable, "RNALM_PYTHON": str(tmp / "python"),
+           "RNALM_PROM_SD_DIR": str(sd), "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "rnalm-pretrain",
+           "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]",
+           "SLURM_NTASKS": str(nodes * tasks), "SLURM_TASKS_PER_NODE": f"{tasks}(x{nodes})",
+           "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_CPUS_PER_TASK": "8"}
+    r = subprocess.run(["bash", str(REPO / "deploy/slurm/pretrain.sh"), "pretrain/configs/giga.yaml",
+                        "--data.shards=/shared/shards"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    return r, calls.read_text(), sd
+
+
+def test_eight_nodes_of_eight_gpus(tmp_path):
+    r, calls, sd = run_script(tmp_path, nodes=8, tasks=8, gpus=8)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "8 node(s)" in r.stdout and "64 ranks, 8 GPU(s)/node, master 10.0.0.1:23456" in r.stdout
+    assert "rank 0 local 0 world 64 master 10.0.0.1:23456" in calls
+    assert "rank 63 local 7 world 64 master 10.0.0.1:23456" in calls
+    groups = json.loads((sd / "seen.json").read_text())
+    assert [g["targets"] for g in groups] == [[f"10.0.0.{n}:{9500 + local}"] for n in range(1, 9) for local in range(8)]
+    assert [g["labels"]["rank"] for g in groups] == [str(i) for i in range(64)]
+    assert groups[63]["labels"] == {"rank": "63", "local_rank": "7", "node": "gpu08", "slurm_job_id": "123456",
+                                    "slurm_job_name": "rnalm-pretrain"}
+    assert not (sd / "rnalm-123456.json").exists()  # removed when the job ended
+
+
+def test_more_tasks_than_gpus_per_node_stops_before_srun(tmp_path):
+    """`sbatch --nodes=2 --gpus-per-node=4 pretrain.sh` keeps the script's --ntasks-per-node=8: ranks 4..7 of
+    each node would have no GPU (cuda:4 on a node with 4 fails in start-up, after the allocation is held)."""
+    r, calls, sd = run_script(tmp_path, nodes=2, tasks=8, gpus=4)
+    assert r.returncode != 0 and "srun" not in calls
+    assert "4 GPU(s) per node but tasks per node 8(x2)" in r.stdout + r.stderr
+    assert "--ntasks-per-node=4" in r.stdout + r.stderr
+    assert not list(sd.iterdir())
+
+
+def test_fewer_tasks_than_gpus_per_node_stops_before_srun(tmp_path):
+    """--ntasks-per-node=4 on 8-GPU nodes would train on half the GPUs of the allocation without a word."""
+    r, calls, _ = run_script(tmp_path, nodes=2, tasks=4, gpus=8)
+    assert r.returncode != 0 and "srun" not in calls
+    assert "8 GPU(s) per node but tasks per node 4(x2)" in r.stdout + r.stderr
