@@ -101,6 +101,15 @@ class Trainer:
         self.device = _device(self.local_rank)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.model_cfg = cfg.model.build()
+        # The endpoint first, before the slow part of the start-up (a universal conversion, the model build under
+        # zero.Init, deepspeed.initialize, the resume): its file_sd target exists from the job's start, and a rank
+        # not answering for 2 minutes pages (RnalmRankDown); the stall alert counts start-up from here.
+        self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
+                                    world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+        self.metrics_port = None
+        if cfg.metrics.enabled:
+            port = cfg.metrics.port_base + self.local_rank if cfg.metrics.port_base else 0
+            self.metrics_port = self.metrics.serve(cfg.metrics.bind, port)
         self.flops = FlopCounter(self.model_cfg)
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
         self.stop_requested = False
@@ -135,12 +144,6 @@ class Trainer:
                 PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
             except ValueError as e:
                 raise ValueError(f"validation data: {e}; train without it with --train.valid_every=0") from None
-        self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
-                                    world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
-        self.metrics_port = None
-        if cfg.metrics.enabled:
-            port = cfg.metrics.port_base + self.local_rank if cfg.metrics.port_base else 0
-            self.metrics_port = self.metrics.serve(cfg.metrics.bind, port)
 
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> int:

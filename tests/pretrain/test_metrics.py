@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -80,3 +85,39 @@ def test_exporter_serves_every_contract_metric():
     (info,) = samples["rnalm_run_info"]
     assert info.labels == {"run_id": "r1", "model": "nano", "world_size": "2", "slurm_job_id": "77"}
     assert not math.isnan(value(samples, "rnalm_train_last_step_timestamp_seconds"))
+
+
+# A rank whose start-up is slow: deepspeed.initialize (ZeRO-3 partitioning of giga on many ranks; before it the
+# model build under zero.Init and a universal conversion after a world-size change) looks at its endpoint, then
+# the process leaves. pretrain.sh writes the rank's file_sd target before srun, so a rank that does not answer for
+# 2 minutes of start-up pages RnalmRankDown.
+SLOW_START = r"""
+import os, sys
+import deepspeed, requests
+from pretrain.train import main
+port = int(sys.argv[1])
+
+def initialize(*args, **kwargs):
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        print("served" if "rnalm_train_steps_created" in text else "other", flush=True)
+    except requests.ConnectionError:
+        print("not served", flush=True)
+    os._exit(0)
+
+deepspeed.initialize = initialize
+main(["--config", "pretrain/configs/tiny_cpu.yaml", "--data.shards=" + sys.argv[2], "--train.out_dir=" + sys.argv[3],
+      f"--metrics.port_base={port}", "--metrics.bind=127.0.0.1"])
+"""
+
+
+def test_a_rank_serves_its_metrics_during_the_start_up(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    args = [sys.executable, "-c", SLOW_START, str(port), str(tmp_path / "shards"), str(tmp_path / "run")]
+    proc = subprocess.run(args, cwd=Path(__file__).resolve().parents[2], env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.stdout.strip().splitlines()[-1:] == ["served"], proc.stdout + proc.stderr[-3000:]
