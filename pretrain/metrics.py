@@ -24,7 +24,9 @@ class TrainMetrics:
         self.step = Gauge("rnalm_train_step", "Training step of the run (continues across resumes)", registry=r)
         self.nonfinite = Counter("rnalm_train_nonfinite_steps", "Steps skipped for a NaN/inf loss", registry=r)
         self.loader_wait = Counter("rnalm_dataloader_wait_seconds", "Time spent waiting for batches", registry=r)
-        self.loss = Gauge("rnalm_train_loss", "MLM loss of the last step (all ranks)", registry=r)
+        # Served from the first step on (registered then): a 0 scraped during start-up would be the job's 1 h loss
+        # minimum for RnalmLossDiverging, which then fired ~10 min into every run and every requeued rerun.
+        self.loss = Gauge("rnalm_train_loss", "MLM loss of the last step (all ranks)", registry=None)
         self.lr = Gauge("rnalm_train_learning_rate", "Learning rate of the last step", registry=r)
         self.grad_norm = Gauge("rnalm_train_grad_norm", "Global gradient norm before clipping", registry=r)
         self.step_seconds = Histogram("rnalm_train_step_duration_seconds", "Wall time of one optimizer step",
@@ -47,6 +49,7 @@ class TrainMetrics:
         self.info = Gauge("rnalm_run_info", "Run metadata (value is always 1)",
                           ["run_id", "model", "world_size", "slurm_job_id"], registry=r)
         self.info.labels(run_id=run_id, model=model, world_size=str(world_size), slurm_job_id=slurm_job_id).set(1)
+        self._loss_served = False
         self.port: int | None = None
         self._server = None
 
@@ -69,6 +72,9 @@ class TrainMetrics:
         self.samples.inc(samples)
         self.loader_wait.inc(loader_wait)
         self.loss.set(loss)
+        if not self._loss_served:
+            self.registry.register(self.loss)
+            self._loss_served = True
         self.lr.set(lr)
         self.grad_norm.set(grad_norm)
         self.step_seconds.observe(seconds)

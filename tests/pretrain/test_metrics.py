@@ -87,6 +87,24 @@ def test_exporter_serves_every_contract_metric():
     assert not math.isnan(value(samples, "rnalm_train_last_step_timestamp_seconds"))
 
 
+def test_no_train_loss_is_served_before_the_first_step():
+    """A 0 scraped while the rank starts up (or a requeued rerun resumes) became the job's 1-hour loss minimum,
+    and RnalmLossDiverging (loss > 1.5 x that minimum) fired ~10 minutes into every run."""
+    metrics = TrainMetrics(run_id="r1", model="nano", world_size=2)
+    port = metrics.serve("127.0.0.1", 0)
+    try:
+        before = scrape(port)
+        metrics.record_step(step=1, loss=3.3, lr=1e-5, grad_norm=1.0, tokens=100, samples=1, seconds=0.5, mfu=0.1,
+                            loader_wait=0.0)
+        metrics.record_step(step=2, loss=3.2, lr=1e-5, grad_norm=1.0, tokens=100, samples=1, seconds=0.5, mfu=0.1,
+                            loader_wait=0.0)
+        after = scrape(port)
+    finally:
+        metrics.close()
+    assert "rnalm_train_loss" not in before and "rnalm_train_steps_created" in before
+    assert value(after, "rnalm_train_loss") == 3.2
+
+
 # A rank whose start-up is slow: deepspeed.initialize (ZeRO-3 partitioning of giga on many ranks; before it the
 # model build under zero.Init and a universal conversion after a world-size change) looks at its endpoint, then
 # the process leaves. pretrain.sh writes the rank's file_sd target before srun, so a rank that does not answer for
