@@ -16,7 +16,7 @@
 #   RNALM_METRICS_PORT_BASE  rank r serves metrics on port base+LOCAL_RANK (default: the config's
 #                            metrics.port_base; an explicit --metrics.port_base=N argument wins)
 #   RNALM_PROM_SD_DIR        where the file_sd target file goes       (default: $RNALM_REPO/deploy/prometheus/targets)
-#   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 20000)
+#   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 12000, below 32768)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: cluster-specific NCCL settings; export them before sbatch.
 #
 # Preemption/time limit: Slurm sends USR1 to this shell 5 minutes before the limit (--signal=B:USR1@300); it
@@ -111,7 +111,7 @@ node_addr() { scontrol show node -o "$1" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' 
 ADDRS=()
 for h in "${HOSTS[@]}"; do ADDRS+=("$(node_addr "$h")"); done
 export MASTER_ADDR=${ADDRS[0]}
-export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 export WORLD_SIZE=$SLURM_NTASKS
 # NCCL and threads: the one place for them.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}

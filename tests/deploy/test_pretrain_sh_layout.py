@@ -29,7 +29,8 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
-def run_script(tmp: Path, nodes: int, tasks: int, gpus: int) -> tuple[subprocess.CompletedProcess, str, Path]:
+def run_script(tmp: Path, nodes: int, tasks: int, gpus: int,
+               job_id: int = 123456) -> tuple[subprocess.CompletedProcess, str, Path]:
     bin_dir, sd = tmp / "bin", tmp / "sd"
     bin_dir.mkdir()
     sd.mkdir()
@@ -42,7 +43,7 @@ def run_script(tmp: Path, nodes: int, tasks: int, gpus: int) -> tuple[subprocess
     calls.touch()
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
            "CALLS": str(calls), "SD": str(sd), "REAL_PYTHON": sys.executable, "RNALM_PYTHON": str(tmp / "python"),
-           "RNALM_PROM_SD_DIR": str(sd), "SLURM_JOB_ID": "123456", "SLURM_JOB_NAME": "rnalm-pretrain",
+           "RNALM_PROM_SD_DIR": str(sd), "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": "rnalm-pretrain",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]",
            "SLURM_NTASKS": str(nodes * tasks), "SLURM_TASKS_PER_NODE": f"{tasks}(x{nodes})",
            "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_CPUS_PER_TASK": "8"}
@@ -64,6 +65,13 @@ def test_eight_nodes_of_eight_gpus(tmp_path):
     assert groups[63]["labels"] == {"rank": "63", "local_rank": "7", "node": "gpu08", "slurm_job_id": "123456",
                                     "slurm_job_name": "rnalm-pretrain"}
     assert not (sd / "rnalm-123456.json").exists()  # removed when the job ended
+
+
+def test_rendezvous_port_stays_below_the_ephemeral_range(tmp_path):
+    """Ports from 32768 up may be held by any outgoing connection on the first node (Linux's default range)."""
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=1, gpus=1, job_id=19999)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "master 10.0.0.1:27999" in calls
 
 
 def test_more_tasks_than_gpus_per_node_stops_before_srun(tmp_path):
