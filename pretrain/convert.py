@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, latest_tag,
@@ -47,7 +48,6 @@ def resolve_tag(root: Path, tag: str | None) -> str:
 def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Consolidate the ZeRO partitions of `tag` into fp32 weights; write model.safetensors + config.json."""
     import deepspeed
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from rnalm.config import ModelConfig
     from rnalm.io import save_pretrained
@@ -56,7 +56,7 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
     root, tag = locate(ckpt_dir, tag)
     state = read_trainer_state(root, tag)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    weights = consolidate(root, tag)
     config = ModelConfig.from_dict(state["model"])
     provenance = {"source": "pretrain.convert", "checkpoint": str((root / tag).resolve()), "tag": tag,
                   "step": state["step"], "tokens": state["tokens"], "samples": state["samples"],
@@ -64,6 +64,38 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
                   "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "train_config": state.get("config")}
     return save_pretrained(weights, out_dir, config=config, provenance=provenance)
+
+
+def consolidate(root: Path, tag: str) -> dict:
+    """DeepSpeed's zero_to_fp32 on root/tag, its failures as a CheckpointError that names the checkpoint and file
+    (a damaged shard, a universal checkpoint, one the training run pruned while it was read)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = root / tag
+    if tag.endswith(UNIVERSAL_SUFFIX):
+        raise CheckpointError(f"{ckpt} is a universal checkpoint (for resuming at another world size), which "
+                              f"convert does not read: convert {root / tag[:-len(UNIVERSAL_SUFFIX)]} instead")
+    removed = CheckpointError(f"{ckpt} was removed while it was being converted (a training run pruned it: "
+                              f"checkpoint.keep); convert again, or another --tag")
+    files = sorted(ckpt.glob("*_states.pt"))  # DeepSpeed's model and optimizer states, one or more per rank
+
+    def pruned() -> bool:
+        return not (ckpt / STATE_FILE).is_file() or not all(f.is_file() for f in files)
+
+    for f in files:  # a truncated torch.save archive has no zip directory at its end
+        if not zipfile.is_zipfile(f):
+            if pruned():
+                raise removed
+            raise CheckpointError(f"{f}: damaged checkpoint file (not a complete torch.save archive; truncated or "
+                                  f"partly written?): convert an older checkpoint with --tag")
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed raises plain RuntimeError/ValueError/FileNotFoundError/...
+        if pruned():
+            raise removed from e
+        where = getattr(e, "filename", None) or ckpt
+        raise CheckpointError(f"{where}: DeepSpeed could not consolidate checkpoint {ckpt} "
+                              f"({type(e).__name__}: {e})") from e
 
 
 def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:

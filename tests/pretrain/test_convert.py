@@ -102,3 +102,42 @@ def test_universal_conversion_ahead_of_a_resume(copy_of_straight_run):
     assert {"trainer_state.json", "rng_rank0.pt", "rng_rank1.pt"} <= ours
     assert (universal / "zero").is_dir()  # DeepSpeed's per-parameter folders
     assert not [p for p in ckpts.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_damaged_universal_or_vanishing_checkpoints_fail_with_the_file_named(copy_of_straight_run, tmp_path,
+                                                                            monkeypatch):
+    """Found by an audit: a truncated shard, a universal checkpoint, or one a running training pruned mid-read came
+    out as DeepSpeed tracebacks (a truncated shard's did not name the file); none may leave weights behind."""
+    import shutil
+
+    import deepspeed.utils.zero_to_fp32 as z2f
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.convert import to_pretrained
+
+    ckpts = copy_of_straight_run / "checkpoints"
+    shard = ckpts / "step00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short, a copy that broke off
+    proc = subprocess.run([PY, "-m", "pretrain.convert", str(copy_of_straight_run), str(tmp_path / "a")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"{shard}: damaged checkpoint file" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a").exists()
+
+    proc = subprocess.run([PY, "-m", "pretrain.convert", "--universal", str(ckpts / "step00000008")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([PY, "-m", "pretrain.convert", str(ckpts / "step00000008_universal"), str(tmp_path / "b")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "is a universal checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert f"convert {ckpts / 'step00000008'} instead" in proc.stderr and not (tmp_path / "b").exists()
+
+    real = z2f.get_fp32_state_dict_from_zero_checkpoint
+
+    def pruned_meanwhile(root, tag, **kw):  # what a training run with checkpoint.keep does to the oldest one
+        shutil.rmtree(f"{root}/{tag}")
+        return real(root, tag, **kw)
+
+    monkeypatch.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint", pruned_meanwhile)
+    with pytest.raises(CheckpointError, match="step00000008 was removed while it was being converted"):
+        to_pretrained(copy_of_straight_run, tmp_path / "c", tag="step00000008")
+    assert not (tmp_path / "c").exists()
