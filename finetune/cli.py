@@ -65,7 +65,7 @@ def run(argv: Sequence[str]) -> int:
             cfg = from_cli(EmbedConfig, rest, prog="python -m finetune embed")
             out = embed(cfg)
             print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
-                  + (f", {out['plot'].name}" if out["plot"] else ""))
+                  + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
             return 0
     except (StructureError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

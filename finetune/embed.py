@@ -1,11 +1,13 @@
 """Sequence embeddings of a FASTA: the CLS vector and the mean over nucleotides (CLS/EOS/pads excluded).
 
-Writes OUT/cls.npy and OUT/mean.npy (float32 [N, D], rows in FASTA order), OUT/ids.txt (one id per row),
-OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png: t-SNE of the CLS vectors
-(PCA when there are fewer than `tsne_min` sequences) coloured by label.
+Writes OUT/cls.npy and OUT/mean.npy (float32 [N, D], rows in FASTA order, filled batch by batch on disk),
+OUT/ids.txt (one id per row), OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png:
+t-SNE of the CLS vectors (PCA when there are fewer than `tsne_min` sequences; a sample of `plot_max` of them
+when there are more) coloured by label.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 
 from finetune.backbone import BackboneConfig, load_backbone
+from finetune.heads import nucleotide_mask
 from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
-from finetune.tasks.common import batched_inference, tokens_for
+from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
 
 
@@ -34,6 +37,7 @@ class EmbedConfig:
     device: str = "auto"
     plot: Literal["auto", "tsne", "pca", "none"] = "auto"
     tsne_min: int = 50
+    plot_max: int = 20_000           # the plot shows a seeded sample of this many (t-SNE takes hours on millions)
     max_legend: int = 12             # labels beyond the most frequent ones are drawn as "other"
     seed: int = 0
     progress: bool = True
@@ -49,9 +53,9 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """{"cls": [N, D], "mean": [N, D], "plot": the plot's path or None}."""
     if not cfg.model or not cfg.fasta:
         raise ValueError("--model and --fasta are required")
-    if min(cfg.max_len, cfg.batch_size, 1 if cfg.limit is None else cfg.limit) < 1:
-        raise ValueError(f"--max_len ({cfg.max_len}), --batch_size ({cfg.batch_size}) and --limit ({cfg.limit}) "
-                         "must be >= 1")
+    if min(cfg.max_len, cfg.batch_size, cfg.plot_max, 1 if cfg.limit is None else cfg.limit) < 1:
+        raise ValueError(f"--max_len ({cfg.max_len}), --batch_size ({cfg.batch_size}), --plot_max ({cfg.plot_max}) "
+                         f"and --limit ({cfg.limit}) must be >= 1")
     records = read_fasta(cfg.fasta)
     if cfg.limit is not None and cfg.limit < len(records):  # a seeded random sample, kept in FASTA order
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))
@@ -61,33 +65,38 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
-
-    def run(idx: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        tokens = tokens_for([seqs[i] for i in idx], device)
-        rep = lm(tokens).representation.float()
-        out = []
-        for b, i in enumerate(idx):
-            n = len(seqs[i])
-            out.append((rep[b, 0].cpu().numpy(), rep[b, 1:1 + n].mean(0).cpu().numpy()))
-        return out
-
-    pairs = batched_inference(seqs, cfg.batch_size, run, desc="embed", progress=cfg.progress)
-    cls = np.stack([p[0] for p in pairs]).astype(np.float32)
-    mean = np.stack([p[1] for p in pairs]).astype(np.float32)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "cls.npy", cls)
-    np.save(out / "mean.npy", mean)
-    (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
     for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
         (out / stale).unlink(missing_ok=True)
+    # rows go to disk as they are computed: memory stays one batch whatever the number of records
+    tmp = {name: out / f".{name}.npy.tmp" for name in ("cls", "mean")}
+    arrays = {name: np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                              shape=(len(records), lm.config.dim)) for name, path in tmp.items()}
+    for idx in length_sorted_batches(seqs, cfg.batch_size, desc="embed", progress=cfg.progress):
+        tokens = tokens_for([seqs[i] for i in idx], device)
+        rep = lm(tokens).representation.float()
+        arrays["cls"][idx] = rep[:, 0].cpu().numpy()
+        arrays["mean"][idx] = nucleotide_mean(rep, tokens).cpu().numpy()
+    for name, array in arrays.items():
+        array.flush()
+        del array
+        os.replace(tmp[name], out / f"{name}.npy")
+    del arrays
+    (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
     labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
+    cls, mean = (np.load(out / f"{name}.npy", mmap_mode="r") for name in ("cls", "mean"))
     plot = out / "embeddings.png" if cfg.plot != "none" and len(records) >= 3 else None
-    if plot is not None:
-        plot_embeddings(cls, labels, plot, cfg)
-    return {"cls": cls, "mean": mean, "plot": plot}
+    plotted = plot_embeddings(cls, labels, plot, cfg) if plot is not None else None
+    return {"cls": cls, "mean": mean, "plot": plot, "plotted": plotted}
+
+
+def nucleotide_mean(rep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over each row's nucleotides (CLS, EOS and pads excluded) of a padded [B, L, D] representation."""
+    nucleotide = nucleotide_mask(tokens).to(rep.dtype)
+    return (rep * nucleotide[..., None]).sum(1) / nucleotide.sum(1, keepdim=True).clamp_min(1)
 
 
 def warn_truncated(records: list[FastaRecord], cfg: EmbedConfig) -> None:
@@ -106,6 +115,10 @@ def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConf
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
+    total = len(x)
+    if total > cfg.plot_max:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.plot_max, replace=False))
+        x, labels = x[keep], [labels[i] for i in keep]
     method = cfg.plot if cfg.plot != "auto" else ("tsne" if len(x) >= cfg.tsne_min else "pca")
     if method == "tsne":
         xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3),
@@ -120,9 +133,10 @@ def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConf
         sel = shown == lab
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, label=f"{lab} ({sel.sum()})",
                    color="lightgrey" if lab == "other" else plt.cm.tab20((2 * k) % 20 + (k // 10) % 2))
-    ax.set_title(f"{method.upper()} of CLS embeddings ({len(x)} sequences, colour: {cfg.label_key})")
+    shown_of = f"{len(x):,} sequences" + (f" sampled of {total:,}" if total > len(x) else "")
+    ax.set_title(f"{method.upper()} of CLS embeddings ({shown_of}, colour: {cfg.label_key})")
     ax.legend(markerscale=3, fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return method
+    return f"{method} of {shown_of}"

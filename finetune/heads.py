@@ -90,10 +90,14 @@ class SecondaryStructureHead(nn.Module):
         return [self.pair_logits(rep[b, 1:1 + int(n)]) for b, n in enumerate(lengths)]
 
 
+def nucleotide_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """True at the sequence positions of a padded `[<cls>] seq [<eos>] <pad>...` batch."""
+    return (tokens != PAD_ID) & (tokens != CLS_ID) & (tokens != EOS_ID)
+
+
 def nucleotide_lengths(tokens: torch.Tensor) -> torch.Tensor:
     """Nucleotides per row of a padded `[<cls>] seq [<eos>] <pad>...` batch."""
-    special = (tokens == PAD_ID) | (tokens == CLS_ID) | (tokens == EOS_ID)
-    return (~special).sum(dim=1)
+    return nucleotide_mask(tokens).sum(dim=1)
 
 
 def upper_triangle_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,19 @@ def minibatches(items: Sequence[T], batch_size: int, seed: int | None) -> Iterat
         yield [items[i] for i in order[start:start + batch_size]]
 
 
+def length_sorted_batches(seqs: Sequence[str], batch_size: int, desc: str = "predict",
+                          progress: bool = True) -> Iterator[list[int]]:
+    """Index batches of sequences of similar length (less padding), shortest first, with a progress bar."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    yield from tqdm(batches, desc=desc, disable=not progress, leave=False)
+
+
 def batched_inference(seqs: Sequence[str], batch_size: int, run: Callable[[list[int]], list[Any]],
                       desc: str = "predict", progress: bool = True) -> list[Any]:
     """Call `run(indices)` on length-sorted index batches; collect one output per sequence, in input order."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list[Any] = [None] * len(seqs)
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for idx in length_sorted_batches(seqs, batch_size, desc, progress):
         for i, res in zip(idx, run(idx)):
             out[i] = res
     return out

@@ -252,11 +252,32 @@ def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path
     np.testing.assert_allclose(mean[0], rep[1:-1].mean(0).numpy(), atol=1e-5)
 
 
+def test_embed_plots_a_sample_of_plot_max_and_leaves_no_partial_arrays(tiny_checkpoint, tmp_path):
+    """t-SNE of a million CLS vectors takes hours: the plot shows a seeded sample of --plot_max of them."""
+    from finetune.embed import EmbedConfig, embed
+
+    src = tmp_path / "in.fa"
+    src.write_text("".join(f">r{i} class={'ab'[i % 2]}\n{'ACGU' * (3 + i % 7)}\n" for i in range(40)))
+    result = embed(EmbedConfig(model=str(tiny_checkpoint), fasta=str(src), out=str(tmp_path / "e"), plot_max=12,
+                               tsne_min=5, progress=False, batch_size=7))
+    assert result["plotted"] == "tsne of 12 sequences sampled of 40"
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["cls.npy", "embeddings.png", "ids.txt",
+                                                                  "labels.txt", "mean.npy"]
+    lm = rio.load_pretrained(tiny_checkpoint)
+    tokens = torch.tensor(batch_encode(["ACGU" * (3 + i % 7) for i in range(40)])[0])
+    with torch.no_grad():  # every row, batched by length on one side and all at once (padded) on the other
+        rep = lm(tokens).representation
+    lengths = [4 * (3 + i % 7) for i in range(40)]
+    np.testing.assert_allclose(result["cls"], rep[:, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(result["mean"], np.stack([rep[i, 1:1 + n].mean(0).numpy()
+                                                          for i, n in enumerate(lengths)]), atol=1e-5)
+
+
 def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoint, tmp_path, capsys):
     two = tmp_path / "two.fa"
     two.write_text(">a\nACGU\n>b\nGGCC\n")
     args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={two}", f"--out={tmp_path / 'e'}", "--progress=false"]
-    for bad in ("--max_len=0", "--limit=0", "--batch_size=0"):
+    for bad in ("--max_len=0", "--limit=0", "--batch_size=0", "--plot_max=0"):
         assert run([*args, bad]) == 2
         assert "must be >= 1" in capsys.readouterr().err
     assert run(args) == 0  # two records: too few to plot
