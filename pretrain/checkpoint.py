@@ -137,8 +137,16 @@ class Checkpointer:
 
     def load(self, engine, tag: str) -> dict[str, Any]:
         """Collective. Restores engine (model, optimizer, LR scheduler) and this rank's RNG; returns the state."""
-        path, _client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        try:
+            path, _client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        except ValueError as e:
+            if "parameter groups" not in str(e):
+                raise
+            raise CheckpointError(
+                f"{self.root / tag}: its optimizer has another number of parameter groups than this run's ({e}); "
+                "train.zero_init=true runs before 2026-12-03 saved one group (no weight decay anywhere): resume "
+                "them with the version that wrote them, or start a new train.out_dir") from e
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         state = read_trainer_state(self.root, tag)

@@ -155,7 +155,8 @@ class Trainer:
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
-                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), **self._attention())
+                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), **self._attention(),
+                  weight_decay=[g["weight_decay"] for g in self.scheduler.optimizer.param_groups])
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
@@ -402,7 +403,11 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return None
+        decays = [g["weight_decay"] for g in self.scheduler.optimizer.param_groups]  # as _adamw built them
         state = self.checkpointer.load(self.engine, tag)
+        # this run's, not the checkpoint's: DeepSpeed's universal load sets every group to the first group's decay
+        for group, decay in zip(self.scheduler.optimizer.param_groups, decays):
+            group["weight_decay"] = decay
         self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.last_valid = state.get("last_valid", -1)

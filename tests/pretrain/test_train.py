@@ -220,6 +220,8 @@ def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_re
     assert events(records, "universal_conversion")[-1]["saved_world_size"] == 1
     assert events(records, "start")[-1]["resumed_from"] == tag_for(14) + "_universal"
     assert [r["step"] for r in step_lines(records) if r["step"] > 14] == [15]
+    # no decay on biases, norms and beta after either resume (DeepSpeed's universal load gave them the matrices')
+    assert [s["weight_decay"] for s in events(records, "start")] == [[0.01, 0.0]] * 3
 
 
 def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretrain_shards, tmp_path):
