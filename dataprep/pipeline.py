@@ -235,6 +235,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     if comm.bcast(_manifest_current(out, build_key) if comm.rank == 0 else None):
         skipped += ["cluster"] * stages["cluster"].done + ["shards"]
         log(f"shards: up to date ({out / MANIFEST_NAME})")
+        if comm.rank == 0:
+            shutil.rmtree(_staging(out), ignore_errors=True)  # a killed later run's unpublished shard set
         manifest = read_manifest(out)
         for warning in manifest.warnings:
             log.warn(warning)
@@ -335,6 +337,7 @@ def _params(cfg: BuildConfig, rps: int) -> dict:
         p.pop(transient)
     p["cluster"].pop("threads")
     p["records_per_shard"] = rps
+    p["shard_size"] = "at_most" if cfg.records_per_shard > 0 else "target"  # the same rps cuts differently
     p["pipeline_version"] = PIPELINE_VERSION
     return p
 

@@ -15,6 +15,7 @@ import zstandard
 
 from dataprep.cluster import ClusterConfig
 from dataprep.errors import ToolError
+from dataprep.pipeline import BuildConfig, _params
 from dataprep.shards import iter_blocks, read_manifest
 from dataprep.synth import SynthConfig, write_fasta
 from tests.conftest import require_tool
@@ -148,8 +149,19 @@ def test_rerun_skips_finished_stages(tmp_path, synth_fa):
     assert len(read_manifest(tmp_path / "out").shards) == len(other.manifest.shards)
     assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == sorted(
         Path(s.path).name for s in other.manifest.split_shards("train"))  # stale shards removed
+    (tmp_path / "out" / ".work" / "shards.tmp").mkdir()  # as a killed later run leaves it
+    assert "shards" in build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3).skipped
+    assert not (tmp_path / "out" / ".work" / "shards.tmp").exists()
     os.utime(synth_fa)  # touching the input invalidates everything
     assert build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3).skipped == []
+
+
+def test_a_shard_size_bound_and_a_target_of_the_same_records_are_different_builds():
+    """--shard-mb giving 700 records per shard (a target: shards of up to 1.25x) re-run with --shard-records=700 (a
+    bound) was 'up to date' and kept shards above the bound."""
+    bound, target = (BuildConfig(inputs=("a.fa",), out="o", records_per_shard=700),
+                     BuildConfig(inputs=("a.fa",), out="o"))
+    assert _params(bound, 700) != _params(target, 700)
 
 
 def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa):
