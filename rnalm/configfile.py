@@ -31,21 +31,30 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names where and why."""
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass `cls` from a (possibly partial) mapping; missing keys keep their defaults."""
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config", base: T | None = None) -> T:
+    """Build dataclass `cls` from a (possibly partial) mapping; missing keys keep their defaults (those of `base`
+    when given). A partial section keeps the defaults its parent gives it (a default_factory such as
+    `lambda: TrainConfig(lr=1e-5)`), not only its class's."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = [k for k in data if k not in names]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                          f"valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+                          f"valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for k, v in data.items():
+        here = f"{where}.{k}" if where else k
+        default = getattr(base, k) if base is not None else _field_default(fields[k])
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            kwargs[k] = from_dict(type(default), v, here, base=default)
+        else:
+            kwargs[k] = _coerce(v, hints[k], here)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
 

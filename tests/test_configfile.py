@@ -130,3 +130,20 @@ def test_help_lists_every_key_with_its_default_as_yaml(capsys):
     for line in ("--optim.lr=5.0e-05", "--optim.betas=[0.9, 0.98]", "--train.max_steps=null",
                  "--train.activation_checkpointing=false", "--train.tags=[]", "--train.out_dir=runs/x"):
         assert line in out
+
+
+@dataclass
+class FineTune:  # a task whose sections start from other defaults than their classes'
+    optim: Optim = field(default_factory=lambda: Optim(lr=1e-5, warmup_steps=0))
+    train: Train = field(default_factory=lambda: Train(out_dir="runs/ft", precision="fp32"))
+
+
+def test_a_partial_section_keeps_the_defaults_its_parent_gives_it(tmp_path):
+    """`finetune splice train --train.out_dir=D` rebuilt the whole train section from TrainConfig's class defaults:
+    batch 32 -> 1, AdamW -> Adam, lr 1e-5 -> 1e-4, silently, in every documented fine-tune command."""
+    cfg = from_cli(FineTune, ["--train.out_dir=elsewhere", "--optim.warmup_steps=10"])
+    assert cfg.train == Train(out_dir="elsewhere", precision="fp32")
+    assert cfg.optim == Optim(lr=1e-5, warmup_steps=10)
+    assert load(FineTune, write(tmp_path, "optim: {betas: [0.8, 0.9]}\n")).optim == Optim(lr=1e-5, warmup_steps=0,
+                                                                                          betas=(0.8, 0.9))
+    assert from_dict(FineTune, to_dict(cfg)) == cfg

@@ -386,3 +386,18 @@ def test_import_original_ss_checkpoint_then_predict(ss_model, fasta, tmp_path, c
     torch.save({k: v for k, v in original.items() if not k.startswith("pred_head.")}, tmp_path / "lm_only.pt")
     assert run(["import-original-ss", f"--checkpoint={tmp_path / 'lm_only.pt'}", "--num_heads=4"]) == 2
     assert "not an original secondary-structure checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["ss", "splice", "mrl"])
+def test_an_override_keeps_the_tasks_own_defaults_of_its_section(task):
+    """Every documented command passes --train.out_dir (or similar): that rebuilt the task's train/unfreeze
+    sections from the class defaults (splice: batch 32 -> 1, AdamW -> Adam; mrl: unfreezing 27 blocks -> none)."""
+    from dataclasses import replace
+
+    from finetune.tasks import mrl, splice, ss
+    from rnalm.configfile import from_cli
+
+    cls = {"ss": ss.SSConfig, "splice": splice.SpliceConfig, "mrl": mrl.MRLConfig}[task]
+    cfg = from_cli(cls, ["--train.out_dir=elsewhere", "--unfreeze.lr_divisor=5"])
+    assert cfg.train == replace(cls().train, out_dir="elsewhere")
+    assert cfg.unfreeze == replace(cls().unfreeze, lr_divisor=5.0)
