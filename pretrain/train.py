@@ -555,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg)
         code = trainer.run()
         trainer.close()
+    except CheckpointError as e:  # checkpoints this run may not or cannot resume: a refused start
+        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        code = 2
     except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
         traceback.print_exc()
         code = None

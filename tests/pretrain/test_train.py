@@ -100,8 +100,9 @@ def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pre
 
     out = copy_of_straight_run
     config_before = (out / "config.yaml").read_bytes()
-    proc = run_trainer(pretrain_shards, out, "--checkpoint.resume=false", expect_rc=1)
+    proc = run_trainer(pretrain_shards, out, "--checkpoint.resume=false", expect_rc=1)  # torchrun: 1 if any failed
     assert "holds checkpoints of an earlier run (newest step00000012) and checkpoint.resume=false" in proc.stderr
+    assert "(exitcode: 2)" in proc.stderr and "CheckpointError" not in proc.stderr  # refused: the ranks exit 2
     assert (out / "config.yaml").read_bytes() == config_before  # a refused start leaves the run's config
 
     run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3")  # longer, another peak LR
