@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--attn-dropout", type=float,
-                    help="default: the preset's (0.1); torch_varlen, the GPU default, applies none")
+                    help="default: the preset's (0.1); applied on a GPU by flash-attn, not by torch_varlen")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens in the measured block's batch")
     ap.add_argument("--length", type=int, default=128, help="length of every sequence (corpus mean ~120)")
     ap.add_argument("--budget", type=int, nargs="+", default=[16384, 32768, 49152])

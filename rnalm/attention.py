@@ -114,4 +114,4 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    return BACKENDS[resolve_backend(backend, q.device)](q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    return BACKENDS[resolve_backend(backend, q.device, dropout_p > 0)](q, k, v, cu_seqlens, max_seqlen, dropout_p)

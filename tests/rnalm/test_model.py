@@ -146,6 +146,11 @@ def test_auto_backend_prefers_one_that_applies_attention_dropout_when_training_w
     monkeypatch.setattr(attention, "_available_backends", lambda device_type: available)
     assert attention.resolve_backend("auto", "cuda", dropout=dropout) == expected
     assert attention.resolve_backend("sdpa", "cuda", dropout=dropout) == "sdpa"  # an explicit choice stands
+    called = []
+    monkeypatch.setattr(attention, "BACKENDS", {name: lambda *a, name=name: called.append(name) for name in available})
+    attention.varlen_attention(*[torch.zeros(4, 1, 2)] * 3, torch.tensor([0, 4], dtype=torch.int32), 4,
+                               dropout_p=0.1 if dropout else 0.0)
+    assert called == [expected]  # direct callers too
 
 
 def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
