@@ -105,7 +105,7 @@ def from_cli(cls: type[T], argv: Sequence[str] | None = None, prog: str | None =
     while i < len(rest):
         tok = rest[i]
         if not tok.startswith("--") or tok == "--":
-            parser.error(f"unexpected argument {tok!r}; overrides look like --section.key=value")
+            parser.error(f"unexpected argument {tok!r}; overrides look like {_override_forms(cls)}")
         if "=" in tok:
             overrides.append(tok[2:])
             i += 1
@@ -263,7 +263,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _help_epilog(cls: type) -> str:
-    lines = ["overrides (--section.key=value or --key=value), with defaults:"]
+    lines = [f"overrides ({_override_forms(cls)}), with defaults:"]
     for section in dataclasses.fields(cls):
         sub = _dataclass_of(typing.get_type_hints(cls)[section.name])
         default = _field_default(section)
@@ -274,6 +274,14 @@ def _help_epilog(cls: type) -> str:
             value = getattr(default, f.name, "") if default is not None else ""
             lines.append(f"  --{section.name}.{f.name}={_yaml_scalar(value)}")
     return "\n".join(lines)
+
+
+def _override_forms(cls: type) -> str:
+    """The override spellings that `cls` accepts: --section.key=value for sections, --key=value for top-level fields."""
+    hints = typing.get_type_hints(cls)
+    kinds = {_dataclass_of(hints[f.name]) is not None for f in dataclasses.fields(cls)}
+    return " or ".join(form for form, is_section in (("--section.key=value", True), ("--key=value", False))
+                       if is_section in kinds)
 
 
 def _field_default(f: dataclasses.Field) -> Any:

@@ -132,6 +132,16 @@ def test_help_lists_every_key_with_its_default_as_yaml(capsys):
         assert line in out
 
 
+def test_help_names_only_the_override_forms_that_work(capsys):
+    """pretrain.train --help offered `--key=value`, but `--max_steps=5` is refused: no top-level fields there."""
+    with pytest.raises(SystemExit):
+        from_cli(Run, ["--help"])
+    assert "overrides (--section.key=value), with defaults:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        from_cli(Optim, ["--help"])
+    assert "overrides (--key=value), with defaults:" in capsys.readouterr().out
+
+
 @dataclass
 class FineTune:  # a task whose sections start from other defaults than their classes'
     optim: Optim = field(default_factory=lambda: Optim(lr=1e-5, warmup_steps=0))
