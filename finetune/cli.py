@@ -67,7 +67,7 @@ def run(argv: Sequence[str]) -> int:
             print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
                   + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
             return 0
-    except (StructureError, FileNotFoundError, ValueError) as e:
+    except (StructureError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)

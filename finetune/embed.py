@@ -7,6 +7,7 @@ when there are more) coloured by label.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -69,20 +70,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
         (out / stale).unlink(missing_ok=True)
-    # rows go to disk as they are computed: memory stays one batch whatever the number of records
-    tmp = {name: out / f".{name}.npy.tmp" for name in ("cls", "mean")}
-    arrays = {name: np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                              shape=(len(records), lm.config.dim)) for name, path in tmp.items()}
-    for idx in length_sorted_batches(seqs, cfg.batch_size, desc="embed", progress=cfg.progress):
-        tokens = tokens_for([seqs[i] for i in idx], device)
-        rep = lm(tokens).representation.float()
-        arrays["cls"][idx] = rep[:, 0].cpu().numpy()
-        arrays["mean"][idx] = nucleotide_mean(rep, tokens).cpu().numpy()
-    for name, array in arrays.items():
-        array.flush()
-        del array
-        os.replace(tmp[name], out / f"{name}.npy")
-    del arrays
+    write_embeddings(lm, seqs, out, cfg.batch_size, cfg.progress, device)
     (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
     labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
@@ -91,6 +79,44 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     plot = out / "embeddings.png" if cfg.plot != "none" and len(records) >= 3 else None
     plotted = plot_embeddings(cls, labels, plot, cfg) if plot is not None else None
     return {"cls": cls, "mean": mean, "plot": plot, "plotted": plotted}
+
+
+def write_embeddings(lm: torch.nn.Module, seqs: list[str], out: Path, batch_size: int, progress: bool,
+                     device: torch.device) -> None:
+    """OUT/cls.npy and OUT/mean.npy filled batch by batch on disk (memory stays one batch whatever the number of
+    records) and renamed into place when complete; a failure leaves no partial file."""
+    tmp = {name: out / f".{name}.npy.tmp" for name in ("cls", "mean")}
+    try:
+        arrays = {name: _preallocated(path, (len(seqs), lm.config.dim)) for name, path in tmp.items()}
+        for idx in length_sorted_batches(seqs, batch_size, desc="embed", progress=progress):
+            tokens = tokens_for([seqs[i] for i in idx], device)
+            rep = lm(tokens).representation.float()
+            arrays["cls"][idx] = rep[:, 0].cpu().numpy()
+            arrays["mean"][idx] = nucleotide_mean(rep, tokens).cpu().numpy()
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        for name, path in tmp.items():
+            os.replace(path, out / f"{name}.npy")
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+
+
+def _preallocated(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A float32 .npy memmap whose disk blocks are reserved now: a full disk fails here with a message, not with
+    a SIGBUS when a page of the sparse file is written hours later."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):  # a file system without it
+                return array
+            raise OSError(e.errno, f"{path}: cannot reserve {size / 1e9:.2f} GB for the embeddings "
+                                   f"({e.strerror})") from e
+    return array
 
 
 def nucleotide_mean(rep: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

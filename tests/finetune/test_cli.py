@@ -401,3 +401,23 @@ def test_an_override_keeps_the_tasks_own_defaults_of_its_section(task):
     cfg = from_cli(cls, ["--train.out_dir=elsewhere", "--unfreeze.lr_divisor=5"])
     assert cfg.train == replace(cls().train, out_dir="elsewhere")
     assert cfg.unfreeze == replace(cls().unfreeze, lr_divisor=5.0)
+
+
+def test_embed_that_fails_midway_leaves_no_partial_arrays(tiny_checkpoint, tmp_path, monkeypatch):
+    import finetune.embed as embed_module
+
+    calls = []
+
+    def failing_mean(rep, tokens):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return embed_module.nucleotide_mask(tokens).float().sum(1, keepdim=True) * rep[:, 0]
+
+    monkeypatch.setattr(embed_module, "nucleotide_mean", failing_mean)
+    src = tmp_path / "in.fa"
+    src.write_text("".join(f">r{i}\n{'ACGU' * (3 + i)}\n" for i in range(6)))
+    with pytest.raises(RuntimeError, match="simulated"):
+        embed_module.embed(embed_module.EmbedConfig(model=str(tiny_checkpoint), fasta=str(src), batch_size=2,
+                                                    out=str(tmp_path / "e"), progress=False, plot="none"))
+    assert list((tmp_path / "e").iterdir()) == []
