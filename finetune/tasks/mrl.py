@@ -120,6 +120,12 @@ def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler,
 COLUMNS = ("n", "r2", "pearson_r", "mse")
 
 
+def split_note(seed: int) -> str:
+    """Said in every results file: the test set is a random part of a test file, not the paper's split."""
+    return ("only Sample et al. test sets exist in shared data: this file was split at random "
+            f"(seed {seed}) into train/valid/test; not comparable to the paper's split")
+
+
 def train(cfg: MRLConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data)
@@ -150,9 +156,8 @@ def train(cfg: MRLConfig) -> dict[str, Any]:
                              cfg.train.progress)
     result = {"task": "mrl", "model": lm.config.name, "file": MRL_FILES[cfg.data.file], "rows": rows,
               "history": history, "splits": {k: len(v) for k, v in splits.items()},
-              "note": "only Sample et al. test sets exist in shared data: this file was split at random "
-                      f"(seed {cfg.data.seed}) into train/valid/test; not comparable to the paper's split"}
-    write_results(out, "results", result, markdown_table(rows, COLUMNS, "test subset"))
+              "note": split_note(cfg.data.seed)}
+    write_results(out, "results", result, markdown_table(rows, COLUMNS, "test subset") + f"\n{result['note']}\n")
     return result
 
 
@@ -180,6 +185,6 @@ def evaluate(cfg: MRLConfig) -> dict[str, Any]:
                              cfg.train.eval_batch_size, cfg.train.progress)
     out = Path(cfg.train.out_dir)
     result = {"task": "mrl", "model": cfg.model.path, "file": MRL_FILES[data.file], "split_seed": data.seed,
-              "rows": rows}
-    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS, "test subset"))
+              "rows": rows, "note": split_note(data.seed)}
+    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS, "test subset") + f"\n{result['note']}\n")
     return result

@@ -96,6 +96,7 @@ def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_p
     assert losses[-1] < losses[0], losses
     assert set(result["rows"]) == {"all", "human", "random"}
     assert "split at random" in result["note"]
+    assert result["note"] in (tmp_path / "results.md").read_text()  # the markdown said nothing of the split
     meta = json.loads((tmp_path / "finetune.json").read_text())
     assert meta["scaler"]["std"] > 0 and 3 < meta["scaler"]["mean"] < 7
 
@@ -125,6 +126,7 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
     mrl.train(run_cfg(tiny_checkpoint, tmp_path, seed=1, limit_train=64, limit_valid=32, limit_test=16))
     result = mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", limit_test=16))  # seed left at its default 0
     assert result["split_seed"] == 1
+    assert "(seed 1)" in result["note"] and result["note"] in (tmp_path / "eval" / "eval_results.md").read_text()
     test_seed1 = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), seed=1, limit_test=16))["test"]
     model, meta = load_finetuned(tmp_path)
     assert result["rows"] == mrl.evaluate_examples(model, test_seed1, mrl.Scaler(**meta["scaler"]), 64, False)
