@@ -33,7 +33,7 @@ class EmbedConfig:
     out: str = "embeddings"
     label_key: str = "class"         # header field `key=value` used to colour the plot (e.g. class, rfam_id, family)
     max_len: int = 1022              # longer sequences are embedded from their first max_len nucleotides
-    limit: int | None = None         # embed a seeded random sample of this many records
+    limit: int | None = None         # a seeded random sample of this many records (not the first N), kept in FASTA order
     batch_size: int = 16
     device: str = "auto"
     plot: Literal["auto", "tsne", "pca", "none"] = "auto"
