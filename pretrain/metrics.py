@@ -43,6 +43,11 @@ class TrainMetrics:
                                "Unix time of the last successful checkpoint", registry=r)
         self.last_step_time = Gauge("rnalm_train_last_step_timestamp_seconds", "Unix time of the last step",
                                     registry=r)
+        # what the stall and checkpoint-age alerts count from before a first step (counters' `_created` series
+        # would do, but Prometheus drops them with created-timestamp ingestion and clients may not export them)
+        self.start_time = Gauge("rnalm_train_start_timestamp_seconds", "Unix time this process began its start-up",
+                                registry=r)
+        self.start_time.set_to_current_time()
         self.valid_loss = Gauge("rnalm_valid_loss", "Loss on the held-out split at the last validation (NaN before "
                                 "the first)", registry=r)
         self.valid_loss.set(float("nan"))  # not 0: a dashboard would plot a perfect loss that was never measured

@@ -101,7 +101,7 @@ def test_no_train_loss_is_served_before_the_first_step():
         after = scrape(port)
     finally:
         metrics.close()
-    assert "rnalm_train_loss" not in before and "rnalm_train_steps_created" in before
+    assert "rnalm_train_loss" not in before and value(before, "rnalm_train_start_timestamp_seconds") > 1.7e9
     assert value(after, "rnalm_train_loss") == 3.2
 
 
@@ -118,7 +118,7 @@ port = int(sys.argv[1])
 def initialize(*args, **kwargs):
     try:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        print("served" if "rnalm_train_steps_created" in text else "other", flush=True)
+        print("served" if "rnalm_train_start_timestamp_seconds" in text else "other", flush=True)
     except requests.ConnectionError:
         print("not served", flush=True)
     os._exit(0)
