@@ -27,9 +27,16 @@ from dataprep.pipeline import BuildConfig, build  # noqa: E402
 ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(): python-zstandard exposes only the maximum
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only to options that have a default to show (not None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     p = argparse.ArgumentParser(prog="build_shards.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="FASTA files (.gz/.zst ok), - for stdin")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("normalisation")
@@ -37,22 +44,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--max-len", type=int, default=NormalizeConfig.max_len, help="longest kept sequence (nt)")
     g.add_argument("--label-key", default=None, help="header key=value copied into each record's label, e.g. rfam_acc")
     g = p.add_argument_group("clustering (MMseqs2 linclust)")
-    g.add_argument("--min-seq-id", type=float, default=ClusterConfig.min_seq_id)
-    g.add_argument("--coverage", "-c", type=float, default=ClusterConfig.coverage)
+    g.add_argument("--min-seq-id", type=float, default=ClusterConfig.min_seq_id,
+                   help="least sequence identity to a cluster's representative")
+    g.add_argument("--coverage", "-c", type=float, default=ClusterConfig.coverage,
+                   help="least fraction covered by the alignment (of which sequences: --cov-mode)")
     g.add_argument("--cov-mode", type=int, default=None, choices=range(6),
-                   help="MMseqs2 --cov-mode (default: MMseqs2's own)")
+                   help="MMseqs2 --cov-mode (default: MMseqs2's own, 0: query and target)")
     g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads")
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
     g = p.add_argument_group("split and shards")
     g.add_argument("--valid-fraction", type=float, default=BuildConfig.valid_fraction,
                    help="fraction of clusters held out for validation")
-    g.add_argument("--seed", type=int, default=BuildConfig.seed)
+    g.add_argument("--seed", type=int, default=BuildConfig.seed, help="seed of the split and the record order")
     g.add_argument("--block-records", type=int, default=BuildConfig.block_records,
                    help="records per zstd block (tar member)")
     g.add_argument("--shard-records", type=int, default=0, help="records per shard (0: from --shard-mb)")
     g.add_argument("--shard-mb", type=float, default=BuildConfig.shard_mb, help="target uncompressed MB per shard")
-    g.add_argument("--zstd-level", type=int, default=BuildConfig.zstd_level)
+    g.add_argument("--zstd-level", type=int, default=BuildConfig.zstd_level, help="zstd compression level")
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=BuildConfig.workers,
                    help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank")

@@ -270,3 +270,17 @@ def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message
         main(["--input", "in.fa", "--out", str(tmp_path / "o"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_help_shows_each_default_once(capsys):
+    """--min-seq-id, --coverage, --seed and --zstd-level showed no default; --cov-mode showed two, one "None"."""
+    from dataprep.build_shards import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for option, default in (("--min-seq-id MIN_SEQ_ID", "0.7"), ("-c COVERAGE", "0.8"), ("--seed SEED", "0"),
+                            ("--zstd-level ZSTD_LEVEL", "2")):
+        assert re.search(re.escape(option) + r" (?:(?!\(default:).)*\(default: " + re.escape(default) + r"\)", out), option
+    assert "(default: MMseqs2's own" in out and "(default: None)" not in out
