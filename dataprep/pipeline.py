@@ -295,7 +295,7 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     ctx = WriteContext(str(_staging(out)), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
     mine = [j for i, j in enumerate(jobs) if i % comm.size == comm.rank]
-    log(f"shards: writing {len(jobs)} shards ({'at most' if at_most else 'about'} {rps:,} records each) with {cfg.workers} compression threads"
+    log(f"shards: writing {len(jobs)} shards ({_shard_plan(jobs)}) with {cfg.workers} compression threads"
         + (f" x {comm.size} ranks" if comm.size > 1 else ""))
     done = []
 
@@ -304,6 +304,18 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
         log.progress(f"shards: {len(done)}/{len(mine)} written ({info.path}, {info.bytes / 1e6:,.1f} MB)")
 
     return comm.gather(write_jobs(ctx, mine, cfg.workers, progress)), n_clusters
+
+
+def _shard_plan(jobs: list) -> str:
+    """Shards and records per shard of each split, e.g. "train 3 of 8,333-8,334 records, valid 1 of 100 records"
+    (printing the --shard-mb capacity instead said "about 1,503,232 records each" for 1 shard of 26,425)."""
+    parts = []
+    for split in ("train", "valid"):
+        sizes = [len(j.records) for j in jobs if j.split == split]
+        if sizes:
+            lo, hi = min(sizes), max(sizes)
+            parts.append(f"{split} {len(sizes)} of {lo:,}{f'-{hi:,}' if hi > lo else ''} records")
+    return ", ".join(parts) or "no records"
 
 
 def _staging(out: Path) -> Path:

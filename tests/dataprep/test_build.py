@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
 from dataprep.cluster import ClusterConfig
 from dataprep.errors import ToolError
-from dataprep.pipeline import BuildConfig, _params
+from dataprep.pipeline import BuildConfig, _params, _shard_plan
 from dataprep.shards import iter_blocks, read_manifest
 from dataprep.synth import SynthConfig, write_fasta
 from tests.conftest import require_tool
@@ -162,6 +163,16 @@ def test_a_shard_size_bound_and_a_target_of_the_same_records_are_different_build
     bound, target = (BuildConfig(inputs=("a.fa",), out="o", records_per_shard=700),
                      BuildConfig(inputs=("a.fa",), out="o"))
     assert _params(bound, 700) != _params(target, 700)
+
+
+def test_the_shard_line_gives_the_records_each_shard_gets():
+    """26,692 records were announced as "2 shards (about 1,503,232 records each)": the --shard-mb capacity."""
+    from dataprep.split import shard_jobs
+
+    cid = np.arange(26_692)
+    assert _shard_plan(shard_jobs(cid, len(cid), 0.01, 0, 1_503_232, at_most=False)) == \
+        "train 1 of 26,425 records, valid 1 of 267 records"
+    assert _shard_plan(shard_jobs(cid, len(cid), 0.0, 0, 10_000)) == "train 3 of 8,897-8,898 records"
 
 
 def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa):
