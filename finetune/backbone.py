@@ -9,11 +9,13 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -115,14 +117,27 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
 
 
 def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
-    """Weights + metadata, each written to a temp file and renamed (a crash keeps the previous pair)."""
+    """Weights + metadata, each written to a temp file and renamed. Both carry one save id, so a crash between
+    the two renames leaves a pair that `load_finetuned` refuses, never one it silently mixes (another run's SS
+    threshold or MRL scaler beside these weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".{FT_WEIGHTS}.*.tmp"):  # a killed save's (giga: 2.6 GB)
+        stale.unlink()
+    save_id = uuid.uuid4().hex
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    full = {**meta, "model": model.lm.config.released().to_dict()}
-    atomic_write(out / FT_WEIGHTS, lambda p: save_file(tensors, p))
-    atomic_write(out / FT_META, json.dumps(full, indent=2, default=str) + "\n")
+    full = {**meta, "model": model.lm.config.released().to_dict(), "save_id": save_id}
+    atomic_write(out / FT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"save_id": save_id}), durable=True)
+    atomic_write(out / FT_META, json.dumps(full, indent=2, default=str) + "\n", durable=True)
     return out
+
+
+def remove_finetuned(out_dir: str | Path) -> None:
+    """An earlier run's model, metadata and results: a new run into OUT that dies before its first save must not
+    leave them beside its own config and log, where evaluate and predict would take them for its own."""
+    out = Path(out_dir)
+    for name in (FT_WEIGHTS, FT_META, "results.json", "results.md"):
+        (out / name).unlink(missing_ok=True)
 
 
 def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
@@ -144,6 +159,10 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
     missing = [k for k in ("task", "model", *TASK_META.get(meta.get("task"), ())) if k not in meta]
     if missing:
         raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")
+    weights_id = _save_id(model_dir / FT_WEIGHTS)
+    if None not in (weights_id, meta.get("save_id")) and meta["save_id"] != weights_id:
+        raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} come from different saves (one was "
+                               "interrupted between the two files): train again")
     try:
         lm = RiNALMo(ModelConfig.from_dict({**meta["model"], **lm_overrides}))
         head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
@@ -152,6 +171,14 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
     except (TypeError, RuntimeError) as e:  # a config that builds no model, or weights that do not fit it
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
+
+
+def _save_id(path: Path) -> str | None:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("save_id")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise rio.WeightsError(f"{path}: unreadable safetensors file ({e})") from e
 
 
 def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_overrides: Any) -> Path:

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.backbone import TaskModel
+from finetune.backbone import TaskModel, remove_finetuned
 from finetune.unfreeze import Unfreezer, UnfreezeConfig
 
 
@@ -66,10 +67,13 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
     Returns the per-epoch history (also written to OUT/log.jsonl, which each run starts anew).
     """
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_steps_per_epoch"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
     device = pick_device(cfg.device)
+    if cfg.precision == "bf16" and device.type != "cuda":
+        warnings.warn(f"train.precision=bf16 autocasts on CUDA only: this run on {device.type} trains in fp32",
+                      stacklevel=2)
     model.to(device)
     unfreezer = Unfreezer(model.lm, unfreeze, model.lm.config.num_layers)
     groups = [{"params": list(model.pred_head.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
@@ -78,6 +82,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     log_path = Path(cfg.out_dir) / "log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
+    remove_finetuned(cfg.out_dir)
     best, history, step = -math.inf if higher_is_better else math.inf, [], 0
     started = time.time()
 

@@ -107,6 +107,17 @@ def test_mrl_split_is_disjoint_and_complete(shared_data):
     assert {e.group for e in s["test"]} == {"random", "human"}
 
 
+def test_bad_step_caps_are_refused_and_bf16_off_cuda_says_it_runs_fp32(tiny_checkpoint, shared_data, tmp_path):
+    cfg = mrl.MRLConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                        data=mrl.MRLDataConfig(root=str(shared_data), limit_train=16, limit_valid=8, limit_test=8),
+                        train=quick_train(tmp_path, epochs=1, max_steps_per_epoch=0))
+    with pytest.raises(ValueError, match="max_steps_per_epoch must be >= 1, got 0"):
+        mrl.train(cfg)
+    cfg.train = quick_train(tmp_path, epochs=1, max_steps_per_epoch=1, precision="bf16", device="cpu")
+    with pytest.warns(UserWarning, match="bf16 autocasts on CUDA only"):
+        mrl.train(cfg)
+
+
 def test_time_budget_stops_training_at_the_step_past_it_and_still_validates(tiny_checkpoint, shared_data, tmp_path):
     cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
                       data=ss.SSDataConfig(root=str(shared_data), limit_train=4, limit_valid=3, limit_test=3),
@@ -133,8 +144,23 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
     with pytest.raises(ValueError, match="trained on the split .* 'seed': 1.* records it was trained on"):
         mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", seed=2))
 
-    saved = (tmp_path / "finetuned.safetensors").stat().st_mtime_ns
+    # an interrupted save (weights renamed, metadata not): refused, not loaded with the other save's scaler
+    import finetune.backbone as backbone
+
+    def metadata_write_killed(path, content, durable=False):
+        if str(path).endswith("finetune.json"):
+            raise KeyboardInterrupt
+        real_atomic_write(path, content, durable)
+
+    real_atomic_write = backbone.atomic_write
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(backbone, "atomic_write", metadata_write_killed)
+        backbone.save_finetuned(model, tmp_path, meta)
+    with pytest.raises(backbone.rio.WeightsError, match="come from different saves"):
+        load_finetuned(tmp_path)
+
     with pytest.raises(ValueError, match=r"no model saved .* r2 was never a number \(\[nan\]\)"):
         mrl.train(run_cfg(tiny_checkpoint, tmp_path, seed=1, limit_train=32, limit_valid=1))  # R^2 of 1 record: NaN
-    assert (tmp_path / "finetuned.safetensors").stat().st_mtime_ns == saved
+    # nothing of the earlier run is left for evaluate/predict to take for this one's
+    assert not (tmp_path / "finetuned.safetensors").exists() and not (tmp_path / "results.json").exists()
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # this run's epoch only
