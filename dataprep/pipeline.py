@@ -63,6 +63,11 @@ class BuildConfig:
     report: bool = True
     quiet: bool = False
 
+    @property
+    def shard_size_is_bound(self) -> bool:
+        """--shard-records bounds each shard; --shard-mb (records_per_shard 0) is a target to cut near."""
+        return self.records_per_shard > 0
+
 
 @dataclass
 class BuildResult:
@@ -178,7 +183,7 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
 
 
 def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
-    if cfg.records_per_shard > 0:
+    if cfg.shard_size_is_bound:
         return cfg.records_per_shard
     if len(keep) == 0:
         return cfg.block_records
@@ -289,8 +294,8 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
     cl_dir = stages["cluster"].final
     cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
-    at_most = cfg.records_per_shard > 0  # --shard-records is a bound, --shard-mb a target
-    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps, at_most)
+    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps,
+                      cfg.shard_size_is_bound)
     shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
     ctx = WriteContext(str(_staging(out)), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
@@ -349,7 +354,7 @@ def _params(cfg: BuildConfig, rps: int) -> dict:
         p.pop(transient)
     p["cluster"].pop("threads")
     p["records_per_shard"] = rps
-    p["shard_size"] = "at_most" if cfg.records_per_shard > 0 else "target"  # the same rps cuts differently
+    p["shard_size"] = "at_most" if cfg.shard_size_is_bound else "target"  # the same rps cuts differently
     p["pipeline_version"] = PIPELINE_VERSION
     return p
 

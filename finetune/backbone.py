@@ -21,7 +21,7 @@ from torch import nn
 
 from rnalm import io as rio
 from rnalm.config import ModelConfig
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, remove_stale_temps
 from rnalm.model import RiNALMo
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
@@ -122,8 +122,7 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
     threshold or MRL scaler beside these weights)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{FT_WEIGHTS}.*.tmp"):  # a killed save's (giga: 2.6 GB)
-        stale.unlink()
+    remove_stale_temps(out / FT_WEIGHTS)  # a killed save's (giga: 2.6 GB)
     save_id = uuid.uuid4().hex
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     full = {**meta, "model": model.lm.config.released().to_dict(), "save_id": save_id}

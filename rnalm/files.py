@@ -2,6 +2,7 @@
 torch-free dataprep uses it too."""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,7 +16,8 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str],
     results from a team); the temp name ends in .tmp so no `*.json`-style glob sees it. `durable`: fsync the
     file and the directory (checkpoint pointers, manifests: must survive a node crash)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     try:
         if callable(content):
@@ -31,6 +33,18 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str],
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """The temp files of `atomic_write(path, ...)` calls whose process was killed mid-write (large for weights)."""
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*{suffix}"):
+        stale.unlink(missing_ok=True)
+
+
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    return f".{path.name}.", ".tmp"
 
 
 def fsync_path(path: str | os.PathLike) -> None:
