@@ -25,6 +25,10 @@ from .sampling import record_keys, selected, window_permutation
 
 log = logging.getLogger(__name__)
 
+# Passes in a row that read no record before a stream gives up on skipped damage. Each epoch maps a stream to
+# other shards, so one empty pass (its part of an epoch inside one missing shard) is no reason to stop training.
+STARVED_PASSES = 16
+
 
 def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]]:
     """Blocks of one shard that overlap records [lo, hi), each with the shard index of its first record."""
@@ -107,10 +111,12 @@ class RecordStream:
     def windows(self) -> Iterator[tuple[Samples, WindowPosition]]:
         state = self.state
         pass_start = None  # records_read when the current whole epoch pass began
+        empty_passes, limit = 0, STARVED_PASSES if self.cfg.infinite else 1
         while True:
             if not state.pieces:
-                if pass_start == self.records_read and self.corrupt:
-                    raise self._starved()
+                empty_passes = empty_passes + 1 if pass_start == self.records_read else 0
+                if empty_passes >= limit and self.corrupt:
+                    raise self._starved(empty_passes)
                 if not self.cfg.infinite and state.next_epoch >= 1:
                     return  # validation: one pass over epoch 0
                 state.pieces = [self.table.default_piece(state.next_epoch, self.num_streams, self.index)]
@@ -121,12 +127,13 @@ class RecordStream:
                 yield from self._piece_windows(piece, rest, state.next_epoch)
             state.pieces = list(rest)
 
-    def _starved(self) -> ShardError:
-        """A whole pass read nothing: every record of this stream lies behind damage, so skipping would spin for
-        ever (and stall every other rank at its next collective)."""
+    def _starved(self, passes: int) -> ShardError:
+        """Whole passes in a row read nothing: this stream's records lie behind damage epoch after epoch, so
+        skipping would spin for ever (and stall every other rank at its next collective)."""
         shards = "; ".join(self.corrupt.values())
-        return ShardError(f"stream {self.index} of {self.num_streams} read no record in a whole pass over its part "
-                         f"of split {self.cfg.split!r}: all of it lies in unreadable shards ({shards})")
+        return ShardError(f"stream {self.index} of {self.num_streams} read no record in {passes} whole pass(es) in a "
+                         f"row over its part of split {self.cfg.split!r}: all of it lies in unreadable shards "
+                         f"({shards})")
 
     def _piece_windows(self, piece: Piece, rest: tuple, next_epoch: int) -> Iterator[tuple[Samples, WindowPosition]]:
         epoch, start, stop, skip = piece
