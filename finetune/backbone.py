@@ -163,7 +163,7 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} come from different saves (one was "
                                "interrupted between the two files): train again")
     try:
-        lm = RiNALMo(ModelConfig.from_dict({**meta["model"], **lm_overrides}))
+        lm = RiNALMo(rio.saved_model_config(meta, meta_path, **lm_overrides))
         head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
         model = TaskModel(lm, head)
         model.load_state_dict(rio.read_safetensors(model_dir / FT_WEIGHTS, map_location))

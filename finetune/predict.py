@@ -45,10 +45,11 @@ def _load(cfg: PredictConfig, task: str):
         raise ValueError("--fasta is required")
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size ({cfg.batch_size}) must be >= 1")
+    device = pick_device(cfg.device)  # before the (giga: 2.6 GB) load
     model, meta = load_finetuned(cfg.model)
     if meta["task"] != task:
         raise ValueError(f"{cfg.model} is a fine-tuned '{meta['task']}' model, not '{task}'")
-    return model.to(pick_device(cfg.device)), meta
+    return model.to(device), meta
 
 
 def safe_name(record_id: str) -> str:

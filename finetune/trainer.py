@@ -41,9 +41,16 @@ class TrainConfig:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N; a device this machine lacks is a ValueError (the CLI's one-line error)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -86,9 +87,21 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: unreadable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def saved_model_config(meta: Mapping[str, Any], where: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The `model` entry of a saved config.json / finetune.json, then `overrides`; a bad entry names the file."""
+    try:
+        saved = ModelConfig.from_dict(meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: no usable 'model' entry ({type(e).__name__}: {e})") from None
+    return ModelConfig.from_dict({**saved.to_dict(), **overrides})
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
@@ -121,7 +134,7 @@ def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
                     **config_overrides: Any) -> RiNALMo:
     """Build a RiNALMo in eval mode from `model.safetensors` + `config.json` (strict, with named mismatches)."""
     meta = read_config(model_dir)
-    cfg = ModelConfig.from_dict({**meta["model"], **config_overrides})
+    cfg = saved_model_config(meta, Path(model_dir) / CONFIG_NAME, **config_overrides)
     path = Path(model_dir) / WEIGHTS_NAME
     state = read_safetensors(path, map_location)
     check_state_dict(state, cfg, str(path))
@@ -139,10 +152,24 @@ def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor
     path = Path(path_or_state)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"{path}: torch.load(weights_only=True) cannot read a state dict from it (a damaged "
+                           f"file, another format, or pickled objects besides tensors): {_reason(e)}") from None
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path}: expected a state dict, found {type(state).__name__}")
     return dict(state)
+
+
+def _reason(e: Exception) -> str:
+    """The telling part of a torch.load error (its weights_only message wraps it in paragraphs of advice)."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split(" Please use")[0].split(" Check the documentation")[0]
+    return text.strip()[:300] or type(e).__name__
 
 
 def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any) -> ModelConfig:

@@ -227,6 +227,19 @@ def test_damaged_model_directories_are_named(ss_model, tiny_checkpoint, fasta, t
     d = damaged(ss_model, "ft_dim", lambda d: edit_meta(d, model={**json.loads((d / "finetune.json").read_text())[
         "model"], "dim": 64}))
     assert "do not fit" in error("predict-ss", d)
+    d = damaged(ss_model, "ft_newer_key", lambda d: edit_meta(d, model={**json.loads((d / "finetune.json").read_text())[
+        "model"], "newer_field": 1}))
+    assert f"{d / 'finetune.json'}: no usable 'model' entry" in error("predict-ss", d)  # was: no file named
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
+    assert f"{tmp_path / 'text.pt'}: torch.load(weights_only=True) cannot read" in error("embed", tmp_path / "text.pt")
+
+
+def test_devices_this_machine_lacks_are_one_line_errors(ss_model, fasta, tmp_path, capsys):
+    """--device=cuda on a CPU machine was an AssertionError traceback, --device=gpu a RuntimeError one."""
+    for device in (f"cuda:{torch.cuda.device_count()}", "gpu"):
+        assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={tmp_path}",
+                    f"--device={device}", "--progress=false"]) == 2
+        assert f"device {device!r}:" in capsys.readouterr().err
 
 
 def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -121,3 +123,22 @@ def test_saved_config_leaves_out_how_the_training_machine_ran_it(tmp_path):
         "auto", False, 1)
     with torch.no_grad():
         assert loaded(TOKENS).logits.isfinite().all()
+
+
+def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):
+    """A truncated or foreign .pt gave torch.load's bare '[Errno 22] Invalid argument' / UnpicklingError, and a
+    config.json without a usable 'model' entry a KeyError or an error that named no file."""
+    export_official(random_model("nano", dim=32, num_layers=2, num_heads=4).state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
+    for name in ("cut.pt", "text.pt"):
+        with pytest.raises(WeightsError, match=f"{tmp_path / name}: torch.load\\(weights_only=True\\) cannot read"):
+            import_official(tmp_path / name)
+    save_pretrained(random_model("nano", dim=32, num_layers=2, num_heads=4), tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    meta = json.loads(config.read_text())
+    for model_entry, reason in ((None, "KeyError"), ({**meta["model"], "newer_field": 1}, "newer_field")):
+        config.write_text(json.dumps({**meta, "model": model_entry} if model_entry else {"tokenizer": meta["tokenizer"]}))
+        with pytest.raises(WeightsError, match=f"{config}: no usable 'model' entry .*{reason}"):
+            load_pretrained(tmp_path / "m")
