@@ -411,7 +411,11 @@ class Trainer:
         self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.last_valid = state.get("last_valid", -1)
-        self.loader.load_state_dict(state["loader_states"])
+        try:
+            self.loader.load_state_dict(state["loader_states"])
+        except ValueError as e:  # its sample stream belongs to other data settings (seed, shards, ...)
+            raise CheckpointError(f"{self.checkpointer.root / tag}: {e}; resume with the data settings it was "
+                                  "written with, or use another train.out_dir") from None
         changed = schedule_changes(state.get("config", {}), self.cfg)
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
         if changed:

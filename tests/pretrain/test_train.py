@@ -120,6 +120,14 @@ def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pre
     assert [v["step"] for v in events(read_log(out), "valid")][-1] == 14
 
 
+def test_a_checkpoint_of_other_data_settings_is_a_refused_start(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=4", nproc=1)
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=8", "--data.seed=5", nproc=1, expect_rc=1)
+    assert "does not match this loader (saved, now): {'seed': (0, 5)}" in proc.stderr
+    assert "(exitcode: 2)" in proc.stderr and "ValueError" not in proc.stderr  # refused: one line, exit 2
+
+
 def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pretrain_shards, straight_run,
                                                                               tmp_path):
     out = tmp_path / "run"
