@@ -55,13 +55,15 @@ def test_ss_archiveii_folds_and_summary(tiny_checkpoint, shared_data, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         ss.fold_families("tRNA,grp2")
 
-    def evaluate(family):
+    def evaluate(family, dataset="archiveii"):
         return ss.evaluate(ss.SSConfig(model=BackboneConfig(path=str(tmp_path / "tRNA")),
-                                       data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii",
+                                       data=ss.SSDataConfig(root=str(shared_data), dataset=dataset,
                                                             test_family=family, limit_test=4),
                                        train=quick_train(tmp_path / "eval"), eval=ss.SSEvalConfig(rnafold=False)))
 
     assert evaluate("all")["test_set"] == "ArchiveII tRNA (held-out family)"  # the model's held-out family
+    # without --data.dataset=archiveii too: the default, bpRNA TS0, holds copies of its training families
+    assert evaluate("all", dataset="bprna")["test_set"] == "ArchiveII tRNA (held-out family)"
     with pytest.raises(ValueError, match="held out; family telomerase was in its training data"):
         evaluate("telomerase")
 
