@@ -147,6 +147,10 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
 
     model_dir = Path(model_dir)
     meta_path = model_dir / FT_META
+    if model_dir.is_file():  # most likely the original's ss_*_ft.pt (its issues #22, #34: FASTA -> structures)
+        raise rio.WeightsError(f"{model_dir} is a file, not a fine-tuned model directory; the original's ss_*_ft.pt "
+                               f"is imported first: python -m finetune import-original-ss --checkpoint={model_dir} "
+                               "--out=DIR, then --model=DIR")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: fine-tuned model directory not found")
     if not meta_path.exists():

@@ -172,6 +172,8 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert "is not a fine-tuned model directory" in capsys.readouterr().err
     assert run(["predict-ss", f"--model={tmp_path / 'nope'}", f"--fasta={good}"]) == 2
     assert "not found" in capsys.readouterr().err
+    assert run(["predict-ss", f"--model={good}", f"--fasta={good}"]) == 2  # was: 'directory not found' for a file
+    assert f"{good} is a file" in (err := capsys.readouterr().err) and "import-original-ss" in err
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={good}", f"--out={tmp_path}", "--threshold=1.5"]) == 2
     assert "--threshold (1.5) is a pair probability" in capsys.readouterr().err
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
