@@ -44,6 +44,8 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
             pos += len(block)
             if pos >= hi:
                 return
+    except GeneratorExit:  # closed while suspended, e.g. at interpreter exit, when tarfile.TarError may be gone
+        raise
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
