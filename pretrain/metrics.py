@@ -24,6 +24,9 @@ class TrainMetrics:
         self.step = Gauge("rnalm_train_step", "Training step of the run (continues across resumes)", registry=r)
         self.nonfinite = Counter("rnalm_train_nonfinite_steps", "Steps skipped for a NaN/inf loss", registry=r)
         self.loader_wait = Counter("rnalm_dataloader_wait_seconds", "Time spent waiting for batches", registry=r)
+        self.corrupt_shards = Gauge("rnalm_dataloader_corrupt_shards", "Shards this rank's training loader skipped "
+                                    "as corrupt or missing (data.on_corrupt=skip) since the process started",
+                                    registry=r)
         # Served from the first step on (registered then): a 0 scraped during start-up would be the job's 1 h loss
         # minimum for RnalmLossDiverging, which then fired ~10 min into every run and every requeued rerun.
         self.loss = Gauge("rnalm_train_loss", "MLM loss of the last step (all ranks)", registry=None)
@@ -70,12 +73,13 @@ class TrainMetrics:
             self._server = None
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, samples: int,
-                    seconds: float, mfu: float, loader_wait: float) -> None:
+                    seconds: float, mfu: float, loader_wait: float, corrupt_shards: int) -> None:
         self.steps.inc()
         self.step.set(step)
         self.tokens.inc(tokens)
         self.samples.inc(samples)
         self.loader_wait.inc(loader_wait)
+        self.corrupt_shards.set(corrupt_shards)
         self.loss.set(loss)
         if not self._loss_served:
             self.registry.register(self.loss)

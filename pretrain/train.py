@@ -89,6 +89,7 @@ class StepResult:
     local_tokens: int
     local_samples: int
     local_flops: float
+    corrupt_shards: int    # shards skipped as corrupt so far, summed over ranks (each rank counts its own)
 
 
 class Trainer:
@@ -264,13 +265,15 @@ class Trainer:
         local_tokens = sum(b.num_tokens for b in kept)
         local_samples = sum(b.num_sequences for b in kept)
         local_flops = sum(self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum())) for b in kept)
+        skipped = self.loader.stats["corrupt_shards_skipped"]
         stats = _all_reduce(torch.tensor([ce_sum, masked_ok, local_tokens, local_samples, local_flops,
-                                          float(self.stop_requested)], dtype=torch.float64, device=dev)).tolist()
+                                          float(self.stop_requested), skipped], dtype=torch.float64,
+                                         device=dev)).tolist()
         all_ids = [i for rank_ids in _all_gather(ids) for i in rank_ids]
         return StepResult(stepped=backwards > 0, nonfinite=dropped, loss=stats[0] / max(stats[1], 1.0),
                           tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
                           stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
-                          local_samples=local_samples, local_flops=local_flops)
+                          local_samples=local_samples, local_flops=local_flops, corrupt_shards=int(stats[6]))
 
     def _static_shape(self, b: PackedBatch) -> PackedBatch:
         """With model.compile: pad-only sequences (no loss) up to the token budget, so shapes never change."""
@@ -296,12 +299,13 @@ class Trainer:
         global_mfu = mfu(r.flops, seconds, self.world, peak)
         self.metrics.record_step(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=r.local_tokens,
                                  samples=r.local_samples, seconds=seconds,
-                                 mfu=mfu(r.local_flops, seconds, 1, peak), loader_wait=wait)
+                                 mfu=mfu(r.local_flops, seconds, 1, peak), loader_wait=wait,
+                                 corrupt_shards=self.loader.stats["corrupt_shards_skipped"])
         tokens_per_s = r.tokens / seconds
         self._log(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
                   samples=self.samples, tokens_per_s=tokens_per_s, mfu=global_mfu, samples_sha1=r.ids_digest,
                   step_tokens=r.tokens, masked_tokens=r.masked, step_flops=r.flops, step_seconds=seconds,
-                  loader_wait_s=wait, memory_peak_bytes=device_memory()[1])
+                  loader_wait_s=wait, corrupt_shards_skipped=r.corrupt_shards, memory_peak_bytes=device_memory()[1])
         if self.rank == 0 and (self.step % self.cfg.train.log_every == 0 or self.step == 1):
             _eprint(f"step {self.step}/{self.cfg.train.max_steps} | loss {r.loss:.4f} | lr {lr:.2e} | "
                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {global_mfu:.2%} | "

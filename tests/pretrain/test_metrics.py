@@ -63,9 +63,9 @@ def test_exporter_serves_every_contract_metric():
     try:
         assert math.isnan(value(scrape(port), "rnalm_valid_loss"))  # no validation yet: no number
         metrics.record_step(step=41, loss=2.5, lr=1e-4, grad_norm=0.7, tokens=1000, samples=9, seconds=0.5, mfu=0.25,
-                            loader_wait=0.01)
+                            loader_wait=0.01, corrupt_shards=0)
         metrics.record_step(step=42, loss=2.0, lr=2e-4, grad_norm=0.6, tokens=500, samples=4, seconds=0.25, mfu=0.3,
-                            loader_wait=0.02)
+                            loader_wait=0.02, corrupt_shards=1)
         metrics.record_checkpoint(1.5)
         metrics.valid_loss.set(2.2)
         samples = scrape(port)
@@ -79,6 +79,7 @@ def test_exporter_serves_every_contract_metric():
     assert value(samples, "rnalm_train_loss") == 2.0 and value(samples, "rnalm_train_learning_rate") == 2e-4
     assert value(samples, "rnalm_train_tokens_per_second") == 2000
     assert value(samples, "rnalm_dataloader_wait_seconds_total") == pytest.approx(0.03)
+    assert value(samples, "rnalm_dataloader_corrupt_shards") == 1
     assert value(samples, "rnalm_train_step_duration_seconds_count") == 2
     assert value(samples, "rnalm_checkpoint_duration_seconds") == 1.5
     assert value(samples, "rnalm_device_memory_allocated_bytes") > 0
@@ -95,9 +96,9 @@ def test_no_train_loss_is_served_before_the_first_step():
     try:
         before = scrape(port)
         metrics.record_step(step=1, loss=3.3, lr=1e-5, grad_norm=1.0, tokens=100, samples=1, seconds=0.5, mfu=0.1,
-                            loader_wait=0.0)
+                            loader_wait=0.0, corrupt_shards=0)
         metrics.record_step(step=2, loss=3.2, lr=1e-5, grad_norm=1.0, tokens=100, samples=1, seconds=0.5, mfu=0.1,
-                            loader_wait=0.0)
+                            loader_wait=0.0, corrupt_shards=0)
         after = scrape(port)
     finally:
         metrics.close()

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from dataprep.shards import read_manifest
 from pretrain.checkpoint import latest_tag, tag_for
 from pretrain.config import PretrainConfig
 from rnalm.configfile import load
@@ -126,6 +127,23 @@ def test_a_checkpoint_of_other_data_settings_is_a_refused_start(pretrain_shards,
     proc = run_trainer(pretrain_shards, out, "--train.max_steps=8", "--data.seed=5", nproc=1, expect_rc=1)
     assert "does not match this loader (saved, now): {'seed': (0, 5)}" in proc.stderr
     assert "(exitcode: 2)" in proc.stderr and "ValueError" not in proc.stderr  # refused: one line, exit 2
+
+
+def test_skipped_corrupt_shards_are_counted_in_the_log(pretrain_shards, straight_run, tmp_path):
+    """on_corrupt=skip goes on without the damaged records; the step lines (and the gauge behind the
+    RnalmShardsSkipped alert) say how many shards were skipped, not only a warning on the ranks' stderr."""
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    damaged = [shards / s.path for s in read_manifest(shards).split_shards("train")]
+    for path in damaged:  # each keeps its first half
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out = tmp_path / "run"
+    # a shuffle window of a whole shard (6000 records) reads past the damage before the first batch
+    proc = run_trainer(shards, out, "--train.max_steps=3", "--data.shuffle_buffer=6000", nproc=1)
+    skipped = [r["corrupt_shards_skipped"] for r in step_lines(read_log(out))]
+    assert len(skipped) == 3 and skipped[-1] >= 1, skipped
+    assert "skipping the rest of corrupt shard" in proc.stderr
+    assert {r["corrupt_shards_skipped"] for r in step_lines(read_log(straight_run))} == {0}
 
 
 def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pretrain_shards, straight_run,
