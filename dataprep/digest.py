@@ -16,7 +16,8 @@ _S33, _S29 = _U(33), _U(29)
 PAD = 8  # bytes the caller must append after the last segment
 
 
-def _fmix(x: np.ndarray) -> np.ndarray:
+def fmix64(x: np.ndarray) -> np.ndarray:
+    """murmur3's 64-bit finaliser, in place."""
     x ^= x >> _S33
     x *= _C1
     x ^= x >> _S33
@@ -87,4 +88,4 @@ def segment_digests(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         x ^= x >> _S29
         x *= powers[:total]
         h[nonempty] = np.add.reduceat(x, wstart) * inverse[wstart]
-    return _fmix(h ^ (lens.astype(np.uint64) * _K_LEN))
+    return fmix64(h ^ (lens.astype(np.uint64) * _K_LEN))

@@ -267,7 +267,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             seconds["shuffle_wait"] = time.perf_counter() - t  # what clustering did not hide
         comm.barrier()
         t = time.perf_counter()
-        infos, n_clusters = _write_shards(cfg, out, stages, rps, comm, log)
+        infos, n_clusters = _write_shards(cfg, out, store, stages, rps, comm, log)
         seconds["shards"] = time.perf_counter() - t
         manifest = None
         if comm.rank == 0:
@@ -283,7 +283,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     return BuildResult(manifest or read_manifest(out), skipped, seconds)
 
 
-def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log: Log) -> tuple[list, int]:
+def _write_shards(cfg: BuildConfig, out: Path, store: Store, stages: dict, rps: int, comm,
+                  log: Log) -> tuple[list, int]:
     """Split by cluster, shuffle, write this rank's shards; (every rank's ShardInfos on rank 0, clusters)."""
     if comm.rank == 0:  # the earlier shard set and its manifest stay untouched until `_publish`
         shutil.rmtree(_staging(out), ignore_errors=True)  # left by a killed run
@@ -292,9 +293,9 @@ def _write_shards(cfg: BuildConfig, out: Path, stages: dict, rps: int, comm, log
             stale.unlink()
     comm.barrier()
     cl_dir = stages["cluster"].final
-    cluster_id = np.load(cl_dir / "cluster_id.npy", mmap_mode="r")
+    cluster_id = np.load(cl_dir / "cluster_id.npy")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
-    jobs = shard_jobs(np.asarray(cluster_id), n_clusters, cfg.valid_fraction, cfg.seed, rps,
+    jobs = shard_jobs(cluster_id, store.seqh[np.load(cl_dir / "keep.npy")], cfg.valid_fraction, cfg.seed, rps,
                       cfg.shard_size_is_bound)
     shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
     ctx = WriteContext(str(_staging(out)), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),

@@ -170,9 +170,10 @@ def test_the_shard_line_gives_the_records_each_shard_gets():
     from dataprep.split import shard_jobs
 
     cid = np.arange(26_692)
-    assert _shard_plan(shard_jobs(cid, len(cid), 0.01, 0, 1_503_232, at_most=False)) == \
+    digest = cid.astype(np.uint64)
+    assert _shard_plan(shard_jobs(cid, digest, 0.01, 0, 1_503_232, at_most=False)) == \
         "train 1 of 26,425 records, valid 1 of 267 records"
-    assert _shard_plan(shard_jobs(cid, len(cid), 0.0, 0, 10_000)) == "train 3 of 8,897-8,898 records"
+    assert _shard_plan(shard_jobs(cid, digest, 0.0, 0, 10_000)) == "train 3 of 8,897-8,898 records"
 
 
 def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa):
@@ -278,9 +279,9 @@ def test_shuffled_layout_gives_the_same_shards(tmp_path, synth_fa):
     res = build_small(tmp_path, [synth_fa], records_per_shard=700, block_records=128, seed=4)
     work = tmp_path / "out" / ".work"
     keep = np.load(work / "dedup" / "keep.npy")
-    write_permuted(Store(work / "normalise"), keep[shuffled_order(len(keep), 4)], tmp_path / "shuffled")
-    cid = np.load(work / "cluster" / "cluster_id.npy")
-    jobs = shard_jobs(cid, int(cid.max()) + 1, 0.01, 4, 700)
+    store = Store(work / "normalise")
+    write_permuted(store, keep[shuffled_order(len(keep), 4)], tmp_path / "shuffled")
+    jobs = shard_jobs(np.load(work / "cluster" / "cluster_id.npy"), store.seqh[keep], 0.01, 4, 700)
     ctx = WriteContext(str(tmp_path / "again"), str(tmp_path / "shuffled"), str(work / "cluster"),
                        block_records=128, shuffled=True)
     assert write_jobs(ctx, jobs, threads=2) == res.manifest.shards

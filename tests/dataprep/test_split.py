@@ -7,13 +7,18 @@ import pytest
 from dataprep.split import shard_jobs
 
 
+def digests(n: int) -> np.ndarray:
+    """Stand-ins for n records' sequence digests."""
+    return np.random.default_rng(n).integers(1 << 63, size=n, dtype=np.uint64)
+
+
 @pytest.mark.parametrize("n, per_shard", [(3 * 1000 + 3, 1000), (2_000, 1000), (999, 1000), (10_001, 700)])
 def test_shards_of_a_split_are_balanced(n, per_shard):
     """Found at scale: 2.82M kept records with --shard-mb 256 gave train shards of 929,792, 929,792, 929,792 and
     2,542 records (75.6, 75.6, 75.6 and 0.2 MB), far under the design's 50 MB minimum. The same number of shards,
     each at most `per_shard` records, now differ by one record at most."""
     cluster_id = np.arange(n)  # singletons
-    jobs = shard_jobs(cluster_id, n, valid_fraction=0.0, seed=0, records_per_shard=per_shard)
+    jobs = shard_jobs(cluster_id, digests(n), valid_fraction=0.0, seed=0, records_per_shard=per_shard)
     sizes = [len(j.records) for j in jobs]
     assert all(j.split == "train" for j in jobs) and [j.index for j in jobs] == list(range(len(jobs)))
     assert len(jobs) == -(-n // per_shard)  # the fewest shards that respect the bound
@@ -26,7 +31,7 @@ def test_shards_of_a_split_are_balanced(n, per_shard):
 def test_clusters_stay_whole_and_each_split_is_balanced():
     rng = np.random.default_rng(0)
     cluster_id = rng.integers(0, 3000, 20_000)
-    jobs = shard_jobs(cluster_id, 3000, valid_fraction=0.2, seed=1, records_per_shard=1500)
+    jobs = shard_jobs(cluster_id, digests(20_000), valid_fraction=0.2, seed=1, records_per_shard=1500)
     for split in ("train", "valid"):
         sizes = [len(j.records) for j in jobs if j.split == split]
         assert sizes and max(sizes) <= 1500 and max(sizes) - min(sizes) <= 1, (split, sizes)
@@ -41,10 +46,35 @@ def test_a_shard_size_target_gives_the_nearest_number_of_equal_shards(n):
     """--shard-mb is a target (the design wants shards of 50 MB..1 GB): the ceiling would halve the shards of a
     split just over one target (1M synthetic records at the default 256 MB: two train shards of 37.5 MB)."""
     target = 1000
-    jobs = shard_jobs(np.arange(n), n, valid_fraction=0.0, seed=0, records_per_shard=target, at_most=False)
+    jobs = shard_jobs(np.arange(n), digests(n), valid_fraction=0.0, seed=0, records_per_shard=target, at_most=False)
     sizes = [len(j.records) for j in jobs]
     assert len(jobs) == max(1, round(n / target)) and sum(sizes) == n and max(sizes) - min(sizes) <= 1, sizes
     if len(jobs) > 1:
         assert 0.75 * target <= min(sizes) and max(sizes) <= 1.25 * target, sizes
     else:
         assert n < 1.5 * target
+
+
+def test_a_grown_corpus_keeps_its_validation_clusters(tmp_path):
+    """Found by an audit probe: 50 new records (0.25 %) added to 20,000 reshuffled the validation split, because
+    clusters were drawn by their position (a permutation of the cluster count): of the 945 validation records only
+    54 stayed in validation when the new file came first, 198 when it came last; the rest moved into train, so a run
+    continued on the grown corpus trains on its old validation data. The choice now depends on each cluster's
+    sequences only."""
+    from dataprep.synth import SynthConfig, write_fasta
+    from tests.dataprep.helpers import build_small, read_back
+
+    old, new = tmp_path / "old.fa", tmp_path / "new.fa"
+    write_fasta(SynthConfig(3000, seed=5, invalid_fraction=0), old)
+    write_fasta(SynthConfig(30, seed=99, invalid_fraction=0), tmp_path / "tmp.fa")
+    new.write_text((tmp_path / "tmp.fa").read_text().replace(">syn", ">new"))
+
+    def valid(inputs: list, out: str) -> set[bytes]:
+        build_small(tmp_path, inputs, out=out, valid_fraction=0.05)
+        return {seq for seq, split, *_ in read_back(tmp_path / out).values() if split == "valid"}
+
+    before = valid([old], "before")
+    for inputs in ([new, old], [old, new]):
+        after = valid(inputs, "after")
+        assert len(before & after) >= 0.97 * len(before), (len(before), len(before & after))
+        assert abs(len(after) - 0.05 * 3030 * 0.95) < 15  # still about 5 % (of ~95 % unique records)
