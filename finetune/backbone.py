@@ -64,23 +64,15 @@ class TaskModel(nn.Module):
 
 
 def detect_format(path: Path) -> str:
-    if path.is_dir():
-        if (path / FT_META).exists():
-            return "finetuned"
-        cfg = path / rio.CONFIG_NAME
-        if cfg.exists() and "format_version" in rio.read_json(cfg):
-            return "rnalm"
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (path / name).exists():
-                if name == rio.WEIGHTS_NAME and "embedding.weight" in rio.safetensors_keys(path / name):
-                    raise FileNotFoundError(f"{path}: {name} in this tool's layout but no {rio.CONFIG_NAME} "
-                                            f"beside it (written with it by pretrain.convert / save_pretrained)")
-                return "multimolecule"
-        raise FileNotFoundError(f"{path}: no {rio.WEIGHTS_NAME}+{rio.CONFIG_NAME}, {FT_META} or multimolecule weights")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    keys = rio.read_state_dict(path).keys()
-    return "multimolecule" if any(k.startswith("model.embeddings.") for k in keys) else "official"
+    """'finetuned' (a directory this package saved), else the released-weights format (rnalm.io.weights_format)."""
+    if path.is_dir() and (path / FT_META).exists():
+        return "finetuned"
+    try:
+        return rio.weights_format(path)
+    except FileNotFoundError as e:
+        if path.is_dir():
+            raise FileNotFoundError(f"{e} (nor {FT_META})") from None
+        raise
 
 
 def load_backbone(cfg: BackboneConfig) -> RiNALMo:
@@ -96,15 +88,10 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
-    if fmt == "rnalm":
-        return rio.load_pretrained(path, **overrides)
     if fmt == "finetuned":
         return load_finetuned(path, **overrides)[0].lm
-    if fmt == "multimolecule" and path.is_dir():
-        path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
-    importer = rio.import_official if fmt == "official" else rio.import_multimolecule
     try:
-        mcfg, state = importer(path, **overrides)
+        mcfg, state = rio.read_weights(path, fmt, **overrides)
     except ValueError as e:
         if "num_heads" in str(e) and "num_heads" not in overrides:
             raise ValueError(f"{path}: {e}. The file does not record the head count (20 in every original "

@@ -62,6 +62,8 @@ class TrainConfig:
     ds_config: str = "ds_configs/zero3.json"               # relative to the repository or absolute
     ds_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the JSON (nested dicts)
     zero_init: bool = False               # build the model inside deepspeed.zero.Init (giant models)
+    init_weights: str = ""                # a fresh run starts from these weights (pretrain.convert output, the
+                                          # original's .pt, multimolecule); a resume takes its checkpoint's
     seed: int = 0
     log_every: int = 10                   # progress line on stderr; log.jsonl gets every step
     valid_every: int = 1000               # 0: never
@@ -119,6 +121,8 @@ class PretrainConfig:
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
                              f"({self.train.max_steps}) or set optim.decay_steps")
+        if self.train.init_weights and not Path(self.train.init_weights).exists():
+            raise ValueError(f"train.init_weights: {self.train.init_weights} does not exist")
         self.model.build()
 
     def valid_data(self) -> DataConfig:

@@ -34,6 +34,7 @@ from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, mfu
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
+from rnalm import io as rio
 from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.configfile import from_cli, save_yaml, to_dict
@@ -127,6 +128,7 @@ class Trainer:
         # built where it trains: on a CPU, giga's random init alone takes ~9 s (the CPU generator is serial)
         with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else self.device:
             model = PretrainModel(self.model_cfg)
+        self.init_weights = self._load_init_weights(model, deepspeed)
         # torch.compile with static shapes: every micro-batch padded to the token budget (see _static_shape)
         self.static_tokens = cfg.data.token_budget if cfg.model.compile else None
         if cfg.model.compile:
@@ -146,6 +148,23 @@ class Trainer:
             except ValueError as e:
                 raise ValueError(f"validation data: {e}; train without it with --train.valid_every=0") from None
 
+    def _load_init_weights(self, model: PretrainModel, deepspeed) -> str | None:
+        """train.init_weights into a fresh run's model (continued pretraining); a resume takes its checkpoint's.
+        Every rank reads and checks the file, so a bad one is refused by all of them alike."""
+        path = self.cfg.train.init_weights
+        if not path or self.resume_tag is not None:
+            return None
+        try:
+            _, state = rio.read_weights(path, num_heads=self.model_cfg.num_heads)
+            rio.check_state_dict(state, self.model_cfg, path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"train.init_weights: {e}") from None
+        # under zero.Init the parameters are partitioned: gather them, load, and let rank 0's values be kept
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0,
+                                               enabled=self.cfg.train.zero_init):
+            model.load_state_dict(state)
+        return path
+
     # ------------------------------------------------------------------------------------------- run
     def run(self) -> int:
         cfg = self.cfg
@@ -156,7 +175,8 @@ class Trainer:
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
-                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), **self._attention(),
+                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights,
+                  **self._attention(),
                   weight_decay=[g["weight_decay"] for g in self.scheduler.optimizer.param_groups])
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
@@ -419,7 +439,8 @@ class Trainer:
             self.loader.load_state_dict(state["loader_states"])
         except ValueError as e:  # its sample stream belongs to other data settings (seed, shards, ...)
             raise CheckpointError(f"{self.checkpointer.root / tag}: {e}; resume with the data settings it was "
-                                  "written with, or use another train.out_dir") from None
+                                  "written with, or start another train.out_dir from its weights (python -m "
+                                  "pretrain.convert, then --train.init_weights)") from None
         changed = schedule_changes(state.get("config", {}), self.cfg)
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
         if changed:

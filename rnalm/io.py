@@ -130,17 +130,58 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    **config_overrides: Any) -> RiNALMo:
-    """Build a RiNALMo in eval mode from `model.safetensors` + `config.json` (strict, with named mismatches)."""
+def read_pretrained(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+    """(config, state dict) of `model.safetensors` + `config.json` (strict, with named mismatches)."""
     meta = read_config(model_dir)
     cfg = saved_model_config(meta, Path(model_dir) / CONFIG_NAME, **config_overrides)
     path = Path(model_dir) / WEIGHTS_NAME
     state = read_safetensors(path, map_location)
     check_state_dict(state, cfg, str(path))
+    return cfg, state
+
+
+def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    **config_overrides: Any) -> RiNALMo:
+    """Build a RiNALMo in eval mode from `model.safetensors` + `config.json`."""
+    cfg, state = read_pretrained(model_dir, map_location, **config_overrides)
     model = RiNALMo(cfg).to(map_location)
     model.load_state_dict(state)
     return model.eval()
+
+
+# --- any released weights --------------------------------------------------------------------------
+
+def weights_format(path: Path) -> str:
+    """'rnalm' (a save_pretrained / pretrain.convert directory), 'official' (the original's .pt) or
+    'multimolecule' (a file, or an HF directory with model.safetensors / pytorch_model.bin)."""
+    if path.is_dir():
+        cfg = path / CONFIG_NAME
+        if cfg.exists() and "format_version" in read_json(cfg):
+            return "rnalm"
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).exists():
+                if name == WEIGHTS_NAME and "embedding.weight" in safetensors_keys(path / name):
+                    raise FileNotFoundError(f"{path}: {name} in this tool's layout but no {CONFIG_NAME} "
+                                            f"beside it (written with it by pretrain.convert / save_pretrained)")
+                return "multimolecule"
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}+{CONFIG_NAME} or multimolecule weights")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    keys = read_state_dict(path).keys()
+    return "multimolecule" if any(k.startswith("model.embeddings.") for k in keys) else "official"
+
+
+def read_weights(path: str | os.PathLike, fmt: str = "auto", **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+    """(config, state dict in our layout) from released weights of any format `weights_format` tells."""
+    path = Path(path)
+    fmt = weights_format(path) if fmt == "auto" else fmt
+    if fmt == "rnalm":
+        return read_pretrained(path, **config_overrides)
+    if fmt == "multimolecule" and path.is_dir():
+        path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+    importer = import_official if fmt == "official" else import_multimolecule
+    return importer(path, **config_overrides)
 
 
 # --- the original RiNALMo layout -------------------------------------------------------------------

@@ -13,7 +13,11 @@ import yaml
 from dataprep.shards import read_manifest
 from pretrain.checkpoint import latest_tag, tag_for
 from pretrain.config import PretrainConfig
+from pretrain.convert import to_pretrained
+from rnalm.config import ModelConfig
 from rnalm.configfile import load
+from rnalm.io import save_pretrained
+from rnalm.model import RiNALMo
 
 from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, signal_tree, start_trainer,
                            step_lines, wait_for)
@@ -144,6 +148,36 @@ def test_skipped_corrupt_shards_are_counted_in_the_log(pretrain_shards, straight
     assert len(skipped) == 3 and skipped[-1] >= 1, skipped
     assert "skipping the rest of corrupt shard" in proc.stderr
     assert {r["corrupt_shards_skipped"] for r in step_lines(read_log(straight_run))} == {0}
+
+
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_a_fresh_run_starts_from_init_weights_and_a_resume_from_its_checkpoint(pretrain_shards, straight_run,
+                                                                              tmp_path, zero_init):
+    """Continued pretraining: a fresh run loads train.init_weights (the straight run, converted). After one step at
+    lr ~1e-5 its validation loss is the straight run's last one (a random model's is ~0.8 higher)."""
+    weights = to_pretrained(straight_run, tmp_path / "weights")
+    out = tmp_path / "run"
+    slow_warmup = ("--optim.warmup_steps=1000", "--optim.decay_steps=1000")
+    run_trainer(pretrain_shards, out, "--train.max_steps=1", "--train.valid_every=1", *slow_warmup,
+                f"--train.init_weights={weights}", f"--train.zero_init={str(zero_init).lower()}")
+    start = events(read_log(out), "start")
+    assert start[0]["init_weights"] == str(weights)
+    trained = events(read_log(straight_run), "valid")[-1]["loss"]
+    assert events(read_log(out), "valid")[0]["loss"] == pytest.approx(trained, rel=2e-3)
+    if not zero_init:  # the resume takes its checkpoint, not init_weights
+        run_trainer(pretrain_shards, out, "--train.max_steps=2", *slow_warmup, f"--train.init_weights={weights}")
+        resumed = events(read_log(out), "start")[-1]
+        assert resumed["resumed_from"] and resumed["init_weights"] is None
+
+
+def test_init_weights_of_another_model_are_a_refused_start(pretrain_shards, tmp_path):
+    weights = save_pretrained(RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4)),
+                              tmp_path / "weights")
+    proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.max_steps=1", f"--train.init_weights={weights}",
+                       expect_rc=1)
+    assert proc.stderr.count("pretrain.train: error: train.init_weights:") == 2  # each rank refuses, one line
+    assert "does not match model" in proc.stderr and "(exitcode: 2)" in proc.stderr
+    assert "WeightsError" not in proc.stderr and "CheckpointError" not in proc.stderr  # no traceback
 
 
 def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pretrain_shards, straight_run,
