@@ -209,9 +209,13 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     comm.barrier()
     keys = {"normalise": _hash(PIPELINE_VERSION, [_fingerprint(p) for p in cfg.inputs], asdict(cfg.normalize))}
     keys["dedup"] = _hash(keys["normalise"], "dedup")
+    # another MMseqs2 version clusters differently, so its version is part of the cluster key (asked up front: a
+    # missing MMseqs2 stops the run before it normalises)
+    mmseqs = None if cfg.no_cluster else comm.bcast(
+        clustering.mmseqs_version(cfg.cluster.mmseqs) if comm.rank == 0 else None)
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
-                                                         cfg.cluster.cov_mode])
+                                                         cfg.cluster.cov_mode, mmseqs])
     keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
     stages = {name: _Stage(work, name, key) for name, key in keys.items()}
 
@@ -273,7 +277,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
         if comm.rank == 0:
             shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
             manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
-                               sources, res, report)
+                               sources, res, report, mmseqs)
     except BaseException:
         for process in (report, shuffling):
             if process:
@@ -386,7 +390,7 @@ def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
 
 def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
             build_key: str, n_clusters: int, seconds: dict, log: Log, sources: list[dict], res: dict,
-            report: ReportProcess | None) -> Manifest:
+            report: ReportProcess | None, mmseqs: str | None) -> Manifest:
     names = [s["path"] for s in sources]
     _write_rejects(_staging(out), stages["normalise"].final, store, res, names)
     _write_duplicates(_staging(out), store, res, names)
@@ -398,7 +402,7 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
                          "shards": len(mine)}
     assert counts["records_in"] == counts["rejected"] + counts["duplicates"] + counts["kept"], counts
     assert counts["kept"] == counts["train"]["records"] + counts["valid"]["records"], counts
-    tools = {"mmseqs": None if cfg.no_cluster else clustering.mmseqs_version(cfg.cluster.mmseqs),
+    tools = {"mmseqs": mmseqs,
              "python": platform.python_version(), "numpy": np.__version__, "zstandard": zstandard.__version__,
              "shard_format": FORMAT_VERSION}
     warnings = []

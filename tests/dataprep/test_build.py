@@ -300,6 +300,22 @@ def test_missing_mmseqs_names_the_install_command(tmp_path, synth_fa):
     assert r.returncode == 2 and "not found" in r.stderr and "--no-cluster" in r.stderr
 
 
+@pytest.mark.system
+def test_another_mmseqs_version_reclusters(tmp_path, synth_fa):
+    """Found by an audit probe: a re-run with --mmseqs naming another MMseqs2 reused the cluster stage (its key had
+    no tool version), ran the new binary only for `version` and wrote that version into the manifest beside the
+    old binary's clusters."""
+    require_tool("mmseqs")
+    other = tmp_path / "mmseqs-other"
+    other.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path}/calls\nif [ "$1" = version ]; then echo 15-other; exit 0; fi\n'
+                     'exec mmseqs "$@"\n')
+    other.chmod(0o755)
+    build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(threads=1))
+    res = build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(threads=1, mmseqs=str(other)))
+    assert "cluster" not in res.skipped and "linclust" in (tmp_path / "calls").read_text().split()
+    assert res.manifest.tools["mmseqs"] == "15-other"
+
+
 def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
     fake = tmp_path / "mmseqs"
     fake.write_text("#!/bin/sh\nif [ \"$1\" = linclust ]; then echo 'out of memory in kmermatcher'; exit 3; fi\n"
