@@ -8,8 +8,9 @@ packed: `python -m pretrain.train` (torchrun, --nproc ranks) on shards built fro
   dataprep's CLI; steady-state numbers from its log.jsonl after --warmup steps: real (non-pad) tokens/s,
   MFU, loader wait share, peak device memory.
 padded: the original recipe's shape: batches of --padded-batch (192) sequences drawn from the corpus
-  lengths, padded to the batch's longest, every position computed including the MLM head, every block
-  activation-checkpointed, bf16 autocast over fp32 weights, torch AdamW + clipping; one process, no ZeRO.
+  lengths, padded to the batch's longest, every position computed including the MLM head, but attention over
+  the real tokens only (the original's flash path unpads around it), every block activation-checkpointed, bf16
+  autocast over fp32 weights, torch AdamW + clipping; one process, no ZeRO.
 MFU (both): pretrain.mfu / RiNALMo.training_flops over real tokens only:
   6 x N_encoder x T + 6 x N_head x M + 12 x layers x dim x sum(L_i^2), against --peak-tflops (989, H100
   dense bf16) per device; M = masked tokens for the packed run (head on masked rows), = T for the padded run.
@@ -17,6 +18,7 @@ MFU (both): pretrain.mfu / RiNALMo.training_flops over real tokens only:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -76,11 +78,39 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
             "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"]}
 
 
-def padded_run(args, cfg: ModelConfig, lengths: np.ndarray, device: torch.device) -> dict:
-    """Original-style training steps: B sequences padded to the longest, all positions computed."""
-    torch.manual_seed(0)
+class UnpaddedAttention:
+    """The original's attention on padded batches (FlashMultiHeadSelfAttention: unpad_input, varlen flash
+    attention, pad_input): every other layer runs on all B x Lmax positions, attention on the real tokens only.
+    Attention over the pads too would cost B x Lmax^2 instead of sum L_i^2 (~16x at B = 192 on the corpus
+    lengths, ~7% more FLOPs in all), a slower baseline than the original."""
+
+    def __init__(self, model: RiNALMo) -> None:
+        self.real = self.cu_seqlens = None
+        self.max_seqlen = 0
+        for block in model.transformer.blocks:
+            block.mh_attn.attend = functools.partial(self._attend, block.mh_attn.attend)
+
+    def set_batch(self, tokens: torch.Tensor, real_lengths: torch.Tensor) -> None:
+        self.real = (tokens != PAD_ID).nonzero().squeeze(1)
+        self.cu_seqlens = F.pad(real_lengths.to(tokens.device).cumsum(0), (1, 0)).int()
+        self.max_seqlen = int(real_lengths.max())
+
+    def _attend(self, attend, q, k, v, cu_seqlens, max_seqlen, backend):
+        out = attend(q[self.real], k[self.real], v[self.real], self.cu_seqlens, self.max_seqlen, backend)
+        return out.new_zeros(q.shape[0], out.shape[1]).index_copy(0, self.real, out)
+
+
+def original_model(cfg: ModelConfig, device: torch.device) -> tuple[RiNALMo, UnpaddedAttention]:
+    """The model as the original trained it: every block activation-checkpointed, attention unpadded."""
     with device:
         model = RiNALMo(ModelConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": True})).train()
+    return model, UnpaddedAttention(model)
+
+
+def padded_run(args, cfg: ModelConfig, lengths: np.ndarray, device: torch.device) -> dict:
+    """Original-style training steps: B sequences padded to the longest, all positions computed but attention."""
+    torch.manual_seed(0)
+    model, attention = original_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01, fused=device.type == "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     flops = FlopCounter(cfg)
@@ -95,6 +125,7 @@ def padded_run(args, cfg: ModelConfig, lengths: np.ndarray, device: torch.device
             sync()
             t0 = time.perf_counter()
         batch = batch.to(device)
+        attention.set_batch(batch.tokens, real_lengths)
         targets = torch.where((torch.rand(batch.tokens.shape, device=device) < 0.15) & (batch.tokens != PAD_ID),
                               batch.tokens, torch.full_like(batch.tokens, IGNORE_INDEX))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
