@@ -2,13 +2,18 @@
 
 Counted per GPU and per direction: a ring collective over g ranks sends, and receives, (g-1)/g of the full buffer
 (sent + received = 2x). bf16 parameters and gradients (2 B); fp32 Adam state is never sent. DeepSpeed 0.19.8
-(.venv/.../deepspeed/runtime): ZeRO-3 gathers every non-persistent parameter in forward and again in backward and
-reduce-scatters all gradients on EVERY micro-step (stage3.py `partition_grads` adds the reduced partition when
-micro_step_id > 0; engine.py `allreduce_gradients`: "ZeRO stage >= 2 communicates during non gradient accumulation
-boundaries as well"); parameters with numel <= stage3_param_persistence_threshold stay resident and are gathered
-once per step (stage3.py `_post_step`). ZeRO-2: reduce-scatter per micro-step, parameter all-gather per step.
-ZeRO-1: gradient reduce and parameter all-gather once per step. hpZ (ZeRO++) gathers in backward inside a node.
-Activation checkpointing's recompute gather is counted only with --ac-regather.
+(.venv/.../deepspeed/runtime): ZeRO-3 gathers every non-persistent parameter in forward, and in backward again those
+it released after their forward use, and reduce-scatters all gradients on EVERY micro-step (stage3.py
+`partition_grads` adds the reduced partition when micro_step_id > 0; engine.py `allreduce_gradients`: "ZeRO stage
+>= 2 communicates during non gradient accumulation boundaries as well"). A parameter stays gathered when its next
+use lies within stage3_max_reuse_distance elements of the micro-step's trace (partitioned_param_coordinator.py
+`__params_to_release`; 1e9 in ds_configs/zero3.json, so giga's backward re-gathers only its first blocks: measured
+with 2 gloo ranks, 8 layers of 262,144: reuse distance 0 -> 8 layers re-gathered, 1.5M -> 5, 1e9 -> none);
+parameters with numel <= stage3_param_persistence_threshold stay resident and are gathered once per step (stage3.py
+`_post_step`). ZeRO-2: reduce-scatter per micro-step, parameter all-gather per step. ZeRO-1: gradient reduce and
+parameter all-gather once per step. hpZ (ZeRO++) gathers in backward inside a node. Activation checkpointing's
+recompute (each checkpointed block's forward again just before its backward) is in the trace only with
+--ac-regather.
 Time = bytes / (link bandwidth per direction x achievable bus-bandwidth fraction); no latency term. Micro-step
 collectives overlap with compute, per-step ones do not. ZeRO-3's forward has 1/3 of the bytes and of the FLOPs,
 so the whole-step overlap bound equals the per-phase one.
@@ -16,6 +21,7 @@ so the whole-step overlap bound equals the per-phase one.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import asdict, dataclass
 
@@ -78,7 +84,37 @@ class Setup:
     node_link: Link | None = None   # set: ZeRO++ hpZ, backward gather inside a node of gpus_per_node over this
     gpus_per_node: int = 8
     persistence_threshold: int = 100_000
+    max_reuse_distance: int = 1_000_000_000   # stage3_max_reuse_distance (ds_configs/zero3.json)
     ac_regather: bool = False
+
+
+def _block(name: str) -> str | None:
+    return ".".join(name.split(".")[:3]) if name.startswith("transformer.blocks.") else None
+
+
+def zero3_gathers(numels: dict[str, int], s: Setup) -> dict[str, int]:
+    """Elements ZeRO-3 all-gathers per micro-step in each phase. The trace: the parameters in model order, then the
+    backward in reverse (checkpointed blocks recomputing their forward first); after a use, a non-persistent
+    parameter is released unless its next use comes within max_reuse_distance elements of the trace."""
+    trace = [("fwd", name) for name in numels]
+    for unit in reversed([list(g) for _, g in itertools.groupby(numels, key=_block)]):
+        recompute = [("recompute", name) for name in unit] if s.ac_regather and _block(unit[0]) else []
+        trace += recompute + [("bwd", name) for name in reversed(unit)]
+    before = list(itertools.accumulate((numels[name] for _, name in trace), initial=0))
+    next_use, later = [None] * len(trace), {}
+    for t in range(len(trace) - 1, -1, -1):
+        next_use[t], later[trace[t][1]] = later.get(trace[t][1]), t
+    gathered, live = dict.fromkeys(("fwd", "bwd", "recompute"), 0), set()
+    for t, (phase, name) in enumerate(trace):
+        if numels[name] <= s.persistence_threshold:
+            continue
+        if name not in live:
+            gathered[phase] += numels[name]
+            live.add(name)
+        u = next_use[t]
+        if u is None or before[u] - before[t + 1] >= s.max_reuse_distance:
+            live.discard(name)
+    return gathered
 
 
 def collectives(numels: dict[str, int], s: Setup) -> list[Collective]:
@@ -87,12 +123,13 @@ def collectives(numels: dict[str, int], s: Setup) -> list[Collective]:
     grads = [Collective("grad reduce-scatter", total, s.gpus, s.link, per_micro_step=s.stage >= 2)]
     if s.stage < 3:
         return grads + [Collective("param all-gather after step", total, s.gpus, s.link, False)]
-    gathered = total - resident
-    bwd = (Collective("bwd all-gather (hpZ)", gathered, s.gpus_per_node, s.node_link, True) if s.node_link
-           else Collective("bwd all-gather", gathered, s.gpus, s.link, True))
-    out = [Collective("fwd all-gather", gathered, s.gpus, s.link, True), bwd, *grads,
+    gathered = zero3_gathers(numels, s)
+    bwd = (Collective("bwd all-gather (hpZ)", gathered["bwd"], s.gpus_per_node, s.node_link, True) if s.node_link
+           else Collective("bwd all-gather", gathered["bwd"], s.gpus, s.link, True))
+    out = [Collective("fwd all-gather", gathered["fwd"], s.gpus, s.link, True), bwd, *grads,
            Collective("persistent all-gather", resident, s.gpus, s.link, False)]
-    return out + ([Collective("recompute all-gather", gathered, s.gpus, s.link, True)] if s.ac_regather else [])
+    recompute = Collective("recompute all-gather", gathered["recompute"], s.gpus, s.link, True)
+    return out + ([recompute] if s.ac_regather else [])
 
 
 @dataclass(frozen=True)

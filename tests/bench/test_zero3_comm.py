@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench.zero3_comm import (ORIGINAL_SEQUENCES, Link, Setup, collectives, estimate, gpu_hours, main,
-                              parameter_numels)
+                              parameter_numels, zero3_gathers)
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 
@@ -24,7 +24,7 @@ def test_parameter_numels_match_the_model(preset):
 
 
 def test_zero3_without_persistence_is_three_bf16_passes_over_the_ring():
-    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=0))
+    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=0, max_reuse_distance=0))
     est = estimate(colls, tokens_per_micro=1000, grad_accum=1, tokens_per_s=1e6)
     assert est.bytes_per_gpu == pytest.approx(9_004_725.0)          # 3 x 2 B x 2,001,050 x 3/4
     assert est.comm_s == pytest.approx(1.800945e-3)                  # / 5e9 B/s
@@ -38,15 +38,32 @@ def test_zero3_without_persistence_is_three_bf16_passes_over_the_ring():
 
 
 def test_persistent_params_are_gathered_once_per_step_and_not_overlapped():
-    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=1000))
+    colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=1000, max_reuse_distance=0))
     est = estimate(colls, tokens_per_micro=1000, grad_accum=2, tokens_per_s=1e6)
     # per micro-step: 2 gathers of 2,000,000 x 2 B + reduce-scatter of 2,001,050 x 2 B, x 3/4; per step: 1,050 x 2 B x 3/4
     assert est.bytes_per_gpu == pytest.approx(2 * 9_001_575.0 + 1575.0)
     assert est.efficiency_overlapped == pytest.approx(2e-3 / (2 * 1.800315e-3 + 315e-9))
 
 
+@pytest.mark.parametrize(("reuse", "regathered_layers", "recomputed_layers"),
+                         [(0, 8, 8), (1_500_000, 5, 6), (1_000_000_000, 0, 0)])
+def test_the_backward_regathers_only_what_the_reuse_distance_released(reuse, regathered_layers, recomputed_layers):
+    """DeepSpeed 0.19.8, 2 gloo ranks, 8 bias-free Linear(512, 512) layers, persistence 0: all-gathered elements per
+    step after the first, counted at torch.distributed (ad-hoc run): the forward gathers all 8 layers every time,
+    the backward 8 / 5 / 0 of them at stage3_max_reuse_distance 0 / 1.5M / 1e9. With checkpointing (not measured),
+    a layer's next use after its forward is its recompute, 3 passes over the later layers away, and its backward
+    follows at once (re-gathered too only at reuse distance 0)."""
+    numels = {f"transformer.blocks.{i}.w": 262_144 for i in range(8)}
+    gathered = zero3_gathers(numels, Setup(3, 2, SLOW, persistence_threshold=0, max_reuse_distance=reuse))
+    assert gathered == {"fwd": 8 * 262_144, "bwd": regathered_layers * 262_144, "recompute": 0}
+    checkpointed = Setup(3, 2, SLOW, persistence_threshold=0, max_reuse_distance=reuse, ac_regather=True)
+    assert zero3_gathers(numels, checkpointed) == {"fwd": 8 * 262_144, "bwd": 8 * 262_144 if reuse == 0 else 0,
+                                                   "recompute": recomputed_layers * 262_144}
+
+
 def test_hpz_moves_the_backward_gather_to_the_node():
-    colls = collectives(NUMELS, Setup(3, 8, SLOW, node_link=FAST, gpus_per_node=2, persistence_threshold=0))
+    colls = collectives(NUMELS, Setup(3, 8, SLOW, node_link=FAST, gpus_per_node=2, persistence_threshold=0,
+                                          max_reuse_distance=0))
     bwd = next(c for c in colls if c.name.startswith("bwd"))
     assert (bwd.group, bwd.link, bwd.bytes_per_gpu) == (2, FAST, pytest.approx(2_001_050.0))  # 2 B x P x 1/2
     slow_bytes = 2 * 2 * 2_001_050 * 7 / 8
@@ -73,7 +90,9 @@ def test_cli_giga(capsys):
     assert r["params"] == 650_901_793
     resident = r["persistent_params"]
     zero3_64 = next(w for w in r["scaling"] if (w["zero"], w["gpus"], w["link"], w["hpz"]) == (3, 64, "IB", False))
-    per_dir = (2 * 2 * (650_901_793 - resident) + 2 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
+    # backward re-gather (reuse distance 1e9): blocks 0-6 and block 7's Wqkv, out_proj and FFN-in weights
+    regathered = 7 * 19_659_520 + 4_915_200 + 1_638_400 + 4_368_640
+    per_dir = (2 * (650_901_793 - resident + regathered) + 2 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
     assert zero3_64["by_speed"]["measured"]["bytes_per_gpu"] == pytest.approx(per_dir)
     assert zero3_64["by_speed"]["measured"]["compute_s"] == pytest.approx(32768 / 1e5)
     measured = next(h for h in r["h100_hours"] if h["speed"] == "measured")
