@@ -241,7 +241,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)
     build_key = _hash(keys["cluster"], params)
-    if comm.bcast(_manifest_current(out, build_key) if comm.rank == 0 else None):
+    if comm.bcast(_manifest_current(out, build_key, cfg.report) if comm.rank == 0 else None):
         skipped += ["cluster"] * stages["cluster"].done + ["shards"]
         log(f"shards: up to date ({out / MANIFEST_NAME})")
         if comm.rank == 0:
@@ -364,7 +364,9 @@ def _params(cfg: BuildConfig, rps: int) -> dict:
     return p
 
 
-def _manifest_current(out: Path, build_key: str) -> bool:
+def _manifest_current(out: Path, build_key: str, report: bool) -> bool:
+    if report and not (out / "report" / "summary.json").is_file():  # (the last build was run with --no-report)
+        return False
     try:
         m = read_manifest(out)
     except Exception:
@@ -416,6 +418,8 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
     if report is not None:
         report.join()
         write_summary(out / "report", counts, sources, shards, seconds)
+    else:  # an earlier build's report would describe other shards
+        shutil.rmtree(out / "report", ignore_errors=True)
     _publish(out, manifest)
     log(f"done: {counts['records_in']:,} records in, {counts['rejected']:,} rejected, "
         f"{counts['duplicates']:,} duplicates, {counts['kept']:,} kept in {n_clusters:,} clusters; "

@@ -186,6 +186,17 @@ def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa)
     assert not (tmp_path / "out" / "report" / "labels.png").exists()
 
 
+def test_the_report_belongs_to_the_shards_beside_it(tmp_path, synth_fa):
+    """Found by an audit probe: a --no-report build left the report/ of an earlier build (its summary.json counting
+    another split) beside its new shards, and a re-run asking for the report again was 'up to date' without one."""
+    summary = tmp_path / "out" / "report" / "summary.json"
+    build_small(tmp_path, [synth_fa], report=True)
+    build_small(tmp_path, [synth_fa], report=False, valid_fraction=0.2)
+    assert not summary.parent.exists()
+    res = build_small(tmp_path, [synth_fa], report=True, valid_fraction=0.2)
+    assert json.loads(summary.read_text())["counts"] == res.manifest.counts
+
+
 def test_failed_run_leaves_no_manifest(tmp_path, synth_fa):
     build_small(tmp_path, [synth_fa], records_per_shard=500)
     out = tmp_path / "out"
