@@ -12,7 +12,8 @@ Lengths are drawn from the ncRNA corpus (CLS/EOS added, cropped to 1024 tokens).
   position computed (what a padded recipe pays).
 - --ffn-align 64: the packed throughput again with the FFN matmuls widened to a multiple of 64 (ModelConfig.
   ffn_align; same weights): giga's 3413-wide FFN gives GEMM rows that are not 16-byte aligned.
-MFU = model.flops_per_token summed over real tokens / time / peak (989 TFLOP/s dense bf16, H100 SXM); the
+MFU = model.flops_per_token summed over real tokens / time / peak (the GPU's dense bf16 peak, pretrain.mfu: 989
+TFLOP/s for H100/H200 SXM; recorded as peak_tflops); the
 FLOPs are the model's own (3413 wide), whatever width the matmuls run at.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pretrain.mfu import device_name, peak_flops_of
 from rnalm.attention import resolve_backend
 from rnalm.batch import PackedBatch
 from rnalm.config import ModelConfig
@@ -162,10 +164,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ffn-align", type=int, nargs="*", default=[],
                     help="also time the packed path with these ModelConfig.ffn_align values")
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--peak-tflops", type=float, help="per device, for MFU (default: the GPU's dense bf16 peak, "
+                    "pretrain.mfu.PEAK_BF16_DENSE_FLOPS; H100 SXM's 989 when unknown)")
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    args.peak_tflops = args.peak_tflops or peak_flops_of(device_name()) / 1e12
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -177,7 +181,7 @@ def main() -> None:
     model.attention_backend = resolve_backend("auto", device)
     rng = np.random.default_rng(0)
     lengths = corpus_lengths(args.corpus)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+    result = {"device": device_name(), "peak_tflops": args.peak_tflops, "torch": torch.__version__,
               "preset": args.preset, "dtype": args.dtype, "params": model.num_parameters(),
               "corpus_mean_tokens": float(lengths.mean()), "budget": args.budget, "padded_batch": args.padded_batch}
     result["agreement"] = agreement(model, lengths, rng, device, dtype)

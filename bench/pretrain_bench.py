@@ -12,8 +12,9 @@ padded: the original recipe's shape: batches of --padded-batch (192) sequences d
   the real tokens only (the original's flash path unpads around it), every block activation-checkpointed, bf16
   autocast over fp32 weights, torch AdamW + clipping; one process, no ZeRO.
 MFU (both): pretrain.mfu / RiNALMo.training_flops over real tokens only:
-  6 x N_encoder x T + 6 x N_head x M + 12 x layers x dim x sum(L_i^2), against --peak-tflops (989, H100
-  dense bf16) per device; M = masked tokens for the packed run (head on masked rows), = T for the padded run.
+  6 x N_encoder x T + 6 x N_head x M + 12 x layers x dim x sum(L_i^2), against --peak-tflops per device (default:
+  the GPU's dense bf16 peak, e.g. 989 for H100/H200 SXM, 835 for H200 NVL; recorded in the result as peak_tflops);
+  M = masked tokens for the packed run (head on masked rows), = T for the padded run.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.model_bench import CORPUS, corpus_lengths, padded_batches  # noqa: E402
-from pretrain.mfu import FlopCounter  # noqa: E402
+from pretrain.mfu import FlopCounter, device_name, peak_flops_of  # noqa: E402
 from rnalm.batch import IGNORE_INDEX  # noqa: E402
 from rnalm.config import ModelConfig  # noqa: E402
 from rnalm.model import RiNALMo  # noqa: E402
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--padded-batch", type=int, default=192)
     ap.add_argument("--padded-steps", type=int, default=10)
     ap.add_argument("--nproc", type=int, default=1)
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--peak-tflops", type=float, help="per device, for MFU (default: the GPU's dense bf16 peak, "
+                    "pretrain.mfu.PEAK_BF16_DENSE_FLOPS; H100 SXM's 989 when unknown)")
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--shards", type=Path, help="an existing shard set (default: built from --corpus)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -171,12 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-padded", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    args.peak_tflops = args.peak_tflops or peak_flops_of(device_name()) / 1e12
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = (ModelConfig.preset("nano", dim=64, num_layers=2, num_heads=4) if args.tiny
            else ModelConfig.preset(args.preset))
-    result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if device.type == "cuda"
-              else "cpu", "torch": torch.__version__, "model": "tiny" if args.tiny else args.preset,
+    result = {"date": time.strftime("%Y-%m-%d"), "device": device_name(), "peak_tflops": args.peak_tflops,
+              "torch": torch.__version__, "model": "tiny" if args.tiny else args.preset,
               "params": _num_parameters(cfg),
               "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv)}
     with tempfile.TemporaryDirectory(prefix="pretrain_bench_") as tmp:

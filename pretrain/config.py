@@ -89,7 +89,7 @@ class MetricsConfig:
     enabled: bool = True
     bind: str = "0.0.0.0"
     port_base: int = 9500             # port = port_base + LOCAL_RANK; 0: a free port (written to the log)
-    peak_flops: float = 989e12        # per device, for MFU (H100 SXM dense bf16)
+    peak_flops: float | None = None   # per device, for MFU; None: the GPU's dense bf16 peak (pretrain.mfu)
     run_id: str = ""                  # default: the out_dir name
 
 
@@ -115,7 +115,8 @@ class PretrainConfig:
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
-        if not 0 < o.lr or o.min_lr > o.lr or not 0 < self.metrics.peak_flops:
+        peak = self.metrics.peak_flops
+        if not 0 < o.lr or o.min_lr > o.lr or (peak is not None and not 0 < peak):
             raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr <= optim.lr (got {o.min_lr}) and "
                              f"metrics.peak_flops > 0 (got {self.metrics.peak_flops})")
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:

@@ -31,7 +31,7 @@ from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
-from pretrain.mfu import FlopCounter, mfu
+from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm import io as rio
@@ -113,6 +113,7 @@ class Trainer:
             port = cfg.metrics.port_base + self.local_rank if cfg.metrics.port_base else 0
             self.metrics_port = self.metrics.serve(cfg.metrics.bind, port)
         self.flops = FlopCounter(self.model_cfg)
+        self.peak_flops = cfg.metrics.peak_flops or peak_flops_of(device_name())
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
         self.stop_requested = False
         for sig in STOP_SIGNALS:  # early: a signal during start-up stops at the first step
@@ -175,8 +176,8 @@ class Trainer:
         ports = _all_gather(self.metrics_port)
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
-                  device=str(self.device), metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights,
-                  **self._attention(),
+                  device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
+                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights, **self._attention(),
                   weight_decay=[g["weight_decay"] for g in self.scheduler.optimizer.param_groups])
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
@@ -315,7 +316,7 @@ class Trainer:
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        peak = self.cfg.metrics.peak_flops
+        peak = self.peak_flops
         global_mfu = mfu(r.flops, seconds, self.world, peak)
         self.metrics.record_step(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=r.local_tokens,
                                  samples=r.local_samples, seconds=seconds,

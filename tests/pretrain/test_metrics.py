@@ -13,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from pretrain.metrics import TrainMetrics
-from pretrain.mfu import FlopCounter, mfu
+from pretrain.mfu import FlopCounter, mfu, peak_flops_of
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 from tests.contract import METRIC_NAMES
@@ -55,6 +55,15 @@ def test_giga_parameter_counts_match_the_original_and_mfu_uses_the_peak():
     assert mfu(2 * 989e12, 2.0, devices=2) == pytest.approx(0.5)
     assert mfu(1e12, 1.0, peak_flops=4e12) == pytest.approx(0.25)
     assert mfu(1.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA B200", 2250e12), ("Some Future GPU", 989e12)])
+def test_mfu_peak_is_the_devices_dense_bf16_figure(name, peak):
+    """By the name torch reports: an H200 NVL measured against the SXM part's 989 would understate MFU by 16%."""
+    assert peak_flops_of(name) == peak
 
 
 def test_exporter_serves_every_contract_metric():

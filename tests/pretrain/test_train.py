@@ -51,6 +51,7 @@ def test_loss_falls_and_every_step_is_logged(straight_run):
     assert len({r["samples_sha1"] for r in steps}) == STRAIGHT_STEPS  # fresh samples every step
     start = events(records, "start")[0]
     assert start["world_size"] == 2 and start["resumed_from"] is None
+    assert (start["device_name"], start["peak_flops"]) == ("cpu", 1e12)  # tiny_cpu.yaml's nominal peak
     assert (start["attention_backend"], start["attention_dropout"]) == ("sdpa", 0.1)  # what training applies
     valid = events(records, "valid")
     assert [v["step"] for v in valid] == [STRAIGHT_STEPS]
