@@ -1,0 +1,74 @@
+"""Released weights (`model.safetensors` + `config.json`) -> the layouts other RiNALMo code loads.
+
+    python -m rnalm.export MODEL_DIR --to official rinalmo_giga_pretrained.pt   # the original code:
+        # model.load_state_dict(torch.load(...)), e.g. in its fine-tuning scripts
+    python -m rnalm.export MODEL_DIR --to multimolecule hf_model/               # Hugging Face, multimolecule:
+        # RiNALMoForMaskedLM.from_pretrained("hf_model"), with multimolecule's RnaTokenizer
+
+The multimolecule directory holds `model.safetensors` (its names, its current 28-token vocabulary) and a
+`config.json` of its RiNALMoConfig fields; everything else is left to that class's defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from rnalm.config import ModelConfig
+from rnalm.files import atomic_write
+from rnalm.io import (MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
+                      export_official, read_pretrained)
+
+# ModelConfig fields multimolecule's config cannot express: a model that differs from RiNALMo's there is refused
+_FIXED_IN_MULTIMOLECULE = ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")
+
+
+def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
+    """multimolecule RiNALMoConfig fields of our model (its SwiGLU width is int(2/3 x intermediate_size))."""
+    default = {f.name: f.default for f in fields(ModelConfig)}
+    differs = [k for k in _FIXED_IN_MULTIMOLECULE if getattr(cfg, k) != default[k]]
+    if differs:
+        raise WeightsError(f"multimolecule's RiNALMo has no setting for {differs} (this model: "
+                           f"{ {k: getattr(cfg, k) for k in differs} })")
+    return {"architectures": ["RiNALMoForMaskedLM"], "model_type": "rinalmo",
+            "vocab_size": len(MULTIMOLECULE_VOCAB_28), "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": 4 * cfg.dim,
+            "hidden_dropout": cfg.residual_dropout, "attention_dropout": cfg.attn_dropout,
+            "layer_norm_eps": cfg.layer_norm_eps, "token_dropout": cfg.token_dropout, "pad_token_id": 0}
+
+
+def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:
+    cfg, state = read_pretrained(model_dir)
+    out = Path(out)
+    if to == "official":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        export_official(state, out)
+        return out
+    config = multimolecule_config(cfg)
+    tensors = {k: v.contiguous() for k, v in export_multimolecule(state, MULTIMOLECULE_VOCAB_28).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rnalm.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", help="model.safetensors + config.json (pretrain.convert's output)")
+    parser.add_argument("--to", required=True, choices=["official", "multimolecule"])
+    parser.add_argument("out", help="official: the .pt file to write; multimolecule: a directory")
+    args = parser.parse_args(argv)
+    try:
+        print(f"{args.to} weights: {export(args.model_dir, args.to, args.out)}")
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"python -m rnalm.export: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""python -m rnalm.export: released weights -> the original's .pt and a multimolecule (Hugging Face) directory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnalm.config import ModelConfig
+from rnalm.export import main
+from rnalm.io import import_official, load_pretrained, save_pretrained
+from rnalm.model import RiNALMo
+
+
+def released(tmp_path, **overrides) -> RiNALMo:
+    torch.manual_seed(0)
+    model = RiNALMo(ModelConfig.preset("nano", **overrides)).eval()
+    with torch.no_grad():  # no LayerNorm at 1 / bias at 0 left: a swapped or dropped tensor shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_pretrained(model, tmp_path / "model")
+    return model
+
+
+def test_official_export_is_the_state_the_original_code_loads(tmp_path, capsys):
+    model = released(tmp_path)
+    main([str(tmp_path / "model"), "--to", "official", str(tmp_path / "out" / "rinalmo_nano_pretrained.pt")])
+    assert "official weights:" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "out" / "rinalmo_nano_pretrained.pt", weights_only=True)
+    assert saved.keys() == model.state_dict().keys()  # MLM head included, as in the released *_pretrained.pt
+    cfg, state = import_official(tmp_path / "out" / "rinalmo_nano_pretrained.pt")
+    assert (cfg.dim, cfg.num_layers) == (model.config.dim, model.config.num_layers)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_multimolecule_export_loads_with_from_pretrained_and_gives_our_outputs(tmp_path):
+    reference = pytest.importorskip("tests.rnalm.test_reference_port", reason="multimolecule is not installed")
+    model = RiNALMo(ModelConfig.preset("nano")).eval()
+    reference.randomise(model)  # its weight scale: the comparison's 1e-5 holds beside its float32 RoPE tables
+    save_pretrained(model, tmp_path / "model")
+    main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    theirs = reference.RiNALMoForMaskedLM.from_pretrained(tmp_path / "hf").eval().double()
+    reference.assert_same_outputs(load_pretrained(tmp_path / "model").double(), theirs)
+
+
+def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys):
+    released(tmp_path, rope_base=20000.0)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    assert exit_.value.code == 1 and "no setting for ['rope_base']" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
