@@ -326,11 +326,12 @@ class Trainer:
         self._log(step=self.step, loss=r.loss, lr=lr, grad_norm=grad_norm, tokens=self.tokens,
                   samples=self.samples, tokens_per_s=tokens_per_s, mfu=global_mfu, samples_sha1=r.ids_digest,
                   step_tokens=r.tokens, masked_tokens=r.masked, step_flops=r.flops, step_seconds=seconds,
-                  loader_wait_s=wait, corrupt_shards_skipped=r.corrupt_shards, memory_peak_bytes=device_memory()[1])
+                  loader_wait_s=wait, corrupt_shards_skipped=r.corrupt_shards, memory_peak_bytes=device_memory()[1],
+                  epoch=self.loader.stats["epoch"])
         if self.rank == 0 and (self.step % self.cfg.train.log_every == 0 or self.step == 1):
             _eprint(f"step {self.step}/{self.cfg.train.max_steps} | loss {r.loss:.4f} | lr {lr:.2e} | "
                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {global_mfu:.2%} | "
-                    f"wait {wait:.3f}s | {self.tokens:,} tokens")
+                    f"wait {wait:.3f}s | {self.tokens:,} tokens | epoch {self.loader.stats['epoch']}")
 
     # ---------------------------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:

@@ -23,7 +23,8 @@ from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, 
                            step_lines, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "mfu", "samples_sha1"}
+STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "mfu", "samples_sha1", "epoch",
+             "corrupt_shards_skipped"}
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:
