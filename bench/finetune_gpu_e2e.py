@@ -120,6 +120,20 @@ def stage_table(work: Path, args) -> None:
     print(table)
 
 
+OUTPUTS = ("ncrna_no_bprna.fa", "shards", "pretrain", "converted", "ss_pretrained", "ss_random", "table.md")
+
+
+def clear_outputs(work: Path) -> None:
+    """--stage all is a fresh experiment: an earlier run's pretrain/ would be resumed (or refused, the shards
+    rebuilt) and its results reported as this run's."""
+    for name in OUTPUTS:
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def export(work: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for src, name in ((work / "pretrain" / "log.jsonl", "pretrain_log.jsonl"),
@@ -145,6 +159,8 @@ def main() -> None:
     ap.add_argument("--ft-seconds", type=int, default=240, help="training-time budget of each fine-tune")
     ap.add_argument("--export", type=Path, default=None, help="copy the result files flat into this directory")
     args = ap.parse_args()
+    if args.stage == "all":
+        clear_outputs(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"data": stage_data, "pretrain": stage_pretrain, "convert": stage_convert,
            "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
