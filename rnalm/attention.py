@@ -64,6 +64,8 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
 
 BACKENDS: dict[str, AttentionFn] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "sdpa": _sdpa}
 WITHOUT_DROPOUT = frozenset({"torch_varlen"})
+# The CUDA varlen kernels (flash-attn's, and torch's FlashAttention/cuDNN ones) reject any other input dtype.
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16})
 _warned: set[str] = set()
 
 
@@ -97,14 +99,16 @@ def _available_backends(device_type: str) -> tuple[str, ...]:
     return (*names, "sdpa")
 
 
-def resolve_backend(name: str, device: torch.device | str, dropout: bool = False) -> str:
+def resolve_backend(name: str, device: torch.device | str, dropout: bool = False,
+                    dtype: torch.dtype | None = None) -> str:
     """'auto' picks the fastest backend for the device, with `dropout` the fastest that applies attention dropout
-    unless only the sdpa fallback would; an explicit name must be available there."""
+    unless only the sdpa fallback would, and sdpa for inputs of a `dtype` the CUDA kernels lack (fp32 without
+    autocast); an explicit name must be available there."""
     options = available_backends(device)
     if name == "auto":
-        fast = [b for b in options if b != "sdpa"] or options
-        with_dropout = [b for b in fast if b not in WITHOUT_DROPOUT]
-        return (with_dropout if dropout and with_dropout else fast)[0]
+        kernels = [b for b in options if b != "sdpa" and (dtype is None or dtype in KERNEL_DTYPES)]
+        with_dropout = [b for b in kernels if b not in WITHOUT_DROPOUT]
+        return (with_dropout if dropout and with_dropout else kernels or ["sdpa"])[0]
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
     if name not in options:
@@ -114,4 +118,5 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    return BACKENDS[resolve_backend(backend, q.device, dropout_p > 0)](q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    backend = resolve_backend(backend, q.device, dropout_p > 0, q.dtype)
+    return BACKENDS[backend](q, k, v, cu_seqlens, max_seqlen, dropout_p)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rnalm.attention import resolve_backend, varlen_attention
+from rnalm.attention import varlen_attention
 from rnalm.batch import PackedBatch, pad, positions_from_cu_seqlens, unpad
 from rnalm.config import ModelConfig
 from rnalm.tokenizer import MASK_ID, PAD_ID
@@ -222,9 +222,9 @@ class RiNALMo(nn.Module):
         return self.training and self.config.attn_dropout > 0
 
     def forward_packed(self, batch: PackedBatch, logits_index: torch.Tensor | None = None) -> ModelOutput:
-        backend = resolve_backend(self.attention_backend, batch.tokens.device, self.applies_attention_dropout)
         x = self.embed(batch.tokens, batch.cu_seqlens)
-        rep = self.transformer(x, batch.positions, batch.cu_seqlens, batch.max_seqlen, backend)
+        # "auto" is resolved at each attention call, where the dtype (fp32, or autocast's) is known
+        rep = self.transformer(x, batch.positions, batch.cu_seqlens, batch.max_seqlen, self.attention_backend)
         head_in = rep if logits_index is None else rep[logits_index]
         return ModelOutput(logits=self.lm_mask_head(head_in), representation=rep)
 

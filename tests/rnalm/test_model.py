@@ -148,22 +148,49 @@ def test_auto_backend_prefers_one_that_applies_attention_dropout_when_training_w
     assert attention.resolve_backend("sdpa", "cuda", dropout=dropout) == "sdpa"  # an explicit choice stands
     called = []
     monkeypatch.setattr(attention, "BACKENDS", {name: lambda *a, name=name: called.append(name) for name in available})
-    attention.varlen_attention(*[torch.zeros(4, 1, 2)] * 3, torch.tensor([0, 4], dtype=torch.int32), 4,
+    attention.varlen_attention(*[torch.zeros(4, 1, 2, dtype=torch.bfloat16)] * 3, torch.tensor([0, 4], dtype=torch.int32), 4,
                                dropout_p=0.1 if dropout else 0.0)
     assert called == [expected]  # direct callers too
 
 
 def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
-    import rnalm.model as model_module
+    import rnalm.attention as attention
 
     asked = []
-    monkeypatch.setattr(model_module, "resolve_backend", lambda name, device, dropout=False: asked.append(dropout)
-                        or "sdpa")
+    monkeypatch.setattr(attention, "resolve_backend", lambda name, device, dropout=False, dtype=None:
+                        asked.append(dropout) or "sdpa")
     tokens = masked_batch()
     tiny_model().train()(tokens)
     tiny_model().eval()(tokens)
     tiny_model(attn_dropout=0.0).train()(tokens)
-    assert asked == [True, False, False]
+    assert asked == [True] * 2 + [False] * 4   # once per block
+
+
+def test_auto_backend_gives_fp32_attention_to_sdpa(monkeypatch):
+    """The CUDA varlen kernels take fp16/bf16 only ('FlashAttention only support fp16 and bf16 data type'), so
+    "auto" must not hand them fp32 (inference or fine-tuning on a GPU without autocast, finetune's default)."""
+    import rnalm.attention as attention
+
+    used = []
+
+    def half_only_kernel(q, *args):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        used.append(q.dtype)
+        return attention._sdpa(q, *args)
+
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: ("torch_varlen", "sdpa"))
+    monkeypatch.setitem(attention.BACKENDS, "torch_varlen", half_only_kernel)
+    model, tokens = tiny_model(), masked_batch()
+    with torch.no_grad():
+        fp32 = model(tokens).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(tokens).logits
+    assert used == [torch.bfloat16] * model.config.num_layers
+    torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.05)
+    model.attention_backend = "torch_varlen"       # an explicit choice stands
+    with pytest.raises(RuntimeError, match="fp16 and bf16"):
+        model(tokens)
 
 
 def test_sdpa_pads_sequences_only_to_the_longest_of_their_length_group(monkeypatch):
