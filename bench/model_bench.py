@@ -178,7 +178,7 @@ def main() -> None:
     torch.manual_seed(0)
     with device:
         model = RiNALMo(cfg)
-    model.attention_backend = resolve_backend("auto", device)
+    model.attention_backend = resolve_backend("auto", device, dtype=dtype)
     rng = np.random.default_rng(0)
     lengths = corpus_lengths(args.corpus)
     result = {"device": device_name(), "peak_tflops": args.peak_tflops, "torch": torch.__version__,

@@ -385,7 +385,8 @@ class Trainer:
     def _attention(self) -> dict:
         """The backend training runs with and the attention dropout it really applies (torch_varlen has none)."""
         model = self.engine.module
-        backend = resolve_backend(model.attention_backend, self.device, model.applies_attention_dropout)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32  # what q/k/v are: 'auto' gives fp32 to sdpa
+        backend = resolve_backend(model.attention_backend, self.device, model.applies_attention_dropout, dtype)
         applied = 0.0 if backend in WITHOUT_DROPOUT else self.model_cfg.attn_dropout
         return {"attention_backend": backend, "attention_dropout": applied}
 
