@@ -54,7 +54,8 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
         longest = int(lens.max())
         pos = torch.arange(longest, device=q.device)
         valid = pos[None, :] < lens[:, None]                              # [b, longest]
-        token = (cu[seqs][:, None] + pos[None, :]).clamp(max=q.shape[0] - 1)  # pad slots read real rows: masked
+        # pad slots (masked) repeat the sequence's own last row: another's could be inf/NaN, which a mask lets through
+        token = cu[seqs][:, None] + torch.minimum(pos[None, :], lens[:, None] - 1)
         qb, kb, vb = (x[token].transpose(1, 2) for x in (q, k, v))         # [b, H, longest, Dh]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :], dropout_p=dropout_p)
         outs.append(out.transpose(1, 2)[valid])

@@ -132,6 +132,25 @@ def test_attention_backends_agree_with_float64_reference():
     assert set(backends) <= set(BACKENDS)
 
 
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
+def test_sdpa_sequences_do_not_see_each_others_non_finite_values(tensor):
+    """Lengths 6 and 7 share a padded group; a NaN in the 7-long sequence (e.g. a wholly <mask> sequence's token
+    dropout, 0/0 as in the original) must stay there, in outputs and gradients, as with the varlen kernels."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    qkv = {name: torch.randn(13, 2, 4) for name in "qkv"}
+    qkv[tensor][6:] = float("nan")
+    leaves = [x.requires_grad_() for x in qkv.values()]
+    out = varlen_attention(*leaves, cu, 7, backend="sdpa")
+    out[:6].sum().backward()
+    clean = [x.detach()[:6].requires_grad_() for x in leaves]
+    alone = varlen_attention(*clean, cu[:2], 6, backend="sdpa")
+    alone.sum().backward()
+    torch.testing.assert_close(out[:6], alone)
+    for x, y in zip(leaves, clean):
+        torch.testing.assert_close(x.grad[:6], y.grad)
+
+
 @pytest.mark.parametrize("available, dropout, expected", [
     (("torch_varlen", "flash_attn", "sdpa"), False, "torch_varlen"),
     (("torch_varlen", "flash_attn", "sdpa"), True, "flash_attn"),   # the one of the two that applies dropout
