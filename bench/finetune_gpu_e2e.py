@@ -120,7 +120,8 @@ def stage_table(work: Path, args) -> None:
     print(table)
 
 
-OUTPUTS = ("ncrna_no_bprna.fa", "shards", "pretrain", "converted", "ss_pretrained", "ss_random", "table.md")
+OUTPUTS = ("ncrna_no_bprna.fa", "shards", "pretrain", "converted", "ss_pretrained", "ss_random", "table.md",
+           "table.json")
 
 
 def clear_outputs(work: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "finetune_gpu_e2e.py"
@@ -28,3 +29,16 @@ def test_a_fresh_experiment_removes_every_earlier_output_and_nothing_else(tmp_pa
     e2e.clear_outputs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     e2e.clear_outputs(tmp_path)  # nothing there: no error
+
+
+def test_every_file_the_stages_write_is_an_output(tmp_path):
+    """The table stage writes table.json beside table.md; an earlier run's would be left beside this run's files."""
+    e2e = load_script()
+    for name in ("ss_pretrained", "ss_random"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"rows": {name: {"n": 1, "f1": 0.5}, "RNAfold": {"n": 1, "f1": 0.4}}, "history": []}))
+    e2e.stage_table(tmp_path, None)
+    assert (tmp_path / "table.md").exists()
+    e2e.clear_outputs(tmp_path)
+    assert list(tmp_path.iterdir()) == []
