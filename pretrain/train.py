@@ -37,6 +37,7 @@ from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm import io as rio
 from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
 from rnalm.batch import IGNORE_INDEX, PackedBatch
+from rnalm.config import ModelConfig
 from rnalm.configfile import from_cli, save_yaml, to_dict
 from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
@@ -64,6 +65,26 @@ def mlm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     """(summed cross-entropy, correct predictions) over the masked rows, in fp32."""
     logits = logits.float()
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+# settings that change what the weights compute but not their shapes: released weights must have the run's
+INIT_WEIGHTS_SAME = ("num_heads", "rope_base")
+
+
+def read_init_weights(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """train.init_weights as a state dict for `model_cfg`: same shapes, same INIT_WEIGHTS_SAME settings. A
+    pretrain.convert directory records its head count; the original's and multimolecule's files do not (their models
+    are RoPE base 10000), so for them the model section's head count is taken."""
+    fmt = rio.weights_format(Path(path))
+    overrides = {} if fmt == "rnalm" else {"num_heads": model_cfg.num_heads}
+    saved, state = rio.read_weights(path, fmt, **overrides)
+    rio.check_state_dict(state, model_cfg, path)
+    differs = {k: (getattr(saved, k), getattr(model_cfg, k)) for k in INIT_WEIGHTS_SAME
+               if getattr(saved, k) != getattr(model_cfg, k)}
+    if differs:
+        raise rio.WeightsError(f"{path} was trained with other settings than the model section's (theirs, "
+                               f"this run's): {differs}")
+    return state
 
 
 def samples_digest(ids: list[str]) -> str:
@@ -156,8 +177,7 @@ class Trainer:
         if not path or self.resume_tag is not None:
             return None
         try:
-            _, state = rio.read_weights(path, num_heads=self.model_cfg.num_heads)
-            rio.check_state_dict(state, self.model_cfg, path)
+            state = read_init_weights(path, self.model_cfg)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"train.init_weights: {e}") from None
         # under zero.Init the parameters are partitioned: gather them, load, and let rank 0's values be kept
