@@ -378,11 +378,16 @@ class Trainer:
                 batches += 1
         engine.train()
         ce, masked, correct = _all_reduce(sums).tolist()
-        loss = ce / max(masked, 1.0)
-        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(masked, 1.0),
+        self.last_valid = self.step
+        if not masked:  # every held-out shard unreadable (on_corrupt=skip): no number, not a loss of 0
+            self._log(event="valid_skipped", step=self.step, reason="no held-out record could be read")
+            if self.rank == 0:
+                _eprint(f"valid @ step {self.step}: skipped, no held-out record could be read (see the warnings)")
+            return {}
+        loss = ce / masked
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / masked,
                   "masked_tokens": int(masked)}
         self.metrics.valid_loss.set(loss)
-        self.last_valid = self.step
         self._log(event="valid", step=self.step, **result)
         if self.rank == 0:
             _eprint(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "

@@ -113,11 +113,11 @@ class RecordStream:
     def windows(self) -> Iterator[tuple[Samples, WindowPosition]]:
         state = self.state
         pass_start = None  # records_read when the current whole epoch pass began
-        empty_passes, limit = 0, STARVED_PASSES if self.cfg.infinite else 1
+        empty_passes = 0
         while True:
             if not state.pieces:
                 empty_passes = empty_passes + 1 if pass_start == self.records_read else 0
-                if empty_passes >= limit and self.corrupt:
+                if empty_passes >= STARVED_PASSES and self.corrupt:  # only an endless loader gets there
                     raise self._starved(empty_passes)
                 if not self.cfg.infinite and state.next_epoch >= 1:
                     return  # validation: one pass over epoch 0

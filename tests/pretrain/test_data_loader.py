@@ -248,6 +248,22 @@ def test_a_stream_that_reads_nothing_pass_after_pass_names_the_shards_instead_of
     assert not delivered
 
 
+def test_a_validation_pass_over_unreadable_shards_ends_empty_and_names_them(shards, tmp_path, caplog):
+    """One pass cannot spin, so a validation stream whose part lies in missing shards ends its pass (it used to
+    raise, and that rank took the job down although on_corrupt=skip); the trainer skips such a validation."""
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    valid = {str(out / s.path) for s in read_manifest(out).split_shards("valid")}
+    for path in valid:
+        Path(path).unlink()
+    loader = PretrainLoader(config(out, split="valid", sampling="uniform", infinite=False), rank=0, world_size=2)
+    assert take(loader) == []
+    warned = set(re.findall(r"(/\S+?\.tar): ", caplog.text))
+    assert warned and warned <= valid
+    with pytest.raises(ShardError):
+        take(PretrainLoader(config(out, split="valid", sampling="uniform", infinite=False, on_corrupt="fail")))
+
+
 def test_a_missing_shard_that_holds_a_streams_whole_part_of_an_epoch_is_skipped(shards, tmp_path):
     """With more streams than shards, one stream's part of an epoch can lie inside a single missing shard; the
     next epoch maps it to other shards, so on_corrupt=skip goes on (it used to end training at that epoch)."""

@@ -172,6 +172,19 @@ def test_a_fresh_run_starts_from_init_weights_and_a_resume_from_its_checkpoint(p
         assert resumed["resumed_from"] and resumed["init_weights"] is None
 
 
+def test_a_validation_that_reads_nothing_is_skipped_not_scored(pretrain_shards, tmp_path):
+    """Every held-out shard missing, on_corrupt=skip: the run goes on and logs valid_skipped, not a loss of 0."""
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    for s in read_manifest(shards).split_shards("valid"):
+        (shards / s.path).unlink()
+    out = tmp_path / "run"
+    run_trainer(shards, out, "--train.max_steps=2", "--train.valid_every=1")
+    records = read_log(out)
+    assert [e["step"] for e in events(records, "valid_skipped")] == [1, 2] and not events(records, "valid")
+    assert len(step_lines(records)) == 2
+
+
 def test_init_weights_of_another_model_are_a_refused_start(pretrain_shards, tmp_path):
     weights = save_pretrained(RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4)),
                               tmp_path / "weights")
