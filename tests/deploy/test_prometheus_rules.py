@@ -100,7 +100,7 @@ def test_dashboard_covers_the_issue_panels():
     assert dash["uid"] and dash["panels"]
     text = json.dumps(dash["panels"])
     for metric in ("tokens", "mfu_ratio", "rnalm_train_loss", "learning_rate", "grad_norm",
-                   "dataloader_wait", "device_memory"):
+                   "dataloader_wait", "dataloader_corrupt_shards", "device_memory"):
         assert metric in text, f"dashboard has no panel for {metric}"
     variables = {v["name"] for v in dash["templating"]["list"]}
     assert {"datasource", "slurm_job_id"} <= variables
