@@ -165,6 +165,9 @@ def weights_format(path: Path) -> str:
                     raise FileNotFoundError(f"{path}: {name} in this tool's layout but no {CONFIG_NAME} "
                                             f"beside it (written with it by pretrain.convert / save_pretrained)")
                 return "multimolecule"
+        if (path / "checkpoints").is_dir() or (path / "latest").exists() or (path / "trainer_state.json").exists():
+            raise FileNotFoundError(f"{path}: a training run or checkpoint, not released weights: convert it first "
+                                    f"(python -m pretrain.convert {path} OUT_DIR, then use OUT_DIR)")
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}+{CONFIG_NAME} or multimolecule weights")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")

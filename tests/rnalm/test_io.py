@@ -5,7 +5,7 @@ import torch
 
 from rnalm.config import ModelConfig
 from rnalm.io import (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28, WeightsError, export_multimolecule, export_official, import_multimolecule,
-                      import_official, load_pretrained, save_pretrained)
+                      import_official, load_pretrained, save_pretrained, weights_format)
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import batch_encode
 
@@ -142,3 +142,18 @@ def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):
         config.write_text(json.dumps({**meta, "model": model_entry} if model_entry else {"tokenizer": meta["tokenizer"]}))
         with pytest.raises(WeightsError, match=f"{config}: no usable 'model' entry .*{reason}"):
             load_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("layout", ["run", "checkpoints", "step"])
+def test_a_training_run_given_as_weights_says_to_convert_it(layout, tmp_path):
+    """train.init_weights / finetune's model.path pointed at a run's out_dir (or its checkpoints/, or one step*
+    folder) said only 'no model.safetensors+config.json or multimolecule weights'."""
+    step = tmp_path / "run" / "checkpoints" / "step00000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (step.parent / "latest").write_text("step00000004")
+    path = {"run": tmp_path / "run", "checkpoints": step.parent, "step": step}[layout]
+    with pytest.raises(FileNotFoundError, match=f"{path}: a training run or checkpoint.*python -m pretrain.convert"):
+        weights_format(path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors\\+config.json or multimolecule weights"):
+        weights_format(tmp_path)  # an empty folder keeps the old message
