@@ -45,6 +45,10 @@ def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
 def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:
     cfg, state = read_pretrained(model_dir)
     out = Path(out)
+    if to == "official" and out.is_dir():
+        raise WeightsError(f"{out} is a directory: --to official writes one .pt file")
+    if to == "multimolecule" and out.exists() and not out.is_dir():
+        raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
     if to == "official":
         out.parent.mkdir(parents=True, exist_ok=True)
         export_official(state, out)

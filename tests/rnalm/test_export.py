@@ -47,3 +47,17 @@ def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys):
         main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
     assert exit_.value.code == 1 and "no setting for ['rope_base']" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("to", ["official", "multimolecule"])
+def test_an_output_of_the_other_kind_is_named(tmp_path, capsys, to):
+    """--to official onto a directory said '[Errno 21] Is a directory: <its temp file> -> OUT', --to multimolecule
+    onto a file '[Errno 17] File exists'."""
+    released(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir() if to == "official" else out.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "model"), "--to", to, str(out)])
+    kind, writes = ("directory", "one .pt file") if to == "official" else ("file", "a directory")
+    assert exit_.value.code == 1 and f"{out} is a {kind}: --to {to} writes {writes}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
