@@ -50,6 +50,9 @@ def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Pat
     if to == "multimolecule" and out.exists() and not out.is_dir():
         raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
     if to == "official":
+        if cfg.rope_base != ModelConfig.rope_base:  # the original's attention fixes base=10000.0; the .pt cannot say
+            raise WeightsError(f"the original's RiNALMo has RoPE base {ModelConfig.rope_base} fixed in its code "
+                               f"(this model: rope_base {cfg.rope_base}); its .pt would run with the wrong positions")
         out.parent.mkdir(parents=True, exist_ok=True)
         export_official(state, out)
         return out

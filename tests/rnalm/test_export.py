@@ -61,3 +61,13 @@ def test_an_output_of_the_other_kind_is_named(tmp_path, capsys, to):
     kind, writes = ("directory", "one .pt file") if to == "official" else ("file", "a directory")
     assert exit_.value.code == 1 and f"{out} is a {kind}: --to {to} writes {writes}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
+
+
+def test_a_rope_base_the_original_cannot_run_is_refused_for_its_layout_too(tmp_path, capsys):
+    """The original's attention fixes RoPE base 10000 and its .pt records none, so a model of another base was
+    written without a word and ran (there, and back through import_official / train.init_weights) at 10000."""
+    released(tmp_path, rope_base=20000.0)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "model"), "--to", "official", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 1 and "rope_base 20000.0" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
