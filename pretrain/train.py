@@ -174,6 +174,8 @@ class Trainer:
         """train.init_weights into a fresh run's model (continued pretraining); a resume takes its checkpoint's.
         Every rank reads and checks the file, so a bad one is refused by all of them alike."""
         path = self.cfg.train.init_weights
+        if path and self.resume_tag is not None and self.rank == 0:  # e.g. an old out_dir reused by mistake
+            _eprint(f"train.init_weights ignored: resuming {self.out} from its checkpoint {self.resume_tag}")
         if not path or self.resume_tag is not None:
             return None
         try:

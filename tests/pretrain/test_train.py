@@ -167,9 +167,11 @@ def test_a_fresh_run_starts_from_init_weights_and_a_resume_from_its_checkpoint(p
     trained = events(read_log(straight_run), "valid")[-1]["loss"]
     assert events(read_log(out), "valid")[0]["loss"] == pytest.approx(trained, rel=2e-3)
     if not zero_init:  # the resume takes its checkpoint, not init_weights
-        run_trainer(pretrain_shards, out, "--train.max_steps=2", *slow_warmup, f"--train.init_weights={weights}")
+        proc = run_trainer(pretrain_shards, out, "--train.max_steps=2", *slow_warmup,
+                           f"--train.init_weights={weights}")
         resumed = events(read_log(out), "start")[-1]
         assert resumed["resumed_from"] and resumed["init_weights"] is None
+        assert proc.stderr.count("train.init_weights ignored: resuming") == 1  # said once, by rank 0
 
 
 def test_a_validation_that_reads_nothing_is_skipped_not_scored(pretrain_shards, tmp_path):
