@@ -87,7 +87,8 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
-    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    # a file's layout is told by rnalm.io.read_weights from the one read it makes
+    fmt = detect_format(path) if cfg.format == "auto" and path.is_dir() else cfg.format
     if fmt == "finetuned":
         return load_finetuned(path, **overrides)[0].lm
     try:

@@ -75,9 +75,7 @@ def read_init_weights(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tens
     """train.init_weights as a state dict for `model_cfg`: same shapes, same INIT_WEIGHTS_SAME settings. A
     pretrain.convert directory records its head count; the original's and multimolecule's files do not (their models
     are RoPE base 10000), so for them the model section's head count is taken."""
-    fmt = rio.weights_format(Path(path))
-    overrides = {} if fmt == "rnalm" else {"num_heads": model_cfg.num_heads}
-    saved, state = rio.read_weights(path, fmt, **overrides)
+    saved, state = rio.read_weights(path, heads=model_cfg.num_heads)
     rio.check_state_dict(state, model_cfg, path)
     differs = {k: (getattr(saved, k), getattr(model_cfg, k)) for k in INIT_WEIGHTS_SAME
                if getattr(saved, k) != getattr(model_cfg, k)}
@@ -174,9 +172,11 @@ class Trainer:
         """train.init_weights into a fresh run's model (continued pretraining); a resume takes its checkpoint's.
         Every rank reads and checks the file, so a bad one is refused by all of them alike."""
         path = self.cfg.train.init_weights
-        if path and self.resume_tag is not None and self.rank == 0:  # e.g. an old out_dir reused by mistake
-            _eprint(f"train.init_weights ignored: resuming {self.out} from its checkpoint {self.resume_tag}")
-        if not path or self.resume_tag is not None:
+        if not path:
+            return None
+        if self.resume_tag is not None:
+            if self.rank == 0:  # e.g. an old out_dir reused by mistake
+                _eprint(f"train.init_weights ignored: resuming {self.out} from its checkpoint {self.resume_tag}")
             return None
         try:
             state = read_init_weights(path, self.model_cfg)

@@ -24,17 +24,22 @@ from rnalm.files import atomic_write
 from rnalm.io import (MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
                       export_official, read_pretrained)
 
-# ModelConfig fields multimolecule's config cannot express: a model that differs from RiNALMo's there is refused
-_FIXED_IN_MULTIMOLECULE = ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")
+# ModelConfig fields each target cannot express (the original's code fixes RoPE base 10000 and a .pt records no
+# settings; multimolecule's config has no field for these): a model that differs from RiNALMo's there is refused
+FIXED_IN = {"official": ("rope_base",),
+            "multimolecule": ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")}
+
+
+def check_expressible(cfg: ModelConfig, to: str) -> None:
+    default = {f.name: f.default for f in fields(ModelConfig)}
+    differs = [k for k in FIXED_IN[to] if getattr(cfg, k) != default[k]]
+    if differs:
+        raise WeightsError(f"{to} RiNALMo has no setting for {differs} (this model: "
+                           f"{', '.join(f'{k} {getattr(cfg, k)}' for k in differs)}): it would compute otherwise")
 
 
 def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
     """multimolecule RiNALMoConfig fields of our model (its SwiGLU width is int(2/3 x intermediate_size))."""
-    default = {f.name: f.default for f in fields(ModelConfig)}
-    differs = [k for k in _FIXED_IN_MULTIMOLECULE if getattr(cfg, k) != default[k]]
-    if differs:
-        raise WeightsError(f"multimolecule's RiNALMo has no setting for {differs} (this model: "
-                           f"{ {k: getattr(cfg, k) for k in differs} })")
     return {"architectures": ["RiNALMoForMaskedLM"], "model_type": "rinalmo",
             "vocab_size": len(MULTIMOLECULE_VOCAB_28), "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
             "num_attention_heads": cfg.num_heads, "intermediate_size": 4 * cfg.dim,
@@ -43,16 +48,14 @@ def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:
-    cfg, state = read_pretrained(model_dir)
     out = Path(out)
     if to == "official" and out.is_dir():
         raise WeightsError(f"{out} is a directory: --to official writes one .pt file")
     if to == "multimolecule" and out.exists() and not out.is_dir():
         raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
+    cfg, state = read_pretrained(model_dir)
+    check_expressible(cfg, to)
     if to == "official":
-        if cfg.rope_base != ModelConfig.rope_base:  # the original's attention fixes base=10000.0; the .pt cannot say
-            raise WeightsError(f"the original's RiNALMo has RoPE base {ModelConfig.rope_base} fixed in its code "
-                               f"(this model: rope_base {cfg.rope_base}); its .pt would run with the wrong positions")
         out.parent.mkdir(parents=True, exist_ok=True)
         export_official(state, out)
         return out

@@ -171,20 +171,30 @@ def weights_format(path: Path) -> str:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}+{CONFIG_NAME} or multimolecule weights")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
-    keys = read_state_dict(path).keys()
-    return "multimolecule" if any(k.startswith("model.embeddings.") for k in keys) else "official"
+    return _file_format(read_state_dict(path))
 
 
-def read_weights(path: str | os.PathLike, fmt: str = "auto", **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
-    """(config, state dict in our layout) from released weights of any format `weights_format` tells."""
+def _file_format(state: Mapping[str, torch.Tensor]) -> str:
+    return "multimolecule" if any(k.startswith("model.embeddings.") for k in state) else "official"
+
+
+def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None = None,
+                 **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+    """(config, state dict in our layout) from released weights of any format `weights_format` tells. `heads`: the
+    head count of weights that do not record it (the original's .pt, multimolecule), unless overridden."""
     path = Path(path)
+    source: str | os.PathLike | StateDict = path
+    if fmt == "auto" and path.is_file():  # read once: its keys tell the layout (a giga .pt is 2.6 GB)
+        source = read_state_dict(path)
+        fmt = _file_format(source)
     fmt = weights_format(path) if fmt == "auto" else fmt
     if fmt == "rnalm":
         return read_pretrained(path, **config_overrides)
     if fmt == "multimolecule" and path.is_dir():
-        path = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+        source = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
     importer = import_official if fmt == "official" else import_multimolecule
-    return importer(path, **config_overrides)
+    unrecorded = {"num_heads": heads} if heads is not None else {}
+    return importer(source, where=str(path), **{**unrecorded, **config_overrides})
 
 
 # --- the original RiNALMo layout -------------------------------------------------------------------
@@ -228,9 +238,10 @@ def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any
     return ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
 
 
-def import_official(path_or_state, **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
+def import_official(path_or_state, *, where: str | None = None,
+                    **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
     """The original's `*_pretrained.pt` (or a fine-tuned wrapper with prefix `lm.`/`rinalmo.`)."""
-    where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "official state dict"
+    where = where or (str(path_or_state) if not isinstance(path_or_state, Mapping) else "official state dict")
     state = read_state_dict(path_or_state)
     for prefix in ("lm.", "rinalmo."):
         if any(k.startswith(prefix + "embedding.") for k in state):
@@ -281,12 +292,12 @@ def _mm_rows(mm_vocab: tuple[str, ...]) -> list[int]:
     return [mm_vocab.index(_OURS_TO_MM_TOKEN[t]) for t in VOCAB]
 
 
-def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] | None = None,
+def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] | None = None, *, where: str | None = None,
                          **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
     """multimolecule `RiNALMoForMaskedLM` weights -> our (the original's) names and vocabulary order. The
     vocabulary is told by the embedding's row count (26: published checkpoints, 28: current releases) unless
     given; rows are re-indexed by token, so a vocabulary that does not match the weights is an error."""
-    where = str(path_or_state) if not isinstance(path_or_state, Mapping) else "multimolecule state dict"
+    where = where or (str(path_or_state) if not isinstance(path_or_state, Mapping) else "multimolecule state dict")
     mm = read_state_dict(path_or_state)
     try:
         vocab_rows = mm["model.embeddings.word_embeddings.weight"].shape[0]
