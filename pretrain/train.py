@@ -360,8 +360,9 @@ class Trainer:
         """Loss, perplexity and masked accuracy on the held-out split (all ranks; equal number of forwards)."""
         cfg, engine, dev = self.cfg, self.engine, self.device
         engine.eval()
-        loader = iter(PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world))
-        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # ce, masked, correct
+        valid = PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
+        loader = iter(valid)
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # ce, correct, masked, records
         batches = 0
         with torch.no_grad():
             while True:
@@ -369,31 +370,35 @@ class Trainer:
                 b = _next_batch(loader, None) if not limit or batches < limit else None
                 if _all_reduce(torch.tensor([float(b is not None)], device=dev))[0].item() == 0:
                     break
-                real = b is not None
+                real, records = b is not None, b.num_sequences if b is not None else 0
                 b = self._static_shape(b if real else dummy_batch()).to(dev)
                 index = masked_index(b)
                 logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
                 if real:
                     ce, correct = mlm_sums(logits, b.targets[index])
-                    sums += torch.stack([ce.double(), torch.tensor(float(index.numel()), device=dev,
-                                                                   dtype=torch.float64), correct.double()])
+                    counts = torch.tensor([index.numel(), records], device=dev, dtype=torch.float64)
+                    sums += torch.cat([torch.stack([ce.double(), correct.double()]), counts])
                 batches += 1
         engine.train()
-        ce, masked, correct = _all_reduce(sums).tolist()
+        ce, correct, masked, records = _all_reduce(sums).tolist()
+        unreadable = len(set().union(*_all_gather(sorted(valid.stats["corrupt_shards"]))))
+        damage = f" | {unreadable} unreadable held-out shard(s) skipped (see the warnings)" if unreadable else ""
         self.last_valid = self.step
         if not masked:  # every held-out shard unreadable (on_corrupt=skip): no number, not a loss of 0
-            self._log(event="valid_skipped", step=self.step, reason="no held-out record could be read")
+            self._log(event="valid_skipped", step=self.step, reason="no held-out record could be read",
+                      corrupt_shards_skipped=unreadable)
             if self.rank == 0:
-                _eprint(f"valid @ step {self.step}: skipped, no held-out record could be read (see the warnings)")
+                _eprint(f"valid @ step {self.step}: skipped, no held-out record could be read{damage}")
             return {}
         loss = ce / masked
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / masked,
-                  "masked_tokens": int(masked)}
+                  "masked_tokens": int(masked), "records": int(records), "corrupt_shards_skipped": unreadable}
         self.metrics.valid_loss.set(loss)
         self._log(event="valid", step=self.step, **result)
         if self.rank == 0:
             _eprint(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "
-                    f"acc {result['accuracy']:.3%} | {int(masked):,} masked tokens")
+                    f"acc {result['accuracy']:.3%} | {int(masked):,} masked tokens in {int(records):,} records"
+                    f"{damage}")
         return result
 
     # -------------------------------------------------------------------------------- checkpoints

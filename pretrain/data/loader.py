@@ -61,6 +61,8 @@ class _StreamsDataset(IterableDataset):
         if packer:
             batch, state = packer.flush()
             yield batch, meta(state)
+        if len(stream.corrupt) > reported:  # damage after the stream's last batch: no batch carries it
+            yield None, {"worker": logical, "state": None, "corrupt": list(stream.corrupt.items())[reported:]}
 
 
 class PretrainLoader:
@@ -99,19 +101,22 @@ class PretrainLoader:
                                      prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
                                      multiprocessing_context=_WORKERS))
         for arrays, meta in source:
+            self._note_corrupt(meta["corrupt"])
+            if arrays is None:
+                continue
             batch = arrays.to_batch()
             if self.cfg.pin_memory:
                 batch = batch.pin_memory()
             state = StreamState.from_dict(meta["state"])
             self._streams[meta["worker"]] = state
             self._next = (meta["worker"] + 1) % self.streams_per_rank
-            self._count(batch, arrays.cropped, meta, state)
+            self._count(batch, arrays.cropped, state)
             yield batch
         if not self.cfg.infinite:  # a finished pass: the next iteration is the same pass again
             self._streams = [StreamState() for _ in range(self.streams_per_rank)]
             self._next = 0
 
-    def _count(self, batch: PackedBatch, cropped: int, meta: dict, state: StreamState) -> None:
+    def _count(self, batch: PackedBatch, cropped: int, state: StreamState) -> None:
         s = self.stats
         s["batches"] += 1
         s["samples"] += batch.num_sequences
@@ -119,8 +124,10 @@ class PretrainLoader:
         s["tokens"] += batch.num_tokens
         s["masked_tokens"] += int((batch.targets != IGNORE_INDEX).sum())
         s["epoch"] = state.epoch
-        for path, reason in meta["corrupt"]:
-            s["corrupt_shards"][path] = reason
+
+    def _note_corrupt(self, corrupt: list[tuple[str, str]]) -> None:
+        s = self.stats
+        s["corrupt_shards"].update(corrupt)
         s["corrupt_shards_skipped"] = len(s["corrupt_shards"])
 
     # ------------------------------------------------------------------------------------------- state

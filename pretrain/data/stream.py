@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import tar_file_iterator
 
 from dataprep.shards import BLOCK_EXT, RecordBlock, ShardError, decode_block
 
@@ -34,16 +34,17 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
     """Blocks of one shard that overlap records [lo, hi), each with the shard index of its first record."""
     pos = 0
     try:
-        for member in tarfile_samples([{"url": str(path)}]):
-            where = f"{path}:{member['__key__']}.{BLOCK_EXT}"
-            if BLOCK_EXT not in member:
-                raise ShardError(f"{where}: missing (member has {sorted(k for k in member if k[0] != '_')})")
-            block = decode_block(member[BLOCK_EXT], where)
-            if pos + len(block) > lo:
-                yield pos, block
-            pos += len(block)
-            if pos >= hi:
-                return
+        with open(path, "rb") as f:  # member by member: webdataset's samples would drop a block followed by damage
+            for member in tar_file_iterator(f):
+                where = f"{path}:{member['fname']}"
+                if not member["fname"].endswith(f".{BLOCK_EXT}"):
+                    raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
+                block = decode_block(member["data"], where)
+                if pos + len(block) > lo:
+                    yield pos, block
+                pos += len(block)
+                if pos >= hi:
+                    return
     except GeneratorExit:  # closed while suspended, e.g. at interpreter exit, when tarfile.TarError may be gone
         raise
     except FileNotFoundError:

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from dataprep.shards import ShardError, read_manifest
 from pretrain.data import DataConfig, PretrainLoader
+from pretrain.data.stream import read_shard
 from pretrain.data.synthetic import cluster_members, synthetic_corpus, write_shards
 from rnalm.tokenizer import CLS_ID, encode
 
@@ -213,6 +215,20 @@ def test_corrupt_shards_are_reported_counted_and_skipped(shards, corpus, tmp_pat
     assert intact <= set(ids) and len(ids) > len(intact)  # the part before the damage is kept too
 
 
+def test_the_blocks_before_damage_inside_a_shard_are_read(shards, tmp_path):
+    """Truncated inside its second block, a shard still gives its first: reading grouped webdataset samples lost
+    it, since a sample is handed out only once the next member has been read."""
+    intact = shards / read_manifest(shards).split_shards("train")[0].path
+    with tarfile.open(intact) as tar:
+        second = tar.getmembers()[1]
+    damaged = tmp_path / "shard.tar"
+    damaged.write_bytes(intact.read_bytes()[: second.offset_data + second.size // 2])
+    read = []
+    with pytest.raises(ShardError, match="corrupt or truncated tar"):
+        read.extend((pos, len(block)) for pos, block in read_shard(damaged, 0, 300))
+    assert read == [(0, 64)]
+
+
 def _shard_ids(path):
     from dataprep.shards import iter_blocks
     return [i for block in iter_blocks(path) for i in block.ids]
@@ -248,18 +264,23 @@ def test_a_stream_that_reads_nothing_pass_after_pass_names_the_shards_instead_of
     assert not delivered
 
 
-def test_a_validation_pass_over_unreadable_shards_ends_empty_and_names_them(shards, tmp_path, caplog):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_validation_pass_over_unreadable_shards_ends_empty_and_names_them(shards, tmp_path, caplog, workers):
     """One pass cannot spin, so a validation stream whose part lies in missing shards ends its pass (it used to
-    raise, and that rank took the job down although on_corrupt=skip); the trainer skips such a validation."""
+    raise, and that rank took the job down although on_corrupt=skip); the trainer skips such a validation. The
+    shards are counted although no batch follows them (the count used to travel with batches only: 0 here)."""
     out = tmp_path / "shards"
     shutil.copytree(shards, out)
     valid = {str(out / s.path) for s in read_manifest(out).split_shards("valid")}
     for path in valid:
         Path(path).unlink()
-    loader = PretrainLoader(config(out, split="valid", sampling="uniform", infinite=False), rank=0, world_size=2)
+    loader = PretrainLoader(config(out, split="valid", sampling="uniform", infinite=False, num_workers=workers),
+                            rank=0, world_size=2)
     assert take(loader) == []
-    warned = set(re.findall(r"(/\S+?\.tar): ", caplog.text))
-    assert warned and warned <= valid
+    counted = set(loader.stats["corrupt_shards"])
+    assert counted and counted <= valid and loader.stats["corrupt_shards_skipped"] == len(counted)
+    if not workers:  # a worker's log records go to its own process
+        assert set(re.findall(r"(/\S+?\.tar): ", caplog.text)) == counted
     with pytest.raises(ShardError):
         take(PretrainLoader(config(out, split="valid", sampling="uniform", infinite=False, on_corrupt="fail")))
 

@@ -187,6 +187,23 @@ def test_a_validation_that_reads_nothing_is_skipped_not_scored(pretrain_shards, 
     assert len(step_lines(records)) == 2
 
 
+def test_a_validation_over_a_partly_readable_shard_says_how_much_it_scored(pretrain_shards, straight_run, tmp_path):
+    """A truncated held-out shard: the records before the damage are scored, and the valid event says how many
+    and that a shard was skipped (it used to give a loss over fewer records with a warning on stderr only)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    held_out = read_manifest(shards).split_shards("valid")
+    damaged = shards / held_out[0].path
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    out = tmp_path / "run"
+    proc = run_trainer(shards, out, "--train.max_steps=1", "--train.valid_every=1", "--train.valid_max_batches=0")
+    valid = events(read_log(out), "valid")[0]
+    assert valid["corrupt_shards_skipped"] == 1
+    assert 0 < valid["records"] < sum(s.records for s in held_out)
+    assert "1 unreadable held-out shard(s) skipped" in proc.stderr
+    assert {e["corrupt_shards_skipped"] for e in events(read_log(straight_run), "valid")} == {0}
+
+
 def test_init_weights_of_another_model_are_a_refused_start(pretrain_shards, tmp_path):
     weights = save_pretrained(RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4)),
                               tmp_path / "weights")
