@@ -2,11 +2,8 @@
 
 ArchiveII inter-family folds follow the paper: the held-out family is the test set, the other families are
 split at random into train/validation. On top of that, every non-test record that is a near-duplicate of any
-test record is removed from train/validation ("leakage filter"): two sequences are near-duplicates when the
-shared distinct 8-mers cover at least `max_containment` (default 0.5) of the smaller sequence's 8-mers. For
-substitutions spread evenly that is roughly >= 92% identity; real near-copies (same gene in another
-family's set, chimeras, domains) share long identical stretches and score far higher. The counts removed are
-reported with every fold.
+test record (`finetune.neardup`: shared distinct 8-mers cover at least half of the smaller sequence's) is
+removed from train/validation ("leakage filter"). The counts removed are reported with every fold.
 """
 from __future__ import annotations
 
@@ -14,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
+from finetune.neardup import near_duplicate_mask
 from finetune.structure import StructureRecord, read_structure_csv
 
 BPRNA_FILE = "ss/bpRNA-1m90_len10-100.csv.gz"
@@ -50,38 +47,6 @@ def bprna_splits(data_root: str | Path) -> SSSplits:
 def load_archiveii(data_root: str | Path) -> list[tuple[StructureRecord, str]]:
     """(record, family_prefix) for all 3,975 ArchiveII structures."""
     return [(rec, row["family_prefix"]) for rec, row in read_structure_csv(Path(data_root) / ARCHIVEII_FILE)]
-
-
-def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:
-    """Binary [n, 4^k] matrix of the distinct k-mers (over ACGU; k-mers with other letters skipped) of each sequence."""
-    code = np.full(256, -1, dtype=np.int64)
-    for c, v in zip("ACGU", range(4)):
-        code[ord(c)] = code[ord(c.lower())] = v
-    code[ord("T")] = code[ord("t")] = 3
-    rows, cols = [], []
-    for r, s in enumerate(seqs):
-        x = code[np.frombuffer(s.encode("ascii"), dtype=np.uint8)]
-        if len(x) < k:
-            continue
-        win = np.lib.stride_tricks.sliding_window_view(x, k)
-        ok = (win >= 0).all(axis=1)
-        ids = np.unique((win[ok] * (4 ** np.arange(k - 1, -1, -1))).sum(axis=1))
-        rows.append(np.full(len(ids), r))
-        cols.append(ids)
-    data_rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    data_cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    return sp.csr_matrix((np.ones(len(data_rows), dtype=np.float32), (data_rows, data_cols)),
-                         shape=(len(seqs), 4 ** k))
-
-
-def near_duplicate_mask(candidates: list[str], reference: list[str], k: int = 8,
-                        max_containment: float = 0.5) -> np.ndarray:
-    """True for each candidate whose k-mer containment with some reference sequence reaches max_containment."""
-    a, b = kmer_matrix(candidates, k), kmer_matrix(reference, k)
-    na, nb = np.asarray(a.sum(axis=1)).ravel(), np.asarray(b.sum(axis=1)).ravel()
-    shared = (a @ b.T).toarray()
-    denom = np.maximum(np.minimum(na[:, None], nb[None, :]), 1)
-    return ((shared / denom) >= max_containment).any(axis=1)
 
 
 def archiveii_fold(records: list[tuple[StructureRecord, str]], test_family: str, valid_fraction: float = 0.1,

@@ -1,11 +1,12 @@
-"""Batching helpers shared by the tasks: tokenising with rnalm.tokenizer, shuffled mini-batches, and
-length-sorted batched inference (less padding) that returns outputs in input order."""
+"""Helpers shared by the tasks: the split container, tokenising with rnalm.tokenizer, shuffled mini-batches,
+and length-sorted batched inference (less padding) that returns outputs in input order."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +16,23 @@ from rnalm.tokenizer import batch_encode
 
 T = TypeVar("T")
 DEFAULT_DATA_ROOT = os.environ.get("RNALM_SHARED_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+@dataclass
+class Splits(Generic[T]):
+    """Train / validation / test examples; `removed_near_duplicates`: training-pool examples dropped as near-copies
+    of test examples (`finetune.neardup`)."""
+    train: list[T]
+    valid: list[T]
+    test: list[T]
+    removed_near_duplicates: int = 0
+
+    def limited(self, train: int | None, valid: int | None, test: int | None) -> Splits[T]:
+        """The first N of each part (quick runs and tests); None keeps a part whole."""
+        return replace(self, train=self.train[:train], valid=self.valid[:valid], test=self.test[:test])
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
 
 
 def tokens_for(seqs: Sequence[str], device: torch.device | str) -> torch.Tensor:

@@ -82,10 +82,10 @@ def test_splice_loss_falls(tiny_checkpoint, shared_data, tmp_path):
 
 def test_splice_split_drops_test_sequences_from_training(shared_data):
     s = splice.load_splits(splice.SpliceDataConfig(root=str(shared_data)))
-    test = {seq for seq, _ in s["test"]}
-    assert len(s["test"]) == 4562
-    assert not test & {seq for seq, _ in s["train"] + s["valid"]}
-    assert len(s["train"]) + len(s["valid"]) < 4562
+    test = {seq for seq, _ in s.test}
+    assert len(s.test) == 4562
+    assert not test & {seq for seq, _ in s.train + s.valid}
+    assert len(s.train) + len(s.valid) < 4562
 
 
 def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_path):
@@ -105,8 +105,8 @@ def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_p
 
 def test_mrl_split_is_disjoint_and_complete(shared_data):
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
-    assert [len(s[k]) for k in ("train", "valid", "test")] == [12160, 1520, 1520]
-    assert {e.group for e in s["test"]} == {"random", "human"}
+    assert [len(s.train) + s.removed_near_duplicates, len(s.valid), len(s.test)] == [12160, 1520, 1520]
+    assert {e.group for e in s.test} == {"random", "human"}
 
 
 def test_bad_step_caps_are_refused_and_bf16_off_cuda_says_it_runs_fp32(tiny_checkpoint, shared_data, tmp_path):
@@ -140,7 +140,7 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
     result = mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", limit_test=16))  # seed left at its default 0
     assert result["split_seed"] == 1
     assert "(seed 1)" in result["note"] and result["note"] in (tmp_path / "eval" / "eval_results.md").read_text()
-    test_seed1 = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), seed=1, limit_test=16))["test"]
+    test_seed1 = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), seed=1, limit_test=16)).test
     model, meta = load_finetuned(tmp_path)
     assert result["rows"] == mrl.evaluate_examples(model, test_seed1, mrl.Scaler(**meta["scaler"]), 64, False)
     with pytest.raises(ValueError, match="trained on the split .* 'seed': 1.* records it was trained on"):
