@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dataprep.shards import ShardError
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
                                  read_trainer_state)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
@@ -43,6 +44,7 @@ from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 
 EXIT_NONFINITE = 3
+EXIT_DATA = 4
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -622,6 +624,9 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as e:  # checkpoints this run may not or cannot resume: a refused start
         print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
         code = 2
+    except ShardError as e:  # data.on_corrupt=fail, or a stream with nothing readable left: a rerun meets it again
+        print(f"python -m pretrain.train: error: unreadable shard data: {e}", file=sys.stderr)
+        code = EXIT_DATA
     except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
         traceback.print_exc()
         code = None

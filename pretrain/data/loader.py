@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataprep.shards import read_manifest
+from dataprep.shards import ShardError, read_manifest
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 
 from .config import DataConfig
@@ -55,9 +55,13 @@ class _StreamsDataset(IterableDataset):
             reported = len(stream.corrupt)
             return {"worker": logical, "state": state.to_dict(), "corrupt": corrupt}
 
-        for samples, position in stream.windows():
-            for batch, state in packer.add(samples, position):
-                yield batch, meta(state)
+        try:
+            for samples, position in stream.windows():
+                for batch, state in packer.add(samples, position):
+                    yield batch, meta(state)
+        except ShardError as e:  # handed over as data: a DataLoader re-raises a worker's error with its traceback
+            yield None, {"worker": logical, "corrupt": [], "error": str(e)}
+            return
         if packer:
             batch, state = packer.flush()
             yield batch, meta(state)
@@ -101,6 +105,8 @@ class PretrainLoader:
                                      prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
                                      multiprocessing_context=_WORKERS))
         for arrays, meta in source:
+            if "error" in meta:
+                raise ShardError(meta["error"])
             self._note_corrupt(meta["corrupt"])
             if arrays is None:
                 continue

@@ -236,10 +236,13 @@ def _shard_ids(path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_shard_is_fatal_on_request(shards, tmp_path, workers):
+    """The error is the shard's own one line also from a worker (a DataLoader re-raises a worker's exception
+    as 'Caught ShardError in DataLoader worker process 0. Original Traceback ...')."""
     out, bad = corrupt_copy(shards, tmp_path)
     loader = PretrainLoader(config(out, sampling="uniform", infinite=False, on_corrupt="fail", num_workers=workers))
-    with pytest.raises(ShardError, match="shard-0000"):
+    with pytest.raises(ShardError) as e:
         take(loader)
+    assert str(e.value).split(": ")[0] in bad and "\n" not in str(e.value)
 
 
 @pytest.mark.timeout(60)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -150,6 +151,20 @@ def test_skipped_corrupt_shards_are_counted_in_the_log(pretrain_shards, straight
     assert len(skipped) == 3 and skipped[-1] >= 1, skipped
     assert "skipping the rest of corrupt shard" in proc.stderr
     assert {r["corrupt_shards_skipped"] for r in step_lines(read_log(straight_run))} == {0}
+
+
+def test_damaged_shards_with_on_corrupt_fail_stop_the_run_with_one_line_and_exit_4(pretrain_shards, tmp_path):
+    """It used to be a traceback per rank (with a DataLoader worker, the worker's traceback inside the message)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, shards)
+    damaged = {str(shards / s.path) for s in read_manifest(shards).split_shards("train")}
+    for path in map(Path, damaged):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    proc = run_trainer(shards, tmp_path / "run", "--train.max_steps=3", "--data.shuffle_buffer=6000",
+                       "--data.on_corrupt=fail", "--data.num_workers=1", expect_rc=1)
+    errors = [line for line in proc.stderr.splitlines() if "pretrain.train: error: unreadable shard data: " in line]
+    assert len(errors) == 2 and all(line.split(": ")[3] in damaged for line in errors), errors  # one per rank
+    assert "(exitcode: 4)" in proc.stderr and f'File "{REPO / "pretrain"}' not in proc.stderr  # torchrun's traceback only
 
 
 @pytest.mark.parametrize("zero_init", [False, True])
