@@ -69,7 +69,8 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         validate: Callable[[TaskModel], dict[str, Any]], save: Callable[[TaskModel, dict[str, Any]], None],
         score_key: str, higher_is_better: bool = True) -> list[dict[str, Any]]:
     """Train for cfg.epochs; after each epoch validate, and `save` when `score_key` improved (a NaN score never
-    does). Raises when no epoch was saved, so a caller never goes on with an older run's model in OUT.
+    does). An epoch that leaves non-finite weights is not validated (its score is NaN) and ends training. Raises
+    when no epoch was saved, so a caller never goes on with an older run's model in OUT.
 
     `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
     Returns the per-epoch history (also written to OUT/log.jsonl, which each run starts anew).
@@ -123,14 +124,18 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
             step += 1
             it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         model.eval()
-        with torch.no_grad(), autocast(device, cfg.precision):
-            val = validate(model)
+        diverged = not weights_finite(model)
+        if diverged:  # the validations would score a NaN model as a number (no pairs, one class)
+            val = {score_key: math.nan}
+        else:
+            with torch.no_grad(), autocast(device, cfg.precision):
+                val = validate(model)
         score = val[score_key]
         improved = score > best if higher_is_better else score < best
         record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                   "trainable_lm_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
                   "seconds": round(time.time() - t0, 2), **{f"valid_{k}": v for k, v in val.items()},
-                  "best": bool(improved)}
+                  "diverged": diverged, "best": bool(improved)}
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
@@ -139,7 +144,15 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         if improved:
             best = score
             save(model, val)
+        if diverged:  # NaN/inf weights (and Adam state) stay so: no later epoch can recover
+            break
     if not any(r["best"] for r in history):
+        why = (f"non-finite weights after epoch {history[-1]['epoch']} (train loss {history[-1]['train_loss']}): "
+               "lower train.lr" if history[-1]["diverged"] else "is the validation split big enough?")
         raise ValueError(f"no model saved in {cfg.out_dir}: the validation {score_key} was never a number "
-                         f"({[r[f'valid_{score_key}'] for r in history]}); is the validation split big enough?")
+                         f"({[r[f'valid_{score_key}'] for r in history]}); {why}")
     return history
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

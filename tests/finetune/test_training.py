@@ -166,3 +166,43 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
     # nothing of the earlier run is left for evaluate/predict to take for this one's
     assert not (tmp_path / "finetuned.safetensors").exists() and not (tmp_path / "results.json").exists()
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # this run's epoch only
+
+
+def test_a_diverged_epoch_is_neither_validated_nor_saved_and_ends_training(tiny_checkpoint, tmp_path):
+    """Non-finite weights are not a model: splice and SS validation scored them as a number (every window
+    'acceptor', F1 0), so a NaN model was kept as the best epoch and tested; MRL's R^2 raised from sklearn."""
+    from finetune.backbone import TaskModel, load_backbone
+    from finetune.heads import SpliceSiteHead
+    from finetune.tasks.common import tokens_for
+    from finetune.trainer import fit
+
+    lm = load_backbone(BackboneConfig(path=str(tiny_checkpoint)))
+    model = TaskModel(lm, SpliceSiteHead(lm.config.dim, 3))
+    tokens = tokens_for(["ACGUACGUAC"] * 4, "cpu")
+
+    def loss_fn(m, epoch):  # each epoch's one batch is its index; epoch 1 blows up
+        loss = m(tokens).logsumexp(-1).mean()
+        return loss * float("nan") if epoch == 1 else loss
+
+    validated, saved = [], []
+
+    def validate(m):
+        validated.append(len(validated))
+        return {"score": float(len(validated))}  # would improve every epoch
+
+    history = fit(model, quick_train(tmp_path, epochs=4), UnfreezeConfig(head_only_epochs=0), lambda e: [e],
+                  loss_fn, validate, lambda m, v: saved.append(v["score"]), "score")
+    assert saved == [1.0] and validated == [0]
+    assert [h["best"] for h in history] == [True, False] and history[1]["diverged"] and not history[0]["diverged"]
+
+
+@pytest.mark.parametrize("task", ["splice", "mrl"])
+def test_a_run_that_diverges_from_the_start_saves_and_tests_nothing(tiny_checkpoint, shared_data, tmp_path, task):
+    module, cfg_cls, data_cls = {"splice": (splice, splice.SpliceConfig, splice.SpliceDataConfig),
+                                 "mrl": (mrl, mrl.MRLConfig, mrl.MRLDataConfig)}[task]
+    cfg = cfg_cls(model=BackboneConfig(path=str(tiny_checkpoint)),
+                  data=data_cls(root=str(shared_data), limit_train=32, limit_valid=16, limit_test=16),
+                  train=quick_train(tmp_path, epochs=2, batch_size=8, lr=1e4), unfreeze=UnfreezeConfig(head_only_epochs=0))
+    with pytest.raises(ValueError, match="no model saved .* non-finite weights after epoch 0"):
+        module.train(cfg)
+    assert not (tmp_path / "finetuned.safetensors").exists() and not (tmp_path / "results.json").exists()
