@@ -99,9 +99,9 @@ if [ -z "$PORT_BASE" ] && [ -n "${RNALM_METRICS_PORT_BASE:-}" ]; then
 fi
 # The file_sd targets must name what the ranks really serve: the config file with the overrides, as the
 # trainer reads it (a YAML `metrics: {enabled: false}` means no targets).
-SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" "${OVERRIDES[@]}" metrics.enabled metrics.port_base) ||
-  die "cannot read $CONFIG with the overrides: $SETTINGS"
-{ read -r METRICS; read -r PORT_BASE; } <<< "$SETTINGS"
+SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" "${OVERRIDES[@]}" metrics.enabled metrics.port_base \
+  train.out_dir) || die "cannot read $CONFIG with the overrides: $SETTINGS"
+{ read -r METRICS; read -r PORT_BASE; read -r OUT_DIR; } <<< "$SETTINGS"
 
 # ---------------------------------------------------------------------- distributed and library settings
 # Ranks come from srun: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID (set per task in the srun command).
@@ -197,8 +197,13 @@ while :; do
 done
 log "training step ended with exit code $RC"
 
+# Requeue only on the ranks' word that they stopped on the signal with a checkpoint saved. A run that finished
+# anyway, a refused start (exit 2), a non-finite stop (3) or a crash would only repeat itself, and with a time
+# limit at or below the --signal lead every run is signalled at once: a requeue loop.
 if [ "$PREEMPTED" = 1 ]; then
-  [ "$RC" = 0 ] || log "warning: the ranks did not exit cleanly; the rerun resumes from the newest good checkpoint"
-  requeue
+  if [ "$RC" = 0 ] && [[ $(tail -n 1 "$OUT_DIR/log.jsonl" 2>/dev/null) == *'"event": "preempted"'* ]]; then
+    requeue
+  fi
+  log "not requeued: the ranks did not stop on the signal with a checkpoint (see $OUT_DIR/log.jsonl)"
 fi
 exit "$RC"

@@ -14,6 +14,7 @@ STUBS = {
     "scontrol": r"""case "$1 $2" in
   "show hostnames") for i in $(seq -f '%02g' 1 "$NODES"); do echo "gpu$i"; done ;;
   "show node") echo "NodeName=$4 NodeAddr=10.0.0.$((10#${4#gpu})) State=ALLOCATED" ;;
+  "requeue "*) echo "scontrol $*" >> "$CALLS" ;;
 esac""",
     "squeue": "exit 0",
     "scancel": "exit 0",
@@ -29,15 +30,15 @@ exec "$REAL_PYTHON" "$@"
 """
 
 
-def run_script(tmp: Path, nodes: int, tasks: int, gpus: int,
-               job_id: int = 123456) -> tuple[subprocess.CompletedProcess, str, Path]:
+def run_script(tmp: Path, nodes: int, tasks: int, gpus: int, job_id: int = 123456, trainer: str = TRAINER,
+               args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, str, Path]:
     bin_dir, sd = tmp / "bin", tmp / "sd"
     bin_dir.mkdir()
     sd.mkdir()
     for name, body in STUBS.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    (tmp / "python").write_text(f"#!/bin/bash\n{TRAINER}")
+    (tmp / "python").write_text(f"#!/bin/bash\n{trainer}")
     (tmp / "python").chmod(0o755)
     calls = tmp / "calls"
     calls.touch()
@@ -47,9 +48,12 @@ def run_script(tmp: Path, nodes: int, tasks: int, gpus: int,
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]",
            "SLURM_NTASKS": str(nodes * tasks), "SLURM_TASKS_PER_NODE": f"{tasks}(x{nodes})",
            "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_CPUS_PER_TASK": "8"}
-    r = subprocess.run(["bash", str(REPO / "deploy/slurm/pretrain.sh"), "pretrain/configs/giga.yaml",
-                        "--data.shards=/shared/shards"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    # Output to files, not pipes: a background `sleep` of the script's USR1 forwarder would hold a pipe open.
+    with open(tmp / "stdout", "w+") as out, open(tmp / "stderr", "w+") as err:
+        r = subprocess.run(["bash", str(REPO / "deploy/slurm/pretrain.sh"), "pretrain/configs/giga.yaml",
+                            "--data.shards=/shared/shards", *args], cwd=REPO, env=env, stdout=out, stderr=err,
+                           timeout=120)
+    r.stdout, r.stderr = (tmp / "stdout").read_text(), (tmp / "stderr").read_text()
     return r, calls.read_text(), sd
 
 

@@ -1,0 +1,50 @@
+"""pretrain.sh requeues the job after the time-limit/preemption USR1 only when the ranks stopped on it with a
+checkpoint saved (exit 0, `preempted` the last event of log.jsonl). A run that finished anyway, a refused start
+(exit 2, e.g. a config error), a non-finite stop (exit 3) or a crash ends the job: requeued, it would only repeat
+the same outcome, and with a time limit at or below the --signal lead (Slurm then signals every run at once) it
+would loop forever. Stub scontrol/srun/squeue as in test_pretrain_sh_layout; rank 0 of a stand-in trainer sends
+USR1 to the batch shell, as Slurm does, then ends the way the case says."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from tests.deploy.test_pretrain_sh_layout import run_script
+
+TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
+  if [ "$RANK" = 0 ]; then
+    kill -USR1 "$(cut -d' ' -f4 /proc/$PPID/stat)"   # the batch shell (parent of srun)
+    sleep 1
+    echo -n {line} >> {log}
+  fi
+  exit {code}
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+PREVIOUS_RUN = {"event": "preempted", "step": 40}   # what the run before a requeue left as the last line
+
+CASES = {  # the ranks' last log event, their exit code -> requeued?
+    "saved on the signal": ({"event": "preempted", "step": 57}, 0, True),
+    "finished anyway": ({"event": "done", "step": 100}, 0, False),
+    "refused start (config error)": (None, 2, False),
+    "non-finite stop": ({"event": "stopped_nonfinite", "step": 57}, 3, False),
+    "crash": (None, 1, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_requeue_only_when_the_ranks_saved_on_the_signal(case, tmp_path):
+    last, code, requeued = CASES[case]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps(PREVIOUS_RUN) + "\n")
+    line = json.dumps(last) + "\n" if last else ""
+    trainer = TRAINER.format(line=shlex.quote(line), log=shlex.quote(str(out / "log.jsonl")), code=code)
+    r, calls, sd = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer,
+                              args=(f"--train.out_dir={out}",))
+    assert "USR1" in r.stdout, r.stdout + r.stderr
+    assert ("scontrol requeue 123456" in calls) == requeued, r.stdout + r.stderr
+    assert r.returncode == code, r.stdout + r.stderr
+    assert not list(sd.glob("*.json"))
