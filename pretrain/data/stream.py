@@ -50,7 +50,8 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or (e.args[0] if e.args else "")
+        # webdataset appends " @ <the file object>" to the reason: the path is said once already
+        reason = getattr(e, "strerror", None) or (str(e.args[0]).split(" @ <")[0] if e.args else "")
         raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {reason})") from None
     raise ShardError(f"{path}: ends after {pos} records, but the manifest lists at least {hi}")
 
