@@ -48,6 +48,10 @@ EXIT_DATA = 4
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
+class RefusedStart(RuntimeError):
+    """A start-up this run cannot make as configured (exit 2, one line); checkpoint refusals are CheckpointError."""
+
+
 class PretrainModel(RiNALMo):
     """RiNALMo whose forward is the packed MLM forward, so the DeepSpeed engine (and its ZeRO-3 hooks) runs it.
 
@@ -131,8 +135,7 @@ class Trainer:
                                     world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
         self.metrics_port = None
         if cfg.metrics.enabled:
-            port = cfg.metrics.port_base + self.local_rank if cfg.metrics.port_base else 0
-            self.metrics_port = self.metrics.serve(cfg.metrics.bind, port)
+            self.metrics_port = self._serve_metrics()
         self.flops = FlopCounter(self.model_cfg)
         self.peak_flops = cfg.metrics.peak_flops or peak_flops_of(device_name())
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
@@ -416,6 +419,17 @@ class Trainer:
         self.metrics.record_checkpoint(seconds)
         self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
 
+    def _serve_metrics(self) -> int:
+        m = self.cfg.metrics
+        port = m.port_base + self.local_rank if m.port_base else 0
+        try:
+            return self.metrics.serve(m.bind, port)
+        except OSError as e:  # with a fixed port, another job's rank on this node; its target is there, not ours
+            raise RefusedStart(f"metrics endpoint {m.bind}:{port} (metrics.port_base {m.port_base} + local rank "
+                               f"{self.local_rank}): {e.strerror or e}; another job on this node may hold it: give "
+                               "this job another metrics.port_base (0: free ports, no Prometheus target), or "
+                               "metrics.enabled=false") from None
+
     def _attention(self) -> dict:
         """The backend training runs with and the attention dropout it really applies (torch_varlen has none)."""
         model = self.engine.module
@@ -621,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg)
         code = trainer.run()
         trainer.close()
-    except CheckpointError as e:  # checkpoints this run may not or cannot resume: a refused start
+    except (CheckpointError, RefusedStart) as e:  # e.g. checkpoints this run may not or cannot resume
         print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
         code = 2
     except ShardError as e:  # data.on_corrupt=fail, or a stream with nothing readable left: a rerun meets it again

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import signal
+import socket
 
 import pytest
 
 from pretrain.checkpoint import latest_tag, tag_for
 
 from .test_metrics import CONTRACT_NAMES, scrape, value
-from .trainer_runs import events, read_log, signal_tree, start_trainer, step_lines, wait_for
+from .trainer_runs import events, read_log, run_trainer, signal_tree, start_trainer, step_lines, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -44,3 +45,16 @@ def test_every_rank_serves_live_metrics_and_sigterm_saves_and_stops(pretrain_sha
     stopped = events(records, "preempted")
     assert len(stopped) == 1 and stopped[0]["step"] < 400
     assert latest_tag(out / "checkpoints") == tag_for(stopped[0]["step"])
+
+
+def test_a_metrics_port_held_by_another_job_is_a_refused_start(pretrain_shards, tmp_path):
+    """Two jobs on one node with the same metrics.port_base: the second used to die with a traceback (exit 1)."""
+    with socket.socket() as other_job:
+        other_job.bind(("127.0.0.1", 0))
+        other_job.listen()
+        port = other_job.getsockname()[1]
+        proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.max_steps=1", "--metrics.bind=127.0.0.1",
+                           f"--metrics.port_base={port}", nproc=1, expect_rc=1)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("python -m pretrain.train: error: ")]
+    assert f"metrics endpoint 127.0.0.1:{port} (metrics.port_base {port} + local rank 0): " in line
+    assert "(exitcode: 2)" in proc.stderr and "OSError" not in proc.stderr
