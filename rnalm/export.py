@@ -24,9 +24,10 @@ from rnalm.files import atomic_write
 from rnalm.io import (MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
                       export_official, read_pretrained)
 
-# ModelConfig fields each target cannot express (the original's code fixes RoPE base 10000 and a .pt records no
-# settings; multimolecule's config has no field for these): a model that differs from RiNALMo's there is refused
-FIXED_IN = {"official": ("rope_base",),
+# ModelConfig fields each target cannot express (a .pt records no settings: readers take the original's 20 heads
+# of every size and its code's RoPE base 10000; multimolecule's config has no field for these): a model that
+# differs from RiNALMo's there is refused
+FIXED_IN = {"official": ("num_heads", "rope_base"),
             "multimolecule": ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")}
 
 

@@ -63,11 +63,14 @@ def test_an_output_of_the_other_kind_is_named(tmp_path, capsys, to):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out"]
 
 
-def test_a_rope_base_the_original_cannot_run_is_refused_for_its_layout_too(tmp_path, capsys):
-    """The original's attention fixes RoPE base 10000 and its .pt records none, so a model of another base was
-    written without a word and ran (there, and back through import_official / train.init_weights) at 10000."""
-    released(tmp_path, rope_base=20000.0)
+@pytest.mark.parametrize("setting", [{"rope_base": 20000.0}, {"num_heads": 10}])
+def test_settings_a_pt_file_cannot_carry_are_refused_for_the_original_layout(tmp_path, capsys, setting):
+    """A .pt records no settings: the original's code runs RoPE base 10000, and every reader (the original's
+    sizes, import_official, train.init_weights, finetune) takes 20 heads, so a model of another base or head
+    count was written without a word and then ran as another model."""
+    released(tmp_path, **setting)
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "model"), "--to", "official", str(tmp_path / "x.pt")])
-    assert exit_.value.code == 1 and "rope_base 20000.0" in capsys.readouterr().err
+    (key, value), = setting.items()
+    assert exit_.value.code == 1 and f"{key} {value}" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
