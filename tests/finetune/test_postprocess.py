@@ -27,6 +27,13 @@ def test_canonical_mask():
     assert m[1, 10] and not m[1, 2]        # A-U pairs, A-A does not
     assert not m[6, 10]                    # N never pairs
     assert not canonical_mask("GAAC")[0, 3]  # |i-j| = 3: sharp loop
+    assert canonical_mask("GAAAC")[0, 4] and canonical_mask("GAAAC")[4, 0]  # |i-j| = 4: the shortest hairpin pairs
+
+
+def test_canonical_mask_ignores_case():
+    """predict_ss hands decode_pairs the FASTA's letters as written: soft-masked (lower-case) bases pair too."""
+    assert np.array_equal(canonical_mask("gaaaacnnnnu"), canonical_mask("GAAAACNNNNU"))
+    assert canonical_mask("gaaaac")[0, 5] and canonical_mask("aaaaatttt")[0, 8]
 
 
 def test_canonical_mask_a_u_and_t():
@@ -60,6 +67,31 @@ def test_greedy_takes_the_most_probable_pair_first():
     assert decode_pairs(probs, seq, 0.1).tolist() == [[0, 10], [1, 11]]
     assert decode_pairs(probs, seq, 0.85).tolist() == [[0, 10]]
     assert decode_pairs(probs, seq, 0.95).tolist() == []
+
+
+def test_ties_are_broken_by_i_then_j():
+    """Equal probabilities: the documented order (i, j) decides, so a tie gives the same structure every run."""
+    seq = "GGGGAAAACCCC"
+    probs = np.zeros((12, 12))
+    for a, b in [(0, 10), (0, 11), (1, 10), (1, 11)]:
+        probs[a, b] = probs[b, a] = 0.5
+    # (0, 10) comes first; (0, 11) and (1, 10) share a base with it; (1, 11) is free
+    assert decode_pairs(probs, seq, 0.1).tolist() == [[0, 10], [1, 11]]
+    probs[0, 10] = probs[10, 0] = 0.0
+    # without (0, 10): (0, 11) first, which blocks (1, 11); then (1, 10)
+    assert decode_pairs(probs, seq, 0.1).tolist() == [[0, 11], [1, 10]]
+
+
+def test_a_pair_at_exactly_the_threshold_is_not_taken():
+    """'probability > threshold', as decode_at_thresholds cuts: the two must agree at a grid value too."""
+    seq = "GGGGAAAACCCC"
+    probs = np.zeros((12, 12))
+    probs[0, 11] = probs[11, 0] = 0.12
+    probs[1, 10] = probs[10, 1] = 0.13
+    assert decode_pairs(probs, seq, 0.12).tolist() == [[1, 10]]
+    assert decode_pairs(probs, seq, 0.11).tolist() == [[0, 11], [1, 10]]
+    assert [x.tolist() for x in decode_at_thresholds(probs, seq, [0.11, 0.12, 0.13])] == [
+        [[0, 11], [1, 10]], [[1, 10]], []]
 
 
 def test_non_canonical_high_probability_is_dropped():
