@@ -70,6 +70,12 @@ def test_mask_rates_80_10_10_and_specials_never_masked():
     assert abs(masked.mean() - 0.8) < 0.01
     assert abs(changed.mean() - 0.1 * 3 / 4) < 0.01                 # random nucleotide, 1/4 equals the original
     assert np.all(np.isin(out.tokens[sel][~masked], STANDARD_NUCLEOTIDE_IDS))
+    # the random 10% is uniform over the four standard nucleotides: with uniform records, so are the 20% left
+    # unmasked (a draw over three of them still changes 3/4 of the tokens, so the rate above cannot tell)
+    shares = np.array([np.mean(out.tokens[sel][~masked] == t) for t in STANDARD_NUCLEOTIDE_IDS])
+    assert np.all(np.abs(shares - 0.25) < 0.02), shares
+    drawn = out.tokens[sel][changed]
+    assert np.all(np.abs([np.mean(drawn == t) - 0.25 for t in STANDARD_NUCLEOTIDE_IDS]) < 0.03)
 
 
 def test_unknown_tokens_are_never_selected():
@@ -91,6 +97,29 @@ def test_crop_and_mask_of_a_record_does_not_depend_on_its_neighbours():
     keys2[1] ^= np.uint64(1)
     other = split(crop_and_mask(seq, starts, lengths, keys2, ids, max_len=256, mask_prob=0.3))
     assert not np.array_equal(other[1][0], together[1][0])  # another key (epoch/seed) draws anew
+
+
+def test_a_nucleotides_draw_follows_its_position_in_the_record_not_in_the_crop():
+    """The module's promise: a nucleotide's selection is a hash of the key and its position in the uncropped
+    record, so two crops of one record (other max_len) select the same nucleotides where they overlap."""
+    seq, starts, lengths, keys, ids = records([400] * 60, seed=5)
+    selected = []
+    for max_len in (64, 130):
+        out = crop_and_mask(seq, starts, lengths, keys, ids, max_len=max_len, mask_prob=0.5)
+        assert out.cropped.all()
+        per_record = []
+        for (tok, tgt), a in zip(split(out), starts):
+            body = encode(seq[a:a + 400].tobytes(), add_special=False)
+            windows = np.lib.stride_tricks.sliding_window_view(body, max_len - 2)
+            (offset,) = np.flatnonzero(np.all(windows == np.where(tgt >= 0, tgt, tok), axis=1))
+            per_record.append((int(offset), {int(offset + k) for k in np.flatnonzero(tgt != IGNORE_INDEX)}))
+        selected.append(per_record)
+    overlaps = 0
+    for (a, short), (b, long) in zip(*selected):
+        common = set(range(max(a, b), min(a + 62, b + 128)))
+        overlaps += len(common)
+        assert short & common == long & common
+    assert overlaps > 1000
 
 
 def position(n: int) -> WindowPosition:
