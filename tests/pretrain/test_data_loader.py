@@ -85,6 +85,25 @@ def test_uniform_epochs_are_permutations_in_new_orders(shards, corpus):
     assert sorted(e0) == sorted(train) == sorted(e1) and e0 != e1
 
 
+def test_each_epoch_draws_new_crops_masks_and_order_even_from_one_shard(tmp_path):
+    """One shard (the shard order cannot change): the next epoch must still shuffle anew and give every record a
+    new crop and mask; a shuffle or record key that left out the epoch repeated epoch 0 exactly."""
+    small = synthetic_corpus(150, seed=4)
+    write_shards(tmp_path, **small, records_per_shard=1000, block_records=64)
+    assert len(read_manifest(tmp_path).split_shards("train")) == 1
+    rows = []
+    for b in PretrainLoader(config(tmp_path, sampling="uniform", shuffle_buffer=64)):
+        cu = b.cu_seqlens.tolist()
+        rows += [(i, b.tokens[a:z].tolist(), b.targets[a:z].tolist()) for i, a, z in zip(b.ids, cu[:-1], cu[1:])]
+        if len(rows) >= 300:
+            break
+    e0, e1 = rows[:150], rows[150:300]
+    assert sorted(r[0] for r in e0) == sorted(r[0] for r in e1) == sorted(small["ids"])
+    assert [r[0] for r in e0] != [r[0] for r in e1]
+    again = {i: (tok, tgt) for i, tok, tgt in e1}
+    assert sum(again[i] != (tok, tgt) for i, tok, tgt in e0) > 140
+
+
 def test_cluster_sampling_takes_one_member_per_cluster_per_epoch(shards, corpus, cluster_of):
     clusters = {cluster_of[i] for i in train_ids(corpus)}
     ids = sample_ids(take(PretrainLoader(config(shards)), 2 * len(clusters) // 8))
