@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from pretrain.checkpoint import TMP_PREFIX
+from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
 from pretrain.train import masked_index, mlm_sums
@@ -55,12 +55,15 @@ def test_converted_model_reproduces_the_engines_validation_loss(straight_run, co
     assert loss == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
 
 
-def test_config_json_holds_model_tokenizer_and_provenance(converted):
+def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):
     meta = json.loads((converted / "config.json").read_text())
     assert meta["model"]["dim"] == 64 and meta["model"]["num_layers"] == 2
     assert meta["tokenizer"]["vocab"][:5] == ["<cls>", "<pad>", "<eos>", "<unk>", "<mask>"]
     prov = meta["provenance"]
     assert prov["step"] == STRAIGHT_STEPS and prov["tag"] == f"step{STRAIGHT_STEPS:08d}"
+    trained = read_trainer_state(straight_run / "checkpoints", prov["tag"])
+    assert (prov["tokens"], prov["samples"]) == (trained["tokens"], trained["samples"])
+    assert prov["tokens"] > prov["samples"] > 0
     assert prov["world_size"] == 2 and prov["train_config"]["train"]["grad_accum"] == 2
     from safetensors import safe_open
     with safe_open(converted / "model.safetensors", "pt") as f:
