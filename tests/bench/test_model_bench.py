@@ -2,7 +2,10 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,3 +22,31 @@ def test_model_bench_runs_on_cpu_with_exact_fp32_agreement(ncrna_fasta, tmp_path
     assert 100 < result["corpus_mean_tokens"] < 150   # the ncRNA corpus: mean ~120 tokens
     for key in ("packed", "padded"):
         assert result[key]["real_tokens_per_s"] > 0 and 0 < result[key]["mfu"] < 1
+
+
+def test_agreement_compares_the_padded_path_with_the_packed_one(monkeypatch):
+    """The figure the GPU run reports must come from the two paths: a padded forward that is 1 % off shows."""
+    import numpy as np
+    import torch
+
+    from bench.model_bench import agreement
+    from rnalm.config import ModelConfig
+    from rnalm.model import RiNALMo
+
+    torch.manual_seed(0)
+    model = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, attn_dropout=0.0,
+                                       residual_dropout=0.0))
+    lengths = np.array([5, 9, 17, 30])
+    args = (model, lengths, np.random.default_rng(0), torch.device("cpu"), torch.float32)
+    exact = agreement(*args)
+    assert exact["packed_vs_padded_logits"] < 1e-5 and exact["packed_vs_padded_grads"] < 1e-5
+    forward = RiNALMo.forward
+
+    def off_by_one_percent(self, tokens, *a, **kw):
+        out = forward(self, tokens, *a, **kw)
+        return replace(out, logits=out.logits * 1.01)
+
+    monkeypatch.setattr(RiNALMo, "forward", off_by_one_percent)
+    off = agreement(*args)
+    assert off["packed_vs_padded_logits"] == pytest.approx(0.01, rel=0.05)
+    assert off["padded_vs_fp32_logits"] == pytest.approx(0.01, rel=0.05) and off["packed_vs_fp32_logits"] < 1e-5
