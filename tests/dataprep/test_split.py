@@ -78,3 +78,15 @@ def test_a_grown_corpus_keeps_its_validation_clusters(tmp_path):
         after = valid(inputs, "after")
         assert len(before & after) >= 0.97 * len(before), (len(before), len(before & after))
         assert abs(len(after) - 0.05 * 3030 * 0.95) < 15  # still about 5 % (of ~95 % unique records)
+
+
+def test_the_validation_clusters_follow_the_seed():
+    """--seed draws the split (docs/dataprep.md): the same seed the same clusters, another seed others."""
+    from dataprep.split import valid_clusters
+
+    cluster_id = np.random.default_rng(3).integers(0, 2000, 10_000)
+    d = digests(10_000)
+    picks = [valid_clusters(cluster_id, d, 0.05, seed) for seed in (0, 0, 1)]
+    assert picks[0].sum() == round(0.05 * (cluster_id.max() + 1))
+    assert np.array_equal(picks[0], picks[1])
+    assert (picks[0] & picks[2]).sum() < 0.3 * picks[0].sum()  # another seed: mostly other clusters
