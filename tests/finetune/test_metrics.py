@@ -71,6 +71,15 @@ def test_mean_is_per_sequence_not_pooled():
     assert rep["n"] == 2 and rep["f1"] == 0.5 and rep["f1_shift"] == 0.5
 
 
+def test_ss_report_puts_each_mean_under_its_name():
+    """Six different means: a precision reported as recall, or an exact figure as the shifted one, shows."""
+    items = [(P((0, 10), (1, 9)), P((0, 11)), 12),              # exact P 0 R 0; shifted P 1 R 1/2
+             (P((0, 10)), P((0, 10), (2, 7), (3, 6)), 12)]      # P 1/3 R 1 either way
+    rep = ss_report(items)
+    assert rep == pytest.approx({"n": 2, "precision": 1 / 6, "recall": 0.5, "f1": 0.25,
+                                 "precision_shift": 2 / 3, "recall_shift": 0.75, "f1_shift": 7 / 12})
+
+
 def _reference(true, pred, n, shift):
     """The paper's recipe on matrices: relax the target for precision, the prediction for recall (sklearn)."""
     def mat(pairs):
