@@ -81,6 +81,18 @@ def test_split_pieces_balances_and_keeps_partly_read_windows(n):
             assert [a, skip] in ([0, 4], [405, 2]) and (b >= min(50, 95) if a == 0 else b == 407)
 
 
+def test_a_share_boundary_inside_a_partly_read_window_moves_to_the_windows_end():
+    """The cases above never put a boundary inside the partly read window (their targets all pass it): here the
+    first share's 25 records would end inside window [0, 50), whose shuffle depends on its extent; the window
+    goes whole to that share and the next share starts at its end."""
+    shares = split_pieces([[0, 0, 100, 10]], 4, window=50)
+    assert shares[0] == [[0, 0, 50, 10]]
+    assert covered([p for share in shares for p in share]) == list(range(100))
+    assert [p for share in shares[1:] for p in share] == [[0, 50, 75, 0], [0, 75, 100, 0]]
+    # a partly read window shorter than the piece's rest of it: the piece's end, not the window's
+    assert split_pieces([[0, 0, 30, 10]], 4, window=50)[0] == [[0, 0, 30, 10]]
+
+
 def test_redistribute_hands_over_exactly_the_remaining_work():
     table = ShardTable(["s0", "s1", "s2"], [300, 250, 450], seed=0)  # 1000 records
     n_old = 4
