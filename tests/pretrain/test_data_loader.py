@@ -150,6 +150,25 @@ def test_resume_with_the_same_world_size_continues_the_exact_stream(shards, work
     assert got == full
 
 
+def test_resume_twice_inside_one_shuffle_window_continues_the_exact_stream(shards):
+    """The test above resumes in other windows each time; here both resumes fall in the first window (400
+    records), the first past its middle, so the second starts from a state that already skipped most of it and
+    must still count the window's records as the skipped ones plus those read since."""
+    cfg = config(shards, sampling="uniform", shuffle_buffer=400)
+    full = take(PretrainLoader(cfg), 30)
+    got, state, skips = [], None, []
+    for cut in (16, 20, 30):
+        loader = PretrainLoader(cfg)
+        if state:
+            loader.load_state_dict(state)
+        got += take(loader, cut - len(got))
+        state = json.loads(json.dumps([loader.state_dict()]))
+        (stream,) = state[0]["streams"]
+        skips.append(stream["pieces"][0][3] if stream["pieces"][0][1] == 0 else None)
+    assert 200 < skips[0] < skips[1]  # both resumes inside the window that starts at 0, the first past half of it
+    assert got == full
+
+
 @pytest.mark.parametrize("stages", [[(2, 2), (1, 0)], [(1, 2), (3, 1)], [(2, 0), (1, 2)],
                                     [(2, 2), (3, 0), (3, 0), (1, 2)]])
 def test_resume_with_another_world_size_repeats_nothing(shards, corpus, stages):
