@@ -166,7 +166,7 @@ def test_oversized_record_ending_exactly_at_a_read_boundary(tmp_path, compress):
 
 # -------------------------------------------------------------------------------- normalisation
 def test_crlf_lowercase_dna_whitespace_are_normalised(tmp_path, fasta):
-    path = fasta(">a desc\r\nacgt acgt\tACGT\r\nTTTT\r\n>b\r\nRYKMSWBDHVNacgun\r\n")
+    path = fasta(">a desc\r\nacgt acgt\tACGT\r\nTT\vTT\f\r\n>b\r\nRYKMSWBDHVNacgun\r\n")  # \v, \f: whitespace too
     rejects, kept = rejects_of(tmp_path, path)
     assert rejects == {}
     assert kept["a"][0] == b"ACGUACGUACGUUUUU"
