@@ -54,10 +54,19 @@ def test_mrl_head_ignores_padding_and_splice_head_uses_cls():
 
 
 def test_upper_triangle_bce_ignores_lower_triangle_and_diagonal():
-    logits = torch.zeros(4, 4)
-    target = torch.zeros(4, 4)
-    target[2, 0] = target[1, 1] = 1.0  # below / on the diagonal: not counted
-    assert torch.isclose(upper_triangle_bce(logits, target), torch.log(torch.tensor(2.0)))
+    # (all-zero logits, as this test had, give log 2 whatever the targets and whichever cells are counted)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 5, generator=g) * 3
+    target = torch.zeros(5, 5)
+    target[0, 3] = target[1, 4] = 1.0
+    expected = torch.stack([-torch.nn.functional.logsigmoid(logits[i, j] if target[i, j] else -logits[i, j])
+                            for i in range(5) for j in range(i + 1, 5)]).mean()   # the 10 cells with i < j
+    assert torch.isclose(upper_triangle_bce(logits, target), expected)
+    below = torch.tril(torch.ones(5, 5, dtype=torch.bool))          # lower triangle and diagonal
+    other_logits, other_target = logits.clone(), target.clone()
+    other_logits[below] = torch.randn(int(below.sum()), generator=g) * 10
+    other_target[below] = 1.0
+    assert torch.equal(upper_triangle_bce(other_logits, other_target), upper_triangle_bce(logits, target))
 
 
 def test_unfreeze_schedules_of_the_paper():
