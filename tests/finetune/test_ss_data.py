@@ -22,6 +22,31 @@ def test_near_duplicate_filter_on_synthetic_sequences():
     fragment = ref[100:180]  # a piece of a test sequence
     mask = near_duplicate_mask(["".join(mutant), unrelated, fragment], [ref])
     assert mask.tolist() == [True, False, True]
+    # the splice and MRL data are DNA letters, user files may be lower-case: the same answer
+    dna = [x.replace("U", "T") for x in ("".join(mutant), unrelated, fragment)]
+    assert near_duplicate_mask(dna, [ref.lower()]).tolist() == [True, False, True]
+    assert near_duplicate_mask([x.lower() for x in dna], [ref.replace("U", "T")]).tolist() == [True, False, True]
+
+
+def test_kmer_matrix_holds_each_sequences_distinct_kmers():
+    """Against plain Python sets of 8-letter substrings (T read as U, case ignored, k-mers with N skipped): the
+    k-mers per sequence and the k-mers shared by every two sequences."""
+    from finetune.neardup import kmer_matrix
+
+    rng = np.random.default_rng(1)
+    seqs = ["".join(rng.choice(list("ACGUTacgutN"), int(n))) for n in rng.integers(0, 60, 40)]
+    seqs += ["ACGUACGUAAAC", "acgtacgtaaaG"]  # share the k-mers of ACGUACGUAAA
+
+    def kmers(seq: str) -> set[str]:
+        norm = seq.upper().replace("T", "U")
+        return {w for w in (norm[i:i + 8] for i in range(len(norm) - 7)) if "N" not in w}
+
+    sets = [kmers(x) for x in seqs]
+    matrix = kmer_matrix(seqs, k=8)
+    assert np.array_equal(np.asarray(matrix.sum(axis=1)).ravel(), [len(x) for x in sets])
+    shared = (matrix @ matrix.T).toarray()
+    assert np.array_equal(shared, [[len(x & y) for y in sets] for x in sets])
+    assert shared[-1, -2] == 4
 
 
 def test_archiveii_folds_hold_out_family_and_near_duplicates(shared_data):
