@@ -127,3 +127,18 @@ def test_tune_threshold_finds_the_separating_value():
     thr, f1 = tune_threshold([decode_at_thresholds(probs, seq, grid)], [StructureRecord("r", seq, true)], grid,
                              shift=False)
     assert thr == 0.12 and f1 == 1.0
+
+
+def test_tune_threshold_scores_with_the_metric_it_is_asked_for():
+    """A near miss at a low threshold: the +-1 F1 (tune_on f1_shift, the paper's) prefers it, the exact F1 does not."""
+    seq = "GGGGAAAACCCC"
+    true = np.array([[0, 11], [2, 9]])
+    probs = np.zeros((12, 12))
+    probs[0, 11] = probs[11, 0] = 0.25   # a true pair
+    probs[2, 8] = probs[8, 2] = 0.1      # (2, 9) one base off
+    grid = list(THRESHOLD_GRID)
+    per_seq = [decode_at_thresholds(probs, seq, grid)]
+    records = [StructureRecord("r", seq, true)]
+    assert tune_threshold(per_seq, records, grid, shift=True) == (0.01, 1.0)
+    thr, f1 = tune_threshold(per_seq, records, grid, shift=False)
+    assert thr == 0.1 and f1 == pytest.approx(2 / 3)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finetune.backbone import BackboneConfig, load_finetuned
+from finetune.postprocess import decode_at_thresholds
 from finetune.tasks import mrl, splice, ss
 from finetune.trainer import TrainConfig
 from finetune.unfreeze import UnfreezeConfig
@@ -31,6 +32,13 @@ def test_ss_bprna_loss_falls_and_checkpoint_reloads(tiny_checkpoint, shared_data
     assert (tmp_path / "results.md").read_text().count("|") > 10
     model, meta = load_finetuned(tmp_path)
     assert meta["task"] == "ss" and meta["threshold"] in cfg.eval.thresholds
+    # the saved threshold and score are the best model's on the validation records, by tune_on (the +-1 F1)
+    valid = ss.load_splits(cfg.data).valid
+    per_seq = ss.pair_probabilities(model.eval(), [r.sequence for r in valid], 4, False,
+                                    lambda p, s: decode_at_thresholds(p, s, cfg.eval.thresholds))
+    shifted = ss.tune_threshold(per_seq, valid, cfg.eval.thresholds, shift=True)
+    assert cfg.eval.tune_on == "f1_shift" and shifted != ss.tune_threshold(per_seq, valid, cfg.eval.thresholds, False)
+    assert (meta["threshold"], meta["valid"]["f1_shift"]) == pytest.approx(shifted)
     assert len(open(tmp_path / "log.jsonl").read().splitlines()) == 4
     tokens = torch.tensor([[0, 5, 6, 7, 8, 5, 6, 7, 8, 2]])
     again, _ = load_finetuned(tmp_path)
