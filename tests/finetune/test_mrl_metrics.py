@@ -1,0 +1,48 @@
+"""finetune.tasks.mrl.evaluate_examples: each reported figure is that metric of the model's own predictions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr
+
+from finetune.backbone import TaskModel
+from finetune.heads import HeadConfig, RibosomeLoadHead
+from finetune.tasks.mrl import Example, Scaler, evaluate_examples, predict_mrl
+from rnalm.config import ModelConfig
+from rnalm.model import RiNALMo
+
+
+def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
+    torch.manual_seed(0)
+    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
+    model = TaskModel(lm, RibosomeLoadHead(32, HeadConfig(mrl_num_blocks=1))).eval()
+    rng = np.random.default_rng(0)
+    examples = [Example("".join(rng.choice(list("ACGU"), int(rng.integers(20, 50)))), float(rng.uniform(2, 8)),
+                        "human" if i % 3 else "random") for i in range(30)]
+    scaler = Scaler(mean=5.0, std=1.5)
+    pred = predict_mrl(model, [e.sequence for e in examples], scaler, batch_size=5, progress=False)
+    assert pred.shape == (30,) and np.std(pred) > 0
+    for i in (0, 7, 29):  # each prediction is its own sequence's, in input order
+        alone = predict_mrl(model, [examples[i].sequence], scaler, batch_size=1, progress=False)
+        assert alone[0] == pytest.approx(pred[i], rel=1e-4)
+    true = np.array([e.mrl for e in examples])
+
+    def r2(t, p):
+        return 1 - np.sum((t - p) ** 2) / np.sum((t - t.mean()) ** 2)
+
+    rows = evaluate_examples(model, examples, scaler, batch_size=5, progress=False)
+    assert rows["all"] == pytest.approx({"n": 30, "r2": r2(true, pred), "pearson_r": pearsonr(true, pred)[0],
+                                         "mse": np.mean((true - pred) ** 2)})
+    assert r2(true, pred) != pytest.approx(r2(pred, true))  # the argument order shows
+    for group in ("human", "random"):
+        sel = np.array([e.group == group for e in examples])
+        assert rows[group] == pytest.approx({"n": int(sel.sum()), "r2": r2(true[sel], pred[sel]),
+                                             "mse": np.mean((true[sel] - pred[sel]) ** 2)})
+
+
+def test_scaler_round_trip_and_no_negative_load():
+    scaler = Scaler(mean=5.0, std=1.5)
+    y = np.array([0.5, 5.0, 9.5])
+    assert np.allclose(scaler.inverse(scaler.transform(y)), y)
+    assert scaler.inverse(np.array([-10.0, 0.0, 1.0])).tolist() == [0.0, 5.0, 6.5]  # a mean ribosome load is >= 0
