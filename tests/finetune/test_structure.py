@@ -46,6 +46,28 @@ def test_dot_bracket_errors(db, msg):
         parse_dot_bracket(db, where="rec1")
 
 
+def test_normalize_pairs_orders_merges_and_refuses_impossible_pairs():
+    from finetune.structure import normalize_pairs
+
+    # (j, i) ordered, a pair listed from both ends (bpseq, ct) kept once, sorted by i
+    assert normalize_pairs([(5, 2), (0, 9), (2, 5)], 10).tolist() == [[0, 9], [2, 5]]
+    assert normalize_pairs([(0, 9)], 10).tolist() == [[0, 9]]       # the last base pairs
+    for pairs, msg in (([(0, 10)], "pair position out of range 1..10"), ([(-1, 4)], "out of range"),
+                       ([(3, 3)], "a base is paired with itself at position 4"),
+                       ([(0, 5), (0, 7)], "base 1 has more than one partner"),
+                       ([(2, 6), (6, 9)], "base 7 has more than one partner")):
+        with pytest.raises(StructureError, match=re.escape(msg)):
+            normalize_pairs(pairs, 10, where="rec")
+
+
+def test_ct_writer_follows_the_format():
+    """Columns: index, base, index - 1, index + 1 (0 after the last base), partner (0: none), index."""
+    from finetune.structure import format_ct
+
+    text = format_ct(StructureRecord("hairpin", "GGAAACC", np.array([[0, 6], [1, 5]])))
+    assert text == "7 hairpin\n1 G 0 2 7 1\n2 G 1 3 6 2\n3 A 2 4 0 3\n4 A 3 5 0 4\n5 A 4 6 0 5\n6 C 5 7 2 6\n7 C 6 0 1 7\n"
+
+
 def test_bpseq_and_ct_round_trip(tmp_path):
     rec = StructureRecord("my rna", "GGGAAACCCAUGCAUAUGCAU", parse_dot_bracket("(((.[[)))...]]..(..)"[:20] + "."))
     write_bpseq(rec, tmp_path / "a.bpseq")
