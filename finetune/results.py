@@ -17,7 +17,7 @@ def write_json(obj: Any, path: str | Path) -> None:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
-    return str(v)
+    return "n/a" if v is None else str(v)
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], first: str = "test set") -> str:

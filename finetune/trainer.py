@@ -130,7 +130,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         else:
             with torch.no_grad(), autocast(device, cfg.precision):
                 val = validate(model)
-        score = val[score_key]
+        score = math.nan if val[score_key] is None else val[score_key]  # None: undefined (e.g. R^2 of 1 record)
         improved = score > best if higher_is_better else score < best
         record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                   "trainable_lm_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),

@@ -110,17 +110,22 @@ def predict_mrl(model: TaskModel, seqs: list[str], scaler: Scaler, batch_size: i
     return scaler.inverse(np.array(batched_inference(seqs, batch_size, run, desc="mrl", progress=progress)))
 
 
+def _r2(true: np.ndarray, pred: np.ndarray) -> float | None:
+    """None for fewer than 2 records (R^2 is undefined: sklearn warns and gives NaN, which is not JSON)."""
+    return float(r2_score(true, pred)) if len(true) >= 2 else None
+
+
 def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler, batch_size: int,
                       progress: bool = True) -> dict[str, dict[str, Any]]:
     pred = predict_mrl(model, [e.sequence for e in examples], scaler, batch_size, progress)
     true = np.array([e.mrl for e in examples])
     groups = np.array([e.group for e in examples])
-    rows = {"all": {"n": len(true), "r2": float(r2_score(true, pred)),
+    rows = {"all": {"n": len(true), "r2": _r2(true, pred),
                     "pearson_r": float(np.corrcoef(true, pred)[0, 1]) if np.std(pred) > 0 else 0.0,
                     "mse": float(np.mean((true - pred) ** 2))}}
     for g in sorted(set(groups)) if len(set(groups)) > 1 else []:
         sel = groups == g
-        rows[g] = {"n": int(sel.sum()), "r2": float(r2_score(true[sel], pred[sel])),
+        rows[g] = {"n": int(sel.sum()), "r2": _r2(true[sel], pred[sel]),
                    "mse": float(np.mean((true[sel] - pred[sel]) ** 2))}
     return rows
 

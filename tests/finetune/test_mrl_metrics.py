@@ -46,3 +46,16 @@ def test_scaler_round_trip_and_no_negative_load():
     y = np.array([0.5, 5.0, 9.5])
     assert np.allclose(scaler.inverse(scaler.transform(y)), y)
     assert scaler.inverse(np.array([-10.0, 0.0, 1.0])).tolist() == [0.0, 5.0, 6.5]  # a mean ribosome load is >= 0
+
+
+def test_a_group_of_one_record_has_no_r2_rather_than_nan(recwarn):
+    """A small test subset can hold one record of a group: R^2 is undefined there; it was NaN (sklearn's
+    UndefinedMetricWarning), which json.dumps writes as the non-JSON token NaN into results.json."""
+    torch.manual_seed(0)
+    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
+    model = TaskModel(lm, RibosomeLoadHead(32, HeadConfig(mrl_num_blocks=1))).eval()
+    examples = [Example("ACGUACGUAC" * 3, 3.0 + i, "human" if i else "random") for i in range(4)]
+    rows = evaluate_examples(model, examples, Scaler(mean=5.0, std=1.5), batch_size=4, progress=False)
+    assert rows["random"]["n"] == 1 and rows["random"]["r2"] is None
+    assert rows["human"]["n"] == 3 and isinstance(rows["human"]["r2"], float)
+    assert not [w for w in recwarn if "R^2" in str(w.message)]
