@@ -49,7 +49,8 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class RefusedStart(RuntimeError):
-    """A start-up this run cannot make as configured (exit 2, one line); checkpoint refusals are CheckpointError."""
+    """A start-up this run cannot make as configured (exit 2, one line), e.g. unusable train.init_weights or a
+    metrics port in use; refused checkpoints are CheckpointError."""
 
 
 class PretrainModel(RiNALMo):
@@ -186,7 +187,7 @@ class Trainer:
         try:
             state = read_init_weights(path, self.model_cfg)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"train.init_weights: {e}") from None
+            raise RefusedStart(f"train.init_weights: {e}") from None
         # under zero.Init the parameters are partitioned: gather them, load, and let rank 0's values be kept
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0,
                                                enabled=self.cfg.train.zero_init):

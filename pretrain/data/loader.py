@@ -60,13 +60,13 @@ class _StreamsDataset(IterableDataset):
                 for batch, state in packer.add(samples, position):
                     yield batch, meta(state)
         except ShardError as e:  # handed over as data: a DataLoader re-raises a worker's error with its traceback
-            yield None, {"worker": logical, "corrupt": [], "error": str(e)}
+            yield None, {"error": str(e)}
             return
         if packer:
             batch, state = packer.flush()
             yield batch, meta(state)
         if len(stream.corrupt) > reported:  # damage after the stream's last batch: no batch carries it
-            yield None, {"worker": logical, "state": None, "corrupt": list(stream.corrupt.items())[reported:]}
+            yield None, {"corrupt": list(stream.corrupt.items())[reported:]}
 
 
 class PretrainLoader:
