@@ -49,12 +49,15 @@ on_usr1() {
   INTERRUPTED=1
   PREEMPTED=1
   log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
-  if [ -n "${STEP_PID:-}" ] && [ -z "${FORWARDER:-}" ]; then
-    # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
-    # until the trainer has installed its handler (see the srun line).
-    ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &
-    FORWARDER=$!
-  fi
+  [ -n "${STEP_PID:-}" ] && forward_usr1
+}
+# shellcheck disable=SC2317
+forward_usr1() {
+  [ -n "${FORWARDER:-}" ] && return
+  # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
+  # until the trainer has installed its handler (see the srun line).
+  ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &
+  FORWARDER=$!
 }
 # shellcheck disable=SC2317
 on_term() {
@@ -179,7 +182,6 @@ requeue() {
 
 # --------------------------------------------------------------------------------------------- run
 write_targets
-[ "$PREEMPTED" = 1 ] && requeue   # signalled before the ranks started: nothing to save
 # Each task: its rank from Slurm, and USR1 ignored until the trainer installs its handler (an early USR1 must
 # not kill a rank that is still starting up; the forwarder above repeats it).
 # shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
@@ -187,6 +189,10 @@ srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
   bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
   "$PYTHON" -m pretrain.train --config "$CONFIG" "${OVERRIDES[@]}" &
 STEP_PID=$!
+# Signalled before the ranks started: they start anyway and stop after their first step. Requeued at once
+# instead, a job whose time limit is within the --signal lead (Slurm then signals at the start) would requeue
+# for ever without a single step; this way every run makes progress.
+[ "$PREEMPTED" = 1 ] && forward_usr1
 
 # A trapped signal interrupts `wait` (status > 128) while srun keeps running: wait again.
 while :; do

@@ -17,7 +17,7 @@ STUBS = {
   "requeue "*) echo "scontrol $*" >> "$CALLS" ;;
 esac""",
     "squeue": "exit 0",
-    "scancel": "exit 0",
+    "scancel": 'echo "scancel $*" >> "$CALLS"',
     # --kill-on-bad-exit=1 --cpus-per-task=N bash -c SCRIPT rank PYTHON ARGS...: the first and the last task
     "srun": r"""echo "srun $*" >> "$CALLS"; shift 2
 SLURM_PROCID=0 SLURM_LOCALID=0 "$@" && SLURM_PROCID=$((SLURM_NTASKS - 1)) SLURM_LOCALID=$((TASKS - 1)) "$@" """,

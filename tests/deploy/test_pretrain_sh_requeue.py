@@ -48,3 +48,36 @@ def test_requeue_only_when_the_ranks_saved_on_the_signal(case, tmp_path):
     assert ("scontrol requeue 123456" in calls) == requeued, r.stdout + r.stderr
     assert r.returncode == code, r.stdout + r.stderr
     assert not list(sd.glob("*.json"))
+
+
+EARLY_SIGNAL_TRAINER = r"""if [ "$1 $2" = '-m pretrain.config' ]; then   # the batch shell reads the config: Slurm signals now
+  shell=$$
+  while parent=$(cut -d' ' -f4 /proc/$shell/stat) && grep -qaF slurm/pretrain.sh /proc/$parent/cmdline; do shell=$parent; done
+  kill -USR1 "$shell"
+fi
+if [ "$1 $2" = '-m pretrain.train' ]; then
+  if [ "$RANK" = 0 ]; then   # one step, then the forwarded USR1 (scancel's stub logs it) stops the rank
+    for _ in $(seq 100); do grep -q 'scancel --signal=USR1' "$CALLS" && break; sleep 0.1; done
+    grep -q 'scancel --signal=USR1' "$CALLS" || exit 1
+    echo '{"event": "preempted", "step": 41}' >> {log}
+  fi
+  exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_signal_before_the_ranks_start_still_runs_them(tmp_path):
+    """A USR1 before srun (a time limit within the --signal lead: Slurm signals at the start) must not requeue
+    at once: every run would requeue without a step, for ever. The ranks start, the signal is forwarded to
+    them, they stop after a step with a checkpoint and only then is the job requeued."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps(PREVIOUS_RUN) + "\n")
+    trainer = EARLY_SIGNAL_TRAINER.replace("{log}", shlex.quote(str(out / "log.jsonl")))
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, args=(f"--train.out_dir={out}",))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "USR1" in r.stdout
+    lines = calls.splitlines()
+    first = lambda prefix: next(i for i, line in enumerate(lines) if line.startswith(prefix))  # noqa: E731
+    assert first("srun") < first("scancel --signal=USR1 123456") < first("scontrol requeue 123456"), calls
