@@ -49,11 +49,11 @@ on_usr1() {
   INTERRUPTED=1
   PREEMPTED=1
   log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
-  [ -n "${STEP_PID:-}" ] && forward_usr1
+  forward_usr1
 }
 # shellcheck disable=SC2317
-forward_usr1() {
-  [ -n "${FORWARDER:-}" ] && return
+forward_usr1() {  # once the ranks are launched (else right after srun, below), and once
+  [ -n "${STEP_PID:-}" ] && [ -z "${FORWARDER:-}" ] || return 0
   # To the job steps (the ranks), not this shell; repeated, because a rank still starting up ignores USR1
   # until the trainer has installed its handler (see the srun line).
   ( while kill -0 "$STEP_PID" 2>/dev/null; do scancel --signal=USR1 "$SLURM_JOB_ID"; sleep 20; done ) &

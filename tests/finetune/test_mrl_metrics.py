@@ -13,10 +13,14 @@ from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 
 
-def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
+def nano_mrl_model() -> TaskModel:
     torch.manual_seed(0)
     lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
-    model = TaskModel(lm, RibosomeLoadHead(32, HeadConfig(mrl_num_blocks=1))).eval()
+    return TaskModel(lm, RibosomeLoadHead(32, HeadConfig(mrl_num_blocks=1))).eval()
+
+
+def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
+    model = nano_mrl_model()
     rng = np.random.default_rng(0)
     examples = [Example("".join(rng.choice(list("ACGU"), int(rng.integers(20, 50)))), float(rng.uniform(2, 8)),
                         "human" if i % 3 else "random") for i in range(30)]
@@ -51,9 +55,7 @@ def test_scaler_round_trip_and_no_negative_load():
 def test_a_group_of_one_record_has_no_r2_rather_than_nan(recwarn):
     """A small test subset can hold one record of a group: R^2 is undefined there; it was NaN (sklearn's
     UndefinedMetricWarning), which json.dumps writes as the non-JSON token NaN into results.json."""
-    torch.manual_seed(0)
-    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
-    model = TaskModel(lm, RibosomeLoadHead(32, HeadConfig(mrl_num_blocks=1))).eval()
+    model = nano_mrl_model()
     examples = [Example("ACGUACGUAC" * 3, 3.0 + i, "human" if i else "random") for i in range(4)]
     rows = evaluate_examples(model, examples, Scaler(mean=5.0, std=1.5), batch_size=4, progress=False)
     assert rows["random"]["n"] == 1 and rows["random"]["r2"] is None
