@@ -25,9 +25,19 @@ from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, Check
 from rnalm.files import atomic_write
 
 
+RELEASED_HINT = ("; released weights (ours, the original's .pt, multimolecule's) need no conversion: pass them "
+                 "as they are to --train.init_weights or finetune's --model.path")
+
+
 def locate(path: str | Path, tag: str | None) -> tuple[Path, str]:
     """(checkpoints folder, tag) from a run's out_dir, its checkpoints/ folder, or one step* checkpoint."""
     path = Path(path)
+    if not path.is_dir():
+        what = "no such folder" if not path.exists() else "a file, not a training run's folder"
+        raise CheckpointError(f"{path}: {what}{RELEASED_HINT if path.exists() else ''}")
+    if (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{path}: holds released weights (model.safetensors), not a training checkpoint"
+                              f"{RELEASED_HINT}")
     if (path / STATE_FILE).is_file():
         if tag not in (None, path.name):
             raise CheckpointError(f"{path} is checkpoint {path.name}, not --tag {tag}")

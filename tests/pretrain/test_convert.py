@@ -71,7 +71,7 @@ def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converte
     assert {"embedding.weight", "transformer.blocks.0.mh_attn.Wqkv.weight", "lm_mask_head.linear2.weight"} <= names
 
 
-def test_older_tag_and_clear_errors(straight_run, tmp_path):
+def test_older_tag_and_clear_errors(straight_run, converted, tmp_path):
     from pretrain.convert import to_pretrained
     older = to_pretrained(straight_run, tmp_path / "older", tag="step00000008")
     assert json.loads((older / "config.json").read_text())["provenance"]["step"] == 8
@@ -86,7 +86,10 @@ def test_older_tag_and_clear_errors(straight_run, tmp_path):
     assert (same / "model.safetensors").read_bytes() == (older / "model.safetensors").read_bytes()
     (tmp_path / "a_file").write_text("")
     for args, message in (([str(step_dir), str(tmp_path / "z"), "--tag", "step00000012"], "not --tag step00000012"),
-                          ([str(straight_run), str(tmp_path / "a_file")], "a_file: exists and is not a directory")):
+                          ([str(straight_run), str(tmp_path / "a_file")], "a_file: exists and is not a directory"),
+                          ([str(tmp_path / "a_file"), str(tmp_path / "w")], "a file, not a training run's folder"),
+                          ([str(tmp_path / "none"), str(tmp_path / "w")], "none: no such folder"),
+                          ([str(converted), str(tmp_path / "w")], "holds released weights (model.safetensors)")):
         proc = subprocess.run([PY, "-m", "pretrain.convert", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
