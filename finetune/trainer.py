@@ -104,32 +104,9 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         if new:
             lr = cfg.lr * unfreezer.lr_scale(epoch)
             opt.add_param_group({"params": new, "lr": lr, "base_lr": lr})
-        model.train()
-        t0, losses = time.time(), []
-        it = tqdm(batches(epoch), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
-        for k, batch in enumerate(it):
-            if (cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch) or (step and out_of_time()):
-                break  # a budget cut mid-epoch: that part-epoch is still validated (and kept when best)
-            factor = 1.0 + (cfg.lr_end_factor - 1.0) * min(step / max(cfg.lr_decay_steps, 1), 1.0)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            with autocast(device, cfg.precision):
-                loss = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        model.eval()
-        diverged = not weights_finite(model)
-        if diverged:  # the validations would score a NaN model as a number (no pairs, one class)
-            val = {score_key: math.nan}
-        else:
-            with torch.no_grad(), autocast(device, cfg.precision):
-                val = validate(model)
+        t0 = time.time()
+        losses, step = train_epoch(model, opt, batches(epoch), loss_fn, cfg, device, step, epoch, out_of_time)
+        diverged, val = validate_epoch(model, validate, score_key, device, cfg.precision)
         score = math.nan if val[score_key] is None else val[score_key]  # None: undefined (e.g. R^2 of 1 record)
         improved = score > best if higher_is_better else score < best
         record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
@@ -152,6 +129,43 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         raise ValueError(f"no model saved in {cfg.out_dir}: the validation {score_key} was never a number "
                          f"({[r[f'valid_{score_key}'] for r in history]}); {why}")
     return history
+
+
+def train_epoch(model: TaskModel, opt: torch.optim.Optimizer, batches: Iterable[Any],
+                loss_fn: Callable[[TaskModel, Any], torch.Tensor], cfg: TrainConfig, device: torch.device,
+                step: int, epoch: int, out_of_time: Callable[[], bool]) -> tuple[list[float], int]:
+    """One epoch of optimizer steps with the linear lr decay; returns its losses and the global step after it."""
+    model.train()
+    losses: list[float] = []
+    it = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
+    for k, batch in enumerate(it):
+        if (cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch) or (step and out_of_time()):
+            break  # a budget cut mid-epoch: that part-epoch is still validated (and kept when best)
+        factor = 1.0 + (cfg.lr_end_factor - 1.0) * min(step / max(cfg.lr_decay_steps, 1), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        with autocast(device, cfg.precision):
+            loss = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        it.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    return losses, step
+
+
+def validate_epoch(model: TaskModel, validate: Callable[[TaskModel], dict[str, Any]], score_key: str,
+                   device: torch.device, precision: str) -> tuple[bool, dict[str, Any]]:
+    """(diverged, validation metrics); a model with non-finite weights is not validated: its score is NaN (the
+    validations would score it as a number: no pairs, one class)."""
+    model.eval()
+    if not weights_finite(model):
+        return True, {score_key: math.nan}
+    with torch.no_grad(), autocast(device, precision):
+        return False, validate(model)
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
