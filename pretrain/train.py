@@ -80,8 +80,9 @@ INIT_WEIGHTS_SAME = ("num_heads", "rope_base")
 
 def read_init_weights(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """train.init_weights as a state dict for `model_cfg`: same shapes, same INIT_WEIGHTS_SAME settings. A
-    pretrain.convert directory records its head count; the original's and multimolecule's files do not (their models
-    are RoPE base 10000), so for them the model section's head count is taken."""
+    pretrain.convert directory records its head count, as does a multimolecule directory's config.json; the
+    original's .pt and bare multimolecule weight files do not (their models are RoPE base 10000), so for them the
+    model section's head count is taken."""
     saved, state = rio.read_weights(path, heads=model_cfg.num_heads)
     rio.check_state_dict(state, model_cfg, path)
     differs = {k: (getattr(saved, k), getattr(model_cfg, k)) for k in INIT_WEIGHTS_SAME

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from rnalm.config import ModelConfig
 from rnalm.files import atomic_write
-from rnalm.io import (MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
+from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
                       export_official, read_pretrained)
 
 # ModelConfig fields each target cannot express (a .pt records no settings: readers take the original's 20 heads
@@ -43,9 +43,8 @@ def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
     """multimolecule RiNALMoConfig fields of our model (its SwiGLU width is int(2/3 x intermediate_size))."""
     return {"architectures": ["RiNALMoForMaskedLM"], "model_type": "rinalmo",
             "vocab_size": len(MULTIMOLECULE_VOCAB_28), "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads, "intermediate_size": 4 * cfg.dim,
-            "hidden_dropout": cfg.residual_dropout, "attention_dropout": cfg.attn_dropout,
-            "layer_norm_eps": cfg.layer_norm_eps, "token_dropout": cfg.token_dropout, "pad_token_id": 0}
+            "intermediate_size": 4 * cfg.dim, "pad_token_id": 0,
+            **{theirs: getattr(cfg, ours) for ours, theirs in MULTIMOLECULE_SETTINGS.items()}}
 
 
 def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,8 @@ def _file_format(state: Mapping[str, torch.Tensor]) -> str:
 def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None = None,
                  **config_overrides: Any) -> tuple[ModelConfig, StateDict]:
     """(config, state dict in our layout) from released weights of any format `weights_format` tells. `heads`: the
-    head count of weights that do not record it (the original's .pt, multimolecule), unless overridden."""
+    head count of weights that do not record it (the original's .pt, multimolecule weights without their
+    directory's config.json), unless overridden; `config_overrides` win over what a file records."""
     path = Path(path)
     source: str | os.PathLike | StateDict = path
     if fmt == "auto" and path.is_file():  # read once: its keys tell the layout (a giga .pt is 2.6 GB)
@@ -190,11 +192,13 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None =
     fmt = weights_format(path) if fmt == "auto" else fmt
     if fmt == "rnalm":
         return read_pretrained(path, **config_overrides)
+    recorded: dict[str, Any] = {}
     if fmt == "multimolecule" and path.is_dir():
         source = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+        recorded = multimolecule_settings(path)
     importer = import_official if fmt == "official" else import_multimolecule
     unrecorded = {"num_heads": heads} if heads is not None else {}
-    return importer(source, where=str(path), **{**unrecorded, **config_overrides})
+    return importer(source, where=str(path), **{**unrecorded, **recorded, **config_overrides})
 
 
 # --- the original RiNALMo layout -------------------------------------------------------------------
@@ -235,7 +239,10 @@ def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any
                      default=-1)
     name = next((n for n, (d, nl) in PRESETS.items() if (d, nl) == (dim, layers)),
                 "custom")
-    return ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
+    cfg = ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
+    if name != "custom" and cfg.num_heads != ModelConfig.num_heads and "name" not in overrides:
+        cfg = replace(cfg, name=f"{name}-custom")  # as ModelConfig.preset labels a resized preset
+    return cfg
 
 
 def import_official(path_or_state, *, where: str | None = None,
@@ -282,6 +289,22 @@ _MM_TOP = {
     "lm_mask_head.layer_norm.bias": "lm_head.transform.layer_norm.bias",
 }
 _MM_QKV = ("query", "key", "value")
+# ModelConfig settings a multimolecule RiNALMoConfig records (config.json), by its field names
+MULTIMOLECULE_SETTINGS = {"num_heads": "num_attention_heads", "residual_dropout": "hidden_dropout",
+                          "attn_dropout": "attention_dropout", "layer_norm_eps": "layer_norm_eps",
+                          "token_dropout": "token_dropout"}
+
+
+def multimolecule_settings(folder: Path) -> dict[str, Any]:
+    """The ModelConfig settings a multimolecule directory's config.json records (none without one)."""
+    config = folder / CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        recorded = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config}: not a JSON file ({e})") from None
+    return {ours: recorded[theirs] for ours, theirs in MULTIMOLECULE_SETTINGS.items() if theirs in recorded}
 
 
 def _mm_rows(mm_vocab: tuple[str, ...]) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 
 from rnalm.config import ModelConfig
 from rnalm.export import main
-from rnalm.io import import_official, load_pretrained, save_pretrained
+from rnalm.io import import_official, load_pretrained, read_weights, save_pretrained
 from rnalm.model import RiNALMo
 
 
@@ -39,6 +39,23 @@ def test_multimolecule_export_loads_with_from_pretrained_and_gives_our_outputs(t
     main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
     theirs = reference.RiNALMoForMaskedLM.from_pretrained(tmp_path / "hf").eval().double()
     reference.assert_same_outputs(load_pretrained(tmp_path / "model").double(), theirs)
+
+
+def test_a_multimolecule_directory_loads_back_with_the_settings_its_config_records(tmp_path):
+    """Its config.json records the head count (and eps, dropouts, token dropout): read_weights once took the
+    weights alone, so a 4-head export came back with 20 heads and other outputs, and no error."""
+    model = released(tmp_path, num_heads=4, layer_norm_eps=1e-6, token_dropout=False, attn_dropout=0.0)
+    main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    cfg, state = read_weights(tmp_path / "hf")
+    assert cfg == model.config and cfg.name == "nano-custom"
+    back = RiNALMo(cfg).eval()
+    back.load_state_dict(state)
+    ids = torch.randint(5, 9, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert read_weights(tmp_path / "hf", heads=20)[0].num_heads == 4          # recorded beats the fallback
+    assert read_weights(tmp_path / "hf", num_heads=8)[0].num_heads == 8       # an explicit override beats both
+    assert read_weights(tmp_path / "hf" / "model.safetensors", heads=20)[0].num_heads == 20  # a bare file records none
 
 
 def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys):
