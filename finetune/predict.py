@@ -94,26 +94,34 @@ def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> No
 
 def _write_dbn(preds: list[StructureRecord], out: Path) -> None:
     """OUT/predictions.dbn; a structure that needs more pseudoknot levels than dot-bracket has brackets goes to
-    OUT/<id>.bpseq instead, with a warning, so no prediction is lost."""
+    its own .bpseq file instead (named as `--format=bpseq` would name it), with a warning, so none is lost."""
     entries, too_knotted = [], []
-    for p in preds:
+    for i, p in enumerate(preds):
         try:
             entries.append(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n")
         except StructureError:
-            too_knotted.append(p)
+            too_knotted.append(i)
     atomic_write(out / "predictions.dbn", "".join(entries))
     if too_knotted:
-        _write_per_record(too_knotted, out, "bpseq")
-        ids = ", ".join(p.id for p in too_knotted[:5]) + (" ..." if len(too_knotted) > 5 else "")
-        print(f"warning: {len(too_knotted)} predicted structure(s) need more than {len(BRACKETS)} bracket levels "
-              f"({ids}): written as {out}/<id>.bpseq instead of in predictions.dbn", file=sys.stderr)
+        names = per_record_names(preds)
+        for i in too_knotted:
+            write_bpseq(preds[i], out / f"{names[i]}.bpseq")
+        files = ", ".join(f"{names[i]}.bpseq" for i in too_knotted[:5]) + (" ..." if len(too_knotted) > 5 else "")
+        print(f"warning: {len(too_knotted)} predicted structure(s) need more than {len(BRACKETS)} bracket levels: "
+              f"written to {out} as {files} instead of in predictions.dbn", file=sys.stderr)
+
+
+def per_record_names(preds: list[StructureRecord]) -> list[str]:
+    """File names (no suffix) of one file per record: the id made safe; when two would clash (ids that differ
+    only in replaced characters or in case), every name gets its FASTA position as a prefix."""
+    names = [safe_name(p.id) for p in preds]
+    if len({n.lower() for n in names}) != len(names):
+        names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
+    return names
 
 
 def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> None:
-    names = [safe_name(p.id) for p in preds]
-    if len({n.lower() for n in names}) != len(names):  # ids that differ only in replaced characters or in case
-        names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
-    for p, name in zip(preds, names):
+    for p, name in zip(preds, per_record_names(preds)):
         (write_bpseq if fmt == "bpseq" else write_ct)(p, out / f"{name}.{fmt}")
 
 

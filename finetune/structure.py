@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import string
 import sys
 import zlib
@@ -160,8 +161,9 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
         lineno, head = lines[k]
         if not head[0].isdigit():
             raise StructureError(f"{path}:{lineno}: expected a header 'length title', got {' '.join(head)!r}")
-        n = int(head[0])
-        title = " ".join(head[1:]) or f"{path.stem}_{len(records) + 1}"
+        n, title = int(head[0]), ct_title(head[1:]) or f"{path.stem}_{len(records) + 1}"
+        if n < 1:
+            raise StructureError(f"{path}:{lineno}: record {title!r} declares {n} bases")
         body = lines[k + 1:k + 1 + n]
         if len(body) < n:
             raise StructureError(f"{path}: record {title!r} declares {n} bases but has {len(body)} lines")
@@ -176,6 +178,12 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
     if not records:
         raise StructureError(f"{path}: no structures found")
     return records
+
+
+def ct_title(words: list[str]) -> str:
+    """The title of a ct header after its length, without the free energy that RNAstructure, mfold and
+    ViennaRNA's b2ct put first (`ENERGY = -25.3 tRNA`, `dG = -25.3 [initially -26.0] tRNA`)."""
+    return re.sub(r"^(energy|dg)\s*=\s*\S+(\s*\[[^]]*\])?\s*", "", " ".join(words), flags=re.IGNORECASE)
 
 
 def format_ct(record: StructureRecord) -> str:
@@ -306,6 +314,8 @@ def _record_from_partners(rid: str, seq: str, partners: list[int], where: str) -
     for i, p in enumerate(partners, 1):
         if p < 0 or p > n:
             raise StructureError(f"{where}: base {i} has partner {p} outside 0..{n}")
+        if p == i:
+            raise StructureError(f"{where}: base {i} pairs with itself")
         if p and partners[p - 1] != i:
             raise StructureError(f"{where}: base {i} pairs with {p} but base {p} pairs with {partners[p - 1]}")
         if p > i:

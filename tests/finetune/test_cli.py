@@ -95,7 +95,16 @@ def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
     _write_dbn(preds, tmp_path)
     assert (tmp_path / "predictions.dbn").read_text() == ">hairpin\nGGGAAACCC\n((.....))\n"
     assert read_bpseq(tmp_path / "knotted.bpseq").pairs.tolist() == knot.tolist()
-    assert "1 predicted structure(s) need more than 30 bracket levels (knotted)" in capsys.readouterr().err
+    assert "1 predicted structure(s) need more than 30 bracket levels: written to" in capsys.readouterr().err
+
+    # ids that clash ignoring case: the overflow files carry their FASTA position, as --format=bpseq names them
+    # (they were once numbered among the overflow records only: 000001_K was FASTA record 2)
+    preds = [preds[1], StructureRecord("K", preds[0].sequence, knot), StructureRecord("k", preds[0].sequence, knot)]
+    (tmp_path / "clash").mkdir()
+    _write_dbn(preds, tmp_path / "clash")
+    assert sorted(p.name for p in (tmp_path / "clash").iterdir()) == ["000002_K.bpseq", "000003_k.bpseq",
+                                                                       "predictions.dbn"]
+    assert "as 000002_K.bpseq, 000003_k.bpseq instead" in capsys.readouterr().err
 
 
 def watch_pair_matrices(monkeypatch) -> tuple[list, list]:

@@ -88,6 +88,27 @@ def test_bpseq_inconsistent_partner_names_file_and_bases(tmp_path):
         read_bpseq(path)
 
 
+def test_self_pairs_and_empty_ct_records_are_refused(tmp_path):
+    """A base paired with itself was read as unpaired; a ct record of 0 bases as an empty structure."""
+    (tmp_path / "self.bpseq").write_text("1 G 0\n2 A 2\n3 C 0\n")
+    with pytest.raises(StructureError, match=r"self\.bpseq: base 2 pairs with itself"):
+        read_bpseq(tmp_path / "self.bpseq")
+    (tmp_path / "self.ct").write_text("3 x\n1 G 0 2 0 1\n2 A 1 3 2 2\n3 C 2 0 0 3\n")
+    with pytest.raises(StructureError, match="record 'x': base 2 pairs with itself"):
+        read_ct(tmp_path / "self.ct")
+    (tmp_path / "zero.ct").write_text("0 empty\n3 y\n1 G 0 2 0 1\n2 A 1 3 0 2\n3 C 2 0 0 3\n")
+    with pytest.raises(StructureError, match=r"zero\.ct:1: record 'empty' declares 0 bases"):
+        read_ct(tmp_path / "zero.ct")
+
+
+@pytest.mark.parametrize("header, rid", [("5 ENERGY = -1.2   myseq extra", "myseq"),          # RNAstructure, b2ct
+                                         ("5  dG = -1.20 [initially -1.50] tRNA-1", "tRNA-1"),  # mfold
+                                         ("5 energy=-1.2", "e_1"), ("5 plain title", "plain")])
+def test_ct_ids_skip_the_free_energy_of_folding_programs(tmp_path, header, rid):
+    (tmp_path / "e.ct").write_text(header + "\n" + "".join(f"{i} A {i - 1} {(i + 1) % 6} 0 {i}\n" for i in range(1, 6)))
+    assert read_ct(tmp_path / "e.ct")[0].id == rid
+
+
 def test_ct_truncated_record(tmp_path):
     path = tmp_path / "short.ct"
     path.write_text("5 rec\n1 G 0 2 5 1\n2 A 1 3 0 2\n")
