@@ -9,8 +9,9 @@ Layout of `out_dir/checkpoints/`:
     .tmp-step00001000/       only while saving; a crash leaves it behind and the next start deletes it
     .old-step00001000/       only while a save replaces a checkpoint of the same step; a crash that leaves it
                              without its successor has the next start put it back
-A directory gets its final name only after every rank has written into it, so a name is a complete
-checkpoint; the pointer moves after the rename, so it never names a partial one.
+A directory gets its final name only after every rank has written into it and flushed its files to disk (DeepSpeed
+fsyncs nothing), so a name is a complete checkpoint, also after a node crash; the pointer moves after the rename,
+so it never names a partial one.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step(\d{8})$")
+# the files of one rank in a checkpoint: DeepSpeed's partitions (zero_pp_rank_<r>_mp_rank_00_*), our RNG state
+_RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -126,8 +129,11 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir = self.root / tmp_tag
         torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank}.pt")
+        for f in files_of_rank(tmp_dir, self.rank):  # each rank its own: a node flushes what it wrote
+            fsync_path(f)
         _barrier()
         if self.rank == 0:
+            fsync_path(tmp_dir)
             atomic_write(tmp_dir / STATE_FILE, json.dumps(state), durable=True)
             self._publish(tmp_dir, self.root / tag)
             atomic_write(self.root / LATEST, tag, durable=True)
@@ -177,6 +183,15 @@ class Checkpointer:
                 continue
             shutil.rmtree(self.root / old, ignore_errors=True)
             shutil.rmtree(self.root / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def files_of_rank(folder: Path, rank: int) -> list[Path]:
+    """The files of a checkpoint being saved that `rank` wrote: those named after it; rank 0 also the unnamed
+    ones (ZeRO-1/2's mp_rank_00_model_states.pt)."""
+    def owner(name: str) -> int:
+        m = _RANK_FILE_RE.search(name)
+        return int(m.group(1)) if m else 0
+    return sorted(f for f in folder.rglob("*") if f.is_file() and owner(f.name) == rank)
 
 
 def _barrier() -> None:

@@ -111,7 +111,8 @@ class PretrainConfig:
                  "train.valid_every": (t.valid_every, 0), "train.valid_max_batches": (t.valid_max_batches, 0),
                  "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
-                 "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0)}
+                 "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
+                 "train.seed": (t.seed, 0)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")

@@ -12,7 +12,7 @@ class DataConfig:
     sampling: Literal["cluster", "uniform"] = "cluster"  # cluster: one record per cluster per epoch
     seed: int = 0
     token_budget: int = 8192                        # tokens per packed micro-batch (incl. <cls>/<eos>), per rank
-    max_len: int = 1024                             # longer records are cropped to max_len-2 nt, no <cls>/<eos>
+    max_len: int = 1024                             # records over max_len-2 nt: cropped to that, no <cls>/<eos>
     mask_prob: float = 0.15                         # 80% <mask>, 10% random nucleotide, 10% unchanged
     shuffle_buffer: int = 10000                     # records per shuffle window
     num_workers: int = 2                            # DataLoader worker processes (0: read in the calling process)
@@ -33,5 +33,7 @@ class DataConfig:
                              f"({self.max_len}) tokens")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
+        if not 0 <= self.seed < 2**63:  # numpy's seed sequences take no negative numbers
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.shuffle_buffer < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError("shuffle_buffer and prefetch_factor must be >= 1 and num_workers >= 0")

@@ -99,6 +99,36 @@ def test_replacing_a_checkpoint_of_the_same_step_survives_a_crash_at_any_point(t
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(8)]
 
 
+def test_every_file_is_flushed_by_the_rank_that_wrote_it_before_the_checkpoint_gets_its_name(tmp_path, monkeypatch):
+    """DeepSpeed fsyncs nothing: without our flush a node crash could leave `latest` naming empty partitions."""
+    import pretrain.checkpoint as checkpoint
+
+    class Engine:  # writes as DeepSpeed does: one file set per rank, ZeRO-1/2 also an unnamed model file
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            for r in range(12):
+                for kind in ("zero_pp_rank_{}_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_{}_mp_rank_00_optim_states.pt"):
+                    (tmp_path / tag / kind.format(r)).parent.mkdir(exist_ok=True)
+                    (tmp_path / tag / kind.format(r)).write_bytes(b"w")
+            (tmp_path / tag / "mp_rank_00_model_states.pt").write_bytes(b"w")
+
+    flushed: dict[int, list[str]] = {}
+    for rank in (11, 1, 0):  # rank 0 last: it publishes
+        calls = flushed.setdefault(rank, [])
+        monkeypatch.setattr(checkpoint, "fsync_path",
+                            lambda p, _calls=calls: _calls.append(f"{p.parent.name}/{p.name}"))
+        Checkpointer(tmp_path, keep=2, rank=rank, world_size=12).save(Engine(), 8, {"step": 8})
+    tmp = ".tmp-" + tag_for(8)
+    assert flushed[11] == [f"{tmp}/bf16_zero_pp_rank_11_mp_rank_00_optim_states.pt", f"{tmp}/rng_rank11.pt",
+                           f"{tmp}/zero_pp_rank_11_mp_rank_00_model_states.pt"]   # not rank 1's
+    assert flushed[1] == [f"{tmp}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", f"{tmp}/rng_rank1.pt",
+                          f"{tmp}/zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert flushed[0][:4] == [f"{tmp}/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                              f"{tmp}/mp_rank_00_model_states.pt", f"{tmp}/rng_rank0.pt",
+                              f"{tmp}/zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert flushed[0][4] == f"{tmp_path.name}/{tmp}"  # its entries, before the rename (then the parent's)
+    assert latest_tag(tmp_path) == tag_for(8)
+
+
 def test_pruning_keeps_the_newest_and_removes_the_universal_forms_of_the_pruned(tmp_path):
     for step in (4, 8, 12):
         make_tag(tmp_path, step)
