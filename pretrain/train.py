@@ -98,7 +98,8 @@ def samples_digest(ids: list[str]) -> str:
 
 
 def dummy_batch() -> PackedBatch:
-    """One 3-token sequence without targets: keeps a rank in step with ZeRO-3's collectives when its data ran out."""
+    """One 3-token sequence without targets: keeps a rank in step with ZeRO-3's collectives when its data ran out,
+    and gives a dropped micro-batch's boundary its backward."""
     seq = torch.tensor([CLS_ID, STANDARD_NUCLEOTIDE_IDS[0], EOS_ID])
     return PackedBatch.from_sequences([seq], targets=[torch.full((3,), IGNORE_INDEX)])
 
@@ -275,7 +276,8 @@ class Trainer:
         that count (no DeepSpeed 1/grad_accum scaling); DeepSpeed's gradient averaging over ranks divides
         by world, so the gradient is that of (sum of CE over every masked token of the step) / count.
         Non-finite loss: ranks agree per micro-batch (all-reduce of a flag) and all drop its backward; the
-        optimizer step runs on the rest, and is skipped when every micro-batch was dropped.
+        optimizer step runs on the rest (a dropped micro-batch's backward is replaced by one that adds nothing), and
+        is skipped when every micro-batch was dropped.
         """
         engine, dev = self.engine, self.device
         masked_local = sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro)
@@ -298,10 +300,9 @@ class Trainer:
             bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(ce) else 1.0], device=dev))[0].item()
             if bad:
                 dropped += 1
-                owed += 1  # DeepSpeed's micro-step counter still needs this step() call, if anything steps
+                owed += 1  # its micro-step comes later, if anything steps
                 continue
-            for _ in range(owed):
-                engine.step()  # not an accumulation boundary: only advances the counter
+            self._zero_micro_steps(owed)
             owed = 0
             engine.backward(ce * scale, scale_wrt_gas=False)
             engine.step()
@@ -310,8 +311,7 @@ class Trainer:
             ce_sum += ce.item()
             masked_ok += int(index.numel())
         if backwards:
-            for _ in range(owed):
-                engine.step()  # the last of these is the boundary: the optimizer steps on the kept micro-batches
+            self._zero_micro_steps(owed)  # the last is the boundary: the optimizer steps on the kept micro-batches
         local_tokens = sum(b.num_tokens for b in kept)
         local_samples = sum(b.num_sequences for b in kept)
         local_flops = sum(self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum())) for b in kept)
@@ -324,6 +324,16 @@ class Trainer:
                           tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
                           stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
                           local_samples=local_samples, local_flops=local_flops, corrupt_shards=int(stats[6]))
+
+    def _zero_micro_steps(self, n: int) -> None:
+        """The micro-steps of n dropped micro-batches, each with a backward that adds nothing to the gradients (the
+        dummy batch, every logit times zero): every ZeRO stage gets the backward-then-step it counts on (ZeRO-1/2
+        reduce the step's accumulated gradients in the boundary's backward; a step without one failed there)."""
+        for _ in range(n):
+            b = self._static_shape(dummy_batch()).to(self.device)
+            logits = self.engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, None)
+            self.engine.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
+            self.engine.step()
 
     def _static_shape(self, b: PackedBatch) -> PackedBatch:
         """With model.compile: pad-only sequences (no loss) up to the token budget, so shapes never change."""

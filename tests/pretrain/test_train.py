@@ -286,18 +286,30 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards
 
 
 def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_shards, straight_run, tmp_path):
-    out = tmp_path / "run"
-    run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.inject_nonfinite_at=[3]",
-                "--checkpoint.every=0")
-    records = read_log(out)
-    assert [(e["step"], e["micro_batches"], e["stepped"]) for e in events(records, "nonfinite")] == [(3, 1, True)]
-    got, reference = by_step(records), by_step(read_log(straight_run))
-    assert sorted(got) == [1, 2, 3, 4, 5]
-    assert [got[s]["loss"] for s in (1, 2)] == [reference[s]["loss"] for s in (1, 2)]
-    assert got[3]["samples_sha1"] == reference[3]["samples_sha1"]         # same data consumed ...
-    assert got[3]["masked_tokens"] < reference[3]["masked_tokens"]         # ... but one micro-batch not trained on
-    for counted in ("step_tokens", "step_flops"):                           # and not counted as trained on
-        assert got[3][counted] < reference[3][counted] and got[2][counted] == reference[2][counted]
+    """The step's last micro-batch is dropped, so the accumulation boundary has no backward of its own: ZeRO-1/2
+    reduce the accumulated gradients in that backward (without it, their optimizer step failed), ZeRO-3 does not.
+    Every stage must take the same step on the kept micro-batch."""
+    reference, runs = by_step(read_log(straight_run)), {}
+    for name, setting in (("zero3", []), ("zero2", ["--train.ds_config=ds_configs/zero2.json"]),
+                          ("zero1", ["--train.ds_config=ds_configs/zero2.json",
+                                     "--train.ds_overrides={zero_optimization: {stage: 1}}"])):
+        out = tmp_path / name
+        run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.inject_nonfinite_at=[3]",
+                    "--checkpoint.every=0", *setting)
+        records = read_log(out)
+        assert [(e["step"], e["micro_batches"], e["stepped"]) for e in events(records, "nonfinite")] == [(3, 1, True)]
+        got = runs[name] = by_step(records)
+        assert sorted(got) == [1, 2, 3, 4, 5]
+        assert [got[s]["loss"] for s in (1, 2)] == pytest.approx([reference[s]["loss"] for s in (1, 2)], rel=1e-5)
+        assert got[3]["samples_sha1"] == reference[3]["samples_sha1"]         # same data consumed ...
+        assert got[3]["masked_tokens"] < reference[3]["masked_tokens"]         # ... but one micro-batch not trained on
+        for counted in ("step_tokens", "step_flops"):                           # and not counted as trained on
+            assert got[3][counted] < reference[3][counted] and got[2][counted] == reference[2][counted]
+        assert got[4]["loss"] != pytest.approx(reference[4]["loss"], rel=1e-5)  # step 3 trained on less
+    for name in ("zero2", "zero1"):
+        for step in (3, 4, 5):
+            assert runs[name][step]["loss"] == pytest.approx(runs["zero3"][step]["loss"], rel=1e-5)
+            assert runs[name][step]["grad_norm"] == pytest.approx(runs["zero3"][step]["grad_norm"], rel=1e-4)
     assert got[4]["loss"] != reference[4]["loss"]                          # so the weights differ afterwards
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
 
