@@ -24,10 +24,10 @@ from rnalm.files import atomic_write
 from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
                       export_official, read_pretrained)
 
-# ModelConfig fields each target cannot express (a .pt records no settings: readers take the original's 20 heads
-# of every size and its code's RoPE base 10000; multimolecule's config has no field for these): a model that
-# differs from RiNALMo's there is refused
-FIXED_IN = {"official": ("num_heads", "rope_base"),
+# ModelConfig fields each target cannot express, of those that change what the model computes (a .pt records no
+# settings: readers take the original's 20 heads of every size, its code's RoPE base, token dropout and LayerNorm
+# eps; multimolecule's config has no field for these): a model that differs from RiNALMo's there is refused
+FIXED_IN = {"official": ("num_heads", "rope_base", "token_dropout", "mask_ratio_train", "layer_norm_eps"),
             "multimolecule": ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")}
 
 

@@ -123,7 +123,7 @@ def tune_threshold(per_seq: list[list[np.ndarray]], records: list[StructureRecor
     per_seq[i][k]: the pairs of records[i] decoded at thresholds[k]."""
     scores = [mean_scores([(r.pairs, preds[k], len(r)) for r, preds in zip(records, per_seq)], shift=shift).f1
               for k in range(len(thresholds))]
-    best = int(np.argmax(scores))
+    best = min(range(len(thresholds)), key=lambda k: (-scores[k], thresholds[k]))  # in any order of the grid
     return float(thresholds[best]), float(scores[best])
 
 

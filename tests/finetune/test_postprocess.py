@@ -127,6 +127,9 @@ def test_tune_threshold_finds_the_separating_value():
     thr, f1 = tune_threshold([decode_at_thresholds(probs, seq, grid)], [StructureRecord("r", seq, true)], grid,
                              shift=False)
     assert thr == 0.12 and f1 == 1.0
+    grid.reverse()  # --eval.thresholds in any order (the first best once won: 0.19 here)
+    assert tune_threshold([decode_at_thresholds(probs, seq, grid)], [StructureRecord("r", seq, true)], grid,
+                          shift=False) == (0.12, 1.0)
 
 
 def test_tune_threshold_scores_with_the_metric_it_is_asked_for():

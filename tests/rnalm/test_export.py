@@ -58,6 +58,17 @@ def test_a_multimolecule_directory_loads_back_with_the_settings_its_config_recor
     assert read_weights(tmp_path / "hf" / "model.safetensors", heads=20)[0].num_heads == 20  # a bare file records none
 
 
+@pytest.mark.parametrize("setting", [{"num_heads": 4}, {"token_dropout": False}, {"layer_norm_eps": 1e-6},
+                                     {"mask_ratio_train": 0.1}])
+def test_a_model_a_pt_file_cannot_express_is_refused(tmp_path, capsys, setting):
+    """A .pt records no settings: it would load back with the original's (and compute otherwise), silently."""
+    released(tmp_path, **setting)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "model"), "--to", "official", str(tmp_path / "x.pt")])
+    assert exit_.value.code == 1 and f"no setting for {list(setting)}" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys):
     released(tmp_path, rope_base=20000.0)
     with pytest.raises(SystemExit) as exit_:
