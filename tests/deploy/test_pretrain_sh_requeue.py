@@ -80,4 +80,5 @@ def test_signal_before_the_ranks_start_still_runs_them(tmp_path):
     assert "USR1" in r.stdout
     lines = calls.splitlines()
     first = lambda prefix: next(i for i, line in enumerate(lines) if line.startswith(prefix))  # noqa: E731
-    assert first("srun") < first("scancel --signal=USR1 123456") < first("scontrol requeue 123456"), calls
+    # srun runs in the background: its stub may log after the first forward (which repeats while the step lives)
+    assert max(first("srun"), first("scancel --signal=USR1 123456")) < first("scontrol requeue 123456"), calls
