@@ -117,6 +117,22 @@ def _decompress(payload: bytes, where: str) -> bytes:
         raise ShardError(f"{where}: corrupt or truncated zstd block ({e})") from None
 
 
+def block_length(payload: bytes, where: str = "") -> int:
+    """The record count of one tar member, from its header alone (only the first bytes are decompressed): a reader
+    skips the blocks before the records it wants without decoding them."""
+    where = where or "<block>"
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+            head = b""
+            while len(head) < _HEADER.size and (chunk := reader.read(_HEADER.size - len(head))):
+                head += chunk
+    except zstandard.ZstdError as e:
+        raise ShardError(f"{where}: corrupt or truncated zstd block ({e})") from None
+    if len(head) < _HEADER.size or head[:4] != _MAGIC:
+        raise ShardError(f"{where}: no dataprep record block header")
+    return _HEADER.unpack_from(head)[2]
+
+
 def decode_block(payload: bytes, where: str = "") -> RecordBlock:
     """Decompress and decode one tar member; raises ShardError naming `where` on any inconsistency."""
     where = where or "<block>"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from webdataset.tariterators import tar_file_iterator
 
-from dataprep.shards import BLOCK_EXT, RecordBlock, ShardError, decode_block
+from dataprep.shards import BLOCK_EXT, RecordBlock, ShardError, block_length, decode_block
 
 from .config import DataConfig
 from .masking import Samples, crop_and_mask
@@ -39,10 +39,10 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
                 where = f"{path}:{member['fname']}"
                 if not member["fname"].endswith(f".{BLOCK_EXT}"):
                     raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
-                block = decode_block(member["data"], where)
-                if pos + len(block) > lo:
-                    yield pos, block
-                pos += len(block)
+                n = block_length(member["data"], where)
+                if pos + n > lo:  # the blocks before the range are counted, not decoded
+                    yield pos, decode_block(member["data"], where)
+                pos += n
                 if pos >= hi:
                     return
     except GeneratorExit:  # closed while suspended, e.g. at interpreter exit, when tarfile.TarError may be gone

@@ -5,8 +5,9 @@ import tarfile
 
 import numpy as np
 import pytest
+import zstandard
 
-from dataprep.shards import (RecordBlock, ShardError, ShardInfo, Manifest, ShardWriter, decode_block,
+from dataprep.shards import (RecordBlock, ShardError, ShardInfo, Manifest, ShardWriter, block_length, decode_block,
                              compress_block, iter_blocks, iter_records, read_manifest, write_manifest,
                              blocks_from_arrays)
 
@@ -43,6 +44,16 @@ def test_block_round_trip(labels):
 def test_empty_block_round_trip():
     block = make_block(n=0)
     assert len(decode_block(compress_block(block))) == 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 5000])
+def test_block_length_reads_the_header_alone(n):
+    assert block_length(compress_block(make_block(n=n))) == n
+    for garbage in (b"not zstd at all", b"\x28\xb5\x2f\xfd" + b"\x00" * 20):
+        with pytest.raises(ShardError, match="where-x: "):
+            block_length(garbage, "where-x")
+    with pytest.raises(ShardError, match="where-x: no dataprep record block header"):
+        block_length(zstandard.ZstdCompressor().compress(b"RNB0" + b"\x00" * 60), "where-x")
 
 
 def write_shard(path, blocks):

@@ -274,6 +274,23 @@ def test_the_blocks_before_damage_inside_a_shard_are_read(shards, tmp_path):
     assert str(e.value) == f"{damaged}: corrupt or truncated tar (ReadError: unexpected end of data)"
 
 
+def test_a_range_inside_a_shard_decodes_only_its_blocks(shards, monkeypatch):
+    """The blocks before the range are counted from their headers (a stream that starts late in a 1 GB shard
+    once decoded all of it, every epoch and every resume)."""
+    import pretrain.data.stream as stream
+    from dataprep.shards import iter_blocks
+
+    path = shards / read_manifest(shards).split_shards("train")[0].path
+    every = list(iter_blocks(path))
+    assert len(every) >= 3 and all(len(b) == 64 for b in every[:-1])
+    decoded = []
+    real = stream.decode_block
+    monkeypatch.setattr(stream, "decode_block", lambda payload, where: decoded.append(where) or real(payload, where))
+    got = list(read_shard(path, 130, 140))  # records 130..139: all in the third block
+    assert [(pos, b.ids) for pos, b in got] == [(128, every[2].ids)]
+    assert [w.rsplit(":", 1)[1] for w in decoded] == ["000002.rec.zst"]
+
+
 def _shard_ids(path):
     from dataprep.shards import iter_blocks
     return [i for block in iter_blocks(path) for i in block.ids]
