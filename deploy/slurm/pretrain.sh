@@ -82,7 +82,7 @@ PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
 # works too); normalised to --key=value, picking out what this script needs to know.
 CONFIG=pretrain/configs/giga.yaml
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then CONFIG=$1; shift; fi
-OVERRIDES=()
+OVERRIDES=()   # expanded as ${OVERRIDES[@]+"${OVERRIDES[@]}"}: bash < 4.4 (RHEL 7) calls an empty array unbound
 PORT_BASE=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -102,7 +102,7 @@ if [ -z "$PORT_BASE" ] && [ -n "${RNALM_METRICS_PORT_BASE:-}" ]; then
 fi
 # The file_sd targets must name what the ranks really serve: the config file with the overrides, as the
 # trainer reads it (a YAML `metrics: {enabled: false}` means no targets).
-SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" "${OVERRIDES[@]}" metrics.enabled metrics.port_base \
+SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} metrics.enabled metrics.port_base \
   train.out_dir) || die "cannot read $CONFIG with the overrides: $SETTINGS"
 { read -r METRICS; read -r PORT_BASE; read -r OUT_DIR; } <<< "$SETTINGS"
 
@@ -136,7 +136,7 @@ if [ "$GPUS" -gt 0 ]; then
 fi
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${#HOSTS[@]} node(s) [${HOSTS[*]}], $WORLD_SIZE ranks," \
     "$GPUS GPU(s)/node$([ "$GPUS" = 0 ] && echo ' (CPU mode)'), master $MASTER_ADDR:$MASTER_PORT"
-log "config $CONFIG ${OVERRIDES[*]}"
+log "config $CONFIG ${OVERRIDES[*]:-}"
 
 # ------------------------------------------------------------------------------- Prometheus file_sd
 SD_DIR=${RNALM_PROM_SD_DIR:-$RNALM_REPO/deploy/prometheus/targets}
@@ -187,7 +187,7 @@ write_targets
 # shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
 srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
   bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
-  "$PYTHON" -m pretrain.train --config "$CONFIG" "${OVERRIDES[@]}" &
+  "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} &
 STEP_PID=$!
 # Signalled before the ranks started: they start anyway and stop after their first step. Requeued at once
 # instead, a job whose time limit is within the --signal lead (Slurm then signals at the start) would requeue

@@ -43,7 +43,7 @@ def target_groups(hosts: list[str], tasks_per_node: list[int], port_base: int, j
     for host, addr, ntasks in zip(hosts, addresses, tasks_per_node):
         for local_rank in range(ntasks):
             groups.append({
-                "targets": [f"{addr}:{port_base + local_rank}"],
+                "targets": [f"{f'[{addr}]' if ':' in addr else addr}:{port_base + local_rank}"],  # IPv6: [a]:p
                 "labels": {"rank": str(rank), "local_rank": str(local_rank), "node": host,
                            "slurm_job_id": job_id, "slurm_job_name": job_name},
             })

@@ -40,6 +40,14 @@ def test_targets_use_node_addresses_and_keep_node_names(tmp_path):
         ("10.0.0.2:9501", "gpu002")]
 
 
+def test_ipv6_node_addresses_are_bracketed(tmp_path):
+    """'fe80::1:9500' passes Prometheus's config check but every scrape fails ('too many colons')."""
+    r = write(tmp_path, "gpu001", "2", addresses="fd00::1")
+    assert r.returncode == 0, r.stderr
+    groups = json.loads((tmp_path / "sd" / "rnalm-77.json").read_text())
+    assert [g["targets"] for g in groups] == [["[fd00::1]:9500"], ["[fd00::1]:9501"]]
+
+
 @pytest.mark.parametrize("hosts,tasks,message", [
     ("a b", "4", "2 hosts (a b), 2 addresses but tasks per node for 1"),
     ("a", "4(y2)", "cannot parse SLURM_TASKS_PER_NODE='4(y2)'"),
