@@ -98,6 +98,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("chunk_mb", "shard_mb"):
         if getattr(a, name) <= 0:
             p.error(f"{option(name)} must be > 0")
+    if int(a.chunk_mb * (1 << 20)) < 1:  # a compressed input would read nothing
+        p.error(f"--chunk-mb {a.chunk_mb} is less than one byte")
     for name in ("min_seq_id", "coverage"):
         if not 0 <= getattr(a, name) <= 1:
             p.error(f"{option(name)} must be in [0, 1]")

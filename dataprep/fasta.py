@@ -30,7 +30,8 @@ _WS = b" \t\r\n\v\f"
 
 def _compression(head: bytes) -> str:
     """"gzip", "zstd" or "none" from a file's first 4 bytes."""
-    return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head == ZSTD_MAGIC else "none"
+    skippable = len(head) == 4 and int.from_bytes(head, "little") & 0xFFFFFFF0 == 0x184D2A50  # pzstd starts so
+    return "gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head == ZSTD_MAGIC or skippable else "none"
 
 
 class _Hasher:
@@ -125,6 +126,20 @@ class Chunk:
     oversized: tuple[bytes, int] | None = None  # (header line, sequence length) of a streamed-past record
     newlines: int | None = None  # a consumer that counted the newlines in `data` sets this; the stream then
     # does not count them again to number the next chunk's lines
+
+
+def text_before_header(data: bytes | memoryview) -> tuple[int, bytes] | None:
+    """(lines into `data`, the line) of text that stands before its first header line, outside any record (a
+    header indented by a space, a sequence without a header): None when only white space does."""
+    if data[:1] == b">":
+        return None
+    data = bytes(data)
+    first = data.find(b"\n>")
+    head = data[:first + 1] if first >= 0 else data
+    text = head.lstrip(_WS)
+    if not text:
+        return None
+    return head.count(b"\n", 0, len(head) - len(text)), text.split(b"\n", 1)[0][:40]
 
 
 def regular_file(path: str) -> bool:

@@ -37,7 +37,7 @@ from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardI
 from .report import ReportProcess, write_summary
 from .split import shard_jobs, shuffled_order
 from .background import Background
-from .shares import normalise_inputs
+from .shares import normalise_inputs, tsv_lines
 from .store import Store, write_permuted
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
 
@@ -254,7 +254,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     sources = res = report = shuffling = None
     if comm.rank == 0:  # background processes that need no clusters, overlapping MMseqs2
         sources, res = _source_counts(store, stages)
-        if cfg.report:
+        if cfg.report:  # it redraws the report in place: no summary until this build's, so a failed build's
+            (out / "report" / "summary.json").unlink(missing_ok=True)  # plots are never taken as up to date
             report = ReportProcess(out / "report", store, keep, sources)
         if not cfg.no_cluster and not stages["shuffle"].done:
             shuffling = Background("shuffle", shuffle, cfg, store, keep, stages["shuffle"])
@@ -365,8 +366,8 @@ def _params(cfg: BuildConfig, rps: int) -> dict:
 
 
 def _manifest_current(out: Path, build_key: str, report: bool) -> bool:
-    if report and not (out / "report" / "summary.json").is_file():  # (the last build was run with --no-report)
-        return False
+    if report and _summary_key(out / "report" / "summary.json") != build_key:  # none (--no-report, a failed
+        return False                                                          # build), or another build's
     try:
         m = read_manifest(out)
     except Exception:
@@ -374,6 +375,13 @@ def _manifest_current(out: Path, build_key: str, report: bool) -> bool:
     if m.params.get("build_key") != build_key:
         return False
     return all((out / s.path).is_file() and (out / s.path).stat().st_size == s.bytes for s in m.shards)
+
+
+def _summary_key(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("build_key")
+    except (OSError, ValueError):
+        return None
 
 
 def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
@@ -417,7 +425,7 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
                         counts=counts, warnings=warnings, out_dir=str(out))
     if report is not None:
         report.join()
-        write_summary(out / "report", counts, sources, shards, seconds)
+        write_summary(out / "report", counts, sources, shards, seconds, build_key)
     else:  # an earlier build's report would describe other shards
         shutil.rmtree(out / "report", ignore_errors=True)
     _publish(out, manifest)
@@ -429,7 +437,7 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
 
 def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: list[str]) -> None:
     rows = []
-    for line in (norm_dir / "rejects.tsv").read_text().splitlines():
+    for line in tsv_lines(norm_dir / "rejects.tsv"):
         s, ln, rid, reason = line.split("\t", 3)
         rows.append((int(s), int(ln), rid, reason))
     c, f = res["conflict"], res["conflict_first"]

@@ -125,9 +125,9 @@ class ReportProcess(Background):
 
 
 def write_summary(report_dir: Path, counts: dict, sources: list[dict], shards: list[ShardInfo],
-                  seconds: dict) -> dict:
+                  seconds: dict, build_key: str) -> dict:
     corpus = json.loads((report_dir / "corpus.json").read_text())
-    summary = {"counts": counts, **corpus, "sources": sources,
+    summary = {"build_key": build_key, "counts": counts, **corpus, "sources": sources,
                "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
                "shards": {"count": len(shards), "bytes": sum(s.bytes for s in shards)}}
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -18,7 +18,7 @@ import numpy as np
 
 from .background import Background
 from .errors import InputError
-from .fasta import FastaStream, regular_file, split_points
+from .fasta import FastaStream, regular_file, split_points, text_before_header
 from .normalize import oversized_reject, parse_chunk
 from .store import StoreWriter, merge_parts
 
@@ -46,7 +46,8 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
     Chunks are keyed (source, range, chunk) so that sorting the keys gives input order."""
     writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
     sources, done = [], 0
-    with open(part / "rejects.tsv", "w") as rej, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+    with (open(part / "rejects.tsv", "w", encoding="utf-8") as rej,
+          ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher):
         for s, (path, cut) in enumerate(zip(cfg.inputs, cuts)):
             whole = hasher.submit(_file_sha256, path) if cut and rank == 0 else None
             stream = FastaStream(path, chunk_bytes=int(cfg.chunk_mb * (1 << 20)),
@@ -63,6 +64,10 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
                     rej.write(f"{s}\t{line}\t{rid}\t{reason}\n")
                     records, rejected = records + 1, rejected + 1
                     continue
+                stray = text_before_header(chunk.data)
+                if stray:
+                    raise InputError(f"{path}:{chunk.first_line + stray[0]}: text outside any record (a record "
+                                     f"starts with a line whose first character is '>'): {stray[1]!r}")
                 p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
                 chunk.newlines = p.newlines
                 writer.append(p, s, key)
@@ -77,6 +82,12 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
                             "records": records, "rejected": rejected, "newlines": stream.newlines if cut else 0})
     writer.close()
     (part / "sources.json").write_text(json.dumps(sources))
+
+
+def tsv_lines(path: Path) -> list[str]:
+    """The lines of a TSV we wrote, split at newlines only (str.splitlines also splits at U+2028, U+0085, ...,
+    which an id may hold)."""
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
 
 
 def _file_sha256(path: str) -> tuple[str, int]:
@@ -107,7 +118,7 @@ def _merge_shares(tmp: Path) -> None:
     for p, base in zip(parts, line_base):
         if base.any():
             _shift_lines(p, base)
-        for row in (p / "rejects.tsv").read_text().splitlines():
+        for row in tsv_lines(p / "rejects.tsv"):
             s, line, rest = row.split("\t", 2)
             rows.append((int(s), int(line) + int(base[int(s)]), rest))
     merge_parts(parts, tmp)
@@ -121,7 +132,8 @@ def _merge_shares(tmp: Path) -> None:
         if s["records"] == 0:
             raise InputError(f"{s['path']}: no FASTA records (empty input)")
     rows.sort(key=lambda r: (r[0], r[1]))
-    (tmp / "rejects.tsv").write_text("".join(f"{s}\t{line}\t{rest}\n" for s, line, rest in rows))
+    (tmp / "rejects.tsv").write_text("".join(f"{s}\t{line}\t{rest}\n" for s, line, rest in rows),
+                                     encoding="utf-8")
     (tmp / "sources.json").write_text(json.dumps(sources))
     for p in parts:
         shutil.rmtree(p)

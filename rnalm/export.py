@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from rnalm.config import ModelConfig
 from rnalm.files import atomic_write
-from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError, export_multimolecule,
-                      export_official, read_pretrained)
+from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError,
+                      export_multimolecule, export_official, read_pretrained)
 
 # ModelConfig fields each target cannot express, of those that change what the model computes (a .pt records no
 # settings: readers take the original's 20 heads of every size, its code's RoPE base, token dropout and LayerNorm

@@ -191,6 +191,31 @@ def test_no_header(tmp_path, fasta):
         build_small(tmp_path, [fasta(f"{ACGU20}\n>a\n{ACGU20}\n")])
 
 
+@pytest.mark.parametrize("content,line,text", [
+    (f" >a\n{ACGU20}\n>b\n{ACGU20}GG\n", 1, "'>a'"),                 # an indented header: record a was lost
+    ("\n" * 200 + f"orphan{ACGU20}\n>a\n{ACGU20}\n", 201, "'orphanACGU"),  # past a first chunk of blank lines
+], ids=["indented-header", "orphan-after-blank-chunk"])
+@pytest.mark.parametrize("chunk_mb", [2, 1e-4])
+def test_text_outside_any_record_is_an_error(tmp_path, fasta, content, line, text, chunk_mb):
+    """Both were dropped without a trace (the second with small chunks only), the input's other records kept."""
+    with pytest.raises(InputError, match=rf"in.fa:({line}: text outside any record.*{text}|1: does not start with)"):
+        build_small(tmp_path, [fasta(content)], chunk_mb=chunk_mb)
+
+
+def test_ids_with_unicode_line_separators_reach_the_reject_list(tmp_path, fasta):
+    """U+2028 / U+0085 in an id split str.splitlines() rows of rejects.tsv: the build ended in a traceback."""
+    path = fasta(f">short\u2028x\nACGU\n>odd\u0085y\nACG*UACGUACGUACGUAC\n>ok\n{ACGU20}\n")
+    rejects, kept = rejects_of(tmp_path, path)
+    assert rejects.keys() == {"short\u2028x", "odd\u0085y"} and list(kept) == ["ok"]
+
+
+def test_zstd_that_starts_with_a_skippable_frame_is_read(tmp_path, fasta):
+    """pzstd writes one first; the input was refused as 'not FASTA'."""
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"pzst"
+    path = fasta(skippable + zstandard.ZstdCompressor().compress(f">a\n{ACGU20}\n".encode()), "p.fa.zst")
+    assert list(rejects_of(tmp_path, path)[1]) == ["a"]
+
+
 def test_binary_file(tmp_path, fasta):
     path = fasta(np.random.default_rng(0).bytes(5000), "random.bin")
     with pytest.raises(InputError, match="random.bin.*not FASTA, or binary data"):
@@ -256,12 +281,13 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta, image, out, name
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--shard-records", "-5"], "--shard-records must be >= 0"),
     (["--shard-mb", "0"], "--shard-mb must be > 0"),
+    (["--chunk-mb", "1e-7"], "--chunk-mb 1e-07 is less than one byte"),
     (["--min-seq-id", "2"], "--min-seq-id must be in [0, 1]"),
     (["--coverage", "-0.1"], "--coverage must be in [0, 1]"),
     (["--cov-mode", "6"], "--cov-mode: invalid choice: 6"),
     (["--label-key", ""], "--label-key '': want a header key"),
     (["--label-key", "a=b"], "--label-key 'a=b': want a header key"),
-], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "min-seq-id", "coverage", "cov-mode",
+], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "chunk-mb", "min-seq-id", "coverage", "cov-mode",
         "label-empty", "label-eq"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main

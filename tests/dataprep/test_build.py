@@ -186,6 +186,24 @@ def test_reused_out_drops_the_label_plot_of_an_earlier_build(tmp_path, synth_fa)
     assert not (tmp_path / "out" / "report" / "labels.png").exists()
 
 
+def test_a_failed_builds_report_is_never_taken_as_up_to_date(tmp_path, synth_fa, monkeypatch):
+    """A build of other inputs redrew the plots, then failed; re-running the first build was 'up to date' and kept
+    the other corpus's plots beside its own manifest."""
+    import dataprep.pipeline as pipeline
+
+    build_small(tmp_path, [synth_fa], report=True)
+    other = tmp_path / "other.fa"
+    other.write_text(synth_fa.read_text().replace(">", ">o", 3))
+    monkeypatch.setattr(pipeline, "_write_shards", lambda *a: (_ for _ in ()).throw(RuntimeError("node lost")))
+    with pytest.raises(RuntimeError, match="node lost"):
+        build_small(tmp_path, [other], report=True)
+    monkeypatch.undo()
+    again = build_small(tmp_path, [synth_fa], report=True)
+    assert "shards" not in again.skipped
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["build_key"] == again.manifest.params["build_key"]
+
+
 def test_the_report_belongs_to_the_shards_beside_it(tmp_path, synth_fa):
     """Found by an audit probe: a --no-report build left the report/ of an earlier build (its summary.json counting
     another split) beside its new shards, and a re-run asking for the report again was 'up to date' without one."""

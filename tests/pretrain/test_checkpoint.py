@@ -106,7 +106,8 @@ def test_every_file_is_flushed_by_the_rank_that_wrote_it_before_the_checkpoint_g
     class Engine:  # writes as DeepSpeed does: one file set per rank, ZeRO-1/2 also an unnamed model file
         def save_checkpoint(self, root, tag, client_state, save_latest):
             for r in range(12):
-                for kind in ("zero_pp_rank_{}_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_{}_mp_rank_00_optim_states.pt"):
+                for kind in ("zero_pp_rank_{}_mp_rank_00_model_states.pt",
+                             "bf16_zero_pp_rank_{}_mp_rank_00_optim_states.pt"):
                     (tmp_path / tag / kind.format(r)).parent.mkdir(exist_ok=True)
                     (tmp_path / tag / kind.format(r)).write_bytes(b"w")
             (tmp_path / tag / "mp_rank_00_model_states.pt").write_bytes(b"w")
