@@ -39,10 +39,14 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
                 where = f"{path}:{member['fname']}"
                 if not member["fname"].endswith(f".{BLOCK_EXT}"):
                     raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
-                n = block_length(member["data"], where)
-                if pos + n > lo:  # the blocks before the range are counted, not decoded
-                    yield pos, decode_block(member["data"], where)
-                pos += n
+                if pos < lo:  # the blocks before the range are counted from their headers, not decoded
+                    n = block_length(member["data"], where)
+                    if pos + n <= lo:
+                        pos += n
+                        continue
+                block = decode_block(member["data"], where)
+                yield pos, block
+                pos += len(block)
                 if pos >= hi:
                     return
     except GeneratorExit:  # closed while suspended, e.g. at interpreter exit, when tarfile.TarError may be gone
