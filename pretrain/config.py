@@ -91,6 +91,8 @@ class MetricsConfig:
     port_base: int = 9500             # port = port_base + LOCAL_RANK; 0: a free port (written to the log)
     peak_flops: float | None = None   # per device, for MFU; None: the GPU's dense bf16 peak (pretrain.mfu)
     run_id: str = ""                  # default: the out_dir name
+    final_scrape_s: float = 30.0      # after a non-finite stop the endpoint stays up this long (two scrapes of
+                                      # deploy/prometheus), so RnalmLossNotFinite sees the final count
 
 
 @dataclass
@@ -112,7 +114,7 @@ class PretrainConfig:
                  "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
-                 "train.seed": (t.seed, 0)}
+                 "train.seed": (t.seed, 0), "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")

@@ -218,6 +218,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             result = self._train_step(micro)
             if self._nonfinite_stop(result):
+                self._hold_for_final_scrape()
                 return EXIT_NONFINITE
             if result.stepped:
                 self.step += 1
@@ -242,6 +243,15 @@ class Trainer:
             self._save()
         self._log(event="done", step=self.step)
         return 0
+
+    def _hold_for_final_scrape(self) -> None:
+        """A stop within a scrape interval of the first NaN would leave Prometheus nothing to alert on: the job's
+        targets go with it. Only fixed ports are Prometheus targets (port_base 0 is none)."""
+        m = self.cfg.metrics
+        if self.metrics_port is not None and m.port_base and m.final_scrape_s:
+            if self.rank == 0:
+                _eprint(f"metrics stay up {m.final_scrape_s:g} s for a final scrape (metrics.final_scrape_s)")
+            time.sleep(m.final_scrape_s)
 
     def _nonfinite_stop(self, result: StepResult) -> bool:
         """Count a step with a dropped (NaN/inf) micro-batch; True when too many came in a row."""

@@ -160,7 +160,7 @@ def test_failing_ranks_fail_the_job_without_requeue(slurm, synthetic_shards, tmp
     """A run that stops on its own error (here: the trainer's non-finite-loss stop, exit code 3, via its fault
     injection) is not requeued: the job FAILS with the trainer's exit code and its target file is gone."""
     job_id = submit(slurm, synthetic_shards, tmp_path, "--train.inject_nonfinite_at=[5]",
-                    "--train.max_nonfinite_in_row=1")
+                    "--train.max_nonfinite_in_row=1", "--metrics.final_scrape_s=2")
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
     out = batch_output(tmp_path, job_id)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", (info, out[-3000:])

@@ -6,9 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from dataprep.shards import read_manifest
@@ -19,6 +21,7 @@ from rnalm.config import ModelConfig
 from rnalm.configfile import load
 from rnalm.io import save_pretrained
 from rnalm.model import RiNALMo
+from tests.deploy.daemons import free_port
 
 from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, signal_tree, start_trainer,
                            step_lines, wait_for)
@@ -283,6 +286,33 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(pretrain_shards
     assert stop["step"] == 3 and "2 steps in a row had a NaN/inf loss" in stop["message"]
     assert "2 steps in a row had a NaN/inf loss" in proc.stderr
     assert all(r["loss"] == r["loss"] for r in step_lines(records))  # no NaN reached the weights
+
+
+def test_a_nonfinite_stop_keeps_the_metrics_up_for_a_final_scrape(pretrain_shards, tmp_path):
+    """The job's Prometheus targets go with it: a run that stops within a scrape interval of its first NaN would
+    leave RnalmLossNotFinite nothing to see. Its final count stays served for metrics.final_scrape_s."""
+    port = free_port()
+    proc = start_trainer(pretrain_shards, tmp_path / "run", "--train.grad_accum=1", "--train.max_steps=20",
+                         "--train.inject_nonfinite_at=[2, 3]", "--train.max_nonfinite_in_row=2",
+                         "--checkpoint.every=0", f"--metrics.port_base={port}", "--metrics.final_scrape_s=4",
+                         nproc=1)
+    final = []  # when the stopped run's count was scraped
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except requests.ConnectionError:
+                text = ""
+            if "\nrnalm_train_nonfinite_steps_total 2.0\n" in text:
+                final.append(time.monotonic())
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc, signal.SIGKILL)
+        proc.wait()
+    assert events(read_log(tmp_path / "run"), "stopped_nonfinite")
+    assert final and final[-1] - final[0] >= 3, f"final count served {final[-1] - final[0] if final else 0:.1f} s"
 
 
 def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_shards, straight_run, tmp_path):
