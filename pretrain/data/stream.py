@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,33 @@ log = logging.getLogger(__name__)
 # Passes in a row that read no record before a stream gives up on skipped damage. Each epoch maps a stream to
 # other shards, so one empty pass (its part of an epoch inside one missing shard) is no reason to stop training.
 STARVED_PASSES = 16
+# Reads of a shard that fail with an I/O error, and the wait before the first retry (doubled at each next one).
+READ_ATTEMPTS = 4
+RETRY_DELAY_S = 1.0
+
+
+class ShardReadError(ShardError):
+    """The file system failed a read (EIO, ESTALE, ...): often transient on network file systems."""
+
+
+def read_records(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]]:
+    """Records [lo, hi) of one shard, a block's part at a time, each with the shard index of its first record.
+    A read error is retried from the first record not yet given, READ_ATTEMPTS times in all."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            for pos, block in read_shard(path, lo, hi):
+                a, b = max(lo, pos) - pos, min(hi, pos + len(block)) - pos
+                yield pos + a, slice_block(block, a, b)
+                lo = pos + b
+            return
+        except GeneratorExit:  # as in read_shard: at interpreter exit ShardReadError may be gone
+            raise
+        except ShardReadError as e:
+            if attempt == READ_ATTEMPTS:
+                raise ShardReadError(f"{e} (tried {READ_ATTEMPTS} times)") from None
+            delay = RETRY_DELAY_S * 2 ** (attempt - 1)
+            log.warning("%s; retrying in %g s", e, delay)
+            time.sleep(delay)
 
 
 def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]]:
@@ -53,7 +81,10 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
         raise
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+    except OSError as e:
+        raise ShardReadError(f"{path}: read error after {pos} records ({type(e).__name__}: "
+                             f"{e.strerror or e})") from None
+    except (tarfile.TarError, EOFError, ValueError) as e:
         # webdataset appends " @ <the file object>" to the reason: the path is said once already
         reason = getattr(e, "strerror", None) or (str(e.args[0]).split(" @ <")[0] if e.args else "")
         raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {reason})") from None
@@ -171,10 +202,9 @@ class RecordStream:
         for shard, lo, hi, raw in self.table.locate(epoch, start, stop):
             path = self.root / self.table.paths[shard]
             try:
-                for pos, block in read_shard(path, lo, hi):
-                    a, b = max(lo, pos) - pos, min(hi, pos + len(block)) - pos
-                    self.records_read += b - a
-                    yield raw + pos + a - lo, slice_block(block, a, b)
+                for first, records in read_records(path, lo, hi):
+                    self.records_read += len(records)
+                    yield raw + first - lo, records
             except ShardError as e:
                 if self.cfg.on_corrupt == "fail":
                     raise

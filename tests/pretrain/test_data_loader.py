@@ -1,6 +1,7 @@
 """PretrainLoader end to end on small shard sets written with dataprep.shards' writer."""
 from __future__ import annotations
 
+import errno
 import gzip
 import itertools
 import json
@@ -289,6 +290,64 @@ def test_a_range_inside_a_shard_decodes_only_its_blocks(shards, monkeypatch):
     got = list(read_shard(path, 130, 140))  # records 130..139: all in the third block
     assert [(pos, b.ids) for pos, b in got] == [(128, every[2].ids)]
     assert [w.rsplit(":", 1)[1] for w in decoded] == ["000002.rec.zst"]
+
+
+class FailingReads:
+    """A shard file whose reads past byte `at` fail with EIO, `times` times (what a network file system can do)."""
+
+    def __init__(self, path, at: int, times: int) -> None:
+        self.path, self.at, self.times = str(path), at, times
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if str(path) != self.path:
+            return f
+        real_read = f.read
+
+        def read(n=-1):
+            if self.times and (n < 0 or f.tell() + n > self.at):
+                self.times -= 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real_read(n)
+        f.read = read
+        return f
+
+
+def _train_shard(shards, i):
+    return shards / read_manifest(shards).split_shards("train")[i].path
+
+
+def test_a_read_error_is_retried_from_the_record_reached(shards, monkeypatch, caplog):
+    """An I/O error inside a shard is retried; the pass delivers exactly what an undisturbed pass does (it used
+    to skip the rest of the shard as corrupt for the epoch)."""
+    import pretrain.data.stream as stream
+
+    want = take(PretrainLoader(config(shards, sampling="uniform", infinite=False)))
+    path = _train_shard(shards, 2)
+    failing = FailingReads(path, at=path.stat().st_size // 2, times=2)
+    monkeypatch.setattr(stream, "open", failing.open, raising=False)
+    monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
+    loader = PretrainLoader(config(shards, sampling="uniform", infinite=False))
+    with caplog.at_level(logging.WARNING, logger="pretrain.data.stream"):
+        got = take(loader)
+    assert failing.times == 0 and caplog.text.count(f"{path}: read error after") == 2
+    assert loader.stats["corrupt_shards_skipped"] == 0
+    assert got == want
+
+
+def test_a_read_error_that_persists_skips_the_shard_after_the_retries(shards, monkeypatch):
+    import pretrain.data.stream as stream
+
+    path = _train_shard(shards, 2)
+    monkeypatch.setattr(stream, "open", FailingReads(path, at=path.stat().st_size // 2, times=-1).open,
+                        raising=False)
+    monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
+    loader = PretrainLoader(config(shards, sampling="uniform", infinite=False))
+    ids = sample_ids(take(loader))
+    (reason,) = loader.stats["corrupt_shards"].values()
+    assert re.fullmatch(rf"{re.escape(str(path))}: read error after \d+ records \(OSError: Input/output error\) "
+                        rf"\(tried {stream.READ_ATTEMPTS} times\)", reason), reason
+    assert set(_shard_ids(path)[:64]) <= set(ids)  # its first block lies before the failing byte
 
 
 def _shard_ids(path):
