@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, latest_tag,
                                  read_trainer_state)
+from pretrain.runlock import RunLock, RunLockError
 from rnalm.files import atomic_write
 
 
@@ -131,6 +132,21 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
     return final
 
 
+def _to_universal_locked(ckpt_dir: str | Path, tag: str | None) -> Path:
+    """By hand, under the run's lock: a trainer starting in that run deletes the temp dirs it finds in
+    checkpoints/ (and prunes old tags), and it refuses to start while the conversion holds the lock."""
+    root, tag = locate(ckpt_dir, tag)
+    lock = RunLock(root.parent)
+    try:
+        lock.acquire()
+    except RunLockError as e:
+        raise CheckpointError(f"no universal checkpoint written: {e}") from None
+    try:
+        return to_universal(root, tag)
+    finally:
+        lock.release()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("OUT_DIR is required (or --universal)")
     try:
         if args.universal:
-            print(f"universal checkpoint: {to_universal(args.ckpt_dir, args.tag)}")
+            print(f"universal checkpoint: {_to_universal_locked(args.ckpt_dir, args.tag)}")
         else:
             out = to_pretrained(args.ckpt_dir, args.out_dir, args.tag)
             print(f"released weights: {out}")

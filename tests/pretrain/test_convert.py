@@ -10,6 +10,7 @@ import torch
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
+from pretrain.runlock import RunLock
 from pretrain.train import masked_index, mlm_sums
 from rnalm.configfile import load
 from rnalm.io import load_pretrained
@@ -108,6 +109,23 @@ def test_universal_conversion_ahead_of_a_resume(copy_of_straight_run):
     assert {"trainer_state.json", "rng_rank0.pt", "rng_rank1.pt"} <= ours
     assert (universal / "zero").is_dir()  # DeepSpeed's per-parameter folders
     assert not [p for p in ckpts.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_a_universal_conversion_by_hand_waits_for_no_running_trainer(copy_of_straight_run):
+    """A trainer starting in the run deletes every temp dir in checkpoints/, a conversion's too: the two exclude
+    each other through the run's lock (here held by this test, as a live trainer would)."""
+    ckpts = copy_of_straight_run / "checkpoints"
+    lock = RunLock(copy_of_straight_run)
+    lock.acquire()
+    try:
+        proc = subprocess.run([PY, "-m", "pretrain.convert", "--universal", str(ckpts)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        lock.release()
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"no universal checkpoint written: {copy_of_straight_run} is in use by another run" in proc.stderr
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(TMP_PREFIX) or p.name.endswith("_universal")]
+    assert not (copy_of_straight_run / "run.lock").exists()
 
 
 def test_damaged_universal_or_vanishing_checkpoints_fail_with_the_file_named(copy_of_straight_run, tmp_path,
