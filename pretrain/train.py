@@ -123,22 +123,27 @@ class StepResult:
 
 class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
-        import deepspeed  # heavy import; keep `--help` fast
-
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
-        self.rank, self.world, self.local_rank = _init_distributed(deepspeed)
-        self.device = _device(self.local_rank)
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.model_cfg = cfg.model.build()
-        # The endpoint first, before the slow part of the start-up (a universal conversion, the model build under
-        # zero.Init, deepspeed.initialize, the resume): its file_sd target exists from the job's start, and a rank
-        # not answering for 2 minutes pages (RnalmRankDown); the stall alert counts start-up from here.
+        _default_distributed_env()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # The endpoint first, before the slow parts of the start-up (the rendezvous of all ranks, a universal
+        # conversion, the model build under zero.Init, deepspeed.initialize, the resume): its file_sd target exists
+        # from the job's start, and a rank not answering for 2 minutes pages (RnalmRankDown), so a node slow to start
+        # shows as its own ranks down, not as every rank of the job; the stall alert counts start-up from here.
         self.metrics = TrainMetrics(run_id=cfg.metrics.run_id or self.out.resolve().name, model=self.model_cfg.name,
-                                    world_size=self.world, slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
+                                    world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                                    slurm_job_id=os.environ.get("SLURM_JOB_ID", ""))
         self.metrics_port = None
         if cfg.metrics.enabled:
             self.metrics_port = self._serve_metrics()
+        import deepspeed  # heavy import; keep `--help` fast
+
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = _device(self.local_rank)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         self.flops = FlopCounter(self.model_cfg)
         self.peak_flops = cfg.metrics.peak_flops or peak_flops_of(device_name())
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
@@ -617,13 +622,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_distributed(deepspeed) -> tuple[int, int, int]:
+def _default_distributed_env() -> None:
     """Env from torchrun / srun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); plain python: 1 rank."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(auto_mpi_discovery=False)
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _eprint(msg: str) -> None:

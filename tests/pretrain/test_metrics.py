@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,34 @@ def test_a_rank_serves_its_metrics_during_the_start_up(tmp_path):
     proc = subprocess.run(args, cwd=Path(__file__).resolve().parents[2], env=dict(env, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=180)
     assert proc.stdout.strip().splitlines()[-1:] == ["served"], proc.stdout + proc.stderr[-3000:]
+
+
+def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(tmp_path):
+    """A rank answers from before the rendezvous: one node slow to start (or never starting) shows as its own
+    ranks down, instead of every rank of the job waiting unscraped for it (RnalmRankDown for all)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")  # rank 1 never comes
+    args = [sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
+            f"--data.shards={tmp_path / 'shards'}", f"--train.out_dir={tmp_path / 'run'}",
+            f"--metrics.port_base={port}", "--metrics.bind=127.0.0.1"]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline, samples = time.monotonic() + 90, None
+        while samples is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                samples = scrape(port)
+            except requests.ConnectionError:
+                time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert samples is not None, "no metrics while waiting for rank 1"
+    (info,) = samples["rnalm_run_info"]
+    assert info.labels["world_size"] == "2" and value(samples, "rnalm_train_start_timestamp_seconds") > 1.7e9
