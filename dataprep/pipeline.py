@@ -104,8 +104,9 @@ def _hash(*parts) -> str:
 def _fingerprint(path: str) -> dict:
     if not regular_file(path):
         return {"path": path, "nonce": uuid.uuid4().hex}  # stdin or a pipe: read once, never reused
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    st = os.stat(path)  # as git's index: the change time and inode catch a rewrite that kept size and mtime
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
 class _Stage:

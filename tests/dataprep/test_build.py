@@ -157,6 +157,22 @@ def test_rerun_skips_finished_stages(tmp_path, synth_fa):
     assert build_small(tmp_path, [synth_fa], records_per_shard=700, seed=3).skipped == []
 
 
+def test_an_input_rewritten_with_its_size_and_mtime_kept_is_read_again(tmp_path, synth_fa):
+    """`cp -p`, `rsync -a` or `tar x` of another version keep the size and the mtime: the finished stages of the
+    old content were reused (the input was recognised by path, size and mtime only)."""
+    fa = tmp_path / "in.fa"
+    shutil.copyfile(synth_fa, fa)
+    build_small(tmp_path, [fa], records_per_shard=500)
+    st, text = fa.stat(), fa.read_text()
+    second = text.index("\n>") + 1  # the second record's sequence: one base changed, same size
+    seq_at = text.index("\n", second) + 1
+    edited = text[:seq_at] + ("C" if text[seq_at] != "C" else "G") + text[seq_at + 1:]
+    fa.write_text(edited)
+    os.utime(fa, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (fa.stat().st_size, fa.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert build_small(tmp_path, [fa], records_per_shard=500).skipped == []
+
+
 def test_a_shard_size_bound_and_a_target_of_the_same_records_are_different_builds():
     """--shard-mb giving 700 records per shard (a target: shards of up to 1.25x) re-run with --shard-records=700 (a
     bound) was 'up to date' and kept shards above the bound."""
