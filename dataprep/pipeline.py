@@ -208,7 +208,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
         except OSError as e:
             raise InputError(f"{out}: cannot create the output directory ({e.strerror}: {e.filename})") from None
     comm.barrier()
-    keys = {"normalise": _hash(PIPELINE_VERSION, [_fingerprint(p) for p in cfg.inputs], asdict(cfg.normalize))}
+    inputs = comm.bcast([_fingerprint(p) for p in cfg.inputs] if comm.rank == 0 else None)  # one view of them
+    keys = {"normalise": _hash(PIPELINE_VERSION, inputs, asdict(cfg.normalize))}
     keys["dedup"] = _hash(keys["normalise"], "dedup")
     # another MMseqs2 version clusters differently, so its version is part of the cluster key (asked up front: a
     # missing MMseqs2 stops the run before it normalises)
