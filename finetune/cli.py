@@ -27,6 +27,7 @@ def _task_module(task: str):
 
 
 def run(argv: Sequence[str]) -> int:
+    from finetune.backbone import remove_finetuned
     from finetune.structure import StructureError
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -44,6 +45,8 @@ def run(argv: Sequence[str]) -> int:
                 return _predict(cmd, rest, prog)
             module, cfg_cls = _task_module(cmd)
             cfg = from_cli(cfg_cls, rest, prog=prog)
+            if action == "train":  # before anything can fail: an ArchiveII run's summary is written by no fit
+                remove_finetuned(cfg.train.out_dir)
             save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
             result = getattr(module, action)(cfg)
             _print_summary(result, cfg.train.out_dir, action)

@@ -106,7 +106,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
             opt.add_param_group({"params": new, "lr": lr, "base_lr": lr})
         t0 = time.time()
         losses, step = train_epoch(model, opt, batches(epoch), loss_fn, cfg, device, step, epoch, out_of_time)
-        diverged, val = validate_epoch(model, validate, score_key, device, cfg.precision)
+        diverged, val = validate_epoch(model, validate, score_key)
         score = math.nan if val[score_key] is None else val[score_key]  # None: undefined (e.g. R^2 of 1 record)
         improved = score > best if higher_is_better else score < best
         record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
@@ -157,14 +157,15 @@ def train_epoch(model: TaskModel, opt: torch.optim.Optimizer, batches: Iterable[
     return losses, step
 
 
-def validate_epoch(model: TaskModel, validate: Callable[[TaskModel], dict[str, Any]], score_key: str,
-                   device: torch.device, precision: str) -> tuple[bool, dict[str, Any]]:
+def validate_epoch(model: TaskModel, validate: Callable[[TaskModel], dict[str, Any]],
+                   score_key: str) -> tuple[bool, dict[str, Any]]:
     """(diverged, validation metrics); a model with non-finite weights is not validated: its score is NaN (the
-    validations would score it as a number: no pairs, one class)."""
+    validations would score it as a number: no pairs, one class). In fp32 whatever train.precision is, as the test
+    pass and `evaluate`: the kept epoch and the SS threshold are chosen on the numbers they later reproduce."""
     model.eval()
     if not weights_finite(model):
         return True, {score_key: math.nan}
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad():
         return False, validate(model)
 
 

@@ -47,6 +47,19 @@ def test_train_writes_results_and_config(ss_model):
     assert (ss_model / "train_config.yaml").exists() and (ss_model / "results.md").exists()
 
 
+def test_a_train_run_that_fails_early_leaves_no_earlier_results(tiny_checkpoint, shared_data, tmp_path, capsys):
+    """An ArchiveII run over several families writes its summary into OUT, where no fit ran: a fold that failed
+    (here the second: no training record of <= 50 nt) left the earlier run's results.* beside the new config."""
+    for name in ("results.json", "results.md"):
+        (tmp_path / name).write_text("earlier run")
+    rc = run(["ss", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}",
+              "--data.dataset=archiveii", "--data.test_family=tRNA,srp", "--data.max_train_len=50",
+              "--data.limit_train=4", "--data.limit_valid=4", "--data.limit_test=4", "--train.epochs=1",
+              "--eval.rnafold=false", f"--train.out_dir={tmp_path}", "--train.progress=false"])
+    assert rc == 2 and "empty split" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
+
+
 def test_evaluate_uses_stored_threshold(ss_model, shared_data, tmp_path, capsys):
     assert run(["ss", "evaluate", f"--model.path={ss_model}", f"--data.root={shared_data}", "--data.limit_test=5",
                 "--eval.rnafold=true", f"--train.out_dir={tmp_path}", "--train.progress=false"]) == 0

@@ -204,6 +204,45 @@ def test_a_diverged_epoch_is_neither_validated_nor_saved_and_ends_training(tiny_
     assert [h["best"] for h in history] == [True, False] and history[1]["diverged"] and not history[0]["diverged"]
 
 
+def test_validation_runs_outside_the_training_autocast(tiny_checkpoint, tmp_path, monkeypatch):
+    """With train.precision=bf16 on CUDA the epoch and the SS threshold were chosen on bf16 validation scores,
+    while the test pass and `evaluate` run in fp32: valid scores in finetune.json were not reproducible."""
+    import contextlib
+
+    import finetune.trainer as trainer
+    from finetune.backbone import TaskModel, load_backbone
+    from finetune.heads import SpliceSiteHead
+    from finetune.tasks.common import tokens_for
+
+    inside = []
+
+    @contextlib.contextmanager
+    def recording_autocast(device, precision):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(trainer, "autocast", recording_autocast)
+    lm = load_backbone(BackboneConfig(path=str(tiny_checkpoint)))
+    model = TaskModel(lm, SpliceSiteHead(lm.config.dim, 3))
+    tokens = tokens_for(["ACGUACGUAC"] * 4, "cpu")
+    trained, validated = [], []
+
+    def loss_fn(m, batch):
+        trained.append(bool(inside))
+        return m(tokens).logsumexp(-1).mean()
+
+    def validate(m):
+        validated.append(bool(inside))
+        return {"score": 1.0}
+
+    trainer.fit(model, quick_train(tmp_path, epochs=2), UnfreezeConfig(head_only_epochs=0), lambda e: [e], loss_fn,
+                validate, lambda m, v: None, "score")
+    assert trained == [True, True] and validated == [False, False]
+
+
 @pytest.mark.parametrize("task", ["splice", "mrl"])
 def test_a_run_that_diverges_from_the_start_saves_and_tests_nothing(tiny_checkpoint, shared_data, tmp_path, task):
     module, cfg_cls, data_cls = {"splice": (splice, splice.SpliceConfig, splice.SpliceDataConfig),
