@@ -10,18 +10,18 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+_CODE = np.full(256, -1, dtype=np.int64)
+for _i, _c in enumerate("ACGU"):
+    _CODE[ord(_c)] = _CODE[ord(_c.lower())] = _i
+_CODE[ord("T")] = _CODE[ord("t")] = 3
 _CHUNK = 4096  # candidate rows per dense block: bounds memory at _CHUNK x len(reference) floats
 
 
 def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:
     """Binary [n, 4^k] matrix of the distinct k-mers (over ACGU; k-mers with other letters skipped) of each sequence."""
-    code = np.full(256, -1, dtype=np.int64)
-    for c, v in zip("ACGU", range(4)):
-        code[ord(c)] = code[ord(c.lower())] = v
-    code[ord("T")] = code[ord("t")] = 3
     rows, cols = [], []
     for r, s in enumerate(seqs):
-        x = code[np.frombuffer(s.encode("ascii"), dtype=np.uint8)]
+        x = _codes(s)
         if len(x) < k:
             continue
         win = np.lib.stride_tricks.sliding_window_view(x, k)
@@ -33,6 +33,40 @@ def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:
     data_cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     return sp.csr_matrix((np.ones(len(data_rows), dtype=np.float32), (data_rows, data_cols)),
                          shape=(len(seqs), 4 ** k))
+
+
+def _codes(seq: str) -> np.ndarray:
+    """2-bit codes of A, C, G, U/T (either case); -1 for any other letter."""
+    return _CODE[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
+
+
+def _run_hashes(seqs: list[str], run: int) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hash, sequence index) of every window of `run` nt over ACGU only, all sequences at once (a hash
+    collision only drops a training record: the safe side of a leakage filter)."""
+    x = np.concatenate([np.append(_codes(s), -1) for s in seqs] or [np.full(1, -1)])  # -1 ends each sequence
+    n = len(x) - run + 1
+    if n <= 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(seqs)), [len(s) + 1 for s in seqs])[:n]
+    invalid = np.concatenate([[0], np.cumsum(x < 0)])
+    ok = invalid[run:run + n] == invalid[:n]
+    v = np.where(x < 0, 0, x + 1).astype(np.uint64)
+    h = np.zeros(n, np.uint64)
+    for j in range(run):  # polynomial hash, wrapping modulo 2^64
+        h = h * np.uint64(0x9E3779B97F4A7C15) + v[j:j + n]
+    return h[ok], owner[ok]
+
+
+def shared_run_mask(candidates: list[str], reference: list[str], run: int = 50) -> np.ndarray:
+    """True for each candidate that shares an identical stretch of `run` nt with some reference sequence: two
+    windows of one genome that overlap by that much, whatever their k-mer containment."""
+    ref = np.unique(_run_hashes(reference, run)[0])
+    h, owner = _run_hashes(candidates, run)
+    out = np.zeros(len(candidates), dtype=bool)
+    if len(ref):
+        at = np.minimum(np.searchsorted(ref, h), len(ref) - 1)
+        out[owner[ref[at] == h]] = True
+    return out
 
 
 def near_duplicate_mask(candidates: list[str], reference: list[str], k: int = 8,

@@ -6,9 +6,10 @@ designed library holds SNV variants of each UTR, so a plain random split puts ne
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from finetune.neardup import near_duplicate_mask
+from finetune.neardup import near_duplicate_mask, shared_run_mask
 from finetune.tasks import mrl, splice
 
 
@@ -16,11 +17,31 @@ def _leaks(train_valid: list[str], test: list[str]) -> int:
     return int(near_duplicate_mask(train_valid, test).sum())
 
 
+def _sharing_a_stretch(train_valid: list[str], test: list[str], run: int = 50) -> int:
+    """Plainly: windows holding a `run`-nt substring of some test window (windows of one locus, shifted)."""
+    stretches = {t[i:i + run] for t in test for i in range(len(t) - run + 1)}
+    return sum(any(w[i:i + run] in stretches for i in range(len(w) - run + 1)) for w in train_valid)
+
+
 def test_splice_training_windows_do_not_overlap_test_windows(shared_data):
+    """The k-mer rule alone let windows shifted by 200-350 nt through (289 shared a 50-nt stretch with a test
+    window, 168 a 100-nt one): they overlap by less than half of their length."""
     s = splice.load_splits(splice.SpliceDataConfig(root=str(shared_data)))
-    assert _leaks([seq for seq, _ in s.train + s.valid], [seq for seq, _ in s.test]) == 0
+    dev, test = [seq for seq, _ in s.train + s.valid], [seq for seq, _ in s.test]
+    assert _leaks(dev, test) == 0 and _sharing_a_stretch(dev, test) == 0
     assert len(s.test) == 4562 and s.removed_near_duplicates > 31  # more than the 31 exact copies
     assert len(s.train) + len(s.valid) + s.removed_near_duplicates == 4562
+
+
+def test_shared_stretches_are_found_only_in_acgu_runs_of_full_length():
+    rng = np.random.default_rng(0)
+    locus = "".join(rng.choice(list("ACGU"), 800))
+    windows = [locus[shift:shift + 400] for shift in (0, 150, 349, 350, 351)]
+    assert shared_run_mask(windows, [locus[:400]]).tolist() == [True, True, True, True, False]
+    dna = locus[300:400].replace("U", "t")  # DNA letters and case of the same bases
+    cut = locus[:30] + "N" + locus[31:79]  # an N leaves 48- and 30-nt runs
+    assert shared_run_mask([dna, cut, locus[:49]], ["GGG", locus[:400]]).tolist() == [True, False, False]
+    assert shared_run_mask([locus], []).tolist() == [False] and shared_run_mask([], [locus]).tolist() == []
 
 
 @pytest.mark.parametrize("file", ["varlen", "designed"])
