@@ -1,6 +1,6 @@
-"""Issue 6 step 10: pretrain micro (or --preset nano) on the ncRNA corpus (bpRNA-sourced records removed), convert,
-fine-tune secondary structure on bpRNA TR0 (VL0 for threshold and checkpoint choice), score TS0 beside RNAfold and
-beside the same head on a randomly initialised model of the same size. Each stage is one command (each fits the
+"""Issue 6 step 10: pretrain micro (or --preset nano) on the ncRNA corpus (bpRNA-sourced records and every copy or
+near-duplicate of a TS0 test sequence removed), convert, fine-tune secondary structure on bpRNA TR0 (VL0 for
+threshold and checkpoint choice), score TS0 beside RNAfold and beside the same head on a randomly initialised model of the same size. Each stage is one command (each fits the
 10-minute limit of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked).
 
     python bench/finetune_gpu_e2e.py --stage data       # FASTA without bpRNA records -> dataprep shards
@@ -46,24 +46,43 @@ def sh(cmd: list[str]) -> None:
 
 
 def stage_data(work: Path, args) -> None:
-    """Drop source=bpRNA1m90 records (the same molecules as the bpRNA structure set), then build shards."""
-    src, dst = DATA / "ncrna" / "ncrna_corpus.fasta.gz", work / "ncrna_no_bprna.fa"
-    kept = dropped = 0
-    with gzip.open(src, "rt") as f, open(dst, "w") as out:
-        keep = False
-        for line in f:
-            if line.startswith(">"):
-                keep = "source=bpRNA1m90" not in line
-                kept, dropped = kept + keep, dropped + (not keep)
-            if keep:
-                out.write(line)
-    print(f"kept {kept} records, dropped {dropped} bpRNA-sourced records -> {dst}")
+    """The corpus without what the fine-tuned model is tested on, then shards."""
+    from finetune.tasks.ss import SSDataConfig, load_splits
+
+    dst = work / "ncrna_no_bprna.fa"
+    test = [r.sequence for r in load_splits(SSDataConfig(root=str(DATA))).test]
+    kept, bprna, near_test = write_pretraining_fasta(DATA / "ncrna" / "ncrna_corpus.fasta.gz", dst, test)
+    print(f"kept {kept} records, dropped {bprna} bpRNA-sourced records and {near_test} copies or near-duplicates of "
+          f"TS0 test sequences from other sources -> {dst}")
     cmd = [sys.executable, "dataprep/build_shards.py", "--input", str(dst), "--out", str(work / "shards"),
            "--valid-fraction", "0.02", "--label-key", "rfam_acc"]
     if shutil.which("mmseqs") is None:
         print("mmseqs not found: every record is its own cluster (--no-cluster)")
         cmd.append("--no-cluster")
     sh(cmd)
+
+
+def write_pretraining_fasta(src: Path, dst: Path, test: list[str]) -> tuple[int, int, int]:
+    """Drop the source=bpRNA1m90 records (the same molecules as the bpRNA structure set) and every record that is
+    a copy or near-duplicate (finetune.neardup) of a test sequence: Rfam seeds and nRC hold some of TS0's.
+    Returns (kept, dropped as bpRNA, dropped as near a test sequence)."""
+    from finetune.neardup import near_duplicate_mask
+
+    records: list[tuple[str, list[str]]] = []  # (header line, sequence lines)
+    with gzip.open(src, "rt") as f:
+        for line in f:
+            if line.startswith(">"):
+                records.append((line, []))
+            elif records:
+                records[-1][1].append(line)
+    others = [r for r in records if "source=bpRNA1m90" not in r[0]]
+    near = near_duplicate_mask(["".join(lines).replace("\n", "").upper().replace("T", "U") for _, lines in others],
+                               [t.upper().replace("T", "U") for t in test])
+    with open(dst, "w") as out:
+        for (header, lines), drop in zip(others, near):
+            if not drop:
+                out.write(header + "".join(lines))
+    return len(others) - int(near.sum()), len(records) - len(others), int(near.sum())
 
 
 def stage_pretrain(work: Path, args) -> None:

@@ -42,3 +42,26 @@ def test_every_file_the_stages_write_is_an_output(tmp_path):
     assert (tmp_path / "table.md").exists()
     e2e.clear_outputs(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pretraining_corpus_holds_no_test_sequence(shared_data, tmp_path):
+    """'Pretrained on ncRNA without bpRNA' dropped only source=bpRNA1m90: 55 of TS0's 473 sequences were still in
+    the corpus (Rfam seeds, nRC), 90 by the near-duplicate rule, so the pretrained model had seen its test set."""
+    from finetune.neardup import near_duplicate_mask
+    from finetune.tasks.ss import SSDataConfig, load_splits
+
+    e2e = load_script()
+    test = [r.sequence.upper().replace("T", "U") for r in load_splits(SSDataConfig(root=str(shared_data))).test]
+    out = tmp_path / "corpus.fa"
+    kept, bprna, near_test = e2e.write_pretraining_fasta(shared_data / "ncrna" / "ncrna_corpus.fasta.gz", out, test)
+    headers, seqs = [], []
+    for line in out.read_text().splitlines():
+        if line.startswith(">"):
+            headers.append(line)
+            seqs.append("")
+        else:
+            seqs[-1] += line.strip().upper().replace("T", "U")
+    assert len(seqs) == kept > 10_000 and bprna > 0 and near_test >= 55
+    assert not any("source=bpRNA1m90" in h for h in headers)
+    assert not set(test) & set(seqs) and not near_duplicate_mask(seqs, test).any()
+    assert all("rfam_acc=" in h for h in headers[:100])  # headers kept whole: the label key of the build
