@@ -148,7 +148,7 @@ class Trainer:
         self.peak_flops = cfg.metrics.peak_flops or peak_flops_of(device_name())
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
         self.stop_requested = False
-        for sig in STOP_SIGNALS:  # early: a signal during start-up stops at the first step
+        for sig in STOP_SIGNALS:  # before the slow rest of the start-up: a signal there stops at the first step
             signal.signal(sig, self._on_signal)
         self.step = self.tokens = self.samples = self.nonfinite_steps = 0
         self.attempts = self.nonfinite_in_row = 0
