@@ -1,7 +1,8 @@
 """Issue 6 step 10: pretrain micro (or --preset nano) on the ncRNA corpus (bpRNA-sourced records and every copy or
 near-duplicate of a TS0 test sequence removed), convert, fine-tune secondary structure on bpRNA TR0 (VL0 for
-threshold and checkpoint choice), score TS0 beside RNAfold and beside the same head on a randomly initialised model of the same size. Each stage is one command (each fits the
-10-minute limit of the lent GPU machine); outputs go to WORK (default bench_out/e2e, not tracked).
+threshold and checkpoint choice), score TS0 beside RNAfold and beside the same head on a randomly initialised model
+of the same size. Each stage is one command (each fits the 10-minute limit of the lent GPU machine); outputs go to
+WORK (default bench_out/e2e, not tracked).
 
     python bench/finetune_gpu_e2e.py --stage data       # FASTA without bpRNA records -> dataprep shards
     python bench/finetune_gpu_e2e.py --stage pretrain   # 1 rank, DeepSpeed ZeRO-3, bf16 on a GPU
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import gzip
 import json
 import os
 import shutil
@@ -67,21 +67,13 @@ def write_pretraining_fasta(src: Path, dst: Path, test: list[str]) -> tuple[int,
     a copy or near-duplicate (finetune.neardup) of a test sequence: Rfam seeds and nRC hold some of TS0's.
     Returns (kept, dropped as bpRNA, dropped as near a test sequence)."""
     from finetune.neardup import near_duplicate_mask
+    from finetune.structure import read_fasta
 
-    records: list[tuple[str, list[str]]] = []  # (header line, sequence lines)
-    with gzip.open(src, "rt") as f:
-        for line in f:
-            if line.startswith(">"):
-                records.append((line, []))
-            elif records:
-                records[-1][1].append(line)
-    others = [r for r in records if "source=bpRNA1m90" not in r[0]]
-    near = near_duplicate_mask(["".join(lines).replace("\n", "").upper().replace("T", "U") for _, lines in others],
-                               [t.upper().replace("T", "U") for t in test])
+    records = read_fasta(src)
+    others = [r for r in records if "source=bpRNA1m90" not in r.description]
+    near = near_duplicate_mask([r.sequence for r in others], test)
     with open(dst, "w") as out:
-        for (header, lines), drop in zip(others, near):
-            if not drop:
-                out.write(header + "".join(lines))
+        out.writelines(f">{r.id} {r.description}\n{r.sequence}\n" for r, drop in zip(others, near) if not drop)
     return len(others) - int(near.sum()), len(records) - len(others), int(near.sum())
 
 
