@@ -6,6 +6,7 @@ non-finite policy, checkpoints, signals, metrics and the log format.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -166,6 +167,7 @@ class Trainer:
         self.static_tokens = cfg.data.token_budget if cfg.model.compile else None
         if cfg.model.compile:
             model.compile_blocks(dynamic=False)
+            _start_compile_workers()
             if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
                 # ZeRO-3 gathers a block's parameters at block entry, so no hook runs inside the compiled parts
                 deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
@@ -568,22 +570,39 @@ def _adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> to
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Processes started inside inherit the stop signals blocked (across fork and exec): Slurm and torchrun send
+    SIGTERM/SIGUSR1 to every process of the step, and a helper process killed by one would crash the rank before
+    it can save. The rank itself gets any signal that arrived meanwhile when the mask is restored."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _next_batch(batches, default=StopIteration):
     """next() with two guards for the DataLoader worker processes it may start:
     - outside the training RNG stream: a DataLoader draws its workers' base seed from the global torch RNG,
       which would shift dropout after a resume (or a validation) and break exact replay;
-    - with the stop signals blocked, so the workers inherit them blocked: Slurm and torchrun send SIGTERM to
-      every process, and a worker killed by it would crash the rank before it can save. The rank itself gets
-      any signal that arrived meanwhile when the mask is restored. multiprocessing's resource tracker is
-      started first, inside the mask: its start unblocks SIGTERM in the calling thread."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    - inside _stop_signals_blocked. multiprocessing's resource tracker is started first, inside the mask: its
+      start unblocks SIGTERM in the calling thread."""
+    with _stop_signals_blocked():
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         with torch.random.fork_rng(devices=[]):
             return next(batches) if default is StopIteration else next(batches, default)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _start_compile_workers() -> None:
+    """Start inductor's compile worker processes (with Triton: a sidecar and its pool) inside
+    _stop_signals_blocked, rather than lazily at the first compile: once a forwarded USR1 has killed them, the next
+    compile (the first steps', the first validation's) waits on them forever, and the rank never saves."""
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    with _stop_signals_blocked():
+        maybe_warm_pool()
 
 
 def _take(batches, n: int) -> tuple[list[PackedBatch], float]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -439,11 +440,9 @@ def test_bf16_with_activation_checkpointing_tracks_fp32(pretrain_shards, straigh
     assert got[6]["loss"] < got[1]["loss"] - 0.5
 
 
-MASKS_AFTER_FIRST_BATCH = """
+STOPPABLE = """
 import json, os, sys
 import psutil
-from pretrain.data import DataConfig, PretrainLoader
-from pretrain.train import _next_batch
 
 def stoppable(pid):  # signals that neither are blocked nor ignored, from /proc
     with open(f"/proc/{pid}/status") as fh:
@@ -451,15 +450,47 @@ def stoppable(pid):  # signals that neither are blocked nor ignored, from /proc
     stopped = int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)
     return [sig for sig in range(1, 65) if not stopped >> (sig - 1) & 1]
 
-me = psutil.Process()
+def report(started):
+    print(json.dumps({"rank": stoppable(os.getpid()),
+                      "started": {f"{p.pid} {' '.join(p.cmdline())}": stoppable(p.pid) for p in started}}))
+    sys.stdout.flush()
+"""
+
+MASKS_AFTER_FIRST_BATCH = STOPPABLE + """
+from pretrain.data import DataConfig, PretrainLoader
+from pretrain.train import _next_batch
+
 batches = iter(PretrainLoader(DataConfig(shards=sys.argv[1], token_budget=1024, num_workers=2)))
 _next_batch(batches)
-started = [p for p in me.children() if "multiprocessing" in " ".join(p.cmdline())]
-print(json.dumps({"rank": stoppable(me.pid), "started": {" ".join(p.cmdline()): stoppable(p.pid) for p in started}}))
-sys.stdout.flush()
+report([p for p in psutil.Process().children() if "multiprocessing" in " ".join(p.cmdline())])
 batches.close()
 os._exit(0)
 """
+
+MASKS_AFTER_COMPILE_WORKERS = STOPPABLE + """
+import torch._inductor.async_compile as ac
+from pretrain.train import _start_compile_workers
+
+ac.has_triton_package = lambda: True  # inductor starts this pool for Triton kernels; this CPU has no Triton
+_start_compile_workers()
+ac.AsyncCompile.wait_pool_ready()
+report(psutil.Process().children(recursive=True))
+os._exit(0)
+"""
+
+STOP = {int(signal.SIGTERM), int(signal.SIGUSR1)}
+
+
+def _masks(script: str, *args: str, env: dict | None = None) -> dict:
+    """Run `script` in a fresh interpreter: which signals can stop the rank and each process it started."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert STOP <= set(got["rank"])
+    for cmd, stoppable in got["started"].items():
+        assert not STOP & set(stoppable), cmd
+    return got
 
 
 def test_workers_start_immune_to_the_stop_signals_and_the_rank_keeps_them(pretrain_shards):
@@ -467,13 +498,16 @@ def test_workers_start_immune_to_the_stop_signals_and_the_rank_keeps_them(pretra
     it saves (torch's SIGCHLD handler raises in the rank). The workers (and multiprocessing's resource tracker)
     that the trainer's first next() starts have them blocked or ignored; the rank itself keeps receiving them.
     A fresh interpreter: the tracker must be started by _next_batch, not by an earlier test."""
-    proc = subprocess.run([sys.executable, "-c", MASKS_AFTER_FIRST_BATCH, str(pretrain_shards)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    stop = {int(signal.SIGTERM), int(signal.SIGUSR1)}
-    assert stop <= set(got["rank"])
+    got = _masks(MASKS_AFTER_FIRST_BATCH, str(pretrain_shards))
     assert len(got["started"]) >= 3, got            # 2 workers, the resource tracker
     assert sum("resource_tracker" in cmd for cmd in got["started"]) == 1, got
-    for cmd, stoppable in got["started"].items():
-        assert not stop & set(stoppable), cmd
+
+
+def test_compile_workers_start_immune_to_the_stop_signals():
+    """With model.compile on a GPU, inductor compiles Triton kernels in a sidecar process and its worker pool;
+    a forwarded USR1 used to kill them (default action), and the next compile (e.g. the first validation's) hung.
+    The trainer starts them up front with the stop signals blocked; the rank keeps receiving them."""
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"}
+    got = _masks(MASKS_AFTER_COMPILE_WORKERS, env=env)
+    assert len(got["started"]) == 3, got             # the sidecar and its 2 workers (forked: same command)
+    assert all("compile_worker" in cmd for cmd in got["started"]), got
