@@ -1,10 +1,11 @@
 """One run per out_dir: two runs writing one checkpoints/ folder delete each other's saves in progress.
 
-Rank 0 holds `out_dir/run.lock` (JSON: host, pid, Slurm job id and restart count, start time) and touches it
-every HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: a later run of
-the same Slurm job (a requeue reruns the job under its id, with SLURM_RESTART_COUNT one higher), a process no
-longer alive on this host, or a heartbeat older than STALE_S (the holder's node died); otherwise it refuses to
-start, naming the holder.
+Rank 0 holds `out_dir/run.lock` (JSON: host, pid and its pid space, Slurm job id and restart count, start time)
+and touches it every HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: a
+later run of the same Slurm job (a requeue reruns the job under its id, with SLURM_RESTART_COUNT one higher), a
+process no longer alive on this host in this pid space (containers sharing a host name have pid spaces of their
+own), or a heartbeat older than STALE_S (the holder's node died); otherwise it refuses to start, naming the
+holder.
 """
 from __future__ import annotations
 
@@ -24,8 +25,17 @@ class RunLockError(RuntimeError):
     pass
 
 
+def _pid_space() -> str:
+    """Where this process's pid means this process: the boot and the pid namespace ('' where /proc cannot say)."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": _pid_space(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
             "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -46,7 +56,8 @@ def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
     if holder.get("slurm_job_id") == me["slurm_job_id"] != "" and holder.get("slurm_restart") != me["slurm_restart"]:
         return f"Slurm job {me['slurm_job_id']} runs again (requeued)"
     pid = holder.get("pid")
-    if holder.get("host") == me["host"] and isinstance(pid, int) and pid > 0 and not _alive(pid):
+    same_pids = holder.get("host") == me["host"] and holder.get("pid_space") == me["pid_space"] != ""
+    if same_pids and isinstance(pid, int) and pid > 0 and not _alive(pid):
         return f"process {pid} on this host has ended"
     if heartbeat_age > STALE_S:
         return f"no heartbeat for {heartbeat_age:.0f} s"
@@ -58,6 +69,7 @@ class RunLock:
         self.path = Path(out_dir) / LOCK_NAME
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._mine: dict | None = None
 
     def acquire(self) -> str | None:
         """Take the lock (raises RunLockError when another live run holds it); returns why an earlier
@@ -96,8 +108,13 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except OSError as e:  # e.g. a full disk: an empty lock left here would refuse the next start for STALE_S
+            self.path.unlink(missing_ok=True)
+            raise RunLockError(f"{self.path}: cannot write the run lock: {e.strerror or e}") from None
+        self._mine = me
         return True
 
     def _remove_if_unchanged(self, text: str) -> None:
@@ -127,8 +144,7 @@ class RunLock:
         self._thread.join()
         self._thread = None
         try:
-            holder = json.loads(self.path.read_text())
-            if (holder.get("host"), holder.get("pid")) == (socket.gethostname(), os.getpid()):
+            if json.loads(self.path.read_text()) == self._mine:  # not a lock another run has taken over since
                 self.path.unlink()
         except (OSError, ValueError):
             pass

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,8 +18,8 @@ from .trainer_runs import run_trainer
 
 
 def holder(tmp_path, **fields) -> dict:
-    lock = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": "", "slurm_restart": "0",
-            "started": "earlier", **fields}
+    lock = {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": runlock._pid_space(), "slurm_job_id": "",
+            "slurm_restart": "0", "started": "earlier", **fields}
     (tmp_path / LOCK_NAME).write_text(json.dumps(lock))
     return lock
 
@@ -108,6 +109,48 @@ def test_of_two_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, mon
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == socket.gethostname()  # the other run's
     other.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_dead_pid_of_another_pid_space_is_not_taken_for_its_holder(tmp_path, monkeypatch):
+    """Containers sharing the host name (another pid namespace) or a reboot: the holder's pid says nothing here.
+    A live run in such a container was taken over as 'process N on this host has ended'; its heartbeat decides."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert runlock._pid_space()                                    # Linux: boot id and pid namespace known
+    for other_space in ("another-boot pid:[4026531836]", "", None):   # None: a lock written before pid_space
+        lock = holder(tmp_path, pid=dead_pid(), pid_space=other_space)
+        if other_space is None:
+            (tmp_path / LOCK_NAME).write_text(json.dumps({k: v for k, v in lock.items() if k != "pid_space"}))
+        with pytest.raises(RunLockError, match="in use by another run"):
+            RunLock(tmp_path).acquire()
+        old = time.time() - runlock.STALE_S - 5                    # ... until the heartbeat is stale
+        os.utime(tmp_path / LOCK_NAME, (old, old))
+        lock = RunLock(tmp_path)
+        assert lock.acquire().startswith("no heartbeat for")
+        lock.release()
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path):
+    """A full disk (here: a file size limit of 1 byte) while the lock is written: the start is refused with the
+    reason, and no empty lock refuses the next start for STALE_S."""
+    script = ("import resource, sys; from pretrain.runlock import RunLock, RunLockError\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))\n"
+              "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockError as e:\n    sys.exit(str(e))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=60)
+    assert proc.returncode == 1 and "cannot write the run lock: File too large" in proc.stderr, proc.stderr
+    assert not (tmp_path / LOCK_NAME).exists()
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    lock.release()
+
+
+def test_release_leaves_a_lock_another_run_took_over(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    taken = holder(tmp_path, started="later")                        # same host and pid, another run's record
+    lock.release()
+    assert json.loads((tmp_path / LOCK_NAME).read_text()) == taken
 
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
