@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataprep.shards import ShardError
+from pretrain.buildlocks import StaleBuildLockWatch
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
                                  read_trainer_state)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
@@ -139,6 +140,7 @@ class Trainer:
         self.metrics_port = None
         if cfg.metrics.enabled:
             self.metrics_port = self._serve_metrics()
+        build_locks = StaleBuildLockWatch().start()  # DeepSpeed builds ops from here to deepspeed.initialize
         import deepspeed  # heavy import; keep `--help` fast
 
         deepspeed.init_distributed(auto_mpi_discovery=False)
@@ -174,6 +176,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
+        build_locks.stop()
         if cfg.data.pin_memory and self.device.type != "cuda":
             cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
         self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)

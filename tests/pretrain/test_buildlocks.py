@@ -1,0 +1,57 @@
+"""Stale torch-extension build locks: removed at start-up instead of hanging the trainer forever."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.buildlocks import StaleBuildLockWatch, extensions_root, remove_stale
+
+from .trainer_runs import run_trainer
+
+
+def plant(root: Path, op: str, age_s: float) -> Path:
+    lock = root / op / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    then = time.time() - age_s
+    os.utime(lock, (then, then))
+    return lock
+
+
+def test_only_locks_older_than_any_build_are_removed(tmp_path, capsys):
+    stale, building = plant(tmp_path, "deepspeed_shm_comm", 3600), plant(tmp_path, "fused_adam", 30)
+    assert remove_stale(tmp_path, stale_s=600) == [stale]
+    assert not stale.exists() and building.exists() and (tmp_path / "deepspeed_shm_comm").is_dir()
+    assert f"removed {stale}: a torch extension build lock 3600 s old" in capsys.readouterr().err
+
+
+def test_the_watch_removes_a_lock_once_it_turns_stale(tmp_path):
+    lock = plant(tmp_path, "deepspeed_shm_comm", 0)
+    watch = StaleBuildLockWatch(tmp_path, stale_s=0.5, poll_s=0.05).start()
+    deadline = time.monotonic() + 10
+    while lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.stop()
+    assert not lock.exists()
+
+
+def test_the_root_is_torchs(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert extensions_root() == tmp_path / "ext"
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_trainer(pretrain_shards, tmp_path):
+    """DeepSpeed builds its CPU comm op under <extensions>/deepspeed_shm_comm/lock at init_distributed; a start
+    killed during that build left the lock, and every later start waited on it, silently, forever."""
+    root = extensions_root()
+    lock = plant(root, "deepspeed_shm_comm", 3600)
+    try:
+        proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.max_steps=1", "--checkpoint.every=0",
+                           nproc=1, timeout=300)
+    finally:
+        lock.unlink(missing_ok=True)
+    assert f"removed {lock}" in proc.stderr
