@@ -15,6 +15,7 @@ so it never names a partial one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rnalm.files import atomic_write, fsync_path
+from rnalm.files import atomic_write, fsync_path, remove_stale_temps
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
@@ -41,6 +42,10 @@ _RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (e.g. a full disk); the checkpoints saved before it are intact."""
 
 
 def tag_for(step: int) -> str:
@@ -105,16 +110,19 @@ class Checkpointer:
         self.keep, self.rank, self.world_size = keep, rank, world_size
 
     def remove_partial_saves(self) -> list[str]:
-        """Rank 0, at start-up: delete temp dirs left by a save that crashed; put back a replaced checkpoint
-        whose successor never got its name."""
+        """Rank 0, at start-up: delete temp dirs left by a save that crashed, checkpoints whose pruning was cut
+        short (no trainer_state.json: _prune deletes it first) and a pointer's temp file; put back a replaced
+        checkpoint whose successor never got its name."""
         removed = []
         if self.rank == 0 and self.root.is_dir():
             for p in sorted(self.root.iterdir()):
                 if p.name.startswith(OLD_PREFIX) and not (self.root / p.name[len(OLD_PREFIX):]).exists():
                     os.rename(p, self.root / p.name[len(OLD_PREFIX):])
-                elif p.name.startswith((TMP_PREFIX, OLD_PREFIX)) and p.is_dir():
+                elif p.is_dir() and (p.name.startswith((TMP_PREFIX, OLD_PREFIX))
+                                     or _TAG_RE.match(p.name) and not (p / STATE_FILE).exists()):
                     shutil.rmtree(p)
                     removed.append(p.name)
+            remove_stale_temps(self.root / LATEST)
         _barrier()
         return removed
 
@@ -126,20 +134,35 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_tag, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
         tmp_dir = self.root / tmp_tag
-        torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank}.pt")
-        for f in files_of_rank(tmp_dir, self.rank):  # each rank its own: a node flushes what it wrote
-            fsync_path(f)
+        with self._failing_save_named(tmp_dir):
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state={"step": step}, save_latest=False)
+            torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank}.pt")
+            for f in files_of_rank(tmp_dir, self.rank):  # each rank its own: a node flushes what it wrote
+                fsync_path(f)
         _barrier()
         if self.rank == 0:
             fsync_path(tmp_dir)
-            atomic_write(tmp_dir / STATE_FILE, json.dumps(state), durable=True)
+            with self._failing_save_named(tmp_dir):
+                atomic_write(tmp_dir / STATE_FILE, json.dumps(state), durable=True)
             self._publish(tmp_dir, self.root / tag)
             atomic_write(self.root / LATEST, tag, durable=True)
             self._prune(keep_also=tag)
         _barrier()
         return tag
+
+    @contextlib.contextmanager
+    def _failing_save_named(self, tmp_dir: Path):
+        """torch.save on a full disk says only 'basic_ios::clear: iostream error' or 'unexpected pos ...'."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            free = shutil.disk_usage(self.root).free / 2**30
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointSaveError(
+                f"rank {self.rank} could not write checkpoint {tmp_dir}: {reason}; {free:.2f} GiB free there (a save "
+                f"needs room for one checkpoint more than checkpoint.keep={self.keep}); the checkpoints before it "
+                "are intact and the next start resumes from the newest") from e
 
     def load(self, engine, tag: str) -> dict[str, Any]:
         """Collective. Restores engine (model, optimizer, LR scheduler) and this rank's RNG; returns the state."""
@@ -181,6 +204,7 @@ class Checkpointer:
         for old in tags[:-self.keep]:
             if old == keep_also:
                 continue
+            (self.root / old / STATE_FILE).unlink()  # first: a crash mid-way leaves no 'complete' half checkpoint
             shutil.rmtree(self.root / old, ignore_errors=True)
             shutil.rmtree(self.root / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
 

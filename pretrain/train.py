@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dataprep.shards import ShardError
 from pretrain.buildlocks import StaleBuildLockWatch
-from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, latest_tag,
+from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, latest_tag,
                                  read_trainer_state)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
 from pretrain.convert import to_universal
@@ -682,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg)
         code = trainer.run()
         trainer.close()
+    except CheckpointSaveError as e:  # e.g. a full disk: a crash, but with the cause in one line
+        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        code = None
     except (CheckpointError, RefusedStart) as e:  # e.g. checkpoints this run may not or cannot resume
         print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
         code = 2

@@ -42,9 +42,12 @@ def test_partial_saves_are_removed_at_start_up(tmp_path):
     partial = tmp_path / ".tmp-step00000008"
     partial.mkdir()
     (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    half_pruned = make_tag(tmp_path, 2, complete=False)       # a crash while pruning: state file deleted first
+    (tmp_path / ".latest.x1y2.tmp").write_text("step000")      # a crash while the pointer was written
     ckpt = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
-    assert ckpt.remove_partial_saves() == [partial.name]
-    assert not partial.exists() and complete_tags(tmp_path) == [tag_for(4)]
+    assert ckpt.remove_partial_saves() == [partial.name, half_pruned.name]
+    assert not partial.exists() and not half_pruned.exists() and complete_tags(tmp_path) == [tag_for(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(4)]
     with pytest.raises(ValueError, match="keep must be >= 1"):
         Checkpointer(tmp_path, keep=0, rank=0, world_size=1)
 
@@ -130,6 +133,21 @@ def test_every_file_is_flushed_by_the_rank_that_wrote_it_before_the_checkpoint_g
     assert latest_tag(tmp_path) == tag_for(8)
 
 
+def test_a_crash_while_pruning_leaves_no_complete_looking_half_checkpoint(tmp_path, monkeypatch):
+    import pretrain.checkpoint as checkpoint
+
+    for step in (4, 8, 12):
+        make_tag(tmp_path, step)
+
+    def killed(path, ignore_errors=False):
+        raise SystemExit("killed while deleting " + str(path))
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        Checkpointer(tmp_path, keep=2, rank=0, world_size=1)._prune(keep_also=tag_for(12))
+    assert complete_tags(tmp_path) == [tag_for(8), tag_for(12)]
+
+
 def test_pruning_keeps_the_newest_and_removes_the_universal_forms_of_the_pruned(tmp_path):
     for step in (4, 8, 12):
         make_tag(tmp_path, step)
@@ -167,6 +185,39 @@ def test_straight_run_kept_the_newest_two_and_points_at_the_last(straight_run):
     assert state["step"] == 12 and state["world_size"] == 2
     assert [s["rank"] for s in state["loader_states"]] == [0, 1]
     assert sorted(p.name for p in (root / tag_for(12)).glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+FILE_SIZE_LIMIT = 256 * 1024  # the tiny model's optimizer state file is ~1.3 MB on one rank
+
+
+def _file_size_limited():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_be_written_names_the_checkpoint_and_keeps_the_last_good_one(pretrain_shards, tmp_path):
+    """A full disk (here a file size limit: Python ignores SIGXFSZ, so the write fails with EFBIG) during a save:
+    torch.save said only 'basic_ios::clear: iostream error' deep in a traceback; now one line names the
+    checkpoint, the free space and what is intact, and the next start resumes from the last good checkpoint."""
+    import subprocess
+
+    from .trainer_runs import PY, REPO, run_trainer, trainer_cmd, trainer_env
+
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=1", nproc=1)
+    args = trainer_cmd(pretrain_shards, out, "--train.max_steps=2", nproc=1)[5:]  # plain python: one rank's stderr
+    proc = subprocess.run([PY, "-m", "pretrain.train", *args], cwd=REPO,
+                          env=trainer_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_file_size_limited)
+    assert proc.returncode != 0
+    tmp = out / "checkpoints" / f".tmp-{tag_for(2)}"
+    assert f"python -m pretrain.train: error: rank 0 could not write checkpoint {tmp}: " in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "GiB free there" in proc.stderr and "Traceback" not in proc.stderr
+    assert latest_tag(out / "checkpoints") == tag_for(1)
+    run_trainer(pretrain_shards, out, "--train.max_steps=2", nproc=1)     # room again: resumes at step 1
+    assert latest_tag(out / "checkpoints") == tag_for(2) and not tmp.exists()
 
 
 def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
