@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rnalm.configfile import from_cli, save_yaml
 
@@ -43,10 +45,12 @@ def run(argv: Sequence[str]) -> int:
             prog = f"python -m finetune {cmd} {action}"
             if action == "predict":
                 return _predict(cmd, rest, prog)
+            _refuse_model_option(rest)
             module, cfg_cls = _task_module(cmd)
             cfg = from_cli(cfg_cls, rest, prog=prog)
-            if action == "train":  # before anything can fail: an ArchiveII run's summary is written by no fit
-                remove_finetuned(cfg.train.out_dir)
+            if action == "train":
+                _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model in OUT
+                remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
             save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
             result = getattr(module, action)(cfg)
             _print_summary(result, cfg.train.out_dir, action)
@@ -75,6 +79,33 @@ def run(argv: Sequence[str]) -> int:
         return 2
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _refuse_model_option(rest: list[str]) -> None:
+    """`--model=DIR` is predict's and embed's option; train and evaluate take the model as --model.path."""
+    for i, arg in enumerate(rest):
+        if arg == "--model" or arg.startswith("--model="):
+            value = arg[len("--model="):] or (rest[i + 1] if i + 1 < len(rest) else "DIR")
+            raise ValueError(f"{arg}: did you mean --model.path={value}? (--model= is predict's and embed's option)")
+
+
+def _check_train_start(task: str, cfg: Any) -> None:
+    """All a train run can check before it clears OUT: the train options, ArchiveII families, that OUT does not
+    hold the backbone (the run removes what it finds there), and the backbone itself (loaded once to check it)."""
+    from finetune.backbone import load_backbone
+    from finetune.tasks.ss import fold_families
+    from finetune.trainer import check_train_config
+
+    check_train_config(cfg.train)
+    if task == "ss" and cfg.data.dataset == "archiveii":
+        fold_families(cfg.data.test_family)
+    if cfg.model.random_preset is None and cfg.model.path:
+        src, out = Path(cfg.model.path).resolve(), Path(cfg.train.out_dir).resolve()
+        if src == out or out in src.parents:
+            raise ValueError(f"--train.out_dir={cfg.train.out_dir} holds --model.path={cfg.model.path}, which this "
+                             "run would overwrite: set another --train.out_dir")
+    if cfg.model.random_preset is None:  # a random init has no file to get wrong (and giga's takes ~9 s on a CPU)
+        load_backbone(cfg.model)
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:

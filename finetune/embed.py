@@ -20,6 +20,7 @@ import torch
 
 from finetune.backbone import BackboneConfig, load_backbone
 from finetune.heads import nucleotide_mask
+from finetune.predict import require_inputs
 from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
 from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
@@ -52,8 +53,7 @@ def header_label(description: str, key: str) -> str | None:
 @torch.no_grad()
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """{"cls": [N, D], "mean": [N, D], "plot": the plot's path or None}."""
-    if not cfg.model or not cfg.fasta:
-        raise ValueError("--model and --fasta are required")
+    require_inputs(cfg.model, cfg.fasta, "a checkpoint (file or directory)")
     if min(cfg.max_len, cfg.batch_size, cfg.plot_max, 1 if cfg.limit is None else cfg.limit) < 1:
         raise ValueError(f"--max_len ({cfg.max_len}), --batch_size ({cfg.batch_size}), --plot_max ({cfg.plot_max}) "
                          f"and --limit ({cfg.limit}) must be >= 1")

@@ -38,11 +38,15 @@ class StructurePredictConfig(PredictConfig):
     max_len: int = 1022             # longer records are refused (memory grows as length^2)
 
 
-def _load(cfg: PredictConfig, task: str):
-    if not cfg.model:
-        raise ValueError("--model is required: a fine-tuned model directory")
-    if not cfg.fasta:
+def require_inputs(model: str, fasta: str, model_kind: str = "a fine-tuned model directory") -> None:
+    """Checked before anything is read (an empty --fasta was read as the directory '.')."""
+    if not model:
+        raise ValueError(f"--model is required: {model_kind}")
+    if not fasta:
         raise ValueError("--fasta is required")
+
+
+def _load(cfg: PredictConfig, task: str):
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size ({cfg.batch_size}) must be >= 1")
     device = pick_device(cfg.device)  # before the (giga: 2.6 GB) load
@@ -59,6 +63,7 @@ def safe_name(record_id: str) -> str:
 def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     from finetune.tasks.ss import predict_pairs
 
+    require_inputs(cfg.model, cfg.fasta)
     if cfg.threshold is not None and not 0 <= cfg.threshold <= 1:
         raise ValueError(f"--threshold ({cfg.threshold}) is a pair probability: it must be in [0, 1]")
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
@@ -127,6 +132,7 @@ def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> None
 
 def predict_table(cfg: PredictConfig, task: str) -> Path:
     """splice: id, predicted class, class probabilities; mrl: id, predicted MRL. Written to OUT/predictions.tsv."""
+    require_inputs(cfg.model, cfg.fasta)
     records = read_fasta(cfg.fasta)
     warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, task)

@@ -53,6 +53,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_train_config(cfg: TrainConfig) -> torch.device:
+    """The checks that need neither data nor model (the CLI makes them before it clears OUT); the device."""
+    for name in ("epochs", "batch_size", "eval_batch_size", "max_steps_per_epoch"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    return pick_device(cfg.device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -75,10 +83,7 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
     `batches(epoch)` yields the epoch's training batches; `loss_fn(model, batch)` returns a scalar loss.
     Returns the per-epoch history (also written to OUT/log.jsonl, which each run starts anew).
     """
-    for name in ("epochs", "batch_size", "eval_batch_size", "max_steps_per_epoch"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
-    device = pick_device(cfg.device)
+    device = check_train_config(cfg)
     if cfg.precision == "bf16" and device.type != "cuda":
         warnings.warn(f"train.precision=bf16 autocasts on CUDA only: this run on {device.type} trains in fp32",
                       stacklevel=2)

@@ -60,6 +60,52 @@ def test_a_train_run_that_fails_early_leaves_no_earlier_results(tiny_checkpoint,
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "results.md").exists()
 
 
+def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model, tiny_checkpoint, shared_data,
+                                                                        tmp_path, capsys):
+    """The earlier run's model and results were removed before the backbone and options were checked, so a typo
+    in a path (or continuing to fine-tune a model in place, which removed the very model it started from) lost
+    them."""
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(ss_model, ft)
+    before = {p.name: p.read_bytes() for p in ft.iterdir()}
+    pretrain_run = tmp_path / "pretrain_run"
+    (pretrain_run / "checkpoints").mkdir(parents=True)
+    args = [f"--data.root={shared_data}", "--data.limit_train=4", "--data.limit_valid=4", "--data.limit_test=4",
+            "--train.epochs=1", "--eval.rnafold=false", "--train.progress=false"]
+    cases = {"no such checkpoint file or directory": [f"--model.path={tmp_path / 'nope'}"],
+             "no backbone: set model.path": [],
+             "a training run or checkpoint, not released weights": [f"--model.path={pretrain_run}"],
+             f"--train.out_dir={ft} holds --model.path={ft}": [f"--model.path={ft}"],
+             "train.batch_size must be >= 1": [f"--model.path={tiny_checkpoint}", "--train.batch_size=0"],
+             "data.test_family: unknown ['tRNAx']": [f"--model.path={tiny_checkpoint}", "--data.dataset=archiveii",
+                                                     "--data.test_family=tRNAx"]}
+    for message, extra in cases.items():
+        assert run(["ss", "train", f"--train.out_dir={ft}", *args, *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in ft.iterdir()} == before, message
+    assert run(["ss", "train", f"--model.path={ft / 'x'}", f"--train.out_dir={ft.parent}", *args]) == 2
+    assert f"holds --model.path={ft / 'x'}" in capsys.readouterr().err  # inside OUT: an ArchiveII fold's directory
+
+
+def test_model_option_of_train_and_evaluate_hints_at_model_path(ss_model, tmp_path, capsys):
+    """--model=DIR (the predict commands' option) was 'model: expected a mapping of keys for BackboneConfig'."""
+    for cmd in (["ss", "train"], ["ss", "evaluate"], ["mrl", "train"], ["splice", "train"]):
+        assert run([*cmd, f"--model={ss_model}", f"--train.out_dir={tmp_path}"]) == 2
+        assert f"did you mean --model.path={ss_model}?" in capsys.readouterr().err
+    assert run(["ss", "evaluate", "--model", str(ss_model), f"--train.out_dir={tmp_path}"]) == 2
+    assert f"did you mean --model.path={ss_model}?" in capsys.readouterr().err
+
+
+def test_predict_and_embed_without_fasta_say_so(ss_model, tiny_checkpoint, capsys):
+    """predict-ss and <task> predict read the empty --fasta as '.' ('.: cannot read (Is a directory)')."""
+    for cmd in (["predict-ss", f"--model={ss_model}"], ["ss", "predict", f"--model={ss_model}"],
+                ["mrl", "predict", f"--model={ss_model}"], ["embed", f"--model={tiny_checkpoint}"]):
+        assert run(cmd) == 2
+        assert capsys.readouterr().err == "error: --fasta is required\n", cmd
+
+
 def test_evaluate_uses_stored_threshold(ss_model, shared_data, tmp_path, capsys):
     assert run(["ss", "evaluate", f"--model.path={ss_model}", f"--data.root={shared_data}", "--data.limit_test=5",
                 "--eval.rnafold=true", f"--train.out_dir={tmp_path}", "--train.progress=false"]) == 0
