@@ -128,9 +128,15 @@ class Chunk:
     # does not count them again to number the next chunk's lines
 
 
-def text_before_header(data: bytes | memoryview) -> tuple[int, bytes] | None:
-    """(lines into `data`, the line) of text that stands before its first header line, outside any record (a
-    header indented by a space, a sequence without a header): None when only white space does."""
+# A line whose first non-blank character is '>' but that does not start with '>' is an error naming the file and
+# line, wherever it stands, in both FASTA readers (this package's and finetune.structure.read_fasta): as a header
+# it would start a record that other readers do not see, as sequence it would fold that record into the one before.
+INDENTED_HEADER = "header indented by whitespace (a header line must start with '>')"
+
+
+def text_before_header(data: bytes | memoryview) -> tuple[int, str] | None:
+    """(lines into `data`, reason with the raw line) for text that stands before its first header line, outside
+    any record (a header indented by whitespace, a sequence without a header): None when only white space does."""
     if data[:1] == b">":
         return None
     data = bytes(data)
@@ -139,7 +145,11 @@ def text_before_header(data: bytes | memoryview) -> tuple[int, bytes] | None:
     text = head.lstrip(_WS)
     if not text:
         return None
-    return head.count(b"\n", 0, len(head) - len(text)), text.split(b"\n", 1)[0][:40]
+    start = head.rfind(b"\n", 0, len(head) - len(text)) + 1  # the start of the text's line, indentation kept
+    line = head[start:].split(b"\n", 1)[0][:40]
+    reason = INDENTED_HEADER if text[:1] == b">" else ("text outside any record (a record starts with a line whose "
+                                                        "first character is '>')")
+    return head.count(b"\n", 0, start), f"{reason}: {line!r}"
 
 
 def regular_file(path: str) -> bool:

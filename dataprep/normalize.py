@@ -12,6 +12,7 @@ import numpy as np
 
 from .arrays import concat_ranges, fill_ranges, offsets_from_lengths
 from .digest import PAD, segment_digests
+from .fasta import INDENTED_HEADER, text_before_header
 
 IUPAC = b"ACGURYKMSWBDHVN"
 _WS_BYTES = b" \t\r\v\f"  # '\n' is handled structurally
@@ -31,6 +32,9 @@ def _norm_table() -> bytes:
 NORM_TABLE = _norm_table()
 _IS_CTRL = np.zeros(256, bool)
 _IS_CTRL[[c for c in range(32) if c not in b"\t\r\n\v\f"] + [127]] = True
+_IS_BLANK = np.zeros(256, bool)
+_IS_BLANK[list(_WS_BYTES)] = True
+_INDENTED_HEADER = re.compile(rb"\n[ \t\r\v\f]+>")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class ParsedChunk:
     records_in: int = 0
     newlines: int = 0  # in the input chunk (FastaStream need not count them again)
     rejects: list[tuple[int, str, str]] = field(default_factory=list)  # (line, id, reason)
+    stray: tuple[int, str] | None = None  # (line, reason): a line outside the FASTA grammar, which stops the run
+    # (text before the first header, a header indented by whitespace); the chunk is then not parsed
 
     def __len__(self) -> int:
         return len(self.seq_len)
@@ -86,7 +92,11 @@ def _raw_to_input(pos: np.ndarray, line_start: np.ndarray, nl: np.ndarray, hk: n
 
 
 def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChunk:
-    """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one)."""
+    """Parse whole FASTA records in `data` (which starts with '>' or with blank lines before one; other text
+    there, or a header indented by whitespace anywhere, is returned as `stray`)."""
+    stray = text_before_header(data)
+    if stray:
+        return _empty(0, stray=(first_line + stray[0], stray[1]))
     added_newline = data[-1:] != b"\n"
     if added_newline:
         data = bytes(data) + b"\n"
@@ -95,11 +105,15 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     nl = low[a[low] == 10]
     newlines_in_data = len(nl) - added_newline
     line_start = np.concatenate(([0], nl[:-1] + 1))
-    hk = np.flatnonzero(a[line_start] == 62)  # header line numbers within the chunk
+    first = a[line_start]
+    hk = np.flatnonzero(first == 62)  # header line numbers within the chunk
     if len(hk) == 0:
         out = _empty(0)
         out.newlines = newlines_in_data
         return out
+    indented = _indented_header(data, first, line_start, nl, int(hk[0]))
+    if indented:
+        return _empty(0, stray=(first_line + indented[0], indented[1]))
     hs, he = line_start[hk], nl[hk]  # '>' position, header-ending newline
     n = len(hk)
     lines = first_line + hk
@@ -177,6 +191,21 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     return out if ok.all() else _select(out, ok, seq_off, id_off)
 
 
+def _indented_header(data: bytes, first: np.ndarray, line_start: np.ndarray, nl: np.ndarray,
+                     after: int) -> tuple[int, str] | None:
+    """(line index, reason) of the first header indented by whitespace past line `after`, the first header line
+    (`text_before_header` judges the lines before it). The regular expression runs only on a chunk in which a
+    line starts with a blank (few inputs have one), from that line on, so the check costs one gather per line."""
+    blank = np.flatnonzero(_IS_BLANK[first[after:]])
+    if len(blank) == 0:
+        return None
+    m = _INDENTED_HEADER.search(data, int(line_start[after + blank[0]]) - 1)
+    if m is None:
+        return None
+    k = int(np.searchsorted(nl, m.start())) + 1  # the line after the newline that m starts with
+    return k, f"{INDENTED_HEADER}: {bytes(data[m.start() + 1: nl[k]][:40])!r}"
+
+
 def _header_rejects(a: np.ndarray, hs: np.ndarray, he: np.ndarray, low: np.ndarray, id_len: np.ndarray,
                     reasons: dict[int, str]) -> None:
     """Empty ids, control characters and invalid UTF-8 in the headers a[hs[r]:he[r] + 1]."""
@@ -239,10 +268,11 @@ def _select(p: ParsedChunk, ok: np.ndarray, seq_off: np.ndarray, id_off: np.ndar
                        records_in=p.records_in, rejects=p.rejects, newlines=p.newlines)
 
 
-def _empty(records_in: int) -> ParsedChunk:
+def _empty(records_in: int, stray: tuple[int, str] | None = None) -> ParsedChunk:
     z = np.zeros(0, np.int64)
     return ParsedChunk(seq=np.zeros(0, np.uint8), seq_len=z, ids=b"", id_len=np.zeros(0, np.int32), labels=None,
-                       label_len=None, line=z, seqh=z.astype(np.uint64), idh=z.astype(np.uint64), records_in=records_in)
+                       label_len=None, line=z, seqh=z.astype(np.uint64), idh=z.astype(np.uint64), records_in=records_in,
+                       stray=stray)
 
 
 def oversized_reject(header: bytes, seq_len: int, line: int, cfg: NormalizeConfig) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .background import Background
 from .errors import InputError
-from .fasta import FastaStream, regular_file, split_points, text_before_header
+from .fasta import FastaStream, regular_file, split_points
 from .normalize import oversized_reject, parse_chunk
 from .store import StoreWriter, merge_parts
 
@@ -45,7 +45,7 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
     (`split_points`), of a compressed input (or stdin) every size-th chunk (so each share decompresses it all).
     Chunks are keyed (source, range, chunk) so that sorting the keys gives input order."""
     writer = StoreWriter(part, labels=cfg.normalize.label_key is not None)
-    sources, done = [], 0
+    sources, before = [], 0  # before: the records of the earlier inputs, all shares together (estimated)
     with (open(part / "rejects.tsv", "w", encoding="utf-8") as rej,
           ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher):
         for s, (path, cut) in enumerate(zip(cfg.inputs, cuts)):
@@ -55,28 +55,30 @@ def _normalise_share(cfg: BuildConfig, part: Path, rank: int, size: int, cuts: l
                                  checksum=rank == 0 and not cut,
                                  byte_range=(cut[rank], cut[rank + 1]) if cut else None)
             records = rejected = 0
+            scale = size  # all shares' records per record of this share (of a byte range: one range of `size`)
             for k, chunk in enumerate(stream):
                 if not cut and k % size != rank:
                     continue
+                if not cut:  # a stream: every share has read k + 1 chunks, this one parsed k // size + 1 of them
+                    scale = (k + 1) / (k // size + 1)
                 key = (s << 48) | ((rank if cut else 0) << 32) | k
                 if chunk.oversized:
                     line, rid, reason = oversized_reject(*chunk.oversized, chunk.first_line, cfg.normalize)
                     rej.write(f"{s}\t{line}\t{rid}\t{reason}\n")
                     records, rejected = records + 1, rejected + 1
                     continue
-                stray = text_before_header(chunk.data)
-                if stray:
-                    raise InputError(f"{path}:{chunk.first_line + stray[0]}: text outside any record (a record "
-                                     f"starts with a line whose first character is '>'): {stray[1]!r}")
                 p = parse_chunk(chunk.data, chunk.first_line, cfg.normalize)
+                if p.stray:  # a byte range numbers its lines from its start
+                    line = p.stray[0] + (_lines_before(path, cut[rank]) if cut else 0)
+                    raise InputError(f"{path}:{line}: {p.stray[1]}")
                 chunk.newlines = p.newlines
                 writer.append(p, s, key)
                 rej.writelines(f"{s}\t{line}\t{rid}\t{reason}\n" for line, rid, reason in p.rejects)
                 records, rejected = records + p.records_in, rejected + len(p.rejects)
-                done += p.records_in
                 if log:
-                    log.progress(f"normalise: {path}: ~{done * size:,} records so far"
+                    log.progress(f"normalise: {path}: ~{before + round(records * scale):,} records so far"
                                  + (f" (estimated from 1 of {size} shares)" if size > 1 else ""))
+            before += round(records * scale)
             sha, nbytes = whole.result() if whole else (stream.sha256, stream.bytes)
             sources.append({"path": path, "sha256": sha, "bytes": nbytes, "compression": stream.compression,
                             "records": records, "rejected": rejected, "newlines": stream.newlines if cut else 0})
@@ -88,6 +90,12 @@ def tsv_lines(path: Path) -> list[str]:
     """The lines of a TSV we wrote, split at newlines only (str.splitlines also splits at U+2028, U+0085, ...,
     which an id may hold)."""
     return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def _lines_before(path: str, offset: int) -> int:
+    """Line breaks in the first `offset` bytes of a plain file (to name the line of an error in a byte range)."""
+    with open(path, "rb") as f:
+        return sum(f.read(min(1 << 24, offset - at)).count(b"\n") for at in range(0, offset, 1 << 24))
 
 
 def _file_sha256(path: str) -> tuple[str, int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from dataprep.fasta import decompressed
+from dataprep.fasta import INDENTED_HEADER, decompressed
 from rnalm.files import atomic_write
 
 
@@ -249,16 +249,19 @@ class FastaRecord:
 
 def read_fasta(path: str | Path) -> list[FastaRecord]:
     """Records of a FASTA (plain, gzip or zstd; '-' for standard input). Errors name the file, line, record and
-    reason (empty, duplicate id, bad letters)."""
+    reason (empty, duplicate id, bad letters, a header indented by whitespace, as in dataprep)."""
     path = Path(path)
     records: list[FastaRecord] = []
     seen: set[str] = set()
     rid, desc, chunks, start = None, "", [], 0
-    for lineno, line in enumerate(_open_text(path), 1):
-        line = line.strip()
+    for lineno, raw in enumerate(_open_text(path), 1):
+        line = raw.strip()
         if not line or line.startswith(";"):
             continue
         if line.startswith(">"):
+            if not raw.startswith(">"):
+                shown = raw.rstrip("\r\n")[:40]
+                raise StructureError(f"{path}:{lineno}: {INDENTED_HEADER}: {shown!r}")
             if rid is not None:
                 records.append(_fasta_record(path, rid, desc, chunks, start))
             words = line[1:].split(maxsplit=1)

@@ -148,6 +148,19 @@ def test_fasta_errors_name_file_line_and_record(tmp_path):
     assert [(r.id, r.sequence) for r in read_fasta(tmp_path / "bom.fa")] == [("a", "ACGU")]
 
 
+@pytest.mark.parametrize("text,line,indented", [(">a\nACGU\n >b\nGGCC\n>c\nAAUU\n", 3, " >b"),
+                                                 ("\t>a\nACGU\n>b\nGGCC\n", 1, "\t>a")],
+                         ids=["inside", "first-line"])
+def test_fasta_header_indented_by_whitespace_is_an_error(tmp_path, text, line, indented):
+    """It was read as a header (record b of three), where dataprep's build of the same FASTA folded b into a: both
+    readers now stop with the same error naming the file and line, the line shown as it stands."""
+    path = tmp_path / "indented.fa"
+    path.write_text(text)
+    error = f"indented.fa:{line}: header indented by whitespace (a header line must start with '>'): {indented!r}"
+    with pytest.raises(StructureError, match=re.escape(error) + "$"):
+        read_fasta(path)
+
+
 def test_fasta_compression_is_told_by_the_content_and_stdin_is_read(tmp_path, monkeypatch):
     """As dataprep reads its inputs: gzip and zstd by their magic bytes, whatever the name; '-' is stdin."""
     import io
