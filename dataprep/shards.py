@@ -334,10 +334,20 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         if d.get("version") != FORMAT_VERSION:
             raise ShardError(f"{path}: unsupported manifest version {d.get('version')} (want {FORMAT_VERSION})")
         return Manifest(shards=shards, out_dir=str(out_dir), **d)
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no manifest (was build_shards interrupted or never run?)") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardError(_no_manifest(Path(out_dir))) from None
     except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _no_manifest(out_dir: Path) -> str:
+    """Why `out_dir` has no manifest, with the likely mix-up: a file or a folder inside the build's output."""
+    if out_dir.is_file():
+        return (f"{out_dir} is a file, not the output folder of dataprep/build_shards.py (the folder that holds "
+                f"{MANIFEST_NAME})" + (f": give {out_dir.parent}" if out_dir.name == MANIFEST_NAME else ""))
+    if (out_dir.parent / MANIFEST_NAME).is_file():
+        return f"{out_dir / MANIFEST_NAME}: no manifest; give the build's output folder {out_dir.parent}"
+    return f"{out_dir / MANIFEST_NAME}: no manifest (was build_shards interrupted or never run?)"
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: Manifest) -> None:

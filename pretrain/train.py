@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataprep.shards import ShardError
+from dataprep.shards import ShardError, read_manifest
 from pretrain.buildlocks import StaleBuildLockWatch
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, latest_tag,
-                                 read_trainer_state)
+                                 read_trainer_state, tag_for)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
 from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
@@ -242,6 +242,8 @@ class Trainer:
             if result.stop:
                 self._save()
                 self._log(event="preempted", step=self.step)
+                self._say(f"stopped on a signal at step {self.step} with checkpoint {tag_for(self.step)} saved: the "
+                          "same command resumes from it")
                 return 0
             if result.stepped and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self._save()
@@ -252,6 +254,8 @@ class Trainer:
         if self.step != last_saved and (cfg.checkpoint.save_at_end or not finished):
             self._save()
         self._log(event="done", step=self.step)
+        self._say(f"done at step {self.step} of {cfg.train.max_steps}; newest checkpoint: "
+                  f"{latest_tag(self.checkpointer.root) or 'none'} in {self.checkpointer.root}")
         return 0
 
     def _hold_for_final_scrape(self) -> None:
@@ -533,6 +537,11 @@ class Trainer:
                     + (f"; LR schedule from this run's config: {changed}" if changed else ""))
         return tag
 
+    def _say(self, line: str) -> None:
+        """One line on rank 0's stderr, for the person watching the run (log.jsonl has the details)."""
+        if self.rank == 0:
+            _eprint(line)
+
     def _log(self, **record) -> None:
         if self.log is not None:
             self.log.write(record)
@@ -674,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
                    description="Pretrain a RiNALMo-class model with DeepSpeed on dataprep shards.")
     try:
         cfg.validate()
-    except ValueError as e:
+        read_manifest(cfg.data.shards)  # a wrong data.shards refused before the slow start-up (DeepSpeed, model)
+    except (ValueError, ShardError) as e:
         print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
         sys.exit(2)
     lock = _lock_out_dir(cfg.train.out_dir)

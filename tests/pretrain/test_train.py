@@ -98,13 +98,36 @@ def test_sigusr1_stops_at_a_step_boundary_and_resume_equals_the_straight_run(pre
     assert latest_tag(out / "checkpoints") == tag_for(k)
     assert events(records, "checkpoint")[-1]["step"] == k
     assert not events(records, "done")
+    said = f"stopped on a signal at step {k} with checkpoint {tag_for(k)} saved: the same command resumes from it"
+    assert (tmp_path / "run.stderr").read_text().count(said) == 1   # rank 0 only
 
-    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", f"--train.valid_every={STRAIGHT_STEPS}")
+    proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}",
+                       f"--train.valid_every={STRAIGHT_STEPS}")
+    said = f"done at step {STRAIGHT_STEPS} of {STRAIGHT_STEPS}; newest checkpoint: {tag_for(STRAIGHT_STEPS)} in "
+    assert proc.stderr.count(said) == 1
     records = read_log(out)
     assert events(records, "start")[-1]["resumed_from"] == tag_for(k)
     assert [r["step"] for r in step_lines(records)] == list(range(1, STRAIGHT_STEPS + 1))  # nothing redone
     assert_same_steps(by_step(records), by_step(read_log(straight_run)))
     assert events(records, "valid")[-1]["loss"] == events(read_log(straight_run), "valid")[-1]["loss"]
+
+
+def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_give(pretrain_shards, ncrna_fasta,
+                                                                                tmp_path):
+    """A file (the FASTA, the manifest) or a folder inside the build's output: a traceback ending in
+    NotADirectoryError, or exit 4 ('unreadable shard data') after DeepSpeed had started and the model was built."""
+    from .trainer_runs import PY, trainer_env
+
+    cases = {ncrna_fasta: f"{ncrna_fasta} is a file, not the output folder of dataprep/build_shards.py",
+             pretrain_shards / "manifest.json": f"(the folder that holds manifest.json): give {pretrain_shards}",
+             pretrain_shards / "train": f"no manifest; give the build's output folder {pretrain_shards}",
+             tmp_path / "nothing": "no manifest (was build_shards interrupted or never run?)"}
+    for shards, said in cases.items():
+        proc = subprocess.run([PY, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
+                               f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}"], cwd=REPO,
+                              env=trainer_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pretrain_shards, copy_of_straight_run):
