@@ -140,19 +140,19 @@ main(["--config", "pretrain/configs/tiny_cpu.yaml", "--data.shards=" + sys.argv[
 """
 
 
-def test_a_rank_serves_its_metrics_during_the_start_up(tmp_path):
+def test_a_rank_serves_its_metrics_during_the_start_up(pretrain_shards, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    args = [sys.executable, "-c", SLOW_START, str(port), str(tmp_path / "shards"), str(tmp_path / "run")]
+    args = [sys.executable, "-c", SLOW_START, str(port), str(pretrain_shards), str(tmp_path / "run")]
     proc = subprocess.run(args, cwd=Path(__file__).resolve().parents[2], env=dict(env, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=180)
     assert proc.stdout.strip().splitlines()[-1:] == ["served"], proc.stdout + proc.stderr[-3000:]
 
 
-def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(tmp_path):
+def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(pretrain_shards, tmp_path):
     """A rank answers from before the rendezvous: one node slow to start (or never starting) shows as its own
     ranks down, instead of every rank of the job waiting unscraped for it (RnalmRankDown for all)."""
     with socket.socket() as s:
@@ -164,7 +164,7 @@ def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")  # rank 1 never comes
     args = [sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
-            f"--data.shards={tmp_path / 'shards'}", f"--train.out_dir={tmp_path / 'run'}",
+            f"--data.shards={pretrain_shards}", f"--train.out_dir={tmp_path / 'run'}",
             f"--metrics.port_base={port}", "--metrics.bind=127.0.0.1"]
     proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
