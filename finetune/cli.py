@@ -85,23 +85,27 @@ def _refuse_model_option(rest: list[str]) -> None:
     """`--model=DIR` is predict's and embed's option; train and evaluate take the model as --model.path."""
     for i, arg in enumerate(rest):
         if arg == "--model" or arg.startswith("--model="):
-            value = arg[len("--model="):] or (rest[i + 1] if i + 1 < len(rest) else "DIR")
+            value = (rest[i + 1] if i + 1 < len(rest) else "DIR") if arg == "--model" else arg[len("--model="):]
             raise ValueError(f"{arg}: did you mean --model.path={value}? (--model= is predict's and embed's option)")
 
 
 def _check_train_start(task: str, cfg: Any) -> None:
-    """All a train run can check before it clears OUT: the train options, ArchiveII families, that OUT does not
-    hold the backbone (the run removes what it finds there), and the backbone itself (loaded once to check it)."""
+    """All a train run can check before it clears OUT: the train options, ArchiveII families, that the backbone
+    is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), and the backbone itself
+    (loaded here once to check it, and again by the task)."""
     from finetune.backbone import load_backbone
     from finetune.tasks.ss import fold_families
     from finetune.trainer import check_train_config
 
     check_train_config(cfg.train)
+    out = Path(cfg.train.out_dir).resolve()
+    replaced = [out]
     if task == "ss" and cfg.data.dataset == "archiveii":
-        fold_families(cfg.data.test_family)
+        families = fold_families(cfg.data.test_family)
+        replaced += [out / fam for fam in families] if len(families) > 1 else []
     if cfg.model.random_preset is None and cfg.model.path:
-        src, out = Path(cfg.model.path).resolve(), Path(cfg.train.out_dir).resolve()
-        if src == out or out in src.parents:
+        src = Path(cfg.model.path).resolve()
+        if any(src == d or (d != out and d in src.parents) for d in replaced):
             raise ValueError(f"--train.out_dir={cfg.train.out_dir} holds --model.path={cfg.model.path}, which this "
                              "run would overwrite: set another --train.out_dir")
     if cfg.model.random_preset is None:  # a random init has no file to get wrong (and giga's takes ~9 s on a CPU)

@@ -2,8 +2,9 @@
 
 DeepSpeed builds its ops through torch.utils.cpp_extension (its CPU comm op in init_distributed, FusedAdam) under
 a lock file `<extensions dir>/<op>/lock` that names no owner: every other process waits while it exists. A process
-killed mid-build (a preempted or cancelled start, a test timeout) leaves it behind. While the trainer starts, a
-thread removes such locks once they are older than any build of these ops takes, naming them on stderr.
+killed while it builds or checks an op (a preempted or cancelled start, a peer's failure) leaves it behind. While
+the trainer starts, a thread removes the locks of these ops once they are older than any build of them takes,
+naming them on stderr. Other extensions' locks in the same root are left alone (their builds may take longer).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-STALE_S = 600.0   # the ops the trainer builds take 1-2 min
+OPS = ("deepspeed_shm_comm", "fused_adam")  # DeepSpeed's ops the trainer builds (CPU comm; optim.adamw=deepspeed)
+STALE_S = 600.0   # their builds take 1-2 min
 POLL_S = 10.0
 
 
@@ -27,7 +29,7 @@ def extensions_root() -> Path | None:
 
 def remove_stale(root: Path, stale_s: float = STALE_S) -> list[Path]:
     removed = []
-    for lock in root.glob("*/lock"):
+    for lock in (root / op / "lock" for op in OPS):
         try:
             age = time.time() - lock.stat().st_mtime
             if age <= stale_s:
@@ -36,7 +38,8 @@ def remove_stale(root: Path, stale_s: float = STALE_S) -> list[Path]:
         except FileNotFoundError:  # its build ended meanwhile
             continue
         print(f"removed {lock}: a torch extension build lock {age:.0f} s old, left by a process killed while it "
-              "built that op (every start would wait on it forever)", file=sys.stderr, flush=True)
+              "built or checked that op (every start would wait on it forever); if the op was never built, this "
+              "start fails to load it and the next one builds it", file=sys.stderr, flush=True)
         removed.append(lock)
     return removed
 

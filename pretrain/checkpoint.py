@@ -38,6 +38,8 @@ UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step(\d{8})$")
 # the files of one rank in a checkpoint: DeepSpeed's partitions (zero_pp_rank_<r>_mp_rank_00_*), our RNG state
 _RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+# what torch.save's RuntimeError says when the file could not be written (the OSError's errno is lost)
+TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
 
 class CheckpointError(RuntimeError):
@@ -118,9 +120,11 @@ class Checkpointer:
             for p in sorted(self.root.iterdir()):
                 if p.name.startswith(OLD_PREFIX) and not (self.root / p.name[len(OLD_PREFIX):]).exists():
                     os.rename(p, self.root / p.name[len(OLD_PREFIX):])
-                elif p.is_dir() and (p.name.startswith((TMP_PREFIX, OLD_PREFIX))
-                                     or _TAG_RE.match(p.name) and not (p / STATE_FILE).exists()):
+                elif p.is_dir() and p.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                     shutil.rmtree(p)
+                    removed.append(p.name)
+                elif p.is_dir() and _TAG_RE.match(p.name) and not (p / STATE_FILE).exists():
+                    _remove_checkpoint(p)
                     removed.append(p.name)
             remove_stale_temps(self.root / LATEST)
         _barrier()
@@ -153,16 +157,22 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def _failing_save_named(self, tmp_dir: Path):
-        """torch.save on a full disk says only 'basic_ios::clear: iostream error' or 'unexpected pos ...'."""
+        """A write that failed (full disk, quota, I/O error) as one line; torch.save says only 'basic_ios::clear:
+        iostream error' or 'unexpected pos ...'. Other errors (a peer lost in DeepSpeed's collectives) pass."""
         try:
             yield
         except (OSError, RuntimeError) as e:
-            free = shutil.disk_usage(self.root).free / 2**30
+            if not isinstance(e, OSError) and not any(m in str(e) for m in TORCH_WRITE_FAILURES):
+                raise
+            try:
+                free = f"{shutil.disk_usage(self.root).free / 2**30:.2f} GiB free there"
+            except OSError as why:
+                free = f"free space unknown ({why.strerror or why})"
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointSaveError(
-                f"rank {self.rank} could not write checkpoint {tmp_dir}: {reason}; {free:.2f} GiB free there (a save "
-                f"needs room for one checkpoint more than checkpoint.keep={self.keep}); the checkpoints before it "
-                "are intact and the next start resumes from the newest") from e
+                f"rank {self.rank} could not write checkpoint {tmp_dir}: {reason}; {free} (a save needs room for one "
+                f"checkpoint more than checkpoint.keep={self.keep}); the checkpoints before it are intact and the "
+                "next start resumes from the newest") from e
 
     def load(self, engine, tag: str) -> dict[str, Any]:
         """Collective. Restores engine (model, optimizer, LR scheduler) and this rank's RNG; returns the state."""
@@ -204,9 +214,16 @@ class Checkpointer:
         for old in tags[:-self.keep]:
             if old == keep_also:
                 continue
-            (self.root / old / STATE_FILE).unlink()  # first: a crash mid-way leaves no 'complete' half checkpoint
-            shutil.rmtree(self.root / old, ignore_errors=True)
-            shutil.rmtree(self.root / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
+            _remove_checkpoint(self.root / old)
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    """Its state file first (a crash mid-way leaves nothing 'complete' that is half deleted: the next start-up
+    finishes the job), then its universal form, then the rest. Errors are ignored, as a file held open elsewhere
+    (NFS) may stay."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder.with_name(folder.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def files_of_rank(folder: Path, rank: int) -> list[Path]:

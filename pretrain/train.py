@@ -254,7 +254,8 @@ class Trainer:
         if self.step != last_saved and (cfg.checkpoint.save_at_end or not finished):
             self._save()
         self._log(event="done", step=self.step)
-        self._say(f"done at step {self.step} of {cfg.train.max_steps}; newest checkpoint: "
+        why = "done" if finished else "stopped (train.stop_after)"
+        self._say(f"{why} at step {self.step} of {cfg.train.max_steps}; newest checkpoint: "
                   f"{latest_tag(self.checkpointer.root) or 'none'} in {self.checkpointer.root}")
         return 0
 

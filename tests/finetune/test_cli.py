@@ -85,8 +85,12 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
         assert run(["ss", "train", f"--train.out_dir={ft}", *args, *extra]) == 2
         assert message in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in ft.iterdir()} == before, message
-    assert run(["ss", "train", f"--model.path={ft / 'x'}", f"--train.out_dir={ft.parent}", *args]) == 2
-    assert f"holds --model.path={ft / 'x'}" in capsys.readouterr().err  # inside OUT: an ArchiveII fold's directory
+    fold = tmp_path / "tRNA"                                      # an ArchiveII fold's directory of OUT
+    shutil.copytree(ss_model, fold)
+    assert run(["ss", "train", f"--model.path={fold}", f"--train.out_dir={tmp_path}", "--data.dataset=archiveii",
+                "--data.test_family=tRNA,5s", *args]) == 2
+    assert f"holds --model.path={fold}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in fold.iterdir()} == before
 
 
 def test_model_option_of_train_and_evaluate_hints_at_model_path(ss_model, tmp_path, capsys):

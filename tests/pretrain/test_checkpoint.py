@@ -43,6 +43,7 @@ def test_partial_saves_are_removed_at_start_up(tmp_path):
     partial.mkdir()
     (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
     half_pruned = make_tag(tmp_path, 2, complete=False)       # a crash while pruning: state file deleted first
+    (tmp_path / (half_pruned.name + UNIVERSAL_SUFFIX)).mkdir()  # ... before its universal form
     (tmp_path / ".latest.x1y2.tmp").write_text("step000")      # a crash while the pointer was written
     ckpt = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
     assert ckpt.remove_partial_saves() == [partial.name, half_pruned.name]
@@ -131,6 +132,27 @@ def test_every_file_is_flushed_by_the_rank_that_wrote_it_before_the_checkpoint_g
                               f"{tmp}/zero_pp_rank_0_mp_rank_00_model_states.pt"]
     assert flushed[0][4] == f"{tmp_path.name}/{tmp}"  # its entries, before the rename (then the parent's)
     assert latest_tag(tmp_path) == tag_for(8)
+
+
+def test_only_failed_writes_become_one_line_save_errors(tmp_path):
+    import errno
+
+    from pretrain.checkpoint import CheckpointSaveError
+
+    ckpt = Checkpointer(tmp_path, keep=2, rank=1, world_size=2)
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2816 vs 2708\nmore")):
+        with pytest.raises(CheckpointSaveError) as got, ckpt._failing_save_named(tmp_path / ".tmp-step00000002"):
+            raise error
+        assert str(got.value).startswith(f"rank 1 could not write checkpoint {tmp_path / '.tmp-step00000002'}: ")
+        assert "GiB free there" in str(got.value) and "\n" not in str(got.value)
+    lost_peer = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    with pytest.raises(RuntimeError) as got, ckpt._failing_save_named(tmp_path / ".tmp-step00000002"):
+        raise lost_peer
+    assert got.value is lost_peer                                # not a disk problem: its own traceback
+    gone = Checkpointer(tmp_path / "gone", keep=2, rank=0, world_size=1)
+    with pytest.raises(CheckpointSaveError, match="free space unknown"), gone._failing_save_named(tmp_path / "x"):
+        raise OSError(errno.EIO, "Input/output error")
 
 
 def test_a_crash_while_pruning_leaves_no_complete_looking_half_checkpoint(tmp_path, monkeypatch):
