@@ -193,8 +193,8 @@ class Trainer:
         if not path:
             return None
         if self.resume_tag is not None:
-            if self.rank == 0:  # e.g. an old out_dir reused by mistake
-                _eprint(f"train.init_weights ignored: resuming {self.out} from its checkpoint {self.resume_tag}")
+            # e.g. an old out_dir reused by mistake
+            self._say(f"train.init_weights ignored: resuming {self.out} from its checkpoint {self.resume_tag}")
             return None
         try:
             state = read_init_weights(path, self.model_cfg)
@@ -264,8 +264,7 @@ class Trainer:
         targets go with it. Only fixed ports are Prometheus targets (port_base 0 is none)."""
         m = self.cfg.metrics
         if self.metrics_port is not None and m.port_base and m.final_scrape_s:
-            if self.rank == 0:
-                _eprint(f"metrics stay up {m.final_scrape_s:g} s for a final scrape (metrics.final_scrape_s)")
+            self._say(f"metrics stay up {m.final_scrape_s:g} s for a final scrape (metrics.final_scrape_s)")
             time.sleep(m.final_scrape_s)
 
     def _nonfinite_stop(self, result: StepResult) -> bool:
@@ -285,8 +284,7 @@ class Trainer:
                f"{limit}); last good step {self.step}. Lower optim.lr, check the data, or resume from the last "
                f"checkpoint.")
         self._log(event="stopped_nonfinite", step=self.step, message=msg)
-        if self.rank == 0:
-            _eprint(msg)
+        self._say(msg)
         return True
 
     def _on_signal(self, signum, _frame) -> None:
@@ -373,9 +371,8 @@ class Trainer:
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         self._log(event="compile_stats", step=self.step, unique_graphs=graphs, graph_breaks=breaks,
                   static_tokens=self.static_tokens)
-        if self.rank == 0:
-            _eprint(f"torch.compile after step {self.step}: {graphs} graphs, {breaks} graph breaks "
-                    f"(micro-batches padded to {self.static_tokens} tokens)")
+        self._say(f"torch.compile after step {self.step}: {graphs} graphs, {breaks} graph breaks "
+                  f"(micro-batches padded to {self.static_tokens} tokens)")
 
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
@@ -429,18 +426,16 @@ class Trainer:
         if not masked:  # every held-out shard unreadable (on_corrupt=skip): no number, not a loss of 0
             self._log(event="valid_skipped", step=self.step, reason="no held-out record could be read",
                       corrupt_shards_skipped=unreadable)
-            if self.rank == 0:
-                _eprint(f"valid @ step {self.step}: skipped, no held-out record could be read{damage}")
+            self._say(f"valid @ step {self.step}: skipped, no held-out record could be read{damage}")
             return {}
         loss = ce / masked
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / masked,
                   "masked_tokens": int(masked), "records": int(records), "corrupt_shards_skipped": unreadable}
         self.metrics.valid_loss.set(loss)
         self._log(event="valid", step=self.step, **result)
-        if self.rank == 0:
-            _eprint(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "
-                    f"acc {result['accuracy']:.3%} | {int(masked):,} masked tokens in {int(records):,} records"
-                    f"{damage}")
+        self._say(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "
+                  f"acc {result['accuracy']:.3%} | {int(masked):,} masked tokens in {int(records):,} records"
+                  f"{damage}")
         return result
 
     # -------------------------------------------------------------------------------- checkpoints
@@ -533,9 +528,8 @@ class Trainer:
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
         if changed:
             self._log(event="schedule_changed", step=self.step, changes=changed)
-        if self.rank == 0:
-            _eprint(f"resumed from {self.checkpointer.root / tag} at step {self.step}"
-                    + (f"; LR schedule from this run's config: {changed}" if changed else ""))
+        self._say(f"resumed from {self.checkpointer.root / tag} at step {self.step}"
+                  + (f"; LR schedule from this run's config: {changed}" if changed else ""))
         return tag
 
     def _say(self, line: str) -> None:
