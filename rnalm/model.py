@@ -51,12 +51,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+GEMM_ALIGNMENT = 16   # bytes: what cuBLAS's fast (TMA/vectorised) GEMM kernels need of every operand's address
+
+
+def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t where its data starts 16-byte aligned, else an aligned copy (gradients flow back to t).
+
+    DeepSpeed keeps parameters as views into flat buffers at any element offset: under the trainer's ZeRO-2 and
+    ZeRO-3 every bias past the first 3413-element FFN bias or 1-element SwiGLU beta starts 2-14 bytes off a
+    16-byte boundary (bench/gemm_alignment.py). cuBLAS runs unaligned operands on slow kernels, and inductor's
+    addmm with such a bias stopped a ZeRO-2 + torch.compile run on an H200 with 'misaligned address'
+    (BENCHMARKS.md). Compiled code cannot branch on an address, so there every operand is copied (giga: ~1.3 GB
+    of bf16 weights per forward, ~1 ms)."""
+    if t is None or not (torch.compiler.is_compiling() or t.data_ptr() % GEMM_ALIGNMENT):
+        return t
+    return t.clone()
+
+
+class AlignedLinear(nn.Linear):
+    """nn.Linear (same parameters and names) whose GEMM operands are 16-byte aligned (gemm_operand) and whose
+    matmul may run wider than its weight: `out_pad` extra zero output rows, and zero input columns up to the
+    input's width. Exact: the extra outputs are 0 and the extra inputs meet zero weights; their gradients never
+    reach a parameter. Why wider: the original FFN width (3413 for giga) gives rows of 6826 bytes, not a multiple
+    of 16, which keeps GPU GEMMs off their aligned (TMA) kernels."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, out_pad: int = 0) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.out_pad = out_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, in_pad = self.weight, self.bias, x.shape[-1] - self.in_features
+        if self.out_pad or in_pad:  # F.pad writes fresh, aligned tensors
+            weight = F.pad(weight, (0, in_pad, 0, self.out_pad))
+            bias = None if bias is None else F.pad(bias, (0, self.out_pad))
+        else:
+            weight, bias = gemm_operand(weight), gemm_operand(bias)
+        return F.linear(x, weight, bias)
+
+
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.dropout = cfg.num_heads, cfg.head_dim, cfg.attn_dropout
-        self.Wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.out_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.Wqkv = AlignedLinear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out_proj = AlignedLinear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor,
                 max_seqlen: int, backend: str) -> torch.Tensor:
@@ -96,24 +134,6 @@ class SwishGate(torch.autograd.Function):
         grad_beta = torch.vdot((grad_swish * t).flatten(), a.flatten().to(t.dtype)).reshape(beta.shape)
         grad_a = grad_swish.mul_(s.addcmul_(t, beta))
         return grad_a.to(a.dtype), grad_gate.to(gate.dtype), grad_beta.to(beta.dtype)
-
-
-class AlignedLinear(nn.Linear):
-    """nn.Linear (same parameters and names) whose matmul may run wider than its weight: `out_pad` extra zero
-    output rows, and zero input columns up to the input's width. Exact: the extra outputs are 0 and the extra inputs
-    meet zero weights; their gradients never reach a parameter. Why: the original FFN width (3413 for giga) gives
-    rows of 6826 bytes, not a multiple of 16, which keeps GPU GEMMs off their aligned (TMA) kernels."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, out_pad: int = 0) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.out_pad = out_pad
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, in_pad = self.weight, self.bias, x.shape[-1] - self.in_features
-        if self.out_pad or in_pad:
-            weight = F.pad(weight, (0, in_pad, 0, self.out_pad))
-            bias = None if bias is None else F.pad(bias, (0, self.out_pad))
-        return F.linear(x, weight, bias)
 
 
 class SwiGLU(nn.Module):
@@ -185,9 +205,9 @@ class Transformer(nn.Module):
 class MaskedLanguageModelHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(cfg.dim, cfg.dim)
+        self.linear1 = AlignedLinear(cfg.dim, cfg.dim)
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.linear2 = nn.Linear(cfg.dim, cfg.vocab_size)
+        self.linear2 = AlignedLinear(cfg.dim, cfg.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear2(self.layer_norm(F.gelu(self.linear1(x))))

@@ -328,3 +328,40 @@ def test_ffn_align_widens_the_matmuls_and_changes_nothing_else(ckpt):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=name)
     with pytest.raises(ValueError, match="ffn_align"):
         ModelConfig.preset("nano", ffn_align=0)
+
+
+def _rehome_at_odd_offsets(model: RiNALMo) -> None:
+    """Every parameter becomes a view into one flat buffer, back to back from one element in (what DeepSpeed's
+    ZeRO does with its flat buffers): most start off a 16-byte boundary."""
+    params = list(model.parameters())
+    flat = torch.empty(1 + sum(p.numel() for p in params), dtype=params[0].dtype)
+    offset = 1
+    for p in params:
+        flat[offset:offset + p.numel()].copy_(p.detach().flatten())
+        p.data = flat[offset:offset + p.numel()].view(p.shape)
+        offset += p.numel()
+
+
+def test_matmuls_get_16_byte_aligned_operands_from_parameters_at_any_offset():
+    """ZeRO's parameters sit at any offset of a flat buffer; cuBLAS runs unaligned operands on slow kernels or
+    fails ('misaligned address' behind inductor's addmm on an H200). Every matmul operand is aligned, and the
+    logits and every gradient equal those of the same model with parameters of their own."""
+    from bench.gemm_alignment import GemmOperands
+
+    own = tiny_model(seed=6).train()
+    viewed = tiny_model(seed=6).train()
+    _rehome_at_odd_offsets(viewed)
+    assert sum(p.data_ptr() % 16 != 0 for p in viewed.parameters()) > len(list(viewed.parameters())) // 2
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    results = []
+    for model in (own, viewed):
+        torch.manual_seed(0)                               # the same dropout masks
+        record = GemmOperands()
+        with record:
+            logits = model.forward_packed(batch).logits
+            logits.square().mean().backward()
+        assert record.calls > 20 and record.misaligned_operands == 0, record.misaligned
+        results.append((logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for g_viewed, g_own in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g_viewed, g_own, rtol=0, atol=0)
