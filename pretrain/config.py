@@ -29,7 +29,7 @@ class ModelSection:
     attention_backend: str = "auto"
     activation_checkpointing: bool | int = False   # true: every block; n: the first n blocks
     compile: bool = False           # torch.compile each block around attention; pads micro-batches to the budget
-    ffn_align: int = 1              # FFN matmuls at a width rounded up to this (64: 16-byte-aligned GEMM rows); exact
+    ffn_align: int = 64             # FFN matmuls at a width rounded up to this (16-byte-aligned GEMM rows); exact
 
     def build(self) -> ModelConfig:
         overrides = {k: v for k, v in vars(self).items() if k not in ("preset", "compile") and v is not None}
@@ -71,6 +71,8 @@ class TrainConfig:
     valid_split: str = "valid"
     valid_sampling: str = "uniform"
     max_nonfinite_in_row: int = 10        # stop the run after this many skipped steps in a row
+    profile_at: int = 0                   # profile 3 steps from this one on rank 0 (0: off): out_dir/profile/ and a
+                                          # "profile" event in log.jsonl (pretrain.profiling)
     inject_nonfinite_at: list[int] = field(default_factory=list)  # fault injection for tests: in these step
                                                                    # attempts the last micro-batch's loss is
                                                                    # made NaN on the last rank
@@ -114,7 +116,7 @@ class PretrainConfig:
                  "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
-                 "train.seed": (t.seed, 0), "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
+                 "train.seed": (t.seed, 0), "train.profile_at": (t.profile_at, 0), "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
@@ -166,6 +168,11 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
     })
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
+    if cfg.model.compile and ds.get("zero_optimization", {}).get("stage") == 3:
+        # ZeRO-3 otherwise swaps F.linear for an autograd.Function that reads each weight's ds_id, and dynamo (torch
+        # 2.11) guards on it: one recompilation per block, eager past torch._dynamo's recompile_limit (8 of 33 blocks
+        # compiled in the H200 run of 2026-12-04)
+        ds["zero_optimization"]["memory_efficient_linear"] = False
     return ds
 
 

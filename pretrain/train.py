@@ -34,6 +34,7 @@ from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
+from pretrain.profiling import StepProfiler
 from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
@@ -157,6 +158,7 @@ class Trainer:
         self.attempts = self.nonfinite_in_row = 0
         self.last_valid = -1
 
+        self.profiler = StepProfiler(cfg.train.profile_at if self.rank == 0 else 0, self.out / "profile", self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         self.resume_tag = self._resume_tag()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -223,6 +225,7 @@ class Trainer:
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
         while self.step < end:
+            self.profiler.before_step(self.step + 1)
             t0 = time.perf_counter()
             micro, wait = _take(batches, cfg.train.grad_accum)
             lr = self.engine.get_lr()[0]
@@ -235,6 +238,7 @@ class Trainer:
                 self.tokens += result.tokens
                 self.samples += result.samples
                 self._record(result, lr, time.perf_counter() - t0, wait)
+                self._log_profile(self.profiler.after_step(self.step))
                 if self.static_tokens is not None and self.step in (start_step + 1, end):
                     self._log_compile_stats()
                 if cfg.train.valid_every and self.step % cfg.train.valid_every == 0:
@@ -248,6 +252,7 @@ class Trainer:
             if result.stepped and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self._save()
                 last_saved = self.step
+        self._log_profile(self.profiler.finish())
         finished = self.step >= cfg.train.max_steps
         if finished and cfg.train.valid_every and self.last_valid != self.step:  # also after a late preemption
             self.validate()
@@ -258,6 +263,12 @@ class Trainer:
         self._say(f"{why} at step {self.step} of {cfg.train.max_steps}; newest checkpoint: "
                   f"{latest_tag(self.checkpointer.root) or 'none'} in {self.checkpointer.root}")
         return 0
+
+    def _log_profile(self, summary: dict | None) -> None:
+        if summary:
+            self._log(event="profile", **summary)
+            self._say(f"profiled steps {summary['steps'][0]}-{summary['steps'][1]}: {summary['wall_s']:.2f} s, GPU "
+                      f"busy {summary['gpu_busy_fraction']:.0%}; trace and table in {summary['folder']}")
 
     def _hold_for_final_scrape(self) -> None:
         """A stop within a scrape interval of the first NaN would leave Prometheus nothing to alert on: the job's
@@ -373,6 +384,10 @@ class Trainer:
                   static_tokens=self.static_tokens)
         self._say(f"torch.compile after step {self.step}: {graphs} graphs, {breaks} graph breaks "
                   f"(micro-batches padded to {self.static_tokens} tokens)")
+        if graphs > COMPILED_PARTS:
+            self._say(f"warning: {graphs} graphs where the {COMPILED_PARTS} parts of a block should compile once for "
+                      f"all blocks: torch.compile recompiled (TORCH_LOGS=recompiles says why), and blocks past "
+                      f"torch._dynamo.config.recompile_limit run eager")
 
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
@@ -646,6 +661,9 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+COMPILED_PARTS = 2  # TransformerBlock.pre_attention and post_attention (forward graphs; backward ones not counted)
 
 
 def _default_distributed_env() -> None:

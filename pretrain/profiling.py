@@ -1,0 +1,100 @@
+"""A window of training steps under torch.profiler: where a step's time goes.
+
+`train.profile_at=N` profiles steps N..N+PROFILE_STEPS-1 on rank 0 and writes to out_dir/profile/: `trace.json.gz`
+(Chrome/Perfetto trace) and `ops.txt` (torch.profiler's table by self time), and to log.jsonl an event "profile":
+the window's wall seconds, how much of it the GPU was busy (the union of its kernels' intervals; the rest is
+time the GPU waited for the host: Python, hooks, syncs, launches), the kernels' time by kind (matmul,
+attention, communication, optimizer, other) and the top kernels, or on a CPU the top operators by self time.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+PROFILE_STEPS = 3
+TOP = 25
+# Kernel name patterns, first match wins: cuBLAS/CUTLASS GEMMs (sm90_xmma..., nvjet..., cutlass...), flash and
+# memory-efficient attention, NCCL collectives, fused/multi-tensor optimizer kernels.
+KINDS = (("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|wgmma|cublas|splitk", re.I)),
+         ("attention", re.compile(r"flash|fmha|attention", re.I)),
+         ("communication", re.compile(r"nccl", re.I)),
+         ("optimizer", re.compile(r"adam|multi_tensor", re.I)))
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(name)), "other")
+
+
+def summarise_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float) -> dict:
+    """kernels: (name, start_us, end_us). Busy time is the union of the intervals (streams overlap)."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    busy = 0.0
+    end = float("-inf")
+    for name, start, stop in kernels:
+        by_kind[kernel_kind(name)] += (stop - start) / 1e6
+        by_name[name][0] += (stop - start) / 1e6
+        by_name[name][1] += 1
+        if stop > end:
+            busy += (stop - max(start, end)) / 1e6
+            end = stop
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP]
+    return {"wall_s": wall_s, "gpu_busy_s": busy, "gpu_busy_fraction": busy / wall_s if wall_s > 0 else 0.0,
+            "kernel_s_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{"name": n[:160], "s": s, "calls": c} for n, (s, c) in top]}
+
+
+class StepProfiler:
+    """Call before_step(n) before step n runs and after_step(n) after it; returns the summary at the window's end."""
+
+    def __init__(self, first: int, folder: Path, device: torch.device) -> None:
+        self.first, self.last, self.folder, self.device = first, first + PROFILE_STEPS - 1, folder, device
+        self.prof: profile | None = None
+        self.t0, self.seen = 0.0, first
+
+    def before_step(self, step: int) -> None:
+        if self.first and step == self.first and self.prof is None:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.prof = profile(activities=activities)
+            self._sync()
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def after_step(self, step: int) -> dict | None:
+        self.seen = step
+        return self.finish() if self.prof is not None and step >= self.last else None
+
+    def finish(self) -> dict | None:
+        """Stop (also when the run ends inside the window) and write the files; None when not profiling."""
+        if self.prof is None:
+            return None
+        self._sync()
+        wall = time.perf_counter() - self.t0
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.folder / "trace.json.gz"))
+        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        (self.folder / "ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=60) + "\n")
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA]
+        summary = summarise_kernels(kernels, wall)
+        summary["steps"] = [self.first, self.seen]
+        if not kernels:  # a CPU run: the operators instead
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP]
+            summary["top_cpu_ops"] = [{"name": e.key, "s": e.self_cpu_time_total / 1e6, "calls": e.count}
+                                      for e in ops]
+        summary["folder"] = str(self.folder)
+        return summary
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,43 @@
+"""train.profile_at: a window of steps under torch.profiler, summarised in log.jsonl and written to out_dir/profile."""
+import gzip
+import json
+
+import pytest
+
+from pretrain.profiling import kernel_kind, summarise_kernels
+
+from .trainer_runs import events, read_log, run_trainer, step_lines
+
+
+def test_kernel_summary_counts_overlapping_streams_once_and_sorts_kernels_by_kind():
+    kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 400), ("ncclDevKernel_ReduceScatter_Sum_bf16", 300, 600),
+               ("flash_fwd_kernel", 700, 800), ("multi_tensor_apply_kernel<AdamFunctor>", 800, 900),
+               ("vectorized_elementwise_kernel", 950, 1000), ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopB_TNT", 1000, 1100)]
+    s = summarise_kernels(kernels, wall_s=2000e-6)
+    assert s["gpu_busy_s"] == pytest.approx(950e-6)             # 0-600 (two streams), 700-900, 950-1100
+    assert s["gpu_busy_fraction"] == pytest.approx(0.475)
+    assert s["kernel_s_by_kind"] == pytest.approx({"matmul": 500e-6, "communication": 300e-6, "attention": 100e-6,
+                                                   "optimizer": 100e-6, "other": 50e-6})
+    assert s["top_kernels"][0] == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "s": pytest.approx(400e-6), "calls": 1}
+    assert kernel_kind("cutlass_80_wmma_tensorop_bf16_s161616gemm") == "matmul"
+
+
+def test_profile_at_profiles_a_window_of_the_real_trainer_and_logs_where_the_time_went(pretrain_shards, tmp_path):
+    """A run that ends inside the window (steps 2-4 asked, 3 run) still writes its profile."""
+    out = tmp_path / "run"
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=3", "--train.profile_at=2", nproc=1)
+    records = read_log(out)
+    assert len(step_lines(records)) == 3
+    [profile] = events(records, "profile")
+    assert profile["steps"] == [2, 3] and profile["wall_s"] > 0 and profile["gpu_busy_fraction"] == 0
+    ops = {op["name"] for op in profile["top_cpu_ops"]}
+    assert ops & {"aten::addmm", "aten::mm", "aten::bmm"}, ops
+    assert "profiled steps 2-3" in proc.stderr
+    with gzip.open(out / "profile" / "trace.json.gz", "rt") as f:
+        assert json.load(f)["traceEvents"]
+    assert "Self CPU" in (out / "profile" / "ops.txt").read_text()
+
+
+def test_profile_at_must_not_be_negative(pretrain_shards, tmp_path):
+    proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.profile_at=-1", nproc=1, expect_rc=None)
+    assert proc.returncode != 0 and "train.profile_at must be >= 0" in proc.stderr
