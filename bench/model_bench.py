@@ -104,7 +104,8 @@ def agreement(model: RiNALMo, lengths, rng, device, dtype) -> dict:
     real = padded != PAD_ID
     results = {}
 
-    def run(fn, autocast_dtype):
+    def run(fn, autocast_dtype, backend):
+        model.attention_backend = backend
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
             logits = fn()
@@ -112,11 +113,11 @@ def agreement(model: RiNALMo, lengths, rng, device, dtype) -> dict:
         return logits.detach().float(), grads(model)
 
     backend = model.attention_backend
-    ref_logits, ref_grads = run(lambda: model.forward_packed(batch).logits, torch.float32)
+    # the fp32 reference: 'auto' resolves per dtype, to sdpa where the kernels take only bf16/fp16 (CUDA)
+    ref_logits, ref_grads = run(lambda: model.forward_packed(batch).logits, torch.float32, "auto")
     results["packed_backend"] = backend
-    pk_logits, pk_grads = run(lambda: model.forward_packed(batch).logits, dtype)
-    model.attention_backend = "sdpa"
-    pd_logits, pd_grads = run(lambda: model(padded).logits[real], dtype)
+    pk_logits, pk_grads = run(lambda: model.forward_packed(batch).logits, dtype, backend)
+    pd_logits, pd_grads = run(lambda: model(padded).logits[real], dtype, "sdpa")
     model.attention_backend = backend
     results.update(packed_vs_fp32_logits=rel_err(pk_logits, ref_logits), padded_vs_fp32_logits=rel_err(pd_logits, ref_logits),
                    packed_vs_padded_logits=rel_err(pk_logits, pd_logits), packed_vs_fp32_grads=rel_err(pk_grads, ref_grads),

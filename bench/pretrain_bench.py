@@ -71,12 +71,18 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
     start = next(r for r in records if r.get("event") == "start")
     steps = [r for r in records if "event" not in r][args.warmup:]
     seconds = sum(r["step_seconds"] for r in steps)
-    return {"world_size": start["world_size"], "precision": start["precision"], "steps": len(steps),
-            "real_tokens_per_s": sum(r["step_tokens"] for r in steps) / seconds,
-            "mfu": sum(r["step_flops"] for r in steps) / (seconds * args.peak_tflops * 1e12 * start["world_size"]),
-            "loader_wait_fraction": sum(r["loader_wait_s"] for r in steps) / seconds,
-            "peak_memory_gib": max(r["memory_peak_bytes"] for r in steps) / 2**30,
-            "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"]}
+    result = {"world_size": start["world_size"], "precision": start["precision"], "steps": len(steps),
+              "real_tokens_per_s": sum(r["step_tokens"] for r in steps) / seconds,
+              "mfu": sum(r["step_flops"] for r in steps) / (seconds * args.peak_tflops * 1e12 * start["world_size"]),
+              "loader_wait_fraction": sum(r["loader_wait_s"] for r in steps) / seconds,
+              "peak_memory_gib": max(r["memory_peak_bytes"] for r in steps) / 2**30,
+              "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"]}
+    profile = next((r for r in records if r.get("event") == "profile"), None)
+    if profile:  # --set train.profile_at=N: where the time of steps N..N+2 went (pretrain.profiling)
+        ops = (out_dir / "profile" / "ops.txt").read_text().splitlines()
+        result["profile"] = {**{k: v for k, v in profile.items() if k not in ("event", "folder")},
+                             "ops_table": ops[:45]}
+    return result
 
 
 class UnpaddedAttention:

@@ -231,7 +231,16 @@ def session_steps(out: Path, work: Path) -> list[Step]:
                  oom_retry=["--set", "model.activation_checkpointing=true"]),
             Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
                                  "--out", str(out / "model_bench.json")], cap=150, result=out / "model_bench.json"),
-            *[lever_step(name, work) for name in wanted_levers()]]
+            profile_step(work), *[lever_step(name, work) for name in wanted_levers()]]
+
+
+def profile_step(work: Path) -> Step:
+    """The trainer's defaults with steps 6-8 under torch.profiler: the GPU's busy share and its kernels by kind."""
+    common = ["--tiny", "--steps", "3", "--warmup", "2"] if TINY else [*LEVER_RUN[:2], "--steps", "4", "--warmup", "5"]
+    result = work / "profile.json"
+    return Step("profile", [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
+                            "--corpus", str(corpus()), "--set", f"train.profile_at={3 if TINY else 6}",
+                            "--out", str(result)], cap=150, min_seconds=10 if TINY else 60, result=result)
 
 
 # name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook).
@@ -239,12 +248,12 @@ def session_steps(out: Path, work: Path) -> list[Step]:
 # is the H100 (80 GB) case.
 LEVERS: dict[str, list[str]] = {
     "baseline": [],
-    "align_zero2_compile": ["model.ffn_align=64", "train.ds_config=ds_configs/zero2.json", "model.compile=true"],
-    "ffn_align": ["model.ffn_align=64"],
-    "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
-    "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
     "compile": ["model.compile=true"],
+    "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
+    "compile_budget64k": ["model.compile=true", "data.token_budget=65536"],
     "zero2": ["train.ds_config=ds_configs/zero2.json"],
+    "ffn_align1": ["model.ffn_align=1"],
+    "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
     "budget64k": ["data.token_budget=65536"],
     "budget16k": ["data.token_budget=16384"],
     "adamw_unfused": ["optim.adamw=torch"],
@@ -302,6 +311,11 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
     steps.append(Step("activation_memory", [PY, "bench/activation_memory.py", *memory,
                                             "--out", str(work / "activation_memory.json")],
                       cap=60, min_seconds=15, result=work / "activation_memory.json"))
+    config = "pretrain/configs/tiny_cpu.yaml" if TINY else "pretrain/configs/giga.yaml"
+    steps.append(Step("gemm_alignment", [PY, "bench/gemm_alignment.py", "--config", config, "--set",
+                                         "model.num_layers=2", "--tokens", "4096",
+                                         "--out", str(work / "gemm_alignment.json")],
+                      cap=60, min_seconds=15, result=work / "gemm_alignment.json"))
     return steps
 
 
@@ -339,6 +353,12 @@ def table(summary: dict) -> str:
             cells["notes"] = f"{r['bytes_per_token_per_block'] / 1e3:.1f} KB per token per block; " + "; ".join(
                 f"{b['budget']}: {b['activations_gib']:.1f} GiB, checkpoint {b.get('checkpointed_blocks')}"
                 for b in r["budgets"])
+        if "packed" in r and "profile" in r["packed"]:
+            p = r["packed"]["profile"]
+            cells["notes"] = f"GPU busy {p['gpu_busy_fraction']:.0%} of {p['wall_s']:.2f} s; " + ", ".join(
+                f"{kind} {s:.2f} s" for kind, s in p["kernel_s_by_kind"].items())
+        if "misaligned_operands" in r:  # gemm_alignment
+            cells["notes"] = f"{r['misaligned_operands']} of {r['operands']} matmul operands misaligned"
         if isinstance(r, list):  # loader_bench: one row per worker count
             cells["notes"] = "; ".join(f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} "
                                        f"of 200k)" for x in r)

@@ -42,7 +42,7 @@ def test_session_plan_measures_pretrain_and_model_benches_then_levers(shared_dat
     s = summary(out)
     steps = {x["name"]: x for x in s["steps"]}
     assert s["plan"] == "session" and s["ok"] and "levers_left" not in s
-    assert list(steps) == ["env", "shards", "pretrain_bench", "model_bench", "zero2"]
+    assert list(steps) == ["env", "shards", "pretrain_bench", "model_bench", "profile", "zero2"]
     env = json.loads((out / "env.json").read_text())
     assert {"torch", "deepspeed", "webdataset", "zstandard", "rnalm"} <= set(env["modules"]) and not env["missing"]
     model = steps["model_bench"]["result"]
@@ -50,6 +50,8 @@ def test_session_plan_measures_pretrain_and_model_benches_then_levers(shared_dat
     pretrain = steps["pretrain_bench"]["result"]
     assert pretrain["packed"]["steps"] == 3 and pretrain["padded"]["batch"] == 8
     assert f"--shards {tmp_path / 'work' / 'shards'}" in pretrain["command"]     # the shards built once
+    profile = steps["profile"]["result"]["packed"]["profile"]
+    assert profile["steps"] == [3, 5] and profile["wall_s"] > 0 and profile["top_cpu_ops"] and profile["ops_table"]
     zero2 = steps["zero2"]["result"]
     assert "--set train.ds_config=ds_configs/zero2.json" in zero2["command"] and "padded" not in zero2
     assert json.loads((out / "pretrain_bench.json").read_text()) == pretrain
@@ -63,7 +65,7 @@ def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac9")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = {x["name"]: x for x in summary(out)["steps"]}
-    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac9", "loader", "activation_memory"]
+    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac9", "loader", "activation_memory", "gemm_alignment"]
     assert [r["workers"] for r in steps["loader"]["result"]] == [0, 1]
     assert all(r["tokens_per_s"] > 0 and r["token_budget"] == 2048 for r in steps["loader"]["result"])
     zero2, budget = steps["zero2"]["result"], steps["budget48k_ac9"]["result"]
@@ -73,6 +75,8 @@ def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     memory = steps["activation_memory"]["result"]
     assert memory["bytes_per_token_per_block"] > 0 and memory["budgets"][0]["budget"] == 2048
     assert zero2["packed"]["steps"] == 2 and budget["packed"]["real_tokens_per_s"] > 0
+    alignment = steps["gemm_alignment"]["result"]
+    assert alignment["gemm_calls"] > 0 and alignment["misaligned_operands"] == 0
 
 
 def test_levers_plan_rejects_unknown_levers(shared_data, tmp_path):

@@ -50,3 +50,31 @@ def test_agreement_compares_the_padded_path_with_the_packed_one(monkeypatch):
     off = agreement(*args)
     assert off["packed_vs_padded_logits"] == pytest.approx(0.01, rel=0.05)
     assert off["padded_vs_fp32_logits"] == pytest.approx(0.01, rel=0.05) and off["packed_vs_fp32_logits"] < 1e-5
+
+
+def test_agreement_takes_its_fp32_reference_from_a_backend_that_runs_fp32(monkeypatch):
+    """On the GPU the packed path's backend (torch varlen, flash-attn) takes only bf16/fp16: the fp32 reference
+    must not go through it (the H200 run of 2026-12-04 stopped with 'FlashAttention only support fp16 and bf16')."""
+    import numpy as np
+    import torch
+
+    from bench.model_bench import agreement
+    from rnalm import attention
+    from rnalm.config import ModelConfig
+    from rnalm.model import RiNALMo
+
+    def half_precision_only(q, *args):
+        if q.dtype == torch.float32:
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        return attention._sdpa(q, *args)
+
+    monkeypatch.setitem(attention.BACKENDS, "torch_varlen", half_precision_only)
+    monkeypatch.setattr(attention, "available_backends", lambda device: ("torch_varlen", "sdpa"))
+    torch.manual_seed(0)
+    model = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, attn_dropout=0.0,
+                                       residual_dropout=0.0))
+    model.attention_backend = "torch_varlen"
+    result = agreement(model, np.array([5, 9, 17, 30]), np.random.default_rng(0), torch.device("cpu"),
+                       torch.bfloat16)
+    assert result["packed_backend"] == "torch_varlen" and model.attention_backend == "torch_varlen"
+    assert 0 < result["packed_vs_fp32_logits"] < 0.02 and result["packed_vs_padded_logits"] < 0.02  # bf16
