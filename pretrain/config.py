@@ -5,6 +5,7 @@ weight decay 0.01, gradient clipping 1.0, 15% masking 80/10/10, dropout 0.1.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -177,9 +178,10 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+    """A new dict: base with extra merged in (nested dicts key by key); neither is changed."""
+    out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 

@@ -1,10 +1,12 @@
 """A window of training steps under torch.profiler: where a step's time goes.
 
-`train.profile_at=N` profiles steps N..N+PROFILE_STEPS-1 on rank 0 and writes to out_dir/profile/: `trace.json.gz`
+`train.profile_at=N` profiles PROFILE_STEPS steps from step N (after a resume past N: from the first step run) on
+rank 0 and writes to out_dir/profile/: `trace.json.gz`
 (Chrome/Perfetto trace) and `ops.txt` (torch.profiler's table by self time), and to log.jsonl an event "profile":
 the window's wall seconds, how much of it the GPU was busy (the union of its kernels' intervals; the rest is
 time the GPU waited for the host: Python, hooks, syncs, launches), the kernels' time by kind (matmul,
 attention, communication, optimizer, other) and the top kernels, or on a CPU the top operators by self time.
+The window holds whatever those steps do: a validation or checkpoint save in it counts in its wall seconds.
 """
 from __future__ import annotations
 
@@ -55,13 +57,15 @@ def summarise_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float
 class StepProfiler:
     """Call before_step(n) before step n runs and after_step(n) after it; returns the summary at the window's end."""
 
-    def __init__(self, first: int, folder: Path, device: torch.device) -> None:
-        self.first, self.last, self.folder, self.device = first, first + PROFILE_STEPS - 1, folder, device
+    def __init__(self, at: int, folder: Path, device: torch.device) -> None:
+        self.at, self.folder, self.device = at, folder, device      # at 0: never
         self.prof: profile | None = None
-        self.t0, self.seen = 0.0, first
+        self.t0, self.first, self.last, self.seen, self.done = 0.0, 0, 0, 0, False
 
     def before_step(self, step: int) -> None:
-        if self.first and step == self.first and self.prof is None:
+        if self.at and step >= self.at and self.prof is None and not self.done:
+            self.first = self.seen = step
+            self.last = step + PROFILE_STEPS - 1
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=activities)
             self._sync()
@@ -76,6 +80,7 @@ class StepProfiler:
         """Stop (also when the run ends inside the window) and write the files; None when not profiling."""
         if self.prof is None:
             return None
+        self.done = True
         self._sync()
         wall = time.perf_counter() - self.t0
         prof, self.prof = self.prof, None

@@ -157,6 +157,7 @@ class Trainer:
         self.step = self.tokens = self.samples = self.nonfinite_steps = 0
         self.attempts = self.nonfinite_in_row = 0
         self.last_valid = -1
+        self.validated = False  # in this process (compiled parts then have eval graphs too)
 
         self.profiler = StepProfiler(cfg.train.profile_at if self.rank == 0 else 0, self.out / "profile", self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
@@ -231,6 +232,7 @@ class Trainer:
             lr = self.engine.get_lr()[0]
             result = self._train_step(micro)
             if self._nonfinite_stop(result):
+                self._log_profile(self.profiler.finish())
                 self._hold_for_final_scrape()
                 return EXIT_NONFINITE
             if result.stepped:
@@ -244,6 +246,7 @@ class Trainer:
                 if cfg.train.valid_every and self.step % cfg.train.valid_every == 0:
                     self.validate()
             if result.stop:
+                self._log_profile(self.profiler.finish())
                 self._save()
                 self._log(event="preempted", step=self.step)
                 self._say(f"stopped on a signal at step {self.step} with checkpoint {tag_for(self.step)} saved: the "
@@ -384,10 +387,11 @@ class Trainer:
                   static_tokens=self.static_tokens)
         self._say(f"torch.compile after step {self.step}: {graphs} graphs, {breaks} graph breaks "
                   f"(micro-batches padded to {self.static_tokens} tokens)")
-        if graphs > COMPILED_PARTS:
-            self._say(f"warning: {graphs} graphs where the {COMPILED_PARTS} parts of a block should compile once for "
-                      f"all blocks: torch.compile recompiled (TORCH_LOGS=recompiles says why), and blocks past "
-                      f"torch._dynamo.config.recompile_limit run eager")
+        expected = COMPILED_PARTS * (2 if self.validated else 1)   # validation adds eval/no_grad graphs
+        if graphs > expected:
+            self._say(f"warning: {graphs} graphs where {expected} should serve all blocks: torch.compile recompiled "
+                      f"(TORCH_LOGS=recompiles says why), and blocks past torch._dynamo.config.recompile_limit "
+                      f"run eager")
 
     def _record(self, r: StepResult, lr: float, seconds: float, wait: float) -> None:
         grad_norm = self.engine.get_global_grad_norm()
@@ -438,6 +442,7 @@ class Trainer:
         unreadable = len(set().union(*_all_gather(sorted(valid.stats["corrupt_shards"]))))
         damage = f" | {unreadable} unreadable held-out shard(s) skipped (see the warnings)" if unreadable else ""
         self.last_valid = self.step
+        self.validated = True
         if not masked:  # every held-out shard unreadable (on_corrupt=skip): no number, not a loss of 0
             self._log(event="valid_skipped", step=self.step, reason="no held-out record could be read",
                       corrupt_shards_skipped=unreadable)

@@ -54,6 +54,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 GEMM_ALIGNMENT = 16   # bytes: what cuBLAS's fast (TMA/vectorised) GEMM kernels need of every operand's address
 
 
+@torch.library.custom_op("rnalm::aligned_copy", mutates_args=())
+def aligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in fresh (aligned) memory that torch.compile keeps: inductor removes a plain clone as a no-op."""
+    return t.clone()
+
+
+aligned_copy.register_fake(lambda t: torch.empty_like(t))
+aligned_copy.register_autograd(lambda ctx, grad: grad)
+
+
 def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     """t where its data starts 16-byte aligned, else an aligned copy (gradients flow back to t).
 
@@ -61,11 +71,13 @@ def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
     ZeRO-3 every bias past the first 3413-element FFN bias or 1-element SwiGLU beta starts 2-14 bytes off a
     16-byte boundary (bench/gemm_alignment.py). cuBLAS runs unaligned operands on slow kernels, and inductor's
     addmm with such a bias stopped a ZeRO-2 + torch.compile run on an H200 with 'misaligned address'
-    (BENCHMARKS.md). Compiled code cannot branch on an address, so there every operand is copied (giga: ~1.3 GB
-    of bf16 weights per forward, ~1 ms)."""
-    if t is None or not (torch.compiler.is_compiling() or t.data_ptr() % GEMM_ALIGNMENT):
+    (BENCHMARKS.md). Compiled code cannot branch on an address, so there every operand is copied (aligned_copy;
+    giga: ~1.3 GB of bf16 weights per forward, ~1 ms, and the copies kept for the backward)."""
+    if t is None:
         return t
-    return t.clone()
+    if torch.compiler.is_compiling():
+        return aligned_copy(t)
+    return t.clone() if t.data_ptr() % GEMM_ALIGNMENT else t
 
 
 class AlignedLinear(nn.Linear):
@@ -80,12 +92,12 @@ class AlignedLinear(nn.Linear):
         self.out_pad = out_pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias, in_pad = self.weight, self.bias, x.shape[-1] - self.in_features
-        if self.out_pad or in_pad:  # F.pad writes fresh, aligned tensors
-            weight = F.pad(weight, (0, in_pad, 0, self.out_pad))
-            bias = None if bias is None else F.pad(bias, (0, self.out_pad))
-        else:
-            weight, bias = gemm_operand(weight), gemm_operand(bias)
+        in_pad = x.shape[-1] - self.in_features
+        # a real pad writes a fresh tensor; a zero pad is a no-op that inductor removes
+        weight = F.pad(self.weight, (0, in_pad, 0, self.out_pad)) if in_pad or self.out_pad else \
+            gemm_operand(self.weight)
+        bias = F.pad(self.bias, (0, self.out_pad)) if self.out_pad and self.bias is not None else \
+            gemm_operand(self.bias)
         return F.linear(x, weight, bias)
 
 

@@ -41,3 +41,11 @@ def test_profile_at_profiles_a_window_of_the_real_trainer_and_logs_where_the_tim
 def test_profile_at_must_not_be_negative(pretrain_shards, tmp_path):
     proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.profile_at=-1", nproc=1, expect_rc=None)
     assert proc.returncode != 0 and "train.profile_at must be >= 0" in proc.stderr
+
+
+def test_a_resume_past_profile_at_profiles_its_first_steps(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.stop_after=2", nproc=1)
+    run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.profile_at=1", nproc=1)
+    [profile] = events(read_log(out), "profile")
+    assert profile["steps"] == [3, 5]

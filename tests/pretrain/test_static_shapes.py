@@ -99,10 +99,10 @@ def test_trainer_with_compile_and_ffn_align_matches_eager_under_zero3(pretrain_s
     (issue 7's candidate default) and with neither, dropout off: same sample stream, same losses; the compiled run
     pads every micro-batch to the budget."""
     common = ("--train.max_steps=4", "--checkpoint.every=0", "--checkpoint.save_at_end=false",
-              "--model.attn_dropout=0", "--model.residual_dropout=0")
-    run_trainer(pretrain_shards, tmp_path / "eager", *common)
-    run_trainer(pretrain_shards, tmp_path / "compiled", *common, "--model.compile=true", "--model.ffn_align=64",
-                timeout=360)
+              "--model.attn_dropout=0", "--model.residual_dropout=0", "--train.valid_every=2")
+    run_trainer(pretrain_shards, tmp_path / "eager", *common, "--model.ffn_align=1")
+    proc = run_trainer(pretrain_shards, tmp_path / "compiled", *common, "--model.compile=true",
+                       "--model.ffn_align=64", timeout=360)
     eager, compiled = step_lines(read_log(tmp_path / "eager")), step_lines(read_log(tmp_path / "compiled"))
     assert [r["samples_sha1"] for r in compiled] == [r["samples_sha1"] for r in eager] and len(eager) == 4
     assert [r["step_tokens"] for r in compiled] == [r["step_tokens"] for r in eager]   # real tokens only
@@ -112,5 +112,6 @@ def test_trainer_with_compile_and_ffn_align_matches_eager_under_zero3(pretrain_s
     # pre/post attention graphs, forward for training only (backward graphs are not counted): compiled once
     # for all blocks and steps, whatever each batch's sequence count; no graph break from ZeRO-3's hooks
     assert stats[0]["graph_breaks"] == stats[1]["graph_breaks"] == 0
-    assert stats[0]["unique_graphs"] == stats[1]["unique_graphs"] == 2
+    # (the validation at step 2 adds the parts' eval/no_grad graphs, and no false recompilation warning)
+    assert (stats[0]["unique_graphs"], stats[1]["unique_graphs"]) == (2, 4) and "warning:" not in proc.stderr
     assert not events(read_log(tmp_path / "eager"), "compile_stats")

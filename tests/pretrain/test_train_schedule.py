@@ -202,6 +202,17 @@ print("F.linear:", torch.nn.functional.linear.__module__)
 """
 
 
+def test_deepspeed_config_leaves_the_run_config_as_it_was(tmp_path):
+    """The trainer writes the run's config beside its checkpoints: building the DeepSpeed dict must not change it."""
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", [f"train.ds_config={empty}", "model.compile=true",
+                                                                 "train.ds_overrides={zero_optimization: {stage: 3}}"])
+    ds = deepspeed_config(cfg, bf16=False)
+    assert ds["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
+    assert cfg.train.ds_overrides == {"zero_optimization": {"stage": 3}}
+
+
 @pytest.mark.parametrize(("compile_", "module"), [("true", "torch._C._nn"), ("false", "deepspeed.runtime.zero.linear")])
 def test_zero3_with_compile_keeps_torchs_own_linear(compile_, module):
     """ZeRO-3's memory-efficient F.linear reads each weight's ds_id, and dynamo (torch 2.11) guarded on it: one

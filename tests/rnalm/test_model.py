@@ -1,3 +1,4 @@
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -365,3 +366,40 @@ def test_matmuls_get_16_byte_aligned_operands_from_parameters_at_any_offset():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for g_viewed, g_own in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g_viewed, g_own, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compiled_blocks_never_hand_a_parameter_straight_to_a_matmul():
+    """Under torch.compile every matmul operand must be a fresh tensor, never a parameter (which ZeRO may place at
+    an odd offset): inductor removes a plain clone (and a zero pad) as a no-op, which left a ZeRO-2 bias misaligned
+    in the H200 run's addmm. Checked on the graphs inductor actually runs (after its own passes)."""
+    views = {torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.view.default,
+             torch.ops.aten.transpose.int, torch.ops.aten.expand.default, torch.ops.aten.reshape.default}
+    gemms = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    straight = []
+
+    def base(node):
+        while isinstance(node, torch.fx.Node) and node.target in views:
+            node = node.args[0]
+        return node
+
+    def is_parameter(node) -> bool:  # a forward graph's input that is not a [tokens, ...] activation
+        return (isinstance(node, torch.fx.Node) and node.op == "placeholder" and node.name.startswith("primals")
+                and node.meta["val"].shape[0] != tokens)
+
+    def check(graph: torch.fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.target in gemms:
+                straight.extend(b.name for b in map(base, node.args) if is_parameter(b))
+
+    torch._dynamo.reset()
+    model = tiny_model(seed=7, ffn_align=64).train().compile_blocks(dynamic=False)
+    _rehome_at_odd_offsets(model)
+    batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
+    tokens = batch.tokens.numel()
+    assert tokens not in {64, 192, 170, 22, 1}        # no parameter dimension of the tiny model
+    with torch._inductor.config.patch(post_grad_custom_post_pass=check, fx_graph_cache=False):
+        model.forward_packed(batch).logits.square().mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    assert not straight, f"parameters handed straight to a matmul: {straight}"
