@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.model_bench import write_result  # noqa: E402
 from pretrain.config import PretrainConfig, deepspeed_config  # noqa: E402
 from pretrain.train import PretrainModel, _adamw, _default_distributed_env, _device  # noqa: E402
 from rnalm.configfile import load  # noqa: E402
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
     result = measure(load(PretrainConfig, args.config, args.set), args.tokens)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

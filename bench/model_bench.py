@@ -201,10 +201,15 @@ def main() -> None:
         result[key]["mfu"] = result[key]["model_flops_per_s"] / (args.peak_tflops * 1e12)
         result[key]["vs_packed"] = result[key]["real_tokens_per_s"] / result["packed"]["real_tokens_per_s"]
     result["packed_over_padded"] = result["packed"]["real_tokens_per_s"] / result["padded"]["real_tokens_per_s"]
+    write_result(result, args.out)
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """A bench's JSON to stdout and, with --out, to that file."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.model_bench import CORPUS, corpus_lengths, padded_batches  # noqa: E402
+from bench.model_bench import CORPUS, corpus_lengths, padded_batches, write_result  # noqa: E402
 from pretrain.mfu import FlopCounter, device_name, peak_flops_of  # noqa: E402
 from rnalm.batch import IGNORE_INDEX  # noqa: E402
 from rnalm.config import ModelConfig  # noqa: E402
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_padded:
         result["padded"] = padded_run(args, cfg, lengths, device)
         result["packed_over_padded"] = result["packed"]["real_tokens_per_s"] / result["padded"]["real_tokens_per_s"]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return result
 
 
