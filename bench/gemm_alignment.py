@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.model_bench import write_result  # noqa: E402
 from pretrain.config import PretrainConfig, deepspeed_config  # noqa: E402
-from pretrain.train import PretrainModel, _adamw, _default_distributed_env, _device  # noqa: E402
+from pretrain.train import _adamw, _default_distributed_env, _device, _new_model, _use_bf16  # noqa: E402
 from rnalm.configfile import load  # noqa: E402
 from rnalm.model import GEMM_ALIGNMENT  # noqa: E402
 
@@ -73,11 +73,9 @@ def measure(cfg: PretrainConfig, tokens: int, seed: int = 0) -> dict:
     _default_distributed_env()
     deepspeed.init_distributed(auto_mpi_discovery=False)
     device = _device(int(os.environ.get("LOCAL_RANK", 0)))
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = _use_bf16(cfg, device)
     ds_cfg = deepspeed_config(cfg, bf16)
-    torch.manual_seed(cfg.train.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else device:
-        model = PretrainModel(cfg.model.build())
+    model = _new_model(cfg, ds_cfg, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=_adamw(model, cfg.optim, device), config=ds_cfg)
     tokens_, cu, positions, max_seqlen = random_batch(cfg, tokens, seed, device)
     record = GemmOperands()

@@ -117,7 +117,8 @@ class PretrainConfig:
                  "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
-                 "train.seed": (t.seed, 0), "train.profile_at": (t.profile_at, 0), "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
+                 "train.seed": (t.seed, 0), "train.profile_at": (t.profile_at, 0),
+                 "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")

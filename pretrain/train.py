@@ -34,8 +34,8 @@ from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
-from pretrain.profiling import StepProfiler
 from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
+from pretrain.profiling import StepProfiler
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm import io as rio
@@ -49,6 +49,7 @@ from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 EXIT_NONFINITE = 3
 EXIT_DATA = 4
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+COMPILED_PARTS = 2  # TransformerBlock.pre_attention and post_attention (forward graphs; backward ones not counted)
 
 
 class RefusedStart(RuntimeError):
@@ -147,7 +148,7 @@ class Trainer:
         deepspeed.init_distributed(auto_mpi_discovery=False)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = _device(self.local_rank)
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = _use_bf16(cfg, self.device)
         self.flops = FlopCounter(self.model_cfg)
         self.peak_flops = cfg.metrics.peak_flops or peak_flops_of(device_name())
         self.log = _JsonLog(self.out / "log.jsonl") if self.rank == 0 else None
@@ -162,11 +163,8 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile_at if self.rank == 0 else 0, self.out / "profile", self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         self.resume_tag = self._resume_tag()
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         ds_cfg = deepspeed_config(cfg, self.bf16, universal=(self.resume_tag or "").endswith(UNIVERSAL_SUFFIX))
-        # built where it trains: on a CPU, giga's random init alone takes ~9 s (the CPU generator is serial)
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else self.device:
-            model = PretrainModel(self.model_cfg)
+        model = _new_model(cfg, ds_cfg, self.device)
         self.init_weights = self._load_init_weights(model, deepspeed)
         # torch.compile with static shapes: every micro-batch padded to the token budget (see _static_shape)
         self.static_tokens = cfg.data.token_budget if cfg.model.compile else None
@@ -668,7 +666,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-COMPILED_PARTS = 2  # TransformerBlock.pre_attention and post_attention (forward graphs; backward ones not counted)
+def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def _new_model(cfg: PretrainConfig, ds_cfg: dict, device: torch.device) -> PretrainModel:
+    """The run's model with its seed's initial weights (identical on every rank), under zero.Init with
+    train.zero_init; built where it trains: on a CPU, giga's random init alone takes ~9 s (the generator is serial)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else device:
+        return PretrainModel(cfg.model.build())
 
 
 def _default_distributed_env() -> None:
