@@ -10,8 +10,8 @@ Lengths are drawn from the ncRNA corpus (CLS/EOS added, cropped to 1024 tokens).
 - throughput: real (non-pad) tokens/s of forward+backward. Packed: micro-batches filled up to a token
   budget. Padded: batches of --padded-batch sequences, each padded to the batch's longest, every
   position computed (what a padded recipe pays).
-- --ffn-align 64: the packed throughput again with the FFN matmuls widened to a multiple of 64 (ModelConfig.
-  ffn_align; same weights): giga's 3413-wide FFN gives GEMM rows that are not 16-byte aligned.
+- --ffn-align 1: the packed throughput again with the FFN matmuls at another width (ModelConfig.ffn_align, default
+  64; same weights): at 1, giga's original 3413, whose GEMM rows are not 16-byte aligned.
 MFU = model.flops_per_token summed over real tokens / time / peak (the GPU's dense bf16 peak, pretrain.mfu: 989
 TFLOP/s for H100/H200 SXM; recorded as peak_tflops); the
 FLOPs are the model's own (3413 wide), whatever width the matmuls run at.

@@ -30,7 +30,7 @@ class ModelSection:
     attention_backend: str = "auto"
     activation_checkpointing: bool | int = False   # true: every block; n: the first n blocks
     compile: bool = False           # torch.compile each block around attention; pads micro-batches to the budget
-    ffn_align: int = 64             # FFN matmuls at a width rounded up to this (16-byte-aligned GEMM rows); exact
+    ffn_align: int | None = None    # FFN matmuls at a width rounded up to this; None: the model's default (64)
 
     def build(self) -> ModelConfig:
         overrides = {k: v for k, v in vars(self).items() if k not in ("preset", "compile") and v is not None}

@@ -16,6 +16,8 @@ PRESETS: dict[str, tuple[int, int]] = {
 ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa")
 # Token dropout rescales by (1 - this) / (1 - observed mask ratio): 15% selected x 80% <mask>.
 MASK_RATIO_TRAIN = 0.15 * 0.8
+# ModelConfig fields that say how one machine runs the model, not what it computes
+MACHINE_CHOICES = ("attention_backend", "activation_checkpointing", "ffn_align")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | sdpa
     activation_checkpointing: bool | int = False   # True: every block; an int n: the first n blocks
-    ffn_align: int = 1     # the FFN matmuls run at its width rounded up to this (zero padding; weights unchanged)
+    # the FFN matmuls run at its width rounded up to this (zero padding; weights and results unchanged): 64 gives GPU
+    # GEMMs 16-byte-aligned rows (giga 3413 -> 3456: 1.73x the training tokens/s on an H200); 1: the original width
+    ffn_align: int = 64
 
     def __post_init__(self) -> None:
         for key in ("dim", "num_layers", "num_heads", "vocab_size"):
@@ -92,9 +96,11 @@ class ModelConfig:
         return asdict(self)
 
     def released(self) -> "ModelConfig":
-        """Without the choices of the machine that ran it (attention kernel, recomputation, GEMM padding): what a
-        saved model records, so it loads anywhere (a pretraining run's torch_varlen has no CPU kernel)."""
-        return replace(self, attention_backend="auto", activation_checkpointing=False, ffn_align=1)
+        """The machine choices (attention kernel, recomputation, GEMM padding) back at their defaults: what a saved
+        model records, and what a loaded one starts from, so a model loads anywhere (a pretraining run's
+        torch_varlen has no CPU kernel) and runs as fast as the defaults allow (files saved before ffn_align's
+        default became 64 record 1)."""
+        return replace(self, **{f.name: f.default for f in fields(self) if f.name in MACHINE_CHOICES})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

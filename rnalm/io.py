@@ -97,9 +97,10 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def saved_model_config(meta: Mapping[str, Any], where: str | os.PathLike, **overrides: Any) -> ModelConfig:
-    """The `model` entry of a saved config.json / finetune.json, then `overrides`; a bad entry names the file."""
+    """The `model` entry of a saved config.json / finetune.json, its machine choices at their defaults
+    (ModelConfig.released), then `overrides`; a bad entry names the file."""
     try:
-        saved = ModelConfig.from_dict(meta["model"])
+        saved = ModelConfig.from_dict(meta["model"]).released()
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{where}: no usable 'model' entry ({type(e).__name__}: {e})") from None
     return ModelConfig.from_dict({**saved.to_dict(), **overrides})

@@ -222,7 +222,7 @@ def session_steps(out: Path, work: Path) -> list[Step]:
         # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
         # sequences without activation checkpointing need ~200 GiB of activations for giga
         model = ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "--padded-batch", "32",
-                 "--steps", "10", "--warmup", "2", "--ffn-align", "64"]
+                 "--steps", "10", "--warmup", "2", "--ffn-align", "1"]
         pretrain = [*LEVER_RUN, "--padded-batch", "192", "--padded-steps", "3"]
     return [shards_step(work),
             Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--shards", str(work / "shards"),
@@ -343,8 +343,8 @@ def table(summary: dict) -> str:
             if "padded" in r:
                 cells["notes"] = (f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s "
                                   f"(x{r['packed_over_padded']:.1f})")
-            if "packed_ffn_align64" in r:
-                cells["notes"] += f"; FFN aligned to 64: x{r['packed_ffn_align64']['vs_packed']:.2f} packed"
+            for key in (k for k in r if k.startswith("packed_ffn_align")):
+                cells["notes"] += f"; FFN at ffn_align {key[16:]}: x{r[key]['vs_packed']:.2f} packed"
             if "agreement" in r:
                 a = r["agreement"]
                 cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "

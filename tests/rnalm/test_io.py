@@ -114,15 +114,33 @@ def test_mismatched_files_name_the_offending_tensors(tmp_path):
 def test_saved_config_leaves_out_how_the_training_machine_ran_it(tmp_path):
     torch.manual_seed(0)
     trained = ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, attention_backend="torch_varlen",
-                                 activation_checkpointing=True, ffn_align=64)  # a GPU run's settings
+                                 activation_checkpointing=True, ffn_align=8)  # a GPU run's settings
     state = RiNALMo(trained).state_dict()
     save_pretrained(state, tmp_path / "m", config=trained)
     loaded = load_pretrained(tmp_path / "m")  # on this CPU, where torch_varlen has no kernel
     assert loaded.config == trained.released() != trained
     assert (loaded.config.attention_backend, loaded.config.activation_checkpointing, loaded.config.ffn_align) == (
-        "auto", False, 1)
+        "auto", False, 64)
     with torch.no_grad():
         assert loaded(TOKENS).logits.isfinite().all()
+
+
+def test_a_file_that_recorded_the_original_ffn_width_loads_with_aligned_ffn_matmuls(tmp_path):
+    """Files saved before ffn_align defaulted to 64 record ffn_align 1 (the original width, 3413 for giga: GEMM rows
+    off 16-byte alignment, 1.73x slower training on an H200). A machine choice, so loading takes the default; the
+    logits are those of the original width."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, ffn_align=1)
+    original = RiNALMo(cfg).eval()
+    save_pretrained(original.state_dict(), tmp_path / "m", config=cfg)
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["model"]["ffn_align"] = 1
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    loaded = load_pretrained(tmp_path / "m").eval()
+    assert (loaded.config.ffn_align, loaded.config.ffn_width, cfg.ffn_width) == (64, 128, 85)
+    assert load_pretrained(tmp_path / "m", ffn_align=1).config.ffn_width == 85  # an explicit choice still wins
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS).logits, original(TOKENS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):

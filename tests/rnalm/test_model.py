@@ -303,10 +303,10 @@ def test_activation_checkpointing_is_all_none_or_a_block_count():
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_ffn_align_widens_the_matmuls_and_changes_nothing_else(ckpt):
-    """ffn_align: the FFN's matmuls run at a 16-byte-aligned width (giga 3413 -> 3456); parameters, outputs and
-    gradients stay those of the original width, so AdamW steps keep the two models identical."""
-    assert ModelConfig.preset("giga", ffn_align=64).ffn_width == 3456 and ModelConfig.preset("giga").ffn_width == 3413
-    plain = tiny_model(seed=4, activation_checkpointing=ckpt).double().train()   # ffn_dim 170
+    """ffn_align (default 64): the FFN's matmuls run at a 16-byte-aligned width (giga 3413 -> 3456); parameters,
+    outputs and gradients stay those of the original width (ffn_align 1), so AdamW steps keep the two identical."""
+    assert ModelConfig.preset("giga").ffn_width == 3456 and ModelConfig.preset("giga", ffn_align=1).ffn_width == 3413
+    plain = tiny_model(seed=4, ffn_align=1, activation_checkpointing=ckpt).double().train()   # ffn_dim 170
     aligned = tiny_model(seed=5, ffn_align=64, activation_checkpointing=ckpt).double().train()
     assert {k: v.shape for k, v in aligned.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     aligned.load_state_dict(plain.state_dict())
