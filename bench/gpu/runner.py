@@ -216,7 +216,7 @@ def session_steps(out: Path, work: Path) -> list[Step]:
     padded original recipe), issue 2 step 6, then as many levers as the time allows, best expected first."""
     if TINY:
         model = ["--preset", "nano", "--dim", "64", "--layers", "2", "--heads", "4", "--budget", "2048",
-                 "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--ffn-align", "64"]
+                 "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--ffn-align", "1"]
         pretrain = ["--tiny", "--steps", "3", "--warmup", "1", "--padded-batch", "8", "--padded-steps", "2"]
     else:
         # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
@@ -251,6 +251,8 @@ LEVERS: dict[str, list[str]] = {
     "compile": ["model.compile=true"],
     "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
     "compile_budget64k": ["model.compile=true", "data.token_budget=65536"],
+    # the original's batch (1344 sequences, ~164k tokens) on one GPU: 5 micro-batches of 32k per optimizer step
+    "accum5": ["train.grad_accum=5"],
     "zero2": ["train.ds_config=ds_configs/zero2.json"],
     "ffn_align1": ["model.ffn_align=1"],
     "zero3_persist": ["train.ds_overrides={zero_optimization: {stage3_param_persistence_threshold: 1000000000}}"],
