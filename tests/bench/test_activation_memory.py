@@ -43,7 +43,7 @@ def test_each_checkpointed_block_frees_its_activations(checkpointed):
     # A checkpointed block frees its whole saved set but its input (which checkpoint() keeps) and the rotary
     # cos/sin that all blocks share; checkpoint() also keeps the int32 cu_seqlens, once for all blocks.
     tokens = 6 * 32
-    kept, rope, cu_seqlens = tokens * cfg.dim * 4, 2 * tokens * cfg.head_dim * 4, 7 * 4
+    kept, rope, cu_seqlens = tokens * cfg.dim * 4, 2 * tokens * cfg.head_dim // 2 * 4, 7 * 4  # cos, sin: Dh / 2
     assert saved(0) - saved(checkpointed) == checkpointed * (per_block - kept - rope) - cu_seqlens
 
 
