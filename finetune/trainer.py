@@ -36,7 +36,9 @@ class TrainConfig:
     max_seconds: float | None = None     # wall-clock budget of fit (validations count): the step past it ends training
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CUDA
+    # auto: bf16 autocast on CUDA (the original fine-tuned in bf16/16-mixed), fp32 elsewhere; bf16: the same, with a
+    # warning off CUDA; fp32: fp32 everywhere
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     progress: bool = True
 
 
@@ -67,9 +69,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def autocasts(device: torch.device, precision: str) -> bool:
+    """Whether training steps run under bf16 autocast (TrainConfig.precision)."""
+    return precision != "fp32" and device.type == "cuda"
+
+
 def autocast(device: torch.device, precision: str):
-    enabled = precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocasts(device, precision))
 
 
 def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,

@@ -128,6 +128,17 @@ def test_bad_step_caps_are_refused_and_bf16_off_cuda_says_it_runs_fp32(tiny_chec
         mrl.train(cfg)
 
 
+def test_training_autocasts_to_bf16_on_cuda_by_default_as_the_original_did():
+    """The original fine-tuned in bf16/16-mixed; fp32 by default ran GPU fine-tuning on fp32 GEMMs and, since the
+    CUDA varlen attention kernels take bf16/fp16 only, on the padded SDPA fallback."""
+    from finetune.trainer import TrainConfig, autocasts
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert TrainConfig().precision == "auto"
+    assert autocasts(cuda, "auto") and autocasts(cuda, "bf16") and not autocasts(cuda, "fp32")
+    assert not any(autocasts(cpu, p) for p in ("auto", "bf16", "fp32"))
+
+
 def test_time_budget_stops_training_at_the_step_past_it_and_still_validates(tiny_checkpoint, shared_data, tmp_path):
     cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
                       data=ss.SSDataConfig(root=str(shared_data), limit_train=4, limit_valid=3, limit_test=3),
