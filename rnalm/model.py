@@ -46,15 +46,15 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate [T, H, Dh] in fp32 and return it in x's dtype (as flash-attn's rotary kernel does)."""
-    if torch.compiler.is_compiling():  # inductor fuses this form into one kernel; dynamo refuses RotateHalf's out=
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     return RotateHalf.apply(x, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x1 cos - x2 sin, x2 cos + x1 sin for the halves x1, x2 of the last dim: in fp32, rounded once to x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():  # dynamo refuses out= into views; inductor fuses this form into one kernel
+        x1, x2 = x1.float(), x2.float()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     out = torch.empty_like(x)
     out1, out2 = out.chunk(2, dim=-1)
     torch.addcmul(x1 * cos, x2, sin, value=-1, out=out1)
