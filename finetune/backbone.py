@@ -99,9 +99,7 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
                              f"size); pass it, e.g. --model.overrides='{{num_heads: 4}}' (embed: "
                              f"--overrides='{{num_heads: 4}}')") from e
         raise
-    model = RiNALMo(mcfg)
-    model.load_state_dict(state)
-    return model
+    return rio.with_weights(lambda: RiNALMo(mcfg), state)
 
 
 def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -155,10 +153,11 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} come from different saves (one was "
                                "interrupted between the two files): train again")
     try:
-        lm = RiNALMo(rio.saved_model_config(meta, meta_path, **lm_overrides))
-        head = build_head(meta["task"], lm.config.dim, HeadConfig(**meta.get("head", {})), meta)
-        model = TaskModel(lm, head)
-        model.load_state_dict(rio.read_safetensors(model_dir / FT_WEIGHTS, map_location))
+        mcfg = rio.saved_model_config(meta, meta_path, **lm_overrides)
+        head_cfg = HeadConfig(**meta.get("head", {}))
+        state = rio.read_safetensors(model_dir / FT_WEIGHTS, map_location)
+        model = rio.with_weights(lambda: TaskModel(RiNALMo(mcfg), build_head(meta["task"], mcfg.dim, head_cfg, meta)),
+                                 state, map_location)
     except (TypeError, RuntimeError) as e:  # a config that builds no model, or weights that do not fit it
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
@@ -184,8 +183,7 @@ def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_ove
                                f"(needs pred_head.* tensors and a threshold)")
     mcfg, lm_state = rio.import_official({k: v for k, v in state.items() if not k.startswith("pred_head.")},
                                          **config_overrides)
-    lm = RiNALMo(mcfg)
-    lm.load_state_dict(lm_state)
+    lm = rio.with_weights(lambda: RiNALMo(mcfg), lm_state)
     blocks = {k.split(".")[2] for k in head_state if k.startswith("resnet.blocks.")}
     head_cfg = HeadConfig(ss_conv_dim=head_state["linear_in.weight"].shape[0], ss_num_blocks=len(blocks))
     head = SecondaryStructureHead(mcfg.dim, head_cfg)

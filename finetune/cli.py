@@ -92,7 +92,7 @@ def _refuse_model_option(rest: list[str]) -> None:
 def _check_train_start(task: str, cfg: Any) -> None:
     """All a train run can check before it clears OUT: the train options, ArchiveII families, that the backbone
     is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), and the backbone itself
-    (loaded here once to check it, and again by the task)."""
+    (loaded here once to check it, and again by the task: ~1 s for giga on a CPU, no random initialisation)."""
     from finetune.backbone import load_backbone
     from finetune.tasks.ss import fold_families
     from finetune.trainer import check_train_config

@@ -10,10 +10,10 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,6 +27,7 @@ from rnalm.tokenizer import VOCAB
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 FORMAT_VERSION = 1
 StateDict = dict[str, torch.Tensor]
+M = TypeVar("M", bound=torch.nn.Module)
 
 # multimolecule's published 26-token vocabulary (HF checkpoints; pad id 0, RNA letters).
 MULTIMOLECULE_VOCAB: tuple[str, ...] = (
@@ -147,9 +148,22 @@ def load_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
                     **config_overrides: Any) -> RiNALMo:
     """Build a RiNALMo in eval mode from `model.safetensors` + `config.json`."""
     cfg, state = read_pretrained(model_dir, map_location, **config_overrides)
-    model = RiNALMo(cfg).to(map_location)
-    model.load_state_dict(state)
-    return model.eval()
+    return with_weights(lambda: RiNALMo(cfg), state, map_location).eval()
+
+
+def with_weights(build: Callable[[], M], state: Mapping[str, torch.Tensor],
+                 device: str | torch.device = "cpu") -> M:
+    """`build()` holding `state` (strict load). Built on the meta device and given memory without the random
+    initialisation that the weights replace anyway: giga's takes 2-5 s on a CPU, several times the read, and
+    draws from the user's random stream."""
+    with torch.device("meta"):
+        module = build()
+    unloaded = [name for name, _ in module.named_buffers() if name not in module.state_dict()]
+    if unloaded:  # a non-persistent buffer is set by __init__ only: it would be left as uninitialised memory
+        raise TypeError(f"{type(module).__name__} has buffers no state dict holds ({', '.join(unloaded)})")
+    module.to_empty(device=device)
+    module.load_state_dict(state)
+    return module
 
 
 # --- any released weights --------------------------------------------------------------------------

@@ -401,6 +401,7 @@ def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
     from safetensors.torch import save_file
     save_file(rio.export_multimolecule(state), tmp_path / "mm.safetensors")
     tokens = torch.tensor(batch_encode(["ACGUAGCUAGC", "GGA"])[0])
+    stream = torch.random.get_rng_state()  # loading draws no random initialisation (rnalm.io.with_weights)
     with torch.no_grad():
         want = ref(tokens).representation
         for path, fmt in ((tiny_checkpoint, "rnalm"), (tmp_path / "rinalmo_tiny_pretrained.pt", "official"),
@@ -409,6 +410,7 @@ def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
             heads = {} if fmt == "rnalm" else {"num_heads": 4}  # original files do not record the head count
             got = load_backbone(BackboneConfig(path=str(path), overrides=heads)).eval()(tokens).representation
             torch.testing.assert_close(got, want)
+    assert torch.equal(torch.random.get_rng_state(), stream)
     rand = load_backbone(BackboneConfig(random_preset="nano", overrides={"dim": 16, "num_layers": 1,
                                                                                 "num_heads": 2}))
     assert rand.config.dim == 16
@@ -417,8 +419,10 @@ def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
 def test_overrides_reach_every_backbone_kind(ss_model, tiny_checkpoint, fasta, tmp_path):
     from finetune.backbone import load_finetuned
 
+    stream = torch.random.get_rng_state()
     tuned = load_finetuned(ss_model)[0].lm
     lm = load_backbone(BackboneConfig(path=str(ss_model), dropout=0.0, attention_backend="sdpa"))
+    assert torch.equal(torch.random.get_rng_state(), stream)  # no random initialisation drawn, head included
     assert (lm.config.attn_dropout, lm.config.residual_dropout, lm.config.attention_backend) == (0.0, 0.0, "sdpa")
     assert tuned.config.attn_dropout == 0.1
     assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), tuned.state_dict().values()))

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from rnalm.config import ModelConfig
-from rnalm.io import (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28, WeightsError, export_multimolecule, export_official, import_multimolecule,
-                      import_official, load_pretrained, save_pretrained, weights_format)
+from rnalm.io import (MULTIMOLECULE_VOCAB, MULTIMOLECULE_VOCAB_28, WeightsError, export_multimolecule, export_official,
+                      import_multimolecule, import_official, load_pretrained, save_pretrained, weights_format,
+                      with_weights)
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import batch_encode
 
@@ -141,6 +142,29 @@ def test_a_file_that_recorded_the_original_ffn_width_loads_with_aligned_ffn_matm
     assert load_pretrained(tmp_path / "m", ffn_align=1).config.ffn_width == 85  # an explicit choice still wins
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS).logits, original(TOKENS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_weights_skips_the_random_initialisation_and_leaves_the_random_stream_alone(tmp_path):
+    """The weights replace a fresh model's random values, so drawing them is wasted (giga: 2-5 s of a 7 s load on
+    a CPU) and shifts the user's random stream: a seeded script would change its dropout masks by loading."""
+    model = random_model("nano", dim=32, num_layers=2, num_heads=4)
+    save_pretrained(model, tmp_path / "m")
+    before = torch.random.get_rng_state()
+    loaded = load_pretrained(tmp_path / "m")
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert_same_state(loaded.state_dict(), model.state_dict())
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_a_module_with_a_buffer_no_state_dict_holds_is_refused_not_left_uninitialised():
+    class WithTable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    with pytest.raises(TypeError, match=r"WithTable has buffers no state dict holds \(table\)"):
+        with_weights(WithTable, WithTable().state_dict())
 
 
 def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):
