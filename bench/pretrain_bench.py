@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.model_bench import CORPUS, corpus_lengths, padded_batches, write_result  # noqa: E402
 from pretrain.mfu import FlopCounter, device_name, peak_flops_of  # noqa: E402
+from pretrain.profiling import PROFILE_STEPS  # noqa: E402
 from rnalm.batch import IGNORE_INDEX  # noqa: E402
 from rnalm.config import ModelConfig  # noqa: E402
 from rnalm.model import RiNALMo  # noqa: E402
@@ -55,21 +56,24 @@ def build_shards(corpus: Path, out: Path) -> Path:
 
 
 def packed_run(args, shards: Path, out_dir: Path) -> dict:
-    """The real trainer; numbers from its per-step log lines after the warm-up steps."""
-    total = args.warmup + args.steps
+    """The real trainer; numbers from its per-step log lines after the warm-up steps. With --profile, PROFILE_STEPS
+    more steps run under torch.profiler after the timed ones (its overhead kept out of the numbers)."""
+    timed = args.warmup + args.steps
+    total = timed + (PROFILE_STEPS if args.profile else 0)
     overrides = [f"--data.shards={shards}", f"--train.out_dir={out_dir}", f"--train.max_steps={total}",
                  f"--optim.warmup_steps={min(2000, total - 1)}", "--train.valid_every=0", "--checkpoint.every=0",
                  "--checkpoint.save_at_end=false", "--checkpoint.resume=false", "--metrics.port_base=0",
                  f"--metrics.peak_flops={args.peak_tflops * 1e12}", f"--train.log_every={max(1, total // 5)}"]
     config = REPO / "pretrain" / "configs" / ("tiny_cpu.yaml" if args.tiny else f"{args.preset}.yaml")
     sets = (TINY["model"] + TINY["trainer"] if args.tiny else []) + args.set
+    sets += [f"train.profile_at={timed + 1}"] if args.profile else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pretrain.train", "--config", str(config), *overrides, *[f"--{s}" for s in sets]]
     env = dict(os.environ, PYTHONWARNINGS="ignore::FutureWarning")
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     start = next(r for r in records if r.get("event") == "start")
-    steps = [r for r in records if "event" not in r][args.warmup:]
+    steps = [r for r in records if "event" not in r][args.warmup:timed]
     seconds = sum(r["step_seconds"] for r in steps)
     result = {"world_size": start["world_size"], "precision": start["precision"], "steps": len(steps),
               "real_tokens_per_s": sum(r["step_tokens"] for r in steps) / seconds,
@@ -78,7 +82,7 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
               "peak_memory_gib": max(r["memory_peak_bytes"] for r in steps) / 2**30,
               "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"]}
     profile = next((r for r in records if r.get("event") == "profile"), None)
-    if profile:  # --set train.profile_at=N: where the time of steps N..N+2 went (pretrain.profiling)
+    if profile:  # where the time of the profiled steps went (pretrain.profiling)
         ops = (out_dir / "profile" / "ops.txt").read_text().splitlines()
         result["profile"] = {**{k: v for k, v in profile.items() if k not in ("event", "folder")},
                              "ops_table": ops[:45]}
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="trainer config override for the packed run (repeatable)")
     ap.add_argument("--skip-padded", action="store_true")
+    ap.add_argument("--profile", action="store_true", help=f"{PROFILE_STEPS} more packed steps under torch.profiler, "
+                    "after the timed ones: GPU busy share, kernel time by kind, top kernels (pretrain.profiling)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     args.peak_tflops = args.peak_tflops or peak_flops_of(device_name()) / 1e12

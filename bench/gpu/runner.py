@@ -217,13 +217,14 @@ def session_steps(out: Path, work: Path) -> list[Step]:
     if TINY:
         model = ["--preset", "nano", "--dim", "64", "--layers", "2", "--heads", "4", "--budget", "2048",
                  "--padded-batch", "8", "--steps", "2", "--warmup", "1", "--dtype", "fp32", "--ffn-align", "1"]
-        pretrain = ["--tiny", "--steps", "3", "--warmup", "1", "--padded-batch", "8", "--padded-steps", "2"]
+        pretrain = ["--tiny", "--steps", "3", "--warmup", "1", "--padded-batch", "8", "--padded-steps", "2",
+                    "--profile"]
     else:
         # padded batch 32 (~13k positions, the memory of the 16k packed budget): 192 unpadded-to-longest
         # sequences without activation checkpointing need ~200 GiB of activations for giga
         model = ["--preset", "giga", "--dtype", "bf16", "--budget", "16384", "--padded-batch", "32",
                  "--steps", "10", "--warmup", "2", "--ffn-align", "1"]
-        pretrain = [*LEVER_RUN, "--padded-batch", "192", "--padded-steps", "3"]
+        pretrain = [*LEVER_RUN, "--padded-batch", "192", "--padded-steps", "3", "--profile"]
     return [shards_step(work),
             Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--shards", str(work / "shards"),
                                     "--corpus", str(corpus()), "--out", str(out / "pretrain_bench.json")],
@@ -231,16 +232,7 @@ def session_steps(out: Path, work: Path) -> list[Step]:
                  oom_retry=["--set", "model.activation_checkpointing=true"]),
             Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
                                  "--out", str(out / "model_bench.json")], cap=150, result=out / "model_bench.json"),
-            profile_step(work), *[lever_step(name, work) for name in wanted_levers()]]
-
-
-def profile_step(work: Path) -> Step:
-    """The trainer's defaults with steps 6-8 under torch.profiler: the GPU's busy share and its kernels by kind."""
-    common = ["--tiny", "--steps", "3", "--warmup", "2"] if TINY else [*LEVER_RUN[:2], "--steps", "4", "--warmup", "5"]
-    result = work / "profile.json"
-    return Step("profile", [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
-                            "--corpus", str(corpus()), "--set", f"train.profile_at={3 if TINY else 6}",
-                            "--out", str(result)], cap=150, min_seconds=10 if TINY else 60, result=result)
+            *[lever_step(name, work) for name in wanted_levers()]]
 
 
 # name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook).
@@ -265,6 +257,8 @@ LEVERS: dict[str, list[str]] = {
     "adamw_deepspeed": ["optim.adamw=deepspeed"],
 }
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
+# also profiled (3 steps after the timed ones, pretrain_bench --profile), as the baseline is: where the time went
+PROFILED_LEVERS = {"compile"}
 LEVER_RUN = ["--preset", "giga", "--steps", "10", "--warmup", "3"]   # pretrain_bench's packed run, every lever
 
 
@@ -291,7 +285,8 @@ def lever_step(name: str, work: Path) -> Step:
     # compiling giga (~1-2 min) or JIT-building DeepSpeed's FusedAdam (~1 min) comes before the first step
     slow_start = {"model.compile=true", "optim.adamw=deepspeed"} & set(LEVERS[name])
     result = work / "levers" / f"{name}.json"
-    common = ["--tiny", "--steps", "2", "--warmup", "1"] if TINY else LEVER_RUN
+    common = [*(["--tiny", "--steps", "2", "--warmup", "1"] if TINY else LEVER_RUN),
+              *(["--profile"] if name in PROFILED_LEVERS else [])]
     return Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
                        "--corpus", str(corpus()), *sets, "--out", str(result)],
                 # with less room than min_seconds, a lever after it runs instead
@@ -357,8 +352,9 @@ def table(summary: dict) -> str:
                 for b in r["budgets"])
         if "packed" in r and "profile" in r["packed"]:
             p = r["packed"]["profile"]
-            cells["notes"] = f"GPU busy {p['gpu_busy_fraction']:.0%} of {p['wall_s']:.2f} s; " + ", ".join(
-                f"{kind} {s:.2f} s" for kind, s in p["kernel_s_by_kind"].items())
+            kinds = ", ".join(f"{kind} {s:.2f} s" for kind, s in p["kernel_s_by_kind"].items())
+            busy = f"profiled: GPU busy {p['gpu_busy_fraction']:.0%} of {p['wall_s']:.2f} s"
+            cells["notes"] = "; ".join(filter(None, [cells["notes"], busy, kinds]))
         if "misaligned_operands" in r:  # gemm_alignment
             cells["notes"] = f"{r['misaligned_operands']} of {r['operands']} matmul operands misaligned"
         if isinstance(r, list):  # loader_bench: one row per worker count
