@@ -170,10 +170,11 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
     })
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    if cfg.model.compile and ds.get("zero_optimization", {}).get("stage") == 3:
-        # ZeRO-3 otherwise swaps F.linear for an autograd.Function that reads each weight's ds_id, and dynamo (torch
-        # 2.11) guards on it: one recompilation per block, eager past torch._dynamo's recompile_limit (8 of 33 blocks
-        # compiled in the H200 run of 2026-12-04)
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        # ZeRO-3 otherwise swaps F.linear for an autograd.Function that keeps no view of a gathered weight from the
+        # forward to the backward pass (torch's keeps weight.t(): at most one bf16 copy of the model, 1.3 GB for
+        # giga). It adds Python per call, and under torch.compile dynamo (torch 2.11) guarded on each weight's
+        # ds_id: one recompilation per block, eager past recompile_limit (8 of 33 blocks compiled on the H200)
         ds["zero_optimization"]["memory_efficient_linear"] = False
     return ds
 

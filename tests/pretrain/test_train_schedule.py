@@ -187,18 +187,20 @@ def test_weight_decay_groups_are_the_same_when_the_model_is_built_inside_zero_in
     assert zero_init == plain
 
 
-COMPILED_ENGINE = """
+ZERO3_ENGINE = """
 import sys, torch, deepspeed
+from deepspeed.utils import z3_leaf_module
 from pretrain.config import PretrainConfig, deepspeed_config
-from pretrain.train import PretrainModel, _adamw, _default_distributed_env
+from pretrain.train import _adamw, _default_distributed_env, _new_model
 from rnalm.configfile import load
 cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", sys.argv[1:])
 _default_distributed_env()
 deepspeed.init_distributed(auto_mpi_discovery=False)
-model = PretrainModel(cfg.model.build())
 ds = deepspeed_config(cfg, bf16=False)
+model = _new_model(cfg, ds, torch.device("cpu"))
 deepspeed.initialize(model=model, optimizer=_adamw(model, cfg.optim, torch.device("cpu")), config=ds)
 print("F.linear:", torch.nn.functional.linear.__module__)
+print("leaf blocks:", [z3_leaf_module(b) for b in model.transformer.blocks])
 """
 
 
@@ -213,10 +215,12 @@ def test_deepspeed_config_leaves_the_run_config_as_it_was(tmp_path):
     assert cfg.train.ds_overrides == {"zero_optimization": {"stage": 3}}
 
 
-@pytest.mark.parametrize(("compile_", "module"), [("true", "torch._C._nn"), ("false", "deepspeed.runtime.zero.linear")])
-def test_zero3_with_compile_keeps_torchs_own_linear(compile_, module):
+@pytest.mark.parametrize("compile_", ["true", "false"])
+def test_zero3_gathers_each_block_at_once_and_keeps_torchs_own_linear(compile_):
     """ZeRO-3's memory-efficient F.linear reads each weight's ds_id, and dynamo (torch 2.11) guarded on it: one
-    recompilation per block, 25 of giga's 33 blocks eager on the H200. With model.compile DeepSpeed keeps torch's."""
-    proc = subprocess.run([sys.executable, "-c", COMPILED_ENGINE, f"model.compile={compile_}"], cwd=REPO,
+    recompilation per block, 25 of giga's 33 blocks eager on the H200. Blocks as ZeRO-3 leaves: one gather per
+    block, no hooks on its submodules (eager too: median step 510 -> 383-427 ms for 33 narrow blocks on this CPU)."""
+    proc = subprocess.run([sys.executable, "-c", ZERO3_ENGINE, f"model.compile={compile_}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-    assert f"F.linear: {module}" in proc.stdout, proc.stderr[-3000:]
+    assert "F.linear: torch._C._nn" in proc.stdout and "leaf blocks: [True, True]" in proc.stdout, \
+        proc.stdout[-2000:] + proc.stderr[-3000:]
