@@ -80,7 +80,10 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
               "mfu": sum(r["step_flops"] for r in steps) / (seconds * args.peak_tflops * 1e12 * start["world_size"]),
               "loader_wait_fraction": sum(r["loader_wait_s"] for r in steps) / seconds,
               "peak_memory_gib": max(r["memory_peak_bytes"] for r in steps) / 2**30,
-              "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"]}
+              "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"],
+              # as the device ran them (pretrain.profiling.PhaseClock); the rest of a step is host-only time
+              "phase_seconds_per_step": {phase: sum(r[f"{phase}_s"] for r in steps) / len(steps)
+                                         for phase in ("forward", "backward", "optimizer")}}
     profile = next((r for r in records if r.get("event") == "profile"), None)
     if profile:  # where the time of the profiled steps went (pretrain.profiling)
         ops = (out_dir / "profile" / "ops.txt").read_text().splitlines()

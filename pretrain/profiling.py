@@ -54,6 +54,39 @@ def summarise_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float
             "top_kernels": [{"name": n[:160], "s": s, "calls": c} for n, (s, c) in top]}
 
 
+class PhaseClock:
+    """Seconds of a step's phases as the device ran them, always on and cheap: CUDA events on a GPU (read after the
+    step's own sync, none added), wall time on a CPU (where ops run as they are called). `mark(phase)` closes the
+    phase that began at the previous mark, so a GPU's wait for the host (a sync, slow launches) counts in the phase
+    where it happens; `start()` opens a micro-batch. Read with `seconds()` after the step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks.append(("", self._now()))
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """{phase: seconds} summed over the micro-batches since the last call; resets."""
+        totals: dict[str, float] = defaultdict(float)
+        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
+            if phase:
+                totals[phase] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+        self.marks = []
+        return dict(totals)
+
+
 class StepProfiler:
     """Call before_step(n) before step n runs and after_step(n) after it; returns the summary at the window's end."""
 

@@ -35,7 +35,7 @@ from pretrain.data import PretrainLoader
 from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
-from pretrain.profiling import StepProfiler
+from pretrain.profiling import PhaseClock, StepProfiler
 from pretrain.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm import io as rio
@@ -123,6 +123,7 @@ class StepResult:
     local_samples: int
     local_flops: float
     corrupt_shards: int    # shards skipped as corrupt so far, summed over ranks (each rank counts its own)
+    phase_seconds: dict[str, float]  # this rank's forward / backward / optimizer time (pretrain.profiling.PhaseClock)
 
 
 class Trainer:
@@ -161,6 +162,7 @@ class Trainer:
         self.validated = False  # in this process (compiled parts then have eval graphs too)
 
         self.profiler = StepProfiler(cfg.train.profile_at if self.rank == 0 else 0, self.out / "profile", self.device)
+        self.clock = PhaseClock(self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         self.resume_tag = self._resume_tag()
         ds_cfg = deepspeed_config(cfg, self.bf16, universal=(self.resume_tag or "").endswith(UNIVERSAL_SUFFIX))
@@ -325,8 +327,10 @@ class Trainer:
             ids.extend(raw.ids or ())
             b = self._static_shape(raw).to(dev, non_blocking=True)
             index = masked_index(b)
+            self.clock.start()
             logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
             ce, _ = mlm_sums(logits, b.targets[index])
+            self.clock.mark("forward")
             if poison and j == len(micro) - 1:
                 ce = ce * float("nan")
             bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(ce) else 1.0], device=dev))[0].item()
@@ -337,7 +341,9 @@ class Trainer:
             self._zero_micro_steps(owed)
             owed = 0
             engine.backward(ce * scale, scale_wrt_gas=False)
+            self.clock.mark("backward")
             engine.step()
+            self.clock.mark("optimizer")
             backwards += 1
             kept.append(raw)
             ce_sum += ce.item()
@@ -355,7 +361,8 @@ class Trainer:
         return StepResult(stepped=backwards > 0, nonfinite=dropped, loss=stats[0] / max(stats[1], 1.0),
                           tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
                           stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
-                          local_samples=local_samples, local_flops=local_flops, corrupt_shards=int(stats[6]))
+                          local_samples=local_samples, local_flops=local_flops, corrupt_shards=int(stats[6]),
+                          phase_seconds=self.clock.seconds())  # after the sync above: every event has run
 
     def _zero_micro_steps(self, n: int) -> None:
         """The micro-steps of n dropped micro-batches, each with a backward that adds nothing to the gradients (the
@@ -402,7 +409,7 @@ class Trainer:
                   samples=self.samples, tokens_per_s=tokens_per_s, mfu=global_mfu, samples_sha1=r.ids_digest,
                   step_tokens=r.tokens, masked_tokens=r.masked, step_flops=r.flops, step_seconds=seconds,
                   loader_wait_s=wait, corrupt_shards_skipped=r.corrupt_shards, memory_peak_bytes=device_memory()[1],
-                  epoch=self.loader.stats["epoch"])
+                  epoch=self.loader.stats["epoch"], **{f"{phase}_s": s for phase, s in r.phase_seconds.items()})
         if self.rank == 0 and (self.step % self.cfg.train.log_every == 0 or self.step == 1):
             _eprint(f"step {self.step}/{self.cfg.train.max_steps} | loss {r.loss:.4f} | lr {lr:.2e} | "
                     f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s | mfu {global_mfu:.2%} | "

@@ -332,41 +332,43 @@ def table(summary: dict) -> str:
     rows = ["| step | status | s | real tok/s | MFU | peak GiB | notes |", "|---|---|---:|---:|---:|---:|---|"]
     for s in summary["steps"]:
         r = s.get("result") or {}
-        cells = {"tok": "", "mfu": "", "mem": "", "notes": s.get("reason", "")}
+        cells = {"tok": "", "mfu": "", "mem": ""}
+        notes = [s.get("reason", "")]
         if "packed" in r:
             p = r["packed"]
             cells.update(tok=f"{p['real_tokens_per_s']:,.0f}", mfu=f"{p['mfu']:.1%}",
                          mem=f"{p.get('peak_memory_gib', float('nan')):.1f}")
+            if "phase_seconds_per_step" in p:
+                notes.append("fwd/bwd/opt " + "/".join(f"{x:.3f}" for x in p["phase_seconds_per_step"].values())
+                             + f" of {p['mean_step_seconds']:.3f} s")
             if "padded" in r:
-                cells["notes"] = (f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s "
-                                  f"(x{r['packed_over_padded']:.1f})")
-            for key in (k for k in r if k.startswith("packed_ffn_align")):
-                cells["notes"] += f"; FFN at ffn_align {key[16:]}: x{r[key]['vs_packed']:.2f} packed"
+                notes.append(f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s (x{r['packed_over_padded']:.1f})")
+            notes += [f"FFN at ffn_align {key[16:]}: x{r[key]['vs_packed']:.2f} packed"
+                      for key in r if key.startswith("packed_ffn_align")]
             if "agreement" in r:
                 a = r["agreement"]
-                cells["notes"] += (f"; packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "
-                                   f"grads {a['packed_vs_padded_grads']:.1e}")
+                notes.append(f"packed vs padded rel. err logits {a['packed_vs_padded_logits']:.1e}, "
+                             f"grads {a['packed_vs_padded_grads']:.1e}")
+            if "profile" in p:
+                prof = p["profile"]
+                notes.append(f"profiled: GPU busy {prof['gpu_busy_fraction']:.0%} of {prof['wall_s']:.2f} s")
+                notes.append(", ".join(f"{kind} {x:.2f} s" for kind, x in prof["kernel_s_by_kind"].items()))
         if "bytes_per_token_per_block" in r:  # activation_memory
-            cells["notes"] = f"{r['bytes_per_token_per_block'] / 1e3:.1f} KB per token per block; " + "; ".join(
-                f"{b['budget']}: {b['activations_gib']:.1f} GiB, checkpoint {b.get('checkpointed_blocks')}"
-                for b in r["budgets"])
-        if "packed" in r and "profile" in r["packed"]:
-            p = r["packed"]["profile"]
-            kinds = ", ".join(f"{kind} {s:.2f} s" for kind, s in p["kernel_s_by_kind"].items())
-            busy = f"profiled: GPU busy {p['gpu_busy_fraction']:.0%} of {p['wall_s']:.2f} s"
-            cells["notes"] = "; ".join(filter(None, [cells["notes"], busy, kinds]))
+            notes = [f"{r['bytes_per_token_per_block'] / 1e3:.1f} KB per token per block",
+                     *(f"{b['budget']}: {b['activations_gib']:.1f} GiB, checkpoint {b.get('checkpointed_blocks')}"
+                       for b in r["budgets"])]
         if "misaligned_operands" in r:  # gemm_alignment
-            cells["notes"] = f"{r['misaligned_operands']} of {r['operands']} matmul operands misaligned"
+            notes = [f"{r['misaligned_operands']} of {r['operands']} matmul operands misaligned"]
         if isinstance(r, list):  # loader_bench: one row per worker count
-            cells["notes"] = "; ".join(f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} "
-                                       f"of 200k)" for x in r)
+            notes = [f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} of 200k)"
+                     for x in r]
         if s["status"] not in ("ok", "skipped"):
-            cells["notes"] = "OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80]
+            notes = ["OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80]]
         if "first_try" in s:
-            cells["notes"] += " (after an OOM retry with activation checkpointing)"
-        cells["notes"] = cells["notes"].replace("|", "/")
+            notes.append("after an OOM retry with activation checkpointing")
+        text = "; ".join(filter(None, notes)).replace("|", "/")
         rows.append(f"| {s['name']} | {s['status']} | {s.get('seconds', '')} | {cells['tok']} | {cells['mfu']} | "
-                    f"{cells['mem']} | {cells['notes']} |")
+                    f"{cells['mem']} | {text} |")
     return "\n".join(rows)
 
 

@@ -1,10 +1,13 @@
-"""train.profile_at: a window of steps under torch.profiler, summarised in log.jsonl and written to out_dir/profile."""
+"""train.profile_at: a window of steps under torch.profiler, summarised in log.jsonl and written to out_dir/profile;
+and the always-on phase clock of every step."""
 import gzip
 import json
+import time
 
 import pytest
+import torch
 
-from pretrain.profiling import kernel_kind, summarise_kernels
+from pretrain.profiling import PhaseClock, kernel_kind, summarise_kernels
 
 from .trainer_runs import events, read_log, run_trainer, step_lines
 
@@ -49,3 +52,18 @@ def test_a_resume_past_profile_at_profiles_its_first_steps(pretrain_shards, tmp_
     run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.profile_at=1", nproc=1)
     [profile] = events(read_log(out), "profile")
     assert profile["steps"] == [3, 5]
+
+
+def test_the_phase_clock_sums_each_phase_over_micro_batches_and_leaves_out_the_time_between_them():
+    clock = PhaseClock(torch.device("cpu"))
+    for _ in range(2):  # two micro-batches
+        clock.start()
+        time.sleep(0.02)
+        clock.mark("forward")
+        time.sleep(0.01)
+        clock.mark("backward")
+        time.sleep(0.05)  # e.g. a sync and the next batch's copy: in no phase
+    got = clock.seconds()
+    assert set(got) == {"forward", "backward"}
+    assert 0.04 <= got["forward"] < 0.04 + 0.05 and 0.02 <= got["backward"] < 0.02 + 0.05, got
+    assert clock.seconds() == {}  # read once: the next step starts from nothing

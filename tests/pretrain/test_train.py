@@ -29,7 +29,7 @@ from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, 
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "mfu", "samples_sha1", "epoch",
-             "corrupt_shards_skipped"}
+             "corrupt_shards_skipped", "forward_s", "backward_s", "optimizer_s"}
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:
@@ -54,6 +54,9 @@ def test_loss_falls_and_every_step_is_logged(straight_run):
     first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-3:]) / 3
     assert first > 2.5 and last < first - 0.8, [r["loss"] for r in steps]
     assert steps[-1]["tokens"] == sum(r["step_tokens"] for r in steps)
+    for r in steps:  # where a step's time went (PhaseClock): each phase ran, and together they fit in the step
+        phases = (r["forward_s"], r["backward_s"], r["optimizer_s"])
+        assert min(phases) > 0 and sum(phases) <= r["step_seconds"], r
     assert len({r["samples_sha1"] for r in steps}) == STRAIGHT_STEPS  # fresh samples every step
     start = events(records, "start")[0]
     assert start["world_size"] == 2 and start["resumed_from"] is None
