@@ -80,6 +80,8 @@ class PhaseClock:
     def seconds(self) -> dict[str, float]:
         """{phase: seconds} summed over the micro-batches since the last call; resets."""
         totals: dict[str, float] = defaultdict(float)
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()  # done already after the step's sync; elapsed_time needs it certain
         for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
             if phase:
                 totals[phase] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
