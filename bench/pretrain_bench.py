@@ -83,7 +83,8 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
               "mean_step_seconds": seconds / len(steps), "last_loss": steps[-1]["loss"],
               # as the device ran them (pretrain.profiling.PhaseClock); the rest of a step is host-only time
               "phase_seconds_per_step": {phase: sum(r[f"{phase}_s"] for r in steps) / len(steps)
-                                         for phase in ("forward", "backward", "optimizer")}}
+                                         for phase in ("forward", "backward", "optimizer", "forward_host",
+                                                       "backward_host", "optimizer_host")}}
     profile = next((r for r in records if r.get("event") == "profile"), None)
     if profile:  # where the time of the profiled steps went (pretrain.profiling)
         ops = (out_dir / "profile" / "ops.txt").read_text().splitlines()

@@ -56,35 +56,38 @@ def summarise_kernels(kernels: Iterable[tuple[str, float, float]], wall_s: float
 
 class PhaseClock:
     """Seconds of a step's phases as the device ran them, always on and cheap: CUDA events on a GPU (read after the
-    step's own sync, none added), wall time on a CPU (where ops run as they are called). `mark(phase)` closes the
-    phase that began at the previous mark, so a GPU's wait for the host (a sync, slow launches) counts in the phase
-    where it happens; `start()` opens a micro-batch. Read with `seconds()` after the step."""
+    step's own sync), wall time on a CPU (where ops run as they are called). `mark(phase)` closes the phase that
+    began at the previous mark, so a GPU's wait for the host (a sync, slow launches) counts in the phase where it
+    happens; `start()` opens a micro-batch. Also the host's own time per phase (`<phase>_host`): a phase whose host
+    time is close to its device time kept the GPU waiting for the host. Read with `seconds()` after the step."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
+        self.marks: list[tuple[str, float, object]] = []
 
-    def _now(self) -> object:
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+    def _mark(self, phase: str) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.marks.append((phase, time.perf_counter(), event))
 
     def start(self) -> None:
-        self.marks.append(("", self._now()))
+        self._mark("")
 
     def mark(self, phase: str) -> None:
-        self.marks.append((phase, self._now()))
+        self._mark(phase)
 
     def seconds(self) -> dict[str, float]:
-        """{phase: seconds} summed over the micro-batches since the last call; resets."""
+        """{phase: device seconds, phase_host: host seconds}, summed over the micro-batches since the last call;
+        resets."""
         totals: dict[str, float] = defaultdict(float)
         if self.cuda and self.marks:
-            self.marks[-1][1].synchronize()  # done already after the step's sync; elapsed_time needs it certain
-        for (_, a), (phase, b) in zip(self.marks, self.marks[1:]):
+            self.marks[-1][2].synchronize()  # done already after the step's sync; elapsed_time needs it certain
+        for (_, t0, e0), (phase, t1, e1) in zip(self.marks, self.marks[1:]):
             if phase:
-                totals[phase] += a.elapsed_time(b) / 1e3 if self.cuda else b - a
+                totals[phase] += e0.elapsed_time(e1) / 1e3 if self.cuda else t1 - t0
+                totals[f"{phase}_host"] += t1 - t0
         self.marks = []
         return dict(totals)
 

@@ -339,8 +339,10 @@ def table(summary: dict) -> str:
             cells.update(tok=f"{p['real_tokens_per_s']:,.0f}", mfu=f"{p['mfu']:.1%}",
                          mem=f"{p.get('peak_memory_gib', float('nan')):.1f}")
             if "phase_seconds_per_step" in p:
-                notes.append("fwd/bwd/opt " + "/".join(f"{x:.3f}" for x in p["phase_seconds_per_step"].values())
-                             + f" of {p['mean_step_seconds']:.3f} s")
+                ph = p["phase_seconds_per_step"]
+                split = "/".join(f"{ph[k]:.3f}" for k in ("forward", "backward", "optimizer"))
+                host = "/".join(f"{ph[k + '_host']:.3f}" for k in ("forward", "backward", "optimizer"))
+                notes.append(f"fwd/bwd/opt {split} of {p['mean_step_seconds']:.3f} s (host {host})")
             if "padded" in r:
                 notes.append(f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s (x{r['packed_over_padded']:.1f})")
             notes += [f"FFN at ffn_align {key[16:]}: x{r[key]['vs_packed']:.2f} packed"

@@ -192,7 +192,8 @@ def test_the_final_table_gives_each_steps_numbers_and_notes():
     from bench.gpu.runner import table
 
     packed = {"real_tokens_per_s": 49083.2, "mfu": 0.198, "peak_memory_gib": 61.1, "mean_step_seconds": 0.665,
-              "phase_seconds_per_step": {"forward": 0.2, "backward": 0.4, "optimizer": 0.05},
+              "phase_seconds_per_step": {"forward": 0.2, "backward": 0.4, "optimizer": 0.05, "forward_host": 0.1,
+                                         "backward_host": 0.05, "optimizer_host": 0.04},
               "profile": {"gpu_busy_fraction": 0.9, "wall_s": 2.0, "kernel_s_by_kind": {"matmul": 1.2, "other": 0.5}}}
     steps = [{"name": "pretrain_bench", "status": "ok", "seconds": 200,
               "result": {"packed": packed, "padded": {"real_tokens_per_s": 4270.0}, "packed_over_padded": 11.5}},
@@ -200,8 +201,9 @@ def test_the_final_table_gives_each_steps_numbers_and_notes():
               "result": {"bytes_per_token_per_block": 49200, "budgets": [{"budget": 16384, "activations_gib": 24.8}]}},
              {"name": "budget64k", "status": "failed", "seconds": 40, "oom": True, "first_try": {}, "result": None}]
     rows = table({"steps": steps}).splitlines()
-    assert rows[2] == ("| pretrain_bench | ok | 200 | 49,083 | 19.8% | 61.1 | fwd/bwd/opt 0.200/0.400/0.050 of 0.665 s; "
-                       "padded 4,270 tok/s (x11.5); profiled: GPU busy 90% of 2.00 s; matmul 1.20 s, other 0.50 s |")
+    assert rows[2] == ("| pretrain_bench | ok | 200 | 49,083 | 19.8% | 61.1 | fwd/bwd/opt 0.200/0.400/0.050 of 0.665 s "
+                       "(host 0.100/0.050/0.040); padded 4,270 tok/s (x11.5); profiled: GPU busy 90% of 2.00 s; "
+                       "matmul 1.20 s, other 0.50 s |")
     assert rows[3] == ("| activation_memory | ok | 30 |  |  |  | 49.2 KB per token per block; 16384: 24.8 GiB, "
                        "checkpoint None |")
     assert rows[4] == "| budget64k | failed | 40 |  |  |  | OOM; after an OOM retry with activation checkpointing |"

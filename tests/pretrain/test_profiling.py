@@ -64,6 +64,7 @@ def test_the_phase_clock_sums_each_phase_over_micro_batches_and_leaves_out_the_t
         clock.mark("backward")
         time.sleep(0.05)  # e.g. a sync and the next batch's copy: in no phase
     got = clock.seconds()
-    assert set(got) == {"forward", "backward"}
+    assert set(got) == {"forward", "backward", "forward_host", "backward_host"}
     assert 0.04 <= got["forward"] < 0.04 + 0.05 and 0.02 <= got["backward"] < 0.02 + 0.05, got
+    assert (got["forward_host"], got["backward_host"]) == (got["forward"], got["backward"])  # a CPU runs as called
     assert clock.seconds() == {}  # read once: the next step starts from nothing

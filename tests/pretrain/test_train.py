@@ -29,7 +29,8 @@ from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, 
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEP_KEYS = {"step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "mfu", "samples_sha1", "epoch",
-             "corrupt_shards_skipped", "forward_s", "backward_s", "optimizer_s"}
+             "corrupt_shards_skipped", "forward_s", "backward_s", "optimizer_s", "forward_host_s", "backward_host_s",
+             "optimizer_host_s"}
 
 
 def by_step(records: list[dict]) -> dict[int, dict]:
