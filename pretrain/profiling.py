@@ -65,18 +65,15 @@ class PhaseClock:
         self.cuda = device.type == "cuda"
         self.marks: list[tuple[str, float, object]] = []
 
-    def _mark(self, phase: str) -> None:
+    def start(self) -> None:
+        self.mark("")
+
+    def mark(self, phase: str) -> None:
         event = None
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
         self.marks.append((phase, time.perf_counter(), event))
-
-    def start(self) -> None:
-        self._mark("")
-
-    def mark(self, phase: str) -> None:
-        self._mark(phase)
 
     def seconds(self) -> dict[str, float]:
         """{phase: device seconds, phase_host: host seconds}, summed over the micro-batches since the last call;
