@@ -11,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # import name -> why the runs need it
@@ -31,6 +32,23 @@ def versions(names: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         except Exception as e:  # noqa: BLE001 - any import failure is reported, with its reason
             missing[name] = f"{type(e).__name__}: {e} (needed for {why})"
     return found, missing
+
+
+def host_info() -> dict:
+    """The host's CPU and its time to dispatch one small torch op on the CPU. Host-side time per step (Python,
+    DeepSpeed's hooks, launches) measured on one machine scales to another by the ratio of the two times."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    x = torch.ones(8)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            x.add(1)
+        best = min(best, time.perf_counter() - t0)
+    return {"cpu_model": model, "host_op_us": round(best / 2000 * 1e6, 3)}
 
 
 def gpu_info() -> dict:
@@ -65,10 +83,10 @@ def main() -> int:
               "modules": found, "missing": missing, "optional": optional, "optional_absent": absent,
               "pythonpath": os.environ.get("PYTHONPATH", "")}
     if "torch" in found:
-        report.update(gpu_info())
+        report.update(host_info(), **gpu_info())
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report.get(k) for k in ("python", "modules", "device", "memory_free_gib",
-                                                  "attention_backends", "nvcc")}))
+                                                  "attention_backends", "nvcc", "cpu_model", "host_op_us")}))
     problems = [f"cannot import {k}: {v}" for k, v in missing.items()]
     if require_cuda and not report.get("cuda_available"):
         problems.append("no CUDA device visible to torch (this needs the lent GPU machine)")

@@ -45,6 +45,7 @@ def test_session_plan_measures_pretrain_and_model_benches_then_levers(shared_dat
     assert list(steps) == ["env", "shards", "pretrain_bench", "model_bench", "zero2"]
     env = json.loads((out / "env.json").read_text())
     assert {"torch", "deepspeed", "webdataset", "zstandard", "rnalm"} <= set(env["modules"]) and not env["missing"]
+    assert env["cpu_model"] and 0 < env["host_op_us"] < 1000  # to scale host time measured here to the GPU's host
     model = steps["model_bench"]["result"]
     assert model["agreement"]["packed_vs_padded_logits"] < 1e-5 and model["packed"]["real_tokens_per_s"] > 0
     pretrain = steps["pretrain_bench"]["result"]
