@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from finetune.backbone import TaskModel, remove_finetuned
 from finetune.unfreeze import Unfreezer, UnfreezeConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,7 +41,12 @@ class TrainConfig:
     # auto: bf16 autocast on CUDA (the original fine-tuned in bf16/16-mixed), fp32 elsewhere; bf16: the same, with a
     # warning off CUDA; fp32: fp32 everywhere
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    progress: bool = True
+    progress: bool = True                # progress bars when stderr is a terminal (never in a log file)
+
+
+def progress_bar(items: Iterable[T], desc: str, progress: bool) -> Iterable[T]:
+    """tqdm's bar over items when progress is on and stderr is a terminal: a redirected run's log gets no bar."""
+    return tqdm(items, desc=desc, disable=None if progress else True, leave=False)
 
 
 def pick_device(name: str) -> torch.device:
@@ -148,7 +155,7 @@ def train_epoch(model: TaskModel, opt: torch.optim.Optimizer, batches: Iterable[
     """One epoch of optimizer steps with the linear lr decay; returns its losses and the global step after it."""
     model.train()
     losses: list[float] = []
-    it = tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False)
+    it = progress_bar(batches, f"epoch {epoch}", cfg.progress)
     for k, batch in enumerate(it):
         if (cfg.max_steps_per_epoch is not None and k >= cfg.max_steps_per_epoch) or (step and out_of_time()):
             break  # a budget cut mid-epoch: that part-epoch is still validated (and kept when best)

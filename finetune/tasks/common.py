@@ -10,8 +10,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from finetune.trainer import progress_bar
 from rnalm.tokenizer import batch_encode
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def length_sorted_batches(seqs: Sequence[str], batch_size: int, desc: str = "pre
     """Index batches of sequences of similar length (less padding), shortest first, with a progress bar."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    yield from tqdm(batches, desc=desc, disable=not progress, leave=False)
+    yield from progress_bar(batches, desc, progress)
 
 
 def batched_inference(seqs: Sequence[str], batch_size: int, run: Callable[[list[int]], list[Any]],

@@ -2,7 +2,9 @@
 checkpoint and results are written, and the saved model reloads with identical outputs."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.postprocess import decode_at_thresholds
 from finetune.tasks import mrl, splice, ss
+from finetune.tasks.common import length_sorted_batches
 from finetune.trainer import TrainConfig
 from finetune.unfreeze import UnfreezeConfig
 
@@ -264,3 +267,20 @@ def test_a_run_that_diverges_from_the_start_saves_and_tests_nothing(tiny_checkpo
     with pytest.raises(ValueError, match="no model saved .* non-finite weights after epoch 0"):
         module.train(cfg)
     assert not (tmp_path / "finetuned.safetensors").exists() and not (tmp_path / "results.json").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_go_to_a_terminal_and_stay_out_of_a_log_file(terminal, monkeypatch):
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    seqs = ["ACGU" * n for n in (3, 1, 2, 5, 4)]
+    batches = list(length_sorted_batches(seqs, 2, desc="predict", progress=True))
+    assert batches == [[1, 2], [0, 4], [3]]
+    assert ("predict" in err.getvalue()) == terminal
+    err.truncate(0)
+    assert list(length_sorted_batches(seqs, 2, progress=False)) == batches and err.getvalue() == ""
