@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a script path: python dataprep/build_sha
 
 from dataprep.cluster import ClusterConfig  # noqa: E402
 from dataprep.comm import SerialComm  # noqa: E402
-from dataprep.errors import DataprepError  # noqa: E402
+from dataprep.errors import DataprepError, InputError  # noqa: E402
 from dataprep.normalize import NormalizeConfig  # noqa: E402
-from dataprep.pipeline import BuildConfig, build  # noqa: E402
+from dataprep.pipeline import BuildConfig, build, discard_unfinished  # noqa: E402
 
 ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(): python-zstandard exposes only the maximum
 
@@ -111,6 +111,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--min-len must not exceed --max-len")
     if a.label_key is not None and (not a.label_key or any(c.isspace() or c == "=" for c in a.label_key)):
         p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (no spaces or '=')")
+    if a.input.count("-") > 1:
+        p.error("stdin (-) is given more than once in --input: it can be read only once")
     if a.mpi and "-" in a.input:
         p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
 
@@ -122,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         from dataprep.comm import MpiComm
 
         comm = MpiComm()
+    fresh = not Path(cfg.out).exists()
     try:
         build(cfg, comm)
     except DataprepError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if isinstance(e, InputError) and comm.rank == 0:
+            discard_unfinished(Path(cfg.out), fresh)
         if comm.size > 1:
             comm.abort(2)
         return 2

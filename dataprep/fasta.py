@@ -8,6 +8,7 @@ memory-mapped: its chunks are views of the page cache, not copies.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import mmap
@@ -251,6 +252,12 @@ class FastaStream:
                 self._file.close()
 
     def _check_start(self, first: bytes) -> None:
+        if first.startswith(codecs.BOM_UTF8):
+            raise InputError(f"{self.path}:1: starts with a UTF-8 byte-order mark (bytes EF BB BF, written by some "
+                             "Windows editors) before its first '>': remove it, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE")
+        if b"\r" in first and b"\n" not in first:
+            raise InputError(f"{self.path}: its lines end in a carriage return alone (classic Mac OS line endings), so "
+                             "the whole file would read as one line: convert them, e.g. tr '\\r' '\\n' < FILE > NEW")
         lead = first.lstrip(_WS)[:1]
         if lead and lead != b">":
             raise InputError(f"{self.path}:1: does not start with a '>' header (not FASTA, or binary data?): "

@@ -193,6 +193,16 @@ def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
     return blocks * cfg.block_records
 
 
+def discard_unfinished(out: Path, fresh: bool) -> None:
+    """After an input error: the output directory when the failed build created it, else its unfinished stages
+    (finished stages and a published shard set stay). Not after a tool's failure, whose log is in its stage."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for tmp in (out / ".work").glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------------------- build
 def build(cfg: BuildConfig, comm=None) -> BuildResult:
     comm = comm or SerialComm()
@@ -253,6 +263,9 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             log.warn(warning)
         return BuildResult(manifest, skipped, seconds)
 
+    if comm.rank == 0 and (out / MANIFEST_NAME).exists():
+        log.warn(f"{out / MANIFEST_NAME} is another build's (other inputs or parameters) or incomplete: this build "
+                 "replaces that shard set when it publishes its own")
     sources = res = report = shuffling = None
     if comm.rank == 0:  # background processes that need no clusters, overlapping MMseqs2
         sources, res = _source_counts(store, stages)

@@ -20,8 +20,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, latest_tag,
-                                 read_trainer_state)
+from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, complete_tags,
+                                 latest_tag, read_trainer_state)
 from pretrain.runlock import RunLock, RunLockError
 from rnalm.files import atomic_write
 
@@ -51,6 +51,8 @@ def resolve_tag(root: Path, tag: str | None) -> str:
     tag = tag or latest_tag(root)
     if tag is None:
         raise CheckpointError(f"{root}: no complete checkpoint (a step* dir with {STATE_FILE})")
+    if not (root / tag).exists():
+        raise CheckpointError(f"{root}: no checkpoint {tag}; complete ones: {', '.join(complete_tags(root)) or 'none'}")
     if not (root / tag / STATE_FILE).is_file():
         raise CheckpointError(f"{root / tag}: not a complete checkpoint (no {STATE_FILE})")
     return tag

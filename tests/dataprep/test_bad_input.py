@@ -191,6 +191,19 @@ def test_no_header(tmp_path, fasta):
         build_small(tmp_path, [fasta(f"{ACGU20}\n>a\n{ACGU20}\n")])
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("content,error", [
+    (b"\xef\xbb\xbf>a\n" + ACGU20.encode() + b"\n", r"in.fa(.gz)?:1: starts with a UTF-8 byte-order mark"),
+    (f">a\r{ACGU20}\r>b\r{ACGU20}\r".encode(), r"in.fa(.gz)?: its lines end in a carriage return alone"),
+], ids=["byte-order-mark", "cr-line-ends"])
+def test_a_byte_order_mark_or_lone_cr_line_ends_are_named(tmp_path, fasta, content, error, compress):
+    """A BOM made the file 'not FASTA, or binary data?'; CR-only line ends made it one empty record, rejected, and
+    the build went on without the file's records (or failed with 'no records left' when it was the only input)."""
+    path = fasta(gzip.compress(content), "in.fa.gz") if compress else fasta(content)
+    with pytest.raises(InputError, match=error):
+        build_small(tmp_path, [fasta(f">ok\n{ACGU20}\n", "ok.fa"), path])
+
+
 @pytest.mark.parametrize("content,error", [
     (f" >a\n{ACGU20}\n>b\n{ACGU20}GG\n", "1: header indented by whitespace .*: b' >a'"),  # record a was lost
     ("\n" * 200 + f"orphan{ACGU20}\n>a\n{ACGU20}\n", "201: text outside any record.*: b'orphanACGU"),  # past
@@ -313,6 +326,26 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta, image, out, name
     assert r.stderr.startswith("error: ") and named in r.stderr and "Traceback" not in r.stderr
 
 
+def test_rejected_input_leaves_no_new_output_directory_and_an_old_shard_set_as_it_was(tmp_path, fasta, capsys):
+    """A build refused for its input left OUT/.work/normalise.tmp behind, and a new OUT with it. A build of other
+    inputs or parameters replaced the shard set in OUT without a word."""
+    from dataprep.build_shards import main
+
+    bad, good = fasta(b"\xef\xbb\xbf>a\nACGU\n", "bom.fa"), fasta(f">a\n{ACGU20}\n>b\n{ACGU20}GG\n", "good.fa")
+    assert main(["--input", str(good), str(bad), "--out", str(tmp_path / "new"), "--no-cluster"]) == 2
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "old"
+    assert main(["--input", str(good), "--out", str(out), "--no-cluster", "--no-report"]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["--input", str(good), str(bad), "--out", str(out), "--no-cluster", "--no-report"]) == 2
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before and set(read_back(out)) == {"a", "b"}
+    assert "bom.fa:1: starts with a UTF-8 byte-order mark" in capsys.readouterr().err
+    assert main(["--input", str(good), "--out", str(out), "--no-cluster", "--no-report", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""     # up to date: no word
+    assert main(["--input", str(good), "--out", str(out), "--no-cluster", "--no-report", "--quiet", "--seed", "1"]) == 0
+    assert f"warning: {out / 'manifest.json'} is another build's" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--zstd-level", "23"], "--zstd-level must be in -131072..22"),
     (["--zstd-level", "-131073"], "--zstd-level must be in"),
@@ -325,8 +358,9 @@ def test_cli_error_is_one_line_not_a_traceback(tmp_path, fasta, image, out, name
     (["--cov-mode", "6"], "--cov-mode: invalid choice: 6"),
     (["--label-key", ""], "--label-key '': want a header key"),
     (["--label-key", "a=b"], "--label-key 'a=b': want a header key"),
+    (["--input", "-", "-"], "stdin (-) is given more than once"),
 ], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "chunk-mb", "min-seq-id", "coverage", "cov-mode",
-        "label-empty", "label-eq"])
+        "label-empty", "label-eq", "stdin-twice"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main
 

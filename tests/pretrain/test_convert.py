@@ -81,7 +81,8 @@ def test_older_tag_and_clear_errors(straight_run, converted, tmp_path):
     assert proc.returncode == 1 and "no complete checkpoint" in proc.stderr
     proc = subprocess.run([PY, "-m", "pretrain.convert", str(straight_run), str(tmp_path / "y"), "--tag",
                            "step00000004"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "not a complete checkpoint" in proc.stderr  # pruned (keep=2)
+    assert proc.returncode == 1 and "no checkpoint step00000004; complete ones: step00000008, step00000012" in \
+        proc.stderr  # pruned (keep=2): the message said "not a complete checkpoint"
     step_dir = straight_run / "checkpoints" / "step00000008"
     same = to_pretrained(step_dir, tmp_path / "from_step_dir")  # one checkpoint folder named directly
     assert (same / "model.safetensors").read_bytes() == (older / "model.safetensors").read_bytes()
