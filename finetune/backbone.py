@@ -87,6 +87,8 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
+    if path.is_file() and (path.parent / FT_META).is_file():  # its task model's weights, read as a backbone's
+        raise ValueError(f"{path} is part of the fine-tuned model {path.parent}: pass that directory")
     # a file's layout is told by rnalm.io.read_weights from the one read it makes
     fmt = detect_format(path) if cfg.format == "auto" and path.is_dir() else cfg.format
     if fmt == "finetuned":
@@ -125,6 +127,15 @@ def remove_finetuned(out_dir: str | Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _file_hint(path: Path) -> str:
+    if (path.parent / FT_META).is_file():
+        return f"it is part of the fine-tuned model {path.parent}: pass that directory"
+    if path.suffix == ".pt":  # most likely the original's ss_*_ft.pt (its issues #22, #34: FASTA -> structures)
+        return (f"the original's ss_*_ft.pt is imported first: python -m finetune import-original-ss "
+                f"--checkpoint={path} --out=DIR, then --model=DIR")
+    return f"pass the directory `python -m finetune <task> train` wrote ({FT_META} + {FT_WEIGHTS})"
+
+
 def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
                    **lm_overrides: Any) -> tuple[TaskModel, dict[str, Any]]:
     """The task model and its finetune.json; `lm_overrides`: ModelConfig fields (dropout, attention backend)."""
@@ -133,10 +144,8 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
 
     model_dir = Path(model_dir)
     meta_path = model_dir / FT_META
-    if model_dir.is_file():  # most likely the original's ss_*_ft.pt (its issues #22, #34: FASTA -> structures)
-        raise rio.WeightsError(f"{model_dir} is a file, not a fine-tuned model directory; the original's ss_*_ft.pt "
-                               f"is imported first: python -m finetune import-original-ss --checkpoint={model_dir} "
-                               "--out=DIR, then --model=DIR")
+    if model_dir.is_file():
+        raise rio.WeightsError(f"{model_dir} is a file, not a fine-tuned model directory; {_file_hint(model_dir)}")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: fine-tuned model directory not found")
     if not meta_path.exists():

@@ -30,6 +30,7 @@ def _task_module(task: str):
 
 def run(argv: Sequence[str]) -> int:
     from finetune.backbone import remove_finetuned
+    from finetune.results import check_out_dir
     from finetune.structure import StructureError
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,6 +49,9 @@ def run(argv: Sequence[str]) -> int:
             _refuse_model_option(rest)
             module, cfg_cls = _task_module(cmd)
             cfg = from_cli(cfg_cls, rest, prog=prog)
+            check_out_dir(cfg.train.out_dir, "--train.out_dir")
+            if action == "evaluate" and not cfg.model.path:
+                raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
             if action == "train":
                 _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model in OUT
                 remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit

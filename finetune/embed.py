@@ -21,6 +21,7 @@ import torch
 from finetune.backbone import BackboneConfig, load_backbone
 from finetune.heads import nucleotide_mask
 from finetune.predict import require_inputs
+from finetune.results import check_out_dir
 from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
 from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
@@ -54,9 +55,11 @@ def header_label(description: str, key: str) -> str | None:
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """{"cls": [N, D], "mean": [N, D], "plot": the plot's path or None}."""
     require_inputs(cfg.model, cfg.fasta, "a checkpoint (file or directory)")
-    if min(cfg.max_len, cfg.batch_size, cfg.plot_max, 1 if cfg.limit is None else cfg.limit) < 1:
-        raise ValueError(f"--max_len ({cfg.max_len}), --batch_size ({cfg.batch_size}), --plot_max ({cfg.plot_max}) "
-                         f"and --limit ({cfg.limit}) must be >= 1")
+    out = check_out_dir(cfg.out, "--out")
+    counts = {"max_len": cfg.max_len, "batch_size": cfg.batch_size, "plot_max": cfg.plot_max, "limit": cfg.limit}
+    low = [f"--{name} ({value})" for name, value in counts.items() if value is not None and value < 1]
+    if low:
+        raise ValueError(f"{', '.join(low)}: must be >= 1")
     records = read_fasta(cfg.fasta)
     if cfg.limit is not None and cfg.limit < len(records):  # a seeded random sample, kept in FASTA order
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(records), cfg.limit, replace=False))
@@ -66,7 +69,6 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
         (out / stale).unlink(missing_ok=True)

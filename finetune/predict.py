@@ -6,6 +6,7 @@ Batched by length, on CPU or GPU.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -15,10 +16,13 @@ from typing import Literal
 import numpy as np
 
 from finetune.backbone import load_finetuned
+from finetune.results import check_out_dir, write_json
 from finetune.structure import (BRACKETS, FastaRecord, StructureError, StructureRecord, read_fasta,
                                 to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
 from finetune.trainer import pick_device
 from rnalm.files import atomic_write
+
+PREDICTIONS_LIST = "predict_ss.json"  # what a predict-ss run wrote into OUT (model, FASTA, threshold, files)
 
 
 @dataclass
@@ -57,29 +61,43 @@ def _load(cfg: PredictConfig, task: str):
 
 
 def safe_name(record_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", record_id)[:200] or "record"
+    """A file name for an id: other characters than letters, digits and ._- replaced, no leading dot (hidden)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", record_id)[:200]
+    return re.sub(r"^\.+", lambda m: "_" * len(m.group()), name) or "record"
 
 
 def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     from finetune.tasks.ss import predict_pairs
 
     require_inputs(cfg.model, cfg.fasta)
+    out = check_out_dir(cfg.out, "--out")
     if cfg.threshold is not None and not 0 <= cfg.threshold <= 1:
         raise ValueError(f"--threshold ({cfg.threshold}) is a pair probability: it must be in [0, 1]")
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
     check_lengths(records, cfg)
-    warn_unknown_letters(records, cfg.fasta)
+    warn_unknown_letters(records, cfg.fasta, structures=True)
     model, meta = _load(cfg, "ss")
     threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
     pairs = predict_pairs(model, [r.sequence for r in records], threshold, cfg.batch_size, cfg.progress)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), p) for r, p in zip(records, pairs)]
-    if cfg.format == "dbn":
-        _write_dbn(preds, out)
-    else:
-        _write_per_record(preds, out, cfg.format)
+    remove_listed(out / PREDICTIONS_LIST)
+    files = _write_dbn(preds, out) if cfg.format == "dbn" else _write_per_record(preds, out, cfg.format)
+    write_json({"model": cfg.model, "fasta": cfg.fasta, "format": cfg.format, "threshold": threshold,
+                "records": len(preds), "files": files}, out / PREDICTIONS_LIST)
     return preds
+
+
+def remove_listed(listing: Path) -> None:
+    """The files an earlier predict-ss wrote into this directory (listed in its PREDICTIONS_LIST), so that none
+    of them (e.g. the .ct of a record this run does not have) is taken for this run's; other files stay."""
+    try:
+        names = json.loads(listing.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in names:
+        if isinstance(name, str) and name == Path(name).name:  # a plain name in this directory, nothing else
+            (listing.parent / name).unlink(missing_ok=True)
 
 
 def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> None:
@@ -97,7 +115,7 @@ def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> No
                          f"to predict them anyway, or split them")
 
 
-def _write_dbn(preds: list[StructureRecord], out: Path) -> None:
+def _write_dbn(preds: list[StructureRecord], out: Path) -> list[str]:
     """OUT/predictions.dbn; a structure that needs more pseudoknot levels than dot-bracket has brackets goes to
     its own .bpseq file instead (named as `--format=bpseq` would name it), with a warning, so none is lost."""
     entries, too_knotted = [], []
@@ -114,6 +132,8 @@ def _write_dbn(preds: list[StructureRecord], out: Path) -> None:
         files = ", ".join(f"{names[i]}.bpseq" for i in too_knotted[:5]) + (" ..." if len(too_knotted) > 5 else "")
         print(f"warning: {len(too_knotted)} predicted structure(s) need more than {len(BRACKETS)} bracket levels: "
               f"written to {out} as {files} instead of in predictions.dbn", file=sys.stderr)
+        return ["predictions.dbn", *(f"{names[i]}.bpseq" for i in too_knotted)]
+    return ["predictions.dbn"]
 
 
 def per_record_names(preds: list[StructureRecord]) -> list[str]:
@@ -125,14 +145,17 @@ def per_record_names(preds: list[StructureRecord]) -> list[str]:
     return names
 
 
-def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> None:
-    for p, name in zip(preds, per_record_names(preds)):
-        (write_bpseq if fmt == "bpseq" else write_ct)(p, out / f"{name}.{fmt}")
+def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> list[str]:
+    files = [f"{name}.{fmt}" for name in per_record_names(preds)]
+    for p, name in zip(preds, files):
+        (write_bpseq if fmt == "bpseq" else write_ct)(p, out / name)
+    return files
 
 
 def predict_table(cfg: PredictConfig, task: str) -> Path:
     """splice: id, predicted class, class probabilities; mrl: id, predicted MRL. Written to OUT/predictions.tsv."""
     require_inputs(cfg.model, cfg.fasta)
+    out = check_out_dir(cfg.out, "--out")
     records = read_fasta(cfg.fasta)
     warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, task)
@@ -149,7 +172,7 @@ def predict_table(cfg: PredictConfig, task: str) -> Path:
 
         values = predict_mrl(model, seqs, Scaler(**meta["scaler"]), cfg.batch_size, cfg.progress)
         lines = ["id\tmrl"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
-    path = Path(cfg.out) / "predictions.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = out / "predictions.tsv"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "\n".join(lines) + "\n")
     return path

@@ -275,6 +275,10 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
         elif rid is None:
             raise StructureError(f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)")
         else:
+            bad = set(line) - _LETTERS
+            if bad:
+                raise StructureError(f"{path}:{lineno}: record {rid!r} has invalid characters {''.join(sorted(bad))!r} "
+                                     "(a sequence holds letters and '-' only)")
             chunks.append(line)
     if rid is not None:
         records.append(_fasta_record(path, rid, desc, chunks, start))
@@ -293,20 +297,18 @@ def _fasta_record(path: Path, rid: str, desc: str, chunks: list[str], lineno: in
     seq = "".join(chunks)
     if not seq:
         raise StructureError(f"{path}:{lineno}: record {rid!r} has an empty sequence")
-    bad = sorted(set(seq) - _LETTERS)
-    if bad:
-        raise StructureError(f"{path}:{lineno}: record {rid!r} has invalid characters {''.join(bad)!r} "
-                             "(a sequence holds letters and '-' only)")
     return FastaRecord(rid, seq, desc)
 
 
-def warn_unknown_letters(records: list[FastaRecord], path: str | Path) -> int:
-    """Print one warning naming how many records hold letters outside the alphabet (read as <unk>)."""
+def warn_unknown_letters(records: list[FastaRecord], path: str | Path, structures: bool = False) -> int:
+    """Print one warning naming how many records hold letters outside the alphabet (read as <unk>; `structures`:
+    and never paired)."""
     odd = [(r.id, sorted(set(r.sequence) - ALPHABET)) for r in records if not set(r.sequence) <= ALPHABET]
     if odd:
         letters = sorted({c for _, cs in odd for c in cs})
         print(f"warning: {path}: {len(odd)} record(s) contain letters outside the RiNALMo alphabet "
-              f"({''.join(letters)}), read as <unk> and never paired; first: {odd[0][0]!r}", file=sys.stderr)
+              f"({''.join(letters)}), read as <unk>{' and never paired' if structures else ''}; first: {odd[0][0]!r}",
+              file=sys.stderr)
     return len(odd)
 
 

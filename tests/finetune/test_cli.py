@@ -229,7 +229,58 @@ def test_per_record_files_never_overwrite_each_other(ss_model, tmp_path):
     out = tmp_path / "p"
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={src}", f"--out={out}", "--format=ct",
                 "--progress=false"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000001_tRNA1.ct", "000002_trna1.ct"]
+    assert sorted(p.name for p in out.iterdir()) == ["000001_tRNA1.ct", "000002_trna1.ct", "predict_ss.json"]
+
+
+def test_ids_never_make_hidden_or_outside_files():
+    from finetune.predict import safe_name
+
+    assert [safe_name(i) for i in ("../evil", ".", "..", ".hidden", "a.b", "")] == \
+        ["___evil", "_", "__", "_hidden", "a.b", "record"]
+
+
+def test_a_rerun_into_the_same_directory_leaves_only_its_own_predictions(ss_model, tmp_path):
+    """The .ct files of an earlier run's records stayed beside this run's, with nothing telling them apart."""
+    first, second, out = tmp_path / "first.fa", tmp_path / "second.fa", tmp_path / "p"
+    first.write_text(">old1\nGGGGAAACCCC\n>.\nGGGAAAUCCC\n")
+    second.write_text(">new1\nGGGGAAACCCC\n")
+    out.mkdir()
+    (out / "mine.ct").write_text("the user's own file\n")
+    for fasta in (first, second):
+        assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={out}", "--format=ct",
+                    "--progress=false"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mine.ct", "new1.ct", "predict_ss.json"]
+    listing = json.loads((out / "predict_ss.json").read_text())
+    assert listing["files"] == ["new1.ct"] and listing["fasta"] == str(second) and listing["records"] == 1
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={first}", f"--out={out}", "--progress=false"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["mine.ct", "predict_ss.json", "predictions.dbn"]
+
+
+def test_output_directories_are_checked_before_any_work(ss_model, tiny_checkpoint, fasta, tmp_path, capsys):
+    """An empty --out wrote into the current directory (and printed '/cls.npy'); a file as --out failed with a bare
+    errno after all the work; evaluate without --model.path ended in a TypeError traceback."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for cmd, model in (("predict-ss", ss_model), ("embed", tiny_checkpoint)):
+        assert run([cmd, f"--model={model}", f"--fasta={fasta}", "--out="]) == 2
+        assert "--out is required: an output directory" in capsys.readouterr().err
+        for out in (a_file, a_file / "sub"):
+            assert run([cmd, f"--model={model}", f"--fasta={fasta}", f"--out={out}"]) == 2
+            assert f"--out={out}: {a_file} is a file, not a directory" in capsys.readouterr().err
+    assert run(["ss", "evaluate", f"--train.out_dir={tmp_path / 'ev'}"]) == 2
+    assert "--model.path is required" in capsys.readouterr().err
+    assert run(["ss", "evaluate", f"--model.path={ss_model}", "--train.out_dir="]) == 2
+    assert "--train.out_dir is required" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_file_of_a_fine_tuned_model_points_at_its_directory(ss_model, fasta, tmp_path, capsys):
+    """predict-ss said to import it as the original's .pt; embed read the task model's file as a backbone and
+    blamed the head count."""
+    weights = ss_model / "finetuned.safetensors"
+    for cmd in ("predict-ss", "embed"):
+        assert run([cmd, f"--model={weights}", f"--fasta={fasta}", f"--out={tmp_path / cmd}"]) == 2
+        assert f"is part of the fine-tuned model {ss_model}: pass that directory" in capsys.readouterr().err
 
 
 def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys):
@@ -237,7 +288,7 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     bad.write_text(">ok\nACGU\n>broken\nACGU123\n")
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={bad}", f"--out={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "bad.fa:3" in err and "'broken'" in err and "invalid characters" in err
+    assert "bad.fa:4" in err and "'broken'" in err and "invalid characters" in err
     good = tmp_path / "good.fa"
     good.write_text(">a\nACGUACGUAC\n")
     assert run(["predict-ss", f"--model={tiny_checkpoint}", f"--fasta={good}", f"--out={tmp_path}"]) == 2
@@ -245,7 +296,11 @@ def test_predict_ss_errors_are_clear(ss_model, tiny_checkpoint, tmp_path, capsys
     assert run(["predict-ss", f"--model={tmp_path / 'nope'}", f"--fasta={good}"]) == 2
     assert "not found" in capsys.readouterr().err
     assert run(["predict-ss", f"--model={good}", f"--fasta={good}"]) == 2  # was: 'directory not found' for a file
-    assert f"{good} is a file" in (err := capsys.readouterr().err) and "import-original-ss" in err
+    assert f"{good} is a file" in (err := capsys.readouterr().err) and "pass the directory" in err
+    original = tmp_path / "ss_bprna_ft.pt"
+    original.write_bytes(b"")
+    assert run(["predict-ss", f"--model={original}", f"--fasta={good}"]) == 2
+    assert "import-original-ss --checkpoint=" in capsys.readouterr().err
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={good}", f"--out={tmp_path}", "--threshold=1.5"]) == 2
     assert "--threshold (1.5) is a pair probability" in capsys.readouterr().err
     assert run(["ss", "fly"]) == 2 and run(["nosuchtask"]) == 2
@@ -366,7 +421,7 @@ def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoi
     args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={two}", f"--out={tmp_path / 'e'}", "--progress=false"]
     for bad in ("--max_len=0", "--limit=0", "--batch_size=0", "--plot_max=0"):
         assert run([*args, bad]) == 2
-        assert "must be >= 1" in capsys.readouterr().err
+        assert f"error: {bad[:-2]} (0): must be >= 1" in capsys.readouterr().err  # that option only
     assert run(args) == 0  # two records: too few to plot
     assert "embeddings.png" not in capsys.readouterr().out and not (tmp_path / "e" / "embeddings.png").exists()
 

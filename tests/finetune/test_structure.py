@@ -118,8 +118,8 @@ def test_ct_truncated_record(tmp_path):
 
 def test_fasta_errors_name_file_line_and_record(tmp_path):
     bad = tmp_path / "bad.fa"
-    bad.write_text(">ok\nACGU\n>weird\nACG1*\n")
-    with pytest.raises(StructureError, match=r"bad\.fa:3: record 'weird' has invalid characters '\*1'"):
+    bad.write_text(">ok\nACGU\n>weird\nACGU\nACG1*\n")   # the line of the bad letters, not of the header
+    with pytest.raises(StructureError, match=r"bad\.fa:5: record 'weird' has invalid characters '\*1'"):
         read_fasta(bad)
     (tmp_path / "dup.fa").write_text(">a\nACGU\n>a\nACGU\n")
     with pytest.raises(StructureError, match="duplicate record id 'a'"):
@@ -182,7 +182,10 @@ def test_letters_outside_the_alphabet_are_reported(tmp_path, capsys):
     path.write_text(">a\nACGU\n>b\nACXP\n>c\nggnn\n")
     recs = read_fasta(path)
     assert warn_unknown_letters(recs, path) == 1
-    assert "1 record(s) contain letters outside the RiNALMo alphabet (PX)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 record(s) contain letters outside the RiNALMo alphabet (PX), read as <unk>; first: 'b'" in err
+    assert warn_unknown_letters(recs, path, structures=True) == 1   # 'never paired' meant nothing for embeddings
+    assert "read as <unk> and never paired; first: 'b'" in capsys.readouterr().err
 
 
 def test_fasta_gzip_and_description(tmp_path):
