@@ -50,6 +50,9 @@ def run(argv: Sequence[str]) -> int:
             module, cfg_cls = _task_module(cmd)
             cfg = from_cli(cfg_cls, rest, prog=prog)
             check_out_dir(cfg.train.out_dir, "--train.out_dir")
+            for name in ("limit_train", "limit_valid", "limit_test"):
+                if (value := getattr(cfg.data, name)) is not None and value < 1:
+                    raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
             if action == "evaluate" and not cfg.model.path:
                 raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
             if action == "train":

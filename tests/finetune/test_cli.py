@@ -271,6 +271,10 @@ def test_output_directories_are_checked_before_any_work(ss_model, tiny_checkpoin
     assert "--model.path is required" in capsys.readouterr().err
     assert run(["ss", "evaluate", f"--model.path={ss_model}", "--train.out_dir="]) == 2
     assert "--train.out_dir is required" in capsys.readouterr().err
+    for task in ("ss", "splice", "mrl"):     # was "no sequences to score", after loading the model
+        assert run([task, "evaluate", f"--model.path={ss_model}", f"--train.out_dir={tmp_path / 'ev'}",
+                    "--data.limit_test=0"]) == 2
+        assert "--data.limit_test (0) must be >= 1 (unset: all records)" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()
 
 
