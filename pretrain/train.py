@@ -173,9 +173,10 @@ class Trainer:
         if cfg.model.compile:
             model.compile_blocks(dynamic=False)
             _start_compile_workers()
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
+        with _stop_signals_blocked():  # a JIT op build's processes (FusedAdam: ninja, nvcc, g++) outlive a USR1
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
+                lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         build_locks.stop()
         if cfg.data.pin_memory and self.device.type != "cuda":
             cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it

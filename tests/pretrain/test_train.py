@@ -505,6 +505,24 @@ report(psutil.Process().children(recursive=True))
 os._exit(0)
 """
 
+MASKS_AFTER_ENGINE_START = STOPPABLE + """
+import subprocess
+import pretrain.train as train
+from pretrain.config import PretrainConfig
+from rnalm.configfile import from_cli
+
+real_adamw, builds = train._adamw, []
+def adamw_that_builds(*args):  # as FusedAdam's first use does: ninja, nvcc and g++ as child processes
+    builds.append(subprocess.Popen(["sleep", "60"]))
+    return real_adamw(*args)
+train._adamw = adamw_that_builds
+cfg = from_cli(PretrainConfig, ["--config", "pretrain/configs/tiny_cpu.yaml", f"--data.shards={sys.argv[1]}",
+                                f"--train.out_dir={sys.argv[2]}", "--metrics.enabled=false"])
+train.Trainer(cfg)
+report([psutil.Process(p.pid) for p in builds])
+os._exit(0)
+"""
+
 STOP = {int(signal.SIGTERM), int(signal.SIGUSR1)}
 
 
@@ -528,6 +546,15 @@ def test_workers_start_immune_to_the_stop_signals_and_the_rank_keeps_them(pretra
     got = _masks(MASKS_AFTER_FIRST_BATCH, str(pretrain_shards))
     assert len(got["started"]) >= 3, got            # 2 workers, the resource tracker
     assert sum("resource_tracker" in cmd for cmd in got["started"]) == 1, got
+
+
+def test_processes_of_the_engine_start_are_immune_to_the_stop_signals(pretrain_shards, tmp_path):
+    """optim.adamw=deepspeed builds FusedAdam's op at its first use in ninja/nvcc/g++ processes, after the trainer
+    has installed its USR1 handler (reset to the default action in a child that execs): a USR1 forwarded by
+    pretrain.sh during the build killed it, and the rank exited 1, not requeued. The optimizer and
+    deepspeed.initialize now run with the stop signals blocked; the rank keeps receiving them."""
+    got = _masks(MASKS_AFTER_ENGINE_START, str(pretrain_shards), str(tmp_path / "run"))
+    assert len(got["started"]) == 1 and "sleep 60" in next(iter(got["started"])), got
 
 
 def test_compile_workers_start_immune_to_the_stop_signals():
