@@ -41,7 +41,7 @@ from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
 from rnalm import io as rio
 from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
 from rnalm.batch import IGNORE_INDEX, PackedBatch
-from rnalm.config import ModelConfig
+from rnalm.config import MACHINE_CHOICES, ModelConfig
 from rnalm.configfile import from_cli, save_yaml, to_dict
 from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
@@ -95,6 +95,17 @@ def read_init_weights(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tens
         raise rio.WeightsError(f"{path} was trained with other settings than the model section's (theirs, "
                                f"this run's): {differs}")
     return state
+
+
+# model settings a resume may change: how the same weights are computed (kernel, recomputation, GEMM padding)
+# and the dropout rates; any other difference is another model (shapes, heads, RoPE base, vocabulary, ...)
+RESUME_MAY_CHANGE = (*MACHINE_CHOICES, "name", "attn_dropout", "residual_dropout", "transition_dropout")
+
+
+def model_changes(saved: dict, model_cfg: ModelConfig) -> dict[str, tuple]:
+    """{key: (a checkpoint's model setting, this run's)} for the settings a resume may not change."""
+    now = model_cfg.to_dict()
+    return {k: (v, now.get(k)) for k, v in saved.items() if k not in RESUME_MAY_CHANGE and now.get(k) != v}
 
 
 def samples_digest(ids: list[str]) -> str:
@@ -506,7 +517,14 @@ class Trainer:
         if not self.cfg.checkpoint.resume:
             raise CheckpointError(f"{ckpt.root} holds checkpoints of an earlier run (newest {tag}) and "
                                   f"checkpoint.resume=false: use another train.out_dir, or remove them")
-        saved_world = read_trainer_state(ckpt.root, tag).get("world_size")
+        state = read_trainer_state(ckpt.root, tag)
+        changed = model_changes(state.get("model", {}), self.model_cfg)
+        if changed:
+            raise CheckpointError(f"{ckpt.root / tag} was written by another model than this run's model section "
+                                  f"(theirs, this run's): {changed}; resume with the model it was written with, or "
+                                  "start another train.out_dir from its weights (python -m pretrain.convert, then "
+                                  "--train.init_weights)")
+        saved_world = state.get("world_size")
         if saved_world == self.world:
             return tag
         if not (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():

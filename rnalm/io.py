@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -200,6 +199,9 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None =
     head count of weights that do not record it (the original's .pt, multimolecule weights without their
     directory's config.json), unless overridden; `config_overrides` win over what a file records."""
     path = Path(path)
+    if fmt in ("auto", "rnalm") and path.name in (WEIGHTS_NAME, "pytorch_model.bin") and path.is_file() \
+            and (path.parent / CONFIG_NAME).is_file():
+        path = path.parent  # the weights of a directory whose config.json records their settings (heads, ...)
     source: str | os.PathLike | StateDict = path
     if fmt == "auto" and path.is_file():  # read once: its keys tell the layout (a giga .pt is 2.6 GB)
         source = read_state_dict(path)
@@ -229,7 +231,7 @@ def read_state_dict(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError):
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - the unpickler fails any way on other data (KeyError on a text file)
         raise WeightsError(f"{path}: torch.load(weights_only=True) cannot read a state dict from it (a damaged "
                            f"file, another format, or pickled objects besides tensors): {_reason(e)}") from None
     if not isinstance(state, Mapping):

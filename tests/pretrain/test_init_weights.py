@@ -18,6 +18,8 @@ def test_weights_with_another_head_count_or_rope_base_are_refused(tmp_path):
     saved = save_pretrained(RiNALMo(ModelConfig.preset("nano", num_heads=2, **TINY)), tmp_path / "two_heads")
     with pytest.raises(WeightsError, match=r"'num_heads': \(2, 4\)"):
         read_init_weights(str(saved), ModelConfig.preset("nano", num_heads=4, **TINY))
+    with pytest.raises(WeightsError, match=r"'num_heads': \(2, 4\)"):  # its file: read with its config.json
+        read_init_weights(str(saved / "model.safetensors"), ModelConfig.preset("nano", num_heads=4, **TINY))
     with pytest.raises(WeightsError, match=r"'rope_base': \(10000.0, 20000.0\)"):
         read_init_weights(str(saved), ModelConfig.preset("nano", num_heads=2, rope_base=20000.0, **TINY))
     model = RiNALMo(ModelConfig.preset("nano", num_heads=2, **TINY))

@@ -134,6 +134,19 @@ def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_giv
         assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_resume_may_change_how_the_model_computes_not_which_model_it_is():
+    from pretrain.train import model_changes
+    from rnalm.config import ModelConfig
+
+    saved = ModelConfig.preset("nano").to_dict()
+    same = ModelConfig.preset("nano", attention_backend="sdpa", activation_checkpointing=True, ffn_align=1,
+                              attn_dropout=0.0, residual_dropout=0.0)
+    assert model_changes(saved, same) == {}
+    other = ModelConfig.preset("nano", dim=128, num_heads=8, rope_base=500.0)
+    assert model_changes(saved, other) == {"dim": (saved["dim"], 128), "num_heads": (saved["num_heads"], 8),
+                                          "rope_base": (10000.0, 500.0)}
+
+
 def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pretrain_shards, copy_of_straight_run):
     from pretrain.schedule import warmup_cosine
 
@@ -143,6 +156,10 @@ def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pre
     assert "holds checkpoints of an earlier run (newest step00000012) and checkpoint.resume=false" in proc.stderr
     assert "(exitcode: 2)" in proc.stderr and "CheckpointError" not in proc.stderr  # refused: the ranks exit 2
     assert (out / "config.yaml").read_bytes() == config_before  # a refused start leaves the run's config
+    # another head count: the same shapes, so the checkpoint loaded and the run went on with other attention
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", "--model.num_heads=8", expect_rc=1)
+    assert "step00000012 was written by another model than this run's model section (theirs, this run's): " \
+        "{'num_heads': (4, 8)}" in proc.stderr and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
 
     run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3")  # longer, another peak LR
     records = read_log(out)

@@ -174,7 +174,9 @@ def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
-    for name in ("cut.pt", "text.pt"):
+    (tmp_path / "hello.pt").write_bytes(b"hello world\n")      # the unpickler's KeyError: a traceback
+    (tmp_path / "notes.pt").write_bytes(b"a text file\n")      # its IndexError
+    for name in ("cut.pt", "text.pt", "hello.pt", "notes.pt"):
         with pytest.raises(WeightsError, match=f"{tmp_path / name}: torch.load\\(weights_only=True\\) cannot read"):
             import_official(tmp_path / name)
     save_pretrained(random_model("nano", dim=32, num_layers=2, num_heads=4), tmp_path / "m")
