@@ -347,6 +347,8 @@ def _no_manifest(out_dir: Path) -> str:
                 f"{MANIFEST_NAME})" + (f": give {out_dir.parent}" if out_dir.name == MANIFEST_NAME else ""))
     if (out_dir.parent / MANIFEST_NAME).is_file():
         return f"{out_dir / MANIFEST_NAME}: no manifest; give the build's output folder {out_dir.parent}"
+    if not out_dir.exists():
+        return f"{out_dir}: no such folder (the output folder of dataprep/build_shards.py)"
     return f"{out_dir / MANIFEST_NAME}: no manifest (was build_shards interrupted or never run?)"
 
 

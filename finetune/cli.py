@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rnalm.configfile import from_cli, save_yaml
+from rnalm.files import check_out_dir
 
 USAGE = """usage:
   python -m finetune {ss,splice,mrl} {train,evaluate} [--config FILE] [--section.key=value ...]
@@ -30,7 +31,6 @@ def _task_module(task: str):
 
 def run(argv: Sequence[str]) -> int:
     from finetune.backbone import remove_finetuned
-    from finetune.results import check_out_dir
     from finetune.structure import StructureError
 
     if not argv or argv[0] in ("-h", "--help"):

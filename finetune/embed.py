@@ -21,10 +21,10 @@ import torch
 from finetune.backbone import BackboneConfig, load_backbone
 from finetune.heads import nucleotide_mask
 from finetune.predict import require_inputs
-from finetune.results import check_out_dir
 from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
 from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
+from rnalm.files import check_out_dir
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Literal
 import numpy as np
 
 from finetune.backbone import load_finetuned
-from finetune.results import check_out_dir, write_json
+from finetune.results import write_json
 from finetune.structure import (BRACKETS, FastaRecord, StructureError, StructureRecord, read_fasta,
                                 to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
 from finetune.trainer import pick_device
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, check_out_dir
 
 PREDICTIONS_LIST = "predict_ss.json"  # what a predict-ss run wrote into OUT (model, FASTA, threshold, files)
 

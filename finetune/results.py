@@ -2,26 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rnalm.files import atomic_write
-
-
-def check_out_dir(path: str | Path, option: str) -> Path:
-    """An output directory checked before any work: an empty value (which would write into the current
-    directory), a file, a path under a file, or an unwritable place is refused with the option's name."""
-    if not str(path):
-        raise ValueError(f"{option} is required: an output directory")
-    out = Path(path)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{option}={path}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}={path}: {existing} is not writable")
-    return out
 
 
 def write_json(obj: Any, path: str | Path) -> None:

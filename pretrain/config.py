@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pretrain.data import DataConfig
 from rnalm.config import ModelConfig
+from rnalm.files import check_out_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,6 +132,11 @@ class PretrainConfig:
                              f"({self.train.max_steps}) or set optim.decay_steps")
         if self.train.init_weights and not Path(self.train.init_weights).exists():
             raise ValueError(f"train.init_weights: {self.train.init_weights} does not exist")
+        if not 0 <= self.metrics.port_base <= 65535 - 16:   # room for the local ranks' ports above it
+            raise ValueError(f"metrics.port_base must be 0 (free ports) or a port up to 65519, got "
+                             f"{self.metrics.port_base}")
+        check_out_dir(self.train.out_dir, "train.out_dir")
+        deepspeed_config(self, bf16=False)  # readable, and without the keys the trainer owns
         self.model.build()
 
     def valid_data(self) -> DataConfig:

@@ -191,12 +191,15 @@ class Trainer:
         build_locks.stop()
         if cfg.data.pin_memory and self.device.type != "cuda":
             cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
-        self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
+        try:
+            self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
+        except ValueError as e:  # e.g. a data.split the shards lack
+            raise RefusedStart(f"training data: {e}") from None
         if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
             try:
                 PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
             except ValueError as e:
-                raise ValueError(f"validation data: {e}; train without it with --train.valid_every=0") from None
+                raise RefusedStart(f"validation data: {e}; train without it with --train.valid_every=0") from None
 
     def _load_init_weights(self, model: PretrainModel, deepspeed) -> str | None:
         """train.init_weights into a fresh run's model (continued pretraining); a resume takes its checkpoint's.

@@ -1,5 +1,5 @@
-"""One way to write a file that readers (and a crash) see whole or not at all. Standard library only, so the
-torch-free dataprep uses it too."""
+"""One way to write a file that readers (and a crash) see whole or not at all, and the check of an output
+directory before any work. Standard library only, so the torch-free dataprep uses it too."""
 from __future__ import annotations
 
 import glob
@@ -60,3 +60,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_out_dir(path: str | Path, option: str) -> Path:
+    """An output directory checked before any work: an empty value (which would write into the current
+    directory), a file, a path under a file, or an unwritable place is refused with the option's name."""
+    if not str(path):
+        raise ValueError(f"{option} is required: an output directory")
+    out = Path(path)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{option}={path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}={path}: {existing} is not writable")
+    return out

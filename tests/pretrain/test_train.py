@@ -125,13 +125,28 @@ def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_giv
     cases = {ncrna_fasta: f"{ncrna_fasta} is a file, not the output folder of dataprep/build_shards.py",
              pretrain_shards / "manifest.json": f"(the folder that holds manifest.json): give {pretrain_shards}",
              pretrain_shards / "train": f"no manifest; give the build's output folder {pretrain_shards}",
-             tmp_path / "nothing": "no manifest (was build_shards interrupted or never run?)"}
+             tmp_path: "no manifest (was build_shards interrupted or never run?)",
+             tmp_path / "nothing": f"{tmp_path / 'nothing'}: no such folder (the output folder of dataprep"}
     for shards, said in cases.items():
         proc = subprocess.run([PY, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
                                f"--data.shards={shards}", f"--train.out_dir={tmp_path / 'run'}"], cwd=REPO,
                               env=trainer_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_split_the_shards_lack_is_a_refused_start_in_one_line(pretrain_shards, tmp_path):
+    """A ValueError traceback, exit 1, after the whole start-up."""
+    from .trainer_runs import PY, trainer_env
+
+    for split_option, said in (("--train.valid_split=validation", "validation data: "),
+                               ("--data.split=training", "training data: ")):
+        proc = subprocess.run([PY, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
+                               f"--data.shards={pretrain_shards}", f"--train.out_dir={tmp_path / 'run'}",
+                               "--metrics.enabled=false", split_option], cwd=REPO, env=trainer_env(),
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 2 and said in proc.stderr and "splits present: ['train', 'valid']" in proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_resume_may_change_how_the_model_computes_not_which_model_it_is():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,20 @@ def test_nonsense_values_are_refused_before_the_run_starts(override):
     """By the config's load (a section's own checks: 'data: seed ...') or by validate ('train.seed ...')."""
     with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"(\.|: )")):
         load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["data.shards=/somewhere", override]).validate()
+
+
+def test_settings_that_failed_later_in_a_traceback_are_refused_by_validate(tmp_path):
+    """A missing DeepSpeed JSON, an out_dir that is a file (or under one), a port past 65535: each was a traceback
+    from the start-up (ValueError, FileExistsError, NotADirectoryError, OverflowError), exit 1."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for override, said in ((f"train.ds_config={tmp_path / 'nope.json'}", "cannot read DeepSpeed config"),
+                           (f"train.out_dir={a_file}", f"train.out_dir={a_file}: {a_file} is a file, not a directory"),
+                           (f"train.out_dir={a_file / 'sub'}", f"{a_file} is a file, not a directory"),
+                           ("metrics.port_base=99999", "metrics.port_base must be 0 (free ports) or a port up to"),
+                           ("metrics.port_base=-5", "metrics.port_base must be 0")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["data.shards=/somewhere", override]).validate()
 
 
 def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
