@@ -14,7 +14,9 @@
 #   RNALM_REPO               repository root                          (default: the submit directory)
 #   RNALM_PYTHON             interpreter                              (default: $RNALM_REPO/.venv/bin/python)
 #   RNALM_METRICS_PORT_BASE  rank r serves metrics on port base+LOCAL_RANK (default: the config's
-#                            metrics.port_base; an explicit --metrics.port_base=N argument wins)
+#                            metrics.port_base + 16 x (job id % 32), so jobs that share a node rarely collide:
+#                            9500-10011 for the shipped configs; an explicit --metrics.port_base=N argument wins,
+#                            and neither is shifted)
 #   RNALM_PROM_SD_DIR        where the file_sd target file goes       (default: $RNALM_REPO/deploy/prometheus/targets)
 #   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 12000, below 32768)
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: cluster-specific NCCL settings; export them before sbatch.
@@ -83,7 +85,7 @@ PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
 CONFIG=pretrain/configs/giga.yaml
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then CONFIG=$1; shift; fi
 OVERRIDES=()   # expanded as ${OVERRIDES[@]+"${OVERRIDES[@]}"}: bash < 4.4 (RHEL 7) calls an empty array unbound
-PORT_BASE=""
+EXPLICIT_PORT_BASE=""
 while [ $# -gt 0 ]; do
   case $1 in
     --*=*) key=${1%%=*}; val=${1#*=}; shift ;;
@@ -92,12 +94,12 @@ while [ $# -gt 0 ]; do
   esac
   case $key in
     --config) CONFIG=$val; continue ;;
-    --metrics.port_base) PORT_BASE=$val ;;
+    --metrics.port_base) EXPLICIT_PORT_BASE=$val ;;
   esac
   OVERRIDES+=("$key=$val")
 done
 [ -f "$CONFIG" ] || die "config file $CONFIG not found"
-if [ -z "$PORT_BASE" ] && [ -n "${RNALM_METRICS_PORT_BASE:-}" ]; then
+if [ -z "$EXPLICIT_PORT_BASE" ] && [ -n "${RNALM_METRICS_PORT_BASE:-}" ]; then
   OVERRIDES+=("--metrics.port_base=$RNALM_METRICS_PORT_BASE")
 fi
 # The file_sd targets must name what the ranks really serve: the config file with the overrides, as the
@@ -105,6 +107,13 @@ fi
 SETTINGS=$("$PYTHON" -m pretrain.config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} metrics.enabled metrics.port_base \
   train.out_dir) || die "cannot read $CONFIG with the overrides: $SETTINGS"
 { read -r METRICS; read -r PORT_BASE; read -r OUT_DIR; } <<< "$SETTINGS"
+# The config's port base is every job's: two jobs on one node (no --exclusive) would both bind it, and the second
+# would be refused at start. Each job takes its own slot of 16 ports above it instead, as its targets say.
+if [ -z "$EXPLICIT_PORT_BASE" ] && [ -z "${RNALM_METRICS_PORT_BASE:-}" ] && [ "$PORT_BASE" -gt 0 ] \
+    && [ $((PORT_BASE + 16 * 32)) -le 65519 ]; then
+  PORT_BASE=$((PORT_BASE + 16 * (SLURM_JOB_ID % 32)))
+  OVERRIDES+=("--metrics.port_base=$PORT_BASE")
+fi
 
 # ---------------------------------------------------------------------- distributed and library settings
 # Ranks come from srun: RANK=SLURM_PROCID, LOCAL_RANK=SLURM_LOCALID (set per task in the srun command).
@@ -142,10 +151,11 @@ log "config $CONFIG ${OVERRIDES[*]:-}"
 SD_DIR=${RNALM_PROM_SD_DIR:-$RNALM_REPO/deploy/prometheus/targets}
 TARGETS=$SD_DIR/rnalm-$SLURM_JOB_ID.json
 
-remove_stale_targets() {  # files of jobs that no longer run (killed with SIGKILL, node crash)
+remove_stale_targets() {  # files of this user's jobs that no longer run (killed with SIGKILL, node crash)
   local f id state rc
   for f in "$SD_DIR"/rnalm-*.json; do
-    [ -e "$f" ] || continue
+    # Another user's file stays: with PrivateData=jobs squeue does not show their jobs, live or not.
+    [ -e "$f" ] && [ -O "$f" ] || continue
     id=${f##*/rnalm-}; id=${id%.json}
     [ "$id" = "$SLURM_JOB_ID" ] && continue
     # only on squeue's word: a failed query (controller busy, socket timeout) must not end another job's scrape

@@ -71,6 +71,20 @@ def test_eight_nodes_of_eight_gpus(tmp_path):
     assert not (sd / "rnalm-123456.json").exists()  # removed when the job ended
 
 
+def test_jobs_sharing_a_node_serve_metrics_on_ports_of_their_own(tmp_path):
+    """Every job served on the config's port base: a second job on the node was refused at start (port in use)."""
+    ports = {}
+    for job_id, args in ((123456, ()), (123457, ()), (123458, ("--metrics.port_base=9700",))):
+        tmp = tmp_path / str(job_id)
+        tmp.mkdir()
+        r, calls, sd = run_script(tmp, nodes=1, tasks=4, gpus=4, job_id=job_id, args=args)
+        assert r.returncode == 0, r.stdout + r.stderr
+        ports[job_id] = [g["targets"][0].rsplit(":", 1)[1] for g in json.loads((sd / "seen.json").read_text())]
+        assert f"--metrics.port_base={ports[job_id][0]}" in calls   # the ranks serve what the targets say
+    assert ports == {123456: ["9500", "9501", "9502", "9503"], 123457: ["9516", "9517", "9518", "9519"],
+                     123458: ["9700", "9701", "9702", "9703"]}    # an explicit base is taken as it is
+
+
 def test_rendezvous_port_stays_below_the_ephemeral_range(tmp_path):
     """Ports from 32768 up may be held by any outgoing connection on the first node (Linux's default range)."""
     r, calls, _ = run_script(tmp_path, nodes=1, tasks=1, gpus=1, job_id=19999)
