@@ -7,6 +7,7 @@ non-finite policy, checkpoints, signals, metrics and the log format.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -494,8 +495,11 @@ class Trainer:
         try:
             return self.metrics.serve(m.bind, port)
         except OSError as e:  # with a fixed port, another job's rank on this node; its target is there, not ours
-            raise RefusedStart(f"metrics endpoint {m.bind}:{port} (metrics.port_base {m.port_base} + local rank "
-                               f"{self.local_rank}): {e.strerror or e}; another job on this node may hold it: give "
+            where = f"metrics endpoint {m.bind}:{port} (metrics.port_base {m.port_base} + local rank {self.local_rank})"
+            if e.errno != errno.EADDRINUSE:  # e.g. a metrics.bind address this node does not have
+                raise RefusedStart(f"{where}: {e.strerror or e}; check metrics.bind (an address of this node, "
+                                   "0.0.0.0: all), or metrics.enabled=false") from None
+            raise RefusedStart(f"{where}: {e.strerror or e}; another job on this node may hold it: give "
                                "this job another metrics.port_base (0: free ports, no Prometheus target), or "
                                "metrics.enabled=false") from None
 

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from pretrain.checkpoint import latest_tag, tag_for
+from tests.deploy.daemons import free_port
 
 from .test_metrics import CONTRACT_NAMES, scrape, value
 from .trainer_runs import events, read_log, run_trainer, signal_tree, start_trainer, step_lines, wait_for
@@ -58,3 +59,13 @@ def test_a_metrics_port_held_by_another_job_is_a_refused_start(pretrain_shards, 
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("python -m pretrain.train: error: ")]
     assert f"metrics endpoint 127.0.0.1:{port} (metrics.port_base {port} + local rank 0): " in line
     assert "(exitcode: 2)" in proc.stderr and "OSError" not in proc.stderr
+    assert "another job on this node may hold it" in line
+
+
+def test_a_metrics_address_this_node_lacks_says_so(pretrain_shards, tmp_path):
+    """It blamed another job on the node for the port, as for a port in use."""
+    proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.max_steps=1", "--metrics.bind=192.0.2.1",
+                       f"--metrics.port_base={free_port(1)}", nproc=1, expect_rc=1)   # TEST-NET-1: nobody's address
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("python -m pretrain.train: error: ")]
+    assert "metrics endpoint 192.0.2.1:" in line and "check metrics.bind (an address of this node" in line
+    assert "another job" not in line and "(exitcode: 2)" in proc.stderr
