@@ -449,7 +449,7 @@ def test_bad_configs_are_refused_with_reasons(shards):
         PretrainLoader(config(shards, split="test"))
     with pytest.raises(ValueError, match="rank"):
         PretrainLoader(config(shards), rank=2, world_size=2)
-    with pytest.raises(ShardError, match="manifest"):
+    with pytest.raises(ShardError, match="nowhere: no such folder"):
         PretrainLoader(config(shards.parent / "nowhere"))
 
 

@@ -1,6 +1,8 @@
 """python -m rnalm.export: released weights -> the original's .pt and a multimolecule (Hugging Face) directory."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -55,7 +57,10 @@ def test_a_multimolecule_directory_loads_back_with_the_settings_its_config_recor
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert read_weights(tmp_path / "hf", heads=20)[0].num_heads == 4          # recorded beats the fallback
     assert read_weights(tmp_path / "hf", num_heads=8)[0].num_heads == 8       # an explicit override beats both
-    assert read_weights(tmp_path / "hf" / "model.safetensors", heads=20)[0].num_heads == 20  # a bare file records none
+    assert read_weights(tmp_path / "hf" / "model.safetensors", heads=20)[0].num_heads == 4  # read with its config
+    (tmp_path / "bare").mkdir()
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "bare")
+    assert read_weights(tmp_path / "bare" / "model.safetensors", heads=20)[0].num_heads == 20  # a bare file: none
 
 
 @pytest.mark.parametrize("setting", [{"num_heads": 4}, {"token_dropout": False}, {"layer_norm_eps": 1e-6},
