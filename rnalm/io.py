@@ -307,7 +307,8 @@ _MM_TOP = {
 }
 _MM_QKV = ("query", "key", "value")
 # ModelConfig settings a multimolecule RiNALMoConfig records (config.json), by its field names
-MULTIMOLECULE_SETTINGS = {"num_heads": "num_attention_heads", "residual_dropout": "hidden_dropout",
+MULTIMOLECULE_SETTINGS = {"dim": "hidden_size", "num_layers": "num_hidden_layers",  # checked against the tensors
+                          "num_heads": "num_attention_heads", "residual_dropout": "hidden_dropout",
                           "attn_dropout": "attention_dropout", "layer_norm_eps": "layer_norm_eps",
                           "token_dropout": "token_dropout"}
 
@@ -367,9 +368,18 @@ def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] | None = None,
         state["lm_mask_head.linear2.bias"] = bias[rows]
     except KeyError as err:
         raise WeightsError(f"{where}: missing multimolecule tensor {err.args[0]}") from None
+    unknown = sorted(set(mm) - set(export_multimolecule(state, mm_vocab))
+                     - {k for k in mm if _MM_NOT_THE_BACKBONE.search(k)})
+    if unknown:  # dropped, the model would compute something else than the file
+        raise WeightsError(f"{where}: multimolecule tensors this import does not know: {', '.join(unknown[:6])}"
+                           + (f" (+{len(unknown) - 6} more)" if len(unknown) > 6 else ""))
     cfg = infer_config(state, where, **config_overrides)
     check_state_dict(state, cfg, where)
     return cfg, state
+
+
+# tensors of a multimolecule file that a backbone import leaves out on purpose: other heads, rotary buffers
+_MM_NOT_THE_BACKBONE = re.compile(r"^ss_head\.|(^|\.)pooler\.|inv_freq$|position_ids$")
 
 
 def export_multimolecule(state: Mapping[str, torch.Tensor],

@@ -107,3 +107,38 @@ def test_settings_a_pt_file_cannot_carry_are_refused_for_the_original_layout(tmp
     (key, value), = setting.items()
     assert exit_.value.code == 1 and f"{key} {value}" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_multimolecule_file_that_is_not_what_its_config_says_is_refused(tmp_path):
+    """An unknown tensor was dropped without a word (the model then computed something else than the file), and a
+    directory whose tensors lack a layer its config.json declares, or of another width, loaded as the smaller model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from rnalm.io import WeightsError
+
+    released(tmp_path, num_layers=2, dim=32, num_heads=4)
+    main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    weights, config = tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"
+    state, meta = load_file(weights), json.loads(config.read_text())
+
+    def variant(name, tensors, settings):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors")
+        (d / "config.json").write_text(json.dumps(settings))
+        return d
+
+    extra = variant("extra", {**state, "model.encoder.layer.1.attention.self.query.bias": torch.zeros(32)}, meta)
+    with pytest.raises(WeightsError, match=r"extra: multimolecule tensors this import does not know: "
+                                           r"model\.encoder\.layer\.1\.attention\.self\.query\.bias"):
+        read_weights(extra)
+    one_layer = variant("one_layer", {k: v for k, v in state.items() if ".layer.1." not in k}, meta)
+    with pytest.raises(WeightsError, match="transformer.blocks.1"):
+        read_weights(one_layer)
+    wider = variant("wider", state, {**meta, "hidden_size": 64})
+    with pytest.raises(WeightsError, match="wider"):
+        read_weights(wider)
+    head = variant("with_ss_head", {**state, "ss_head.prediction.weight": torch.zeros(1, 8)}, meta)
+    assert read_weights(head)[0] == read_weights(tmp_path / "hf")[0]   # another head: not the backbone's
