@@ -33,8 +33,10 @@ def _build_lut() -> np.ndarray:
 
 
 BYTE_TO_ID: np.ndarray = _build_lut()
-_ID_TO_RNA = np.frombuffer(b"?????ACGUIRYKMSWBDHVN-", dtype=np.uint8)
-_ID_TO_DNA = np.frombuffer(b"?????ACGTIRYKMSWBDHVN-", dtype=np.uint8)
+# <unk> as X and <mask> as ?: one letter per position (both encode back to <unk>); <cls>/<pad>/<eos> are dropped
+_ID_TO_RNA = np.frombuffer(b"???X?ACGUIRYKMSWBDHVN-", dtype=np.uint8)
+_ID_TO_DNA = np.frombuffer(b"???X?ACGTIRYKMSWBDHVN-", dtype=np.uint8)
+_DROPPED = (CLS_ID, PAD_ID, EOS_ID)
 
 
 def encode_bytes(buf: bytes | np.ndarray) -> np.ndarray:
@@ -67,8 +69,14 @@ def batch_encode(seqs: Sequence[str | bytes], add_special: bool = True,
 
 
 def decode(ids: Sequence[int] | np.ndarray, rna: bool = True) -> str:
-    """Decode nucleotide ids to a string (U for T when rna); special tokens are dropped."""
+    """One sequence's ids to a string (U for T when rna): <cls>, <pad> and <eos> are dropped, <unk> is written X and
+    <mask> ?, so every other position keeps its letter. Ids outside the vocabulary and 2-D input are errors."""
     arr = np.asarray(ids, dtype=np.int64)
-    arr = arr[(arr >= NUCLEOTIDE_IDS[0]) & (arr < VOCAB_SIZE)]
+    if arr.ndim != 1:
+        raise ValueError(f"decode takes one sequence's ids (1-D), got shape {arr.shape}: decode a batch row by row")
+    bad = arr[(arr < 0) | (arr >= VOCAB_SIZE)]
+    if bad.size:
+        raise ValueError(f"id {int(bad[0])} is outside the {VOCAB_SIZE}-token vocabulary")
+    arr = arr[~np.isin(arr, _DROPPED)]
     table = _ID_TO_RNA if rna else _ID_TO_DNA
     return table[arr].tobytes().decode("ascii")

@@ -40,3 +40,16 @@ def test_encode_wraps_in_cls_eos_and_batch_pads_right():
 def test_decode_inverts_encode_in_rna_letters(seq):
     assert tk.decode(tk.encode(seq)) == seq.upper()
     assert tk.decode(tk.encode("ACGU"), rna=False) == "ACGT"
+
+
+def test_decode_keeps_every_position_and_refuses_what_is_no_sequence():
+    """<unk> and <mask> were dropped (the string no longer lined up with the ids), ids outside the vocabulary were
+    dropped silently, and a [B, L] batch came back as one string of all its rows."""
+    ids = tk.encode("ACGXZ.*U")
+    assert tk.decode(ids) == "ACGXXXXU" and np.array_equal(tk.encode(tk.decode(ids)), ids)
+    assert tk.decode([tk.CLS_ID, 5, tk.MASK_ID, 6, tk.EOS_ID, tk.PAD_ID]) == "A?C"
+    for bad in ([0, 5, 99], [5, -1]):
+        with pytest.raises(ValueError, match="outside the 22-token vocabulary"):
+            tk.decode(bad)
+    with pytest.raises(ValueError, match="decode a batch row by row"):
+        tk.decode(tk.batch_encode(["ACGU", "GG"])[0])
