@@ -123,11 +123,18 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    if Path(model_dir).is_file():
+        raise WeightsError(f"{model_dir} is a file: a model directory holds {WEIGHTS_NAME} and {CONFIG_NAME} "
+                           "(read_weights reads any released weights, the original's .pt included)")
     path = Path(model_dir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: a model directory holds {WEIGHTS_NAME} and {CONFIG_NAME}")
     meta = read_json(path)
-    if list(meta.get("tokenizer", {}).get("vocab", VOCAB)) != list(VOCAB):
+    if "format_version" not in meta and "model" not in meta:  # another tool's (multimolecule's, a BERT's)
+        raise WeightsError(f"{path} is not this tool's (no format_version; pretrain.convert and save_pretrained "
+                           "write it); a multimolecule directory is read by read_weights")
+    tokenizer = meta.get("tokenizer", {})
+    if not isinstance(tokenizer, Mapping) or list(tokenizer.get("vocab", VOCAB)) != list(VOCAB):
         raise WeightsError(f"{path}: tokenizer vocabulary differs from RiNALMo's")
     return meta
 
@@ -177,7 +184,8 @@ def weights_format(path: Path) -> str:
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).exists():
                 if name == WEIGHTS_NAME and "embedding.weight" in safetensors_keys(path / name):
-                    raise FileNotFoundError(f"{path}: {name} in this tool's layout but no {CONFIG_NAME} "
+                    which = "another tool's" if cfg.exists() else "no"
+                    raise FileNotFoundError(f"{path}: {name} in this tool's layout but {which} {CONFIG_NAME} "
                                             f"beside it (written with it by pretrain.convert / save_pretrained)")
                 return "multimolecule"
         if (path / "checkpoints").is_dir() or (path / "latest").exists() or (path / "trainer_state.json").exists():

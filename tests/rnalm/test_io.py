@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -183,9 +184,22 @@ def test_unreadable_pt_files_and_saved_configs_name_the_file(tmp_path):
     config = tmp_path / "m" / "config.json"
     meta = json.loads(config.read_text())
     for model_entry, reason in ((None, "KeyError"), ({**meta["model"], "newer_field": 1}, "newer_field")):
-        config.write_text(json.dumps({**meta, "model": model_entry} if model_entry else {"tokenizer": meta["tokenizer"]}))
+        config.write_text(json.dumps({**meta, "model": model_entry} if model_entry else
+                                     {k: v for k, v in meta.items() if k != "model"}))
         with pytest.raises(WeightsError, match=f"{config}: no usable 'model' entry .*{reason}"):
             load_pretrained(tmp_path / "m")
+    # another tool's config.json (multimolecule's, a BERT's) was 'no usable model entry', and a tokenizer entry
+    # that is no mapping an AttributeError; a file given as the directory was 'x.pt/config.json not found'
+    for content, said in (({"hidden_size": 32, "num_attention_heads": 4}, "is not this tool's (no format_version"),
+                          ({**meta, "tokenizer": "x"}, "tokenizer vocabulary differs from RiNALMo's")):
+        config.write_text(json.dumps(content))
+        with pytest.raises(WeightsError, match=re.escape(f"{config}") + ".*" + re.escape(said)):
+            load_pretrained(tmp_path / "m")
+    with pytest.raises(WeightsError, match=re.escape(f"{tmp_path / 'good.pt'} is a file: a model directory holds")):
+        load_pretrained(tmp_path / "good.pt")
+    config.write_text(json.dumps({"hidden_size": 32}))   # was: 'but no config.json beside it', beside one
+    with pytest.raises(FileNotFoundError, match="in this tool's layout but another tool's config.json beside it"):
+        weights_format(tmp_path / "m")
 
 
 @pytest.mark.parametrize("layout", ["run", "checkpoints", "step"])
