@@ -290,7 +290,11 @@ class RiNALMo(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> ModelOutput:
         """Padded [B, L] input (right padding with <pad>); unpads, runs packed, pads back."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens: want [batch, length] ids, got shape {tuple(tokens.shape)}")
         index, flat, cu_seqlens, max_seqlen = unpad(tokens)
+        if flat.numel() == 0:
+            raise ValueError(f"tokens {tuple(tokens.shape)}: no token that is not <pad>")
         batch = PackedBatch(tokens=flat, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                             positions=positions_from_cu_seqlens(cu_seqlens))
         out = self.forward_packed(batch)

@@ -72,6 +72,17 @@ def test_packed_and_padded_forward_agree_and_sequences_do_not_interact():
     torch.testing.assert_close(packed.logits[start:end], alone.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_input_with_no_token_or_the_wrong_shape_is_a_clear_error():
+    """All-padding or empty batches failed inside attention ('torch.cat(): expected a non-empty list of Tensors'),
+    a 1-D input with 'Dimension out of range'."""
+    model = tiny_model()
+    for tokens, said in ((torch.full((2, 3), 1), r"tokens \(2, 3\): no token that is not <pad>"),
+                         (torch.zeros((0, 5), dtype=torch.long), r"tokens \(0, 5\): no token"),
+                         (torch.tensor(encode("ACGU")), r"want \[batch, length\] ids, got shape \(6,\)")):
+        with pytest.raises(ValueError, match=said):
+            model(tokens)
+
+
 def test_logits_index_runs_the_head_on_those_rows_only():
     model = tiny_model()
     batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
