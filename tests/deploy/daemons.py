@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -26,26 +27,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port(count: int = 1) -> int:
-    """A port p such that p..p+count-1 are all free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
+    """A port p such that p..p+count-1 are all free right now, drawn from 10000-19999: below the kernel's ephemeral
+    range (32768 up by default), where any outgoing connection, e.g. a rank's rendezvous, may take a port between
+    this check and the bind it is for, and below pretrain.sh's rendezvous ports (20000 + job id % 12000)."""
+    draw = random.Random()
+    for _ in range(500):
+        base = draw.randrange(10000, 20000 - count)
         socks = []
         try:
             for p in range(base, base + count):
                 s = socket.socket()
                 socks.append(s)
-                s.bind(("127.0.0.1", p))
+                s.bind(("", p))  # every address, as the trainer's metrics endpoint binds 0.0.0.0
             return base
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
+    raise RuntimeError(f"no {count} consecutive free ports found in 10000-19999")
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
