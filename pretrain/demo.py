@@ -37,6 +37,7 @@ def make_fasta(out: Path, records: int) -> Path:
 
 
 def build_shards(fasta: Path, shards: Path) -> None:
+    shutil.rmtree(shards, ignore_errors=True)  # a fresh build each time: the FASTA was just rewritten
     cmd = [sys.executable, "dataprep/build_shards.py", "--input", str(fasta), "--out", str(shards),
            "--valid-fraction", "0.02", "--block-records", "1024"]
     if shutil.which("mmseqs") is None:
