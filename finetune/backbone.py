@@ -87,8 +87,8 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
-    if path.is_file() and (path.parent / FT_META).is_file():  # its task model's weights, read as a backbone's
-        raise ValueError(f"{path} is part of the fine-tuned model {path.parent}: pass that directory")
+    if hint := _part_of_finetuned(path):  # its task model's weights, read as a backbone's
+        raise ValueError(f"{path}: {hint}")
     # a file's layout is told by rnalm.io.read_weights from the one read it makes
     fmt = detect_format(path) if cfg.format == "auto" and path.is_dir() else cfg.format
     if fmt == "finetuned":
@@ -127,9 +127,16 @@ def remove_finetuned(out_dir: str | Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _file_hint(path: Path) -> str:
-    if (path.parent / FT_META).is_file():
+def _part_of_finetuned(path: Path) -> str | None:
+    """The hint for a file of a fine-tuned model directory given where its directory belongs; None otherwise."""
+    if path.is_file() and (path.parent / FT_META).is_file():
         return f"it is part of the fine-tuned model {path.parent}: pass that directory"
+    return None
+
+
+def _file_hint(path: Path) -> str:
+    if hint := _part_of_finetuned(path):
+        return hint
     if path.suffix == ".pt":  # most likely the original's ss_*_ft.pt (its issues #22, #34: FASTA -> structures)
         return (f"the original's ss_*_ft.pt is imported first: python -m finetune import-original-ss "
                 f"--checkpoint={path} --out=DIR, then --model=DIR")
