@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,24 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
             return tag
     tags = complete_tags(root)
     return tags[-1] if tags else None
+
+
+def check_files(folder: Path, world_size: int) -> None:
+    """A CheckpointError naming the first file of a step checkpoint written by `world_size` ranks that is missing
+    (every rank has the files any rank has, its own number in their names) or is not a complete torch.save archive
+    (truncated: no zip directory at its end). Names no cause when the checkpoint is whole."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    templates = {_RANK_FILE_RE.sub(lambda m: m.group(0)[:-len(m.group(1))] + "{r}", n) for n in names
+                 if _RANK_FILE_RE.search(n)} | {"rng_rank{r}.pt"}
+    for template in sorted(templates):
+        for r in range(world_size):
+            if template.format(r=r) not in names:
+                raise CheckpointError(f"{folder / template.format(r=r)}: missing (the checkpoint was written by "
+                                      f"{world_size} ranks)")
+    for name in sorted(n for n in names if n.endswith(".pt")):
+        if not zipfile.is_zipfile(folder / name):
+            raise CheckpointError(f"{folder / name}: damaged checkpoint file (not a complete torch.save archive; "
+                                  "truncated or partly written?)")
 
 
 class Checkpointer:
@@ -189,9 +208,8 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         state = read_trainer_state(self.root, tag)
-        rng_file = self.root / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file() and state.get("world_size") == self.world_size:
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        if state.get("world_size") == self.world_size:  # check_files found every rank's RNG file
+            set_rng_state(torch.load(self.root / tag / f"rng_rank{self.rank}.pt", weights_only=True))
         else:  # another world size: ranks no longer map 1:1; reseed deterministically
             torch.manual_seed(hash((state.get("seed", 0), state["step"], self.rank)) & 0xFFFFFFFF)
         return state

@@ -17,11 +17,10 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
-from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, complete_tags,
-                                 latest_tag, read_trainer_state)
+from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, check_files,
+                                 complete_tags, latest_tag, read_trainer_state)
 from pretrain.runlock import RunLock, RunLockError
 from rnalm.files import atomic_write
 
@@ -95,12 +94,12 @@ def consolidate(root: Path, tag: str) -> dict:
     def pruned() -> bool:
         return not (ckpt / STATE_FILE).is_file() or not all(f.is_file() for f in files)
 
-    for f in files:  # a truncated torch.save archive has no zip directory at its end
-        if not zipfile.is_zipfile(f):
-            if pruned():
-                raise removed
-            raise CheckpointError(f"{f}: damaged checkpoint file (not a complete torch.save archive; truncated or "
-                                  f"partly written?): convert an older checkpoint with --tag")
+    try:
+        check_files(ckpt, read_trainer_state(root, tag)["world_size"])
+    except CheckpointError as e:
+        if pruned():
+            raise removed from None
+        raise CheckpointError(f"{e}: convert an older checkpoint with --tag") from None
     try:
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises plain RuntimeError/ValueError/FileNotFoundError/...
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tag", help="checkpoint tag (default: the newest good one)")
     parser.add_argument("--universal", action="store_true",
                         help="write <checkpoints folder>/<tag>_universal for resuming on another world size instead")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --tag before or after OUT_DIR
     if not args.universal and not args.out_dir:
         parser.error("OUT_DIR is required (or --universal)")
     try:

@@ -53,16 +53,3 @@ def set_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optim: OptimConfi
         group["lr"] = optim.lr * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in groups]
 
-
-SCHEDULE_KEYS = (("optim", "lr"), ("optim", "min_lr"), ("optim", "warmup_start_lr"), ("optim", "warmup_steps"),
-                 ("optim", "decay_steps"), ("train", "max_steps"))
-
-
-def schedule_changes(saved_config: dict, cfg) -> dict[str, tuple]:
-    """{"section.key": (saved, now)} for the schedule settings that differ from a checkpoint's run config."""
-    changes = {}
-    for section, key in SCHEDULE_KEYS:
-        saved, now = saved_config.get(section, {}), getattr(getattr(cfg, section), key)
-        if key in saved and saved[key] != now:
-            changes[f"{section}.{key}"] = (saved[key], now)
-    return changes

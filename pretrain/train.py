@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from dataprep.shards import ShardError, read_manifest
 from pretrain.buildlocks import StaleBuildLockWatch
-from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, latest_tag,
-                                 read_trainer_state, tag_for)
+from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_files,
+                                 complete_tags, latest_tag, read_trainer_state, tag_for)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
 from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
@@ -38,12 +38,12 @@ from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
 from pretrain.profiling import PhaseClock, StepProfiler
 from pretrain.runlock import RunLock, RunLockError
-from pretrain.schedule import build_scheduler, schedule_changes, set_schedule
+from pretrain.schedule import build_scheduler, set_schedule
 from rnalm import io as rio
 from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
 from rnalm.batch import IGNORE_INDEX, PackedBatch
 from rnalm.config import MACHINE_CHOICES, ModelConfig
-from rnalm.configfile import from_cli, save_yaml, to_dict
+from rnalm.configfile import changed_settings, from_cli, save_yaml, to_dict
 from rnalm.model import RiNALMo, TransformerBlock
 from rnalm.tokenizer import CLS_ID, EOS_ID, STANDARD_NUCLEOTIDE_IDS
 
@@ -97,6 +97,11 @@ def read_init_weights(path: str, model_cfg: ModelConfig) -> dict[str, torch.Tens
                                f"this run's): {differs}")
     return state
 
+
+FROM_ITS_WEIGHTS = ("start another train.out_dir from its weights (python -m pretrain.convert, then "
+                    "--train.init_weights)")
+# what a resumed run takes from its own config, not from the checkpoint's optimizer (the LR: set_schedule)
+OPTIM_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
 
 # model settings a resume may change: how the same weights are computed (kernel, recomputation, GEMM padding)
 # and the dropout rates; any other difference is another model (shapes, heads, RoPE base, vocabulary, ...)
@@ -176,6 +181,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.train.profile_at if self.rank == 0 else 0, self.out / "profile", self.device)
         self.clock = PhaseClock(self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
+        self.zero_stage = deepspeed_config(cfg, self.bf16).get("zero_optimization", {}).get("stage", 0)
         self.resume_tag = self._resume_tag()
         ds_cfg = deepspeed_config(cfg, self.bf16, universal=(self.resume_tag or "").endswith(UNIVERSAL_SUFFIX))
         model = _new_model(cfg, ds_cfg, self.device)
@@ -234,7 +240,7 @@ class Trainer:
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
                   metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights, **self._attention(),
-                  weight_decay=[g["weight_decay"] for g in self.scheduler.optimizer.param_groups])
+                  **{k: [g[k] for g in self.scheduler.optimizer.param_groups] for k in OPTIM_HYPERPARAMETERS})
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
@@ -481,7 +487,7 @@ class Trainer:
         t0 = time.perf_counter()
         state = {"step": self.step, "tokens": self.tokens, "samples": self.samples,
                  "nonfinite_steps": self.nonfinite_steps, "last_valid": self.last_valid, "world_size": self.world,
-                 "seed": self.cfg.train.seed,
+                 "seed": self.cfg.train.seed, "zero_stage": self.zero_stage, "bf16": self.bf16,
                  "loader_states": _all_gather(self.loader.state_dict()), "model": self.model_cfg.to_dict(),
                  "config": to_dict(self.cfg), "time": time.time()}
         tag = self.checkpointer.save(self.engine, self.step, state)
@@ -518,6 +524,7 @@ class Trainer:
         removed = ckpt.remove_partial_saves()
         if removed:
             self._log(event="removed_partial_checkpoints", dirs=removed)
+            self._say(f"removed unfinished checkpoints (a save or a pruning cut short): {', '.join(removed)}")
         tag = latest_tag(ckpt.root)
         if tag is None:
             return None
@@ -529,9 +536,21 @@ class Trainer:
         if changed:
             raise CheckpointError(f"{ckpt.root / tag} was written by another model than this run's model section "
                                   f"(theirs, this run's): {changed}; resume with the model it was written with, or "
-                                  "start another train.out_dir from its weights (python -m pretrain.convert, then "
-                                  "--train.init_weights)")
+                                  f"{FROM_ITS_WEIGHTS}")
+        layout = {k: (state[k], now) for k, now in (("zero_stage", self.zero_stage), ("bf16", self.bf16))
+                  if k in state and state[k] != now}
+        if layout:
+            raise CheckpointError(f"{ckpt.root / tag} was written with another ZeRO stage or precision than this "
+                                  f"run's train.ds_config and train.precision give (theirs, this run's): {layout}; "
+                                  f"resume with the settings it was written with, or {FROM_ITS_WEIGHTS}")
         saved_world = state.get("world_size")
+        try:
+            check_files(ckpt.root / tag, saved_world)
+        except CheckpointError as e:
+            older = [t for t in complete_tags(ckpt.root) if t < tag]
+            raise CheckpointError(f"{e}: the run cannot resume from {tag}. To resume from the checkpoint before it ("
+                                  f"{older[-1] if older else 'none'}), move it aside: mv {ckpt.root / tag} "
+                                  f"{ckpt.root / ('damaged-' + tag)}") from None
         if saved_world == self.world:
             return tag
         if not (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():
@@ -558,11 +577,11 @@ class Trainer:
         tag = self.resume_tag
         if tag is None:
             return None
-        decays = [g["weight_decay"] for g in self.scheduler.optimizer.param_groups]  # as _adamw built them
-        state = self.checkpointer.load(self.engine, tag)
-        # this run's, not the checkpoint's: DeepSpeed's universal load sets every group to the first group's decay
-        for group, decay in zip(self.scheduler.optimizer.param_groups, decays):
-            group["weight_decay"] = decay
+        built = [{k: g[k] for k in OPTIM_HYPERPARAMETERS} for g in self.scheduler.optimizer.param_groups]
+        state = self.checkpointer.load(self.engine, tag)  # new param_groups: the checkpoint's
+        # this run's settings, not the checkpoint's (a universal load also sets every group to the first's decay)
+        for group, own in zip(self.scheduler.optimizer.param_groups, built):
+            group.update(own)
         self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.last_valid = state.get("last_valid", -1)
@@ -570,14 +589,13 @@ class Trainer:
             self.loader.load_state_dict(state["loader_states"])
         except ValueError as e:  # its sample stream belongs to other data settings (seed, shards, ...)
             raise CheckpointError(f"{self.checkpointer.root / tag}: {e}; resume with the data settings it was "
-                                  "written with, or start another train.out_dir from its weights (python -m "
-                                  "pretrain.convert, then --train.init_weights)") from None
-        changed = schedule_changes(state.get("config", {}), self.cfg)
+                                  f"written with, or {FROM_ITS_WEIGHTS}") from None
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
+        changed = changed_settings(state.get("config", {}), json.loads(json.dumps(to_dict(self.cfg))))
         if changed:
-            self._log(event="schedule_changed", step=self.step, changes=changed)
+            self._log(event="config_changed", step=self.step, changes=changed)
         self._say(f"resumed from {self.checkpointer.root / tag} at step {self.step}"
-                  + (f"; LR schedule from this run's config: {changed}" if changed else ""))
+                  + (f"; settings changed since (then, now): {changed}" if changed else ""))
         return tag
 
     def _say(self, line: str) -> None:
@@ -596,17 +614,42 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+class LogWriteError(RuntimeError):
+    """log.jsonl could not be written (e.g. a full disk)."""
+
+
 class _JsonLog:
+    """One JSON record a line, appended; the file opened at the first record (a refused start writes none). A line
+    that a failed write left torn is closed first, so that the next record stays a line of its own."""
+
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", buffering=1)
+        self.path = path
+        self._f = None
 
     def write(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}
-        self._f.write(json.dumps(record, default=float) + "\n")
+        try:
+            if self._f is None:
+                self._f = self._open()
+            self._f.write(json.dumps(record, default=float) + "\n")
+        except OSError as e:
+            raise LogWriteError(f"could not write {self.path}: {e.strerror or e}") from None
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        f = open(self.path, "a", buffering=1)
+        if torn:
+            f.write("\n")
+        return f
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def _adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -724,7 +767,9 @@ def _default_distributed_env() -> None:
 
 
 def _eprint(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """One write: the ranks' lines do not interleave mid-line (print writes the text and its newline apart)."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
 def _exit(code: int, clean: bool) -> None:
@@ -748,21 +793,21 @@ def main(argv: list[str] | None = None) -> None:
         cfg.validate()
         read_manifest(cfg.data.shards)  # a wrong data.shards refused before the slow start-up (DeepSpeed, model)
     except (ValueError, ShardError) as e:
-        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        _eprint(f"python -m pretrain.train: error: {e}")
         sys.exit(2)
     lock = _lock_out_dir(cfg.train.out_dir)
     try:
         trainer = Trainer(cfg)
         code = trainer.run()
         trainer.close()
-    except CheckpointSaveError as e:  # e.g. a full disk: a crash, but with the cause in one line
-        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+    except (CheckpointSaveError, LogWriteError) as e:  # e.g. a full disk: a crash, but with the cause in one line
+        _eprint(f"python -m pretrain.train: error: {e}")
         code = None
     except (CheckpointError, RefusedStart) as e:  # e.g. checkpoints this run may not or cannot resume
-        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        _eprint(f"python -m pretrain.train: error: {e}")
         code = 2
     except ShardError as e:  # data.on_corrupt=fail, or a stream with nothing readable left: a rerun meets it again
-        print(f"python -m pretrain.train: error: unreadable shard data: {e}", file=sys.stderr)
+        _eprint(f"python -m pretrain.train: error: unreadable shard data: {e}")
         code = EXIT_DATA
     except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
         traceback.print_exc()
@@ -781,7 +826,7 @@ def _lock_out_dir(out_dir: str) -> RunLock | None:
     try:
         taken_over = lock.acquire()
     except RunLockError as e:
-        print(f"python -m pretrain.train: error: {e}", file=sys.stderr)
+        _eprint(f"python -m pretrain.train: error: {e}")
         sys.exit(2)
     if taken_over:
         _eprint(f"took over {lock.path}: {taken_over}")

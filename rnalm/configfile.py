@@ -72,6 +72,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def changed_settings(then: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """{"section.key": (then, now)} for the settings of two `to_dict` configs (nested) that differ; a setting
+    only one of them has (a version's new option) is not a change."""
+    changes: dict[str, tuple] = {}
+    for key in then.keys() & now.keys():
+        a, b = then[key], now[key]
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changes.update(changed_settings(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changes[prefix + key] = (a, b)
+    return dict(sorted(changes.items()))
+
+
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """YAML file (optional) first, then overrides `section.key=value` (or `--section.key=value`) in order."""
     data: dict[str, Any] = {}

@@ -159,9 +159,10 @@ class PretrainLoader:
         for s in states:
             if s.get("format") != STATE_FORMAT:
                 raise ValueError(f"loader state format {s.get('format')} (want {STATE_FORMAT})")
-            diff = {k: (s.get(k), mine[k]) for k in _STATE_KEYS if s.get(k) != mine[k]}
+            diff = {("data.shards' shard set (its digest)" if k == "dataset" else f"data.{k}"): (s.get(k), mine[k])
+                    for k in _STATE_KEYS if s.get(k) != mine[k]}
             if diff:
-                raise ValueError(f"loader state of rank {s['rank']} does not match this loader "
+                raise ValueError(f"loader state of rank {s['rank']} does not match this loader's settings "
                                  f"(saved, now): {diff}")
         old_k = int(states[0]["streams_per_rank"])
         if old_world == self.world_size and old_k == self.streams_per_rank:

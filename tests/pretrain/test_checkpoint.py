@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint import (LATEST, STATE_FILE, UNIVERSAL_SUFFIX, Checkpointer, complete_tags, latest_tag,
-                                 read_trainer_state, rng_state, set_rng_state, tag_for)
+from pretrain.checkpoint import (LATEST, STATE_FILE, UNIVERSAL_SUFFIX, Checkpointer, CheckpointError, check_files,
+                                 complete_tags, latest_tag, read_trainer_state, rng_state, set_rng_state, tag_for)
 
 
 def make_tag(root, step: int, complete: bool = True):
@@ -251,3 +251,42 @@ def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.normal(size=3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def whole_checkpoint(folder, world: int, bf16: bool = False):
+    """The files of a ZeRO-3 checkpoint of `world` ranks, each a real torch.save archive."""
+    folder.mkdir(parents=True)
+    prefix = "bf16_" if bf16 else ""
+    for r in range(world):
+        for name in (f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                     f"rng_rank{r}.pt"):
+            torch.save({"rank": r}, folder / name)
+    (folder / STATE_FILE).write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("rm zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt: missing"),
+    ("rm zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt: missing"),
+    ("rm rng_rank2.pt", "rng_rank2.pt: missing"),
+    ("truncate zero_pp_rank_2_mp_rank_00_optim_states.pt", "zero_pp_rank_2_mp_rank_00_optim_states.pt: damaged"),
+    ("truncate rng_rank0.pt", "rng_rank0.pt: damaged"),
+])
+def test_a_missing_or_truncated_file_of_any_rank_is_named(tmp_path, damage, named):
+    folder = whole_checkpoint(tmp_path / tag_for(4), world=3)
+    check_files(folder, 3)  # whole: no error
+    action, name = damage.split()
+    if action == "rm":
+        (folder / name).unlink()
+    else:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=named):
+        check_files(folder, 3)
+
+
+def test_file_checks_follow_the_ranks_that_wrote_the_checkpoint(tmp_path):
+    folder = whole_checkpoint(tmp_path / tag_for(4), world=2, bf16=True)
+    check_files(folder, 2)
+    with pytest.raises(CheckpointError, match="bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt: missing"):
+        check_files(folder, 3)  # the state file says 3 ranks wrote it: one rank's files are gone

@@ -175,11 +175,26 @@ def test_a_resume_follows_its_own_config_and_a_refused_start_changes_nothing(pre
     proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", "--model.num_heads=8", expect_rc=1)
     assert "step00000012 was written by another model than this run's model section (theirs, this run's): " \
         "{'num_heads': (4, 8)}" in proc.stderr and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+    # the files DeepSpeed would look for: another ZeRO stage or precision names them otherwise (a bare
+    # AssertionError, a FileNotFoundError before)
+    for setting, layout in [("train.ds_config=ds_configs/zero2.json", "{'zero_stage': (3, 2)}"),
+                            ("train.precision=bf16", "{'bf16': (False, True)}")]:
+        proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", f"--{setting}", expect_rc=1)
+        assert "step00000012 was written with another ZeRO stage or precision than this run's train.ds_config and " \
+            f"train.precision give (theirs, this run's): {layout}" in proc.stderr, proc.stderr[-3000:]
+        assert "(exitcode: 2)" in proc.stderr and "FileNotFound" not in proc.stderr \
+            and "AssertionError" not in proc.stderr
 
-    run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3")  # longer, another peak LR
+    # longer, another peak LR, other Adam settings: the run's own, not the checkpoint optimizer's
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", "--optim.lr=1e-3", "--optim.betas=[0.9, 0.95]",
+                       "--optim.eps=1e-6")
     records = read_log(out)
-    changed = events(records, "schedule_changed")[-1]["changes"]
+    changed = events(records, "config_changed")[-1]["changes"]
     assert changed["optim.lr"][1] == 1e-3 and changed["train.max_steps"] == [STRAIGHT_STEPS, 14]
+    assert changed["optim.betas"] == [[0.9, 0.999], [0.9, 0.95]] and changed["optim.eps"] == [1e-8, 1e-6]
+    assert "settings changed since (then, now): {" in proc.stderr and "'optim.eps': (1e-08, 1e-06)" in proc.stderr
+    start = events(records, "start")[-1]
+    assert start["betas"] == [[0.9, 0.95]] * 2 and start["eps"] == [1e-6] * 2, start
     cfg = load(PretrainConfig, out / "config.yaml")
     assert cfg.optim.lr == 1e-3 and cfg.train.max_steps == 14
     schedule = warmup_cosine(cfg.optim, 14)
@@ -195,7 +210,7 @@ def test_a_checkpoint_of_other_data_settings_is_a_refused_start(pretrain_shards,
     out = tmp_path / "run"
     run_trainer(pretrain_shards, out, "--train.max_steps=4", nproc=1)
     proc = run_trainer(pretrain_shards, out, "--train.max_steps=8", "--data.seed=5", nproc=1, expect_rc=1)
-    assert "does not match this loader (saved, now): {'seed': (0, 5)}" in proc.stderr
+    assert "does not match this loader's settings (saved, now): {'data.seed': (0, 5)}" in proc.stderr
     assert "(exitcode: 2)" in proc.stderr and "ValueError" not in proc.stderr  # refused: one line, exit 2
 
 
@@ -313,13 +328,39 @@ def test_hard_kill_and_a_crash_mid_save_resume_from_the_last_good_checkpoint(pre
     (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"truncated")
     pointer_before = (ckpt / "latest").read_text()
 
-    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", f"--train.valid_every={STRAIGHT_STEPS}")
+    proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}",
+                       f"--train.valid_every={STRAIGHT_STEPS}")
     records = read_log(out)
     assert pointer_before == good
     assert events(records, "removed_partial_checkpoints")[-1]["dirs"] == [partial.name]
+    assert f"removed unfinished checkpoints (a save or a pruning cut short): {partial.name}" in proc.stderr
     assert not partial.exists()
     assert events(records, "start")[-1]["resumed_from"] == good
     assert_same_steps(by_step(records), by_step(read_log(straight_run)))
+
+
+def test_a_damaged_newest_checkpoint_is_a_refused_start_that_names_the_file_and_the_way_back(
+        pretrain_shards, straight_run, copy_of_straight_run):
+    out, ckpt = copy_of_straight_run, copy_of_straight_run / "checkpoints"
+    newest = ckpt / tag_for(STRAIGHT_STEPS)
+    rng = (newest / "rng_rank1.pt").read_bytes()
+    (newest / "rng_rank1.pt").unlink()  # resumed before, with rank 1 reseeded: other samples and losses
+    proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", expect_rc=1)
+    assert f"{newest / 'rng_rank1.pt'}: missing (the checkpoint was written by 2 ranks)" in proc.stderr
+    (newest / "rng_rank1.pt").write_bytes(rng)
+    optim = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:5000])  # torn: before, an OSError traceback naming no file
+    proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", expect_rc=1)
+    assert f"{optim}: damaged checkpoint file" in proc.stderr and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+    way_back = proc.stderr.split("move it aside: ")[1].split()[:3]
+    assert "the run cannot resume from step00000012. To resume from the checkpoint before it (step00000008)" \
+        in proc.stderr
+    assert way_back == ["mv", str(newest), str(ckpt / "damaged-step00000012")]
+    subprocess.run(way_back, check=True)
+    run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", f"--train.valid_every={STRAIGHT_STEPS}")
+    records = read_log(out)
+    assert events(records, "start")[-1]["resumed_from"] == tag_for(8)
+    assert_same_steps(by_step(records), by_step(read_log(straight_run)))  # steps 9-12 again, the same
 
 
 def test_a_missing_validation_split_stops_the_run_before_its_first_step(pretrain_shards, tmp_path):

@@ -1,6 +1,7 @@
 """Warm-up + cosine LR schedule (RiNALMo defaults) and the DeepSpeed config the trainer builds."""
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
-from pretrain.schedule import build_scheduler, schedule_changes, set_schedule, warmup_cosine
-from rnalm.configfile import load
+from pretrain.schedule import build_scheduler, set_schedule, warmup_cosine
+from rnalm.configfile import changed_settings, load, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,10 +68,12 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
         resumed.step()
     cfg = PretrainConfig(optim=new_cfg)
     cfg.train.max_steps = 20
-    saved = {"optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_start_lr": 1e-7, "warmup_steps": 2, "decay_steps": None},
-             "train": {"max_steps": 8}}
-    assert schedule_changes(saved, cfg) == {"optim.lr": (3e-3, 1e-3), "optim.min_lr": (3e-4, 1e-4),
-                                            "train.max_steps": (8, 20)}
+    saved = to_dict(PretrainConfig(optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2)))
+    saved["train"]["max_steps"] = 8
+    del saved["data"]["seed"]  # a setting the version that saved did not have is no change
+    saved["data"]["retired_option"] = 1  # nor one it had and this version has not
+    assert changed_settings(saved, to_dict(cfg)) == {"optim.lr": (3e-3, 1e-3), "optim.min_lr": (3e-4, 1e-4),
+                                                     "train.max_steps": (8, 20)}
 
 
 @pytest.mark.parametrize("override", ["train.log_every=0", "train.stop_after=0", "train.valid_every=-1",
@@ -239,3 +242,23 @@ def test_zero3_gathers_each_block_at_once_and_keeps_torchs_own_linear(compile_):
                           capture_output=True, text=True, timeout=300)
     assert "F.linear: torch._C._nn" in proc.stdout and "leaf blocks: [True, True]" in proc.stdout, \
         proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_the_log_closes_a_line_a_failed_write_left_torn_and_names_itself_when_it_cannot_write(tmp_path):
+    from pretrain.train import LogWriteError, _JsonLog
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "tok')  # a full disk cut the last record short
+    log = _JsonLog(path)
+    log.write({"event": "start"})
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ['{"step": 1}', '{"step": 2, "tok'] and json.loads(lines[2])["event"] == "start"
+    _JsonLog(path).write({"event": "done"})
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()[2:]] == ["start", "done"]
+    _JsonLog(tmp_path / "refused" / "log.jsonl").close()
+    assert not (tmp_path / "refused").exists()  # a log without records leaves no file
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full to fail a write")
+    with pytest.raises(LogWriteError, match="could not write /dev/full: No space left on device"):
+        _JsonLog(Path("/dev/full")).write({"event": "start"})
