@@ -60,7 +60,8 @@ class TaskModel(nn.Module):
         else:  # frozen LM: no activations kept for backward
             with torch.no_grad():
                 rep = self.lm(tokens).representation
-        return self.pred_head(rep.float(), tokens)
+        head_dtype = next(self.pred_head.parameters()).dtype  # fp32 under autocast; model.to(dtype) changes it
+        return self.pred_head(rep.to(head_dtype), tokens)
 
 
 def detect_format(path: Path) -> str:
@@ -83,7 +84,7 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     if cfg.attention_backend is not None:
         overrides["attention_backend"] = cfg.attention_backend
     if cfg.random_preset is not None:
-        return RiNALMo(ModelConfig.preset(cfg.random_preset, **overrides))
+        return RiNALMo(ModelConfig.preset(cfg.random_preset, **overrides)).eval()
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)
@@ -97,11 +98,10 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
         mcfg, state = rio.read_weights(path, fmt, **overrides)
     except ValueError as e:
         if "num_heads" in str(e) and "num_heads" not in overrides:
-            raise ValueError(f"{path}: {e}. The file does not record the head count (20 in every original "
-                             f"size); pass it, e.g. --model.overrides='{{num_heads: 4}}' (embed: "
+            raise ValueError(f"{e}; on the command line: --model.overrides='{{num_heads: 4}}' (embed: "
                              f"--overrides='{{num_heads: 4}}')") from e
         raise
-    return rio.with_weights(lambda: RiNALMo(mcfg), state)
+    return rio.with_weights(lambda: RiNALMo(mcfg), state).eval()
 
 
 def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:

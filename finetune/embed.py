@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
         (out / stale).unlink(missing_ok=True)
-    write_embeddings(lm, seqs, out, cfg.batch_size, cfg.progress, device)
+    write_embeddings(lm, seqs, out, cfg.batch_size, cfg.progress)
     (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
     labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
@@ -83,18 +83,38 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     return {"cls": cls, "mean": mean, "plot": plot, "plotted": plotted}
 
 
-def write_embeddings(lm: torch.nn.Module, seqs: list[str], out: Path, batch_size: int, progress: bool,
-                     device: torch.device) -> None:
+@torch.no_grad()
+def embed_sequences(lm: torch.nn.Module, seqs: Sequence[str], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """From Python: {"cls": [N, D], "mean": [N, D]} float32 arrays of `seqs` (rows in their order) by `lm`, a
+    RiNALMo on the device it is on (e.g. `load_backbone(BackboneConfig(path=...))`, in eval mode)."""
+    arrays = {name: np.empty((len(seqs), lm.config.dim), dtype=np.float32) for name in ("cls", "mean")}
+    for idx, batch in embedding_batches(lm, list(seqs), batch_size, progress=False):
+        for name, values in batch.items():
+            arrays[name][idx] = values
+    return arrays
+
+
+@torch.no_grad()
+def embedding_batches(lm: torch.nn.Module, seqs: list[str], batch_size: int,
+                      progress: bool) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """(indices into seqs, {"cls": [b, D], "mean": [b, D]}) batch by batch, sequences of similar length together."""
+    device = next(lm.parameters()).device
+    for idx in length_sorted_batches(seqs, batch_size, desc="embed", progress=progress):
+        tokens = tokens_for([seqs[i] for i in idx], device)
+        rep = lm(tokens).representation.float()
+        yield idx, {"cls": rep[:, 0].cpu().numpy(), "mean": nucleotide_mean(rep, tokens).cpu().numpy()}
+
+
+def write_embeddings(lm: torch.nn.Module, seqs: list[str], out: Path, batch_size: int,
+                     progress: bool) -> None:
     """OUT/cls.npy and OUT/mean.npy filled batch by batch on disk (memory stays one batch whatever the number of
     records) and renamed into place when complete; a failure leaves no partial file."""
     tmp = {name: out / f".{name}.npy.tmp" for name in ("cls", "mean")}
     try:
         arrays = {name: _preallocated(path, (len(seqs), lm.config.dim)) for name, path in tmp.items()}
-        for idx in length_sorted_batches(seqs, batch_size, desc="embed", progress=progress):
-            tokens = tokens_for([seqs[i] for i in idx], device)
-            rep = lm(tokens).representation.float()
-            arrays["cls"][idx] = rep[:, 0].cpu().numpy()
-            arrays["mean"][idx] = nucleotide_mean(rep, tokens).cpu().numpy()
+        for idx, batch in embedding_batches(lm, seqs, batch_size, progress):
+            for name, values in batch.items():
+                arrays[name][idx] = values
         for array in arrays.values():
             array.flush()
         del arrays

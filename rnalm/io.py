@@ -106,7 +106,20 @@ def saved_model_config(meta: Mapping[str, Any], where: str | os.PathLike, **over
     return ModelConfig.from_dict({**saved.to_dict(), **overrides})
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine has; a ValueError that says so, not one that blames a file."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"map_location {device!r} is not a device ({e})") from None
+    available = getattr(getattr(torch, dev.type, None), "is_available", None)  # torch.cuda, torch.xpu, ...
+    if available is not None and not available():
+        raise ValueError(f"map_location {device!r}: this machine has no {dev.type.upper()} device")
+    return dev
+
+
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> StateDict:
+    check_device(device)
     try:
         return load_file(str(path), device=str(device))
     except (OSError, SafetensorError) as e:
@@ -264,7 +277,12 @@ def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any
                      default=-1)
     name = next((n for n, (d, nl) in PRESETS.items() if (d, nl) == (dim, layers)),
                 "custom")
-    cfg = ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
+    try:
+        cfg = ModelConfig(**{"name": name, "dim": dim, "num_layers": layers, **overrides})
+    except ValueError as e:
+        hint = ("; the file records no head count (20 in every original size): pass num_heads, e.g. "
+                "import_official(path, num_heads=4)" if "num_heads" in str(e) and "num_heads" not in overrides else "")
+        raise WeightsError(f"{where}: {e}{hint}") from None
     if name != "custom" and cfg.num_heads != ModelConfig.num_heads and "name" not in overrides:
         cfg = replace(cfg, name=f"{name}-custom")  # as ModelConfig.preset labels a resized preset
     return cfg
@@ -285,7 +303,10 @@ def import_official(path_or_state, *, where: str | None = None,
 
 
 def export_official(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict the original code loads with `load_state_dict(torch.load(path))`."""
+    """Write a state dict the original code loads with `load_state_dict(torch.load(path))`. Tensors only: a .pt
+    records no settings, and its readers take the original's (20 heads, RoPE base 10000, ...), so a model with
+    others computes otherwise when read back unless the reader is told (import_official(path, num_heads=4));
+    `python -m rnalm.export` refuses such a model."""
     atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p))
 
 

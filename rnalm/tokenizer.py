@@ -58,7 +58,9 @@ def encode(seq: str | bytes, add_special: bool = True) -> np.ndarray:
 
 def batch_encode(seqs: Sequence[str | bytes], add_special: bool = True,
                  pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode and right-pad with <pad>; returns (ids [B, L] int64, lengths [B] int64)."""
+    """Encode and right-pad with <pad>; returns (ids [B, L] int64, lengths [B] int64, CLS and EOS counted)."""
+    if isinstance(seqs, (str, bytes)):
+        raise TypeError("batch_encode takes a list of sequences, got one sequence: batch_encode([seq]), or encode(seq)")
     encoded = [encode(s, add_special) for s in seqs]
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     width = max(int(lengths.max(initial=0)), pad_to or 0)

@@ -396,6 +396,13 @@ def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path
         rep = lm(tokens).representation[0]
     np.testing.assert_allclose(cls[0], rep[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(mean[0], rep[1:-1].mean(0).numpy(), atol=1e-5)
+    # the same from Python, without files: rows in the given order whatever the batching
+    from finetune.embed import embed_sequences
+
+    got = embed_sequences(load_backbone(BackboneConfig(path=str(tiny_checkpoint))),
+                          [r.sequence for r in read_fasta(src)], batch_size=7)
+    np.testing.assert_allclose(got["cls"], cls, atol=1e-5)
+    np.testing.assert_allclose(got["mean"], mean, atol=1e-5)
 
 
 def test_embed_plots_a_sample_of_plot_max_and_leaves_no_partial_arrays(tiny_checkpoint, tmp_path):
@@ -467,12 +474,39 @@ def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
                           (tmp_path / "ss_ft.pt", "official"), (tmp_path / "mm.safetensors", "multimolecule")):
             assert detect_format(Path(path)) == fmt
             heads = {} if fmt == "rnalm" else {"num_heads": 4}  # original files do not record the head count
-            got = load_backbone(BackboneConfig(path=str(path), overrides=heads)).eval()(tokens).representation
-            torch.testing.assert_close(got, want)
+            lm = load_backbone(BackboneConfig(path=str(path), overrides=heads))
+            assert not lm.training  # as load_pretrained: dropout would make two calls on one input differ
+            torch.testing.assert_close(lm(tokens).representation, want)
     assert torch.equal(torch.random.get_rng_state(), stream)
     rand = load_backbone(BackboneConfig(random_preset="nano", overrides={"dim": 16, "num_layers": 1,
                                                                                 "num_heads": 2}))
-    assert rand.config.dim == 16
+    assert rand.config.dim == 16 and not rand.training
+
+
+def test_a_fine_tuned_model_runs_in_the_dtype_it_is_moved_to(ss_model):
+    from finetune.backbone import load_finetuned
+
+    model, _ = load_finetuned(ss_model)
+    tokens = torch.tensor(batch_encode(["GGGGAAACCCC", "ACGU"])[0])
+    with torch.no_grad():
+        want = model(tokens)  # one [L, L] pair-logit map per sequence
+        for dtype, tol in ((torch.float64, 1e-4), (torch.bfloat16, 0.3)):  # the head got fp32 input: a dtype error
+            got = model.to(dtype)(tokens)
+            assert [g.dtype for g in got] == [dtype] * len(want)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.float(), w, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_a_device_the_machine_lacks_is_named_and_no_file_is_blamed(ss_model, tiny_checkpoint):
+    from finetune.backbone import load_finetuned
+
+    for load, path in ((rio.load_pretrained, tiny_checkpoint), (load_finetuned, ss_model)):
+        with pytest.raises(ValueError, match="map_location 'cuda': this machine has no CUDA device") as e:
+            load(path, map_location="cuda")
+        assert not isinstance(e.value, rio.WeightsError)  # was: "... do not fit", "unreadable safetensors file"
+        with pytest.raises(ValueError, match="map_location 'gpu' is not a device"):
+            load(path, map_location="gpu")
 
 
 def test_overrides_reach_every_backbone_kind(ss_model, tiny_checkpoint, fasta, tmp_path):

@@ -215,3 +215,14 @@ def test_a_training_run_given_as_weights_says_to_convert_it(layout, tmp_path):
         weights_format(path)
     with pytest.raises(FileNotFoundError, match="no model.safetensors\\+config.json or multimolecule weights"):
         weights_format(tmp_path)  # an empty folder keeps the old message
+
+
+def test_a_file_of_another_head_count_names_itself_and_the_setting_to_pass(tmp_path):
+    """Was a bare 'dim 32 is not divisible by num_heads 20', naming no file."""
+    model = random_model("nano", dim=32, num_layers=2, num_heads=4)
+    export_official(model.state_dict(), tmp_path / "h4.pt")
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'h4.pt'}: .*num_heads 20; the file records no head count "
+                                           r".*import_official\(path, num_heads=4\)"):
+        import_official(tmp_path / "h4.pt")
+    cfg, _ = import_official(tmp_path / "h4.pt", num_heads=4)
+    assert cfg.num_heads == 4

@@ -53,3 +53,9 @@ def test_decode_keeps_every_position_and_refuses_what_is_no_sequence():
             tk.decode(bad)
     with pytest.raises(ValueError, match="decode a batch row by row"):
         tk.decode(tk.batch_encode(["ACGU", "GG"])[0])
+
+
+@pytest.mark.parametrize("one", ["ACGU", b"ACGU"])
+def test_batch_encode_refuses_one_sequence_it_would_read_as_a_batch_of_letters(one):
+    with pytest.raises(TypeError, match=r"batch_encode takes a list of sequences"):
+        tk.batch_encode(one)
