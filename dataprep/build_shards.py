@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         if comm.size > 1:
             comm.abort(2)
         return 2
+    except KeyboardInterrupt:
+        print("build_shards: interrupted; no published file is half-written, and a rerun with the same arguments "
+              "starts from the last finished stage", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(130)
+        return 130
     except BaseException:
         if comm.size > 1:  # never leave the other ranks waiting in a collective
             import traceback

@@ -141,4 +141,9 @@ def _print_summary(result: dict, out_dir: str, action: str) -> None:
 
 
 def main() -> None:
-    sys.exit(run(sys.argv[1:]))
+    try:
+        code = run(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("python -m finetune: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

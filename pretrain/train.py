@@ -809,6 +809,10 @@ def main(argv: list[str] | None = None) -> None:
     except ShardError as e:  # data.on_corrupt=fail, or a stream with nothing readable left: a rerun meets it again
         _eprint(f"python -m pretrain.train: error: unreadable shard data: {e}")
         code = EXIT_DATA
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank (torchrun passes it on): a line each, no traceback
+        _eprint(f"python -m pretrain.train: interrupted; the same command resumes from the newest checkpoint "
+                f"({latest_tag(Path(cfg.train.out_dir) / 'checkpoints') or 'none yet'})")
+        code = 130
     except Exception:  # noqa: BLE001 - print, then leave without waiting on peers that may be stuck
         traceback.print_exc()
         code = None

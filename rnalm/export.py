@@ -35,8 +35,11 @@ def check_expressible(cfg: ModelConfig, to: str) -> None:
     default = {f.name: f.default for f in fields(ModelConfig)}
     differs = [k for k in FIXED_IN[to] if getattr(cfg, k) != default[k]]
     if differs:
+        other = next(t for t in FIXED_IN if t != to)
+        can = not any(getattr(cfg, k) != default[k] for k in FIXED_IN[other])
         raise WeightsError(f"{to} RiNALMo has no setting for {differs} (this model: "
-                           f"{', '.join(f'{k} {getattr(cfg, k)}' for k in differs)}): it would compute otherwise")
+                           f"{', '.join(f'{k} {getattr(cfg, k)}' for k in differs)}): it would compute otherwise"
+                           + (f"; --to {other} can describe this model" if can else ""))
 
 
 def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:

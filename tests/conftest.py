@@ -36,3 +36,23 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not installed (run: bash deploy/install_sysdeps.sh)")
     return path
+
+
+def interrupted_while_reading(cmd: list[str], tmp_path: Path) -> tuple[int, str]:
+    """(exit code, stderr) of `cmd` given Ctrl-C's SIGINT while it reads the FASTA `tmp_path/in.fa`, a FIFO: the
+    open below returns once the command has opened it, i.e. it is past its start-up, inside its work."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo = tmp_path / "in.fa"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "w") as writer:
+        writer.write(">a\nACGUACGUAC\n>b\nACG")  # a record and a half; the rest never comes
+        writer.flush()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=120)[1]
+    return proc.returncode, stderr

@@ -494,3 +494,11 @@ def test_killing_the_build_process_ends_every_helper(tmp_path, synth_fa):
     finally:
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(tmp_path):
+    from tests.conftest import interrupted_while_reading
+
+    rc, err = interrupted_while_reading([SCRIPT, "--input", str(tmp_path / "in.fa"), "--out", str(tmp_path / "out"),
+                                         "--no-cluster", "--no-report", "--quiet"], tmp_path)
+    assert rc == 130 and err.startswith("build_shards: interrupted;") and "Traceback" not in err, err

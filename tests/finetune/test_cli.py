@@ -120,6 +120,14 @@ def test_evaluate_uses_stored_threshold(ss_model, shared_data, tmp_path, capsys)
     assert "| RNAfold |" in capsys.readouterr().out
 
 
+def test_ctrl_c_is_one_line_not_a_traceback(ss_model, tmp_path):
+    from tests.conftest import interrupted_while_reading
+
+    rc, err = interrupted_while_reading(["-m", "finetune", "predict-ss", f"--model={ss_model}",
+                                         f"--fasta={tmp_path / 'in.fa'}", f"--out={tmp_path / 'pred'}"], tmp_path)
+    assert (rc, err) == (130, "python -m finetune: interrupted\n")
+
+
 @pytest.mark.parametrize("fmt", ["dbn", "bpseq", "ct"])
 def test_predict_ss_formats_round_trip(ss_model, fasta, tmp_path, fmt):
     out = tmp_path / "pred"

@@ -116,6 +116,21 @@ def test_sigusr1_stops_at_a_step_boundary_and_resume_equals_the_straight_run(pre
     assert events(records, "valid")[-1]["loss"] == events(read_log(straight_run), "valid")[-1]["loss"]
 
 
+def test_ctrl_c_stops_every_rank_with_one_line_that_says_where_to_resume(pretrain_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = start_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}")
+    try:
+        wait_for(lambda: len(step_lines(read_log(out))) >= 5, 120, "step 5", proc, poll=0.05)
+        proc.send_signal(signal.SIGINT)  # as a terminal's Ctrl-C: to torchrun, which passes it on to the ranks
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc, signal.SIGKILL)
+    said = (tmp_path / "run.stderr").read_text()
+    line = "python -m pretrain.train: interrupted; the same command resumes from the newest checkpoint (step0000000"
+    assert said.count(line) == 2 and "KeyboardInterrupt" not in said, said[-4000:]  # was a traceback per rank
+
+
 def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_give(pretrain_shards, ncrna_fasta,
                                                                                 tmp_path):
     """A file (the FASTA, the manifest) or a folder inside the build's output: a traceback ending in
