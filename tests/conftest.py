@@ -48,7 +48,10 @@ def interrupted_while_reading(cmd: list[str], tmp_path: Path) -> tuple[int, str]
 
     fifo = tmp_path / "in.fa"
     os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default, as under a terminal: a shell starts background commands (CI's) with it ignored, and exec
+    # keeps that, so the command would never see the signal
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     with open(fifo, "w") as writer:
         writer.write(">a\nACGUACGUAC\n>b\nACG")  # a record and a half; the rest never comes
         writer.flush()
