@@ -13,7 +13,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -83,26 +83,24 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     return {"cls": cls, "mean": mean, "plot": plot, "plotted": plotted}
 
 
-@torch.no_grad()
 def embed_sequences(lm: torch.nn.Module, seqs: Sequence[str], batch_size: int = 16) -> dict[str, np.ndarray]:
     """From Python: {"cls": [N, D], "mean": [N, D]} float32 arrays of `seqs` (rows in their order) by `lm`, a
     RiNALMo on the device it is on (e.g. `load_backbone(BackboneConfig(path=...))`, in eval mode)."""
     arrays = {name: np.empty((len(seqs), lm.config.dim), dtype=np.float32) for name in ("cls", "mean")}
-    for idx, batch in embedding_batches(lm, list(seqs), batch_size, progress=False):
-        for name, values in batch.items():
-            arrays[name][idx] = values
+    fill_embeddings(arrays, lm, list(seqs), batch_size, progress=False)
     return arrays
 
 
 @torch.no_grad()
-def embedding_batches(lm: torch.nn.Module, seqs: list[str], batch_size: int,
-                      progress: bool) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
-    """(indices into seqs, {"cls": [b, D], "mean": [b, D]}) batch by batch, sequences of similar length together."""
+def fill_embeddings(arrays: dict[str, np.ndarray], lm: torch.nn.Module, seqs: list[str], batch_size: int,
+                    progress: bool) -> None:
+    """arrays["cls"] and arrays["mean"] ([N, D]) filled batch by batch, sequences of similar length together."""
     device = next(lm.parameters()).device
     for idx in length_sorted_batches(seqs, batch_size, desc="embed", progress=progress):
         tokens = tokens_for([seqs[i] for i in idx], device)
         rep = lm(tokens).representation.float()
-        yield idx, {"cls": rep[:, 0].cpu().numpy(), "mean": nucleotide_mean(rep, tokens).cpu().numpy()}
+        arrays["cls"][idx] = rep[:, 0].cpu().numpy()
+        arrays["mean"][idx] = nucleotide_mean(rep, tokens).cpu().numpy()
 
 
 def write_embeddings(lm: torch.nn.Module, seqs: list[str], out: Path, batch_size: int,
@@ -112,9 +110,7 @@ def write_embeddings(lm: torch.nn.Module, seqs: list[str], out: Path, batch_size
     tmp = {name: out / f".{name}.npy.tmp" for name in ("cls", "mean")}
     try:
         arrays = {name: _preallocated(path, (len(seqs), lm.config.dim)) for name, path in tmp.items()}
-        for idx, batch in embedding_batches(lm, seqs, batch_size, progress):
-            for name, values in batch.items():
-                arrays[name][idx] = values
+        fill_embeddings(arrays, lm, seqs, batch_size, progress)
         for array in arrays.values():
             array.flush()
         del arrays

@@ -38,7 +38,7 @@ OLD_PREFIX = ".old-"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step(\d{8})$")
 # the files of one rank in a checkpoint: DeepSpeed's partitions (zero_pp_rank_<r>_mp_rank_00_*), our RNG state
-_RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+_RANK_FILE_RE = re.compile(r"(zero_pp_rank_|rng_rank)(\d+)")
 # what torch.save's RuntimeError says when the file could not be written (the OSError's errno is lost)
 TORCH_WRITE_FAILURES = ("iostream error", "unexpected pos", "PytorchStreamWriter failed", "file write failed")
 
@@ -108,8 +108,7 @@ def check_files(folder: Path, world_size: int) -> None:
     (every rank has the files any rank has, its own number in their names) or is not a complete torch.save archive
     (truncated: no zip directory at its end). Names no cause when the checkpoint is whole."""
     names = {p.name for p in folder.iterdir() if p.is_file()}
-    templates = {_RANK_FILE_RE.sub(lambda m: m.group(0)[:-len(m.group(1))] + "{r}", n) for n in names
-                 if _RANK_FILE_RE.search(n)} | {"rng_rank{r}.pt"}
+    templates = {_RANK_FILE_RE.sub(r"\1{r}", n) for n in names if _RANK_FILE_RE.search(n)} | {"rng_rank{r}.pt"}
     for template in sorted(templates):
         for r in range(world_size):
             if template.format(r=r) not in names:
@@ -249,7 +248,7 @@ def files_of_rank(folder: Path, rank: int) -> list[Path]:
     ones (ZeRO-1/2's mp_rank_00_model_states.pt)."""
     def owner(name: str) -> int:
         m = _RANK_FILE_RE.search(name)
-        return int(m.group(1)) if m else 0
+        return int(m.group(2)) if m else 0
     return sorted(f for f in folder.rglob("*") if f.is_file() and owner(f.name) == rank)
 
 

@@ -591,7 +591,7 @@ class Trainer:
             raise CheckpointError(f"{self.checkpointer.root / tag}: {e}; resume with the data settings it was "
                                   f"written with, or {FROM_ITS_WEIGHTS}") from None
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
-        changed = changed_settings(state.get("config", {}), json.loads(json.dumps(to_dict(self.cfg))))
+        changed = changed_settings(state.get("config", {}), to_dict(self.cfg))
         if changed:
             self._log(event="config_changed", step=self.step, changes=changed)
         self._say(f"resumed from {self.checkpointer.root / tag} at step {self.step}"

@@ -31,15 +31,19 @@ FIXED_IN = {"official": ("num_heads", "rope_base", "token_dropout", "mask_ratio_
             "multimolecule": ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")}
 
 
-def check_expressible(cfg: ModelConfig, to: str) -> None:
+def inexpressible(cfg: ModelConfig, to: str) -> list[str]:
+    """The settings of `cfg` that target `to` cannot express (they differ from RiNALMo's)."""
     default = {f.name: f.default for f in fields(ModelConfig)}
-    differs = [k for k in FIXED_IN[to] if getattr(cfg, k) != default[k]]
+    return [k for k in FIXED_IN[to] if getattr(cfg, k) != default[k]]
+
+
+def check_expressible(cfg: ModelConfig, to: str) -> None:
+    differs = inexpressible(cfg, to)
     if differs:
         other = next(t for t in FIXED_IN if t != to)
-        can = not any(getattr(cfg, k) != default[k] for k in FIXED_IN[other])
         raise WeightsError(f"{to} RiNALMo has no setting for {differs} (this model: "
                            f"{', '.join(f'{k} {getattr(cfg, k)}' for k in differs)}): it would compute otherwise"
-                           + (f"; --to {other} can describe this model" if can else ""))
+                           + ("" if inexpressible(cfg, other) else f"; --to {other} can describe this model"))
 
 
 def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
