@@ -81,3 +81,13 @@ def near_duplicate_mask(candidates: list[str], reference: list[str], k: int = 8,
         denom = np.maximum(np.minimum(na[start:stop, None], nb[None, :]), 1)
         out[start:stop] = ((shared / denom) >= max_containment).any(axis=1)
     return out
+
+
+def leakage_mask(candidates: list[str], reference: list[str], k: int = 8, max_containment: float = 0.5,
+                 shared_run: int = 0) -> np.ndarray:
+    """The filter of a task split: near-duplicates by the k-mer rule, or (shared_run > 0) candidates sharing an
+    identical stretch of `shared_run` nt with some reference sequence."""
+    out = near_duplicate_mask(candidates, reference, k, max_containment)
+    if shared_run:
+        out |= shared_run_mask(candidates, reference, shared_run)
+    return out

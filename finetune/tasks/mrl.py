@@ -2,9 +2,10 @@
 
 Data (../shared/data/mrl): only Sample et al.'s *test* sets exist there, so the chosen file is split at
 random (seeded) into train / validation / test (default 80/10/10) and results say so. Records that are
-near-duplicates of a test record (`finetune.neardup`) are then dropped from train/validation: the varying-length
-human UTRs are the same UTRs cut to several lengths and the designed library holds SNV variants of each UTR, so
-a plain random split gives 40% of the human test UTRs (and 56% of the designed ones) a near-copy in training. Default file: the
+near-duplicates of a test record, or share an identical 25-nt stretch with one (`finetune.neardup`), are then
+dropped from train/validation: the varying-length human UTRs are the same UTRs cut to several lengths and the
+designed library holds SNV variants of each UTR, so a plain random split gives 41% of the human test UTRs (and
+57% of the designed ones) a near-copy in training. Default file: the
 varying-length 25-100 nt library (Random7600 + Human7600); R^2 is reported on the held-out part overall and
 per `set` (random, human). Targets are standardised with the training mean/std (stored in the checkpoint);
 predictions are transformed back and clamped at >= 0, as the original.
@@ -24,7 +25,7 @@ from sklearn.metrics import r2_score
 
 from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, RibosomeLoadHead
-from finetune.neardup import near_duplicate_mask
+from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
 from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
@@ -44,7 +45,9 @@ class MRLDataConfig:
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
     near_dup_kmer: int = 8                 # leakage filter (finetune.neardup): train/valid records whose distinct
-    near_dup_containment: float = 0.5      # k-mers are this share in a test record's are dropped
+    near_dup_containment: float = 0.5      # k-mers are this share in a test record's are dropped, and so are
+    near_dup_shared_run: int = 25          # those sharing an identical stretch of this many nt with one (UTRs of
+                                           # one gene's isoforms, a designed UTR's halves); 0: no such check
     limit_train: int | None = None
     limit_valid: int | None = None
     limit_test: int | None = None
@@ -81,8 +84,8 @@ def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_test, n_valid = int(round(cfg.test_fraction * len(rows))), int(round(cfg.valid_fraction * len(rows)))
     test, rest = [rows[i] for i in order[:n_test]], [rows[i] for i in order[n_test:]]
-    dup = near_duplicate_mask([e.sequence for e in rest], [e.sequence for e in test], cfg.near_dup_kmer,
-                              cfg.near_dup_containment)
+    dup = leakage_mask([e.sequence for e in rest], [e.sequence for e in test], cfg.near_dup_kmer,
+                       cfg.near_dup_containment, cfg.near_dup_shared_run)
     rest = [e for e, d in zip(rest, dup) if not d]
     splits = Splits(rest[n_valid:], rest[:n_valid], test, int(dup.sum()))
     return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)

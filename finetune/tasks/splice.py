@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, SpliceSiteHead
-from finetune.neardup import near_duplicate_mask, shared_run_mask
+from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
 from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
@@ -72,9 +72,7 @@ def load_splits(cfg: SpliceDataConfig) -> Splits[Example]:
                 raise ValueError(f"{path}:{lineno}: label {label} not in 0..{len(CLASSES) - 1}")
             (dev if row["split"] == "dev" else test).append((row["sequence"], label))
     dev_seqs, test_seqs = [s for s, _ in dev], [s for s, _ in test]
-    dup = near_duplicate_mask(dev_seqs, test_seqs, cfg.near_dup_kmer, cfg.near_dup_containment)
-    if cfg.near_dup_shared_run:
-        dup |= shared_run_mask(dev_seqs, test_seqs, cfg.near_dup_shared_run)
+    dup = leakage_mask(dev_seqs, test_seqs, cfg.near_dup_kmer, cfg.near_dup_containment, cfg.near_dup_shared_run)
     dev = [e for e, d in zip(dev, dup) if not d]
     order = np.random.default_rng(cfg.seed).permutation(len(dev))
     n_valid = int(round(cfg.valid_fraction * len(dev)))

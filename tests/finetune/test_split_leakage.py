@@ -6,6 +6,9 @@ designed library holds SNV variants of each UTR, so a plain random split puts ne
 """
 from __future__ import annotations
 
+import csv
+import gzip
+
 import numpy as np
 import pytest
 
@@ -46,8 +49,10 @@ def test_shared_stretches_are_found_only_in_acgu_runs_of_full_length():
 
 @pytest.mark.parametrize("file", ["varlen", "designed"])
 def test_mrl_test_utrs_have_no_near_copy_in_train_or_valid(shared_data, file):
+    """The k-mer rule alone kept 22 varlen and 85 designed records sharing a 25-nt stretch with a test UTR."""
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), file=file))
-    assert _leaks([e.sequence for e in s.train + s.valid], [e.sequence for e in s.test]) == 0
+    train_valid, test = [e.sequence for e in s.train + s.valid], [e.sequence for e in s.test]
+    assert _leaks(train_valid, test) == 0 and _sharing_a_stretch(train_valid, test, run=25) == 0
     assert s.removed_near_duplicates > 0
     total = {"varlen": 15200, "designed": 25000}[file]
     assert len(s.train) + len(s.valid) + len(s.test) + s.removed_near_duplicates == total
@@ -58,3 +63,27 @@ def test_mrl_test_part_is_the_same_random_sample_as_before_the_filter(shared_dat
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
     assert len(s.test) == len(s.valid) == 1520
     assert {e.group for e in s.test} == {"random", "human"}
+
+
+def test_mrl_split_drops_records_sharing_a_stretch_with_a_test_utr(tmp_path):
+    """Pairs of 80-nt UTRs sharing 30 nt (under half their 8-mers): no test UTR keeps its partner in training."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for _ in range(100):
+        common = "".join(rng.choice(list("ACGU"), 30))
+        rows += ["".join(rng.choice(list("ACGU"), 50)) + common, common + "".join(rng.choice(list("ACGU"), 50))]
+    (tmp_path / "mrl").mkdir()
+    with gzip.open(tmp_path / mrl.MRL_FILES["egfp"], "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["utr", "rl"])
+        w.writerows([u, 5.0] for u in rows)
+
+    def split(run: int) -> tuple[list[str], list[str], int]:
+        s = mrl.load_splits(mrl.MRLDataConfig(root=str(tmp_path), file="egfp", near_dup_shared_run=run))
+        return [e.sequence for e in s.train + s.valid], [e.sequence for e in s.test], s.removed_near_duplicates
+
+    kept, test, removed = split(0)
+    assert removed == 0 and _sharing_a_stretch(kept, test, run=30) > 0  # the k-mer rule misses them
+    kept, test, removed = split(25)
+    assert _sharing_a_stretch(kept, test, run=30) == 0 and len(test) == 20
+    assert removed == _sharing_a_stretch(split(0)[0], test, run=30) and len(kept) + removed == 180
