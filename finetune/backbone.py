@@ -9,6 +9,7 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ class ImportConfig:
     checkpoint: str = ""      # the original's ss_*_ft.pt
     out: str = "imported_ss"
     num_heads: int = 20       # all original sizes use 20 heads (not stored in .pt files)
+    held_out_family: str = "auto"  # the ArchiveII family the model never saw: auto (from a name such as
+    # ss_archiveII-5s_ft.pt), a family, or none (not an ArchiveII model); `ss evaluate` scores only that family
 
 
 class TaskModel(nn.Module):
@@ -187,11 +190,14 @@ def _save_id(path: Path) -> str | None:
         raise rio.WeightsError(f"{path}: unreadable safetensors file ({e})") from e
 
 
-def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_overrides: Any) -> Path:
+def import_original_ss(checkpoint: str | Path, out_dir: str | Path, held_out_family: str = "auto",
+                       **config_overrides: Any) -> Path:
     """The original's fine-tuned secondary-structure weights (`ss_*_ft.pt`: `lm.*`, `pred_head.*`, `threshold`)
-    -> a fine-tuned directory that `predict-ss` and `ss evaluate` read. Head parameter names are the original's."""
+    -> a fine-tuned directory that `predict-ss` and `ss evaluate` read. Head parameter names are the original's.
+    An ArchiveII model records its held-out family, as our own do, so that `ss evaluate` scores it on no other."""
     from finetune.heads import HeadConfig, SecondaryStructureHead
 
+    family = _held_out_family(Path(checkpoint), held_out_family)
     state = rio.read_state_dict(checkpoint)
     head_state = {k[len("pred_head."):]: v for k, v in state.items() if k.startswith("pred_head.")}
     if not head_state or "threshold" not in state:
@@ -207,6 +213,27 @@ def import_original_ss(checkpoint: str | Path, out_dir: str | Path, **config_ove
         head.load_state_dict(head_state)
     except RuntimeError as e:
         raise rio.WeightsError(f"{checkpoint}: secondary-structure head does not fit: {e}") from None
+    data = {} if family is None else {"data": {"dataset": "ArchiveII", "test": family}}
     return save_finetuned(TaskModel(lm, head), out_dir, {
         "task": "ss", "head": asdict(head_cfg), "threshold": float(state["threshold"]),
-        "backbone": {"imported_from": str(checkpoint)}})
+        "backbone": {"imported_from": str(checkpoint)}, **data})
+
+
+def _held_out_family(checkpoint: Path, asked: str) -> str | None:
+    """`auto`: the family in an original ArchiveII file name (`ss_archiveII-<family>_ft.pt`), else none."""
+    from finetune.ss_data import ARCHIVEII_FAMILIES
+
+    known = {f.lower(): f for f in ARCHIVEII_FAMILIES}
+    if asked == "auto":
+        named = re.search(r"archiveii-([a-z0-9]+)", checkpoint.name.lower())
+        if named is None:
+            return None
+        if named.group(1) not in known:
+            raise ValueError(f"{checkpoint}: the name says ArchiveII family {named.group(1)!r}, not one of "
+                             f"{', '.join(ARCHIVEII_FAMILIES)}; set --held_out_family")
+        return known[named.group(1)]
+    if asked.lower() == "none":
+        return None
+    if asked.lower() not in known:
+        raise ValueError(f"--held_out_family={asked}: use auto, none or one of {', '.join(ARCHIVEII_FAMILIES)}")
+    return known[asked.lower()]

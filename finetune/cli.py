@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rnalm.configfile import from_cli, save_yaml
+from rnalm.io import read_json
 from rnalm.files import check_out_dir
 
 USAGE = """usage:
@@ -65,13 +66,15 @@ def run(argv: Sequence[str]) -> int:
         if cmd == "predict-ss":
             return _predict("ss", rest, "python -m finetune predict-ss")
         if cmd == "import-original-ss":
-            from finetune.backbone import ImportConfig, import_original_ss
+            from finetune.backbone import FT_META, ImportConfig, import_original_ss
 
             cfg = from_cli(ImportConfig, rest, prog="python -m finetune import-original-ss")
             if not cfg.checkpoint:
                 raise ValueError("--checkpoint is required (the original's ss_*_ft.pt)")
-            out = import_original_ss(cfg.checkpoint, cfg.out, num_heads=cfg.num_heads)
-            print(f"wrote {out}: use python -m finetune predict-ss --model={out} --fasta=...")
+            out = import_original_ss(cfg.checkpoint, cfg.out, cfg.held_out_family, num_heads=cfg.num_heads)
+            family = read_json(out / FT_META).get("data", {}).get("test")
+            print(f"wrote {out}: use python -m finetune predict-ss --model={out} --fasta=..."
+                  + (f" (ArchiveII family {family} held out: ss evaluate scores it on that family only)" if family else ""))
             return 0
         if cmd == "embed":
             from finetune.embed import EmbedConfig, embed

@@ -580,6 +580,35 @@ def test_import_original_ss_checkpoint_then_predict(ss_model, fasta, tmp_path, c
     assert "not an original secondary-structure checkpoint" in capsys.readouterr().err
 
 
+def test_an_imported_archiveii_model_is_scored_on_its_held_out_family_only(ss_model, tmp_path, capsys):
+    """The original's ss_archiveII-<family>_ft.pt saw the 8 other families: `ss evaluate` on one of them (or on
+    bpRNA TS0, which holds copies of them) scored it on its training data."""
+    from finetune.backbone import load_finetuned
+
+    model, _ = load_finetuned(ss_model)
+    original = dict(model.state_dict()) | {"threshold": torch.tensor(0.2)}
+    for name in ("rinalmo_giga_ss_archiveII-tRNA_ft.pt", "ss_bprna_ft.pt", "ss_archiveII-16S_ft.pt",
+                 "ss_archiveII-grp2_ft.pt"):
+        torch.save(original, tmp_path / name)
+
+    def imported(name: str, *options: str) -> dict:
+        out = tmp_path / name.replace(".pt", "")
+        assert run(["import-original-ss", f"--checkpoint={tmp_path / name}", f"--out={out}", "--num_heads=4",
+                    *options]) == 0
+        return load_finetuned(out)[1].get("data", {})
+
+    assert imported("rinalmo_giga_ss_archiveII-tRNA_ft.pt") == {"dataset": "ArchiveII", "test": "tRNA"}
+    assert "ArchiveII family tRNA held out" in capsys.readouterr().out
+    assert imported("ss_archiveII-16S_ft.pt")["test"] == "16s"
+    assert imported("ss_bprna_ft.pt") == {} and imported("ss_bprna_ft.pt", "--held_out_family=RNaseP")["test"] == "RNaseP"
+    assert run(["ss", "evaluate", f"--model.path={tmp_path / 'rinalmo_giga_ss_archiveII-tRNA_ft'}",
+                "--data.test_family=5s", f"--train.out_dir={tmp_path / 'eval'}"]) == 2
+    assert "with family tRNA held out; family 5s was in its training data" in capsys.readouterr().err
+    assert run(["import-original-ss", f"--checkpoint={tmp_path / 'ss_archiveII-grp2_ft.pt'}", "--num_heads=4",
+                f"--out={tmp_path / 'grp2'}"]) == 2
+    assert "family 'grp2', not one of" in capsys.readouterr().err and not (tmp_path / "grp2").exists()
+
+
 @pytest.mark.parametrize("task", ["ss", "splice", "mrl"])
 def test_an_override_keeps_the_tasks_own_defaults_of_its_section(task):
     """Every documented command passes --train.out_dir (or similar): that rebuilt the task's train/unfreeze
