@@ -50,6 +50,8 @@ def minibatches(items: Sequence[T], batch_size: int, seed: int | None) -> Iterat
 def length_sorted_batches(seqs: Sequence[str], batch_size: int, desc: str = "predict",
                           progress: bool = True) -> Iterator[list[int]]:
     """Index batches of sequences of similar length (less padding), shortest first, with a progress bar."""
+    if isinstance(seqs, str):  # would be read as len(seqs) sequences of 1 nt
+        raise TypeError("expected a list of sequences, got one sequence: pass [seq]")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     yield from progress_bar(batches, desc, progress)

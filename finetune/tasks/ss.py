@@ -111,9 +111,10 @@ def pair_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progr
     return batched_inference(seqs, batch_size, run, desc="pair probabilities", progress=progress)
 
 
-def predict_pairs(model: TaskModel, seqs: list[str], threshold: float, batch_size: int,
+def predict_pairs(model: TaskModel, seqs: list[str], threshold: float, batch_size: int = 8,
                   progress: bool = True) -> list[np.ndarray]:
-    """Post-processed pairs per sequence (in input order); no [L, L] matrix outlives its batch."""
+    """Post-processed pairs per sequence (in input order): [n_pairs, 2] arrays of 0-based (i, j), i < j; no
+    [L, L] matrix outlives its batch."""
     return pair_probabilities(model, seqs, batch_size, progress, lambda p, s: decode_pairs(p, s, threshold))
 
 

@@ -642,3 +642,20 @@ def test_embed_that_fails_midway_leaves_no_partial_arrays(tiny_checkpoint, tmp_p
         embed_module.embed(embed_module.EmbedConfig(model=str(tiny_checkpoint), fasta=str(src), batch_size=2,
                                                     out=str(tmp_path / "e"), progress=False, plot="none"))
     assert list((tmp_path / "e").iterdir()) == []
+
+
+def test_structures_from_python_are_those_predict_ss_writes(ss_model, fasta, tmp_path):
+    """The documented notebook route: load_finetuned + predict_pairs + to_dot_bracket, no files."""
+    from finetune.backbone import load_finetuned
+    from finetune.structure import to_dot_bracket
+    from finetune.tasks.ss import predict_pairs
+
+    model, meta = load_finetuned(ss_model)
+    seqs = list(SEQS.values())
+    pairs = predict_pairs(model, seqs, 0.01, progress=False)  # a low threshold: the tiny model pairs something
+    assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={tmp_path}", "--threshold=0.01",
+                "--progress=false"]) == 0
+    written = (tmp_path / "predictions.dbn").read_text().splitlines()[2::3]
+    assert [to_dot_bracket(p, len(s)) for p, s in zip(pairs, seqs)] == written and sum(map(len, pairs)) > 0
+    with pytest.raises(TypeError, match=r"got one sequence: pass \[seq\]"):
+        predict_pairs(model, seqs[0], meta["threshold"])
