@@ -45,7 +45,8 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [T, H, Dh] in fp32 and return it in x's dtype (as flash-attn's rotary kernel does)."""
+    """Rotate [T, H, Dh] in fp32 and return it in x's dtype (flash-attn's rotary kernel first rounds cos and sin to
+    x's dtype: at most 2^-9 relative apart)."""
     return RotateHalf.apply(x, cos, sin)
 
 
