@@ -35,7 +35,7 @@ from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
 from .report import ReportProcess, write_summary
-from .split import shard_jobs, shuffled_order
+from .split import shard_jobs, shuffled_order, valid_candidates, wanted_valid
 from .background import Background
 from .shares import normalise_inputs, tsv_lines
 from .store import Store, write_permuted
@@ -183,6 +183,22 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     stage.commit()
 
 
+# ------------------------------------------------------------------------------------------ holdout
+def holdout(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
+    """The cluster pairs that validation must not split (`split.valid_clusters`): an MMseqs2 search of the
+    validation candidates' records against all kept records."""
+    cl_dir = stage.final.parent / "cluster"
+    keep, cluster_id = np.load(cl_dir / "keep.npy"), np.load(cl_dir / "cluster_id.npy")
+    tmp = stage.begin()
+    candidates = valid_candidates(cluster_id, store.seqh[keep], cfg.valid_fraction, cfg.seed)
+    queries = np.flatnonzero(np.isin(cluster_id, candidates))
+    log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation clusters "
+        f"against all {len(keep):,} (log: {stage.final / 'mmseqs.log'})")
+    pairs = clustering.linked_pairs(store, keep, queries, tmp, cfg.cluster, writers=cfg.workers)
+    np.save(tmp / "linked.npy", np.unique(cluster_id[pairs], axis=0) if len(pairs) else np.zeros((0, 2), np.int64))
+    stage.commit()
+
+
 def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
     if cfg.shard_size_is_bound:
         return cfg.records_per_shard
@@ -228,6 +244,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
                                                          cfg.cluster.cov_mode, mmseqs])
+    keys["holdout"] = _hash(keys["cluster"], cfg.valid_fraction, cfg.seed, "search", clustering.SEARCH_KMER)
     keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
     stages = {name: _Stage(work, name, key) for name, key in keys.items()}
 
@@ -252,7 +269,7 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
                          f"(see the reasons in {out / '.work' / 'normalise' / 'rejects.tsv'})")
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)
-    build_key = _hash(keys["cluster"], params)
+    build_key = _hash(keys["holdout"], params)
     if comm.bcast(_manifest_current(out, build_key, cfg.report) if comm.rank == 0 else None):
         skipped += ["cluster"] * stages["cluster"].done + ["shards"]
         log(f"shards: up to date ({out / MANIFEST_NAME})")
@@ -281,18 +298,20 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
         if report:
             report.clusters_ready(stages["cluster"].final)
+        if _searches(cfg):
+            run("holdout", holdout, cfg, store, stages["holdout"], log, collective=False)
         t = time.perf_counter()
         if shuffling:
             shuffling.join()
             seconds["shuffle_wait"] = time.perf_counter() - t  # what clustering did not hide
         comm.barrier()
         t = time.perf_counter()
-        infos, n_clusters = _write_shards(cfg, out, store, stages, rps, comm, log)
+        infos, clusters = _write_shards(cfg, out, store, stages, rps, comm, log)
         seconds["shards"] = time.perf_counter() - t
         manifest = None
         if comm.rank == 0:
             shards = sorted((i for part in infos for i in part), key=lambda s: (s.split != "train", s.path))
-            manifest = _finish(cfg, out, store, stages, shards, params, build_key, n_clusters, seconds, log,
+            manifest = _finish(cfg, out, store, stages, shards, params, build_key, clusters, seconds, log,
                                sources, res, report, mmseqs)
     except BaseException:
         for process in (report, shuffling):
@@ -304,8 +323,9 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
 
 
 def _write_shards(cfg: BuildConfig, out: Path, store: Store, stages: dict, rps: int, comm,
-                  log: Log) -> tuple[list, int]:
-    """Split by cluster, shuffle, write this rank's shards; (every rank's ShardInfos on rank 0, clusters)."""
+                  log: Log) -> tuple[list, tuple[int, int]]:
+    """Split by cluster, shuffle, write this rank's shards; (every rank's ShardInfos on rank 0, (clusters,
+    validation clusters))."""
     if comm.rank == 0:  # the earlier shard set and its manifest stay untouched until `_publish`
         shutil.rmtree(_staging(out), ignore_errors=True)  # left by a killed run
         _staging(out).mkdir()
@@ -315,8 +335,9 @@ def _write_shards(cfg: BuildConfig, out: Path, store: Store, stages: dict, rps: 
     cl_dir = stages["cluster"].final
     cluster_id = np.load(cl_dir / "cluster_id.npy")
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
+    linked = np.load(stages["holdout"].final / "linked.npy") if _searches(cfg) else None
     jobs = shard_jobs(cluster_id, store.seqh[np.load(cl_dir / "keep.npy")], cfg.valid_fraction, cfg.seed, rps,
-                      cfg.shard_size_is_bound)
+                      cfg.shard_size_is_bound, linked)
     shuffled = not cfg.no_cluster  # (then `shuffle` ran while MMseqs2 did)
     ctx = WriteContext(str(_staging(out)), str(stages["shuffle" if shuffled else "normalise"].final), str(cl_dir),
                        block_records=cfg.block_records, zstd_level=cfg.zstd_level, shuffled=shuffled)
@@ -329,7 +350,14 @@ def _write_shards(cfg: BuildConfig, out: Path, store: Store, stages: dict, rps: 
         done.append(info)
         log.progress(f"shards: {len(done)}/{len(mine)} written ({info.path}, {info.bytes / 1e6:,.1f} MB)")
 
-    return comm.gather(write_jobs(ctx, mine, cfg.workers, progress)), n_clusters
+    in_valid = [j.records for j in jobs if j.split == "valid"]
+    valid = len(np.unique(cluster_id[np.concatenate(in_valid)])) if in_valid else 0
+    return comm.gather(write_jobs(ctx, mine, cfg.workers, progress)), (n_clusters, valid)
+
+
+def _searches(cfg: BuildConfig) -> bool:
+    """Whether validation is checked against train with MMseqs2 (not without clustering or validation)."""
+    return not cfg.no_cluster and cfg.valid_fraction > 0
 
 
 def _shard_plan(jobs: list) -> str:
@@ -414,8 +442,9 @@ def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
 
 
 def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: list[ShardInfo], params: dict,
-            build_key: str, n_clusters: int, seconds: dict, log: Log, sources: list[dict], res: dict,
+            build_key: str, clusters: tuple[int, int], seconds: dict, log: Log, sources: list[dict], res: dict,
             report: ReportProcess | None, mmseqs: str | None) -> Manifest:
+    n_clusters, n_valid = clusters
     names = [s["path"] for s in sources]
     _write_rejects(_staging(out), stages["normalise"].final, store, res, names)
     _write_duplicates(_staging(out), store, res, names)
@@ -425,15 +454,21 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
         mine = [s for s in shards if s.split == split]
         counts[split] = {"records": sum(s.records for s in mine), "tokens": sum(s.tokens for s in mine),
                          "shards": len(mine)}
+    counts["valid"]["clusters"] = n_valid
     assert counts["records_in"] == counts["rejected"] + counts["duplicates"] + counts["kept"], counts
     assert counts["kept"] == counts["train"]["records"] + counts["valid"]["records"], counts
     tools = {"mmseqs": mmseqs,
              "python": platform.python_version(), "numpy": np.__version__, "zstandard": zstandard.__version__,
              "shard_format": FORMAT_VERSION}
     warnings = []
-    if cfg.valid_fraction > 0 and counts["valid"]["records"] == 0:
+    wanted = wanted_valid(n_clusters, cfg.valid_fraction)
+    if cfg.valid_fraction > 0 and wanted == 0:
         warnings.append(f"the validation split is empty: --valid-fraction {cfg.valid_fraction} of {n_clusters:,} "
                         f"cluster(s) holds out none (a cluster is never split), so training gets no validation data")
+    if n_valid < wanted:
+        warnings.append(f"validation holds {n_valid:,} clusters, not the {wanted:,} of --valid-fraction "
+                        f"{cfg.valid_fraction}: the other candidates had near-duplicates in train (the MMseqs2 "
+                        f"search of {stages['holdout'].final / 'mmseqs.log'})")
     for warning in warnings:
         log.warn(warning)
     manifest = Manifest(shards=shards, sources=sources, params={**params, "build_key": build_key}, tools=tools,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from .digest import fmix64
 
@@ -30,34 +32,83 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 2]).permutation(n)
 
 
-def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fraction: float, seed: int) -> np.ndarray:
-    """Bool per cluster: held out for validation. round(fraction * clusters) clusters, those with the smallest seeded
-    key of their content (the smallest digest of a member's sequence), not of their position in the input, so a
-    grown corpus keeps its validation clusters (a draw over cluster numbers moved 96 % of them into train when 0.25 %
-    more records came first)."""
+# Candidates per wanted validation cluster: those found near a train record go back to train (typically a third to
+# a half at linclust's 70 % / 80 % on the ncRNA corpus), so the rest still fill the wanted number.
+CANDIDATES_PER_VALID = 3
+
+
+def cluster_ranking(cluster_id: np.ndarray, seq_digest: np.ndarray, seed: int) -> np.ndarray:
+    """Cluster ids in validation order: by a seeded key of their content (the smallest digest of a member's
+    sequence), not of their position in the input, so a grown corpus keeps its validation clusters (a draw over
+    cluster numbers moved 96 % of them into train when 0.25 % more records came first)."""
     n_clusters = int(cluster_id.max()) + 1 if len(cluster_id) else 0
-    n_valid = int(round(valid_fraction * n_clusters))
-    if valid_fraction > 0 and n_clusters > 1:
-        n_valid = min(max(n_valid, 1), n_clusters - 1)
     content = np.full(n_clusters, np.iinfo(np.uint64).max, np.uint64)
     np.minimum.at(content, cluster_id, seq_digest)
     salt = np.random.default_rng([seed, 1]).integers(np.iinfo(np.uint64).max, dtype=np.uint64, endpoint=True)
-    chosen = np.zeros(n_clusters, bool)
-    chosen[np.argsort(fmix64(content ^ salt), kind="stable")[:n_valid]] = True
+    return np.argsort(fmix64(content ^ salt), kind="stable")
+
+
+def wanted_valid(n_clusters: int, valid_fraction: float) -> int:
+    """round(fraction * clusters), at least one and never all when the fraction is > 0 and there are two."""
+    n_valid = int(round(valid_fraction * n_clusters))
+    if valid_fraction > 0 and n_clusters > 1:
+        n_valid = min(max(n_valid, 1), n_clusters - 1)
+    return n_valid
+
+
+def valid_candidates(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fraction: float, seed: int) -> np.ndarray:
+    """The clusters whose records are searched against all records before validation is chosen among them."""
+    ranking = cluster_ranking(cluster_id, seq_digest, seed)
+    n = min(CANDIDATES_PER_VALID * wanted_valid(len(ranking), valid_fraction), max(len(ranking) - 1, 0))
+    return ranking[:n]
+
+
+def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fraction: float, seed: int,
+                   linked: np.ndarray | None = None) -> np.ndarray:
+    """Bool per cluster: held out for validation, `wanted_valid` clusters in `cluster_ranking` order.
+
+    `linked` ([m, 2] cluster ids): pairs of clusters with records within the clustering thresholds of each other
+    (an MMseqs2 search of the `valid_candidates`' records against all records). MMseqs2 keeps each member near its
+    own representative only, so such pairs are common. Validation is then taken from the candidates alone, without
+    any candidate linked to a cluster outside them (repeated until none is), and in whole groups of linked
+    candidates, so that no validation record has a linked record in train."""
+    ranking = cluster_ranking(cluster_id, seq_digest, seed)
+    n_valid = wanted_valid(len(ranking), valid_fraction)
+    chosen = np.zeros(len(ranking), bool)
+    if linked is None:
+        chosen[ranking[:n_valid]] = True
+        return chosen
+    a, b = np.concatenate([linked, linked[:, ::-1]]).T
+    a, b = a[a != b], b[a != b]
+    ok = np.zeros(len(ranking), bool)
+    ok[valid_candidates(cluster_id, seq_digest, valid_fraction, seed)] = True
+    while (out := ok[a] & ~ok[b]).any():
+        ok[a[out]] = False
+    inside = ok[a] & ok[b]
+    graph = sp.coo_matrix((np.ones(int(inside.sum())), (a[inside], b[inside])), shape=(len(ranking),) * 2)
+    group = connected_components(graph, directed=False)[1]
+    candidates = ranking[ok[ranking]]  # in ranking order
+    taken = 0
+    for g in dict.fromkeys(group[candidates].tolist()):  # groups by their best-ranked member
+        if taken >= n_valid:
+            break
+        members = candidates[group[candidates] == g]
+        chosen[members] = True
+        taken += len(members)
     return chosen
 
 
 def shard_jobs(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fraction: float, seed: int,
-               records_per_shard: int, at_most: bool = True) -> list[ShardJob]:
+               records_per_shard: int, at_most: bool = True, linked: np.ndarray | None = None) -> list[ShardJob]:
     """Every kept record in exactly one job; whole clusters per split (`valid_clusters`, from the kept records'
-    cluster ids and sequence digests); each split in the shuffled order.
+    cluster ids and sequence digests, and the `linked` clusters); each split in the shuffled order.
 
     Each split is cut into shards of equal size (+-1 record): the fewest of at most `records_per_shard` records
     (`at_most`, --shard-records), or the number nearest to `records_per_shard` each (a target, --shard-mb: shards of
     0.75..1.25x the target, or a single one of up to 1.5x). Cutting every `records_per_shard` left a tail shard of
     any size (3M synthetic records: three train shards of 75.6 MB and one of 0.2 MB)."""
     order = shuffled_order(len(cluster_id), seed)
-    in_valid = valid_clusters(cluster_id, seq_digest, valid_fraction, seed)[cluster_id[order]]
+    in_valid = valid_clusters(cluster_id, seq_digest, valid_fraction, seed, linked)[cluster_id[order]]
     jobs = []
     for split, where in (("train", np.flatnonzero(~in_valid)), ("valid", np.flatnonzero(in_valid))):
         n = len(where)
