@@ -495,19 +495,23 @@ class Trainer:
         self.metrics.record_checkpoint(seconds)
         self._log(event="checkpoint", step=self.step, tag=tag, seconds=seconds)
 
-    def _serve_metrics(self) -> int:
+    def _serve_metrics(self) -> int | None:
+        """The bound port; None when a fixed port is taken (another job's rank on this node, most likely): a
+        requeue that lands beside another job must not end a weeks-long run over its metrics."""
         m = self.cfg.metrics
         port = m.port_base + self.local_rank if m.port_base else 0
         try:
             return self.metrics.serve(m.bind, port)
-        except OSError as e:  # with a fixed port, another job's rank on this node; its target is there, not ours
+        except OSError as e:
             where = f"metrics endpoint {m.bind}:{port} (metrics.port_base {m.port_base} + local rank {self.local_rank})"
             if e.errno != errno.EADDRINUSE:  # e.g. a metrics.bind address this node does not have
                 raise RefusedStart(f"{where}: {e.strerror or e}; check metrics.bind (an address of this node, "
                                    "0.0.0.0: all), or metrics.enabled=false") from None
-            raise RefusedStart(f"{where}: {e.strerror or e}; another job on this node may hold it: give "
-                               "this job another metrics.port_base (0: free ports, no Prometheus target), or "
-                               "metrics.enabled=false") from None
+            rank = os.environ.get("RANK", "0")
+            _eprint(f"python -m pretrain.train: warning: rank {rank}: {where}: {e.strerror or e}; another job "
+                    "on this node may hold it: this rank trains on without metrics, and its Prometheus target "
+                    "scrapes whatever holds the port (give jobs that share nodes other metrics.port_base values)")
+            return None
 
     def _attention(self) -> dict:
         """The backend training runs with and the attention dropout it really applies (torch_varlen has none)."""

@@ -24,6 +24,7 @@
 # Preemption/time limit: Slurm sends USR1 to this shell 5 minutes before the limit (--signal=B:USR1@300); it
 # is forwarded to the ranks, which save a checkpoint at the next step boundary and exit 0; then the job requeues
 # itself and the rerun resumes from the newest checkpoint in train.out_dir (same job id, output appended).
+# A crash after a new checkpoint requeues too; a failed job keeps its Prometheus targets, so RnalmRankDown pages.
 #
 #SBATCH --job-name=rnalm-pretrain
 #SBATCH --nodes=1
@@ -45,10 +46,8 @@ die() { log "error: $*" >&2; exit 1; }
 # First of all: Slurm may send the time-limit USR1 up to 60 s before it is due, so at the job's very start
 # (short limits); an untrapped USR1 would kill this shell and end the job instead of requeueing it.
 PREEMPTED=0
-INTERRUPTED=0
 # shellcheck disable=SC2317  # trap handlers
 on_usr1() {
-  INTERRUPTED=1
   PREEMPTED=1
   log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
   forward_usr1
@@ -63,7 +62,6 @@ forward_usr1() {  # once the ranks are launched (else right after srun, below), 
 }
 # shellcheck disable=SC2317
 on_term() {
-  INTERRUPTED=1
   log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
   # The target file goes now: Slurm SIGKILLs this shell too when the ranks' save outlasts KillWait, and the
   # EXIT trap would never run (dead targets left to Prometheus: RnalmRankDown for a job that is gone).
@@ -180,7 +178,18 @@ write_targets() {
 
 remove_targets() { rm -f "$TARGETS"; }
 
-trap remove_targets EXIT
+RC_FILE=$(mktemp) || die "cannot create a temporary file"
+# A failed job keeps its target file: Prometheus then finds its ranks down and RnalmRankDown pages (deleting the
+# file, or the next job of this user, which removes it as stale, acknowledges). Removed, a crash or a hung
+# collective's abort would end the job without a sound.
+# shellcheck disable=SC2317
+on_exit() {
+  local rc=$?
+  rm -f "$RC_FILE"
+  if [ "$rc" = 0 ]; then remove_targets
+  elif [ -e "${TARGETS:-}" ]; then log "job failed (exit $rc): $TARGETS stays, so that RnalmRankDown pages"; fi
+}
+trap on_exit EXIT
 
 requeue() {
   [ -n "${FORWARDER:-}" ] && kill "$FORWARDER" 2>/dev/null
@@ -190,32 +199,50 @@ requeue() {
   exit 0
 }
 
+# A crash requeues the job when the run saved a checkpoint since its start (so a crash that repeats before the
+# next checkpoint ends the job: no loop). Zero-padded tags sort as their steps.
+newest_checkpoint() { ls -1 "$OUT_DIR/checkpoints" 2>/dev/null | grep -E '^step[0-9]{8}$' | sort | tail -n 1; }
+START_CHECKPOINT=$(newest_checkpoint)
+
 # --------------------------------------------------------------------------------------------- run
 write_targets
 # Each task: its rank from Slurm, and USR1 ignored until the trainer installs its handler (an early USR1 must
 # not kill a rank that is still starting up; the forwarder above repeats it).
 # shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-  bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
-  "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} &
+# srun's exit status goes through a file: `wait` on a step that ended while a trap ran can return -1. This
+# subshell outlives a TERM or USR1 sent to the whole job (handlers, unlike ignored signals, are not inherited by srun).
+{
+  trap : TERM USR1
+  srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
+    "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
+  echo $? > "$RC_FILE"
+} &
 STEP_PID=$!
 # Signalled before the ranks started: they start anyway and stop after their first step. Requeued at once
 # instead, a job whose time limit is within the --signal lead (Slurm then signals at the start) would requeue
 # for ever without a single step; this way every run makes progress.
 [ "$PREEMPTED" = 1 ] && forward_usr1
 
-# A trapped signal interrupts `wait` (status > 128) while srun keeps running: wait again.
-while :; do
-  INTERRUPTED=0
-  wait "$STEP_PID"
-  RC=$?
-  if [ "$INTERRUPTED" = 0 ] || [ "$RC" -le 128 ]; then break; fi
-done
+# A trapped signal interrupts `wait` while srun keeps running: wait again.
+while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID"; done
+RC=$(cat "$RC_FILE")
+[ -n "$RC" ] || RC=1
 log "training step ended with exit code $RC"
 
-# Requeue only on the ranks' word that they stopped on the signal with a checkpoint saved. A run that finished
-# anyway, a refused start (exit 2), a non-finite stop (3) or a crash would only repeat itself, and with a time
-# limit at or below the --signal lead every run is signalled at once: a requeue loop.
+# A crash (an NCCL timeout, a GPU error, a killed rank; not a refused start 2, a non-finite stop 3 or unreadable
+# shards 4, which would repeat) after a new checkpoint: requeued to resume from it.
+case $RC in 0|2|3|4) ;; *)
+  NOW_CHECKPOINT=$(newest_checkpoint)
+  if [ -n "$NOW_CHECKPOINT" ] && [[ $NOW_CHECKPOINT > $START_CHECKPOINT ]]; then
+    log "the ranks failed (exit $RC) after saving $NOW_CHECKPOINT (newest at the start: ${START_CHECKPOINT:-none}):" \
+        "requeued to resume from it; a failure before the next checkpoint ends the job"
+    requeue
+  fi ;;
+esac
+# Otherwise requeue only on the ranks' word that they stopped on the signal with a checkpoint saved. A run that
+# finished anyway, a refused start (exit 2), a non-finite stop (3) or a crash would only repeat itself, and with
+# a time limit at or below the --signal lead every run is signalled at once: a requeue loop.
 if [ "$PREEMPTED" = 1 ]; then
   if [ "$RC" = 0 ] && [[ $(tail -n 1 "$OUT_DIR/log.jsonl" 2>/dev/null) == *'"event": "preempted"'* ]]; then
     requeue

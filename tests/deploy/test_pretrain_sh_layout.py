@@ -18,8 +18,8 @@ STUBS = {
 esac""",
     "squeue": "exit 0",
     "scancel": 'echo "scancel $*" >> "$CALLS"',
-    # --kill-on-bad-exit=1 --cpus-per-task=N bash -c SCRIPT rank PYTHON ARGS...: the first and the last task
-    "srun": r"""echo "srun $*" >> "$CALLS"; shift 2
+    # --kill-on-bad-exit=1 --label --cpus-per-task=N bash -c SCRIPT rank PYTHON ARGS...: the first and last task
+    "srun": r"""echo "srun $*" >> "$CALLS"; shift 3
 SLURM_PROCID=0 SLURM_LOCALID=0 "$@" && SLURM_PROCID=$((SLURM_NTASKS - 1)) SLURM_LOCALID=$((TASKS - 1)) "$@" """,
 }
 TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then

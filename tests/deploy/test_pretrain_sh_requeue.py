@@ -14,8 +14,11 @@ import pytest
 from tests.deploy.test_pretrain_sh_layout import run_script
 
 TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
-  if [ "$RANK" = 0 ]; then
-    kill -USR1 "$(cut -d' ' -f4 /proc/$PPID/stat)"   # the batch shell (parent of srun)
+  if [ "$RANK" = 0 ]; then   # to the batch shell, the topmost pretrain.sh process (srun runs in a subshell)
+    shell=$$
+    until grep -qaF slurm/pretrain.sh /proc/$shell/cmdline; do shell=$(cut -d' ' -f4 /proc/$shell/stat); done
+    while parent=$(cut -d' ' -f4 /proc/$shell/stat) && grep -qaF slurm/pretrain.sh /proc/$parent/cmdline; do shell=$parent; done
+    kill -USR1 "$shell"
     sleep 1
     echo -n {line} >> {log}
   fi
@@ -47,7 +50,8 @@ def test_requeue_only_when_the_ranks_saved_on_the_signal(case, tmp_path):
     assert "USR1" in r.stdout, r.stdout + r.stderr
     assert ("scontrol requeue 123456" in calls) == requeued, r.stdout + r.stderr
     assert r.returncode == code, r.stdout + r.stderr
-    assert not list(sd.glob("*.json"))
+    # a failed job keeps its targets, so that Prometheus finds its ranks down and RnalmRankDown pages
+    assert len(list(sd.glob("*.json"))) == (code != 0), r.stdout + r.stderr
 
 
 EARLY_SIGNAL_TRAINER = r"""if [ "$1 $2" = '-m pretrain.config' ]; then   # the batch shell reads the config: Slurm signals now
@@ -82,3 +86,30 @@ def test_signal_before_the_ranks_start_still_runs_them(tmp_path):
     first = lambda prefix: next(i for i, line in enumerate(lines) if line.startswith(prefix))  # noqa: E731
     # srun runs in the background: its stub may log after the first forward (which repeats while the step lives)
     assert max(first("srun"), first("scancel --signal=USR1 123456")) < first("scontrol requeue 123456"), calls
+
+
+CRASH_TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
+  [ "$RANK" = 0 ] && [ -n {saves} ] && mkdir -p {out}/checkpoints/{saves}
+  exit {code}
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.mark.parametrize("saves, code, requeued", [
+    ("step00000050", 1, True),     # an NCCL timeout or a GPU error after a new checkpoint: resume from it
+    ("", 1, False),                # a crash before the next checkpoint: it would repeat, so the job ends
+    ("step00000050", 3, False),    # a non-finite stop (or a refused start, unreadable shards) would repeat
+    ("step00000050", 0, False),    # done
+])
+def test_a_crash_after_a_new_checkpoint_requeues(saves, code, requeued, tmp_path):
+    """Only a clean stop on the signal requeued: a weeks-long run ended FAILED on its first NCCL timeout."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000040").mkdir(parents=True)  # the newest at the job's start
+    trainer = CRASH_TRAINER.format(saves=shlex.quote(saves), out=shlex.quote(str(out)), code=code)
+    r, calls, sd = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, args=(f"--train.out_dir={out}",))
+    assert ("scontrol requeue 123456" in calls) == requeued, r.stdout + r.stderr
+    assert r.returncode == (0 if requeued else code), r.stdout + r.stderr
+    if requeued:
+        assert "failed (exit 1) after saving step00000050 (newest at the start: step00000040)" in r.stdout
+        assert not list(sd.glob("*.json"))

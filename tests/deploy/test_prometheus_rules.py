@@ -52,7 +52,8 @@ def test_promtool_alert_unit_tests_pass():
 def test_issue_alerts_exist_and_each_has_firing_and_quiet_cases():
     names = alert_names()
     for wanted in ("RnalmTrainingStalled", "RnalmLossNotFinite", "RnalmLossDiverging", "RnalmThroughputLow",
-                   "RnalmDataloaderBound", "RnalmShardsSkipped", "RnalmRankDown", "RnalmCheckpointOverdue"):
+                   "RnalmDataloaderBound", "RnalmShardsSkipped", "RnalmRankDown", "RnalmCheckpointOverdue",
+                   "RnalmNonfiniteStepSkipped"):
         assert wanted in names
     tests = yaml.safe_load((RULES / "rnalm_test.yml").read_text())["tests"]
     cases = [c for t in tests for c in t.get("alert_rule_test", [])]

@@ -158,7 +158,8 @@ def test_two_node_job_matches_the_single_node_run(slurm, synthetic_shards, strai
 
 def test_failing_ranks_fail_the_job_without_requeue(slurm, synthetic_shards, tmp_path):
     """A run that stops on its own error (here: the trainer's non-finite-loss stop, exit code 3, via its fault
-    injection) is not requeued: the job FAILS with the trainer's exit code and its target file is gone."""
+    injection) is not requeued: the job FAILS with the trainer's exit code and its target file stays, so that
+    RnalmRankDown pages (removed, a crashed or aborted job ended without a sound)."""
     job_id = submit(slurm, synthetic_shards, tmp_path, "--train.inject_nonfinite_at=[5]",
                     "--train.max_nonfinite_in_row=1", "--metrics.final_scrape_s=2")
     info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=180)
@@ -167,7 +168,8 @@ def test_failing_ranks_fail_the_job_without_requeue(slurm, synthetic_shards, tmp
     assert info["Restarts"] == "0" and "requeueing" not in out
     assert "training step ended with exit code 3" in out
     assert events(read_jsonl(tmp_path / "out" / "log.jsonl"), "stopped_nonfinite")
-    assert not list((tmp_path / "targets").glob("*.json"))
+    assert [p.name for p in (tmp_path / "targets").glob("*.json")] == [f"rnalm-{job_id}.json"]
+    assert "RnalmRankDown pages" in out
 
 
 def test_missing_config_fails_the_job_with_a_clear_message(slurm, synthetic_shards, tmp_path):
