@@ -31,6 +31,10 @@ INSTALL_HINT = ("install MMseqs2: `sudo apt-get install mmseqs2` (Debian/Ubuntu)
 # 4,000-record ncRNA sample at --valid-fraction 0.1, 0.8 / 1.9 / 3.6 % at k 7 / 8 / 9 (43 % without the search);
 # prefilter time on 945,670 synthetic records (2 cores) 318 / 105 / 45 s against linclust's 36 s.
 SEARCH_KMER = 8
+# Hits kept per query: MMseqs2's default 300 plus the query's cluster size, whose members would fill them and hide
+# a link to another cluster (a record of 400 near-copies lost its 85 % neighbour). Each group of cluster sizes up
+# to these bounds is searched with its own limit: one limit for all (10,000) made the alignments 13x slower.
+SEARCH_SIZE_BOUNDS = (100, 1_000, 10_000)
 WRITE_BATCH = 16_384  # small batches reuse their buffers (fresh large temporaries page-fault on every batch)
 
 
@@ -161,18 +165,16 @@ def _run_guarded(cmd: list[str], out) -> int:
         raise
 
 
-def search_steps(exe: str, query: Path, targets: list[Path], tmp: Path, cfg: ClusterConfig) -> list[list[str]]:
+def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: ClusterConfig, max_seqs: int) -> list[str]:
     """Every (query, target) pair within the clustering's identity and coverage, on either strand (as clustering
     joins reverse complements). Short k-mers without masking find what linclust's long k-mers miss: MMseqs2's
     defaults (k 15, masking) found 86 of the 173 validation records of a 4,000-record ncRNA sample that k 7 found
     with such a train record; k 8 finds 170."""
-    db, out = tmp / "targets", tmp / "pairs.tsv"
-    search = [exe, "easy-search", str(query), str(db), str(out), str(tmp / "search_tmp"), "--search-type", "3",
-              "--strand", "2", "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id),
-              "-c", str(cfg.coverage), "--format-output", "query,target", "--threads", str(cfg.threads)]
-    if cfg.cov_mode is not None:
-        search += ["--cov-mode", str(cfg.cov_mode)]
-    return [[exe, "createdb", *map(str, targets), str(db), "--dbtype", "2", "--shuffle", "0"], search]
+    search = [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--search-type", "3", "--strand", "2",
+              "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id),
+              "-c", str(cfg.coverage), "--max-seqs", str(max_seqs), "--format-output", "query,target",
+              "--threads", str(cfg.threads)]
+    return search + (["--cov-mode", str(cfg.cov_mode)] if cfg.cov_mode is not None else [])
 
 
 def run_mmseqs(steps: list[list[str]], log: Path) -> None:
@@ -258,17 +260,28 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, w
     return out
 
 
-def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, workdir: Path, cfg: ClusterConfig,
-                 writers: int = 1) -> np.ndarray:
+def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, workdir: Path,
+                 cfg: ClusterConfig, writers: int = 1) -> np.ndarray:
     """[m, 2] kept-list positions (query, target): every kept record within the clustering thresholds of one of
-    the kept records at `queries` (itself included), by an MMseqs2 search against all kept records."""
+    the kept records at `queries` (itself included), by MMseqs2 searches against all kept records, one per group
+    of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`)."""
+    if len(queries) == 0:  # (MMseqs2 refuses an empty query file)
+        return np.zeros((0, 2), np.int64)
     tmp = workdir / "mmseqs_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    w = name_width(len(keep))
-    _write_records(store, keep, np.sort(queries), w, tmp / "queries.fasta")
+    w, exe, db = name_width(len(keep)), find_mmseqs(cfg.mmseqs), tmp / "targets"
     targets = [tmp / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
     write_input(store, keep, targets)
-    run_mmseqs(search_steps(find_mmseqs(cfg.mmseqs), tmp / "queries.fasta", targets, tmp, cfg), workdir / "mmseqs.log")
-    pairs = parse_pairs(tmp / "pairs.tsv", w, "search output")
+    steps = [[exe, "createdb", *map(str, targets), str(db), "--dbtype", "2", "--shuffle", "0"]]
+    group = np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
+    outputs = []
+    for g in np.unique(group):
+        mine = np.sort(queries[group == g])
+        _write_records(store, keep, mine, w, tmp / f"queries-{g}.fasta")
+        outputs.append(tmp / f"pairs-{g}.tsv")
+        steps.append(search_step(exe, tmp / f"queries-{g}.fasta", db, outputs[-1], tmp / f"search-{g}", cfg,
+                                 300 + int(cluster_size[group == g].max())))
+    run_mmseqs(steps, workdir / "mmseqs.log")
+    pairs = np.concatenate([parse_pairs(out, w, "search output") for out in outputs])
     shutil.rmtree(tmp)
     return pairs

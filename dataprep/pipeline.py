@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
 from .report import ReportProcess, write_summary
-from .split import shard_jobs, shuffled_order, valid_candidates, wanted_valid
+from .split import CANDIDATES_PER_VALID, shard_jobs, shuffled_order, valid_candidates, wanted_valid
 from .background import Background
 from .shares import normalise_inputs, tsv_lines
 from .store import Store, write_permuted
@@ -194,7 +194,8 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     queries = np.flatnonzero(np.isin(cluster_id, candidates))
     log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation clusters "
         f"against all {len(keep):,} (log: {stage.final / 'mmseqs.log'})")
-    pairs = clustering.linked_pairs(store, keep, queries, tmp, cfg.cluster, writers=cfg.workers)
+    size = np.bincount(cluster_id)[cluster_id[queries]]
+    pairs = clustering.linked_pairs(store, keep, queries, size, tmp, cfg.cluster, writers=cfg.workers)
     np.save(tmp / "linked.npy", np.unique(cluster_id[pairs], axis=0) if len(pairs) else np.zeros((0, 2), np.int64))
     stage.commit()
 
@@ -244,7 +245,10 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
                                                          cfg.cluster.cov_mode, mmseqs])
-    keys["holdout"] = _hash(keys["cluster"], cfg.valid_fraction, cfg.seed, "search", clustering.SEARCH_KMER)
+    search = clustering.search_step("mmseqs", Path("q"), Path("t"), Path("o"), Path("tmp"),
+                                    replace(cfg.cluster, threads=1), 0)
+    keys["holdout"] = _hash(keys["cluster"], cfg.valid_fraction, cfg.seed, search, clustering.SEARCH_SIZE_BOUNDS,
+                            CANDIDATES_PER_VALID)
     keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
     stages = {name: _Stage(work, name, key) for name, key in keys.items()}
 

@@ -87,14 +87,12 @@ def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fractio
     inside = ok[a] & ok[b]
     graph = sp.coo_matrix((np.ones(int(inside.sum())), (a[inside], b[inside])), shape=(len(ranking),) * 2)
     group = connected_components(graph, directed=False)[1]
-    candidates = ranking[ok[ranking]]  # in ranking order
-    taken = 0
-    for g in dict.fromkeys(group[candidates].tolist()):  # groups by their best-ranked member
-        if taken >= n_valid:
-            break
-        members = candidates[group[candidates] == g]
-        chosen[members] = True
-        taken += len(members)
+    of = group[ranking[ok[ranking]]]  # the candidates' groups, in ranking order
+    groups, first = np.unique(of, return_index=True)
+    order = groups[np.argsort(first)]  # groups by their best-ranked member
+    sizes = np.bincount(of)[order]
+    taken = order[np.cumsum(sizes) - sizes < n_valid]  # until n_valid clusters are reached
+    chosen[ok & np.isin(group, taken)] = True
     return chosen
 
 

@@ -182,21 +182,22 @@ RC_FILE=$(mktemp) || die "cannot create a temporary file"
 # A failed job keeps its target file: Prometheus then finds its ranks down and RnalmRankDown pages (deleting the
 # file, or the next job of this user, which removes it as stale, acknowledges). Removed, a crash or a hung
 # collective's abort would end the job without a sound.
+# Only an exit through `finish` counts as ending well: bash killed by a signal it does not trap runs this too.
 # shellcheck disable=SC2317
 on_exit() {
   local rc=$?
   rm -f "$RC_FILE"
-  if [ "$rc" = 0 ]; then remove_targets
+  if [ "$rc" = 0 ] && [ "${FINISHED:-}" = 1 ]; then remove_targets
   elif [ -e "${TARGETS:-}" ]; then log "job failed (exit $rc): $TARGETS stays, so that RnalmRankDown pages"; fi
 }
 trap on_exit EXIT
+finish() { FINISHED=1; exit "$1"; }
 
 requeue() {
   [ -n "${FORWARDER:-}" ] && kill "$FORWARDER" 2>/dev/null
-  remove_targets
   log "requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed"
-  exit 0
+  scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue failed"  # (the targets stay: RnalmRankDown pages)
+  finish 0
 }
 
 # A crash requeues the job when the run saved a checkpoint since its start (so a crash that repeats before the
@@ -249,4 +250,4 @@ if [ "$PREEMPTED" = 1 ]; then
   fi
   log "not requeued: the ranks did not stop on the signal with a checkpoint (see $OUT_DIR/log.jsonl)"
 fi
-exit "$RC"
+finish "$RC"

@@ -433,13 +433,48 @@ def test_no_validation_record_has_a_near_duplicate_in_train(tmp_path, ncrna_fast
     for k in ("5", "6", "9"):
         subprocess.run(["mmseqs", "easy-search", str(tmp_path / "valid.fa"), str(tmp_path / "train.fa"),
                         str(tmp_path / "hits.m8"), str(tmp_path / "tmp"), "--search-type", "3", "--strand", "2",
-                        "-k", k, "--mask", "0", "-s", "7.5", "-e", "10", "--alignment-mode", "3", "--threads", "2",
+                        "-k", k, "--mask", "0", "-s", "7.5", "-e", "10", "--alignment-mode", "3", "--max-seqs", "5000", "--threads", "2",
                         "--format-output", "query,fident,qcov,tcov", "-v", "1"], check=True, capture_output=True)
         for line in (tmp_path / "hits.m8").read_text().splitlines():
             q, ident, qcov, tcov = line.split("\t")
             if float(ident) >= 0.7 and min(float(qcov), float(tcov)) >= 0.8:
                 near.add(q)
     assert len(near) <= 0.03 * valid["records"], sorted(near)  # 4 of 372 here; 137 of 399 before
+
+
+@pytest.mark.system
+def test_a_large_cluster_keeps_its_link_to_a_near_duplicate(tmp_path):
+    """A record of a cluster of 400 near-copies filled MMseqs2's default 300 hits per query with its own cluster,
+    so the link to `far` (85 % identical, another cluster) was lost and the 400 went to validation beside it."""
+    require_tool("mmseqs")
+    rng = np.random.default_rng(1)
+    q = rng.choice(list("ACGU"), 150)
+
+    def mutated(p: float) -> str:
+        s = q.copy()
+        at = rng.random(150) < p
+        s[at] = [rng.choice([b for b in "ACGU" if b != c]) for c in s[at]]
+        return "".join(s)
+
+    (tmp_path / "in.fa").write_text("".join(f">m{i}\n{mutated(0.02)}\n" for i in range(400)) + f">far\n{mutated(0.15)}\n")
+    res = build_small(tmp_path, [tmp_path / "in.fa"], no_cluster=False, valid_fraction=0.5, seed=0,
+                      cluster=ClusterConfig(threads=2))
+    c = res.manifest.counts
+    assert c["clusters"] == 2 and c["valid"]["records"] == 0, c  # the one candidate is linked to the other
+    assert res.manifest.warnings == [f"validation holds 0 clusters, not the 1 of --valid-fraction 0.5: the other "
+                                     f"candidates had near-duplicates in train (the MMseqs2 search of "
+                                     f"{tmp_path / 'out' / '.work' / 'holdout' / 'mmseqs.log'})"]
+
+
+@pytest.mark.system
+def test_a_clustered_corpus_of_one_cluster_builds_with_an_empty_validation_split(tmp_path):
+    """No candidate to search: MMseqs2 refused the empty query file and the build failed."""
+    require_tool("mmseqs")
+    s = "".join(np.random.default_rng(2).choice(list("ACGU"), 200))
+    (tmp_path / "in.fa").write_text("".join(f">r{i}\n{s[:200 - i]}\n" for i in range(5)))
+    res = build_small(tmp_path, [tmp_path / "in.fa"], no_cluster=False, cluster=ClusterConfig(threads=1))
+    assert res.manifest.counts["clusters"] == 1 and res.manifest.counts["train"]["records"] == 5
+    assert res.manifest.warnings[0].startswith("the validation split is empty")
 
 
 def test_killed_run_keeps_the_earlier_shard_set(tmp_path):

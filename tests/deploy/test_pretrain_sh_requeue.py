@@ -113,3 +113,26 @@ def test_a_crash_after_a_new_checkpoint_requeues(saves, code, requeued, tmp_path
     if requeued:
         assert "failed (exit 1) after saving step00000050 (newest at the start: step00000040)" in r.stdout
         assert not list(sd.glob("*.json"))
+
+
+def test_a_requeue_that_slurm_refuses_keeps_the_targets(tmp_path, monkeypatch):
+    """The targets went before `scontrol requeue`: when it failed (a job submitted with --no-requeue), the job
+    ended FAILED without a page."""
+    from tests.deploy import test_pretrain_sh_layout as layout
+
+    monkeypatch.setitem(layout.STUBS, "scontrol", layout.STUBS["scontrol"].replace(
+        '"requeue "*) echo "scontrol $*" >> "$CALLS" ;;', '"requeue "*) echo "scontrol $*" >> "$CALLS"; exit 1 ;;'))
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000040").mkdir(parents=True)
+    trainer = CRASH_TRAINER.format(saves="step00000050", out=shlex.quote(str(out)), code=1)
+    r, calls, sd = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, args=(f"--train.out_dir={out}",))
+    assert "scontrol requeue 123456" in calls and r.returncode == 1, r.stdout + r.stderr
+    assert "scontrol requeue failed" in r.stderr and len(list(sd.glob("*.json"))) == 1
+
+
+def test_a_batch_shell_killed_by_a_signal_keeps_the_targets(tmp_path):
+    """bash killed by a signal it does not trap (HUP) runs its EXIT trap with the last command's status, 0: the
+    targets went as for a job that ended well."""
+    trainer = TRAINER.replace("kill -USR1", "kill -HUP").format(line="''", log="/dev/null", code=1)
+    r, _calls, sd = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer)
+    assert r.returncode != 0 and len(list(sd.glob("*.json"))) == 1, r.stdout + r.stderr
