@@ -236,11 +236,14 @@ class Trainer:
             save_yaml(cfg, self.out / "config.yaml")
         start_step = self.step
         ports = _all_gather(self.metrics_port)
+        attention = self._attention()
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
-                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights, **self._attention(),
+                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights, **attention,
                   **{k: [g[k] for g in self.scheduler.optimizer.param_groups] for k in OPTIM_HYPERPARAMETERS})
+        if note := attention_dropout_note(attention["attention_backend"], self.model_cfg.attn_dropout):
+            self._say(note)
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
@@ -720,6 +723,14 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def attention_dropout_note(backend: str, attn_dropout: float) -> str | None:
+    """The line that says a configured attention dropout is not applied (the original's recipe has 0.1)."""
+    if attn_dropout > 0 and backend in WITHOUT_DROPOUT:
+        return (f"warning: model.attn_dropout={attn_dropout:g} is not applied: the {backend} attention kernel has no "
+                "dropout (pip install '.[gpu]' for flash-attn, which applies it; --model.attn_dropout=0 says so)")
+    return None
 
 
 def _all_gather(obj):

@@ -653,3 +653,15 @@ def test_compile_workers_start_immune_to_the_stop_signals():
     got = _masks(MASKS_AFTER_COMPILE_WORKERS, env=env)
     assert len(got["started"]) == 3, got             # the sidecar and its 2 workers (forked: same command)
     assert all("compile_worker" in cmd for cmd in got["started"]), got
+
+
+def test_an_attention_dropout_the_kernel_cannot_apply_is_said_at_start():
+    """On GPUs without flash-attn, torch's varlen kernel trains without the recipe's attention dropout 0.1: said only
+    in the start event of log.jsonl, which nobody reads before the run has gone on for days."""
+    from pretrain.train import attention_dropout_note
+
+    note = attention_dropout_note("torch_varlen", 0.1)
+    assert note.startswith("warning: model.attn_dropout=0.1 is not applied: the torch_varlen attention kernel")
+    assert "--model.attn_dropout=0" in note
+    assert attention_dropout_note("torch_varlen", 0.0) is None
+    assert attention_dropout_note("flash_attn", 0.1) is None and attention_dropout_note("sdpa", 0.1) is None
