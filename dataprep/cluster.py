@@ -213,7 +213,7 @@ def parse_pairs(path: Path, width: int, what: str) -> np.ndarray:
 
 
 def parse_cluster_tsv(path: Path, n: int, width: int) -> np.ndarray:
-    """Representative (kept-list position) of each of the n records, from `rep\tmember` lines."""
+    """Representative (kept-list position) of each of the n records, from `rep\\tmember` lines."""
     if n == 0:
         return np.zeros(0, np.int64)
     rep, member = parse_pairs(path, width, "cluster TSV").T

@@ -58,7 +58,10 @@ def wanted_valid(n_clusters: int, valid_fraction: float) -> int:
 
 def valid_candidates(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fraction: float, seed: int) -> np.ndarray:
     """The clusters whose records are searched against all records before validation is chosen among them."""
-    ranking = cluster_ranking(cluster_id, seq_digest, seed)
+    return _candidates(cluster_ranking(cluster_id, seq_digest, seed), valid_fraction)
+
+
+def _candidates(ranking: np.ndarray, valid_fraction: float) -> np.ndarray:
     n = min(CANDIDATES_PER_VALID * wanted_valid(len(ranking), valid_fraction), max(len(ranking) - 1, 0))
     return ranking[:n]
 
@@ -81,7 +84,7 @@ def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fractio
     a, b = np.concatenate([linked, linked[:, ::-1]]).T
     a, b = a[a != b], b[a != b]
     ok = np.zeros(len(ranking), bool)
-    ok[valid_candidates(cluster_id, seq_digest, valid_fraction, seed)] = True
+    ok[_candidates(ranking, valid_fraction)] = True
     while (out := ok[a] & ~ok[b]).any():
         ok[a[out]] = False
     inside = ok[a] & ok[b]
