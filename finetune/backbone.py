@@ -26,7 +26,8 @@ from rnalm.files import atomic_write, remove_stale_temps
 from rnalm.model import RiNALMo
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
-TASK_META = {"ss": ("threshold",), "splice": ("classes",), "mrl": ("scaler",)}  # beside task, model, head
+TASK_META = {"ss": ("threshold",), "splice": ("classes",), "mrl": ("scaler",), "classify": ("classes",),
+             "regress": ("scaler",)}  # beside task, model, head
 
 
 @dataclass
@@ -180,6 +181,11 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
     except (TypeError, RuntimeError) as e:  # a config that builds no model, or weights that do not fit it
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
+
+
+def check_task(meta: dict[str, Any], task: str, model_dir: str | Path) -> None:
+    if meta["task"] != task:
+        raise ValueError(f"{model_dir} is a fine-tuned '{meta['task']}' model, not '{task}'")
 
 
 def _save_id(path: Path) -> str | None:

@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.tasks import TASKS
 from rnalm.configfile import from_cli, save_yaml
 from rnalm.io import read_json
 from rnalm.files import check_out_dir
 
 USAGE = """usage:
   python -m finetune {ss,splice,mrl} {train,evaluate} [--config FILE] [--section.key=value ...]
-  python -m finetune {ss,splice,mrl} predict --model=FT_DIR --fasta=FILE [--out=DIR] [...]
+  python -m finetune {classify,regress} train --model.path=CHECKPOINT --data.train=CSV --data.test=CSV [...]
+  python -m finetune {classify,regress} evaluate --model.path=FT_DIR --data.test=CSV
+  python -m finetune {ss,splice,mrl,classify,regress} predict --model=FT_DIR --fasta=FILE [--out=DIR] [...]
   python -m finetune predict-ss --model=FT_DIR --fasta=FILE [--out=DIR] [--format=dbn|bpseq|ct]
   python -m finetune embed --model=CHECKPOINT --fasta=FILE [--out=DIR] [--label_key=class]
   python -m finetune import-original-ss --checkpoint=ss_bprna_ft.pt --out=DIR   (then predict-ss --model=DIR)
@@ -25,9 +28,10 @@ add --help after a command for its options and defaults"""
 
 
 def _task_module(task: str):
-    from finetune.tasks import mrl, splice, ss
+    from finetune.tasks import classify, mrl, regress, splice, ss
 
-    return {"ss": (ss, ss.SSConfig), "splice": (splice, splice.SpliceConfig), "mrl": (mrl, mrl.MRLConfig)}[task]
+    return {"ss": (ss, ss.SSConfig), "splice": (splice, splice.SpliceConfig), "mrl": (mrl, mrl.MRLConfig),
+            "classify": (classify, classify.ClassifyConfig), "regress": (regress, regress.RegressConfig)}[task]
 
 
 def run(argv: Sequence[str]) -> int:
@@ -39,7 +43,7 @@ def run(argv: Sequence[str]) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], list(argv[1:])
     try:
-        if cmd in ("ss", "splice", "mrl"):
+        if cmd in TASKS:
             if not rest or rest[0] not in ("train", "evaluate", "predict"):
                 print(f"python -m finetune {cmd}: expected train, evaluate or predict\n{USAGE}", file=sys.stderr)
                 return 2

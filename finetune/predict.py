@@ -1,7 +1,8 @@
 """Predictions for the user's FASTA with a fine-tuned model.
 
 `predict_ss`: structures as dot-bracket (one OUT/predictions.dbn: header, sequence, structure), or one
-bpseq / ct file per record (OUT/<id>.bpseq|ct). `predict_table`: splice-site classes or MRL values as TSV.
+bpseq / ct file per record (OUT/<id>.bpseq|ct). `predict_table`: classes (splice, classify) or values (mrl,
+regress) as TSV.
 Batched by length, on CPU or GPU.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from finetune.backbone import load_finetuned
+from finetune.backbone import check_task, load_finetuned
 from finetune.results import write_json
 from finetune.structure import (BRACKETS, FastaRecord, StructureError, StructureRecord, read_fasta,
                                 to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
@@ -55,8 +56,7 @@ def _load(cfg: PredictConfig, task: str):
         raise ValueError(f"--batch_size ({cfg.batch_size}) must be >= 1")
     device = pick_device(cfg.device)  # before the (giga: 2.6 GB) load
     model, meta = load_finetuned(cfg.model)
-    if meta["task"] != task:
-        raise ValueError(f"{cfg.model} is a fine-tuned '{meta['task']}' model, not '{task}'")
+    check_task(meta, task, cfg.model)
     return model.to(device), meta
 
 
@@ -153,25 +153,28 @@ def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> list
 
 
 def predict_table(cfg: PredictConfig, task: str) -> Path:
-    """splice: id, predicted class, class probabilities; mrl: id, predicted MRL. Written to OUT/predictions.tsv."""
+    """splice, classify: id, predicted class, class probabilities; mrl, regress: id, predicted value. Written to
+    OUT/predictions.tsv."""
     require_inputs(cfg.model, cfg.fasta)
     out = check_out_dir(cfg.out, "--out")
     records = read_fasta(cfg.fasta)
     warn_unknown_letters(records, cfg.fasta)
     model, meta = _load(cfg, task)
     seqs = [r.sequence for r in records]
-    if task == "splice":
-        from finetune.tasks.splice import class_probabilities
+    if "classes" in meta:  # splice, classify
+        from finetune.tasks.classify import class_probabilities
 
         probs = class_probabilities(model, seqs, cfg.batch_size, cfg.progress)
         classes = meta["classes"]
         lines = ["\t".join(["id", "prediction", *(f"p_{c}" for c in classes)])]
         lines += ["\t".join([r.id, classes[int(np.argmax(p))], *(f"{x:.4f}" for x in p)]) for r, p in zip(records, probs)]
-    else:
-        from finetune.tasks.mrl import Scaler, predict_mrl
+    else:  # mrl, regress
+        from finetune.tasks.mrl import saved_scaler
+        from finetune.tasks.regress import Scaler, predict_values
 
-        values = predict_mrl(model, seqs, Scaler(**meta["scaler"]), cfg.batch_size, cfg.progress)
-        lines = ["id\tmrl"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
+        scaler = saved_scaler(meta) if task == "mrl" else Scaler(**meta["scaler"])
+        values = predict_values(model, seqs, scaler, cfg.batch_size, cfg.progress)
+        lines = [f"id\t{'mrl' if task == 'mrl' else 'prediction'}"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
     path = out / "predictions.tsv"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "\n".join(lines) + "\n")

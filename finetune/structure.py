@@ -126,7 +126,7 @@ def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecor
     """One structure per bpseq file: lines `index base partner` (1-based, 0 = unpaired); '#' lines skipped."""
     path = Path(path)
     bases, partners = [], []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#") or line.lower().startswith(("filename", "organism", "accession", "citation")):
@@ -154,7 +154,7 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
     """All structures in a ct file: header `N title`, then N lines `i base i-1 i+1 partner i`."""
     path = Path(path)
     records: list[StructureRecord] = []
-    with _open_text(path) as f:
+    with open_text(path) as f:
         lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
     k = 0
     while k < len(lines):
@@ -200,6 +200,54 @@ def write_ct(records: StructureRecord | Iterable[StructureRecord], path: str | P
     atomic_write(path, "".join(format_ct(r) for r in recs))
 
 
+# ---------------------------------------------------------------- dot-bracket text (as predict-ss writes it)
+def read_dbn(path: str | Path) -> list[StructureRecord]:
+    """Records of three lines each: `>id`, the sequence, its dot-bracket (blank lines and ';' comments skipped)."""
+    path = Path(path)
+    lines = [(n, line.strip()) for n, line in enumerate(open_text(path), 1)
+             if line.strip() and not line.startswith(";")]
+    records = []
+    for k in range(0, len(lines), 3):
+        (lineno, head), body = lines[k], lines[k + 1:k + 3]
+        if not head.startswith(">") or len(body) < 2 or any(text.startswith(">") for _, text in body):
+            raise StructureError(f"{path}:{lineno}: expected a record of three lines: '>id', the sequence, its "
+                                 f"dot-bracket structure")
+        rid, (seq_line, seq), (db_line, db) = (head[1:].split() or [""])[0], *body
+        where = f"{path}:{db_line} (record {rid!r})"
+        check_letters(seq, f"{path}:{seq_line}: record {rid!r}")
+        if len(db) != len(seq):
+            raise StructureError(f"{where}: structure length {len(db)} != sequence length {len(seq)}")
+        records.append(StructureRecord(rid, seq, parse_dot_bracket(db, where)))
+    if not records:
+        raise StructureError(f"{path}: no structures found")
+    return records
+
+
+STRUCTURE_READERS = {".bpseq": lambda p: [read_bpseq(p)], ".ct": read_ct, ".dbn": read_dbn,
+                     ".csv": lambda p: [rec for rec, _ in read_structure_csv(p)]}
+
+
+def read_structures(path: str | Path) -> list[StructureRecord]:
+    """Every structure in a .bpseq, .ct, .dbn or dot-bracket .csv file (gzip/zstd fine: `x.ct.gz`), or in every
+    such file of a directory (in name order)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and _structure_suffix(f))
+        if not files:
+            raise StructureError(f"{path}: no {', '.join(STRUCTURE_READERS)} files in this directory")
+        return [rec for f in files for rec in read_structures(f)]
+    suffix = _structure_suffix(path)
+    if suffix is None:
+        raise StructureError(f"{path}: not a structure file (read: {', '.join(STRUCTURE_READERS)}, compressed "
+                             "or not, or a directory of them)")
+    return STRUCTURE_READERS[suffix](path)
+
+
+def _structure_suffix(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".zst")]
+    return suffixes[-1] if suffixes and suffixes[-1] in STRUCTURE_READERS else None
+
+
 # ---------------------------------------------------------------- dot-bracket CSV / FASTA-like text
 def read_structure_csv(path: str | Path, id_column: str = "id") -> Iterator[tuple[StructureRecord, dict[str, str]]]:
     """Rows of a (gzip) CSV with `sequence` and `base_pairs` ("i-j;..." 1-based) or `structure` (dot-bracket).
@@ -207,7 +255,7 @@ def read_structure_csv(path: str | Path, id_column: str = "id") -> Iterator[tupl
     Yields (record, row) so callers can use the other columns (split, family, ...).
     """
     path = Path(path)
-    with _open_text(path) as f:
+    with open_text(path) as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or ())
         if "sequence" not in cols or not cols & {"base_pairs", "structure"} or id_column not in cols:
@@ -254,7 +302,7 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
     records: list[FastaRecord] = []
     seen: set[str] = set()
     rid, desc, chunks, start = None, "", [], 0
-    for lineno, raw in enumerate(_open_text(path), 1):
+    for lineno, raw in enumerate(open_text(path), 1):
         line = raw.strip()
         if not line or line.startswith(";"):
             continue
@@ -275,10 +323,7 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
         elif rid is None:
             raise StructureError(f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)")
         else:
-            bad = set(line) - _LETTERS
-            if bad:
-                raise StructureError(f"{path}:{lineno}: record {rid!r} has invalid characters {''.join(sorted(bad))!r} "
-                                     "(a sequence holds letters and '-' only)")
+            check_letters(line, f"{path}:{lineno}: record {rid!r}")
             chunks.append(line)
     if rid is not None:
         records.append(_fasta_record(path, rid, desc, chunks, start))
@@ -291,6 +336,12 @@ def read_fasta(path: str | Path) -> list[FastaRecord]:
 # <unk> and reported by `warn_unknown_letters`; anything that is not a letter or '-' is an error.
 ALPHABET = frozenset("ACGUTIRYKMSWBDHVN-acgutirykmswbdhvn")
 _LETTERS = frozenset(string.ascii_letters + "-")
+
+
+def check_letters(seq: str, where: str) -> None:
+    if bad := set(seq) - _LETTERS:
+        raise StructureError(f"{where} has invalid characters {''.join(sorted(bad))!r} "
+                             "(a sequence holds letters and '-' only)")
 
 
 def _fasta_record(path: Path, rid: str, desc: str, chunks: list[str], lineno: int) -> FastaRecord:
@@ -328,7 +379,7 @@ def _record_from_partners(rid: str, seq: str, partners: list[int], where: str) -
     return StructureRecord(rid, seq, normalize_pairs(pairs, n, where) if pairs else empty_pairs())
 
 
-def _open_text(path: Path) -> io.StringIO:
+def open_text(path: Path) -> io.StringIO:
     """The whole text of a plain, gzip or zstd file (told by the magic bytes, as dataprep reads FASTA), or of
     standard input for '-'. Errors name the file."""
     try:

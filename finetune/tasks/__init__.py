@@ -1,4 +1,5 @@
-"""Task definitions: secondary structure (ss), splice sites (splice), mean ribosome load (mrl)."""
+"""Task definitions: secondary structure (ss), splice sites (splice), mean ribosome load (mrl), and the user's own
+labelled sequences (classify, regress)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,14 +8,14 @@ from torch import nn
 
 from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead
 
-TASKS = ("ss", "splice", "mrl")
+TASKS = ("ss", "splice", "mrl", "classify", "regress")
 
 
 def build_head(task: str, dim: int, cfg: HeadConfig, meta: dict[str, Any] | None = None) -> nn.Module:
     if task == "ss":
         return SecondaryStructureHead(dim, cfg)
-    if task == "splice":
+    if task in ("splice", "classify"):
         return SpliceSiteHead(dim, len((meta or {}).get("classes", ("acceptor", "donor", "non_splice_site"))), cfg)
-    if task == "mrl":
+    if task in ("mrl", "regress"):
         return RibosomeLoadHead(dim, cfg)
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")

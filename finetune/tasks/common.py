@@ -31,6 +31,12 @@ class Splits(Generic[T]):
         """The first N of each part (quick runs and tests); None keeps a part whole."""
         return replace(self, train=self.train[:train], valid=self.valid[:valid], test=self.test[:test])
 
+    def nonempty(self) -> Splits[T]:
+        if not self.train or not self.valid or not self.test:
+            raise ValueError(f"empty split: {self.sizes()} (after leaving out {self.removed_near_duplicates} "
+                             "near-duplicates of test records)")
+        return self
+
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "valid": len(self.valid), "test": len(self.test)}
 

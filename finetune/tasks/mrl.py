@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.metrics import r2_score
 
-from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
-from finetune.heads import HeadConfig, RibosomeLoadHead
+from finetune.backbone import BackboneConfig, load_finetuned
+from finetune.heads import HeadConfig
 from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
-from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits
+from finetune.tasks.regress import COLUMNS, Example, Scaler, evaluate_examples, fit_and_test
+from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
+MIN_LOAD = 0.0  # predictions are clamped at 0, as the original's
 MRL_FILES = {
     "varlen": "mrl/sample2019_varlen25to100_random7600_human7600.csv.gz",
     "egfp": "mrl/sample2019_egfp_unmod1_test20k.csv.gz",
@@ -66,13 +65,6 @@ class MRLConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
 
 
-@dataclass
-class Example:
-    sequence: str
-    mrl: float
-    group: str   # `set` column (random/human) or the file name
-
-
 def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     """Test: a seeded random part of the file (the same records whatever the filter); valid and train: the rest
     minus near-duplicates of test records."""
@@ -91,49 +83,9 @@ def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
 
 
-@dataclass
-class Scaler:
-    mean: float
-    std: float
-
-    def transform(self, y: np.ndarray | torch.Tensor):
-        return (y - self.mean) / self.std
-
-    def inverse(self, z: np.ndarray) -> np.ndarray:
-        return np.clip(z * self.std + self.mean, 0.0, None)
-
-
-@torch.no_grad()
-def predict_mrl(model: TaskModel, seqs: list[str], scaler: Scaler, batch_size: int, progress: bool = True) -> np.ndarray:
-    device = model_device(model)
-
-    def run(idx: list[int]) -> list[float]:
-        return model(tokens_for([seqs[i] for i in idx], device)).float().cpu().numpy().tolist()
-
-    return scaler.inverse(np.array(batched_inference(seqs, batch_size, run, desc="mrl", progress=progress)))
-
-
-def _r2(true: np.ndarray, pred: np.ndarray) -> float | None:
-    """None for fewer than 2 records (R^2 is undefined: sklearn warns and gives NaN, which is not JSON)."""
-    return float(r2_score(true, pred)) if len(true) >= 2 else None
-
-
-def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler, batch_size: int,
-                      progress: bool = True) -> dict[str, dict[str, Any]]:
-    pred = predict_mrl(model, [e.sequence for e in examples], scaler, batch_size, progress)
-    true = np.array([e.mrl for e in examples])
-    groups = np.array([e.group for e in examples])
-    rows = {"all": {"n": len(true), "r2": _r2(true, pred),
-                    "pearson_r": float(np.corrcoef(true, pred)[0, 1]) if np.std(pred) > 0 else 0.0,
-                    "mse": float(np.mean((true - pred) ** 2))}}
-    for g in sorted(set(groups)) if len(set(groups)) > 1 else []:
-        sel = groups == g
-        rows[g] = {"n": int(sel.sum()), "r2": _r2(true[sel], pred[sel]),
-                   "mse": float(np.mean((true[sel] - pred[sel]) ** 2))}
-    return rows
-
-
-COLUMNS = ("n", "r2", "pearson_r", "mse")
+def saved_scaler(meta: dict[str, Any]) -> Scaler:
+    """The scaler stored with an MRL model (models saved before `min` was stored clamp at 0 too)."""
+    return Scaler(**{"min": MIN_LOAD, **meta["scaler"]})
 
 
 def split_note(seed: int, removed: int | None = None) -> str:
@@ -146,37 +98,8 @@ def split_note(seed: int, removed: int | None = None) -> str:
 def train(cfg: MRLConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data)
-    y = np.array([e.mrl for e in splits.train])
-    scaler = Scaler(float(y.mean()), float(y.std()) or 1.0)
-    lm = load_backbone(cfg.model)
-    model = TaskModel(lm, RibosomeLoadHead(lm.config.dim, cfg.head))
-    out = Path(cfg.train.out_dir)
-
-    def loss_fn(m: TaskModel, batch: list[Example]) -> torch.Tensor:
-        device = model_device(m)
-        target = scaler.transform(torch.tensor([e.mrl for e in batch], device=device, dtype=torch.float32))
-        return F.mse_loss(m(tokens_for([e.sequence for e in batch], device)).float(), target)
-
-    def validate(m: TaskModel) -> dict[str, Any]:
-        return evaluate_examples(m, splits.valid, scaler, cfg.train.eval_batch_size, cfg.train.progress)["all"]
-
-    def save(m: TaskModel, val: dict[str, Any]) -> None:
-        save_finetuned(m, out, {"task": "mrl", "head": asdict(cfg.head), "scaler": asdict(scaler), "valid": val,
-                                "data": asdict(cfg.data), "backbone": asdict(cfg.model)})
-
-    history = fit(model, cfg.train, cfg.unfreeze,
-                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
-                  loss_fn, validate, save, score_key="r2")
-    best, meta = load_finetuned(out)
-    best.to(pick_device(cfg.train.device))
-    rows = evaluate_examples(best, splits.test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size,
-                             cfg.train.progress)
-    result = {"task": "mrl", "model": lm.config.name, "file": MRL_FILES[cfg.data.file], "rows": rows,
-              "history": history, "splits": splits.sizes(),
-              "removed_near_duplicates": splits.removed_near_duplicates,
-              "note": split_note(cfg.data.seed, splits.removed_near_duplicates)}
-    write_results(out, "results", result, markdown_table(rows, COLUMNS, "test subset") + f"\n{result['note']}\n")
-    return result
+    return fit_and_test("mrl", cfg, splits, MIN_LOAD, {"data": asdict(cfg.data)}, {
+        "file": MRL_FILES[cfg.data.file], "note": split_note(cfg.data.seed, splits.removed_near_duplicates)})
 
 
 SPLIT_KEYS = ("file", "valid_fraction", "test_fraction", "seed")
@@ -199,8 +122,8 @@ def evaluate(cfg: MRLConfig) -> dict[str, Any]:
     model, meta = load_finetuned(cfg.model.path)
     model.to(pick_device(cfg.train.device))
     data = trained_split(cfg.data, meta, cfg.model.path)
-    rows = evaluate_examples(model, load_splits(data).test, Scaler(**meta["scaler"]),
-                             cfg.train.eval_batch_size, cfg.train.progress)
+    rows = evaluate_examples(model, load_splits(data).test, saved_scaler(meta), cfg.train.eval_batch_size,
+                             cfg.train.progress)
     out = Path(cfg.train.out_dir)
     result = {"task": "mrl", "model": cfg.model.path, "file": MRL_FILES[data.file], "split_seed": data.seed,
               "rows": rows, "note": split_note(data.seed)}

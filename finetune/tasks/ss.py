@@ -1,4 +1,5 @@
-"""Secondary-structure fine-tuning: bpRNA (TR0 -> VL0 -> TS0) or ArchiveII leave-one-family-out.
+"""Secondary-structure fine-tuning: bpRNA (TR0 -> VL0 -> TS0), ArchiveII leave-one-family-out, or the user's own
+structure files (`--data.dataset=files --data.train=... --data.test=...`).
 
 Training: batches of (tokens, true pairs); BCE on the strict upper triangle per sequence, averaged over the
 batch. Validation after each epoch tunes the probability threshold over the grid (paper: 0.01..0.29) for
@@ -22,8 +23,9 @@ from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pa
 from finetune.results import markdown_table, write_results
 from finetune.rnafold import rnafold_pairs
 from finetune.ss_data import ARCHIVEII_FAMILIES, SSSplits, archiveii_fold, bprna_splits, load_archiveii
-from finetune.structure import StructureRecord, pairs_to_matrix
+from finetune.structure import StructureRecord, pairs_to_matrix, read_structures
 from finetune.tasks.common import DEFAULT_DATA_ROOT, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.user_data import required, user_splits
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
@@ -34,11 +36,15 @@ SUMMARY_COLUMNS = ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift")
 @dataclass
 class SSDataConfig:
     root: str = DEFAULT_DATA_ROOT
-    dataset: Literal["bprna", "archiveii"] = "bprna"
+    dataset: Literal["bprna", "archiveii", "files"] = "bprna"
     test_family: str = "all"               # ArchiveII: one of the 9 families, several (comma-separated), or all
-    valid_fraction: float = 0.1            # ArchiveII: random share of the non-test families for validation
-    near_dup_kmer: int = 8
-    near_dup_containment: float = 0.5
+    train: str = ""                        # files: the user's structures (finetune.structure.read_structures:
+    valid: str = ""                        # .bpseq, .ct, .dbn, dot-bracket .csv, or a directory of them); no
+    test: str = ""                         # valid: valid_fraction of train
+    valid_fraction: float = 0.1            # ArchiveII, files: random share of the training records for validation
+    near_dup_kmer: int = 8                 # leakage filter (finetune.neardup) of train/valid against test; files:
+    near_dup_containment: float = 0.5      # kmer 0 keeps them
+    near_dup_shared_run: int = 0           # files: also an identical stretch of this many nt; 0: no such check
     max_train_len: int = 1022              # nucleotides; longer training records are skipped (and counted)
     limit_train: int | None = None         # first N (after a seeded shuffle): quick runs and tests
     limit_valid: int | None = None
@@ -76,6 +82,8 @@ def _limit(records: list[StructureRecord], n: int | None, seed: int) -> list[Str
 def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
     if cfg.dataset == "bprna":
         splits = bprna_splits(cfg.root)
+    elif cfg.dataset == "files":
+        splits = file_splits(cfg)
     else:
         family = family or fold_families(cfg.test_family)[0]
         splits = archiveii_fold(load_archiveii(cfg.root), family, cfg.valid_fraction, cfg.seed,
@@ -85,6 +93,24 @@ def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
     splits.info["skipped_train_longer_than_max_train_len"] = len(too_long)
     return SSSplits(_limit(train, cfg.limit_train, cfg.seed), _limit(splits.valid, cfg.limit_valid, cfg.seed),
                     _limit(splits.test, cfg.limit_test, cfg.seed), splits.info)
+
+
+def file_splits(cfg: SSDataConfig) -> SSSplits:
+    """The user's structure files; train/valid minus near-duplicates of test records (finetune.neardup)."""
+    read = {name: read_structures(required(getattr(cfg, name), name)) for name in ("train", "test")}
+    valid = read_structures(cfg.valid) if cfg.valid else None
+    s = user_splits(read["train"], valid, read["test"], lambda r: r.sequence,
+                    replace(cfg, limit_train=None, limit_valid=None, limit_test=None))
+    return SSSplits(s.train, s.valid, s.test, {"dataset": "files", "test": cfg.test, "train": cfg.train,
+                                                "valid": cfg.valid or f"{cfg.valid_fraction:g} of train",
+                                                "removed_near_duplicates": s.removed_near_duplicates})
+
+
+def test_records(cfg: SSDataConfig) -> list[StructureRecord]:
+    """The test set alone (evaluation): the user's test file is read without the training file."""
+    if cfg.dataset != "files":
+        return load_splits(cfg).test
+    return _limit(read_structures(required(cfg.test, "test")), cfg.limit_test, cfg.seed)
 
 
 # ------------------------------------------------------------------ model pieces
@@ -180,6 +206,8 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[s
 def _test_name(cfg: SSDataConfig, family: str | None) -> str:
     if cfg.dataset == "bprna":
         return "bpRNA TS0"
+    if cfg.dataset == "files":
+        return Path(cfg.test).name
     return f"ArchiveII {family or fold_families(cfg.test_family)[0]} (held-out family)"
 
 
@@ -200,7 +228,7 @@ def fold_families(test_family: str) -> list[str]:
 def train(cfg: SSConfig) -> dict[str, Any]:
     """bpRNA: one run. ArchiveII: one run per held-out family (OUT/<family>/), then a summary with the mean."""
     out = Path(cfg.train.out_dir)
-    if cfg.data.dataset == "bprna":
+    if cfg.data.dataset in ("bprna", "files"):
         return train_one(cfg, out)
     families = fold_families(cfg.data.test_family)
     if len(families) == 1:
@@ -222,7 +250,7 @@ def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> S
     """An ArchiveII model is scored on the family it held out, without --data.dataset=archiveii too: the other
     families were its training data, and bpRNA TS0 (the default) holds copies of them (21 of its 473 records)."""
     trained = meta.get("data", {})
-    if trained.get("dataset") == "ArchiveII":
+    if trained.get("dataset") == "ArchiveII" and asked.dataset != "files":
         held_out = trained["test"]
         if asked.test_family not in ("all", held_out):
             raise ValueError(f"{where} was trained on ArchiveII with family {held_out} held out; family "
@@ -238,11 +266,11 @@ def evaluate(cfg: SSConfig) -> dict[str, Any]:
     model, meta = load_finetuned(cfg.model.path)
     data = _evaluation_data(cfg.data, meta, cfg.model.path)
     model.to(pick_device(cfg.train.device))
-    splits = load_splits(data)
-    rows = {f"{model.lm.config.name} fine-tuned": evaluate_records(model, splits.test, meta["threshold"],
+    test = test_records(data)
+    rows = {f"{model.lm.config.name} fine-tuned": evaluate_records(model, test, meta["threshold"],
                                                                   cfg.train.eval_batch_size, cfg.train.progress)}
     if cfg.eval.rnafold:
-        rows["RNAfold"] = rnafold_row(splits.test)
+        rows["RNAfold"] = rnafold_row(test)
     out = Path(cfg.train.out_dir)
     result = {"task": "ss", "test_set": _test_name(data, None), "model": cfg.model.path, "rows": rows}
     write_results(out, "eval_results", result, _titled_table(result))

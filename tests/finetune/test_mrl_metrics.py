@@ -1,4 +1,4 @@
-"""finetune.tasks.mrl.evaluate_examples: each reported figure is that metric of the model's own predictions."""
+"""finetune.tasks.regress.evaluate_examples (MRL and the user's regression): each reported figure is that metric of the model's own predictions."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,8 @@ from scipy.stats import pearsonr
 
 from finetune.backbone import TaskModel
 from finetune.heads import HeadConfig, RibosomeLoadHead
-from finetune.tasks.mrl import Example, Scaler, evaluate_examples, predict_mrl
+from finetune.tasks.mrl import MIN_LOAD, saved_scaler
+from finetune.tasks.regress import Example, Scaler, evaluate_examples, predict_values
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 
@@ -25,12 +26,12 @@ def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
     examples = [Example("".join(rng.choice(list("ACGU"), int(rng.integers(20, 50)))), float(rng.uniform(2, 8)),
                         "human" if i % 3 else "random") for i in range(30)]
     scaler = Scaler(mean=5.0, std=1.5)
-    pred = predict_mrl(model, [e.sequence for e in examples], scaler, batch_size=5, progress=False)
+    pred = predict_values(model, [e.sequence for e in examples], scaler, batch_size=5, progress=False)
     assert pred.shape == (30,) and np.std(pred) > 0
     for i in (0, 7, 29):  # each prediction is its own sequence's, in input order
-        alone = predict_mrl(model, [examples[i].sequence], scaler, batch_size=1, progress=False)
+        alone = predict_values(model, [examples[i].sequence], scaler, batch_size=1, progress=False)
         assert alone[0] == pytest.approx(pred[i], rel=1e-4)
-    true = np.array([e.mrl for e in examples])
+    true = np.array([e.value for e in examples])
 
     def r2(t, p):
         return 1 - np.sum((t - p) ** 2) / np.sum((t - t.mean()) ** 2)
@@ -46,10 +47,13 @@ def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
 
 
 def test_scaler_round_trip_and_no_negative_load():
-    scaler = Scaler(mean=5.0, std=1.5)
+    scaler = Scaler(mean=5.0, std=1.5, min=MIN_LOAD)
     y = np.array([0.5, 5.0, 9.5])
     assert np.allclose(scaler.inverse(scaler.transform(y)), y)
     assert scaler.inverse(np.array([-10.0, 0.0, 1.0])).tolist() == [0.0, 5.0, 6.5]  # a mean ribosome load is >= 0
+    assert Scaler(mean=5.0, std=1.5).inverse(np.array([-10.0])).tolist() == [-10.0]  # the user's values: no clamp
+    # an MRL model saved before the clamp was stored keeps it
+    assert saved_scaler({"scaler": {"mean": 5.0, "std": 1.5}}).inverse(np.array([-10.0])).tolist() == [0.0]
 
 
 def test_a_group_of_one_record_has_no_r2_rather_than_nan(recwarn):

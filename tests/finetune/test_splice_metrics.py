@@ -1,4 +1,4 @@
-"""finetune.tasks.splice.scores on hand-checked cases, and evaluate_examples on the model's own class choices."""
+"""finetune.tasks.classify.scores (splice sites and the user's classes) on hand-checked cases, and evaluate_examples on the model's own class choices."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,8 @@ import torch
 from finetune.backbone import TaskModel
 from finetune.heads import SpliceSiteHead
 from finetune.tasks.common import tokens_for
-from finetune.tasks.splice import CLASSES, class_probabilities, evaluate_examples, scores
+from finetune.tasks.classify import class_probabilities, evaluate_examples, scores
+from finetune.tasks.splice import CLASSES
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 
@@ -17,10 +18,10 @@ def test_scores_hand_checked():
     labels, pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
     # class 0: P 1/2 R 1/2; class 1: P 2/3 R 1; class 2: P 1 R 1/2
     f1 = [0.5, 0.8, 2 / 3]
-    assert scores(labels, pred) == pytest.approx({"n": 6, "accuracy": 4 / 6, "macro_f1": np.mean(f1),
+    assert scores(labels, pred, CLASSES) == pytest.approx({"n": 6, "accuracy": 4 / 6, "macro_f1": np.mean(f1),
                                                   **{f"f1_{c}": v for c, v in zip(CLASSES, f1)}})
     # a class neither present nor predicted scores 0 and still counts in the macro mean
-    assert scores(np.array([0, 1]), np.array([0, 1])) == pytest.approx(
+    assert scores(np.array([0, 1]), np.array([0, 1]), CLASSES) == pytest.approx(
         {"n": 2, "accuracy": 1.0, "macro_f1": 2 / 3, **{f"f1_{c}": v for c, v in zip(CLASSES, [1.0, 1.0, 0.0])}})
 
 
@@ -37,5 +38,5 @@ def test_evaluate_examples_scores_each_sequences_own_prediction():
         head.bias.sub_(model(tokens_for([s for s, _ in examples], "cpu")).mean(0))
     probs = np.stack([class_probabilities(model, [s], 1, progress=False)[0] for s, _ in examples])
     assert np.allclose(probs.sum(1), 1) and len(set(probs.argmax(1).tolist())) > 1
-    expected = scores(np.array([y for _, y in examples]), probs.argmax(1))
-    assert evaluate_examples(model, examples, batch_size=5, progress=False) == pytest.approx(expected)
+    expected = scores(np.array([y for _, y in examples]), probs.argmax(1), CLASSES)
+    assert evaluate_examples(model, examples, CLASSES, batch_size=5, progress=False) == pytest.approx(expected)

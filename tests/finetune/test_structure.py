@@ -206,3 +206,45 @@ def test_archiveii_pair_lists_match_dot_bracket(shared_data):
         assert len(rec.pairs) == int(row["n_pairs"])
         knotted += int(row["pseudoknotted"])
     assert knotted > 0
+
+
+def test_structure_files_of_every_kind_and_directories_are_read(tmp_path):
+    from finetune.predict import _write_dbn
+    from finetune.structure import read_structures
+
+    recs = [StructureRecord("hairpin", "GGGAAACCC", parse_dot_bracket("(((...)))")),
+            StructureRecord("knot", "GGAACCAAGGUU", parse_dot_bracket("((..[[..))]]")),
+            StructureRecord("open", "ACGU", parse_dot_bracket("...."))]
+    d = tmp_path / "mixed"
+    d.mkdir()
+    write_bpseq(recs[0], d / "a.bpseq")
+    write_ct(recs[1:], d / "b.ct")
+    _write_dbn(recs, tmp_path)  # predict-ss's output is training input
+    with gzip.open(d / "c.csv.gz", "wt") as f:
+        f.write("id,sequence,structure\nhairpin2,GGGAAACCC,(((...)))\n")
+    (d / "notes.txt").write_text("not a structure")
+    assert [(r.id, r.sequence, as_set(r.pairs)) for r in read_structures(tmp_path / "predictions.dbn")] == \
+        [(r.id, r.sequence, as_set(r.pairs)) for r in recs]
+    got = read_structures(d)  # every structure file, in name order; other files left alone
+    assert [r.id for r in got] == ["a", "knot", "open", "hairpin2"]
+    assert as_set(got[1].pairs) == as_set(recs[1].pairs) and as_set(got[3].pairs) == as_set(recs[0].pairs)
+    with pytest.raises(StructureError, match=r"notes\.txt: not a structure file"):
+        read_structures(d / "notes.txt")
+    with pytest.raises(StructureError, match=r"empty: no \.bpseq, \.ct, \.dbn, \.csv files"):
+        (tmp_path / "empty").mkdir()
+        read_structures(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("text, message", [
+    (">a\nGGGAAACCC\n(((...))\n", r"x\.dbn:3 \(record 'a'\): structure length 8 != sequence length 9"),
+    (">a\nGGGAAACCC\n>b\nACGU\n....\n", r"x\.dbn:1: expected a record of three lines"),
+    (">a\nGGG1AACCC\n(((...)))\n", r"x\.dbn:2: record 'a' has invalid characters '1'"),
+    (">a\nGGGAAACCC\n(((...)).\n", r"x\.dbn:3 \(record 'a'\)"),
+    ("\n", r"x\.dbn: no structures found"),
+])
+def test_dbn_errors_name_file_line_and_record(tmp_path, text, message):
+    from finetune.structure import read_structures
+
+    (tmp_path / "x.dbn").write_text(text)
+    with pytest.raises(StructureError, match=message):
+        read_structures(tmp_path / "x.dbn")

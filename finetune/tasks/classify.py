@@ -1,0 +1,154 @@
+"""Sequence classification from the CLS embedding (CLS -> Linear -> GELU -> Linear, the original's splice head):
+the user's own labelled files (`python -m finetune classify`), and the pieces splice-site classification shares.
+
+Classes are the training file's labels, sorted (numbers numerically); a validation or test label that train lacks
+is an error. Metrics: accuracy, F1 per class, macro F1 (model selection on validation macro F1).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score
+
+from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
+from finetune.heads import HeadConfig, SpliceSiteHead
+from finetune.results import markdown_table, write_results
+from finetune.structure import StructureError
+from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
+                                      user_splits)
+from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.unfreeze import UnfreezeConfig
+
+Example = tuple[str, int]  # (sequence, class index)
+
+
+@dataclass
+class ClassifyConfig:
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    data: UserDataConfig = field(default_factory=UserDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the original's splice-site recipe
+        out_dir="finetune_out/classify", epochs=5, batch_size=32, eval_batch_size=64, lr=1e-5, weight_decay=1e-6,
+        optimizer="adamw", lr_end_factor=1.0))
+    unfreeze: UnfreezeConfig = field(default_factory=lambda: UnfreezeConfig(head_only_epochs=0))
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+def classification_loss(model: TaskModel, batch: list[Example]) -> torch.Tensor:
+    device = model_device(model)
+    logits = model(tokens_for([s for s, _ in batch], device))
+    return F.cross_entropy(logits.float(), torch.tensor([y for _, y in batch], device=device))
+
+
+@torch.no_grad()
+def class_probabilities(model: TaskModel, seqs: list[str], batch_size: int, progress: bool = True) -> np.ndarray:
+    device = model_device(model)
+
+    def run(idx: list[int]) -> list[np.ndarray]:
+        return list(torch.softmax(model(tokens_for([seqs[i] for i in idx], device)).float(), -1).cpu().numpy())
+
+    return np.stack(batched_inference(seqs, batch_size, run, desc="classify", progress=progress))
+
+
+def scores(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    per_class = f1_score(labels, pred, labels=list(range(len(classes))), average=None, zero_division=0)
+    return {"n": int(len(labels)), "accuracy": float(accuracy_score(labels, pred)),
+            "macro_f1": float(np.mean(per_class)), **{f"f1_{c}": float(v) for c, v in zip(classes, per_class)}}
+
+
+def columns(classes: Sequence[str]) -> tuple[str, ...]:
+    return ("n", "accuracy", "macro_f1", *(f"f1_{c}" for c in classes))
+
+
+def evaluate_examples(model: TaskModel, examples: list[Example], classes: Sequence[str], batch_size: int,
+                      progress: bool = True) -> dict[str, Any]:
+    probs = class_probabilities(model, [s for s, _ in examples], batch_size, progress)
+    return scores(np.array([y for _, y in examples]), probs.argmax(1), classes)
+
+
+def fit_and_test(task: str, cfg: Any, splits: Splits[Example], classes: Sequence[str], test_name: str,
+                 result_extra: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune on splits.train (best epoch by validation macro F1), score the best on splits.test, write
+    OUT/finetune.json + weights and OUT/results.{json,md}. `cfg`: a task config (model, train, unfreeze, head)."""
+    lm = load_backbone(cfg.model)
+    model = TaskModel(lm, SpliceSiteHead(lm.config.dim, len(classes), cfg.head))
+    out = Path(cfg.train.out_dir)
+
+    def validate(m: TaskModel) -> dict[str, Any]:
+        return evaluate_examples(m, splits.valid, classes, cfg.train.eval_batch_size, cfg.train.progress)
+
+    def save(m: TaskModel, val: dict[str, Any]) -> None:
+        save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "classes": list(classes), "valid": val,
+                                "backbone": asdict(cfg.model)})
+
+    history = fit(model, cfg.train, cfg.unfreeze,
+                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
+                  classification_loss, validate, save, score_key="macro_f1")
+    best, _ = load_finetuned(out)
+    best.to(pick_device(cfg.train.device))
+    rows = {test_name: evaluate_examples(best, splits.test, classes, cfg.train.eval_batch_size, cfg.train.progress)}
+    result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
+              "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
+    note = f"\n{result['note']}\n" if "note" in result else ""
+    write_results(out, "results", result, markdown_table(rows, columns(classes)) + note)
+    return result
+
+
+# ------------------------------------------------------------------ the user's own files
+def sorted_labels(labels: set[str]) -> list[str]:
+    """Numbers in numeric order (2 before 10), then the other labels in text order."""
+    def key(label: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(label), label)
+        except ValueError:
+            return (1, 0.0, label)
+    return sorted(labels, key=key)
+
+
+def class_index(classes: Sequence[str], source: str) -> Any:
+    index = {c: i for i, c in enumerate(classes)}
+
+    def parse(label: str, where: str) -> int:
+        if label not in index:
+            raise StructureError(f"{where}: label {label!r} is not a class of {source} ({', '.join(classes)})")
+        return index[label]
+    return parse
+
+
+def load_splits(data: UserDataConfig) -> tuple[Splits[Example], list[str]]:
+    train = read_labelled(required(data.train, "train"), data, lambda label, where: label)
+    classes = sorted_labels({label for _, label in train})
+    if len(classes) < 2:
+        raise ValueError(f"{data.train}: one class only ({classes[0]!r}): nothing to classify")
+    parse = class_index(classes, f"the training file {data.train}")
+    valid = read_labelled(data.valid, data, parse) if data.valid else None
+    test = read_labelled(required(data.test, "test"), data, parse)
+    train_ex = [(s, classes.index(label)) for s, label in train]
+    return user_splits(train_ex, valid, test, lambda e: e[0], data).nonempty(), classes
+
+
+def train(cfg: ClassifyConfig) -> dict[str, Any]:
+    seed_everything(cfg.train.seed)
+    splits, classes = load_splits(cfg.data)
+    return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name,
+                        {"data": files_used(cfg.data), "note": removal_note(splits)})
+
+
+def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Score a fine-tuned classifier (model.path) on data.test."""
+    model, meta = load_finetuned(cfg.model.path)
+    check_task(meta, "classify", cfg.model.path)
+    classes = meta["classes"]
+    test = read_labelled(required(cfg.data.test, "test"), cfg.data, class_index(classes, f"the model {cfg.model.path}"))
+    model.to(pick_device(cfg.train.device))
+    rows = {Path(cfg.data.test).name: evaluate_examples(model, test[:cfg.data.limit_test], classes,
+                                                       cfg.train.eval_batch_size, cfg.train.progress)}
+    result = {"task": "classify", "model": cfg.model.path, "rows": rows}
+    write_results(cfg.train.out_dir, "eval_results", result, markdown_table(rows, columns(classes)))
+    return result

@@ -1,0 +1,170 @@
+"""Sequence regression with the original's mean-ribosome-load head (Linear -> 1D ResNet -> masked mean -> Linear):
+the user's own labelled files (`python -m finetune regress`), and the pieces MRL regression shares.
+
+Targets are standardised with the training mean/std (stored with the model) and predictions transformed back.
+Metrics: R^2, Pearson r, MSE (model selection on validation R^2), overall and per group where records have one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import r2_score
+
+from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
+from finetune.heads import HeadConfig, RibosomeLoadHead
+from finetune.results import markdown_table, write_results
+from finetune.structure import StructureError
+from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
+                                      user_splits)
+from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.unfreeze import UnfreezeConfig
+
+COLUMNS = ("n", "r2", "pearson_r", "mse")
+
+
+@dataclass
+class RegressConfig:
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    data: UserDataConfig = field(default_factory=UserDataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(  # the original's MRL recipe
+        out_dir="finetune_out/regress", epochs=15, batch_size=64, eval_batch_size=128, lr=1e-4, optimizer="adam",
+        lr_decay_steps=5000))
+    unfreeze: UnfreezeConfig = field(default_factory=lambda: UnfreezeConfig(
+        head_only_epochs=3, every=3, blocks_per_step=27, max_blocks=27))
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class Example:
+    sequence: str
+    value: float
+    group: str = ""  # rows are also reported per group when there are several (MRL: random/human library)
+
+
+@dataclass
+class Scaler:
+    mean: float
+    std: float
+    min: float | None = None  # predictions are clamped here (a mean ribosome load is >= 0)
+
+    def transform(self, y: np.ndarray | torch.Tensor):
+        return (y - self.mean) / self.std
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        y = z * self.std + self.mean
+        return y if self.min is None else np.clip(y, self.min, None)
+
+
+@torch.no_grad()
+def predict_values(model: TaskModel, seqs: list[str], scaler: Scaler, batch_size: int,
+                   progress: bool = True) -> np.ndarray:
+    device = model_device(model)
+
+    def run(idx: list[int]) -> list[float]:
+        return model(tokens_for([seqs[i] for i in idx], device)).float().cpu().numpy().tolist()
+
+    return scaler.inverse(np.array(batched_inference(seqs, batch_size, run, desc="regress", progress=progress)))
+
+
+def _r2(true: np.ndarray, pred: np.ndarray) -> float | None:
+    """None for fewer than 2 records (R^2 is undefined: sklearn warns and gives NaN, which is not JSON)."""
+    return float(r2_score(true, pred)) if len(true) >= 2 else None
+
+
+def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler, batch_size: int,
+                      progress: bool = True) -> dict[str, dict[str, Any]]:
+    pred = predict_values(model, [e.sequence for e in examples], scaler, batch_size, progress)
+    true = np.array([e.value for e in examples])
+    groups = np.array([e.group for e in examples])
+    rows = {"all": {"n": len(true), "r2": _r2(true, pred),
+                    "pearson_r": float(np.corrcoef(true, pred)[0, 1]) if np.std(pred) > 0 else 0.0,
+                    "mse": float(np.mean((true - pred) ** 2))}}
+    for g in sorted(set(groups)) if len(set(groups)) > 1 else []:
+        sel = groups == g
+        rows[g] = {"n": int(sel.sum()), "r2": _r2(true[sel], pred[sel]),
+                   "mse": float(np.mean((true[sel] - pred[sel]) ** 2))}
+    return rows
+
+
+def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float | None,
+                 meta_extra: dict[str, Any], result_extra: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune on splits.train (best epoch by validation R^2), score the best on splits.test, write
+    OUT/finetune.json + weights and OUT/results.{json,md}. `cfg`: a task config (model, train, unfreeze, head)."""
+    y = np.array([e.value for e in splits.train])
+    scaler = Scaler(float(y.mean()), float(y.std()) or 1.0, clamp_min)
+    lm = load_backbone(cfg.model)
+    model = TaskModel(lm, RibosomeLoadHead(lm.config.dim, cfg.head))
+    out = Path(cfg.train.out_dir)
+
+    def loss_fn(m: TaskModel, batch: list[Example]) -> torch.Tensor:
+        device = model_device(m)
+        target = scaler.transform(torch.tensor([e.value for e in batch], device=device, dtype=torch.float32))
+        return F.mse_loss(m(tokens_for([e.sequence for e in batch], device)).float(), target)
+
+    def validate(m: TaskModel) -> dict[str, Any]:
+        return evaluate_examples(m, splits.valid, scaler, cfg.train.eval_batch_size, cfg.train.progress)["all"]
+
+    def save(m: TaskModel, val: dict[str, Any]) -> None:
+        save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "scaler": asdict(scaler), "valid": val,
+                                "backbone": asdict(cfg.model), **meta_extra})
+
+    history = fit(model, cfg.train, cfg.unfreeze,
+                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
+                  loss_fn, validate, save, score_key="r2")
+    best, meta = load_finetuned(out)
+    best.to(pick_device(cfg.train.device))
+    rows = evaluate_examples(best, splits.test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size,
+                             cfg.train.progress)
+    result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
+              "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
+    write_results(out, "results", result, markdown_table(rows, COLUMNS) + f"\n{result['note']}\n")
+    return result
+
+
+# ------------------------------------------------------------------ the user's own files
+def parse_value(label: str, where: str) -> float:
+    try:
+        value = float(label)
+    except ValueError:
+        raise StructureError(f"{where}: label {label!r} is not a number") from None
+    if not math.isfinite(value):
+        raise StructureError(f"{where}: label {label!r} is not a finite number")
+    return value
+
+
+def read_examples(path: str, data: UserDataConfig) -> list[Example]:
+    return [Example(s, v) for s, v in read_labelled(path, data, parse_value)]
+
+
+def load_splits(data: UserDataConfig) -> Splits[Example]:
+    train = read_examples(required(data.train, "train"), data)
+    valid = read_examples(data.valid, data) if data.valid else None
+    test = read_examples(required(data.test, "test"), data)
+    return user_splits(train, valid, test, lambda e: e.sequence, data).nonempty()
+
+
+def train(cfg: RegressConfig) -> dict[str, Any]:
+    seed_everything(cfg.train.seed)
+    splits = load_splits(cfg.data)
+    return fit_and_test("regress", cfg, splits, None, {"data": files_used(cfg.data)},
+                        {"test_set": Path(cfg.data.test).name, "data": files_used(cfg.data),
+                         "note": removal_note(splits)})
+
+
+def evaluate(cfg: RegressConfig) -> dict[str, Any]:
+    """Score a fine-tuned regression model (model.path) on data.test."""
+    model, meta = load_finetuned(cfg.model.path)
+    check_task(meta, "regress", cfg.model.path)
+    test = read_examples(required(cfg.data.test, "test"), cfg.data)[:cfg.data.limit_test]
+    model.to(pick_device(cfg.train.device))
+    rows = evaluate_examples(model, test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size, cfg.train.progress)
+    result = {"task": "regress", "model": cfg.model.path, "test_set": Path(cfg.data.test).name, "rows": rows}
+    write_results(cfg.train.out_dir, "eval_results", result, markdown_table(rows, COLUMNS))
+    return result

@@ -1,0 +1,181 @@
+"""Fine-tuning on the user's own labelled files (`classify`, `regress`): real ncRNA sequences of three Rfam classes
+(and a value computed from each sequence) written as CSV/TSV; training, evaluation and prediction through the CLI
+and the API; bad files named with their line and reason."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from finetune.backbone import BackboneConfig, load_finetuned
+from finetune.cli import run
+from finetune.structure import StructureError, read_fasta
+from finetune.tasks import classify, regress
+from finetune.tasks.user_data import UserDataConfig, read_labelled, user_splits
+from finetune.trainer import TrainConfig
+
+CLASSES = ("5S_rRNA", "tRNA", "miRNA")
+
+
+@pytest.fixture(scope="module")
+def family_records(shared_data):
+    """(id, sequence, class): the first 40 records of each of three classes of the ncRNA corpus."""
+    out: dict[str, list[tuple[str, str, str]]] = {c: [] for c in CLASSES}
+    for r in read_fasta(shared_data / "ncrna" / "ncrna_corpus.fasta.gz"):
+        label = dict(w.split("=", 1) for w in r.description.split() if "=" in w).get("class")
+        if label in out and len(out[label]) < 40:
+            out[label].append((r.id, r.sequence, label))
+    return out
+
+
+def write_table(path, rows, header=("id", "sequence", "label")):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", newline="") as f:
+        w = csv.writer(f, delimiter="\t" if ".tsv" in path.suffixes else ",")
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def gc(seq: str) -> float:
+    return sum(c in "GC" for c in seq) / len(seq)
+
+
+def test_classify_trains_evaluates_and_predicts_the_users_classes(tiny_checkpoint, family_records, tmp_path, capsys):
+    train_rows = [r for c in CLASSES for r in family_records[c][:30]]
+    test_rows = [r for c in CLASSES for r in family_records[c][30:]]
+    train = write_table(tmp_path / "train.csv", train_rows)
+    test = write_table(tmp_path / "test.tsv.gz", test_rows)  # tab-separated by its suffix, and compressed
+    out = tmp_path / "ft"
+    assert run(["classify", "train", f"--model.path={tiny_checkpoint}", f"--data.train={train}",
+                f"--data.test={test}", "--data.valid_fraction=0.2", f"--train.out_dir={out}", "--train.epochs=3",
+                "--train.batch_size=16", "--train.lr=3e-3", "--train.progress=false"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0], losses
+    row = result["rows"]["test.tsv.gz"]
+    assert row["n"] == 30 and {"f1_5S_rRNA", "f1_miRNA", "f1_tRNA", "macro_f1", "accuracy"} <= set(row)
+    split = result["splits"]
+    assert split["train"] + split["valid"] + result["removed_near_duplicates"] == 90 and split["test"] == 30
+    assert f"{result['removed_near_duplicates']} train/valid record(s)" in (out / "results.md").read_text()
+    _, meta = load_finetuned(out)
+    assert meta["task"] == "classify" and meta["classes"] == ["5S_rRNA", "miRNA", "tRNA"]
+
+    again = classify.evaluate(classify.ClassifyConfig(model=BackboneConfig(path=str(out)),
+                                                      data=UserDataConfig(test=str(test)),
+                                                      train=TrainConfig(out_dir=str(tmp_path / "eval"), progress=False)))
+    assert again["rows"]["test.tsv.gz"] == pytest.approx(row)
+
+    fasta = tmp_path / "new.fa"
+    fasta.write_text("".join(f">{rid}\n{seq}\n" for rid, seq, _ in test_rows[:5]))
+    capsys.readouterr()
+    assert run(["classify", "predict", f"--model={out}", f"--fasta={fasta}", f"--out={tmp_path / 'pred'}",
+                "--progress=false"]) == 0
+    lines = (tmp_path / "pred" / "predictions.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == ["id", "prediction", "p_5S_rRNA", "p_miRNA", "p_tRNA"]
+    assert [ln.split("\t")[0] for ln in lines[1:]] == [rid for rid, _, _ in test_rows[:5]]
+    assert all(ln.split("\t")[1] in CLASSES and sum(map(float, ln.split("\t")[2:])) == pytest.approx(1, abs=1e-3)
+               for ln in lines[1:])
+
+
+def test_regress_trains_on_the_users_values_without_clamping_them(tiny_checkpoint, family_records, tmp_path):
+    rows = [(rid, seq, f"{gc(seq) - 0.55:.4f}") for c in CLASSES for rid, seq, _ in family_records[c]]
+    train = write_table(tmp_path / "train.csv", rows[::2], header=("name", "seq", "gc"))
+    valid = write_table(tmp_path / "valid.csv", rows[1::4], header=("name", "seq", "gc"))
+    test = write_table(tmp_path / "test.csv", rows[3::4], header=("name", "seq", "gc"))
+    data = UserDataConfig(train=str(train), valid=str(valid), test=str(test), sequence_column="seq",
+                          label_column="gc")
+    cfg = regress.RegressConfig(model=BackboneConfig(path=str(tiny_checkpoint)), data=data,
+                                train=TrainConfig(out_dir=str(tmp_path / "ft"), epochs=4, batch_size=16, lr=3e-3,
+                                                  progress=False))
+    result = regress.train(cfg)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert losses[-1] < losses[0], losses
+    assert set(result["rows"]) == {"all"} and result["rows"]["all"]["n"] == 30
+    model, meta = load_finetuned(tmp_path / "ft")
+    assert meta["task"] == "regress" and meta["scaler"]["min"] is None
+    trained = regress.load_splits(data).train  # the training file minus near-duplicates of test records
+    assert meta["scaler"]["mean"] == pytest.approx(np.mean([e.value for e in trained]))
+    again = regress.evaluate(regress.RegressConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data,
+                                                   train=TrainConfig(out_dir=str(tmp_path / "eval"), progress=False)))
+    assert again["rows"]["all"] == pytest.approx(result["rows"]["all"])
+    with pytest.raises(ValueError, match="is a fine-tuned 'regress' model, not 'classify'"):
+        classify.evaluate(classify.ClassifyConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data))
+
+
+@pytest.mark.parametrize("rows, header, parse, message", [
+    ([("a", "ACGU", "x")], ("id", "seq", "label"), str, r"train\.csv: no column 'sequence' in the header"),
+    ([("a", "ACGU", "x"), ("b", "AC1U", "y")], ("id", "sequence", "label"), str,
+     r"train\.csv:3 has invalid characters '1'"),
+    ([("a", "ACGU", "x"), ("b", "", "y")], ("id", "sequence", "label"), str, r"train\.csv:3: empty sequence"),
+    ([("a", "ACGU", "")], ("id", "sequence", "label"), str, r"train\.csv:2: empty label"),
+    ([("a", "ACGU", "1.5"), ("b", "ACGU", "high")], ("id", "sequence", "label"), regress.parse_value,
+     r"train\.csv:3: label 'high' is not a number"),
+    ([("a", "ACGU", "nan")], ("id", "sequence", "label"), regress.parse_value,
+     r"train\.csv:2: label 'nan' is not a finite number"),
+    ([], ("id", "sequence", "label"), str, r"train\.csv: no records"),
+])
+def test_bad_files_are_named_with_line_and_reason(tmp_path, rows, header, parse, message):
+    path = write_table(tmp_path / "train.csv", rows, header)
+    with pytest.raises(StructureError, match=message):
+        read_labelled(str(path), UserDataConfig(), lambda label, where: parse(label, where) if parse is not str
+                      else label)
+
+
+def test_a_test_label_unknown_to_training_and_a_single_class_are_refused(tmp_path):
+    train = write_table(tmp_path / "train.csv", [("a", "ACGUAGCU", "yes"), ("b", "GGCCAAUU", "no")])
+    test = write_table(tmp_path / "test.csv", [("c", "ACGUAGCA", "yes"), ("d", "UUUUAAAA", "maybe")])
+    with pytest.raises(StructureError, match=r"test\.csv:3: label 'maybe' is not a class of the training file"):
+        classify.load_splits(UserDataConfig(train=str(train), test=str(test)))
+    one = write_table(tmp_path / "one.csv", [("a", "ACGUAGCU", "yes"), ("b", "GGCCAAUU", "yes")])
+    with pytest.raises(ValueError, match="one class only"):
+        classify.load_splits(UserDataConfig(train=str(one), test=str(test)))
+    with pytest.raises(ValueError, match="--data.test is required"):
+        classify.load_splits(UserDataConfig(train=str(train)))
+
+
+def test_labels_sort_numbers_numerically():
+    assert classify.sorted_labels({"10", "2", "b", "a", "-1"}) == ["-1", "2", "10", "a", "b"]
+
+
+def test_near_duplicates_of_test_records_leave_train_and_valid(family_records):
+    recs = [(seq, i) for i, (_, seq, _) in enumerate(family_records["tRNA"][:20])]
+    test = recs[:2]
+    train, valid = recs[2:12] + [test[0]], recs[12:] + [(test[1][0][:-3], 99)]  # a copy, and a copy cut short
+    s = user_splits(train, valid, test, lambda e: e[0], UserDataConfig())
+    assert test[0] not in s.train and all(e[1] != 99 for e in s.valid) and s.removed_near_duplicates >= 2
+    assert len(s.train) + len(s.valid) + s.removed_near_duplicates == len(train) + len(valid)
+    kept = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0))
+    assert kept.removed_near_duplicates == 0 and (kept.train, kept.valid) == (train, valid)
+    drawn = user_splits(recs[2:], None, test, lambda e: e[0], UserDataConfig(valid_fraction=0.25, near_dup_kmer=0))
+    assert len(drawn.valid) == 4 and sorted(drawn.train + drawn.valid) == sorted(recs[2:])
+
+
+def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_checkpoint, shared_data, tmp_path):
+    from finetune.predict import _write_dbn
+    from finetune.ss_data import load_bprna
+    from finetune.structure import write_bpseq
+
+    bprna = load_bprna(shared_data)
+    (tmp_path / "train").mkdir()
+    for rec in bprna["TR0"][:24]:
+        write_bpseq(rec, tmp_path / "train" / f"{rec.id}.bpseq")
+    _write_dbn(bprna["TS0"][:8], tmp_path)
+    test = tmp_path / "test.dbn"
+    (tmp_path / "predictions.dbn").rename(test)
+    out = tmp_path / "ft"
+    assert run(["ss", "train", f"--model.path={tiny_checkpoint}", "--data.dataset=files",
+                f"--data.train={tmp_path / 'train'}", f"--data.test={test}", "--data.valid_fraction=0.25",
+                f"--train.out_dir={out}", "--train.epochs=1", "--train.progress=false"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["test_set"] == "test.dbn" and result["rows"]["RNAfold"]["n"] == 8
+    assert result["splits"]["test"] == 8
+    assert result["splits"]["train"] + result["splits"]["valid"] + result["data"]["removed_near_duplicates"] == 24
+    assert run(["ss", "evaluate", f"--model.path={out}", "--data.dataset=files", f"--data.test={test}",
+                f"--train.out_dir={tmp_path / 'eval'}", "--train.progress=false", "--eval.rnafold=false"]) == 0
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    model_row = next(k for k in result["rows"] if k != "RNAfold")
+    assert again["rows"][model_row] == pytest.approx(result["rows"][model_row])
