@@ -19,6 +19,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, replace
+from typing import Any
 from multiprocessing import resource_tracker
 from pathlib import Path
 
@@ -77,6 +78,13 @@ def mlm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     """(summed cross-entropy, correct predictions) over the masked rows, in fp32."""
     logits = logits.float()
     return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+
+def validation_summary(ce: float, correct: float, masked: float, records: float) -> dict[str, Any]:
+    """A validation's numbers (its `valid` event in log.jsonl) from the summed counts."""
+    loss = ce / masked
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / masked,
+            "masked_tokens": int(masked), "records": int(records)}
 
 
 # settings that change what the weights compute but not their shapes: released weights must have the run's
@@ -475,9 +483,8 @@ class Trainer:
                       corrupt_shards_skipped=unreadable)
             self._say(f"valid @ step {self.step}: skipped, no held-out record could be read{damage}")
             return {}
-        loss = ce / masked
-        result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / masked,
-                  "masked_tokens": int(masked), "records": int(records), "corrupt_shards_skipped": unreadable}
+        result = {**validation_summary(ce, correct, masked, records), "corrupt_shards_skipped": unreadable}
+        loss = result["loss"]
         self.metrics.valid_loss.set(loss)
         self._log(event="valid", step=self.step, **result)
         self._say(f"valid @ step {self.step}: loss {loss:.4f} | ppl {result['perplexity']:.3f} | "

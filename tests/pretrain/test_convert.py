@@ -5,13 +5,11 @@ import json
 import subprocess
 
 import pytest
-import torch
 
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
-from pretrain.data import PretrainLoader
 from pretrain.runlock import RunLock
-from pretrain.train import masked_index, mlm_sums
+from pretrain.evaluate import validation
 from rnalm.configfile import load
 from rnalm.io import load_pretrained
 
@@ -30,30 +28,42 @@ def converted(straight_run, tmp_path_factory):
     return out
 
 
-def validation_loss(model, cfg: PretrainConfig, world_size: int) -> tuple[float, int]:
-    """The trainer's validation, replayed rank by rank on one process with the converted model."""
-    ce_sum, masked = 0.0, 0
-    with torch.no_grad():
-        for rank in range(world_size):
-            for i, batch in enumerate(PretrainLoader(cfg.valid_data(), rank=rank, world_size=world_size)):
-                if i == cfg.train.valid_max_batches:
-                    break
-                index = masked_index(batch)
-                ce, _ = mlm_sums(model.forward_packed(batch, logits_index=index).logits, batch.targets[index])
-                ce_sum += ce.item()
-                masked += index.numel()
-    return ce_sum / masked, masked
-
-
 def test_converted_model_reproduces_the_engines_validation_loss(straight_run, converted):
     cfg = load(PretrainConfig, straight_run / "config.yaml")
     engine_valid = events(read_log(straight_run), "valid")[-1]
     assert engine_valid["step"] == STRAIGHT_STEPS  # validated with the weights of the last checkpoint
     model = load_pretrained(converted)
     assert not model.training
-    loss, masked = validation_loss(model, cfg, world_size=2)
-    assert masked == engine_valid["masked_tokens"]
-    assert loss == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
+    replay = validation(model, cfg, world_size=2)  # the trainer's validation, replayed rank by rank on one process
+    assert (replay["masked_tokens"], replay["records"]) == (engine_valid["masked_tokens"], engine_valid["records"])
+    assert replay["loss"] == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
+    assert replay["accuracy"] == pytest.approx(engine_valid["accuracy"], rel=1e-5)
+
+
+def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_masks(straight_run, converted, tmp_path):
+    """`python -m pretrain.evaluate`: the converted directory and the same weights as the original's .pt give
+    the engine's logged validation (world size 2, as the run); a training run in place of weights is refused."""
+    from rnalm.io import export_official, read_pretrained
+
+    engine_valid = events(read_log(straight_run), "valid")[-1]
+    export_official(read_pretrained(converted)[1], tmp_path / "as_original.pt")
+
+    def evaluate(weights, *extra):
+        return subprocess.run([PY, "-m", "pretrain.evaluate", str(weights), "--config",
+                               str(straight_run / "config.yaml"), *extra], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+
+    for weights in (converted, tmp_path / "as_original.pt"):
+        proc = evaluate(weights, "--world_size", "2")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout.splitlines()[-1])
+        assert got["masked_tokens"] == engine_valid["masked_tokens"]
+        assert got["loss"] == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
+        assert f"loss {got['loss']:.4f}" in proc.stderr
+    whole = json.loads(evaluate(converted, "--train.valid_max_batches=0").stdout.splitlines()[-1])
+    assert whole["records"] >= engine_valid["records"] and whole["valid_max_batches"] == 0
+    refused = evaluate(straight_run)
+    assert refused.returncode == 2 and "convert it first" in refused.stderr
 
 
 def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):

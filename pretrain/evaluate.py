@@ -1,0 +1,92 @@
+"""The trainer's validation, offline, for any released weights: masked-LM loss, perplexity and accuracy on a shard
+set's held-out split, with the run's crops and masks (they are keyed by record, so every model sees the same).
+
+    python -m pretrain.evaluate WEIGHTS --config RUN/config.yaml [--section.key=value ...] [--world_size N]
+        [--device auto|cpu|cuda] [--dtype float32|bfloat16]
+
+WEIGHTS: a `pretrain.convert` directory, the original's `.pt` or multimolecule weights (rnalm.io.read_weights;
+their head count, which they do not record, is the config's). One process, no DeepSpeed, CPU or one GPU.
+The trainer validates each rank's first `train.valid_max_batches` batches: `--world_size` = the run's ranks gives
+its logged number exactly (a converted checkpoint must reproduce it); `--train.valid_max_batches=0` scores the
+whole split. Compare models on one config: the released RiNALMo and a continued pretraining, say.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from pretrain.config import PretrainConfig
+from pretrain.data import PretrainLoader
+from pretrain.train import masked_index, mlm_sums, validation_summary
+from rnalm import io as rio
+from rnalm.configfile import from_cli
+from rnalm.model import RiNALMo
+
+
+@torch.no_grad()
+def validation(model: RiNALMo, cfg: PretrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """Every rank's share of the held-out split, as the trainer reads it (its first valid_max_batches batches)."""
+    device = next(model.parameters()).device
+    sums = [0.0, 0.0, 0, 0]  # ce, correct, masked, records
+    unreadable: set[str] = set()
+    for rank in range(world_size):
+        loader = PretrainLoader(cfg.valid_data(), rank=rank, world_size=world_size)
+        for i, batch in enumerate(loader):
+            if i == cfg.train.valid_max_batches > 0:  # 0: the whole split
+                break
+            batch = batch.to(device)
+            index = masked_index(batch)
+            ce, correct = mlm_sums(model.forward_packed(batch, logits_index=index).logits, batch.targets[index])
+            for k, v in enumerate((ce.item(), correct.item(), index.numel(), batch.num_sequences)):
+                sums[k] += v
+        unreadable |= set(loader.stats["corrupt_shards"])
+    if not sums[2]:
+        raise ValueError(f"{cfg.data.shards}: no masked token in the '{cfg.train.valid_split}' split")
+    return {**validation_summary(*sums), "corrupt_shards_skipped": len(unreadable)}
+
+
+def load_weights(path: str, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> RiNALMo:
+    mcfg, state = rio.read_weights(path, heads=cfg.model.num_heads)
+    return rio.with_weights(lambda: RiNALMo(mcfg), state).to(device=device, dtype=dtype).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser.add_argument("weights")
+    parser.add_argument("--world_size", type=int, default=1, help="replay a run of this many ranks (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        from_cli(PretrainConfig, ["--help"], prog="python -m pretrain.evaluate WEIGHTS --config RUN/config.yaml")
+    args, rest = parser.parse_known_args(argv)
+    if args.world_size < 1:
+        parser.error(f"--world_size ({args.world_size}) must be >= 1")
+    cfg = from_cli(PretrainConfig, rest, prog="python -m pretrain.evaluate WEIGHTS")
+    device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+    try:
+        model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
+        t0 = time.perf_counter()
+        result = validation(model, cfg, args.world_size)
+    except (OSError, ValueError, rio.WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result.update(weights=args.weights, shards=cfg.data.shards, split=cfg.train.valid_split,
+                  world_size=args.world_size, valid_max_batches=cfg.train.valid_max_batches, dtype=args.dtype,
+                  seconds=round(time.perf_counter() - t0, 3))
+    print(f"{args.weights}: loss {result['loss']:.4f} | ppl {result['perplexity']:.3f} | acc {result['accuracy']:.3%} "
+          f"| {result['masked_tokens']:,} masked tokens in {result['records']:,} records", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
