@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     if tuned:
         print(f"   {py} -m finetune predict-ss --model={tuned['finetune']} --fasta=YOUR.fa --out=pred")
     print(f"   {py} -m finetune embed --model={paths['model']} --fasta=YOUR.fa --out=emb")
+    print(f"   {py} -m finetune classify train --model.path={paths['model']} --data.train=YOURS.csv "
+          "--data.test=TEST.csv   (columns sequence,label)")
+    print(f"   {py} -m pretrain.evaluate {paths['model']} --config {paths['pretrain'] / 'config.yaml'} "
+          f"--world_size {args.nproc}   (the run's validation, again)")
     print('   your own data, at scale: README.md "From FASTA to a fine-tuned model"')
     return paths
 
