@@ -105,8 +105,9 @@ def _refuse_model_option(rest: list[str]) -> None:
 
 def _check_train_start(task: str, cfg: Any) -> None:
     """All a train run can check before it clears OUT: the train options, ArchiveII families, that the backbone
-    is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), and the backbone itself
-    (loaded here once to check it, and again by the task: ~1 s for giga on a CPU, no random initialisation)."""
+    is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), the backbone itself
+    (loaded here once to check it, and again by the task: ~1 s for giga on a CPU, no random initialisation), and
+    the user's data files (read twice too)."""
     from finetune.backbone import load_backbone
     from finetune.tasks.ss import fold_families
     from finetune.trainer import check_train_config
@@ -124,6 +125,8 @@ def _check_train_start(task: str, cfg: Any) -> None:
                              "run would overwrite: set another --train.out_dir")
     if cfg.model.random_preset is None:  # a random init has no file to get wrong (and giga's takes ~9 s on a CPU)
         load_backbone(cfg.model)
+    if task in ("classify", "regress") or (task == "ss" and cfg.data.dataset == "files"):
+        _task_module(task)[0].load_splits(cfg.data)  # the user's files: a bad line is found before OUT is cleared
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:

@@ -85,9 +85,9 @@ def near_duplicate_mask(candidates: list[str], reference: list[str], k: int = 8,
 
 def leakage_mask(candidates: list[str], reference: list[str], k: int = 8, max_containment: float = 0.5,
                  shared_run: int = 0) -> np.ndarray:
-    """The filter of a task split: near-duplicates by the k-mer rule, or (shared_run > 0) candidates sharing an
-    identical stretch of `shared_run` nt with some reference sequence."""
-    out = near_duplicate_mask(candidates, reference, k, max_containment)
+    """The filter of a task split: near-duplicates by the k-mer rule (k > 0), or (shared_run > 0) candidates
+    sharing an identical stretch of `shared_run` nt with some reference sequence."""
+    out = near_duplicate_mask(candidates, reference, k, max_containment) if k > 0 else np.zeros(len(candidates), bool)
     if shared_run:
         out |= shared_run_mask(candidates, reference, shared_run)
     return out

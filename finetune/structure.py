@@ -229,8 +229,10 @@ STRUCTURE_READERS = {".bpseq": lambda p: [read_bpseq(p)], ".ct": read_ct, ".dbn"
 
 def read_structures(path: str | Path) -> list[StructureRecord]:
     """Every structure in a .bpseq, .ct, .dbn or dot-bracket .csv file (gzip/zstd fine: `x.ct.gz`), or in every
-    such file of a directory (in name order)."""
+    such file of a directory (in name order; its subdirectories are not read)."""
     path = Path(path)
+    if not path.exists():
+        raise StructureError(f"{path}: no such file or directory")
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and _structure_suffix(f))
         if not files:

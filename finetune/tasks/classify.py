@@ -6,6 +6,7 @@ is an error. Metrics: accuracy, F1 per class, macro F1 (model selection on valid
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 
 from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, SpliceSiteHead
@@ -22,7 +22,7 @@ from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
 from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
 from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
-                                      user_splits)
+                                      trained_columns, user_splits)
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
@@ -57,9 +57,18 @@ def class_probabilities(model: TaskModel, seqs: list[str], batch_size: int, prog
 
 
 def scores(labels: np.ndarray, pred: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    per_class = f1_score(labels, pred, labels=list(range(len(classes))), average=None, zero_division=0)
-    return {"n": int(len(labels)), "accuracy": float(accuracy_score(labels, pred)),
-            "macro_f1": float(np.mean(per_class)), **{f"f1_{c}": float(v) for c, v in zip(classes, per_class)}}
+    """Accuracy, F1 per class and their macro mean. A class neither in `labels` nor predicted has no F1 (None)
+    and is left out of the mean: a test set of one class scores 1.0 when every record gets it."""
+    per_class = [f1_of(labels == k, pred == k) for k in range(len(classes))]
+    defined = [v for v in per_class if v is not None]
+    return {"n": int(len(labels)), "accuracy": float(np.mean(labels == pred)) if len(labels) else None,
+            "macro_f1": float(np.mean(defined)) if defined else None,
+            **{f"f1_{c}": v for c, v in zip(classes, per_class)}}
+
+
+def f1_of(true: np.ndarray, predicted: np.ndarray) -> float | None:
+    tp, fp, fn = int((true & predicted).sum()), int((~true & predicted).sum()), int((true & ~predicted).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
 
 
 def columns(classes: Sequence[str]) -> tuple[str, ...]:
@@ -73,7 +82,7 @@ def evaluate_examples(model: TaskModel, examples: list[Example], classes: Sequen
 
 
 def fit_and_test(task: str, cfg: Any, splits: Splits[Example], classes: Sequence[str], test_name: str,
-                 result_extra: dict[str, Any]) -> dict[str, Any]:
+                 meta_extra: dict[str, Any], result_extra: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune on splits.train (best epoch by validation macro F1), score the best on splits.test, write
     OUT/finetune.json + weights and OUT/results.{json,md}. `cfg`: a task config (model, train, unfreeze, head)."""
     lm = load_backbone(cfg.model)
@@ -85,7 +94,7 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], classes: Sequence
 
     def save(m: TaskModel, val: dict[str, Any]) -> None:
         save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "classes": list(classes), "valid": val,
-                                "backbone": asdict(cfg.model)})
+                                "backbone": asdict(cfg.model), **meta_extra})
 
     history = fit(model, cfg.train, cfg.unfreeze,
                   lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
@@ -102,12 +111,13 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], classes: Sequence
 
 # ------------------------------------------------------------------ the user's own files
 def sorted_labels(labels: set[str]) -> list[str]:
-    """Numbers in numeric order (2 before 10), then the other labels in text order."""
+    """Numbers in numeric order (2 before 10), then the other labels (nan, inf too) in text order."""
     def key(label: str) -> tuple[int, float, str]:
         try:
-            return (0, float(label), label)
+            value = float(label)
         except ValueError:
             return (1, 0.0, label)
+        return (0, value, label) if math.isfinite(value) else (1, 0.0, label)
     return sorted(labels, key=key)
 
 
@@ -136,8 +146,9 @@ def load_splits(data: UserDataConfig) -> tuple[Splits[Example], list[str]]:
 def train(cfg: ClassifyConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits, classes = load_splits(cfg.data)
-    return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name,
-                        {"data": files_used(cfg.data), "note": removal_note(splits)})
+    data = {"data": files_used(cfg.data)}
+    return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name, data,
+                        {**data, "note": removal_note(splits)})
 
 
 def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
@@ -145,7 +156,8 @@ def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
     model, meta = load_finetuned(cfg.model.path)
     check_task(meta, "classify", cfg.model.path)
     classes = meta["classes"]
-    test = read_labelled(required(cfg.data.test, "test"), cfg.data, class_index(classes, f"the model {cfg.model.path}"))
+    test = read_labelled(required(cfg.data.test, "test"), trained_columns(cfg.data, meta),
+                         class_index(classes, f"the model {cfg.model.path}"))
     model.to(pick_device(cfg.train.device))
     rows = {Path(cfg.data.test).name: evaluate_examples(model, test[:cfg.data.limit_test], classes,
                                                        cfg.train.eval_batch_size, cfg.train.progress)}

@@ -34,7 +34,8 @@ class Splits(Generic[T]):
     def nonempty(self) -> Splits[T]:
         if not self.train or not self.valid or not self.test:
             raise ValueError(f"empty split: {self.sizes()} (after leaving out {self.removed_near_duplicates} "
-                             "near-duplicates of test records)")
+                             "near-duplicates of test records): more records, --data.valid or a larger "
+                             "--data.valid_fraction")
         return self
 
     def sizes(self) -> dict[str, int]:

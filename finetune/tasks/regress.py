@@ -22,7 +22,7 @@ from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
 from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
 from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
-                                      user_splits)
+                                      trained_columns, user_splits)
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
@@ -62,6 +62,11 @@ class Scaler:
         return y if self.min is None else np.clip(y, self.min, None)
 
 
+def standardised(scaler: Scaler, batch: list[Example]) -> torch.Tensor:
+    """Training targets, standardised in float64 (in float32, values of 1e8 +- 1 would all be 1e8)."""
+    return torch.tensor(scaler.transform(np.array([e.value for e in batch], dtype=np.float64)), dtype=torch.float32)
+
+
 @torch.no_grad()
 def predict_values(model: TaskModel, seqs: list[str], scaler: Scaler, batch_size: int,
                    progress: bool = True) -> np.ndarray:
@@ -78,13 +83,17 @@ def _r2(true: np.ndarray, pred: np.ndarray) -> float | None:
     return float(r2_score(true, pred)) if len(true) >= 2 else None
 
 
+def _pearson(true: np.ndarray, pred: np.ndarray) -> float | None:
+    """None where undefined (fewer than 2 records, or constant values: NaN is not JSON)."""
+    return float(np.corrcoef(true, pred)[0, 1]) if len(true) >= 2 and np.std(true) > 0 and np.std(pred) > 0 else None
+
+
 def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler, batch_size: int,
                       progress: bool = True) -> dict[str, dict[str, Any]]:
     pred = predict_values(model, [e.sequence for e in examples], scaler, batch_size, progress)
     true = np.array([e.value for e in examples])
     groups = np.array([e.group for e in examples])
-    rows = {"all": {"n": len(true), "r2": _r2(true, pred),
-                    "pearson_r": float(np.corrcoef(true, pred)[0, 1]) if np.std(pred) > 0 else 0.0,
+    rows = {"all": {"n": len(true), "r2": _r2(true, pred), "pearson_r": _pearson(true, pred),
                     "mse": float(np.mean((true - pred) ** 2))}}
     for g in sorted(set(groups)) if len(set(groups)) > 1 else []:
         sel = groups == g
@@ -105,7 +114,7 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float 
 
     def loss_fn(m: TaskModel, batch: list[Example]) -> torch.Tensor:
         device = model_device(m)
-        target = scaler.transform(torch.tensor([e.value for e in batch], device=device, dtype=torch.float32))
+        target = standardised(scaler, batch).to(device)
         return F.mse_loss(m(tokens_for([e.sequence for e in batch], device)).float(), target)
 
     def validate(m: TaskModel) -> dict[str, Any]:
@@ -124,8 +133,12 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float 
                              cfg.train.progress)
     result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
               "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
-    write_results(out, "results", result, markdown_table(rows, COLUMNS) + f"\n{result['note']}\n")
+    write_results(out, "results", result, titled(result, markdown_table(rows, COLUMNS)) + f"\n{result['note']}\n")
     return result
+
+
+def titled(result: dict[str, Any], table: str) -> str:
+    return f"### {result['test_set']}\n\n{table}" if "test_set" in result else table
 
 
 # ------------------------------------------------------------------ the user's own files
@@ -153,18 +166,18 @@ def load_splits(data: UserDataConfig) -> Splits[Example]:
 def train(cfg: RegressConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data)
-    return fit_and_test("regress", cfg, splits, None, {"data": files_used(cfg.data)},
-                        {"test_set": Path(cfg.data.test).name, "data": files_used(cfg.data),
-                         "note": removal_note(splits)})
+    data = {"data": files_used(cfg.data)}
+    return fit_and_test("regress", cfg, splits, None, data, {"test_set": Path(cfg.data.test).name, **data,
+                                                            "note": removal_note(splits)})
 
 
 def evaluate(cfg: RegressConfig) -> dict[str, Any]:
     """Score a fine-tuned regression model (model.path) on data.test."""
     model, meta = load_finetuned(cfg.model.path)
     check_task(meta, "regress", cfg.model.path)
-    test = read_examples(required(cfg.data.test, "test"), cfg.data)[:cfg.data.limit_test]
+    test = read_examples(required(cfg.data.test, "test"), trained_columns(cfg.data, meta))[:cfg.data.limit_test]
     model.to(pick_device(cfg.train.device))
     rows = evaluate_examples(model, test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size, cfg.train.progress)
     result = {"task": "regress", "model": cfg.model.path, "test_set": Path(cfg.data.test).name, "rows": rows}
-    write_results(cfg.train.out_dir, "eval_results", result, markdown_table(rows, COLUMNS))
+    write_results(cfg.train.out_dir, "eval_results", result, titled(result, markdown_table(rows, COLUMNS)))
     return result

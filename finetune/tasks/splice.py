@@ -74,7 +74,7 @@ COLUMNS = columns(CLASSES)
 def train(cfg: SpliceConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data)
-    return fit_and_test("splice", cfg, splits, CLASSES, TEST_NAME, {
+    return fit_and_test("splice", cfg, splits, CLASSES, TEST_NAME, {}, {
         "note": (f"train/valid = GUE dev minus its {splits.removed_near_duplicates} near-duplicates of test "
                  "windows (90/10 random split); test = GUE test")})
 

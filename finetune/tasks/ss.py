@@ -79,7 +79,16 @@ def _limit(records: list[StructureRecord], n: int | None, seed: int) -> list[Str
     return [records[i] for i in sorted(idx)]
 
 
+def check_files_option(cfg: SSDataConfig) -> None:
+    """--data.train/valid/test name the user's files: with another dataset they would be ignored unseen."""
+    given = [f"--data.{k}" for k in ("train", "valid", "test") if getattr(cfg, k)]
+    if given and cfg.dataset != "files":
+        raise ValueError(f"{', '.join(given)} name structure files: add --data.dataset=files (the data set is "
+                         f"{cfg.dataset})")
+
+
 def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
+    check_files_option(cfg)
     if cfg.dataset == "bprna":
         splits = bprna_splits(cfg.root)
     elif cfg.dataset == "files":
@@ -108,6 +117,7 @@ def file_splits(cfg: SSDataConfig) -> SSSplits:
 
 def test_records(cfg: SSDataConfig) -> list[StructureRecord]:
     """The test set alone (evaluation): the user's test file is read without the training file."""
+    check_files_option(cfg)
     if cfg.dataset != "files":
         return load_splits(cfg).test
     return _limit(read_structures(required(cfg.test, "test")), cfg.limit_test, cfg.seed)
@@ -212,7 +222,10 @@ def _test_name(cfg: SSDataConfig, family: str | None) -> str:
 
 
 def _titled_table(result: dict[str, Any]) -> str:
-    return f"### {result['test_set']}\n\n" + markdown_table(result["rows"], TABLE_COLUMNS, "model")
+    data = result.get("data", {})
+    note = (f"\n{data['removed_near_duplicates']} train/valid record(s) were near-duplicates of test records "
+            "(finetune.neardup) and were left out\n" if data.get("dataset") == "files" else "")
+    return f"### {result['test_set']}\n\n" + markdown_table(result["rows"], TABLE_COLUMNS, "model") + note
 
 
 def fold_families(test_family: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +31,7 @@ class UserDataConfig:
     label_column: str = "label"
     valid_fraction: float = 0.1
     near_dup_kmer: int = 8                 # leakage filter (finetune.neardup): train/valid records whose distinct
-    near_dup_containment: float = 0.5      # k-mers are this share in a test record's are dropped; kmer 0: kept
+    near_dup_containment: float = 0.5      # k-mers are this share in a test record's are dropped; kmer 0: no
     near_dup_shared_run: int = 0           # also drop those sharing an identical stretch of this many nt; 0: no
     limit_train: int | None = None
     limit_valid: int | None = None
@@ -40,27 +40,49 @@ class UserDataConfig:
 
 
 def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, str], T]) -> list[tuple[str, T]]:
-    """(sequence, parse_label(text, where)) per row. Errors name the file, line and reason."""
-    text = open_text(Path(path))
-    reader = csv.DictReader(text, delimiter="\t" if ".tsv" in [s.lower() for s in Path(path).suffixes] else ",")
-    cols = reader.fieldnames or []
-    missing = [c for c in (cfg.sequence_column, cfg.label_column) if c not in cols]
-    if missing:
-        raise StructureError(f"{path}: no column {', '.join(map(repr, missing))} in the header {cols} (set "
-                             "--data.sequence_column / --data.label_column; a .tsv file is read tab-separated)")
-    rows = []
-    for lineno, row in enumerate(reader, 2):
-        where = f"{path}:{lineno}"
-        seq, label = (row[cfg.sequence_column] or "").strip(), (row[cfg.label_column] or "").strip()
-        if not seq:
-            raise StructureError(f"{where}: empty sequence")
-        check_letters(seq, where)
-        if not label:
-            raise StructureError(f"{where}: empty label")
-        rows.append((seq, parse_label(label, where)))
+    """(sequence, parse_label(text, where)) per row. Errors name the file, line and reason. A .tsv file is read
+    without quoting (a quote in a note column is text); a CSV's quotes must close."""
+    tsv = ".tsv" in [s.lower() for s in Path(path).suffixes]
+    reader = csv.reader(open_text(Path(path)), delimiter="\t" if tsv else ",", strict=True,
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    try:
+        header = [c.strip() for c in next(reader, [])]
+        column = _columns(path, header, cfg)
+        rows = [_row(path, reader.line_num, fields, column, parse_label) for fields in reader if any(fields)]
+    except csv.Error as e:
+        raise StructureError(f"{path}:{reader.line_num}: {e} (unclosed quote, or line ends of another system?)") \
+            from None
     if not rows:
         raise StructureError(f"{path}: no records")
     return rows
+
+
+def _columns(path: str, header: list[str], cfg: UserDataConfig) -> tuple[int, int]:
+    """(sequence, label) column indices of the header."""
+    wanted = (cfg.sequence_column, cfg.label_column)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise StructureError(f"{path}: no column {', '.join(map(repr, missing))} in the header {header} (set "
+                             "--data.sequence_column / --data.label_column; a .tsv file is read tab-separated, "
+                             "others comma-separated)")
+    twice = [c for c in wanted if header.count(c) > 1]
+    if twice:
+        raise StructureError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once")
+    return header.index(cfg.sequence_column), header.index(cfg.label_column)
+
+
+def _row(path: str, lineno: int, fields: list[str], column: tuple[int, int],
+         parse_label: Callable[[str, str], T]) -> tuple[str, T]:
+    where = f"{path}:{lineno}"
+    if len(fields) <= max(column):
+        raise StructureError(f"{where}: {len(fields)} field(s), the header has more")
+    seq, label = fields[column[0]].strip(), fields[column[1]].strip()
+    if not seq:
+        raise StructureError(f"{where}: empty sequence")
+    check_letters(seq, where)
+    if not label:
+        raise StructureError(f"{where}: empty label")
+    return seq, parse_label(label, where)
 
 
 def required(path: str, option: str) -> str:
@@ -74,19 +96,21 @@ def user_splits(train: list[T], valid: list[T] | None, test: list[T], seq: Calla
     none is given. `cfg`: a data config with fields near_dup_{kmer,containment,shared_run}, valid_fraction, seed
     and limit_{train,valid,test}, as UserDataConfig."""
     pool = train + (valid or [])
-    dup = (leakage_mask([seq(e) for e in pool], [seq(e) for e in test], cfg.near_dup_kmer,
-                        cfg.near_dup_containment, cfg.near_dup_shared_run)
-           if cfg.near_dup_kmer > 0 else np.zeros(len(pool), dtype=bool))
+    dup = leakage_mask([seq(e) for e in pool], [seq(e) for e in test], cfg.near_dup_kmer, cfg.near_dup_containment,
+                       cfg.near_dup_shared_run)
     n_train = len(train)
-    train = [e for e, d in zip(train, dup[:n_train]) if not d]
+    train = shuffled([e for e, d in zip(train, dup[:n_train]) if not d], cfg.seed)  # limit_train: not one class
     if valid is None:
-        order = np.random.default_rng(cfg.seed).permutation(len(train))
         n_valid = int(round(cfg.valid_fraction * len(train)))
-        train, valid = [train[i] for i in order[n_valid:]], [train[i] for i in order[:n_valid]]
+        train, valid = train[n_valid:], train[:n_valid]
     else:
-        valid = [e for e, d in zip(valid, dup[n_train:]) if not d]
+        valid = shuffled([e for e, d in zip(valid, dup[n_train:]) if not d], cfg.seed)
     splits = Splits(train, valid, test, int(dup.sum()))
     return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
+
+
+def shuffled(items: list[T], seed: int) -> list[T]:
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
 def removal_note(splits: Splits[Any]) -> str:
@@ -95,5 +119,13 @@ def removal_note(splits: Splits[Any]) -> str:
 
 
 def files_used(cfg: UserDataConfig) -> dict[str, str]:
+    """What finetune.json and results.json record of the data (evaluate reads the columns from there)."""
     return {"train": cfg.train, "valid": cfg.valid or f"{cfg.valid_fraction:g} of train (seed {cfg.seed})",
-            "test": cfg.test}
+            "test": cfg.test, "sequence_column": cfg.sequence_column, "label_column": cfg.label_column}
+
+
+def trained_columns(asked: UserDataConfig, meta: dict[str, Any]) -> UserDataConfig:
+    """Evaluation reads the columns the model was trained on, unless others are asked for."""
+    default, trained = UserDataConfig(), meta.get("data", {})
+    return replace(asked, **{k: trained[k] for k in ("sequence_column", "label_column")
+                             if k in trained and getattr(asked, k) == getattr(default, k)})

@@ -65,3 +65,13 @@ def test_a_group_of_one_record_has_no_r2_rather_than_nan(recwarn):
     assert rows["random"]["n"] == 1 and rows["random"]["r2"] is None
     assert rows["human"]["n"] == 3 and isinstance(rows["human"]["r2"], float)
     assert not [w for w in recwarn if "R^2" in str(w.message)]
+
+
+def test_pearson_is_none_where_undefined_rather_than_nan():
+    """Constant targets made np.corrcoef NaN, which json.dumps writes as the non-JSON token NaN."""
+    model = nano_mrl_model()
+    examples = [Example("ACGUACGUAC" * 3 + "G" * i, 3.0) for i in range(4)]
+    rows = evaluate_examples(model, examples, Scaler(mean=5.0, std=1.5), batch_size=4, progress=False)
+    assert rows["all"]["pearson_r"] is None and rows["all"]["r2"] is not None
+    one = evaluate_examples(model, examples[:1], Scaler(mean=5.0, std=1.5), batch_size=4, progress=False)
+    assert one["all"]["pearson_r"] is None and one["all"]["r2"] is None

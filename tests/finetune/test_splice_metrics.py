@@ -20,9 +20,11 @@ def test_scores_hand_checked():
     f1 = [0.5, 0.8, 2 / 3]
     assert scores(labels, pred, CLASSES) == pytest.approx({"n": 6, "accuracy": 4 / 6, "macro_f1": np.mean(f1),
                                                   **{f"f1_{c}": v for c, v in zip(CLASSES, f1)}})
-    # a class neither present nor predicted scores 0 and still counts in the macro mean
+    # a class neither present nor predicted has no F1 and is left out of the macro mean (it counted as 0)
     assert scores(np.array([0, 1]), np.array([0, 1]), CLASSES) == pytest.approx(
-        {"n": 2, "accuracy": 1.0, "macro_f1": 2 / 3, **{f"f1_{c}": v for c, v in zip(CLASSES, [1.0, 1.0, 0.0])}})
+        {"n": 2, "accuracy": 1.0, "macro_f1": 1.0, **{f"f1_{c}": v for c, v in zip(CLASSES, [1.0, 1.0, None])}})
+    # absent but predicted: F1 0, counted
+    assert scores(np.array([0, 0]), np.array([0, 2]), CLASSES)["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
 
 
 def test_evaluate_examples_scores_each_sequences_own_prediction():

@@ -99,9 +99,11 @@ def test_regress_trains_on_the_users_values_without_clamping_them(tiny_checkpoin
     assert meta["task"] == "regress" and meta["scaler"]["min"] is None
     trained = regress.load_splits(data).train  # the training file minus near-duplicates of test records
     assert meta["scaler"]["mean"] == pytest.approx(np.mean([e.value for e in trained]))
-    again = regress.evaluate(regress.RegressConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data,
+    again = regress.evaluate(regress.RegressConfig(model=BackboneConfig(path=str(tmp_path / "ft")),
+                                                   data=UserDataConfig(test=str(test)),  # columns: the model's
                                                    train=TrainConfig(out_dir=str(tmp_path / "eval"), progress=False)))
     assert again["rows"]["all"] == pytest.approx(result["rows"]["all"])
+    assert (tmp_path / "eval" / "eval_results.md").read_text().startswith("### test.csv")
     with pytest.raises(ValueError, match="is a fine-tuned 'regress' model, not 'classify'"):
         classify.evaluate(classify.ClassifyConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data))
 
@@ -137,8 +139,11 @@ def test_a_test_label_unknown_to_training_and_a_single_class_are_refused(tmp_pat
         classify.load_splits(UserDataConfig(train=str(train)))
 
 
-def test_labels_sort_numbers_numerically():
+def test_labels_sort_numbers_numerically_and_the_rest_as_text():
     assert classify.sorted_labels({"10", "2", "b", "a", "-1"}) == ["-1", "2", "10", "a", "b"]
+    # nan compares false with everything: as a number its place depended on the set's (hash-seeded) order
+    for labels in ({"2", "nan", "1", "10", "inf"}, {"inf", "10", "1", "nan", "2"}):
+        assert classify.sorted_labels(labels) == ["1", "2", "10", "inf", "nan"]
 
 
 def test_near_duplicates_of_test_records_leave_train_and_valid(family_records):
@@ -149,7 +154,10 @@ def test_near_duplicates_of_test_records_leave_train_and_valid(family_records):
     assert test[0] not in s.train and all(e[1] != 99 for e in s.valid) and s.removed_near_duplicates >= 2
     assert len(s.train) + len(s.valid) + s.removed_near_duplicates == len(train) + len(valid)
     kept = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0))
-    assert kept.removed_near_duplicates == 0 and (kept.train, kept.valid) == (train, valid)
+    assert kept.removed_near_duplicates == 0 and (sorted(kept.train), sorted(kept.valid)) == (sorted(train), sorted(valid))
+    assert kept.train != train  # shuffled (seeded): --data.limit_train on a file sorted by class is not one class
+    run_only = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0, near_dup_shared_run=30))
+    assert run_only.removed_near_duplicates == 2  # the identical-stretch rule works without the k-mer rule
     drawn = user_splits(recs[2:], None, test, lambda e: e[0], UserDataConfig(valid_fraction=0.25, near_dup_kmer=0))
     assert len(drawn.valid) == 4 and sorted(drawn.train + drawn.valid) == sorted(recs[2:])
 
@@ -174,8 +182,60 @@ def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_c
     assert result["test_set"] == "test.dbn" and result["rows"]["RNAfold"]["n"] == 8
     assert result["splits"]["test"] == 8
     assert result["splits"]["train"] + result["splits"]["valid"] + result["data"]["removed_near_duplicates"] == 24
+    assert f"{result['data']['removed_near_duplicates']} train/valid record(s)" in (out / "results.md").read_text()
     assert run(["ss", "evaluate", f"--model.path={out}", "--data.dataset=files", f"--data.test={test}",
                 f"--train.out_dir={tmp_path / 'eval'}", "--train.progress=false", "--eval.rnafold=false"]) == 0
     again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     model_row = next(k for k in result["rows"] if k != "RNAfold")
     assert again["rows"][model_row] == pytest.approx(result["rows"][model_row])
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("cr.csv", "sequence,label\rACGU,a\rGGCC,b\r", r"cr\.csv:\d+: new-line character seen in unquoted field"),
+    ("open.csv", 'sequence,label,note\nACGU,a,"partial 5\' end\nGGCC,b,x\n', r"open\.csv:\d+: unexpected end of data"),
+    ("twice.csv", "label,sequence,label\nx,ACGU,y\n", r"twice\.csv: the header names column 'label' more than once"),
+    ("short.csv", "sequence,note,label\nACGU,x\n", r"short\.csv:2: 2 field\(s\)"),
+    ("blank.csv", "sequence,label\nACGU,a\n\n\nAC GU,b\n", r"blank\.csv:5 has invalid characters ' '"),
+])
+def test_csv_trouble_is_an_error_naming_file_and_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(StructureError, match=message):
+        read_labelled(str(tmp_path / name), UserDataConfig(), lambda label, where: label)
+
+
+def test_tsv_quotes_are_text_and_header_spaces_do_not_count(tmp_path):
+    rows = "".join(f"ACGU{'A' * i}\t{i % 2}\t\"partial 5' end\n" for i in range(5))
+    (tmp_path / "notes.tsv").write_text("sequence \t label\tnote\n" + rows)
+    got = read_labelled(str(tmp_path / "notes.tsv"), UserDataConfig(), lambda label, where: label)
+    assert len(got) == 5 and got[4] == ("ACGUAAAA", "0")
+
+
+def test_a_bad_data_file_at_train_start_keeps_the_model_already_in_out(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "ft"
+    out.mkdir()
+    earlier = {name: f"earlier {name}" for name in ("finetuned.safetensors", "finetune.json", "results.json")}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    train = write_table(tmp_path / "train.csv", [("a", "ACGUAGCU", "x"), ("b", "GG1CAAUU", "y")])
+    base = ["classify", "train", f"--model.path={tiny_checkpoint}", f"--train.out_dir={out}"]
+    assert run([*base, f"--data.train={train}"]) == 2  # no --data.test
+    assert run([*base, f"--data.train={train}", f"--data.test={train}"]) == 2  # a bad line
+    assert "train.csv:3 has invalid characters '1'" in capsys.readouterr().err
+    assert run(["ss", "train", f"--model.path={tiny_checkpoint}", f"--train.out_dir={out}", "--data.dataset=files",
+                f"--data.train={tmp_path / 'nope'}", f"--data.test={train}"]) == 2
+    assert {name: (out / name).read_text() for name in earlier} == earlier
+
+
+def test_ss_structure_file_options_without_the_files_dataset_are_refused(tmp_path):
+    from finetune.tasks import ss
+
+    with pytest.raises(ValueError, match="--data.train, --data.test name structure files: add --data.dataset=files"):
+        ss.load_splits(ss.SSDataConfig(train=str(tmp_path), test=str(tmp_path / "t.ct")))
+    with pytest.raises(ValueError, match="--data.test name structure files"):
+        ss.test_records(ss.SSDataConfig(test=str(tmp_path / "t.ct")))
+
+
+def test_regression_targets_are_standardised_before_float32():
+    batch = [regress.Example("ACGU", 1e8 + d) for d in (-1.0, 0.0, 1.0, 2.0)]
+    scaler = regress.Scaler(mean=1e8 + 0.5, std=1.118)
+    assert regress.standardised(scaler, batch).tolist() == pytest.approx([-1.3417, -0.4472, 0.4472, 1.3417], abs=1e-3)
