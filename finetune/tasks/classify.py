@@ -7,7 +7,7 @@ is an error. Metrics: accuracy, F1 per class, macro F1 (model selection on valid
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +121,8 @@ def sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels, key=key)
 
 
-def class_index(classes: Sequence[str], source: str) -> Any:
+def class_index(classes: Sequence[str], source: str) -> Callable[[str, str], int]:
+    """A label parser for read_labelled: the label's index in `classes`, or an error naming its line."""
     index = {c: i for i, c in enumerate(classes)}
 
     def parse(label: str, where: str) -> int:
@@ -139,7 +140,7 @@ def load_splits(data: UserDataConfig) -> tuple[Splits[Example], list[str]]:
     parse = class_index(classes, f"the training file {data.train}")
     valid = read_labelled(data.valid, data, parse) if data.valid else None
     test = read_labelled(required(data.test, "test"), data, parse)
-    train_ex = [(s, classes.index(label)) for s, label in train]
+    train_ex = [(s, parse(label, data.train)) for s, label in train]
     return user_splits(train_ex, valid, test, lambda e: e[0], data).nonempty(), classes
 
 
