@@ -125,6 +125,10 @@ def _check_train_start(task: str, cfg: Any) -> None:
                              "run would overwrite: set another --train.out_dir")
     if cfg.model.random_preset is None:  # a random init has no file to get wrong (and giga's takes ~9 s on a CPU)
         load_backbone(cfg.model)
+    if task == "ss":
+        from finetune.tasks.ss import check_files_option
+
+        check_files_option(cfg.data)
     if task in ("classify", "regress") or (task == "ss" and cfg.data.dataset == "files"):
         _task_module(task)[0].load_splits(cfg.data)  # the user's files: a bad line is found before OUT is cleared
 

@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.world_size < 1:
         parser.error(f"--world_size ({args.world_size}) must be >= 1")
     cfg = from_cli(PretrainConfig, rest, prog="python -m pretrain.evaluate WEIGHTS")
-    device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
     try:
+        device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                                  "cpu" if args.device == "auto" else args.device)
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
         t0 = time.perf_counter()
         result = validation(model, cfg, args.world_size)

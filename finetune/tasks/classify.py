@@ -149,7 +149,7 @@ def train(cfg: ClassifyConfig) -> dict[str, Any]:
     splits, classes = load_splits(cfg.data)
     data = {"data": files_used(cfg.data)}
     return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name, data,
-                        {**data, "note": removal_note(splits)})
+                        {**data, "note": removal_note(splits.removed_near_duplicates)})
 
 
 def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from finetune.backbone import BackboneConfig, load_finetuned
+from finetune.backbone import BackboneConfig, check_task, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
@@ -120,6 +120,7 @@ def trained_split(asked: MRLDataConfig, meta: dict[str, Any], where: str) -> MRL
 
 def evaluate(cfg: MRLConfig) -> dict[str, Any]:
     model, meta = load_finetuned(cfg.model.path)
+    check_task(meta, "mrl", cfg.model.path)
     model.to(pick_device(cfg.train.device))
     data = trained_split(cfg.data, meta, cfg.model.path)
     rows = evaluate_examples(model, load_splits(data).test, saved_scaler(meta), cfg.train.eval_batch_size,
@@ -127,5 +128,5 @@ def evaluate(cfg: MRLConfig) -> dict[str, Any]:
     out = Path(cfg.train.out_dir)
     result = {"task": "mrl", "model": cfg.model.path, "file": MRL_FILES[data.file], "split_seed": data.seed,
               "rows": rows, "note": split_note(data.seed)}
-    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS, "test subset") + f"\n{result['note']}\n")
+    write_results(out, "eval_results", result, markdown_table(rows, COLUMNS) + f"\n{result['note']}\n")
     return result

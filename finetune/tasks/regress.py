@@ -54,7 +54,7 @@ class Scaler:
     std: float
     min: float | None = None  # predictions are clamped here (a mean ribosome load is >= 0)
 
-    def transform(self, y: np.ndarray | torch.Tensor):
+    def transform(self, y: np.ndarray) -> np.ndarray:
         return (y - self.mean) / self.std
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
@@ -133,7 +133,8 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float 
                              cfg.train.progress)
     result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
               "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
-    write_results(out, "results", result, titled(result, markdown_table(rows, COLUMNS)) + f"\n{result['note']}\n")
+    note = f"\n{result['note']}\n" if "note" in result else ""
+    write_results(out, "results", result, titled(result, markdown_table(rows, COLUMNS)) + note)
     return result
 
 
@@ -168,7 +169,7 @@ def train(cfg: RegressConfig) -> dict[str, Any]:
     splits = load_splits(cfg.data)
     data = {"data": files_used(cfg.data)}
     return fit_and_test("regress", cfg, splits, None, data, {"test_set": Path(cfg.data.test).name, **data,
-                                                            "note": removal_note(splits)})
+                                                            "note": removal_note(splits.removed_near_duplicates)})
 
 
 def evaluate(cfg: RegressConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from finetune.backbone import BackboneConfig, TaskModel, load_backbone, load_finetuned, save_finetuned
+from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
 from finetune.heads import HeadConfig, SecondaryStructureHead, upper_triangle_bce
 from finetune.metrics import mean_scores, ss_report
 from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pairs
@@ -24,8 +24,8 @@ from finetune.results import markdown_table, write_results
 from finetune.rnafold import rnafold_pairs
 from finetune.ss_data import ARCHIVEII_FAMILIES, SSSplits, archiveii_fold, bprna_splits, load_archiveii
 from finetune.structure import StructureRecord, pairs_to_matrix, read_structures
-from finetune.tasks.common import DEFAULT_DATA_ROOT, batched_inference, minibatches, model_device, tokens_for
-from finetune.tasks.user_data import required, user_splits
+from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.user_data import removal_note, required, user_splits, valid_source
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
@@ -100,8 +100,10 @@ def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
     too_long = [r.id for r in splits.train if len(r) > cfg.max_train_len]
     train = [r for r in splits.train if len(r) <= cfg.max_train_len]
     splits.info["skipped_train_longer_than_max_train_len"] = len(too_long)
-    return SSSplits(_limit(train, cfg.limit_train, cfg.seed), _limit(splits.valid, cfg.limit_valid, cfg.seed),
-                    _limit(splits.test, cfg.limit_test, cfg.seed), splits.info)
+    parts = [_limit(part, limit, cfg.seed) for part, limit in
+             ((train, cfg.limit_train), (splits.valid, cfg.limit_valid), (splits.test, cfg.limit_test))]
+    Splits(*parts, splits.info.get("removed_near_duplicates", 0)).nonempty()
+    return SSSplits(*parts, splits.info)
 
 
 def file_splits(cfg: SSDataConfig) -> SSSplits:
@@ -111,7 +113,7 @@ def file_splits(cfg: SSDataConfig) -> SSSplits:
     s = user_splits(read["train"], valid, read["test"], lambda r: r.sequence,
                     replace(cfg, limit_train=None, limit_valid=None, limit_test=None))
     return SSSplits(s.train, s.valid, s.test, {"dataset": "files", "test": cfg.test, "train": cfg.train,
-                                                "valid": cfg.valid or f"{cfg.valid_fraction:g} of train",
+                                                "valid": valid_source(cfg),
                                                 "removed_near_duplicates": s.removed_near_duplicates})
 
 
@@ -179,8 +181,6 @@ def rnafold_row(records: list[StructureRecord]) -> dict[str, Any]:
 def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data, family)
-    if not splits.train or not splits.valid or not splits.test:
-        raise ValueError(f"empty split: train {len(splits.train)}, valid {len(splits.valid)}, test {len(splits.test)}")
     lm = load_backbone(cfg.model)
     model = TaskModel(lm, SecondaryStructureHead(lm.config.dim, cfg.head))
     tcfg = TrainConfig(**{**asdict(cfg.train), "out_dir": str(out_dir)})
@@ -223,8 +223,7 @@ def _test_name(cfg: SSDataConfig, family: str | None) -> str:
 
 def _titled_table(result: dict[str, Any]) -> str:
     data = result.get("data", {})
-    note = (f"\n{data['removed_near_duplicates']} train/valid record(s) were near-duplicates of test records "
-            "(finetune.neardup) and were left out\n" if data.get("dataset") == "files" else "")
+    note = f"\n{removal_note(data['removed_near_duplicates'])}\n" if data.get("dataset") == "files" else ""
     return f"### {result['test_set']}\n\n" + markdown_table(result["rows"], TABLE_COLUMNS, "model") + note
 
 
@@ -277,6 +276,7 @@ def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> S
 def evaluate(cfg: SSConfig) -> dict[str, Any]:
     """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
     model, meta = load_finetuned(cfg.model.path)
+    check_task(meta, "ss", cfg.model.path)
     data = _evaluation_data(cfg.data, meta, cfg.model.path)
     model.to(pick_device(cfg.train.device))
     test = test_records(data)

@@ -113,15 +113,18 @@ def shuffled(items: list[T], seed: int) -> list[T]:
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
-def removal_note(splits: Splits[Any]) -> str:
-    return (f"{splits.removed_near_duplicates} train/valid record(s) were near-duplicates of test records "
-            "(finetune.neardup) and were left out")
+def removal_note(removed: int) -> str:
+    return f"{removed} train/valid record(s) were near-duplicates of test records (finetune.neardup) and were left out"
+
+
+def valid_source(cfg: Any) -> str:
+    """Where validation came from: the file, or the share of train drawn at random."""
+    return cfg.valid or f"{cfg.valid_fraction:g} of train (seed {cfg.seed})"
 
 
 def files_used(cfg: UserDataConfig) -> dict[str, str]:
     """What finetune.json and results.json record of the data (evaluate reads the columns from there)."""
-    return {"train": cfg.train, "valid": cfg.valid or f"{cfg.valid_fraction:g} of train (seed {cfg.seed})",
-            "test": cfg.test, "sequence_column": cfg.sequence_column, "label_column": cfg.label_column}
+    return {"train": cfg.train, "valid": valid_source(cfg), "test": cfg.test, "sequence_column": cfg.sequence_column, "label_column": cfg.label_column}
 
 
 def trained_columns(asked: UserDataConfig, meta: dict[str, Any]) -> UserDataConfig:

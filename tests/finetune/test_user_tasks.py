@@ -221,9 +221,31 @@ def test_a_bad_data_file_at_train_start_keeps_the_model_already_in_out(tiny_chec
     assert run([*base, f"--data.train={train}"]) == 2  # no --data.test
     assert run([*base, f"--data.train={train}", f"--data.test={train}"]) == 2  # a bad line
     assert "train.csv:3 has invalid characters '1'" in capsys.readouterr().err
-    assert run(["ss", "train", f"--model.path={tiny_checkpoint}", f"--train.out_dir={out}", "--data.dataset=files",
-                f"--data.train={tmp_path / 'nope'}", f"--data.test={train}"]) == 2
+    ss = ["ss", "train", f"--model.path={tiny_checkpoint}", f"--train.out_dir={out}"]
+    assert run([*ss, "--data.dataset=files", f"--data.train={tmp_path / 'nope'}", f"--data.test={train}"]) == 2
+    two = tmp_path / "two.dbn"
+    two.write_text(">a\nGGGAAACCC\n(((...)))\n>b\nGGGAAAACCC\n(((....)))\n")  # 0.1 of 2 leaves no validation
+    assert run([*ss, "--data.dataset=files", f"--data.train={two}", f"--data.test={two}", "--data.near_dup_kmer=0"]) == 2
+    assert run([*ss, f"--data.train={two}", f"--data.test={two}"]) == 2  # without --data.dataset=files
+    err = capsys.readouterr().err
+    assert "empty split" in err and "add --data.dataset=files" in err
     assert {name: (out / name).read_text() for name in earlier} == earlier
+
+
+def test_evaluate_refuses_a_model_of_another_task(tiny_checkpoint, tmp_path):
+    """splice evaluate scored a 2-class model's argmax against GUE's 3 labels; mrl and ss raised a KeyError."""
+    from finetune.backbone import TaskModel, save_finetuned
+    from finetune.heads import SpliceSiteHead
+    from finetune.tasks import mrl, splice, ss
+    from rnalm.io import load_pretrained
+
+    lm = load_pretrained(tiny_checkpoint)
+    save_finetuned(TaskModel(lm, SpliceSiteHead(lm.config.dim, 2)), tmp_path / "two", {"task": "classify",
+                                                                                     "classes": ["a", "b"]})
+    model = BackboneConfig(path=str(tmp_path / "two"))
+    for module, cfg in ((splice, splice.SpliceConfig), (mrl, mrl.MRLConfig), (ss, ss.SSConfig)):
+        with pytest.raises(ValueError, match=f"is a fine-tuned 'classify' model, not '{module.__name__.split('.')[-1]}'"):
+            module.evaluate(cfg(model=model))
 
 
 def test_ss_structure_file_options_without_the_files_dataset_are_refused(tmp_path):

@@ -5,6 +5,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
@@ -61,9 +62,13 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
         assert got["loss"] == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
         assert f"loss {got['loss']:.4f}" in proc.stderr
     whole = json.loads(evaluate(converted, "--train.valid_max_batches=0").stdout.splitlines()[-1])
-    assert whole["records"] >= engine_valid["records"] and whole["valid_max_batches"] == 0
+    first = json.loads(evaluate(converted, "--train.valid_max_batches=1").stdout.splitlines()[-1])
+    assert whole["records"] >= engine_valid["records"] > first["records"] > 0 and whole["valid_max_batches"] == 0
     refused = evaluate(straight_run)
     assert refused.returncode == 2 and "convert it first" in refused.stderr
+    if not torch.cuda.is_available():
+        no_gpu = evaluate(converted, "--device", "cuda")
+        assert no_gpu.returncode == 2 and no_gpu.stderr.startswith("error:")
 
 
 def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):
