@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from finetune.backbone import BackboneConfig, load_backbone
 from finetune.heads import nucleotide_mask
 from finetune.predict import require_inputs
-from finetune.structure import FastaRecord, read_fasta, warn_unknown_letters
+from finetune.structure import FastaRecord, header_label, read_fasta, warn_unknown_letters
 from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
 from rnalm.files import check_out_dir
@@ -44,11 +43,6 @@ class EmbedConfig:
     max_legend: int = 12             # labels beyond the most frequent ones are drawn as "other"
     seed: int = 0
     progress: bool = True
-
-
-def header_label(description: str, key: str) -> str | None:
-    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
-    return m.group(1) if m else None
 
 
 @torch.no_grad()

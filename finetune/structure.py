@@ -297,6 +297,12 @@ class FastaRecord:
     description: str  # rest of the header (e.g. "family=tRNA len=76")
 
 
+def header_label(description: str, key: str) -> str | None:
+    """The value of `key=value` in a FASTA header's description, or None."""
+    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
+    return m.group(1) if m else None
+
+
 def read_fasta(path: str | Path) -> list[FastaRecord]:
     """Records of a FASTA (plain, gzip or zstd; '-' for standard input). Errors name the file, line, record and
     reason (empty, duplicate id, bad letters, a header indented by whitespace, as in dataprep)."""

@@ -1,5 +1,6 @@
 """The user's own labelled sequences (tasks `classify` and `regress`): CSV or TSV files, plain or compressed,
-with a header naming a sequence column and a label column, one file per split.
+with a header naming a sequence column and a label column, or FASTA files whose headers carry `key=value`
+labels; one file per split.
 
 Validation is a seeded random part of train when no file is given. Training and validation records that are
 near-duplicates of a test record (`finetune.neardup`) are dropped and counted, as in every task here: a test set
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from finetune.neardup import leakage_mask
-from finetune.structure import StructureError, open_text, check_letters
+from finetune.structure import FastaRecord, StructureError, check_letters, header_label, open_text, read_fasta
 from finetune.tasks.common import Splits
 
 T = TypeVar("T")
@@ -24,7 +25,8 @@ T = TypeVar("T")
 
 @dataclass
 class UserDataConfig:
-    train: str = ""                   # CSV/TSV (.tsv: tab-separated; gzip/zstd fine) with a header row
+    train: str = ""                   # CSV/TSV (.tsv: tab-separated) with a header row, or FASTA (.fa/.fasta/
+                                      # .fna/.fas: the label is label_column=value in each header); gz/zst fine
     valid: str = ""                   # empty: valid_fraction of train, at random (seeded)
     test: str = ""
     sequence_column: str = "sequence"
@@ -39,10 +41,18 @@ class UserDataConfig:
     seed: int = 0
 
 
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
+
+
 def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, str], T]) -> list[tuple[str, T]]:
-    """(sequence, parse_label(text, where)) per row. Errors name the file, line and reason. A .tsv file is read
-    without quoting (a quote in a note column is text); a CSV's quotes must close."""
-    tsv = ".tsv" in [s.lower() for s in Path(path).suffixes]
+    """(sequence, parse_label(text, where)) per row, or per FASTA record (label: `label_column=value` in its
+    header). Errors name the file, line (record) and reason. A .tsv file is read without quoting (a quote in a
+    note column is text); a CSV's quotes must close."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() not in (".gz", ".zst")]
+    if suffixes and suffixes[-1] in FASTA_SUFFIXES:
+        return [(r.sequence, parse_label(_fasta_label(path, r, cfg.label_column), f"{path}: record {r.id!r}"))
+                for r in read_fasta(path)]
+    tsv = ".tsv" in suffixes
     reader = csv.reader(open_text(Path(path)), delimiter="\t" if tsv else ",", strict=True,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     try:
@@ -55,6 +65,14 @@ def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, st
     if not rows:
         raise StructureError(f"{path}: no records")
     return rows
+
+
+def _fasta_label(path: str, record: FastaRecord, key: str) -> str:
+    label = header_label(record.description, key)
+    if label is None:
+        raise StructureError(f"{path}: record {record.id!r} has no {key}=... in its header (--data.label_column "
+                             "names the header field of a FASTA file)")
+    return label
 
 
 def _columns(path: str, header: list[str], cfg: UserDataConfig) -> tuple[int, int]:

@@ -261,3 +261,20 @@ def test_regression_targets_are_standardised_before_float32():
     batch = [regress.Example("ACGU", 1e8 + d) for d in (-1.0, 0.0, 1.0, 2.0)]
     scaler = regress.Scaler(mean=1e8 + 0.5, std=1.118)
     assert regress.standardised(scaler, batch).tolist() == pytest.approx([-1.3417, -0.4472, 0.4472, 1.3417], abs=1e-3)
+
+
+def test_fasta_files_carry_their_labels_in_the_headers(family_records, tmp_path):
+    def fasta(path, rows, key="class"):
+        path.write_text("".join(f">{rid} source=x {key}={label}\n{seq}\n" for rid, seq, label in rows))
+        return path
+
+    train = fasta(tmp_path / "train.fa", [r for c in CLASSES for r in family_records[c][:20]])
+    test = fasta(tmp_path / "test.fasta", [r for c in CLASSES for r in family_records[c][20:25]])
+    splits, classes = classify.load_splits(UserDataConfig(train=str(train), test=str(test), label_column="class"))
+    assert classes == ["5S_rRNA", "miRNA", "tRNA"] and len(splits.test) == 15
+    assert splits.test[0] == (family_records["5S_rRNA"][20][1], 0)
+    with pytest.raises(StructureError, match=r"train\.fa: record 'ncrna_\d+' has no label=\.\.\. in its header"):
+        classify.load_splits(UserDataConfig(train=str(train), test=str(test)))
+    odd = fasta(tmp_path / "odd.fa", [("r1", "ACGUACGU", "dog")])
+    with pytest.raises(StructureError, match=r"odd\.fa: record 'r1': label 'dog' is not a class of the training"):
+        classify.load_splits(UserDataConfig(train=str(train), test=str(odd), label_column="class"))
