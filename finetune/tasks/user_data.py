@@ -9,6 +9,7 @@ with near-copies in training measures memory, not generalisation.
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,8 +124,18 @@ def user_splits(train: list[T], valid: list[T] | None, test: list[T], seq: Calla
         train, valid = train[n_valid:], train[:n_valid]
     else:
         valid = shuffled([e for e, d in zip(valid, dup[n_train:]) if not d], cfg.seed)
+        warn_copies(train, valid, seq)
     splits = Splits(train, valid, test, int(dup.sum()))
     return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
+
+
+def warn_copies(train: list[T], valid: list[T], seq: Callable[[T], str]) -> None:
+    """A validation file that repeats training sequences picks the epoch that memorised best: said, not changed."""
+    seen = {seq(e).upper().replace("T", "U") for e in train}
+    copies = sum(seq(e).upper().replace("T", "U") in seen for e in valid)
+    if copies:
+        print(f"warning: {copies} of {len(valid)} validation sequences are also in the training data (model "
+              "selection then favours memorising)", file=sys.stderr)
 
 
 def shuffled(items: list[T], seed: int) -> list[T]:

@@ -146,7 +146,7 @@ def test_labels_sort_numbers_numerically_and_the_rest_as_text():
         assert classify.sorted_labels(labels) == ["1", "2", "10", "inf", "nan"]
 
 
-def test_near_duplicates_of_test_records_leave_train_and_valid(family_records):
+def test_near_duplicates_of_test_records_leave_train_and_valid(family_records, capsys):
     recs = [(seq, i) for i, (_, seq, _) in enumerate(family_records["tRNA"][:20])]
     test = recs[:2]
     train, valid = recs[2:12] + [test[0]], recs[12:] + [(test[1][0][:-3], 99)]  # a copy, and a copy cut short
@@ -156,6 +156,9 @@ def test_near_duplicates_of_test_records_leave_train_and_valid(family_records):
     kept = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0))
     assert kept.removed_near_duplicates == 0 and (sorted(kept.train), sorted(kept.valid)) == (sorted(train), sorted(valid))
     assert kept.train != train  # shuffled (seeded): --data.limit_train on a file sorted by class is not one class
+    assert "validation sequences are also in the training data" not in capsys.readouterr().err
+    user_splits(train, valid + [(train[0][0].lower().replace("u", "t"), 7)], test, lambda e: e[0], UserDataConfig())
+    assert "warning: 1 of " in capsys.readouterr().err  # a copy in another case, DNA letters
     run_only = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0, near_dup_shared_run=30))
     assert run_only.removed_near_duplicates == 2  # the identical-stretch rule works without the k-mer rule
     drawn = user_splits(recs[2:], None, test, lambda e: e[0], UserDataConfig(valid_fraction=0.25, near_dup_kmer=0))
