@@ -5,7 +5,8 @@ set's held-out split, with the run's crops and masks (they are keyed by record, 
         [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 WEIGHTS: a `pretrain.convert` directory, the original's `.pt` or multimolecule weights (rnalm.io.read_weights;
-their head count, which they do not record, is the config's). One process, no DeepSpeed, CPU or one GPU.
+the head count of a .pt or a bare multimolecule file, which do not record it, is the config's). --config is
+required: the run's config.yaml, or pretrain/configs/<preset>.yaml with --data.shards=DIR. One process, no DeepSpeed, CPU or one GPU.
 The trainer validates each rank's first `train.valid_max_batches` batches: `--world_size` = the run's ranks gives
 its logged number exactly (a converted checkpoint must reproduce it); `--train.valid_max_batches=0` scores the
 whole split. Compare models on one config: the released RiNALMo and a continued pretraining, say.
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dataprep.shards import ShardError
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
 from pretrain.train import masked_index, mlm_sums, validation_summary
@@ -69,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.world_size < 1:
         parser.error(f"--world_size ({args.world_size}) must be >= 1")
+    if not any(a == "--config" or a.startswith("--config=") for a in rest):
+        parser.error("--config is required: a run's config.yaml (its shards, crops and masks), or "
+                     "pretrain/configs/<preset>.yaml with --data.shards=DIR")
     cfg = from_cli(PretrainConfig, rest, prog="python -m pretrain.evaluate WEIGHTS")
     try:
+        cfg.validate()
         device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                   "cpu" if args.device == "auto" else args.device)
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
         t0 = time.perf_counter()
         result = validation(model, cfg, args.world_size)
-    except (OSError, ValueError, rio.WeightsError) as e:
+    except (OSError, ValueError, ShardError, rio.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(weights=args.weights, shards=cfg.data.shards, split=cfg.train.valid_split,

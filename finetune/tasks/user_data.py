@@ -30,8 +30,8 @@ class UserDataConfig:
                                       # .fna/.fas: the label is label_column=value in each header); gz/zst fine
     valid: str = ""                   # empty: valid_fraction of train, at random (seeded)
     test: str = ""
-    sequence_column: str = "sequence"
-    label_column: str = "label"
+    sequence_column: str = ""             # "": `sequence` (evaluate: the column the model was trained on)
+    label_column: str = ""                # "": `label` (evaluate: the model's); FASTA: the header's key
     valid_fraction: float = 0.1
     near_dup_kmer: int = 8                 # leakage filter (finetune.neardup): train/valid records whose distinct
     near_dup_containment: float = 0.5      # k-mers are this share in a test record's are dropped; kmer 0: no
@@ -50,15 +50,16 @@ def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, st
     header). Errors name the file, line (record) and reason. A .tsv file is read without quoting (a quote in a
     note column is text); a CSV's quotes must close."""
     suffixes = [s.lower() for s in Path(path).suffixes if s.lower() not in (".gz", ".zst")]
+    seq_column, label_column = columns(cfg)
     if suffixes and suffixes[-1] in FASTA_SUFFIXES:
-        return [(r.sequence, parse_label(_fasta_label(path, r, cfg.label_column), f"{path}: record {r.id!r}"))
+        return [(r.sequence, parse_label(_fasta_label(path, r, label_column), f"{path}: record {r.id!r}"))
                 for r in read_fasta(path)]
     tsv = ".tsv" in suffixes
     reader = csv.reader(open_text(Path(path)), delimiter="\t" if tsv else ",", strict=True,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     try:
         header = [c.strip() for c in next(reader, [])]
-        column = _columns(path, header, cfg)
+        column = _columns(path, header, (seq_column, label_column))
         rows = [_row(path, reader.line_num, fields, column, parse_label) for fields in reader if any(fields)]
     except csv.Error as e:
         raise StructureError(f"{path}:{reader.line_num}: {e} (unclosed quote, or line ends of another system?)") \
@@ -68,17 +69,23 @@ def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, st
     return rows
 
 
+def columns(cfg: UserDataConfig) -> tuple[str, str]:
+    """(sequence column, label column), defaults filled in."""
+    return cfg.sequence_column or "sequence", cfg.label_column or "label"
+
+
 def _fasta_label(path: str, record: FastaRecord, key: str) -> str:
     label = header_label(record.description, key)
     if label is None:
         raise StructureError(f"{path}: record {record.id!r} has no {key}=... in its header (--data.label_column "
                              "names the header field of a FASTA file)")
+    if header_label(record.description.replace(f"{key}={label}", "", 1), key) is not None:
+        raise StructureError(f"{path}: record {record.id!r} has {key}= twice in its header")
     return label
 
 
-def _columns(path: str, header: list[str], cfg: UserDataConfig) -> tuple[int, int]:
+def _columns(path: str, header: list[str], wanted: tuple[str, str]) -> tuple[int, int]:
     """(sequence, label) column indices of the header."""
-    wanted = (cfg.sequence_column, cfg.label_column)
     missing = [c for c in wanted if c not in header]
     if missing:
         raise StructureError(f"{path}: no column {', '.join(map(repr, missing))} in the header {header} (set "
@@ -87,7 +94,7 @@ def _columns(path: str, header: list[str], cfg: UserDataConfig) -> tuple[int, in
     twice = [c for c in wanted if header.count(c) > 1]
     if twice:
         raise StructureError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once")
-    return header.index(cfg.sequence_column), header.index(cfg.label_column)
+    return header.index(wanted[0]), header.index(wanted[1])
 
 
 def _row(path: str, lineno: int, fields: list[str], column: tuple[int, int],
@@ -153,11 +160,13 @@ def valid_source(cfg: Any) -> str:
 
 def files_used(cfg: UserDataConfig) -> dict[str, str]:
     """What finetune.json and results.json record of the data (evaluate reads the columns from there)."""
-    return {"train": cfg.train, "valid": valid_source(cfg), "test": cfg.test, "sequence_column": cfg.sequence_column, "label_column": cfg.label_column}
+    seq_column, label_column = columns(cfg)
+    return {"train": cfg.train, "valid": valid_source(cfg), "test": cfg.test, "sequence_column": seq_column,
+            "label_column": label_column}
 
 
 def trained_columns(asked: UserDataConfig, meta: dict[str, Any]) -> UserDataConfig:
-    """Evaluation reads the columns the model was trained on, unless others are asked for."""
-    default, trained = UserDataConfig(), meta.get("data", {})
+    """Evaluation reads the columns the model was trained on, unless the options name others."""
+    trained = meta.get("data", {})
     return replace(asked, **{k: trained[k] for k in ("sequence_column", "label_column")
-                             if k in trained and getattr(asked, k) == getattr(default, k)})
+                             if k in trained and not getattr(asked, k)})

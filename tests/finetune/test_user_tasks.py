@@ -278,6 +278,20 @@ def test_fasta_files_carry_their_labels_in_the_headers(family_records, tmp_path)
     assert splits.test[0] == (family_records["5S_rRNA"][20][1], 0)
     with pytest.raises(StructureError, match=r"train\.fa: record 'ncrna_\d+' has no label=\.\.\. in its header"):
         classify.load_splits(UserDataConfig(train=str(train), test=str(test)))
+    twice = tmp_path / "twice.fa"
+    twice.write_text(">r1 class=tRNA len=8 class=miRNA\nACGUACGU\n")
+    with pytest.raises(StructureError, match=r"twice\.fa: record 'r1' has class= twice in its header"):
+        classify.load_splits(UserDataConfig(train=str(train), test=str(twice), label_column="class"))
     odd = fasta(tmp_path / "odd.fa", [("r1", "ACGUACGU", "dog")])
     with pytest.raises(StructureError, match=r"odd\.fa: record 'r1': label 'dog' is not a class of the training"):
         classify.load_splits(UserDataConfig(train=str(train), test=str(odd), label_column="class"))
+
+
+def test_evaluate_reads_the_models_columns_unless_the_options_name_any_even_the_default():
+    from finetune.tasks.user_data import trained_columns
+
+    meta = {"data": {"sequence_column": "seq", "label_column": "class"}}
+    assert (trained_columns(UserDataConfig(), meta).sequence_column,
+            trained_columns(UserDataConfig(), meta).label_column) == ("seq", "class")
+    asked = trained_columns(UserDataConfig(label_column="label"), meta)  # the default name, given explicitly
+    assert (asked.sequence_column, asked.label_column) == ("seq", "label")

@@ -66,6 +66,11 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     assert whole["records"] >= engine_valid["records"] > first["records"] > 0 and whole["valid_max_batches"] == 0
     refused = evaluate(straight_run)
     assert refused.returncode == 2 and "convert it first" in refused.stderr
+    no_shards = evaluate(converted, "--data.shards=/nonexistent")
+    assert no_shards.returncode == 2 and no_shards.stderr.startswith("error:") and "Traceback" not in no_shards.stderr
+    no_config = subprocess.run([PY, "-m", "pretrain.evaluate", str(converted)], cwd=REPO, capture_output=True,
+                               text=True, timeout=60)
+    assert no_config.returncode == 2 and "--config is required" in no_config.stderr
     if not torch.cuda.is_available():
         no_gpu = evaluate(converted, "--device", "cuda")
         assert no_gpu.returncode == 2 and no_gpu.stderr.startswith("error:")
