@@ -297,10 +297,14 @@ class FastaRecord:
     description: str  # rest of the header (e.g. "family=tRNA len=76")
 
 
+def header_labels(description: str, key: str) -> list[str]:
+    """Every value of `key=value` in a FASTA header's description."""
+    return re.findall(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
+
+
 def header_label(description: str, key: str) -> str | None:
-    """The value of `key=value` in a FASTA header's description, or None."""
-    m = re.search(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
-    return m.group(1) if m else None
+    """The (first) value of `key=value` in a FASTA header's description, or None."""
+    return next(iter(header_labels(description, key)), None)
 
 
 def read_fasta(path: str | Path) -> list[FastaRecord]:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from finetune.neardup import leakage_mask
-from finetune.structure import FastaRecord, StructureError, check_letters, header_label, open_text, read_fasta
+from finetune.structure import FastaRecord, StructureError, check_letters, header_labels, open_text, read_fasta
 from finetune.tasks.common import Splits
 
 T = TypeVar("T")
@@ -75,13 +75,13 @@ def columns(cfg: UserDataConfig) -> tuple[str, str]:
 
 
 def _fasta_label(path: str, record: FastaRecord, key: str) -> str:
-    label = header_label(record.description, key)
-    if label is None:
+    labels = header_labels(record.description, key)
+    if not labels:
         raise StructureError(f"{path}: record {record.id!r} has no {key}=... in its header (--data.label_column "
                              "names the header field of a FASTA file)")
-    if header_label(record.description.replace(f"{key}={label}", "", 1), key) is not None:
+    if len(labels) > 1:
         raise StructureError(f"{path}: record {record.id!r} has {key}= twice in its header")
-    return label
+    return labels[0]
 
 
 def _columns(path: str, header: list[str], wanted: tuple[str, str]) -> tuple[int, int]:
