@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
+from finetune.backbone import BackboneConfig, TaskModel, check_task, load_finetuned
 from finetune.heads import HeadConfig, SpliceSiteHead
 from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
-from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.common import Splits, batched_inference, fit_test_and_report, model_device, tokens_for
 from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
                                       trained_columns, user_splits)
-from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
 Example = tuple[str, int]  # (sequence, class index)
@@ -83,30 +83,15 @@ def evaluate_examples(model: TaskModel, examples: list[Example], classes: Sequen
 
 def fit_and_test(task: str, cfg: Any, splits: Splits[Example], classes: Sequence[str], test_name: str,
                  meta_extra: dict[str, Any], result_extra: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune on splits.train (best epoch by validation macro F1), score the best on splits.test, write
-    OUT/finetune.json + weights and OUT/results.{json,md}. `cfg`: a task config (model, train, unfreeze, head)."""
-    lm = load_backbone(cfg.model)
-    model = TaskModel(lm, SpliceSiteHead(lm.config.dim, len(classes), cfg.head))
-    out = Path(cfg.train.out_dir)
+    """common.fit_test_and_report with the CLS head, best epoch by validation macro F1; test row `test_name`."""
+    def evaluate(model: TaskModel, examples: list[Example]) -> dict[str, Any]:
+        return evaluate_examples(model, examples, classes, cfg.train.eval_batch_size, cfg.train.progress)
 
-    def validate(m: TaskModel) -> dict[str, Any]:
-        return evaluate_examples(m, splits.valid, classes, cfg.train.eval_batch_size, cfg.train.progress)
-
-    def save(m: TaskModel, val: dict[str, Any]) -> None:
-        save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "classes": list(classes), "valid": val,
-                                "backbone": asdict(cfg.model), **meta_extra})
-
-    history = fit(model, cfg.train, cfg.unfreeze,
-                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
-                  classification_loss, validate, save, score_key="macro_f1")
-    best, _ = load_finetuned(out)
-    best.to(pick_device(cfg.train.device))
-    rows = {test_name: evaluate_examples(best, splits.test, classes, cfg.train.eval_batch_size, cfg.train.progress)}
-    result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
-              "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
-    note = f"\n{result['note']}\n" if "note" in result else ""
-    write_results(out, "results", result, markdown_table(rows, columns(classes)) + note)
-    return result
+    return fit_test_and_report(
+        task, cfg, splits, lambda dim: SpliceSiteHead(dim, len(classes), cfg.head), classification_loss,
+        lambda m: evaluate(m, splits.valid), "macro_f1", lambda m, _: {test_name: evaluate(m, splits.test)},
+        lambda result: markdown_table(result["rows"], columns(classes)), {"classes": list(classes), **meta_extra},
+        result_extra)
 
 
 # ------------------------------------------------------------------ the user's own files

@@ -1,17 +1,19 @@
 """Helpers shared by the tasks: the split container, tokenising with rnalm.tokenizer, shuffled mini-batches,
-and length-sorted batched inference (less padding) that returns outputs in input order."""
+length-sorted batched inference (less padding) that returns outputs in input order, and the fine-tune -> test ->
+results run of the sequence-level tasks."""
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
-from finetune.trainer import progress_bar
+from finetune.results import write_results
+from finetune.trainer import fit, pick_device, progress_bar
 from rnalm.tokenizer import batch_encode
 
 T = TypeVar("T")
@@ -76,3 +78,34 @@ def batched_inference(seqs: Sequence[str], batch_size: int, run: Callable[[list[
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Callable[[int], torch.nn.Module],
+                 loss_fn: Callable[[Any, list[Any]], torch.Tensor], validate: Callable[[Any], dict[str, Any]],
+                 score_key: str, test_rows: Callable[[Any, dict[str, Any]], dict[str, dict[str, Any]]],
+                 table: Callable[[dict[str, Any]], str], meta: dict[str, Any],
+                 result_extra: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune `cfg.model` + `make_head(dim)` on splits.train (the best epoch by validate()[score_key]), score
+    the best on splits.test (`test_rows(model, its finetune.json)`), write OUT/finetune.json (task, head config,
+    `meta`) + weights and OUT/results.{json,md} (`table(result)`, then result["note"] when there is one).
+    `cfg`: a task config with sections model, train, unfreeze, head."""
+    from finetune.backbone import TaskModel, load_backbone, load_finetuned, save_finetuned
+
+    lm = load_backbone(cfg.model)
+    model = TaskModel(lm, make_head(lm.config.dim))
+    out = Path(cfg.train.out_dir)
+
+    def save(m: TaskModel, val: dict[str, Any]) -> None:
+        save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "valid": val, "backbone": asdict(cfg.model),
+                                **meta})
+
+    history = fit(model, cfg.train, cfg.unfreeze,
+                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
+                  loss_fn, validate, save, score_key=score_key)
+    best, saved = load_finetuned(out)
+    best.to(pick_device(cfg.train.device))
+    result = {"task": task, "model": lm.config.name, "rows": test_rows(best, saved), "history": history,
+              "splits": splits.sizes(), "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
+    note = f"\n{result['note']}\n" if "note" in result else ""
+    write_results(out, "results", result, table(result) + note)
+    return result

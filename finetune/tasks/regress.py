@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import r2_score
 
-from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
+from finetune.backbone import BackboneConfig, TaskModel, check_task, load_finetuned
 from finetune.heads import HeadConfig, RibosomeLoadHead
 from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
-from finetune.tasks.common import Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.common import Splits, batched_inference, fit_test_and_report, model_device, tokens_for
 from finetune.tasks.user_data import (UserDataConfig, files_used, read_labelled, removal_note, required,
                                       trained_columns, user_splits)
-from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
 
 COLUMNS = ("n", "r2", "pearson_r", "mse")
@@ -104,38 +104,25 @@ def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler,
 
 def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float | None,
                  meta_extra: dict[str, Any], result_extra: dict[str, Any]) -> dict[str, Any]:
-    """Fine-tune on splits.train (best epoch by validation R^2), score the best on splits.test, write
-    OUT/finetune.json + weights and OUT/results.{json,md}. `cfg`: a task config (model, train, unfreeze, head)."""
+    """common.fit_test_and_report with the pooled 1D-ResNet head on targets standardised with the training mean/std
+    (stored with the model), best epoch by validation R^2."""
     y = np.array([e.value for e in splits.train])
     scaler = Scaler(float(y.mean()), float(y.std()) or 1.0, clamp_min)
-    lm = load_backbone(cfg.model)
-    model = TaskModel(lm, RibosomeLoadHead(lm.config.dim, cfg.head))
-    out = Path(cfg.train.out_dir)
 
     def loss_fn(m: TaskModel, batch: list[Example]) -> torch.Tensor:
         device = model_device(m)
         target = standardised(scaler, batch).to(device)
         return F.mse_loss(m(tokens_for([e.sequence for e in batch], device)).float(), target)
 
-    def validate(m: TaskModel) -> dict[str, Any]:
-        return evaluate_examples(m, splits.valid, scaler, cfg.train.eval_batch_size, cfg.train.progress)["all"]
+    def evaluate(m: TaskModel, examples: list[Example], scaler: Scaler) -> dict[str, dict[str, Any]]:
+        return evaluate_examples(m, examples, scaler, cfg.train.eval_batch_size, cfg.train.progress)
 
-    def save(m: TaskModel, val: dict[str, Any]) -> None:
-        save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "scaler": asdict(scaler), "valid": val,
-                                "backbone": asdict(cfg.model), **meta_extra})
-
-    history = fit(model, cfg.train, cfg.unfreeze,
-                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
-                  loss_fn, validate, save, score_key="r2")
-    best, meta = load_finetuned(out)
-    best.to(pick_device(cfg.train.device))
-    rows = evaluate_examples(best, splits.test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size,
-                             cfg.train.progress)
-    result = {"task": task, "model": lm.config.name, "rows": rows, "history": history, "splits": splits.sizes(),
-              "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
-    note = f"\n{result['note']}\n" if "note" in result else ""
-    write_results(out, "results", result, titled(result, markdown_table(rows, COLUMNS)) + note)
-    return result
+    return fit_test_and_report(
+        task, cfg, splits, lambda dim: RibosomeLoadHead(dim, cfg.head), loss_fn,
+        lambda m: evaluate(m, splits.valid, scaler)["all"], "r2",
+        lambda m, saved: evaluate(m, splits.test, Scaler(**saved["scaler"])),
+        lambda result: titled(result, markdown_table(result["rows"], COLUMNS)),
+        {"scaler": asdict(scaler), **meta_extra}, result_extra)
 
 
 def titled(result: dict[str, Any], table: str) -> str:
