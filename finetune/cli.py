@@ -60,11 +60,12 @@ def run(argv: Sequence[str]) -> int:
                     raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
             if action == "evaluate" and not cfg.model.path:
                 raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
+            loaded: dict[str, Any] = {}
             if action == "train":
-                _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model in OUT
+                loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
                 remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
             save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
-            result = getattr(module, action)(cfg)
+            result = getattr(module, action)(cfg, **loaded)
             _print_summary(result, cfg.train.out_dir, action)
             return 0
         if cmd == "predict-ss":
@@ -103,11 +104,11 @@ def _refuse_model_option(rest: list[str]) -> None:
             raise ValueError(f"{arg}: did you mean --model.path={value}? (--model= is predict's and embed's option)")
 
 
-def _check_train_start(task: str, cfg: Any) -> None:
+def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
     """All a train run can check before it clears OUT: the train options, ArchiveII families, that the backbone
     is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), the backbone itself
     (loaded here once to check it, and again by the task: ~1 s for giga on a CPU, no random initialisation), and
-    the user's data files (read twice too)."""
+    the user's data files, whose splits it returns for the task's `train` (`{"data": ...}`; {} otherwise)."""
     from finetune.backbone import load_backbone
     from finetune.tasks.ss import fold_families
     from finetune.trainer import check_train_config
@@ -130,7 +131,8 @@ def _check_train_start(task: str, cfg: Any) -> None:
 
         check_files_option(cfg.data)
     if task in ("classify", "regress") or (task == "ss" and cfg.data.dataset == "files"):
-        _task_module(task)[0].load_splits(cfg.data)  # the user's files: a bad line is found before OUT is cleared
+        return {"data": _task_module(task)[0].load_splits(cfg.data)}  # a bad line is found before OUT is cleared
+    return {}
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:

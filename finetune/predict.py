@@ -174,7 +174,8 @@ def predict_table(cfg: PredictConfig, task: str) -> Path:
 
         scaler = saved_scaler(meta) if task == "mrl" else Scaler(**meta["scaler"])
         values = predict_values(model, seqs, scaler, cfg.batch_size, cfg.progress)
-        lines = [f"id\t{'mrl' if task == 'mrl' else 'prediction'}"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
+        column = "mrl" if task == "mrl" else "prediction"
+        lines = [f"id\t{column}"] + [f"{r.id}\t{v:.4f}" for r, v in zip(records, values)]
     path = out / "predictions.tsv"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, "\n".join(lines) + "\n")

@@ -6,7 +6,8 @@ set's held-out split, with the run's crops and masks (they are keyed by record, 
 
 WEIGHTS: a `pretrain.convert` directory, the original's `.pt` or multimolecule weights (rnalm.io.read_weights;
 the head count of a .pt or a bare multimolecule file, which do not record it, is the config's). --config is
-required: the run's config.yaml, or pretrain/configs/<preset>.yaml with --data.shards=DIR. One process, no DeepSpeed, CPU or one GPU.
+required: the run's config.yaml, or pretrain/configs/<preset>.yaml with --data.shards=DIR. One process, no
+DeepSpeed, CPU or one GPU.
 The trainer validates each rank's first `train.valid_max_batches` batches: `--world_size` = the run's ranks gives
 its logged number exactly (a converted checkpoint must reproduce it); `--train.valid_max_batches=0` scores the
 whole split. Compare models on one config: the released RiNALMo and a continued pretraining, say.
@@ -54,7 +55,7 @@ def validation(model: RiNALMo, cfg: PretrainConfig, world_size: int = 1) -> dict
 
 def load_weights(path: str, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> RiNALMo:
     mcfg, state = rio.read_weights(path, heads=cfg.model.num_heads)
-    return rio.with_weights(lambda: RiNALMo(mcfg), state).to(device=device, dtype=dtype).eval()
+    return rio.with_weights(lambda: RiNALMo(mcfg), state, device).to(dtype).eval()  # no CPU copy of the model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any
 from multiprocessing import resource_tracker
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -129,9 +129,10 @@ def load_splits(data: UserDataConfig) -> tuple[Splits[Example], list[str]]:
     return user_splits(train_ex, valid, test, lambda e: e[0], data).nonempty(), classes
 
 
-def train(cfg: ClassifyConfig) -> dict[str, Any]:
+def train(cfg: ClassifyConfig, data: tuple[Splits[Example], list[str]] | None = None) -> dict[str, Any]:
+    """`data`: load_splits(cfg.data), when the caller has it already."""
     seed_everything(cfg.train.seed)
-    splits, classes = load_splits(cfg.data)
+    splits, classes = load_splits(cfg.data) if data is None else data
     data = {"data": files_used(cfg.data)}
     return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name, data,
                         {**data, "note": removal_note(splits.removed_near_duplicates)})

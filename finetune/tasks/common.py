@@ -81,10 +81,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Callable[[int], torch.nn.Module],
-                 loss_fn: Callable[[Any, list[Any]], torch.Tensor], validate: Callable[[Any], dict[str, Any]],
-                 score_key: str, test_rows: Callable[[Any, dict[str, Any]], dict[str, dict[str, Any]]],
-                 table: Callable[[dict[str, Any]], str], meta: dict[str, Any],
-                 result_extra: dict[str, Any]) -> dict[str, Any]:
+                        loss_fn: Callable[[Any, list[Any]], torch.Tensor], validate: Callable[[Any], dict[str, Any]],
+                        score_key: str, test_rows: Callable[[Any, dict[str, Any]], dict[str, dict[str, Any]]],
+                        table: Callable[[dict[str, Any]], str], meta: dict[str, Any],
+                        result_extra: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune `cfg.model` + `make_head(dim)` on splits.train (the best epoch by validate()[score_key]), score
     the best on splits.test (`test_rows(model, its finetune.json)`), write OUT/finetune.json (task, head config,
     `meta`) + weights and OUT/results.{json,md} (`table(result)`, then result["note"] when there is one).

@@ -151,9 +151,10 @@ def load_splits(data: UserDataConfig) -> Splits[Example]:
     return user_splits(train, valid, test, lambda e: e.sequence, data).nonempty()
 
 
-def train(cfg: RegressConfig) -> dict[str, Any]:
+def train(cfg: RegressConfig, data: Splits[Example] | None = None) -> dict[str, Any]:
+    """`data`: load_splits(cfg.data), when the caller has it already."""
     seed_everything(cfg.train.seed)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data) if data is None else data
     data = {"data": files_used(cfg.data)}
     return fit_and_test("regress", cfg, splits, None, data, {"test_set": Path(cfg.data.test).name, **data,
                                                             "note": removal_note(splits.removed_near_duplicates)})

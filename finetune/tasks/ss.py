@@ -178,9 +178,10 @@ def rnafold_row(records: list[StructureRecord]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ commands
-def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None) -> dict[str, Any]:
+def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None,
+              splits: SSSplits | None = None) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
-    splits = load_splits(cfg.data, family)
+    splits = load_splits(cfg.data, family) if splits is None else splits
     lm = load_backbone(cfg.model)
     model = TaskModel(lm, SecondaryStructureHead(lm.config.dim, cfg.head))
     tcfg = TrainConfig(**{**asdict(cfg.train), "out_dir": str(out_dir)})
@@ -237,11 +238,12 @@ def fold_families(test_family: str) -> list[str]:
     return fams
 
 
-def train(cfg: SSConfig) -> dict[str, Any]:
-    """bpRNA: one run. ArchiveII: one run per held-out family (OUT/<family>/), then a summary with the mean."""
+def train(cfg: SSConfig, data: SSSplits | None = None) -> dict[str, Any]:
+    """bpRNA, files: one run (`data`: its load_splits(cfg.data), when the caller has it already). ArchiveII: one
+    run per held-out family (OUT/<family>/), then a summary with the mean."""
     out = Path(cfg.train.out_dir)
     if cfg.data.dataset in ("bprna", "files"):
-        return train_one(cfg, out)
+        return train_one(cfg, out, splits=data)
     families = fold_families(cfg.data.test_family)
     if len(families) == 1:
         return train_one(cfg, out, families[0])
