@@ -1,6 +1,6 @@
 """Language model + task head, and loading of every checkpoint kind finetune accepts.
 
-Backbones: a converted directory (`model.safetensors` + `config.json`, contract D, via rnalm.io), the
+Backbones: a converted directory (`model.safetensors` + `config.json`, via rnalm.io), the
 original's `*_pretrained.pt` (or a fine-tuned `*_ft.pt`, whose `lm.`/`rinalmo.` part is used), multimolecule
 weights (file, or an HF directory with `model.safetensors`/`pytorch_model.bin`), or a random initialisation
 of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetuned.safetensors` (tensors
@@ -108,6 +108,16 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
     return rio.with_weights(lambda: RiNALMo(mcfg), state).eval()
 
 
+def backbone_files(cfg: BackboneConfig) -> list[list[Any]]:
+    """[name, bytes, mtime in ns] of the backbone's files (the file, or those directly in its directory), so that
+    results from other weights at the same path are told apart; [] for a random init."""
+    if cfg.random_preset is not None or not cfg.path:
+        return []
+    path = Path(cfg.path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
+
+
 def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """Weights + metadata, each written to a temp file and renamed. Both carry one save id, so a crash between
     the two renames leaves a pair that `load_finetuned` refuses, never one it silently mixes (another run's SS
@@ -147,9 +157,10 @@ def _file_hint(path: Path) -> str:
     return f"pass the directory `python -m finetune <task> train` wrote ({FT_META} + {FT_WEIGHTS})"
 
 
-def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
+def load_finetuned(model_dir: str | Path, map_location: str | torch.device = "cpu", task: str | None = None,
                    **lm_overrides: Any) -> tuple[TaskModel, dict[str, Any]]:
-    """The task model and its finetune.json; `lm_overrides`: ModelConfig fields (dropout, attention backend)."""
+    """The task model (on `map_location`) and its finetune.json; `task`: refuse a model of another task;
+    `lm_overrides`: ModelConfig fields (dropout, attention backend)."""
     from finetune.heads import HeadConfig
     from finetune.tasks import build_head
 
@@ -168,6 +179,8 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
     missing = [k for k in ("task", "model", *TASK_META.get(meta.get("task"), ())) if k not in meta]
     if missing:
         raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")
+    if task is not None and meta["task"] != task:
+        raise ValueError(f"{model_dir} is a fine-tuned '{meta['task']}' model, not '{task}'")
     weights_id = _save_id(model_dir / FT_WEIGHTS)
     if None not in (weights_id, meta.get("save_id")) and meta["save_id"] != weights_id:
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} come from different saves (one was "
@@ -182,10 +195,6 @@ def load_finetuned(model_dir: str | Path, map_location: str = "cpu",
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
 
-
-def check_task(meta: dict[str, Any], task: str, model_dir: str | Path) -> None:
-    if meta["task"] != task:
-        raise ValueError(f"{model_dir} is a fine-tuned '{meta['task']}' model, not '{task}'")
 
 
 def _save_id(path: Path) -> str | None:

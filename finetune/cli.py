@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from finetune.tasks import TASKS
 from rnalm.configfile import from_cli, save_yaml
 from rnalm.io import read_json
 from rnalm.files import check_out_dir
+from rnalm.runlock import RunLock, RunLockError
 
 USAGE = """usage:
   python -m finetune {ss,splice,mrl} {train,evaluate} [--config FILE] [--section.key=value ...]
@@ -60,12 +62,13 @@ def run(argv: Sequence[str]) -> int:
                     raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
             if action == "evaluate" and not cfg.model.path:
                 raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
-            loaded: dict[str, Any] = {}
-            if action == "train":
-                loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
-                remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
-            save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
-            result = getattr(module, action)(cfg, **loaded)
+            with _out_dir_lock(cmd, action, cfg):
+                loaded: dict[str, Any] = {}
+                if action == "train":
+                    loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
+                    remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
+                save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
+                result = getattr(module, action)(cfg, **loaded)
             _print_summary(result, cfg.train.out_dir, action)
             return 0
         if cmd == "predict-ss":
@@ -89,7 +92,7 @@ def run(argv: Sequence[str]) -> int:
             print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
                   + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
             return 0
-    except (StructureError, OSError, ValueError) as e:
+    except (StructureError, OSError, ValueError, RunLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
@@ -135,6 +138,15 @@ def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
     return {}
 
 
+def _out_dir_lock(task: str, action: str, cfg: Any) -> AbstractContextManager:
+    """A train run holds OUT (a second run into it would overwrite its model), except an ArchiveII run over several
+    families: its folds have one lock each (OUT/<family>/run.lock), so that processes share them out."""
+    from finetune.tasks.ss import fold_families
+
+    several_folds = task == "ss" and cfg.data.dataset == "archiveii" and len(fold_families(cfg.data.test_family)) > 1
+    return RunLock(cfg.train.out_dir) if action == "train" and not several_folds else nullcontext()
+
+
 def _predict(task: str, rest: list[str], prog: str) -> int:
     from finetune.predict import PredictConfig, StructurePredictConfig, predict_ss, predict_table
 
@@ -148,6 +160,11 @@ def _predict(task: str, rest: list[str], prog: str) -> int:
 
 
 def _print_summary(result: dict, out_dir: str, action: str) -> None:
+    if result.get("pending"):
+        print(f"ArchiveII families not finished: {', '.join(result['pending'])}; other processes train them now, "
+              f"and the last one to finish writes the summary ({out_dir}/results.md). If none does (one failed or "
+              f"was stopped), run the same command again: finished families are reused")
+        return
     name = "results" if action == "train" else "eval_results"
     try:
         print(open(f"{out_dir}/{name}.md").read())

@@ -16,10 +16,10 @@ from typing import Literal
 
 import numpy as np
 
-from finetune.backbone import check_task, load_finetuned
+from finetune.backbone import load_finetuned
 from finetune.results import write_json
 from finetune.structure import (BRACKETS, FastaRecord, StructureError, StructureRecord, read_fasta,
-                                to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
+                                to_dot_bracket, to_rna, warn_unknown_letters, write_bpseq, write_ct)
 from finetune.trainer import pick_device
 from rnalm.files import atomic_write, check_out_dir
 
@@ -55,9 +55,7 @@ def _load(cfg: PredictConfig, task: str):
     if cfg.batch_size < 1:
         raise ValueError(f"--batch_size ({cfg.batch_size}) must be >= 1")
     device = pick_device(cfg.device)  # before the (giga: 2.6 GB) load
-    model, meta = load_finetuned(cfg.model)
-    check_task(meta, task, cfg.model)
-    return model.to(device), meta
+    return load_finetuned(cfg.model, device, task=task)
 
 
 def safe_name(record_id: str) -> str:
@@ -80,7 +78,7 @@ def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
     pairs = predict_pairs(model, [r.sequence for r in records], threshold, cfg.batch_size, cfg.progress)
     out.mkdir(parents=True, exist_ok=True)
-    preds = [StructureRecord(r.id, r.sequence.upper().replace("T", "U"), p) for r, p in zip(records, pairs)]
+    preds = [StructureRecord(r.id, to_rna(r.sequence), p) for r, p in zip(records, pairs)]
     remove_listed(out / PREDICTIONS_LIST)
     files = _write_dbn(preds, out) if cfg.format == "dbn" else _write_per_record(preds, out, cfg.format)
     write_json({"model": cfg.model, "fasta": cfg.fasta, "format": cfg.format, "threshold": threshold,

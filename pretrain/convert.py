@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, check_files,
                                  complete_tags, latest_tag, read_trainer_state)
-from pretrain.runlock import RunLock, RunLockError
+from rnalm.runlock import RunLock, RunLockError
 from rnalm.files import atomic_write
 
 

@@ -38,7 +38,7 @@ from pretrain.data.packing import pad_to_tokens
 from pretrain.metrics import TrainMetrics, device_memory
 from pretrain.mfu import FlopCounter, device_name, mfu, peak_flops_of
 from pretrain.profiling import PhaseClock, StepProfiler
-from pretrain.runlock import RunLock, RunLockError
+from rnalm.runlock import RunLock, RunLockError
 from pretrain.schedule import build_scheduler, set_schedule
 from rnalm import io as rio
 from rnalm.attention import WITHOUT_DROPOUT, resolve_backend
@@ -795,7 +795,7 @@ def _eprint(msg: str) -> None:
 
 
 def _exit(code: int, clean: bool) -> None:
-    """Leave without the rare gloo SIGABRT at interpreter shutdown (see notes/spike_deepspeed_cpu.md)."""
+    """Leave without the rare gloo SIGABRT at interpreter shutdown (see ../shared/notes/spike_deepspeed_cpu.md)."""
     if clean and dist.is_initialized():
         try:
             dist.barrier()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.backbone import BackboneConfig, TaskModel, check_task, load_finetuned
+from finetune.backbone import BackboneConfig, TaskModel, load_finetuned
 from finetune.heads import HeadConfig, SpliceSiteHead
 from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
@@ -140,12 +140,10 @@ def train(cfg: ClassifyConfig, data: tuple[Splits[Example], list[str]] | None = 
 
 def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:
     """Score a fine-tuned classifier (model.path) on data.test."""
-    model, meta = load_finetuned(cfg.model.path)
-    check_task(meta, "classify", cfg.model.path)
+    model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="classify")
     classes = meta["classes"]
     test = read_labelled(required(cfg.data.test, "test"), trained_columns(cfg.data, meta),
                          class_index(classes, f"the model {cfg.model.path}"))
-    model.to(pick_device(cfg.train.device))
     rows = {Path(cfg.data.test).name: evaluate_examples(model, test[:cfg.data.limit_test], classes,
                                                        cfg.train.eval_batch_size, cfg.train.progress)}
     result = {"task": "classify", "model": cfg.model.path, "rows": rows}

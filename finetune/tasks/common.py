@@ -102,8 +102,7 @@ def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Cal
     history = fit(model, cfg.train, cfg.unfreeze,
                   lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
                   loss_fn, validate, save, score_key=score_key)
-    best, saved = load_finetuned(out)
-    best.to(pick_device(cfg.train.device))
+    best, saved = load_finetuned(out, pick_device(cfg.train.device))
     result = {"task": task, "model": lm.config.name, "rows": test_rows(best, saved), "history": history,
               "splits": splits.sizes(), "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
     note = f"\n{result['note']}\n" if "note" in result else ""

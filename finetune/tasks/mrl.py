@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from finetune.backbone import BackboneConfig, check_task, load_finetuned
+from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
@@ -119,9 +119,7 @@ def trained_split(asked: MRLDataConfig, meta: dict[str, Any], where: str) -> MRL
 
 
 def evaluate(cfg: MRLConfig) -> dict[str, Any]:
-    model, meta = load_finetuned(cfg.model.path)
-    check_task(meta, "mrl", cfg.model.path)
-    model.to(pick_device(cfg.train.device))
+    model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="mrl")
     data = trained_split(cfg.data, meta, cfg.model.path)
     rows = evaluate_examples(model, load_splits(data).test, saved_scaler(meta), cfg.train.eval_batch_size,
                              cfg.train.progress)

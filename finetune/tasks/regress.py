@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import r2_score
 
-from finetune.backbone import BackboneConfig, TaskModel, check_task, load_finetuned
+from finetune.backbone import BackboneConfig, TaskModel, load_finetuned
 from finetune.heads import HeadConfig, RibosomeLoadHead
 from finetune.results import markdown_table, write_results
 from finetune.structure import StructureError
@@ -162,10 +162,8 @@ def train(cfg: RegressConfig, data: Splits[Example] | None = None) -> dict[str, 
 
 def evaluate(cfg: RegressConfig) -> dict[str, Any]:
     """Score a fine-tuned regression model (model.path) on data.test."""
-    model, meta = load_finetuned(cfg.model.path)
-    check_task(meta, "regress", cfg.model.path)
+    model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="regress")
     test = read_examples(required(cfg.data.test, "test"), trained_columns(cfg.data, meta))[:cfg.data.limit_test]
-    model.to(pick_device(cfg.train.device))
     rows = evaluate_examples(model, test, Scaler(**meta["scaler"]), cfg.train.eval_batch_size, cfg.train.progress)
     result = {"task": "regress", "model": cfg.model.path, "test_set": Path(cfg.data.test).name, "rows": rows}
     write_results(cfg.train.out_dir, "eval_results", result, titled(result, markdown_table(rows, COLUMNS)))

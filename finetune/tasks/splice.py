@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.backbone import BackboneConfig, check_task, load_finetuned
+from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.results import markdown_table, write_results
 from finetune.tasks.classify import Example, columns, evaluate_examples, fit_and_test
@@ -80,9 +80,7 @@ def train(cfg: SpliceConfig) -> dict[str, Any]:
 
 
 def evaluate(cfg: SpliceConfig) -> dict[str, Any]:
-    model, meta = load_finetuned(cfg.model.path)
-    check_task(meta, "splice", cfg.model.path)
-    model.to(pick_device(cfg.train.device))
+    model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="splice")
     rows = {TEST_NAME: evaluate_examples(model, load_splits(cfg.data).test, CLASSES, cfg.train.eval_batch_size,
                                          cfg.train.progress)}
     out = Path(cfg.train.out_dir)

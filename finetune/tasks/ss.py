@@ -8,6 +8,8 @@ post-processing and metric, RNAfold on the same records in the same table.
 """
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from finetune.backbone import BackboneConfig, TaskModel, check_task, load_backbone, load_finetuned, save_finetuned
+from finetune.backbone import (BackboneConfig, TaskModel, backbone_files, load_backbone, load_finetuned,
+                               save_finetuned)
 from finetune.heads import HeadConfig, SecondaryStructureHead, upper_triangle_bce
 from finetune.metrics import mean_scores, ss_report
 from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pairs
@@ -28,6 +31,7 @@ from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, 
 from finetune.tasks.user_data import removal_note, required, user_splits, valid_source
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
+from rnalm.runlock import RunLock, RunLockError
 
 TABLE_COLUMNS = ("n", "f1", "f1_shift", "precision_shift", "recall_shift", "threshold")
 SUMMARY_COLUMNS = ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift")
@@ -200,8 +204,7 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None,
 
     history = fit(model, tcfg, cfg.unfreeze, lambda e: minibatches(splits.train, tcfg.batch_size, tcfg.seed + e),
                   ss_loss, validate, save, score_key=cfg.eval.tune_on)
-    best, meta = load_finetuned(out_dir)
-    best.to(pick_device(tcfg.device))
+    best, meta = load_finetuned(out_dir, pick_device(tcfg.device))
     init = "" if cfg.model.random_preset is None else " (random init)"
     name = f"{lm.config.name}{init} fine-tuned"
     rows = {name: evaluate_records(best, splits.test, meta["threshold"], tcfg.eval_batch_size, tcfg.progress)}
@@ -209,7 +212,7 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None,
         rows["RNAfold"] = rnafold_row(splits.test)
     result = {"task": "ss", "test_set": _test_name(cfg.data, family), "rows": rows, "data": splits.info,
               "splits": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
-              "history": history}
+              "history": history, "settings": run_settings(cfg, family)}
     write_results(out_dir, "results", result, _titled_table(result))
     return result
 
@@ -238,16 +241,67 @@ def fold_families(test_family: str) -> list[str]:
     return fams
 
 
+def run_settings(cfg: SSConfig, family: str | None) -> dict[str, Any]:
+    """What a run's results depend on: its config (with the fold's family; not where it is written, its device or
+    progress bars) and the backbone's files (name, size, time). A finished fold with equal settings is reused."""
+    cfg = replace(cfg, data=replace(cfg.data, test_family=family or cfg.data.test_family))
+    settings = asdict(cfg)
+    for key in ("out_dir", "device", "progress"):
+        del settings["train"][key]
+    settings["backbone_files"] = backbone_files(cfg.model)
+    return json.loads(json.dumps(settings, default=str))  # as results.json holds them
+
+
+def finished_fold(fold_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The fold's results when a run with these settings completed it (results.json is its last write)."""
+    try:
+        result = json.loads((fold_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("settings") == settings else None
+
+
+def train_fold(cfg: SSConfig, fold_dir: Path, family: str) -> dict[str, Any] | None:
+    """One ArchiveII fold of a several-family run under the fold's lock: None when another process trains it now
+    (runs of one command, e.g. a Slurm array, share out the families), its results when a run of the same
+    settings finished it (an interrupted run goes on where it stopped), else trained here."""
+    lock = RunLock(fold_dir)
+    try:
+        lock.acquire()
+    except RunLockError:
+        print(f"ArchiveII {family}: another process trains it now ({fold_dir}); next family", file=sys.stderr)
+        return None
+    try:
+        if (done := finished_fold(fold_dir, run_settings(cfg, family))) is not None:
+            print(f"ArchiveII {family}: finished earlier with the same settings, reused ({fold_dir}; delete it to "
+                  f"train it again)", file=sys.stderr)
+            return done
+        print(f"ArchiveII {family}: training ({fold_dir})", file=sys.stderr)
+        return train_one(cfg, fold_dir, family)
+    finally:
+        lock.release()
+
+
 def train(cfg: SSConfig, data: SSSplits | None = None) -> dict[str, Any]:
     """bpRNA, files: one run (`data`: its load_splits(cfg.data), when the caller has it already). ArchiveII: one
-    run per held-out family (OUT/<family>/), then a summary with the mean."""
+    run per held-out family (OUT/<family>/, `train_fold`), then a summary with the mean, written by the process
+    that finds every fold finished. Processes running the same command share out the families."""
     out = Path(cfg.train.out_dir)
     if cfg.data.dataset in ("bprna", "files"):
         return train_one(cfg, out, splits=data)
     families = fold_families(cfg.data.test_family)
     if len(families) == 1:
         return train_one(cfg, out, families[0])
-    folds = {fam: train_one(cfg, out / fam, fam) for fam in families}
+    for fam in families:
+        train_fold(cfg, out / fam, fam)
+    folds = {fam: finished_fold(out / fam, run_settings(cfg, fam)) for fam in families}  # also others' folds
+    pending = [fam for fam, r in folds.items() if r is None]
+    if pending:
+        return {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "pending": pending}
+    return _write_summary(out, families, folds)
+
+
+def _write_summary(out: Path, families: list[str], folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for fam, r in folds.items():
         model_row = next(v for k, v in r["rows"].items() if k != "RNAfold")
@@ -277,10 +331,8 @@ def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> S
 
 def evaluate(cfg: SSConfig) -> dict[str, Any]:
     """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
-    model, meta = load_finetuned(cfg.model.path)
-    check_task(meta, "ss", cfg.model.path)
+    model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="ss")
     data = _evaluation_data(cfg.data, meta, cfg.model.path)
-    model.to(pick_device(cfg.train.device))
     test = test_records(data)
     rows = {f"{model.lm.config.name} fine-tuned": evaluate_records(model, test, meta["threshold"],
                                                                   cfg.train.eval_batch_size, cfg.train.progress)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from itertools import islice
@@ -659,3 +660,20 @@ def test_structures_from_python_are_those_predict_ss_writes(ss_model, fasta, tmp
     assert [to_dot_bracket(p, len(s)) for p, s in zip(pairs, seqs)] == written and sum(map(len, pairs)) > 0
     with pytest.raises(TypeError, match=r"got one sequence: pass \[seq\]"):
         predict_pairs(model, seqs[0], meta["threshold"])
+
+
+def test_a_train_run_into_an_out_dir_another_live_run_holds_is_refused(ss_model, tmp_path, capsys):
+    """Two runs into one OUT overwrote each other's model and results; now the second is refused, naming the
+    first, and nothing of the first's is touched."""
+    import shutil
+
+    from rnalm.runlock import RunLock
+
+    ft = tmp_path / "ft"
+    shutil.copytree(ss_model, ft)
+    before = {p.name: p.read_bytes() for p in ft.iterdir()}
+    with RunLock(ft):
+        assert run(["ss", "train", f"--model.path={ss_model}", f"--train.out_dir={ft}", "--train.epochs=1"]) == 2
+        assert f"{ft} is in use by another run: pid {os.getpid()}" in capsys.readouterr().err
+        before["run.lock"] = (ft / "run.lock").read_bytes()
+        assert {p.name: p.read_bytes() for p in ft.iterdir()} == before

@@ -284,3 +284,37 @@ def test_progress_bars_go_to_a_terminal_and_stay_out_of_a_log_file(terminal, mon
     assert ("predict" in err.getvalue()) == terminal
     err.truncate(0)
     assert list(length_sorted_batches(seqs, 2, progress=False)) == batches and err.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_archiveii_folds_are_shared_out_between_processes_and_reused(tiny_checkpoint, shared_data, tmp_path, capsys):
+    """A fold another process holds is left to it (no summary until every fold is finished, and the process that
+    finds them all finished writes it); a fold finished with the same settings is reused, one of other settings
+    (or other backbone weights) is trained again."""
+    from rnalm.runlock import RunLock
+
+    def cfg(seed=0):
+        return ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                           data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii", test_family="tRNA,srp",
+                                                max_train_len=150, limit_train=8, limit_valid=4, limit_test=4),
+                           train=quick_train(tmp_path, epochs=1, seed=seed), eval=ss.SSEvalConfig(rnafold=False))
+
+    def weights(fam):
+        return (tmp_path / fam / "finetuned.safetensors").read_bytes()
+
+    with RunLock(tmp_path / "tRNA"):                       # another process trains tRNA now
+        assert ss.train(cfg())["pending"] == ["tRNA"]
+    assert "tRNA: another process trains it now" in capsys.readouterr().err
+    assert (tmp_path / "srp" / "results.json").exists() and not (tmp_path / "tRNA").joinpath("results.json").exists()
+    assert not (tmp_path / "results.json").exists()
+    srp = weights("srp")
+
+    summary = ss.train(cfg())                              # that process stopped: the next run trains tRNA only
+    err = capsys.readouterr().err
+    assert "tRNA: training" in err and "srp: finished earlier with the same settings, reused" in err
+    assert weights("srp") == srp and set(summary["rows"]) == {"tRNA", "srp", "mean of 2 families"}
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == summary["rows"]
+    assert not list(tmp_path.rglob("run.lock"))
+
+    ss.train(cfg(seed=1))                                  # other settings: both trained again
+    assert capsys.readouterr().err.count(": training") == 2 and weights("srp") != srp

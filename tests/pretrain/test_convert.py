@@ -9,7 +9,7 @@ import torch
 
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
-from pretrain.runlock import RunLock
+from rnalm.runlock import RunLock
 from pretrain.evaluate import validation
 from rnalm.configfile import load
 from rnalm.io import load_pretrained

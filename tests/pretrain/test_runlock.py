@@ -1,4 +1,4 @@
-"""One run per out_dir: pretrain.runlock, and the trainer refusing an out_dir another live run holds."""
+"""One run per out_dir: rnalm.runlock, and the trainer refusing an out_dir another live run holds."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import runlock
-from pretrain.runlock import LOCK_NAME, RunLock, RunLockError
+from rnalm import runlock
+from rnalm.runlock import LOCK_NAME, RunLock, RunLockError
 
 from .trainer_runs import run_trainer
 
@@ -132,7 +132,7 @@ def test_a_dead_pid_of_another_pid_space_is_not_taken_for_its_holder(tmp_path, m
 def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path):
     """A full disk (here: a file size limit of 1 byte) while the lock is written: the start is refused with the
     reason, and no empty lock refuses the next start for STALE_S."""
-    script = ("import resource, sys; from pretrain.runlock import RunLock, RunLockError\n"
+    script = ("import resource, sys; from rnalm.runlock import RunLock, RunLockError\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))\n"
               "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockError as e:\n    sys.exit(str(e))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,

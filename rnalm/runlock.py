@@ -1,4 +1,6 @@
-"""One run per out_dir: two runs writing one checkpoints/ folder delete each other's saves in progress.
+"""One run per directory: two pretraining runs writing one checkpoints/ folder delete each other's saves in
+progress; two fine-tuning runs overwrite each other's model (fine-tuning's ArchiveII folds share out their
+families through one lock per fold).
 
 Rank 0 holds `out_dir/run.lock` (JSON: host, pid and its pid space, Slurm job id and restart count, start time)
 and touches it every HEARTBEAT_S seconds from a thread. A new run takes the lock over when the holder is gone: a
@@ -65,8 +67,9 @@ def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
 
 
 class RunLock:
-    def __init__(self, out_dir: str | Path) -> None:
-        self.path = Path(out_dir) / LOCK_NAME
+    def __init__(self, out_dir: str | Path, option: str = "--train.out_dir") -> None:
+        """`option`: the command-line option that names the directory (in the refusal)."""
+        self.path, self.option = Path(out_dir) / LOCK_NAME, option
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mine: dict | None = None
@@ -96,8 +99,8 @@ class RunLock:
                        + f", started {holder.get('started')}" if holder else "a run whose lock is not written yet")
                 raise RunLockError(
                     f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. Two runs in "
-                    f"one out_dir would delete each other's checkpoints: use another --train.out_dir, stop that "
-                    f"run, or wait {STALE_S:.0f} s after it died") from None
+                    f"one directory would overwrite each other's files: use another {self.option}, stop that run, "
+                    f"or wait {STALE_S:.0f} s after it died") from None
             self._remove_if_unchanged(text)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -136,6 +139,13 @@ class RunLock:
                 os.utime(self.path)
             except OSError:  # a file system hiccup: the next beat tries again
                 pass
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def release(self) -> None:
         if self._thread is None:
