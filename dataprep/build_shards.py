@@ -10,6 +10,9 @@ Run it under `srun`/`mpirun` with --mpi to share the work between ranks (needs a
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -96,8 +99,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if getattr(a, name) < 0:
             p.error(f"{option(name)} must be >= 0")
     for name in ("chunk_mb", "shard_mb"):
-        if getattr(a, name) <= 0:
-            p.error(f"{option(name)} must be > 0")
+        if not 0 < getattr(a, name) < math.inf:  # nan too
+            p.error(f"{option(name)} must be a number > 0")
     if int(a.chunk_mb * (1 << 20)) < 1:  # a compressed input would read nothing
         p.error(f"--chunk-mb {a.chunk_mb} is less than one byte")
     for name in ("min_seq_id", "coverage"):
@@ -111,10 +114,18 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--min-len must not exceed --max-len")
     if a.label_key is not None and (not a.label_key or any(c.isspace() or c == "=" for c in a.label_key)):
         p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (no spaces or '=')")
+    files = [os.path.realpath(f) for f in a.input if f != "-"]
+    if twice := next((f for f, path in zip(a.input, files) if files.count(path) > 1), None):
+        p.error(f"--input names {twice} twice: the second copy's records would all count as duplicates")
     if a.input.count("-") > 1:
         p.error("stdin (-) is given more than once in --input: it can be read only once")
     if a.mpi and "-" in a.input:
         p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
+
+
+# A file system that takes no more writes (read-only, full, over quota, not ours): a one-line error, and the
+# unfinished stages go (a full disk would stay full of them).
+UNWRITABLE = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     except DataprepError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if isinstance(e, InputError) and comm.rank == 0:
+            discard_unfinished(Path(cfg.out), fresh)
+        if comm.size > 1:
+            comm.abort(2)
+        return 2
+    except OSError as e:
+        if e.errno not in UNWRITABLE:
+            raise
+        print(f"error: {e.strerror}: {e.filename} (the unfinished stages are removed; the finished ones and the "
+              f"published shard set stay)", file=sys.stderr, flush=True)
+        if comm.rank == 0:
             discard_unfinished(Path(cfg.out), fresh)
         if comm.size > 1:
             comm.abort(2)

@@ -111,9 +111,9 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         out = _empty(0)
         out.newlines = newlines_in_data
         return out
-    indented = _indented_header(data, first, line_start, nl, int(hk[0]))
-    if indented:
-        return _empty(0, stray=(first_line + indented[0], indented[1]))
+    misplaced = _indented_header(data, first, line_start, nl, int(hk[0])) or _header_inside_line(a, first, nl)
+    if misplaced:
+        return _empty(0, stray=(first_line + misplaced[0], misplaced[1]))
     hs, he = line_start[hk], nl[hk]  # '>' position, header-ending newline
     n = len(hk)
     lines = first_line + hk
@@ -134,7 +134,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     next_hs = np.append(hs[1:], len(a))
     newlines_in_seq = np.diff(np.append(hk, len(nl))) - 1
     raw_len = next_hs - he - 1 - newlines_in_seq
-    raw_off = np.concatenate(([0], np.cumsum(raw_len)))
+    raw_off = offsets_from_lengths(raw_len)
     norm = scratch.translate(NORM_TABLE, b"\n")
     del scratch
     norm += bytes(PAD)  # PAD: the digest reads whole words
@@ -156,7 +156,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         ws_rec = np.searchsorted(raw_off, ws_pos, side="right") - 1
         seq_len = raw_len - np.bincount(ws_rec, minlength=n)
         padded = np.delete(padded, ws_pos)
-    seq_off = np.concatenate(([0], np.cumsum(seq_len)))
+    seq_off = offsets_from_lengths(seq_len)
 
     _header_rejects(a, hs, he, low, id_len, reasons)
     for r in np.flatnonzero(seq_len == 0).tolist():
@@ -167,7 +167,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         reasons.setdefault(r, f"too long: {seq_len[r]} nt > max_len {cfg.max_len}")
 
     id_blob = a[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
-    id_off = np.concatenate(([0], np.cumsum(id_len + 1)))
+    id_off = offsets_from_lengths(id_len + 1)
     id_blob[id_off[1:] - 1] = 10
     labels = label_len = None
     if cfg.label_key:
@@ -204,6 +204,29 @@ def _indented_header(data: bytes, first: np.ndarray, line_start: np.ndarray, nl:
         return None
     k = int(np.searchsorted(nl, m.start())) + 1  # the line after the newline that m starts with
     return k, f"{INDENTED_HEADER}: {bytes(data[m.start() + 1: nl[k]][:40])!r}"
+
+
+def _header_inside_line(a: np.ndarray, first: np.ndarray, nl: np.ndarray) -> tuple[int, str] | None:
+    """(line index, reason) of the first '>' with text after it inside a sequence line, or after a carriage return
+    alone anywhere: a header that does not start its line, which would be read as part of the record before it,
+    and be lost. `cat a.fa b.fa` makes one when a.fa lacks its last line break, or b.fa starts with a byte-order
+    mark or has classic Mac OS line ends. ('>' ending a sequence line is an invalid character of its record.)"""
+    gt = np.flatnonzero(a[1:] == 62) + 1
+    gt = gt[a[gt - 1] != 10]
+    if len(gt) == 0:
+        return None
+    line = np.searchsorted(nl, gt)
+    after_cr = a[gt - 1] == 13
+    text_after = ~_IS_BLANK[a[gt + 1]] & (a[gt + 1] != 10)  # a[-1] is a line break: gt + 1 is in range
+    bad = np.flatnonzero(after_cr | ((first[line] != 62) & text_after))
+    if len(bad) == 0:
+        return None
+    p, k = int(gt[bad[0]]), int(line[bad[0]])
+    if after_cr[bad[0]]:
+        return k, ("lines end in a carriage return alone from here on (classic Mac OS line endings), so its records "
+                   "would read as one line: convert them, e.g. tr '\\r' '\\n' < FILE > NEW")
+    shown = bytes(a[max(p - 20, int(nl[k - 1]) + 1 if k else 0): min(p + 20, int(nl[k]))])
+    return k, f"'>' inside a sequence line (a header that does not start its line?): {shown!r}"
 
 
 def _header_rejects(a: np.ndarray, hs: np.ndarray, he: np.ndarray, low: np.ndarray, id_len: np.ndarray,

@@ -9,27 +9,31 @@ its manifest) stays intact and readable.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import zstandard
 
 from rnalm.files import atomic_write, fsync_path
+from rnalm.runlock import RunLock, RunLockError
 
 from . import cluster as clustering
 from . import dedup as dd
 from .cluster import ClusterConfig
 from .comm import SerialComm
-from .errors import InputError
+from .errors import DataprepError, InputError
 from .fasta import regular_file
 from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
@@ -40,6 +44,8 @@ from .background import Background
 from .shares import normalise_inputs, tsv_lines
 from .store import Store, write_permuted
 from .write import CLUSTER_FIELDS, WriteContext, write_jobs
+
+DEDUP_ARRAYS = tuple(f.name for f in fields(dd.DedupResult))  # the dedup stage's files (<name>.npy)
 
 PIPELINE_VERSION = 1
 
@@ -141,20 +147,11 @@ def normalise(cfg: BuildConfig, stage: _Stage, comm, log: Log) -> None:
 
 # -------------------------------------------------------------------------------------------- dedup
 def dedup(store: Store, stage: _Stage, comm, bucket_records: int) -> None:
-    nb = dd.n_buckets(len(store), bucket_records)
-    mine = [b for b in range(nb) if b % comm.size == comm.rank]
-    pairs = comm.allgather(dd.id_conflicts(store, mine, nb))
-    conflict = np.concatenate([p[0] for p in pairs])
-    first = np.concatenate([p[1] for p in pairs])
-    rejected = np.zeros(len(store), bool)
-    rejected[conflict] = True
-    gathered = comm.gather(dd.duplicates(store, rejected, mine, nb))
-    if comm.rank != 0:
+    res = dd.dedup(store, comm, bucket_records)
+    if res is None:  # not rank 0
         return
-    res = dd.finish(store, conflict, first, np.concatenate([g[0] for g in gathered]),
-                    np.concatenate([g[1] for g in gathered]))
     tmp = stage.begin()
-    for name in ("keep", "dup", "dup_rep", "conflict", "conflict_first"):
+    for name in DEDUP_ARRAYS:
         np.save(tmp / f"{name}.npy", getattr(res, name))
     stage.commit()
 
@@ -222,18 +219,35 @@ def discard_unfinished(out: Path, fresh: bool) -> None:
 
 # ------------------------------------------------------------------------------------------- build
 def build(cfg: BuildConfig, comm=None) -> BuildResult:
+    """The build into cfg.out, which rank 0 holds (OUT/.work/run.lock) while it runs: a second build into the
+    same OUT would remove the first one's unfinished stages under it."""
     comm = comm or SerialComm()
-    log = Log(cfg.quiet, comm.rank)
     streams = [p for p in cfg.inputs if not regular_file(p)]
     if comm.size > 1 and streams:
         raise InputError(f"{streams[0]}: stdin or a pipe cannot be shared between MPI ranks; write it to a file first")
-    out, seconds, skipped = Path(cfg.out), {}, []
-    work = out / ".work"
+    out = Path(cfg.out)
+    lock = None
     if comm.rank == 0:
         try:
-            work.mkdir(parents=True, exist_ok=True)
+            (out / ".work").mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"{out}: cannot create the output directory ({e.strerror}: {e.filename})") from None
+        lock = RunLock(out / ".work", option="--out")
+        try:
+            lock.acquire()
+        except RunLockError as e:
+            raise DataprepError(str(e)) from None
+    try:
+        return _build(cfg, comm)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(cfg: BuildConfig, comm) -> BuildResult:
+    log = Log(cfg.quiet, comm.rank)
+    out, seconds, skipped = Path(cfg.out), {}, []
+    work = out / ".work"
     comm.barrier()
     inputs = comm.bcast([_fingerprint(p) for p in cfg.inputs] if comm.rank == 0 else None)  # one view of them
     keys = {"normalise": _hash(PIPELINE_VERSION, inputs, asdict(cfg.normalize))}
@@ -269,8 +283,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
     run("dedup", lambda: dedup(store, stages["dedup"], comm, cfg.dedup_bucket_records))
     keep = np.load(stages["dedup"].final / "keep.npy")
     if comm.rank == 0 and len(keep) == 0:
-        raise InputError(f"{', '.join(cfg.inputs)}: no records left after normalisation and dedup "
-                         f"(see the reasons in {out / '.work' / 'normalise' / 'rejects.tsv'})")
+        raise InputError(f"{', '.join(cfg.inputs)}: no records left after normalisation and dedup: "
+                         f"{_rejects_in_short(stages['normalise'].final, cfg.inputs)}")
     rps = _records_per_shard(cfg, store, keep)
     params = _params(cfg, rps)
     build_key = _hash(keys["holdout"], params)
@@ -381,9 +395,32 @@ def _staging(out: Path) -> Path:
     return out / ".work" / "shards.tmp"
 
 
+@contextlib.contextmanager
+def _stops_held():
+    """Ctrl-C and SIGTERM that arrive inside are acted on when it ends (in the main thread; elsewhere no handler
+    can be set). Publishing a large set takes seconds, and a stop inside it left old and new shards mixed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _publish(out: Path, manifest: Manifest) -> None:
-    """Replace the earlier shard set by the staged one: a few renames between removing the old manifest and
-    writing the new one (the only moments without a readable set)."""
+    """Replace the earlier shard set by the staged one (one rename per shard, then the manifest), with Ctrl-C and
+    SIGTERM held until it is done: no manifest from the removal of the old one to the writing of the new."""
+    with _stops_held():
+        _replace_shard_set(out, manifest)
+
+
+def _replace_shard_set(out: Path, manifest: Manifest) -> None:
     staging = _staging(out)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards are in place
     for name in ("rejects.tsv", "duplicates.tsv"):
@@ -434,8 +471,7 @@ def _summary_key(path: Path) -> str | None:
 def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
     """Per-input records / rejected / duplicates / kept, and the dedup result arrays."""
     sources = json.loads((stages["normalise"].final / "sources.json").read_text())
-    res = {n: np.load(stages["dedup"].final / f"{n}.npy")
-           for n in ("keep", "dup", "dup_rep", "conflict", "conflict_first")}
+    res = {n: np.load(stages["dedup"].final / f"{n}.npy") for n in DEDUP_ARRAYS}
     n_src = len(sources)
     for field_name, idx in (("duplicates", res["dup"]), ("kept", res["keep"])):
         for s, c in zip(sources, np.bincount(store.source[idx], minlength=n_src).tolist()):
@@ -487,6 +523,15 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
         f"{counts['duplicates']:,} duplicates, {counts['kept']:,} kept in {n_clusters:,} clusters; "
         f"train {counts['train']['records']:,} / valid {counts['valid']['records']:,} records; {out / MANIFEST_NAME}")
     return manifest
+
+
+def _rejects_in_short(norm_dir: Path, names: tuple[str, ...], shown: int = 3) -> str:
+    """The first rejects in a line (the error of a build that kept nothing, whose output is then removed)."""
+    rows = [line.split("\t", 3) for line in tsv_lines(norm_dir / "rejects.tsv")]
+    if not rows:
+        return "the input holds no records"
+    first = "; ".join(f"{names[int(s)]}:{ln} {rid!r}: {reason}" for s, ln, rid, reason in rows[:shown])
+    return f"{len(rows):,} rejected, e.g. {first}" + (" ..." if len(rows) > shown else "")
 
 
 def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: list[str]) -> None:

@@ -48,13 +48,13 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGU-ACGU-ACGU-ACGU-A", "invalid character '-'"),
     ("ACGU.ACGUACGUACGUACGU", "invalid character '.'"),
     ("ACGU1234ACGUACGUACGUA", "invalid character '1'"),
-    ("ACGU>ACGUACGUACGUACGU", "invalid character '>'"),  # '>' not at a line start
+    ("ACGUACGUACGUACGUACGU>", "invalid character '>'"),  # '>' ending a line: no header can hide behind it
     ("ACGU\x00ACGUACGUACGUACGU", r"invalid character '\\x00'"),  # binary inside a sequence
     ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
     ("ACGUA", "too short: 5 nt < min_len 16"),
     ("ACGU ACGU\tACG*UACGUACGU", r"'\*' \(0x2a\) at sequence position 12$"),  # whitespace is not counted
     ("ACGUACGUAC\r\nACGUACGUAC\r\nACG*ACGUAC\r", r"'\*' \(0x2a\) at sequence position 24$"),  # nor CR
-], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-inside", "nul", "non-ascii", "short", "after-spaces",
+], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "nul", "non-ascii", "short", "after-spaces",
         "after-crlf-lines"])
 def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
     path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
@@ -233,6 +233,26 @@ def test_indented_header_inside_the_input_is_an_error(tmp_path, fasta, indent, a
         build_small(tmp_path, [path], chunk_mb=chunk_mb)
 
 
+@pytest.mark.parametrize("content,error", [
+    (f">a\n{ACGU20}>b desc\n{ACGU20}GG\n",                       # cat a.fa b.fa, a.fa without its last line break
+     r"in.fa:2: '>' inside a sequence line \(a header that does not start its line\?\): b'ACGU.*U>b desc'$"),
+    (f">a\n{ACGU20}\n\ufeff>b\n{ACGU20}GG\n",                      # b.fa starts with a byte-order mark
+     r"in.fa:3: '>' inside a sequence line .*: b'\\xef\\xbb\\xbf>b'$"),
+    (f">a\n{ACGU20}\n>b\r{ACGU20}\r>c\r{ACGU20}GG\r",                # b.fa has classic Mac OS line ends
+     r"in.fa:3: lines end in a carriage return alone from here on"),
+    (f">a\r\n{ACGU20}\r\n>b\r{ACGU20}\r>c\r{ACGU20}GG\r",            # CRLF, then CR alone
+     r"in.fa:3: lines end in a carriage return alone from here on"),
+], ids=["no-last-line-break", "byte-order-mark", "cr-line-ends", "crlf-then-cr"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_header_inside_a_line_is_an_error(tmp_path, fasta, content, error, workers):
+    """Files joined with cat hid a header inside a line: with CR-only line ends past the first chunk every record
+    after it read as one header line (one 'empty sequence' reject for 10 records); after a byte-order mark or a
+    missing last line break, the header was read as sequence of the record before, which was rejected for its
+    '>', and its own record was counted nowhere."""
+    with pytest.raises(InputError, match=error):
+        build_small(tmp_path, [fasta(content.encode())], workers=workers)
+
+
 def test_lines_led_by_blanks_that_are_no_header_are_read(tmp_path, fasta):
     """CRLF blank lines, indented sequence lines and a '>' inside a header: the indented-header check looks
     closer at such chunks and must let them through."""
@@ -304,7 +324,10 @@ def test_truncated_zstd(tmp_path, fasta):
 
 
 def test_all_records_rejected(tmp_path, fasta):
-    with pytest.raises(InputError, match="no records left after normalisation and dedup"):
+    """The error pointed to OUT/.work/normalise/rejects.tsv, which the failed build then removed with OUT."""
+    with pytest.raises(InputError, match=r"no records left after normalisation and dedup: 2 rejected, e\.g\. "
+                                         r".*in.fa:1 'a': too short: 4 nt < min_len 16; .*in.fa:3 'b': invalid "
+                                         r"character 'X' \(0x58\) at sequence position 1$"):
         build_small(tmp_path, [fasta(">a\nACGU\n>b\nXXXXXXXXXXXXXXXXXXXXX\n")])
 
 
@@ -351,7 +374,7 @@ def test_rejected_input_leaves_no_new_output_directory_and_an_old_shard_set_as_i
     (["--zstd-level", "-131073"], "--zstd-level must be in"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--shard-records", "-5"], "--shard-records must be >= 0"),
-    (["--shard-mb", "0"], "--shard-mb must be > 0"),
+    (["--shard-mb", "0"], "--shard-mb must be a number > 0"),
     (["--chunk-mb", "1e-7"], "--chunk-mb 1e-07 is less than one byte"),
     (["--min-seq-id", "2"], "--min-seq-id must be in [0, 1]"),
     (["--coverage", "-0.1"], "--coverage must be in [0, 1]"),
@@ -359,8 +382,12 @@ def test_rejected_input_leaves_no_new_output_directory_and_an_old_shard_set_as_i
     (["--label-key", ""], "--label-key '': want a header key"),
     (["--label-key", "a=b"], "--label-key 'a=b': want a header key"),
     (["--input", "-", "-"], "stdin (-) is given more than once"),
+    (["--shard-mb", "inf"], "--shard-mb must be a number > 0"),        # OverflowError after normalise and dedup
+    (["--shard-mb", "nan"], "--shard-mb must be a number > 0"),
+    (["--chunk-mb", "nan"], "--chunk-mb must be a number > 0"),        # ValueError (traceback) at parsing
+    (["--input", "in.fa", "./in.fa"], "--input names in.fa twice"),   # every record a duplicate, without a word
 ], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "chunk-mb", "min-seq-id", "coverage", "cov-mode",
-        "label-empty", "label-eq", "stdin-twice"])
+        "label-empty", "label-eq", "stdin-twice", "shard-mb-inf", "shard-mb-nan", "chunk-mb-nan", "input-twice"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main
 
@@ -382,3 +409,47 @@ def test_help_shows_each_default_once(capsys):
                             ("--zstd-level ZSTD_LEVEL", "2")):
         assert re.search(re.escape(option) + r" (?:(?!\(default:).)*\(default: " + re.escape(default) + r"\)", out), option
     assert "(default: MMseqs2's own" in out and "(default: None)" not in out
+
+
+def test_a_second_build_into_an_out_in_use_is_refused(tmp_path, fasta):
+    """Two builds into one OUT removed each other's unfinished stages: one died of a FileNotFoundError (or
+    'mmseqs linclust failed'), and nothing kept their shard sets apart."""
+    from dataprep.errors import DataprepError
+    from rnalm.runlock import RunLock
+
+    path = fasta(f">a\n{ACGU20}\n")
+    with RunLock(tmp_path / "out" / ".work"):
+        with pytest.raises(DataprepError, match=rf"out/.work is in use by another run: pid {os.getpid()} .*use "
+                                                r"another --out"):
+            build_small(tmp_path, [path])
+    build_small(tmp_path, [path])
+    assert not (tmp_path / "out" / ".work" / "run.lock").exists()
+
+
+def test_a_full_disk_is_a_one_line_error_that_frees_the_unfinished_stages(tmp_path, fasta, monkeypatch, capsys):
+    """No space left (or a read-only or over-quota OUT) was a traceback, and the unfinished stages kept the disk
+    full; the finished stages and the published set stay."""
+    import errno
+
+    from dataprep import pipeline
+    from dataprep.build_shards import main
+
+    good = fasta(f">a\n{ACGU20}\n>b\n{ACGU20}GG\n")
+    out = tmp_path / "out"
+    assert main(["--input", str(good), "--out", str(out), "--no-cluster", "--no-report", "--quiet"]) == 0
+    published = sorted(p.relative_to(out) for p in out.glob("*/shard-*.tar"))
+
+    def full(cfg, out, *_):
+        staging = pipeline._staging(out)
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "part").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "part"))
+
+    monkeypatch.setattr(pipeline, "_write_shards", full)
+    assert main(["--input", str(good), "--out", str(out), "--no-cluster", "--no-report", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: No space left on device: ") and "Traceback" not in err
+    assert not list((out / ".work").glob("*.tmp"))
+    assert (out / ".work" / "normalise").is_dir() and (out / ".work" / "dedup").is_dir()   # finished: kept
+    assert sorted(p.relative_to(out) for p in out.glob("*/shard-*.tar")) == published
+    assert set(read_back(out)) == {"a", "b"}

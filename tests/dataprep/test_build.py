@@ -516,6 +516,42 @@ def test_killed_run_keeps_the_earlier_shard_set(tmp_path):
     check_build(out, [fasta])
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_shard_set_is_replaced_takes_effect_when_the_new_set_is_in_place(tmp_path, monkeypatch,
+                                                                                           stop):
+    """Ctrl-C or SIGTERM while the staged set replaced the old one (one rename per shard: seconds for thousands
+    of shards) left no manifest and old and new shards mixed; now the stop waits until the new set is complete."""
+    import signal
+
+    from dataprep import pipeline
+
+    fasta = tmp_path / "in.fa"
+    write_fasta(SynthConfig(2_000, seed=5), fasta)
+    out = tmp_path / "out"
+    build_small(tmp_path, [fasta], records_per_shard=50)
+    replace = pipeline._replace_shard_set
+
+    def stopped_at_the_start(*args):
+        signal.raise_signal(getattr(signal, stop))   # handled at once, as a Ctrl-C would be, without the hold
+        replace(*args)
+
+    monkeypatch.setattr(pipeline, "_replace_shard_set", stopped_at_the_start)
+
+    def sigterm_exits(signum, frame):
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, sigterm_exits)   # this test process must not die of it
+    try:
+        with pytest.raises(KeyboardInterrupt if stop == "SIGINT" else SystemExit):
+            build_small(tmp_path, [fasta], records_per_shard=70)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    m = read_manifest(out)
+    assert m.params["records_per_shard"] == 70
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.tar")) == sorted(s.path for s in m.shards)
+    check_build(out, [fasta])
+
+
 def _tagged(tag: str) -> dict[int, bytes]:
     """pid -> command line of the live processes whose environment holds `tag` (a zombie's is empty)."""
     found = {}
