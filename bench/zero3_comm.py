@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from rnalm.config import ModelConfig
 
-ORIGINAL_A100_HOURS = 2350.0        # 7 x A100 for ~2 weeks (notes/rinalmo_facts.md, derived)
+ORIGINAL_A100_HOURS = 2350.0        # 7 x A100 for ~2 weeks (../shared/notes/rinalmo_facts.md, derived)
 ORIGINAL_SEQUENCES = 17e6 * 6       # one sequence per cluster per epoch, 6 epochs
 # ncrna_corpus.fasta.gz as the recipe samples it (one member per cluster per epoch): the mean over the 15,318
 # train clusters of dataprep's defaults (MMseqs2, seed 0) of their members' mean tokens (incl. CLS/EOS, <= 1024);

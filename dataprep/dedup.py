@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .arrays import concat_ranges
+from .comm import MpiComm, SerialComm
 from .store import Store
 
 BUCKET_RECORDS = 4_000_000
@@ -127,12 +128,19 @@ def finish(store: Store, conflict: np.ndarray, conflict_first: np.ndarray, dup: 
     return DedupResult(keep=keep, dup=dup, dup_rep=dup_rep, conflict=conflict, conflict_first=conflict_first)
 
 
-def dedup(store: Store, bucket_records: int = BUCKET_RECORDS) -> DedupResult:
-    """Single-process dedup over all buckets."""
+def dedup(store: Store, comm: SerialComm | MpiComm | None = None, bucket_records: int = BUCKET_RECORDS) -> DedupResult | None:
+    """Id conflicts, then exact duplicates, each rank of `comm` (default: this process alone) taking every
+    size-th bucket; the result on rank 0, None on the others."""
+    comm = comm or SerialComm()
     nb = n_buckets(len(store), bucket_records)
-    everything = list(range(nb))
-    conflict, first = id_conflicts(store, everything, nb)
+    mine = [b for b in range(nb) if b % comm.size == comm.rank]
+    pairs = comm.allgather(id_conflicts(store, mine, nb))
+    conflict = np.concatenate([p[0] for p in pairs])
+    first = np.concatenate([p[1] for p in pairs])
     rejected = np.zeros(len(store), bool)
     rejected[conflict] = True
-    dup, rep = duplicates(store, rejected, everything, nb)
-    return finish(store, conflict, first, dup, rep)
+    gathered = comm.gather(duplicates(store, rejected, mine, nb))
+    if comm.rank != 0:
+        return None
+    return finish(store, conflict, first, np.concatenate([g[0] for g in gathered]),
+                  np.concatenate([g[1] for g in gathered]))

@@ -34,7 +34,7 @@ def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tupl
     blob = np.concatenate((store.labels[concat_ranges(starts, lens)], np.zeros(PAD, np.uint8)))
     off = offsets_from_lengths(lens)
     h = segment_digests(blob, off)
-    uniq, first, count = np.unique(h, return_index=True, return_counts=True)
+    _, first, count = np.unique(h, return_index=True, return_counts=True)
     order = np.argsort(-count, kind="stable")[:k]
     out = []
     for i in order.tolist():

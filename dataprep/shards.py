@@ -1,6 +1,7 @@
 """Shard format: WebDataset tars whose members are zstd-compressed blocks of many records.
 
-This module is the only reader and writer of shards (the pretraining loader imports it); it is torch-free.
+This module writes shards and reads them for checks and tests; the pretraining loader reads the tars itself
+(pretrain.data.stream, through webdataset) and decodes blocks with `decode_block`. It is torch-free.
 
 A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum) whose content is:
 
@@ -181,11 +182,8 @@ def _split_lines(buf: bytes, n: int, where: str, what: str) -> list[str]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def iter_blocks(shard_path: str | os.PathLike, verify_checksum: bool = False,
@@ -271,7 +269,7 @@ class ShardWriter:
         self.write_payload(self._cctx.compress(encode_block(block)), len(block), int(block.offsets[-1]))
 
     def write_payload(self, payload: bytes, records: int, tokens: int) -> None:
-        """Append an already compressed block (`compress_block`), e.g. one made by a worker process."""
+        """Append an already compressed block (one zstd frame of `encode_block`, as the writer's threads make)."""
         info = tarfile.TarInfo(f"{self.blocks:06d}.{BLOCK_EXT}")
         info.size, info.mtime, info.mode = len(payload), 0, 0o644
         self._tar.addfile(info, io.BytesIO(payload))

@@ -201,10 +201,6 @@ class Store:
     def ids_of(self, idx: np.ndarray) -> list[str]:
         return self.id_bytes(idx).decode("utf-8", "backslashreplace").split("\n")[:-1]
 
-    def labels_of(self, idx: np.ndarray) -> list[str] | None:
-        blob = self.label_bytes(idx)
-        return None if blob is None else blob.decode("utf-8", "backslashreplace").split("\n")[:-1]
-
 
 def write_permuted(store: Store, idx: np.ndarray, out_dir: Path, batch: int = 1 << 18) -> None:
     """A store whose record j is `store`'s record idx[j]: the records laid out in shard order, so that the shard

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from .arrays import concat_ranges
+from .arrays import concat_ranges, offsets_from_lengths
 
 _BASES = np.frombuffer(b"ACGU", np.uint8)
 
@@ -69,7 +69,7 @@ def generate(cfg: SynthConfig) -> tuple[list[bytes], list[bytes]]:
     single_len = _lengths(rng, n_single)
     seq = np.concatenate((fam_seq, _BASES[rng.integers(0, 4, int(single_len.sum()))]))
     lens = np.concatenate((fam_len, single_len))
-    off = np.concatenate(([0], np.cumsum(lens)))
+    off = offsets_from_lengths(lens)
     text = seq.tobytes()
     seqs = [text[off[i]: off[i + 1]] for i in range(len(lens))]
     labels = [f"FAM{f:06d}" for f in fam.tolist()] + ["NA"] * n_single

@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-_CODE = np.full(256, -1, dtype=np.int64)
-for _i, _c in enumerate("ACGU"):
-    _CODE[ord(_c)] = _CODE[ord(_c.lower())] = _i
-_CODE[ord("T")] = _CODE[ord("t")] = 3
+from finetune.structure import nucleotide_codes
+
 _CHUNK = 4096  # candidate rows per dense block: bounds memory at _CHUNK x len(reference) floats
 
 
@@ -21,7 +19,7 @@ def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:
     """Binary [n, 4^k] matrix of the distinct k-mers (over ACGU; k-mers with other letters skipped) of each sequence."""
     rows, cols = [], []
     for r, s in enumerate(seqs):
-        x = _codes(s)
+        x = nucleotide_codes(s)
         if len(x) < k:
             continue
         win = np.lib.stride_tricks.sliding_window_view(x, k)
@@ -35,15 +33,10 @@ def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:
                          shape=(len(seqs), 4 ** k))
 
 
-def _codes(seq: str) -> np.ndarray:
-    """2-bit codes of A, C, G, U/T (either case); -1 for any other letter."""
-    return _CODE[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
-
-
 def _run_hashes(seqs: list[str], run: int) -> tuple[np.ndarray, np.ndarray]:
     """(64-bit hash, sequence index) of every window of `run` nt over ACGU only, all sequences at once (a hash
     collision only drops a training record: the safe side of a leakage filter)."""
-    x = np.concatenate([np.append(_codes(s), -1) for s in seqs] or [np.full(1, -1)])  # -1 ends each sequence
+    x = np.concatenate([np.append(nucleotide_codes(s), -1) for s in seqs] or [np.full(1, -1)])  # -1 ends each sequence
     n = len(x) - run + 1
     if n <= 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.int64)

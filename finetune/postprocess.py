@@ -14,20 +14,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from finetune.structure import nucleotide_codes
+
 MIN_PAIR_DISTANCE = 4
 CANONICAL = frozenset({("A", "U"), ("U", "A"), ("G", "C"), ("C", "G"), ("G", "U"), ("U", "G")})
 # Paper's threshold grid: 0.01, 0.02, ..., 0.29.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.01 * k, 2) for k in range(1, 30))
 
-_CODE = {"A": 0, "C": 1, "G": 2, "U": 3, "T": 3}
-_CANON_TABLE = np.zeros((5, 5), dtype=bool)
+_CANON_TABLE = np.zeros((5, 5), dtype=bool)  # by nucleotide_codes; -1 (other letters) is the last row/column
 for _a, _b in CANONICAL:
-    _CANON_TABLE[_CODE[_a], _CODE[_b]] = True
+    _CANON_TABLE["ACGU".index(_a), "ACGU".index(_b)] = True
 
 
 def canonical_mask(sequence: str) -> np.ndarray:
     """bool [L, L]: True where (i, j) may pair (canonical and |i - j| >= MIN_PAIR_DISTANCE)."""
-    codes = np.array([_CODE.get(c, 4) for c in sequence.upper()], dtype=np.int64)
+    codes = nucleotide_codes(sequence)
     mask = _CANON_TABLE[codes[:, None], codes[None, :]]
     idx = np.arange(len(codes))
     return mask & (np.abs(idx[:, None] - idx[None, :]) >= MIN_PAIR_DISTANCE)

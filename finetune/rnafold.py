@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.structure import parse_dot_bracket
+from finetune.structure import parse_dot_bracket, to_rna
 
 
 def rnafold_pairs(sequence: str) -> np.ndarray:
     """MFE pairs (0-based, i < j) from RNAfold with default parameters (37 C, Turner 2004)."""
     import RNA  # viennarna; imported lazily so the package works without it
 
-    seq = sequence.upper().replace("T", "U")
+    seq = to_rna(sequence)
     structure, _energy = RNA.fold_compound(seq).mfe()
     return parse_dot_bracket(structure, where=f"RNAfold output for {sequence[:20]}...")

@@ -30,6 +30,20 @@ BRACKETS: tuple[tuple[str, str], ...] = (("(", ")"), ("[", "]"), ("{", "}"), ("<
 _OPEN = {o: lvl for lvl, (o, _) in enumerate(BRACKETS)}
 _CLOSE = {c: lvl for lvl, (_, c) in enumerate(BRACKETS)}
 UNPAIRED_CHARS = frozenset(".,:_-~")
+_NUCLEOTIDE_CODE = np.full(256, -1, dtype=np.int64)
+for _i, _c in enumerate("ACGU"):
+    _NUCLEOTIDE_CODE[ord(_c)] = _NUCLEOTIDE_CODE[ord(_c.lower())] = _i
+_NUCLEOTIDE_CODE[ord("T")] = _NUCLEOTIDE_CODE[ord("t")] = 3
+
+
+def nucleotide_codes(seq: str) -> np.ndarray:
+    """int64 per letter: 0-3 for A, C, G, U/T (either case), -1 for any other letter."""
+    return _NUCLEOTIDE_CODE[np.frombuffer(seq.encode("ascii", "replace"), dtype=np.uint8)]
+
+
+def to_rna(seq: str) -> str:
+    """Upper case, T as U: the form sequences are compared and written in."""
+    return seq.upper().replace("T", "U")
 
 
 class StructureError(ValueError):

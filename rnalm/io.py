@@ -268,13 +268,18 @@ def _reason(e: Exception) -> str:
     return text.strip()[:300] or type(e).__name__
 
 
+def block_count(state: Mapping[str, Any], prefix: str) -> int:
+    """1 + the highest block index i of the keys `prefix` + "i." (0 without any)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in state if (m := pattern.match(k))), default=-1)
+
+
 def infer_config(state: Mapping[str, torch.Tensor], where: str, **overrides: Any) -> ModelConfig:
     """Model size from tensor shapes (all original sizes use 20 heads)."""
     if "embedding.weight" not in state:
         raise WeightsError(f"{where}: no embedding.weight; is this a RiNALMo state dict?")
     dim = state["embedding.weight"].shape[1]
-    layers = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"transformer\.blocks\.(\d+)\.", k))),
-                     default=-1)
+    layers = block_count(state, "transformer.blocks.")
     name = next((n for n, (d, nl) in PRESETS.items() if (d, nl) == (dim, layers)),
                 "custom")
     try:
@@ -381,7 +386,7 @@ def import_multimolecule(path_or_state, mm_vocab: tuple[str, ...] | None = None,
                                    f"{len(mm_vocab)} tokens")
         rows = torch.tensor(_mm_rows(mm_vocab))
         state: StateDict = {"embedding.weight": mm["model.embeddings.word_embeddings.weight"][rows]}
-        layers = 1 + max(int(m.group(1)) for k in mm if (m := re.match(r"model\.encoder\.layer\.(\d+)\.", k)))
+        layers = block_count(mm, "model.encoder.layer.")
         for i in range(layers):
             src = f"model.encoder.layer.{i}."
             for ours, theirs in _MM_BLOCK.items():
@@ -425,7 +430,7 @@ def export_multimolecule(state: Mapping[str, torch.Tensor],
         return out
 
     mm: StateDict = {"model.embeddings.word_embeddings.weight": reindex(state["embedding.weight"])}
-    layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"transformer\.blocks\.(\d+)\.", k)))
+    layers = block_count(state, "transformer.blocks.")
     for i in range(layers):
         dst = f"model.encoder.layer.{i}."
         for ours, theirs in _MM_BLOCK.items():

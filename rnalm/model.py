@@ -1,7 +1,7 @@
 """The exact RiNALMo architecture, for packed (varlen) and padded batches.
 
 Module and parameter names equal the original state-dict keys, so its weights load unchanged.
-Quirks kept on purpose (see notes/rinalmo_facts.md §1): token dropout is active in eval mode too;
+Quirks kept on purpose (see ../shared/notes/rinalmo_facts.md §1): token dropout is active in eval mode too;
 the attention residual is added to LayerNorm(x), not to x; SwiGLU has a learnable beta.
 """
 from __future__ import annotations

@@ -11,11 +11,12 @@ from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead,
 TASKS = ("ss", "splice", "mrl", "classify", "regress")
 
 
-def build_head(task: str, dim: int, cfg: HeadConfig, meta: dict[str, Any] | None = None) -> nn.Module:
+def build_head(task: str, dim: int, cfg: HeadConfig, meta: dict[str, Any]) -> nn.Module:
+    """The head of a saved fine-tuned model (`meta`: its finetune.json; classes for splice and classify)."""
     if task == "ss":
         return SecondaryStructureHead(dim, cfg)
     if task in ("splice", "classify"):
-        return SpliceSiteHead(dim, len((meta or {}).get("classes", ("acceptor", "donor", "non_splice_site"))), cfg)
+        return SpliceSiteHead(dim, len(meta["classes"]), cfg)
     if task in ("mrl", "regress"):
         return RibosomeLoadHead(dim, cfg)
     raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")

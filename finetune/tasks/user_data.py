@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from finetune.neardup import leakage_mask
-from finetune.structure import FastaRecord, StructureError, check_letters, header_labels, open_text, read_fasta
+from finetune.structure import (FastaRecord, StructureError, check_letters, header_labels, open_text, read_fasta,
+                                to_rna)
 from finetune.tasks.common import Splits
 
 T = TypeVar("T")
@@ -138,8 +139,8 @@ def user_splits(train: list[T], valid: list[T] | None, test: list[T], seq: Calla
 
 def warn_copies(train: list[T], valid: list[T], seq: Callable[[T], str]) -> None:
     """A validation file that repeats training sequences picks the epoch that memorised best: said, not changed."""
-    seen = {seq(e).upper().replace("T", "U") for e in train}
-    copies = sum(seq(e).upper().replace("T", "U") in seen for e in valid)
+    seen = {to_rna(seq(e)) for e in train}
+    copies = sum(to_rna(seq(e)) in seen for e in valid)
     if copies:
         print(f"warning: {copies} of {len(valid)} validation sequences are also in the training data (model "
               "selection then favours memorising)", file=sys.stderr)

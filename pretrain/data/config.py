@@ -1,4 +1,4 @@
-"""DataConfig: the `data:` section of a pretraining config (contract B in team_contracts.md)."""
+"""DataConfig: the `data:` section of a pretraining config (the shard contract: ../shared/DESIGN.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
