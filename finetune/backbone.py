@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -111,7 +110,7 @@ def load_backbone(cfg: BackboneConfig) -> RiNALMo:
 def backbone_files(cfg: BackboneConfig) -> list[list[Any]]:
     """[name, bytes, mtime in ns] of the backbone's files (the file, or those directly in its directory), so that
     results from other weights at the same path are told apart; [] for a random init."""
-    if cfg.random_preset is not None or not cfg.path:
+    if cfg.random_preset is not None or not cfg.path or not Path(cfg.path).exists():
         return []
     path = Path(cfg.path)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
@@ -181,10 +180,7 @@ def load_finetuned(model_dir: str | Path, map_location: str | torch.device = "cp
         raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")
     if task is not None and meta["task"] != task:
         raise ValueError(f"{model_dir} is a fine-tuned '{meta['task']}' model, not '{task}'")
-    weights_id = _save_id(model_dir / FT_WEIGHTS)
-    if None not in (weights_id, meta.get("save_id")) and meta["save_id"] != weights_id:
-        raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} come from different saves (one was "
-                               "interrupted between the two files): train again")
+    rio.check_same_save(model_dir / FT_WEIGHTS, meta, meta_path)
     try:
         mcfg = rio.saved_model_config(meta, meta_path, **lm_overrides)
         head_cfg = HeadConfig(**meta.get("head", {}))
@@ -195,14 +191,6 @@ def load_finetuned(model_dir: str | Path, map_location: str | torch.device = "cp
         raise rio.WeightsError(f"{model_dir}: {FT_WEIGHTS} and {FT_META} do not fit ({e})") from e
     return model.eval(), meta
 
-
-
-def _save_id(path: Path) -> str | None:
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("save_id")
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise rio.WeightsError(f"{path}: unreadable safetensors file ({e})") from e
 
 
 def import_original_ss(checkpoint: str | Path, out_dir: str | Path, held_out_family: str = "auto",

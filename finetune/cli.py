@@ -16,7 +16,7 @@ from finetune.tasks import TASKS
 from rnalm.configfile import from_cli, save_yaml
 from rnalm.io import read_json
 from rnalm.files import check_out_dir
-from rnalm.runlock import RunLock, RunLockError
+from rnalm.runlock import RunLockError
 
 USAGE = """usage:
   python -m finetune {ss,splice,mrl} {train,evaluate} [--config FILE] [--section.key=value ...]
@@ -62,12 +62,15 @@ def run(argv: Sequence[str]) -> int:
                     raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
             if action == "evaluate" and not cfg.model.path:
                 raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
-            with _out_dir_lock(cmd, action, cfg):
-                loaded: dict[str, Any] = {}
-                if action == "train":
-                    loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
-                    remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
-                save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
+            start_lock, run_lock = _out_dir_locks(cmd, action, cfg)
+            with run_lock:
+                with start_lock:
+                    loaded: dict[str, Any] = {}
+                    if action == "train":
+                        loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
+                        _claim_out(cmd, cfg)
+                        remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
+                    save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
                 result = getattr(module, action)(cfg, **loaded)
             _print_summary(result, cfg.train.out_dir, action)
             return 0
@@ -138,13 +141,27 @@ def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
     return {}
 
 
-def _out_dir_lock(task: str, action: str, cfg: Any) -> AbstractContextManager:
-    """A train run holds OUT (a second run into it would overwrite its model), except an ArchiveII run over several
-    families: its folds have one lock each (OUT/<family>/run.lock), so that processes share them out."""
-    from finetune.tasks.ss import fold_families
+def _out_dir_locks(task: str, action: str, cfg: Any) -> tuple[AbstractContextManager, AbstractContextManager]:
+    """(for the start, for the run; finetune.outlock): a train run holds OUT while it runs (a second run into it
+    would overwrite its model); the processes of an ArchiveII run over several families hold it for a moment at
+    the start (and at each family's claim), so that they share out the families."""
+    from finetune import outlock
+    from finetune.tasks import ss
 
-    several_folds = task == "ss" and cfg.data.dataset == "archiveii" and len(fold_families(cfg.data.test_family)) > 1
-    return RunLock(cfg.train.out_dir) if action == "train" and not several_folds else nullcontext()
+    if action != "train":
+        return nullcontext(), nullcontext()
+    if task == "ss" and ss.several_families(cfg):
+        return outlock.held(Path(cfg.train.out_dir)), nullcontext()
+    return nullcontext(), outlock.single_run(Path(cfg.train.out_dir))
+
+
+def _claim_out(task: str, cfg: Any) -> None:
+    """An ArchiveII run over several families records its settings in OUT (outlock.claim_out), after the checks."""
+    from finetune import outlock
+    from finetune.tasks import ss
+
+    if task == "ss" and ss.several_families(cfg):
+        outlock.claim_out(Path(cfg.train.out_dir), ss.several_family_settings(cfg))
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:
@@ -161,9 +178,12 @@ def _predict(task: str, rest: list[str], prog: str) -> int:
 
 def _print_summary(result: dict, out_dir: str, action: str) -> None:
     if result.get("pending"):
-        print(f"ArchiveII families not finished: {', '.join(result['pending'])}; other processes train them now, "
-              f"and the last one to finish writes the summary ({out_dir}/results.md). If none does (one failed or "
-              f"was stopped), run the same command again: finished families are reused")
+        print(f"ArchiveII families not finished by this process, so the summary ({out_dir}/results.md) is left to "
+              "the process that finishes the last one:")
+        for family, holder in result["pending"].items():
+            print(f"  {family}: {holder}")
+        print("A family held by no process (its process failed or was stopped) is trained by running the same "
+              "command again; finished families are reused")
         return
     name = "results" if action == "train" else "eval_results"
     try:

@@ -9,8 +9,10 @@ post-processing and metric, RNAfold on the same records in the same table.
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from finetune.structure import StructureRecord, pairs_to_matrix, read_structures
 from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
 from finetune.tasks.user_data import removal_note, required, user_splits, valid_source
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
+from finetune import outlock
 from finetune.unfreeze import UnfreezeConfig
 from rnalm.runlock import RunLock, RunLockError
 
@@ -238,45 +241,82 @@ def fold_families(test_family: str) -> list[str]:
     if unknown or not fams:
         raise ValueError(f"data.test_family: unknown {unknown or test_family!r}; use one or more (comma-separated) "
                          f"of {', '.join(ARCHIVEII_FAMILIES)}, or all")
+    if twice := sorted({f for f in fams if fams.count(f) > 1}):
+        raise ValueError(f"data.test_family: {', '.join(twice)} given twice (it would count twice in the mean)")
     return fams
 
 
+def several_families(cfg: SSConfig) -> bool:
+    return cfg.data.dataset == "archiveii" and len(fold_families(cfg.data.test_family)) > 1
+
+
 def run_settings(cfg: SSConfig, family: str | None) -> dict[str, Any]:
-    """What a run's results depend on: its config (with the fold's family; not where it is written, its device or
-    progress bars) and the backbone's files (name, size, time). A finished fold with equal settings is reused."""
+    """What a run's results depend on: its config (with the fold's family, paths resolved; not where it is
+    written, its device, evaluation batch or progress bars) and the backbone's files (name, size, time). A
+    finished fold with equal settings is reused."""
     cfg = replace(cfg, data=replace(cfg.data, test_family=family or cfg.data.test_family))
     settings = asdict(cfg)
-    for key in ("out_dir", "device", "progress"):
+    for key in ("out_dir", "device", "eval_batch_size", "progress"):
         del settings["train"][key]
+    for section, key in (("model", "path"), ("data", "root"), ("data", "train"), ("data", "valid"), ("data", "test")):
+        if settings[section][key]:
+            settings[section][key] = os.path.realpath(settings[section][key])
     settings["backbone_files"] = backbone_files(cfg.model)
     return json.loads(json.dumps(settings, default=str))  # as results.json holds them
 
 
-def finished_fold(fold_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The fold's results when a run with these settings completed it (results.json is its last write)."""
+def several_family_settings(cfg: SSConfig) -> dict[str, Any]:
+    """The settings OUT/folds.json records of a several-family run (the families in any order)."""
+    return run_settings(cfg, ",".join(sorted(fold_families(cfg.data.test_family))))
+
+
+def fold_results(fold_dir: Path) -> dict[str, Any] | None:
+    """The fold's results.json (a fold's last write: there only when it completed), None without one."""
     try:
-        result = json.loads((fold_dir / "results.json").read_text())
+        return json.loads((fold_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    return result if result.get("settings") == settings else None
 
 
-def train_fold(cfg: SSConfig, fold_dir: Path, family: str) -> dict[str, Any] | None:
-    """One ArchiveII fold of a several-family run under the fold's lock: None when another process trains it now
-    (runs of one command, e.g. a Slurm array, share out the families), its results when a run of the same
-    settings finished it (an interrupted run goes on where it stopped), else trained here."""
+def finished_fold(fold_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The fold's results when a run with these settings completed it."""
+    result = fold_results(fold_dir)
+    return result if result is not None and result.get("settings") == settings else None
+
+
+@contextmanager
+def several_family_start(cfg: SSConfig) -> Iterator[None]:
+    """OUT held for a moment, and claimed for this several-family run (outlock.claim_out)."""
+    out = Path(cfg.train.out_dir)
+    with outlock.held(out):
+        outlock.claim_out(out, several_family_settings(cfg))
+        yield
+
+
+def train_fold(cfg: SSConfig, out: Path, family: str) -> dict[str, Any] | None:
+    """One ArchiveII fold of a several-family run, OUT/<family>, under the fold's lock: None when another
+    process trains it now (the processes of one command, e.g. a Slurm array, share out the families), its
+    results when a run of the same settings finished it (an interrupted run goes on where it stopped), else
+    trained here."""
+    fold_dir, settings = out / family, run_settings(cfg, family)
     lock = RunLock(fold_dir)
+    with several_family_start(cfg):  # a claim is made with OUT held (outlock)
+        try:
+            taken_over = lock.acquire()
+        except RunLockError as e:
+            print(f"ArchiveII {family}: not claimed: {e}; next family", file=sys.stderr)
+            return None
     try:
-        lock.acquire()
-    except RunLockError:
-        print(f"ArchiveII {family}: another process trains it now ({fold_dir}); next family", file=sys.stderr)
-        return None
-    try:
-        if (done := finished_fold(fold_dir, run_settings(cfg, family))) is not None:
+        if taken_over:
+            print(f"ArchiveII {family}: took its lock over ({taken_over})", file=sys.stderr)
+        earlier = fold_results(fold_dir)
+        if earlier is not None and earlier.get("settings") == settings:
             print(f"ArchiveII {family}: finished earlier with the same settings, reused ({fold_dir}; delete it to "
                   f"train it again)", file=sys.stderr)
-            return done
-        print(f"ArchiveII {family}: training ({fold_dir})", file=sys.stderr)
+            return earlier
+        why = (f"; its earlier results, of other settings, go ({outlock.differences(earlier['settings'], settings)})"
+               if earlier is not None and "settings" in earlier else "")
+        print(f"ArchiveII {family}: training ({fold_dir}){why}", file=sys.stderr)
         return train_one(cfg, fold_dir, family)
     finally:
         lock.release()
@@ -293,11 +333,13 @@ def train(cfg: SSConfig, data: SSSplits | None = None) -> dict[str, Any]:
     if len(families) == 1:
         return train_one(cfg, out, families[0])
     for fam in families:
-        train_fold(cfg, out / fam, fam)
+        train_fold(cfg, out, fam)
     folds = {fam: finished_fold(out / fam, run_settings(cfg, fam)) for fam in families}  # also others' folds
     pending = [fam for fam, r in folds.items() if r is None]
     if pending:
-        return {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "pending": pending}
+        with outlock.held(out):
+            holders = {fam: outlock.holder(out / fam) or "held by no process now" for fam in pending}
+        return {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "pending": holders}
     return _write_summary(out, families, folds)
 
 

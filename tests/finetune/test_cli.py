@@ -511,10 +511,10 @@ def test_a_device_the_machine_lacks_is_named_and_no_file_is_blamed(ss_model, tin
     from finetune.backbone import load_finetuned
 
     for load, path in ((rio.load_pretrained, tiny_checkpoint), (load_finetuned, ss_model)):
-        with pytest.raises(ValueError, match="map_location 'cuda': this machine has no CUDA device") as e:
+        with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device") as e:
             load(path, map_location="cuda")
         assert not isinstance(e.value, rio.WeightsError)  # was: "... do not fit", "unreadable safetensors file"
-        with pytest.raises(ValueError, match="map_location 'gpu' is not a device"):
+        with pytest.raises(ValueError, match="'gpu' is not a device"):
             load(path, map_location="gpu")
 
 
@@ -662,13 +662,15 @@ def test_structures_from_python_are_those_predict_ss_writes(ss_model, fasta, tmp
         predict_pairs(model, seqs[0], meta["threshold"])
 
 
-def test_a_train_run_into_an_out_dir_another_live_run_holds_is_refused(ss_model, tmp_path, capsys):
+def test_a_train_run_into_an_out_dir_another_live_run_holds_is_refused(ss_model, tmp_path, capsys, monkeypatch):
     """Two runs into one OUT overwrote each other's model and results; now the second is refused, naming the
     first, and nothing of the first's is touched."""
     import shutil
 
+    from finetune import outlock
     from rnalm.runlock import RunLock
 
+    monkeypatch.setattr(outlock, "MOMENT_WAIT_S", 0.5)  # what the refusal waits for other processes' moments
     ft = tmp_path / "ft"
     shutil.copytree(ss_model, ft)
     before = {p.name: p.read_bytes() for p in ft.iterdir()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import pytest
@@ -289,12 +290,13 @@ def test_progress_bars_go_to_a_terminal_and_stay_out_of_a_log_file(terminal, mon
 @pytest.mark.slow
 def test_archiveii_folds_are_shared_out_between_processes_and_reused(tiny_checkpoint, shared_data, tmp_path, capsys):
     """A fold another process holds is left to it (no summary until every fold is finished, and the process that
-    finds them all finished writes it); a fold finished with the same settings is reused, one of other settings
-    (or other backbone weights) is trained again."""
+    finds them all finished writes it); a fold finished with the same settings is reused (its paths written
+    otherwise too: they retrained every family), one of other settings (or other backbone weights) is trained
+    again, saying what differed."""
     from rnalm.runlock import RunLock
 
-    def cfg(seed=0):
-        return ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+    def cfg(seed=0, path=str(tiny_checkpoint)):
+        return ss.SSConfig(model=BackboneConfig(path=path),
                            data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii", test_family="tRNA,srp",
                                                 max_train_len=150, limit_train=8, limit_valid=4, limit_test=4),
                            train=quick_train(tmp_path, epochs=1, seed=seed), eval=ss.SSEvalConfig(rnafold=False))
@@ -303,13 +305,14 @@ def test_archiveii_folds_are_shared_out_between_processes_and_reused(tiny_checkp
         return (tmp_path / fam / "finetuned.safetensors").read_bytes()
 
     with RunLock(tmp_path / "tRNA"):                       # another process trains tRNA now
-        assert ss.train(cfg())["pending"] == ["tRNA"]
-    assert "tRNA: another process trains it now" in capsys.readouterr().err
+        pending = ss.train(cfg())["pending"]
+    assert list(pending) == ["tRNA"] and f"in use by another run: pid {os.getpid()}" in pending["tRNA"]
+    assert "tRNA: not claimed: " in capsys.readouterr().err  # with the holder and its heartbeat
     assert (tmp_path / "srp" / "results.json").exists() and not (tmp_path / "tRNA").joinpath("results.json").exists()
     assert not (tmp_path / "results.json").exists()
     srp = weights("srp")
 
-    summary = ss.train(cfg())                              # that process stopped: the next run trains tRNA only
+    summary = ss.train(cfg(path=f"{tiny_checkpoint}/"))    # that process stopped: the next run trains tRNA only
     err = capsys.readouterr().err
     assert "tRNA: training" in err and "srp: finished earlier with the same settings, reused" in err
     assert weights("srp") == srp and set(summary["rows"]) == {"tRNA", "srp", "mean of 2 families"}
@@ -317,4 +320,39 @@ def test_archiveii_folds_are_shared_out_between_processes_and_reused(tiny_checkp
     assert not list(tmp_path.rglob("run.lock"))
 
     ss.train(cfg(seed=1))                                  # other settings: both trained again
-    assert capsys.readouterr().err.count(": training") == 2 and weights("srp") != srp
+    err = capsys.readouterr().err
+    assert err.count(": training") == 2 and weights("srp") != srp
+    assert "its earlier results, of other settings, go (train.seed: 0 -> 1)" in err
+    with pytest.raises(ValueError, match="data.test_family: srp given twice"):
+        ss.fold_families("srp,tRNA,srp")
+
+
+def test_an_out_dir_in_use_by_another_kind_of_run_or_other_settings_is_refused(tiny_checkpoint, shared_data, tmp_path,
+                                                                               monkeypatch, capsys):
+    """A several-family run and a single run into one OUT removed each other's model and summary; two several-family
+    runs of other settings shared out the families between them, and neither wrote a summary."""
+    from finetune import outlock
+    from finetune.cli import run
+    from rnalm.runlock import RunLock
+
+    monkeypatch.setattr(outlock, "MOMENT_WAIT_S", 0.5)
+    args = [f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}", "--data.dataset=archiveii",
+            "--data.max_train_len=150", "--data.limit_train=8", "--data.limit_valid=4", "--data.limit_test=4",
+            "--train.epochs=1", "--eval.rnafold=false", "--train.progress=false", f"--train.out_dir={tmp_path}"]
+    with RunLock(tmp_path):                                   # a single train run holds OUT
+        assert run(["ss", "train", *args, "--data.test_family=tRNA,srp"]) == 2
+        assert f"{tmp_path} is in use by another run: pid {os.getpid()}" in capsys.readouterr().err
+    assert not (tmp_path / outlock.FOLDS_FILE).exists()
+
+    outlock.claim_out(tmp_path, {"train": {"seed": 7}})       # a several-family run of other settings ...
+    with RunLock(tmp_path / "srp"):                           # ... trains srp now
+        assert run(["ss", "train", *args, "--data.test_family=tRNA,srp"]) == 2
+        err = capsys.readouterr().err
+        assert "holds an ArchiveII run of other settings (" in err and "train.seed: 7 -> 0" in err
+        assert "whose families srp are in training" in err
+        assert run(["ss", "train", *args, "--data.test_family=5s"]) == 2     # a single run, too
+        assert "in use by an ArchiveII run over several families (families srp in training)" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "train_config.yaml").exists() and not (tmp_path / "tRNA").exists()
+    assert run(["ss", "train", *args, "--data.test_family=tRNA,srp"]) == 0  # that run stopped: OUT is this one's
+    assert json.loads((tmp_path / outlock.FOLDS_FILE).read_text())["train"]["seed"] == 0
