@@ -120,6 +120,19 @@ def check_files(folder: Path, world_size: int) -> None:
                                   "truncated or partly written?)")
 
 
+def check_archives(folder: Path) -> None:
+    """A CheckpointError naming the first .pt file of `folder` whose members fail their CRC (damaged after it was
+    written: torch.load reads such bytes without a word). Reads every file whole."""
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{path}: damaged checkpoint file ({e})") from None
+        if bad is not None:
+            raise CheckpointError(f"{path}: damaged checkpoint file (its member {bad} fails its CRC check)")
+
+
 class Checkpointer:
     """Save/load on every rank of the DeepSpeed engine; filesystem is shared by all ranks."""
 

@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, check_files,
-                                 complete_tags, latest_tag, read_trainer_state)
+from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, check_archives,
+                                 check_files, complete_tags, latest_tag, read_trainer_state)
 from rnalm.runlock import RunLock, RunLockError
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, check_out_dir
 
 
 RELEASED_HINT = ("; released weights (ours, the original's .pt, multimolecule's) need no conversion: pass them "
@@ -64,9 +64,15 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
     from rnalm.config import ModelConfig
     from rnalm.io import save_pretrained
 
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    try:
+        out = check_out_dir(out_dir, "OUT_DIR")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     root, tag = locate(ckpt_dir, tag)
+    run, resolved = root.parent.resolve(), out.resolve()
+    if resolved in (run, root.resolve()) or root.resolve() in resolved.parents:
+        raise CheckpointError(f"OUT_DIR={out_dir} is the training run {root.parent} or in its checkpoints, which "
+                              "the trainer prunes and convert reads: write the weights elsewhere")
     state = read_trainer_state(root, tag)
     weights = consolidate(root, tag)
     config = ModelConfig.from_dict(state["model"])
@@ -75,44 +81,68 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
                   "world_size": state["world_size"], "deepspeed": deepspeed.__version__,
                   "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "train_config": state.get("config")}
-    return save_pretrained(weights, out_dir, config=config, provenance=provenance)
+    return save_pretrained(weights, out, config=config, provenance=provenance)
+
+
+def check_checkpoint(root: Path, tag: str) -> None:
+    """Every rank's files there and whole (check_files, check_archives), else a CheckpointError naming the file, or
+    saying that a training run pruned the checkpoint while it was read."""
+    ckpt = root / tag
+    files = sorted(ckpt.glob("*_states.pt"))  # DeepSpeed's model and optimizer states, one or more per rank
+    world_size = read_trainer_state(root, tag).get("world_size")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise CheckpointError(f"{ckpt / STATE_FILE}: no usable world_size ({world_size!r}): a damaged trainer state")
+    try:
+        check_files(ckpt, world_size)
+        check_archives(ckpt)
+    except CheckpointError as e:
+        if _pruned(ckpt, files):
+            raise _removed(ckpt) from None
+        raise CheckpointError(f"{e}: convert an older checkpoint with --tag") from None
+
+
+def _pruned(ckpt: Path, files: list[Path]) -> bool:
+    return not (ckpt / STATE_FILE).is_file() or not all(f.is_file() for f in files)
+
+
+def _removed(ckpt: Path) -> CheckpointError:
+    return CheckpointError(f"{ckpt} was removed while it was being converted (a training run pruned it: "
+                           f"checkpoint.keep); convert again, or another --tag")
 
 
 def consolidate(root: Path, tag: str) -> dict:
     """DeepSpeed's zero_to_fp32 on root/tag, its failures as a CheckpointError that names the checkpoint and file
-    (a damaged shard, a universal checkpoint, one the training run pruned while it was read)."""
+    (a damaged shard, a universal checkpoint, one the training run pruned while it was read). Weights that are
+    not finite (a damaged file that kept its CRC, a diverged run) are refused too."""
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = root / tag
     if tag.endswith(UNIVERSAL_SUFFIX):
         raise CheckpointError(f"{ckpt} is a universal checkpoint (for resuming at another world size), which "
                               f"convert does not read: convert {root / tag[:-len(UNIVERSAL_SUFFIX)]} instead")
-    removed = CheckpointError(f"{ckpt} was removed while it was being converted (a training run pruned it: "
-                              f"checkpoint.keep); convert again, or another --tag")
-    files = sorted(ckpt.glob("*_states.pt"))  # DeepSpeed's model and optimizer states, one or more per rank
-
-    def pruned() -> bool:
-        return not (ckpt / STATE_FILE).is_file() or not all(f.is_file() for f in files)
-
+    files = sorted(ckpt.glob("*_states.pt"))
+    check_checkpoint(root, tag)
     try:
-        check_files(ckpt, read_trainer_state(root, tag)["world_size"])
-    except CheckpointError as e:
-        if pruned():
-            raise removed from None
-        raise CheckpointError(f"{e}: convert an older checkpoint with --tag") from None
-    try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises plain RuntimeError/ValueError/FileNotFoundError/...
-        if pruned():
-            raise removed from e
+        if _pruned(ckpt, files):
+            raise _removed(ckpt) from e
         where = getattr(e, "filename", None) or ckpt
         raise CheckpointError(f"{where}: DeepSpeed could not consolidate checkpoint {ckpt} "
                               f"({type(e).__name__}: {e})") from e
+    bad = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{ckpt}: weights with NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): a damaged file or a diverged run; convert an "
+                              "older checkpoint with --tag")
+    return weights
 
 
 def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
     """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it."""
     root, tag = locate(ckpt_dir, tag)
+    check_checkpoint(root, tag)  # ds_to_universal names no file, or the wrong cause, when one is damaged
     final = root / (tag + UNIVERSAL_SUFFIX)
     tmp = root / (TMP_PREFIX + tag + UNIVERSAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,6 +152,11 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if "universal_checkpoint_info" in proc.stderr:
+            raise CheckpointError(f"{root / tag}: DeepSpeed writes no universal_checkpoint_info into ZeRO-1/2 "
+                                  "checkpoints, so it cannot be resumed at another world size: resume at the one that "
+                                  "saved it, or start a new run from its weights (python -m pretrain.convert, then "
+                                  "--train.init_weights)")
         raise CheckpointError(f"ds_to_universal failed on {root / tag} (exit {proc.returncode}):\n"
                               f"{proc.stderr[-3000:]}")
     for f in (root / tag).iterdir():  # our own files: trainer state (loader states!) and RNG states
@@ -137,7 +172,7 @@ def _to_universal_locked(ckpt_dir: str | Path, tag: str | None) -> Path:
     """By hand, under the run's lock: a trainer starting in that run deletes the temp dirs it finds in
     checkpoints/ (and prunes old tags), and it refuses to start while the conversion holds the lock."""
     root, tag = locate(ckpt_dir, tag)
-    lock = RunLock(root.parent)
+    lock = RunLock(root.parent, option=None)
     try:
         lock.acquire()
     except RunLockError as e:
@@ -159,13 +194,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # --tag before or after OUT_DIR
     if not args.universal and not args.out_dir:
         parser.error("OUT_DIR is required (or --universal)")
+    if args.universal and args.out_dir:
+        parser.error("--universal writes <checkpoints>/<tag>_universal beside the checkpoint: no OUT_DIR")
+    created = args.out_dir and not Path(args.out_dir).exists()
     try:
         if args.universal:
             print(f"universal checkpoint: {_to_universal_locked(args.ckpt_dir, args.tag)}")
         else:
             out = to_pretrained(args.ckpt_dir, args.out_dir, args.tag)
             print(f"released weights: {out}")
-    except CheckpointError as e:
+    except (CheckpointError, KeyboardInterrupt) as e:
+        if created and Path(args.out_dir).is_dir() and not any(Path(args.out_dir).iterdir()):
+            Path(args.out_dir).rmdir()  # this run's, left empty
+        if isinstance(e, KeyboardInterrupt):
+            parser.exit(130, "python -m pretrain.convert: interrupted; OUT_DIR holds its earlier files or none "
+                             "(each file is written whole, and a pair of two saves is refused when read)\n")
         parser.exit(1, f"python -m pretrain.convert: error: {e}\n")
 
 

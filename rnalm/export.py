@@ -20,7 +20,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from rnalm.config import ModelConfig
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, check_out_dir
 from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError,
                       export_multimolecule, export_official, read_pretrained)
 
@@ -55,11 +55,17 @@ def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Path:
+    if not str(out):
+        raise ValueError("OUT is required: the .pt file (official) or directory (multimolecule) to write")
     out = Path(out)
     if to == "official" and out.is_dir():
         raise WeightsError(f"{out} is a directory: --to official writes one .pt file")
     if to == "multimolecule" and out.exists() and not out.is_dir():
         raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
+    check_out_dir(out.parent if to == "official" else out, "OUT")  # not under a file, writable
+    if to == "multimolecule" and out.resolve() == Path(model_dir).resolve():
+        raise WeightsError(f"{out} is the model directory itself: its files would be replaced by multimolecule's "
+                           "(and its provenance lost); write it elsewhere")
     cfg, state = read_pretrained(model_dir)
     check_expressible(cfg, to)
     if to == "official":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rnalm.config import PRESETS, ModelConfig
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, remove_stale_temps
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import VOCAB
 
@@ -66,7 +67,8 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where:
 
 def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
                     config: ModelConfig | None = None, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` into out_dir (each file atomically)."""
+    """Write `model.safetensors` + `config.json` into out_dir, each atomically and both with one save id: a save
+    interrupted between the two files leaves a pair that read_pretrained refuses, not one it mixes."""
     if isinstance(model_or_state, RiNALMo):
         config = config or model_or_state.config
         state = model_or_state.state_dict()
@@ -78,10 +80,12 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    remove_stale_temps(out / WEIGHTS_NAME)  # a killed save's (giga: 2.6 GB, hidden)
+    save_id = uuid.uuid4().hex
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "save_id": save_id}))
     meta = {"format_version": FORMAT_VERSION, "model": config.released().to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
-            "provenance": provenance or {}}
+            "provenance": provenance or {}, "save_id": save_id}
     atomic_write(out / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -111,10 +115,10 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"map_location {device!r} is not a device ({e})") from None
+        raise ValueError(f"{device!r} is not a device ({e})") from None
     available = getattr(getattr(torch, dev.type, None), "is_available", None)  # torch.cuda, torch.xpu, ...
     if available is not None and not available():
-        raise ValueError(f"map_location {device!r}: this machine has no {dev.type.upper()} device")
+        raise ValueError(f"device {device!r}: this machine has no {dev.type.upper()} device")
     return dev
 
 
@@ -124,6 +128,23 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         return load_file(str(path), device=str(device))
     except (OSError, SafetensorError) as e:
         raise WeightsError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def saved_id(path: str | os.PathLike) -> str | None:
+    """The save id in a safetensors file's metadata (None in files written without one)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("save_id")
+    except (OSError, SafetensorError) as e:
+        raise WeightsError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def check_same_save(weights: Path, meta: Mapping[str, Any], meta_path: Path) -> None:
+    """Weights and their JSON written by one save (files written before save ids pass)."""
+    weights_id = saved_id(weights)
+    if None not in (weights_id, meta.get("save_id")) and meta["save_id"] != weights_id:
+        raise WeightsError(f"{weights.parent}: {weights.name} and {meta_path.name} come from different saves (one "
+                           "was interrupted between the two files): write them again")
 
 
 def safetensors_keys(path: str | os.PathLike) -> list[str]:
@@ -158,6 +179,7 @@ def read_pretrained(model_dir: str | os.PathLike, map_location: str | torch.devi
     meta = read_config(model_dir)
     cfg = saved_model_config(meta, Path(model_dir) / CONFIG_NAME, **config_overrides)
     path = Path(model_dir) / WEIGHTS_NAME
+    check_same_save(path, meta, Path(model_dir) / CONFIG_NAME)
     state = read_safetensors(path, map_location)
     check_state_dict(state, cfg, str(path))
     return cfg, state

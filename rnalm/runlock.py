@@ -67,8 +67,9 @@ def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
 
 
 class RunLock:
-    def __init__(self, out_dir: str | Path, option: str = "--train.out_dir") -> None:
-        """`option`: the command-line option that names the directory (in the refusal)."""
+    def __init__(self, out_dir: str | Path, option: str | None = "--train.out_dir") -> None:
+        """`option`: the command-line option that names the directory (in the refusal); None: a command that
+        works on another run's directory, which can only wait."""
         self.path, self.option = Path(out_dir) / LOCK_NAME, option
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -97,10 +98,10 @@ class RunLock:
                 who = (f"pid {holder.get('pid')} on {holder.get('host')}"
                        + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else "")
                        + f", started {holder.get('started')}" if holder else "a run whose lock is not written yet")
-                raise RunLockError(
-                    f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. Two runs in "
-                    f"one directory would overwrite each other's files: use another {self.option}, stop that run, "
-                    f"or wait {STALE_S:.0f} s after it died") from None
+                advice = (f"Two runs in one directory would overwrite each other's files: use another {self.option}, "
+                          if self.option else "")
+                raise RunLockError(f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. "
+                                   f"{advice}stop that run, or wait {STALE_S:.0f} s after it died") from None
             self._remove_if_unchanged(text)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()

@@ -92,6 +92,13 @@ def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converte
     assert {"embedding.weight", "transformer.blocks.0.mh_attn.Wqkv.weight", "lm_mask_head.linear2.weight"} <= names
 
 
+def assert_same_weights(a, b):
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_older_tag_and_clear_errors(straight_run, converted, tmp_path):
     from pretrain.convert import to_pretrained
     older = to_pretrained(straight_run, tmp_path / "older", tag="step00000008")
@@ -105,10 +112,11 @@ def test_older_tag_and_clear_errors(straight_run, converted, tmp_path):
         proc.stderr  # pruned (keep=2): the message said "not a complete checkpoint"
     step_dir = straight_run / "checkpoints" / "step00000008"
     same = to_pretrained(step_dir, tmp_path / "from_step_dir")  # one checkpoint folder named directly
-    assert (same / "model.safetensors").read_bytes() == (older / "model.safetensors").read_bytes()
+    assert_same_weights(same, older)
     (tmp_path / "a_file").write_text("")
     for args, message in (([str(step_dir), str(tmp_path / "z"), "--tag", "step00000012"], "not --tag step00000012"),
-                          ([str(straight_run), str(tmp_path / "a_file")], "a_file: exists and is not a directory"),
+                          ([str(straight_run), str(tmp_path / "a_file")], "a_file is a file, not a directory"),
+                          ([str(straight_run), str(tmp_path / "a_file" / "sub")], "a_file is a file, not a directory"),
                           ([str(tmp_path / "a_file"), str(tmp_path / "w")], "a file, not a training run's folder"),
                           ([str(tmp_path / "none"), str(tmp_path / "w")], "none: no such folder"),
                           ([str(converted), str(tmp_path / "w")], "holds released weights (model.safetensors)")):
@@ -186,3 +194,72 @@ def test_damaged_universal_or_vanishing_checkpoints_fail_with_the_file_named(cop
     with pytest.raises(CheckpointError, match="step00000008 was removed while it was being converted"):
         to_pretrained(copy_of_straight_run, tmp_path / "c", tag="step00000008")
     assert not (tmp_path / "c").exists()
+
+
+def test_damaged_contents_or_non_finite_weights_are_refused(copy_of_straight_run, tmp_path, monkeypatch):
+    """Found by a review: bytes damaged inside a shard (the file whole, its CRCs wrong) converted with exit 0 and
+    released NaN weights, which load_pretrained and pretrain.evaluate took; ds_to_universal, given a missing rank
+    file, printed a DeepSpeed traceback blaming a 'tp_degree or dp_degree mismatch'."""
+    import deepspeed.utils.zero_to_fp32 as z2f
+
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.convert import to_pretrained
+
+    ckpts = copy_of_straight_run / "checkpoints"
+    real = z2f.get_fp32_state_dict_from_zero_checkpoint
+
+    def diverged(root, tag, **kw):
+        weights = real(root, tag, **kw)
+        weights["transformer.blocks.0.mh_attn.Wqkv.weight"][0, 0] = float("nan")
+        return weights
+
+    with monkeypatch.context() as mp:
+        mp.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint", diverged)
+        with pytest.raises(CheckpointError, match=r"weights with NaN or infinite values \(transformer.blocks.0.mh_at"):
+            to_pretrained(copy_of_straight_run, tmp_path / "nan", tag="step00000008")
+    assert not (tmp_path / "nan").exists()
+
+    shard = ckpts / "step00000012" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4] = b"\xff\xff\xff\xff"  # inside a tensor: a NaN, the zip intact
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run([PY, "-m", "pretrain.convert", str(copy_of_straight_run), str(tmp_path / "a")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"{shard}: damaged checkpoint file (its member" in proc.stderr, proc.stderr
+    assert "fails its CRC check" in proc.stderr and not (tmp_path / "a").exists()
+
+    (ckpts / "step00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    proc = subprocess.run([PY, "-m", "pretrain.convert", "--universal", str(ckpts / "step00000008")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(ckpts.glob("*universal*")), proc.stderr[-2000:]
+
+
+def test_out_dir_in_the_run_or_its_checkpoints_and_interrupts_are_refused_cleanly(copy_of_straight_run, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Weights converted into a step folder were deleted by the trainer's next prune, and made that folder (or the
+    run, converted into itself) unconvertible for good; Ctrl-C was a traceback and left an empty OUT_DIR;
+    --universal ignored an OUT_DIR it was given."""
+    import pretrain.convert as convert
+
+    run, ckpts = copy_of_straight_run, copy_of_straight_run / "checkpoints"
+    for out in (run, ckpts, ckpts / "step00000012", ckpts / "released"):
+        proc = subprocess.run([PY, "-m", "pretrain.convert", str(run), str(out)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 1 and "is the training run" in proc.stderr and "write the weights elsewhere" in \
+            proc.stderr, proc.stderr[-2000:]
+    assert not (run / "model.safetensors").exists() and not (ckpts / "released").exists()
+    assert not (ckpts / "step00000012" / "model.safetensors").exists()
+
+    def interrupted(*args):
+        (tmp_path / "new").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "to_pretrained", interrupted)
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(run), str(tmp_path / "new")])
+    assert e.value.code == 130 and "python -m pretrain.convert: interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--universal", str(run), str(tmp_path / "x")])
+    assert e.value.code == 2 and "--universal writes <checkpoints>/<tag>_universal beside" in capsys.readouterr().err

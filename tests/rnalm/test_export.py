@@ -145,3 +145,21 @@ def test_a_multimolecule_file_that_is_not_what_its_config_says_is_refused(tmp_pa
         read_weights(wider)
     head = variant("with_ss_head", {**state, "ss_head.prediction.weight": torch.zeros(1, 8)}, meta)
     assert read_weights(head)[0] == read_weights(tmp_path / "hf")[0]   # another head: not the backbone's
+
+
+def test_the_model_directory_itself_an_empty_out_or_a_path_under_a_file_are_refused(tmp_path, capsys):
+    """--to multimolecule into the model directory replaced its files (provenance gone, and no longer readable as
+    ours); an empty OUT wrote into the current directory; OUT under a file said '[Errno 17] File exists'."""
+    released(tmp_path)
+    model = tmp_path / "model"
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    (tmp_path / "a_file").write_text("")
+    for to, out, message in (("multimolecule", str(model), f"{model} is the model directory itself"),
+                             ("multimolecule", "", "OUT is required"),
+                             ("official", "", "OUT is required"),
+                             ("official", str(tmp_path / "a_file" / "x.pt"), "a_file is a file, not a directory"),
+                             ("multimolecule", str(tmp_path / "a_file" / "d"), "a_file is a file, not a directory")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(model), "--to", to, out])
+        assert exit_.value.code == 1 and message in capsys.readouterr().err, (to, out)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before

@@ -226,3 +226,29 @@ def test_a_file_of_another_head_count_names_itself_and_the_setting_to_pass(tmp_p
         import_official(tmp_path / "h4.pt")
     cfg, _ = import_official(tmp_path / "h4.pt", num_heads=4)
     assert cfg.num_heads == 4
+
+
+def test_a_save_interrupted_between_its_two_files_is_refused_and_its_temp_file_removed(tmp_path, monkeypatch):
+    """A conversion stopped between the weights' rename and config.json's left new weights beside the old config:
+    refused when the shapes differ, silently wrong when they match (e.g. another head count); a save killed while
+    writing the weights left a hidden temp file (giga: 2.6 GB) that no later save removed."""
+    import rnalm.io as rio
+
+    save_pretrained(random_model("nano"), tmp_path)
+    (tmp_path / ".model.safetensors.dead.tmp").write_bytes(b"x" * 100)   # as atomic_write names its temp files
+    real = rio.atomic_write
+
+    def config_write_killed(path, content, durable=False):
+        if str(path).endswith("config.json"):
+            raise KeyboardInterrupt
+        real(path, content, durable)
+
+    monkeypatch.setattr(rio, "atomic_write", config_write_killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(random_model("nano", num_heads=8), tmp_path)   # same shapes: would load silently wrong
+    assert not (tmp_path / ".model.safetensors.dead.tmp").exists()
+    with pytest.raises(WeightsError, match="model.safetensors and config.json come from different saves"):
+        load_pretrained(tmp_path)
+    monkeypatch.undo()
+    save_pretrained(random_model("nano", num_heads=8), tmp_path)
+    assert load_pretrained(tmp_path).config.num_heads == 8
