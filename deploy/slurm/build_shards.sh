@@ -22,16 +22,13 @@
 
 set -uo pipefail
 
-log() { echo "[build_shards.sh $(date '+%F %T')] $*"; }
-die() { log "error: $*" >&2; exit 1; }
-
-[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
+NAME=build_shards.sh
+RNALM_REPO=${RNALM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -f "$RNALM_REPO/deploy/slurm/common.sh" ] \
+  || { echo "[build_shards.sh] error: $RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)" >&2; exit 1; }
+# shellcheck source=deploy/slurm/common.sh
+source "$RNALM_REPO/deploy/slurm/common.sh"
 [ $# -gt 0 ] || die "no arguments: give at least --input FILE... --out DIR (see python dataprep/build_shards.py -h)"
-RNALM_REPO=${RNALM_REPO:-$SLURM_SUBMIT_DIR}
-[ -f "$RNALM_REPO/dataprep/build_shards.py" ] || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
-cd "$RNALM_REPO" || die "cannot cd to $RNALM_REPO"
-PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=$(command -v python3) || die "no python: set RNALM_PYTHON"
 
 CPUS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1   # parallelism comes from ranks, --workers and --threads

@@ -26,16 +26,13 @@
 
 set -uo pipefail
 
-log() { echo "[finetune.sh $(date '+%F %T')] $*"; }
-die() { log "error: $*" >&2; exit 1; }
-
-[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
+NAME=finetune.sh
+RNALM_REPO=${RNALM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -f "$RNALM_REPO/deploy/slurm/common.sh" ] \
+  || { echo "[finetune.sh] error: $RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)" >&2; exit 1; }
+# shellcheck source=deploy/slurm/common.sh
+source "$RNALM_REPO/deploy/slurm/common.sh"
 [ $# -gt 0 ] || die "no arguments: give a python -m finetune command, e.g. ss train --model.path=MODEL --train.out_dir=OUT"
-RNALM_REPO=${RNALM_REPO:-$SLURM_SUBMIT_DIR}
-[ -f "$RNALM_REPO/finetune/cli.py" ] || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
-cd "$RNALM_REPO" || die "cannot cd to $RNALM_REPO"
-PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=$(command -v python3) || die "no python: set RNALM_PYTHON"
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 TASK=${SLURM_ARRAY_TASK_ID:+, array task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID}

@@ -540,12 +540,16 @@ def test_a_stop_while_the_shard_set_is_replaced_takes_effect_when_the_new_set_is
     def sigterm_exits(signum, frame):
         raise SystemExit(143)
 
-    previous = signal.signal(signal.SIGTERM, sigterm_exits)   # this test process must not die of it
+    # this test process must not die of SIGTERM, and takes SIGINT as Ctrl-C even where it was started with SIGINT
+    # ignored (a background job of a shell, as CI's make runs it)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, sigterm_exits),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         with pytest.raises(KeyboardInterrupt if stop == "SIGINT" else SystemExit):
             build_small(tmp_path, [fasta], records_per_shard=70)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     m = read_manifest(out)
     assert m.params["records_per_shard"] == 70
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.tar")) == sorted(s.path for s in m.shards)
