@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from typing import Any
@@ -76,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required: a run's config.yaml (its shards, crops and masks), or "
                      "pretrain/configs/<preset>.yaml with --data.shards=DIR")
     cfg = from_cli(PretrainConfig, rest, prog="python -m pretrain.evaluate WEIGHTS")
+    if not os.path.isabs(cfg.data.shards) and not os.path.exists(cfg.data.shards):
+        parser.error(f"data.shards={cfg.data.shards} (a relative path, as the config records it) is not found from "
+                     f"{os.getcwd()}: run from the directory the run was started in, or pass --data.shards=PATH")
     try:
         cfg.validate()
         device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -83,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
         t0 = time.perf_counter()
         result = validation(model, cfg, args.world_size)
+        if not math.isfinite(result["loss"]):
+            raise ValueError(f"{args.weights}: the loss is {result['loss']} (weights with NaN or infinite values?)")
     except (OSError, ValueError, ShardError, rio.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -74,6 +74,17 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     if not torch.cuda.is_available():
         no_gpu = evaluate(converted, "--device", "cuda")
         assert no_gpu.returncode == 2 and no_gpu.stderr.startswith("error:")
+    # found by a review: a relative data.shards was looked for from wherever the command ran ("no such folder"),
+    # and weights holding a NaN printed 'loss nan' and a JSON line with NaN (not JSON) with exit 0
+    relative = evaluate(converted, "--data.shards=shards_of_the_run")
+    assert relative.returncode == 2 and "a relative path, as the config records it) is not found from" in \
+        relative.stderr and "--data.shards=PATH" in relative.stderr
+    state = read_pretrained(converted)[1]
+    state["transformer.blocks.0.mh_attn.Wqkv.weight"][0, 0] = float("nan")
+    export_official(state, tmp_path / "nan.pt")
+    nan = evaluate(tmp_path / "nan.pt", "--world_size", "2")
+    assert nan.returncode == 2 and "the loss is nan (weights with NaN or infinite values?)" in nan.stderr
+    assert nan.stdout == ""
 
 
 def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):
