@@ -47,6 +47,8 @@ def locate(path: str | Path, tag: str | None) -> tuple[Path, str]:
 
 
 def resolve_tag(root: Path, tag: str | None) -> str:
+    if tag is not None and Path(tag).name != tag:
+        raise CheckpointError(f"--tag {tag}: a checkpoint's name in {root} (e.g. step00001000), not a path")
     tag = tag or latest_tag(root)
     if tag is None:
         raise CheckpointError(f"{root}: no complete checkpoint (a step* dir with {STATE_FILE})")

@@ -130,7 +130,9 @@ def test_older_tag_and_clear_errors(straight_run, converted, tmp_path):
                           ([str(straight_run), str(tmp_path / "a_file" / "sub")], "a_file is a file, not a directory"),
                           ([str(tmp_path / "a_file"), str(tmp_path / "w")], "a file, not a training run's folder"),
                           ([str(tmp_path / "none"), str(tmp_path / "w")], "none: no such folder"),
-                          ([str(converted), str(tmp_path / "w")], "holds released weights (model.safetensors)")):
+                          ([str(converted), str(tmp_path / "w")], "holds released weights (model.safetensors)"),
+                          ([str(straight_run), str(tmp_path / "t"), "--tag", "../checkpoints/step00000008"],
+                           "a checkpoint's name in")):
         proc = subprocess.run([PY, "-m", "pretrain.convert", *args], cwd=REPO, capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
