@@ -155,10 +155,10 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         if "universal_checkpoint_info" in proc.stderr:
-            raise CheckpointError(f"{root / tag}: DeepSpeed writes no universal_checkpoint_info into ZeRO-1/2 "
-                                  "checkpoints, so it cannot be resumed at another world size: resume at the one that "
-                                  "saved it, or start a new run from its weights (python -m pretrain.convert, then "
-                                  "--train.init_weights)")
+            raise CheckpointError(f"{root / tag}: a ZeRO-1/2 checkpoint without universal_checkpoint_info (saved "
+                                  "by this trainer before 2026-12-05), which DeepSpeed cannot resume at another world "
+                                  "size: resume at the one that saved it, or start a new run from its weights "
+                                  "(python -m pretrain.convert, then --train.init_weights)")
         raise CheckpointError(f"ds_to_universal failed on {root / tag} (exit {proc.returncode}):\n"
                               f"{proc.stderr[-3000:]}")
     for f in (root / tag).iterdir():  # our own files: trainer state (loader states!) and RNG states

@@ -492,6 +492,23 @@ def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_re
     assert [s["weight_decay"] for s in events(records, "start")] == [[0.01, 0.0]] * 3
 
 
+def test_a_zero2_run_resumes_on_another_world_size_too(pretrain_shards, tmp_path):
+    """DeepSpeed's universal conversion refused ZeRO-1/2 checkpoints ('Required universal_checkpoint_info state is
+    missing'), so a zero2.json run could never change its number of ranks: the trainer now gives the engine that
+    state to save."""
+    out, zero2 = tmp_path / "run", "--train.ds_config=ds_configs/zero2.json"
+    run_trainer(pretrain_shards, out, zero2, "--train.max_steps=4", "--checkpoint.every=4", "--train.valid_every=0")
+    proc = run_trainer(pretrain_shards, out, zero2, "--train.max_steps=6", "--checkpoint.every=4",
+                       "--train.valid_every=0", nproc=1)
+    assert "was written by 2 ranks, this run has 1: converting" in proc.stderr
+    records = read_log(out)
+    start = events(records, "start")[-1]
+    assert start["resumed_from"] == tag_for(4) + "_universal" and start["world_size"] == 1
+    assert start["weight_decay"] == [0.01, 0.0]
+    steps = by_step(records)
+    assert [s for s in steps if s > 4] == [5, 6] and steps[5]["loss"] < steps[1]["loss"]  # trained weights
+
+
 def test_loss_and_gradient_are_normalised_by_all_masked_tokens_of_the_step(pretrain_shards, tmp_path):
     """The engine's first step (2 ranks x 2 micro-batches, no dropout) against one process computing
     sum(CE over every masked token of the 4 micro-batches) / their count on the same initial weights."""
