@@ -9,7 +9,8 @@ A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum) 
     int64   offsets[n+1]         record i is seq[offsets[i]:offsets[i+1]]
     int64   cluster_id[n], cluster_size[n], index_in_cluster[n]
     int32   source[n]
-    bytes   ids      "id\\n" per record (UTF-8; ids never contain whitespace)
+    bytes   ids      "id\\n" per record (UTF-8; an id ends at its header's first ASCII space or control byte;
+                     Unicode spaces such as U+00A0 stay in it)
     bytes   labels   "label\\n" per record (UTF-8, may be empty), only when flags & 1
     bytes   seq      normalised sequences concatenated (upper-case ASCII, U not T)
 
