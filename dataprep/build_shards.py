@@ -138,19 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     fresh = not Path(cfg.out).exists()
     try:
         build(cfg, comm)
-    except DataprepError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        if isinstance(e, InputError) and comm.rank == 0:
-            discard_unfinished(Path(cfg.out), fresh)
-        if comm.size > 1:
-            comm.abort(2)
-        return 2
-    except OSError as e:
-        if e.errno not in UNWRITABLE:
+    except (DataprepError, OSError) as e:
+        unwritable = isinstance(e, OSError)
+        if unwritable and e.errno not in UNWRITABLE:
             raise
         print(f"error: {e.strerror}: {e.filename} (the unfinished stages are removed; the finished ones and the "
-              f"published shard set stay)", file=sys.stderr, flush=True)
-        if comm.rank == 0:
+              f"published shard set stay)" if unwritable else f"error: {e}", file=sys.stderr, flush=True)
+        if (unwritable or isinstance(e, InputError)) and comm.rank == 0:
             discard_unfinished(Path(cfg.out), fresh)
         if comm.size > 1:
             comm.abort(2)

@@ -8,20 +8,16 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 """
 from __future__ import annotations
 
-import json
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from rnalm import io as rio
 from rnalm.config import ModelConfig
-from rnalm.files import atomic_write, remove_stale_temps
 from rnalm.model import RiNALMo
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
@@ -122,13 +118,9 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
     the two renames leaves a pair that `load_finetuned` refuses, never one it silently mixes (another run's SS
     threshold or MRL scaler beside these weights)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out / FT_WEIGHTS)  # a killed save's (giga: 2.6 GB)
-    save_id = uuid.uuid4().hex
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    full = {**meta, "model": model.lm.config.released().to_dict(), "save_id": save_id}
-    atomic_write(out / FT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"save_id": save_id}), durable=True)
-    atomic_write(out / FT_META, json.dumps(full, indent=2, default=str) + "\n", durable=True)
+    rio.write_saved_pair(out / FT_WEIGHTS, tensors, out / FT_META,
+                         {**meta, "model": model.lm.config.released().to_dict()}, durable=True)
     return out
 
 

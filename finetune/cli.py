@@ -156,12 +156,11 @@ def _out_dir_locks(task: str, action: str, cfg: Any) -> tuple[AbstractContextMan
 
 
 def _claim_out(task: str, cfg: Any) -> None:
-    """An ArchiveII run over several families records its settings in OUT (outlock.claim_out), after the checks."""
-    from finetune import outlock
+    """An ArchiveII run over several families records its settings in OUT, after the checks."""
     from finetune.tasks import ss
 
     if task == "ss" and ss.several_families(cfg):
-        outlock.claim_out(Path(cfg.train.out_dir), ss.several_family_settings(cfg))
+        ss.claim_out(cfg)
 
 
 def _predict(task: str, rest: list[str], prog: str) -> int:

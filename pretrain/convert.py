@@ -86,9 +86,9 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
     return save_pretrained(weights, out, config=config, provenance=provenance)
 
 
-def check_checkpoint(root: Path, tag: str) -> None:
+def check_checkpoint(root: Path, tag: str) -> list[Path]:
     """Every rank's files there and whole (check_files, check_archives), else a CheckpointError naming the file, or
-    saying that a training run pruned the checkpoint while it was read."""
+    saying that a training run pruned the checkpoint while it was read. Returns DeepSpeed's state files."""
     ckpt = root / tag
     files = sorted(ckpt.glob("*_states.pt"))  # DeepSpeed's model and optimizer states, one or more per rank
     world_size = read_trainer_state(root, tag).get("world_size")
@@ -101,6 +101,7 @@ def check_checkpoint(root: Path, tag: str) -> None:
         if _pruned(ckpt, files):
             raise _removed(ckpt) from None
         raise CheckpointError(f"{e}: convert an older checkpoint with --tag") from None
+    return files
 
 
 def _pruned(ckpt: Path, files: list[Path]) -> bool:
@@ -123,8 +124,7 @@ def consolidate(root: Path, tag: str) -> dict:
     if tag.endswith(UNIVERSAL_SUFFIX):
         raise CheckpointError(f"{ckpt} is a universal checkpoint (for resuming at another world size), which "
                               f"convert does not read: convert {root / tag[:-len(UNIVERSAL_SUFFIX)]} instead")
-    files = sorted(ckpt.glob("*_states.pt"))
-    check_checkpoint(root, tag)
+    files = check_checkpoint(root, tag)
     try:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     except Exception as e:  # noqa: BLE001 - DeepSpeed raises plain RuntimeError/ValueError/FileNotFoundError/...

@@ -78,16 +78,25 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
         raise ValueError("save_pretrained needs a config when given a state dict")
     check_state_dict(state, config, "state dict to save")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    remove_stale_temps(out / WEIGHTS_NAME)  # a killed save's (giga: 2.6 GB, hidden)
-    save_id = uuid.uuid4().hex
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "save_id": save_id}))
     meta = {"format_version": FORMAT_VERSION, "model": config.released().to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
-            "provenance": provenance or {}, "save_id": save_id}
-    atomic_write(out / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+            "provenance": provenance or {}}
+    write_saved_pair(out / WEIGHTS_NAME, tensors, out / CONFIG_NAME, meta)
     return out
+
+
+def write_saved_pair(weights: Path, tensors: Mapping[str, torch.Tensor], meta_path: Path, meta: Mapping[str, Any],
+                     durable: bool = False) -> None:
+    """Weights, then their JSON, each atomically and both with one save id (check_same_save compares them): a
+    save stopped between the two renames leaves a pair that is refused, not mixed. A killed save's temp file
+    (giga: 2.6 GB, hidden) goes first."""
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(weights)
+    save_id = uuid.uuid4().hex
+    atomic_write(weights, lambda p: save_file(dict(tensors), p, metadata={"format": "pt", "save_id": save_id}),
+                 durable=durable)
+    atomic_write(meta_path, json.dumps({**meta, "save_id": save_id}, indent=2, default=str) + "\n", durable=durable)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

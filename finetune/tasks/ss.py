@@ -284,12 +284,16 @@ def finished_fold(fold_dir: Path, settings: dict[str, Any]) -> dict[str, Any] | 
     return result if result is not None and result.get("settings") == settings else None
 
 
+def claim_out(cfg: SSConfig) -> None:
+    """With OUT held: OUT is this several-family run's (outlock.claim_out)."""
+    outlock.claim_out(Path(cfg.train.out_dir), several_family_settings(cfg))
+
+
 @contextmanager
 def several_family_start(cfg: SSConfig) -> Iterator[None]:
-    """OUT held for a moment, and claimed for this several-family run (outlock.claim_out)."""
-    out = Path(cfg.train.out_dir)
-    with outlock.held(out):
-        outlock.claim_out(out, several_family_settings(cfg))
+    """OUT held for a moment, and claimed for this several-family run."""
+    with outlock.held(Path(cfg.train.out_dir)):
+        claim_out(cfg)
         yield
 
 

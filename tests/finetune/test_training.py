@@ -177,9 +177,9 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
             raise KeyboardInterrupt
         real_atomic_write(path, content, durable)
 
-    real_atomic_write = backbone.atomic_write
+    real_atomic_write = backbone.rio.atomic_write
     with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(backbone, "atomic_write", metadata_write_killed)
+        mp.setattr(backbone.rio, "atomic_write", metadata_write_killed)  # the pair writer's
         backbone.save_finetuned(model, tmp_path, meta)
     with pytest.raises(backbone.rio.WeightsError, match="come from different saves"):
         load_finetuned(tmp_path)
