@@ -172,7 +172,7 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     labels = label_len = None
     if cfg.label_key:
         labels, label_len = _labels(a[concat_ranges(hs, he - hs + 1)], offsets_from_lengths(he - hs + 1),
-                                    cfg.label_key)
+                                    cfg.label_key, reasons)
 
     ok = np.ones(n, bool)
     rejects = []
@@ -259,15 +259,20 @@ def _in_headers(pos: np.ndarray, hs: np.ndarray, he: np.ndarray) -> tuple[np.nda
     return rec[inside], pos[inside]
 
 
-def _labels(hdr: np.ndarray, hdr_off: np.ndarray, key: str) -> tuple[bytes, np.ndarray]:
+def _labels(hdr: np.ndarray, hdr_off: np.ndarray, key: str, reasons: dict[int, str]) -> tuple[bytes, np.ndarray]:
+    """Each record's `key=value` label; a record giving the key twice with different values is rejected."""
     text = hdr.tobytes()
     n = len(hdr_off) - 1
-    values = [b""] * n
+    values: list[bytes | None] = [None] * n
     pat = re.compile(rb"[ \t]" + re.escape(key.encode()) + rb"=([^\s]*)")
     for m in pat.finditer(text):
         r = int(np.searchsorted(hdr_off, m.start(), side="right")) - 1
-        if not values[r]:
+        if values[r] is None:
             values[r] = m.group(1)
+        elif values[r] != m.group(1):
+            shown = [v.decode("utf-8", "backslashreplace") for v in (values[r], m.group(1))]
+            reasons.setdefault(r, f"label key {key!r} given twice: {shown[0]!r} and {shown[1]!r}")
+    values = [v or b"" for v in values]
     return b"".join(v + b"\n" for v in values), np.fromiter(map(len, values), np.int32, n)
 
 

@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 from dataprep.errors import InputError
+from dataprep.shards import iter_blocks, read_manifest
 
 from tests.dataprep.helpers import REPO, build_small, read_back, read_tsv
 
@@ -114,6 +115,21 @@ def test_del_in_header_next_to_non_ascii_bytes(tmp_path, fasta):
     rejects, _ = rejects_of(tmp_path, fasta(f">del\x7f\n{seq}\n>ok caf\u00e9\n{seq}\n>bad\n{seq}\u00e9\n".encode()))
     assert rejects["del\x7f"] == "control character 0x7f in header (binary data?)"
     assert "ok" not in rejects and rejects["bad"].startswith("invalid character")
+
+
+def test_a_label_key_given_twice_with_different_values_rejects_the_record(tmp_path, fasta):
+    """It took the first value silently: `>x rfam_acc=RF00001 ... rfam_acc=RF00005` was labelled RF00001."""
+    path = fasta(f">two rfam_acc=RF00001 note rfam_acc=RF00005\n{ACGU20}\n>same rfam_acc=RF1 rfam_acc=RF1\n{ACGU20}A\n"
+                 f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n")
+    rejects, kept = rejects_of(tmp_path, path, label_key="rfam_acc")
+    assert rejects == {"two": "label key 'rfam_acc' given twice: 'RF00001' and 'RF00005'"}
+    assert set(kept) == {"same", "one", "none"}
+    out = tmp_path / "out"
+    labels = {}
+    for s in read_manifest(out).shards:
+        for b in iter_blocks(out / s.path):
+            labels.update(zip(b.ids, b.labels))
+    assert labels == {"same": "RF1", "one": "RF2", "none": ""}
 
 
 def test_duplicate_id_with_different_sequence(tmp_path, fasta):
