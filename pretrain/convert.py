@@ -13,6 +13,7 @@ step* checkpoint folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -200,11 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--universal writes <checkpoints>/<tag>_universal beside the checkpoint: no OUT_DIR")
     created = args.out_dir and not Path(args.out_dir).exists()
     try:
-        if args.universal:
-            print(f"universal checkpoint: {_to_universal_locked(args.ckpt_dir, args.tag)}")
-        else:
-            out = to_pretrained(args.ckpt_dir, args.out_dir, args.tag)
-            print(f"released weights: {out}")
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress lines: stdout is only the result
+            if args.universal:
+                result = f"universal checkpoint: {_to_universal_locked(args.ckpt_dir, args.tag)}"
+            else:
+                result = f"released weights: {to_pretrained(args.ckpt_dir, args.out_dir, args.tag)}"
+        print(result)
     except (CheckpointError, KeyboardInterrupt) as e:
         if created and Path(args.out_dir).is_dir() and not any(Path(args.out_dir).iterdir()):
             Path(args.out_dir).rmdir()  # this run's, left empty
