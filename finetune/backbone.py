@@ -9,6 +9,7 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ from torch import nn
 from rnalm import io as rio
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
+from rnalm.runlock import RunLock
 
 FT_WEIGHTS, FT_META = "finetuned.safetensors", "finetune.json"
 TASK_META = {"ss": ("threshold",), "splice": ("classes",), "mrl": ("scaler",), "classify": ("classes",),
@@ -161,11 +163,17 @@ def load_finetuned(model_dir: str | Path, map_location: str | torch.device = "cp
         raise rio.WeightsError(f"{model_dir} is a file, not a fine-tuned model directory; {_file_hint(model_dir)}")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: fine-tuned model directory not found")
+    training = RunLock(model_dir).live_holder()
     if not meta_path.exists():
         hint = (" It holds a pretrained backbone: fine-tune it first, e.g. `python -m finetune ss train "
                 f"--model.path={model_dir}`." if (model_dir / rio.CONFIG_NAME).exists() else "")
+        if training:
+            hint = f" A run trains into it now ({training}): it saves the model after its first epoch."
         raise FileNotFoundError(f"{model_dir} is not a fine-tuned model directory (no {FT_META}; written by "
                                 f"`python -m finetune <task> train`).{hint}")
+    if training:
+        print(f"warning: {model_dir} is being trained now ({training}): its weights are that run's best epoch so "
+              "far, not its final model", file=sys.stderr)
     meta = rio.read_json(meta_path)
     missing = [k for k in ("task", "model", *TASK_META.get(meta.get("task"), ())) if k not in meta]
     if missing:

@@ -66,6 +66,13 @@ def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:
     return None
 
 
+def _who(holder: dict, heartbeat_age: float) -> str:
+    who = (f"pid {holder.get('pid')} on {holder.get('host')}"
+           + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else "")
+           + f", started {holder.get('started')}" if holder else "a run whose lock is not written yet")
+    return f"{who}, heartbeat {heartbeat_age:.0f} s ago"
+
+
 class RunLock:
     def __init__(self, out_dir: str | Path, option: str | None = "--train.out_dir") -> None:
         """`option`: the command-line option that names the directory (in the refusal); None: a command that
@@ -95,17 +102,30 @@ class RunLock:
                 holder = {}
             taken_over = holder_gone(holder, me, age)
             if taken_over is None:
-                who = (f"pid {holder.get('pid')} on {holder.get('host')}"
-                       + (f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else "")
-                       + f", started {holder.get('started')}" if holder else "a run whose lock is not written yet")
                 advice = (f"Two runs in one directory would overwrite each other's files: use another {self.option}, "
                           if self.option else "")
-                raise RunLockError(f"{self.path.parent} is in use by another run: {who}, heartbeat {age:.0f} s ago. "
+                raise RunLockError(f"{self.path.parent} is in use by another run: {_who(holder, age)}. "
                                    f"{advice}stop that run, or wait {STALE_S:.0f} s after it died") from None
             self._remove_if_unchanged(text)
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
         return taken_over
+
+    def live_holder(self) -> str | None:
+        """Who holds the lock, when another process that may still run does (read only: nothing is taken over)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            text = self.path.read_text()
+        except OSError:
+            return None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        me = _me()
+        if all(holder.get(k) == me[k] for k in ("host", "pid", "pid_space")):
+            return None  # this process's own
+        return None if holder_gone(holder, me, age) else _who(holder, age)
 
     def _create(self, me: dict) -> bool:
         try:

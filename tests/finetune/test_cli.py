@@ -679,3 +679,33 @@ def test_a_train_run_into_an_out_dir_another_live_run_holds_is_refused(ss_model,
         assert f"{ft} is in use by another run: pid {os.getpid()}" in capsys.readouterr().err
         before["run.lock"] = (ft / "run.lock").read_bytes()
         assert {p.name: p.read_bytes() for p in ft.iterdir()} == before
+
+
+def test_a_model_being_trained_is_read_with_a_warning(ss_model, shared_data, fasta, tmp_path, capsys):
+    """Evaluating or predicting with OUT (or an ArchiveII fold's directory) while its run trains gave the best
+    epoch so far with no word that a run was still writing it."""
+    import shutil
+
+    ft, empty = tmp_path / "ft", tmp_path / "fold"
+    shutil.copytree(ss_model, ft)
+    empty.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from rnalm.runlock import RunLock\n"
+         "locks = [RunLock(d) for d in sys.argv[1:]]\n[l.acquire() for l in locks]\nprint('held', flush=True)\n"
+         "time.sleep(120)", str(ft), str(empty)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        evaluate = ["ss", "evaluate", f"--model.path={ft}", f"--data.root={shared_data}", "--data.limit_test=2",
+                    "--eval.rnafold=false", f"--train.out_dir={tmp_path / 'ev'}", "--train.progress=false"]
+        predict = ["predict-ss", f"--model={ft}", f"--fasta={fasta}", f"--out={tmp_path / 'pred'}"]
+        for argv in (evaluate, predict):
+            assert run(argv) == 0
+            err = capsys.readouterr().err
+            assert f"warning: {ft} is being trained now (pid {holder.pid} on" in err and "best epoch so far" in err
+        assert run(["predict-ss", f"--model={empty}", f"--fasta={fasta}", f"--out={tmp_path / 'p2'}"]) != 0
+        assert f"A run trains into it now (pid {holder.pid} on" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(predict) == 0
+    assert "warning" not in capsys.readouterr().err  # a dead holder's lock is no warning
