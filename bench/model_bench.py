@@ -7,6 +7,9 @@ Lengths are drawn from the ncRNA corpus (CLS/EOS added, cropped to 1024 tokens).
 - agreement: the same sequences through the packed path (fastest backend) and through the padded
   [B, L] path with the SDPA backend (padded attention + key-padding mask); relative L2 error of the
   logits and of all parameter gradients, each against a float32 packed reference.
+  Every other CUDA kernel backend (e.g. torch_flash beside torch_varlen) is compared the same way.
+- attention_dropout: each backend that applies attention dropout, on v = 1 (output exactly 1 without dropout):
+  with p = 0.1 the mean must stay ~1 (inverted scaling) and the values spread; one seed gives one mask.
 - throughput: real (non-pad) tokens/s of forward+backward. Packed: micro-batches filled up to a token
   budget. Padded: batches of --padded-batch sequences, each padded to the batch's longest, every
   position computed (what a padded recipe pays).
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from pretrain.mfu import device_name, peak_flops_of
-from rnalm.attention import resolve_backend
+from rnalm.attention import BACKENDS, KERNEL_DTYPES, WITHOUT_DROPOUT, available_backends, resolve_backend
 from rnalm.batch import PackedBatch
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
@@ -118,11 +121,37 @@ def agreement(model: RiNALMo, lengths, rng, device, dtype) -> dict:
     results["packed_backend"] = backend
     pk_logits, pk_grads = run(lambda: model.forward_packed(batch).logits, dtype, backend)
     pd_logits, pd_grads = run(lambda: model(padded).logits[real], dtype, "sdpa")
+    for other in available_backends(device):
+        if other not in (backend, "sdpa") and dtype in KERNEL_DTYPES:
+            logits, grad = run(lambda: model.forward_packed(batch).logits, dtype, other)
+            results.setdefault("other_backends", {})[other] = {
+                "vs_fp32_logits": rel_err(logits, ref_logits), "vs_fp32_grads": rel_err(grad, ref_grads),
+                "vs_packed_logits": rel_err(logits, pk_logits), "vs_packed_grads": rel_err(grad, pk_grads)}
     model.attention_backend = backend
     results.update(packed_vs_fp32_logits=rel_err(pk_logits, ref_logits), padded_vs_fp32_logits=rel_err(pd_logits, ref_logits),
                    packed_vs_padded_logits=rel_err(pk_logits, pd_logits), packed_vs_fp32_grads=rel_err(pk_grads, ref_grads),
                    padded_vs_fp32_grads=rel_err(pd_grads, ref_grads), packed_vs_padded_grads=rel_err(pk_grads, pd_grads))
     return results
+
+
+def attention_dropout(backend: str, device: torch.device, p: float = 0.1) -> dict:
+    """Attention alone, 32 sequences of 128 tokens, bf16, v = 1: without dropout every output is 1."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(32 * 128, 20, 64, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    v = torch.ones_like(q)
+    cu = torch.arange(0, 32 * 128 + 1, 128, device=device, dtype=torch.int32)
+
+    def once(seed: int):
+        torch.manual_seed(seed)
+        x = q.clone().requires_grad_()
+        out = BACKENDS[backend](x, k, v, cu, 128, p)
+        out.float().square().sum().backward()   # dq is 0 without dropout (softmax rows sum to 1)
+        return out.float(), x.grad.float()
+
+    (a, grad_a), (b, grad_b), (c, _) = once(1), once(1), once(2)
+    return {"p": p, "mean": a.mean().item(), "std": a.std().item(), "dq_norm": grad_a.norm().item(),
+            "same_seed_same_mask": bool(torch.equal(a, b) and torch.equal(grad_a, grad_b)),
+            "other_seed_other_mask": not torch.equal(a, c)}
 
 
 def throughput(model: RiNALMo, batches, device, dtype, warmup: int) -> dict:
@@ -186,6 +215,8 @@ def main() -> None:
               "preset": args.preset, "dtype": args.dtype, "params": model.num_parameters(),
               "corpus_mean_tokens": float(lengths.mean()), "budget": args.budget, "padded_batch": args.padded_batch}
     result["agreement"] = agreement(model, lengths, rng, device, dtype)
+    result["attention_dropout"] = {b: attention_dropout(b, device) for b in available_backends(device)
+                                   if b not in WITHOUT_DROPOUT}
     n = args.steps + args.warmup
     packed = [(b, b.lengths) for b in packed_batches(lengths, args.budget, rng, n)]
     result["packed"] = throughput(model, packed, device, dtype, args.warmup)

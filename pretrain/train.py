@@ -736,7 +736,8 @@ def attention_dropout_note(backend: str, attn_dropout: float) -> str | None:
     """The line that says a configured attention dropout is not applied (the original's recipe has 0.1)."""
     if attn_dropout > 0 and backend in WITHOUT_DROPOUT:
         return (f"warning: model.attn_dropout={attn_dropout:g} is not applied: the {backend} attention kernel has no "
-                "dropout (pip install '.[gpu]' for flash-attn, which applies it; --model.attn_dropout=0 says so)")
+                "dropout (model.attention_backend=auto takes torch_flash or flash_attn, which apply it, where they "
+                "run; --model.attn_dropout=0 says so)")
     return None
 
 

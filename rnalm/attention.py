@@ -4,8 +4,12 @@ All backends take q, k, v of shape [T, H, Dh] for packed sequences delimited by 
 and attend only within each sequence (non-causal, scale 1/sqrt(Dh)).
 - torch_varlen: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA). It has no
   attention-probability dropout, so that dropout is not applied with this backend.
-- flash_attn: `flash_attn_varlen_func` when flash-attn is installed (CUDA), with dropout; "auto" prefers it
-  over torch_varlen when the model trains with attention dropout (the same kernels, so no loss of speed).
+- flash_attn: `flash_attn_varlen_func` when flash-attn is installed (CUDA), with dropout.
+- torch_flash: the FlashAttention kernel varlen_attn runs, called directly as torch's (private) aten op, which
+  takes a dropout probability and whose autograd keeps the dropout's RNG state for the backward pass (CUDA, where
+  a tiny forward + backward with dropout runs once at the first use).
+  When the model trains with attention dropout, "auto" takes the first of flash_attn and torch_flash over
+  torch_varlen (the same kernels, plus the dropout).
 - sdpa: pads groups of similar-length sequences to [b, H, Lmax_group, Dh] and calls
   scaled_dot_product_attention with a key-padding mask; runs anywhere (the CPU path).
 """
@@ -39,6 +43,11 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, dropout_p):
                                   dropout_p=dropout_p, causal=False)
 
 
+def _torch_flash(q, k, v, cu_seqlens, max_seqlen, dropout_p):
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                   dropout_p, False, False)[0]  # (not causal, no debug mask)
+
+
 def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
     """Sequences of similar length (within a factor sqrt(2)) padded together, one SDPA call per group: the
     padded score matrices stay within 2x of sum(L_i^2) instead of B * Lmax^2, which in a packed batch of many
@@ -63,7 +72,8 @@ def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
     return torch.zeros_like(q).index_copy(0, torch.cat(rows), torch.cat(outs))
 
 
-BACKENDS: dict[str, AttentionFn] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn, "sdpa": _sdpa}
+BACKENDS: dict[str, AttentionFn] = {"torch_varlen": _torch_varlen, "flash_attn": _flash_attn,
+                                    "torch_flash": _torch_flash, "sdpa": _sdpa}
 WITHOUT_DROPOUT = frozenset({"torch_varlen"})
 # The CUDA varlen kernels (flash-attn's, and torch's FlashAttention/cuDNN ones) reject any other input dtype.
 KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16})
@@ -84,6 +94,19 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
+def torch_flash_works(device: torch.device | str = "cuda") -> bool:
+    """torch_flash runs forward and backward with dropout on `device` (a private op: a torch without it, or a GPU
+    its kernel does not support, leaves the other backends, with a warning)."""
+    try:
+        x = torch.randn(8, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        _torch_flash(x, x, x, torch.tensor([0, 8], device=device, dtype=torch.int32), 8, 0.1).sum().backward()
+        return x.grad is not None
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
+        _warn_once(f"torch_flash attention does not run on {device} ({type(e).__name__}: {e}); attention dropout "
+                   "needs flash-attn there")
+        return False
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on `device`, fastest first."""
     return list(_available_backends(torch.device(device).type))
@@ -97,6 +120,8 @@ def _available_backends(device_type: str) -> tuple[str, ...]:
             names.append("torch_varlen")
         if flash_attn_available():
             names.append("flash_attn")
+        if torch.cuda.is_available() and torch_flash_works():
+            names.append("torch_flash")
     return (*names, "sdpa")
 
 

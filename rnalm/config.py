@@ -13,7 +13,7 @@ PRESETS: dict[str, tuple[int, int]] = {
     "mega": (640, 30),
     "giga": (1280, 33),
 }
-ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "sdpa")
+ATTENTION_BACKENDS = ("auto", "torch_varlen", "flash_attn", "torch_flash", "sdpa")
 # Token dropout rescales by (1 - this) / (1 - observed mask ratio): 15% selected x 80% <mask>.
 MASK_RATIO_TRAIN = 0.15 * 0.8
 # ModelConfig fields that say how one machine runs the model, not what it computes
@@ -34,7 +34,7 @@ class ModelConfig:
     mask_ratio_train: float = MASK_RATIO_TRAIN
     rope_base: float = 10000.0
     layer_norm_eps: float = 1e-5
-    attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | sdpa
+    attention_backend: str = "auto"     # auto | torch_varlen | flash_attn | torch_flash | sdpa
     activation_checkpointing: bool | int = False   # True: every block; an int n: the first n blocks
     # the FFN matmuls run at its width rounded up to this (zero padding; weights and results unchanged): 64 gives GPU
     # GEMMs 16-byte-aligned rows (giga 3413 -> 3456: 1.73x the training tokens/s on an H200); 1: the original width

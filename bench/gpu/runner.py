@@ -243,6 +243,8 @@ LEVERS: dict[str, list[str]] = {
     "compile": ["model.compile=true"],
     "zero2_compile": ["train.ds_config=ds_configs/zero2.json", "model.compile=true"],
     "compile_budget64k": ["model.compile=true", "data.token_budget=65536"],
+    # the baseline's attention (torch_flash, with the recipe's dropout 0.1) against torch's varlen_attn without it
+    "attn_no_dropout": ["model.attention_backend=torch_varlen"],
     # the original's batch (1344 sequences, ~164k tokens) on one GPU: 5 micro-batches of 32k per optimizer step
     "accum5": ["train.grad_accum=5"],
     "zero2": ["train.ds_config=ds_configs/zero2.json"],
@@ -273,8 +275,9 @@ def wanted_levers() -> list[str]:
 
 def lever_overrides(name: str) -> list[str]:
     sets = LEVERS[name]
-    if TINY:  # budgets / 16 (2048 = the tiny config's), the tiny config's ZeRO-3 override kept
-        sets = [f"data.token_budget={int(s.split('=')[1]) // 16}" if s.startswith("data.token_budget=") else s
+    if TINY:  # budgets / 16 (2048 = the tiny config's), the CPU's attention, the tiny config's ZeRO-3 override kept
+        sets = [f"data.token_budget={int(s.split('=')[1]) // 16}" if s.startswith("data.token_budget=")
+                else "model.attention_backend=sdpa" if s.startswith("model.attention_backend=") else s
                 for s in sets]
     return sets
 

@@ -208,3 +208,13 @@ def test_the_final_table_gives_each_steps_numbers_and_notes():
     assert rows[3] == ("| activation_memory | ok | 30 |  |  |  | 49.2 KB per token per block; 16384: 24.8 GiB, "
                        "checkpoint None |")
     assert rows[4] == "| budget64k | failed | 40 |  |  |  | OOM; after an OOM retry with activation checkpointing |"
+
+
+def test_tiny_mode_runs_an_attention_lever_on_the_cpus_backend(monkeypatch):
+    """The CUDA backends do not exist on the CPU, where rehearse.sh runs every lever in tiny mode."""
+    from bench.gpu import runner
+
+    assert runner.lever_overrides("attn_no_dropout") == ["model.attention_backend=torch_varlen"]
+    monkeypatch.setattr(runner, "TINY", True)
+    assert runner.lever_overrides("attn_no_dropout") == ["model.attention_backend=sdpa"]
+    assert runner.lever_overrides("budget16k") == ["data.token_budget=1024"]

@@ -19,6 +19,7 @@ def test_model_bench_runs_on_cpu_with_exact_fp32_agreement(ncrna_fasta, tmp_path
     agreement = result["agreement"]
     assert agreement["packed_backend"] == "sdpa"
     assert agreement["packed_vs_padded_logits"] < 1e-5 and agreement["packed_vs_padded_grads"] < 1e-5
+    assert set(result["attention_dropout"]) == {"sdpa"} and result["attention_dropout"]["sdpa"]["std"] > 0.02
     assert 100 < result["corpus_mean_tokens"] < 150   # the ncRNA corpus: mean ~120 tokens
     for key in ("packed", "padded"):
         assert result[key]["real_tokens_per_s"] > 0 and 0 < result[key]["mfu"] < 1
@@ -78,3 +79,49 @@ def test_agreement_takes_its_fp32_reference_from_a_backend_that_runs_fp32(monkey
                        torch.bfloat16)
     assert result["packed_backend"] == "torch_varlen" and model.attention_backend == "torch_varlen"
     assert 0 < result["packed_vs_fp32_logits"] < 0.02 and result["packed_vs_padded_logits"] < 0.02  # bf16
+
+
+def test_agreement_compares_every_other_kernel_backend_with_the_packed_one(monkeypatch):
+    """On the GPU, torch_flash (auto's choice for training with attention dropout) is checked beside torch_varlen:
+    a kernel that is 1 % off shows in its row, an identical one gives 0."""
+    import numpy as np
+    import torch
+
+    import bench.model_bench as mb
+    from rnalm import attention
+    from rnalm.config import ModelConfig
+    from rnalm.model import RiNALMo
+
+    kernels = ("torch_varlen", "flash_attn", "torch_flash", "sdpa")
+    monkeypatch.setattr(attention, "available_backends", lambda device: kernels)
+    monkeypatch.setattr(mb, "available_backends", lambda device: kernels)
+    monkeypatch.setitem(attention.BACKENDS, "torch_varlen", attention._sdpa)
+    monkeypatch.setitem(attention.BACKENDS, "flash_attn", attention._sdpa)
+    monkeypatch.setitem(attention.BACKENDS, "torch_flash", lambda *a: attention._sdpa(*a) * 1.01)
+    torch.manual_seed(0)
+    model = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4, attn_dropout=0.0,
+                                       residual_dropout=0.0))
+    model.attention_backend = "torch_varlen"
+    result = mb.agreement(model, np.array([5, 9, 17, 30]), np.random.default_rng(0), torch.device("cpu"),
+                          torch.bfloat16)
+    others = result["other_backends"]
+    assert set(others) == {"flash_attn", "torch_flash"} and model.attention_backend == "torch_varlen"
+    assert others["flash_attn"]["vs_packed_logits"] == 0 and others["flash_attn"]["vs_packed_grads"] == 0
+    assert others["torch_flash"]["vs_packed_logits"] > 1e-3 and others["torch_flash"]["vs_packed_grads"] > 1e-3
+
+
+def test_attention_dropout_check_tells_applied_dropout_from_none():
+    import torch
+
+    from bench.model_bench import attention_dropout
+    from rnalm import attention
+
+    applied = attention_dropout("sdpa", torch.device("cpu"))
+    assert abs(applied["mean"] - 1) < 0.01 and applied["std"] > 0.02 and applied["dq_norm"] > 0
+    assert applied["same_seed_same_mask"] and applied["other_seed_other_mask"]
+    attention.BACKENDS["none"] = lambda q, k, v, cu, m, p: attention._sdpa(q, k, v, cu, m, 0.0)
+    try:
+        none = attention_dropout("none", torch.device("cpu"))
+    finally:
+        del attention.BACKENDS["none"]
+    assert none["std"] < 1e-3 and none["dq_norm"] < 1e-2 and not none["other_seed_other_mask"]

@@ -167,6 +167,9 @@ def test_sdpa_sequences_do_not_see_each_others_non_finite_values(tensor):
     (("torch_varlen", "flash_attn", "sdpa"), False, "torch_varlen"),
     (("torch_varlen", "flash_attn", "sdpa"), True, "flash_attn"),   # the one of the two that applies dropout
     (("torch_varlen", "sdpa"), True, "torch_varlen"),               # not the slow fallback for the sake of it
+    (("torch_varlen", "torch_flash", "sdpa"), True, "torch_flash"),
+    (("torch_varlen", "torch_flash", "sdpa"), False, "torch_varlen"),
+    (("torch_varlen", "flash_attn", "torch_flash", "sdpa"), True, "flash_attn"),
     (("sdpa",), True, "sdpa"),
     (("sdpa",), False, "sdpa"),
 ])
@@ -182,6 +185,40 @@ def test_auto_backend_prefers_one_that_applies_attention_dropout_when_training_w
     attention.varlen_attention(*[torch.zeros(4, 1, 2, dtype=torch.bfloat16)] * 3, torch.tensor([0, 4], dtype=torch.int32), 4,
                                dropout_p=0.1 if dropout else 0.0)
     assert called == [expected]  # direct callers too
+
+
+def test_torch_flash_runs_torchs_flash_kernel_with_the_dropout_in_both_passes():
+    """The CUDA kernel is the GPU's to run; the call into it, and autograd's backward call with the forward's RNG
+    state, are checked here on the meta device (torch's shape functions of the same ops)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            calls.setdefault(func.__name__.split(".")[0], (args, out))
+            return out
+
+    q, k, v = (torch.randn(40, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32, device="meta")
+    with Record():
+        out = BACKENDS["torch_flash"](q, k, v, cu, 30, 0.1)
+        out.sum().backward()
+    fwd_args, fwd_out = calls["_flash_attention_forward"]
+    assert fwd_args[3] is cu and fwd_args[4] is cu and fwd_args[5:9] == (30, 30, 0.1, False)
+    bwd_args, _ = calls["_flash_attention_backward"]
+    assert bwd_args[8:12] == (30, 30, 0.1, False) and bwd_args[12] is fwd_out[2]  # the forward's RNG state
+    assert out.shape == q.shape and all(x.grad.shape == x.shape for x in (q, k, v))
+
+
+def test_torch_flash_is_offered_only_where_it_runs(monkeypatch):
+    import rnalm.attention as attention
+
+    assert attention.torch_flash_works("meta")
+    monkeypatch.setattr(attention, "_torch_flash", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel image")))
+    with pytest.warns(UserWarning, match=r"torch_flash attention does not run on meta \(RuntimeError: no kernel"):
+        assert not attention.torch_flash_works("meta")
 
 
 def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
