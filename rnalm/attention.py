@@ -94,12 +94,13 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def torch_flash_works(device: torch.device | str = "cuda") -> bool:
+def torch_flash_works(device: torch.device | str) -> bool:
     """torch_flash runs forward and backward with dropout on `device` (a private op: a torch without it, or a GPU
     its kernel does not support, leaves the other backends, with a warning)."""
     try:
-        x = torch.randn(8, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-        _torch_flash(x, x, x, torch.tensor([0, 8], device=device, dtype=torch.int32), 8, 0.1).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad():  # first asked inside an evaluation, perhaps
+            x = torch.randn(8, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+            _torch_flash(x, x, x, torch.tensor([0, 8], device=device, dtype=torch.int32), 8, 0.1).sum().backward()
         return x.grad is not None
     except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
         _warn_once(f"torch_flash attention does not run on {device} ({type(e).__name__}: {e}); attention dropout "
@@ -109,7 +110,16 @@ def torch_flash_works(device: torch.device | str = "cuda") -> bool:
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on `device`, fastest first."""
-    return list(_available_backends(torch.device(device).type))
+    device = torch.device(device)
+    names = list(_available_backends(device.type))
+    if device.type == "cuda" and torch.cuda.is_available() and _torch_flash_runs(device):
+        names.insert(-1, "torch_flash")  # probed on this GPU (not on GPU 0: no CUDA context there for it)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_flash_runs(device: torch.device) -> bool:
+    return torch_flash_works(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,8 +130,6 @@ def _available_backends(device_type: str) -> tuple[str, ...]:
             names.append("torch_varlen")
         if flash_attn_available():
             names.append("flash_attn")
-        if torch.cuda.is_available() and torch_flash_works():
-            names.append("torch_flash")
     return (*names, "sdpa")
 
 

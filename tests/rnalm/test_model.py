@@ -216,9 +216,25 @@ def test_torch_flash_is_offered_only_where_it_runs(monkeypatch):
     import rnalm.attention as attention
 
     assert attention.torch_flash_works("meta")
+    with torch.inference_mode():  # the first forward may be an evaluation's
+        assert attention.torch_flash_works("meta")
     monkeypatch.setattr(attention, "_torch_flash", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel image")))
     with pytest.warns(UserWarning, match=r"torch_flash attention does not run on meta \(RuntimeError: no kernel"):
         assert not attention.torch_flash_works("meta")
+
+
+def test_torch_flash_is_probed_on_the_gpu_that_asks(monkeypatch):
+    """Probing on the current device (GPU 0 before a rank's set_device, or finetune's --train.device=cuda:1) would
+    open a CUDA context there for nothing."""
+    import rnalm.attention as attention
+
+    probed = []
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: ("torch_varlen", "sdpa"))
+    monkeypatch.setattr(attention, "_torch_flash_runs", lambda device: probed.append(device) or device.index == 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention.available_backends("cuda:1") == ["torch_varlen", "torch_flash", "sdpa"]
+    assert attention.available_backends("cuda:0") == ["torch_varlen", "sdpa"]  # a GPU where it failed
+    assert probed == [torch.device("cuda:1"), torch.device("cuda:0")]
 
 
 def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
