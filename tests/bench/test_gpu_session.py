@@ -58,7 +58,22 @@ def test_session_plan_measures_pretrain_and_model_benches_then_levers(shared_dat
     assert json.loads((out / "pretrain_bench.json").read_text()) == pretrain
     log = (out / "session.log").read_text()
     assert "pretrain_bench | " in log and "| pretrain_bench | ok |" in log     # child output + final table
+    assert "sdpa dropout 0.1: mean 1.0" in log    # model_bench's dropout check in the final table
     assert len(list(out.iterdir())) <= 8        # the device brings back at most 8 files
+
+
+def test_the_table_shows_every_attention_kernel_checked():
+    from bench.gpu.runner import table
+
+    result = {"packed": {"real_tokens_per_s": 1000.0, "mfu": 0.2},
+              "agreement": {"packed_backend": "torch_varlen", "packed_vs_padded_logits": 1e-3,
+                            "packed_vs_padded_grads": 2e-3,
+                            "other_backends": {"torch_flash": {"vs_packed_logits": 4e-4, "vs_packed_grads": 5e-4}}},
+              "attention_dropout": {"torch_flash": {"p": 0.1, "mean": 1.0012, "std": 0.052,
+                                                    "same_seed_same_mask": True}}}
+    text = table({"steps": [{"name": "model_bench", "status": "ok", "seconds": 9, "result": result}]})
+    assert "torch_flash vs torch_varlen logits 4.0e-04, grads 5.0e-04" in text
+    assert "torch_flash dropout 0.1: mean 1.0012, std 0.052, same seed same mask True" in text
 
 
 def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
