@@ -44,8 +44,8 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, dropout_p):
 
 
 def _torch_flash(q, k, v, cu_seqlens, max_seqlen, dropout_p):
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                                   dropout_p, False, False)[0]  # (not causal, no debug mask)
+    return torch.ops.aten._flash_attention_forward.default(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                           dropout_p, False, False)[0]  # not causal, no debug mask
 
 
 def _sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p):
@@ -97,9 +97,15 @@ def flash_attn_available() -> bool:
 def torch_flash_works(device: torch.device | str) -> bool:
     """torch_flash runs forward and backward with dropout on `device` (a private op: a torch without it, or a GPU
     its kernel does not support, leaves the other backends, with a warning)."""
+    device = torch.device(device)
     try:
-        with torch.inference_mode(False), torch.enable_grad():  # first asked inside an evaluation, perhaps
-            x = torch.randn(8, 1, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+        # Unseen by the caller: its random streams (a resumed run replays its dropout masks from saved RNG states),
+        # an enclosing activation checkpoint (whose hooks count the tensors a block saves, and a recomputed block
+        # finds the answer cached), an evaluation's no_grad or inference mode.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+                torch.inference_mode(False), torch.enable_grad():
+            x = torch.full((8, 1, 64), 0.5, device=device, dtype=torch.bfloat16, requires_grad=True)
             _torch_flash(x, x, x, torch.tensor([0, 8], device=device, dtype=torch.int32), 8, 0.1).sum().backward()
         return x.grad is not None
     except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:

@@ -357,7 +357,8 @@ def table(summary: dict) -> str:
                 notes += [f"{name} vs {a['packed_backend']} logits {o['vs_packed_logits']:.1e}, grads "
                           f"{o['vs_packed_grads']:.1e}" for name, o in a.get("other_backends", {}).items()]
             notes += [f"{name} dropout {d['p']}: mean {d['mean']:.4f}, std {d['std']:.3f}, same seed same mask "
-                      f"{d['same_seed_same_mask']}" for name, d in r.get("attention_dropout", {}).items()]
+                      f"{d['same_seed_same_mask']}, mask replayed (rel. err) {d['mask_replay_rel_err']:.1e}"
+                      for name, d in r.get("attention_dropout", {}).items()]
             if "profile" in p:
                 prof = p["profile"]
                 notes.append(f"profiled: GPU busy {prof['gpu_busy_fraction']:.0%} of {prof['wall_s']:.2f} s")

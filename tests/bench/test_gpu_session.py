@@ -70,10 +70,11 @@ def test_the_table_shows_every_attention_kernel_checked():
                             "packed_vs_padded_grads": 2e-3,
                             "other_backends": {"torch_flash": {"vs_packed_logits": 4e-4, "vs_packed_grads": 5e-4}}},
               "attention_dropout": {"torch_flash": {"p": 0.1, "mean": 1.0012, "std": 0.052,
-                                                    "same_seed_same_mask": True}}}
+                                                    "same_seed_same_mask": True, "mask_replay_rel_err": 3e-4}}}
     text = table({"steps": [{"name": "model_bench", "status": "ok", "seconds": 9, "result": result}]})
     assert "torch_flash vs torch_varlen logits 4.0e-04, grads 5.0e-04" in text
-    assert "torch_flash dropout 0.1: mean 1.0012, std 0.052, same seed same mask True" in text
+    assert "torch_flash dropout 0.1: mean 1.0012, std 0.052, same seed same mask True, mask replayed (rel. err) " \
+           "3.0e-04" in text
 
 
 def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):

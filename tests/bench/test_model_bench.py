@@ -117,11 +117,17 @@ def test_attention_dropout_check_tells_applied_dropout_from_none():
     from rnalm import attention
 
     applied = attention_dropout("sdpa", torch.device("cpu"))
-    assert abs(applied["mean"] - 1) < 0.01 and applied["std"] > 0.02 and applied["dq_norm"] > 0
+    assert abs(applied["mean"] - 1) < 0.01 and applied["std"] > 0.02 and applied["mask_replay_rel_err"] < 0.01
     assert applied["same_seed_same_mask"] and applied["other_seed_other_mask"]
-    attention.BACKENDS["none"] = lambda q, k, v, cu, m, p: attention._sdpa(q, k, v, cu, m, 0.0)
+    fakes = {"none": lambda q, k, v, cu, m, p: attention._sdpa(q, k, v, cu, m, 0.0),
+             # the value from one dropout mask, the gradient through another: the backward drew its own mask
+             "redrawn": lambda q, k, v, cu, m, p: (lambda a, b: a.detach() + b - b.detach())(
+                 attention._sdpa(q, k, v, cu, m, p), attention._sdpa(q, k, v, cu, m, p))}
+    attention.BACKENDS.update(fakes)
     try:
-        none = attention_dropout("none", torch.device("cpu"))
+        none, redrawn = (attention_dropout(name, torch.device("cpu")) for name in fakes)
     finally:
-        del attention.BACKENDS["none"]
-    assert none["std"] < 1e-3 and none["dq_norm"] < 1e-2 and not none["other_seed_other_mask"]
+        for name in fakes:
+            del attention.BACKENDS[name]
+    assert none["std"] < 1e-3 and not none["other_seed_other_mask"]
+    assert redrawn["std"] > 0.02 and redrawn["same_seed_same_mask"] and redrawn["mask_replay_rel_err"] > 0.3

@@ -223,6 +223,39 @@ def test_torch_flash_is_offered_only_where_it_runs(monkeypatch):
         assert not attention.torch_flash_works("meta")
 
 
+def test_torch_flash_probe_leaves_no_trace_in_random_streams_or_an_enclosing_checkpoint(monkeypatch):
+    """The probe's dropout drew from the caller's generator (a resumed run's masks shifted against an uninterrupted
+    run's), and inside a checkpointed block (the padded baseline checkpoints every block) its saved tensors went
+    through the checkpoint's hooks, which a recomputation, finding the answer cached, did not repeat:
+    "A different number of tensors was saved". A CPU stand-in for the CUDA kernel: SDPA with dropout."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    import rnalm.attention as attention
+
+    monkeypatch.setattr(attention, "_torch_flash", attention._sdpa)
+    state = torch.get_rng_state()
+    assert attention.torch_flash_works("cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+
+    def block(x, probe):
+        if probe:
+            attention._torch_flash_runs(torch.device("cpu"))  # cached: the recomputation does not probe again
+        return F.dropout(x.sin(), 0.5).cos().sum()
+
+    def grad(probe, checkpointed):
+        attention._torch_flash_runs.cache_clear()
+        torch.manual_seed(0)
+        x = torch.randn(64, requires_grad=True)
+        (checkpoint(block, x, probe, use_reentrant=False) if checkpointed else block(x, probe)).backward()
+        return x.grad
+
+    try:
+        assert torch.equal(grad(True, True), grad(False, False))
+    finally:
+        attention._torch_flash_runs.cache_clear()
+
+
 def test_torch_flash_is_probed_on_the_gpu_that_asks(monkeypatch):
     """Probing on the current device (GPU 0 before a rank's set_device, or finetune's --train.device=cuda:1) would
     open a CUDA context there for nothing."""
