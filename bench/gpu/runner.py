@@ -50,6 +50,7 @@ class Step:
     essential: bool = False            # failure stops the plan
     oom_retry: list[str] = field(default_factory=list)   # extra argv for one retry after CUDA OOM
     meta: dict = field(default_factory=dict)
+    min_gpu_gib: float = 0.0           # skipped on a GPU with less memory (env.json's memory_total_gib)
 
 
 class Plan:
@@ -75,9 +76,13 @@ class Plan:
     def run(self, step: Step) -> dict:
         record = {"name": step.name, **step.meta, "cmd": " ".join(step.argv)}
         self.summary["steps"].append(record)
-        room = self.left() - RESERVE_S
-        if room < step.min_seconds:
+        room, gib = self.left() - RESERVE_S, self.gpu_gib()
+        if gib is not None and gib < step.min_gpu_gib:  # a run out of memory, then its retry: minutes for nothing
+            record.update(status="skipped", unfit=True,
+                          reason=f"needs ~{step.min_gpu_gib:.0f} GiB of GPU memory, this GPU has {gib:.0f}")
+        elif room < step.min_seconds:
             record.update(status="skipped", reason=f"{room:.0f} s left, needs {step.min_seconds:.0f}")
+        if record.get("status") == "skipped":
             self.say(f"{step.name}: SKIPPED ({record['reason']})")
             self.write_summary()
             return record
@@ -93,6 +98,13 @@ class Plan:
             record["result"] = _read_result(step.result)
         self.write_summary()
         return record
+
+    def gpu_gib(self) -> float | None:
+        """The GPU's memory as the env step found it (None before it, or without a GPU)."""
+        try:
+            return json.loads((self.out / "env.json").read_text()).get("memory_total_gib")
+        except (OSError, ValueError):
+            return None
 
     def _attempt(self, step: Step, argv: list[str], timeout: float) -> dict:
         tmp = self.work / step.name / "tmp"   # a killed pretrain_bench leaves its trainer log here
@@ -138,7 +150,7 @@ class Plan:
 
     def finish(self) -> int:
         steps = self.summary["steps"]
-        left = [s["name"] for s in steps if s["status"] == "skipped" and "lever" in s]
+        left = [s["name"] for s in steps if s["status"] == "skipped" and "lever" in s and not s.get("unfit")]
         if left:
             self.summary["levers_left"] = left
             self.say(f"levers left for the next call: RNALM_GPU_LEVERS={','.join(left)} bash bench/gpu/levers.sh")
@@ -236,8 +248,8 @@ def session_steps(out: Path, work: Path) -> list[Step]:
 
 
 # name -> trainer overrides, largest expected gain first (predictions: BENCHMARKS.md, GPU session runbook).
-# Sized for the lent H200 (139 GiB): 48k and 64k tokens fit without activation checkpointing there; budget48k_ac9
-# is the H100 (80 GB) case.
+# Sized for the H200 (139 GiB): 48k and 64k tokens fit without activation checkpointing there; budget48k_ac9 is the
+# H100 (80 GB) case, where the 64k levers are skipped (LEVER_MIN_GPU_GIB).
 LEVERS: dict[str, list[str]] = {
     "baseline": [],
     "compile": ["model.compile=true"],
@@ -258,6 +270,8 @@ LEVERS: dict[str, list[str]] = {
                       "stage3_prefetch_bucket_size: 200000000}}"],
     "adamw_deepspeed": ["optim.adamw=deepspeed"],
 }
+# peak GPU memory measured on the H200 (2026-12-04): 110.2 GiB at 64k tokens, so not on an 80 GB H100
+LEVER_MIN_GPU_GIB = {"compile_budget64k": 120.0, "budget64k": 120.0}
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
 # also profiled (3 steps after the timed ones, pretrain_bench --profile), as the baseline is: where the time went
 PROFILED_LEVERS = {"compile"}
@@ -294,7 +308,8 @@ def lever_step(name: str, work: Path) -> Step:
                        "--corpus", str(corpus()), *sets, "--out", str(result)],
                 # with less room than min_seconds, a lever after it runs instead
                 cap=240 if slow_start else 150, min_seconds=10 if TINY else 150 if slow_start else 60, result=result,
-                meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"])
+                meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"],
+                min_gpu_gib=0.0 if TINY else LEVER_MIN_GPU_GIB.get(name, 0.0))
 
 
 def lever_steps(out: Path, work: Path) -> list[Step]:

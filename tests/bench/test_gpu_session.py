@@ -168,6 +168,24 @@ def test_fails_fast_without_out_or_data(tmp_path):
     assert proc.returncode == 2 and "run bench/gpu/prepare.sh" in proc.stderr
 
 
+def test_a_lever_too_large_for_this_gpu_is_skipped_and_not_left_for_the_next_call(tmp_path, monkeypatch):
+    """On an 80 GB H100 the 64k-token levers (110 GiB on the H200) ran out of memory, then again in their retry."""
+    from bench.gpu.runner import Plan, Step
+
+    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
+    big = Step("budget64k", [sys.executable, "-c", "pass"], cap=30, min_seconds=1, meta={"lever": []},
+               min_gpu_gib=120)
+    assert plan.run(big)["status"] == "ok"  # before the env step: the GPU is unknown
+    (tmp_path / "env.json").write_text(json.dumps({"memory_total_gib": 79.19}))
+    record = plan.run(big)
+    assert record["status"] == "skipped" and record["reason"] == "needs ~120 GiB of GPU memory, this GPU has 79"
+    assert plan.run(Step("zero2", [sys.executable, "-c", "pass"], cap=30, min_seconds=1))["status"] == "ok"
+    plan.finish()
+    assert "levers_left" not in summary(tmp_path)
+    monkeypatch.setenv("RNALM_SHARED_DATA", str(tmp_path))
+    assert lever_step("budget64k", tmp_path).min_gpu_gib == 120 and lever_step("zero2", tmp_path).min_gpu_gib == 0
+
+
 def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budget_skips_and_names_levers_left(
         tmp_path):
     from bench.gpu.runner import Plan, Step

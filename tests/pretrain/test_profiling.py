@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from pretrain.profiling import PhaseClock, kernel_kind, summarise_kernels
+from pretrain.profiling import PhaseClock, device_kernels, kernel_kind, summarise_kernels
 
 from .trainer_runs import events, read_log, run_trainer, step_lines
 
@@ -23,6 +23,25 @@ def test_kernel_summary_counts_overlapping_streams_once_and_sorts_kernels_by_kin
                                                    "optimizer": 100e-6, "other": 50e-6})
     assert s["top_kernels"][0] == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "s": pytest.approx(400e-6), "calls": 1}
     assert kernel_kind("cutlass_80_wmma_tensorop_bf16_s161616gemm") == "matmul"
+
+
+def test_the_gpus_copies_of_user_annotations_are_not_kernels():
+    """torch 2.11 gives the optimizer's `Optimizer.step#AdamW.step` span and each compiled graph's call a CUDA copy:
+    counted as kernels they filled the gaps between the kernels inside them and doubled the optimizer's time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               is_user_annotation=annotation)
+
+    events = [event("Optimizer.step#AdamW.step", 0, 1000, annotation=True),
+              event("multi_tensor_apply_kernel<AdamFunctor>", 100, 200), event("aten::addmm", 0, 50, DeviceType.CPU),
+              event("## Call CompiledFxGraph f1 ##", 1000, 2000, annotation=True), event("triton_poi_fused_0", 1200, 1300)]
+    kernels = device_kernels(events)
+    assert [k[0] for k in kernels] == ["multi_tensor_apply_kernel<AdamFunctor>", "triton_poi_fused_0"]
+    assert summarise_kernels(kernels, wall_s=2000e-6)["gpu_busy_s"] == pytest.approx(200e-6)
 
 
 def test_profile_at_profiles_a_window_of_the_real_trainer_and_logs_where_the_time_went(pretrain_shards, tmp_path):
