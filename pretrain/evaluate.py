@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required: a run's config.yaml (its shards, crops and masks), or "
                      "pretrain/configs/<preset>.yaml with --data.shards=DIR")
     cfg = from_cli(PretrainConfig, rest, prog="python -m pretrain.evaluate WEIGHTS")
+    if not cfg.data.shards:
+        parser.error("data.shards is not set (the preset configs leave it empty): pass --data.shards=DIR, a "
+                     "dataprep output")
     if not os.path.isabs(cfg.data.shards) and not os.path.exists(cfg.data.shards):
         parser.error(f"data.shards={cfg.data.shards} (a relative path, as the config records it) is not found from "
                      f"{os.getcwd()}: run from the directory the run was started in, or pass --data.shards=PATH")

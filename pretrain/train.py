@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
@@ -204,8 +204,6 @@ class Trainer:
                 model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
                 lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         build_locks.stop()
-        if cfg.data.pin_memory and self.device.type != "cuda":
-            cfg.data = replace(cfg.data, pin_memory=False)  # pinning needs a GPU; the presets ask for it
         try:
             self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
         except ValueError as e:  # e.g. a data.split the shards lack

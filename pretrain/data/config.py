@@ -19,7 +19,7 @@ class DataConfig:
     on_corrupt: Literal["skip", "fail"] = "skip"
     infinite: bool = True                           # False (validation): one deterministic pass, epoch 0 only
     prefetch_factor: int = 4                        # batches each worker prepares ahead
-    pin_memory: bool = False                        # pin batches in the DataLoader (for fast host-to-GPU copies)
+    pin_memory: bool = False                        # pin batches (fast host-to-GPU copies); ignored without a GPU
 
     def __post_init__(self) -> None:
         if self.sampling not in ("cluster", "uniform"):

@@ -13,6 +13,7 @@ import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataprep.shards import ShardError, read_manifest
@@ -111,7 +112,7 @@ class PretrainLoader:
             if arrays is None:
                 continue
             batch = arrays.to_batch()
-            if self.cfg.pin_memory:
+            if self.cfg.pin_memory and torch.cuda.is_available():  # the presets ask for it; pinning needs a GPU
                 batch = batch.pin_memory()
             state = StreamState.from_dict(meta["state"])
             self._streams[meta["worker"]] = state

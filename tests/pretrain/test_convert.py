@@ -77,6 +77,15 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
         assert no_gpu.returncode == 2 and no_gpu.stderr.startswith("error:")
     # found by a review: a relative data.shards was looked for from wherever the command ran ("no such folder"),
     # and weights holding a NaN printed 'loss nan' and a JSON line with NaN (not JSON) with exit 0
+    # found by a user test: a preset config (pinned batches) crashed on a machine without a GPU, and one without
+    # --data.shards was called "a relative path"
+    shards = load(PretrainConfig, straight_run / "config.yaml").data.shards
+    preset = subprocess.run([PY, "-m", "pretrain.evaluate", str(converted), "--config", "pretrain/configs/nano.yaml",
+                             f"--data.shards={shards}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert preset.returncode == 0, preset.stderr[-2000:]
+    unset = subprocess.run([PY, "-m", "pretrain.evaluate", str(converted), "--config", "pretrain/configs/nano.yaml"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert unset.returncode == 2 and "data.shards is not set" in unset.stderr
     relative = evaluate(converted, "--data.shards=shards_of_the_run")
     assert relative.returncode == 2 and "a relative path, as the config records it) is not found from" in \
         relative.stderr and "--data.shards=PATH" in relative.stderr
