@@ -14,6 +14,7 @@ import numpy as np
 
 from finetune.neardup import near_duplicate_mask
 from finetune.structure import StructureRecord, read_structure_csv
+from finetune.tasks.common import data_file
 
 BPRNA_FILE = "ss/bpRNA-1m90_len10-100.csv.gz"
 ARCHIVEII_FILE = "ss/archiveII_3975.csv.gz"
@@ -33,7 +34,7 @@ class SSSplits:
 def load_bprna(data_root: str | Path) -> dict[str, list[StructureRecord]]:
     """bpRNA-1m(90) <= 100 nt records by SPOT-RNA split (TR0, VL0, TS0); unmarked records are dropped."""
     out: dict[str, list[StructureRecord]] = {s: [] for s in BPRNA_SPLITS}
-    for rec, row in read_structure_csv(Path(data_root) / BPRNA_FILE):
+    for rec, row in read_structure_csv(data_file(data_root, BPRNA_FILE)):
         if row["spot_split"] in out:
             out[row["spot_split"]].append(rec)
     return out
@@ -46,7 +47,7 @@ def bprna_splits(data_root: str | Path) -> SSSplits:
 
 def load_archiveii(data_root: str | Path) -> list[tuple[StructureRecord, str]]:
     """(record, family_prefix) for all 3,975 ArchiveII structures."""
-    return [(rec, row["family_prefix"]) for rec, row in read_structure_csv(Path(data_root) / ARCHIVEII_FILE)]
+    return [(rec, row["family_prefix"]) for rec, row in read_structure_csv(data_file(data_root, ARCHIVEII_FILE))]
 
 
 def archiveii_fold(records: list[tuple[StructureRecord, str]], test_family: str, valid_fraction: float = 0.1,

@@ -71,8 +71,8 @@ def finetune(model_dir: Path, fasta: Path, out: Path) -> dict[str, Path] | None:
 
     data = Path(DEFAULT_DATA_ROOT)
     if not (data / "ss").exists():
-        print(f"\n== fine-tuning skipped: {data / 'ss'} not found (point RNALM_SHARED_DATA at the data folder, "
-              "the one holding ss/, or put it at ../shared/data)")
+        print(f"\n== fine-tuning, predict-ss and embed skipped: {data / 'ss'} not found (point RNALM_SHARED_DATA "
+              "at the data folder, the one holding ss/, or put it at ../shared/data)")
         return None
     paths = {"finetune": out / "finetune_ss", "predict": out / "predict_ss", "embed": out / "embed"}
     run([sys.executable, "-m", "finetune", "ss", "train", f"--model.path={model_dir}", f"--data.root={data}",

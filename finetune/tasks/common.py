@@ -20,6 +20,16 @@ T = TypeVar("T")
 DEFAULT_DATA_ROOT = os.environ.get("RNALM_SHARED_DATA", str(Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
+def data_file(root: str | Path, relative: str) -> Path:
+    """A task's file in the data folder, or an error that says how to point at that folder."""
+    path = Path(root) / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --data.root=DIR names the folder that holds {relative} (the "
+                                "shared data; its default is RNALM_SHARED_DATA, else ../shared/data beside the "
+                                "repository)")
+    return path
+
+
 @dataclass
 class Splits(Generic[T]):
     """Train / validation / test examples; `removed_near_duplicates`: training-pool examples dropped as near-copies

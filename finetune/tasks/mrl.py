@@ -24,7 +24,7 @@ from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits
+from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, data_file
 from finetune.tasks.regress import COLUMNS, Example, Scaler, evaluate_examples, fit_and_test
 from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -68,9 +68,7 @@ class MRLConfig:
 def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     """Test: a seeded random part of the file (the same records whatever the filter); valid and train: the rest
     minus near-duplicates of test records."""
-    path = Path(cfg.root) / MRL_FILES[cfg.file]
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (set data.root)")
+    path = data_file(cfg.root, MRL_FILES[cfg.file])
     with gzip.open(path, "rt") as f:
         rows = [Example(r["utr"], float(r["rl"]), r.get("set", cfg.file)) for r in csv.DictReader(f)]
     order = np.random.default_rng(cfg.seed).permutation(len(rows))

@@ -19,7 +19,7 @@ from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.results import markdown_table, write_results
 from finetune.tasks.classify import Example, columns, evaluate_examples, fit_and_test
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits
+from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, data_file
 from finetune.tasks.user_data import user_splits
 from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -55,9 +55,7 @@ class SpliceConfig:
 
 
 def load_splits(cfg: SpliceDataConfig) -> Splits[Example]:
-    path = Path(cfg.root) / SPLICE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found (set data.root)")
+    path = data_file(cfg.root, SPLICE_FILE)
     dev, test = [], []
     with gzip.open(path, "rt") as f:
         for lineno, row in enumerate(csv.DictReader(f), 2):

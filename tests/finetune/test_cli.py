@@ -709,3 +709,15 @@ def test_a_model_being_trained_is_read_with_a_warning(ss_model, shared_data, fas
         holder.wait()
     assert run(predict) == 0
     assert "warning" not in capsys.readouterr().err  # a dead holder's lock is no warning
+
+
+@pytest.mark.parametrize("task, relative", [("ss", "ss/bpRNA-1m90_len10-100.csv.gz"),
+                                            ("splice", "splice/gue_splice_reconstructed_dev_test.csv.gz"),
+                                            ("mrl", "mrl/sample2019_varlen25to100_random7600_human7600.csv.gz")])
+def test_a_missing_data_folder_says_how_to_point_at_it(tiny_checkpoint, tmp_path, capsys, task, relative):
+    """From a user test: the error named the file only ('file not found'), not --data.root or RNALM_SHARED_DATA."""
+    rc = run([task, "train", f"--model.path={tiny_checkpoint}", f"--data.root={tmp_path}", "--train.epochs=1",
+              f"--train.out_dir={tmp_path / 'out'}", "--train.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path / relative} not found: --data.root=DIR names the folder that holds" in err
+    assert "RNALM_SHARED_DATA" in err and "Traceback" not in err
