@@ -120,6 +120,9 @@ def test_cli_parses_config_and_both_override_spellings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         from_cli(Run, ["--optim.lr"])
     assert "has no value" in capsys.readouterr().err
+    # dashes for underscores, as dataprep's argparse options are spelt (--label-key there, label_key here)
+    cfg = from_cli(Run, ["--optim.warmup-steps=9", "--train.out-dir", "runs/y"])
+    assert (cfg.optim.warmup_steps, cfg.train.out_dir) == (9, "runs/y")
 
 
 def test_help_lists_every_key_with_its_default_as_yaml(capsys):
