@@ -339,6 +339,11 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
+def manifest_sha256(out_dir: str | os.PathLike) -> str:
+    """The identity of a shard set: the SHA-256 of its manifest, which lists every shard with its own SHA-256."""
+    return hashlib.sha256((Path(out_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
 def _no_manifest(out_dir: Path) -> str:
     """Why `out_dir` has no manifest, with the likely mix-up: a file or a folder inside the build's output."""
     if out_dir.is_file():

@@ -81,7 +81,8 @@ def to_pretrained(ckpt_dir: str | Path, out_dir: str | Path, tag: str | None = N
     config = ModelConfig.from_dict(state["model"])
     provenance = {"source": "pretrain.convert", "checkpoint": str((root / tag).resolve()), "tag": tag,
                   "step": state["step"], "tokens": state["tokens"], "samples": state["samples"],
-                  "world_size": state["world_size"], "deepspeed": deepspeed.__version__,
+                  "world_size": state["world_size"], "shards_manifest": state.get("shards_manifest"),
+                  "deepspeed": deepspeed.__version__,
                   "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "train_config": state.get("config")}
     return save_pretrained(weights, out, config=config, provenance=provenance)

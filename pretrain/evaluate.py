@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dataprep.shards import ShardError
+from dataprep.shards import ShardError, manifest_sha256
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
 from pretrain.train import masked_index, mlm_sums, validation_summary
@@ -60,6 +60,22 @@ def load_weights(path: str, cfg: PretrainConfig, device: torch.device, dtype: to
     return rio.with_weights(lambda: RiNALMo(mcfg), state, device).to(dtype).eval()  # no CPU copy of the model
 
 
+def other_shards_note(weights: str, shards: str) -> str | None:
+    """A warning when `weights` (a pretrain.convert directory) come from a run on another shard set than `shards`,
+    e.g. one rebuilt in the same folder with another --valid-fraction: its held-out split may then hold records
+    the model trained on."""
+    try:
+        trained_on = rio.read_json(os.path.join(weights, rio.CONFIG_NAME)).get("provenance", {}).get("shards_manifest")
+    except (OSError, ValueError):
+        return None  # a .pt or another format: no record of its data
+    now = manifest_sha256(shards)
+    if trained_on is None or trained_on == now:
+        return None
+    return (f"warning: {shards} is not the shard set this model's run trained on (manifest sha256 {now[:12]}, the "
+            f"run's {trained_on[:12]}): if it was rebuilt since, its held-out split may hold records the model "
+            "trained on")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
@@ -91,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
         t0 = time.perf_counter()
         result = validation(model, cfg, args.world_size)
+        if note := other_shards_note(args.weights, cfg.data.shards):
+            print(note, file=sys.stderr)
         if not math.isfinite(result["loss"]):
             raise ValueError(f"{args.weights}: the loss is {result['loss']} (weights with NaN or infinite values?)")
     except (OSError, ValueError, ShardError, rio.WeightsError) as e:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataprep.shards import ShardError, read_manifest
+from dataprep.shards import ShardError, manifest_sha256, read_manifest
 from pretrain.buildlocks import StaleBuildLockWatch
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_files,
                                  complete_tags, latest_tag, read_trainer_state, tag_for)
@@ -208,6 +208,7 @@ class Trainer:
             self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
         except ValueError as e:  # e.g. a data.split the shards lack
             raise RefusedStart(f"training data: {e}") from None
+        self.shards_manifest = manifest_sha256(cfg.data.shards)  # in the checkpoints, so in the released weights
         if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
             try:
                 PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
@@ -246,7 +247,8 @@ class Trainer:
         self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
                   model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
                   device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
-                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights, **attention,
+                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights,
+                  shards_manifest=self.shards_manifest, **attention,
                   **{k: [g[k] for g in self.scheduler.optimizer.param_groups] for k in OPTIM_HYPERPARAMETERS})
         if note := attention_dropout_note(attention["attention_backend"], self.model_cfg.attn_dropout):
             self._say(note)
@@ -497,7 +499,7 @@ class Trainer:
                  "nonfinite_steps": self.nonfinite_steps, "last_valid": self.last_valid, "world_size": self.world,
                  "seed": self.cfg.train.seed, "zero_stage": self.zero_stage, "bf16": self.bf16,
                  "loader_states": _all_gather(self.loader.state_dict()), "model": self.model_cfg.to_dict(),
-                 "config": to_dict(self.cfg), "time": time.time()}
+                 "config": to_dict(self.cfg), "shards_manifest": self.shards_manifest, "time": time.time()}
         tag = self.checkpointer.save(self.engine, self.step, state)
         seconds = time.perf_counter() - t0
         self.metrics.record_checkpoint(seconds)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
 import torch
 
+from dataprep.shards import manifest_sha256
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
 from rnalm.runlock import RunLock
@@ -86,6 +88,13 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     unset = subprocess.run([PY, "-m", "pretrain.evaluate", str(converted), "--config", "pretrain/configs/nano.yaml"],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert unset.returncode == 2 and "data.shards is not set" in unset.stderr
+    # found by a user test: shards rebuilt in the run's folder (another --valid-fraction) were scored without a word
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(shards, rebuilt)
+    (rebuilt / "manifest.json").write_text((rebuilt / "manifest.json").read_text() + "\n")
+    other = evaluate(converted, f"--data.shards={rebuilt}", "--world_size", "2")
+    assert other.returncode == 0 and "is not the shard set this model's run trained on" in other.stderr
+    assert "not the shard set" not in preset.stderr  # the run's own shards
     relative = evaluate(converted, "--data.shards=shards_of_the_run")
     assert relative.returncode == 2 and "a relative path, as the config records it) is not found from" in \
         relative.stderr and "--data.shards=PATH" in relative.stderr
@@ -107,6 +116,9 @@ def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converte
     assert (prov["tokens"], prov["samples"]) == (trained["tokens"], trained["samples"])
     assert prov["tokens"] > prov["samples"] > 0
     assert prov["world_size"] == 2 and prov["train_config"]["train"]["grad_accum"] == 2
+    shards = prov["train_config"]["data"]["shards"]
+    assert prov["shards_manifest"] == manifest_sha256(shards) == trained["shards_manifest"]
+    assert events(read_log(straight_run), "start")[0]["shards_manifest"] == prov["shards_manifest"]
     from safetensors import safe_open
     with safe_open(converted / "model.safetensors", "pt") as f:
         names = set(f.keys())
