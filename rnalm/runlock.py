@@ -90,16 +90,11 @@ class RunLock:
         taken_over = None
         while not self._create(me):
             try:
-                age = time.time() - self.path.stat().st_mtime
-                text = self.path.read_text()
+                holder, age, text = self._read_holder()
             except FileNotFoundError:
                 if os.path.lexists(self.path):  # a link to nothing, which O_EXCL never creates through
                     raise RunLockError(f"{self.path} is a broken link: remove it") from None
                 continue  # its holder ended meanwhile
-            try:
-                holder = json.loads(text)
-            except ValueError:  # not written yet by a run starting now, or damaged by a crash: judged by its age
-                holder = {}
             taken_over = holder_gone(holder, me, age)
             if taken_over is None:
                 advice = (f"Two runs in one directory would overwrite each other's files: use another {self.option}, "
@@ -114,18 +109,23 @@ class RunLock:
     def live_holder(self) -> str | None:
         """Who holds the lock, when another process that may still run does (read only: nothing is taken over)."""
         try:
-            age = time.time() - self.path.stat().st_mtime
-            text = self.path.read_text()
+            holder, age, _ = self._read_holder()
         except OSError:
             return None
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {}
         me = _me()
         if all(holder.get(k) == me[k] for k in ("host", "pid", "pid_space")):
             return None  # this process's own
         return None if holder_gone(holder, me, age) else _who(holder, age)
+
+    def _read_holder(self) -> tuple[dict, float, str]:
+        """(holder, heartbeat age, the file's text); a lock not written yet by a run starting now, or damaged by a
+        crash, reads as {} and is judged by its age."""
+        age = time.time() - self.path.stat().st_mtime
+        text = self.path.read_text()
+        try:
+            return json.loads(text), age, text
+        except ValueError:
+            return {}, age, text
 
     def _create(self, me: dict) -> bool:
         try:
