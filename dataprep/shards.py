@@ -339,7 +339,7 @@ def read_manifest(out_dir: str | os.PathLike) -> Manifest:
         raise ShardError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def manifest_sha256(out_dir: str | os.PathLike) -> str:
+def shard_set_digest(out_dir: str | os.PathLike) -> str:
     """The identity of a shard set: the SHA-256 of its manifest, which lists every shard with its own SHA-256."""
     return hashlib.sha256((Path(out_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
 

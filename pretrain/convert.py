@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--universal writes <checkpoints>/<tag>_universal beside the checkpoint: no OUT_DIR")
     created = args.out_dir and not Path(args.out_dir).exists()
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's progress lines: stdout is only the result
+        # DeepSpeed's lines to stderr, stdout is only the result; its logger binds sys.stdout when deepspeed is first
+        # imported, which happens inside (to_pretrained, _to_universal_locked)
+        with contextlib.redirect_stdout(sys.stderr):
             if args.universal:
                 result = f"universal checkpoint: {_to_universal_locked(args.ckpt_dir, args.tag)}"
             else:

@@ -20,11 +20,12 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from dataprep.shards import ShardError, manifest_sha256
+from dataprep.shards import ShardError, shard_set_digest
 from pretrain.config import PretrainConfig
 from pretrain.data import PretrainLoader
 from pretrain.train import masked_index, mlm_sums, validation_summary
@@ -40,7 +41,8 @@ def validation(model: RiNALMo, cfg: PretrainConfig, world_size: int = 1) -> dict
     sums = [0.0, 0.0, 0, 0]  # ce, correct, masked, records
     unreadable: set[str] = set()
     for rank in range(world_size):
-        loader = PretrainLoader(cfg.valid_data(), rank=rank, world_size=world_size)
+        data = replace(cfg.valid_data(), pin_memory=device.type == "cuda")  # --device=cpu on a GPU host: no pinning
+        loader = PretrainLoader(data, rank=rank, world_size=world_size)
         for i, batch in enumerate(loader):
             if i == cfg.train.valid_max_batches > 0:  # 0: the whole split
                 break
@@ -68,7 +70,7 @@ def other_shards_note(weights: str, shards: str) -> str | None:
         trained_on = rio.read_json(os.path.join(weights, rio.CONFIG_NAME)).get("provenance", {}).get("shards_manifest")
     except (OSError, ValueError):
         return None  # a .pt or another format: no record of its data
-    now = manifest_sha256(shards)
+    now = shard_set_digest(shards)
     if trained_on is None or trained_on == now:
         return None
     return (f"warning: {shards} is not the shard set this model's run trained on (manifest sha256 {now[:12]}, the "

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataprep.shards import ShardError, manifest_sha256, read_manifest
+from dataprep.shards import ShardError, shard_set_digest, read_manifest
 from pretrain.buildlocks import StaleBuildLockWatch
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_files,
                                  complete_tags, latest_tag, read_trainer_state, tag_for)
@@ -208,7 +208,7 @@ class Trainer:
             self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
         except ValueError as e:  # e.g. a data.split the shards lack
             raise RefusedStart(f"training data: {e}") from None
-        self.shards_manifest = manifest_sha256(cfg.data.shards)  # in the checkpoints, so in the released weights
+        self.shards_manifest = shard_set_digest(cfg.data.shards)  # in the checkpoints, so in the released weights
         if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
             try:
                 PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)

@@ -118,7 +118,8 @@ def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on `device`, fastest first."""
     device = torch.device(device)
     names = list(_available_backends(device.type))
-    if device.type == "cuda" and torch.cuda.is_available() and _torch_flash_runs(device):
+    if device.type == "cuda" and torch.cuda.is_available() and _torch_flash_runs(
+            torch.device("cuda", torch.cuda.current_device()) if device.index is None else device):
         names.insert(-1, "torch_flash")  # probed on this GPU (not on GPU 0: no CUDA context there for it)
     return names
 

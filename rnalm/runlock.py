@@ -123,9 +123,10 @@ class RunLock:
         age = time.time() - self.path.stat().st_mtime
         text = self.path.read_text()
         try:
-            return json.loads(text), age, text
+            holder = json.loads(text)
         except ValueError:
-            return {}, age, text
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), age, text
 
     def _create(self, me: dict) -> bool:
         try:

@@ -77,7 +77,8 @@ class Plan:
         record = {"name": step.name, **step.meta, "cmd": " ".join(step.argv)}
         self.summary["steps"].append(record)
         room, gib = self.left() - RESERVE_S, self.gpu_gib()
-        if gib is not None and gib < step.min_gpu_gib:  # a run out of memory, then its retry: minutes for nothing
+        if gib is not None and gib < step.min_gpu_gib:  # an OOM, then a retry with every block checkpointed: another
+            # setup than the lever's (~-25%), for minutes of a short session
             record.update(status="skipped", unfit=True,
                           reason=f"needs ~{step.min_gpu_gib:.0f} GiB of GPU memory, this GPU has {gib:.0f}")
         elif room < step.min_seconds:

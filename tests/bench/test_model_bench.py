@@ -110,7 +110,7 @@ def test_agreement_compares_every_other_kernel_backend_with_the_packed_one(monke
     assert others["torch_flash"]["vs_packed_logits"] > 1e-3 and others["torch_flash"]["vs_packed_grads"] > 1e-3
 
 
-def test_attention_dropout_check_tells_applied_dropout_from_none():
+def test_attention_dropout_check_tells_applied_dropout_from_none(monkeypatch):
     import torch
 
     from bench.model_bench import attention_dropout
@@ -123,11 +123,8 @@ def test_attention_dropout_check_tells_applied_dropout_from_none():
              # the value from one dropout mask, the gradient through another: the backward drew its own mask
              "redrawn": lambda q, k, v, cu, m, p: (lambda a, b: a.detach() + b - b.detach())(
                  attention._sdpa(q, k, v, cu, m, p), attention._sdpa(q, k, v, cu, m, p))}
-    attention.BACKENDS.update(fakes)
-    try:
-        none, redrawn = (attention_dropout(name, torch.device("cpu")) for name in fakes)
-    finally:
-        for name in fakes:
-            del attention.BACKENDS[name]
+    for name, fake in fakes.items():
+        monkeypatch.setitem(attention.BACKENDS, name, fake)
+    none, redrawn = (attention_dropout(name, torch.device("cpu")) for name in fakes)
     assert none["std"] < 1e-3 and not none["other_seed_other_mask"]
     assert redrawn["std"] > 0.02 and redrawn["same_seed_same_mask"] and redrawn["mask_replay_rel_err"] > 0.3

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from dataprep.shards import manifest_sha256
+from dataprep.shards import shard_set_digest
 from pretrain.checkpoint import TMP_PREFIX, read_trainer_state
 from pretrain.config import PretrainConfig
 from rnalm.runlock import RunLock
@@ -117,7 +117,7 @@ def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converte
     assert prov["tokens"] > prov["samples"] > 0
     assert prov["world_size"] == 2 and prov["train_config"]["train"]["grad_accum"] == 2
     shards = prov["train_config"]["data"]["shards"]
-    assert prov["shards_manifest"] == manifest_sha256(shards) == trained["shards_manifest"]
+    assert prov["shards_manifest"] == shard_set_digest(shards) == trained["shards_manifest"]
     assert events(read_log(straight_run), "start")[0]["shards_manifest"] == prov["shards_manifest"]
     from safetensors import safe_open
     with safe_open(converted / "model.safetensors", "pt") as f:

@@ -181,3 +181,18 @@ def test_a_broken_link_in_place_of_the_lock_is_an_error_not_a_hang(tmp_path):
     (tmp_path / LOCK_NAME).symlink_to(tmp_path / "nowhere")
     with pytest.raises(RunLockError, match="is a broken link"):
         RunLock(tmp_path).acquire()
+
+
+def test_live_holder_names_another_live_process_and_not_this_one_or_a_gone_one(tmp_path):
+    """Read only: what finetune's evaluate/predict warn with. A train run reloads its best model while holding its
+    own lock, which must not read as another run; a lock file of other JSON reads as a lock not written yet."""
+    lock = RunLock(tmp_path)
+    with lock:
+        assert RunLock(tmp_path).live_holder() is None                  # this process's own
+    holder(tmp_path, pid=dead_pid())
+    assert RunLock(tmp_path).live_holder() is None                      # ended: would be taken over
+    holder(tmp_path, host="another-node")                               # alive as far as anyone here can tell
+    assert RunLock(tmp_path).live_holder().startswith(f"pid {os.getpid()} on another-node")
+    (tmp_path / LOCK_NAME).write_text("[]")
+    assert RunLock(tmp_path).live_holder() == "a run whose lock is not written yet, heartbeat 0 s ago"
+    assert (tmp_path / LOCK_NAME).read_text() == "[]"                  # nothing taken over
