@@ -266,11 +266,13 @@ def _labels(hdr: np.ndarray, hdr_off: np.ndarray, key: str, reasons: dict[int, s
     values: list[bytes | None] = [None] * n
     pat = re.compile(rb"[ \t]" + re.escape(key.encode()) + rb"=([^\s]*)")
     for m in pat.finditer(text):
-        r = int(np.searchsorted(hdr_off, m.start(), side="right")) - 1
+        r, value = int(np.searchsorted(hdr_off, m.start(), side="right")) - 1, m.group(1)
+        if not value:  # `key=` labels nothing
+            continue
         if values[r] is None:
-            values[r] = m.group(1)
-        elif values[r] != m.group(1):
-            shown = [v.decode("utf-8", "backslashreplace") for v in (values[r], m.group(1))]
+            values[r] = value
+        elif values[r] != value:
+            shown = [v.decode("utf-8", "backslashreplace") for v in (values[r], value)]
             reasons.setdefault(r, f"label key {key!r} given twice: {shown[0]!r} and {shown[1]!r}")
     values = [v or b"" for v in values]
     return b"".join(v + b"\n" for v in values), np.fromiter(map(len, values), np.int32, n)

@@ -120,16 +120,16 @@ def test_del_in_header_next_to_non_ascii_bytes(tmp_path, fasta):
 def test_a_label_key_given_twice_with_different_values_rejects_the_record(tmp_path, fasta):
     """It took the first value silently: `>x rfam_acc=RF00001 ... rfam_acc=RF00005` was labelled RF00001."""
     path = fasta(f">two rfam_acc=RF00001 note rfam_acc=RF00005\n{ACGU20}\n>same rfam_acc=RF1 rfam_acc=RF1\n{ACGU20}A\n"
-                 f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n")
+                 f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n>empty rfam_acc= rfam_acc=RF3\n{ACGU20}U\n")
     rejects, kept = rejects_of(tmp_path, path, label_key="rfam_acc")
     assert rejects == {"two": "label key 'rfam_acc' given twice: 'RF00001' and 'RF00005'"}
-    assert set(kept) == {"same", "one", "none"}
+    assert set(kept) == {"same", "one", "none", "empty"}
     out = tmp_path / "out"
     labels = {}
     for s in read_manifest(out).shards:
         for b in iter_blocks(out / s.path):
             labels.update(zip(b.ids, b.labels))
-    assert labels == {"same": "RF1", "one": "RF2", "none": ""}
+    assert labels == {"same": "RF1", "one": "RF2", "none": "", "empty": "RF3"}  # `key=` labels nothing
 
 
 def test_duplicate_id_with_different_sequence(tmp_path, fasta):
