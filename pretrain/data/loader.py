@@ -85,6 +85,7 @@ class PretrainLoader:
             raise ValueError(f"{cfg.shards}: no records in split {cfg.split!r} (splits present: {splits})")
         self.table = ShardTable([s.path for s in shards], [s.records for s in shards], cfg.seed)
         self.streams_per_rank = max(1, cfg.num_workers)
+        self._pin = cfg.pin_memory and torch.cuda.is_available()  # the presets ask for it; pinning needs a GPU
         if cfg.infinite and self.table.total < world_size * self.streams_per_rank:
             raise ValueError(f"{cfg.shards} split {cfg.split!r} has {self.table.total} records, fewer than the "
                              f"{world_size * self.streams_per_rank} streams (world_size x workers) reading it")
@@ -112,7 +113,7 @@ class PretrainLoader:
             if arrays is None:
                 continue
             batch = arrays.to_batch()
-            if self.cfg.pin_memory and torch.cuda.is_available():  # the presets ask for it; pinning needs a GPU
+            if self._pin:
                 batch = batch.pin_memory()
             state = StreamState.from_dict(meta["state"])
             self._streams[meta["worker"]] = state
