@@ -468,12 +468,13 @@ def test_a_large_cluster_keeps_its_link_to_a_near_duplicate(tmp_path):
 
 @pytest.mark.system
 def test_a_clustered_corpus_of_one_cluster_builds_with_an_empty_validation_split(tmp_path):
-    """No candidate to search: MMseqs2 refused the empty query file and the build failed."""
+    """No candidate to search: MMseqs2 refused the empty query file and the build failed. One record, as one cluster
+    of several near-identical records is not certain: MMseqs2's k-mer matching now and then missed one of 5 prefixes
+    of a sequence (a CI failure; reproduced, 3 of 40 linclust runs under CPU load, one thread)."""
     require_tool("mmseqs")
-    s = "".join(np.random.default_rng(2).choice(list("ACGU"), 200))
-    (tmp_path / "in.fa").write_text("".join(f">r{i}\n{s[:200 - i]}\n" for i in range(5)))
+    (tmp_path / "in.fa").write_text(">r0\n" + "".join(np.random.default_rng(2).choice(list("ACGU"), 200)) + "\n")
     res = build_small(tmp_path, [tmp_path / "in.fa"], no_cluster=False, cluster=ClusterConfig(threads=1))
-    assert res.manifest.counts["clusters"] == 1 and res.manifest.counts["train"]["records"] == 5
+    assert res.manifest.counts["clusters"] == 1 and res.manifest.counts["train"]["records"] == 1
     assert res.manifest.warnings[0].startswith("the validation split is empty")
 
 
