@@ -145,11 +145,17 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
     """'auto' picks the fastest backend for the device, with `dropout` the fastest that applies attention dropout
     unless only the sdpa fallback would, and sdpa for inputs of a `dtype` the CUDA kernels lack (fp32 without
     autocast); an explicit name must be available there."""
-    options = available_backends(device)
     if name == "auto":
-        kernels = [b for b in options if b != "sdpa" and (dtype is None or dtype in KERNEL_DTYPES)]
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            return "sdpa"
+        device = torch.device(device)
+        fast = [b for b in _available_backends(device.type) if b != "sdpa" and not (dropout and b in WITHOUT_DROPOUT)]
+        if fast:  # torch_flash, which needs a probe on the GPU, only where no other kernel serves
+            return fast[0]
+        kernels = [b for b in available_backends(device) if b != "sdpa"]
         with_dropout = [b for b in kernels if b not in WITHOUT_DROPOUT]
         return (with_dropout if dropout and with_dropout else kernels or ["sdpa"])[0]
+    options = available_backends(device)
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
     if name not in options:

@@ -270,6 +270,28 @@ def test_torch_flash_is_probed_on_the_gpu_that_asks(monkeypatch):
     assert probed == [torch.device("cuda:1"), torch.device("cuda:0")]
 
 
+def test_auto_probes_torch_flash_only_where_it_would_be_chosen(monkeypatch):
+    """Inference or training without attention dropout on a GPU with torch's varlen kernel never needs torch_flash:
+    it was probed anyway (a forward and backward on the GPU), and on a GPU its kernel does not support the probe's
+    warning spoke of attention dropout to a user who asked for none."""
+    import rnalm.attention as attention
+
+    probed = []
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: ("torch_varlen", "sdpa"))
+    monkeypatch.setattr(attention, "_torch_flash_runs", lambda device: probed.append(device) or True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention.resolve_backend("auto", "cuda:0", dropout=False, dtype=torch.bfloat16) == "torch_varlen"
+    assert attention.resolve_backend("auto", "cuda:0", dropout=True, dtype=torch.float32) == "sdpa"
+    assert probed == []
+    assert attention.resolve_backend("auto", "cuda:0", dropout=True, dtype=torch.bfloat16) == "torch_flash"
+    assert probed == [torch.device("cuda:0")]
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: ("torch_varlen", "flash_attn", "sdpa"))
+    assert attention.resolve_backend("auto", "cuda:0", dropout=True, dtype=torch.bfloat16) == "flash_attn"
+    monkeypatch.setattr(attention, "_available_backends", lambda device_type: ("sdpa",))  # torch < 2.10
+    assert attention.resolve_backend("auto", "cuda:0", dropout=False, dtype=torch.bfloat16) == "torch_flash"
+    assert len(probed) == 2
+
+
 def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
     import rnalm.attention as attention
 
