@@ -60,6 +60,7 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         records = [records[i] for i in keep]
     warn_unknown_letters(records, cfg.fasta)
     warn_truncated(records, cfg)
+    labels = [header_label(cfg.fasta, r, cfg.label_key) or "NA" for r in records]
     device = pick_device(cfg.device)
     lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
@@ -68,7 +69,6 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
         (out / stale).unlink(missing_ok=True)
     write_embeddings(lm, seqs, out, cfg.batch_size, cfg.progress)
     (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
-    labels = [header_label(r.description, cfg.label_key) or "NA" for r in records]
     if any(lab != "NA" for lab in labels):
         (out / "labels.txt").write_text("\n".join(labels) + "\n")
     cls, mean = (np.load(out / f"{name}.npy", mmap_mode="r") for name in ("cls", "mean"))

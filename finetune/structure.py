@@ -311,14 +311,13 @@ class FastaRecord:
     description: str  # rest of the header (e.g. "family=tRNA len=76")
 
 
-def header_labels(description: str, key: str) -> list[str]:
-    """Every value of `key=value` in a FASTA header's description."""
-    return re.findall(rf"(?:^|\s){re.escape(key)}=(\S+)", description)
-
-
-def header_label(description: str, key: str) -> str | None:
-    """The (first) value of `key=value` in a FASTA header's description, or None."""
-    return next(iter(header_labels(description, key)), None)
+def header_label(path: str | Path, record: FastaRecord, key: str) -> str | None:
+    """The value of `key=value` in the record's header, or None (`key=` labels nothing). Different values of the key
+    in one header are an error, as dataprep rejects such a record."""
+    values = dict.fromkeys(re.findall(rf"(?:^|\s){re.escape(key)}=(\S+)", record.description))
+    if len(values) > 1:
+        raise StructureError(f"{path}: record {record.id!r} gives {key}= twice: {' and '.join(map(repr, values))}")
+    return next(iter(values), None)
 
 
 def read_fasta(path: str | Path) -> list[FastaRecord]:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from finetune.neardup import leakage_mask
-from finetune.structure import (FastaRecord, StructureError, check_letters, header_labels, open_text, read_fasta,
+from finetune.structure import (FastaRecord, StructureError, check_letters, header_label, open_text, read_fasta,
                                 to_rna)
 from finetune.tasks.common import Splits
 
@@ -76,13 +76,11 @@ def columns(cfg: UserDataConfig) -> tuple[str, str]:
 
 
 def _fasta_label(path: str, record: FastaRecord, key: str) -> str:
-    labels = header_labels(record.description, key)
-    if not labels:
+    label = header_label(path, record, key)
+    if label is None:
         raise StructureError(f"{path}: record {record.id!r} has no {key}=... in its header (--data.label_column "
                              "names the header field of a FASTA file)")
-    if len(labels) > 1:
-        raise StructureError(f"{path}: record {record.id!r} has {key}= twice in its header")
-    return labels[0]
+    return label
 
 
 def _columns(path: str, header: list[str], wanted: tuple[str, str]) -> tuple[int, int]:

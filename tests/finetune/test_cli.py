@@ -457,6 +457,21 @@ def test_embed_leaves_no_earlier_run_beside_its_arrays(tiny_checkpoint, tmp_path
     assert not (out / "labels.txt").exists() and not (out / "embeddings.png").exists()
 
 
+def test_embed_reads_a_repeated_label_key_as_dataprep_does(tiny_checkpoint, tmp_path, capsys):
+    """Embed coloured by the first of two different values where dataprep rejects the record and fine-tuning data
+    refused even one value given twice; now one rule: the same value (or an empty `key=`) is fine, two differ: an
+    error naming the file and record, before any embedding is computed."""
+    src = tmp_path / "in.fa"
+    args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={src}", f"--out={tmp_path / 'e'}", "--progress=false"]
+    src.write_text(">a class=x class=x\nACGU\n>b class= class=y\nGGCC\n>c\nAAUU\n")
+    assert run(args) == 0
+    assert (tmp_path / "e" / "labels.txt").read_text().split() == ["x", "y", "NA"]
+    src.write_text(">a class=x\nACGU\n>b class=y len=4 class=z\nGGCC\n")
+    assert run([*args, f"--out={tmp_path / 'f'}"]) == 2
+    assert f"{src}: record 'b' gives class= twice: 'y' and 'z'" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
+
+
 def test_embed_warns_when_it_truncates(tiny_checkpoint, tmp_path, capsys):
     """A 3,000-nt record was embedded from its first 1,022 nt without a word."""
     src = tmp_path / "long.fa"

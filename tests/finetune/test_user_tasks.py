@@ -279,8 +279,9 @@ def test_fasta_files_carry_their_labels_in_the_headers(family_records, tmp_path)
     with pytest.raises(StructureError, match=r"train\.fa: record 'ncrna_\d+' has no label=\.\.\. in its header"):
         classify.load_splits(UserDataConfig(train=str(train), test=str(test)))
     twice = tmp_path / "twice.fa"
-    twice.write_text(">r0 subclass=tRNA class=tRNA\nACGUACGU\n>r1 class=tRNA len=8 class=miRNA\nACGUACGU\n")
-    with pytest.raises(StructureError, match=r"twice\.fa: record 'r1' has class= twice in its header"):
+    twice.write_text(">r0 subclass=tRNA class=tRNA class= class=tRNA\nACGUACGU\n"  # one value, as in dataprep
+                     ">r1 class=tRNA len=8 class=miRNA\nACGUACGU\n")
+    with pytest.raises(StructureError, match=r"twice\.fa: record 'r1' gives class= twice: 'tRNA' and 'miRNA'"):
         classify.load_splits(UserDataConfig(train=str(train), test=str(twice), label_column="class"))
     odd = fasta(tmp_path / "odd.fa", [("r1", "ACGUACGU", "dog")])
     with pytest.raises(StructureError, match=r"odd\.fa: record 'r1': label 'dog' is not a class of the training"):
