@@ -303,7 +303,7 @@ class Prometheus:
                 raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 return requests.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:
                 return False
 
         wait_until(ready, timeout=30, interval=0.1, what="prometheus /-/ready")
@@ -349,7 +349,9 @@ def value(sample: dict) -> float:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The complete lines' records: a line the writer is still writing is left for the next read."""
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def require_tools(*names: str) -> None:

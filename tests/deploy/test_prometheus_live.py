@@ -101,20 +101,21 @@ def test_prometheus_scrapes_ranks_found_through_file_sd(tmp_path, prometheus_fac
 
     # Every dashboard query is valid PromQL; the per-rank training panels have data.
     for title, expr in dashboard_queries():
-        result = prom.query(expr)            # raises on a PromQL error
+        prom.query(expr)            # raises on a PromQL error
         if "DCGM" not in expr and "valid_loss" not in expr and "nonfinite" not in expr:
-            assert result, f"dashboard panel {title!r}: no data for {expr}"
+            # waited for: one slow scrape (1 s interval and timeout) leaves a panel empty until the next one
+            wait_until(lambda: prom.query(expr), 10, what=f"data in dashboard panel {title!r} ({expr})")
 
     # A rank whose endpoint dies shows up as down and RnalmRankDown goes pending for that rank.
     proc.send_signal(signal.SIGUSR1)
     prom.wait_for(f'up{{slurm_job_id="{JOB_ID}",rank="1"}} == 0', timeout=20)
 
-    def rank_down_alert():
+    def rank_down_alert():  # rank 1's: a slow scrape can make rank 0's go pending for a moment too
         alerts = prom.api("alerts")["alerts"]
-        return [a for a in alerts if a["labels"]["alertname"] == "RnalmRankDown"]
+        return [a for a in alerts if a["labels"]["alertname"] == "RnalmRankDown" and a["labels"]["rank"] == "1"]
 
-    alert = wait_until(rank_down_alert, 20, what="RnalmRankDown alert")
-    assert alert[0]["labels"]["rank"] == "1" and alert[0]["state"] in ("pending", "firing")
+    alert = wait_until(rank_down_alert, 20, what="RnalmRankDown alert for rank 1")
+    assert alert[0]["state"] in ("pending", "firing")
 
     # Removing the target file (as pretrain.sh does when the job ends) makes Prometheus drop the targets.
     target_file.unlink()

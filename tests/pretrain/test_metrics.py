@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pretrain.mfu import FlopCounter, mfu, peak_flops_of
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
 from tests.contract import METRIC_NAMES
+from tests.deploy.daemons import free_port
 
 CONTRACT_NAMES = METRIC_NAMES
 
@@ -130,7 +130,7 @@ def initialize(*args, **kwargs):
     try:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         print("served" if "rnalm_train_start_timestamp_seconds" in text else "other", flush=True)
-    except requests.ConnectionError:
+    except requests.RequestException:
         print("not served", flush=True)
     os._exit(0)
 
@@ -141,9 +141,7 @@ main(["--config", "pretrain/configs/tiny_cpu.yaml", "--data.shards=" + sys.argv[
 
 
 def test_a_rank_serves_its_metrics_during_the_start_up(pretrain_shards, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
     args = [sys.executable, "-c", SLOW_START, str(port), str(pretrain_shards), str(tmp_path / "run")]
@@ -155,12 +153,8 @@ def test_a_rank_serves_its_metrics_during_the_start_up(pretrain_shards, tmp_path
 def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(pretrain_shards, tmp_path):
     """A rank answers from before the rendezvous: one node slow to start (or never starting) shows as its own
     ranks down, instead of every rank of the job waiting unscraped for it (RnalmRankDown for all)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        master_port = s.getsockname()[1]
+    port = free_port()
+    master_port = free_port()
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(master_port), OMP_NUM_THREADS="1")  # rank 1 never comes
     args = [sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
@@ -173,7 +167,7 @@ def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(pretrain_shards,
         while samples is None and time.monotonic() < deadline and proc.poll() is None:
             try:
                 samples = scrape(port)
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.2)
     finally:
         proc.kill()

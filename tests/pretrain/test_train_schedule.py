@@ -191,11 +191,11 @@ def test_weight_decay_groups_are_the_same_when_the_model_is_built_inside_zero_in
     import subprocess
     import sys
 
+    from tests.deploy.daemons import free_port
     from tests.pretrain.trainer_runs import REPO, trainer_env
-    from pretrain.train import _free_port
 
     proc = subprocess.run([sys.executable, "-c", WEIGHT_DECAY_GROUPS], cwd=REPO, capture_output=True, text=True,
-                          env=dict(trainer_env(), PORT=str(_free_port())), timeout=240)
+                          env=dict(trainer_env(), PORT=str(free_port())), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     groups = json.loads(proc.stdout.strip().splitlines()[-1])
     plain, zero_init = groups["False"], groups["True"]

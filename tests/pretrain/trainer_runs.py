@@ -4,12 +4,13 @@ Every run is real DeepSpeed ZeRO-3 on gloo with the tiny model of pretrain/confi
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.deploy.daemons import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -68,8 +69,7 @@ def read_log(out_dir: Path) -> list[dict]:
     path = out_dir / "log.jsonl"
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_jsonl(path)
 
 
 def step_lines(records: list[dict]) -> list[dict]:
