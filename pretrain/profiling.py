@@ -23,11 +23,17 @@ from torch.profiler import ProfilerActivity, profile
 PROFILE_STEPS = 3
 TOP = 25
 # Kernel name patterns, first match wins: cuBLAS/CUTLASS GEMMs (sm90_xmma..., nvjet..., cutlass...), flash and
-# memory-efficient attention, NCCL collectives, fused/multi-tensor optimizer kernels.
+# memory-efficient attention, NCCL collectives, fused/multi-tensor optimizer kernels, inductor's fused kernels,
+# copies (dtype casts, ZeRO's gathers into flat buffers at one GPU, cat), and eager torch's other kernels (pointwise,
+# norms, reductions, dropout, indexing, the loss): the memory-bound work that compiling fuses.
 KINDS = (("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|wgmma|cublas|splitk", re.I)),
          ("attention", re.compile(r"flash|fmha|attention", re.I)),
          ("communication", re.compile(r"nccl", re.I)),
-         ("optimizer", re.compile(r"adam|multi_tensor", re.I)))
+         ("optimizer", re.compile(r"adam|multi_tensor", re.I)),
+         ("compiled", re.compile(r"^triton_")),
+         ("copy", re.compile(r"memcpy|memset|copy_kernel|catarray", re.I)),
+         ("elementwise", re.compile(r"elementwise|reduce_kernel|layer_norm|softmax|dropout|index|nll_loss|embedding",
+                                    re.I)))
 
 
 def kernel_kind(name: str) -> str:

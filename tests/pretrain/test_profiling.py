@@ -20,9 +20,29 @@ def test_kernel_summary_counts_overlapping_streams_once_and_sorts_kernels_by_kin
     assert s["gpu_busy_s"] == pytest.approx(950e-6)             # 0-600 (two streams), 700-900, 950-1100
     assert s["gpu_busy_fraction"] == pytest.approx(0.475)
     assert s["kernel_s_by_kind"] == pytest.approx({"matmul": 500e-6, "communication": 300e-6, "attention": 100e-6,
-                                                   "optimizer": 100e-6, "other": 50e-6})
+                                                   "optimizer": 100e-6, "elementwise": 50e-6})
     assert s["top_kernels"][0] == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "s": pytest.approx(400e-6), "calls": 1}
     assert kernel_kind("cutlass_80_wmma_tensorop_bf16_s161616gemm") == "matmul"
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copy"),
+    ("Memcpy DtoD (Device -> Device)", "copy"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<c10::BFloat16, unsigned int, 1, 128, 1>", "copy"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>", "elementwise"),
+    ("void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int>", "elementwise"),
+    ("triton_per_fused_add_native_layer_norm_0", "compiled"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("void at::native::(anonymous namespace)::compute_grad_weight<c10::BFloat16, long>", "other"),
+])
+def test_kernels_are_sorted_into_kinds_by_name(name, kind):
+    """Eager pointwise/norm kernels and copies are what a profile must tell apart from "other": the memory-bound
+    work that compiling fuses, against the casts and gathers that ZeRO adds."""
+    assert kernel_kind(name) == kind
 
 
 def test_the_gpus_copies_of_user_annotations_are_not_kernels():
