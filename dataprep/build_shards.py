@@ -114,8 +114,9 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--min-len must not exceed --max-len")
     if a.label_key is not None and (not a.label_key or any(c.isspace() or c == "=" for c in a.label_key)):
         p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (no spaces or '=')")
-    files = [os.path.realpath(f) for f in a.input if f != "-"]
-    if twice := next((f for f, path in zip(a.input, files) if files.count(path) > 1), None):
+    files = [(f, os.path.realpath(f)) for f in a.input if f != "-"]
+    real = [path for _, path in files]
+    if twice := next((f for f, path in files if real.count(path) > 1), None):
         p.error(f"--input names {twice} twice: the second copy's records would all count as duplicates")
     if a.input.count("-") > 1:
         p.error("stdin (-) is given more than once in --input: it can be read only once")

@@ -402,8 +402,10 @@ def test_rejected_input_leaves_no_new_output_directory_and_an_old_shard_set_as_i
     (["--shard-mb", "nan"], "--shard-mb must be a number > 0"),
     (["--chunk-mb", "nan"], "--chunk-mb must be a number > 0"),        # ValueError (traceback) at parsing
     (["--input", "in.fa", "./in.fa"], "--input names in.fa twice"),   # every record a duplicate, without a word
+    (["--input", "-", "in.fa", "./in.fa"], "--input names in.fa twice"),  # (named '-': stdin shifted the lists)
 ], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "chunk-mb", "min-seq-id", "coverage", "cov-mode",
-        "label-empty", "label-eq", "stdin-twice", "shard-mb-inf", "shard-mb-nan", "chunk-mb-nan", "input-twice"])
+        "label-empty", "label-eq", "stdin-twice", "shard-mb-inf", "shard-mb-nan", "chunk-mb-nan", "input-twice",
+        "input-twice-after-stdin"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main
 
