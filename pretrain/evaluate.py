@@ -40,8 +40,8 @@ def validation(model: RiNALMo, cfg: PretrainConfig, world_size: int = 1) -> dict
     device = next(model.parameters()).device
     sums = [0.0, 0.0, 0, 0]  # ce, correct, masked, records
     unreadable: set[str] = set()
+    data = replace(cfg.valid_data(), pin_memory=device.type == "cuda")  # --device=cpu on a GPU host: no pinning
     for rank in range(world_size):
-        data = replace(cfg.valid_data(), pin_memory=device.type == "cuda")  # --device=cpu on a GPU host: no pinning
         loader = PretrainLoader(data, rank=rank, world_size=world_size)
         for i, batch in enumerate(loader):
             if i == cfg.train.valid_max_batches > 0:  # 0: the whole split

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataprep.shards import ShardError, shard_set_digest, read_manifest
+from dataprep.shards import ShardError, read_manifest, shard_set_digest
 from pretrain.buildlocks import StaleBuildLockWatch
 from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_files,
                                  complete_tags, latest_tag, read_trainer_state, tag_for)
