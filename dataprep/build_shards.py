@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--min-seq-id", type=float, default=ClusterConfig.min_seq_id,
                    help="least sequence identity to a cluster's representative")
     g.add_argument("--coverage", "-c", type=float, default=ClusterConfig.coverage,
-                   help="least fraction covered by the alignment (of which sequences: --cov-mode)")
+                   help="least fraction covered by the alignment (of which sequences: --cov-mode; of either for the "
+                        "holdout search)")
     g.add_argument("--cov-mode", type=int, default=None, choices=range(6),
                    help="MMseqs2 --cov-mode (default: MMseqs2's own, 0: query and target)")
     g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads")

@@ -26,9 +26,9 @@ from .store import Store
 INSTALL_HINT = ("install MMseqs2: `sudo apt-get install mmseqs2` (Debian/Ubuntu), "
                 "`conda install -c conda-forge -c bioconda mmseqs2`, or `bash deploy/install_sysdeps.sh`; "
                 "or pass --no-cluster to give every record its own cluster")
-# k-mer size of the holdout search (`search_steps`). Smaller finds more of the near-duplicates linclust's long
-# k-mers miss and costs more: validation records left with a train record within the thresholds, on a
-# 4,000-record ncRNA sample at --valid-fraction 0.1, 0.8 / 1.9 / 3.6 % at k 7 / 8 / 9 (43 % without the search);
+# k-mer size of the holdout search (`search_step`). Smaller finds more of the near-duplicates linclust's long
+# k-mers miss and costs more: validation records left with a train record within the thresholds (coverage of
+# both), on a 4,000-record ncRNA sample at --valid-fraction 0.1, 0.8 / 1.9 / 3.6 % at k 7 / 8 / 9 (43 % without);
 # prefilter time on 945,670 synthetic records (2 cores) 318 / 105 / 45 s against linclust's 36 s.
 SEARCH_KMER = 8
 # Hits kept per query: MMseqs2's default 300 plus the query's cluster size, whose members would fill them and hide
@@ -166,15 +166,14 @@ def _run_guarded(cmd: list[str], out) -> int:
 
 
 def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: ClusterConfig, max_seqs: int) -> list[str]:
-    """Every (query, target) pair within the clustering's identity and coverage, on either strand (as clustering
-    joins reverse complements). Short k-mers without masking find what linclust's long k-mers miss: MMseqs2's
+    """Every (query, target) alignment within the clustering's identity, on either strand (as clustering joins
+    reverse complements), with the fraction of each sequence it covers (`parse_hits` keeps those covering
+    `cfg.coverage` of either). Short k-mers without masking find what linclust's long k-mers miss: MMseqs2's
     defaults (k 15, masking) found 86 of the 173 validation records of a 4,000-record ncRNA sample that k 7 found
     with such a train record; k 8 finds 170."""
-    search = [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--search-type", "3", "--strand", "2",
-              "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id),
-              "-c", str(cfg.coverage), "--max-seqs", str(max_seqs), "--format-output", "query,target",
-              "--threads", str(cfg.threads)]
-    return search + (["--cov-mode", str(cfg.cov_mode)] if cfg.cov_mode is not None else [])
+    return [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--search-type", "3", "--strand", "2",
+            "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id), "-c", "0",
+            "--max-seqs", str(max_seqs), "--format-output", "query,target,qcov,tcov", "--threads", str(cfg.threads)]
 
 
 def run_mmseqs(steps: list[list[str]], log: Path) -> None:
@@ -199,17 +198,37 @@ def run_linclust(fasta: list[Path], workdir: Path, cfg: ClusterConfig, log: Path
     return tmp / "cluster.tsv"
 
 
+def _fixed_rows(path: Path, fields: list[str], what: str) -> np.ndarray:
+    """uint8 [m, row] of MMseqs2's lines of tab-separated fields of the fixed widths of `fields`, each a pattern
+    with `9` for a digit (`0.999`: a fraction as MMseqs2 prints it)."""
+    a = np.fromfile(path, np.uint8)
+    line = np.frombuffer("\t".join(fields).encode() + b"\n", np.uint8)
+    rows = a.reshape(-1, len(line)) if len(a) % len(line) == 0 else None
+    fixed = line != ord("9")
+    if rows is None or np.any(rows[:, fixed] != line[fixed]):
+        raise ToolError(f"{path}: unexpected MMseqs2 {what} ({len(a)} bytes; want lines of "
+                        f"'{'<TAB>'.join(fields)}', 9 for a digit)")
+    return rows
+
+
+def _digits(rows: np.ndarray) -> np.ndarray:
+    """int64 of the decimal digits of each row of a uint8 [m, w] array."""
+    return (rows.astype(np.int64) - 48) @ 10 ** np.arange(rows.shape[1] - 1, -1, -1, dtype=np.int64)
+
+
 def parse_pairs(path: Path, width: int, what: str) -> np.ndarray:
     """[m, 2] int64 from MMseqs2's `name<TAB>name` lines of fixed-width decimal names."""
-    a = np.fromfile(path, np.uint8)
-    row = 2 * width + 2
-    rows = a.reshape(-1, row) if len(a) % row == 0 else None
-    if rows is None or np.any(rows[:, width] != 9) or np.any(rows[:, -1] != 10):
-        raise ToolError(f"{path}: unexpected MMseqs2 {what} ({len(a)} bytes; want lines of 'name<TAB>name' with "
-                        f"{width}-digit names)")
-    powers = 10 ** np.arange(width - 1, -1, -1, dtype=np.int64)
-    return np.stack([(rows[:, :width].astype(np.int64) - 48) @ powers,
-                     (rows[:, width + 1: -1].astype(np.int64) - 48) @ powers], axis=1)
+    rows = _fixed_rows(path, ["9" * width] * 2, what)
+    return np.stack([_digits(rows[:, :width]), _digits(rows[:, width + 1: -1])], axis=1)
+
+
+def parse_hits(path: Path, width: int, coverage: float) -> np.ndarray:
+    """[m, 2] int64 (query, target) of the search's `query<TAB>target<TAB>qcov<TAB>tcov` lines whose alignment
+    covers at least `coverage` of either sequence (MMseqs2 prints each fraction as 0.ddd)."""
+    rows = _fixed_rows(path, ["9" * width] * 2 + ["9.999"] * 2, "search output")
+    cov = [_digits(rows[:, at][:, [0, 2, 3, 4]]) for at in (slice(2 * width + 2, 2 * width + 7), slice(-6, -1))]
+    near = np.maximum(*cov) >= round(coverage * 1000)
+    return np.stack([_digits(rows[near, :width]), _digits(rows[near, width + 1: 2 * width + 1])], axis=1)
 
 
 def parse_cluster_tsv(path: Path, n: int, width: int) -> np.ndarray:
@@ -262,9 +281,10 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, w
 
 def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, workdir: Path,
                  cfg: ClusterConfig, writers: int = 1) -> np.ndarray:
-    """[m, 2] kept-list positions (query, target): every kept record within the clustering thresholds of one of
-    the kept records at `queries` (itself included), by MMseqs2 searches against all kept records, one per group
-    of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`)."""
+    """[m, 2] kept-list positions (query, target): every kept record within the clustering's identity of one of
+    the kept records at `queries` (itself included) over `cfg.coverage` of either sequence, so a fragment and the
+    longer record it comes from are a pair, by MMseqs2 searches against all kept records, one per group of
+    queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`)."""
     if len(queries) == 0:  # (MMseqs2 refuses an empty query file)
         return np.zeros((0, 2), np.int64)
     tmp = workdir / "mmseqs_tmp"
@@ -282,6 +302,6 @@ def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_si
         steps.append(search_step(exe, tmp / f"queries-{g}.fasta", db, outputs[-1], tmp / f"search-{g}", cfg,
                                  300 + int(cluster_size[group == g].max())))
     run_mmseqs(steps, workdir / "mmseqs.log")
-    pairs = np.concatenate([parse_pairs(out, w, "search output") for out in outputs])
+    pairs = np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs])
     shutil.rmtree(tmp)
     return pairs

@@ -95,21 +95,22 @@ def test_the_validation_clusters_follow_the_seed():
 def test_validation_takes_no_cluster_linked_to_train():
     """Clusters of near-duplicates found by the search (`linked`) end up on one side: a candidate linked to a
     non-candidate goes to train (and so do candidates linked to it, in turn); linked candidates go together."""
-    from dataprep.split import cluster_ranking, valid_candidates, valid_clusters, wanted_valid
+    from dataprep.split import CANDIDATES_PER_VALID, cluster_ranking, valid_candidates, valid_clusters, wanted_valid
 
     cluster_id = np.random.default_rng(5).integers(0, 1000, 5000)
     d = digests(5000)
     ranking, cand = cluster_ranking(cluster_id, d, 0), valid_candidates(cluster_id, d, 0.05, 0)
-    assert wanted_valid(1000, 0.05) == 50 and np.array_equal(cand, ranking[:150])
+    last = CANDIDATES_PER_VALID * 50 - 1
+    assert wanted_valid(1000, 0.05) == 50 and np.array_equal(cand, ranking[:last + 1])
     plain = valid_clusters(cluster_id, d, 0.05, 0)
     assert np.array_equal(plain, valid_clusters(cluster_id, d, 0.05, 0, np.zeros((0, 2), np.int64)))
     outside = ranking[500:]
     linked = np.array([[ranking[0], outside[0]],          # the best candidate is near a train cluster
                        [ranking[1], ranking[2]], [ranking[2], outside[1]],  # a chain out through a candidate
-                       [ranking[3], ranking[149]],       # two candidates: together, though 149 ranks last
+                       [ranking[3], ranking[last]],      # two candidates: together, though one ranks last
                        [ranking[4], ranking[4]]])        # a cluster's own records: no link
     chosen = valid_clusters(cluster_id, d, 0.05, 0, linked)
-    assert not chosen[ranking[:3]].any() and chosen[ranking[[3, 4, 149]]].all()
-    assert chosen.sum() == 50 and chosen[ranking[3:52]].all() and not chosen[ranking[52:149]].any()
+    assert not chosen[ranking[:3]].any() and chosen[ranking[[3, 4, last]]].all()
+    assert chosen.sum() == 50 and chosen[ranking[3:52]].all() and not chosen[ranking[52:last]].any()
     assert all(chosen[x] == chosen[y] for x, y in linked)  # every link has both ends on one side
     assert plain.sum() == 50 and plain[ranking[:50]].all()  # without links: the first 50, as before
