@@ -177,8 +177,9 @@ def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: Clus
 
 
 def run_mmseqs(steps: list[list[str]], log: Path) -> None:
-    """Run MMseqs2 commands in order, each logged into `log`; a failure is a ToolError with the log's tail."""
-    with open(log, "wb") as lf:
+    """Run MMseqs2 commands in order, each logged at the end of `log`; a failure is a ToolError with the log's
+    tail."""
+    with open(log, "ab") as lf:
         for cmd in steps:
             lf.write(f"$ {' '.join(cmd)}\n".encode())
             lf.flush()
@@ -279,29 +280,37 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, w
     return out
 
 
-def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, workdir: Path,
-                 cfg: ClusterConfig, writers: int = 1) -> np.ndarray:
+def search_db(store: Store, keep: np.ndarray, scratch: Path, log: Path, cfg: ClusterConfig, writers: int = 1) -> None:
+    """The holdout search's target database, all kept records, in `scratch` (`writers` processes write its
+    input), which every rank's `linked_pairs` then reads."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    fasta = [scratch / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
+    write_input(store, keep, fasta)
+    run_mmseqs([[find_mmseqs(cfg.mmseqs), "createdb", *map(str, fasta), str(scratch / "targets"), "--dbtype", "2",
+                 "--shuffle", "0"]], log)
+    for f in fasta:
+        f.unlink()
+
+
+def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, scratch: Path,
+                 log: Path, cfg: ClusterConfig, part: tuple[int, int] = (0, 1)) -> np.ndarray:
     """[m, 2] kept-list positions (query, target): every kept record within the clustering's identity of one of
     the kept records at `queries` (itself included) over `cfg.coverage` of either sequence, so a fragment and the
-    longer record it comes from are a pair, by MMseqs2 searches against all kept records, one per group of
-    queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`)."""
-    if len(queries) == 0:  # (MMseqs2 refuses an empty query file)
-        return np.zeros((0, 2), np.int64)
-    tmp = workdir / "mmseqs_tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    w, exe, db = name_width(len(keep)), find_mmseqs(cfg.mmseqs), tmp / "targets"
-    targets = [tmp / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
-    write_input(store, keep, targets)
-    steps = [[exe, "createdb", *map(str, targets), str(db), "--dbtype", "2", "--shuffle", "0"]]
-    group = np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
-    outputs = []
+    longer record it comes from are a pair, by MMseqs2 searches against the `search_db` in `scratch`, one per
+    group of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`). `part` (rank, ranks): this rank searches every
+    ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs together are the
+    pairs of one search."""
+    rank, ranks = part
+    w, exe, group = name_width(len(keep)), find_mmseqs(cfg.mmseqs), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
+    steps, outputs = [], []
     for g in np.unique(group):
-        mine = np.sort(queries[group == g])
-        _write_records(store, keep, mine, w, tmp / f"queries-{g}.fasta")
-        outputs.append(tmp / f"pairs-{g}.tsv")
-        steps.append(search_step(exe, tmp / f"queries-{g}.fasta", db, outputs[-1], tmp / f"search-{g}", cfg,
-                                 300 + int(cluster_size[group == g].max())))
-    run_mmseqs(steps, workdir / "mmseqs.log")
-    pairs = np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs])
-    shutil.rmtree(tmp)
-    return pairs
+        mine = np.sort(queries[group == g])[rank::ranks]
+        if len(mine) == 0:  # (MMseqs2 refuses an empty query file)
+            continue
+        name = f"{g}-{rank}"
+        _write_records(store, keep, mine, w, scratch / f"queries-{name}.fasta")
+        outputs.append(scratch / f"pairs-{name}.tsv")
+        steps.append(search_step(exe, scratch / f"queries-{name}.fasta", scratch / "targets", outputs[-1],
+                                 scratch / f"search-{name}", cfg, 300 + int(cluster_size[group == g].max())))
+    run_mmseqs(steps, log)
+    return np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs] or [np.zeros((0, 2), np.int64)])

@@ -181,20 +181,39 @@ def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
 
 
 # ------------------------------------------------------------------------------------------ holdout
-def holdout(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
+def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> None:
     """The cluster pairs that validation must not split (`split.valid_clusters`): an MMseqs2 search of the
-    validation candidates' records against all kept records."""
+    validation candidates' records against all kept records, its queries shared between the ranks."""
     cl_dir = stage.final.parent / "cluster"
     keep, cluster_id = np.load(cl_dir / "keep.npy"), np.load(cl_dir / "cluster_id.npy")
-    tmp = stage.begin()
     candidates = valid_candidates(cluster_id, store.seqh[keep], cfg.valid_fraction, cfg.seed)
     queries = np.flatnonzero(np.isin(cluster_id, candidates))
-    log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation clusters "
-        f"against all {len(keep):,} (log: {stage.final / 'mmseqs.log'})")
+    scratch = stage.tmp / "mmseqs_tmp"
+    if comm.rank == 0:
+        stage.begin()
+        ranks = f" x {comm.size} ranks (logs: {stage.final}/mmseqs*.log)" if comm.size > 1 else \
+            f" (log: {stage.final / 'mmseqs.log'})"
+        log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation "
+            f"clusters against all {len(keep):,}{ranks}")
+        if len(queries):
+            clustering.search_db(store, keep, scratch, stage.tmp / "mmseqs.log", cfg.cluster, writers=cfg.workers)
+    comm.barrier()
     size = np.bincount(cluster_id)[cluster_id[queries]]
-    pairs = clustering.linked_pairs(store, keep, queries, size, tmp, cfg.cluster, writers=cfg.workers)
-    np.save(tmp / "linked.npy", np.unique(cluster_id[pairs], axis=0) if len(pairs) else np.zeros((0, 2), np.int64))
-    stage.commit()
+    pairs = clustering.linked_pairs(store, keep, queries, size, scratch, stage.tmp / _rank_log(comm.rank),
+                                    cfg.cluster, (comm.rank, comm.size))
+    linked = comm.gather(_unique_rows(cluster_id[pairs]))
+    if comm.rank == 0:
+        np.save(stage.tmp / "linked.npy", _unique_rows(np.concatenate(linked)))
+        shutil.rmtree(scratch, ignore_errors=True)
+        stage.commit()
+
+
+def _rank_log(rank: int) -> str:
+    return "mmseqs.log" if rank == 0 else f"mmseqs-rank{rank}.log"
+
+
+def _unique_rows(a: np.ndarray) -> np.ndarray:
+    return np.unique(a, axis=0) if len(a) else a.reshape(0, 2)
 
 
 def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
@@ -317,7 +336,7 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
         if report:
             report.clusters_ready(stages["cluster"].final)
         if _searches(cfg):
-            run("holdout", holdout, cfg, store, stages["holdout"], log, collective=False)
+            run("holdout", holdout, cfg, store, stages["holdout"], comm, log)
         t = time.perf_counter()
         if shuffling:
             shuffling.join()

@@ -396,6 +396,8 @@ def test_mpirun_two_ranks_matches_serial(tmp_path, synth_fa):
     assert a.counts == b.counts
     assert (tmp_path / "serial" / "rejects.tsv").read_text() == (tmp_path / "mpi" / "rejects.tsv").read_text()
     check_build(tmp_path / "mpi", [synth_fa])
+    for log in ("mmseqs.log", "mmseqs-rank1.log"):  # each rank searched its share of the holdout queries
+        assert "easy-search" in (tmp_path / "mpi" / ".work" / "holdout" / log).read_text()
 
 
 @pytest.mark.system
