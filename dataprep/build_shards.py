@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         build(cfg, comm)
     except (DataprepError, OSError) as e:
         unwritable = isinstance(e, OSError)
-        if unwritable and e.errno not in UNWRITABLE:
+        if unwritable and e.errno not in UNWRITABLE:  # (the `except BaseException` below does not see it)
+            _abort_others(comm)
             raise
         print(f"error: {e.strerror}: {e.filename} (the unfinished stages are removed; the finished ones and the "
               f"published shard set stay)" if unwritable else f"error: {e}", file=sys.stderr, flush=True)
@@ -158,13 +159,18 @@ def main(argv: list[str] | None = None) -> int:
             comm.abort(130)
         return 130
     except BaseException:
-        if comm.size > 1:  # never leave the other ranks waiting in a collective
-            import traceback
-
-            traceback.print_exc()
-            comm.abort(1)
+        _abort_others(comm)
         raise
     return 0
+
+
+def _abort_others(comm) -> None:
+    """Never leave the other ranks waiting in a collective: this rank's traceback, then MPI_Abort."""
+    if comm.size > 1:
+        import traceback
+
+        traceback.print_exc()
+        comm.abort(1)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def _fixed_rows(path: Path, fields: list[str], what: str) -> np.ndarray:
     line = np.frombuffer("\t".join(fields).encode() + b"\n", np.uint8)
     rows = a.reshape(-1, len(line)) if len(a) % len(line) == 0 else None
     fixed = line != ord("9")
-    if rows is None or np.any(rows[:, fixed] != line[fixed]):
+    if rows is None or np.any(rows[:, fixed] != line[fixed]) or np.any(rows[:, ~fixed] - 48 > 9):  # (uint8: < 48 wraps)
         raise ToolError(f"{path}: unexpected MMseqs2 {what} ({len(a)} bytes; want lines of "
                         f"'{'<TAB>'.join(fields)}', 9 for a digit)")
     return rows
@@ -225,7 +225,8 @@ def parse_pairs(path: Path, width: int, what: str) -> np.ndarray:
 
 def parse_hits(path: Path, width: int, coverage: float) -> np.ndarray:
     """[m, 2] int64 (query, target) of the search's `query<TAB>target<TAB>qcov<TAB>tcov` lines whose alignment
-    covers at least `coverage` of either sequence (MMseqs2 prints each fraction as 0.ddd)."""
+    covers at least `coverage` of either sequence (MMseqs2 prints each fraction as 0.ddd, rounded: 0.7995 counts as
+    0.8)."""
     rows = _fixed_rows(path, ["9" * width] * 2 + ["9.999"] * 2, "search output")
     cov = [_digits(rows[:, at][:, [0, 2, 3, 4]]) for at in (slice(2 * width + 2, 2 * width + 7), slice(-6, -1))]
     near = np.maximum(*cov) >= round(coverage * 1000)
@@ -301,7 +302,7 @@ def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_si
     ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs together are the
     pairs of one search."""
     rank, ranks = part
-    w, exe, group = name_width(len(keep)), find_mmseqs(cfg.mmseqs), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
+    w, group = name_width(len(keep)), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
     steps, outputs = [], []
     for g in np.unique(group):
         mine = np.sort(queries[group == g])[rank::ranks]
@@ -310,7 +311,9 @@ def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_si
         name = f"{g}-{rank}"
         _write_records(store, keep, mine, w, scratch / f"queries-{name}.fasta")
         outputs.append(scratch / f"pairs-{name}.tsv")
-        steps.append(search_step(exe, scratch / f"queries-{name}.fasta", scratch / "targets", outputs[-1],
-                                 scratch / f"search-{name}", cfg, 300 + int(cluster_size[group == g].max())))
-    run_mmseqs(steps, log)
+        limit = 300 + int(cluster_size[group == g].max())
+        steps.append(search_step(find_mmseqs(cfg.mmseqs), scratch / f"queries-{name}.fasta", scratch / "targets",
+                                 outputs[-1], scratch / f"search-{name}", cfg, limit))
+    if steps:
+        run_mmseqs(steps, log)
     return np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs] or [np.zeros((0, 2), np.int64)])

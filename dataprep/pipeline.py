@@ -33,7 +33,7 @@ from . import cluster as clustering
 from . import dedup as dd
 from .cluster import ClusterConfig
 from .comm import SerialComm
-from .errors import DataprepError, InputError
+from .errors import DataprepError, InputError, ToolError
 from .fasta import regular_file
 from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
@@ -201,11 +201,23 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
     size = np.bincount(cluster_id)[cluster_id[queries]]
     pairs = clustering.linked_pairs(store, keep, queries, size, scratch, stage.tmp / _rank_log(comm.rank),
                                     cfg.cluster, (comm.rank, comm.size))
-    linked = comm.gather(_unique_rows(cluster_id[pairs]))
+    if len(queries):  # through the shared file system: a pickled MPI message is limited to 2 GiB
+        np.save(scratch / f"linked-{comm.rank}.npy", _unique_rows(cluster_id[pairs]))
+    comm.barrier()
     if comm.rank == 0:
-        np.save(stage.tmp / "linked.npy", _unique_rows(np.concatenate(linked)))
+        linked = [np.load(scratch / f"linked-{r}.npy") for r in range(comm.size)] if len(queries) else []
+        np.save(stage.tmp / "linked.npy", _unique_rows(np.concatenate(linked or [np.zeros((0, 2), np.int64)])))
         shutil.rmtree(scratch, ignore_errors=True)
         stage.commit()
+
+
+def _one_mmseqs(comm, version: str) -> str:
+    """Every rank's MMseqs2 version, which must be one: each rank runs a share of the holdout search."""
+    versions = comm.allgather(version)
+    if len(set(versions)) > 1:
+        raise ToolError("MMseqs2 differs between the MPI ranks (" + ", ".join(
+            f"rank {r}: {v}" for r, v in enumerate(versions)) + "): install one version on every node")
+    return version
 
 
 def _rank_log(rank: int) -> str:
@@ -273,8 +285,7 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
     keys["dedup"] = _hash(keys["normalise"], "dedup")
     # another MMseqs2 version clusters differently, so its version is part of the cluster key (asked up front: a
     # missing MMseqs2 stops the run before it normalises)
-    mmseqs = None if cfg.no_cluster else comm.bcast(
-        clustering.mmseqs_version(cfg.cluster.mmseqs) if comm.rank == 0 else None)
+    mmseqs = None if cfg.no_cluster else _one_mmseqs(comm, clustering.mmseqs_version(cfg.cluster.mmseqs))
     keys["cluster"] = _hash(keys["dedup"], cfg.no_cluster,
                             None if cfg.no_cluster else [cfg.cluster.min_seq_id, cfg.cluster.coverage,
                                                          cfg.cluster.cov_mode, mmseqs])

@@ -15,6 +15,7 @@ import pytest
 import zstandard
 
 from dataprep.cluster import ClusterConfig
+from dataprep.comm import SerialComm
 from dataprep.errors import ToolError
 from dataprep.pipeline import BuildConfig, _params, _shard_plan
 from dataprep.shards import iter_blocks, read_manifest
@@ -376,6 +377,45 @@ def test_stdin_with_mpi_is_refused(tmp_path):
     assert r.returncode == 2 and "stdin" in r.stderr
 
 
+class _Rank1Of2:
+    """An MPI world of two seen from rank 1: MPI_Abort ends the process (here: SystemExit)."""
+    rank, size, aborted = 1, 2, []
+
+    def allgather(self, obj):
+        return ["14-7e284", obj]
+
+    def abort(self, code: int) -> None:
+        self.aborted.append(code)
+        raise SystemExit(code)
+
+
+def test_a_rank_failing_with_any_os_error_aborts_the_mpi_job(tmp_path, monkeypatch, synth_fa):
+    """An OSError outside the unwritable file system's (EIO, ESTALE, ...) was re-raised without MPI_Abort, and the
+    other ranks waited in the holdout's barrier for ever (a helper's probe: mpirun hung until its timeout)."""
+    import errno
+
+    import dataprep.build_shards as cli
+    import dataprep.comm
+
+    def failing(cfg, comm):
+        raise OSError(errno.EIO, "Input/output error", str(tmp_path / "scratch"))
+
+    monkeypatch.setattr(dataprep.comm, "MpiComm", _Rank1Of2)
+    monkeypatch.setattr(cli, "build", failing)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--mpi", "--input", str(synth_fa), "--out", str(tmp_path / "out")])
+    assert e.value.code == 1 and _Rank1Of2.aborted == [1]
+
+
+def test_ranks_with_different_mmseqs_versions_are_refused():
+    from dataprep.pipeline import _one_mmseqs
+
+    assert _one_mmseqs(SerialComm(), "14-7e284") == "14-7e284"
+    assert _one_mmseqs(_Rank1Of2(), "14-7e284") == "14-7e284"
+    with pytest.raises(ToolError, match="MMseqs2 differs between the MPI ranks .rank 0: 14-7e284, rank 1: 15-6f452."):
+        _one_mmseqs(_Rank1Of2(), "15-6f452")
+
+
 @pytest.mark.system
 @pytest.mark.slow
 def test_mpirun_two_ranks_matches_serial(tmp_path, synth_fa):
@@ -493,9 +533,10 @@ def test_search_hits_link_at_the_coverage_of_either_sequence(tmp_path):
     out.write_text("03\t11\t0.800\t0.150\n04\t12\t0.150\t1.000\n05\t13\t0.799\t0.799\n06\t14\t0.810\t0.900\n")
     assert parse_hits(out, 2, 0.8).tolist() == [[3, 11], [4, 12], [6, 14]]
     assert parse_hits(out, 2, 0.9).tolist() == [[4, 12], [6, 14]]
-    out.write_text("03\t11\t0.800\t0.150\n04\t12\t0.15\t1.000\n")
-    with pytest.raises(ToolError, match=f"{out}: unexpected MMseqs2 search output"):
-        parse_hits(out, 2, 0.8)
+    for bad in ("04\t12\t0.15\t1.000\n", "04\t1a\t0.150\t1.000\n", "04\t12\t0.150\t1.00 \n"):
+        out.write_text("03\t11\t0.800\t0.150\n" + bad)
+        with pytest.raises(ToolError, match=f"{out}: unexpected MMseqs2 search output"):
+            parse_hits(out, 2, 0.8)
 
 
 @pytest.mark.system
