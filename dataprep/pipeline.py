@@ -191,6 +191,7 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
     scratch = stage.tmp / "mmseqs_tmp"
     if comm.rank == 0:
         stage.begin()
+        scratch.mkdir()
         ranks = f" x {comm.size} ranks (logs: {stage.final}/mmseqs*.log)" if comm.size > 1 else \
             f" (log: {stage.final / 'mmseqs.log'})"
         log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation "
@@ -201,12 +202,12 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
     size = np.bincount(cluster_id)[cluster_id[queries]]
     pairs = clustering.linked_pairs(store, keep, queries, size, scratch, stage.tmp / _rank_log(comm.rank),
                                     cfg.cluster, (comm.rank, comm.size))
-    if len(queries):  # through the shared file system: a pickled MPI message is limited to 2 GiB
-        np.save(scratch / f"linked-{comm.rank}.npy", _unique_rows(cluster_id[pairs]))
+    # to rank 0 through the shared file system: a pickled MPI message is limited to 2 GiB
+    np.save(scratch / f"linked-{comm.rank}.npy", _unique_rows(cluster_id[pairs]))
     comm.barrier()
     if comm.rank == 0:
-        linked = [np.load(scratch / f"linked-{r}.npy") for r in range(comm.size)] if len(queries) else []
-        np.save(stage.tmp / "linked.npy", _unique_rows(np.concatenate(linked or [np.zeros((0, 2), np.int64)])))
+        linked = np.concatenate([np.load(scratch / f"linked-{r}.npy") for r in range(comm.size)])
+        np.save(stage.tmp / "linked.npy", _unique_rows(linked))
         shutil.rmtree(scratch, ignore_errors=True)
         stage.commit()
 
