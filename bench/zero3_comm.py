@@ -1,7 +1,8 @@
 """ZeRO communication per step, scaling efficiency and H100-hours for RiNALMo, on paper (issue 7; no GPU, no torch).
 
 Counted per GPU and per direction: a ring collective over g ranks sends, and receives, (g-1)/g of the full buffer
-(sent + received = 2x). bf16 parameters and gradients (2 B); fp32 Adam state is never sent. DeepSpeed 0.19.8
+(sent + received = 2x). bf16 parameters (2 B), gradients reduced in fp32 (4 B: the trainer's communication_data_type
+under bf16, pretrain/config.py; --grad-bytes 2 for bf16); fp32 Adam state is never sent. DeepSpeed 0.19.8
 (.venv/.../deepspeed/runtime): ZeRO-3 gathers every non-persistent parameter in forward, and in backward again those
 it released after their forward use, and reduce-scatters all gradients on EVERY micro-step (stage3.py
 `partition_grads` adds the reduced partition when micro_step_id > 0; engine.py `allreduce_gradients`: "ZeRO stage
@@ -89,6 +90,7 @@ class Setup:
     persistence_threshold: int = 100_000
     max_reuse_distance: int = 1_000_000_000   # stage3_max_reuse_distance (ds_configs/zero3.json)
     ac_regather: bool = False
+    grad_bytes: int = 4                       # per gradient element reduced: fp32, the trainer's for bf16
 
 
 def _block(name: str) -> str | None:
@@ -123,7 +125,8 @@ def zero3_gathers(numels: dict[str, int], s: Setup) -> dict[str, int]:
 def collectives(numels: dict[str, int], s: Setup) -> list[Collective]:
     total = sum(numels.values())
     resident = sum(n for n in numels.values() if n <= s.persistence_threshold) if s.stage == 3 else 0
-    grads = [Collective("grad reduce-scatter", total, s.gpus, s.link, per_micro_step=s.stage >= 2)]
+    grads = [Collective("grad reduce-scatter", total, s.gpus, s.link, per_micro_step=s.stage >= 2,
+                        bytes_per_element=s.grad_bytes)]
     if s.stage < 3:
         return grads + [Collective("param all-gather after step", total, s.gpus, s.link, False)]
     gathered = zero3_gathers(numels, s)
@@ -172,16 +175,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nvlink-gbytes", type=float, default=450.0, help="NVLink per GPU, GB/s per direction")
     p.add_argument("--efficiency", type=float, default=0.8, help="achievable bus-bandwidth fraction")
     p.add_argument("--ac-regather", action="store_true", help="count activation checkpointing's re-gather")
+    p.add_argument("--grad-bytes", type=int, default=4, choices=(2, 4),
+                   help="bytes per reduced gradient element (4: fp32, the trainer's default; 2: bf16)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     numels, ga, tpm = parameter_numels(ModelConfig.preset(a.preset)), a.grad_accum, a.tokens_per_micro
     ib, nvl = Link("IB", a.ib_gbit / 8, a.efficiency), Link("NVLink", a.nvlink_gbytes, a.efficiency)
     speeds = {**SPEEDS, **({"measured": a.tokens_per_s} if a.tokens_per_s else {})}
-    ac = a.ac_regather
-    setups = [(Setup(3, 8, nvl, ac_regather=ac), ga), (Setup(3, 8, ib, ac_regather=ac), ga),
-              (Setup(3, 64, ib, ac_regather=ac), ga), (Setup(3, 64, ib, node_link=nvl, ac_regather=ac), ga),
-              (Setup(3, 64, ib, ac_regather=ac), 4 * ga), (Setup(2, 64, ib), ga), (Setup(1, 64, ib), ga),
-              (Setup(1, 64, ib), 4 * ga)]
+    z3 = {"ac_regather": a.ac_regather, "grad_bytes": a.grad_bytes}
+    setups = [(Setup(3, 8, nvl, **z3), ga), (Setup(3, 8, ib, **z3), ga), (Setup(3, 64, ib, **z3), ga),
+              (Setup(3, 64, ib, node_link=nvl, **z3), ga), (Setup(3, 64, ib, **z3), 4 * ga),
+              (Setup(2, 64, ib, grad_bytes=a.grad_bytes), ga), (Setup(1, 64, ib, grad_bytes=a.grad_bytes), ga),
+              (Setup(1, 64, ib, grad_bytes=a.grad_bytes), 4 * ga)]
     scaling = [{"zero": s.stage, "hpz": s.node_link is not None, "gpus": s.gpus, "link": s.link.name, "grad_accum": g,
                 "by_speed": {k: asdict(estimate(collectives(numels, s), tpm, g, v)) for k, v in speeds.items()}}
                for s, g in setups]

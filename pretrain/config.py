@@ -174,6 +174,16 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
     })
+    if bf16:
+        # Gradients summed in fp32 over ranks and (ZeRO-2/3) micro-batches, as the original's DDP, torchtitan and
+        # Megatron do: DeepSpeed's default for bf16 sums them in bf16, where a rank's or a micro-batch's gradient
+        # below 1/256 of the running sum is lost. Costs the reduce-scatter twice the bytes (BENCHMARKS.md, ZeRO-3
+        # communication); the file or ds_overrides may set either back to bf16. ZeRO-1 keeps bf16 micro-batch
+        # sums: DeepSpeed gives it fp32 ones only through its BF16_Optimizer, whose checkpoints zero_to_fp32
+        # (pretrain.convert) cannot read.
+        ds.setdefault("communication_data_type", "fp32")
+        if ds.get("zero_optimization", {}).get("stage", 0) >= 2:
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     if ds.get("zero_optimization", {}).get("stage") == 3:

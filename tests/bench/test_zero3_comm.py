@@ -23,26 +23,28 @@ def test_parameter_numels_match_the_model(preset):
     assert parameter_numels(cfg) == {n: p.numel() for n, p in model.named_parameters()}
 
 
-def test_zero3_without_persistence_is_three_bf16_passes_over_the_ring():
+def test_zero3_without_persistence_is_two_bf16_gathers_and_an_fp32_reduce_scatter_over_the_ring():
     colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=0, max_reuse_distance=0))
     est = estimate(colls, tokens_per_micro=1000, grad_accum=1, tokens_per_s=1e6)
-    assert est.bytes_per_gpu == pytest.approx(9_004_725.0)          # 3 x 2 B x 2,001,050 x 3/4
-    assert est.comm_s == pytest.approx(1.800945e-3)                  # / 5e9 B/s
+    assert est.bytes_per_gpu == pytest.approx(12_006_300.0)         # (2 + 2 + 4) B x 2,001,050 x 3/4
+    assert est.comm_s == pytest.approx(2.40126e-3)                   # / 5e9 B/s
     assert est.compute_s == pytest.approx(1e-3)
-    assert est.efficiency_serial == pytest.approx(1 / 2.800945)
-    assert est.efficiency_overlapped == pytest.approx(1 / 1.800945)
-    assert est.break_even_tokens == pytest.approx(1800.945)
+    assert est.efficiency_serial == pytest.approx(1 / 3.40126)
+    assert est.efficiency_overlapped == pytest.approx(1 / 2.40126)
+    assert est.break_even_tokens == pytest.approx(2401.26)
     ga3 = estimate(colls, tokens_per_micro=1000, grad_accum=3, tokens_per_s=1e6)
-    assert ga3.bytes_per_gpu == pytest.approx(27_014_175.0)          # every micro-step again
+    assert ga3.bytes_per_gpu == pytest.approx(36_018_900.0)          # every micro-step again
     assert ga3.efficiency_serial == pytest.approx(est.efficiency_serial)
+    bf16 = Setup(3, 4, SLOW, persistence_threshold=0, max_reuse_distance=0, grad_bytes=2)
+    assert estimate(collectives(NUMELS, bf16), 1000, 1, 1e6).bytes_per_gpu == pytest.approx(9_004_725.0)  # 3 x 2 B
 
 
 def test_persistent_params_are_gathered_once_per_step_and_not_overlapped():
     colls = collectives(NUMELS, Setup(3, 4, SLOW, persistence_threshold=1000, max_reuse_distance=0))
     est = estimate(colls, tokens_per_micro=1000, grad_accum=2, tokens_per_s=1e6)
-    # per micro-step: 2 gathers of 2,000,000 x 2 B + reduce-scatter of 2,001,050 x 2 B, x 3/4; per step: 1,050 x 2 B x 3/4
-    assert est.bytes_per_gpu == pytest.approx(2 * 9_001_575.0 + 1575.0)
-    assert est.efficiency_overlapped == pytest.approx(2e-3 / (2 * 1.800315e-3 + 315e-9))
+    # per micro-step: 2 gathers of 2,000,000 x 2 B + reduce-scatter of 2,001,050 x 4 B, x 3/4; per step: 1,050 x 2 B x 3/4
+    assert est.bytes_per_gpu == pytest.approx(2 * 12_003_150.0 + 1575.0)
+    assert est.efficiency_overlapped == pytest.approx(2e-3 / (2 * 2.40063e-3 + 315e-9))
 
 
 @pytest.mark.parametrize(("reuse", "regathered_layers", "recomputed_layers"),
@@ -66,15 +68,15 @@ def test_hpz_moves_the_backward_gather_to_the_node():
                                           max_reuse_distance=0))
     bwd = next(c for c in colls if c.name.startswith("bwd"))
     assert (bwd.group, bwd.link, bwd.bytes_per_gpu) == (2, FAST, pytest.approx(2_001_050.0))  # 2 B x P x 1/2
-    slow_bytes = 2 * 2 * 2_001_050 * 7 / 8
+    slow_bytes = (2 + 4) * 2_001_050 * 7 / 8                 # forward gather (bf16), gradients (fp32)
     assert estimate(colls, 1000, 1, 1e6).comm_s == pytest.approx(slow_bytes / 5e9 + 2_001_050.0 / 1e11)
 
 
 def test_zero1_communicates_once_per_step_whatever_the_accumulation():
     colls = collectives(NUMELS, Setup(1, 4, SLOW))
     one, four = (estimate(colls, 1000, g, 1e6) for g in (1, 4))
-    assert one.bytes_per_gpu == four.bytes_per_gpu == pytest.approx(6_003_150.0)   # 2 x 2 B x P x 3/4
-    assert four.efficiency_serial == pytest.approx(4e-3 / (4e-3 + 1.20063e-3))
+    assert one.bytes_per_gpu == four.bytes_per_gpu == pytest.approx(9_004_725.0)   # (4 + 2) B x P x 3/4
+    assert four.efficiency_serial == pytest.approx(4e-3 / (4e-3 + 1.800945e-3))
     assert collectives(NUMELS, Setup(2, 4, SLOW))[0].per_micro_step      # ZeRO-2 reduce-scatters every micro-step
 
 
@@ -92,7 +94,7 @@ def test_cli_giga(capsys):
     zero3_64 = next(w for w in r["scaling"] if (w["zero"], w["gpus"], w["link"], w["hpz"]) == (3, 64, "IB", False))
     # backward re-gather (reuse distance 1e9): blocks 0-6 and block 7's Wqkv, out_proj and FFN-in weights
     regathered = 7 * 19_659_520 + 4_915_200 + 1_638_400 + 4_368_640
-    per_dir = (2 * (650_901_793 - resident + regathered) + 2 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
+    per_dir = (2 * (650_901_793 - resident + regathered) + 4 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
     assert zero3_64["by_speed"]["measured"]["bytes_per_gpu"] == pytest.approx(per_dir)
     assert zero3_64["by_speed"]["measured"]["compute_s"] == pytest.approx(32768 / 1e5)
     measured = next(h for h in r["h100_hours"] if h["speed"] == "measured")

@@ -262,3 +262,42 @@ def test_the_log_closes_a_line_a_failed_write_left_torn_and_names_itself_when_it
         pytest.skip("no /dev/full to fail a write")
     with pytest.raises(LogWriteError, match="could not write /dev/full: No space left on device"):
         _JsonLog(Path("/dev/full")).write({"event": "start"})
+
+
+BF16_GRADIENT_SUM = """
+import json, os, sys, torch, deepspeed
+from deepspeed.utils import safe_get_full_grad
+from pretrain.config import PretrainConfig, deepspeed_config
+from rnalm.configfile import load
+cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.grad_accum=8", *sys.argv[1:]])
+deepspeed.init_distributed(auto_mpi_discovery=False)
+model = torch.nn.Linear(8, 1, bias=False).to(torch.bfloat16)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0),
+                                  config=deepspeed_config(cfg, bf16=True))
+rank = int(os.environ["RANK"])
+for c in ([1.0] + [2.0 ** -10] * 7) if rank == 0 else [3 * 2.0 ** -12] * 8:  # the trainer's backward (train.py)
+    engine.backward(engine(torch.ones(1, 8, dtype=torch.bfloat16)).float().sum() * c, scale_wrt_gas=False)
+    if engine.is_gradient_accumulation_boundary():
+        grad = safe_get_full_grad(engine.module.weight)
+    engine.step()
+if rank == 0:
+    print(json.dumps(sorted(set(grad.float().tolist()[0]))))
+"""
+
+
+@pytest.mark.parametrize(("overrides", "want"), [
+    ([], 1 + 7 * 2 ** -10 + 3 * 2 ** -9),                                               # ZeRO-3: exact
+    (["train.ds_config=ds_configs/zero2.json"], 1 + 7 * 2 ** -10 + 3 * 2 ** -9),         # ZeRO-2: exact
+    (["train.ds_config=ds_configs/zero2.json", "train.ds_overrides={zero_optimization: {stage: 1}}"],
+     1 + 2 ** -7),          # ZeRO-1: micro-batches summed in bf16 (config.py), its bf16 gradient rounds 1 + 3 x 2^-9
+    (["train.ds_overrides={data_types: {grad_accum_dtype: bf16}, communication_data_type: bf16}"], 1.0),
+])
+def test_bf16_gradients_are_summed_in_fp32_over_micro_batches_and_ranks(overrides, want):
+    """A bf16 step's gradient: rank 0 adds seven micro-batch gradients of 2^-10 to one of 1 (each below bf16's
+    step at 1), rank 1 eight of 3 x 2^-12 (their sum too). DeepSpeed's default for bf16 sums in bf16 and loses
+    all of them (the last case, its settings restored)."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                           "--no-python", sys.executable, "-c", BF16_GRADIENT_SUM, *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want / 2]   # the mean of the two ranks
