@@ -32,6 +32,10 @@ source "$RNALM_REPO/deploy/slurm/common.sh"
 
 CPUS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1   # parallelism comes from ranks, --workers and --threads
+# The ranks fork worker processes after MPI_Init, which InfiniBand verbs (Open MPI's openib/UCX) do not survive
+# on older kernels and rdma-core (ibv_fork_init(3): data corruption, segfaults). The MPI traffic here is small
+# control data and arrays: Open MPI's ob1 over TCP/shared memory (set OMPI_MCA_pml/btl to choose otherwise).
+export OMPI_MCA_pml=${OMPI_MCA_pml:-ob1} OMPI_MCA_btl=${OMPI_MCA_btl:-^openib,uct,ofi}
 log "job $SLURM_JOB_ID: $SLURM_NTASKS MPI ranks on $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST], $CPUS CPUs each"
 
 srun --mpi="${RNALM_SRUN_MPI:-pmix}" --kill-on-bad-exit=1 --cpus-per-task="$CPUS" \

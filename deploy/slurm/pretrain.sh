@@ -39,6 +39,7 @@
 
 set -uo pipefail
 
+# (common.sh, sourced below, defines them again alike: here for a signal that comes before it is read)
 log() { echo "[pretrain.sh $(date '+%F %T')] $*"; }
 die() { log "error: $*" >&2; exit 1; }
 
@@ -70,12 +71,12 @@ on_term() {
 trap on_usr1 USR1
 trap on_term TERM
 
-[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
-RNALM_REPO=${RNALM_REPO:-$SLURM_SUBMIT_DIR}
-[ -f "$RNALM_REPO/pretrain/train.py" ] || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
-cd "$RNALM_REPO" || die "cannot cd to $RNALM_REPO"
-PYTHON=${RNALM_PYTHON:-$RNALM_REPO/.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=$(command -v python3) || die "no python: set RNALM_PYTHON"
+NAME=pretrain.sh
+RNALM_REPO=${RNALM_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+[ -f "$RNALM_REPO/deploy/slurm/common.sh" ] \
+  || die "$RNALM_REPO is not the repository root (submit from it or set RNALM_REPO)"
+# shellcheck source=deploy/slurm/common.sh
+source "$RNALM_REPO/deploy/slurm/common.sh"
 
 # ---------------------------------------------------------------------------------------- arguments
 # [CONFIG] then overrides as the trainer takes them (--section.key=value or --section.key value; --config FILE
@@ -212,9 +213,13 @@ write_targets
 # shellcheck disable=SC2016  # $SLURM_PROCID/$SLURM_LOCALID expand inside each task
 # srun's exit status goes through a file: `wait` on a step that ended while a trap ran can return -1. This
 # subshell outlives a TERM or USR1 sent to the whole job (handlers, unlike ignored signals, are not inherited by srun).
+# Every task sees all of its node's GPUs (rank LOCAL_RANK takes cuda:LOCAL_RANK): --gpus-per-task, or a site's
+# SLURM_GPU_BIND, would leave each task one device and every local rank >= 1 an invalid device ordinal.
+GPU_BIND=()
+[ "$GPUS" -gt 0 ] && GPU_BIND=(--gpu-bind=none)
 {
   trap : TERM USR1
-  srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+  srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${GPU_BIND[@]+"${GPU_BIND[@]}"} \
     bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
     "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
   echo $? > "$RC_FILE"

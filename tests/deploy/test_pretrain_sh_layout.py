@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.deploy.daemons import REPO
 
 STUBS = {
@@ -18,11 +20,17 @@ STUBS = {
 esac""",
     "squeue": "exit 0",
     "scancel": 'echo "scancel $*" >> "$CALLS"',
-    # --kill-on-bad-exit=1 --label --cpus-per-task=N bash -c SCRIPT rank PYTHON ARGS...: the first and last task
-    "srun": r"""echo "srun $*" >> "$CALLS"; shift 3
-SLURM_PROCID=0 SLURM_LOCALID=0 "$@" && SLURM_PROCID=$((SLURM_NTASKS - 1)) SLURM_LOCALID=$((TASKS - 1)) "$@" """,
+    # [--options] bash -c SCRIPT rank PYTHON ARGS...: the first and last task. A job's --gpus-per-task (or a site's
+    # SLURM_GPU_BIND) binds each task to its own GPU unless srun says --gpu-bind=none (srun(1)).
+    "srun": r"""echo "srun $*" >> "$CALLS"; bind=${SLURM_GPUS_PER_TASK:+per_task}${SLURM_GPU_BIND:-}
+while [ "${1#--}" != "$1" ]; do [ "$1" = --gpu-bind=none ] && bind=; shift; done
+task() { SLURM_PROCID=$1 SLURM_LOCALID=$2 CUDA_VISIBLE_DEVICES=${bind:+$2} "${@:3}"; }
+task 0 0 "$@" && task $((SLURM_NTASKS - 1)) $((TASKS - 1)) "$@" """,
 }
 TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$LOCAL_RANK" -gt 0 ]; then   # one device: cuda:0 only
+    echo "rank $RANK: CUDA error: invalid device ordinal" >&2; exit 1
+  fi
   echo "rank $RANK local $LOCAL_RANK world $WORLD_SIZE master $MASTER_ADDR:$MASTER_PORT" >> "$CALLS"
   cp "$SD/rnalm-$SLURM_JOB_ID.json" "$SD/seen.json"; exit 0
 fi
@@ -31,7 +39,8 @@ exec "$REAL_PYTHON" "$@"
 
 
 def run_script(tmp: Path, nodes: int, tasks: int, gpus: int, job_id: int = 123456, trainer: str = TRAINER,
-               args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, str, Path]:
+               args: tuple[str, ...] = (), env: dict[str, str] | None = None
+               ) -> tuple[subprocess.CompletedProcess, str, Path]:
     bin_dir, sd = tmp / "bin", tmp / "sd"
     bin_dir.mkdir()
     sd.mkdir()
@@ -42,7 +51,7 @@ def run_script(tmp: Path, nodes: int, tasks: int, gpus: int, job_id: int = 12345
     (tmp / "python").chmod(0o755)
     calls = tmp / "calls"
     calls.touch()
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
+    env = {**(env or {}), "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
            "CALLS": str(calls), "SD": str(sd), "REAL_PYTHON": sys.executable, "RNALM_PYTHON": str(tmp / "python"),
            "RNALM_PROM_SD_DIR": str(sd), "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": "rnalm-pretrain",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]",
@@ -69,6 +78,21 @@ def test_eight_nodes_of_eight_gpus(tmp_path):
     assert groups[63]["labels"] == {"rank": "63", "local_rank": "7", "node": "gpu08", "slurm_job_id": "123456",
                                     "slurm_job_name": "rnalm-pretrain"}
     assert not (sd / "rnalm-123456.json").exists()  # removed when the job ended
+
+
+@pytest.mark.parametrize("binding", [{"SLURM_GPUS_PER_TASK": "1"}, {"SLURM_GPU_BIND": "map_gpu:0,1,2,3"}])
+def test_tasks_see_every_gpu_of_their_node_whatever_the_job_binds(tmp_path, binding):
+    """`sbatch --gpus-per-task=1` (common site advice) or a site's GPU binding left each task one device, and every
+    local rank >= 1 failed at cuda:LOCAL_RANK."""
+    r, calls, _ = run_script(tmp_path, nodes=2, tasks=4, gpus=4, env=binding)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--gpu-bind=none" in calls and "rank 7 local 3 world 8" in calls
+
+
+def test_cpu_jobs_ask_srun_for_no_gpu_binding(tmp_path):
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=2, gpus=0)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "srun" in calls and "--gpu-bind" not in calls
 
 
 def test_jobs_sharing_a_node_serve_metrics_on_ports_of_their_own(tmp_path):
