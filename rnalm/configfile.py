@@ -72,16 +72,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
-def changed_settings(then: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
-    """{"section.key": (then, now)} for the settings of two `to_dict` configs (nested) that differ; a setting
-    only one of them has (a version's new option) is not a change."""
+def changed_settings(then: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple]:
+    """{"section.key": (then, now)} for the settings of two `to_dict` configs that differ; a setting only one of
+    them has (a version's new option) is not a change. A value is compared whole: a dict setting such as
+    train.ds_overrides changes when a key is added or dropped."""
     changes: dict[str, tuple] = {}
-    for key in then.keys() & now.keys():
-        a, b = then[key], now[key]
+    for section in then.keys() & now.keys():
+        a, b = then[section], now[section]
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            changes.update(changed_settings(a, b, f"{prefix}{key}."))
+            changes.update({f"{section}.{k}": (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]})
         elif a != b:
-            changes[prefix + key] = (a, b)
+            changes[section] = (a, b)
     return dict(sorted(changes.items()))
 
 

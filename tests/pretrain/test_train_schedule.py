@@ -72,8 +72,10 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
     saved["train"]["max_steps"] = 8
     del saved["data"]["seed"]  # a setting the version that saved did not have is no change
     saved["data"]["retired_option"] = 1  # nor one it had and this version has not
+    saved["train"]["ds_overrides"] = {"communication_data_type": "bf16"}   # a key dropped from a dict setting is one
     assert changed_settings(saved, to_dict(cfg)) == {"optim.lr": (3e-3, 1e-3), "optim.min_lr": (3e-4, 1e-4),
-                                                     "train.max_steps": (8, 20)}
+                                                     "train.max_steps": (8, 20),
+                                                     "train.ds_overrides": ({"communication_data_type": "bf16"}, {})}
 
 
 @pytest.mark.parametrize("override", ["train.log_every=0", "train.stop_after=0", "train.valid_every=-1",
