@@ -216,10 +216,21 @@ def iter_blocks(shard_path: str | os.PathLike, verify_checksum: bool = False,
                     raise ShardError(f"{where}: truncated member ({len(payload)} of {member.size} bytes)")
                 yield decode_block(payload, where)
                 expected_block += 1
+            _check_tar_end(shard_path, tar.offset, expected_block)
     except ShardError:
         raise
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardError(f"{shard_path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
+
+
+def _check_tar_end(path: Path, offset: int, blocks: int) -> None:
+    """tarfile's stream mode ends quietly at a damaged member header, or at a cut between members: a whole shard
+    has the tar end marker (two zero blocks) right after its last member."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        end = f.read(2 * tarfile.BLOCKSIZE)
+    if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+        raise ShardError(f"{path}: truncated, or a damaged tar header, after {blocks} whole block(s)")
 
 
 def iter_records(shard_path: str | os.PathLike) -> Iterator[tuple[str, bytes, int, int, int]]:

@@ -88,7 +88,8 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
         # webdataset appends " @ <the file object>" to the reason: the path is said once already
         reason = getattr(e, "strerror", None) or (str(e.args[0]).split(" @ <")[0] if e.args else "")
         raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {reason})") from None
-    raise ShardError(f"{path}: ends after {pos} records, but the manifest lists at least {hi}")
+    raise ShardError(f"{path}: ends after {pos} records (cut, or a damaged tar header after them), but the "
+                     f"manifest lists at least {hi}")
 
 
 def slice_block(block: RecordBlock, i: int, j: int) -> RecordBlock:

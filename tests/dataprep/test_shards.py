@@ -106,6 +106,22 @@ def test_truncated_shard(tmp_path):
         list(iter_blocks(path))
 
 
+@pytest.mark.parametrize("damage", ["cut before a member", "cut inside a header", "a header byte flipped"])
+def test_a_shard_cut_or_damaged_between_members_is_an_error_not_a_shorter_shard(tmp_path, damage):
+    """tarfile's stream mode stopped quietly at the third member's header: 2 of 4 blocks, no error."""
+    path = tmp_path / "s.tar"
+    write_shard(path, [make_block(seed=s, n=500) for s in range(4)])
+    assert len(list(iter_blocks(path))) == 4
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[2].offset
+    flipped = data[:third + 100] + bytes([data[third + 100] ^ 0xFF]) + data[third + 101:]
+    path.write_bytes({"cut before a member": data[:third], "cut inside a header": data[:third + 100],
+                      "a header byte flipped": flipped}[damage])
+    with pytest.raises(ShardError, match=r"s.tar: truncated, or a damaged tar header, after 2 whole block"):
+        list(iter_blocks(path))
+
+
 def test_corrupt_block_names_member(tmp_path):
     path = tmp_path / "s.tar"
     write_shard(path, [make_block(n=500)])
