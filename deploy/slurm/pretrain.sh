@@ -215,11 +215,15 @@ write_targets
 # subshell outlives a TERM or USR1 sent to the whole job (handlers, unlike ignored signals, are not inherited by srun).
 # Every task sees all of its node's GPUs (rank LOCAL_RANK takes cuda:LOCAL_RANK): --gpus-per-task, or a site's
 # SLURM_GPU_BIND, would leave each task one device and every local rank >= 1 an invalid device ordinal.
+# CPUs in blocks per socket (block:block; Slurm's default alternates sockets task by task), so where the site
+# binds tasks to CPUs, local ranks 0-3 of an 8-GPU, 2-socket node run on the socket of GPUs 0-3, as on most boards
+# (`nvidia-smi topo -m`); sbatch --distribution or SLURM_DISTRIBUTION overrides it.
 GPU_BIND=()
 [ "$GPUS" -gt 0 ] && GPU_BIND=(--gpu-bind=none)
 {
   trap : TERM USR1
   srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${GPU_BIND[@]+"${GPU_BIND[@]}"} \
+    --distribution="${SLURM_DISTRIBUTION:-block:block}" \
     bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
     "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
   echo $? > "$RC_FILE"
