@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pretrain.data import DataConfig
+from pretrain.data.masking import MASK_TOKEN_SHARE
 from rnalm.config import ModelConfig
 from rnalm.files import check_out_dir
 
@@ -137,7 +138,12 @@ class PretrainConfig:
                              f"{self.metrics.port_base}")
         check_out_dir(self.train.out_dir, "train.out_dir")
         deepspeed_config(self, bf16=False)  # readable, and without the keys the trainer owns
-        self.model.build()
+        self.model_config()
+
+    def model_config(self) -> ModelConfig:
+        """The model section's, with token dropout's training mask ratio from data.mask_prob: the embeddings are
+        rescaled by it in training and after (the presets' 0.12 is the original's 0.15 x 0.8)."""
+        return replace(self.model.build(), mask_ratio_train=self.data.mask_prob * MASK_TOKEN_SHARE)
 
     def valid_data(self) -> DataConfig:
         """The held-out split: one deterministic pass, every record (not one per cluster)."""

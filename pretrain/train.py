@@ -112,8 +112,10 @@ FROM_ITS_WEIGHTS = ("start another train.out_dir from its weights (python -m pre
 OPTIM_HYPERPARAMETERS = ("weight_decay", "betas", "eps")
 
 # model settings a resume may change: how the same weights are computed (kernel, recomputation, GEMM padding)
-# and the dropout rates; any other difference is another model (shapes, heads, RoPE base, vocabulary, ...)
-RESUME_MAY_CHANGE = (*MACHINE_CHOICES, "name", "attn_dropout", "residual_dropout", "transition_dropout")
+# and the dropout rates (token dropout's mask ratio follows data.mask_prob, which may change too); any other
+# difference is another model (shapes, heads, RoPE base, vocabulary, ...)
+RESUME_MAY_CHANGE = (*MACHINE_CHOICES, "name", "attn_dropout", "residual_dropout", "transition_dropout",
+                     "mask_ratio_train")
 
 
 def model_changes(saved: dict, model_cfg: ModelConfig) -> dict[str, tuple]:
@@ -155,7 +157,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.train.out_dir)
-        self.model_cfg = cfg.model.build()
+        self.model_cfg = cfg.model_config()
         _default_distributed_env()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         # The endpoint first, before the slow parts of the start-up (the rendezvous of all ranks, a universal
@@ -778,7 +780,7 @@ def _new_model(cfg: PretrainConfig, ds_cfg: dict, device: torch.device) -> Pretr
 
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg) if cfg.train.zero_init else device:
-        model = PretrainModel(cfg.model.build())
+        model = PretrainModel(cfg.model_config())
     if ds_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         deepspeed.utils.set_z3_leaf_modules(model, [TransformerBlock])
     # what ds_to_universal requires of ZeRO-1/2 checkpoints (no tensor or pipeline parallel parameters to describe

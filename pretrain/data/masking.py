@@ -20,6 +20,7 @@ from .sampling import splitmix64, stream_at
 _CROP_SALT = np.uint64(0x43524F50)
 _STANDARD = np.array(STANDARD_NUCLEOTIDE_IDS, dtype=np.uint8)
 _U24 = float(1 << 24)
+MASK_TOKEN_SHARE = 0.8   # of the selected tokens become <mask>; 0.1 a random nucleotide, 0.1 stay as they are
 
 
 @dataclass
@@ -79,7 +80,7 @@ def crop_and_mask(seq: np.ndarray, starts: np.ndarray, lengths: np.ndarray, keys
         where, hp = dst[pick], h[pick]
         targets[where] = body_tokens[pick]
         action = ((hp >> np.uint64(16)) & np.uint64(0xFFFFFF)).astype(np.float64) / _U24
-        tokens[where[action < 0.8]] = MASK_ID
-        rand = (action >= 0.8) & (action < 0.9)
+        tokens[where[action < MASK_TOKEN_SHARE]] = MASK_ID
+        rand = (action >= MASK_TOKEN_SHARE) & (action < 0.9)
         tokens[where[rand]] = _STANDARD[(hp[rand] & np.uint64(3)).astype(np.int64)]
     return Samples(tokens=tokens, targets=targets, offsets=offsets, ids=ids, cropped=cropped)

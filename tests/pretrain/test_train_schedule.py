@@ -303,3 +303,16 @@ def test_bf16_gradients_are_summed_in_fp32_over_micro_batches_and_ranks(override
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [want / 2]   # the mean of the two ranks
+
+
+def test_token_dropouts_mask_ratio_follows_the_masking_rate():
+    """Token dropout rescales the embeddings by the share of <mask> tokens the model trained with, in training and
+    after it; the presets' 0.12 stayed when data.mask_prob changed (a 0.3 run trained at 0.24)."""
+    from pretrain.train import model_changes
+    from rnalm.config import ModelConfig
+
+    default = load(PretrainConfig, "pretrain/configs/giga.yaml", ["data.shards=/somewhere"])
+    assert default.model_config() == ModelConfig.preset("giga")
+    more = load(PretrainConfig, "pretrain/configs/giga.yaml", ["data.shards=/somewhere", "data.mask_prob=0.3"])
+    assert more.model_config().mask_ratio_train == pytest.approx(0.24)
+    assert model_changes(default.model_config().to_dict(), more.model_config()) == {}   # a resume may change it
