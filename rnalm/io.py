@@ -251,8 +251,9 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None =
     head count of weights that do not record it (the original's .pt, multimolecule weights without their
     directory's config.json), unless overridden; `config_overrides` win over what a file records."""
     path = Path(path)
-    if fmt in ("auto", "rnalm") and path.name in (WEIGHTS_NAME, "pytorch_model.bin") and path.is_file() \
-            and (path.parent / CONFIG_NAME).is_file():
+    named = path if path.is_file() else None   # the weights file given, read as it is
+    if fmt in ("auto", "rnalm", "multimolecule") and path.name in (WEIGHTS_NAME, "pytorch_model.bin") \
+            and path.is_file() and (path.parent / CONFIG_NAME).is_file():
         path = path.parent  # the weights of a directory whose config.json records their settings (heads, ...)
     source: str | os.PathLike | StateDict = path
     if fmt == "auto" and path.is_file():  # read once: its keys tell the layout (a giga .pt is 2.6 GB)
@@ -263,7 +264,7 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None =
         return read_pretrained(path, **config_overrides)
     recorded: dict[str, Any] = {}
     if fmt == "multimolecule" and path.is_dir():
-        source = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
+        source = named or next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
         recorded = multimolecule_settings(path)
     importer = import_official if fmt == "official" else import_multimolecule
     unrecorded = {"num_heads": heads} if heads is not None else {}

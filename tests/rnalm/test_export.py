@@ -8,7 +8,7 @@ import torch
 
 from rnalm.config import ModelConfig
 from rnalm.export import main
-from rnalm.io import import_official, load_pretrained, read_weights, save_pretrained
+from rnalm.io import import_official, load_pretrained, read_state_dict, read_weights, save_pretrained
 from rnalm.model import RiNALMo
 
 
@@ -61,6 +61,11 @@ def test_a_multimolecule_directory_loads_back_with_the_settings_its_config_recor
     (tmp_path / "bare").mkdir()
     shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "bare")
     assert read_weights(tmp_path / "bare" / "model.safetensors", heads=20)[0].num_heads == 20  # a bare file: none
+    weights = tmp_path / "hf" / "model.safetensors"          # also where the format is named (finetune's model.format)
+    assert read_weights(weights, fmt="multimolecule", heads=20)[0].num_heads == 4
+    torch.save(read_state_dict(weights), tmp_path / "hf" / "pytorch_model.bin")
+    weights.write_bytes(b"not read: the file named is")
+    assert read_weights(tmp_path / "hf" / "pytorch_model.bin", fmt="multimolecule")[1].keys() == state.keys()
 
 
 @pytest.mark.parametrize("setting", [{"num_heads": 4}, {"token_dropout": False}, {"layer_norm_eps": 1e-6},
