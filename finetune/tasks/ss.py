@@ -104,9 +104,10 @@ def load_splits(cfg: SSDataConfig, family: str | None = None) -> SSSplits:
         family = family or fold_families(cfg.test_family)[0]
         splits = archiveii_fold(load_archiveii(cfg.root), family, cfg.valid_fraction, cfg.seed,
                                 cfg.near_dup_kmer, cfg.near_dup_containment)
-    too_long = [r.id for r in splits.train if len(r) > cfg.max_train_len]
-    train = [r for r in splits.train if len(r) <= cfg.max_train_len]
-    splits.info["skipped_train_longer_than_max_train_len"] = len(too_long)
+    train = [r for r in splits.train if 2 <= len(r) <= cfg.max_train_len]
+    splits.info["skipped_train_longer_than_max_train_len"] = sum(len(r) > cfg.max_train_len for r in splits.train)
+    # a single nucleotide has no pair to learn: its loss is the mean over an empty triangle (NaN, no gradient)
+    splits.info["skipped_train_shorter_than_2_nt"] = sum(len(r) < 2 for r in splits.train)
     parts = [_limit(part, limit, cfg.seed) for part, limit in
              ((train, cfg.limit_train), (splits.valid, cfg.limit_valid), (splits.test, cfg.limit_test))]
     Splits(*parts, splits.info.get("removed_near_duplicates", 0)).nonempty()

@@ -1,6 +1,7 @@
 """Heads: shapes, symmetry, the factorised outer concatenation, and independence from padding."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead, upper_triangle_bce
@@ -79,6 +80,18 @@ def test_unfreeze_schedules_of_the_paper():
     assert list(mrl) == [3] and mrl[3][1] == "transformer.blocks.6." and len(mrl[3]) == 28
     at_once = schedule(UnfreezeConfig(head_only_epochs=0), 4)
     assert list(at_once) == [0] and len(at_once[0]) == 5
+
+
+@pytest.mark.parametrize(("setting", "said"), [({"blocks_per_step": 0}, "blocks_per_step must be >= 1, got 0"),
+                                               ({"every": 0}, "every must be >= 1, got 0"),
+                                               ({"every": -3}, "every must be >= 1, got -3"),
+                                               ({"max_blocks": -1}, "max_blocks must be >= 0"),
+                                               ({"lr_divisor": 0.0}, "lr_divisor must be > 0")])
+def test_unfreeze_settings_that_cannot_make_a_schedule_are_refused(setting, said):
+    """blocks_per_step=0 never finished building the schedule; every=0 put every step on one epoch, where the
+    last overwrote the others (giga SS: blocks 9-11 only, no final LayerNorm); every<0 unfroze at epoch 0."""
+    with pytest.raises(ValueError, match=said):
+        UnfreezeConfig(**setting)
 
 
 def test_unfreezer_on_a_model():

@@ -63,3 +63,26 @@ def test_archiveii_folds_hold_out_family_and_near_duplicates(shared_data):
     assert len(train_valid) + fold.info["removed_near_duplicates"] == len(recs) - 557
     again = archiveii_fold(recs, "tRNA")
     assert [r.id for r in again.valid] == [r.id for r in fold.valid]  # seeded split
+
+
+def test_a_single_nucleotide_training_record_is_skipped_and_counted(tmp_path):
+    """It has no pair to learn: its loss was the mean over an empty triangle, NaN without a gradient, and
+    training with one record per batch stopped ('element 0 of tensors does not require grad')."""
+    from finetune.tasks.ss import SSDataConfig, load_splits
+
+    rng = np.random.default_rng(0)
+    def dbn(name, lengths):
+        lines = []
+        for i, n in enumerate(lengths):
+            seq = "".join(rng.choice(list("ACGU"), n))
+            lines += [f">{name}{i}", seq, "(" + "." * (n - 2) + ")" if n >= 2 else "."]
+        (tmp_path / f"{name}.dbn").write_text("\n".join(lines) + "\n")
+        return str(tmp_path / f"{name}.dbn")
+
+    cfg = SSDataConfig(dataset="files", train=dbn("tr", [1, 40, 2, 50]), valid=dbn("va", [30, 1]),
+                       test=dbn("te", [35]), near_dup_kmer=0)
+    splits = load_splits(cfg)
+    assert sorted(len(r) for r in splits.train) == [2, 40, 50]
+    assert sorted(len(r) for r in splits.valid) == [1, 30]          # scored (F1 0), not trained on
+    assert splits.info["skipped_train_shorter_than_2_nt"] == 1
+    assert splits.info["skipped_train_longer_than_max_train_len"] == 0
