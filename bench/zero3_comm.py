@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
     numels, ga, tpm = parameter_numels(ModelConfig.preset(a.preset)), a.grad_accum, a.tokens_per_micro
     ib, nvl = Link("IB", a.ib_gbit / 8, a.efficiency), Link("NVLink", a.nvlink_gbytes, a.efficiency)
     speeds = {**SPEEDS, **({"measured": a.tokens_per_s} if a.tokens_per_s else {})}
-    z3 = {"ac_regather": a.ac_regather, "grad_bytes": a.grad_bytes}
+    grads = {"grad_bytes": a.grad_bytes}
+    z3 = {**grads, "ac_regather": a.ac_regather}
     setups = [(Setup(3, 8, nvl, **z3), ga), (Setup(3, 8, ib, **z3), ga), (Setup(3, 64, ib, **z3), ga),
               (Setup(3, 64, ib, node_link=nvl, **z3), ga), (Setup(3, 64, ib, **z3), 4 * ga),
-              (Setup(2, 64, ib, grad_bytes=a.grad_bytes), ga), (Setup(1, 64, ib, grad_bytes=a.grad_bytes), ga),
-              (Setup(1, 64, ib, grad_bytes=a.grad_bytes), 4 * ga)]
+              (Setup(2, 64, ib, **grads), ga), (Setup(1, 64, ib, **grads), ga), (Setup(1, 64, ib, **grads), 4 * ga)]
     scaling = [{"zero": s.stage, "hpz": s.node_link is not None, "gpus": s.gpus, "link": s.link.name, "grad_accum": g,
                 "by_speed": {k: asdict(estimate(collectives(numels, s), tpm, g, v)) for k, v in speeds.items()}}
                for s, g in setups]

@@ -24,10 +24,12 @@ class UnfreezeConfig:
     lr_divisor: float = 10.0
 
     def __post_init__(self) -> None:
+        """Refuses settings that make no schedule (every=0 put all steps on one epoch, blocks_per_step=0 never
+        ended)."""
         least = {"head_only_epochs": 0, "every": 1, "blocks_per_step": 1, "max_blocks": 0}
         low = [f"{k} must be >= {n}, got {getattr(self, k)}" for k, n in least.items()
-               if getattr(self, k) is not None and getattr(self, k) < n]   # every=0 stacked all steps on one epoch,
-        if not self.lr_divisor > 0:                                         # blocks_per_step=0 never ended
+               if getattr(self, k) is not None and getattr(self, k) < n]
+        if not self.lr_divisor > 0:
             low.append(f"lr_divisor must be > 0, got {self.lr_divisor}")
         if low:
             raise ValueError("; ".join(low))

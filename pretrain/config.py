@@ -180,6 +180,7 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
     })
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     if bf16:
         # Gradients summed in fp32 over ranks and (ZeRO-2/3) micro-batches, as the original's DDP, torchtitan and
         # Megatron do: DeepSpeed's default for bf16 sums them in bf16, where a rank's or a micro-batch's gradient
@@ -188,11 +189,11 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         # sums: DeepSpeed gives it fp32 ones only through its BF16_Optimizer, whose checkpoints zero_to_fp32
         # (pretrain.convert) cannot read.
         ds.setdefault("communication_data_type", "fp32")
-        if ds.get("zero_optimization", {}).get("stage", 0) >= 2:
+        if stage >= 2:
             ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    if ds.get("zero_optimization", {}).get("stage") == 3:
+    if stage == 3:
         # ZeRO-3 otherwise swaps F.linear for an autograd.Function that keeps no view of a gathered weight from the
         # forward to the backward pass (torch's keeps weight.t(): at most one bf16 copy of the model, 1.3 GB for
         # giga). It adds Python per call, and under torch.compile dynamo (torch 2.11) guarded on each weight's
