@@ -70,6 +70,7 @@ class TrainMetrics:
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()  # the port is free again at once, not at garbage collection
             self._server = None
 
     def record_step(self, *, step: int, loss: float, lr: float, grad_norm: float, tokens: int, samples: int,
@@ -111,5 +112,5 @@ def device_memory() -> tuple[int, int]:
         with open(f"/proc/{os.getpid()}/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        rss = peak
-    return rss, peak
+        return peak, peak
+    return rss, max(rss, peak)  # ru_maxrss is sampled by the kernel and can lag the current RSS

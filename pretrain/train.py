@@ -521,8 +521,8 @@ class Trainer:
                                    "0.0.0.0: all), or metrics.enabled=false") from None
             rank = os.environ.get("RANK", "0")
             _eprint(f"python -m pretrain.train: warning: rank {rank}: {where}: {e.strerror or e}; another job "
-                    "on this node may hold it: this rank trains on without metrics, and its Prometheus target "
-                    "scrapes whatever holds the port (give jobs that share nodes other metrics.port_base values)")
+                    "on this node may hold it: this rank trains on without metrics (its Prometheus target finds "
+                    "the other job there: RnalmRankDown; give jobs that share nodes other metrics.port_base values)")
             return None
 
     def _attention(self) -> dict:
@@ -599,6 +599,7 @@ class Trainer:
         for group, own in zip(self.scheduler.optimizer.param_groups, built):
             group.update(own)
         self.step, self.tokens, self.samples = state["step"], state["tokens"], state["samples"]
+        self.metrics.step.set(self.step)  # the Step panel would read 0 until the first new step
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         self.last_valid = state.get("last_valid", -1)
         try:

@@ -40,11 +40,11 @@ while True:
 """ % JOB_ID
 
 
-def write_targets(targets_dir: Path, port_base: int) -> Path:
+def write_targets(targets_dir: Path, port_base: int, job_id: str = JOB_ID, job_name: str = "live-test") -> Path:
     """The file_sd file exactly as pretrain.sh writes it (same helper, same arguments)."""
-    out = targets_dir / f"rnalm-{JOB_ID}.json"
+    out = targets_dir / f"rnalm-{job_id}.json"
     subprocess.run([sys.executable, str(REPO / "deploy/slurm/prom_targets.py"), "--out", str(out),
-                    "--job-id", JOB_ID, "--job-name", "live-test", "--hosts", "127.0.0.1",
+                    "--job-id", job_id, "--job-name", job_name, "--hosts", "127.0.0.1",
                     "--tasks-per-node", "2", "--port-base", str(port_base)], check=True)
     return out
 
@@ -120,3 +120,31 @@ def test_prometheus_scrapes_ranks_found_through_file_sd(tmp_path, prometheus_fac
     # Removing the target file (as pretrain.sh does when the job ends) makes Prometheus drop the targets.
     target_file.unlink()
     wait_until(lambda: not prom.active_targets("rnalm_train"), 30, what="targets to disappear")
+
+
+def test_a_job_whose_ports_another_job_holds_gets_none_of_its_series(prometheus_factory, exporter):
+    """Job 4343's ranks found their ports taken by job 4242's (they train on without metrics): its targets scrape
+    4242's ranks. Those series carry 4343's target labels, but their rnalm_run_info keeps 4242 (honor_labels), so
+    the rules count none of them for 4343 (no throughput, no step age, no rank up) and RnalmRankDown
+    goes pending for its ranks; job 4242's own figures are untouched."""
+    _, port_base = exporter
+    prom = prometheus_factory()
+    write_targets(prom.targets_dir, port_base)
+    write_targets(prom.targets_dir, port_base, job_id="4343", job_name="unwatched")
+    wait_until(lambda: len(prom.query('up{slurm_job_id="4343"} == 1')) == 2, 30, what="4343's targets scraped")
+    prom.wait_for('rnalm_train_tokens_total{slurm_job_id="4343"} > 0')      # the other job's data, under 4343
+    info = prom.wait_for('rnalm_run_info{slurm_job_name="unwatched"}')
+    assert {s["metric"]["slurm_job_id"] for s in info} == {JOB_ID}
+
+    prom.wait_for(f'slurm_job:rnalm_train_tokens_per_second:rate5m{{slurm_job_id="{JOB_ID}"}} > 0')
+    assert prom.query('slurm_job:rnalm_train_tokens_per_second:rate5m{slurm_job_id="4343"}') == []
+    assert prom.query('slurm_job:rnalm_train_last_step_age_seconds:min{slurm_job_id="4343"}') == []
+    assert value(prom.wait_for('slurm_job:rnalm_ranks_up:sum{slurm_job_id="4343"}')[0]) == 0
+    assert value(prom.wait_for(f'slurm_job:rnalm_ranks_up:sum{{slurm_job_id="{JOB_ID}"}} == 2')[0]) == 2
+
+    def rank_down(job):
+        return {a["labels"]["rank"] for a in prom.api("alerts")["alerts"]
+                if a["labels"]["alertname"] == "RnalmRankDown" and a["labels"]["slurm_job_id"] == job}
+
+    wait_until(lambda: rank_down("4343") == {"0", "1"}, 20, what="RnalmRankDown for both ranks of job 4343")
+    assert rank_down(JOB_ID) == set()

@@ -175,3 +175,39 @@ def test_a_rank_serves_its_metrics_while_it_waits_for_its_peers(pretrain_shards,
     assert samples is not None, "no metrics while waiting for rank 1"
     (info,) = samples["rnalm_run_info"]
     assert info.labels["world_size"] == "2" and value(samples, "rnalm_train_start_timestamp_seconds") > 1.7e9
+
+
+# The resumed rank's endpoint, scraped when its first step begins (then the process leaves).
+RESUMED_FIRST_STEP = r"""
+import os, sys
+import requests
+from pretrain import train
+port = int(sys.argv[1])
+
+def first_step(self, micro):
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    print(next(line for line in text.splitlines() if line.startswith("rnalm_train_step ")), flush=True)
+    os._exit(0)
+
+train.Trainer._train_step = first_step
+train.main(["--config", "pretrain/configs/tiny_cpu.yaml", "--data.shards=" + sys.argv[2],
+            "--train.out_dir=" + sys.argv[3], f"--metrics.port_base={port}", "--metrics.bind=127.0.0.1"])
+"""
+
+
+def test_a_resumed_rank_serves_its_step_before_its_first_new_step(pretrain_shards, tmp_path):
+    """The Step panel read 0 for the whole start-up of every resumed run (minutes for giga)."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = tmp_path / "run"
+    first = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny_cpu.yaml",
+                            f"--data.shards={pretrain_shards}", f"--train.out_dir={run}", "--train.stop_after=2"],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-c", RESUMED_FIRST_STEP, str(port), str(pretrain_shards), str(run)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1:] == ["rnalm_train_step 2.0"], proc.stdout + proc.stderr[-3000:]
