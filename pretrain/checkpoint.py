@@ -92,14 +92,9 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The tag in `latest` if it is complete, else the newest complete one (e.g. pointer lost in a crash)."""
-    root = Path(ckpt_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / STATE_FILE).is_file():
-            return tag
-    tags = complete_tags(root)
+    """The newest complete checkpoint. Not the `latest` pointer's (written for DeepSpeed's own tools): a crash
+    between a checkpoint's rename and the pointer's update leaves it one save behind."""
+    tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
 
 
@@ -120,17 +115,27 @@ def check_files(folder: Path, world_size: int) -> None:
                                   "truncated or partly written?)")
 
 
-def check_archives(folder: Path) -> None:
-    """A CheckpointError naming the first .pt file of `folder` whose members fail their CRC (damaged after it was
-    written: torch.load reads such bytes without a word). Reads every file whole."""
-    for path in sorted(folder.glob("*.pt")):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{path}: damaged checkpoint file ({e})") from None
-        if bad is not None:
-            raise CheckpointError(f"{path}: damaged checkpoint file (its member {bad} fails its CRC check)")
+def check_archives(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+    """A CheckpointError naming the first .pt file under `folder` whose members fail their CRC (damaged after it
+    was written: torch.load reads such bytes without a word). Reads every file whole; with world_size > 1 it is
+    collective: each rank reads every world_size-th file and every rank raises the same error."""
+    files = sorted(folder.rglob("*.pt"))
+    errors = [e for path in files[rank::world_size] if (e := _archive_error(path))]
+    if world_size > 1:
+        gathered: list[list[str]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(gathered, errors)
+        errors = sorted(e for rank_errors in gathered for e in rank_errors)
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def _archive_error(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path}: damaged checkpoint file ({e})"
+    return None if bad is None else f"{path}: damaged checkpoint file (its member {bad} fails its CRC check)"
 
 
 class Checkpointer:

@@ -23,7 +23,7 @@ from pathlib import Path
 from pretrain.checkpoint import (STATE_FILE, TMP_PREFIX, UNIVERSAL_SUFFIX, CheckpointError, check_archives,
                                  check_files, complete_tags, latest_tag, read_trainer_state)
 from rnalm.runlock import RunLock, RunLockError
-from rnalm.files import atomic_write, check_out_dir
+from rnalm.files import atomic_write, check_out_dir, fsync_path
 
 
 RELEASED_HINT = ("; released weights (ours, the original's .pt, multimolecule's) need no conversion: pass them "
@@ -166,8 +166,12 @@ def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2)
     for f in (root / tag).iterdir():  # our own files: trainer state (loader states!) and RNG states
         if f.name == STATE_FILE or f.name.startswith("rng_rank"):
             shutil.copy2(f, tmp / f.name)
+    for f in sorted(tmp.rglob("*"), reverse=True):  # files before their folders: a node crash after the rename
+        fsync_path(f)                                # must not leave the final name on truncated files
+    fsync_path(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_path(root)
     atomic_write(root / "latest_universal", final.name, durable=True)  # ds_to_universal wrote the temp name there
     return final
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 
 from dataprep.shards import ShardError, read_manifest, shard_set_digest
 from pretrain.buildlocks import StaleBuildLockWatch
-from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_files,
-                                 complete_tags, latest_tag, read_trainer_state, tag_for)
+from pretrain.checkpoint import (UNIVERSAL_SUFFIX, CheckpointError, Checkpointer, CheckpointSaveError, check_archives,
+                                 check_files, complete_tags, latest_tag, read_trainer_state, tag_for)
 from pretrain.config import OptimConfig, PretrainConfig, deepspeed_config
 from pretrain.convert import to_universal
 from pretrain.data import PretrainLoader
@@ -562,6 +563,7 @@ class Trainer:
         saved_world = state.get("world_size")
         try:
             check_files(ckpt.root / tag, saved_world)
+            check_archives(ckpt.root / tag, self.rank, self.world)  # a resumed run would prune the older ones
         except CheckpointError as e:
             older = [t for t in complete_tags(ckpt.root) if t < tag]
             raise CheckpointError(f"{e}: the run cannot resume from {tag}. To resume from the checkpoint before it ("
@@ -569,7 +571,16 @@ class Trainer:
                                   f"{ckpt.root / ('damaged-' + tag)}") from None
         if saved_world == self.world:
             return tag
-        if not (ckpt.root / (tag + UNIVERSAL_SUFFIX)).is_dir():
+        universal = ckpt.root / (tag + UNIVERSAL_SUFFIX)
+        if universal.is_dir():
+            try:
+                check_archives(universal, self.rank, self.world)
+            except CheckpointError as e:  # it is derived from the checked tag: convert again
+                self._say(f"{e}: converting {tag} again")
+                if self.rank == 0:
+                    shutil.rmtree(universal)
+                dist.barrier()
+        if not universal.is_dir():
             self._convert_to_universal(tag, saved_world)
         return tag + UNIVERSAL_SUFFIX
 
@@ -583,7 +594,8 @@ class Trainer:
             _eprint(f"{self.checkpointer.root / tag} was written by {saved_world} ranks, this run has "
                     f"{self.world}: converting it to DeepSpeed's universal form ({target.name})")
             t0 = time.perf_counter()
-            to_universal(self.checkpointer.root, tag, workers=min(8, len(os.sched_getaffinity(0))))
+            with _stop_signals_blocked():  # pretrain.sh's USR1s (every 20 s) would kill ds_to_universal: exit 2
+                to_universal(self.checkpointer.root, tag, workers=min(8, len(os.sched_getaffinity(0))))
             self._log(event="universal_conversion", tag=tag, saved_world_size=saved_world,
                       world_size=self.world, seconds=time.perf_counter() - t0)
         while not target.is_dir():

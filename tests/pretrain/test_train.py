@@ -1,6 +1,7 @@
 """The trainer end to end: real DeepSpeed ZeRO-3, 2 ranks on gloo, tiny model, shards of the real ncRNA corpus."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from rnalm.io import save_pretrained
 from rnalm.model import RiNALMo
 from tests.deploy.daemons import free_port
 
-from .trainer_runs import (REPO, STRAIGHT_STEPS, events, read_log, run_trainer, signal_tree, start_trainer,
+from .trainer_runs import (PY, REPO, STRAIGHT_STEPS, events, read_log, run_trainer, signal_tree, start_trainer,
                            step_lines, wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -135,7 +136,7 @@ def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_giv
                                                                                 tmp_path):
     """A file (the FASTA, the manifest) or a folder inside the build's output: a traceback ending in
     NotADirectoryError, or exit 4 ('unreadable shard data') after DeepSpeed had started and the model was built."""
-    from .trainer_runs import PY, trainer_env
+    from .trainer_runs import trainer_env
 
     cases = {ncrna_fasta: f"{ncrna_fasta} is a file, not the output folder of dataprep/build_shards.py",
              pretrain_shards / "manifest.json": f"(the folder that holds manifest.json): give {pretrain_shards}",
@@ -152,7 +153,7 @@ def test_a_wrong_data_shards_is_refused_before_the_start_up_and_says_what_to_giv
 
 def test_a_split_the_shards_lack_is_a_refused_start_in_one_line(pretrain_shards, tmp_path):
     """A ValueError traceback, exit 1, after the whole start-up."""
-    from .trainer_runs import PY, trainer_env
+    from .trainer_runs import trainer_env
 
     for split_option, said in (("--train.valid_split=validation", "validation data: "),
                                ("--data.split=training", "training data: ")):
@@ -365,7 +366,13 @@ def test_a_damaged_newest_checkpoint_is_a_refused_start_that_names_the_file_and_
     assert f"{newest / 'rng_rank1.pt'}: missing (the checkpoint was written by 2 ranks)" in proc.stderr
     (newest / "rng_rank1.pt").write_bytes(rng)
     optim = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    optim.write_bytes(optim.read_bytes()[:5000])  # torn: before, an OSError traceback naming no file
+    whole = optim.read_bytes()
+    middle = len(whole) // 2  # damaged after it was written, its zip directory intact: before, resumed from it
+    optim.write_bytes(whole[:middle] + bytes(4096) + whole[middle + 4096:])
+    proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", expect_rc=1)
+    assert f"{optim}: damaged checkpoint file (its member" in proc.stderr and "fails its CRC check" in proc.stderr
+    assert "(exitcode: 2)" in proc.stderr and "move it aside" in proc.stderr, proc.stderr[-3000:]
+    optim.write_bytes(whole[:5000])  # torn: before, an OSError traceback naming no file
     proc = run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", expect_rc=1)
     assert f"{optim}: damaged checkpoint file" in proc.stderr and "(exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
     way_back = proc.stderr.split("move it aside: ")[1].split()[:3]
@@ -463,9 +470,28 @@ def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_
 
 def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_resumes(pretrain_shards,
                                                                                       copy_of_straight_run):
+    import psutil
+
     out = copy_of_straight_run
-    proc = run_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1)
-    assert "was written by 2 ranks, this run has 1: converting" in proc.stderr
+    proc = start_trainer(pretrain_shards, out, "--train.max_steps=14", nproc=1)
+
+    def converters():
+        found = []
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "ds_to_universal" in " ".join(c.cmdline()):
+                    found.append(c)
+        return found
+
+    try:  # pretrain.sh's USR1s (every 20 s) reach the conversion too: it used to die of them, a refused start
+        for c in wait_for(converters, 120, "the universal conversion", proc, poll=0.02):
+            os.kill(c.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=240) == 0, (out.parent / f"{out.name}.stderr").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            signal_tree(proc, signal.SIGKILL)
+    stderr = (out.parent / f"{out.name}.stderr").read_text()
+    assert "was written by 2 ranks, this run has 1: converting" in stderr
     universal = tag_for(STRAIGHT_STEPS) + "_universal"
     assert (out / "checkpoints" / universal / "trainer_state.json").exists()
     assert (out / "checkpoints" / "latest_universal").read_text() == universal
@@ -483,8 +509,14 @@ def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_re
     assert all(r["loss"] < 3.0 for r in resumed)  # trained weights, not a fresh model
     assert latest_tag(out / "checkpoints") == tag_for(14)
 
-    # and back to 2 ranks: rank 1 waits for rank 0's conversion of the 1-rank checkpoint
-    run_trainer(pretrain_shards, out, "--train.max_steps=15")
+    # and back to 2 ranks: rank 1 waits for rank 0's conversion of the 1-rank checkpoint, which was converted by
+    # hand before and damaged since (a node crash soon after, say): converted again
+    subprocess.run([PY, "-m", "pretrain.convert", "--universal", str(out)], cwd=REPO, check=True,
+                   capture_output=True)
+    damaged = sorted((out / "checkpoints" / (tag_for(14) + "_universal")).rglob("fp32.pt"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=15")
+    assert f"{damaged}: damaged checkpoint file" in proc.stderr and f"converting {tag_for(14)} again" in proc.stderr
     records = read_log(out)
     assert events(records, "universal_conversion")[-1]["saved_world_size"] == 1
     assert events(records, "start")[-1]["resumed_from"] == tag_for(14) + "_universal"
