@@ -1,4 +1,4 @@
-"""ZeRO communication per step, scaling efficiency and H100-hours for RiNALMo, on paper (issue 7; no GPU, no torch).
+"""ZeRO communication per step, scaling efficiency and GPU-hours for RiNALMo, on paper (issue 7; no GPU, no torch).
 
 Counted per GPU and per direction: a ring collective over g ranks sends, and receives, (g-1)/g of the full buffer
 (sent + received = 2x). bf16 parameters (2 B), gradients reduced in fp32 (4 B: the trainer's communication_data_type
@@ -34,7 +34,6 @@ ORIGINAL_SEQUENCES = 17e6 * 6       # one sequence per cluster per epoch, 6 epoc
 # train clusters of dataprep's defaults (MMseqs2, seed 0) of their members' mean tokens (incl. CLS/EOS, <= 1024);
 # the per-record mean is 120.4, the large families being shorter than the singletons
 CORPUS_MEAN_TOKENS = 123.92
-CAP_TOKENS = 1024.0                 # every sequence at the length cap: an upper bound
 SPEEDS = {"original padded": 3.9e3, "untuned packed": 41e3, "matmul ceiling": 200e3}  # real tokens/s per H100
 
 
@@ -170,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens-per-micro", type=int, default=32768, help="tokens per micro-batch per GPU")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--tokens-per-s", type=float, help="measured real tokens/s per GPU (adds a speed)")
-    p.add_argument("--mean-tokens", type=float, help="another mean tokens per sequence for the hours table")
+    p.add_argument("--mean-tokens", type=float, help="another corpus's mean tokens per sequence for the hours table "
+                   "(at the same tokens/s: longer sequences cost more attention FLOPs per token, +11%% at 1024)")
     p.add_argument("--ib-gbit", type=float, default=400.0, help="InfiniBand NIC per GPU, Gb/s per direction")
     p.add_argument("--nvlink-gbytes", type=float, default=450.0, help="NVLink per GPU, GB/s per direction")
     p.add_argument("--efficiency", type=float, default=0.8, help="achievable bus-bandwidth fraction")
@@ -191,14 +191,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "by_speed": {k: asdict(estimate(collectives(numels, s), tpm, g, v)) for k, v in speeds.items()}}
                for s, g in setups]
     z3_64 = collectives(numels, setups[2][0])
-    means = {"corpus": CORPUS_MEAN_TOKENS, "cap": CAP_TOKENS, **({"given": a.mean_tokens} if a.mean_tokens else {})}
+    means = {"corpus": CORPUS_MEAN_TOKENS, **({"given": a.mean_tokens} if a.mean_tokens else {})}
     hours = [{"speed": k, "tokens_per_s": v, **{m: gpu_hours(ORIGINAL_SEQUENCES, t, v) for m, t in means.items()},
               "corpus_64gpu_zero3_ib_serial": gpu_hours(ORIGINAL_SEQUENCES, CORPUS_MEAN_TOKENS, v,
                                                         estimate(z3_64, tpm, ga, v).efficiency_serial)}
              for k, v in speeds.items()]
     result = {"params": sum(numels.values()),
               "persistent_params": sum(n for n in numels.values() if n <= Setup.persistence_threshold),
-              "tokens_per_micro": tpm, "means": means, "scaling": scaling, "h100_hours": hours,
+              "tokens_per_micro": tpm, "means": means, "scaling": scaling, "gpu_hours": hours,
               "zero3_64_ib": [{"name": c.name, "gbytes_per_gpu": c.bytes_per_gpu / 1e9, "ms": c.seconds * 1e3,
                                "per_micro_step": c.per_micro_step} for c in z3_64]}
     print(json.dumps(result, indent=1) if a.json else render(result))
@@ -221,12 +221,12 @@ def render(r: dict) -> str:
             f"{w['by_speed'][speeds[0]]['bytes_per_gpu'] / 1e9:.2f} | "
             f"{w['by_speed'][speeds[0]]['comm_s'] * 1e3:.1f} | "
             + " | ".join(cell(w["by_speed"][k]) for k in speeds) + " |" for w in r["scaling"]]
-    out += ["", "| speed | tokens/s per GPU | " + " | ".join(f"H100-h, {t:.1f} tokens/seq ({m})" for m, t in
+    out += ["", "| speed | tokens/s per GPU | " + " | ".join(f"GPU-h, {t:.1f} tokens/seq ({m})" for m, t in
                                                            means.items()) + " | / 2,350 A100-h (corpus) | "
-            "H100-h, 64 GPUs ZeRO-3 IB serial (corpus) |", "|---" * (4 + len(means)) + "|"]
+            "GPU-h, 64 GPUs ZeRO-3 IB serial (corpus) |", "|---" * (4 + len(means)) + "|"]
     out += [f"| {h['speed']} | {h['tokens_per_s']:,.0f} | " + " | ".join(f"{h[m]:,.0f}" for m in means)
             + f" | {h['corpus'] / ORIGINAL_A100_HOURS:.3f} | {h['corpus_64gpu_zero3_ib_serial']:,.0f} |"
-            for h in r["h100_hours"]]
+            for h in r["gpu_hours"]]
     return "\n".join(out)
 
 

@@ -318,7 +318,7 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
     node's CPUs and the activation memory of a giga block on the GPU."""
     steps = [shards_step(work), *[lever_step(name, work) for name in wanted_levers()]]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
-              ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "300", "--warmup", "10"])
+              ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "2000", "--warmup", "20"])
     (work / "loader.jsonl").unlink(missing_ok=True)   # loader_bench appends: a rerun's rows only
     steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(work / "shards"), *loader,
                                  "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))

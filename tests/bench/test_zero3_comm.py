@@ -80,7 +80,7 @@ def test_zero1_communicates_once_per_step_whatever_the_accumulation():
     assert collectives(NUMELS, Setup(2, 4, SLOW))[0].per_micro_step      # ZeRO-2 reduce-scatters every micro-step
 
 
-def test_h100_hours():
+def test_gpu_hours():
     assert ORIGINAL_SEQUENCES == 102e6
     assert gpu_hours(102e6, 120.22, 41_000) == pytest.approx(83.079, rel=1e-4)  # 1.226244e10 tokens / 41k / 3600
     assert gpu_hours(1e6, 100, 1000, efficiency=0.5) == pytest.approx(1e8 / 500 / 3600)
@@ -97,5 +97,5 @@ def test_cli_giga(capsys):
     per_dir = (2 * (650_901_793 - resident + regathered) + 4 * 650_901_793) * 63 / 64 + 2 * resident * 63 / 64
     assert zero3_64["by_speed"]["measured"]["bytes_per_gpu"] == pytest.approx(per_dir)
     assert zero3_64["by_speed"]["measured"]["compute_s"] == pytest.approx(32768 / 1e5)
-    measured = next(h for h in r["h100_hours"] if h["speed"] == "measured")
+    measured = next(h for h in r["gpu_hours"] if h["speed"] == "measured")
     assert measured["given"] == pytest.approx(102e6 * 300 / 1e5 / 3600)
