@@ -134,8 +134,8 @@ def train(cfg: ClassifyConfig, data: tuple[Splits[Example], list[str]] | None = 
     seed_everything(cfg.train.seed)
     splits, classes = load_splits(cfg.data) if data is None else data
     data = {"data": files_used(cfg.data)}
-    return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name, data,
-                        {**data, "note": removal_note(splits.removed_near_duplicates)})
+    note = removal_note(splits.removed_near_duplicates, splits.removed_valid_near_train)
+    return fit_and_test("classify", cfg, splits, classes, Path(cfg.data.test).name, data, {**data, "note": note})
 
 
 def evaluate(cfg: ClassifyConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from finetune.neardup import leakage_mask
 from finetune.results import write_results
 from finetune.trainer import fit, pick_device, progress_bar
 from rnalm.tokenizer import batch_encode
@@ -33,11 +34,23 @@ def data_file(root: str | Path, relative: str) -> Path:
 @dataclass
 class Splits(Generic[T]):
     """Train / validation / test examples; `removed_near_duplicates`: training-pool examples dropped as near-copies
-    of test examples (`finetune.neardup`)."""
+    of test examples (`finetune.neardup`); `removed_valid_near_train`: validation examples drawn from that pool and
+    dropped as near-copies of training examples (`valid_apart`)."""
     train: list[T]
     valid: list[T]
     test: list[T]
     removed_near_duplicates: int = 0
+    removed_valid_near_train: int = 0
+
+    def valid_apart(self, seq: Callable[[T], str], cfg: Any) -> Splits[T]:
+        """Validation minus near-copies of training examples (the rule of the test filter; `cfg` has its
+        near_dup_* fields): the epoch kept is the best on validation, and near-copies of what was trained on (one
+        UTR cut to several lengths, SNV variants: a third to half of the MRL validation records) would pick the
+        one that memorised best."""
+        dup = leakage_mask([seq(e) for e in self.valid], [seq(e) for e in self.train], cfg.near_dup_kmer,
+                           cfg.near_dup_containment, cfg.near_dup_shared_run)
+        return replace(self, valid=[e for e, d in zip(self.valid, dup) if not d],
+                       removed_valid_near_train=int(dup.sum()))
 
     def limited(self, train: int | None, valid: int | None, test: int | None) -> Splits[T]:
         """The first N of each part (quick runs and tests); None keeps a part whole."""
@@ -113,8 +126,9 @@ def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Cal
                   lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
                   loss_fn, validate, save, score_key=score_key)
     best, saved = load_finetuned(out, pick_device(cfg.train.device))
-    result = {"task": task, "model": lm.config.name, "rows": test_rows(best, saved), "history": history,
-              "splits": splits.sizes(), "removed_near_duplicates": splits.removed_near_duplicates, **result_extra}
+    result = {"task": task, "model": lm.config.name, "backbone": asdict(cfg.model), "rows": test_rows(best, saved),
+              "history": history, "splits": splits.sizes(), "removed_near_duplicates": splits.removed_near_duplicates,
+              "removed_valid_near_train": splits.removed_valid_near_train, **result_extra}
     note = f"\n{result['note']}\n" if "note" in result else ""
     write_results(out, "results", result, table(result) + note)
     return result

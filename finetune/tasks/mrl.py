@@ -67,7 +67,10 @@ class MRLConfig:
 
 def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     """Test: a seeded random part of the file (the same records whatever the filter); valid and train: the rest
-    minus near-duplicates of test records."""
+    minus near-duplicates of test records, and validation minus near-duplicates of training records."""
+    if not (0 < cfg.valid_fraction and 0 < cfg.test_fraction and cfg.valid_fraction + cfg.test_fraction < 1):
+        raise ValueError(f"--data.valid_fraction {cfg.valid_fraction} and --data.test_fraction {cfg.test_fraction}: "
+                         "each above 0 and together below 1 (the rest is the training set)")
     path = data_file(cfg.root, MRL_FILES[cfg.file])
     with gzip.open(path, "rt") as f:
         rows = [Example(r["utr"], float(r["rl"]), r.get("set", cfg.file)) for r in csv.DictReader(f)]
@@ -77,8 +80,8 @@ def load_splits(cfg: MRLDataConfig) -> Splits[Example]:
     dup = leakage_mask([e.sequence for e in rest], [e.sequence for e in test], cfg.near_dup_kmer,
                        cfg.near_dup_containment, cfg.near_dup_shared_run)
     rest = [e for e, d in zip(rest, dup) if not d]
-    splits = Splits(rest[n_valid:], rest[:n_valid], test, int(dup.sum()))
-    return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
+    splits = Splits(rest[n_valid:], rest[:n_valid], test, int(dup.sum())).valid_apart(lambda e: e.sequence, cfg)
+    return splits.nonempty().limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
 
 
 def saved_scaler(meta: dict[str, Any]) -> Scaler:
@@ -86,9 +89,10 @@ def saved_scaler(meta: dict[str, Any]) -> Scaler:
     return Scaler(**{"min": MIN_LOAD, **meta["scaler"]})
 
 
-def split_note(seed: int, removed: int | None = None) -> str:
+def split_note(seed: int, removed: int | None = None, valid_removed: int | None = None) -> str:
     """Said in every results file: the test set is a random part of a test file, not the paper's split."""
     dropped = "" if removed is None else f", minus {removed} train/valid near-duplicates of test records"
+    dropped += "" if valid_removed is None else f" and {valid_removed} valid near-duplicates of train records"
     return ("only Sample et al. test sets exist in shared data: this file was split at random "
             f"(seed {seed}) into train/valid/test{dropped}; not comparable to the paper's split")
 
@@ -97,7 +101,8 @@ def train(cfg: MRLConfig) -> dict[str, Any]:
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data)
     return fit_and_test("mrl", cfg, splits, MIN_LOAD, {"data": asdict(cfg.data)}, {
-        "file": MRL_FILES[cfg.data.file], "note": split_note(cfg.data.seed, splits.removed_near_duplicates)})
+        "file": MRL_FILES[cfg.data.file],
+        "note": split_note(cfg.data.seed, splits.removed_near_duplicates, splits.removed_valid_near_train)})
 
 
 SPLIT_KEYS = ("file", "valid_fraction", "test_fraction", "seed")

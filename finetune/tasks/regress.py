@@ -97,7 +97,7 @@ def evaluate_examples(model: TaskModel, examples: list[Example], scaler: Scaler,
                     "mse": float(np.mean((true - pred) ** 2))}}
     for g in sorted(set(groups)) if len(set(groups)) > 1 else []:
         sel = groups == g
-        rows[g] = {"n": int(sel.sum()), "r2": _r2(true[sel], pred[sel]),
+        rows[g] = {"n": int(sel.sum()), "r2": _r2(true[sel], pred[sel]), "pearson_r": _pearson(true[sel], pred[sel]),
                    "mse": float(np.mean((true[sel] - pred[sel]) ** 2))}
     return rows
 
@@ -156,8 +156,9 @@ def train(cfg: RegressConfig, data: Splits[Example] | None = None) -> dict[str, 
     seed_everything(cfg.train.seed)
     splits = load_splits(cfg.data) if data is None else data
     data = {"data": files_used(cfg.data)}
+    note = removal_note(splits.removed_near_duplicates, splits.removed_valid_near_train)
     return fit_and_test("regress", cfg, splits, None, data, {"test_set": Path(cfg.data.test).name, **data,
-                                                            "note": removal_note(splits.removed_near_duplicates)})
+                                                            "note": note})
 
 
 def evaluate(cfg: RegressConfig) -> dict[str, Any]:

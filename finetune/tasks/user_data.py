@@ -127,11 +127,11 @@ def user_splits(train: list[T], valid: list[T] | None, test: list[T], seq: Calla
     train = shuffled([e for e, d in zip(train, dup[:n_train]) if not d], cfg.seed)  # limit_train: not one class
     if valid is None:
         n_valid = int(round(cfg.valid_fraction * len(train)))
-        train, valid = train[n_valid:], train[:n_valid]
-    else:
+        splits = Splits(train[n_valid:], train[:n_valid], test, int(dup.sum())).valid_apart(seq, cfg)
+    else:  # the user's own validation file: said, not changed
         valid = shuffled([e for e, d in zip(valid, dup[n_train:]) if not d], cfg.seed)
         warn_copies(train, valid, seq)
-    splits = Splits(train, valid, test, int(dup.sum()))
+        splits = Splits(train, valid, test, int(dup.sum()))
     return splits.limited(cfg.limit_train, cfg.limit_valid, cfg.limit_test)
 
 
@@ -148,8 +148,10 @@ def shuffled(items: list[T], seed: int) -> list[T]:
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
-def removal_note(removed: int) -> str:
-    return f"{removed} train/valid record(s) were near-duplicates of test records (finetune.neardup) and were left out"
+def removal_note(removed: int, valid_removed: int = 0) -> str:
+    note = f"{removed} train/valid record(s) were near-duplicates of test records (finetune.neardup) and were left out"
+    return note + (f"; so were {valid_removed} validation record(s) drawn from train, near-duplicates of training "
+                   "records" if valid_removed else "")
 
 
 def valid_source(cfg: Any) -> str:

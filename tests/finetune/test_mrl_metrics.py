@@ -43,6 +43,7 @@ def test_rows_are_r2_pearson_and_mse_of_the_predictions_overall_and_per_group():
     for group in ("human", "random"):
         sel = np.array([e.group == group for e in examples])
         assert rows[group] == pytest.approx({"n": int(sel.sum()), "r2": r2(true[sel], pred[sel]),
+                                             "pearson_r": pearsonr(true[sel], pred[sel])[0],
                                              "mse": np.mean((true[sel] - pred[sel]) ** 2)})
 
 

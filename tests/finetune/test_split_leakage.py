@@ -33,7 +33,9 @@ def test_splice_training_windows_do_not_overlap_test_windows(shared_data):
     dev, test = [seq for seq, _ in s.train + s.valid], [seq for seq, _ in s.test]
     assert _leaks(dev, test) == 0 and _sharing_a_stretch(dev, test) == 0
     assert len(s.test) == 4562 and s.removed_near_duplicates > 31  # more than the 31 exact copies
-    assert len(s.train) + len(s.valid) + s.removed_near_duplicates == 4562
+    assert len(s.train) + len(s.valid) + s.removed_near_duplicates + s.removed_valid_near_train == 4562
+    train, valid = [seq for seq, _ in s.train], [seq for seq, _ in s.valid]  # the epoch kept is chosen on valid
+    assert s.removed_valid_near_train > 0 and _leaks(valid, train) == 0 and _sharing_a_stretch(valid, train) == 0
 
 
 def test_shared_stretches_are_found_only_in_acgu_runs_of_full_length():
@@ -55,13 +57,17 @@ def test_mrl_test_utrs_have_no_near_copy_in_train_or_valid(shared_data, file):
     assert _leaks(train_valid, test) == 0 and _sharing_a_stretch(train_valid, test, run=25) == 0
     assert s.removed_near_duplicates > 0
     total = {"varlen": 15200, "designed": 25000}[file]
-    assert len(s.train) + len(s.valid) + len(s.test) + s.removed_near_duplicates == total
+    assert len(s.train) + len(s.valid) + len(s.test) + s.removed_near_duplicates + s.removed_valid_near_train == total
+    # validation picks the epoch kept: before, a third (varlen) to half (designed) of it had a near-copy in train
+    train, valid = [e.sequence for e in s.train], [e.sequence for e in s.valid]
+    assert _leaks(valid, train) == 0 and _sharing_a_stretch(valid, train, run=25) == 0
+    assert s.removed_valid_near_train > {"varlen": 200, "designed": 1000}[file]
 
 
 def test_mrl_test_part_is_the_same_random_sample_as_before_the_filter(shared_data):
     """Models trained before the filter are still evaluated on the records they never saw."""
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
-    assert len(s.test) == len(s.valid) == 1520
+    assert len(s.test) == len(s.valid) + s.removed_valid_near_train == 1520
     assert {e.group for e in s.test} == {"random", "human"}
 
 
@@ -78,12 +84,13 @@ def test_mrl_split_drops_records_sharing_a_stretch_with_a_test_utr(tmp_path):
         w.writerow(["utr", "rl"])
         w.writerows([u, 5.0] for u in rows)
 
-    def split(run: int) -> tuple[list[str], list[str], int]:
+    def split(run: int) -> tuple[list[str], list[str], int, int]:
         s = mrl.load_splits(mrl.MRLDataConfig(root=str(tmp_path), file="egfp", near_dup_shared_run=run))
-        return [e.sequence for e in s.train + s.valid], [e.sequence for e in s.test], s.removed_near_duplicates
+        return ([e.sequence for e in s.train + s.valid], [e.sequence for e in s.test], s.removed_near_duplicates,
+                s.removed_valid_near_train)
 
-    kept, test, removed = split(0)
+    kept, test, removed, _ = split(0)
     assert removed == 0 and _sharing_a_stretch(kept, test, run=30) > 0  # the k-mer rule misses them
-    kept, test, removed = split(25)
-    assert _sharing_a_stretch(kept, test, run=30) == 0 and len(test) == 20
-    assert removed == _sharing_a_stretch(split(0)[0], test, run=30) and len(kept) + removed == 180
+    kept, test, removed, valid_removed = split(25)
+    assert _sharing_a_stretch(kept, test, run=30) == 0 and len(test) == 20 and valid_removed > 0
+    assert removed == _sharing_a_stretch(split(0)[0], test, run=30) and len(kept) + removed + valid_removed == 180

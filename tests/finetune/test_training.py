@@ -117,8 +117,16 @@ def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_p
 
 def test_mrl_split_is_disjoint_and_complete(shared_data):
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
-    assert [len(s.train) + s.removed_near_duplicates, len(s.valid), len(s.test)] == [12160, 1520, 1520]
+    assert [len(s.train) + s.removed_near_duplicates, len(s.valid) + s.removed_valid_near_train, len(s.test)] == \
+        [12160, 1520, 1520]
     assert {e.group for e in s.test} == {"random", "human"}
+
+
+@pytest.mark.parametrize("valid, test", [(0.9, 0.1), (0.5, 0.6), (0.0, 0.1)])
+def test_mrl_split_fractions_that_leave_no_part_are_refused(shared_data, valid, test):
+    """0.9 + 0.1 fitted the scaler on an empty training set: 'Input contains NaN' after a numpy warning."""
+    with pytest.raises(ValueError, match="each above 0 and together below 1"):
+        mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), valid_fraction=valid, test_fraction=test))
 
 
 def test_bad_step_caps_are_refused_and_bf16_off_cuda_says_it_runs_fp32(tiny_checkpoint, shared_data, tmp_path):
