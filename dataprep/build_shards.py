@@ -40,7 +40,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     p = argparse.ArgumentParser(prog="build_shards.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="FASTA files (.gz/.zst ok), - for stdin")
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
+                   help="FASTA files (.gz/.zst ok), - for stdin; repeatable")
     p.add_argument("--out", required=True, help="output directory")
     g = p.add_argument_group("normalisation")
     g.add_argument("--min-len", type=int, default=NormalizeConfig.min_len, help="shortest kept sequence (nt)")

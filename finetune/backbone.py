@@ -77,15 +77,30 @@ def detect_format(path: Path) -> str:
         raise
 
 
-def load_backbone(cfg: BackboneConfig) -> RiNALMo:
-    """A RiNALMo from any accepted source (see module doc); dropout/backend overrides applied."""
+def random_config(cfg: BackboneConfig) -> ModelConfig:
+    """The model of `random_preset` with the overrides (a ValueError naming a bad one); building it is cheap."""
+    if cfg.path is not None:
+        raise ValueError(f"model.path ({cfg.path}) and model.random_preset ({cfg.random_preset}): give one")
+    try:
+        return ModelConfig.preset(cfg.random_preset, **_overrides(cfg))
+    except TypeError as e:  # dataclasses.replace: an unknown field
+        raise ValueError(f"model.overrides {cfg.overrides}: {e}") from None
+
+
+def _overrides(cfg: BackboneConfig) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(cfg.overrides)
     if cfg.dropout is not None:
         overrides.update(attn_dropout=cfg.dropout, residual_dropout=cfg.dropout)
     if cfg.attention_backend is not None:
         overrides["attention_backend"] = cfg.attention_backend
+    return overrides
+
+
+def load_backbone(cfg: BackboneConfig) -> RiNALMo:
+    """A RiNALMo from any accepted source (see module doc); dropout/backend overrides applied."""
     if cfg.random_preset is not None:
-        return RiNALMo(ModelConfig.preset(cfg.random_preset, **overrides)).eval()
+        return RiNALMo(random_config(cfg)).eval()
+    overrides = _overrides(cfg)
     if cfg.path is None:
         raise ValueError("no backbone: set model.path (checkpoint) or model.random_preset (random init)")
     path = Path(cfg.path)

@@ -115,7 +115,7 @@ def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
     is not a model this run replaces (OUT itself, or an ArchiveII fold's OUT/<family>), the backbone itself
     (loaded here once to check it, and again by the task: ~1 s for giga on a CPU, no random initialisation), and
     the user's data files, whose splits it returns for the task's `train` (`{"data": ...}`; {} otherwise)."""
-    from finetune.backbone import load_backbone
+    from finetune.backbone import load_backbone, random_config
     from finetune.tasks.ss import fold_families
     from finetune.trainer import check_train_config
 
@@ -130,8 +130,10 @@ def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
         if any(src == d or (d != out and d in src.parents) for d in replaced):
             raise ValueError(f"--train.out_dir={cfg.train.out_dir} holds --model.path={cfg.model.path}, which this "
                              "run would overwrite: set another --train.out_dir")
-    if cfg.model.random_preset is None:  # a random init has no file to get wrong (and giga's takes ~9 s on a CPU)
+    if cfg.model.random_preset is None:
         load_backbone(cfg.model)
+    else:  # its config only: giga's random initialisation takes ~9 s on a CPU
+        random_config(cfg.model)
     if task == "ss":
         from finetune.tasks.ss import check_files_option
 

@@ -5,7 +5,6 @@ weight decay 0.01, gradient clipping 1.0, 15% masking 80/10/10, dropout 0.1.
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Literal
 from pretrain.data import DataConfig
 from pretrain.data.masking import MASK_TOKEN_SHARE
 from rnalm.config import ModelConfig
+from rnalm.configfile import merge_dicts
 from rnalm.files import check_out_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ class TrainConfig:
     valid_every: int = 1000               # 0: never
     valid_max_batches: int = 200          # per rank; 0: the whole held-out split
     valid_split: str = "valid"
-    valid_sampling: str = "uniform"
+    valid_sampling: Literal["cluster", "uniform"] = "uniform"
     max_nonfinite_in_row: int = 10        # stop the run after this many skipped steps in a row
     profile_at: int = 0                   # profile 3 steps from this one on rank 0 (0: off): out_dir/profile/ and a
                                           # "profile" event in log.jsonl (pretrain.profiling)
@@ -120,7 +120,7 @@ class PretrainConfig:
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
                  "train.seed": (t.seed, 0), "train.profile_at": (t.profile_at, 0),
-                 "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0)}
+                 "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0), "optim.grad_clip": (o.grad_clip, 0)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
@@ -137,6 +137,7 @@ class PretrainConfig:
             raise ValueError(f"metrics.port_base must be 0 (free ports) or a port up to 65519, got "
                              f"{self.metrics.port_base}")
         check_out_dir(self.train.out_dir, "train.out_dir")
+        self.valid_data()  # e.g. a data.split-like train.valid_split the DataConfig refuses
         deepspeed_config(self, bf16=False)  # readable, and without the keys the trainer owns
         self.model_config()
 
@@ -166,7 +167,10 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read DeepSpeed config {path}: {e}") from e
-    ds = _merge(ds, cfg.train.ds_overrides)
+    ds = merge_dicts(ds, cfg.train.ds_overrides)
+    if not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ValueError(f"{path} + train.ds_overrides: zero_optimization must be a mapping, got "
+                         f"{ds['zero_optimization']!r}")
     owned = [k for k in TRAINER_OWNED_DS_KEYS if k in ds]
     if owned:
         raise ValueError(f"{path}: keys {owned} are set by the trainer from the run config "
@@ -200,14 +204,6 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         # ds_id: one recompilation per block, eager past recompile_limit (8 of 33 blocks compiled on the H200)
         ds["zero_optimization"]["memory_efficient_linear"] = False
     return ds
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: base with extra merged in (nested dicts key by key); neither is changed."""
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

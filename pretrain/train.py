@@ -193,6 +193,17 @@ class Trainer:
         self.clock = PhaseClock(self.device)
         self.checkpointer = Checkpointer(self.out / "checkpoints", cfg.checkpoint.keep, self.rank, self.world)
         self.zero_stage = deepspeed_config(cfg, self.bf16).get("zero_optimization", {}).get("stage", 0)
+        # the data before the slow rest (a universal conversion, the model build, deepspeed.initialize)
+        try:
+            self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
+        except ValueError as e:  # e.g. a data.split the shards lack
+            raise RefusedStart(f"training data: {e}") from None
+        self.shards_manifest = shard_set_digest(cfg.data.shards)  # in the checkpoints, so in the released weights
+        if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
+            try:
+                PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
+            except ValueError as e:
+                raise RefusedStart(f"validation data: {e}; train without it with --train.valid_every=0") from None
         self.resume_tag = self._resume_tag()
         ds_cfg = deepspeed_config(cfg, self.bf16, universal=(self.resume_tag or "").endswith(UNIVERSAL_SUFFIX))
         model = _new_model(cfg, ds_cfg, self.device)
@@ -207,16 +218,6 @@ class Trainer:
                 model=model, optimizer=_adamw(model, cfg.optim, self.device), config=ds_cfg,
                 lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         build_locks.stop()
-        try:
-            self.loader = PretrainLoader(cfg.data, rank=self.rank, world_size=self.world)
-        except ValueError as e:  # e.g. a data.split the shards lack
-            raise RefusedStart(f"training data: {e}") from None
-        self.shards_manifest = shard_set_digest(cfg.data.shards)  # in the checkpoints, so in the released weights
-        if cfg.train.valid_every:  # now, not at the first validation, valid_every steps later and unsaved
-            try:
-                PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
-            except ValueError as e:
-                raise RefusedStart(f"validation data: {e}; train without it with --train.valid_every=0") from None
 
     def _load_init_weights(self, model: PretrainModel, deepspeed) -> str | None:
         """train.init_weights into a fresh run's model (continued pretraining); a resume takes its checkpoint's.

@@ -13,7 +13,10 @@ of those, nested dataclasses); unknown sections or keys are rejected with the va
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,6 +32,26 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names where and why."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with decimal integers only: YAML 1.1 reads 010 as 8, 0x10 as 16 and 1:30 as 90, which
+    here become 10 or an error (the file and override values of numeric fields are decimal)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789"))
+
+
+def merge_dicts(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict: base with extra merged in (nested dicts key by key); neither is changed."""
+    out = copy.deepcopy(dict(base))
+    for k, v in extra.items():
+        both = isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+        out[k] = merge_dicts(out[k], v) if both else copy.deepcopy(v)
+    return out
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config", base: T | None = None) -> T:
@@ -49,7 +72,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     for k, v in data.items():
         here = f"{where}.{k}" if where else k
         default = getattr(base, k) if base is not None else _field_default(fields[k])
-        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+        if dataclasses.is_dataclass(default) and (v is None or isinstance(v, Mapping)):  # None: a section left empty
             kwargs[k] = from_dict(type(default), v, here, base=default)
         else:
             kwargs[k] = _coerce(v, hints[k], here)
@@ -92,7 +115,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     where = (str(path) if path is not None else "defaults") + (" + overrides" if overrides else "")
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(), Loader=_Loader)
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except yaml.YAMLError as e:
@@ -156,8 +179,10 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override --{key}: unknown key {part!r} in "
                               f"{'.'.join(parts[:depth]) or 'top level'}; valid keys: {valid}")
         hint = hints[part]
-        if depth == len(parts) - 1:
-            node[part] = _parse_scalar(raw, hint)
+        if depth == len(parts) - 1:  # a mapping is merged into the file's, key by key
+            value = _parse_scalar(raw, hint)
+            both = isinstance(value, dict) and isinstance(node.get(part), dict)
+            node[part] = merge_dicts(node[part], value) if both else value
             return
         sub = _dataclass_of(hint)
         if sub is None:
@@ -177,7 +202,7 @@ def _parse_scalar(raw: str, hint: Any) -> Any:
     if raw == "None":
         return None
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
         return raw
 
@@ -242,14 +267,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         kt, vt = (typing.get_args(hint) or (Any, Any))
         return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None or not math.isfinite(number):  # a NaN passes every `x < low` check
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -277,7 +305,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _help_epilog(cls: type) -> str:
-    lines = [f"overrides ({_override_forms(cls)}), with defaults:"]
+    lines = [f"overrides ({_override_forms(cls)}), with the built-in defaults (a --config file's values replace "
+             "them):"]
     for section in dataclasses.fields(cls):
         sub = _dataclass_of(typing.get_type_hints(cls)[section.name])
         default = _field_default(section)

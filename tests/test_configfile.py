@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -62,7 +62,11 @@ def test_str_override_stays_verbatim():
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1", "unknown key 'lrr' in optim; valid keys: lr, warmup_steps, betas"),
     ("optimizer.lr=1", "unknown key 'optimizer' in top level"),
-    ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+    ("optim.lr=fast", "optim.lr: expected a finite number, got 'fast'"),
+    ("optim.lr=nan", "optim.lr: expected a finite number, got 'nan'"),      # passed every `x < low` check
+    ("optim.lr=-.inf", "optim.lr: expected a finite number, got -inf"),
+    ("optim.warmup_steps=0x10", "optim.warmup_steps: expected an integer, got '0x10'"),   # YAML 1.1: 16
+    ("optim.warmup_steps=1:30", "optim.warmup_steps: expected an integer, got '1:30'"),   # YAML 1.1: 90
     ("optim.warmup_steps=1.5", "optim.warmup_steps: expected an integer, got 1.5"),
     ("train.precision=fp16", "'fp16' is not one of 'fp32', 'bf16'"),
     ("train.activation_checkpointing=2", "expected true or false, got 2"),
@@ -71,7 +75,7 @@ def test_str_override_stays_verbatim():
     ("optim.lr.x=3", "optim.lr is not a section"),
     ("optim.betas=[0.9]", "optim.betas: expected 2 items, got 1"),
     ("optim.betas=[0.9, 0.99, 0.5]", "optim.betas: expected 2 items, got 3"),
-    ("optim.betas=[0.9, x]", "optim.betas[1]: expected a number, got 'x'"),
+    ("optim.betas=[0.9, x]", "optim.betas[1]: expected a finite number, got 'x'"),
 ])
 def test_bad_overrides_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError) as info:
@@ -139,10 +143,10 @@ def test_help_names_only_the_override_forms_that_work(capsys):
     """pretrain.train --help offered `--key=value`, but `--max_steps=5` is refused: no top-level fields there."""
     with pytest.raises(SystemExit):
         from_cli(Run, ["--help"])
-    assert "overrides (--section.key=value), with defaults:" in capsys.readouterr().out
+    assert "overrides (--section.key=value), with the built-in defaults" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         from_cli(Optim, ["--help"])
-    assert "overrides (--key=value), with defaults:" in capsys.readouterr().out
+    assert "overrides (--key=value), with the built-in defaults" in capsys.readouterr().out
 
 
 @dataclass
@@ -160,3 +164,33 @@ def test_a_partial_section_keeps_the_defaults_its_parent_gives_it(tmp_path):
     assert load(FineTune, write(tmp_path, "optim: {betas: [0.8, 0.9]}\n")).optim == Optim(lr=1e-5, warmup_steps=0,
                                                                                           betas=(0.8, 0.9))
     assert from_dict(FineTune, to_dict(cfg)) == cfg
+
+
+def test_a_section_left_empty_in_a_file_keeps_the_defaults_its_parent_gives_it(tmp_path):
+    """`train:` with every key commented out is None in YAML: the ss task's section became TrainConfig's class
+    defaults (epochs 30 -> 10, lr 5e-4 -> 1e-4, out_dir finetune_out/ss -> finetune_out), silently."""
+    cfg = load(FineTune, write(tmp_path, "optim:\ntrain:\n  # out_dir: x\n"))
+    assert cfg == FineTune()
+
+
+def test_integers_are_decimal_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads 010 as 8 (octal), 0x10 as 16 and 1:30 as 90; a config's numbers are decimal."""
+    assert load(Run, None, ["--optim.warmup_steps=010"]).optim.warmup_steps == 10
+    assert load(Run, write(tmp_path, "optim:\n  warmup_steps: 0755\n  lr: 1e-3\n")).optim.warmup_steps == 755
+    with pytest.raises(ConfigError, match="expected an integer, got '1:00:00'"):
+        load(Run, write(tmp_path, "train:\n  max_steps: 1:00:00\n"))
+    assert load(Run, None, ["--train.max_steps=-5", "--optim.lr=+2e-4"]).train.max_steps == -5
+
+
+@dataclass
+class WithMapping:
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def test_a_mapping_override_merges_into_the_files_key_by_key(tmp_path):
+    """--train.ds_overrides={communication_data_type: bf16} dropped the file's own ds_overrides (a ZeRO stage among
+    them) without a word."""
+    path = write(tmp_path, "extra:\n  zero_optimization: {stage: 2, overlap_comm: true}\n  wall_clock_breakdown: false\n")
+    cfg = load(WithMapping, path, ["--extra={zero_optimization: {stage: 1}, communication_data_type: bf16}"])
+    assert cfg.extra == {"zero_optimization": {"stage": 1, "overlap_comm": True}, "wall_clock_breakdown": False,
+                         "communication_data_type": "bf16"}

@@ -415,6 +415,14 @@ def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message
     assert not (tmp_path / "o").exists()
 
 
+def test_input_given_twice_reads_both(tmp_path):
+    """`--input a.fa --out o --input b.fa` read b.fa alone, with no word of a.fa."""
+    from dataprep.build_shards import parse_args
+
+    cfg, _ = parse_args(["--input", "a.fa", "--out", str(tmp_path / "o"), "--input", "b.fa", "c.fa"])
+    assert cfg.inputs == ("a.fa", "b.fa", "c.fa")
+
+
 def test_help_shows_each_default_once(capsys):
     """--min-seq-id, --coverage, --seed and --zstd-level showed no default; --cov-mode showed two, one "None"."""
     from dataprep.build_shards import main

@@ -81,7 +81,15 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
              f"--train.out_dir={ft} holds --model.path={ft}": [f"--model.path={ft}"],
              "train.batch_size must be >= 1": [f"--model.path={tiny_checkpoint}", "--train.batch_size=0"],
              "data.test_family: unknown ['tRNAx']": [f"--model.path={tiny_checkpoint}", "--data.dataset=archiveii",
-                                                     "--data.test_family=tRNAx"]}
+                                                     "--data.test_family=tRNAx"],
+             # a random backbone's settings were checked only after OUT was cleared (or gave a traceback)
+             "unknown model preset 'Micro'": ["--model.random_preset=Micro"],
+             "unexpected keyword argument 'bogus'": ["--model.random_preset=nano", "--model.overrides={bogus: 1}"],
+             "attn_dropout must be in [0, 1)": ["--model.random_preset=nano", "--model.dropout=1.5"],
+             "model.path (": ["--model.random_preset=nano", f"--model.path={tiny_checkpoint}"],
+             "train.grad_clip must be > 0, got -1.0": [f"--model.path={tiny_checkpoint}", "--train.grad_clip=-1"],
+             "train.lr must be > 0": [f"--model.path={tiny_checkpoint}", "--train.lr=-1e-4"],
+             "train.lr_decay_steps must be >= 1": [f"--model.path={tiny_checkpoint}", "--train.lr_decay_steps=-5"]}
     for message, extra in cases.items():
         assert run(["ss", "train", f"--train.out_dir={ft}", *args, *extra]) == 2
         assert message in capsys.readouterr().err

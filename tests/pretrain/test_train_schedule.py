@@ -231,8 +231,10 @@ def test_deepspeed_config_leaves_the_run_config_as_it_was(tmp_path):
     cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", [f"train.ds_config={empty}", "model.compile=true",
                                                                  "train.ds_overrides={zero_optimization: {stage: 3}}"])
     ds = deepspeed_config(cfg, bf16=False)
-    assert ds["zero_optimization"] == {"stage": 3, "memory_efficient_linear": False}
-    assert cfg.train.ds_overrides == {"zero_optimization": {"stage": 3}}
+    # the command line's mapping merged into tiny_cpu.yaml's
+    assert ds["zero_optimization"] == {"stage3_param_persistence_threshold": 0, "stage": 3,
+                                       "memory_efficient_linear": False}
+    assert cfg.train.ds_overrides == {"zero_optimization": {"stage3_param_persistence_threshold": 0, "stage": 3}}
 
 
 @pytest.mark.parametrize("compile_", ["true", "false"])
@@ -316,3 +318,18 @@ def test_token_dropouts_mask_ratio_follows_the_masking_rate():
     more = load(PretrainConfig, "pretrain/configs/giga.yaml", ["data.shards=/somewhere", "data.mask_prob=0.3"])
     assert more.model_config().mask_ratio_train == pytest.approx(0.24)
     assert model_changes(default.model_config().to_dict(), more.model_config()) == {}   # a resume may change it
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),          # DeepSpeed: clipping off
+    ("--optim.min_lr=nan", "optim.min_lr: expected a finite number, got 'nan'"),  # passed every check
+    ("--train.valid_sampling=cluter", "'cluter' is not one of 'cluster', 'uniform'"),
+    ("--train.ds_overrides={zero_optimization: null}", "zero_optimization must be a mapping, got None"),
+])
+def test_settings_that_would_train_otherwise_than_asked_are_refused_before_start_up(override, message, tmp_path):
+    """Each was accepted (or ended in a traceback after start-up): the run trained without clipping, with a NaN
+    LR floor, or failed after the model build and deepspeed.initialize."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml",
+                   [f"--data.shards={tmp_path}", f"--train.out_dir={tmp_path / 'run'}", override])
+        cfg.validate()
