@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if unwritable and e.errno not in UNWRITABLE:  # (the `except BaseException` below does not see it)
             _abort_others(comm)
             raise
-        print(f"error: {e.strerror}: {e.filename} (the unfinished stages are removed; the finished ones and the "
+        where = e.filename or cfg.out if unwritable else None  # a write() error names no file
+        print(f"error: {e.strerror}: {where} (the unfinished stages are removed; the finished ones and the "
               f"published shard set stay)" if unwritable else f"error: {e}", file=sys.stderr, flush=True)
         if (unwritable or isinstance(e, InputError)) and comm.rank == 0:
             discard_unfinished(Path(cfg.out), fresh)

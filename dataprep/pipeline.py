@@ -121,10 +121,19 @@ class _Stage:
 
     @property
     def done(self) -> bool:
+        return self._recorded().get("key") == self.key
+
+    @property
+    def made(self) -> str | None:
+        """The id of the run that made the finished stage: a stage computed from its output keys on it, as
+        MMseqs2 may cluster (and number clusters) otherwise when run again with the same parameters."""
+        return self._recorded().get("made")
+
+    def _recorded(self) -> dict:
         try:
-            return json.loads((self.final / "stage.json").read_text())["key"] == self.key
-        except (OSError, ValueError, KeyError):
-            return False
+            return json.loads((self.final / "stage.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def begin(self) -> Path:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -132,9 +141,16 @@ class _Stage:
         return self.tmp
 
     def commit(self) -> None:
-        (self.tmp / "stage.json").write_text(json.dumps({"key": self.key}))
+        """tmp -> final, durably: a node crash after the rename must not leave a stage of empty files that a
+        rerun takes as finished."""
+        (self.tmp / "stage.json").write_text(json.dumps({"key": self.key, "made": uuid.uuid4().hex}))
+        for f in self.tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        fsync_path(self.tmp)
         shutil.rmtree(self.final, ignore_errors=True)
         os.replace(self.tmp, self.final)
+        fsync_path(self.final.parent)
 
 
 # ------------------------------------------------------------------------------------------ normalise
@@ -280,6 +296,9 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
     log = Log(cfg.quiet, comm.rank)
     out, seconds, skipped = Path(cfg.out), {}, []
     work = out / ".work"
+    if comm.rank == 0 and finish_publishing(out):
+        log.warn(f"finished publishing the shard set that an interrupted build had staged: {out / MANIFEST_NAME} "
+                 "is now that build's")
     comm.barrier()
     inputs = comm.bcast([_fingerprint(p) for p in cfg.inputs] if comm.rank == 0 else None)  # one view of them
     keys = {"normalise": _hash(PIPELINE_VERSION, inputs, asdict(cfg.normalize))}
@@ -347,7 +366,9 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
             seconds["mmseqs"], seconds["mmseqs_cpu"] = mm["wall"], mm["cpu"]
         if report:
             report.clusters_ready(stages["cluster"].final)
-        if _searches(cfg):
+        if _searches(cfg):  # its links name the clusters of this cluster stage
+            stages["holdout"].key = comm.bcast(_hash(keys["holdout"], stages["cluster"].made) if comm.rank == 0
+                                               else None)
             run("holdout", holdout, cfg, store, stages["holdout"], comm, log)
         t = time.perf_counter()
         if shuffling:
@@ -445,28 +466,45 @@ def _stops_held():
 
 
 def _publish(out: Path, manifest: Manifest) -> None:
-    """Replace the earlier shard set by the staged one (one rename per shard, then the manifest), with Ctrl-C and
-    SIGTERM held until it is done: no manifest from the removal of the old one to the writing of the new."""
+    """Replace the earlier shard set by the staged one, with Ctrl-C and SIGTERM held until it is done. The new
+    manifest is written into the staging folder first (the only step that needs disk space: a full disk leaves
+    the earlier set as it was), then the shards are renamed into place and the manifest last; a crash in
+    between leaves OUT without a manifest (no reader takes a mixed set) and the next build finishes the job
+    (`finish_publishing`)."""
     with _stops_held():
-        _replace_shard_set(out, manifest)
+        write_manifest(_staging(out), manifest)
+        finish_publishing(out)
 
 
-def _replace_shard_set(out: Path, manifest: Manifest) -> None:
+def finish_publishing(out: Path) -> bool:
+    """Move a staged shard set whose manifest is written (`_publish`, or one a crash cut short) into OUT: the
+    TSVs and shards by rename, the earlier set's other shards removed, the manifest last. False when there is
+    none to finish."""
     staging = _staging(out)
+    if not (staging / MANIFEST_NAME).is_file():
+        return False
+    manifest = read_manifest(staging)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards are in place
     for name in ("rejects.tsv", "duplicates.tsv"):
-        os.replace(staging / name, out / name)
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
     listed = {s.path for s in manifest.shards}
     for path in sorted(listed):
-        (out / path).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / path, out / path)
+        if (staging / path).exists():  # (else moved before a crash)
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / path, out / path)
+        elif not (out / path).is_file():
+            raise DataprepError(f"{staging / MANIFEST_NAME} names {path}, which is neither there nor in {out}: "
+                                "the staged shard set is incomplete; build again")
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:
             old.unlink()
     for split in {Path(p).parent for p in listed}:
         fsync_path(out / split)  # the renames are durable before the manifest that names them
-    write_manifest(out, manifest)
+    os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)  # needs no space
+    fsync_path(out)
     shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 def _params(cfg: BuildConfig, rps: int) -> dict:

@@ -121,7 +121,11 @@ class ReportProcess(Background):
         child.close()
 
     def clusters_ready(self, cluster_dir: Path) -> None:
-        self._conn.send(str(cluster_dir))
+        try:
+            self._conn.send(str(cluster_dir))
+        except BrokenPipeError:  # it ended early (e.g. a full disk): its own error, not the pipe's
+            self.join()
+            raise
 
 
 def write_summary(report_dir: Path, counts: dict, sources: list[dict], shards: list[ShardInfo],

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import offsets_from_lengths
+from .errors import DataprepError
 from .normalize import ParsedChunk
 
 COLUMNS: dict[str, type] = {"seq_len": np.int64, "id_len": np.int32, "label_len": np.int32, "line": np.int64,
@@ -142,6 +143,11 @@ class Store:
         self.id_off = offsets_from_lengths(self.id_len.astype(np.int64) + 1)
         self.label_off = offsets_from_lengths(self.label_len.astype(np.int64) + 1) if self.has_labels else None
         self._mmaps: dict[str, mmap.mmap] = {}
+        for name, blob, off in (("seq", self.seq, self.seq_off), ("ids", self.ids, self.id_off),
+                                ("labels", self.labels, self.label_off)):
+            if off is not None and len(blob) != off[-1]:  # (a stage cut short: its columns say otherwise)
+                raise DataprepError(f"{self.dir / (name + '.bin')}: {len(blob):,} bytes where its lengths add up to "
+                                    f"{int(off[-1]):,}: a damaged stage; remove {self.dir} and build again")
 
     def __len__(self) -> int:
         return len(self.seq_len)

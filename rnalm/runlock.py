@@ -49,7 +49,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped: a container whose init reaps no children) holds nothing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def holder_gone(holder: dict, me: dict, heartbeat_age: float) -> str | None:

@@ -479,3 +479,74 @@ def test_a_full_disk_is_a_one_line_error_that_frees_the_unfinished_stages(tmp_pa
     assert (out / ".work" / "normalise").is_dir() and (out / ".work" / "dedup").is_dir()   # finished: kept
     assert sorted(p.relative_to(out) for p in out.glob("*/shard-*.tar")) == published
     assert set(read_back(out)) == {"a", "b"}
+
+
+def test_a_full_disk_when_publishing_keeps_the_earlier_shard_set_and_names_out(tmp_path, fasta, monkeypatch, capsys):
+    """The earlier manifest was deleted and its shards replaced before the new manifest was written: a full disk
+    there left no manifest and the new shards, and the error said 'None' where the file goes."""
+    import errno
+
+    from dataprep import pipeline
+    from dataprep.build_shards import main
+
+    good = fasta(">a\n" + ACGU20 + "\n>b\n" + ACGU20 + "GG\n>c\n" + ACGU20 + "CC\n")
+    out = tmp_path / "out"
+    args = ["--input", str(good), "--out", str(out), "--no-cluster", "--no-report", "--quiet", "--shard-records", "1"]
+    assert main(args) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.glob("*/shard-*.tar")}
+    manifest = (out / "manifest.json").read_bytes()
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() gives it: no file name
+
+    monkeypatch.setattr(pipeline, "write_manifest", full)
+    assert main([*args, "--seed", "3"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: No space left on device: {out} ")
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert {p.relative_to(out): p.read_bytes() for p in out.glob("*/shard-*.tar")} == before
+
+
+def test_a_publish_cut_short_is_finished_by_the_next_build(tmp_path, fasta, monkeypatch):
+    """A crash among the shard renames left OUT without a manifest and with old and new shards mixed; the staged
+    set was then deleted and written again. Now the next build finishes the renames from the staged manifest."""
+    from dataprep import pipeline
+
+    class Crash(BaseException):
+        pass
+
+    path = fasta("".join(f">r{i}\n{ACGU20}{'ACGU'[i % 4] * (i + 1)}\n" for i in range(6)))
+    build_small(tmp_path, [path], records_per_shard=2)
+    real, moved = os.replace, []
+
+    def crashing(src, dst):
+        if str(src).endswith(".tar"):
+            if len(moved) == 1:
+                raise Crash
+            moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", crashing)
+    with pytest.raises(Crash):
+        build_small(tmp_path, [path], records_per_shard=2, seed=5)
+    monkeypatch.setattr(pipeline.os, "replace", real)
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()             # no reader takes the mixed set meanwhile
+    result = build_small(tmp_path, [path], records_per_shard=2, seed=5)
+    assert "shards" in result.skipped                       # finished, not written again
+    m = read_manifest(out)
+    assert m.params["seed"] == 5 and sorted(read_back(out)) == [f"r{i}" for i in range(6)]
+    for info in m.shards:                                   # every shard is the new set's
+        list(iter_blocks(out / info.path, verify_checksum=True, expected_sha256=info.sha256))
+
+
+def test_a_damaged_finished_stage_is_named_not_published(tmp_path, fasta):
+    """A stage whose files a node crash left short (they were not flushed before its rename) was taken as
+    finished: the build exited 0 with shards that could not be read."""
+    from dataprep.errors import DataprepError
+
+    path = fasta(">a\n" + ACGU20 + "\n>b\n" + ACGU20 + "GG\n")
+    build_small(tmp_path, [path])
+    seq = tmp_path / "out" / ".work" / "normalise" / "seq.bin"
+    seq.write_bytes(seq.read_bytes()[:10])
+    with pytest.raises(DataprepError, match=rf"{seq}: 10 bytes where its lengths add up to 42: a damaged stage"):
+        build_small(tmp_path, [path], seed=2)

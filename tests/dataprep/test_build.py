@@ -242,7 +242,8 @@ def test_failed_run_leaves_no_manifest(tmp_path, synth_fa):
     assert not (out / "manifest.json").exists()
     (out / "valid").unlink()
     res = build_small(tmp_path, [synth_fa], records_per_shard=400)
-    assert res.skipped == ["normalise", "dedup", "cluster"]
+    assert res.skipped == ["normalise", "dedup", "cluster", "shards"]  # the publish it failed in, finished
+    assert read_manifest(out).params["records_per_shard"] == 400
     check_build(out, [synth_fa])
 
 
@@ -360,6 +361,32 @@ def test_another_mmseqs_version_reclusters(tmp_path, synth_fa):
     res = build_small(tmp_path, [synth_fa], no_cluster=False, cluster=ClusterConfig(threads=1, mmseqs=str(other)))
     assert "cluster" not in res.skipped and "linclust" in (tmp_path / "calls").read_text().split()
     assert res.manifest.tools["mmseqs"] == "15-other"
+
+
+def test_a_holdout_search_is_never_reused_beside_another_clustering(tmp_path, synth_fa, monkeypatch):
+    """Its links name clusters by number. A build with other clustering settings that stopped in the holdout
+    search left its own cluster stage; a rerun with the first settings clustered again (MMseqs2 may number
+    clusters otherwise) and reused the first build's holdout stage, whose key said only 'same settings'."""
+    require_tool("mmseqs")
+    from dataprep import pipeline
+
+    class Stop(BaseException):
+        pass
+
+    def stopped(*_):
+        raise Stop
+
+    args = dict(no_cluster=False, valid_fraction=0.1, cluster=ClusterConfig(threads=1))
+    build_small(tmp_path, [synth_fa], **args)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "holdout", stopped)
+        with pytest.raises(Stop):
+            build_small(tmp_path, [synth_fa], **{**args, "cluster": ClusterConfig(threads=1, min_seq_id=0.5)})
+    (tmp_path / "out" / "manifest.json").unlink()   # e.g. a failed publish since: the first settings build again
+    res = build_small(tmp_path, [synth_fa], **args)
+    assert "cluster" not in res.skipped and "holdout" not in res.skipped
+    again = build_small(tmp_path, [synth_fa], records_per_shard=500, **args)   # beside its own clustering: reused
+    assert "cluster" in again.skipped and "holdout" in again.skipped
 
 
 def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
@@ -603,13 +630,14 @@ def test_a_stop_while_the_shard_set_is_replaced_takes_effect_when_the_new_set_is
     write_fasta(SynthConfig(2_000, seed=5), fasta)
     out = tmp_path / "out"
     build_small(tmp_path, [fasta], records_per_shard=50)
-    replace = pipeline._replace_shard_set
+    finish = pipeline.finish_publishing
 
-    def stopped_at_the_start(*args):
-        signal.raise_signal(getattr(signal, stop))   # handled at once, as a Ctrl-C would be, without the hold
-        replace(*args)
+    def stopped_at_the_start(out):
+        if (pipeline._staging(out) / "manifest.json").exists():  # the publish, not the start-up's check
+            signal.raise_signal(getattr(signal, stop))   # handled at once, as a Ctrl-C would be, without the hold
+        return finish(out)
 
-    monkeypatch.setattr(pipeline, "_replace_shard_set", stopped_at_the_start)
+    monkeypatch.setattr(pipeline, "finish_publishing", stopped_at_the_start)
 
     def sigterm_exits(signum, frame):
         raise SystemExit(143)

@@ -198,3 +198,19 @@ def test_live_holder_names_another_live_process_and_not_this_one_or_a_gone_one(t
     (tmp_path / LOCK_NAME).write_text("[]")
     assert RunLock(tmp_path).live_holder() == "a run whose lock is not written yet, heartbeat 0 s ago"
     assert (tmp_path / LOCK_NAME).read_text() == "[]"                  # nothing taken over
+
+
+def test_a_killed_holder_not_yet_reaped_is_gone(tmp_path):
+    """A zombie answers kill(pid, 0): in a container whose init reaps no children, a SIGKILLed run's rerun was
+    refused for the heartbeat's 180 s."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        proc.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not become a zombie"
+            time.sleep(0.05)
+        holder(tmp_path, pid=proc.pid)
+        assert RunLock(tmp_path).live_holder() is None
+    finally:
+        proc.wait()
