@@ -1,13 +1,19 @@
 # `make demo` and `make test` each create/reuse .venv and install what they need.
 # torch is installed first, pinned, so pip never pulls the CUDA wheels.
 PY      := .venv/bin/python
+PYTHON3 ?= python3
 TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
+export PYTHON3
 
 .PHONY: demo test venv sysdeps clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+# sysdeps first: it brings python3-venv, and the compiler DeepSpeed needs. A .venv without a working pip (a
+# failed or interrupted `python -m venv`) is made again.
+$(STAMP): pyproject.toml | sysdeps
+	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "$(PYTHON3) is Python " \
+	  + sys.version.split()[0] + ": 3.11 or newer needed (make PYTHON3=python3.11 ...)")'
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON3) -m venv --clear .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dataprep,pretrain,finetune,mpi,dev]'
@@ -18,10 +24,10 @@ venv: $(STAMP)
 sysdeps:
 	bash deploy/install_sysdeps.sh
 
-demo: venv sysdeps
+demo: sysdeps venv
 	$(PY) -m pretrain.demo
 
-test: venv sysdeps
+test: sysdeps venv
 	$(PY) -m pytest -q
 
 clean:

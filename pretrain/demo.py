@@ -1,5 +1,6 @@
 """`make demo`: synthetic FASTA -> shards -> ZeRO-3 pretraining on 2 CPU ranks (tiny model) -> released weights
--> fine-tuning (secondary structure on a bpRNA slice, RNAfold beside it) -> predict-ss and embed on a FASTA.
+-> fine-tuning (secondary structure on a bpRNA slice, RNAfold beside it; without the shared data, a regression of
+GC content on the synthetic sequences) -> predict-ss and embed on a FASTA.
 
     python -m pretrain.demo [--out demo_out] [--records 20000] [--steps 300] [--nproc 2]
 
@@ -65,29 +66,54 @@ def convert(run_dir: Path, model_dir: Path) -> None:
         "convert: ZeRO-3 checkpoint -> model.safetensors + config.json")
 
 
-def finetune(model_dir: Path, fasta: Path, out: Path) -> dict[str, Path] | None:
-    """A short secondary-structure fine-tune of the converted model, then predictions and embeddings."""
+def finetune(model_dir: Path, fasta: Path, out: Path) -> dict[str, Path]:
+    """A short secondary-structure fine-tune of the converted model (a regression of GC content where the shared
+    data is absent), then predictions and embeddings."""
     from finetune.tasks.common import DEFAULT_DATA_ROOT
 
-    data = Path(DEFAULT_DATA_ROOT)
-    if not (data / "ss").exists():
-        print(f"\n== fine-tuning, predict-ss and embed skipped: {data / 'ss'} not found (point RNALM_SHARED_DATA "
-              "at the data folder, the one holding ss/, or put it at ../shared/data)")
-        return None
-    paths = {"finetune": out / "finetune_ss", "predict": out / "predict_ss", "embed": out / "embed"}
-    run([sys.executable, "-m", "finetune", "ss", "train", f"--model.path={model_dir}", f"--data.root={data}",
-         "--data.limit_train=300", "--data.limit_valid=60", "--data.limit_test=120", "--train.epochs=2",
-         "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--train.progress=false",
-         f"--train.out_dir={paths['finetune']}"],
-        "fine-tune: secondary structure on a bpRNA TR0 slice, scored on TS0 with RNAfold beside it")
     few = out / "few.fa"
     with open(fasta, "rb") as fh:  # the first 20 records of the demo FASTA stand for a user's file
         records = fh.read().split(b"\n>")[:20]
     few.write_bytes(b"\n>".join(records).rstrip(b"\n") + b"\n")
-    run([sys.executable, "-m", "finetune", "predict-ss", f"--model={paths['finetune']}", f"--fasta={few}",
-         f"--out={paths['predict']}", "--format=dbn"], "predict-ss: structures for a FASTA")
+    data = Path(DEFAULT_DATA_ROOT)
+    if (data / "ss").exists():
+        paths = {"finetune": out / "finetune_ss", "predict": out / "predict_ss"}
+        run([sys.executable, "-m", "finetune", "ss", "train", f"--model.path={model_dir}", f"--data.root={data}",
+             "--data.limit_train=300", "--data.limit_valid=60", "--data.limit_test=120", "--train.epochs=2",
+             "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--train.progress=false",
+             f"--train.out_dir={paths['finetune']}"],
+            "fine-tune: secondary structure on a bpRNA TR0 slice, scored on TS0 with RNAfold beside it")
+        run([sys.executable, "-m", "finetune", "predict-ss", f"--model={paths['finetune']}", f"--fasta={few}",
+             f"--out={paths['predict']}", "--format=dbn"], "predict-ss: structures for a FASTA")
+    else:
+        print(f"\n== {data / 'ss'} not found (point RNALM_SHARED_DATA at the data folder, the one holding ss/, or put "
+              "it at ../shared/data): the fine-tuning step is a regression of GC content on the demo's sequences")
+        paths = {"finetune_gc": out / "finetune_gc"}
+        train, test = gc_content_tables(fasta, out)
+        run([sys.executable, "-m", "finetune", "regress", "train", f"--model.path={model_dir}",
+             f"--data.train={train}", f"--data.test={test}", "--train.epochs=3", "--unfreeze.head_only_epochs=1",
+             "--unfreeze.every=1", "--train.progress=false", f"--train.out_dir={paths['finetune_gc']}"],
+            "fine-tune: regression of each sequence's GC content (the finetune package's own-data task)")
+    paths["embed"] = out / "embed"
     run([sys.executable, "-m", "finetune", "embed", f"--model={model_dir}", f"--fasta={few}",
          f"--out={paths['embed']}", "--plot=pca"], "embed: CLS and mean embeddings with a plot")
+    return paths
+
+
+def gc_content_tables(fasta: Path, out: Path, train: int = 600, test: int = 150) -> tuple[Path, Path]:
+    """train.csv and test.csv (sequence,label: the GC share) of the synthetic FASTA's random singletons
+    (`family=NA`: no family member on both sides of the split, as the near-duplicate filter would find)."""
+    rows = []
+    for record in fasta.read_text().split(">")[1:]:
+        header, _, seq = record.partition("\n")
+        seq = seq.replace("\n", "").upper().replace("T", "U")
+        if "family=NA" in header and 20 <= len(seq) <= 400 and set(seq) <= set("ACGU"):
+            rows.append(f"{seq},{(seq.count('G') + seq.count('C')) / len(seq):.4f}")
+        if len(rows) == train + test:
+            break
+    paths = out / "gc_train.csv", out / "gc_test.csv"
+    for path, part in zip(paths, (rows[:train], rows[train:])):
+        path.write_text("sequence,label\n" + "\n".join(part) + "\n")
     return paths
 
 
@@ -128,16 +154,18 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     print(f"   shards:          {paths['shards']}  (manifest.json, report/)")
     print(f"   training run:    {paths['pretrain']}  (config.yaml, log.jsonl, checkpoints/)")
     print(f"   released model:  {paths['model']}  (model.safetensors, config.json)")
-    if tuned:
+    if "finetune" in tuned:
         print(f"   fine-tuned SS:   {tuned['finetune']}  (results.md, results.json, finetuned.safetensors)")
         print("   (a tiny model pretrained for a minute on random sequences: RNAfold is expected to score higher; "
               "f1_shift counts a pair off by one base as found, threshold is the pair probability tuned on validation)")
         print(f"   predictions:     {tuned['predict']}  (predictions.dbn)")
-        print(f"   embeddings:      {tuned['embed']}  (.npy + plot)")
-        paths.update(tuned)
+    else:
+        print(f"   fine-tuned GC:   {tuned['finetune_gc']}  (results.md, results.json: R^2 of the GC share)")
+    print(f"   embeddings:      {tuned['embed']}  (.npy + plot)")
+    paths.update(tuned)
     py = os.path.relpath(sys.executable, Path.cwd())
     print(f"\nNext, with this environment ({py}, or `source .venv/bin/activate` and then python):")
-    if tuned:
+    if "finetune" in tuned:
         print(f"   {py} -m finetune predict-ss --model={tuned['finetune']} --fasta=YOUR.fa --out=pred")
     print(f"   {py} -m finetune embed --model={paths['model']} --fasta=YOUR.fa --out=emb")
     print(f"   {py} -m finetune classify train --model.path={paths['model']} --data.train=YOURS.csv "
