@@ -67,12 +67,12 @@ def check_train_config(cfg: TrainConfig) -> torch.device:
     for name in ("epochs", "batch_size", "eval_batch_size", "max_steps_per_epoch", "lr_decay_steps"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "grad_clip", "max_seconds"):  # a negative grad_clip flipped every gradient's sign
+    for name in ("lr", "grad_clip"):  # a negative grad_clip flipped every gradient's sign
         if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise ValueError(f"train.{name} must be > 0, got {getattr(cfg, name)}")
-    if cfg.weight_decay < 0 or cfg.lr_end_factor < 0:
-        raise ValueError(f"train.weight_decay and train.lr_end_factor must be >= 0, got {cfg.weight_decay}, "
-                         f"{cfg.lr_end_factor}")
+    for name in ("weight_decay", "lr_end_factor", "max_seconds"):  # max_seconds 0: one step, then validation
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
+            raise ValueError(f"train.{name} must be >= 0, got {getattr(cfg, name)}")
     return pick_device(cfg.device)
 
 
