@@ -137,7 +137,6 @@ class PretrainConfig:
             raise ValueError(f"metrics.port_base must be 0 (free ports) or a port up to 65519, got "
                              f"{self.metrics.port_base}")
         check_out_dir(self.train.out_dir, "train.out_dir")
-        self.valid_data()  # e.g. a data.split-like train.valid_split the DataConfig refuses
         deepspeed_config(self, bf16=False)  # readable, and without the keys the trainer owns
         self.model_config()
 

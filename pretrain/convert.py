@@ -144,9 +144,10 @@ def consolidate(root: Path, tag: str) -> dict:
 
 
 def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
-    """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it."""
+    """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it. The
+    checkpoint must have been checked (`check_checkpoint`; the trainer's resume checks it): ds_to_universal names no
+    file, or the wrong cause, when one is damaged."""
     root, tag = locate(ckpt_dir, tag)
-    check_checkpoint(root, tag)  # ds_to_universal names no file, or the wrong cause, when one is damaged
     final = root / (tag + UNIVERSAL_SUFFIX)
     tmp = root / (TMP_PREFIX + tag + UNIVERSAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -186,6 +187,7 @@ def _to_universal_locked(ckpt_dir: str | Path, tag: str | None) -> Path:
     except RunLockError as e:
         raise CheckpointError(f"no universal checkpoint written: {e}") from None
     try:
+        check_checkpoint(root, tag)
         return to_universal(root, tag)
     finally:
         lock.release()
