@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.model_bench import write_result  # noqa: E402
 from pretrain.config import PretrainConfig, deepspeed_config  # noqa: E402
-from pretrain.train import _adamw, _default_distributed_env, _device, _new_model, _use_bf16  # noqa: E402
+from pretrain.train import _adamw, _default_distributed_env, _device, _exit, _new_model, _use_bf16  # noqa: E402
 from rnalm.configfile import load  # noqa: E402
 from rnalm.model import GEMM_ALIGNMENT  # noqa: E402
 
@@ -100,3 +100,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    _exit(0, clean=True)  # as the trainer leaves: gloo aborts now and then at interpreter shutdown

@@ -166,7 +166,7 @@ warnings.filterwarnings("ignore")
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
 import deepspeed, torch
 from pretrain.config import OptimConfig
-from pretrain.train import PretrainModel, _adamw
+from pretrain.train import PretrainModel, _adamw, _exit
 from rnalm.config import ModelConfig
 
 deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -183,6 +183,7 @@ for zero_init in (False, True):
     groups = _adamw(model, OptimConfig(weight_decay=0.01), torch.device("cpu")).param_groups
     out[str(zero_init)] = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
 print(json.dumps(out))
+_exit(0, clean=True)
 """
 
 
@@ -211,7 +212,7 @@ ZERO3_ENGINE = """
 import sys, torch, deepspeed
 from deepspeed.utils import z3_leaf_module
 from pretrain.config import PretrainConfig, deepspeed_config
-from pretrain.train import _adamw, _default_distributed_env, _new_model
+from pretrain.train import _adamw, _default_distributed_env, _exit, _new_model
 from rnalm.configfile import load
 cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", sys.argv[1:])
 _default_distributed_env()
@@ -221,6 +222,7 @@ model = _new_model(cfg, ds, torch.device("cpu"))
 deepspeed.initialize(model=model, optimizer=_adamw(model, cfg.optim, torch.device("cpu")), config=ds)
 print("F.linear:", torch.nn.functional.linear.__module__)
 print("leaf blocks:", [z3_leaf_module(b) for b in model.transformer.blocks])
+_exit(0, clean=True)
 """
 
 
@@ -272,6 +274,7 @@ BF16_GRADIENT_SUM = """
 import json, os, sys, torch, deepspeed
 from deepspeed.utils import safe_get_full_grad
 from pretrain.config import PretrainConfig, deepspeed_config
+from pretrain.train import _exit
 from rnalm.configfile import load
 cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.grad_accum=8", *sys.argv[1:]])
 deepspeed.init_distributed(auto_mpi_discovery=False)
@@ -286,6 +289,7 @@ for c in ([1.0] + [2.0 ** -10] * 7) if rank == 0 else [3 * 2.0 ** -12] * 8:  # t
     engine.step()
 if rank == 0:
     print(json.dumps(sorted(set(grad.float().tolist()[0]))))
+_exit(0, clean=True)  # as the trainer leaves: gloo aborts now and then at interpreter shutdown
 """
 
 
