@@ -8,6 +8,7 @@ Batched by length, on CPU or GPU.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     records = read_fasta(cfg.fasta)  # validates before the model is loaded
     check_lengths(records, cfg)
     warn_unknown_letters(records, cfg.fasta, structures=True)
+    check_not_replacing(out, ["predictions.dbn"] if cfg.format == "dbn" else
+                        [f"{name}.{cfg.format}" for name in per_record_names([r.id for r in records])])
     model, meta = _load(cfg, "ss")
     threshold = cfg.threshold if cfg.threshold is not None else float(meta["threshold"])
     pairs = predict_pairs(model, [r.sequence for r in records], threshold, cfg.batch_size, cfg.progress)
@@ -86,16 +89,31 @@ def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     return preds
 
 
-def remove_listed(listing: Path) -> None:
-    """The files an earlier predict-ss wrote into this directory (listed in its PREDICTIONS_LIST), so that none
-    of them (e.g. the .ct of a record this run does not have) is taken for this run's; other files stay."""
+def _listed(listing: Path) -> list[str]:
+    """The files an earlier predict-ss wrote into this directory (listed in its PREDICTIONS_LIST)."""
     try:
         names = json.loads(listing.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return
-    for name in names:
-        if isinstance(name, str) and name == Path(name).name:  # a plain name in this directory, nothing else
-            (listing.parent / name).unlink(missing_ok=True)
+        return []
+    # a plain name in this directory, nothing else
+    return [n for n in names if isinstance(n, str) and n == Path(n).name] if isinstance(names, list) else []
+
+
+def remove_listed(listing: Path) -> None:
+    """Remove what an earlier predict-ss wrote here, so that none of it (e.g. the .ct of a record this run does
+    not have) is taken for this run's; other files stay."""
+    for name in _listed(listing):
+        (listing.parent / name).unlink(missing_ok=True)
+
+
+def check_not_replacing(out: Path, names: list[str]) -> None:
+    """Refuse, before the model is loaded, to write over files that no earlier predict-ss wrote (the user's own
+    reference .ct files beside the predictions, say)."""
+    ours = set(_listed(out / PREDICTIONS_LIST))
+    theirs = [n for n in names if n not in ours and os.path.lexists(out / n)]
+    if theirs:
+        raise ValueError(f"{out} holds {len(theirs)} file(s) that predict-ss did not write and would replace: "
+                         f"{', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}; name another --out")
 
 
 def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> None:
@@ -124,7 +142,7 @@ def _write_dbn(preds: list[StructureRecord], out: Path) -> list[str]:
             too_knotted.append(i)
     atomic_write(out / "predictions.dbn", "".join(entries))
     if too_knotted:
-        names = per_record_names(preds)
+        names = per_record_names([p.id for p in preds])
         for i in too_knotted:
             write_bpseq(preds[i], out / f"{names[i]}.bpseq")
         files = ", ".join(f"{names[i]}.bpseq" for i in too_knotted[:5]) + (" ..." if len(too_knotted) > 5 else "")
@@ -134,17 +152,17 @@ def _write_dbn(preds: list[StructureRecord], out: Path) -> list[str]:
     return ["predictions.dbn"]
 
 
-def per_record_names(preds: list[StructureRecord]) -> list[str]:
+def per_record_names(ids: list[str]) -> list[str]:
     """File names (no suffix) of one file per record: the id made safe; when two would clash (ids that differ
     only in replaced characters or in case), every name gets its FASTA position as a prefix."""
-    names = [safe_name(p.id) for p in preds]
+    names = [safe_name(rid) for rid in ids]
     if len({n.lower() for n in names}) != len(names):
         names = [f"{i + 1:06d}_{n}" for i, n in enumerate(names)]
     return names
 
 
 def _write_per_record(preds: list[StructureRecord], out: Path, fmt: str) -> list[str]:
-    files = [f"{name}.{fmt}" for name in per_record_names(preds)]
+    files = [f"{name}.{fmt}" for name in per_record_names([p.id for p in preds])]
     for p, name in zip(preds, files):
         (write_bpseq if fmt == "bpseq" else write_ct)(p, out / name)
     return files

@@ -150,11 +150,12 @@ def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecor
                 raise StructureError(f"{path}:{lineno}: expected 'index base partner', got {line!r}")
             if int(parts[0]) != len(bases) + 1:
                 raise StructureError(f"{path}:{lineno}: index {parts[0]} out of order (expected {len(bases) + 1})")
+            _check_one_letter(parts[1], f"{path}:{lineno}")
             bases.append(parts[1])
             partners.append(int(parts[2]))
     if not bases:
         raise StructureError(f"{path}: no bases found")
-    return _record_from_partners(record_id or path.stem, "".join(bases), partners, str(path))
+    return _record_from_partners(record_id or _stem(path), "".join(bases), partners, str(path))
 
 
 def write_bpseq(record: StructureRecord, path: str | Path) -> None:
@@ -175,7 +176,7 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
         lineno, head = lines[k]
         if not head[0].isdigit():
             raise StructureError(f"{path}:{lineno}: expected a header 'length title', got {' '.join(head)!r}")
-        n, title = int(head[0]), ct_title(head[1:]) or f"{path.stem}_{len(records) + 1}"
+        n, title = int(head[0]), ct_title(head[1:]) or f"{_stem(path)}_{len(records) + 1}"
         if n < 1:
             raise StructureError(f"{path}:{lineno}: record {title!r} declares {n} bases")
         body = lines[k + 1:k + 1 + n]
@@ -185,6 +186,7 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
         for idx, (ln, parts) in enumerate(body, 1):
             if len(parts) < 6 or not parts[0].isdigit() or int(parts[0]) != idx or not parts[4].isdigit():
                 raise StructureError(f"{path}:{ln}: record {title!r}: expected 'i base i-1 i+1 partner i' for base {idx}")
+            _check_one_letter(parts[1], f"{path}:{ln}: record {title!r}")
             bases.append(parts[1])
             partners.append(int(parts[4]))
         records.append(_record_from_partners(title.split()[0], "".join(bases), partners, f"{path}: record {title!r}"))
@@ -192,6 +194,22 @@ def read_ct(path: str | Path) -> list[StructureRecord]:
     if not records:
         raise StructureError(f"{path}: no structures found")
     return records
+
+
+def _check_one_letter(base: str, where: str) -> None:
+    """A modified base written by name (PSU, m1A: PDB-derived files) would shift every later pair by its extra
+    letters."""
+    if len(base) != 1:
+        raise StructureError(f"{where}: base {base!r} is not one letter: write a modified base as its parent "
+                             "nucleotide or N")
+
+
+def _stem(path: Path) -> str:
+    """The file's name without its compression and structure suffixes (x.bpseq.gz -> x)."""
+    name = path.name
+    for suffix in (".gz", ".zst"):
+        name = name.removesuffix(suffix)
+    return Path(name).stem
 
 
 def ct_title(words: list[str]) -> str:
@@ -248,9 +266,13 @@ def read_structures(path: str | Path) -> list[StructureRecord]:
     if not path.exists():
         raise StructureError(f"{path}: no such file or directory")
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and _structure_suffix(f))
+        entries = sorted(f for f in path.iterdir() if f.is_file())
+        files = [f for f in entries if _structure_suffix(f)]
         if not files:
             raise StructureError(f"{path}: no {', '.join(STRUCTURE_READERS)} files in this directory")
+        if skipped := [f.name for f in entries if f not in files]:
+            print(f"warning: {path}: {len(skipped)} file(s) not read (not {', '.join(STRUCTURE_READERS)}): "
+                  f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}", file=sys.stderr)
         return [rec for f in files for rec in read_structures(f)]
     suffix = _structure_suffix(path)
     if suffix is None:
@@ -280,13 +302,15 @@ def read_structure_csv(path: str | Path, id_column: str = "id") -> Iterator[tupl
         for lineno, row in enumerate(reader, 2):
             rid, seq = row[id_column], row["sequence"]
             where = f"{path}:{lineno} (record {rid!r})"
-            if row.get("base_pairs") is not None and "base_pairs" in cols:
-                pairs = parse_pair_list(row["base_pairs"], len(seq), where)
-            else:
-                db = row["structure"]
+            listed, db = (row.get("base_pairs") or "").strip(), row.get("structure") or ""
+            pairs = parse_pair_list(listed, len(seq), where)  # a blank cell: none
+            if db or "base_pairs" not in cols:  # a blank base_pairs cell: the structure's
                 if len(db) != len(seq):
                     raise StructureError(f"{where}: structure length {len(db)} != sequence length {len(seq)}")
-                pairs = parse_dot_bracket(db, where)
+                from_db = parse_dot_bracket(db, where)
+                if listed and not np.array_equal(from_db, pairs):
+                    raise StructureError(f"{where}: its base_pairs and its structure disagree")
+                pairs = from_db
             yield StructureRecord(rid, seq, pairs), row
 
 

@@ -122,7 +122,8 @@ def file_splits(cfg: SSDataConfig) -> SSSplits:
                     replace(cfg, limit_train=None, limit_valid=None, limit_test=None))
     return SSSplits(s.train, s.valid, s.test, {"dataset": "files", "test": cfg.test, "train": cfg.train,
                                                 "valid": valid_source(cfg),
-                                                "removed_near_duplicates": s.removed_near_duplicates})
+                                                "removed_near_duplicates": s.removed_near_duplicates,
+                                                "removed_valid_near_train": s.removed_valid_near_train})
 
 
 def test_records(cfg: SSDataConfig) -> list[StructureRecord]:
@@ -231,7 +232,8 @@ def _test_name(cfg: SSDataConfig, family: str | None) -> str:
 
 def _titled_table(result: dict[str, Any]) -> str:
     data = result.get("data", {})
-    note = f"\n{removal_note(data['removed_near_duplicates'])}\n" if data.get("dataset") == "files" else ""
+    note = (f"\n{removal_note(data['removed_near_duplicates'], data.get('removed_valid_near_train', 0))}\n"
+            if data.get("dataset") == "files" else "")
     return f"### {result['test_set']}\n\n" + markdown_table(result["rows"], TABLE_COLUMNS, "model") + note
 
 
@@ -356,7 +358,8 @@ def _write_summary(out: Path, families: list[str], folds: dict[str, dict[str, An
     numeric = [k for k, v in rows[families[0]].items() if isinstance(v, float)]
     rows[f"mean of {len(families)} families"] = {k: float(np.mean([rows[f][k] for f in families])) for k in numeric}
     summary = {"task": "ss", "test_set": "ArchiveII leave-one-family-out", "rows": rows,
-               "removed_near_duplicates": {f: r["data"]["removed_near_duplicates"] for f, r in folds.items()}}
+               "removed_near_duplicates": {f: r["data"]["removed_near_duplicates"] for f, r in folds.items()},
+               "removed_valid_near_train": {f: r["data"].get("removed_valid_near_train") for f, r in folds.items()}}
     write_results(out, "results", summary, markdown_table(rows, SUMMARY_COLUMNS, "held-out family"))
     return summary
 

@@ -273,6 +273,21 @@ def test_a_rerun_into_the_same_directory_leaves_only_its_own_predictions(ss_mode
     assert sorted(p.name for p in out.iterdir()) == ["mine.ct", "predict_ss.json", "predictions.dbn"]
 
 
+def test_predict_ss_refuses_to_replace_files_it_did_not_write(ss_model, tmp_path, capsys):
+    """The user's own mine.ct, a reference structure of the record `mine`, was silently overwritten."""
+    fasta, out = tmp_path / "in.fa", tmp_path / "p"
+    fasta.write_text(">mine\nGGGGAAACCCC\n>other\nGGGAAAUCCC\n")
+    out.mkdir()
+    (out / "mine.ct").write_text("the user's own file\n")
+    args = ["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={out}", "--progress=false"]
+    assert run([*args, "--format=ct"]) == 2
+    assert f"{out} holds 1 file(s) that predict-ss did not write and would replace: mine.ct" in capsys.readouterr().err
+    assert (out / "mine.ct").read_text() == "the user's own file\n" and not (out / "other.ct").exists()
+    (out / "mine.ct").unlink()
+    assert run([*args, "--format=ct"]) == 0 and run([*args, "--format=ct"]) == 0  # its own files: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["mine.ct", "other.ct", "predict_ss.json"]
+
+
 def test_output_directories_are_checked_before_any_work(ss_model, tiny_checkpoint, fasta, tmp_path, capsys):
     """An empty --out wrote into the current directory (and printed '/cls.npy'); a file as --out failed with a bare
     errno after all the work; evaluate without --model.path ended in a TypeError traceback."""

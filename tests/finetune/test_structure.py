@@ -208,7 +208,7 @@ def test_archiveii_pair_lists_match_dot_bracket(shared_data):
     assert knotted > 0
 
 
-def test_structure_files_of_every_kind_and_directories_are_read(tmp_path):
+def test_structure_files_of_every_kind_and_directories_are_read(tmp_path, capsys):
     from finetune.predict import _write_dbn
     from finetune.structure import read_structures
 
@@ -225,8 +225,9 @@ def test_structure_files_of_every_kind_and_directories_are_read(tmp_path):
     (d / "notes.txt").write_text("not a structure")
     assert [(r.id, r.sequence, as_set(r.pairs)) for r in read_structures(tmp_path / "predictions.dbn")] == \
         [(r.id, r.sequence, as_set(r.pairs)) for r in recs]
-    got = read_structures(d)  # every structure file, in name order; other files left alone
+    got = read_structures(d)  # every structure file, in name order; other files left alone, and said so
     assert [r.id for r in got] == ["a", "knot", "open", "hairpin2"]
+    assert f"warning: {d}: 1 file(s) not read (not .bpseq, .ct, .dbn, .csv): notes.txt" in capsys.readouterr().err
     assert as_set(got[1].pairs) == as_set(recs[1].pairs) and as_set(got[3].pairs) == as_set(recs[0].pairs)
     with pytest.raises(StructureError, match=r"notes\.txt: not a structure file"):
         read_structures(d / "notes.txt")
@@ -248,3 +249,35 @@ def test_dbn_errors_name_file_line_and_record(tmp_path, text, message):
     (tmp_path / "x.dbn").write_text(text)
     with pytest.raises(StructureError, match=message):
         read_structures(tmp_path / "x.dbn")
+
+
+def test_a_base_written_as_several_letters_is_refused_not_shifted(tmp_path):
+    """`2 PSU 0` (a modified base by name, PDB-derived files) made the sequence one letter longer per extra letter
+    and moved every later pair onto another base, silently."""
+    (tmp_path / "m.bpseq").write_text("1 G 6\n2 PSU 0\n3 A 0\n4 A 0\n5 A 0\n6 C 1\n")
+    with pytest.raises(StructureError, match=r"m\.bpseq:2: base 'PSU' is not one letter"):
+        read_bpseq(tmp_path / "m.bpseq")
+    (tmp_path / "m.ct").write_text("3 x\n1 G 0 2 0 1\n2 m1A 1 3 0 2\n3 C 2 0 0 3\n")
+    with pytest.raises(StructureError, match=r"m\.ct:3: record 'x': base 'm1A' is not one letter"):
+        read_ct(tmp_path / "m.ct")
+
+
+def test_compressed_structure_files_are_named_without_their_suffixes(tmp_path):
+    rec = StructureRecord("r", "GGGAAACCC", parse_dot_bracket("(((...)))"))
+    write_bpseq(rec, tmp_path / "x.bpseq")
+    (tmp_path / "x.bpseq.gz").write_bytes(gzip.compress((tmp_path / "x.bpseq").read_bytes()))
+    assert read_bpseq(tmp_path / "x.bpseq.gz").id == "x"
+    (tmp_path / "t.ct.zst").write_bytes(zstandard.compress(b"3\n1 G 0 2 3 1\n2 A 1 3 0 2\n3 C 2 0 1 3\n"))
+    assert read_ct(tmp_path / "t.ct.zst")[0].id == "t_1"
+
+
+def test_csv_with_both_columns_reads_the_structure_where_base_pairs_is_blank(tmp_path):
+    """A blank base_pairs cell was read as no pairs, the row's dot-bracket ignored."""
+    path = tmp_path / "s.csv"
+    path.write_text("id,sequence,structure,base_pairs\nr1,GGGAAAUCCC,(((....))),\nr2,GGGAAAUCCC,,1-10\n"
+                    "r3,GGGAAAUCCC,,\nr4,GGGAAAUCCC,(((....))),1-10;2-9;3-8\n")
+    got = {rec.id: as_set(rec.pairs) for rec, _ in read_structure_csv(path)}
+    assert got == {"r1": {(0, 9), (1, 8), (2, 7)}, "r2": {(0, 9)}, "r3": set(), "r4": {(0, 9), (1, 8), (2, 7)}}
+    path.write_text("id,sequence,structure,base_pairs\nr1,GGGAAAUCCC,(((....))),1-10\n")
+    with pytest.raises(StructureError, match=r"s\.csv:2 \(record 'r1'\): its base_pairs and its structure disagree"):
+        list(read_structure_csv(path))

@@ -172,8 +172,9 @@ def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_c
 
     bprna = load_bprna(shared_data)
     (tmp_path / "train").mkdir()
-    for rec in bprna["TR0"][:24]:
-        write_bpseq(rec, tmp_path / "train" / f"{rec.id}.bpseq")
+    for rec in bprna["TR0"][:12]:  # each twice: validation drawn from them holds near-copies of training records
+        for name in (rec.id, f"{rec.id}_copy"):
+            write_bpseq(rec, tmp_path / "train" / f"{name}.bpseq")
     _write_dbn(bprna["TS0"][:8], tmp_path)
     test = tmp_path / "test.dbn"
     (tmp_path / "predictions.dbn").rename(test)
@@ -184,8 +185,12 @@ def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_c
     result = json.loads((out / "results.json").read_text())
     assert result["test_set"] == "test.dbn" and result["rows"]["RNAfold"]["n"] == 8
     assert result["splits"]["test"] == 8
-    assert result["splits"]["train"] + result["splits"]["valid"] + result["data"]["removed_near_duplicates"] == 24
-    assert f"{result['data']['removed_near_duplicates']} train/valid record(s)" in (out / "results.md").read_text()
+    data, note = result["data"], (out / "results.md").read_text()
+    assert data["removed_valid_near_train"] > 0 and result["splits"]["valid"] > 0
+    assert result["splits"]["train"] + result["splits"]["valid"] + data["removed_near_duplicates"] \
+        + data["removed_valid_near_train"] == 24
+    assert f"{data['removed_near_duplicates']} train/valid record(s)" in note
+    assert f"so were {data['removed_valid_near_train']} validation record(s) drawn from train" in note
     assert run(["ss", "evaluate", f"--model.path={out}", "--data.dataset=files", f"--data.test={test}",
                 f"--train.out_dir={tmp_path / 'eval'}", "--train.progress=false", "--eval.rnafold=false"]) == 0
     again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
