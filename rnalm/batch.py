@@ -87,10 +87,16 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
 def unpad(tokens: torch.Tensor, pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Padded [B, L] ids -> (flat indices of real tokens, flat tokens, cu_seqlens int32, max_seqlen).
 
-    Real tokens must form a prefix of each row (right padding), as the tokenizer produces.
+    The real tokens of a row must be one run (right padding, as the tokenizer produces; left padding too): a
+    <pad> between them would be dropped and move the tokens after it closer, under other rotary positions.
     """
     keep = tokens != pad_id
     lengths = keep.sum(dim=1)
+    pad_to_real = (~keep[:, :-1] & keep[:, 1:]).sum(dim=1)  # left padding: one such step, at its end
+    gapped = (pad_to_real > (~keep[:, :1]).sum(dim=1)).nonzero()
+    if gapped.numel():
+        raise ValueError(f"row {int(gapped[0])} of the padded input has <pad> ({pad_id}) between real tokens: "
+                         "padding goes after them")
     cu = torch.zeros(tokens.shape[0] + 1, dtype=torch.int32, device=tokens.device)
     cu[1:] = torch.cumsum(lengths, 0)
     index = keep.flatten().nonzero().squeeze(1)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from rnalm.config import PRESETS, ModelConfig
 from rnalm.files import atomic_write, remove_stale_temps
 from rnalm.model import RiNALMo
-from rnalm.tokenizer import VOCAB
+from rnalm.tokenizer import UNK_ID, VOCAB
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 FORMAT_VERSION = 1
@@ -388,7 +389,12 @@ def multimolecule_settings(folder: Path) -> dict[str, Any]:
         recorded = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{config}: not a JSON file ({e})") from None
-    return {ours: recorded[theirs] for ours, theirs in MULTIMOLECULE_SETTINGS.items() if theirs in recorded}
+    settings = {ours: recorded[theirs] for ours, theirs in MULTIMOLECULE_SETTINGS.items() if theirs in recorded}
+    if settings.get("layer_norm_eps") == 1e-12:  # their early configs' value; RiNALMo's weights were trained at 1e-5
+        warnings.warn(f"{config}: layer_norm_eps 1e-12 read as RiNALMo's 1e-5 (an early multimolecule config value)",
+                      stacklevel=2)
+        settings["layer_norm_eps"] = 1e-5
+    return settings
 
 
 def _mm_rows(mm_vocab: tuple[str, ...]) -> list[int]:
@@ -450,15 +456,17 @@ _MM_NOT_THE_BACKBONE = re.compile(r"^ss_head\.|(^|\.)pooler\.|inv_freq$|position
 
 def export_multimolecule(state: Mapping[str, torch.Tensor],
                          mm_vocab: tuple[str, ...] = MULTIMOLECULE_VOCAB) -> StateDict:
-    """Our state dict -> multimolecule names and vocabulary. Tokens RiNALMo lacks get zero rows,
-    except `X`, which gets the mean of A, C, G, U as multimolecule's converter does."""
+    """Our state dict -> multimolecule names and vocabulary. The letters RiNALMo lacks (X . * | ?), which its
+    tokenizer and ours read as <unk>, get copies of the <unk> row, so that the exported model gives our outputs
+    on any sequence (multimolecule's converter gives X the mean of A, C, G, U, the others zeros); its special
+    tokens RiNALMo lacks (<null>) get zero rows."""
     rows = torch.tensor(_mm_rows(mm_vocab))
+    unknown = [i for i, tok in enumerate(mm_vocab) if len(tok) == 1 and tok not in _OURS_TO_MM_TOKEN.values()]
 
     def reindex(t: torch.Tensor) -> torch.Tensor:
         out = t.new_zeros((len(mm_vocab), *t.shape[1:]))
         out[rows] = t
-        if "X" in mm_vocab:
-            out[mm_vocab.index("X")] = out[[mm_vocab.index(c) for c in "ACGU"]].mean(0)
+        out[unknown] = t[UNK_ID]
         return out
 
     mm: StateDict = {"model.embeddings.word_embeddings.weight": reindex(state["embedding.weight"])}

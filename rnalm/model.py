@@ -111,17 +111,21 @@ def gemm_operand(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class AlignedLinear(nn.Linear):
     """nn.Linear (same parameters and names) whose GEMM operands are 16-byte aligned (gemm_operand) and whose
-    matmul may run wider than its weight: `out_pad` extra zero output rows, and zero input columns up to the
-    input's width. Exact: the extra outputs are 0 and the extra inputs meet zero weights; their gradients never
+    matmul may run wider than its weight: `out_pad` extra zero output rows, and `in_pad` zero input columns for
+    an input that wide. Exact: the extra outputs are 0 and the extra inputs meet zero weights; their gradients never
     reach a parameter. Why wider: the original FFN width (3413 for giga) gives rows of 6826 bytes, not a multiple
     of 16, which keeps GPU GEMMs off their aligned (TMA) kernels."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, out_pad: int = 0) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, out_pad: int = 0,
+                 in_pad: int = 0) -> None:
         super().__init__(in_features, out_features, bias)
-        self.out_pad = out_pad
+        self.out_pad, self.in_pad = out_pad, in_pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_pad = x.shape[-1] - self.in_features
+        in_pad = self.in_pad
+        if x.shape[-1] != self.in_features + in_pad:  # F.pad would crop the weight, or ignore the extra inputs
+            raise ValueError(f"input of width {x.shape[-1]} into a linear layer of {self.in_features} inputs"
+                             + (f" (+{in_pad} zero columns)" if in_pad else ""))
         # a real pad writes a fresh tensor; a zero pad is a no-op that inductor removes
         weight = F.pad(self.weight, (0, in_pad, 0, self.out_pad)) if in_pad or self.out_pad else \
             gemm_operand(self.weight)
@@ -199,7 +203,8 @@ class TransformerBlock(nn.Module):
         self.attn_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.attn_dropout = nn.Dropout(cfg.residual_dropout)
         self.transition = nn.Sequential(SwiGLU(cfg.dim, cfg.ffn_dim, cfg.ffn_width),
-                                        nn.Dropout(cfg.transition_dropout), AlignedLinear(cfg.ffn_dim, cfg.dim))
+                                        nn.Dropout(cfg.transition_dropout),
+                                        AlignedLinear(cfg.ffn_dim, cfg.dim, in_pad=cfg.ffn_width - cfg.ffn_dim))
         self.out_layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.transition_dropout = nn.Dropout(cfg.residual_dropout)
 

@@ -10,6 +10,7 @@ from rnalm.config import ModelConfig
 from rnalm.export import main
 from rnalm.io import import_official, load_pretrained, read_state_dict, read_weights, save_pretrained
 from rnalm.model import RiNALMo
+from rnalm.tokenizer import batch_encode
 
 
 def released(tmp_path, **overrides) -> RiNALMo:
@@ -41,6 +42,37 @@ def test_multimolecule_export_loads_with_from_pretrained_and_gives_our_outputs(t
     main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
     theirs = reference.RiNALMoForMaskedLM.from_pretrained(tmp_path / "hf").eval().double()
     reference.assert_same_outputs(load_pretrained(tmp_path / "model").double(), theirs)
+
+
+def test_multimolecule_export_reads_letters_rinalmo_lacks_as_unk_as_we_do(tmp_path):
+    """X . * | ? are <unk> to the original's tokenizer and ours, each a token of its own to multimolecule's: the
+    export gave X the mean of A, C, G, U and the others zero rows, other outputs than ours (3.9 apart)."""
+    reference = pytest.importorskip("tests.rnalm.test_reference_port", reason="multimolecule is not installed")
+    model = RiNALMo(ModelConfig.preset("nano")).eval()
+    reference.randomise(model)
+    save_pretrained(model, tmp_path / "model")
+    main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    theirs = reference.RiNALMoForMaskedLM.from_pretrained(tmp_path / "hf").eval().double()
+    seqs = ["ACGUXCGUAG", "ACGU.CGU*G", "AC|GU?ACGX"]
+    enc = reference.TOKENIZER(seqs, return_tensors="pt", padding=True)
+    assert {reference.MM_VOCAB[i] for i in enc["input_ids"].flatten().tolist()} >= set("X.*|?")
+    with torch.no_grad():
+        ours = load_pretrained(tmp_path / "model").double()(torch.as_tensor(batch_encode(seqs)[0]))
+        got = theirs(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+    torch.testing.assert_close(ours.representation, got.hidden_states[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_early_multimolecule_layer_norm_eps_is_read_as_rinalmos(tmp_path):
+    """Early multimolecule configs say 1e-12 beside RiNALMo's weights (trained at 1e-5, facts 1.6): the import ran
+    at 1e-12, and exporting it back to the official layout was then refused."""
+    import json
+
+    released(tmp_path)
+    main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "layer_norm_eps": 1e-12}))
+    with pytest.warns(UserWarning, match="layer_norm_eps 1e-12 read as RiNALMo's 1e-5"):
+        assert read_weights(tmp_path / "hf")[0].layer_norm_eps == 1e-5
 
 
 def test_a_multimolecule_directory_loads_back_with_the_settings_its_config_records(tmp_path):

@@ -72,6 +72,18 @@ def test_packed_and_padded_forward_agree_and_sequences_do_not_interact():
     torch.testing.assert_close(packed.logits[start:end], alone.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_pad_between_real_tokens_is_refused_and_left_padding_gives_right_paddings_outputs():
+    """A <pad> inside a row was dropped silently: the tokens after it moved closer, under other rotary positions
+    (outputs 0.013 off the reference)."""
+    model = tiny_model()
+    with torch.no_grad():
+        right = model(torch.tensor([[0, 5, 6, 7, 2, 1, 1]])).logits[0, :5]
+        left = model(torch.tensor([[1, 1, 0, 5, 6, 7, 2]])).logits[0, 2:]
+        torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"row 1 of the padded input has <pad> \(1\) between real tokens"):
+            model(torch.tensor([[0, 5, 6, 7, 2, 1, 1], [0, 5, 1, 6, 7, 2, 1]]))
+
+
 def test_input_with_no_token_or_the_wrong_shape_is_a_clear_error():
     """All-padding or empty batches failed inside attention ('torch.cat(): expected a non-empty list of Tensors'),
     a 1-D input with 'Dimension out of range'."""
@@ -522,3 +534,15 @@ def test_compiled_blocks_never_hand_a_parameter_straight_to_a_matmul():
         model.forward_packed(batch).logits.square().mean().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert not straight, f"parameters handed straight to a matmul: {straight}"
+
+
+def test_a_linear_layer_refuses_an_input_of_another_width():
+    """F.pad cropped the weight for a narrower input and ignored the extra columns of a wider one (nn.Linear
+    raises); only the FFN's output layer takes its zero columns."""
+    from rnalm.model import AlignedLinear
+
+    layer = AlignedLinear(8, 4)
+    for width in (6, 10):
+        with pytest.raises(ValueError, match=f"input of width {width} into a linear layer of 8 inputs"):
+            layer(torch.randn(2, width))
+    assert AlignedLinear(8, 4, in_pad=2)(torch.randn(2, 10)).shape == (2, 4)
