@@ -48,6 +48,7 @@ from .write import CLUSTER_FIELDS, WriteContext, write_jobs
 DEDUP_ARRAYS = tuple(f.name for f in fields(dd.DedupResult))  # the dedup stage's files (<name>.npy)
 
 PIPELINE_VERSION = 1
+TSV_BATCH = 1 << 18  # rows of duplicates.tsv formatted at a time
 
 
 @dataclass(frozen=True)
@@ -619,10 +620,16 @@ def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: li
 
 
 def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> None:
+    """Written TSV_BATCH rows at a time: a corpus can hold tens of millions of duplicates."""
     d, r = res["dup"], res["dup_rep"]
     order = np.argsort(store.order_key[d], kind="stable")
     d, r = d[order], r[order]
-    rows = zip(store.ids_of(r), store.ids_of(d), store.source[d].tolist(), store.line[d].tolist())
-    text = "kept_id\tduplicate_id\tduplicate_source\tduplicate_line\n" + "".join(
-        f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows)
-    atomic_write(out / "duplicates.tsv", text)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("kept_id\tduplicate_id\tduplicate_source\tduplicate_line\n")
+            for a in range(0, len(d), TSV_BATCH):
+                db, rb = d[a: a + TSV_BATCH], r[a: a + TSV_BATCH]
+                rows = zip(store.ids_of(rb), store.ids_of(db), store.source[db].tolist(), store.line[db].tolist())
+                f.write("".join(f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows))
+    atomic_write(out / "duplicates.tsv", write)

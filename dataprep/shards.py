@@ -28,6 +28,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import zstandard
@@ -106,7 +107,15 @@ def compressor(level: int = ZSTD_LEVEL) -> zstandard.ZstdCompressor:
 
 
 def compress_block(block: RecordBlock, level: int = ZSTD_LEVEL) -> bytes:
-    return compressor(level).compress(encode_block(block))
+    return compress_encoded(compressor(level), encode_block(block))
+
+
+def compress_encoded(cctx: zstandard.ZstdCompressor, raw: bytes) -> bytes:
+    """One zstd frame of an encoded block whose first zstd block holds the block's header alone: a reader counts
+    the block's records from the member's first bytes (`block_length`) instead of its first ~100 KB."""
+    cobj = cctx.compressobj(size=len(raw))
+    return b"".join((cobj.compress(raw[:_HEADER.size]), cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK),
+                     cobj.compress(raw[_HEADER.size:]), cobj.flush()))
 
 
 def _decompress(payload: bytes, where: str) -> bytes:
@@ -119,12 +128,12 @@ def _decompress(payload: bytes, where: str) -> bytes:
         raise ShardError(f"{where}: corrupt or truncated zstd block ({e})") from None
 
 
-def block_length(payload: bytes, where: str = "") -> int:
-    """The record count of one tar member, from its header alone (only the first bytes are decompressed): a reader
-    skips the blocks before the records it wants without decoding them."""
+def block_length(payload: bytes | BinaryIO, where: str = "") -> int:
+    """The record count of one tar member (its bytes, or a file to read them from), from its header alone: only
+    the first bytes are read and decompressed, so a reader skips the blocks before the records it wants."""
     where = where or "<block>"
     try:
-        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+        with zstandard.ZstdDecompressor().stream_reader(payload, read_size=512, closefd=False) as reader:
             head = b""
             while len(head) < _HEADER.size and (chunk := reader.read(_HEADER.size - len(head))):
                 head += chunk
@@ -278,7 +287,7 @@ class ShardWriter:
         self.blocks = self.records = self.tokens = 0
 
     def write(self, block: RecordBlock) -> None:
-        self.write_payload(self._cctx.compress(encode_block(block)), len(block), int(block.offsets[-1]))
+        self.write_payload(compress_encoded(self._cctx, encode_block(block)), len(block), int(block.offsets[-1]))
 
     def write_payload(self, payload: bytes, records: int, tokens: int) -> None:
         """Append an already compressed block (one zstd frame of `encode_block`, as the writer's threads make)."""

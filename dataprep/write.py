@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import offsets_from_lengths
-from .shards import ZSTD_LEVEL, ShardInfo, ShardWriter, compressor, encode_columns
+from .shards import ZSTD_LEVEL, ShardInfo, ShardWriter, compress_encoded, compressor, encode_columns
 from .split import ShardJob
 from .store import Store
 
@@ -63,7 +63,7 @@ def _compressed(ctx: WriteContext, jobs: list[ShardJob], threads: int) -> Iterat
     def compress(raw: bytes) -> bytes:
         if not hasattr(local, "cctx"):  # a ZstdCompressor must not be shared between threads
             local.cctx = compressor(ctx.zstd_level)
-        return local.cctx.compress(raw)
+        return compress_encoded(local.cctx, raw)
 
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="zstd") as pool:
         pending: deque = deque()

@@ -150,7 +150,7 @@ class StepResult:
     local_tokens: int
     local_samples: int
     local_flops: float
-    corrupt_shards: int    # shards skipped as corrupt so far, summed over ranks (each rank counts its own)
+    corrupt_shards: int    # distinct shards skipped as corrupt so far, over all ranks
     phase_seconds: dict[str, float]  # this rank's forward / backward / optimizer time (pretrain.profiling.PhaseClock)
 
 
@@ -390,15 +390,16 @@ class Trainer:
         local_tokens = sum(b.num_tokens for b in kept)
         local_samples = sum(b.num_sequences for b in kept)
         local_flops = sum(self.flops.step_flops(b.lengths, int((b.targets != IGNORE_INDEX).sum())) for b in kept)
-        skipped = self.loader.stats["corrupt_shards_skipped"]
         stats = _all_reduce(torch.tensor([ce_sum, masked_ok, local_tokens, local_samples, local_flops,
-                                          float(self.stop_requested), skipped], dtype=torch.float64,
-                                         device=dev)).tolist()
-        all_ids = [i for rank_ids in _all_gather(ids) for i in rank_ids]
+                                          float(self.stop_requested)], dtype=torch.float64, device=dev)).tolist()
+        # a shard that two ranks' ranges share (or that ranks meet in later epochs) counts once
+        gathered = _all_gather((ids, sorted(self.loader.stats["corrupt_shards"])))
+        all_ids = [i for rank_ids, _ in gathered for i in rank_ids]
+        corrupt = len(set().union(*(names for _, names in gathered)))
         return StepResult(stepped=backwards > 0, nonfinite=dropped, loss=stats[0] / max(stats[1], 1.0),
                           tokens=int(stats[2]), samples=int(stats[3]), masked=int(stats[1]), flops=stats[4],
                           stop=stats[5] > 0, ids_digest=samples_digest(all_ids), local_tokens=local_tokens,
-                          local_samples=local_samples, local_flops=local_flops, corrupt_shards=int(stats[6]),
+                          local_samples=local_samples, local_flops=local_flops, corrupt_shards=corrupt,
                           phase_seconds=self.clock.seconds())  # after the sync above: every event has run
 
     def _zero_micro_steps(self, n: int) -> None:

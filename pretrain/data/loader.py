@@ -24,7 +24,7 @@ from .packing import PackedArrays, Packer
 from .plan import ShardTable, StreamState, redistribute
 from .stream import RecordStream
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: a piece's skip counts slots of its window's shuffled order (1: records delivered)
 # Loader settings that fix which records a state refers to; a resume with other values would be wrong.
 _STATE_KEYS = ("split", "sampling", "seed", "shuffle_buffer", "infinite", "dataset")
 # Workers are spawned (a fresh interpreter each), not forked from the caller: a fork of a process that runs
@@ -160,7 +160,9 @@ class PretrainLoader:
         mine = self._identity()
         for s in states:
             if s.get("format") != STATE_FORMAT:
-                raise ValueError(f"loader state format {s.get('format')} (want {STATE_FORMAT})")
+                raise ValueError(f"loader state format {s.get('format')} (want {STATE_FORMAT}): a checkpoint of an "
+                                 "earlier version, which counted positions in shuffle windows otherwise; resume it "
+                                 "with that version, or start anew")
             diff = {("data.shards' shard set (its digest)" if k == "dataset" else f"data.{k}"): (s.get(k), mine[k])
                     for k in _STATE_KEYS if s.get(k) != mine[k]}
             if diff:

@@ -2,8 +2,8 @@
 
 Each epoch concatenates the split's shards in a seeded order; a *raw index* is a record's position in that
 concatenation (before cluster sampling). A stream's work is a list of pieces `[epoch, start, stop, skip]`: the raw
-range [start, stop), read in shuffle windows aligned to multiples of the window size, where the first window
-has already delivered `skip` records. An uninterrupted epoch gives stream s of S the piece
+range [start, stop), read in shuffle windows aligned to multiples of the window size, where the first `skip`
+slots of the first window's shuffled order are consumed. An uninterrupted epoch gives stream s of S the piece
 `[e, s*N//S, (s+1)*N//S, 0]`. A stream's whole resume state is its remaining pieces plus the epoch it starts
 next (`StreamState`), so a different number of streams can take over exactly the records not yet delivered.
 """

@@ -1,9 +1,11 @@
 """One stream of training samples: read its pieces from the shards (WebDataset), sample, shuffle, crop, mask.
 
-A stream reads raw records in windows of `shuffle_buffer` records aligned to the epoch's grid, keeps the ones
-the epoch's sampling selects, permutes them with a permutation keyed by (seed, epoch, window start) and
-crops/masks them all at once. The position after any delivered sample is therefore (piece, window start,
-records delivered from the window): see `WindowPosition.after`.
+A stream reads raw records in windows of `shuffle_buffer` records aligned to the epoch's grid, orders the
+window's raw slots by a permutation keyed by (seed, epoch, window start), and crops/masks the records at those
+slots that were read and that the epoch's sampling selects, all at once. The position after any delivered
+sample is therefore (piece, window start, slots of the shuffled order consumed): see `WindowPosition.after`.
+Slots, not records: a shard unreadable when a checkpoint was taken and restored before the resume leaves every
+other record of the window where it was in the order (nothing delivered twice).
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import tar_file_iterator
 
 from dataprep.shards import BLOCK_EXT, RecordBlock, ShardError, block_length, decode_block
 
@@ -59,20 +60,25 @@ def read_records(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBloc
 
 
 def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]]:
-    """Blocks of one shard that overlap records [lo, hi), each with the shard index of its first record."""
+    """Blocks of one shard that overlap records [lo, hi), each with the shard index of its first record. The tar
+    is walked header by header, seeking over the data of the blocks before the range (their record counts read
+    from the first bytes of each): a stream starting late in a shard reads little of what lies before it."""
     pos = 0
     try:
-        with open(path, "rb") as f:  # member by member: webdataset's samples would drop a block followed by damage
-            for member in tar_file_iterator(f):
-                where = f"{path}:{member['fname']}"
-                if not member["fname"].endswith(f".{BLOCK_EXT}"):
+        # member by member: webdataset's samples would drop a block followed by damage
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                where = f"{path}:{member.name}"
+                if not member.isfile() or not member.name.endswith(f".{BLOCK_EXT}"):
                     raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
-                if pos < lo:  # the blocks before the range are counted from their headers, not decoded
-                    n = block_length(member["data"], where)
+                data = tar.extractfile(member)
+                if pos < lo:  # the blocks before the range are counted from their headers, not read
+                    n = block_length(data, where)
                     if pos + n <= lo:
                         pos += n
                         continue
-                block = decode_block(member["data"], where)
+                    data.seek(0)
+                block = decode_block(data.read(), where)
                 yield pos, block
                 pos += len(block)
                 if pos >= hi:
@@ -85,9 +91,7 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
         raise ShardReadError(f"{path}: read error after {pos} records ({type(e).__name__}: "
                              f"{e.strerror or e})") from None
     except (tarfile.TarError, EOFError, ValueError) as e:
-        # webdataset appends " @ <the file object>" to the reason: the path is said once already
-        reason = getattr(e, "strerror", None) or (str(e.args[0]).split(" @ <")[0] if e.args else "")
-        raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {reason})") from None
+        raise ShardError(f"{path}: corrupt or truncated tar ({type(e).__name__}: {e})") from None
     raise ShardError(f"{path}: ends after {pos} records (cut, or a damaged tar header after them), but the "
                      f"manifest lists at least {hi}")
 
@@ -120,17 +124,16 @@ class WindowPosition:
     epoch: int
     start: int          # raw index where the window starts
     piece_stop: int
-    skip: int           # records of this window delivered before this read
-    kept: int           # records the window delivers in total (skip + its samples)
+    skip: int           # slots of this window's shuffled order consumed before this read
+    ends: np.ndarray    # per sample of this read: the slots consumed once it is delivered
     rest: tuple         # the stream's pieces after this one
     next_epoch: int
     window: int
 
     def after(self, count: int) -> StreamState:
         """Stream state once `count` of this read's samples have been delivered."""
-        done = self.skip + count
-        if done < self.kept:
-            head = [[self.epoch, self.start, self.piece_stop, done]]
+        if count < len(self.ends):
+            head = [[self.epoch, self.start, self.piece_stop, int(self.ends[count - 1]) if count else self.skip]]
         else:
             nxt = min(self.piece_stop, window_end(self.start, self.window))
             head = [[self.epoch, nxt, self.piece_stop, 0]] if nxt < self.piece_stop else []
@@ -182,7 +185,7 @@ class RecordStream:
         pending: tuple[int, RecordBlock] | None = None
         while start < stop:
             end = min(stop, window_end(start, size))
-            parts = []
+            parts, slots = [], []
             while True:
                 if pending is None and (pending := next(chunks, None)) is None:
                     break
@@ -191,11 +194,13 @@ class RecordStream:
                     break
                 take = min(len(block), end - raw)
                 parts.append(slice_block(block, 0, take))
+                slots.append(np.arange(raw - start, raw - start + take))
                 pending = (raw + take, slice_block(block, take, len(block))) if take < len(block) else None
             if parts:
-                samples, kept = self._window_samples(concat_blocks(parts), epoch, start, skip)
+                samples, ends = self._window_samples(concat_blocks(parts), np.concatenate(slots), epoch, start,
+                                                     end - start, skip)
                 if len(samples):
-                    yield samples, WindowPosition(epoch, start, stop, skip, kept, rest, next_epoch, size)
+                    yield samples, WindowPosition(epoch, start, stop, skip, ends, rest, next_epoch, size)
             start, skip = end, 0
 
     def _chunks(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, RecordBlock]]:
@@ -213,13 +218,19 @@ class RecordStream:
                     log.warning("skipping the rest of corrupt shard %s", e)
                 self.corrupt[str(path)] = str(e)
 
-    def _window_samples(self, block: RecordBlock, epoch: int, start: int, skip: int) -> tuple[Samples, int]:
+    def _window_samples(self, block: RecordBlock, slots: np.ndarray, epoch: int, start: int, size: int,
+                        skip: int) -> tuple[Samples, np.ndarray]:
+        """The samples of the records read (at `slots` of the window) in the window's shuffled order, from
+        order position `skip` on, and per sample the order positions consumed once it is delivered."""
         cfg = self.cfg
-        idx = np.flatnonzero(selected(block, cfg.sampling, cfg.seed, epoch))
-        idx = idx[window_permutation(cfg.seed, epoch, start, len(idx))][skip:]
+        order = np.empty(size, np.int64)
+        order[window_permutation(cfg.seed, epoch, start, size)] = np.arange(size)
+        order = order[slots]
+        idx = np.flatnonzero(selected(block, cfg.sampling, cfg.seed, epoch) & (order >= skip))
+        idx = idx[np.argsort(order[idx])]
         keys = record_keys(cfg.seed, epoch, block.cluster_id[idx], block.index_in_cluster[idx])
         starts = block.offsets[idx]
         ids = np.asarray(block.ids, dtype=object)[idx]
         samples = crop_and_mask(block.seq, starts, block.offsets[idx + 1] - starts, keys, ids, cfg.max_len,
                                 cfg.mask_prob)
-        return samples, skip + len(idx)
+        return samples, order[idx] + 1

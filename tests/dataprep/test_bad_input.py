@@ -550,3 +550,16 @@ def test_a_damaged_finished_stage_is_named_not_published(tmp_path, fasta):
     seq.write_bytes(seq.read_bytes()[:10])
     with pytest.raises(DataprepError, match=rf"{seq}: 10 bytes where its lengths add up to 42: a damaged stage"):
         build_small(tmp_path, [path], seed=2)
+
+
+def test_duplicates_tsv_lists_every_duplicate_in_input_order_when_written_in_batches(tmp_path, fasta, monkeypatch):
+    import dataprep.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "TSV_BATCH", 2)
+    rows = [("a", ACGU20), ("b", ACGU20), ("c", ACGU20 + "A"), ("d", ACGU20.lower()), ("e", ACGU20 + "a"),
+            ("f", ACGU20 + "G"), ("g", ACGU20)]
+    _, kept = rejects_of(tmp_path, fasta("".join(f">{rid}\n{seq}\n" for rid, seq in rows)))
+    assert set(kept) == {"a", "c", "f"}
+    got = [(r["kept_id"], r["duplicate_id"], r["duplicate_line"])
+           for r in read_tsv(tmp_path / "out" / "duplicates.tsv")]
+    assert got == [("a", "b", "3"), ("a", "d", "7"), ("c", "e", "9"), ("a", "g", "13")]

@@ -123,7 +123,8 @@ def test_a_nucleotides_draw_follows_its_position_in_the_record_not_in_the_crop()
 
 
 def position(n: int) -> WindowPosition:
-    return WindowPosition(epoch=0, start=0, piece_stop=1000, skip=0, kept=n, rest=(), next_epoch=1, window=1000)
+    return WindowPosition(epoch=0, start=0, piece_stop=1000, skip=0, ends=np.arange(1, n + 1), rest=(), next_epoch=1,
+                          window=1000)
 
 
 @pytest.mark.parametrize("budget", [64, 100, 257])
@@ -163,9 +164,12 @@ def test_packer_fills_greedily_never_splits_and_keeps_order(budget):
 def test_packer_state_points_after_the_last_batched_sample():
     seq, starts, lengths, keys, ids = records(np.full(10, 18))
     s = crop_and_mask(seq, starts, lengths, keys, ids, max_len=64, mask_prob=0.0)  # 20 tokens each
-    pos = WindowPosition(epoch=2, start=100, piece_stop=500, skip=3, kept=13, rest=([2, 600, 700, 0],),
+    # the window's shuffled order from slot 3 on: its samples' slots (slots of unread or unselected records between)
+    ends = np.array([5, 7, 8, 10, 11, 12, 15, 16, 17, 20])
+    pos = WindowPosition(epoch=2, start=100, piece_stop=500, skip=3, ends=ends, rest=([2, 600, 700, 0],),
                          next_epoch=3, window=128)
     batches = list(Packer(60).add(s, pos))
     assert [b.lengths.tolist() for b, _ in batches] == [[20, 20, 20]] * 3
-    assert batches[0][1].pieces == [[2, 100, 500, 6], [2, 600, 700, 0]]
+    assert batches[0][1].pieces == [[2, 100, 500, 8], [2, 600, 700, 0]]
+    assert pos.after(0).pieces[0] == [2, 100, 500, 3]
     assert pos.after(10).pieces == [[2, 128, 500, 0], [2, 600, 700, 0]]  # window done: next window

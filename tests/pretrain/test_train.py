@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -236,14 +237,17 @@ def test_skipped_corrupt_shards_are_counted_in_the_log(pretrain_shards, straight
     shards = tmp_path / "shards"
     shutil.copytree(pretrain_shards, shards)
     damaged = [shards / s.path for s in read_manifest(shards).split_shards("train")]
-    for path in damaged:  # each keeps its first half
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for path in damaged:  # each keeps its first tenth
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 10])
     out = tmp_path / "run"
-    # a shuffle window of a whole shard (6000 records) reads past the damage before the first batch
-    proc = run_trainer(shards, out, "--train.max_steps=3", "--data.shuffle_buffer=6000", nproc=1)
+    # each rank's first shuffle window is its whole half of the epoch (5 shards of ~5,070 records): both ranks
+    # read past the damage of every shard in their halves before the first batch, both of the shard between them
+    proc = run_trainer(shards, out, "--train.max_steps=3", "--data.shuffle_buffer=13000")
     skipped = [r["corrupt_shards_skipped"] for r in step_lines(read_log(out))]
-    assert len(skipped) == 3 and skipped[-1] >= 1, skipped
-    assert "skipping the rest of corrupt shard" in proc.stderr
+    # a shard in both ranks' ranges counts once (summed over ranks, it counted twice); the ranks' workers may
+    # have met more in batches not yet trained on
+    warned = set(re.findall(r"skipping the rest of corrupt shard (\S+?\.tar):", proc.stderr))
+    assert len(skipped) == 3 and 1 <= skipped[-1] <= len(warned) <= len(damaged), (skipped, warned)
     assert {r["corrupt_shards_skipped"] for r in step_lines(read_log(straight_run))} == {0}
 
 
