@@ -1,9 +1,11 @@
 """Shard format: WebDataset tars whose members are zstd-compressed blocks of many records.
 
 This module writes shards and reads them for checks and tests; the pretraining loader reads the tars itself
-(pretrain.data.stream, through webdataset) and decodes blocks with `decode_block`. It is torch-free.
+(pretrain.data.stream, seeking over the members before its range) and decodes blocks with `decode_block`. It is
+torch-free.
 
-A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum) whose content is:
+A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum; the header below is its first
+zstd block alone, so `block_length` reads a few hundred bytes) whose content is:
 
     header  <4sIQQQQ  magic b"RNB1", flags (bit 0: has labels), n, seq_bytes, ids_bytes, labels_bytes
     int64   offsets[n+1]         record i is seq[offsets[i]:offsets[i+1]]

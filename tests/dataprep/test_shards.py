@@ -81,6 +81,25 @@ def test_shard_round_trip_and_manifest(tmp_path):
     assert recs[0][0] == "r0_0" and recs[0][1] == blocks[0].sequence(0)
 
 
+def test_a_shard_reads_as_a_webdataset_and_each_block_header_is_its_first_zstd_block(tmp_path):
+    """The shards are WebDataset tars for anyone's pipeline: one sample per block, its key the block number. The
+    header's zstd block of its own is what lets the loader count a member's records from its first bytes."""
+    import io
+
+    import webdataset as wds
+
+    blocks = [make_block(n=3000, seed=s) for s in range(2)]
+    write_shard(tmp_path / "shard-000000.tar", blocks)
+    samples = list(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["000000", "000001"]
+    for sample, block in zip(samples, blocks):
+        assert_same(decode_block(sample["rec.zst"]), block)
+        head = sample["rec.zst"][:64]  # frame header + the header's block: nothing of the columns
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(head)) as reader:
+            assert len(reader.read(40)) == 40
+        assert block_length(io.BytesIO(sample["rec.zst"])) == 3000
+
+
 def test_blocks_from_arrays_rebases_offsets():
     big = make_block(n=10)
     parts = list(blocks_from_arrays(big.seq, big.offsets, big.ids, big.cluster_id, big.cluster_size,
