@@ -178,15 +178,17 @@ def main() -> None:
            "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
            "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
     stages = list(STAGES) if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "ft" and "ft-random" in stages:  # both fine-tunes at once: one GPU holds both easily
-            procs = [subprocess.Popen(finetune_cmd(args.work, args, random=r), cwd=REPO) for r in (False, True)]
-            if any(p.wait() != 0 for p in procs):
-                sys.exit("a fine-tune failed")
-        elif stage != "ft-random" or "ft" not in stages:
-            run[stage](args.work, args)
-    if args.export:
-        export(args.work, args.export)
+    try:
+        for stage in stages:
+            if stage == "ft" and "ft-random" in stages:  # both fine-tunes at once: one GPU holds both easily
+                procs = [subprocess.Popen(finetune_cmd(args.work, args, random=r), cwd=REPO) for r in (False, True)]
+                if any([p.wait() != 0 for p in procs]):  # both waited for: the other's results come back too
+                    sys.exit("a fine-tune failed")
+            elif stage != "ft-random" or "ft" not in stages:
+                run[stage](args.work, args)
+    finally:  # what the stages that ran wrote comes back, also when a later one failed
+        if args.export:
+            export(args.work, args.export)
 
 
 if __name__ == "__main__":

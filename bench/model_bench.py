@@ -36,6 +36,7 @@ from pretrain.mfu import device_name, peak_flops_of
 from rnalm.attention import BACKENDS, KERNEL_DTYPES, WITHOUT_DROPOUT, available_backends, resolve_backend
 from rnalm.batch import PackedBatch
 from rnalm.config import ModelConfig
+from rnalm.files import atomic_write
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import PAD_ID
 
@@ -222,33 +223,45 @@ def main() -> None:
     result = {"device": device_name(), "peak_tflops": args.peak_tflops, "torch": torch.__version__,
               "preset": args.preset, "dtype": args.dtype, "params": model.num_parameters(),
               "corpus_mean_tokens": float(lengths.mean()), "budget": args.budget, "padded_batch": args.padded_batch}
+    def save() -> None:  # what is measured so far, should a later part fail
+        write_result(result, args.out, echo=False)
+
     result["agreement"] = agreement(model, lengths, rng, device, dtype)
+    save()
     result["attention_dropout"] = {b: attention_dropout(b, device) for b in available_backends(device)
                                    if b not in WITHOUT_DROPOUT}
+    save()
+
+    def timed(key: str, m: RiNALMo, batches) -> None:
+        r = result[key] = throughput(m, batches, device, dtype, args.warmup)
+        r["mfu"] = r["model_flops_per_s"] / (args.peak_tflops * 1e12)
+        r["vs_packed"] = r["real_tokens_per_s"] / result["packed"]["real_tokens_per_s"]
+        save()
+
     n = args.steps + args.warmup
     packed = [(b, b.lengths) for b in packed_batches(lengths, args.budget, rng, n)]
-    result["packed"] = throughput(model, packed, device, dtype, args.warmup)
-    result["padded"] = throughput(model, padded_batches(lengths, args.padded_batch, rng, n), device, dtype, args.warmup)
+    timed("packed", model, packed)
+    timed("padded", model, padded_batches(lengths, args.padded_batch, rng, n))
+    result["packed_over_padded"] = 1 / result["padded"]["vs_packed"]
+    save()
     for align in args.ffn_align:
         with device:
             aligned = RiNALMo(replace(cfg, ffn_align=align))
         aligned.load_state_dict(model.state_dict())
         aligned.attention_backend = model.attention_backend
-        result[f"packed_ffn_align{align}"] = throughput(aligned, packed, device, dtype, args.warmup)
+        timed(f"packed_ffn_align{align}", aligned, packed)
         del aligned
-    for key in ["packed", "padded", *(f"packed_ffn_align{a}" for a in args.ffn_align)]:
-        result[key]["mfu"] = result[key]["model_flops_per_s"] / (args.peak_tflops * 1e12)
-        result[key]["vs_packed"] = result[key]["real_tokens_per_s"] / result["packed"]["real_tokens_per_s"]
-    result["packed_over_padded"] = result["packed"]["real_tokens_per_s"] / result["padded"]["real_tokens_per_s"]
     write_result(result, args.out)
 
 
-def write_result(result: dict, out: Path | None) -> None:
-    """A bench's JSON to stdout and, with --out, to that file."""
+def write_result(result: dict, out: Path | None, echo: bool = True) -> None:
+    """A bench's JSON to stdout (unless not `echo`: a partial result, written again later) and, with --out, to
+    that file (whole or not at all: a step killed mid-write leaves the previous one)."""
     text = json.dumps(result, indent=2)
-    print(text)
+    if echo:
+        print(text)
     if out:
-        out.write_text(text + "\n")
+        atomic_write(out, text + "\n")
 
 
 if __name__ == "__main__":

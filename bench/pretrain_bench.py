@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -202,19 +203,27 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "model": "tiny" if args.tiny else args.preset,
               "params": _num_parameters(cfg),
               "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(argv)}
-    with tempfile.TemporaryDirectory(prefix="pretrain_bench_") as tmp:
-        shards = args.shards or build_shards(args.corpus, Path(tmp) / "shards")
-        result["packed"] = packed_run(args, shards, Path(tmp) / "run")
+    # kept when the run fails: its trainer log says how far it got (bench/gpu/runner.py reads it)
+    tmp = Path(tempfile.mkdtemp(prefix="pretrain_bench_"))
+    shards = args.shards or build_shards(args.corpus, tmp / "shards")
+    result["packed"] = packed_run(args, shards, tmp / "run")
+    shutil.rmtree(tmp)
     lengths = corpus_lengths(args.corpus)
     if args.tiny:
         lengths = np.minimum(lengths, 256)
     result["corpus_mean_tokens"] = float(lengths.mean())
+    write_result(result, args.out, echo=args.skip_padded)  # the packed numbers, whatever becomes of the padded
     if not args.skip_padded:
-        result["padded"] = padded_run(args, cfg, lengths, device)
+        try:
+            result["padded"] = padded_run(args, cfg, lengths, device)
+        except Exception as e:  # e.g. CUDA out of memory at B=192: said in the result, and the step fails
+            result["padded_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            write_result(result, args.out, echo=False)
+            raise
         # per device: the padded run is one process
         result["packed_over_padded"] = (result["packed"]["real_tokens_per_s_per_gpu"]
                                         / result["padded"]["real_tokens_per_s"])
-    write_result(result, args.out)
+        write_result(result, args.out)
     return result
 
 

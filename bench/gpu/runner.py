@@ -7,18 +7,21 @@ Plans (each fits one device call of at most 10 minutes; a session has 15 device-
   recipe (issue 4 step 7, issue 7 baseline), bench/model_bench.py on giga (issue 2 step 6), then issue 7's
   levers (LEVERS: one pretrain_bench packed run each, best expected first) until the time is up; the summary's
   `levers_left` and the last lines name those left for a second call;
-- levers:  the levers named by RNALM_GPU_LEVERS=a,b (default all), then the data loader alone on the GPU node's
-  CPUs (bench/loader_bench.py, 0/1/4 workers, 32k budget) and a giga block's activation memory;
+- levers:  the data loader alone on the GPU node's CPUs (bench/loader_bench.py, 0/1/4 workers, 32k budget), a
+  giga block's activation memory and matmul operand alignment (short, measured nowhere else), then the levers
+  named by RNALM_GPU_LEVERS=a,b (unset: all; empty: none);
 - e2e:     bench/finetune_gpu_e2e.py --stage all (issue 6 step 10), its time budgets fitted to what is left.
 
 Every step runs as a child process group with a timeout of min(its cap, time left); its output goes to stdout
 and $OUT/session.log with a timestamp. $OUT/summary.json (plan, steps with status/rc/seconds, the results each
 step wrote) is rewritten atomically after every step, so a later failure or the call's own time limit never
-loses what came before. A failed step with a trainer log behind it keeps that log's step lines. The first
-step (env) failing stops the plan: without CUDA or an importable DeepSpeed nothing else is worth the time.
+loses what came before. A failed step keeps what it wrote of its result (pretrain_bench writes its packed run
+before the padded one) and the step lines of a trainer log behind it. The first step (env) failing stops the
+plan: without CUDA or an importable DeepSpeed nothing else is worth the time. A lever skipped, or cut short by
+the plan's deadline (not by its own cap), is named in `levers_left` for the next call.
 
 Environment: OUT (required), RNALM_GPU_T0 (epoch seconds the call started; default now),
-RNALM_GPU_BUDGET_S (default 560), RNALM_GPU_WORK (default /tmp/rnalm_gpu), RNALM_SHARED_DATA (default
+RNALM_GPU_BUDGET_S (default and at most 560: a call's limit is 600 s), RNALM_GPU_WORK (default /tmp/rnalm_gpu), RNALM_SHARED_DATA (default
 ./shared/data), RNALM_GPU_SESSION_TINY=1 (tiny models and step counts on CPU: tests the plans' logic).
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = os.environ.get("RNALM_GPU_SESSION_TINY") == "1"
 PY = sys.executable
 RESERVE_S = 8.0          # kept back at the end for the last summary
+MAX_BUDGET_S = 560.0     # a device call runs at most 600 s, machine start-up of the plan's shell included
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Step:
     oom_retry: list[str] = field(default_factory=list)   # extra argv for one retry after CUDA OOM
     meta: dict = field(default_factory=dict)
     min_gpu_gib: float = 0.0           # skipped on a GPU with less memory (env.json's memory_total_gib)
+    trainer_log: Path | None = None    # where its trainer logs (default: pretrain_bench's run under its TMPDIR)
 
 
 class Plan:
@@ -87,15 +92,20 @@ class Plan:
             self.say(f"{step.name}: SKIPPED ({record['reason']})")
             self.write_summary()
             return record
+        if step.result is not None:  # a warm machine keeps the last call's: only this run's counts
+            step.result.unlink(missing_ok=True)
         record.update(self._attempt(step, step.argv, min(step.cap, room)))
-        retry = record["status"] == "failed" and record.get("oom") and step.oom_retry
+        # an OOM after the step wrote its result (pretrain_bench's padded baseline, after the packed run) is not
+        # the packed run's to retry with activation checkpointing
+        wrote = step.result is not None and step.result.exists()
+        retry = record["status"] == "failed" and record.get("oom") and step.oom_retry and not wrote
         if retry and self.left() - RESERVE_S > step.min_seconds:
             self.say(f"{step.name}: CUDA out of memory; retrying with {' '.join(step.oom_retry)}")
             first = ("status", "rc", "seconds", "tail", "oom", "partial_trainer_steps")
             record["first_try"] = {k: record.pop(k) for k in first if k in record}
             argv = step.argv + step.oom_retry
             record.update(self._attempt(step, argv, min(step.cap, self.left() - RESERVE_S)), cmd=" ".join(argv))
-        if step.result is not None and step.result.exists() and record["status"] == "ok":
+        if step.result is not None and step.result.exists():
             record["result"] = _read_result(step.result)
         self.write_summary()
         return record
@@ -108,12 +118,14 @@ class Plan:
             return None
 
     def _attempt(self, step: Step, argv: list[str], timeout: float) -> dict:
-        tmp = self.work / step.name / "tmp"   # a killed pretrain_bench leaves its trainer log here
+        tmp = self.work / step.name / "tmp"   # a failed pretrain_bench leaves its trainer log here
         tmp.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning",
-                   TORCHINDUCTOR_CACHE_DIR=str(self.work / "inductor"))   # shared: a 2nd compile reuses kernels
-        self.say(f"{step.name}: start (timeout {timeout:.0f} s): {' '.join(argv)}")
         t0 = time.time()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning",
+                   TORCHINDUCTOR_CACHE_DIR=str(self.work / "inductor"),   # shared: a 2nd compile reuses kernels
+                   # its own: a build killed with the step (FusedAdam's JIT) leaves a lock a later build waits on
+                   TORCH_EXTENSIONS_DIR=str(tmp.parent / f"torch_extensions_{t0:.0f}"))
+        self.say(f"{step.name}: start (timeout {timeout:.0f} s): {' '.join(argv)}")
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
         tail: collections.deque[str] = collections.deque(maxlen=30)
@@ -131,9 +143,11 @@ class Plan:
         seconds = round(time.time() - t0, 1)
         status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "failed")
         result = {"status": status, "rc": proc.returncode, "seconds": seconds}
+        if timed_out and timeout < step.cap:
+            result["cut_by_deadline"] = True
         if status != "ok":
             result.update(tail=list(tail)[-15:], oom=oom.is_set())
-            steps = _partial_trainer_steps(tmp)
+            steps = _partial_trainer_steps(tmp, step.trainer_log)
             if steps:
                 result["partial_trainer_steps"] = steps
         self.say(f"{step.name}: {status.upper()} (rc {proc.returncode}) in {seconds} s")
@@ -151,7 +165,8 @@ class Plan:
 
     def finish(self) -> int:
         steps = self.summary["steps"]
-        left = [s["name"] for s in steps if s["status"] == "skipped" and "lever" in s and not s.get("unfit")]
+        left = [s["name"] for s in steps if "lever" in s and not s.get("unfit")
+                and (s["status"] == "skipped" or s.get("cut_by_deadline"))]
         if left:
             self.summary["levers_left"] = left
             self.say(f"levers left for the next call: RNALM_GPU_LEVERS={','.join(left)} bash bench/gpu/levers.sh")
@@ -198,9 +213,10 @@ def _read_result(path: Path):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _partial_trainer_steps(tmp: Path) -> list[dict]:
-    """Per-step lines of the newest trainer log a failed or killed step left under its TMPDIR."""
-    logs = sorted(tmp.glob("*/run/log.jsonl"), key=lambda p: p.stat().st_mtime)
+def _partial_trainer_steps(tmp: Path, log: Path | None = None) -> list[dict]:
+    """Per-step lines of `log`, or of the newest trainer log a failed or killed step left under its TMPDIR."""
+    logs = [log] if log is not None and log.exists() else sorted(tmp.glob("*/run/log.jsonl"),
+                                                                  key=lambda p: p.stat().st_mtime)
     if not logs:
         return []
     keys = ("step", "loss", "tokens_per_s", "mfu", "step_seconds", "step_tokens", "loader_wait_s", "memory_peak_bytes")
@@ -273,6 +289,9 @@ LEVERS: dict[str, list[str]] = {
 }
 # peak GPU memory measured on the H200 (2026-12-04): 110.2 GiB at 64k tokens, so not on an 80 GB H100
 LEVER_MIN_GPU_GIB = {"compile_budget64k": 120.0, "budget64k": 120.0}
+# seconds a lever needs, start-up included (H200, 2026-12-04: eager levers 49-69 s; 5 micro-batches a step take
+# longer); with less left the next lever runs instead, and one cut short by the deadline is left for the next call
+LEVER_MIN_SECONDS = {"accum5": 110.0}
 DEFAULT_LEVERS = [k for k in LEVERS if k != "baseline"]   # the baseline is the session plan's packed run
 # also profiled (3 steps after the timed ones, pretrain_bench --profile), as the baseline is: where the time went
 PROFILED_LEVERS = {"compile"}
@@ -280,8 +299,9 @@ LEVER_RUN = ["--preset", "giga", "--steps", "10", "--warmup", "3"]   # pretrain_
 
 
 def wanted_levers() -> list[str]:
+    """RNALM_GPU_LEVERS: unset, every lever; empty (a first call that left none), none."""
     wanted = os.environ.get("RNALM_GPU_LEVERS")
-    names = [n.strip() for n in wanted.split(",") if n.strip()] if wanted else DEFAULT_LEVERS
+    names = DEFAULT_LEVERS if wanted is None else [n.strip() for n in wanted.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"runner: unknown lever(s) {unknown}; choose from {list(LEVERS)}")
@@ -308,15 +328,17 @@ def lever_step(name: str, work: Path) -> Step:
     return Step(name, [PY, "bench/pretrain_bench.py", *common, "--skip-padded", "--shards", str(work / "shards"),
                        "--corpus", str(corpus()), *sets, "--out", str(result)],
                 # with less room than min_seconds, a lever after it runs instead
-                cap=240 if slow_start else 150, min_seconds=10 if TINY else 150 if slow_start else 60, result=result,
+                cap=240 if slow_start else 150, result=result,
+                min_seconds=10 if TINY else 150 if slow_start else LEVER_MIN_SECONDS.get(name, 75),
                 meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"],
                 min_gpu_gib=0.0 if TINY else LEVER_MIN_GPU_GIB.get(name, 0.0))
 
 
 def lever_steps(out: Path, work: Path) -> list[Step]:
-    """The second call: the levers the first left (RNALM_GPU_LEVERS), then the data loader alone on the GPU
-    node's CPUs and the activation memory of a giga block on the GPU."""
-    steps = [shards_step(work), *[lever_step(name, work) for name in wanted_levers()]]
+    """The second call: the data loader alone on the GPU node's CPUs, the activation memory of a giga block and
+    matmul operand alignment (~40 s together, measured nowhere else), then the levers the first call left
+    (RNALM_GPU_LEVERS)."""
+    steps = [shards_step(work)]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "2000", "--warmup", "20"])
     (work / "loader.jsonl").unlink(missing_ok=True)   # loader_bench appends: a rerun's rows only
@@ -332,7 +354,7 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
                                          "model.num_layers=2", "--tokens", "4096",
                                          "--out", str(work / "gemm_alignment.json")],
                       cap=60, min_seconds=15, result=work / "gemm_alignment.json"))
-    return steps
+    return steps + [lever_step(name, work) for name in wanted_levers()]
 
 
 def e2e_steps(out: Path, work: Path, left: float) -> list[Step]:
@@ -343,7 +365,7 @@ def e2e_steps(out: Path, work: Path, left: float) -> list[Step]:
         budgets = ["--pretrain-seconds", str(pretrain), "--ft-seconds", "150"]
     return [Step("e2e", [PY, "bench/finetune_gpu_e2e.py", "--stage", "all", "--work", str(work / "e2e"),
                          *budgets, "--export", str(out)], cap=600, min_seconds=120 if not TINY else 10,
-                 result=out / "ss_pretrained_results.json")]
+                 result=out / "ss_pretrained_results.json", trainer_log=work / "e2e" / "pretrain" / "log.jsonl")]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -362,8 +384,10 @@ def table(summary: dict) -> str:
                 split = "/".join(f"{ph[k]:.3f}" for k in ("forward", "backward", "optimizer"))
                 host = "/".join(f"{ph[k + '_host']:.3f}" for k in ("forward", "backward", "optimizer"))
                 notes.append(f"fwd/bwd/opt {split} of {p['mean_step_seconds']:.3f} s (host {host})")
-            if "padded" in r:
+            if "packed_over_padded" in r:
                 notes.append(f"padded {r['padded']['real_tokens_per_s']:,.0f} tok/s (x{r['packed_over_padded']:.1f})")
+            if "padded_error" in r:
+                notes.append(f"padded baseline failed: {r['padded_error'][:80]}")
             notes += [f"FFN at ffn_align {key[16:]}: x{r[key]['vs_packed']:.2f} packed"
                       for key in r if key.startswith("packed_ffn_align")]
             if "agreement" in r:
@@ -389,7 +413,7 @@ def table(summary: dict) -> str:
             notes = [f"{x['workers']} workers {x['tokens_per_s']:,} tok/s (x{x['x_trainer_target']} of 200k)"
                      for x in r]
         if s["status"] not in ("ok", "skipped"):
-            notes = ["OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80]]
+            notes.append("OOM" if s.get("oom") else (s.get("tail") or [""])[-1][:80])
         if "first_try" in s:
             notes.append("after an OOM retry with activation checkpointing")
         text = "; ".join(filter(None, notes)).replace("|", "/")
@@ -406,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("OUT"):
         print("runner: OUT is not set (the device tool sets it; elsewhere export OUT=DIR)", file=sys.stderr)
         return 2
+    wanted_levers()   # an unknown lever stops the call before any step
     out = Path(os.environ["OUT"])
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("RNALM_GPU_WORK", "/tmp/rnalm_gpu"))
@@ -414,17 +439,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runner: {corpus()} not found: run bench/gpu/prepare.sh here and carry shared", file=sys.stderr)
         return 2
     plan = Plan(argv[0], out, work, float(os.environ.get("RNALM_GPU_T0", time.time())),
-                float(os.environ.get("RNALM_GPU_BUDGET_S", 560)))
+                min(float(os.environ.get("RNALM_GPU_BUDGET_S", MAX_BUDGET_S)), MAX_BUDGET_S))
     (work / "levers").mkdir(parents=True, exist_ok=True)
+    plans = {"session": lambda: session_steps(out, work), "levers": lambda: lever_steps(out, work),
+             "e2e": lambda: e2e_steps(out, work, plan.left())}
     steps = [env_step(out)]
-    steps += {"session": lambda: session_steps(out, work), "levers": lambda: lever_steps(out, work),
-              "e2e": lambda: e2e_steps(out, work, plan.left())}[argv[0]]()
-    for step in steps:
+    while steps:
+        step = steps.pop(0)
         record = plan.run(step)
         if step.essential and record["status"] != "ok":
             plan.say(f"{step.name} failed: stopping here (see {out / 'session.log'})")
             plan.finish()
             return 2
+        if step.name == "env":  # the plan's steps made now: e2e's budgets are what is left after env
+            steps = plans[argv[0]]()
     return plan.finish()
 
 

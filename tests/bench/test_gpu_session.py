@@ -82,7 +82,8 @@ def test_levers_plan_applies_each_levers_overrides(shared_data, tmp_path):
     proc = run_plan("levers", out, tmp_path / "work", shared_data, RNALM_GPU_LEVERS="zero2,budget48k_ac9")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     steps = {x["name"]: x for x in summary(out)["steps"]}
-    assert list(steps) == ["env", "shards", "zero2", "budget48k_ac9", "loader", "activation_memory", "gemm_alignment"]
+    # the short one-off measurements first: the levers a first call left can fill any time after them
+    assert list(steps) == ["env", "shards", "loader", "activation_memory", "gemm_alignment", "zero2", "budget48k_ac9"]
     assert [r["workers"] for r in steps["loader"]["result"]] == [0, 1]
     assert all(r["tokens_per_s"] > 0 and r["token_budget"] == 2048 for r in steps["loader"]["result"])
     zero2, budget = steps["zero2"]["result"], steps["budget48k_ac9"]["result"]
@@ -204,6 +205,46 @@ def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budg
     assert [s["status"] for s in summary(tmp_path)["steps"]] == ["ok", "skipped", "skipped"]
     assert summary(tmp_path)["levers_left"] == ["zero2"]          # the next call's RNALM_GPU_LEVERS
     assert "RNALM_GPU_LEVERS=zero2 bash bench/gpu/levers.sh" in (tmp_path / "session.log").read_text()
+
+
+def test_a_lever_cut_short_by_the_deadline_is_left_for_the_next_call_and_one_past_its_cap_is_not(tmp_path):
+    """A lever killed when the plan's time ran out was neither measured nor named for the second call."""
+    from bench.gpu.runner import RESERVE_S, Plan, Step
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    for name, budget, cap, left in (("compile", RESERVE_S + 3, 60, ["compile"]), ("zero2", 60, 2, None)):
+        out = tmp_path / name
+        out.mkdir()
+        plan = Plan("t", out, tmp_path / "work", time.time(), budget=budget)
+        record = plan.run(Step(name, sleep, cap=cap, min_seconds=1, meta={"lever": []}))
+        assert record["status"] == "timeout" and record.get("cut_by_deadline", False) == (left is not None)
+        plan.finish()
+        assert summary(out).get("levers_left") == left
+
+
+def test_a_failed_step_keeps_the_result_it_wrote_and_is_not_retried_for_an_oom_after_it(tmp_path):
+    """pretrain_bench writes its packed run, then measures the padded baseline: an OOM there lost the packed
+    numbers, and its retry re-ran the packed run with every block checkpointed."""
+    from bench.gpu.runner import Plan, Step
+
+    result = tmp_path / "r.json"
+    result.write_text('{"stale": "a warm machine keeps the last call\'s"}')
+    script = (f"import json, sys; open({str(result)!r}, 'w').write(json.dumps({{'packed': {{'argv': sys.argv}}}})); "
+              "print('torch.OutOfMemoryError: CUDA out of memory'); sys.exit(1)")
+    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
+    record = plan.run(Step("pretrain_bench", [sys.executable, "-c", script], cap=30, min_seconds=1, result=result,
+                           oom_retry=["--ac"]))
+    assert record["status"] == "failed" and record["oom"] and "first_try" not in record
+    assert record["result"] == {"packed": {"argv": ["-c"]}}
+
+
+def test_an_empty_lever_list_asks_for_none(monkeypatch):
+    from bench.gpu.runner import DEFAULT_LEVERS, wanted_levers
+
+    monkeypatch.delenv("RNALM_GPU_LEVERS", raising=False)
+    assert wanted_levers() == DEFAULT_LEVERS
+    monkeypatch.setenv("RNALM_GPU_LEVERS", "")   # a first call that left none: `levers_left` empty
+    assert wanted_levers() == []
 
 
 @pytest.mark.parametrize("lever", sorted(LEVERS))
