@@ -25,6 +25,8 @@
 # is forwarded to the ranks, which save a checkpoint at the next step boundary and exit 0; then the job requeues
 # itself and the rerun resumes from the newest checkpoint in train.out_dir (same job id, output appended).
 # A crash after a new checkpoint requeues too; a failed job keeps its Prometheus targets, so RnalmRankDown pages.
+# A plain scancel (or a preemption without the site's PreemptParameters=send_user_signal) cannot save: srun
+# SIGKILLs the ranks on Slurm's SIGTERM. `scancel --signal=USR1 <job>` stops them with a checkpoint.
 #
 #SBATCH --job-name=rnalm-pretrain
 #SBATCH --nodes=1
@@ -47,6 +49,7 @@ die() { log "error: $*" >&2; exit 1; }
 # First of all: Slurm may send the time-limit USR1 up to 60 s before it is due, so at the job's very start
 # (short limits); an untrapped USR1 would kill this shell and end the job instead of requeueing it.
 PREEMPTED=0
+TERMINATED=0
 # shellcheck disable=SC2317  # trap handlers
 on_usr1() {
   PREEMPTED=1
@@ -63,7 +66,9 @@ forward_usr1() {  # once the ranks are launched (else right after srun, below), 
 }
 # shellcheck disable=SC2317
 on_term() {
-  log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
+  TERMINATED=1
+  # srun gets Slurm's SIGTERM too and SIGKILLs its tasks ("forcing job termination"): the ranks cannot save
+  log "SIGTERM: Slurm is ending the job (cancelled, or preempted without send_user_signal); the ranks end now"
   # The target file goes now: Slurm SIGKILLs this shell too when the ranks' save outlasts KillWait, and the
   # EXIT trap would never run (dead targets left to Prometheus: RnalmRankDown for a job that is gone).
   [ -n "${TARGETS:-}" ] && rm -f "$TARGETS"
@@ -91,7 +96,8 @@ while [ $# -gt 0 ]; do
     --*) key=$1; val=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
     *) die "unexpected argument '$1': overrides look like --section.key=value" ;;
   esac
-  case $key in
+  k=${key#--}
+  case --${k//-/_} in   # the trainer takes --metrics.port-base too
     --config) CONFIG=$val; continue ;;
     --metrics.port_base) EXPLICIT_PORT_BASE=$val ;;
   esac
@@ -124,6 +130,9 @@ for h in "${HOSTS[@]}"; do ADDRS+=("$(node_addr "$h")"); done
 export MASTER_ADDR=${ADDRS[0]}
 export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 export WORLD_SIZE=$SLURM_NTASKS
+# srun passes this script's environment to the ranks (MASTER_*, WORLD_SIZE, NCCL_*, PATH) also under
+# `sbatch --export=NONE`, whose SLURM_EXPORT_ENV=NONE the job's steps would otherwise inherit (sbatch(1))
+export SLURM_EXPORT_ENV=ALL
 # NCCL and threads: the one place for them.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
@@ -203,6 +212,13 @@ requeue() {
 
 # A crash requeues the job when the run saved a checkpoint since its start (so a crash that repeats before the
 # next checkpoint ends the job: no loop). Zero-padded tags sort as their steps.
+# squeue's [D-][HH:]MM:SS as seconds; nothing for UNLIMITED, INVALID or no answer
+slurm_seconds() {
+  [[ $1 =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]] || return 0
+  echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) * 60 \
+           + 10#${BASH_REMATCH[6]} ))
+}
+MIN_TIME_LEFT_S=600   # below it, a signal at the start is the time limit's
 newest_checkpoint() { ls -1 "$OUT_DIR/checkpoints" 2>/dev/null | grep -E '^step[0-9]{8}$' | sort | tail -n 1; }
 START_CHECKPOINT=$(newest_checkpoint)
 
@@ -220,6 +236,16 @@ write_targets
 # (`nvidia-smi topo -m`); sbatch --distribution or SLURM_DISTRIBUTION overrides it.
 GPU_BIND=()
 [ "$GPUS" -gt 0 ] && GPU_BIND=(--gpu-bind=none)
+# Signalled already, with little time left: a --time within the --signal lead, where Slurm signals every run as
+# it starts, and each would requeue after one step (a giga start-up, a checkpoint and cred_expire each time)
+if [ "$PREEMPTED" = 1 ]; then
+  LEFT=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)
+  LEFT_S=$(slurm_seconds "$LEFT")
+  if [ -n "$LEFT_S" ] && [ "$LEFT_S" -lt "$MIN_TIME_LEFT_S" ]; then
+    die "signalled at the start with $LEFT of the time limit left: the job's --time is within its --signal lead" \
+        "(#SBATCH --signal=B:USR1@300), so every run would requeue after one step; give --time well above the lead"
+  fi
+fi
 {
   trap : TERM USR1
   srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${GPU_BIND[@]+"${GPU_BIND[@]}"} \
@@ -241,15 +267,21 @@ RC=$(cat "$RC_FILE")
 log "training step ended with exit code $RC"
 
 # A crash (an NCCL timeout, a GPU error, a killed rank; not a refused start 2, a non-finite stop 3 or unreadable
-# shards 4, which would repeat) after a new checkpoint: requeued to resume from it.
-case $RC in 0|2|3|4) ;; *)
-  NOW_CHECKPOINT=$(newest_checkpoint)
-  if [ -n "$NOW_CHECKPOINT" ] && [[ $NOW_CHECKPOINT > $START_CHECKPOINT ]]; then
-    log "the ranks failed (exit $RC) after saving $NOW_CHECKPOINT (newest at the start: ${START_CHECKPOINT:-none}):" \
-        "requeued to resume from it; a failure before the next checkpoint ends the job"
-    requeue
-  fi ;;
-esac
+# shards 4, which would repeat) after a new checkpoint: requeued to resume from it. Not a job Slurm is ending
+# (scancel; a preemption requeues it by Slurm's own PreemptMode).
+if [ "$TERMINATED" = 1 ]; then
+  log "not requeued: Slurm is ending the job"
+else
+  case $RC in 0|2|3|4) ;; *)
+    NOW_CHECKPOINT=$(newest_checkpoint)
+    if [ -n "$NOW_CHECKPOINT" ] && [[ $NOW_CHECKPOINT > $START_CHECKPOINT ]]; then
+      log "the ranks failed (exit $RC) after saving $NOW_CHECKPOINT (newest at the start: ${START_CHECKPOINT:-none}):" \
+          "requeued to resume from it; a failure before the next checkpoint ends the job"
+      requeue
+    fi ;;
+  esac
+fi
+
 # Otherwise requeue only on the ranks' word that they stopped on the signal with a checkpoint saved. A run that
 # finished anyway, a refused start (exit 2), a non-finite stop (3) or a crash would only repeat itself, and with
 # a time limit at or below the --signal lead every run is signalled at once: a requeue loop.

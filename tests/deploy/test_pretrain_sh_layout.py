@@ -98,15 +98,18 @@ def test_cpu_jobs_ask_srun_for_no_gpu_binding(tmp_path):
 def test_jobs_sharing_a_node_serve_metrics_on_ports_of_their_own(tmp_path):
     """Every job served on the config's port base: a second job on the node was refused at start (port in use)."""
     ports = {}
-    for job_id, args in ((123456, ()), (123457, ()), (123458, ("--metrics.port_base=9700",))):
+    for job_id, args in ((123456, ()), (123457, ()), (123458, ("--metrics.port_base=9700",)),
+                         (123459, ("--metrics.port-base=9700",))):   # the trainer's other spelling: was shifted
         tmp = tmp_path / str(job_id)
         tmp.mkdir()
         r, calls, sd = run_script(tmp, nodes=1, tasks=4, gpus=4, job_id=job_id, args=args)
         assert r.returncode == 0, r.stdout + r.stderr
         ports[job_id] = [g["targets"][0].rsplit(":", 1)[1] for g in json.loads((sd / "seen.json").read_text())]
-        assert f"--metrics.port_base={ports[job_id][0]}" in calls   # the ranks serve what the targets say
+        # the ranks serve what the targets say
+        assert any(f"--metrics.port{c}base={ports[job_id][0]}" in calls for c in "_-")
     assert ports == {123456: ["9500", "9501", "9502", "9503"], 123457: ["9516", "9517", "9518", "9519"],
-                     123458: ["9700", "9701", "9702", "9703"]}    # an explicit base is taken as it is
+                     123458: ["9700", "9701", "9702", "9703"],    # an explicit base is taken as it is
+                     123459: ["9700", "9701", "9702", "9703"]}
 
 
 def test_rendezvous_port_stays_below_the_ephemeral_range(tmp_path):
@@ -131,3 +134,12 @@ def test_fewer_tasks_than_gpus_per_node_stops_before_srun(tmp_path):
     r, calls, _ = run_script(tmp_path, nodes=2, tasks=4, gpus=8)
     assert r.returncode != 0 and "srun" not in calls
     assert "8 GPU(s) per node but tasks per node 4(x2)" in r.stdout + r.stderr
+
+
+def test_the_ranks_get_the_scripts_environment_under_sbatch_export_none(tmp_path):
+    """`sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE in the job, which its steps inherit: srun started the
+    ranks without MASTER_ADDR, WORLD_SIZE or PATH."""
+    trainer = TRAINER.replace('echo "rank $RANK', 'echo "export $SLURM_EXPORT_ENV rank $RANK')
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, env={"SLURM_EXPORT_ENV": "NONE"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "export ALL rank 0 local 0 world 2" in calls

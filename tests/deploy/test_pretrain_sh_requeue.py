@@ -88,6 +88,47 @@ def test_signal_before_the_ranks_start_still_runs_them(tmp_path):
     assert max(first("srun"), first("scancel --signal=USR1 123456")) < first("scontrol requeue 123456"), calls
 
 
+def test_a_signal_at_the_start_with_the_time_limit_nearly_up_is_refused_not_requeued_for_ever(tmp_path,
+                                                                                             monkeypatch):
+    """With --time within the --signal lead, Slurm signals every run as it starts: each ran one step, saved and
+    requeued, about 100k times for a 5-minute debug limit."""
+    from tests.deploy import test_pretrain_sh_layout as layout
+
+    monkeypatch.setitem(layout.STUBS, "squeue", 'case "$*" in *"-o %L"*) echo 4:10 ;; esac')
+    out = tmp_path / "run"
+    out.mkdir()
+    trainer = EARLY_SIGNAL_TRAINER.replace("{log}", shlex.quote(str(out / "log.jsonl")))
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, args=(f"--train.out_dir={out}",))
+    assert r.returncode == 1 and "signalled at the start with 4:10 of the time limit left" in r.stderr, r.stdout
+    assert "srun" not in calls and "scontrol requeue" not in calls
+
+
+TERM_TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
+  if [ "$RANK" = 0 ]; then   # Slurm's SIGTERM to the batch shell; srun then SIGKILLs the ranks (rc 137)
+    shell=$$
+    until grep -qaF slurm/pretrain.sh /proc/$shell/cmdline; do shell=$(cut -d' ' -f4 /proc/$shell/stat); done
+    while parent=$(cut -d' ' -f4 /proc/$shell/stat) && grep -qaF slurm/pretrain.sh /proc/$parent/cmdline; do shell=$parent; done
+    mkdir -p {out}/checkpoints/step00000050
+    kill -TERM "$shell"
+    sleep 1
+  fi
+  exit 137
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_a_cancelled_job_is_not_requeued_as_a_crash_after_a_checkpoint(tmp_path):
+    """scancel: the batch shell gets SIGTERM, and srun SIGKILLs the ranks; their exit 137 after a periodic
+    checkpoint read as a crash to resume from, and the job the user had cancelled was requeued."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000040").mkdir(parents=True)
+    trainer = TERM_TRAINER.replace("{out}", shlex.quote(str(out)))
+    r, calls, _ = run_script(tmp_path, nodes=1, tasks=2, gpus=2, trainer=trainer, args=(f"--train.out_dir={out}",))
+    assert "SIGTERM" in r.stdout and "not requeued: Slurm is ending the job" in r.stdout, r.stdout + r.stderr
+    assert "scontrol requeue" not in calls
+
+
 CRASH_TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
   [ "$RANK" = 0 ] && [ -n {saves} ] && mkdir -p {out}/checkpoints/{saves}
   exit {code}
