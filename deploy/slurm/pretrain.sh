@@ -25,8 +25,7 @@
 # is forwarded to the ranks, which save a checkpoint at the next step boundary and exit 0; then the job requeues
 # itself and the rerun resumes from the newest checkpoint in train.out_dir (same job id, output appended).
 # A crash after a new checkpoint requeues too; a failed job keeps its Prometheus targets, so RnalmRankDown pages.
-# A plain scancel (or a preemption without the site's PreemptParameters=send_user_signal) cannot save: srun
-# SIGKILLs the ranks on Slurm's SIGTERM. `scancel --signal=USR1 <job>` stops them with a checkpoint.
+# scancel or a preemption: every rank gets SIGTERM and saves if it can within KillWait; no requeue by this script.
 #
 #SBATCH --job-name=rnalm-pretrain
 #SBATCH --nodes=1
@@ -67,8 +66,7 @@ forward_usr1() {  # once the ranks are launched (else right after srun, below), 
 # shellcheck disable=SC2317
 on_term() {
   TERMINATED=1
-  # srun gets Slurm's SIGTERM too and SIGKILLs its tasks ("forcing job termination"): the ranks cannot save
-  log "SIGTERM: Slurm is ending the job (cancelled, or preempted without send_user_signal); the ranks end now"
+  log "SIGTERM: the job is being cancelled or preempted by Slurm; waiting for the ranks to save"
   # The target file goes now: Slurm SIGKILLs this shell too when the ranks' save outlasts KillWait, and the
   # EXIT trap would never run (dead targets left to Prometheus: RnalmRankDown for a job that is gone).
   [ -n "${TARGETS:-}" ] && rm -f "$TARGETS"

@@ -104,7 +104,7 @@ def test_a_signal_at_the_start_with_the_time_limit_nearly_up_is_refused_not_requ
 
 
 TERM_TRAINER = r"""if [ "$1 $2" = '-m pretrain.train' ]; then
-  if [ "$RANK" = 0 ]; then   # Slurm's SIGTERM to the batch shell; srun then SIGKILLs the ranks (rc 137)
+  if [ "$RANK" = 0 ]; then   # Slurm's SIGTERM to the batch shell, and a rank killed in its save (rc 137)
     shell=$$
     until grep -qaF slurm/pretrain.sh /proc/$shell/cmdline; do shell=$(cut -d' ' -f4 /proc/$shell/stat); done
     while parent=$(cut -d' ' -f4 /proc/$shell/stat) && grep -qaF slurm/pretrain.sh /proc/$parent/cmdline; do shell=$parent; done
@@ -119,8 +119,8 @@ exec "$REAL_PYTHON" "$@"
 
 
 def test_a_cancelled_job_is_not_requeued_as_a_crash_after_a_checkpoint(tmp_path):
-    """scancel: the batch shell gets SIGTERM, and srun SIGKILLs the ranks; their exit 137 after a periodic
-    checkpoint read as a crash to resume from, and the job the user had cancelled was requeued."""
+    """scancel: the batch shell gets SIGTERM with the ranks; a rank that failed in its save (exit 137) after a
+    periodic checkpoint read as a crash to resume from, and the job the user had cancelled was requeued."""
     out = tmp_path / "run"
     (out / "checkpoints" / "step00000040").mkdir(parents=True)
     trainer = TERM_TRAINER.replace("{out}", shlex.quote(str(out)))

@@ -206,6 +206,29 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
     assert slurm.job(job_id)["Restarts"] == "1"
 
 
+def test_a_plain_scancel_leaves_the_ranks_killwait_to_save(slurm, tmp_path):
+    """srun gets scancel's SIGTERM too and says 'forcing job termination' (its source forwards SIGKILL), but the
+    ranks keep the KillWait (10 s here) to finish their save, as docs/cluster.md says; and the job is not
+    requeued. The ranks are a stand-in whose save on SIGTERM takes 4 s."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/bash\n"
+                      "if [ \"$1 $2\" = '-m pretrain.train' ]; then\n"
+                      "  trap 'sleep 4; echo \"rank $RANK saved\"; exit 0' TERM\n"
+                      "  echo \"rank $RANK up\"; for _ in $(seq 120); do sleep 1; done; exit 1\n"
+                      f"fi\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    job_id = submit(slurm, tmp_path / "shards", tmp_path, python=str(python))
+    out = tmp_path / f"slurm-{job_id}.out"
+    wait_until(lambda: out.exists() and "rank 1 up" in out.read_text(), 60, what="both stand-in ranks")
+    slurm.cmd("scancel", job_id)
+    info = slurm.wait_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60)
+    wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
+               what=f"job {job_id} to leave the queue")
+    text = out.read_text()
+    assert info["JobState"] == "CANCELLED" and "rank 0 saved" in text and "rank 1 saved" in text, text[-2000:]
+    assert "requeueing" not in text and info.get("Restarts", "0") == "0"
+
+
 def test_cancelled_job_whose_save_outlasts_killwait_leaves_no_targets(slurm, tmp_path):
     """scancel (like preemption or the time limit) sends SIGTERM, and SIGKILL after KillWait (10 s here), to the
     batch shell too: when the ranks' save outlasts KillWait the shell never reaches its EXIT trap, and its target
