@@ -142,10 +142,12 @@ def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) 
 
 
 def remove_finetuned(out_dir: str | Path) -> None:
-    """An earlier run's model, metadata and results: a new run into OUT that dies before its first save must not
-    leave them beside its own config and log, where evaluate and predict would take them for its own."""
+    """An earlier run's model, metadata and results (and an evaluation of it into OUT): a new run into OUT that
+    dies before its first save must not leave them beside its own config and log, where evaluate and predict would
+    take them for its own, nor their scores beside the new model."""
     out = Path(out_dir)
-    for name in (FT_WEIGHTS, FT_META, "results.json", "results.md"):
+    for name in (FT_WEIGHTS, FT_META, "results.json", "results.md", "eval_results.json", "eval_results.md",
+                 "evaluate_config.yaml"):
         (out / name).unlink(missing_ok=True)
 
 

@@ -29,6 +29,14 @@ class HeadConfig:
     mrl_num_blocks: int = 6
     mrl_dropout: float = 0.2
 
+    def __post_init__(self) -> None:
+        """Checked with the options, before a train run clears OUT (a negative size failed in torch after)."""
+        small = [f"{k} must be >= 1, got {v}" for k, v in vars(self).items() if k != "mrl_dropout" and v < 1]
+        if not 0 <= self.mrl_dropout < 1:
+            small.append(f"mrl_dropout must be in [0, 1), got {self.mrl_dropout}")
+        if small:
+            raise ValueError("; ".join(small))
+
 
 # ------------------------------------------------------------------ secondary structure
 class ResNet2DBlock(nn.Module):

@@ -133,9 +133,9 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         diverged, val = validate_epoch(model, validate, score_key)
         score = math.nan if val[score_key] is None else val[score_key]  # None: undefined (e.g. R^2 of 1 record)
         improved = score > best if higher_is_better else score < best
-        record = {"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
+        record = {"epoch": epoch, "steps": step, "train_loss": _number(np.mean(losses)) if losses else None,
                   "trainable_lm_params": sum(p.numel() for p in model.lm.parameters() if p.requires_grad),
-                  "seconds": round(time.time() - t0, 2), **{f"valid_{k}": v for k, v in val.items()},
+                  "seconds": round(time.time() - t0, 2), **{f"valid_{k}": _number(v) for k, v in val.items()},
                   "diverged": diverged, "best": bool(improved)}
         history.append(record)
         with open(log_path, "a") as f:
@@ -153,6 +153,13 @@ def fit(model: TaskModel, cfg: TrainConfig, unfreeze: UnfreezeConfig,
         raise ValueError(f"no model saved in {cfg.out_dir}: the validation {score_key} was never a number "
                          f"({[r[f'valid_{score_key}'] for r in history]}); {why}")
     return history
+
+
+def _number(value: Any) -> Any:
+    """A float as log.jsonl and results.json can hold it: NaN and inf are not JSON (null instead)."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def train_epoch(model: TaskModel, opt: torch.optim.Optimizer, batches: Iterable[Any],

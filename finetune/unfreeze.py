@@ -2,7 +2,7 @@
 
 Epoch 0: only the head (and whatever `head_only_epochs == 0` makes trainable) learns. From epoch
 `head_only_epochs` on, every `every` epochs the next `blocks_per_step` transformer blocks from the top are
-unfrozen (the final LayerNorm with the first step), down to `max_blocks` blocks; each step's parameters
+unfrozen (the final LayerNorm with the first step), down to `max_blocks` blocks (0: the LM stays frozen); each step's parameters
 join the optimizer as a new group with lr / `lr_divisor`. The embedding is never unfrozen unless
 `train_embedding`. The original SS schedule for giga (33 blocks) is head_only_epochs=3, every=3,
 blocks_per_step=3, max_blocks=24; MRL is head_only_epochs=3, blocks_per_step=27 (blocks 6-32 at once).
@@ -36,24 +36,21 @@ class UnfreezeConfig:
 
 
 def schedule(cfg: UnfreezeConfig, num_layers: int) -> dict[int, list[str]]:
-    """epoch -> parameter-name prefixes (of the LM) unfrozen at the start of that epoch."""
+    """epoch -> parameter-name prefixes (of the LM) unfrozen at the start of that epoch. The final LayerNorm goes
+    with the first blocks: max_blocks=0 keeps the whole LM frozen (the embedding too, unless train_embedding)."""
     total = num_layers if cfg.max_blocks is None else min(cfg.max_blocks, num_layers)
-    if cfg.head_only_epochs <= 0:
-        names = ["transformer.final_layer_norm."] + [f"transformer.blocks.{i}." for i in
-                                                      range(num_layers - total, num_layers)]
-        return {0: names + (["embedding."] if cfg.train_embedding else [])}
     out: dict[int, list[str]] = {}
     done, step = 0, 0
     while done < total:
-        n = min(cfg.blocks_per_step, total - done)
+        n = total if cfg.head_only_epochs <= 0 else min(cfg.blocks_per_step, total - done)  # 0: all at once
         top = num_layers - done
         names = [f"transformer.blocks.{i}." for i in range(top - n, top)]
         if step == 0:
             names.insert(0, "transformer.final_layer_norm.")
         out[cfg.head_only_epochs + step * cfg.every] = names
         done, step = done + n, step + 1
-    if cfg.train_embedding and out:
-        out[max(out)].append("embedding.")
+    if cfg.train_embedding:
+        out.setdefault(max(out, default=cfg.head_only_epochs), []).append("embedding.")
     return out
 
 

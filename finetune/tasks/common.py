@@ -72,9 +72,11 @@ def tokens_for(seqs: Sequence[str], device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(ids).to(device)
 
 
-def minibatches(items: Sequence[T], batch_size: int, seed: int | None) -> Iterator[list[T]]:
-    """Shuffled (seeded) mini-batches; seed None keeps the order."""
-    order = np.arange(len(items)) if seed is None else np.random.default_rng(seed).permutation(len(items))
+def minibatches(items: Sequence[T], batch_size: int, seed: int | None, epoch: int = 0) -> Iterator[list[T]]:
+    """Mini-batches shuffled by (seed, epoch) (seed + epoch made seed s+1's epoch e seed s's epoch e+1: seed
+    replicates shared their orders); seed None keeps the order."""
+    order = (np.arange(len(items)) if seed is None
+             else np.random.default_rng([seed, epoch]).permutation(len(items)))
     for start in range(0, len(items), batch_size):
         yield [items[i] for i in order[start:start + batch_size]]
 
@@ -123,7 +125,7 @@ def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Cal
                                 **meta})
 
     history = fit(model, cfg.train, cfg.unfreeze,
-                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed + e),
+                  lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed, e),
                   loss_fn, validate, save, score_key=score_key)
     best, saved = load_finetuned(out, pick_device(cfg.train.device))
     result = {"task": task, "model": lm.config.name, "backbone": asdict(cfg.model), "rows": test_rows(best, saved),

@@ -207,7 +207,7 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None,
         save_finetuned(m, out_dir, {"task": "ss", "head": asdict(cfg.head), "threshold": val["threshold"],
                                     "valid": val, "data": splits.info, "backbone": asdict(cfg.model)})
 
-    history = fit(model, tcfg, cfg.unfreeze, lambda e: minibatches(splits.train, tcfg.batch_size, tcfg.seed + e),
+    history = fit(model, tcfg, cfg.unfreeze, lambda e: minibatches(splits.train, tcfg.batch_size, tcfg.seed, e),
                   ss_loss, validate, save, score_key=cfg.eval.tune_on)
     best, meta = load_finetuned(out_dir, pick_device(tcfg.device))
     init = "" if cfg.model.random_preset is None else " (random init)"

@@ -94,6 +94,13 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
         assert run(["ss", "train", f"--train.out_dir={ft}", *args, *extra]) == 2
         assert message in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in ft.iterdir()} == before, message
+    # the head was built after OUT was cleared: a traceback, and the earlier model gone; now refused with the options
+    for message, extra in (("head: ss_conv_dim must be >= 1, got -1", "--head.ss_conv_dim=-1"),
+                           ("head: mrl_dropout must be in [0, 1), got 1.5", "--head.mrl_dropout=1.5")):
+        with pytest.raises(SystemExit) as e:
+            run(["ss", "train", f"--train.out_dir={ft}", f"--model.path={tiny_checkpoint}", *args, extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in ft.iterdir()} == before, message
     fold = tmp_path / "tRNA"                                      # an ArchiveII fold's directory of OUT
     shutil.copytree(ss_model, fold)
     assert run(["ss", "train", f"--model.path={fold}", f"--train.out_dir={tmp_path}", "--data.dataset=archiveii",

@@ -225,6 +225,27 @@ def test_a_diverged_epoch_is_neither_validated_nor_saved_and_ends_training(tiny_
                   loss_fn, validate, lambda m, v: saved.append(v["score"]), "score")
     assert saved == [1.0] and validated == [0]
     assert [h["best"] for h in history] == [True, False] and history[1]["diverged"] and not history[0]["diverged"]
+    # NaN is not JSON: the diverged epoch's loss and score were written as NaN into log.jsonl and results.json
+    assert history[1]["train_loss"] is None and history[1]["valid_score"] is None
+    logged = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+              for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["valid_score"] for r in logged] == [1.0, None]
+
+
+def test_seeds_shuffle_apart_and_an_unfreezing_of_no_block_keeps_the_lm_frozen():
+    """Batches were shuffled with seed + epoch: seed 1's epoch 0 was seed 0's epoch 1 (seed replicates shared
+    their orders). max_blocks=0 froze everything after head-only epochs but unfroze the final LayerNorm without
+    them, and dropped train_embedding."""
+    from finetune.tasks.common import minibatches
+    from finetune.unfreeze import schedule
+
+    orders = {(seed, epoch): [b[0] for b in minibatches(list(range(40)), 1, seed, epoch)]
+              for seed in (0, 1) for epoch in (0, 1)}
+    assert orders[0, 1] != orders[1, 0] and len(set(map(tuple, orders.values()))) == 4
+    assert [b[0] for b in minibatches(list(range(5)), 1, None, 3)] == [0, 1, 2, 3, 4]
+    assert schedule(UnfreezeConfig(head_only_epochs=0, max_blocks=0), 4) == {}
+    assert schedule(UnfreezeConfig(head_only_epochs=3, max_blocks=0), 4) == {}
+    assert schedule(UnfreezeConfig(head_only_epochs=3, max_blocks=0, train_embedding=True), 4) == {3: ["embedding."]}
 
 
 def test_validation_runs_outside_the_training_autocast(tiny_checkpoint, tmp_path, monkeypatch):
@@ -364,3 +385,16 @@ def test_an_out_dir_in_use_by_another_kind_of_run_or_other_settings_is_refused(t
     assert not (tmp_path / "train_config.yaml").exists() and not (tmp_path / "tRNA").exists()
     assert run(["ss", "train", *args, "--data.test_family=tRNA,srp"]) == 0  # that run stopped: OUT is this one's
     assert json.loads((tmp_path / outlock.FOLDS_FILE).read_text())["train"]["seed"] == 0
+
+
+def test_a_new_run_into_out_removes_the_evaluation_of_the_model_it_replaces(tmp_path):
+    """eval_results.json of an evaluation into OUT stayed beside the retrained model, with the old model's scores
+    under OUT's name."""
+    from finetune.backbone import FT_META, FT_WEIGHTS, remove_finetuned
+
+    names = [FT_WEIGHTS, FT_META, "results.json", "results.md", "eval_results.json", "eval_results.md",
+             "evaluate_config.yaml", "train_config.yaml", "log.jsonl", "mine.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    remove_finetuned(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "mine.txt", "train_config.yaml"]
