@@ -4,6 +4,7 @@ mid-run (USR1 to the batch shell, as Slurm does before the time limit) checkpoin
 rerun resumes and finishes with exactly the per-step sample stream and losses of the uninterrupted run."""
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,25 +207,33 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
     assert slurm.job(job_id)["Restarts"] == "1"
 
 
-def test_a_plain_scancel_leaves_the_ranks_killwait_to_save(slurm, tmp_path):
-    """srun gets scancel's SIGTERM too and says 'forcing job termination' (its source forwards SIGKILL), but the
-    ranks keep the KillWait (10 s here) to finish their save, as docs/cluster.md says; and the job is not
-    requeued. The ranks are a stand-in whose save on SIGTERM takes 4 s."""
+def _cancelled_stand_in_job(slurm, tmp_path, on_term: str, targets_seen: list | None = None) -> tuple[dict, str]:
+    """Submit pretrain.sh with stand-in ranks that run `on_term` on SIGTERM, scancel it once both are up (the
+    target files then in `targets_seen`, as job id and file names); returns the job's final state and output."""
     python = tmp_path / "python"
     python.write_text("#!/bin/bash\n"
                       "if [ \"$1 $2\" = '-m pretrain.train' ]; then\n"
-                      "  trap 'sleep 4; echo \"rank $RANK saved\"; exit 0' TERM\n"
+                      f"  trap {shlex.quote(on_term)} TERM\n"
                       "  echo \"rank $RANK up\"; for _ in $(seq 120); do sleep 1; done; exit 1\n"
                       f"fi\nexec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
     job_id = submit(slurm, tmp_path / "shards", tmp_path, python=str(python))
     out = tmp_path / f"slurm-{job_id}.out"
     wait_until(lambda: out.exists() and "rank 1 up" in out.read_text(), 60, what="both stand-in ranks")
+    if targets_seen is not None:
+        targets_seen += [job_id, *(p.name for p in (tmp_path / "targets").iterdir())]
     slurm.cmd("scancel", job_id)
     info = slurm.wait_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60)
     wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
                what=f"job {job_id} to leave the queue")
-    text = out.read_text()
+    return info, out.read_text()
+
+
+def test_a_plain_scancel_leaves_the_ranks_killwait_to_save(slurm, tmp_path):
+    """srun gets scancel's SIGTERM too and says 'forcing job termination' (its source forwards SIGKILL), but the
+    ranks keep the KillWait (10 s here) to finish their save, as docs/cluster.md says; and the job is not
+    requeued. The ranks are a stand-in whose save on SIGTERM takes 4 s."""
+    info, text = _cancelled_stand_in_job(slurm, tmp_path, 'sleep 4; echo "rank $RANK saved"; exit 0')
     assert info["JobState"] == "CANCELLED" and "rank 0 saved" in text and "rank 1 saved" in text, text[-2000:]
     assert "requeueing" not in text and info.get("Restarts", "0") == "0"
 
@@ -235,20 +244,8 @@ def test_cancelled_job_whose_save_outlasts_killwait_leaves_no_targets(slurm, tmp
     file must be gone anyway, or Prometheus keeps scraping the dead ranks (RnalmRankDown pages for a job that is
     gone) until another job happens to clean up. The ranks are a stand-in that ignores SIGTERM, as a rank still
     writing its last checkpoint does."""
-    python = tmp_path / "python"
-    python.write_text("#!/bin/bash\n"
-                      "if [ \"$1 $2\" = '-m pretrain.train' ]; then\n"
-                      "  trap '' TERM; echo \"rank $RANK up\"; for _ in $(seq 120); do sleep 1; done; exit 0\n"
-                      f"fi\nexec {sys.executable} \"$@\"\n")
-    python.chmod(0o755)
-    job_id = submit(slurm, tmp_path / "shards", tmp_path, python=str(python))
-    out = tmp_path / f"slurm-{job_id}.out"
-    wait_until(lambda: out.exists() and "rank 1 up" in out.read_text(), 60, what="both stand-in ranks")
-    assert [p.name for p in (tmp_path / "targets").iterdir()] == [f"rnalm-{job_id}.json"]
-    slurm.cmd("scancel", job_id)
-    info = slurm.wait_state(job_id, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=60)
-    wait_until(lambda: not slurm.cmd("squeue", "-h", "-j", job_id, check=False).strip(), 60,
-               what=f"job {job_id} to leave the queue")
-    assert info["JobState"] == "CANCELLED", info
-    assert "SIGTERM" in out.read_text()
-    assert not list((tmp_path / "targets").glob("*.json")), out.read_text()[-2000:]
+    seen: list[str] = []
+    info, text = _cancelled_stand_in_job(slurm, tmp_path, "", targets_seen=seen)
+    assert seen[1:] == [f"rnalm-{seen[0]}.json"] and info["JobState"] == "CANCELLED", info
+    assert "SIGTERM" in text
+    assert not list((tmp_path / "targets").glob("*.json")), text[-2000:]
