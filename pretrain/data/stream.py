@@ -65,7 +65,7 @@ def read_shard(path: Path, lo: int, hi: int) -> Iterator[tuple[int, RecordBlock]
     from the first bytes of each): a stream starting late in a shard reads little of what lies before it."""
     pos = 0
     try:
-        # member by member: webdataset's samples would drop a block followed by damage
+        # member by member (samples grouped by key would drop a block followed by damage), seekable ("r:")
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 where = f"{path}:{member.name}"
