@@ -341,7 +341,6 @@ def lever_steps(out: Path, work: Path) -> list[Step]:
     steps = [shards_step(work)]
     loader = (["--workers", "0", "1", "--token-budget", "2048", "--batches", "20", "--warmup", "2"] if TINY else
               ["--workers", "0", "1", "4", "--token-budget", "32768", "--batches", "2000", "--warmup", "20"])
-    (work / "loader.jsonl").unlink(missing_ok=True)   # loader_bench appends: a rerun's rows only
     steps.append(Step("loader", [PY, "bench/loader_bench.py", "--shards", str(work / "shards"), *loader,
                                  "--out", str(work / "loader.jsonl")], cap=90, result=work / "loader.jsonl"))
     memory = (["--preset", "nano", "--dtype", "fp32", "--tokens", "256", "--budget", "2048"] if TINY else
