@@ -204,12 +204,19 @@ def _check_one_letter(base: str, where: str) -> None:
                              "nucleotide or N")
 
 
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+
+def content_suffixes(path: str | Path) -> list[str]:
+    """A file's suffixes, lowercase, without those of its compression (x.CT.gz -> ['.ct'])."""
+    return [s.lower() for s in Path(path).suffixes if s.lower() not in COMPRESSED_SUFFIXES]
+
+
 def _stem(path: Path) -> str:
     """The file's name without its compression and structure suffixes (x.bpseq.gz -> x)."""
-    name = path.name
-    for suffix in (".gz", ".zst"):
-        name = name.removesuffix(suffix)
-    return Path(name).stem
+    while path.suffix.lower() in COMPRESSED_SUFFIXES:
+        path = path.with_suffix("")
+    return path.stem
 
 
 def ct_title(words: list[str]) -> str:
@@ -282,7 +289,7 @@ def read_structures(path: str | Path) -> list[StructureRecord]:
 
 
 def _structure_suffix(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".zst")]
+    suffixes = content_suffixes(path)
     return suffixes[-1] if suffixes and suffixes[-1] in STRUCTURE_READERS else None
 
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from finetune.neardup import leakage_mask
-from finetune.structure import (FastaRecord, StructureError, check_letters, header_label, open_text, read_fasta,
-                                to_rna)
+from finetune.structure import (FastaRecord, StructureError, check_letters, content_suffixes, header_label,
+                                open_text, read_fasta, to_rna)
 from finetune.tasks.common import Splits
 
 T = TypeVar("T")
@@ -50,7 +50,7 @@ def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, st
     """(sequence, parse_label(text, where)) per row, or per FASTA record (label: `label_column=value` in its
     header). Errors name the file, line (record) and reason. A .tsv file is read without quoting (a quote in a
     note column is text); a CSV's quotes must close."""
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() not in (".gz", ".zst")]
+    suffixes = content_suffixes(path)
     seq_column, label_column = columns(cfg)
     if suffixes and suffixes[-1] in FASTA_SUFFIXES:
         return [(r.sequence, parse_label(_fasta_label(path, r, label_column), f"{path}: record {r.id!r}"))
