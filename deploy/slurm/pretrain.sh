@@ -128,6 +128,11 @@ for h in "${HOSTS[@]}"; do ADDRS+=("$(node_addr "$h")"); done
 export MASTER_ADDR=${ADDRS[0]}
 export MASTER_PORT=${RNALM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 12000))}
 export WORLD_SIZE=$SLURM_NTASKS
+# Ranks in blocks over nodes and CPUs in blocks per socket (block:block; Slurm's default alternates sockets task
+# by task), so where the site binds tasks to CPUs, local ranks 0-3 of an 8-GPU, 2-socket node run on the socket of
+# GPUs 0-3, as on most boards (`nvidia-smi topo -m`); sbatch --distribution or SLURM_DISTRIBUTION overrides it, and
+# the Prometheus targets' rank labels follow it.
+DISTRIBUTION=${SLURM_DISTRIBUTION:-block:block}
 # srun passes this script's environment to the ranks (MASTER_*, WORLD_SIZE, NCCL_*, PATH) also under
 # `sbatch --export=NONE`, whose SLURM_EXPORT_ENV=NONE the job's steps would otherwise inherit (sbatch(1))
 export SLURM_EXPORT_ENV=ALL
@@ -138,12 +143,22 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}   # a hung collective kills the job
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
+# srun lays the job's SLURM_NTASKS ranks out over the allocation's tasks per node, and the Prometheus targets
+# (prom_targets.py) follow that layout: with --ntasks below nodes x --ntasks-per-node the ranks would fill the
+# slots by Slurm's own rules, which leave a GPU idle and name targets of ranks that do not exist.
+IFS=, read -ra TASK_COUNTS <<< "$SLURM_TASKS_PER_NODE"
+TASK_SLOTS=0
+for n in "${TASK_COUNTS[@]}"; do
+  [[ $n =~ ^([0-9]+)(\(x([0-9]+)\))?$ ]] || die "cannot read SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE"
+  TASK_SLOTS=$((TASK_SLOTS + BASH_REMATCH[1] * ${BASH_REMATCH[3]:-1}))
+done
+[ "$TASK_SLOTS" = "$SLURM_NTASKS" ] || die "the job has $SLURM_NTASKS tasks but tasks per node $SLURM_TASKS_PER_NODE" \
+  "($TASK_SLOTS task slots): give --nodes and --ntasks-per-node, without an --ntasks below their product"
 GPUS=${SLURM_GPUS_ON_NODE:-0}
 [ "$GPUS" -gt 0 ] 2>/dev/null || GPUS=0
 # One rank per GPU, rank LOCAL_RANK on cuda:LOCAL_RANK: more tasks than GPUs on a node fail in start-up
 # (invalid device ordinal), fewer leave GPUs idle. Typical cause: --gpus-per-node=4 without --ntasks-per-node=4.
 if [ "$GPUS" -gt 0 ]; then
-  IFS=, read -ra TASK_COUNTS <<< "$SLURM_TASKS_PER_NODE"
   for n in "${TASK_COUNTS[@]}"; do
     [ "${n%%(*}" = "$GPUS" ] || die "$GPUS GPU(s) per node but tasks per node $SLURM_TASKS_PER_NODE: one task per" \
       "GPU is needed; give both, e.g. sbatch --gpus-per-node=$GPUS --ntasks-per-node=$GPUS ..."
@@ -177,7 +192,8 @@ write_targets() {
   remove_stale_targets
   if "$PYTHON" deploy/slurm/prom_targets.py --out "$TARGETS" --job-id "$SLURM_JOB_ID" \
        --job-name "$SLURM_JOB_NAME" --hosts "${HOSTS[*]}" --addresses "${ADDRS[*]}" \
-       --tasks-per-node "$SLURM_TASKS_PER_NODE" --port-base "$PORT_BASE"; then
+       --tasks-per-node "$SLURM_TASKS_PER_NODE" --port-base "$PORT_BASE" --distribution "$DISTRIBUTION" \
+       ${SLURM_DIST_PLANESIZE:+--plane-size "$SLURM_DIST_PLANESIZE"}; then
     log "Prometheus targets: $TARGETS"
   else
     log "warning: could not write $TARGETS (training goes on without Prometheus discovery)"
@@ -229,9 +245,6 @@ write_targets
 # subshell outlives a TERM or USR1 sent to the whole job (handlers, unlike ignored signals, are not inherited by srun).
 # Every task sees all of its node's GPUs (rank LOCAL_RANK takes cuda:LOCAL_RANK): --gpus-per-task, or a site's
 # SLURM_GPU_BIND, would leave each task one device and every local rank >= 1 an invalid device ordinal.
-# CPUs in blocks per socket (block:block; Slurm's default alternates sockets task by task), so where the site
-# binds tasks to CPUs, local ranks 0-3 of an 8-GPU, 2-socket node run on the socket of GPUs 0-3, as on most boards
-# (`nvidia-smi topo -m`); sbatch --distribution or SLURM_DISTRIBUTION overrides it.
 GPU_BIND=()
 [ "$GPUS" -gt 0 ] && GPU_BIND=(--gpu-bind=none)
 # Signalled already, with little time left: a --time within the --signal lead, where Slurm signals every run as
@@ -247,7 +260,7 @@ fi
 {
   trap : TERM USR1
   srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${GPU_BIND[@]+"${GPU_BIND[@]}"} \
-    --distribution="${SLURM_DISTRIBUTION:-block:block}" \
+    --distribution="$DISTRIBUTION" \
     bash -c 'trap "" USR1; export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' rank \
     "$PYTHON" -m pretrain.train --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
   echo $? > "$RC_FILE"

@@ -51,12 +51,12 @@ def run_script(tmp: Path, nodes: int, tasks: int, gpus: int, job_id: int = 12345
     (tmp / "python").chmod(0o755)
     calls = tmp / "calls"
     calls.touch()
-    env = {**(env or {}), "PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp), "NODES": str(nodes), "TASKS": str(tasks),
            "CALLS": str(calls), "SD": str(sd), "REAL_PYTHON": sys.executable, "RNALM_PYTHON": str(tmp / "python"),
            "RNALM_PROM_SD_DIR": str(sd), "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NAME": "rnalm-pretrain",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"gpu[01-{nodes:02d}]",
            "SLURM_NTASKS": str(nodes * tasks), "SLURM_TASKS_PER_NODE": f"{tasks}(x{nodes})",
-           "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_CPUS_PER_TASK": "8"}
+           "SLURM_GPUS_ON_NODE": str(gpus), "SLURM_CPUS_PER_TASK": "8", **(env or {})}
     # Output to files, not pipes: a background `sleep` of the script's USR1 forwarder would hold a pipe open.
     with open(tmp / "stdout", "w+") as out, open(tmp / "stderr", "w+") as err:
         r = subprocess.run(["bash", str(REPO / "deploy/slurm/pretrain.sh"), "pretrain/configs/giga.yaml",
@@ -134,6 +134,14 @@ def test_fewer_tasks_than_gpus_per_node_stops_before_srun(tmp_path):
     r, calls, _ = run_script(tmp_path, nodes=2, tasks=4, gpus=8)
     assert r.returncode != 0 and "srun" not in calls
     assert "8 GPU(s) per node but tasks per node 4(x2)" in r.stdout + r.stderr
+
+
+def test_fewer_tasks_than_the_allocations_task_slots_stops_before_srun(tmp_path):
+    """`sbatch --nodes=2 --ntasks-per-node=8 --ntasks=12`: srun would run 12 ranks in 16 slots by Slurm's own
+    layout, leaving GPUs idle, while the targets named ranks 12-15 that never run (each a RnalmRankDown page)."""
+    r, calls, sd = run_script(tmp_path, nodes=2, tasks=8, gpus=8, env={"SLURM_NTASKS": "12"})
+    assert r.returncode != 0 and "srun" not in calls and not list(sd.iterdir())
+    assert "the job has 12 tasks but tasks per node 8(x2) (16 task slots)" in r.stdout + r.stderr
 
 
 def test_the_ranks_get_the_scripts_environment_under_sbatch_export_none(tmp_path):

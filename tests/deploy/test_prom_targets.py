@@ -1,4 +1,4 @@
-"""The file_sd target file pretrain.sh writes for multi-node jobs (rank layout of srun's block distribution)."""
+"""The file_sd target file pretrain.sh writes for multi-node jobs (rank layout of srun's distribution over the nodes)."""
 from __future__ import annotations
 
 import json
@@ -56,3 +56,34 @@ def test_inconsistent_layout_is_rejected_with_reason(tmp_path, hosts, tasks, mes
     r = write(tmp_path, hosts, tasks)
     assert r.returncode != 0 and message in r.stderr
     assert not (tmp_path / "sd" / "rnalm-77.json").exists()
+
+
+@pytest.mark.parametrize("distribution,plane,expected", [
+    ("block:block", None, [[0, 1, 2], [3, 4, 5], [6]]),
+    ("cyclic", None, [[0, 3, 5], [1, 4, 6], [2]]),
+    ("cyclic:block,Pack", None, [[0, 3, 5], [1, 4, 6], [2]]),
+    ("plane=2", None, [[0, 1, 5], [2, 3, 6], [4]]),
+    ("plane", 2, [[0, 1, 5], [2, 3, 6], [4]]),   # as srun exports it: SLURM_DISTRIBUTION=plane, SLURM_DIST_PLANESIZE=2
+    ("arbitrary", None, None),
+])
+def test_ranks_are_dealt_out_as_srun_distributes_them(distribution, plane, expected):
+    """Nodes of 3, 3 and 1 tasks; cyclic and plane skip a full node, as Slurm's step layout does (its cyclic checked
+    against srun in test_slurm_pretrain)."""
+    from deploy.slurm.prom_targets import ranks_per_node
+    assert ranks_per_node([3, 3, 1], distribution, plane) == expected
+
+
+def test_rank_labels_follow_the_distribution_and_arbitrary_gets_none(tmp_path):
+    r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "a.json"), "--job-id", "7", "--hosts", "a b",
+                        "--tasks-per-node", "2(x2)", "--distribution", "cyclic"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    groups = json.loads((tmp_path / "a.json").read_text())
+    assert [(g["labels"]["rank"], g["targets"][0]) for g in groups] == [
+        ("0", "a:9500"), ("1", "b:9500"), ("2", "a:9501"), ("3", "b:9501")]
+    r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "b.json"), "--job-id", "7", "--hosts", "a b",
+                        "--tasks-per-node", "2(x2)", "--distribution", "arbitrary"], capture_output=True, text=True)
+    assert r.returncode == 0 and "no rank labels" in r.stderr, r.stderr
+    assert all("rank" not in g["labels"] for g in json.loads((tmp_path / "b.json").read_text()))
+    r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "c.json"), "--job-id", "7", "--hosts", "a",
+                        "--tasks-per-node", "2", "--distribution", "plane"], capture_output=True, text=True)
+    assert r.returncode != 0 and "without a plane size" in r.stderr and not (tmp_path / "c.json").exists()

@@ -4,6 +4,7 @@ mid-run (USR1 to the batch shell, as Slurm does before the time limit) checkpoin
 rerun resumes and finishes with exactly the per-step sample stream and losses of the uninterrupted run."""
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -249,3 +250,33 @@ def test_cancelled_job_whose_save_outlasts_killwait_leaves_no_targets(slurm, tmp
     assert seen[1:] == [f"rnalm-{seen[0]}.json"] and info["JobState"] == "CANCELLED", info
     assert "SIGTERM" in text
     assert not list((tmp_path / "targets").glob("*.json")), text[-2000:]
+
+
+def test_target_rank_labels_follow_the_jobs_cyclic_distribution(slurm, tmp_path):
+    """Under `sbatch --distribution=cyclic` srun deals the ranks out round the nodes (4 ranks on 2 nodes: node1
+    gets ranks 0 and 2), and each target's rank label must be the rank that really serves there, or an alert
+    names the wrong rank. Stand-in ranks report where srun put them and wait until the targets are read."""
+    go = tmp_path / "go"
+    python = tmp_path / "python"
+    python.write_text("#!/bin/bash\n"
+                      "if [ \"$1 $2\" = '-m pretrain.train' ]; then\n"
+                      "  echo \"placed $RANK $LOCAL_RANK $SLURMD_NODENAME\"\n"
+                      f"  for _ in $(seq 60); do [ -e {go} ] && exit 0; sleep 0.5; done; exit 1\n"
+                      f"fi\nexec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    job_id = submit(slurm, tmp_path / "shards", tmp_path, python=str(python),
+                    sbatch_args=("--nodes=2", "--distribution=cyclic"))
+    out = tmp_path / f"slurm-{job_id}.out"
+    try:
+        wait_until(lambda: out.exists() and out.read_text().count("placed ") == 4, 60, what="4 stand-in ranks")
+        placed = {int(r): (node, int(local)) for line in out.read_text().splitlines() if "placed " in line
+                  for r, local, node in [line.split("placed ", 1)[1].split()]}
+        groups = json.loads((tmp_path / "targets" / f"rnalm-{job_id}.json").read_text())
+    finally:
+        go.touch()
+    info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    labelled = {int(g["labels"]["rank"]): (g["labels"]["node"], int(g["labels"]["local_rank"])) for g in groups}
+    assert placed[2] == ("node1", 1), placed   # cyclic, not block (which puts rank 2 on node2)
+    assert labelled == placed and info["JobState"] == "COMPLETED", (labelled, placed, info)
+    ports = {int(g["labels"]["rank"]): int(g["targets"][0].rsplit(":", 1)[1]) for g in groups}
+    assert ports[2] - ports[0] == 1 == ports[3] - ports[1] and ports[1] == ports[0], ports   # port_base + local rank
