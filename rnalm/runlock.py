@@ -21,6 +21,7 @@ from pathlib import Path
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
+GUARD_STALE_S = 10.0
 
 
 class RunLockError(RuntimeError):
@@ -146,17 +147,33 @@ class RunLock:
         return True
 
     def _remove_if_unchanged(self, text: str) -> None:
-        """Remove a gone holder's lock unless another run has replaced it since it was read: of two runs taking
-        over one lock at once, one removes it and creates its own, which the other then finds and refuses."""
-        aside = self.path.with_name(f".{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}")
+        """Remove a gone holder's lock unless another run has replaced it since it was read. Runs taking over take
+        turns through a guard file, so one at a time checks the lock and removes it; a run starting meanwhile
+        creates its lock only where none is, so nothing replaces the lock between that check and the removal.
+        Without the guard, of three runs the second could take over between the first's check and removal."""
+        guard = self.path.with_name(f".{LOCK_NAME}.takeover")
         try:
-            os.rename(self.path, aside)  # a file is moved by one run only
-        except FileNotFoundError:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            self._remove_stale_guard(guard)
+            time.sleep(0.05)  # another run is taking over: the caller reads the lock again
             return
-        if aside.read_text() == text:
-            aside.unlink()
-        else:  # the other run's new lock: put it back
-            os.rename(aside, self.path)
+        try:
+            if self.path.read_text() == text:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            guard.unlink(missing_ok=True)
+
+    @staticmethod
+    def _remove_stale_guard(guard: Path) -> None:
+        """A guard is held for milliseconds: one older than GUARD_STALE_S is a crashed run's."""
+        try:
+            if time.time() - guard.stat().st_mtime > GUARD_STALE_S:
+                guard.unlink()
+        except FileNotFoundError:
+            pass
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

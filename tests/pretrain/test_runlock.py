@@ -111,6 +111,59 @@ def test_of_two_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, mon
     assert not (tmp_path / LOCK_NAME).exists()
 
 
+def test_of_three_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, monkeypatch):
+    """Run A reads the gone holder's lock, run B takes it over, and a run C starts while A checks whether the lock
+    is still the gone one: A used to move the lock aside to compare it and put B's back over the one C had just
+    created, and B and C both ran in one directory."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    holder(tmp_path, host="elsewhere", pid=1)
+    old = time.time() - runlock.STALE_S - 5
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    a, b, c, judge, rename = RunLock(tmp_path), RunLock(tmp_path), RunLock(tmp_path), runlock.holder_gone, os.rename
+    outcome: dict[str, str] = {}
+
+    def attempt(name: str, lock: RunLock) -> None:
+        try:
+            outcome[name] = lock.acquire() or "held"
+        except RunLockError:
+            outcome[name] = "refused"
+
+    def b_takes_over_first(*args):  # between A's reading of the lock and its taking it over
+        monkeypatch.setattr(runlock, "holder_gone", judge)
+        attempt("B", b)
+        return judge(*args)
+
+    def c_starts_meanwhile(src, dst):  # when A moves a file (B holds the lock by then), C starts right after
+        rename(src, dst)
+        if "B" in outcome and "C" not in outcome:
+            attempt("C", c)
+
+    monkeypatch.setattr(runlock, "holder_gone", b_takes_over_first)
+    monkeypatch.setattr(runlock.os, "rename", c_starts_meanwhile)
+    attempt("A", a)
+    monkeypatch.setattr(runlock.os, "rename", rename)
+    if "C" not in outcome:
+        attempt("C", c)
+    assert outcome == {"B": "no heartbeat for 185 s", "A": "refused", "C": "refused"}, outcome
+    assert json.loads((tmp_path / LOCK_NAME).read_text()) == b._mine
+    for lock in (a, b, c):
+        lock.release()
+    assert not (tmp_path / LOCK_NAME).exists() and os.listdir(tmp_path) == []
+
+
+def test_a_takeover_guard_left_by_a_crashed_run_is_removed_after_a_while(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(runlock, "GUARD_STALE_S", 0.5)
+    holder(tmp_path, pid=dead_pid())
+    guard = tmp_path / f".{LOCK_NAME}.takeover"
+    guard.touch()                                      # a run that crashed while taking over
+    lock, start = RunLock(tmp_path), time.monotonic()
+    assert lock.acquire().endswith("on this host has ended")
+    assert time.monotonic() - start >= 0.5 and not guard.exists()
+    assert json.loads((tmp_path / LOCK_NAME).read_text()) == lock._mine
+    lock.release()
+
+
 def test_a_dead_pid_of_another_pid_space_is_not_taken_for_its_holder(tmp_path, monkeypatch):
     """Containers sharing the host name (another pid namespace) or a reboot: the holder's pid says nothing here.
     A live run in such a container was taken over as 'process N on this host has ended'; its heartbeat decides."""
