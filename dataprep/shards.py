@@ -5,7 +5,7 @@ This module writes shards and reads them for checks and tests; the pretraining l
 torch-free.
 
 A tar member `{block:06d}.rec.zst` holds one zstd frame (with content checksum; the header below is its first
-zstd block alone, so `block_length` reads a few hundred bytes) whose content is:
+zstd block alone, so `block_length` decompresses 40 bytes) whose content is:
 
     header  <4sIQQQQ  magic b"RNB1", flags (bit 0: has labels), n, seq_bytes, ids_bytes, labels_bytes
     int64   offsets[n+1]         record i is seq[offsets[i]:offsets[i+1]]
@@ -48,6 +48,7 @@ _MEMBER_RE = re.compile(r"^(\d{6})\.rec\.zst$")
 # corpus faster and smaller (BENCHMARKS.md, Dataprep).
 ZSTD_LEVEL = 2
 _MAX_BLOCK_BYTES = 1 << 31  # refuse to decompress a (corrupt) frame that claims more than 2 GiB
+_ZSTD_FRAME_HEADER_MAX = 18  # bytes: magic, descriptor, window, dictionary id, content size (RFC 8878)
 
 
 class ShardError(Exception):
@@ -131,10 +132,19 @@ def _decompress(payload: bytes, where: str) -> bytes:
 
 
 def block_length(payload: bytes | BinaryIO, where: str = "") -> int:
-    """The record count of one tar member (its bytes, or a file to read them from), from its header alone: only
-    the first bytes are read and decompressed, so a reader skips the blocks before the records it wants."""
+    """The record count of one tar member (its bytes, or a seekable file to read them from), from its header
+    alone: only the first bytes are read and decompressed, so a reader skips the blocks before the records it
+    wants. The frame's checksum covers the whole block, which is not read: the header's sizes must add up to the
+    frame's content size instead (a flipped bit in the count would shift every later record of the shard)."""
     where = where or "<block>"
     try:
+        if isinstance(payload, bytes):
+            start = payload[:_ZSTD_FRAME_HEADER_MAX]
+        else:
+            at = payload.tell()
+            start = payload.read(_ZSTD_FRAME_HEADER_MAX)
+            payload.seek(at)
+        frame_bytes = zstandard.get_frame_parameters(start).content_size
         with zstandard.ZstdDecompressor().stream_reader(payload, read_size=512, closefd=False) as reader:
             head = b""
             while len(head) < _HEADER.size and (chunk := reader.read(_HEADER.size - len(head))):
@@ -143,7 +153,16 @@ def block_length(payload: bytes | BinaryIO, where: str = "") -> int:
         raise ShardError(f"{where}: corrupt or truncated zstd block ({e})") from None
     if len(head) < _HEADER.size or head[:4] != _MAGIC:
         raise ShardError(f"{where}: no dataprep record block header")
-    return _HEADER.unpack_from(head)[2]
+    _, _, n, seq_bytes, ids_bytes, labels_bytes = _HEADER.unpack_from(head)
+    if _block_bytes(n, seq_bytes, ids_bytes, labels_bytes) != frame_bytes:
+        size = "unknown size" if frame_bytes == zstandard.CONTENTSIZE_UNKNOWN else f"{frame_bytes} bytes"
+        raise ShardError(f"{where}: block header ({n} records) does not match the frame's {size} (corrupt header)")
+    return n
+
+
+def _block_bytes(n: int, seq_bytes: int, ids_bytes: int, labels_bytes: int) -> int:
+    """An encoded block's size from its header: header, offsets, 3 int64 and 1 int32 per record, then bytes."""
+    return _HEADER.size + 8 * (n + 1) + 3 * 8 * n + 4 * n + ids_bytes + labels_bytes + seq_bytes
 
 
 def decode_block(payload: bytes, where: str = "") -> RecordBlock:
@@ -155,7 +174,7 @@ def decode_block(payload: bytes, where: str = "") -> RecordBlock:
     magic, flags, n, seq_bytes, ids_bytes, labels_bytes = _HEADER.unpack_from(raw, 0)
     if magic != _MAGIC:
         raise ShardError(f"{where}: bad block magic {magic!r} (not a dataprep record block)")
-    need = _HEADER.size + 8 * (n + 1) + 3 * 8 * n + 4 * n + ids_bytes + labels_bytes + seq_bytes
+    need = _block_bytes(n, seq_bytes, ids_bytes, labels_bytes)
     if need != len(raw):
         raise ShardError(f"{where}: block size {len(raw)} does not match its header (expected {need})")
     pos = _HEADER.size

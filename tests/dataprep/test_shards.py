@@ -171,3 +171,19 @@ def test_missing_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="malformed manifest"):
         read_manifest(tmp_path)
+
+
+def test_block_length_refuses_a_header_that_does_not_match_the_frame():
+    """The count is read without the rest of the frame, so its checksum cannot vouch for it: the header's sizes
+    must add up to the frame's content size."""
+    import struct
+
+    from dataprep.shards import compress_encoded, compressor, encode_block
+
+    raw = bytearray(encode_block(make_block(n=50)))
+    struct.pack_into("<Q", raw, 8, 51)                       # the count says 51 records, the frame holds 50
+    with pytest.raises(ShardError, match=r"where-x: block header \(51 records\) does not match the frame's"):
+        block_length(compress_encoded(compressor(), bytes(raw)), "where-x")
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(encode_block(make_block(n=50)))
+    with pytest.raises(ShardError, match="does not match the frame's unknown size"):
+        block_length(no_size, "where-x")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 from dataprep.shards import ShardError, read_manifest
 from pretrain.data import DataConfig, PretrainLoader
@@ -315,6 +316,36 @@ def test_a_range_late_in_a_shard_reads_little_of_the_blocks_before_it(tmp_path, 
     # the last block whole; of the three before it, their tar headers and a buffer's worth of their first bytes
     # (where the record count is)
     assert len(sizes) == 4 and sum(read) <= sizes[-1] + 4 * 512 + 3 * 10_000, read
+
+
+def test_a_block_header_whose_count_is_damaged_stops_the_shard_instead_of_shifting_its_records(tmp_path):
+    """A stream starting late in a shard counts the blocks before its range from their headers alone, so the
+    frame's checksum is never checked there: one flipped bit in a count (it lies near verbatim in the header's
+    own zstd block) delivered records 11999-12008 as 12000-12009, 11999 twice over the run and 15999 never."""
+    import struct
+
+    from dataprep.shards import _HEADER
+
+    write_shards(tmp_path, **synthetic_corpus(16000, seed=3, valid_fraction=0.0), records_per_shard=16000,
+                 block_records=4000)
+    path = _train_shard(tmp_path, 0)
+    with tarfile.open(path) as tar:
+        member = tar.getmembers()[1]
+    data = bytearray(path.read_bytes())
+    payload = bytes(data[member.offset_data: member.offset_data + member.size])
+
+    def count(raw: bytes) -> int | None:  # the header's count as a reader without the check sees it
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+                return struct.unpack_from("<Q", reader.read(_HEADER.size), 8)[0]
+        except (zstandard.ZstdError, struct.error):
+            return None
+
+    flip = next(i for i in range(64) if count(payload[:i] + bytes([payload[i] ^ 1]) + payload[i + 1:]) == 4001)
+    data[member.offset_data + flip] ^= 1
+    path.write_bytes(data)
+    with pytest.raises(ShardError, match=r"000001\.rec\.zst: block header \(4001 records\) does not match"):
+        list(read_shard(path, 12000, 12010))
 
 
 def test_a_shard_restored_after_a_checkpoint_that_skipped_it_repeats_no_record(shards, tmp_path):
