@@ -92,6 +92,9 @@ def packed_run(args, shards: Path, out_dir: Path) -> dict:
         ops = (out_dir / "profile" / "ops.txt").read_text().splitlines()
         result["profile"] = {**{k: v for k, v in profile.items() if k not in ("event", "folder")},
                              "ops_table": ops[:45]}
+    failed = next((r for r in records if r.get("event") == "profile_failed"), None)
+    if failed:
+        result["profile_error"] = failed["error"]
     return result
 
 

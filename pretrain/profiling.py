@@ -109,6 +109,7 @@ class StepProfiler:
     def __init__(self, at: int, folder: Path, device: torch.device) -> None:
         self.at, self.folder, self.device = at, folder, device      # at 0: never
         self.prof: profile | None = None
+        self.error: str | None = None    # why profiling failed, until finish() reports it
         self.t0, self.first, self.last, self.seen, self.done = 0.0, 0, 0, 0, False
 
     def before_step(self, step: int) -> None:
@@ -116,23 +117,37 @@ class StepProfiler:
             self.first = self.seen = step
             self.last = step + PROFILE_STEPS - 1
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-            self.prof = profile(activities=activities)
-            self._sync()
-            self.prof.__enter__()
+            try:
+                self.prof = profile(activities=activities)
+                self._sync()
+                self.prof.__enter__()
+            except Exception as e:  # diagnostics: training goes on without them
+                self.prof, self.done, self.error = None, True, f"{type(e).__name__}: {e}"
             self.t0 = time.perf_counter()
 
     def after_step(self, step: int) -> dict | None:
         self.seen = step
-        return self.finish() if self.prof is not None and step >= self.last else None
+        return self.finish() if (self.prof is not None or self.error is not None) and step >= self.last else None
 
     def finish(self) -> dict | None:
-        """Stop (also when the run ends inside the window) and write the files; None when not profiling."""
+        """Stop (also when the run ends inside the window) and write the files; None when not profiling. A profiler
+        that failed gives {"error": why} instead of stopping the run: it is a diagnostic, and in a benchmark its
+        failure would take the run's own numbers with it."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            return {"steps": [self.first, self.seen], "error": error}
         if self.prof is None:
             return None
         self.done = True
+        prof, self.prof = self.prof, None
+        try:
+            return self._summarise(prof)
+        except Exception as e:
+            return {"steps": [self.first, self.seen], "error": f"{type(e).__name__}: {e}"}
+
+    def _summarise(self, prof: profile) -> dict:
         self._sync()
         wall = time.perf_counter() - self.t0
-        prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
         self.folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.folder / "trace.json.gz"))

@@ -302,7 +302,11 @@ class Trainer:
         return 0
 
     def _log_profile(self, summary: dict | None) -> None:
-        if summary:
+        if summary and "error" in summary:
+            self._log(event="profile_failed", **summary)
+            self._say(f"warning: profiling steps {summary['steps'][0]}-{summary['steps'][1]} failed, training goes "
+                      f"on without it: {summary['error']}")
+        elif summary:
             self._log(event="profile", **summary)
             self._say(f"profiled steps {summary['steps'][0]}-{summary['steps'][1]}: {summary['wall_s']:.2f} s, GPU "
                       f"busy {summary['gpu_busy_fraction']:.0%}; trace and table in {summary['folder']}")

@@ -78,6 +78,35 @@ def test_profile_at_profiles_a_window_of_the_real_trainer_and_logs_where_the_tim
     assert "Self CPU" in (out / "profile" / "ops.txt").read_text()
 
 
+def test_a_profile_that_cannot_be_written_is_a_warning_and_the_run_goes_on(pretrain_shards, tmp_path):
+    """A failing profiler stopped the trainer: in pretrain_bench that lost the run's own numbers and its padded
+    baseline (the profiled steps run after the timed ones, before anything is written)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "profile").write_text("a file where the profile's folder goes")
+    proc = run_trainer(pretrain_shards, out, "--train.max_steps=4", "--train.profile_at=2", nproc=1)
+    records = read_log(out)
+    assert len(step_lines(records)) == 4 and events(records, "done")
+    [failed] = events(records, "profile_failed")
+    assert failed["steps"] == [2, 4] and "FileExistsError" in failed["error"] and not events(records, "profile")
+    assert "warning: profiling steps 2-4 failed, training goes on without it" in proc.stderr
+
+
+def test_a_profiler_that_cannot_start_reports_why_at_the_windows_end(monkeypatch, tmp_path):
+    import pretrain.profiling as profiling
+
+    def broken(**kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(profiling, "profile", broken)
+    prof = profiling.StepProfiler(2, tmp_path / "profile", torch.device("cpu"))
+    prof.before_step(2)
+    assert prof.after_step(2) is None and prof.after_step(3) is None
+    prof.before_step(4)
+    assert prof.after_step(4) == {"steps": [2, 4], "error": "RuntimeError: CUPTI unavailable"}
+    assert prof.finish() is None and not (tmp_path / "profile").exists()
+
+
 def test_profile_at_must_not_be_negative(pretrain_shards, tmp_path):
     proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.profile_at=-1", nproc=1, expect_rc=None)
     assert proc.returncode != 0 and "train.profile_at must be >= 0" in proc.stderr
