@@ -85,17 +85,18 @@ def main() -> None:
         p.error("--fasta/--synthetic need --build DIR")
     shards = build(args)
     print(f"shards: {shards}  cpus: {os.cpu_count()}", file=sys.stderr)
-    results = [measure(shards, w, args) for w in args.workers]
+    results = []
+    for workers in args.workers:  # each row appended as measured: a run killed at its time limit keeps the rest
+        results.append(measure(shards, workers, args))
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps({"shards": str(shards), **results[-1]}) + "\n")
     print(f"token_budget {args.token_budget}, sampling {args.sampling}, {args.batches} batches")
     print("| workers | samples/s | tokens/s | samples/s per worker | tokens/s per worker | batch fill | x 200k tok/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['workers']} | {r['samples_per_s']:,} | {r['tokens_per_s']:,} | {r['samples_per_s_per_worker']:,} "
               f"| {r['tokens_per_s_per_worker']:,} | {r['fill']:.3f} | {r['x_trainer_target']} |")
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in results:
-                f.write(json.dumps({"shards": str(shards), **r}) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = os.environ.get("RNALM_GPU_SESSION_TINY") == "1"
 PY = sys.executable
 RESERVE_S = 8.0          # kept back at the end for the last summary
+# trainer runs (the baseline, the levers: one trainer) failing in a row, not out of memory or time: the rest would
+# fail alike, and the device minutes they would take are better left for a fix and a second call
+TRAINER_FAILURES_STOP = 2
 MAX_BUDGET_S = 560.0     # a device call runs at most 600 s, machine start-up of the plan's shell included
 
 
@@ -56,6 +59,7 @@ class Step:
     meta: dict = field(default_factory=dict)
     min_gpu_gib: float = 0.0           # skipped on a GPU with less memory (env.json's memory_total_gib)
     trainer_log: Path | None = None    # where its trainer logs (default: pretrain_bench's run under its TMPDIR)
+    trainer_run: bool = False          # a pretrain_bench run (TRAINER_FAILURES_STOP)
 
 
 class Plan:
@@ -63,6 +67,7 @@ class Plan:
         self.name, self.out, self.work, self.deadline = name, out, work, t0 + budget
         self.log = open(out / "session.log", "a", buffering=1)
         self.summary = {"plan": name, "tiny": TINY, "budget_s": budget, "started": _stamp(t0), "steps": []}
+        self.trainer_failures: list[str] = []   # the trainer runs that failed in a row
         self.write_summary()
 
     def left(self) -> float:
@@ -88,6 +93,9 @@ class Plan:
                           reason=f"needs ~{step.min_gpu_gib:.0f} GiB of GPU memory, this GPU has {gib:.0f}")
         elif room < step.min_seconds:
             record.update(status="skipped", reason=f"{room:.0f} s left, needs {step.min_seconds:.0f}")
+        elif step.trainer_run and len(self.trainer_failures) >= TRAINER_FAILURES_STOP:
+            record.update(status="skipped", reason=f"{' and '.join(self.trainer_failures)} failed (not out of memory "
+                                                   "or time): the same trainer would fail again; fix it first")
         if record.get("status") == "skipped":
             self.say(f"{step.name}: SKIPPED ({record['reason']})")
             self.write_summary()
@@ -107,6 +115,11 @@ class Plan:
             record.update(self._attempt(step, argv, min(step.cap, self.left() - RESERVE_S)), cmd=" ".join(argv))
         if step.result is not None and step.result.exists():
             record["result"] = _read_result(step.result)
+        # failed before writing its numbers (after them: the padded baseline's, not the trainer's)
+        if step.trainer_run and record["status"] == "failed" and not record.get("oom") and "result" not in record:
+            self.trainer_failures.append(step.name)
+        elif step.trainer_run and record["status"] == "ok":
+            self.trainer_failures = []
         self.write_summary()
         return record
 
@@ -121,10 +134,15 @@ class Plan:
         tmp = self.work / step.name / "tmp"   # a failed pretrain_bench leaves its trainer log here
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
+        # JIT-built ops (FusedAdam; on CPUs DeepSpeed's comm op, ~25-60 s each time) are built once per plan. Steps
+        # run one at a time and a killed step's whole process tree is gone, so a lock found now is a killed
+        # build's, which every later build would wait on
+        extensions = self.work / "torch_extensions"
+        for lock in extensions.rglob("lock"):
+            lock.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning",
                    TORCHINDUCTOR_CACHE_DIR=str(self.work / "inductor"),   # shared: a 2nd compile reuses kernels
-                   # its own: a build killed with the step (FusedAdam's JIT) leaves a lock a later build waits on
-                   TORCH_EXTENSIONS_DIR=str(tmp.parent / f"torch_extensions_{t0:.0f}"))
+                   TORCH_EXTENSIONS_DIR=str(extensions))
         self.say(f"{step.name}: start (timeout {timeout:.0f} s): {' '.join(argv)}")
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
@@ -147,7 +165,7 @@ class Plan:
             result["cut_by_deadline"] = True
         if status != "ok":
             result.update(tail=list(tail)[-15:], oom=oom.is_set())
-            steps = _partial_trainer_steps(tmp, step.trainer_log)
+            steps = _partial_trainer_steps(tmp, t0, step.trainer_log)
             if steps:
                 result["partial_trainer_steps"] = steps
         self.say(f"{step.name}: {status.upper()} (rc {proc.returncode}) in {seconds} s")
@@ -213,10 +231,12 @@ def _read_result(path: Path):
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _partial_trainer_steps(tmp: Path, log: Path | None = None) -> list[dict]:
-    """Per-step lines of `log`, or of the newest trainer log a failed or killed step left under its TMPDIR."""
+def _partial_trainer_steps(tmp: Path, since: float, log: Path | None = None) -> list[dict]:
+    """Per-step lines of `log`, or of the newest trainer log a failed or killed step left under its TMPDIR, written
+    since the step started (a warm machine keeps an earlier call's)."""
     logs = [log] if log is not None and log.exists() else sorted(tmp.glob("*/run/log.jsonl"),
                                                                   key=lambda p: p.stat().st_mtime)
+    logs = [p for p in logs if p.stat().st_mtime >= since - 1]
     if not logs:
         return []
     keys = ("step", "loss", "tokens_per_s", "mfu", "step_seconds", "step_tokens", "loader_wait_s", "memory_peak_bytes")
@@ -258,7 +278,7 @@ def session_steps(out: Path, work: Path) -> list[Step]:
             Step("pretrain_bench", [PY, "bench/pretrain_bench.py", *pretrain, "--shards", str(work / "shards"),
                                     "--corpus", str(corpus()), "--out", str(out / "pretrain_bench.json")],
                  cap=300, min_seconds=90, result=out / "pretrain_bench.json",
-                 oom_retry=["--set", "model.activation_checkpointing=true"]),
+                 oom_retry=["--set", "model.activation_checkpointing=true"], trainer_run=True),
             Step("model_bench", [PY, "bench/model_bench.py", *model, "--corpus", str(corpus()),
                                  "--out", str(out / "model_bench.json")], cap=150, result=out / "model_bench.json"),
             *[lever_step(name, work) for name in wanted_levers()]]
@@ -331,7 +351,7 @@ def lever_step(name: str, work: Path) -> Step:
                 cap=240 if slow_start else 150, result=result,
                 min_seconds=10 if TINY else 150 if slow_start else LEVER_MIN_SECONDS.get(name, 75),
                 meta={"lever": LEVERS[name]}, oom_retry=["--set", "model.activation_checkpointing=true"],
-                min_gpu_gib=0.0 if TINY else LEVER_MIN_GPU_GIB.get(name, 0.0))
+                min_gpu_gib=0.0 if TINY else LEVER_MIN_GPU_GIB.get(name, 0.0), trainer_run=True)
 
 
 def lever_steps(out: Path, work: Path) -> list[Step]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -108,25 +107,18 @@ def leftovers(marker: Path) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if str(marker) in " ".join(p.info["cmdline"] or [])]
 
 
-def test_a_step_past_its_time_is_killed_with_its_trainer_ranks_and_keeps_the_logged_steps(ncrna_fasta, tmp_path,
-                                                                                          monkeypatch):
-    """A real pretrain_bench (torchrun: the ranks run in sessions of their own) stopped by the step's timeout."""
+def test_a_step_past_its_time_is_killed_with_its_trainer_ranks_and_keeps_the_logged_steps(ncrna_fasta, tmp_path):
+    """A real pretrain_bench (torchrun: the ranks run in sessions of their own) stopped by the step's timeout.
+    The plan's TORCH_EXTENSIONS_DIR is its own: DeepSpeed's CPU comm op is built first (~25 s on 2 idle cores)."""
     from bench.gpu.runner import Plan, Step
 
-    # DeepSpeed JIT-builds a CPU comm op under a lock file at start-up; a SIGKILL during that build would leave
-    # the lock behind and hang every later trainer sharing the cache, so this test's trainer gets a private copy
-    shared_cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    private = tmp_path / "torch_extensions"
-    if shared_cache.is_dir():
-        shutil.copytree(shared_cache, private, ignore=shutil.ignore_patterns("lock"))
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(private))
     out, work = tmp_path / "out", tmp_path / "work"
     out.mkdir()
     plan = Plan("t", out, work, time.time(), budget=200)
     argv = [sys.executable, "bench/pretrain_bench.py", "--tiny", "--steps", "100000", "--warmup", "1",
             "--skip-padded", "--corpus", str(ncrna_fasta)]
-    record = plan.run(Step("killed", argv, cap=60, min_seconds=1))   # (the copy may need its own op build)
-    assert record["status"] == "timeout" and record["seconds"] < 75
+    record = plan.run(Step("killed", argv, cap=90, min_seconds=1))
+    assert record["status"] == "timeout" and record["seconds"] < 105
     steps = record["partial_trainer_steps"]
     assert len(steps) >= 1 and steps[0]["step"] == 1 and steps[-1]["tokens_per_s"] > 0
     time.sleep(1)
@@ -207,6 +199,23 @@ def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budg
     assert "RNALM_GPU_LEVERS=zero2 bash bench/gpu/levers.sh" in (tmp_path / "session.log").read_text()
 
 
+def test_a_killed_builds_lock_is_removed_before_the_next_step_and_the_ops_built_are_kept(tmp_path):
+    """Each step had a TORCH_EXTENSIONS_DIR of its own (a build killed with its step leaves a lock every later
+    build waits on): every trainer start rebuilt DeepSpeed's CPU comm op, ~25-60 s, and the tiny plans' steps
+    timed out on a loaded machine. Now one per plan; a lock found before a step is a killed build's."""
+    from bench.gpu.runner import Plan, Step
+
+    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
+    op = tmp_path / "work" / "torch_extensions" / "deepspeed_shm_comm"
+    op.mkdir(parents=True)
+    (op / "lock").touch()
+    (op / "deepspeed_shm_comm.so").touch()
+    script = "import os; print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    record = plan.run(Step("x", [sys.executable, "-c", script], cap=30, min_seconds=1))
+    assert record["status"] == "ok" and not (op / "lock").exists() and (op / "deepspeed_shm_comm.so").exists()
+    assert f"x | {op.parent}" in (tmp_path / "session.log").read_text()
+
+
 def test_a_lever_cut_short_by_the_deadline_is_left_for_the_next_call_and_one_past_its_cap_is_not(tmp_path):
     """A lever killed when the plan's time ran out was neither measured nor named for the second call."""
     from bench.gpu.runner import RESERVE_S, Plan, Step
@@ -220,6 +229,30 @@ def test_a_lever_cut_short_by_the_deadline_is_left_for_the_next_call_and_one_pas
         assert record["status"] == "timeout" and record.get("cut_by_deadline", False) == (left is not None)
         plan.finish()
         assert summary(out).get("levers_left") == left
+
+
+def test_after_two_trainer_runs_fail_alike_the_levers_left_are_skipped_for_a_second_call(tmp_path):
+    """A trainer that fails at start (a bad wheel, an API the device's torch lacks) failed every lever in turn,
+    ~40 s each on the H200: twelve of them are the whole call. An OOM is the lever's own and does not count."""
+    from bench.gpu.runner import Plan, Step
+
+    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=120)
+
+    def trainer(name: str, script: str, lever: bool = True) -> dict:
+        return plan.run(Step(name, [sys.executable, "-c", script], cap=30, min_seconds=1, trainer_run=True,
+                             meta={"lever": []} if lever else {}))
+
+    fail, oom = "raise SystemExit('ImportError: cannot import name')", "print('CUDA out of memory'); exit(1)"
+    assert trainer("pretrain_bench", fail, lever=False)["status"] == "failed"
+    assert trainer("compile", "pass")["status"] == "ok"                   # an ok run: the count starts again
+    assert [trainer(n, s)["status"] for n, s in (("zero2", fail), ("accum5", oom), ("budget16k", fail))] == \
+        ["failed", "failed", "failed"]
+    assert plan.run(Step("model_bench", [sys.executable, "-c", "pass"], cap=30, min_seconds=1))["status"] == "ok"
+    skipped = trainer("adamw_unfused", "pass")
+    assert skipped["status"] == "skipped", skipped
+    assert skipped["reason"].startswith("zero2 and budget16k failed (not out of memory or time)")
+    plan.finish()
+    assert summary(tmp_path)["levers_left"] == ["adamw_unfused"]
 
 
 def test_a_failed_step_keeps_the_result_it_wrote_and_is_not_retried_for_an_oom_after_it(tmp_path):
@@ -293,3 +326,16 @@ def test_tiny_mode_runs_an_attention_lever_on_the_cpus_backend(monkeypatch):
     monkeypatch.setattr(runner, "TINY", True)
     assert runner.lever_overrides("attn_no_dropout") == ["model.attention_backend=sdpa"]
     assert runner.lever_overrides("budget16k") == ["data.token_budget=1024"]
+
+
+def test_a_trainer_log_from_before_the_step_is_not_taken_for_its_own(tmp_path):
+    """On a warm machine a lever rerun in call 2 that died before logging reported call 1's steps as its own."""
+    from bench.gpu.runner import _partial_trainer_steps
+
+    log = tmp_path / "tmpdir1" / "run" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n" + json.dumps({"event": "done"}) + "\n")
+    os.utime(log, (time.time() - 300, time.time() - 300))
+    assert _partial_trainer_steps(tmp_path, since=time.time()) == []
+    os.utime(log)
+    assert [r["step"] for r in _partial_trainer_steps(tmp_path, since=time.time() - 5)] == [1]
