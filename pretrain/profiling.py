@@ -117,9 +117,9 @@ class StepProfiler:
             self.first = self.seen = step
             self.last = step + PROFILE_STEPS - 1
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._sync()  # a device error here is the run's, not the profiler's
             try:
                 self.prof = profile(activities=activities)
-                self._sync()
                 self.prof.__enter__()
             except Exception as e:  # diagnostics: training goes on without them
                 self.prof, self.done, self.error = None, True, f"{type(e).__name__}: {e}"
@@ -141,14 +141,16 @@ class StepProfiler:
         self.done = True
         prof, self.prof = self.prof, None
         try:
-            return self._summarise(prof)
+            self._sync()  # a device error here is the run's, not the profiler's: it goes on up, the profiler stopped
+            wall = time.perf_counter() - self.t0
+        finally:
+            error = _stop(prof)
+        try:
+            return {"steps": [self.first, self.seen], "error": error} if error else self._summarise(prof, wall)
         except Exception as e:
             return {"steps": [self.first, self.seen], "error": f"{type(e).__name__}: {e}"}
 
-    def _summarise(self, prof: profile) -> dict:
-        self._sync()
-        wall = time.perf_counter() - self.t0
-        prof.__exit__(None, None, None)
+    def _summarise(self, prof: profile, wall: float) -> dict:
         self.folder.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(self.folder / "trace.json.gz"))
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
@@ -166,3 +168,12 @@ class StepProfiler:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _stop(prof: profile) -> str | None:
+    """Stop the profiler; why it failed to, if it did."""
+    try:
+        prof.__exit__(None, None, None)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"

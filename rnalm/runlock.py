@@ -21,7 +21,7 @@ from pathlib import Path
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
-GUARD_STALE_S = 10.0
+GUARD_STALE_S = 60.0   # a takeover guard held this long (seen unchanged) is a crashed run's
 
 
 class RunLockError(RuntimeError):
@@ -85,6 +85,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mine: dict | None = None
+        self._guard_seen: tuple[tuple[int, int], float] | None = None   # a takeover guard: (inode, mtime), since
 
     def acquire(self) -> str | None:
         """Take the lock (raises RunLockError when another live run holds it); returns why an earlier
@@ -155,9 +156,8 @@ class RunLock:
         try:
             os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
-            self._remove_stale_guard(guard)
-            time.sleep(0.05)  # another run is taking over: the caller reads the lock again
-            return
+            self._wait_on_guard(guard)
+            return  # the caller reads the lock again
         try:
             if self.path.read_text() == text:
                 self.path.unlink()
@@ -166,14 +166,22 @@ class RunLock:
         finally:
             guard.unlink(missing_ok=True)
 
-    @staticmethod
-    def _remove_stale_guard(guard: Path) -> None:
-        """A guard is held for milliseconds: one older than GUARD_STALE_S is a crashed run's."""
+    def _wait_on_guard(self, guard: Path) -> None:
+        """Another run is taking over, for milliseconds. A guard seen unchanged (same file, same mtime) for
+        GUARD_STALE_S by this process's own clock is a crashed run's and is removed: the file server's clock, which
+        stamps the mtime, may run apart from this node's. (Two runs removing one crashed run's guard at once could
+        still both take over: a crash within those milliseconds, then starts at the same instant.)"""
         try:
-            if time.time() - guard.stat().st_mtime > GUARD_STALE_S:
-                guard.unlink()
+            st = guard.stat()
         except FileNotFoundError:
-            pass
+            return
+        seen = (st.st_ino, st.st_mtime_ns)
+        if self._guard_seen is None or self._guard_seen[0] != seen:
+            self._guard_seen = (seen, time.monotonic())
+        elif time.monotonic() - self._guard_seen[1] > GUARD_STALE_S:
+            guard.unlink(missing_ok=True)
+            self._guard_seen = None
+        time.sleep(0.05)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

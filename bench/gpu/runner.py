@@ -134,12 +134,10 @@ class Plan:
         tmp = self.work / step.name / "tmp"   # a failed pretrain_bench leaves its trainer log here
         tmp.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        # JIT-built ops (FusedAdam; on CPUs DeepSpeed's comm op, ~25-60 s each time) are built once per plan. Steps
-        # run one at a time and a killed step's whole process tree is gone, so a lock found now is a killed
-        # build's, which every later build would wait on
-        extensions = self.work / "torch_extensions"
-        for lock in extensions.rglob("lock"):
-            lock.unlink(missing_ok=True)
+        # JIT-built ops: on the GPU a dir of its own per step (only FusedAdam's lever builds; a build killed with its
+        # step leaves a lock every later build would wait on); on CPUs (tiny mode: tests, rehearsals) every trainer
+        # start builds DeepSpeed's comm op, 25-60 s, so the plan's steps share one
+        extensions = self.work / "torch_extensions" if TINY else tmp.parent / f"torch_extensions_{t0:.0f}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp), PYTHONWARNINGS="ignore::FutureWarning",
                    TORCHINDUCTOR_CACHE_DIR=str(self.work / "inductor"),   # shared: a 2nd compile reuses kernels
                    TORCH_EXTENSIONS_DIR=str(extensions))

@@ -40,9 +40,10 @@ def ranks_per_node(tasks_per_node: list[int], distribution: str = "block",
                    plane_size: int | None = None) -> list[list[int]] | None:
     """Each node's global ranks in local-rank order, as srun deals them out under `distribution` (Slurm's
     SLURM_DISTRIBUTION, e.g. "cyclic:block,Pack"; plane's size comes apart, as SLURM_DIST_PLANESIZE); None for
-    arbitrary, where the hostfile decides."""
+    arbitrary, where the hostfile decides. The step's tasks per node are taken to be the allocation's, as in
+    jobs of whole GPU nodes (under plane, Slurm counts them from the nodes' CPUs, which can differ)."""
     level = distribution.split(",")[0].split(":")[0].strip().lower()
-    if level in ("", "*", "block"):
+    if level in ("", "*", "block", "pack", "nopack"):   # pack/nopack alone keep the default, block
         deal = max(tasks_per_node, default=1)
     elif level == "cyclic":
         deal = 1
@@ -51,7 +52,7 @@ def ranks_per_node(tasks_per_node: list[int], distribution: str = "block",
         if not str(size).isdigit() or int(size) < 1:
             raise ValueError(f"distribution {distribution!r} without a plane size (SLURM_DIST_PLANESIZE)")
         deal = int(size)
-    elif level == "arbitrary":
+    elif level in ("arbitrary", "hostfile"):
         return None
     else:
         raise ValueError(f"unknown Slurm distribution {distribution!r}")

@@ -199,21 +199,20 @@ def test_out_of_memory_is_retried_once_with_the_extra_arguments_and_a_short_budg
     assert "RNALM_GPU_LEVERS=zero2 bash bench/gpu/levers.sh" in (tmp_path / "session.log").read_text()
 
 
-def test_a_killed_builds_lock_is_removed_before_the_next_step_and_the_ops_built_are_kept(tmp_path):
-    """Each step had a TORCH_EXTENSIONS_DIR of its own (a build killed with its step leaves a lock every later
-    build waits on): every trainer start rebuilt DeepSpeed's CPU comm op, ~25-60 s, and the tiny plans' steps
-    timed out on a loaded machine. Now one per plan; a lock found before a step is a killed build's."""
-    from bench.gpu.runner import Plan, Step
+@pytest.mark.parametrize("tiny", [True, False])
+def test_jit_built_ops_are_shared_by_the_steps_of_a_cpu_plan_and_kept_apart_on_the_gpu(tmp_path, monkeypatch, tiny):
+    """A TORCH_EXTENSIONS_DIR per step made every trainer start of the CPU plans rebuild DeepSpeed's comm op
+    (25-60 s): their steps timed out on a loaded machine. On the GPU a step keeps its own: a build killed with its
+    step (FusedAdam's) leaves a lock that a later build would wait on."""
+    import bench.gpu.runner as runner
 
-    plan = Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
-    op = tmp_path / "work" / "torch_extensions" / "deepspeed_shm_comm"
-    op.mkdir(parents=True)
-    (op / "lock").touch()
-    (op / "deepspeed_shm_comm.so").touch()
-    script = "import os; print(os.environ['TORCH_EXTENSIONS_DIR'])"
-    record = plan.run(Step("x", [sys.executable, "-c", script], cap=30, min_seconds=1))
-    assert record["status"] == "ok" and not (op / "lock").exists() and (op / "deepspeed_shm_comm.so").exists()
-    assert f"x | {op.parent}" in (tmp_path / "session.log").read_text()
+    monkeypatch.setattr(runner, "TINY", tiny)
+    plan = runner.Plan("t", tmp_path, tmp_path / "work", time.time(), budget=60)
+    script = [sys.executable, "-c", "import os; print('ext', os.environ['TORCH_EXTENSIONS_DIR'])"]
+    for name in ("a", "b"):
+        assert plan.run(runner.Step(name, script, cap=30, min_seconds=1))["status"] == "ok"
+    dirs = [line.split("ext ")[1] for line in (tmp_path / "session.log").read_text().splitlines() if "| ext " in line]
+    assert len(dirs) == 2 and (dirs[0] == dirs[1]) == tiny, dirs
 
 
 def test_a_lever_cut_short_by_the_deadline_is_left_for_the_next_call_and_one_past_its_cap_is_not(tmp_path):

@@ -62,6 +62,8 @@ def test_inconsistent_layout_is_rejected_with_reason(tmp_path, hosts, tasks, mes
     ("block:block", None, [[0, 1, 2], [3, 4, 5], [6]]),
     ("cyclic", None, [[0, 3, 5], [1, 4, 6], [2]]),
     ("cyclic:block,Pack", None, [[0, 3, 5], [1, 4, 6], [2]]),
+    ("nopack", None, [[0, 1, 2], [3, 4, 5], [6]]),   # Slurm takes pack/nopack alone: the default, block
+    ("hostfile", None, None),
     ("plane=2", None, [[0, 1, 5], [2, 3, 6], [4]]),
     ("plane", 2, [[0, 1, 5], [2, 3, 6], [4]]),   # as srun exports it: SLURM_DISTRIBUTION=plane, SLURM_DIST_PLANESIZE=2
     ("arbitrary", None, None),

@@ -107,6 +107,17 @@ def test_a_profiler_that_cannot_start_reports_why_at_the_windows_end(monkeypatch
     assert prof.finish() is None and not (tmp_path / "profile").exists()
 
 
+def test_a_device_error_at_the_windows_end_is_the_runs_and_not_a_profiler_warning(monkeypatch, tmp_path):
+    import pretrain.profiling as profiling
+
+    prof = profiling.StepProfiler(1, tmp_path / "profile", torch.device("cpu"))
+    prof.before_step(1)
+    monkeypatch.setattr(prof, "_sync", lambda: (_ for _ in ()).throw(RuntimeError("CUDA error: illegal address")))
+    with pytest.raises(RuntimeError, match="illegal address"):
+        prof.finish()
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
 def test_profile_at_must_not_be_negative(pretrain_shards, tmp_path):
     proc = run_trainer(pretrain_shards, tmp_path / "run", "--train.profile_at=-1", nproc=1, expect_rc=None)
     assert proc.returncode != 0 and "train.profile_at must be >= 0" in proc.stderr

@@ -133,17 +133,29 @@ def test_of_three_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, m
         attempt("B", b)
         return judge(*args)
 
-    def c_starts_meanwhile(src, dst):  # when A moves a file (B holds the lock by then), C starts right after
-        rename(src, dst)
+    def c_starts(*args):  # once B holds the lock, C starts as A moves the lock or reads it again to check it
         if "B" in outcome and "C" not in outcome:
+            outcome["C"] = "starting"
             attempt("C", c)
 
+    def renaming(src, dst):
+        rename(src, dst)
+        c_starts()
+
+    def reading(path, *args, **kwargs):
+        text = read_text(path, *args, **kwargs)
+        if path == tmp_path / LOCK_NAME:
+            c_starts()
+        return text
+
+    read_text = Path.read_text
     monkeypatch.setattr(runlock, "holder_gone", b_takes_over_first)
-    monkeypatch.setattr(runlock.os, "rename", c_starts_meanwhile)
+    monkeypatch.setattr(runlock.os, "rename", renaming)
+    monkeypatch.setattr(Path, "read_text", reading)
     attempt("A", a)
+    monkeypatch.setattr(Path, "read_text", read_text)
     monkeypatch.setattr(runlock.os, "rename", rename)
-    if "C" not in outcome:
-        attempt("C", c)
+    assert "C" in outcome   # C started inside A's takeover
     assert outcome == {"B": "no heartbeat for 185 s", "A": "refused", "C": "refused"}, outcome
     assert json.loads((tmp_path / LOCK_NAME).read_text()) == b._mine
     for lock in (a, b, c):
@@ -151,12 +163,17 @@ def test_of_three_runs_taking_over_one_gone_holder_only_one_holds_it(tmp_path, m
     assert not (tmp_path / LOCK_NAME).exists() and os.listdir(tmp_path) == []
 
 
-def test_a_takeover_guard_left_by_a_crashed_run_is_removed_after_a_while(tmp_path, monkeypatch):
+def test_a_takeover_guard_left_by_a_crashed_run_is_removed_after_it_was_seen_unchanged_a_while(tmp_path,
+                                                                                                 monkeypatch):
+    """Judged by how long this process saw it, not by its mtime: a file server's clock 11 s behind this node's made
+    a guard taken a moment ago look 11 s old, and two runs took the lock over."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setattr(runlock, "GUARD_STALE_S", 0.5)
     holder(tmp_path, pid=dead_pid())
     guard = tmp_path / f".{LOCK_NAME}.takeover"
-    guard.touch()                                      # a run that crashed while taking over
+    guard.touch()                                      # a run that crashed while taking over, a day ago
+    old = time.time() - 86400
+    os.utime(guard, (old, old))
     lock, start = RunLock(tmp_path), time.monotonic()
     assert lock.acquire().endswith("on this host has ended")
     assert time.monotonic() - start >= 0.5 and not guard.exists()
