@@ -280,3 +280,13 @@ def test_target_rank_labels_follow_the_jobs_cyclic_distribution(slurm, tmp_path)
     assert labelled == placed and info["JobState"] == "COMPLETED", (labelled, placed, info)
     ports = {int(g["labels"]["rank"]): int(g["targets"][0].rsplit(":", 1)[1]) for g in groups}
     assert ports[2] - ports[0] == 1 == ports[3] - ports[1] and ports[1] == ports[0], ports   # port_base + local rank
+
+
+def test_an_ntasks_below_the_allocations_task_slots_is_refused_before_srun(slurm, tmp_path):
+    """`--nodes=2 --ntasks-per-node=2 --ntasks=3`: Slurm 22.05 gives the job SLURM_TASKS_PER_NODE=2(x2) with
+    SLURM_NTASKS=3, and srun lays the 3 ranks out by its own rules: the targets named a rank 3 that never ran."""
+    job_id = submit(slurm, tmp_path / "shards", tmp_path, sbatch_args=("--nodes=2", "--ntasks=3"))
+    info = slurm.wait_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=60)
+    text = batch_output(tmp_path, job_id)
+    assert info["JobState"] == "FAILED" and "the job has 3 tasks but tasks per node 2(x2) (4 task slots)" in text, text
+    assert not (tmp_path / "out" / "log.jsonl").exists() and not list((tmp_path / "targets").glob("*.json"))
