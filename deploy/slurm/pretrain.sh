@@ -143,27 +143,24 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}   # a hung collective kills the job
 export PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1
 
-# srun lays the job's SLURM_NTASKS ranks out over the allocation's tasks per node, and the Prometheus targets
-# (prom_targets.py) follow that layout: with --ntasks below nodes x --ntasks-per-node the ranks would fill the
-# slots by Slurm's own rules, which leave a GPU idle and name targets of ranks that do not exist.
-IFS=, read -ra TASK_COUNTS <<< "$SLURM_TASKS_PER_NODE"
-TASK_SLOTS=0
-for n in "${TASK_COUNTS[@]}"; do
-  [[ $n =~ ^([0-9]+)(\(x([0-9]+)\))?$ ]] || die "cannot read SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE"
-  TASK_SLOTS=$((TASK_SLOTS + BASH_REMATCH[1] * ${BASH_REMATCH[3]:-1}))
-done
-[ "$TASK_SLOTS" = "$SLURM_NTASKS" ] || die "the job has $SLURM_NTASKS tasks but tasks per node $SLURM_TASKS_PER_NODE" \
-  "($TASK_SLOTS task slots): give --nodes and --ntasks-per-node, without an --ntasks below their product"
 GPUS=${SLURM_GPUS_ON_NODE:-0}
 [ "$GPUS" -gt 0 ] 2>/dev/null || GPUS=0
 # One rank per GPU, rank LOCAL_RANK on cuda:LOCAL_RANK: more tasks than GPUs on a node fail in start-up
 # (invalid device ordinal), fewer leave GPUs idle. Typical cause: --gpus-per-node=4 without --ntasks-per-node=4.
-if [ "$GPUS" -gt 0 ]; then
-  for n in "${TASK_COUNTS[@]}"; do
-    [ "${n%%(*}" = "$GPUS" ] || die "$GPUS GPU(s) per node but tasks per node $SLURM_TASKS_PER_NODE: one task per" \
-      "GPU is needed; give both, e.g. sbatch --gpus-per-node=$GPUS --ntasks-per-node=$GPUS ..."
-  done
-fi
+# And srun lays the job's SLURM_NTASKS ranks out over the allocation's tasks per node, which the Prometheus targets
+# (prom_targets.py) follow: with --ntasks below nodes x --ntasks-per-node the ranks would fill the slots by
+# Slurm's own rules, which leave a GPU idle and name targets of ranks that do not exist.
+IFS=, read -ra TASK_COUNTS <<< "$SLURM_TASKS_PER_NODE"
+TASK_SLOTS=0
+for n in "${TASK_COUNTS[@]}"; do
+  [[ $n =~ ^([0-9]+)(\(x([0-9]+)\))?$ ]] || die "cannot read SLURM_TASKS_PER_NODE=$SLURM_TASKS_PER_NODE"
+  [ "$GPUS" = 0 ] || [ "${BASH_REMATCH[1]}" = "$GPUS" ] || die "$GPUS GPU(s) per node but tasks per node" \
+    "$SLURM_TASKS_PER_NODE: one task per GPU is needed; give both, e.g. sbatch --gpus-per-node=$GPUS" \
+    "--ntasks-per-node=$GPUS ..."
+  TASK_SLOTS=$((TASK_SLOTS + BASH_REMATCH[1] * ${BASH_REMATCH[3]:-1}))
+done
+[ "$TASK_SLOTS" = "$SLURM_NTASKS" ] || die "the job has $SLURM_NTASKS tasks but tasks per node $SLURM_TASKS_PER_NODE" \
+  "($TASK_SLOTS task slots): give --nodes and --ntasks-per-node, without an --ntasks below their product"
 log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: ${#HOSTS[@]} node(s) [${HOSTS[*]}], $WORLD_SIZE ranks," \
     "$GPUS GPU(s)/node$([ "$GPUS" = 0 ] && echo ' (CPU mode)'), master $MASTER_ADDR:$MASTER_PORT"
 log "config $CONFIG ${OVERRIDES[*]:-}"
