@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pretrain.data import DataConfig
 from pretrain.data.masking import MASK_TOKEN_SHARE
@@ -56,6 +56,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    RETIRED: ClassVar[dict[str, str]] = {  # keys of older configs: what a run's config.yaml holding one should say
+        "valid_max_batches": "it counted batches per rank; train.valid_max_records counts records at any world size"}
     out_dir: str = "runs/pretrain"
     max_steps: int = 76_000               # optimizer steps (RiNALMo: ~76k steps of 1344 sequences; a step here is
                                           # tokens, see docs/pretrain.md "Batch size and epochs")
@@ -70,7 +72,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10                   # progress line on stderr; log.jsonl gets every step
     valid_every: int = 1000               # 0: never
-    valid_max_batches: int = 200          # per rank; 0: the whole held-out split
+    valid_max_records: int = 50_000       # the held-out split's first N records (seeded order), shared by the
+                                          # ranks: the same records at any world size; 0: the whole split
     valid_split: str = "valid"
     valid_sampling: Literal["cluster", "uniform"] = "uniform"
     max_nonfinite_in_row: int = 10        # stop the run after this many skipped steps in a row
@@ -115,7 +118,7 @@ class PretrainConfig:
         t, o = self.train, self.optim
         least = {"train.grad_accum": (t.grad_accum, 1), "train.max_steps": (t.max_steps, 1),
                  "train.log_every": (t.log_every, 1), "train.stop_after": (t.stop_after, 1),
-                 "train.valid_every": (t.valid_every, 0), "train.valid_max_batches": (t.valid_max_batches, 0),
+                 "train.valid_every": (t.valid_every, 0), "train.valid_max_records": (t.valid_max_records, 0),
                  "checkpoint.every": (self.checkpoint.every, 0), "checkpoint.keep": (self.checkpoint.keep, 1),
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
@@ -146,9 +149,10 @@ class PretrainConfig:
         return replace(self.model.build(), mask_ratio_train=self.data.mask_prob * MASK_TOKEN_SHARE)
 
     def valid_data(self) -> DataConfig:
-        """The held-out split: one deterministic pass, every record (not one per cluster)."""
+        """The held-out split: one deterministic pass over its first valid_max_records records (every one, not one
+        per cluster, unless valid_sampling says so)."""
         return replace(self.data, split=self.train.valid_split, sampling=self.train.valid_sampling,
-                       infinite=False)
+                       infinite=False, max_records=self.train.valid_max_records)
 
 
 # Keys the trainer owns; a DeepSpeed JSON that sets them is rejected so there is one source of truth.

@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     print(f"   {py} -m finetune embed --model={paths['model']} --fasta=YOUR.fa --out=emb")
     print(f"   {py} -m finetune classify train --model.path={paths['model']} --data.train=YOURS.csv "
           "--data.test=TEST.csv   (columns sequence,label)")
-    print(f"   {py} -m pretrain.evaluate {paths['model']} --config {paths['pretrain'] / 'config.yaml'} "
-          f"--world_size {args.nproc}   (the run's validation, again)")
+    print(f"   {py} -m pretrain.evaluate {paths['model']} --config {paths['pretrain'] / 'config.yaml'}"
+          "   (the run's validation, again)")
     print('   your own data, at scale: README.md "From FASTA to a fine-tuned model"')
     return paths
 

@@ -1,16 +1,16 @@
 """The trainer's validation, offline, for any released weights: masked-LM loss, perplexity and accuracy on a shard
 set's held-out split, with the run's crops and masks (they are keyed by record, so every model sees the same).
 
-    python -m pretrain.evaluate WEIGHTS --config RUN/config.yaml [--section.key=value ...] [--world_size N]
+    python -m pretrain.evaluate WEIGHTS --config RUN/config.yaml [--section.key=value ...]
         [--device auto|cpu|cuda] [--dtype float32|bfloat16]
 
 WEIGHTS: a `pretrain.convert` directory, the original's `.pt` or multimolecule weights (rnalm.io.read_weights;
 the head count of a .pt or a bare multimolecule file, which do not record it, is the config's). --config is
 required: the run's config.yaml, or pretrain/configs/<preset>.yaml with --data.shards=DIR. One process, no
 DeepSpeed, CPU or one GPU.
-The trainer validates each rank's first `train.valid_max_batches` batches: `--world_size` = the run's ranks gives
-its logged number exactly (a converted checkpoint must reproduce it); `--train.valid_max_batches=0` scores the
-whole split. Compare models on one config: the released RiNALMo and a continued pretraining, say.
+The trainer validates the held-out split's first `train.valid_max_records` records at any world size, so the
+run's config gives its logged number (a converted checkpoint must reproduce it); `--train.valid_max_records=0`
+scores the whole split. Compare models on one config: the released RiNALMo and a continued pretraining, say.
 """
 from __future__ import annotations
 
@@ -35,26 +35,22 @@ from rnalm.model import RiNALMo
 
 
 @torch.no_grad()
-def validation(model: RiNALMo, cfg: PretrainConfig, world_size: int = 1) -> dict[str, Any]:
-    """Every rank's share of the held-out split, as the trainer reads it (its first valid_max_batches batches)."""
+def validation(model: RiNALMo, cfg: PretrainConfig) -> dict[str, Any]:
+    """The trainer's validation: the held-out split's first valid_max_records records (0: all), whatever the
+    run's world size (ranks share those records; crops and masks are keyed by record)."""
     device = next(model.parameters()).device
     sums = [0.0, 0.0, 0, 0]  # ce, correct, masked, records
-    unreadable: set[str] = set()
     data = replace(cfg.valid_data(), pin_memory=device.type == "cuda")  # --device=cpu on a GPU host: no pinning
-    for rank in range(world_size):
-        loader = PretrainLoader(data, rank=rank, world_size=world_size)
-        for i, batch in enumerate(loader):
-            if i == cfg.train.valid_max_batches > 0:  # 0: the whole split
-                break
-            batch = batch.to(device)
-            index = masked_index(batch)
-            ce, correct = mlm_sums(model.forward_packed(batch, logits_index=index).logits, batch.targets[index])
-            for k, v in enumerate((ce.item(), correct.item(), index.numel(), batch.num_sequences)):
-                sums[k] += v
-        unreadable |= set(loader.stats["corrupt_shards"])
+    loader = PretrainLoader(data)
+    for batch in loader:
+        batch = batch.to(device)
+        index = masked_index(batch)
+        ce, correct = mlm_sums(model.forward_packed(batch, logits_index=index).logits, batch.targets[index])
+        for k, v in enumerate((ce.item(), correct.item(), index.numel(), batch.num_sequences)):
+            sums[k] += v
     if not sums[2]:
         raise ValueError(f"{cfg.data.shards}: no masked token in the '{cfg.train.valid_split}' split")
-    return {**validation_summary(*sums), "corrupt_shards_skipped": len(unreadable)}
+    return {**validation_summary(*sums), "corrupt_shards_skipped": len(loader.stats["corrupt_shards"])}
 
 
 def load_weights(path: str, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> RiNALMo:
@@ -82,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument("weights")
-    parser.add_argument("--world_size", type=int, default=1, help="replay a run of this many ranks (default 1)")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     argv = sys.argv[1:] if argv is None else argv
@@ -90,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         from_cli(PretrainConfig, ["--help"], prog="python -m pretrain.evaluate WEIGHTS --config RUN/config.yaml")
     args, rest = parser.parse_known_args(argv)
-    if args.world_size < 1:
-        parser.error(f"--world_size ({args.world_size}) must be >= 1")
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
         parser.error("--config is required: a run's config.yaml (its shards, crops and masks), or "
                      "pretrain/configs/<preset>.yaml with --data.shards=DIR")
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "cpu" if args.device == "auto" else args.device)
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))
         t0 = time.perf_counter()
-        result = validation(model, cfg, args.world_size)
+        result = validation(model, cfg)
         if note := other_shards_note(args.weights, cfg.data.shards):
             print(note, file=sys.stderr)
         if not math.isfinite(result["loss"]):
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(weights=args.weights, shards=cfg.data.shards, split=cfg.train.valid_split,
-                  world_size=args.world_size, valid_max_batches=cfg.train.valid_max_batches, dtype=args.dtype,
+                  valid_max_records=cfg.train.valid_max_records, dtype=args.dtype,
                   seconds=round(time.perf_counter() - t0, 3))
     print(f"{args.weights}: loss {result['loss']:.4f} | ppl {result['perplexity']:.3f} | acc {result['accuracy']:.3%} "
           f"| {result['masked_tokens']:,} masked tokens in {result['records']:,} records", file=sys.stderr)

@@ -465,11 +465,9 @@ class Trainer:
         valid = PretrainLoader(cfg.valid_data(), rank=self.rank, world_size=self.world)
         loader = iter(valid)
         sums = torch.zeros(4, dtype=torch.float64, device=dev)  # ce, correct, masked, records
-        batches = 0
         with torch.no_grad():
             while True:
-                limit = cfg.train.valid_max_batches
-                b = _next_batch(loader, None) if not limit or batches < limit else None
+                b = _next_batch(loader, None)
                 if _all_reduce(torch.tensor([float(b is not None)], device=dev))[0].item() == 0:
                     break
                 real, records = b is not None, b.num_sequences if b is not None else 0
@@ -480,7 +478,6 @@ class Trainer:
                     ce, correct = mlm_sums(logits, b.targets[index])
                     counts = torch.tensor([index.numel(), records], device=dev, dtype=torch.float64)
                     sums += torch.cat([torch.stack([ce.double(), correct.double()]), counts])
-                batches += 1
         engine.train()
         ce, correct, masked, records = _all_reduce(sums).tolist()
         unreadable = len(set().union(*_all_gather(sorted(valid.stats["corrupt_shards"]))))

@@ -66,7 +66,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(map(repr, unknown))}; "
+        raise ConfigError(f"{where or 'top level'}: unknown key(s) {', '.join(map(repr, unknown))}"
+                          f"{_retired(cls, unknown)}; "
                           f"valid keys: {', '.join(fields)}")
     kwargs = {}
     for k, v in data.items():
@@ -80,6 +81,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from e
+
+
+def _retired(cls: type, keys: Sequence[str]) -> str:
+    """What a section's RETIRED mapping (old key -> what replaced it) says of these unknown keys."""
+    retired = getattr(cls, "RETIRED", {})
+    return "".join(f"; {k!r} is retired: {retired[k]}" for k in keys if k in retired)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
         if part not in hints or part not in {f.name for f in dataclasses.fields(owner)}:
             valid = ", ".join(f.name for f in dataclasses.fields(owner))
             raise ConfigError(f"override --{key}: unknown key {part!r} in "
-                              f"{'.'.join(parts[:depth]) or 'top level'}; valid keys: {valid}")
+                              f"{'.'.join(parts[:depth]) or 'top level'}{_retired(owner, [part])}; valid keys: {valid}")
         hint = hints[part]
         if depth == len(parts) - 1:  # a mapping is merged into the file's, key by key
             value = _parse_scalar(raw, hint)

@@ -90,6 +90,22 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
     assert str(path) in str(info.value) and "'momentum'" in str(info.value) and "valid keys" in str(info.value)
 
 
+def test_a_retired_key_is_refused_with_what_replaced_it(tmp_path):
+    """A run's config.yaml from an older version (train.valid_max_batches, retired 2026-12-06): the refusal says
+    what the key became, in a file and as an override."""
+    from pretrain.config import PretrainConfig
+
+    path = write(tmp_path, "train:\n  valid_max_batches: 20\n  valid_every: 5\n")
+    for source, overrides in ((path, []), (None, ["train.valid_max_batches=20"])):
+        with pytest.raises(ConfigError) as info:
+            load(PretrainConfig, source, overrides)
+        assert "'valid_max_batches' is retired: it counted batches per rank; train.valid_max_records" in \
+            str(info.value) and "valid keys:" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load(PretrainConfig, None, ["train.valid_max_record=20"])  # a typo is only unknown
+    assert "retired" not in str(info.value)
+
+
 def test_bad_file_shapes(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load(Run, write(tmp_path, "- 1\n- 2\n"))

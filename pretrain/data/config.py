@@ -18,6 +18,8 @@ class DataConfig:
     num_workers: int = 2                            # DataLoader worker processes (0: read in the calling process)
     on_corrupt: Literal["skip", "fail"] = "skip"
     infinite: bool = True                           # False (validation): one deterministic pass, epoch 0 only
+    max_records: int = 0                            # one pass only: its first N records in the split's seeded
+                                                    # order, shared by all ranks (0: every record)
     prefetch_factor: int = 4                        # batches each worker prepares ahead
     pin_memory: bool = False                        # pin batches (fast host-to-GPU copies); ignored without a GPU
 
@@ -35,5 +37,8 @@ class DataConfig:
             raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
         if not 0 <= self.seed < 2**63:  # numpy's seed sequences take no negative numbers
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.max_records < 0 or (self.max_records and self.infinite):
+            raise ValueError(f"max_records ({self.max_records}) caps a one-pass loader (infinite=False) and must "
+                             "be >= 0")
         if self.shuffle_buffer < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError("shuffle_buffer and prefetch_factor must be >= 1 and num_workers >= 0")

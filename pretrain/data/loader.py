@@ -83,7 +83,7 @@ class PretrainLoader:
         if not shards or sum(s.records for s in shards) == 0:
             splits = sorted({s.split for s in manifest.shards})
             raise ValueError(f"{cfg.shards}: no records in split {cfg.split!r} (splits present: {splits})")
-        self.table = ShardTable([s.path for s in shards], [s.records for s in shards], cfg.seed)
+        self.table = ShardTable([s.path for s in shards], [s.records for s in shards], cfg.seed, cfg.max_records)
         self.streams_per_rank = max(1, cfg.num_workers)
         self._pin = cfg.pin_memory and torch.cuda.is_available()  # the presets ask for it; pinning needs a GPU
         if cfg.infinite and self.table.total < world_size * self.streams_per_rank:

@@ -38,12 +38,15 @@ class StreamState:
 
 
 class ShardTable:
-    """The split's shards (paths, record counts) and the seeded per-epoch order they are read in."""
+    """The split's shards (paths, record counts) and the seeded per-epoch order they are read in; `limit` > 0
+    keeps the first `limit` raw indices of each epoch (validation's cap, the same records at any stream count)."""
 
-    def __init__(self, paths: list[str], records: list[int], seed: int):
+    def __init__(self, paths: list[str], records: list[int], seed: int, limit: int = 0):
         self.paths, self.seed = paths, seed
         self.records = np.asarray(records, dtype=np.int64)
         self.total = int(self.records.sum())
+        if limit:
+            self.total = min(self.total, limit)
         self._cum: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

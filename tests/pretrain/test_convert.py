@@ -38,15 +38,17 @@ def test_converted_model_reproduces_the_engines_validation_loss(straight_run, co
     assert engine_valid["step"] == STRAIGHT_STEPS  # validated with the weights of the last checkpoint
     model = load_pretrained(converted)
     assert not model.training
-    replay = validation(model, cfg, world_size=2)  # the trainer's validation, replayed rank by rank on one process
+    replay = validation(model, cfg)  # the 2-rank trainer's validation on one process: the same records
     assert (replay["masked_tokens"], replay["records"]) == (engine_valid["masked_tokens"], engine_valid["records"])
+    assert replay["records"] == cfg.train.valid_max_records  # the cap is what limited it (the split is larger)
     assert replay["loss"] == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
     assert replay["accuracy"] == pytest.approx(engine_valid["accuracy"], rel=1e-5)
 
 
 def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_masks(straight_run, converted, tmp_path):
     """`python -m pretrain.evaluate`: the converted directory and the same weights as the original's .pt give
-    the engine's logged validation (world size 2, as the run); a training run in place of weights is refused."""
+    the engine's logged validation (of a 2-rank run, on one process); a training run in place of weights is
+    refused."""
     from rnalm.io import export_official, read_pretrained
 
     engine_valid = events(read_log(straight_run), "valid")[-1]
@@ -58,15 +60,15 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
                               timeout=120)
 
     for weights in (converted, tmp_path / "as_original.pt"):
-        proc = evaluate(weights, "--world_size", "2")
+        proc = evaluate(weights)
         assert proc.returncode == 0, proc.stderr[-2000:]
         got = json.loads(proc.stdout.splitlines()[-1])
         assert got["masked_tokens"] == engine_valid["masked_tokens"]
         assert got["loss"] == pytest.approx(engine_valid["loss"], rel=1e-5, abs=1e-6)
         assert f"loss {got['loss']:.4f}" in proc.stderr
-    whole = json.loads(evaluate(converted, "--train.valid_max_batches=0").stdout.splitlines()[-1])
-    first = json.loads(evaluate(converted, "--train.valid_max_batches=1").stdout.splitlines()[-1])
-    assert whole["records"] >= engine_valid["records"] > first["records"] > 0 and whole["valid_max_batches"] == 0
+    whole = json.loads(evaluate(converted, "--train.valid_max_records=0").stdout.splitlines()[-1])
+    first = json.loads(evaluate(converted, "--train.valid_max_records=7").stdout.splitlines()[-1])
+    assert whole["records"] > engine_valid["records"] > first["records"] == 7 and whole["valid_max_records"] == 0
     refused = evaluate(straight_run)
     assert refused.returncode == 2 and "convert it first" in refused.stderr
     no_shards = evaluate(converted, "--data.shards=/nonexistent")
@@ -92,7 +94,7 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     rebuilt = tmp_path / "rebuilt"
     shutil.copytree(shards, rebuilt)
     (rebuilt / "manifest.json").write_text((rebuilt / "manifest.json").read_text() + "\n")
-    other = evaluate(converted, f"--data.shards={rebuilt}", "--world_size", "2")
+    other = evaluate(converted, f"--data.shards={rebuilt}")
     assert other.returncode == 0 and "is not the shard set this model's run trained on" in other.stderr
     assert "not the shard set" not in preset.stderr  # the run's own shards
     relative = evaluate(converted, "--data.shards=shards_of_the_run")
@@ -101,7 +103,7 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     state = read_pretrained(converted)[1]
     state["transformer.blocks.0.mh_attn.Wqkv.weight"][0, 0] = float("nan")
     export_official(state, tmp_path / "nan.pt")
-    nan = evaluate(tmp_path / "nan.pt", "--world_size", "2")
+    nan = evaluate(tmp_path / "nan.pt")
     assert nan.returncode == 2 and "the loss is nan (weights with NaN or infinite values?)" in nan.stderr
     assert nan.stdout == ""
 

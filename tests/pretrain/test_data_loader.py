@@ -85,6 +85,21 @@ def test_validation_pass_is_identical_every_time(shards, corpus):
     assert loader.state_dict()["streams"] == PretrainLoader(cfg).state_dict()["streams"]
 
 
+@pytest.mark.parametrize("max_records", [1, 157, 10**6])
+def test_a_capped_validation_pass_reads_the_same_records_at_any_world_size(shards, corpus, max_records):
+    """max_records (train.valid_max_records): the split's first N records in its seeded order, shared by the ranks,
+    so a run requeued on another node count validates on the same records (it was N batches per rank)."""
+    valid = {i for i, s in zip(corpus["ids"], corpus["split"]) if s == "valid"}
+    layouts = {}
+    for world, workers in ((1, 0), (2, 2), (3, 1)):
+        cfg = config(shards, split="valid", sampling="uniform", infinite=False, max_records=max_records,
+                     num_workers=workers)
+        layouts[world, workers] = [i for r in range(world) for i in sample_ids(take(PretrainLoader(cfg, r, world)))]
+    one = layouts[1, 0]
+    assert len(one) == len(set(one)) == min(max_records, len(valid)) and set(one) <= valid
+    assert all(sorted(ids) == sorted(one) for ids in layouts.values())
+
+
 def test_uniform_epochs_are_permutations_in_new_orders(shards, corpus):
     train = train_ids(corpus)
     ids = sample_ids(take(PretrainLoader(config(shards, sampling="uniform")), 2 * len(train) // 16))
@@ -532,6 +547,8 @@ def test_bad_configs_are_refused_with_reasons(shards):
         DataConfig(str(shards), token_budget=512, max_len=1024)
     with pytest.raises(ValueError, match="sampling"):
         DataConfig(str(shards), sampling="random")
+    with pytest.raises(ValueError, match="one-pass"):
+        DataConfig(str(shards), max_records=10)  # an endless (training) loader: every epoch would read other records
     with pytest.raises(ValueError, match="splits present"):
         PretrainLoader(config(shards, split="test"))
     with pytest.raises(ValueError, match="rank"):

@@ -309,7 +309,7 @@ def test_a_validation_over_a_partly_readable_shard_says_how_much_it_scored(pretr
     damaged = shards / held_out[0].path
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     out = tmp_path / "run"
-    proc = run_trainer(shards, out, "--train.max_steps=1", "--train.valid_every=1", "--train.valid_max_batches=0")
+    proc = run_trainer(shards, out, "--train.max_steps=1", "--train.valid_every=1", "--train.valid_max_records=0")
     valid = events(read_log(out), "valid")[0]
     assert valid["corrupt_shards_skipped"] == 1
     assert 0 < valid["records"] < sum(s.records for s in held_out)

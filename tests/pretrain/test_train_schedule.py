@@ -79,7 +79,7 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
 
 
 @pytest.mark.parametrize("override", ["train.log_every=0", "train.stop_after=0", "train.valid_every=-1",
-                                      "train.valid_max_batches=-1", "checkpoint.keep=0", "checkpoint.every=-1",
+                                      "train.valid_max_records=-1", "checkpoint.keep=0", "checkpoint.every=-1",
                                       "optim.lr=0", "optim.min_lr=1", "optim.warmup_steps=-1", "optim.decay_steps=0",
                                       "metrics.peak_flops=0", "train.seed=-1", "data.seed=-1"])
 def test_nonsense_values_are_refused_before_the_run_starts(override):

@@ -19,7 +19,7 @@ TORCHRUN = str(Path(PY).with_name("torchrun"))
 # The run every trainer test compares against: 12 optimizer steps of 2 micro-batches on each of 2 ranks.
 STRAIGHT_STEPS = 12
 BASE_OVERRIDES = ("--data.token_budget=1024", "--data.num_workers=1", "--train.grad_accum=2", "--optim.warmup_steps=3",
-                  "--optim.decay_steps=20", "--train.valid_every=0", "--train.valid_max_batches=8",
+                  "--optim.decay_steps=20", "--train.valid_every=0", "--train.valid_max_records=150",
                   "--train.log_every=4", "--checkpoint.every=4", "--checkpoint.keep=2")
 
 
