@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench.gpu.runner import LEVERS, PROFILED_LEVERS, lever_step
-from pretrain.config import PretrainConfig
-from rnalm.configfile import from_cli
+from pretrain.config import PretrainConfig, deepspeed_config
+from rnalm.configfile import from_cli, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -281,10 +281,17 @@ def test_an_empty_lever_list_asks_for_none(monkeypatch):
 
 @pytest.mark.parametrize("lever", sorted(LEVERS))
 def test_every_levers_overrides_make_a_valid_giga_config(lever):
-    """A device minute is too dear to find a renamed config key there: each lever's overrides parse here."""
-    cfg = from_cli(PretrainConfig, ["--config", str(REPO / "pretrain/configs/giga.yaml"),
-                                    *(f"--{s}" for s in LEVERS[lever])])
-    assert cfg.model.preset == "giga"
+    """A device minute is too dear to find a renamed config key or a refused value there: each lever's overrides
+    parse, validate (DeepSpeed JSON included) and build a model config here, and change the baseline's."""
+    def config(overrides):
+        cfg = from_cli(PretrainConfig, ["--config", str(REPO / "pretrain/configs/giga.yaml"),
+                                        "--data.shards=/somewhere", *(f"--{s}" for s in overrides)])
+        cfg.validate()
+        return cfg
+
+    cfg = config(LEVERS[lever])
+    assert cfg.model.build().dim == 1280 and deepspeed_config(cfg, bf16=True)["zero_optimization"]["stage"] in (2, 3)
+    assert (to_dict(cfg) == to_dict(config([]))) == (lever == "baseline")
 
 
 def test_the_compile_lever_is_profiled_like_the_baseline_and_the_others_are_not(tmp_path, monkeypatch):

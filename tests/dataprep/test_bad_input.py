@@ -69,7 +69,8 @@ def test_reject_line_has_source_and_line_number(tmp_path, fasta):
     path = fasta(f">a\n{ACGU20}\n>b\nACGU\nXX\n>c\n{ACGU20}C\n")
     build_small(tmp_path, [path])
     rows = read_tsv(tmp_path / "out" / "rejects.tsv")
-    assert rows == [{"source": str(path), "id": "b", "line": "3", "reason": rows[0]["reason"]}]
+    assert rows == [{"source": str(path), "id": "b", "line": "3",
+                     "reason": "invalid character 'X' (0x58) at sequence position 5"}]  # ACGU then X: 1-based
 
 
 def test_too_long(tmp_path, fasta):

@@ -90,3 +90,29 @@ def test_a_single_nucleotide_training_record_is_skipped_and_counted(tmp_path):
     assert sorted(len(r) for r in splits.valid) == [1, 30]          # scored (F1 0), not trained on
     assert splits.info["skipped_train_shorter_than_2_nt"] == 1
     assert splits.info["skipped_train_longer_than_max_train_len"] == 0
+
+
+def test_near_duplicate_mask_is_the_containment_rule_of_plain_kmer_sets():
+    """The leakage tests of every task split call near_duplicate_mask itself; this pins it to the rule it states
+    (shared distinct 8-mers >= 0.5 of the smaller sequence's), computed with plain Python sets, on mutants from 0
+    to 30 % substitutions (the rule's edge lies between), fragments, unrelated and too-short sequences."""
+    rng = np.random.default_rng(7)
+    refs = ["".join(rng.choice(list("ACGU"), int(n))) for n in rng.integers(40, 160, 12)]
+
+    def mutant(seq: str, rate: float) -> str:
+        return "".join(rng.choice(list("ACGU")) if rng.random() < rate else c for c in seq)
+
+    cands = [mutant(refs[i % 12], rate) for i, rate in enumerate(np.linspace(0, 0.3, 60))]
+    cands += [r[5:5 + int(n)] for r, n in zip(refs, rng.integers(7, 40, 12))]  # fragments, some under 8 nt
+    cands += ["".join(rng.choice(list("ACGU"), 100)) for _ in range(10)]
+
+    def kmers(seq: str) -> set[str]:
+        return {seq[i:i + 8] for i in range(len(seq) - 7)}
+
+    def near(c: str, r: str) -> bool:
+        a, b = kmers(c), kmers(r)
+        return len(a & b) >= 0.5 * max(min(len(a), len(b)), 1)
+
+    want = [any(near(c, r) for r in refs) for c in cands]
+    assert near_duplicate_mask(cands, refs).tolist() == want
+    assert 20 < sum(want) < len(want) - 20  # both sides of the rule are exercised
