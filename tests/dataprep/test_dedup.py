@@ -66,3 +66,27 @@ def test_dedup_keeps_first_and_confirms_bytes_under_forced_collisions(tmp_path):
         first.setdefault(k, i)
     assert sorted(zip(res3.dup.tolist(), res3.dup_rep.tolist())) == [
         (i, first[k]) for i, k in enumerate(order.tolist()) if first[k] != i]
+
+
+def test_an_id_conflict_is_told_from_a_repeat_by_bytes_under_forced_collisions(tmp_path):
+    """Same id and same sequence: a duplicate; same id and another sequence: a conflict (rejected). With every
+    digest equal, only the byte comparison can tell the two apart (it was not exercised: dropping it passed)."""
+    rng = np.random.default_rng(2)
+    seqs = ["".join(rng.choice(list("ACGU"), int(rng.integers(5, 30)))) for _ in range(50)]
+    names = rng.integers(0, 25, 400)
+    records = [(f"id{n}", int(2 * n + rng.integers(0, 2))) for n in names]  # each id: one of two sequences
+    text = "".join(f">{name}\n{seqs[k]}\n" for name, k in records)
+    first: dict[str, int] = {}
+    want = []
+    for i, (name, k) in enumerate(records):
+        f = first.setdefault(name, i)
+        if seqs[records[f][1]] != seqs[k]:
+            want.append((i, f))
+    assert 50 < len(want) < 350  # both repeats and conflicts
+    for forced in (False, True):
+        store = make_store(tmp_path / str(forced), text)
+        if forced:
+            store.seqh = np.zeros(len(store), np.uint64)
+            store.idh = np.zeros(len(store), np.uint64)
+        res = dedup(store)
+        assert sorted(zip(res.conflict.tolist(), res.conflict_first.tolist())) == want

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from dataprep.shards import (RecordBlock, ShardError, ShardInfo, Manifest, ShardWriter, block_length, decode_block,
-                             compress_block, iter_blocks, iter_records, read_manifest, write_manifest,
+from dataprep.shards import (FORMAT_VERSION, RecordBlock, ShardError, ShardInfo, Manifest, ShardWriter, block_length,
+                             decode_block, compress_block, iter_blocks, iter_records, read_manifest, write_manifest,
                              blocks_from_arrays)
 
 
@@ -170,6 +170,13 @@ def test_missing_manifest(tmp_path):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ShardError, match="malformed manifest"):
+        read_manifest(tmp_path)
+    # a manifest of another format version (a newer dataprep's, say) is refused, not read as this one
+    write_manifest(tmp_path, Manifest(shards=[], sources=[], params={}, tools={}))
+    text = (tmp_path / "manifest.json").read_text()
+    assert read_manifest(tmp_path).shards == []
+    (tmp_path / "manifest.json").write_text(text.replace(f'"version": {FORMAT_VERSION}', '"version": 999'))
+    with pytest.raises(ShardError, match=f"unsupported manifest version 999 \\(want {FORMAT_VERSION}\\)"):
         read_manifest(tmp_path)
 
 

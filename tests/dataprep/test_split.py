@@ -90,6 +90,12 @@ def test_the_validation_clusters_follow_the_seed():
     assert picks[0].sum() == round(0.05 * (cluster_id.max() + 1))
     assert np.array_equal(picks[0], picks[1])
     assert (picks[0] & picks[2]).sum() < 0.3 * picks[0].sum()  # another seed: mostly other clusters
+    # and the record order of the shards (a seed-independent shuffle passed every other test)
+    from dataprep.split import shuffled_order
+
+    orders = [shuffled_order(1000, seed) for seed in (0, 0, 1)]
+    assert np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[0], orders[2])
+    assert sorted(orders[0].tolist()) == list(range(1000))
 
 
 def test_validation_takes_no_cluster_linked_to_train():
