@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pretrain.data.masking import Samples, crop_and_mask
 from pretrain.data.packing import Packer
@@ -149,6 +150,7 @@ def test_packer_fills_greedily_never_splits_and_keeps_order(budget):
         assert b.num_tokens <= budget
         assert b.lengths.tolist() == [lengths[i] for i in b.ids]
         assert int(b.cu_seqlens[-1]) == b.num_tokens and b.max_seqlen == max(b.lengths.tolist())
+        assert b.cu_seqlens.dtype == torch.int32  # what the GPU's varlen kernels take (the CPU's sdpa takes any)
         starts = b.cu_seqlens[:-1].long()
         assert b.positions[starts].eq(0).all() and b.positions.max() == b.max_seqlen - 1
         if k + 1 < len(out):  # the next sample did not fit

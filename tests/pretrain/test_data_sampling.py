@@ -52,6 +52,26 @@ def test_hash_combine_depends_on_every_part():
                 int(hash_combine(3, 2, 1))}) == 5
 
 
+def test_every_seeded_draw_depends_on_each_of_its_inputs():
+    """Record keys (crops, masks), window shuffles and shard orders: another data.seed, epoch, record or window
+    gives another draw (dropping the seed or the window start from one of them passed every other test: runs
+    with different seeds would have shared their masks, and every window of an epoch its order)."""
+    from pretrain.data.sampling import record_keys, shard_order, window_permutation
+
+    cid, idx = np.arange(1000), np.zeros(1000, np.int64)
+    keys = record_keys(3, 5, cid, idx)
+    assert len(set(keys.tolist())) == 1000
+    for other in (record_keys(4, 5, cid, idx), record_keys(3, 6, cid, idx), record_keys(3, 5, cid, idx + 1)):
+        assert not np.any(other == keys)
+    perm = window_permutation(3, 5, 0, 500)
+    assert sorted(perm.tolist()) == list(range(500)) and np.array_equal(perm, window_permutation(3, 5, 0, 500))
+    for seed, epoch, start in ((4, 5, 0), (3, 6, 0), (3, 5, 500)):
+        assert not np.array_equal(window_permutation(seed, epoch, start, 500), perm)
+    order = shard_order(3, 5, 50)
+    assert sorted(order.tolist()) == list(range(50)) and np.array_equal(order, shard_order(3, 5, 50))
+    assert not np.array_equal(shard_order(4, 5, 50), order) and not np.array_equal(shard_order(3, 6, 50), order)
+
+
 def test_shard_table_locates_ranges_in_the_epoch_order():
     table = ShardTable(["a", "b", "c"], [5, 0, 7], seed=1)
     for epoch in range(3):

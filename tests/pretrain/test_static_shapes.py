@@ -60,6 +60,8 @@ def test_pad_to_tokens_appends_pad_only_chunks_without_loss():
     assert torch.equal(padded.tokens[:100], batch.tokens) and (padded.tokens[100:] == PAD_ID).all()
     assert torch.equal(padded.targets[:100], batch.targets) and (padded.targets[100:] == IGNORE_INDEX).all()
     assert padded.positions[100:].tolist() == [*range(64), *range(64), *range(28)]
+    even = pad_to_tokens(batch, 228, chunk=64)  # 128 pad tokens: two whole chunks, no empty third
+    assert even.cu_seqlens.tolist() == [0, 30, 80, 100, 164, 228] and even.num_tokens == 228
     assert pad_to_tokens(batch, 100, chunk=64) is batch
     with pytest.raises(ValueError, match="exceeds the padded size 99"):
         pad_to_tokens(batch, 99, chunk=64)
