@@ -194,3 +194,54 @@ def test_block_length_refuses_a_header_that_does_not_match_the_frame():
     no_size = zstandard.ZstdCompressor(write_content_size=False).compress(encode_block(make_block(n=50)))
     with pytest.raises(ShardError, match="does not match the frame's unknown size"):
         block_length(no_size, "where-x")
+
+
+def _tampered(block: RecordBlock, **fields) -> bytes:
+    """`block` compressed with some of its fields replaced, as a damaged or foreign writer could leave it."""
+    from dataclasses import replace
+
+    return compress_block(replace(block, **fields))
+
+
+def test_a_decoded_block_with_inconsistent_fields_is_refused_naming_the_member():
+    """Each consistency check of decode_block on a block whose frame is intact (so no checksum catches it)."""
+    from dataprep.shards import encode_block
+
+    good = make_block(n=6, seed=3)
+    offsets = good.offsets.copy()
+    offsets[2], offsets[3] = offsets[3], offsets[2]  # a record of negative length
+    size = good.cluster_size.copy()
+    with pytest.raises(ShardError, match="m.tar:000001.rec.zst: record offsets are not monotonic"):
+        decode_block(_tampered(good, offsets=offsets), "m.tar:000001.rec.zst")
+    with pytest.raises(ShardError, match="index_in_cluster outside 0..cluster_size-1"):
+        decode_block(_tampered(good, index_in_cluster=size.copy()), "m")  # one past the last member
+    raw = encode_block(good)
+    ids = b"".join(f"{i}\n".encode() for i in good.ids)
+    at = raw.index(ids)
+    moved = raw[:at] + b"\n" + ids[:-1] + raw[at + len(ids):]  # 6 newlines, but an id after the last one
+    with pytest.raises(ShardError, match="m: expected 6 ids, found 6"):
+        decode_block(zstandard.ZstdCompressor().compress(moved), "m")
+
+
+def test_a_frame_claiming_more_than_the_block_limit_is_refused_before_decompressing(monkeypatch):
+    import dataprep.shards as shards
+
+    payload = compress_block(make_block(n=50))
+    monkeypatch.setattr(shards, "_MAX_BLOCK_BYTES", 100)
+    with pytest.raises(ShardError, match=r"m: block claims \d+ bytes \(corrupt header\)"):
+        decode_block(payload, "m")
+
+
+def test_a_shard_whose_block_numbers_skip_one_is_refused(tmp_path):
+    """Members 000000 and 000002: a block lost from the middle of a shard (not only one out of order)."""
+    import io
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        for k in (0, 2):
+            data = compress_block(make_block(n=5, seed=k))
+            info = tarfile.TarInfo(f"{k:06d}.rec.zst")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"block 2 out of order \(expected 1\)"):
+        list(iter_blocks(path))
