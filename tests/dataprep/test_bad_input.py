@@ -53,10 +53,11 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGU\x00ACGUACGUACGUACGU", r"invalid character '\\x00'"),  # binary inside a sequence
     ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
     ("ACGUA", "too short: 5 nt < min_len 16"),
+    ("G", "too short: 1 nt < min_len 16"),  # the shortest non-empty record (not the empty one's reason)
     ("ACGU ACGU\tACG*UACGUACGU", r"'\*' \(0x2a\) at sequence position 12$"),  # whitespace is not counted
     ("ACGUACGUAC\r\nACGUACGUAC\r\nACG*ACGUAC\r", r"'\*' \(0x2a\) at sequence position 24$"),  # nor CR
-], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "nul", "non-ascii", "short", "after-spaces",
-        "after-crlf-lines"])
+], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "nul", "non-ascii", "short", "one-nt",
+        "after-spaces", "after-crlf-lines"])
 def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
     path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
     rejects, kept = rejects_of(tmp_path, path)

@@ -90,3 +90,16 @@ def test_an_id_conflict_is_told_from_a_repeat_by_bytes_under_forced_collisions(t
             store.idh = np.zeros(len(store), np.uint64)
         res = dedup(store)
         assert sorted(zip(res.conflict.tolist(), res.conflict_first.tolist())) == want
+
+
+def test_records_alike_in_their_first_bytes_or_one_a_prefix_of_the_other_are_not_merged(tmp_path):
+    """Under forced digest collisions the byte comparison alone decides: records that differ only after their
+    first 16 nt, or of which one is the other plus a tail, are distinct (comparing a prefix, or the lengths
+    loosely, merged them)."""
+    rng = np.random.default_rng(4)
+    stem = "".join(rng.choice(list("ACGU"), 16))
+    seqs = [stem + tail for tail in ("", "A", "AC", "C", "CA", "ACGU", "ACGA", "")]  # the last repeats the first
+    store = make_store(tmp_path, "".join(f">r{i}\n{s}\n" for i, s in enumerate(seqs)))
+    store.seqh = np.zeros(len(store), np.uint64)
+    res = dedup(store)
+    assert res.keep.tolist() == list(range(7)) and list(zip(res.dup.tolist(), res.dup_rep.tolist())) == [(7, 0)]
