@@ -114,9 +114,17 @@ def test_validation_takes_no_cluster_linked_to_train():
     linked = np.array([[ranking[0], outside[0]],          # the best candidate is near a train cluster
                        [ranking[1], ranking[2]], [ranking[2], outside[1]],  # a chain out through a candidate
                        [ranking[3], ranking[last]],      # two candidates: together, though one ranks last
-                       [ranking[4], ranking[4]]])        # a cluster's own records: no link
+                       [ranking[4], ranking[4]],         # a cluster's own records: no link
+                       # the same as the first two, each pair written the other way round (a search's hits go
+                       # from query to target, so a link can come in either order)
+                       [outside[2], ranking[5]], [ranking[6], ranking[5]]])
     chosen = valid_clusters(cluster_id, d, 0.05, 0, linked)
-    assert not chosen[ranking[:3]].any() and chosen[ranking[[3, 4, last]]].all()
-    assert chosen.sum() == 50 and chosen[ranking[3:52]].all() and not chosen[ranking[52:last]].any()
+    assert not chosen[ranking[[0, 1, 2, 5, 6]]].any() and chosen[ranking[[3, 4, last]]].all()
+    assert chosen.sum() == 50 and chosen[ranking[7:54]].all() and not chosen[ranking[54:last]].any()
     assert all(chosen[x] == chosen[y] for x, y in linked)  # every link has both ends on one side
     assert plain.sum() == 50 and plain[ranking[:50]].all()  # without links: the first 50, as before
+    # a group that reaches past the wanted number is taken whole (51), not dropped
+    straddling = valid_clusters(cluster_id, d, 0.05, 0, np.array([[ranking[49], ranking[last]]]))
+    assert straddling.sum() == 51 and straddling[ranking[:50]].all() and straddling[ranking[last]]
+    # at least one validation cluster and one train cluster wherever there are two; none of one
+    assert (wanted_valid(10, 0.01), wanted_valid(2, 0.9), wanted_valid(1, 0.5), wanted_valid(10, 0.0)) == (1, 1, 0, 0)
