@@ -122,16 +122,17 @@ def test_del_in_header_next_to_non_ascii_bytes(tmp_path, fasta):
 def test_a_label_key_given_twice_with_different_values_rejects_the_record(tmp_path, fasta):
     """It took the first value silently: `>x rfam_acc=RF00001 ... rfam_acc=RF00005` was labelled RF00001."""
     path = fasta(f">two rfam_acc=RF00001 note rfam_acc=RF00005\n{ACGU20}\n>same rfam_acc=RF1 rfam_acc=RF1\n{ACGU20}A\n"
-                 f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n>empty rfam_acc= rfam_acc=RF3\n{ACGU20}U\n")
+                 f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n>empty rfam_acc= rfam_acc=RF3\n{ACGU20}U\n"
+                 f">tab\trfam_acc=RF4\n{ACGU20}GG\n")  # a tab before the key, as a spreadsheet export writes
     rejects, kept = rejects_of(tmp_path, path, label_key="rfam_acc")
     assert rejects == {"two": "label key 'rfam_acc' given twice: 'RF00001' and 'RF00005'"}
-    assert set(kept) == {"same", "one", "none", "empty"}
+    assert set(kept) == {"same", "one", "none", "empty", "tab"}
     out = tmp_path / "out"
     labels = {}
     for s in read_manifest(out).shards:
         for b in iter_blocks(out / s.path):
             labels.update(zip(b.ids, b.labels))
-    assert labels == {"same": "RF1", "one": "RF2", "none": "", "empty": "RF3"}  # `key=` labels nothing
+    assert labels == {"same": "RF1", "one": "RF2", "none": "", "empty": "RF3", "tab": "RF4"}  # `key=`: nothing
 
 
 def test_duplicate_id_with_different_sequence(tmp_path, fasta):
@@ -180,6 +181,21 @@ def test_oversized_record_ending_exactly_at_a_read_boundary(tmp_path, compress):
     rest = b"".join(bytes(c.data) for c in chunks if not c.oversized)
     assert rest == b">b\n" + ACGU20.encode() + b"\n"
     assert [c.first_line for c in chunks if not c.oversized] == [120]
+
+
+def test_a_header_right_at_a_chunk_end_starts_a_record_of_its_own(tmp_path):
+    """A 1,024-byte record, the chunk size, then a 600-byte one: the header at the chunk's last byte is found (a
+    search that stopped one byte short took both for one 1,624-byte record, over max_record_bytes, and lost b)."""
+    from dataprep.fasta import FastaStream
+
+    first = ">a\n" + "A" * 1020 + "\n"
+    second = ">b\n" + "C" * 596 + "\n"
+    assert (len(first), len(second)) == (1024, 600)
+    path = tmp_path / "in.fa"
+    path.write_text(first + second)
+    chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=1500))
+    assert not any(c.oversized for c in chunks)
+    assert b"".join(bytes(c.data) for c in chunks) == (first + second).encode()
 
 
 # -------------------------------------------------------------------------------- normalisation
