@@ -116,3 +116,27 @@ def test_near_duplicate_mask_is_the_containment_rule_of_plain_kmer_sets():
     want = [any(near(c, r) for r in refs) for c in cands]
     assert near_duplicate_mask(cands, refs).tolist() == want
     assert 20 < sum(want) < len(want) - 20  # both sides of the rule are exercised
+
+
+def test_the_near_duplicate_rules_hold_at_their_bounds():
+    """Containment of exactly max_containment is a near-duplicate (>=), and a shared stretch one nucleotide
+    shorter than `run` is not one (the run hash covers all `run` nucleotides)."""
+    from finetune.neardup import shared_run_mask
+
+    rng = np.random.default_rng(9)
+
+    def random(n: int) -> str:
+        return "".join(rng.choice(list("ACGU"), n))
+
+    ref = random(200)
+    half = ref[:27] + random(20)  # 40 8-mers: the 20 of ref[:27] and 20 more across the joint and after it
+
+    def kmers(seq: str) -> set[str]:
+        return {seq[i:i + 8] for i in range(len(seq) - 7)}
+
+    assert len(kmers(half)) == 40 and len(kmers(half) & kmers(ref)) == 20  # exactly half
+    assert near_duplicate_mask([half], [ref]).tolist() == [True]
+    assert near_duplicate_mask([half], [ref], max_containment=0.51).tolist() == [False]
+    locus = random(300)
+    a, b = locus[:149] + random(100), random(100) + locus[100:149] + random(100)  # share locus[100:149], 49 nt
+    assert shared_run_mask([b], [a], 50).tolist() == [False] and shared_run_mask([b], [a], 49).tolist() == [True]

@@ -49,6 +49,21 @@ def test_ss_bprna_loss_falls_and_checkpoint_reloads(tiny_checkpoint, shared_data
     torch.testing.assert_close(model(tokens)[0], again(tokens)[0])
 
 
+def test_ss_tune_on_f1_tunes_the_threshold_on_the_exact_f1(tiny_checkpoint, shared_data, tmp_path, monkeypatch):
+    """eval.tune_on=f1: the threshold is tuned without the +-1 shift (a run that always shifted passed every test
+    and stored the shifted score under 'f1')."""
+    calls = []
+    real = ss.tune_threshold
+    monkeypatch.setattr(ss, "tune_threshold", lambda *a, **k: calls.append(a[3] if len(a) > 3 else k["shift"])
+                        or real(*a, **k))
+    cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
+                      data=ss.SSDataConfig(root=str(shared_data), limit_train=4, limit_valid=4, limit_test=2),
+                      train=quick_train(tmp_path, epochs=1, batch_size=2), eval=ss.SSEvalConfig(tune_on="f1"))
+    ss.train(cfg)
+    assert calls and not any(calls)
+    assert "f1" in load_finetuned(tmp_path)[1]["valid"]
+
+
 @pytest.mark.slow
 def test_ss_archiveii_folds_and_summary(tiny_checkpoint, shared_data, tmp_path):
     cfg = ss.SSConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
