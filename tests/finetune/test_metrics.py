@@ -69,6 +69,8 @@ def test_mean_is_per_sequence_not_pooled():
     assert mean_scores(items).f1 == 0.5
     rep = ss_report(items)
     assert rep["n"] == 2 and rep["f1"] == 0.5 and rep["f1_shift"] == 0.5
+    with pytest.raises(ValueError, match="no sequences to score"):  # not a mean of nothing (NaN, or 0)
+        mean_scores([])
 
 
 def test_ss_report_puts_each_mean_under_its_name():

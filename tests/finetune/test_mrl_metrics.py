@@ -76,3 +76,6 @@ def test_pearson_is_none_where_undefined_rather_than_nan():
     assert rows["all"]["pearson_r"] is None and rows["all"]["r2"] is not None
     one = evaluate_examples(model, examples[:1], Scaler(mean=5.0, std=1.5), batch_size=4, progress=False)
     assert one["all"]["pearson_r"] is None and one["all"]["r2"] is None
+    from finetune.tasks.regress import _pearson
+
+    assert _pearson(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])) is None  # constant predictions too

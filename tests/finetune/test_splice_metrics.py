@@ -42,3 +42,17 @@ def test_evaluate_examples_scores_each_sequences_own_prediction():
     assert np.allclose(probs.sum(1), 1) and len(set(probs.argmax(1).tolist())) > 1
     expected = scores(np.array([y for _, y in examples]), probs.argmax(1), CLASSES)
     assert evaluate_examples(model, examples, CLASSES, batch_size=5, progress=False) == pytest.approx(expected)
+
+
+def test_a_splice_label_outside_the_classes_names_the_file_and_line(tmp_path):
+    """Labels 0..2 (none, donor, acceptor); a 3 would index past the head's three logits or be trained as noise."""
+    import gzip
+
+    from finetune.tasks.splice import SPLICE_FILE, SpliceDataConfig, load_splits
+
+    path = tmp_path / SPLICE_FILE
+    path.parent.mkdir(parents=True)
+    rows = ["split,label,label_name,sequence", "dev,1,donor,ACGUACGU", "test,2,acceptor,GGGAAACC", "dev,3,x,ACGUAAAA"]
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    with pytest.raises(ValueError, match=rf"{SPLICE_FILE}:4: label 3 not in 0..2"):
+        load_splits(SpliceDataConfig(root=str(tmp_path)))

@@ -88,6 +88,17 @@ def test_bpseq_inconsistent_partner_names_file_and_bases(tmp_path):
         read_bpseq(path)
 
 
+def test_a_skipped_or_repeated_base_index_is_refused(tmp_path):
+    """A lost line would shift every later base and pair by one: bpseq and ct number their bases, and the numbers
+    must run 1, 2, 3..."""
+    (tmp_path / "gap.bpseq").write_text("1 G 0\n3 A 0\n4 C 0\n")
+    with pytest.raises(StructureError, match=r"gap\.bpseq:2: index 3 out of order \(expected 2\)"):
+        read_bpseq(tmp_path / "gap.bpseq")
+    (tmp_path / "gap.ct").write_text("3 x\n1 G 0 2 0 1\n3 A 1 3 0 3\n3 C 2 0 0 3\n")
+    with pytest.raises(StructureError, match=r"gap\.ct:3: record 'x': expected 'i base i-1 i\+1 partner i' for base 2"):
+        read_ct(tmp_path / "gap.ct")
+
+
 def test_self_pairs_and_empty_ct_records_are_refused(tmp_path):
     """A base paired with itself was read as unpaired; a ct record of 0 bases as an empty structure."""
     (tmp_path / "self.bpseq").write_text("1 G 0\n2 A 2\n3 C 0\n")
