@@ -402,7 +402,13 @@ def test_swish_gate_matches_autograd_of_its_expression():
 
 
 @pytest.mark.parametrize("ckpt", [True, 1])     # every block; the first of two
-def test_activation_checkpointing_gives_the_same_gradients(ckpt):
+def test_activation_checkpointing_gives_the_same_gradients(ckpt, monkeypatch):
+    """Same gradients, with exactly the blocks asked for checkpointed (one more would cost its recompute)."""
+    import rnalm.model
+
+    calls = []
+    real = rnalm.model.checkpoint
+    monkeypatch.setattr(rnalm.model, "checkpoint", lambda block, *a, **k: calls.append(block) or real(block, *a, **k))
     batch = PackedBatch.from_sequences([encode(s) for s in SEQS])
     grads = []
     for ckpt in (False, ckpt):
@@ -410,6 +416,8 @@ def test_activation_checkpointing_gives_the_same_gradients(ckpt):
         model.forward_packed(batch).logits.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+    want = list(model.transformer.blocks)[:model.config.checkpointed_blocks]
+    assert calls == want and len(want) == (TINY["num_layers"] if ckpt is True else 1)
 
 
 def test_dropout_only_in_training_and_flops_formula():

@@ -18,6 +18,8 @@ def test_u_and_t_share_an_id_and_case_is_ignored():
 def test_iupac_inosine_and_gap_keep_their_ids_and_anything_else_is_unk():
     assert list(tk.encode("IRYKMSWBDHVN-", add_special=False)) == list(range(9, 22))
     assert list(tk.encode("X.*E ", add_special=False)) == [tk.UNK_ID] * 5
+    # a non-ASCII letter is one <unk>, not dropped: every later position would shift by one
+    assert list(tk.encode("A\u00c4C", add_special=False)) == [5, tk.UNK_ID, 6]
 
 
 def test_lookup_table_matches_a_per_character_definition_for_every_byte():
@@ -36,7 +38,7 @@ def test_encode_wraps_in_cls_eos_and_batch_pads_right():
     assert list(ids[1]) == [0, 5, 2, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("seq", ["ACGUN-IRY", "a", ""])
+@pytest.mark.parametrize("seq", ["ACGUN-IRY", "IRYKMSWBDHVN-", "a", ""])  # every letter (S and W swapped passed)
 def test_decode_inverts_encode_in_rna_letters(seq):
     assert tk.decode(tk.encode(seq)) == seq.upper()
     assert tk.decode(tk.encode("ACGU"), rna=False) == "ACGT"
@@ -48,7 +50,7 @@ def test_decode_keeps_every_position_and_refuses_what_is_no_sequence():
     ids = tk.encode("ACGXZ.*U")
     assert tk.decode(ids) == "ACGXXXXU" and np.array_equal(tk.encode(tk.decode(ids)), ids)
     assert tk.decode([tk.CLS_ID, 5, tk.MASK_ID, 6, tk.EOS_ID, tk.PAD_ID]) == "A?C"
-    for bad in ([0, 5, 99], [5, -1]):
+    for bad in ([0, 5, 99], [5, -1], [5, tk.VOCAB_SIZE]):  # the first id past the vocabulary too
         with pytest.raises(ValueError, match="outside the 22-token vocabulary"):
             tk.decode(bad)
     with pytest.raises(ValueError, match="decode a batch row by row"):
