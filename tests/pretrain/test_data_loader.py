@@ -306,6 +306,10 @@ def test_a_range_inside_a_shard_decodes_only_its_blocks(shards, monkeypatch):
     got = list(read_shard(path, 130, 140))  # records 130..139: all in the third block
     assert [(pos, b.ids) for pos, b in got] == [(128, every[2].ids)]
     assert [w.rsplit(":", 1)[1] for w in decoded] == ["000002.rec.zst"]
+    decoded.clear()
+    got = list(read_shard(path, 128, 140))  # from the third block's first record: the second is not decoded
+    assert [(pos, b.ids) for pos, b in got] == [(128, every[2].ids)]
+    assert [w.rsplit(":", 1)[1] for w in decoded] == ["000002.rec.zst"]
 
 
 def test_a_range_late_in_a_shard_reads_little_of_the_blocks_before_it(tmp_path, monkeypatch):
@@ -444,9 +448,11 @@ def test_a_read_error_that_persists_skips_the_shard_after_the_retries(shards, mo
     path = _train_shard(shards, 2)
     monkeypatch.setattr(stream, "open", FailingReads(path, at=path.stat().st_size // 2, times=-1).open,
                         raising=False)
-    monkeypatch.setattr(stream, "RETRY_DELAY_S", 0.0)
+    slept = []
+    monkeypatch.setattr(stream.time, "sleep", slept.append)  # the back-off, recorded instead of waited for
     loader = PretrainLoader(config(shards, sampling="uniform", infinite=False))
     ids = sample_ids(take(loader))
+    assert slept == [stream.RETRY_DELAY_S * 2 ** k for k in range(stream.READ_ATTEMPTS - 1)] and slept[0] == 1.0
     (reason,) = loader.stats["corrupt_shards"].values()
     assert re.fullmatch(rf"{re.escape(str(path))}: read error after \d+ records \(OSError: Input/output error\) "
                         rf"\(tried {stream.READ_ATTEMPTS} times\)", reason), reason

@@ -141,3 +141,8 @@ def test_redistribute_from_fresh_states_is_a_fresh_start():
     table = ShardTable(["s"], [100], seed=0)
     new = redistribute([StreamState(), StreamState()], table, 3, window=10)
     assert [(st.pieces, st.next_epoch) for st in new] == [([], 0)] * 3
+
+
+def test_a_streams_epoch_is_the_one_it_reads_until_its_pieces_are_done():
+    """The epoch of every step's log line: the first remaining piece's, then the next one to start."""
+    assert StreamState([[2, 0, 10, 0], [3, 0, 5, 0]], 3).epoch == 2 and StreamState([], 3).epoch == 3

@@ -62,6 +62,7 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
         lr=1e-3, min_lr=1e-4, warmup_steps=2), 20).lr(8))
     new_cfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2)
     set_schedule(resumed, new_cfg, 20)
+    assert resumed.get_last_lr() == [resumed.optimizer.param_groups[0]["lr"]]  # not the old run's, until a step
     for step in range(8, 12):
         assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(new_cfg, 20).lr(step))
         resumed.optimizer.step()

@@ -253,3 +253,15 @@ def test_a_save_interrupted_between_its_two_files_is_refused_and_its_temp_file_r
     monkeypatch.undo()
     save_pretrained(random_model("nano", num_heads=8), tmp_path)
     assert load_pretrained(tmp_path).config.num_heads == 8
+
+
+def test_a_multimolecule_config_names_each_dropout_its_own_way(tmp_path):
+    """hidden_dropout is the residual dropout, attention_dropout the attention's: the export writes the same map,
+    so a round trip cannot tell a swap; a multimolecule config.json written by hand (theirs) can."""
+    from rnalm.io import multimolecule_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "hidden_dropout": 0.2,
+                                                      "attention_dropout": 0.05, "token_dropout": True}))
+    assert multimolecule_settings(tmp_path) == {"dim": 64, "num_layers": 2, "num_heads": 4, "residual_dropout": 0.2,
+                                                "attn_dropout": 0.05, "token_dropout": True}

@@ -364,6 +364,10 @@ def test_sdpa_pads_sequences_only_to_the_longest_of_their_length_group(monkeypat
     q = torch.randn(sum(lengths), 2, 8)
     varlen_attention(q, q, q, cu, max(lengths), dropout_p=0.1, backend="sdpa")
     assert areas and sum(areas) <= 2 * sum(n * n for n in lengths)  # areas: SDPA is what ran
+    areas.clear()  # groups are sqrt(2) wide: 16 and 23 are padded apart (one group of both: 2 x 23^2)
+    two = torch.tensor([0, 16, 39], dtype=torch.int32)
+    varlen_attention(q[:39], q[:39], q[:39], two, 23, backend="sdpa")
+    assert sorted(areas) == [16 * 16, 23 * 23]
 
 
 def test_unavailable_or_unknown_backend_is_a_clear_error():
