@@ -88,17 +88,6 @@ def test_bpseq_inconsistent_partner_names_file_and_bases(tmp_path):
         read_bpseq(path)
 
 
-def test_a_skipped_or_repeated_base_index_is_refused(tmp_path):
-    """A lost line would shift every later base and pair by one: bpseq and ct number their bases, and the numbers
-    must run 1, 2, 3..."""
-    (tmp_path / "gap.bpseq").write_text("1 G 0\n3 A 0\n4 C 0\n")
-    with pytest.raises(StructureError, match=r"gap\.bpseq:2: index 3 out of order \(expected 2\)"):
-        read_bpseq(tmp_path / "gap.bpseq")
-    (tmp_path / "gap.ct").write_text("3 x\n1 G 0 2 0 1\n3 A 1 3 0 3\n3 C 2 0 0 3\n")
-    with pytest.raises(StructureError, match=r"gap\.ct:3: record 'x': expected 'i base i-1 i\+1 partner i' for base 2"):
-        read_ct(tmp_path / "gap.ct")
-
-
 def test_self_pairs_and_empty_ct_records_are_refused(tmp_path):
     """A base paired with itself was read as unpaired; a ct record of 0 bases as an empty structure."""
     (tmp_path / "self.bpseq").write_text("1 G 0\n2 A 2\n3 C 0\n")
@@ -262,14 +251,22 @@ def test_dbn_errors_name_file_line_and_record(tmp_path, text, message):
         read_structures(tmp_path / "x.dbn")
 
 
-def test_a_base_written_as_several_letters_is_refused_not_shifted(tmp_path):
-    """`2 PSU 0` (a modified base by name, PDB-derived files) made the sequence one letter longer per extra letter
-    and moved every later pair onto another base, silently."""
-    (tmp_path / "m.bpseq").write_text("1 G 6\n2 PSU 0\n3 A 0\n4 A 0\n5 A 0\n6 C 1\n")
-    with pytest.raises(StructureError, match=r"m\.bpseq:2: base 'PSU' is not one letter"):
+@pytest.mark.parametrize(("bpseq", "bpseq_error", "ct", "ct_error"), [
+    # `2 PSU 0` (a modified base by name, PDB-derived files) made the sequence one letter longer per extra letter
+    # and moved every later pair onto another base, silently
+    ("1 G 6\n2 PSU 0\n3 A 0\n4 A 0\n5 A 0\n6 C 1\n", r":2: base 'PSU' is not one letter",
+     "3 x\n1 G 0 2 0 1\n2 m1A 1 3 0 2\n3 C 2 0 0 3\n", r":3: record 'x': base 'm1A' is not one letter"),
+    # a lost line would shift every later base and pair by one: the base numbers must run 1, 2, 3...
+    ("1 G 0\n3 A 0\n4 C 0\n", r":2: index 3 out of order \(expected 2\)",
+     "3 x\n1 G 0 2 0 1\n3 A 1 3 0 3\n3 C 2 0 0 3\n",
+     r":3: record 'x': expected 'i base i-1 i\+1 partner i' for base 2"),
+], ids=["several-letters", "skipped-index"])
+def test_a_base_line_that_would_shift_the_structure_is_refused(tmp_path, bpseq, bpseq_error, ct, ct_error):
+    (tmp_path / "m.bpseq").write_text(bpseq)
+    with pytest.raises(StructureError, match=r"m\.bpseq" + bpseq_error):
         read_bpseq(tmp_path / "m.bpseq")
-    (tmp_path / "m.ct").write_text("3 x\n1 G 0 2 0 1\n2 m1A 1 3 0 2\n3 C 2 0 0 3\n")
-    with pytest.raises(StructureError, match=r"m\.ct:3: record 'x': base 'm1A' is not one letter"):
+    (tmp_path / "m.ct").write_text(ct)
+    with pytest.raises(StructureError, match=r"m\.ct" + ct_error):
         read_ct(tmp_path / "m.ct")
 
 
