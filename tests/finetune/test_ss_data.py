@@ -6,6 +6,12 @@ import numpy as np
 from finetune.ss_data import ARCHIVEII_FAMILIES, archiveii_fold, bprna_splits, load_archiveii, near_duplicate_mask
 
 
+def kmers(seq: str) -> set[str]:
+    """Plain Python: the distinct 8-letter substrings (T read as U, case ignored, those with N skipped)."""
+    norm = seq.upper().replace("T", "U")
+    return {w for w in (norm[i:i + 8] for i in range(len(norm) - 7)) if "N" not in w}
+
+
 def test_bprna_spot_splits(shared_data):
     s = bprna_splits(shared_data)
     assert (len(s.train), len(s.valid), len(s.test)) == (4082, 485, 473)
@@ -36,10 +42,6 @@ def test_kmer_matrix_holds_each_sequences_distinct_kmers():
     rng = np.random.default_rng(1)
     seqs = ["".join(rng.choice(list("ACGUTacgutN"), int(n))) for n in rng.integers(0, 60, 40)]
     seqs += ["ACGUACGUAAAC", "acgtacgtaaaG"]  # share the k-mers of ACGUACGUAAA
-
-    def kmers(seq: str) -> set[str]:
-        norm = seq.upper().replace("T", "U")
-        return {w for w in (norm[i:i + 8] for i in range(len(norm) - 7)) if "N" not in w}
 
     sets = [kmers(x) for x in seqs]
     matrix = kmer_matrix(seqs, k=8)
@@ -106,9 +108,6 @@ def test_near_duplicate_mask_is_the_containment_rule_of_plain_kmer_sets():
     cands += [r[5:5 + int(n)] for r, n in zip(refs, rng.integers(7, 40, 12))]  # fragments, some under 8 nt
     cands += ["".join(rng.choice(list("ACGU"), 100)) for _ in range(10)]
 
-    def kmers(seq: str) -> set[str]:
-        return {seq[i:i + 8] for i in range(len(seq) - 7)}
-
     def near(c: str, r: str) -> bool:
         a, b = kmers(c), kmers(r)
         return len(a & b) >= 0.5 * max(min(len(a), len(b)), 1)
@@ -130,9 +129,6 @@ def test_the_near_duplicate_rules_hold_at_their_bounds():
 
     ref = random(200)
     half = ref[:27] + random(20)  # 40 8-mers: the 20 of ref[:27] and 20 more across the joint and after it
-
-    def kmers(seq: str) -> set[str]:
-        return {seq[i:i + 8] for i in range(len(seq) - 7)}
 
     assert len(kmers(half)) == 40 and len(kmers(half) & kmers(ref)) == 20  # exactly half
     assert near_duplicate_mask([half], [ref]).tolist() == [True]
