@@ -30,6 +30,13 @@ def test_only_locks_of_the_trainers_ops_older_than_any_build_are_removed(tmp_pat
     assert f"removed {stale}: a torch extension build lock 3600 s old" in capsys.readouterr().err
 
 
+def test_a_stale_fused_adam_lock_is_removed_while_the_other_ops_has_none(tmp_path):
+    """optim.adamw=deepspeed builds FusedAdam under the same kind of lock; a missing lock of another op is no error."""
+    lock = plant(tmp_path, "fused_adam", 3600)
+    assert remove_stale(tmp_path, stale_s=600) == [lock]
+    assert not lock.exists()
+
+
 def test_the_watch_removes_a_lock_once_it_turns_stale(tmp_path):
     lock = plant(tmp_path, "deepspeed_shm_comm", 0)
     watch = StaleBuildLockWatch(tmp_path, stale_s=0.5, poll_s=0.05).start()

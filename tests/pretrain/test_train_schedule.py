@@ -28,6 +28,8 @@ def test_defaults_are_the_original_recipe():
     assert s.lr(76_000) == pytest.approx(1e-5) and s.lr(90_000) == pytest.approx(1e-5)
     lrs = [s.lr(i) for i in range(2000, 76_001, 500)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    o = OptimConfig()
+    assert (o.weight_decay, o.betas, o.eps, o.grad_clip) == (0.01, (0.9, 0.999), 1e-8, 1.0)
 
 
 def test_scheduler_drives_the_optimizer_and_pickles_its_state():
@@ -82,7 +84,9 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
 @pytest.mark.parametrize("override", ["train.log_every=0", "train.stop_after=0", "train.valid_every=-1",
                                       "train.valid_max_records=-1", "checkpoint.keep=0", "checkpoint.every=-1",
                                       "optim.lr=0", "optim.min_lr=1", "optim.warmup_steps=-1", "optim.decay_steps=0",
-                                      "metrics.peak_flops=0", "train.seed=-1", "data.seed=-1"])
+                                      "metrics.peak_flops=0", "train.seed=-1", "data.seed=-1",
+                                      "train.grad_accum=0", "optim.warmup_start_lr=-1e-9",
+                                      "metrics.final_scrape_s=-1"])
 def test_nonsense_values_are_refused_before_the_run_starts(override):
     """By the config's load (a section's own checks: 'data: seed ...') or by validate ('train.seed ...')."""
     with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"(\.|: )")):
@@ -98,7 +102,9 @@ def test_settings_that_failed_later_in_a_traceback_are_refused_by_validate(tmp_p
                            (f"train.out_dir={a_file}", f"train.out_dir={a_file}: {a_file} is a file, not a directory"),
                            (f"train.out_dir={a_file / 'sub'}", f"{a_file} is a file, not a directory"),
                            ("metrics.port_base=99999", "metrics.port_base must be 0 (free ports) or a port up to"),
-                           ("metrics.port_base=-5", "metrics.port_base must be 0")):
+                           ("metrics.port_base=-5", "metrics.port_base must be 0"),
+                           (f"train.init_weights={tmp_path / 'gone.safetensors'}",
+                            f"train.init_weights: {tmp_path / 'gone.safetensors'} does not exist")):
         with pytest.raises(ValueError, match=re.escape(said)):
             load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["data.shards=/somewhere", override]).validate()
 
@@ -115,6 +121,25 @@ def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
     cfg.train.ds_config = str(bad)
     with pytest.raises(ValueError, match="gradient_clipping.*set by the trainer"):
         deepspeed_config(cfg, bf16=False)
+    bad.write_text('{"fp16": {"enabled": true}}')   # the trainer's precision is train.precision alone
+    with pytest.raises(ValueError, match=re.escape("keys ['fp16'] are set by the trainer")):
+        deepspeed_config(cfg, bf16=False)
+
+
+def test_a_relative_ds_config_is_found_from_the_working_directory_first(tmp_path, monkeypatch):
+    """A run's own ds_configs/zero3.json beside its config wins over the repository's file of that name."""
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero3.json").write_text('{"zero_optimization": {"stage": 2}}')
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.ds_config=ds_configs/zero3.json"])
+    assert deepspeed_config(cfg, bf16=False)["zero_optimization"]["stage"] == 3   # the repository's
+    monkeypatch.chdir(tmp_path)
+    assert deepspeed_config(cfg, bf16=False)["zero_optimization"]["stage"] == 2
+
+
+def test_a_communication_dtype_the_json_sets_is_kept():
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.ds_overrides={communication_data_type: bf16}"])
+    assert deepspeed_config(cfg, bf16=True)["communication_data_type"] == "bf16"
+    assert "communication_data_type" not in deepspeed_config(cfg.__class__(), bf16=False)
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "nano", "micro", "mega", "giga"])
@@ -327,6 +352,7 @@ def test_token_dropouts_mask_ratio_follows_the_masking_rate():
 
 @pytest.mark.parametrize("override, message", [
     ("--optim.grad_clip=-1", "optim.grad_clip must be >= 0, got -1.0"),          # DeepSpeed: clipping off
+    ("--train.max_steps=0", "train.max_steps must be >= 1, got 0"),  # not only 'warm-up must be below it'
     ("--optim.min_lr=nan", "optim.min_lr: expected a finite number, got 'nan'"),  # passed every check
     ("--train.valid_sampling=cluter", "'cluter' is not one of 'cluster', 'uniform'"),
     ("--train.ds_overrides={zero_optimization: null}", "zero_optimization must be a mapping, got None"),
