@@ -270,6 +270,29 @@ def test_live_holder_names_another_live_process_and_not_this_one_or_a_gone_one(t
     assert (tmp_path / LOCK_NAME).read_text() == "[]"                  # nothing taken over
 
 
+def test_another_live_process_here_is_a_holder_and_so_is_this_pid_of_another_pid_space(tmp_path):
+    """Only host, pid and pid space together make a lock this process's own."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder(tmp_path, pid=proc.pid)
+        assert RunLock(tmp_path).live_holder().startswith(f"pid {proc.pid} on {socket.gethostname()}")
+    finally:
+        proc.kill()
+        proc.wait()
+    holder(tmp_path, pid_space="another-container")
+    assert RunLock(tmp_path).live_holder().startswith(f"pid {os.getpid()} on {socket.gethostname()}")
+
+
+def test_a_process_of_another_user_is_alive(tmp_path, monkeypatch):
+    """kill(pid, 0) on someone else's process raises PermissionError: it exists."""
+    def kill(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    holder(tmp_path, pid=4242)
+    monkeypatch.setattr(runlock.os, "kill", kill)
+    assert RunLock(tmp_path).live_holder().startswith("pid 4242 on")
+
+
 def test_a_killed_holder_not_yet_reaped_is_gone(tmp_path):
     """A zombie answers kill(pid, 0): in a container whose init reaps no children, a SIGKILLed run's rerun was
     refused for the heartbeat's 180 s."""
