@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,12 +118,22 @@ def test_every_file_is_flushed_by_the_rank_that_wrote_it_before_the_checkpoint_g
                     (tmp_path / tag / kind.format(r)).write_bytes(b"w")
             (tmp_path / tag / "mp_rank_00_model_states.pt").write_bytes(b"w")
 
+    import rnalm.files as files
+
     flushed: dict[int, list[str]] = {}
+    published: list[str] = []   # atomic_write's flushes: the temp file, then its directory
+
+    def publish(path):  # a temp file named without its random part and .tmp
+        name = Path(path).name
+        published.append(name.rsplit(".", 2)[0] if name.endswith(".tmp") else name)
+
+    monkeypatch.setattr(files, "fsync_path", publish)
     for rank in (11, 1, 0):  # rank 0 last: it publishes
         calls = flushed.setdefault(rank, [])
         monkeypatch.setattr(checkpoint, "fsync_path",
                             lambda p, _calls=calls: _calls.append(f"{p.parent.name}/{p.name}"))
         Checkpointer(tmp_path, keep=2, rank=rank, world_size=12).save(Engine(), 8, {"step": 8})
+    assert published == [".trainer_state.json", ".tmp-" + tag_for(8), ".latest", tmp_path.name]
     tmp = ".tmp-" + tag_for(8)
     assert flushed[11] == [f"{tmp}/bf16_zero_pp_rank_11_mp_rank_00_optim_states.pt", f"{tmp}/rng_rank11.pt",
                            f"{tmp}/zero_pp_rank_11_mp_rank_00_model_states.pt"]   # not rank 1's
@@ -153,6 +165,17 @@ def test_only_failed_writes_become_one_line_save_errors(tmp_path):
     gone = Checkpointer(tmp_path / "gone", keep=2, rank=0, world_size=1)
     with pytest.raises(CheckpointSaveError, match="free space unknown"), gone._failing_save_named(tmp_path / "x"):
         raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_checkpoint_deepspeed_did_not_load_is_an_error_not_a_fresh_start(tmp_path):
+    """DeepSpeed's load_checkpoint logs a warning and returns (None, None) when it finds no checkpoint files: the
+    run would go on from its fresh weights at the checkpoint's step."""
+    class Engine:
+        def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+            return None, None
+
+    with pytest.raises(CheckpointError, match=re.escape(f"DeepSpeed could not load checkpoint {tmp_path / 'step8'}")):
+        Checkpointer(tmp_path, keep=2, rank=0, world_size=1).load(Engine(), "step8")
 
 
 def test_a_crash_while_pruning_leaves_no_complete_looking_half_checkpoint(tmp_path, monkeypatch):

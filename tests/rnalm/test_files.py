@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,18 @@ def test_a_failing_writer_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, half_then_crash)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_the_temp_is_beside_the_target_and_durable_flushes_it_before_the_rename_and_the_directory_after(
+        tmp_path, monkeypatch, durable):
+    """Beside it: a rename within one file system is atomic (from /tmp it may be a copy). The directory's fsync
+    makes the rename itself survive a node crash."""
+    import rnalm.files as files
+
+    path, temps, flushed = tmp_path / "latest", [], []
+    path.write_text("old")
+    monkeypatch.setattr(files, "fsync_path", lambda p: flushed.append((Path(p), path.read_text())))
+    atomic_write(path, lambda p: (temps.append(Path(p)), Path(p).write_text("new")), durable=durable)
+    assert temps[0].parent == tmp_path and temps[0].name.endswith(".tmp")
+    assert flushed == ([(temps[0], "old"), (tmp_path, "new")] if durable else [])
