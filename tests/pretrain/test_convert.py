@@ -177,6 +177,20 @@ def test_universal_conversion_ahead_of_a_resume(copy_of_straight_run):
     assert not [p for p in ckpts.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_a_universal_conversion_flushes_each_file_before_its_folder_and_all_before_the_name(copy_of_straight_run,
+                                                                                            monkeypatch):
+    """ds_to_universal fsyncs nothing: a node crash after the rename could leave the final name on truncated files."""
+    import pretrain.convert as convert
+
+    ckpts, flushed = copy_of_straight_run / "checkpoints", []
+    monkeypatch.setattr(convert, "fsync_path", flushed.append)
+    final = convert.to_universal(ckpts, "step00000008")
+    tmp = ckpts / (TMP_PREFIX + final.name)
+    written = [tmp / p.relative_to(final) for p in final.rglob("*")]
+    assert len(written) > 3 and sorted(flushed[:-2]) == sorted(written) and flushed[-2:] == [tmp, ckpts]
+    assert all(flushed.index(p) < flushed.index(p.parent) for p in written if p.parent != tmp)
+
+
 def test_a_universal_conversion_by_hand_waits_for_no_running_trainer(copy_of_straight_run):
     """A trainer starting in the run deletes every temp dir in checkpoints/, a conversion's too: the two exclude
     each other through the run's lock (here held by this test, as a live trainer would)."""
@@ -248,11 +262,13 @@ def test_damaged_contents_or_non_finite_weights_are_refused(copy_of_straight_run
     def diverged(root, tag, **kw):
         weights = real(root, tag, **kw)
         weights["transformer.blocks.0.mh_attn.Wqkv.weight"][0, 0] = float("nan")
+        weights["transformer.blocks.1.mh_attn.Wqkv.weight"][0, 0] = float("-inf")
         return weights
 
     with monkeypatch.context() as mp:
         mp.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint", diverged)
-        with pytest.raises(CheckpointError, match=r"weights with NaN or infinite values \(transformer.blocks.0.mh_at"):
+        with pytest.raises(CheckpointError, match=r"weights with NaN or infinite values \(transformer.blocks.0.mh_attn."
+                                                  r"Wqkv.weight, transformer.blocks.1.mh_attn.Wqkv.weight\)"):
             to_pretrained(copy_of_straight_run, tmp_path / "nan", tag="step00000008")
     assert not (tmp_path / "nan").exists()
 
