@@ -92,6 +92,9 @@ def test_exporter_serves_every_contract_metric():
     assert value(samples, "rnalm_dataloader_corrupt_shards") == 1
     assert value(samples, "rnalm_train_step_duration_seconds_count") == 2
     assert value(samples, "rnalm_checkpoint_duration_seconds") == 1.5
+    assert time.time() - 60 < value(samples, "rnalm_checkpoint_last_success_timestamp_seconds") <= time.time()
+    assert value(samples, "rnalm_train_grad_norm") == 0.6 and value(samples, "rnalm_train_mfu_ratio") == 0.3
+    assert value(samples, "rnalm_device_memory_peak_bytes") >= value(samples, "rnalm_device_memory_allocated_bytes")
     assert value(samples, "rnalm_device_memory_allocated_bytes") > 0
     (info,) = samples["rnalm_run_info"]
     assert info.labels == {"run_id": "r1", "model": "nano", "world_size": "2", "slurm_job_id": "77"}
