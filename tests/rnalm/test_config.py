@@ -9,7 +9,9 @@ from rnalm.config import ModelConfig
 @pytest.mark.parametrize("field, value", [
     ("num_heads", 0), ("num_heads", -4), ("dim", -32), ("num_layers", 0), ("dim", "32"), ("num_layers", True),
     ("attn_dropout", 1.5), ("residual_dropout", -0.5), ("layer_norm_eps", -1.0), ("rope_base", 0.0),
-    ("attention_backend", "flashattn"),
+    ("attention_backend", "flashattn"), ("transition_dropout", 1.0), ("layer_norm_eps", 0.0),
+    ("dim", 36),  # head_dim 9: rotary embeddings rotate pairs
+    ("ffn_align", 0), ("activation_checkpointing", -1),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
