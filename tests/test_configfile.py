@@ -26,6 +26,7 @@ class Train:
     activation_checkpointing: bool = False
     tags: list[str] = field(default_factory=list)
     cache: Path | None = None
+    note: str | None = None
 
 
 @dataclass
@@ -55,8 +56,10 @@ def test_yaml_exponent_without_dot_is_a_float_and_1e3_an_int(tmp_path):
 
 
 def test_str_override_stays_verbatim():
-    cfg = load(Run, None, ["train.out_dir=007", "--train.max_steps=null"])
-    assert cfg.train.out_dir == "007" and cfg.train.max_steps is None
+    cfg = load(Run, None, ["train.out_dir=007", "--train.max_steps=null", "train.note=yes"])
+    assert cfg.train.out_dir == "007" and cfg.train.max_steps is None and cfg.train.note == "yes"
+    for null in ("null", "~", "None"):   # an optional string can still be unset
+        assert load(Run, None, ["train.note=x", f"train.note={null}"]).train.note is None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -70,6 +73,8 @@ def test_str_override_stays_verbatim():
     ("optim.warmup_steps=1.5", "optim.warmup_steps: expected an integer, got 1.5"),
     ("train.precision=fp16", "'fp16' is not one of 'fp32', 'bf16'"),
     ("train.activation_checkpointing=2", "expected true or false, got 2"),
+    ("optim.warmup_steps=true", "optim.warmup_steps: expected an integer, got True"),
+    ("train.tags=abc", "train.tags: expected a list, got 'abc'"),
     ("optim.lr", "expected section.key=value"),
     ("optim=3", "optim: expected a mapping of keys for Optim, got int"),
     ("optim.lr.x=3", "optim.lr is not a section"),
@@ -137,9 +142,10 @@ def test_cli_parses_config_and_both_override_spellings(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         from_cli(Run, ["--optim.nope=1"])
     assert info.value.code == 2 and "unknown key 'nope'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        from_cli(Run, ["--optim.lr"])
-    assert "has no value" in capsys.readouterr().err
+    for no_value in (["--optim.lr"], ["--optim.lr", "--train.precision=fp32"]):
+        with pytest.raises(SystemExit):
+            from_cli(Run, no_value)
+        assert "override '--optim.lr' has no value" in capsys.readouterr().err
     # dashes for underscores, as dataprep's argparse options are spelt (--label-key there, label_key here)
     cfg = from_cli(Run, ["--optim.warmup-steps=9", "--train.out-dir", "runs/y"])
     assert (cfg.optim.warmup_steps, cfg.train.out_dir) == (9, "runs/y")
