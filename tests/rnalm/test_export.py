@@ -114,11 +114,12 @@ def test_a_model_a_pt_file_cannot_express_is_refused(tmp_path, capsys, setting):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys):
-    released(tmp_path, rope_base=20000.0)
+@pytest.mark.parametrize("setting", [{"rope_base": 20000.0}, {"transition_dropout": 0.2}, {"vocab_size": 32}])
+def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys, setting):
+    released(tmp_path, **setting)
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
-    assert exit_.value.code == 1 and "no setting for ['rope_base']" in capsys.readouterr().err
+    assert exit_.value.code == 1 and f"no setting for {list(setting)}" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 
