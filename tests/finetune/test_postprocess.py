@@ -23,7 +23,8 @@ def test_threshold_grid_is_the_papers():
 def test_canonical_mask():
     m = canonical_mask("GAAAACNNNNU")
     assert m[0, 5] and m[5, 0]            # G-C at distance 5
-    assert m[0, 10]                        # G-U wobble
+    assert m[0, 10] and m[10, 0]           # G-U wobble, in both orders
+    assert canonical_mask("UAAAG")[0, 4]   # U-G: U first
     assert m[1, 10] and not m[1, 2]        # A-U pairs, A-A does not
     assert not m[6, 10]                    # N never pairs
     assert not canonical_mask("GAAC")[0, 3]  # |i-j| = 3: sharp loop
