@@ -145,8 +145,8 @@ class ResNet1DBlock(nn.Module):
         self.conv2 = nn.Conv1d(dim, dim, 3, padding="same", bias=False)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = F.elu(masked_instance_norm(self.conv1(x), mask)) * mask
-        h = F.elu(masked_instance_norm(self.conv2(h), mask)) * mask
+        h = F.elu(masked_instance_norm(self.conv1(x), mask))   # elu(0) = 0: the pads stay zero
+        h = F.elu(masked_instance_norm(self.conv2(h), mask))
         return x + h
 
 

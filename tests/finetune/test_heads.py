@@ -1,10 +1,13 @@
 """Heads: shapes, symmetry, the factorised outer concatenation, and independence from padding."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from finetune.heads import HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead, upper_triangle_bce
+from finetune.heads import (HeadConfig, RibosomeLoadHead, SecondaryStructureHead, SpliceSiteHead,
+                            masked_instance_norm, upper_triangle_bce)
 from finetune.unfreeze import Unfreezer, UnfreezeConfig, schedule
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
@@ -52,6 +55,44 @@ def test_mrl_head_ignores_padding_and_splice_head_uses_cls():
     rep2 = rep.clone()
     rep2[:, 1:] = 0
     torch.testing.assert_close(splice(rep, tokens), splice(rep2, tokens))
+
+
+def test_head_defaults_are_the_originals_and_sizes_below_one_are_refused():
+    assert HeadConfig() == HeadConfig(ss_conv_dim=64, ss_num_blocks=2, splice_hidden=128, mrl_embed_dim=32,
+                                      mrl_num_blocks=6, mrl_dropout=0.2)
+    for bad, said in (({"ss_conv_dim": 0}, "ss_conv_dim must be >= 1, got 0"),
+                      ({"mrl_num_blocks": 0}, "mrl_num_blocks must be >= 1, got 0"),
+                      ({"mrl_dropout": 1.0}, "mrl_dropout must be in [0, 1), got 1.0"),
+                      ({"mrl_dropout": -0.1}, "mrl_dropout must be in [0, 1), got -0.1")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            HeadConfig(**bad)
+
+
+def test_splice_and_mrl_heads_compute_the_originals_on_an_unpadded_sequence():
+    """Splice: CLS -> Linear -> GELU -> Linear. MRL: Linear, then blocks of [Conv1d, InstanceNorm1d, ELU] x 2 plus
+    the input, the mean over every token (CLS and EOS too), dropout, Linear; written here with torch's own
+    InstanceNorm1d, which the original uses."""
+    torch.manual_seed(0)
+    rep = torch.randn(1, 12, 8)
+    tokens = torch.tensor(batch_encode(["ACGUACGUAC"])[0])
+    splice = SpliceSiteHead(8, 3).eval()
+    torch.testing.assert_close(splice(rep, tokens),
+                               splice.linear_out(torch.nn.functional.gelu(splice.linear_in(rep[:, 0]))))
+    mrl = RibosomeLoadHead(8, HeadConfig(mrl_num_blocks=2)).eval()
+    norm, elu = torch.nn.InstanceNorm1d(32), torch.nn.functional.elu
+    x = mrl.linear_in(rep).transpose(1, 2)
+    for block in mrl.blocks:
+        x = x + elu(norm(block.conv2(elu(norm(block.conv1(x))))))
+    torch.testing.assert_close(mrl(rep, tokens), mrl.linear_out(x.mean(dim=-1)).squeeze(-1))
+    mrl.train()   # the original's dropout before the output layer
+    assert mrl(rep, tokens) != mrl(rep, tokens)
+
+
+def test_masked_instance_norm_of_a_row_without_valid_positions_is_zero_not_nan():
+    x = torch.randn(2, 4, 6)
+    mask = torch.tensor([[[1.0] * 6], [[0.0] * 6]])
+    out = masked_instance_norm(x, mask)
+    assert torch.equal(out[1], torch.zeros(4, 6)) and out[0].std() > 0.5
 
 
 def test_upper_triangle_bce_ignores_lower_triangle_and_diagonal():
