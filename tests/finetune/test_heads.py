@@ -111,23 +111,35 @@ def test_upper_triangle_bce_ignores_lower_triangle_and_diagonal():
     assert torch.equal(upper_triangle_bce(other_logits, other_target), upper_triangle_bce(logits, target))
 
 
-def test_unfreeze_schedules_of_the_paper():
-    ss = schedule(UnfreezeConfig(head_only_epochs=3, every=3, blocks_per_step=3, max_blocks=24), 33)
+def test_unfreeze_schedules_of_the_paper_are_the_tasks_defaults():
+    from finetune.tasks.mrl import MRLConfig
+    from finetune.tasks.splice import SpliceConfig
+    from finetune.tasks.ss import SSConfig
+
+    ss = schedule(SSConfig().unfreeze, 33)
     assert sorted(ss) == [3, 6, 9, 12, 15, 18, 21, 24]
     assert ss[3] == ["transformer.final_layer_norm.", "transformer.blocks.30.", "transformer.blocks.31.",
                      "transformer.blocks.32."]
     assert ss[24] == [f"transformer.blocks.{i}." for i in (9, 10, 11)]
-    mrl = schedule(UnfreezeConfig(head_only_epochs=3, blocks_per_step=27, max_blocks=27), 33)
+    mrl = schedule(MRLConfig().unfreeze, 33)
     assert list(mrl) == [3] and mrl[3][1] == "transformer.blocks.6." and len(mrl[3]) == 28
-    at_once = schedule(UnfreezeConfig(head_only_epochs=0), 4)
+    at_once = schedule(SpliceConfig().unfreeze, 4)
     assert list(at_once) == [0] and len(at_once[0]) == 5
+    assert schedule(UnfreezeConfig(head_only_epochs=0, max_blocks=10), 4) == at_once   # no more blocks than there are
+
+
+def test_the_embedding_joins_the_last_unfreeze_step():
+    assert schedule(UnfreezeConfig(head_only_epochs=1, every=2, blocks_per_step=2, train_embedding=True), 4) == {
+        1: ["transformer.final_layer_norm.", "transformer.blocks.2.", "transformer.blocks.3."],
+        3: ["transformer.blocks.0.", "transformer.blocks.1.", "embedding."]}
 
 
 @pytest.mark.parametrize(("setting", "said"), [({"blocks_per_step": 0}, "blocks_per_step must be >= 1, got 0"),
                                                ({"every": 0}, "every must be >= 1, got 0"),
                                                ({"every": -3}, "every must be >= 1, got -3"),
                                                ({"max_blocks": -1}, "max_blocks must be >= 0"),
-                                               ({"lr_divisor": 0.0}, "lr_divisor must be > 0")])
+                                               ({"lr_divisor": 0.0}, "lr_divisor must be > 0"),
+                                               ({"head_only_epochs": -1}, "head_only_epochs must be >= 0, got -1")])
 def test_unfreeze_settings_that_cannot_make_a_schedule_are_refused(setting, said):
     """blocks_per_step=0 never finished building the schedule; every=0 put every step on one epoch, where the
     last overwrote the others (giga SS: blocks 9-11 only, no final LayerNorm); every<0 unfroze at epoch 0."""
@@ -141,6 +153,7 @@ def test_unfreezer_on_a_model():
     assert not any(p.requires_grad for p in lm.parameters())
     assert u.step(0) == []
     first = u.step(1)
+    assert u.step(1) == []      # nothing twice into the optimizer
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
     assert len(first) == len(trainable)
     assert all(n.startswith(("transformer.blocks.1.", "transformer.blocks.2.", "transformer.final_layer_norm."))
