@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from finetune.ss_data import ARCHIVEII_FAMILIES, archiveii_fold, bprna_splits, load_archiveii, near_duplicate_mask
+from finetune.structure import StructureRecord
 
 
 def kmers(seq: str) -> set[str]:
@@ -67,8 +69,23 @@ def test_archiveii_folds_hold_out_family_and_near_duplicates(shared_data):
     # validation holds no near-copy of a training record (most of a random draw is one)
     assert fold.info["removed_valid_near_train"] > len(fold.valid) > 0
     assert not near_duplicate_mask([r.sequence for r in fold.valid], [r.sequence for r in fold.train]).any()
+    kept = len(recs) - 557 - fold.info["removed_near_duplicates"]
+    assert len(fold.valid) + fold.info["removed_valid_near_train"] == round(0.1 * kept)   # valid_fraction's share
+    assert len(fold.info["removed_ids"]) == min(50, fold.info["removed_near_duplicates"])
+    assert fold.info["near_duplicate_rule"] == "shared distinct 8-mers >= 0.5 of the smaller sequence's"
     again = archiveii_fold(recs, "tRNA")
     assert [r.id for r in again.valid] == [r.id for r in fold.valid]  # seeded split
+    assert [r.id for r in archiveii_fold(recs, "tRNA", seed=1).valid] != [r.id for r in fold.valid]
+
+
+def test_a_small_fold_keeps_one_validation_record_and_an_unknown_family_is_refused():
+    rng = np.random.default_rng(0)
+    records = [(StructureRecord(f"r{i}", "".join(rng.choice(list("ACGU"), 40)), np.zeros((0, 2), np.int64)), fam)
+               for i, fam in enumerate(["a", "a", "a", "b"])]
+    fold = archiveii_fold(records, "b")   # 10% of three records rounds to none
+    assert (len(fold.train), len(fold.valid), [r.id for r in fold.test]) == (2, 1, ["r3"])
+    with pytest.raises(ValueError, match="unknown ArchiveII family 'c'; families: 5s, srp, tRNA"):
+        archiveii_fold(records, "c")
 
 
 def test_a_single_nucleotide_training_record_is_skipped_and_counted(tmp_path):
