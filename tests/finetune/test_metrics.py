@@ -123,3 +123,14 @@ def test_matches_matrix_reference_on_random_structures(shift):
         s = pair_scores(true, pred, n, shift=shift)
         ref_p, ref_r = _reference(true, pred, n, shift)
         assert s.precision == pytest.approx(ref_p) and s.recall == pytest.approx(ref_r)
+
+
+def test_markdown_table_rows_columns_and_number_formats(tmp_path):
+    from finetune.results import markdown_table, write_results
+
+    table = markdown_table({"TS0": {"f1": 0.61234, "n": 473, "mcc": None}, "VL0": {"f1": 0.5}}, ["f1", "mcc", "n"])
+    assert table == ("| test set | f1 | mcc | n |\n|---|---|---|---|\n| TS0 | 0.612 | n/a | 473 |\n"
+                     "| VL0 | 0.500 |  |  |\n")
+    write_results(tmp_path / "out", "results", {"f1": 0.5}, table)
+    assert (tmp_path / "out" / "results.md").read_text() == table
+    assert (tmp_path / "out" / "results.json").read_text() == '{\n  "f1": 0.5\n}\n'
