@@ -145,6 +145,13 @@ def warn_truncated(records: list[FastaRecord], cfg: EmbedConfig) -> None:
               f"their first {cfg.max_len} nt only; longest: {first.id!r} ({len(first.sequence)} nt)", file=sys.stderr)
 
 
+def legend_groups(labels: list[str], max_legend: int) -> np.ndarray:
+    """Each label, or "other" where it is not among the max_legend most frequent (ties: alphabetical)."""
+    names, counts = np.unique(labels, return_counts=True)
+    top = set(names[np.argsort(-counts, kind="stable")][:max_legend])
+    return np.array([lab if lab in top else "other" for lab in labels])
+
+
 def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConfig) -> str:
     import matplotlib
 
@@ -163,9 +170,7 @@ def plot_embeddings(x: np.ndarray, labels: list[str], path: Path, cfg: EmbedConf
                   random_state=cfg.seed).fit_transform(x)
     else:
         xy = PCA(n_components=2, random_state=cfg.seed).fit_transform(x)
-    names, counts = np.unique(labels, return_counts=True)
-    top = set(names[np.argsort(-counts)][: cfg.max_legend])
-    shown = np.array([lab if lab in top else "other" for lab in labels])
+    shown = legend_groups(labels, cfg.max_legend)
     fig, ax = plt.subplots(figsize=(8, 6))
     for k, lab in enumerate(sorted(set(shown), key=lambda s: (s == "other", s))):
         sel = shown == lab

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -470,6 +471,44 @@ def test_embed_plots_a_sample_of_plot_max_and_leaves_no_partial_arrays(tiny_chec
                                                           for i, n in enumerate(lengths)]), atol=1e-5)
 
 
+def test_embed_samples_limit_records_in_fasta_order_and_cuts_each_at_max_len(tiny_checkpoint, tmp_path):
+    from finetune.embed import EmbedConfig, embed
+
+    src = tmp_path / "in.fa"
+    src.write_text("".join(f">r{i}\n{'ACGU' * (2 + i)}\n" for i in range(10)) + ">cut\nACGUACGU\n")
+    cfg = EmbedConfig(model=str(tiny_checkpoint), fasta=str(src), out=str(tmp_path / "e"), plot="none", limit=4,
+                      progress=False)
+    embed(cfg)
+    ids, order = (tmp_path / "e" / "ids.txt").read_text().split(), [f"r{i}" for i in range(10)] + ["cut"]
+    assert len(ids) == 4 and ids == sorted(ids, key=order.index)
+    embed(replace(cfg, seed=1, out=str(tmp_path / "f")))
+    assert (tmp_path / "f" / "ids.txt").read_text().split() != ids
+    whole = embed(replace(cfg, limit=None, max_len=8, out=str(tmp_path / "g")))
+    assert whole["plot"] is None and not (tmp_path / "g" / "embeddings.png").exists()   # --plot=none
+    np.testing.assert_array_equal(whole["cls"][9], whole["cls"][10])   # r9 from its first 8 nt: 'cut' itself
+
+
+@pytest.mark.parametrize(("n", "plot", "plot_max", "plotted"), [
+    (6, "auto", 100, "tsne of 6 sequences"), (5, "auto", 100, "pca of 5 sequences"),   # tsne_min=6
+    (8, "pca", 100, "pca of 8 sequences"), (8, "auto", 7, "tsne of 7 sequences sampled of 8")])
+def test_embed_plots_tsne_from_tsne_min_sequences_or_as_asked(tiny_checkpoint, tmp_path, n, plot, plot_max, plotted):
+    from finetune.embed import EmbedConfig, embed
+
+    src = tmp_path / "in.fa"
+    src.write_text("".join(f">r{i}\n{'ACGU' * (2 + i)}\n" for i in range(n)))
+    result = embed(EmbedConfig(model=str(tiny_checkpoint), fasta=str(src), out=str(tmp_path / "e"), plot=plot,
+                               tsne_min=6, plot_max=plot_max, progress=False))
+    assert result["plotted"] == plotted
+
+
+def test_the_legend_keeps_the_most_frequent_labels():
+    from finetune.embed import legend_groups
+
+    labels = ["b", "a", "c", "b", "c", "d", "c"]
+    assert legend_groups(labels, 2).tolist() == ["b", "other", "c", "b", "c", "other", "c"]
+    assert legend_groups(labels, 3).tolist() == ["b", "a", "c", "b", "c", "other", "c"]   # a tie: alphabetical
+
+
 def test_embed_refuses_empty_requests_and_names_only_what_it_wrote(tiny_checkpoint, tmp_path, capsys):
     two = tmp_path / "two.fa"
     two.write_text(">a\nACGU\n>b\nGGCC\n")
@@ -510,10 +549,10 @@ def test_embed_reads_a_repeated_label_key_as_dataprep_does(tiny_checkpoint, tmp_
 def test_embed_warns_when_it_truncates(tiny_checkpoint, tmp_path, capsys):
     """A 3,000-nt record was embedded from its first 1,022 nt without a word."""
     src = tmp_path / "long.fa"
-    src.write_text(">short\nACGUACGU\n>mrna_1 class=mRNA\nACGUAGGCUA\n")
+    src.write_text(">short\nACGUACGU\n>nine\nACGUACGUA\n>mrna_1 class=mRNA\nACGUAGGCUA\n")
     args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={src}", f"--out={tmp_path / 'e'}", "--progress=false"]
     assert run([*args, "--max_len=8"]) == 0
-    assert "1 record(s) longer than --max_len=8 are embedded from their first 8 nt only; longest: 'mrna_1' (10 nt)" \
+    assert "2 record(s) longer than --max_len=8 are embedded from their first 8 nt only; longest: 'mrna_1' (10 nt)" \
         in capsys.readouterr().err
     assert run([*args, "--max_len=10"]) == 0 and "longer than" not in capsys.readouterr().err
 
