@@ -124,7 +124,8 @@ def check_lengths(records: list[FastaRecord], cfg: StructurePredictConfig) -> No
     long = sorted((r for r in records if len(r.sequence) > cfg.max_len), key=lambda r: -len(r.sequence))
     if long:
         longest = len(long[0].sequence)
-        named = ", ".join(f"{r.id!r} ({len(r.sequence)} nt)" for r in long[:3]) + (" ..." if len(long) > 3 else "")
+        named = ", ".join(f"{r.id!r} ({len(r.sequence)} nt)" for r in long[:3]) + (
+            f" and {len(long) - 3} more" if len(long) > 3 else "")
         raise ValueError(f"{cfg.fasta}: {len(long)} record(s) longer than --max_len={cfg.max_len}: {named}. The "
                          f"language model was pretrained on <= 1022 nt, and the structure head needs about "
                          f"{1280 * longest ** 2 / 1e9:.1f} GB of memory for the longest; pass --max_len={longest} "

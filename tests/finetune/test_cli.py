@@ -632,8 +632,14 @@ def test_splice_and_mrl_predict(tiny_checkpoint, shared_data, fasta, tmp_path):
                     f"--train.out_dir={ft}", "--train.progress=false", *extra]) == 0
         assert run([task, "predict", f"--model={ft}", f"--fasta={fasta}", f"--out={ft}/pred",
                     "--progress=false"]) == 0
-        rows = (ft / "pred" / "predictions.tsv").read_text().splitlines()
-        assert len(rows) == 1 + len(SEQS) and rows[1].split("\t")[0] == "hairpin"
+        rows = [row.split("\t") for row in (ft / "pred" / "predictions.tsv").read_text().splitlines()]
+        assert len(rows) == 1 + len(SEQS) and rows[1][0] == "hairpin"
+        if task == "mrl":
+            assert rows[0] == ["id", "mrl"]
+        else:   # the predicted class is the most probable one
+            classes = [c.removeprefix("p_") for c in rows[0][2:]]
+            assert rows[0][:2] == ["id", "prediction"] and len(classes) == 3
+            assert all(row[1] == classes[max(range(3), key=lambda k: float(row[2 + k]))] for row in rows[1:])
         for structure_only in ("--format=ct", "--threshold=0.3"):  # refused, not silently ignored
             with pytest.raises(SystemExit):
                 run([task, "predict", f"--model={ft}", f"--fasta={fasta}", f"--out={ft}/x", structure_only])
