@@ -29,6 +29,7 @@ def test_one_target_per_rank_over_nodes(tmp_path):
     assert {g["labels"]["slurm_job_id"] for g in groups} == {"77"}
     assert {g["labels"]["slurm_job_name"] for g in groups} == {"giga"}
     assert [p.name for p in (tmp_path / "sd").iterdir()] == ["rnalm-77.json"]   # no temporary file left
+    assert (tmp_path / "sd" / "rnalm-77.json").stat().st_mode & 0o777 == 0o644   # Prometheus may run as another user
 
 
 def test_targets_use_node_addresses_and_keep_node_names(tmp_path):
@@ -56,6 +57,23 @@ def test_inconsistent_layout_is_rejected_with_reason(tmp_path, hosts, tasks, mes
     r = write(tmp_path, hosts, tasks)
     assert r.returncode != 0 and message in r.stderr
     assert not (tmp_path / "sd" / "rnalm-77.json").exists()
+
+
+def test_an_address_list_of_another_length_is_rejected():
+    from deploy.slurm.prom_targets import target_groups
+
+    with pytest.raises(ValueError, match=r"2 hosts \(a b\), 1 addresses but tasks per node for 2"):
+        target_groups(["a", "b"], [2, 2], 9500, "7", "j", addresses=["10.0.0.1"])
+
+
+@pytest.mark.timeout(30)   # a plane of 0 dealt nothing, forever
+def test_targets_are_in_rank_order_past_rank_nine():
+    from deploy.slurm.prom_targets import ranks_per_node, target_groups
+
+    groups = target_groups(["a", "b"], [6, 6], 9500, "7", "j", distribution="cyclic")
+    assert [g["labels"]["rank"] for g in groups] == [str(i) for i in range(12)]
+    with pytest.raises(ValueError, match="without a plane size"):
+        ranks_per_node([2], "plane=0")
 
 
 @pytest.mark.parametrize("distribution,plane,expected", [
