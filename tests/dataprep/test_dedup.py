@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dataprep.arrays import offsets_from_lengths
 from dataprep.dedup import dedup
@@ -34,6 +35,8 @@ def test_digest_depends_on_content_position_and_length():
     assert segs[0] == again[0] != swapped[0]
     z = np.frombuffer(b"ACGU\x00\x00\x00\x00" + bytes(PAD), np.uint8)
     assert segment_digests(z, np.array([0, 4]))[0] != segment_digests(z, np.array([0, 5]))[0]
+    with pytest.raises(ValueError, match="needs PAD bytes after the last segment"):   # its loads would read past
+        segment_digests(np.frombuffer(b"ACGUACGU", np.uint8), np.array([0, 4]))
 
 
 def make_store(tmp_path, text: str) -> Store:
