@@ -245,3 +245,19 @@ def test_a_shard_whose_block_numbers_skip_one_is_refused(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ShardError, match=r"block 2 out of order \(expected 1\)"):
         list(iter_blocks(path))
+
+
+def test_a_shard_whose_blocks_fail_midway_leaves_no_file(tmp_path):
+    """A failed block (a read error, a stop) ends the shard: neither it nor its temp file is left in the set."""
+    from dataprep.split import ShardJob
+    from dataprep.write import WriteContext, _write_one
+
+    def payloads():
+        yield b"a block", 1, 1
+        raise OSError("read error")
+
+    job = ShardJob("train", 0, np.arange(8), np.arange(8))
+    ctx = WriteContext(out_dir=str(tmp_path), store_dir="", cluster_dir="", block_records=4)
+    with pytest.raises(OSError, match="read error"):
+        _write_one(ctx, job, payloads())
+    assert list((tmp_path / "train").iterdir()) == []
