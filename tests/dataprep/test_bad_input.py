@@ -296,6 +296,13 @@ def test_lines_led_by_blanks_that_are_no_header_are_read(tmp_path, fasta):
     assert {k: v[0] for k, v in kept.items()} == {"a": ACGU20.encode(), "c": ACGU20.encode() + b"GG"}
 
 
+def test_more_shares_than_records_leave_empty_shares_that_merge(tmp_path, fasta):
+    """Shares whose byte range holds no record (or only rejected ones) write empty part stores."""
+    path = fasta(f">a\n{ACGU20}\n>b\nAC\n>c\n{ACGU20}GG\n")
+    rejects, kept = rejects_of(tmp_path, path, workers=8)
+    assert list(rejects) == ["b"] and list(kept) == ["a", "c"]
+
+
 def test_progress_estimate_of_a_small_compressed_input(tmp_path, fasta, capsys):
     """A compressed input is parsed by chunks taken in turn by the shares: one of 2 shares that had parsed the
     only chunk but the last (the last record) estimated twice the input's records ('~5,998' for 3,000)."""
