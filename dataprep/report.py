@@ -26,7 +26,7 @@ def _stats(x: np.ndarray) -> dict:
 
 def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tuple[str, int]]:
     """Most frequent labels among the kept records (digest-counted, so only k strings are decoded)."""
-    if not store.has_labels or len(keep) == 0:
+    if not store.has_labels:
         return []
     lens = store.label_len[keep].astype(np.int64) + 1
     starts = store.label_off[keep]
@@ -83,7 +83,7 @@ def _plot_clusters(report_dir: Path, cluster_dir: Path) -> dict:
     import matplotlib.pyplot as plt
 
     cluster_id = np.load(cluster_dir / "cluster_id.npy", mmap_mode="r")
-    sizes = np.bincount(cluster_id) if len(cluster_id) else np.zeros(0, np.int64)
+    sizes = np.bincount(cluster_id)
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(sizes):
         values, freq = np.unique(sizes, return_counts=True)
