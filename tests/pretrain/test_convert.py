@@ -316,3 +316,17 @@ def test_out_dir_in_the_run_or_its_checkpoints_and_interrupts_are_refused_cleanl
     with pytest.raises(SystemExit) as e:
         convert.main(["--universal", str(run), str(tmp_path / "x")])
     assert e.value.code == 2 and "--universal writes <checkpoints>/<tag>_universal beside" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["run"], "OUT_DIR is required (or --universal)"),
+    (["run", "out", "--universal"], "--universal writes <checkpoints>/<tag>_universal beside the checkpoint: no OUT_DIR"),
+])
+def test_an_out_dir_is_required_for_released_weights_and_refused_for_a_universal_checkpoint(args, said, tmp_path,
+                                                                                           capsys):
+    from pretrain.convert import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / a) if a in ("run", "out") else a for a in args])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
