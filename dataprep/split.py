@@ -83,7 +83,6 @@ def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fractio
         chosen[ranking[:n_valid]] = True
         return chosen
     a, b = np.concatenate([linked, linked[:, ::-1]]).T
-    a, b = a[a != b], b[a != b]
     ok = np.zeros(len(ranking), bool)
     ok[_candidates(ranking, valid_fraction)] = True
     while (out := ok[a] & ~ok[b]).any():

@@ -128,3 +128,10 @@ def test_validation_takes_no_cluster_linked_to_train():
     assert straddling.sum() == 51 and straddling[ranking[:50]].all() and straddling[ranking[last]]
     # at least one validation cluster and one train cluster wherever there are two; none of one
     assert (wanted_valid(10, 0.01), wanted_valid(2, 0.9), wanted_valid(1, 0.5), wanted_valid(10, 0.0)) == (1, 1, 0, 0)
+
+
+def test_four_candidates_are_searched_per_wanted_validation_cluster_and_never_all_clusters():
+    from dataprep.split import valid_candidates
+
+    assert len(valid_candidates(np.arange(1000), digests(1000), 0.01, seed=0)) == 40
+    assert len(valid_candidates(np.arange(10), digests(10), 0.3, seed=0)) == 9
