@@ -31,7 +31,7 @@ def _norm_table() -> bytes:
 
 NORM_TABLE = _norm_table()
 _IS_CTRL = np.zeros(256, bool)
-_IS_CTRL[[c for c in range(32) if c not in b"\t\r\n\v\f"] + [127]] = True
+_IS_CTRL[[c for c in range(32) if c not in b"\t\r\n\v\f"]] = True  # (DEL, 127, is found apart: _header_rejects)
 _IS_BLANK = np.zeros(256, bool)
 _IS_BLANK[list(_WS_BYTES)] = True
 _INDENTED_HEADER = re.compile(rb"\n[ \t\r\v\f]+>")

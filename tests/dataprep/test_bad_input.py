@@ -54,16 +54,23 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
     ("ACGUA", "too short: 5 nt < min_len 16"),
     ("G", "too short: 1 nt < min_len 16"),  # the shortest non-empty record (not the empty one's reason)
+    ("ACGUACGUACGUACG", "too short: 15 nt < min_len 16"),
     ("ACGU ACGU\tACG*UACGUACGU", r"'\*' \(0x2a\) at sequence position 12$"),  # whitespace is not counted
     ("ACGUACGUAC\r\nACGUACGUAC\r\nACG*ACGUAC\r", r"'\*' \(0x2a\) at sequence position 24$"),  # nor CR
 ], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "nul", "non-ascii", "short", "one-nt",
-        "after-spaces", "after-crlf-lines"])
+        "one-below-min_len", "after-spaces", "after-crlf-lines"])
 def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
     path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
     rejects, kept = rejects_of(tmp_path, path)
     assert list(rejects) == ["bad"]
     assert re.search(reason, rejects["bad"]), rejects["bad"]
     assert set(kept) == {"good1", "good2"}
+
+
+def test_records_of_exactly_min_len_and_max_len_are_kept(tmp_path, fasta):
+    rejects, kept = rejects_of(tmp_path, fasta(f">min\n{ACGU20[:16]}\n>max\n{ACGU20}GGGG\n>over\n{ACGU20}GGGGA\n"),
+                               max_len=24)
+    assert set(kept) == {"min", "max"} and rejects == {"over": "too long: 25 nt > max_len 24"}
 
 
 def test_reject_line_has_source_and_line_number(tmp_path, fasta):
