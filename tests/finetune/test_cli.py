@@ -262,13 +262,6 @@ def test_per_record_files_never_overwrite_each_other(ss_model, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000001_tRNA1.ct", "000002_trna1.ct", "predict_ss.json"]
 
 
-def test_ids_never_make_hidden_or_outside_files():
-    from finetune.predict import safe_name
-
-    assert [safe_name(i) for i in ("../evil", ".", "..", ".hidden", "a.b", "")] == \
-        ["___evil", "_", "__", "_hidden", "a.b", "record"]
-
-
 def test_a_rerun_into_the_same_directory_leaves_only_its_own_predictions(ss_model, tmp_path):
     """The .ct files of an earlier run's records stayed beside this run's, with nothing telling them apart."""
     first, second, out = tmp_path / "first.fa", tmp_path / "second.fa", tmp_path / "p"

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,6 +10,7 @@ import pytest
 
 from finetune import outlock
 from rnalm.runlock import LOCK_NAME, RunLock, RunLockError
+from tests.pretrain.test_runlock import dead_pid, holder
 
 
 def test_held_waits_out_another_process_moment_but_not_a_whole_run(tmp_path, monkeypatch):
@@ -31,11 +30,8 @@ def test_held_waits_out_another_process_moment_but_not_a_whole_run(tmp_path, mon
 
 
 def test_busy_families_are_those_a_live_run_trains_and_a_gone_holders_lock_is_cleared(tmp_path):
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "5s").mkdir()
-    with RunLock(tmp_path / "5s"):
-        lock = json.loads((tmp_path / "5s" / LOCK_NAME).read_text())
-    (tmp_path / "5s" / LOCK_NAME).write_text(json.dumps({**lock, "pid": int(ended.stdout)}))
+    holder(tmp_path / "5s", pid=dead_pid())
     with RunLock(tmp_path / "srp"), RunLock(tmp_path / "tRNA"):
         assert outlock.busy_families(tmp_path) == ["srp", "tRNA"]
         with pytest.raises(RunLockError, match=r"families srp, tRNA in training"), outlock.single_run(tmp_path):

@@ -13,7 +13,8 @@ from finetune.structure import FastaRecord
 
 @pytest.mark.parametrize(("record_id", "name"), [
     ("chr1:5-10(+)", "chr1_5-10___"), ("..hidden", "__hidden"), ("../../etc/passwd", "___.._etc_passwd"),
-    ("", "record"), ("x" * 300, "x" * 200), ("a.b_c-D9", "a.b_c-D9")])
+    ("", "record"), ("x" * 300, "x" * 200), ("a.b_c-D9", "a.b_c-D9"), ("../evil", "___evil"), (".", "_"), ("..", "__"),
+    (".hidden", "_hidden"), ("a.b", "a.b")])
 def test_a_record_id_becomes_a_plain_visible_file_name(record_id, name):
     assert safe_name(record_id) == name
 
