@@ -49,6 +49,13 @@ def test_shared_stretches_are_found_only_in_acgu_runs_of_full_length():
     assert shared_run_mask([locus], []).tolist() == [False] and shared_run_mask([], [locus]).tolist() == []
 
 
+def test_a_reference_of_one_or_two_windows_matches_each_of_them():
+    """The reference's hashes are few here: the largest one and a lone one must match like any other."""
+    locus = "".join(np.random.default_rng(1).choice(list("ACGU"), 51))
+    assert shared_run_mask([locus[:50], locus[1:]], [locus]).tolist() == [True, True]
+    assert shared_run_mask([locus[:50], locus[1:]], [locus[:50]]).tolist() == [True, False]
+
+
 @pytest.mark.parametrize("file", ["varlen", "designed"])
 def test_mrl_test_utrs_have_no_near_copy_in_train_or_valid(shared_data, file):
     """The k-mer rule alone kept 22 varlen and 85 designed records sharing a 25-nt stretch with a test UTR."""
