@@ -123,7 +123,7 @@ def to_dot_bracket(pairs: np.ndarray, length: int) -> str:
     levels: list[list[tuple[int, int]]] = []
     for i, j in sorted(map(tuple, pairs.tolist())):
         for lvl, members in enumerate(levels):
-            if not any(a < i < b < j or i < a < j < b for a, b in members):
+            if not any(a < i < b < j for a, b in members):  # members start before i: pairs go by 5' end
                 members.append((i, j))
                 break
         else:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import zstandard
 
-from finetune.structure import (StructureError, StructureRecord, parse_dot_bracket, read_bpseq, read_ct, read_fasta,
-                                read_structure_csv, to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
+from finetune.structure import (FastaRecord, StructureError, StructureRecord, header_label, nucleotide_codes,
+                                pairs_to_matrix, parse_dot_bracket, read_bpseq, read_ct, read_fasta, read_structure_csv,
+                                read_structures, to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
 
 
 def as_set(pairs):
@@ -289,3 +290,51 @@ def test_csv_with_both_columns_reads_the_structure_where_base_pairs_is_blank(tmp
     path.write_text("id,sequence,structure,base_pairs\nr1,GGGAAAUCCC,(((....))),1-10\n")
     with pytest.raises(StructureError, match=r"s\.csv:2 \(record 'r1'\): its base_pairs and its structure disagree"):
         list(read_structure_csv(path))
+
+
+_CORRUPT_ZST = bytearray(zstandard.ZstdCompressor().compress(b">a\nACGU\n" * 1000))
+_CORRUPT_ZST[20:70] = b"\xff" * 50
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("p.bpseq", "1 G 3\n2 A x\n3 C 1\n", r"p\.bpseq:2: expected 'index base partner', got '2 A x'"),
+    ("p.bpseq", "# a comment only\n", r"p\.bpseq: no bases found"),
+    ("p.bpseq", "1 G 6\n2 A 0\n3 C 0\n4 A 0\n5 A 0\n", r"p\.bpseq: base 1 has partner 6 outside 0\.\.5"),
+    ("h.ct", "t 3\n1 G 0 2 0 1\n", r"h\.ct:1: expected a header 'length title', got 't 3'"),
+    ("f.ct", "2 t\n1 G 0 2 0 1\n2 C 1 0 0\n", r"f\.ct:3: record 't': expected 'i base i-1 i\+1 partner i' for base 2"),
+    ("e.ct", "# nothing\n", r"e\.ct: no structures found"),
+    ("m.ct", "2 t\n1 G 0 2 0 1\n2 Um 1 0 0 2\n", r"m\.ct:3: record 't': base 'Um' is not one letter"),
+    ("n.csv", "name,sequence,structure\nr1,GGAACC,((..))\n", r"n\.csv: needs columns 'id', 'sequence'"),
+    ("b.csv", "id,sequence,structure\nr1,GGAACC,\n", r"b\.csv:2 \(record 'r1'\): structure length 0 != sequence length 6"),
+    ("l.csv", "id,sequence,base_pairs\nr1,GGAACC,1-6-2\n", r"l\.csv:2 \(record 'r1'\): base_pairs entries must look like"),
+    ("s.csv", "id,sequence,base_pairs\nr1,GGAACC,1-6;2\n", r"s\.csv:2 \(record 'r1'\): base_pairs entries must look like"),
+    ("x.fa", ">r1\nACGU\n>\nACGU\n", r"x\.fa:3: empty FASTA header"),
+    ("x.fa", "; a comment only\n", r"x\.fa: no FASTA records found"),
+    ("c.fa.zst", bytes(_CORRUPT_ZST), r"c\.fa\.zst: cannot read .*corruption"),
+], ids=["bpseq-partner-not-a-number", "bpseq-empty", "bpseq-partner-past-the-end", "ct-header-not-a-length",
+        "ct-line-of-five-fields", "ct-empty", "ct-base-of-two-letters", "csv-without-id", "csv-blank-structure",
+        "csv-pair-of-three", "csv-pair-of-one", "fasta-empty-header", "fasta-empty", "zstd-corrupt"])
+def test_malformed_files_are_refused_naming_file_and_reason(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(StructureError, match=message):
+        read_fasta(path) if ".fa" in name else read_structures(path)
+
+
+def test_bprna_bpseq_headers_and_trailing_semicolons_are_read(tmp_path):
+    (tmp_path / "bprna.bpseq").write_text("Filename: bpRNA_1.bpseq\nOrganism: Homo sapiens\nAccession Numbers: X1\n"
+                                          "Citation and related information available at http://x\n1 G 3\n2 A 0\n3 C 1\n")
+    assert as_set(read_bpseq(tmp_path / "bprna.bpseq").pairs) == {(0, 2)}
+    (tmp_path / "t.csv").write_text("id,sequence,base_pairs\nr1,GGAACC,1-6;2-5;\n")
+    assert as_set(next(read_structure_csv(tmp_path / "t.csv"))[0].pairs) == {(0, 5), (1, 4)}
+
+
+def test_header_labels_are_whole_keys():
+    rec = FastaRecord("r", "ACGU", "subfamily=tRNA-Sec family=tRNA")
+    assert header_label("x.fa", rec, "family") == "tRNA" and header_label("x.fa", rec, "clan") is None
+
+
+def test_nucleotide_codes_and_contact_matrix():
+    assert nucleotide_codes("ACGUTacgutN-").tolist() == [0, 1, 2, 3, 3, 0, 1, 2, 3, 3, -1, -1]
+    mat = pairs_to_matrix(np.array([[0, 3], [1, 2]]), 4)
+    assert mat.dtype == np.float32 and (mat == mat.T).all() and mat.sum() == 4 and mat[3, 0] == mat[2, 1] == 1
