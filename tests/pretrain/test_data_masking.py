@@ -41,6 +41,14 @@ def test_short_records_get_cls_eos_and_long_ones_are_cropped_without():
             assert np.any(np.all(windows == tok, axis=1))
 
 
+def test_a_slice_is_a_samples_of_its_own():
+    out = crop_and_mask(*records([5, 40, 7, 3]), max_len=32, mask_prob=0.5)
+    part = out.slice(1, 3)
+    assert part.offsets.tolist() == [0, 30, 39] and part.ids.tolist() == ["r1", "r2"]
+    assert [t.tolist() for t, _ in split(part)] == [t.tolist() for t, _ in split(out)[1:3]]
+    assert np.array_equal(part.targets, out.targets[out.offsets[1]:out.offsets[3]]) and part.cropped.tolist() == [True, False]
+
+
 def test_crop_offsets_vary_with_the_key_and_cover_the_record():
     seq, starts, lengths, keys, ids = records([200] * 400)
     seq[:] = ord("A")
