@@ -91,7 +91,7 @@ def split_pieces(pieces: list[Piece], n: int, window: int) -> list[list[Piece]]:
         while a < b:
             while k < n - 1 and done >= (k + 1) * total // n:
                 k += 1
-            target = (k + 1) * total // n if k < n - 1 else total
+            target = (k + 1) * total // n
             cut = min(b, a + target - done)
             if skip:
                 cut = max(cut, min(b, window_end(a, window)))
@@ -117,7 +117,7 @@ def redistribute(old: list[StreamState], table: ShardTable, new_streams: int, wi
             by_epoch[e].append(table.default_piece(e, len(old), s))
     new = [StreamState([], last) for _ in range(new_streams)]
     for epoch in sorted(by_epoch):
-        pieces = sorted((p for p in by_epoch[epoch] if p[2] > p[1]), key=lambda p: p[1])
+        pieces = sorted(by_epoch[epoch], key=lambda p: p[1])  # split_pieces skips empty ones
         for state, share in zip(new, split_pieces(pieces, new_streams, window)):
             state.pieces.extend(share)
     return new

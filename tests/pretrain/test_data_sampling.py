@@ -6,7 +6,7 @@ import pytest
 
 from pretrain.data import cluster_pick
 from pretrain.data.plan import ShardTable, StreamState, redistribute, split_pieces
-from pretrain.data.sampling import hash_combine, splitmix64, stream_at
+from pretrain.data.sampling import hash_combine, selected, splitmix64, stream_at
 
 M64 = (1 << 64) - 1
 
@@ -39,6 +39,11 @@ def test_cluster_pick_is_deterministic_in_range_and_vectorised():
     assert scalar == pick[:20].tolist()
     assert not np.array_equal(pick, cluster_pick(3, 6, ids, sizes))  # a new draw each epoch
     assert not np.array_equal(pick, cluster_pick(4, 5, ids, sizes))  # and for each seed
+
+
+def test_an_unknown_sampling_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown sampling 'clusters'"):
+        selected(None, "clusters", 0, 0)
 
 
 def test_cluster_pick_is_uniform_over_members():
