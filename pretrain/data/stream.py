@@ -100,8 +100,7 @@ def slice_block(block: RecordBlock, i: int, j: int) -> RecordBlock:
     lo, hi = block.offsets[i], block.offsets[j]
     return RecordBlock(seq=block.seq[lo:hi], offsets=block.offsets[i:j + 1] - lo, ids=block.ids[i:j],
                        cluster_id=block.cluster_id[i:j], cluster_size=block.cluster_size[i:j],
-                       index_in_cluster=block.index_in_cluster[i:j], source=block.source[i:j],
-                       labels=None if block.labels is None else block.labels[i:j])
+                       index_in_cluster=block.index_in_cluster[i:j], source=block.source[i:j])  # labels: unused here
 
 
 def concat_blocks(blocks: list[RecordBlock]) -> RecordBlock:
@@ -166,8 +165,7 @@ class RecordStream:
                 state.next_epoch += 1
                 pass_start = self.records_read
             piece, rest = state.pieces[0], tuple(state.pieces[1:])
-            if piece[2] > piece[1]:
-                yield from self._piece_windows(piece, rest, state.next_epoch)
+            yield from self._piece_windows(piece, rest, state.next_epoch)
             state.pieces = list(rest)
 
     def _starved(self, passes: int) -> ShardError:

@@ -20,7 +20,7 @@ import zstandard
 
 from dataprep.shards import ShardError, read_manifest
 from pretrain.data import DataConfig, PretrainLoader
-from pretrain.data.stream import read_shard
+from pretrain.data.stream import read_records, read_shard
 from pretrain.data.synthetic import cluster_members, synthetic_corpus, write_shards
 from rnalm.tokenizer import CLS_ID, encode
 
@@ -310,6 +310,18 @@ def test_a_range_inside_a_shard_decodes_only_its_blocks(shards, monkeypatch):
     got = list(read_shard(path, 128, 140))  # from the third block's first record: the second is not decoded
     assert [(pos, b.ids) for pos, b in got] == [(128, every[2].ids)]
     assert [w.rsplit(":", 1)[1] for w in decoded] == ["000002.rec.zst"]
+
+
+def test_a_range_gives_exactly_its_records_and_a_shard_short_of_its_range_is_an_error(shards, tmp_path):
+    path = shards / read_manifest(shards).split_shards("train")[0].path
+    every = [i for _, b in read_shard(path, 0, 300) for i in b.ids]
+    assert [(pos, b.ids) for pos, b in read_records(path, 60, 70)] == [(60, every[60:64]), (64, every[64:70])]
+    short = tmp_path / "short.tar"  # a well-formed tar of the first block only: cut at a member boundary
+    with tarfile.open(path) as tar, tarfile.open(short, "w") as out:
+        first = tar.getmembers()[0]
+        out.addfile(first, tar.extractfile(first))
+    with pytest.raises(ShardError, match=r"short\.tar: ends after 64 records .* the manifest lists at least 70"):
+        list(read_records(short, 60, 70))
 
 
 def test_a_range_late_in_a_shard_reads_little_of_the_blocks_before_it(tmp_path, monkeypatch):

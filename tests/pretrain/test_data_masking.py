@@ -183,3 +183,5 @@ def test_packer_state_points_after_the_last_batched_sample():
     assert batches[0][1].pieces == [[2, 100, 500, 8], [2, 600, 700, 0]]
     assert pos.after(0).pieces[0] == [2, 100, 500, 3]
     assert pos.after(10).pieces == [[2, 128, 500, 0], [2, 600, 700, 0]]  # window done: next window
+    last = WindowPosition(epoch=2, start=384, piece_stop=500, skip=0, ends=ends, rest=(), next_epoch=3, window=128)
+    assert last.after(10).to_dict() == {"pieces": [], "next_epoch": 3}  # the piece's last window: no empty piece left
