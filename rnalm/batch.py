@@ -1,7 +1,7 @@
 """Packed variable-length batches: flat tokens + int32 cu_seqlens, as varlen attention wants them."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -36,18 +36,14 @@ class PackedBatch:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, torch.Tensor):
-                moved[k] = v.to(device, non_blocking=non_blocking)
-        return replace(self, **moved)
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "PackedBatch":
-        pinned = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in pinned.items():
-            if isinstance(v, torch.Tensor):
-                pinned[k] = v.pin_memory()
-        return replace(self, **pinned)
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PackedBatch":
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: fn(v) for k, v in tensors.items() if isinstance(v, torch.Tensor)})
 
     @classmethod
     def from_sequences(cls, seqs: Sequence[np.ndarray | torch.Tensor],
