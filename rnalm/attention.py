@@ -107,8 +107,8 @@ def torch_flash_works(device: torch.device | str) -> bool:
                 torch.inference_mode(False), torch.enable_grad():
             x = torch.full((8, 1, 64), 0.5, device=device, dtype=torch.bfloat16, requires_grad=True)
             _torch_flash(x, x, x, torch.tensor([0, 8], device=device, dtype=torch.int32), 8, 0.1).sum().backward()
-        return x.grad is not None
-    except (RuntimeError, TypeError, AttributeError, NotImplementedError) as e:
+        return True
+    except (RuntimeError, TypeError, AttributeError) as e:  # NotImplementedError is a RuntimeError
         _warn_once(f"torch_flash attention does not run on {device} ({type(e).__name__}: {e}); attention dropout "
                    "needs flash-attn there")
         return False

@@ -226,15 +226,37 @@ def test_torch_flash_runs_torchs_flash_kernel_with_the_dropout_in_both_passes():
     assert out.shape == q.shape and all(x.grad.shape == x.shape for x in (q, k, v))
 
 
-def test_torch_flash_is_offered_only_where_it_runs(monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("no kernel image"), AttributeError("no _flash_attention_forward"),
+                                   TypeError("takes 9 arguments")], ids=["gpu-unsupported", "no-op", "other-signature"])
+def test_torch_flash_is_offered_only_where_it_runs(monkeypatch, error):
     import rnalm.attention as attention
 
     assert attention.torch_flash_works("meta")
     with torch.inference_mode():  # the first forward may be an evaluation's
         assert attention.torch_flash_works("meta")
-    monkeypatch.setattr(attention, "_torch_flash", lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel image")))
-    with pytest.warns(UserWarning, match=r"torch_flash attention does not run on meta \(RuntimeError: no kernel"):
+    monkeypatch.setattr(attention, "_torch_flash", lambda *a: (_ for _ in ()).throw(error))
+    with pytest.warns(UserWarning, match=rf"torch_flash attention does not run on meta \({type(error).__name__}: {error}"):
         assert not attention.torch_flash_works("meta")
+
+
+def test_sdpa_applies_attention_dropout_and_warnings_come_once(monkeypatch):
+    import warnings
+
+    import rnalm.attention as attention
+
+    cu = torch.tensor([0, 6, 13], dtype=torch.int32)
+    q, k, v = (torch.randn(13, 2, 4) for _ in range(3))
+    plain = varlen_attention(q, k, v, cu, 7, backend="sdpa")
+    torch.manual_seed(3)
+    dropped = varlen_attention(q, k, v, cu, 7, dropout_p=0.5, backend="sdpa")
+    torch.manual_seed(3)
+    assert not torch.allclose(plain, dropped) and torch.equal(dropped, varlen_attention(q, k, v, cu, 7, 0.5, "sdpa"))
+    monkeypatch.setattr(attention, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attention._warn_once("dropout not applied")
+        attention._warn_once("dropout not applied")
+    assert [str(w.message) for w in caught] == ["dropout not applied"]
 
 
 def test_torch_flash_probe_leaves_no_trace_in_random_streams_or_an_enclosing_checkpoint(monkeypatch):
