@@ -204,6 +204,7 @@ class FastaStream:
         self.compression = "none"
         self.newlines = 0
         self._raw: _Hasher | None = None
+        self._file = None
 
     @property
     def sha256(self) -> str:
@@ -228,8 +229,8 @@ class FastaStream:
             f.seek(0)
             if plain:
                 return None
-        elif self.byte_range is not None:
-            raise ValueError("byte_range needs a plain file")
+        if self.byte_range is not None:  # a compressed file or a stream cannot be cut into byte ranges
+            raise ValueError(f"{self.path}: byte_range needs a plain file")
         self._raw = _HashingReader(f, self.checksum)
         self.compression, stream = decompressed(self._raw, self._raw.read(4))
         return stream
@@ -244,11 +245,11 @@ class FastaStream:
             raise InputError(f"{self.path}: corrupt {self.compression} input after {self.bytes} bytes ({e})") from None
 
     def __iter__(self) -> Iterator[Chunk]:
-        stream = self._open()
         try:
+            stream = self._open()
             yield from self._chunks(stream) if stream is not None else self._mapped_chunks()
         finally:
-            if self._file is not sys.stdin.buffer:
+            if self._file not in (None, sys.stdin.buffer):
                 self._file.close()
 
     def _check_start(self, first: bytes) -> None:

@@ -205,6 +205,44 @@ def test_a_header_right_at_a_chunk_end_starts_a_record_of_its_own(tmp_path):
     assert b"".join(bytes(c.data) for c in chunks) == (first + second).encode()
 
 
+def test_an_oversized_records_length_counts_nucleotides_only(tmp_path):
+    from dataprep.fasta import FastaStream
+
+    path = tmp_path / "crlf.fa"
+    path.write_bytes(b">big x\r\n" + (b"ACGU " * 12 + b"\r\n") * 100 + b">b\r\nACGU\r\n")
+    chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096))
+    assert [c.oversized for c in chunks if c.oversized] == [(b">big x\r", 4800)]  # the header line as written
+
+
+@pytest.mark.parametrize("probe", [1, 2, 3, 5, 8, 64])
+def test_split_points_are_the_first_header_at_or_after_each_share(tmp_path, probe):
+    """Found by reading `probe` bytes at a time, a header whose newline ends one read and whose '>' starts the next
+    included; records longer than a probe are scanned past."""
+    from dataprep.fasta import split_points
+
+    rng = np.random.default_rng(probe)
+    data = b"".join(b">r%d\n" % i + b"A" * int(n) + b"\n" for i, n in enumerate(rng.integers(0, 40, 30)))
+    path = tmp_path / "in.fa"
+    path.write_bytes(data)
+    for n in (2, 3, 5, 9):
+        cuts, expected = split_points(str(path), n, probe=probe), [0]
+        for r in range(1, n):
+            at = data.find(b"\n>", max(len(data) * r // n - 1, expected[-1]))
+            expected.append(at + 1 if at >= 0 else len(data))
+        assert cuts == expected + [len(data)], (n, cuts)
+
+
+def test_a_byte_range_of_a_compressed_file_is_refused(tmp_path):
+    import gzip
+
+    from dataprep.fasta import FastaStream
+
+    path = tmp_path / "in.fa.gz"
+    path.write_bytes(gzip.compress(b">a\nACGU\n"))
+    with pytest.raises(ValueError, match="byte_range needs a plain file"):
+        list(FastaStream(str(path), byte_range=(0, 4)))
+
+
 # -------------------------------------------------------------------------------- normalisation
 def test_crlf_lowercase_dna_whitespace_are_normalised(tmp_path, fasta):
     path = fasta(">a desc\r\nacgt acgt\tACGT\r\nTT\vTT\f\r\n>b\r\nRYKMSWBDHVNacgun\r\n")  # \v, \f: whitespace too
