@@ -234,6 +234,16 @@ def test_state_is_small_json_and_checked_on_load(shards):
         PretrainLoader(cfg).load_state_dict(states[:1])
     with pytest.raises(TypeError):
         PretrainLoader(cfg).load_state_dict(states[0])
+    older = [{**st, "format": 1} for st in states]
+    with pytest.raises(ValueError, match="loader state format 1 \\(want 2\\): a checkpoint of an earlier version"):
+        PretrainLoader(cfg).load_state_dict(older)
+
+
+def test_an_endless_loader_wants_a_record_per_stream(shards, corpus):
+    records = sum(s == "train" for s in corpus["split"])
+    with pytest.raises(ValueError, match=f"has {records} records, fewer than the {records + 1} streams"):
+        PretrainLoader(config(shards, infinite=True), 0, records + 1)
+    PretrainLoader(config(shards, infinite=False), 0, records + 1)  # one pass: a stream may get nothing
 
 
 def test_stats_count_what_was_delivered(shards):
