@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rnalm.files import atomic_write
+from rnalm.files import atomic_write, remove_stale_temps
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -55,3 +55,23 @@ def test_the_temp_is_beside_the_target_and_durable_flushes_it_before_the_rename_
     atomic_write(path, lambda p: (temps.append(Path(p)), Path(p).write_text("new")), durable=durable)
     assert temps[0].parent == tmp_path and temps[0].name.endswith(".tmp")
     assert flushed == ([(temps[0], "old"), (tmp_path, "new")] if durable else [])
+
+
+def test_stale_temps_of_a_killed_write_are_removed_and_nothing_else(tmp_path, monkeypatch):
+    """Hidden (a leading dot: no `*.safetensors` glob or `ls` sees them) and found by the literal name, even one
+    holding glob characters."""
+    import rnalm.files as files
+
+    path = tmp_path / "model[1].safetensors"
+    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # killed
+    monkeypatch.setattr(files.os, "unlink", lambda p: None)  # before its cleanup
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, b"weights")
+    monkeypatch.undo()
+    (stale,) = tmp_path.iterdir()
+    assert stale.name.startswith(".model[1].safetensors.") and stale.name.endswith(".tmp")
+    others = [tmp_path / n for n in (".model1.safetensors.x.tmp", ".other.safetensors.x.tmp", "model[1].safetensors")]
+    for other in others:
+        other.write_text("keep")
+    remove_stale_temps(path)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
