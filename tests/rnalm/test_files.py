@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rnalm.files import atomic_write, remove_stale_temps
+from rnalm.files import atomic_write, check_out_dir, remove_stale_temps
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -75,3 +75,18 @@ def test_stale_temps_of_a_killed_write_are_removed_and_nothing_else(tmp_path, mo
         other.write_text("keep")
     remove_stale_temps(path)
     assert sorted(tmp_path.iterdir()) == sorted(others)
+
+
+def test_an_output_directory_is_checked_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    assert check_out_dir(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"  # made later
+    for path, message in (("", "--out is required: an output directory"),
+                          (tmp_path / "a_file", "a_file is a file, not a directory"),
+                          (tmp_path / "a_file" / "sub", "a_file is a file, not a directory")):
+        with pytest.raises(ValueError, match=message):
+            check_out_dir(path, "--out")
+    asked = []  # root may write anywhere: the permission check is seen through os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: asked.append(mode) or mode == os.W_OK)
+    with pytest.raises(ValueError, match=rf"--out={tmp_path}/new: {tmp_path} is not writable"):
+        check_out_dir(tmp_path / "new", "--out")
+    assert asked == [os.W_OK | os.X_OK]  # writing into a directory needs its search permission too
