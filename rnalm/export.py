@@ -50,7 +50,7 @@ def multimolecule_config(cfg: ModelConfig) -> dict[str, Any]:
     """multimolecule RiNALMoConfig fields of our model (its SwiGLU width is int(2/3 x intermediate_size))."""
     return {"architectures": ["RiNALMoForMaskedLM"], "model_type": "rinalmo",
             "vocab_size": len(MULTIMOLECULE_VOCAB_28), "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
-            "intermediate_size": 4 * cfg.dim, "pad_token_id": 0,
+            "intermediate_size": 4 * cfg.dim, "pad_token_id": MULTIMOLECULE_VOCAB_28.index("<pad>"),
             **{theirs: getattr(cfg, ours) for ours, theirs in MULTIMOLECULE_SETTINGS.items()}}
 
 

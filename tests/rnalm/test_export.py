@@ -62,6 +62,16 @@ def test_multimolecule_export_reads_letters_rinalmo_lacks_as_unk_as_we_do(tmp_pa
     torch.testing.assert_close(ours.representation, got.hidden_states[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_the_multimolecule_config_names_its_vocabularys_size_and_pad_token():
+    """Checked without multimolecule installed (the reference test above skips then)."""
+    from rnalm.export import multimolecule_config
+    from rnalm.io import MULTIMOLECULE_VOCAB_28
+
+    config = multimolecule_config(ModelConfig.preset("nano"))
+    assert MULTIMOLECULE_VOCAB_28[config["pad_token_id"]] == "<pad>" and config["vocab_size"] == 28
+    assert config["hidden_size"] == ModelConfig.preset("nano").dim and config["model_type"] == "rinalmo"
+
+
 def test_the_early_multimolecule_layer_norm_eps_is_read_as_rinalmos(tmp_path):
     """Early multimolecule configs say 1e-12 beside RiNALMo's weights (trained at 1e-5, facts 1.6): the import ran
     at 1e-12, and exporting it back to the official layout was then refused."""
