@@ -33,7 +33,8 @@ def test_derived_sizes_and_the_released_form():
     assert (giga.ffn_dim, giga.ffn_width, giga.head_dim) == (3413, 3456, 64)  # 3413 rounded up to 64s
     assert ModelConfig(ffn_align=1).ffn_width == 3413
     nano = ModelConfig.preset("nano", activation_checkpointing=100)
-    assert nano.checkpointed_blocks == 6 and ModelConfig.preset("nano", activation_checkpointing=True).checkpointed_blocks == 6
+    assert nano.checkpointed_blocks == 6
+    assert ModelConfig.preset("nano", activation_checkpointing=True).checkpointed_blocks == 6
     assert ModelConfig.preset("nano", activation_checkpointing=2).checkpointed_blocks == 2
     run = ModelConfig(attention_backend="sdpa", activation_checkpointing=3, ffn_align=128, attn_dropout=0.0)
     assert run.released() == ModelConfig(attn_dropout=0.0)  # machine choices reset, what it computes kept
