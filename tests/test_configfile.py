@@ -8,7 +8,7 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from rnalm.configfile import ConfigError, from_cli, from_dict, load, save_yaml, to_dict
+from rnalm.configfile import ConfigError, changed_settings, from_cli, from_dict, load, merge_dicts, save_yaml, to_dict
 
 
 @dataclass
@@ -81,6 +81,9 @@ def test_str_override_stays_verbatim():
     ("optim.betas=[0.9]", "optim.betas: expected 2 items, got 1"),
     ("optim.betas=[0.9, 0.99, 0.5]", "optim.betas: expected 2 items, got 3"),
     ("optim.betas=[0.9, x]", "optim.betas[1]: expected a finite number, got 'x'"),
+    ("=5", "override '=5': expected section.key=value"),
+    ("train.tags=[a, b", "train.tags: expected a list, got '[a, b'"),  # not YAML: kept as the text it is
+    ("train.cache=5", "train.cache: expected a path, got 5"),
 ])
 def test_bad_overrides_are_rejected_clearly(override, message):
     with pytest.raises(ConfigError) as info:
@@ -158,7 +161,8 @@ def test_help_lists_every_key_with_its_default_as_yaml(capsys):
     assert info.value.code == 0
     for line in ("--optim.lr=5.0e-05", "--optim.betas=[0.9, 0.98]", "--train.max_steps=null",
                  "--train.activation_checkpointing=false", "--train.tags=[]", "--train.out_dir=runs/x"):
-        assert line in out
+        assert f"  {line}\n" in out
+    assert "..." not in out  # YAML's end-of-document mark after a plain scalar
 
 
 def test_help_names_only_the_override_forms_that_work(capsys):
@@ -216,3 +220,45 @@ def test_a_mapping_override_merges_into_the_files_key_by_key(tmp_path):
     cfg = load(WithMapping, path, ["--extra={zero_optimization: {stage: 1}, communication_data_type: bf16}"])
     assert cfg.extra == {"zero_optimization": {"stage": 1, "overlap_comm": True}, "wall_clock_breakdown": False,
                          "communication_data_type": "bf16"}
+
+
+@dataclass
+class Shapes:
+    sizes: tuple[int, ...] = ()
+    weights: dict[str, int] = field(default_factory=dict)
+
+
+def test_variable_tuples_and_typed_mappings_are_coerced():
+    cfg = from_dict(Shapes, {"sizes": [1, "2e1"], "weights": {"a": 3}})
+    assert cfg.sizes == (1, 20) and isinstance(cfg.sizes, tuple) and cfg.weights == {"a": 3}
+    with pytest.raises(ConfigError, match="weights.a: expected an integer, got 'x'"):
+        from_dict(Shapes, {"weights": {"a": "x"}})
+
+
+def test_an_override_into_a_section_the_file_gives_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="override --train.note: train is not a mapping in the file"):
+        load(Run, write(tmp_path, "train: 5\n"), ["train.note=x"])
+
+
+def test_a_bare_double_dash_is_not_an_override(capsys):
+    with pytest.raises(SystemExit):
+        from_cli(Run, ["--"])
+    assert "unexpected argument '--'" in capsys.readouterr().err
+
+
+def test_from_dict_keeps_the_base_settings_of_a_partial_section():
+    base = Run(optim=Optim(lr=1.0, warmup_steps=7))
+    assert from_dict(Run, {"optim": {"lr": 2.0}}, base=base).optim == Optim(lr=2.0, warmup_steps=7)
+
+
+def test_merge_dicts_merges_mappings_and_replaces_everything_else():
+    base = {"a": {"x": 1, "y": 2}, "b": None, "c": 1}
+    assert merge_dicts(base, {"a": {"y": 3}, "b": {"z": 1}, "c": {"z": 2}}) == {
+        "a": {"x": 1, "y": 3}, "b": {"z": 1}, "c": {"z": 2}}
+    assert base == {"a": {"x": 1, "y": 2}, "b": None, "c": 1}
+
+
+def test_changed_settings_names_changes_and_ignores_settings_only_one_side_has():
+    then = {"seed": 1, "optim": {"lr": 1.0, "old": 3}, "gone": {"x": 1}}
+    now = {"seed": 2, "optim": {"lr": 2.0, "new": 4}}
+    assert changed_settings(then, now) == {"optim.lr": (1.0, 2.0), "seed": (1, 2)}
