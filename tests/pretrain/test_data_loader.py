@@ -323,8 +323,8 @@ def test_a_range_inside_a_shard_decodes_only_its_blocks(shards, monkeypatch):
 
 
 def test_a_range_gives_exactly_its_records_and_a_shard_short_of_its_range_is_an_error(shards, tmp_path):
-    path = shards / read_manifest(shards).split_shards("train")[0].path
-    every = [i for _, b in read_shard(path, 0, 300) for i in b.ids]
+    path = _train_shard(shards, 0)
+    every = _shard_ids(path)
     assert [(pos, b.ids) for pos, b in read_records(path, 60, 70)] == [(60, every[60:64]), (64, every[64:70])]
     short = tmp_path / "short.tar"  # a well-formed tar of the first block only: cut at a member boundary
     with tarfile.open(path) as tar, tarfile.open(short, "w") as out:

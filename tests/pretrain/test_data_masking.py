@@ -46,7 +46,8 @@ def test_a_slice_is_a_samples_of_its_own():
     part = out.slice(1, 3)
     assert part.offsets.tolist() == [0, 30, 39] and part.ids.tolist() == ["r1", "r2"]
     assert [t.tolist() for t, _ in split(part)] == [t.tolist() for t, _ in split(out)[1:3]]
-    assert np.array_equal(part.targets, out.targets[out.offsets[1]:out.offsets[3]]) and part.cropped.tolist() == [True, False]
+    assert np.array_equal(part.targets, out.targets[out.offsets[1]:out.offsets[3]])
+    assert part.cropped.tolist() == [True, False]
 
 
 def test_crop_offsets_vary_with_the_key_and_cover_the_record():
