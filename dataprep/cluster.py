@@ -49,7 +49,7 @@ class ClusterConfig:
 
 @dataclass
 class Clusters:
-    cluster_id: np.ndarray  # int64 per kept record, 0..C-1 in order of the first member
+    cluster_id: np.ndarray  # int64 per kept record, 0..C-1 in order of the representatives' positions
     cluster_size: np.ndarray  # int64 per kept record
     index_in_cluster: np.ndarray  # int64 per kept record
     tool_seconds: float = 0.0  # wall time of the mmseqs process itself
@@ -235,10 +235,9 @@ def parse_hits(path: Path, width: int, coverage: float) -> np.ndarray:
 
 def parse_cluster_tsv(path: Path, n: int, width: int) -> np.ndarray:
     """Representative (kept-list position) of each of the n records, from `rep\\tmember` lines."""
-    if n == 0:
-        return np.zeros(0, np.int64)
     rep, member = parse_pairs(path, width, "cluster TSV").T
-    if len(member) != n or np.any(np.bincount(member, minlength=n)[:n] != 1) or member.max() >= n or rep.max() >= n:
+    counts = np.bincount(member, minlength=n)
+    if len(counts) != n or np.any(counts != 1) or rep.max() >= n:
         raise ToolError(f"{path}: MMseqs2 output does not list every input sequence exactly once")
     out = np.empty(n, np.int64)
     out[member] = rep
@@ -296,16 +295,16 @@ def search_db(store: Store, keep: np.ndarray, scratch: Path, log: Path, cfg: Clu
 def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, scratch: Path,
                  log: Path, cfg: ClusterConfig, part: tuple[int, int] = (0, 1)) -> np.ndarray:
     """[m, 2] kept-list positions (query, target): every kept record within the clustering's identity of one of
-    the kept records at `queries` (itself included) over `cfg.coverage` of either sequence, so a fragment and the
-    longer record it comes from are a pair, by MMseqs2 searches against the `search_db` in `scratch`, one per
-    group of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`). `part` (rank, ranks): this rank searches every
-    ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs together are the
-    pairs of one search."""
+    the kept records at `queries` (ascending; itself included) over `cfg.coverage` of either sequence, so a
+    fragment and the longer record it comes from are a pair, by MMseqs2 searches against the `search_db` in
+    `scratch`, one per group of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`). `part` (rank, ranks): this rank
+    searches every ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs
+    together are the pairs of one search."""
     rank, ranks = part
     w, group = name_width(len(keep)), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
     steps, outputs = [], []
     for g in np.unique(group):
-        mine = np.sort(queries[group == g])[rank::ranks]
+        mine = queries[group == g][rank::ranks]
         if len(mine) == 0:  # (MMseqs2 refuses an empty query file)
             continue
         name = f"{g}-{rank}"

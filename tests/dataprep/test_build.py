@@ -553,19 +553,6 @@ def test_a_fragment_of_a_train_record_is_not_held_out(tmp_path):
     assert c["clusters"] == 2 and c["valid"]["records"] == 0 and c["train"]["records"] == 2, c
 
 
-def test_search_hits_link_at_the_coverage_of_either_sequence(tmp_path):
-    from dataprep.cluster import parse_hits
-
-    out = tmp_path / "pairs.tsv"
-    out.write_text("03\t11\t0.800\t0.150\n04\t12\t0.150\t1.000\n05\t13\t0.799\t0.799\n06\t14\t0.810\t0.900\n")
-    assert parse_hits(out, 2, 0.8).tolist() == [[3, 11], [4, 12], [6, 14]]
-    assert parse_hits(out, 2, 0.9).tolist() == [[4, 12], [6, 14]]
-    for bad in ("04\t12\t0.15\t1.000\n", "04\t1a\t0.150\t1.000\n", "04\t12\t0.150\t1.00 \n"):
-        out.write_text("03\t11\t0.800\t0.150\n" + bad)
-        with pytest.raises(ToolError, match=f"{out}: unexpected MMseqs2 search output"):
-            parse_hits(out, 2, 0.8)
-
-
 @pytest.mark.system
 def test_a_clustered_corpus_of_one_cluster_builds_with_an_empty_validation_split(tmp_path):
     """No candidate to search: MMseqs2 refused the empty query file and the build failed. One record, as one cluster
