@@ -195,7 +195,7 @@ def decode_block(payload: bytes, where: str = "") -> RecordBlock:
     seq = np.frombuffer(raw, dtype=np.uint8, count=seq_bytes, offset=pos)
     if n and (offsets[0] != 0 or offsets[-1] != seq_bytes or np.any(np.diff(offsets) < 0)):
         raise ShardError(f"{where}: record offsets are not monotonic from 0 to {seq_bytes}")
-    if n and (np.any(cluster_size < 1) or np.any(index_in_cluster < 0) or np.any(index_in_cluster >= cluster_size)):
+    if n and (np.any(index_in_cluster < 0) or np.any(index_in_cluster >= cluster_size)):  # (so cluster_size >= 1)
         raise ShardError(f"{where}: index_in_cluster outside 0..cluster_size-1")
     return RecordBlock(seq=seq, offsets=offsets, ids=ids, cluster_id=cluster_id, cluster_size=cluster_size,
                        index_in_cluster=index_in_cluster, source=source, labels=labels)
@@ -241,10 +241,7 @@ def iter_blocks(shard_path: str | os.PathLike, verify_checksum: bool = False,
                     raise ShardError(f"{where}: unexpected tar member (want NNNNNN.{BLOCK_EXT})")
                 if int(m.group(1)) != expected_block:
                     raise ShardError(f"{where}: block {int(m.group(1))} out of order (expected {expected_block})")
-                payload = tar.extractfile(member).read()
-                if len(payload) != member.size:
-                    raise ShardError(f"{where}: truncated member ({len(payload)} of {member.size} bytes)")
-                yield decode_block(payload, where)
+                yield decode_block(tar.extractfile(member).read(), where)  # (tarfile raises on a cut member)
                 expected_block += 1
             _check_tar_end(shard_path, tar.offset, expected_block)
     except ShardError:

@@ -203,35 +203,6 @@ def _tampered(block: RecordBlock, **fields) -> bytes:
     return compress_block(replace(block, **fields))
 
 
-def test_a_decoded_block_with_inconsistent_fields_is_refused_naming_the_member():
-    """Each consistency check of decode_block on a block whose frame is intact (so no checksum catches it)."""
-    from dataprep.shards import encode_block
-
-    good = make_block(n=6, seed=3)
-    offsets = good.offsets.copy()
-    offsets[2], offsets[3] = offsets[3], offsets[2]  # a record of negative length
-    size = good.cluster_size.copy()
-    with pytest.raises(ShardError, match="m.tar:000001.rec.zst: record offsets are not monotonic"):
-        decode_block(_tampered(good, offsets=offsets), "m.tar:000001.rec.zst")
-    with pytest.raises(ShardError, match="index_in_cluster outside 0..cluster_size-1"):
-        decode_block(_tampered(good, index_in_cluster=size.copy()), "m")  # one past the last member
-    raw = encode_block(good)
-    ids = b"".join(f"{i}\n".encode() for i in good.ids)
-    at = raw.index(ids)
-    moved = raw[:at] + b"\n" + ids[:-1] + raw[at + len(ids):]  # 6 newlines, but an id after the last one
-    with pytest.raises(ShardError, match="m: expected 6 ids, found 6"):
-        decode_block(zstandard.ZstdCompressor().compress(moved), "m")
-
-
-def test_a_frame_claiming_more_than_the_block_limit_is_refused_before_decompressing(monkeypatch):
-    import dataprep.shards as shards
-
-    payload = compress_block(make_block(n=50))
-    monkeypatch.setattr(shards, "_MAX_BLOCK_BYTES", 100)
-    with pytest.raises(ShardError, match=r"m: block claims \d+ bytes \(corrupt header\)"):
-        decode_block(payload, "m")
-
-
 def test_a_shard_whose_block_numbers_skip_one_is_refused(tmp_path):
     """Members 000000 and 000002: a block lost from the middle of a shard (not only one out of order)."""
     import io
@@ -261,3 +232,108 @@ def test_a_shard_whose_blocks_fail_midway_leaves_no_file(tmp_path):
     with pytest.raises(OSError, match="read error"):
         _write_one(ctx, job, payloads())
     assert list((tmp_path / "train").iterdir()) == []
+
+
+def test_encoding_refuses_ids_or_labels_of_another_count():
+    from dataclasses import replace
+
+    good = make_block(n=4)
+    for bad in (replace(good, ids=good.ids[:3]), replace(good, labels=[*good.labels, "x"])):
+        with pytest.raises(ValueError, match="ids/labels length does not match the number of records"):
+            compress_block(bad)
+
+
+def test_each_inconsistency_of_a_decoded_block_is_refused():
+    """Each consistency check of decode_block, on blocks whose zstd frame is intact (so no checksum catches them)
+    but whose content a damaged or foreign writer left inconsistent; the error names the member."""
+    import struct
+
+    from dataprep.shards import encode_block
+
+    good = make_block(n=6, seed=3)
+    raw = encode_block(good)
+
+    def frame(content: bytes) -> bytes:
+        return zstandard.ZstdCompressor().compress(content)
+
+    short_end, swapped = good.offsets.copy(), good.offsets.copy()
+    short_end[-1] -= 1
+    swapped[2], swapped[3] = swapped[3], swapped[2]  # a record of negative length
+    ids = b"".join(f"{i}\n".encode() for i in good.ids)
+    at = raw.index(ids)
+    moved = raw[:at] + b"\n" + ids[:-1] + raw[at + len(ids):]  # 6 newlines, but an id after the last one
+    cases = [
+        (r"block shorter than its header \(10 bytes\)", frame(raw[:10])),
+        ("bad block magic b'RNB0'", frame(b"RNB0" + raw[4:])),
+        (rf"block size {len(raw) + 1} does not match its header \(expected {len(raw)}\)", frame(raw + b"A")),
+        ("record offsets are not monotonic from 0", frame(raw[:40] + struct.pack("<q", 1) + raw[48:])),
+        ("record offsets are not monotonic from 0", _tampered(good, offsets=short_end)),
+        ("record offsets are not monotonic from 0", _tampered(good, offsets=swapped)),
+        ("index_in_cluster outside", _tampered(good, index_in_cluster=good.cluster_size.copy())),  # one past the last
+        ("index_in_cluster outside", _tampered(good, cluster_size=np.zeros(6, np.int64),
+                                               index_in_cluster=np.zeros(6, np.int64))),
+        ("index_in_cluster outside", _tampered(good, index_in_cluster=np.full(6, -1))),
+        ("expected 6 ids, found 7", _tampered(good, ids=[*good.ids[:5], "a\nb"])),
+        ("expected 6 ids, found 6", frame(moved)),
+    ]
+    for message, payload in cases:
+        with pytest.raises(ShardError, match=f"m.tar:000001.rec.zst: {message}"):
+            decode_block(payload, "m.tar:000001.rec.zst")
+
+
+def test_the_block_limit_is_the_frame_content_size(monkeypatch):
+    import dataprep.shards as shards
+
+    payload = compress_block(make_block(n=50))
+    size = zstandard.get_frame_parameters(payload).content_size
+    monkeypatch.setattr(shards, "_MAX_BLOCK_BYTES", size)
+    assert len(decode_block(payload, "m")) == 50
+    monkeypatch.setattr(shards, "_MAX_BLOCK_BYTES", size - 1)
+    with pytest.raises(ShardError, match=f"m: block claims {size} bytes"):
+        decode_block(payload, "m")
+
+
+def test_a_member_that_is_not_a_file_is_refused(tmp_path):
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("000000.rec.zst")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    with pytest.raises(ShardError, match="000000.rec.zst: unexpected tar member"):
+        list(iter_blocks(path))
+
+
+def test_the_checksum_is_found_in_the_manifest_for_a_path_relative_to_the_shards_folder(tmp_path, monkeypatch):
+    (tmp_path / "train").mkdir()
+    path = tmp_path / "train" / "shard-000000.tar"
+    _, (size, sha) = write_shard(path, [make_block(n=5)])
+    write_manifest(tmp_path, Manifest(shards=[ShardInfo("train/shard-000000.tar", "train", 5, 1, 1, size, sha)],
+                                      sources=[], params={}, tools={}))
+    monkeypatch.chdir(tmp_path / "train")
+    assert len(list(iter_blocks("shard-000000.tar", verify_checksum=True))) == 1
+    (tmp_path / "train" / "other.tar").write_bytes(path.read_bytes())
+    with pytest.raises(ShardError, match="other.tar: not listed in"):
+        list(iter_blocks("other.tar", verify_checksum=True))
+
+
+def test_a_missing_manifest_names_the_likely_mix_up(tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    write_manifest(out, Manifest(shards=[], sources=[], params={}, tools={}))
+    with pytest.raises(ShardError, match=f"{out / 'train' / 'manifest.json'}: no manifest; give the build's output "
+                                         f"folder {out}$"):
+        read_manifest(out / "train")
+    with pytest.raises(ShardError, match=f"{out / 'manifest.json'} is a file, not the output folder .*: give {out}$"):
+        read_manifest(out / "manifest.json")
+    with pytest.raises(ShardError, match=f"{tmp_path / 'nowhere'}: no such folder"):
+        read_manifest(tmp_path / "nowhere")
+    with pytest.raises(ShardError, match="was build_shards interrupted or never run"):
+        read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("text", [b'{"shards": [{"path": "a", "extra": 1}], "version": 1}',
+                                  b'{"shards": [], "\xff": 1}'])
+def test_a_manifest_of_unknown_fields_or_bytes_is_malformed(tmp_path, text):
+    (tmp_path / "manifest.json").write_bytes(text)
+    with pytest.raises(ShardError, match=f"{tmp_path / 'manifest.json'}: malformed manifest"):
+        read_manifest(tmp_path)
