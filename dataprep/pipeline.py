@@ -249,7 +249,7 @@ def _unique_rows(a: np.ndarray) -> np.ndarray:
 def _records_per_shard(cfg: BuildConfig, store: Store, keep: np.ndarray) -> int:
     if cfg.shard_size_is_bound:
         return cfg.records_per_shard
-    if len(keep) == 0:
+    if len(keep) == 0:  # (ranks > 0 of a build that rank 0 refuses as empty: they wait for its abort)
         return cfg.block_records
     per_record = float(store.seq_len[keep].mean() + store.id_len[keep].mean()) + 40
     blocks = max(1, round(cfg.shard_mb * 1e6 / per_record / cfg.block_records))
@@ -494,9 +494,10 @@ def finish_publishing(out: Path) -> bool:
         if (staging / path).exists():  # (else moved before a crash)
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / path, out / path)
-        elif not (out / path).is_file():
+        elif not (out / path).is_file():  # it cannot be published: gone, so that the next build makes a new set
+            shutil.rmtree(staging, ignore_errors=True)
             raise DataprepError(f"{staging / MANIFEST_NAME} names {path}, which is neither there nor in {out}: "
-                                "the staged shard set is incomplete; build again")
+                                "the staged shard set is incomplete (removed); build again")
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:
             old.unlink()

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,56 @@ def test_named_pipe_input_is_streamed_and_never_reused(tmp_path, synth_fa, worke
     assert res.manifest.sources[0]["sha256"] == hashlib.sha256(synth_fa.read_bytes()).hexdigest()
 
 
+@pytest.mark.system
+def test_a_rerun_with_another_seed_lays_the_records_out_anew(tmp_path, synth_fa):
+    """The clustered build lays the kept records out in shard order while MMseqs2 runs (the shuffle stage): a rerun
+    with another seed must not reuse the first seed's layout."""
+    require_tool("mmseqs")
+    args = dict(no_cluster=False, valid_fraction=0.1, cluster=ClusterConfig(threads=1), records_per_shard=1000)
+    build_small(tmp_path, [synth_fa], seed=1, **args)
+    build_small(tmp_path, [synth_fa], seed=2, **args)
+    build_small(tmp_path, [synth_fa], out="fresh", seed=2, **args)
+    for s in read_manifest(tmp_path / "fresh").shards:
+        fresh = [b.ids for b in iter_blocks(tmp_path / "fresh" / s.path)]
+        assert [b.ids for b in iter_blocks(tmp_path / "out" / s.path)] == fresh, s.path
+
+
+def test_a_killed_older_versions_temp_shards_are_removed(tmp_path, synth_fa):
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    stale = tmp_path / "out" / "train" / "shard-000000.tar.tmp-123"
+    stale.write_bytes(b"partial")
+    build_small(tmp_path, [synth_fa])
+    assert not stale.exists()
+
+
+def test_a_build_runs_in_a_thread_other_than_the_main_one(tmp_path, synth_fa):
+    """E.g. a service's worker thread: publishing holds Ctrl-C and SIGTERM only in the main thread, the only one
+    where Python can set their handlers. (Not a concurrent.futures pool's thread on Python 3.11: a process forked
+    there exits 1, as its exit joins the pool's threads, the forking one included.)"""
+    import threading
+
+    results = []
+    worker = threading.Thread(target=lambda: results.append(build_small(tmp_path, [synth_fa])))
+    worker.start()
+    worker.join()
+    assert results and results[0].manifest.counts["kept"] > 0 and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_a_named_pipe_cannot_be_shared_between_mpi_ranks(tmp_path):
+    """build_shards.py refuses `-` with --mpi; a named pipe reaches `build`, which refuses it before any collective
+    (each rank would read part of one stream)."""
+    from types import SimpleNamespace
+
+    from dataprep.errors import InputError
+    from dataprep.pipeline import build
+
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=f"{fifo}: stdin or a pipe cannot be shared between MPI ranks"):
+        build(BuildConfig(inputs=(str(fifo),), out=str(tmp_path / "out")), SimpleNamespace(rank=0, size=2))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("fraction", [0.01, 0.0])
 def test_an_empty_validation_split_is_a_warning_unless_asked_for(tmp_path, capfd, fraction):
     fasta = tmp_path / "one.fa"
@@ -138,6 +189,21 @@ def test_an_empty_validation_split_is_a_warning_unless_asked_for(tmp_path, capfd
             assert err == f"warning: {m.warnings[0]}\n"
         else:
             assert m.warnings == [] and err == ""
+
+
+def test_records_per_shard_from_shard_mb_count_sequence_id_and_overhead():
+    """--shard-mb is the uncompressed payload per shard: sequence, id and 40 bytes of columns per record, whole
+    blocks, at least one."""
+    from types import SimpleNamespace
+
+    from dataprep.pipeline import _records_per_shard
+
+    store = SimpleNamespace(seq_len=np.full(4, 100), id_len=np.full(4, 60))
+    keep = np.arange(4)
+    cfg = BuildConfig(inputs=(), out="", block_records=10, shard_mb=0.01)  # 10,000 bytes of 200-byte records
+    assert _records_per_shard(cfg, store, keep) == 50
+    assert _records_per_shard(replace(cfg, shard_mb=1e-6), store, keep) == 10
+    assert _records_per_shard(replace(cfg, records_per_shard=7), store, keep) == 7
 
 
 def test_rerun_skips_finished_stages(tmp_path, synth_fa):
@@ -387,6 +453,11 @@ def test_a_holdout_search_is_never_reused_beside_another_clustering(tmp_path, sy
     assert "cluster" not in res.skipped and "holdout" not in res.skipped
     again = build_small(tmp_path, [synth_fa], records_per_shard=500, **args)   # beside its own clustering: reused
     assert "cluster" in again.skipped and "holdout" in again.skipped
+    from dataprep import cluster as clustering
+
+    monkeypatch.setattr(clustering, "SEARCH_KMER", clustering.SEARCH_KMER - 1)  # another search finds other links
+    other = build_small(tmp_path, [synth_fa], records_per_shard=500, **args)
+    assert "cluster" in other.skipped and "holdout" in other.seconds  # (searched again, not skipped)
 
 
 def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
@@ -643,6 +714,25 @@ def test_a_stop_while_the_shard_set_is_replaced_takes_effect_when_the_new_set_is
     assert m.params["records_per_shard"] == 70
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/shard-*.tar")) == sorted(s.path for s in m.shards)
     check_build(out, [fasta])
+
+
+def test_a_staged_set_that_lost_a_shard_is_an_error_not_a_published_set(tmp_path, synth_fa):
+    """Publishing resumed after a crash moves the staged shards into OUT: one listed by the staged manifest that is
+    neither staged nor already moved cannot be published; the next build replaces the staged set."""
+    from dataprep.errors import DataprepError
+    from dataprep.pipeline import _staging, finish_publishing
+    from dataprep.shards import write_manifest
+
+    out = tmp_path / "out"
+    m = build_small(tmp_path, [synth_fa], records_per_shard=500).manifest
+    lost = replace(m.shards[0], path="train/shard-999999.tar")
+    _staging(out).mkdir()
+    write_manifest(_staging(out), replace(m, shards=[*m.shards, lost]))
+    with pytest.raises(DataprepError, match=f"names {lost.path}, which is neither there nor in {out}: the staged "
+                                            "shard set is incomplete \\(removed\\); build again"):
+        finish_publishing(out)
+    assert not (out / "manifest.json").exists()  # no set that lacks a shard is published
+    assert build_small(tmp_path, [synth_fa], records_per_shard=500).manifest.shards == m.shards
 
 
 def _tagged(tag: str) -> dict[int, bytes]:
