@@ -38,7 +38,6 @@ def _task_module(task: str):
 
 def run(argv: Sequence[str]) -> int:
     from finetune.backbone import remove_finetuned
-    from finetune.structure import StructureError
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -95,7 +94,7 @@ def run(argv: Sequence[str]) -> int:
             print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
                   + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
             return 0
-    except (StructureError, OSError, ValueError, RunLockError) as e:
+    except (OSError, ValueError, RunLockError) as e:  # (a StructureError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)

@@ -64,7 +64,7 @@ def other_shards_note(weights: str, shards: str) -> str | None:
     the model trained on."""
     try:
         trained_on = rio.read_json(os.path.join(weights, rio.CONFIG_NAME)).get("provenance", {}).get("shards_manifest")
-    except (OSError, ValueError):
+    except rio.WeightsError:  # (read_json's error for a missing or unreadable file too)
         return None  # a .pt or another format: no record of its data
     now = shard_set_digest(shards)
     if trained_on is None or trained_on == now:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr)
         if not math.isfinite(result["loss"]):
             raise ValueError(f"{args.weights}: the loss is {result['loss']} (weights with NaN or infinite values?)")
-    except (OSError, ValueError, ShardError, rio.WeightsError) as e:
+    except (OSError, ValueError, ShardError) as e:  # (a WeightsError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.update(weights=args.weights, shards=cfg.data.shards, split=cfg.train.valid_split,

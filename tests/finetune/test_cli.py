@@ -90,7 +90,11 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
              "model.path (": ["--model.random_preset=nano", f"--model.path={tiny_checkpoint}"],
              "train.grad_clip must be > 0, got -1.0": [f"--model.path={tiny_checkpoint}", "--train.grad_clip=-1"],
              "train.lr must be > 0": [f"--model.path={tiny_checkpoint}", "--train.lr=-1e-4"],
-             "train.lr_decay_steps must be >= 1": [f"--model.path={tiny_checkpoint}", "--train.lr_decay_steps=-5"]}
+             "train.lr_decay_steps must be >= 1": [f"--model.path={tiny_checkpoint}", "--train.lr_decay_steps=-5"],
+             "--data.train name structure files: add --data.dataset=files": [f"--model.path={tiny_checkpoint}",
+                                                                             f"--data.train={tmp_path / 'a.dbn'}"],
+             f"{tmp_path / 'nope.dbn'}": [f"--model.path={tiny_checkpoint}", "--data.dataset=files",
+                                          f"--data.train={tmp_path / 'nope.dbn'}", f"--data.test={tmp_path / 'nope.dbn'}"]}
     for message, extra in cases.items():
         assert run(["ss", "train", f"--train.out_dir={ft}", *args, *extra]) == 2
         assert message in capsys.readouterr().err
@@ -107,7 +111,15 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
     assert run(["ss", "train", f"--model.path={fold}", f"--train.out_dir={tmp_path}", "--data.dataset=archiveii",
                 "--data.test_family=tRNA,5s", *args]) == 2
     assert f"holds --model.path={fold}" in capsys.readouterr().err
+    inside = fold / sorted(before)[0]                             # a file of that fold's model
+    assert run(["ss", "train", f"--model.path={inside}", f"--train.out_dir={tmp_path}", "--data.dataset=archiveii",
+                "--data.test_family=tRNA,5s", *args]) == 2
+    assert f"holds --model.path={inside}" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in fold.iterdir()} == before
+    backbone = tmp_path / "out" / "backbone"                      # a backbone kept inside OUT is not replaced
+    shutil.copytree(tiny_checkpoint, backbone)
+    assert run(["ss", "train", f"--model.path={backbone}", f"--train.out_dir={tmp_path / 'out'}", *args]) == 0
+    assert sorted(p.name for p in backbone.iterdir()) == sorted(p.name for p in Path(tiny_checkpoint).iterdir())
 
 
 def test_model_option_of_train_and_evaluate_hints_at_model_path(ss_model, tmp_path, capsys):
@@ -146,11 +158,12 @@ def test_ctrl_c_is_one_line_not_a_traceback(ss_model, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["dbn", "bpseq", "ct"])
-def test_predict_ss_formats_round_trip(ss_model, fasta, tmp_path, fmt):
+def test_predict_ss_formats_round_trip(ss_model, fasta, tmp_path, fmt, capsys):
     out = tmp_path / "pred"
     # threshold 0 forces many candidate pairs through post-processing
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={fasta}", f"--out={out}", f"--format={fmt}",
                 "--threshold=0.0", "--progress=false", "--batch_size=2"]) == 0
+    assert f"predicted 3 structures -> {out} ({fmt})" in capsys.readouterr().out
     if fmt == "dbn":
         lines = (out / "predictions.dbn").read_text().splitlines()
         recs = {lines[k][1:]: (lines[k + 1], parse_dot_bracket(lines[k + 2])) for k in range(0, len(lines), 3)}
@@ -413,7 +426,7 @@ def test_devices_this_machine_lacks_are_one_line_errors(ss_model, fasta, tmp_pat
         assert f"device {device!r}:" in capsys.readouterr().err
 
 
-def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path):
+def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path, capsys):
     with gzip.open(ncrna_fasta, "rt") as f:
         head = "".join(islice(f, 400))
     src = tmp_path / "slice.fa"
@@ -422,6 +435,7 @@ def test_embed_writes_arrays_ids_and_plot(tiny_checkpoint, ncrna_fasta, tmp_path
     assert n >= 50
     out = tmp_path / "emb"
     assert run(["embed", f"--model={tiny_checkpoint}", f"--fasta={src}", f"--out={out}", "--progress=false"]) == 0
+    assert f"wrote {out}/cls.npy ({n}, 32), mean.npy, ids.txt, embeddings.png (" in capsys.readouterr().out
     cls, mean = np.load(out / "cls.npy"), np.load(out / "mean.npy")
     ids = (out / "ids.txt").read_text().split()
     assert cls.shape == mean.shape == (n, 32) and len(ids) == n and ids[0] == "ncrna_000001"
@@ -648,6 +662,23 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "--format=dbn" in out.stdout and "--batch_size=8" in out.stdout
 
 
+def test_usage_is_a_usage_error_without_a_command_and_an_answer_to_help(capsys):
+    assert run([]) == 2 and "usage:" in capsys.readouterr().out
+    assert run(["--help"]) == 0 and "python -m finetune embed" in capsys.readouterr().out
+    assert run(["ss"]) == 2 and "expected train, evaluate or predict" in capsys.readouterr().err
+    assert run(["import-original-ss", "--out=x"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+
+
+def test_a_process_that_left_families_to_others_names_them_and_their_holders(tmp_path, capsys):
+    from finetune.cli import _print_summary
+
+    _print_summary({"pending": {"5s": "pid 12 on node-a", "srp": "no process"}}, str(tmp_path), "train")
+    out = capsys.readouterr().out
+    assert f"the summary ({tmp_path}/results.md) is left to the process that finishes the last one" in out
+    assert "  5s: pid 12 on node-a\n  srp: no process\n" in out and "results:" not in out
+
+
 def test_import_original_ss_checkpoint_then_predict(ss_model, fasta, tmp_path, capsys):
     """An original-layout `ss_*_ft.pt` (lm.*, pred_head.*, threshold) becomes a directory predict-ss reads."""
     from finetune.backbone import load_finetuned
@@ -787,7 +818,8 @@ def test_a_model_being_trained_is_read_with_a_warning(ss_model, shared_data, fas
         evaluate = ["ss", "evaluate", f"--model.path={ft}", f"--data.root={shared_data}", "--data.limit_test=2",
                     "--eval.rnafold=false", f"--train.out_dir={tmp_path / 'ev'}", "--train.progress=false"]
         predict = ["predict-ss", f"--model={ft}", f"--fasta={fasta}", f"--out={tmp_path / 'pred'}"]
-        for argv in (evaluate, predict):
+        in_place = [*evaluate[:-2], f"--train.out_dir={ft}", "--train.progress=false"]  # beside the model trained
+        for argv in (evaluate, predict, in_place):
             assert run(argv) == 0
             err = capsys.readouterr().err
             assert f"warning: {ft} is being trained now (pid {holder.pid} on" in err and "best epoch so far" in err

@@ -108,6 +108,29 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     assert nan.stdout == ""
 
 
+def test_only_weights_trained_on_another_shard_set_get_the_note(tmp_path):
+    """The note compares the manifest digest a converted model records with the shard set scored; weights that
+    record none (a .pt, a save without provenance) get no note, not an error."""
+    from pretrain.evaluate import other_shards_note
+    from rnalm.config import ModelConfig
+    from rnalm.io import export_official, save_pretrained
+    from rnalm.model import RiNALMo
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    state = RiNALMo(ModelConfig.preset("nano")).state_dict()
+    cfg = ModelConfig.preset("nano")
+    save_pretrained(state, tmp_path / "plain", config=cfg)
+    save_pretrained(state, tmp_path / "same", config=cfg, provenance={"shards_manifest": shard_set_digest(shards)})
+    save_pretrained(state, tmp_path / "other", config=cfg, provenance={"shards_manifest": "ab" * 32})
+    export_official(state, tmp_path / "w.pt")
+    for weights in ("plain", "same", "w.pt"):
+        assert other_shards_note(str(tmp_path / weights), str(shards)) is None, weights
+    note = other_shards_note(str(tmp_path / "other"), str(shards))
+    assert note.startswith(f"warning: {shards} is not the shard set this model's run trained on") and "abababab" in note
+
+
 def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):
     meta = json.loads((converted / "config.json").read_text())
     assert meta["model"]["dim"] == 64 and meta["model"]["num_layers"] == 2
