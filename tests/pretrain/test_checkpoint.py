@@ -294,14 +294,17 @@ def whole_checkpoint(folder, world: int, bf16: bool = False):
     ("rm rng_rank2.pt", "rng_rank2.pt: missing"),
     ("truncate zero_pp_rank_2_mp_rank_00_optim_states.pt", "zero_pp_rank_2_mp_rank_00_optim_states.pt: damaged"),
     ("truncate rng_rank0.pt", "rng_rank0.pt: damaged"),
+    ("rm rng_rank0.pt rng_rank1.pt rng_rank2.pt", "rng_rank0.pt: missing"),  # every rank's: still named
 ])
 def test_a_missing_or_truncated_file_of_any_rank_is_named(tmp_path, damage, named):
     folder = whole_checkpoint(tmp_path / tag_for(4), world=3)
     check_files(folder, 3)  # whole: no error
-    action, name = damage.split()
+    action, *names = damage.split()
     if action == "rm":
-        (folder / name).unlink()
+        for name in names:
+            (folder / name).unlink()
     else:
+        name = names[0]
         data = (folder / name).read_bytes()
         (folder / name).write_bytes(data[:len(data) // 2])
     with pytest.raises(CheckpointError, match=named):
@@ -313,3 +316,43 @@ def test_file_checks_follow_the_ranks_that_wrote_the_checkpoint(tmp_path):
     check_files(folder, 2)
     with pytest.raises(CheckpointError, match="bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt: missing"):
         check_files(folder, 3)  # the state file says 3 ranks wrote it: one rank's files are gone
+
+
+def test_a_bit_flipped_inside_any_archive_is_named(tmp_path):
+    """check_archives reads every member against its CRC: torch.load would read the damaged bytes without a word.
+    The first damaged file in name order is named, whichever file a rank reads."""
+    import struct
+    import zipfile
+
+    from pretrain.checkpoint import check_archives
+
+    folder = whole_checkpoint(tmp_path / tag_for(4), world=3)
+    check_archives(folder)
+    for name in ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "rng_rank1.pt"):
+        path = folder / name
+        with zipfile.ZipFile(path) as archive:
+            member = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+        data = bytearray(path.read_bytes())
+        name_len, extra_len = struct.unpack_from("<HH", data, member.header_offset + 26)  # the local header's
+        data[member.header_offset + 30 + name_len + extra_len + 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{folder / 'rng_rank1.pt'}: damaged checkpoint file \\(its member "
+                                              ".*data.pkl fails its CRC check\\)"):
+        check_archives(folder)
+
+
+def test_a_save_starts_from_an_empty_temp_folder(tmp_path):
+    """A crashed save of the same step by a larger world leaves its files in the temp folder (rank 0 removes them at
+    start-up, but a save may follow a crash without a restart in between, e.g. a retried save): none gets into the
+    new checkpoint."""
+    class Engine:  # writes as DeepSpeed does
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            (tmp_path / tag).mkdir(exist_ok=True)
+            (tmp_path / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"w")
+
+    stale = tmp_path / (".tmp-" + tag_for(8))
+    stale.mkdir()
+    (stale / "zero_pp_rank_5_mp_rank_00_model_states.pt").write_bytes(b"old")
+    Checkpointer(tmp_path, keep=2, rank=0, world_size=1).save(Engine(), 8, {"step": 8})
+    assert sorted(p.name for p in (tmp_path / tag_for(8)).iterdir()) == [
+        "rng_rank0.pt", STATE_FILE, "zero_pp_rank_0_mp_rank_00_model_states.pt"]
