@@ -385,10 +385,7 @@ def multimolecule_settings(folder: Path) -> dict[str, Any]:
     config = folder / CONFIG_NAME
     if not config.is_file():
         return {}
-    try:
-        recorded = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{config}: not a JSON file ({e})") from None
+    recorded = read_json(config)
     settings = {ours: recorded[theirs] for ours, theirs in MULTIMOLECULE_SETTINGS.items() if theirs in recorded}
     if settings.get("layer_norm_eps") == 1e-12:  # their early configs' value; RiNALMo's weights were trained at 1e-5
         warnings.warn(f"{config}: layer_norm_eps 1e-12 read as RiNALMo's 1e-5 (an early multimolecule config value)",

@@ -265,3 +265,113 @@ def test_a_multimolecule_config_names_each_dropout_its_own_way(tmp_path):
                                                       "attention_dropout": 0.05, "token_dropout": True}))
     assert multimolecule_settings(tmp_path) == {"dim": 64, "num_layers": 2, "num_heads": 4, "residual_dropout": 0.2,
                                                 "attn_dropout": 0.05, "token_dropout": True}
+
+
+def test_saving_refuses_what_it_could_not_read_back(tmp_path):
+    state = random_model("nano").state_dict()
+    with pytest.raises(ValueError, match="save_pretrained needs a config when given a state dict"):
+        save_pretrained(state, tmp_path / "m")
+    del state["embedding.weight"]
+    with pytest.raises(WeightsError, match="state dict to save does not match model nano .*missing \\(1\\): embedding"):
+        save_pretrained(state, tmp_path / "m", config=ModelConfig.preset("nano"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_long_list_of_mismatches_is_cut_at_eight_names():
+    state = random_model("nano").state_dict()
+    broken = {k: v for k, v in state.items() if not k.startswith("transformer.blocks.0.")}
+    with pytest.raises(WeightsError, match=r"missing \(13\): (transformer\.blocks\.0\.[^,]+, ){7}[^,;]+ \.\.\.$"):
+        import_official(broken)
+
+
+def test_json_that_is_not_an_object_or_not_utf8_names_the_file(tmp_path):
+    from rnalm.io import read_json
+
+    for content, said in ((b"[1, 2]", "expected a JSON object, found list"), (b'{"a": "\xff"}', "unreadable JSON")):
+        (tmp_path / "c.json").write_bytes(content)
+        with pytest.raises(WeightsError, match=f"{tmp_path / 'c.json'}: {said}"):
+            read_json(tmp_path / "c.json")
+
+
+def test_a_device_is_checked_before_any_file_is_blamed(tmp_path):
+    from rnalm.io import check_device, read_safetensors
+
+    with pytest.raises(ValueError, match="1.5 is not a device"):
+        check_device(1.5)
+    assert check_device("cpu") == torch.device("cpu")
+    save_pretrained(random_model("nano"), tmp_path)
+    if not torch.cuda.is_available():
+        for call in (lambda: check_device("cuda"), lambda: read_safetensors(tmp_path / "model.safetensors", "cuda")):
+            with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device"):
+                call()
+
+
+def test_weights_saved_before_save_ids_still_load(tmp_path):
+    """Files of an older version, without the save id in the weights' metadata, pass check_same_save."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model("nano")
+    save_pretrained(model, tmp_path)
+    save_file(load_file(tmp_path / "model.safetensors"), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_pretrained(tmp_path)
+    torch.testing.assert_close(loaded(TOKENS).logits, model(TOKENS).logits)
+
+
+def test_state_dicts_that_are_not_rinalmos_name_the_problem(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match=f"{tmp_path / 'list.pt'}: expected a state dict, found list"):
+        import_official(tmp_path / "list.pt")
+    from fractions import Fraction
+
+    torch.save({"w": Fraction(1, 2)}, tmp_path / "obj.pt")
+    with pytest.raises(WeightsError) as err:
+        import_official(tmp_path / "obj.pt")
+    reason = str(err.value).split("pickled objects besides tensors): ")[1]
+    assert reason.startswith("Unsupported global: GLOBAL fractions.Fraction") and "Please use" not in reason
+    with pytest.raises(WeightsError, match="official state dict: no embedding.weight; is this a RiNALMo state dict"):
+        import_official({"encoder.weight": torch.zeros(2)})
+
+
+def test_block_count_reads_the_prefix_at_the_start_of_a_name_only():
+    from rnalm.io import block_count
+
+    assert block_count({"transformer.blocks.1.w": 0, "head.transformer.blocks.7.w": 0}, "transformer.blocks.") == 2
+    assert block_count({"embedding.weight": 0}, "transformer.blocks.") == 0
+
+
+def test_an_explicit_name_is_kept_for_weights_of_another_head_count():
+    from rnalm.io import infer_config
+
+    state = random_model("nano", num_heads=4).state_dict()
+    assert infer_config(state, "w", num_heads=4).name == "nano-custom"
+    assert infer_config(state, "w", num_heads=4, name="mine").name == "mine"
+
+
+def test_multimolecule_files_without_a_config_or_with_a_damaged_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from rnalm.io import read_weights
+
+    state = random_model("nano").state_dict()
+    save_file(export_multimolecule(state), tmp_path / "model.safetensors")
+    cfg, back = read_weights(tmp_path, heads=ModelConfig.preset("nano").num_heads)   # no config.json: no settings
+    assert cfg.dim == ModelConfig.preset("nano").dim
+    assert_same_state(back, state)
+    (tmp_path / "config.json").write_bytes(b'{"hidden_size": "\xff"}')
+    for fmt in ("auto", "multimolecule"):
+        with pytest.raises(WeightsError, match=f"{tmp_path / 'config.json'}: unreadable JSON"):
+            read_weights(tmp_path, fmt)
+
+
+def test_multimolecule_imports_name_what_they_lack_or_do_not_know():
+    state = random_model("nano").state_dict()
+    mm = export_multimolecule(state)
+    no_a = tuple("Z" if t == "A" else t for t in MULTIMOLECULE_VOCAB)
+    with pytest.raises(WeightsError, match=r"multimolecule vocabulary lacks tokens \['A'\]"):
+        import_multimolecule(mm, mm_vocab=no_a)
+    no_bias = {k: v for k, v in mm.items() if k not in ("lm_head.bias", "lm_head.decoder.bias")}
+    with pytest.raises(WeightsError, match="missing multimolecule tensor lm_head.bias"):
+        import_multimolecule(no_bias)
+    extra = {**mm, **{f"model.adapter.{i}.weight": torch.zeros(1) for i in range(8)}}
+    with pytest.raises(WeightsError, match=r"tensors this import does not know: model.adapter.0.weight, .* \(\+2 more\)"):
+        import_multimolecule(extra)
