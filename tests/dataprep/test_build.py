@@ -608,15 +608,19 @@ def test_a_large_cluster_keeps_its_link_to_a_near_duplicate(tmp_path):
 
 
 @pytest.mark.system
-def test_a_fragment_of_a_train_record_is_not_held_out(tmp_path):
+@pytest.mark.parametrize("strand", ["same", "reverse complement"])
+def test_a_fragment_of_a_train_record_is_not_held_out(tmp_path, strand):
     """A record and a fragment of half its length (3 % of bases changed): two clusters, as the alignment covers 50 %
-    of the longer one, but the fragment is the record's near-duplicate; the search held the one candidate out."""
+    of the longer one, but the fragment is the record's near-duplicate; the search held the one candidate out. Also
+    the fragment's reverse complement: clustering joins reverse complements, so the search links them too."""
     require_tool("mmseqs")
     rng = np.random.default_rng(4)
     whole = rng.choice(list("ACGU"), 300)
     part = whole[60:210].copy()
     at = rng.choice(150, 5, replace=False)
     part[at] = [{"A": "C", "C": "G", "G": "U", "U": "A"}[b] for b in part[at]]
+    if strand != "same":
+        part = np.array([{"A": "U", "C": "G", "G": "C", "U": "A"}[b] for b in part[::-1]])
     (tmp_path / "in.fa").write_text(f">whole\n{''.join(whole)}\n>part\n{''.join(part)}\n")
     res = build_small(tmp_path, [tmp_path / "in.fa"], no_cluster=False, valid_fraction=0.5, seed=0,
                       cluster=ClusterConfig(threads=1))

@@ -82,27 +82,6 @@ def test_the_linclust_steps_cluster_as_mmseqs_easy_linclust_does(tmp_path, ncrna
     assert np.count_nonzero(ours != ref) <= 10, np.count_nonzero(ours != ref)
 
 
-def _revcomp(bases: np.ndarray) -> np.ndarray:
-    return np.array([COMPLEMENT[b] for b in bases[::-1]])
-
-
-@pytest.mark.system
-def test_a_reverse_complement_fragment_of_a_train_record_is_not_held_out(tmp_path):
-    """As `test_a_fragment_of_a_train_record_is_not_held_out` with the fragment's reverse complement: clustering
-    joins reverse complements, so the holdout search links them too (both strands)."""
-    require_tool("mmseqs")
-    rng = np.random.default_rng(4)
-    whole = rng.choice(list("ACGU"), 300)
-    part = whole[60:210].copy()
-    at = rng.choice(150, 5, replace=False)
-    part[at] = [{"A": "C", "C": "G", "G": "U", "U": "A"}[b] for b in part[at]]
-    (tmp_path / "in.fa").write_text(f">whole\n{''.join(whole)}\n>part\n{''.join(_revcomp(part))}\n")
-    res = build_small(tmp_path, [tmp_path / "in.fa"], no_cluster=False, valid_fraction=0.5, seed=0,
-                      cluster=ClusterConfig(threads=1))
-    c = res.manifest.counts
-    assert c["clusters"] == 2 and c["valid"]["records"] == 0 and c["train"]["records"] == 2, c
-
-
 @pytest.mark.system
 def test_clustering_leaves_no_sequences_on_disk(tmp_path: Path):
     """`cluster` keeps only its arrays: the FASTA input and MMseqs2's working folder are removed."""
