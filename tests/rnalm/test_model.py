@@ -123,6 +123,20 @@ def test_token_dropout_is_active_in_eval_and_rescales_per_sequence():
     assert model.training is False  # the 0.88 scale above applied in eval mode (sequence 1 has no mask)
 
 
+def test_without_token_dropout_the_embedding_is_the_lookup():
+    model = tiny_model(token_dropout=False)
+    _, flat, cu, _ = unpad(masked_batch())
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(flat, cu), model.embedding(flat))
+
+
+def test_attention_dropout_applies_in_training_only():
+    model = tiny_model(attn_dropout=0.1)
+    assert model.applies_attention_dropout is False  # (eval mode)
+    assert model.train().applies_attention_dropout is True
+    assert tiny_model(attn_dropout=0.0).train().applies_attention_dropout is False
+
+
 def test_attention_backends_agree_with_float64_reference():
     """Outputs and input gradients of every backend this machine has (on a CPU, sdpa alone: the GPU backends are
     compared with an fp32 reference by bench/model_bench.py's `agreement` rows on the device); the lengths put
