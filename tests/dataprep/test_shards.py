@@ -1,7 +1,9 @@
 """Shard format: round trip, checksums, and clear errors on corrupt or truncated shards."""
 from __future__ import annotations
 
+import struct
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,8 +185,6 @@ def test_missing_manifest(tmp_path):
 def test_block_length_refuses_a_header_that_does_not_match_the_frame():
     """The count is read without the rest of the frame, so its checksum cannot vouch for it: the header's sizes
     must add up to the frame's content size."""
-    import struct
-
     from dataprep.shards import compress_encoded, compressor, encode_block
 
     raw = bytearray(encode_block(make_block(n=50)))
@@ -198,8 +198,6 @@ def test_block_length_refuses_a_header_that_does_not_match_the_frame():
 
 def _tampered(block: RecordBlock, **fields) -> bytes:
     """`block` compressed with some of its fields replaced, as a damaged or foreign writer could leave it."""
-    from dataclasses import replace
-
     return compress_block(replace(block, **fields))
 
 
@@ -235,8 +233,6 @@ def test_a_shard_whose_blocks_fail_midway_leaves_no_file(tmp_path):
 
 
 def test_encoding_refuses_ids_or_labels_of_another_count():
-    from dataclasses import replace
-
     good = make_block(n=4)
     for bad in (replace(good, ids=good.ids[:3]), replace(good, labels=[*good.labels, "x"])):
         with pytest.raises(ValueError, match="ids/labels length does not match the number of records"):
@@ -246,8 +242,6 @@ def test_encoding_refuses_ids_or_labels_of_another_count():
 def test_each_inconsistency_of_a_decoded_block_is_refused():
     """Each consistency check of decode_block, on blocks whose zstd frame is intact (so no checksum catches them)
     but whose content a damaged or foreign writer left inconsistent; the error names the member."""
-    import struct
-
     from dataprep.shards import encode_block
 
     good = make_block(n=6, seed=3)

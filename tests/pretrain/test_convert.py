@@ -119,8 +119,8 @@ def test_only_weights_trained_on_another_shard_set_get_the_note(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "manifest.json").write_text("{}")
-    state = RiNALMo(ModelConfig.preset("nano")).state_dict()
     cfg = ModelConfig.preset("nano")
+    state = RiNALMo(cfg).state_dict()
     save_pretrained(state, tmp_path / "plain", config=cfg)
     save_pretrained(state, tmp_path / "same", config=cfg, provenance={"shards_manifest": shard_set_digest(shards)})
     save_pretrained(state, tmp_path / "other", config=cfg, provenance={"shards_manifest": "ab" * 32})
