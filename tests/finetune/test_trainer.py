@@ -1,5 +1,6 @@
 """finetune.trainer on a tiny model and synthetic losses (fast): the optimizer groups, the lr decay, clipping,
-the epoch kept, the step and time caps, the settings refused."""
+the epoch kept, the step and time caps, the settings refused,
+validation in eval mode without gradients, bf16 off CUDA."""
 from __future__ import annotations
 
 import random
@@ -12,7 +13,7 @@ import torch
 from finetune.backbone import TaskModel
 from finetune.heads import SpliceSiteHead
 from finetune.tasks.common import tokens_for
-from finetune.trainer import TrainConfig, check_train_config, fit, seed_everything, train_epoch
+from finetune.trainer import TrainConfig, check_train_config, fit, seed_everything, train_epoch, weights_finite
 from finetune.unfreeze import UnfreezeConfig
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
@@ -62,6 +63,42 @@ def test_the_head_learns_at_lr_and_each_unfrozen_step_at_lr_over_the_divisor(tmp
 def test_an_equal_score_is_no_improvement_and_lower_can_be_better(tmp_path):
     assert run_fit(tmp_path, [1.0, 1.0, 2.0])[1] == [1.0, 2.0]
     assert run_fit(tmp_path, [3.0, 2.0, 2.5, 2.0], higher_is_better=False)[1] == [3.0, 2.0]
+
+
+def test_a_score_of_zero_is_a_number_that_can_be_best(tmp_path):
+    assert run_fit(tmp_path, [0.0, -1.0])[1] == [0.0]
+
+
+def test_validation_runs_in_eval_mode_without_gradients_and_training_resumes_in_train_mode(tmp_path):
+    seen = []
+
+    def loss(model, batch):
+        seen.append(("train", model.training))
+        return loss_fn(model, batch)
+
+    def validate(model):
+        seen.append(("valid", model.training, torch.is_grad_enabled()))
+        return {"score": float(len(seen))}
+
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, progress=False)
+    fit(tiny_model(), cfg, UnfreezeConfig(head_only_epochs=0), lambda e: range(1), loss, validate,
+        lambda m, v: None, "score")
+    assert seen == [("train", True), ("valid", False, False)] * 2
+
+
+def test_bf16_off_cuda_warns_and_trains_exactly_as_fp32(tmp_path):
+    with pytest.warns(UserWarning, match="autocasts on CUDA only: this run on cpu trains in fp32"):
+        bf16, _ = run_fit(tmp_path, [1.0], precision="bf16")
+    fp32, _ = run_fit(tmp_path, [1.0], precision="fp32")
+    assert bf16[0]["train_loss"] == fp32[0]["train_loss"]
+
+
+def test_a_non_finite_backbone_weight_is_a_non_finite_model():
+    model = tiny_model()
+    assert weights_finite(model)
+    with torch.no_grad():
+        next(model.lm.parameters())[0] = float("inf")
+    assert not weights_finite(model)
 
 
 def test_step_cap_per_epoch_and_a_time_budget_that_still_trains_and_validates_one_step(tmp_path):
