@@ -59,7 +59,8 @@ def test_classify_trains_evaluates_and_predicts_the_users_classes(tiny_checkpoin
     row = result["rows"]["test.tsv.gz"]
     assert row["n"] == 30 and {"f1_5S_rRNA", "f1_miRNA", "f1_tRNA", "macro_f1", "accuracy"} <= set(row)
     split = result["splits"]
-    assert split["train"] + split["valid"] + result["removed_near_duplicates"] == 90 and split["test"] == 30
+    assert split["train"] + split["valid"] + result["removed_near_duplicates"] + result["removed_valid_near_train"] \
+        == 90 and split["test"] == 30
     assert f"{result['removed_near_duplicates']} train/valid record(s)" in (out / "results.md").read_text()
     _, meta = load_finetuned(out)
     assert meta["task"] == "classify" and meta["classes"] == ["5S_rRNA", "miRNA", "tRNA"]
