@@ -56,11 +56,7 @@ class TaskModel(nn.Module):
         self.pred_head = head
 
     def forward(self, tokens: torch.Tensor) -> Any:
-        if any(p.requires_grad for p in self.lm.parameters()) and torch.is_grad_enabled():
-            rep = self.lm(tokens).representation
-        else:  # frozen LM: no activations kept for backward
-            with torch.no_grad():
-                rep = self.lm(tokens).representation
+        rep = self.lm(tokens).representation  # a frozen LM keeps no activations: nothing of it requires grad
         head_dtype = next(self.pred_head.parameters()).dtype  # fp32 under autocast; model.to(dtype) changes it
         return self.pred_head(rep.to(head_dtype), tokens)
 

@@ -3,6 +3,7 @@ directory, importing the original's SS checkpoint, the backbone files recorded w
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -94,6 +95,15 @@ def test_a_pt_of_another_head_count_says_how_to_give_it(tmp_path):
     with pytest.raises(ValueError, match=re.escape("--model.overrides='{num_heads: 4}'")):
         load_backbone(BackboneConfig(path=str(tmp_path / "lm.pt")))
     assert load_backbone(BackboneConfig(path=str(tmp_path / "lm.pt"), overrides={"num_heads": 4})).config.num_heads == 4
+    with pytest.raises(ValueError, match="not divisible by num_heads 3$"):   # given, and wrong: no hint to give it
+        load_backbone(BackboneConfig(path=str(tmp_path / "lm.pt"), overrides={"num_heads": 3}))
+
+
+def test_a_directory_of_no_model_and_a_backbone_read_as_fine_tuned_say_what_they_lack(tiny_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors\+config.json .*\(nor finetune.json\)"):
+        load_backbone(BackboneConfig(path=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="It holds a pretrained backbone: fine-tune it first"):
+        load_finetuned(tiny_checkpoint)
 
 
 def test_backbone_files_are_the_files_of_its_directory_or_the_file_itself(tmp_path):
@@ -102,6 +112,7 @@ def test_backbone_files_are_the_files_of_its_directory_or_the_file_itself(tmp_pa
     (tmp_path / "m" / "a.safetensors").write_bytes(b"12345")
     listed = backbone_files(BackboneConfig(path=str(tmp_path / "m")))
     assert [(name, size) for name, size, _ in listed] == [("a.safetensors", 5), ("b.json", 2)]
-    assert backbone_files(BackboneConfig(path=str(tmp_path / "m" / "b.json")))[0][:2] == ["b.json", 2]
+    os.utime(tmp_path / "m" / "b.json", ns=(7, 7))   # rewritten at the same size: told apart by its mtime
+    assert backbone_files(BackboneConfig(path=str(tmp_path / "m" / "b.json"))) == [["b.json", 2, 7]]
     assert backbone_files(BackboneConfig(path=str(tmp_path / "gone"))) == []
     assert backbone_files(BackboneConfig(random_preset="nano")) == []
