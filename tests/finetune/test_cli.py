@@ -488,6 +488,8 @@ def test_embed_samples_limit_records_in_fasta_order_and_cuts_each_at_max_len(tin
     embed(cfg)
     ids, order = (tmp_path / "e" / "ids.txt").read_text().split(), [f"r{i}" for i in range(10)] + ["cut"]
     assert len(ids) == 4 and ids == sorted(ids, key=order.index)
+    embed(replace(cfg, limit=10, out=str(tmp_path / "all_but_one")))
+    assert len((tmp_path / "all_but_one" / "ids.txt").read_text().split()) == 10
     embed(replace(cfg, seed=1, out=str(tmp_path / "f")))
     assert (tmp_path / "f" / "ids.txt").read_text().split() != ids
     whole = embed(replace(cfg, limit=None, max_len=8, out=str(tmp_path / "g")))
@@ -562,6 +564,10 @@ def test_embed_warns_when_it_truncates(tiny_checkpoint, tmp_path, capsys):
     assert "2 record(s) longer than --max_len=8 are embedded from their first 8 nt only; longest: 'mrna_1' (10 nt)" \
         in capsys.readouterr().err
     assert run([*args, "--max_len=10"]) == 0 and "longer than" not in capsys.readouterr().err
+    src.write_text(">a\nACGU\n>odd\nACXP\n")
+    assert run(args) == 0
+    assert f"warning: {src}: 1 record(s) contain letters outside the RiNALMo alphabet (PX), read as <unk>; " \
+        "first: 'odd'" in capsys.readouterr().err
 
 
 def test_backbone_formats_load_the_same_weights(tiny_checkpoint, tmp_path):
@@ -743,6 +749,24 @@ def test_an_override_keeps_the_tasks_own_defaults_of_its_section(task):
     cfg = from_cli(cls, ["--train.out_dir=elsewhere", "--unfreeze.lr_divisor=5"])
     assert cfg.train == replace(cls().train, out_dir="elsewhere")
     assert cfg.unfreeze == replace(cls().unfreeze, lr_divisor=5.0)
+
+
+def test_embed_that_cannot_reserve_its_arrays_says_how_much_and_leaves_nothing(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch):
+    import errno
+
+    import finetune.embed as embed_module
+
+    def disk_full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(embed_module.os, "posix_fallocate", disk_full)
+    src = tmp_path / "in.fa"
+    src.write_text(">a\nACGU\n>b\nGGCC\n")
+    with pytest.raises(OSError, match=r"\.cls\.npy\.tmp: cannot reserve 0\.00 GB for the embeddings \(No space"):
+        embed_module.embed(embed_module.EmbedConfig(model=str(tiny_checkpoint), fasta=str(src),
+                                                    out=str(tmp_path / "e"), progress=False, plot="none"))
+    assert list((tmp_path / "e").iterdir()) == []
 
 
 def test_embed_that_fails_midway_leaves_no_partial_arrays(tiny_checkpoint, tmp_path, monkeypatch):
