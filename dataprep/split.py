@@ -50,9 +50,9 @@ def cluster_ranking(cluster_id: np.ndarray, seq_digest: np.ndarray, seed: int) -
 
 
 def wanted_valid(n_clusters: int, valid_fraction: float) -> int:
-    """round(fraction * clusters), at least one and never all when the fraction is > 0 and there are two."""
+    """round(fraction * clusters); when the fraction is > 0, at least one and never all (a single cluster: none)."""
     n_valid = int(round(valid_fraction * n_clusters))
-    if valid_fraction > 0 and n_clusters > 1:
+    if valid_fraction > 0 and n_clusters > 0:
         n_valid = min(max(n_valid, 1), n_clusters - 1)
     return n_valid
 
@@ -95,7 +95,7 @@ def valid_clusters(cluster_id: np.ndarray, seq_digest: np.ndarray, valid_fractio
     order = groups[np.argsort(first)]  # groups by their best-ranked member
     sizes = np.bincount(of)[order]
     taken = order[np.cumsum(sizes) - sizes < n_valid]  # until n_valid clusters are reached
-    chosen[ok & np.isin(group, taken)] = True
+    chosen[np.isin(group, taken)] = True  # (a cluster that is no candidate is a group of its own, not taken)
     return chosen
 
 
