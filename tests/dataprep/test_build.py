@@ -398,6 +398,11 @@ def test_shuffled_layout_gives_the_same_shards(tmp_path, synth_fa):
     ctx = WriteContext(str(tmp_path / "again"), str(tmp_path / "shuffled"), str(work / "cluster"),
                        block_records=128, shuffled=True)
     assert write_jobs(ctx, jobs, threads=2) == res.manifest.shards
+    # --zstd-level reaches every shard: the same records, other bytes
+    deeper = write_jobs(replace(ctx, out_dir=str(tmp_path / "deeper"), zstd_level=19), jobs, threads=2)
+    assert [(s.records, s.blocks, s.tokens) for s in deeper] == [(s.records, s.blocks, s.tokens)
+                                                                 for s in res.manifest.shards]
+    assert not {s.sha256 for s in deeper} & {s.sha256 for s in res.manifest.shards}
 
 
 def test_missing_mmseqs_names_the_install_command(tmp_path, synth_fa):
