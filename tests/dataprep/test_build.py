@@ -57,6 +57,7 @@ def test_synthetic_build_with_mmseqs(tmp_path, synth_fa):
     res = build_small(tmp_path, [synth_fa], no_cluster=False, valid_fraction=0.1, records_per_shard=1000,
                       block_records=256, workers=2, report=True, label_key="family")
     got = check_build(tmp_path / "out", [synth_fa])
+    seqs = [v[0] for v in got.values()]
     m = res.manifest
     assert m.tools["mmseqs"] and m.params["cluster"]["min_seq_id"] == 0.7
     assert m.sources[0]["sha256"] == hashlib.sha256(synth_fa.read_bytes()).hexdigest()
@@ -68,6 +69,9 @@ def test_synthetic_build_with_mmseqs(tmp_path, synth_fa):
     report = tmp_path / "out" / "report"
     summary = json.loads((report / "summary.json").read_text())
     assert summary["counts"] == m.counts and summary["top_labels"][0][0] == "NA"  # singletons
+    assert summary["length_nt"]["n"] == m.counts["kept"] and summary["length_nt"]["max"] == max(map(len, seqs))
+    assert summary["shards"] == {"count": len(m.shards), "bytes": sum(s.bytes for s in m.shards)}
+    assert {"normalise", "mmseqs", "shards"} <= set(summary["stage_seconds"])
     assert any(lab.startswith("FAM") for lab, _ in summary["top_labels"])
     assert all((report / f).stat().st_size > 1000 for f in ("lengths.png", "cluster_sizes.png", "sources.png",
                                                             "labels.png"))

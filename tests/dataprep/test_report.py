@@ -1,11 +1,12 @@
-"""dataprep.report: the label counts and statistics of the corpus report (exact values on small inputs)."""
+"""dataprep.report: the label counts and statistics of the corpus report (exact values on small inputs), the report
+process's own error."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from dataprep.normalize import NormalizeConfig, parse_chunk
-from dataprep.report import _plot_clusters, _stats, top_labels
+from dataprep.report import ReportProcess, _plot_clusters, _stats, top_labels
 from dataprep.store import Store, StoreWriter
 
 
@@ -38,3 +39,13 @@ def test_statistics_and_cluster_sizes(tmp_path):
     assert (sizes["n"], sizes["max"], sizes["singletons"]) == (4, 3, 2) and (tmp_path / "cluster_sizes.png").exists()
     np.save(tmp_path / "cluster_id.npy", np.zeros(0, np.int64))      # a corpus of no kept record
     assert _plot_clusters(tmp_path, tmp_path) == {"n": 0, "singletons": 0}
+
+
+def test_a_report_process_that_failed_early_raises_its_own_error_not_the_pipes(tmp_path):
+    """A report process that died before the clusters were ready (a full disk, say) made the build fail with
+    BrokenPipeError, the message of the pipe it no longer read."""
+    (tmp_path / "report").write_text("a file where the report directory goes")
+    report = ReportProcess(tmp_path / "report", None, None, [])
+    report._proc.join(30)   # dead before the clusters are sent
+    with pytest.raises(FileExistsError):
+        report.clusters_ready(tmp_path)
