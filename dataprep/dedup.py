@@ -51,9 +51,9 @@ def _same_bytes(blob: np.ndarray, off: np.ndarray, a: np.ndarray, b: np.ndarray)
     return same
 
 
-def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _group_members(digest: np.ndarray, sel: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(member, first) store-index pairs for every record of `sel` (None = all) that is not the first of its digest
-    group, "first" meaning the smallest `key` (None: the smallest store index, i.e. store order is input order).
+    group, "first" meaning the smallest store index (the store is in input order: `store.merge_parts`).
     Memory: the sort order (8 B/record) plus one bool per record; groups are few, so they are handled apart."""
     d = digest if sel is None else digest[sel]
     order = np.argsort(d)  # not stable (4x faster); ties are resolved below, within the (few) groups
@@ -71,8 +71,7 @@ def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray |
     if sel is not None:
         members = sel[members]
     group = np.repeat(np.arange(len(run_start)), run_end - run_start + 1)
-    rank_key = members if key is None else key[members]
-    by = np.lexsort((rank_key, group))  # within each group, input order
+    by = np.lexsort((members, group))  # within each group, input order
     members, group = members[by], group[by]
     is_first = np.ones(len(members), bool)
     is_first[1:] = group[1:] != group[:-1]
@@ -80,7 +79,7 @@ def _group_members(digest: np.ndarray, key: np.ndarray | None, sel: np.ndarray |
     return members[~is_first], first[~is_first]
 
 
-def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarray | None, buckets: list[int], nb: int,
+def _bucket_pass(digest: np.ndarray, eligible: np.ndarray | None, buckets: list[int], nb: int,
                  confirm: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     out_m, out_f = [], []
     for b in buckets:
@@ -90,7 +89,7 @@ def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarra
             in_bucket = (digest % np.uint64(nb)) == np.uint64(b)
             sel = np.flatnonzero(in_bucket if eligible is None else in_bucket & eligible)
         while sel is None or len(sel):  # members that differ from their group's first are regrouped
-            m, f = _group_members(digest, key, sel)
+            m, f = _group_members(digest, sel)
             ok = confirm(m, f)
             out_m.append(m[ok])
             out_f.append(f[ok])
@@ -99,21 +98,16 @@ def _bucket_pass(digest: np.ndarray, key: np.ndarray | None, eligible: np.ndarra
             np.concatenate(out_f) if out_f else np.zeros(0, np.int64))
 
 
-def _sort_key(store: Store) -> np.ndarray | None:
-    return None if store.in_input_order else store.order_key
-
-
 def id_conflicts(store: Store, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
     """(record, earlier record) pairs with the same id and a different sequence."""
-    key = _sort_key(store)
-    m, f = _bucket_pass(store.idh, key, None, buckets, nb, lambda a, b: _same_bytes(store.ids, store.id_off, a, b))
+    m, f = _bucket_pass(store.idh, None, buckets, nb, lambda a, b: _same_bytes(store.ids, store.id_off, a, b))
     differs = (store.seqh[m] != store.seqh[f]) | ~_same_bytes(store.seq, store.seq_off, m, f)
     return m[differs], f[differs]
 
 
 def duplicates(store: Store, rejected: np.ndarray, buckets: list[int], nb: int) -> tuple[np.ndarray, np.ndarray]:
     """(duplicate, representative) pairs among the records not `rejected` (bool mask)."""
-    return _bucket_pass(store.seqh, _sort_key(store), ~rejected if rejected.any() else None, buckets, nb,
+    return _bucket_pass(store.seqh, ~rejected if rejected.any() else None, buckets, nb,
                         lambda a, b: _same_bytes(store.seq, store.seq_off, a, b))
 
 
@@ -122,10 +116,8 @@ def finish(store: Store, conflict: np.ndarray, conflict_first: np.ndarray, dup: 
     keep = np.ones(len(store), bool)
     keep[conflict] = False
     keep[dup] = False
-    keep = np.flatnonzero(keep)
-    if not store.in_input_order:
-        keep = keep[np.argsort(store.order_key[keep], kind="stable")]
-    return DedupResult(keep=keep, dup=dup, dup_rep=dup_rep, conflict=conflict, conflict_first=conflict_first)
+    return DedupResult(keep=np.flatnonzero(keep), dup=dup, dup_rep=dup_rep, conflict=conflict,
+                       conflict_first=conflict_first)
 
 
 def dedup(store: Store, comm: SerialComm | MpiComm | None = None, bucket_records: int = BUCKET_RECORDS) -> DedupResult | None:

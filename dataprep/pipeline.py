@@ -623,7 +623,7 @@ def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: li
 def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> None:
     """Written TSV_BATCH rows at a time: a corpus can hold tens of millions of duplicates."""
     d, r = res["dup"], res["dup_rep"]
-    order = np.argsort(store.order_key[d], kind="stable")
+    order = np.argsort(d)  # the store is in input order
     d, r = d[order], r[order]
 
     def write(tmp: str) -> None:

@@ -152,25 +152,6 @@ class Store:
     def __len__(self) -> int:
         return len(self.seq_len)
 
-    @property
-    def order_key(self) -> np.ndarray:
-        """Input order of each record, (source, line), as one sortable int64."""
-        return (self.source.astype(np.int64) << 40) | self.line
-
-    @property
-    def in_input_order(self) -> bool:
-        """Are the records stored in input order (single-process normalise)? Checked in chunks, once."""
-        if not hasattr(self, "_in_order"):
-            ok, prev = True, -1
-            for a in range(0, len(self), 1 << 20):
-                k = (self.source[a: a + (1 << 20)].astype(np.int64) << 40) | self.line[a: a + (1 << 20)]
-                if k[0] <= prev or np.any(k[1:] <= k[:-1]):
-                    ok = False
-                    break
-                prev = int(k[-1])
-            self._in_order = ok
-        return self._in_order
-
     def _bytes(self, name: str, off: np.ndarray, idx: np.ndarray) -> bytes:
         """Concatenated bytes of records `idx` from blob file `name`: one slice per run of consecutive records."""
         mm = self._mmaps.get(name)

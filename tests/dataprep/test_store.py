@@ -29,28 +29,8 @@ def test_parts_are_merged_in_the_order_of_their_chunk_keys(tmp_path):
     merge_parts([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     store = Store(tmp_path / "out")
     assert store.ids_of(np.arange(5)) == ["r0", "r1", "r2", "r3", "r4"]
-    assert store.seq_bytes(np.arange(5)) == b"ACGUUUUUUGGGGCCA" and store.in_input_order
+    assert store.seq_bytes(np.arange(5)) == b"ACGUUUUUUGGGGCCA" and store.line.tolist() == [1, 3, 5, 7, 9]
     assert store.ids_of(np.array([], np.int64)) == []
-
-
-def test_records_of_several_inputs_are_ordered_by_input_then_line(tmp_path):
-    """Two inputs' line numbers overlap: file 0's line 5 comes before file 1's line 1."""
-    write_part(tmp_path / "s", [(1, 0, [("late", "ACGU")], 1), (0, 1, [("early", "GGGG")], 5)])
-    store = Store(tmp_path / "s")
-    assert not store.in_input_order and np.argsort(store.order_key).tolist() == [1, 0]
-
-
-def test_input_order_is_checked_across_its_chunks_of_a_million_records(tmp_path):
-    n = (1 << 20) + 1
-    (tmp_path / "ids.bin").write_bytes(b"\n" * n)
-    for name, dtype in (("seq_len", np.int64), ("id_len", np.int32), ("source", np.int32)):
-        np.zeros(n, dtype).tofile(tmp_path / f"{name}.bin")
-    line = np.arange(n, dtype=np.int64)
-    line.tofile(tmp_path / "line.bin")
-    assert Store(tmp_path).in_input_order
-    line[1 << 20] = 0                              # the first record of the second chunk goes back
-    line.tofile(tmp_path / "line.bin")
-    assert not Store(tmp_path).in_input_order
 
 
 def test_a_blob_its_lengths_do_not_add_up_to_is_a_damaged_stage(tmp_path):
@@ -64,7 +44,7 @@ def test_a_blob_its_lengths_do_not_add_up_to_is_a_damaged_stage(tmp_path):
 def test_an_empty_store_reads_as_no_records(tmp_path):
     StoreWriter(tmp_path / "s", labels=True).close()
     store = Store(tmp_path / "s")
-    assert len(store) == 0 and store.in_input_order and store.label_bytes(np.zeros(0, np.int64)) == b""
+    assert len(store) == 0 and store.label_bytes(np.zeros(0, np.int64)) == b""
 
 
 @pytest.mark.timeout(30)   # a source shorter than the range copied nothing, forever
