@@ -106,3 +106,11 @@ def test_records_alike_in_their_first_bytes_or_one_a_prefix_of_the_other_are_not
     store.seqh = np.zeros(len(store), np.uint64)
     res = dedup(store)
     assert res.keep.tolist() == list(range(7)) and list(zip(res.dup.tolist(), res.dup_rep.tolist())) == [(7, 0)]
+
+
+def test_a_record_rejected_for_its_id_is_no_representative_of_a_later_copy(tmp_path):
+    """r1 reuses r0's id with another sequence (rejected); r2 holds r1's sequence under its own id: r2 is kept, not
+    merged into the rejected r1, which would lose that sequence."""
+    store = make_store(tmp_path, ">a\nACGUACGU\n>a\nGGGGCCCC\n>b\nGGGGCCCC\n")
+    res = dedup(store)
+    assert res.keep.tolist() == [0, 2] and res.conflict.tolist() == [1] and len(res.dup) == 0
