@@ -38,7 +38,6 @@ class StoreWriter:
         self._chunks: list[list[int]] = []  # [chunk key, bytes written to each file...]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="store-writer")  # one thread: writes stay in order
         self._pending: deque = deque()
-        self.records = 0
 
     def append(self, p: ParsedChunk, source: int, key: int) -> None:
         """Append a chunk of `source`; `key` orders the chunks of all parts in input order (`merge_parts`)."""
@@ -54,7 +53,6 @@ class StoreWriter:
         self._pending.append(self._pool.submit(self._write, [data[name] for name in self.names]))
         self._chunks.append([key] + [len(data[name]) if not isinstance(data[name], memoryview)
                                        else data[name].nbytes for name in self.names])
-        self.records += len(p)
 
     def _write(self, parts: list) -> None:
         for name, part in zip(self.names, parts):

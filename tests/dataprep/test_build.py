@@ -393,7 +393,7 @@ def test_shuffled_layout_gives_the_same_shards(tmp_path, synth_fa):
     from dataprep.store import Store, write_permuted
     from dataprep.write import WriteContext, write_jobs
 
-    res = build_small(tmp_path, [synth_fa], records_per_shard=700, block_records=128, seed=4)
+    res = build_small(tmp_path, [synth_fa], records_per_shard=700, block_records=128, seed=4, label_key="family")
     work = tmp_path / "out" / ".work"
     keep = np.load(work / "dedup" / "keep.npy")
     store = Store(work / "normalise")

@@ -39,6 +39,34 @@ def test_a_blob_its_lengths_do_not_add_up_to_is_a_damaged_stage(tmp_path):
     seq.write_bytes(seq.read_bytes()[:-1])
     with pytest.raises(DataprepError, match=r"seq.bin: 5 bytes where its lengths add up to 6: a damaged stage"):
         Store(tmp_path / "s")
+    write_part(tmp_path / "t", [(0, 0, [("r0", "ACGU"), ("r1", "GG")], 1)])
+    seq_len = tmp_path / "t" / "seq_len.bin"
+    seq_len.write_bytes(seq_len.read_bytes()[:-8])    # the lengths cut short: the blob is the longer
+    with pytest.raises(DataprepError, match=r"seq.bin: 6 bytes where its lengths add up to 4"):
+        Store(tmp_path / "t")
+
+
+def test_a_chunk_of_blank_lines_adds_nothing_to_a_labelled_store(tmp_path):
+    w = StoreWriter(tmp_path / "s", labels=True)
+    w.append(parse_chunk(b"\n\n", 1, NormalizeConfig(label_key="family")), 0, 0)
+    w.close()
+    assert len(Store(tmp_path / "s")) == 0
+
+
+def test_a_failed_write_is_raised_by_a_later_append_or_by_close(tmp_path, monkeypatch):
+    """At most MAX_PENDING chunks wait for the writer thread: the next append waits, and meets its error."""
+    def disk_full(self, parts):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(StoreWriter, "_write", disk_full)
+    w = StoreWriter(tmp_path / "s", labels=False)
+    with pytest.raises(OSError, match="No space"):
+        for k in range(StoreWriter.MAX_PENDING + 1):
+            w.append(chunk(("r", "ACGU")), 0, k)
+    w = StoreWriter(tmp_path / "t", labels=False)
+    w.append(chunk(("r", "ACGU")), 0, 0)
+    with pytest.raises(OSError, match="No space"):
+        w.close()
 
 
 def test_an_empty_store_reads_as_no_records(tmp_path):
