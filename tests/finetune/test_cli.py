@@ -190,10 +190,12 @@ def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
     from finetune.structure import StructureRecord
 
     tiny = tmp_path / "tiny.fa"
-    tiny.write_text(">one\nA\n>two\nGC\n>ten\nGGGAAAUCCC\n")
+    tiny.write_text(">one\nA\n>two\nGC\n>ten\nGGGAAAUCCC\n>odd\nGGXAAACC\n")
     assert run(["predict-ss", f"--model={ss_model}", f"--fasta={tiny}", f"--out={tmp_path / 'p'}",
                 "--progress=false"]) == 0
     assert (tmp_path / "p" / "predictions.dbn").read_text().splitlines()[:6] == [">one", "A", ".", ">two", "GC", ".."]
+    assert "letters outside the RiNALMo alphabet (X), read as <unk> and never paired; first: 'odd'" in \
+        capsys.readouterr().err
 
     knot = np.array([(i, i + 31) for i in range(31)])  # 31 mutually crossing pairs: one bracket level each
     preds = [StructureRecord("knotted", "G" * 31 + "A" * 8 + "C" * 31, knot),
@@ -207,10 +209,14 @@ def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
     # (they were once numbered among the overflow records only: 000001_K was FASTA record 2)
     preds = [preds[1], StructureRecord("K", preds[0].sequence, knot), StructureRecord("k", preds[0].sequence, knot)]
     (tmp_path / "clash").mkdir()
-    _write_dbn(preds, tmp_path / "clash")
+    assert _write_dbn(preds, tmp_path / "clash") == ["predictions.dbn", "000002_K.bpseq", "000003_k.bpseq"]
     assert sorted(p.name for p in (tmp_path / "clash").iterdir()) == ["000002_K.bpseq", "000003_k.bpseq",
                                                                        "predictions.dbn"]
     assert "as 000002_K.bpseq, 000003_k.bpseq instead" in capsys.readouterr().err
+    (tmp_path / "many").mkdir()   # the warning names five
+    assert len(_write_dbn([StructureRecord(f"k{i}", preds[1].sequence, knot) for i in range(7)], tmp_path / "many")) == 8
+    assert "7 predicted structure(s) need more than 30 bracket levels: written to " \
+        f"{tmp_path / 'many'} as k0.bpseq, k1.bpseq, k2.bpseq, k3.bpseq, k4.bpseq ... instead" in capsys.readouterr().err
 
 
 def watch_pair_matrices(monkeypatch) -> tuple[list, list]:

@@ -40,6 +40,14 @@ def test_a_link_to_nothing_is_a_file_not_to_replace(tmp_path):
         check_not_replacing(tmp_path, ["mine.ct", "other.ct"])
 
 
+def test_files_not_to_replace_are_named_three_at_most(tmp_path):
+    for name in "abcde":
+        (tmp_path / f"{name}.ct").write_text("mine")
+    with pytest.raises(ValueError, match=re.escape("holds 5 file(s) that predict-ss did not write and would replace: "
+                                                   "a.ct, b.ct, c.ct ...; name another --out")):
+        check_not_replacing(tmp_path, [f"{name}.ct" for name in "abcde"])
+
+
 def test_long_records_are_named_longest_first_three_at_most():
     records = [FastaRecord(f"r{n}", "A" * n, "") for n in (11, 14, 9, 12, 13)]
     with pytest.raises(ValueError, match=re.escape("4 record(s) longer than --max_len=10: 'r14' (14 nt), 'r13' (13 nt), "
@@ -47,6 +55,8 @@ def test_long_records_are_named_longest_first_three_at_most():
         check_lengths(records, StructurePredictConfig(fasta="in.fa", max_len=10))
     with pytest.raises(ValueError, match=re.escape("--max_len (0) must be >= 1")):
         check_lengths(records, StructurePredictConfig(max_len=0))
+    with pytest.raises(ValueError, match=re.escape("needs about 5.1 GB of memory for the longest; pass --max_len=2000")):
+        check_lengths([FastaRecord("long", "A" * 2000, "")], StructurePredictConfig())
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.5])

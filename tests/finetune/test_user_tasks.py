@@ -80,6 +80,11 @@ def test_classify_trains_evaluates_and_predicts_the_users_classes(tiny_checkpoin
     assert [ln.split("\t")[0] for ln in lines[1:]] == [rid for rid, _, _ in test_rows[:5]]
     assert all(ln.split("\t")[1] in CLASSES and sum(map(float, ln.split("\t")[2:])) == pytest.approx(1, abs=1e-3)
                for ln in lines[1:])
+    fasta.write_text(">odd\nACGXUACGU\n")
+    assert run(["classify", "predict", f"--model={out}", f"--fasta={fasta}", f"--out={tmp_path / 'odd'}",
+                "--progress=false"]) == 0
+    assert "1 record(s) contain letters outside the RiNALMo alphabet (X), read as <unk>; first: 'odd'" in \
+        capsys.readouterr().err
 
 
 def test_regress_trains_on_the_users_values_without_clamping_them(tiny_checkpoint, family_records, tmp_path):
