@@ -214,9 +214,10 @@ def test_predict_ss_short_and_too_knotted_records(ss_model, tmp_path, capsys):
                                                                        "predictions.dbn"]
     assert "as 000002_K.bpseq, 000003_k.bpseq instead" in capsys.readouterr().err
     (tmp_path / "many").mkdir()   # the warning names five
-    assert len(_write_dbn([StructureRecord(f"k{i}", preds[1].sequence, knot) for i in range(7)], tmp_path / "many")) == 8
-    assert "7 predicted structure(s) need more than 30 bracket levels: written to " \
-        f"{tmp_path / 'many'} as k0.bpseq, k1.bpseq, k2.bpseq, k3.bpseq, k4.bpseq ... instead" in capsys.readouterr().err
+    knotted = [StructureRecord(f"k{i}", preds[1].sequence, knot) for i in range(7)]
+    assert len(_write_dbn(knotted, tmp_path / "many")) == 8
+    assert f"7 predicted structure(s) need more than 30 bracket levels: written to {tmp_path / 'many'} as k0.bpseq, " \
+        "k1.bpseq, k2.bpseq, k3.bpseq, k4.bpseq ... instead" in capsys.readouterr().err
 
 
 def watch_pair_matrices(monkeypatch) -> tuple[list, list]:

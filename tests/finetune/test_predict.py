@@ -55,7 +55,7 @@ def test_long_records_are_named_longest_first_three_at_most():
         check_lengths(records, StructurePredictConfig(fasta="in.fa", max_len=10))
     with pytest.raises(ValueError, match=re.escape("--max_len (0) must be >= 1")):
         check_lengths(records, StructurePredictConfig(max_len=0))
-    with pytest.raises(ValueError, match=re.escape("needs about 5.1 GB of memory for the longest; pass --max_len=2000")):
+    with pytest.raises(ValueError, match=re.escape("about 5.1 GB of memory for the longest; pass --max_len=2000")):
         check_lengths([FastaRecord("long", "A" * 2000, "")], StructurePredictConfig())
 
 
