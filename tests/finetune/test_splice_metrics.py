@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune.backbone import TaskModel
 from finetune.heads import SpliceSiteHead
 from finetune.tasks.common import tokens_for
-from finetune.tasks.classify import class_probabilities, evaluate_examples, scores
+from finetune.tasks.classify import class_probabilities, classification_loss, evaluate_examples, scores
 from finetune.tasks.splice import CLASSES
 from rnalm.config import ModelConfig
 from rnalm.model import RiNALMo
@@ -25,6 +26,18 @@ def test_scores_hand_checked():
         {"n": 2, "accuracy": 1.0, "macro_f1": 1.0, **{f"f1_{c}": v for c, v in zip(CLASSES, [1.0, 1.0, None])}})
     # absent but predicted: F1 0, counted
     assert scores(np.array([0, 0]), np.array([0, 2]), CLASSES)["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
+    # no records: no numbers (NaN is not JSON)
+    assert scores(np.zeros(0, int), np.zeros(0, int), CLASSES) == {"n": 0, "accuracy": None, "macro_f1": None,
+                                                                    **{f"f1_{c}": None for c in CLASSES}}
+
+
+def test_the_classification_loss_is_cross_entropy_against_each_records_class():
+    torch.manual_seed(0)
+    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
+    model = TaskModel(lm, SpliceSiteHead(32, 3)).eval()   # no dropout: the same logits twice
+    batch = [("ACGUACGUAA", 2), ("GGGAAACCC", 1)]
+    logits = model(tokens_for([s for s, _ in batch], "cpu"))
+    torch.testing.assert_close(classification_loss(model, batch), F.cross_entropy(logits, torch.tensor([2, 1])))
 
 
 def test_evaluate_examples_scores_each_sequences_own_prediction():

@@ -59,6 +59,7 @@ def test_classify_trains_evaluates_and_predicts_the_users_classes(tiny_checkpoin
     row = result["rows"]["test.tsv.gz"]
     assert row["n"] == 30 and {"f1_5S_rRNA", "f1_miRNA", "f1_tRNA", "macro_f1", "accuracy"} <= set(row)
     split = result["splits"]
+    assert result["data"]["valid"] == "0.2 of train (seed 0)"
     assert split["train"] + split["valid"] + result["removed_near_duplicates"] + result["removed_valid_near_train"] \
         == 90 and split["test"] == 30
     assert f"{result['removed_near_duplicates']} train/valid record(s)" in (out / "results.md").read_text()
@@ -162,12 +163,15 @@ def test_near_duplicates_of_test_records_leave_train_and_valid(family_records, c
     kept = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0))
     assert kept.removed_near_duplicates == 0 and (sorted(kept.train), sorted(kept.valid)) == (sorted(train), sorted(valid))
     assert kept.train != train  # shuffled (seeded): --data.limit_train on a file sorted by class is not one class
+    assert kept.valid != valid  # and the user's validation file (--data.limit_valid)
     assert "validation sequences are also in the training data" not in capsys.readouterr().err
     user_splits(train, valid + [(train[0][0].lower().replace("u", "t"), 7)], test, lambda e: e[0], UserDataConfig())
     assert "warning: 1 of " in capsys.readouterr().err  # a copy in another case, DNA letters
+    user_splits(train + [(valid[0][0].replace("U", "T"), 7)], valid, test, lambda e: e[0], UserDataConfig())
+    assert "warning: 1 of " in capsys.readouterr().err  # the training copy in DNA letters
     run_only = user_splits(train, valid, test, lambda e: e[0], UserDataConfig(near_dup_kmer=0, near_dup_shared_run=30))
     assert run_only.removed_near_duplicates == 2  # the identical-stretch rule works without the k-mer rule
-    drawn = user_splits(recs[2:], None, test, lambda e: e[0], UserDataConfig(valid_fraction=0.25, near_dup_kmer=0))
+    drawn = user_splits(recs[2:], None, test, lambda e: e[0], UserDataConfig(valid_fraction=0.2, near_dup_kmer=0))
     assert len(drawn.valid) == 4 and sorted(drawn.train + drawn.valid) == sorted(recs[2:])
 
 
@@ -217,8 +221,8 @@ def test_csv_trouble_is_an_error_naming_file_and_line(tmp_path, name, text, mess
         read_labelled(str(tmp_path / name), UserDataConfig(), lambda label, where: label)
 
 
-def test_tsv_quotes_are_text_and_header_spaces_do_not_count(tmp_path):
-    rows = "".join(f"ACGU{'A' * i}\t{i % 2}\t\"partial 5' end\n" for i in range(5))
+def test_tsv_quotes_are_text_and_spaces_around_fields_do_not_count(tmp_path):
+    rows = "".join(f" ACGU{'A' * i} \t{i % 2}\t\"partial 5' end\n" for i in range(5))
     (tmp_path / "notes.tsv").write_text("sequence \t label\tnote\n" + rows)
     got = read_labelled(str(tmp_path / "notes.tsv"), UserDataConfig(), lambda label, where: label)
     assert len(got) == 5 and got[4] == ("ACGUAAAA", "0")
@@ -283,7 +287,7 @@ def test_fasta_files_carry_their_labels_in_the_headers(family_records, tmp_path)
         return path
 
     train = fasta(tmp_path / "train.fa", [r for c in CLASSES for r in family_records[c][:20]])
-    test = fasta(tmp_path / "test.fasta", [r for c in CLASSES for r in family_records[c][20:25]])
+    test = fasta(tmp_path / "test.v2.fasta", [r for c in CLASSES for r in family_records[c][20:25]])
     splits, classes = classify.load_splits(UserDataConfig(train=str(train), test=str(test), label_column="class"))
     assert classes == ["5S_rRNA", "miRNA", "tRNA"] and len(splits.test) == 15
     assert splits.test[0] == (family_records["5S_rRNA"][20][1], 0)
