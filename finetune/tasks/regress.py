@@ -54,6 +54,11 @@ class Scaler:
     std: float
     min: float | None = None  # predictions are clamped here (a mean ribosome load is >= 0)
 
+    @classmethod
+    def of(cls, values: np.ndarray, clamp_min: float | None = None) -> Scaler:
+        """The mean and std of `values` (std 1 where all are equal: constant targets standardise to 0, not NaN)."""
+        return cls(float(values.mean()), float(values.std()) or 1.0, clamp_min)
+
     def transform(self, y: np.ndarray) -> np.ndarray:
         return (y - self.mean) / self.std
 
@@ -106,8 +111,7 @@ def fit_and_test(task: str, cfg: Any, splits: Splits[Example], clamp_min: float 
                  meta_extra: dict[str, Any], result_extra: dict[str, Any]) -> dict[str, Any]:
     """common.fit_test_and_report with the pooled 1D-ResNet head on targets standardised with the training mean/std
     (stored with the model), best epoch by validation R^2."""
-    y = np.array([e.value for e in splits.train])
-    scaler = Scaler(float(y.mean()), float(y.std()) or 1.0, clamp_min)
+    scaler = Scaler.of(np.array([e.value for e in splits.train]), clamp_min)
 
     def loss_fn(m: TaskModel, batch: list[Example]) -> torch.Tensor:
         device = model_device(m)

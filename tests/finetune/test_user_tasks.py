@@ -110,6 +110,10 @@ def test_regress_trains_on_the_users_values_without_clamping_them(tiny_checkpoin
                                                    data=UserDataConfig(test=str(test)),  # columns: the model's
                                                    train=TrainConfig(out_dir=str(tmp_path / "eval"), progress=False)))
     assert again["rows"]["all"] == pytest.approx(result["rows"]["all"])
+    first = regress.evaluate(regress.RegressConfig(model=BackboneConfig(path=str(tmp_path / "ft")),
+                                                   data=UserDataConfig(test=str(test), limit_test=7),
+                                                   train=TrainConfig(out_dir=str(tmp_path / "e7"), progress=False)))
+    assert first["rows"]["all"]["n"] == 7
     assert (tmp_path / "eval" / "eval_results.md").read_text().startswith("### test.csv")
     with pytest.raises(ValueError, match="is a fine-tuned 'regress' model, not 'classify'"):
         classify.evaluate(classify.ClassifyConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data))
@@ -275,10 +279,13 @@ def test_ss_structure_file_options_without_the_files_dataset_are_refused(tmp_pat
         ss.test_records(ss.SSDataConfig(test=str(tmp_path / "t.ct")))
 
 
-def test_regression_targets_are_standardised_before_float32():
+def test_regression_targets_are_standardised_before_float32_and_constant_ones_to_zero():
     batch = [regress.Example("ACGU", 1e8 + d) for d in (-1.0, 0.0, 1.0, 2.0)]
     scaler = regress.Scaler(mean=1e8 + 0.5, std=1.118)
     assert regress.standardised(scaler, batch).tolist() == pytest.approx([-1.3417, -0.4472, 0.4472, 1.3417], abs=1e-3)
+    assert regress.Scaler.of(np.array([1.0, 2.0, 3.0, 4.0])) == regress.Scaler(2.5, pytest.approx(1.118, abs=1e-3))
+    constant = regress.Scaler.of(np.array([3.0, 3.0]), clamp_min=0.0)
+    assert constant == regress.Scaler(3.0, 1.0, 0.0) and regress.standardised(constant, batch[:1]).isfinite().all()
 
 
 def test_fasta_files_carry_their_labels_in_the_headers(family_records, tmp_path):
