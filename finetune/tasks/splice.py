@@ -74,8 +74,8 @@ def train(cfg: SpliceConfig) -> dict[str, Any]:
     splits = load_splits(cfg.data)
     return fit_and_test("splice", cfg, splits, CLASSES, TEST_NAME, {}, {
         "note": (f"train/valid = GUE dev minus its {splits.removed_near_duplicates} near-duplicates of test "
-                 f"windows (90/10 random split; valid minus its {splits.removed_valid_near_train} near-duplicates "
-                 "of train windows); test = GUE test")})
+                 f"windows ({cfg.data.valid_fraction:g} of it at random, seed {cfg.data.seed}, for validation, minus "
+                 f"its {splits.removed_valid_near_train} near-duplicates of train windows); test = GUE test")})
 
 
 def evaluate(cfg: SpliceConfig) -> dict[str, Any]:

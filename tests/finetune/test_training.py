@@ -105,6 +105,7 @@ def test_splice_loss_falls(tiny_checkpoint, shared_data, tmp_path):
     assert losses[-1] < losses[0], losses
     row = result["rows"]["GUE splice test"]
     assert row["n"] == 16 and {"accuracy", "macro_f1", "f1_acceptor", "f1_donor", "f1_non_splice_site"} <= set(row)
+    assert "(0.1 of it at random, seed 0, for validation, minus its" in result["note"]
 
 
 def test_splice_split_drops_test_sequences_from_training(shared_data):
