@@ -76,6 +76,9 @@ def test_mrl_test_part_is_the_same_random_sample_as_before_the_filter(shared_dat
     s = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data)))
     assert len(s.test) == len(s.valid) + s.removed_valid_near_train == 1520
     assert {e.group for e in s.test} == {"random", "human"}
+    other = mrl.load_splits(mrl.MRLDataConfig(root=str(shared_data), valid_fraction=0.2, seed=1))
+    assert len(other.test) == 1520 and len(other.valid) + other.removed_valid_near_train == 3040
+    assert len({e.sequence for e in s.test} & {e.sequence for e in other.test}) < 0.2 * 1520  # --data.seed draws it
 
 
 def test_mrl_split_drops_records_sharing_a_stretch_with_a_test_utr(tmp_path):

@@ -126,6 +126,8 @@ def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_p
     assert losses[-1] < losses[0], losses
     assert set(result["rows"]) == {"all", "human", "random"}
     assert "split at random" in result["note"]
+    assert f"minus {result['removed_near_duplicates']} train/valid near-duplicates of test records and " \
+        f"{result['removed_valid_near_train']} valid near-duplicates of train records" in result["note"]
     assert result["note"] in (tmp_path / "results.md").read_text()  # the markdown said nothing of the split
     meta = json.loads((tmp_path / "finetune.json").read_text())
     assert meta["scaler"]["std"] > 0 and 3 < meta["scaler"]["mean"] < 7
