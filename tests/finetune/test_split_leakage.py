@@ -12,7 +12,7 @@ import gzip
 import numpy as np
 import pytest
 
-from finetune.neardup import near_duplicate_mask, shared_run_mask
+from finetune.neardup import kmer_matrix, near_duplicate_mask, shared_run_mask
 from finetune.tasks import mrl, splice
 
 
@@ -47,6 +47,12 @@ def test_shared_stretches_are_found_only_in_acgu_runs_of_full_length():
     cut = locus[:30] + "N" + locus[31:79]  # an N leaves 48- and 30-nt runs
     assert shared_run_mask([dna, cut, locus[:49]], ["GGG", locus[:400]]).tolist() == [True, False, False]
     assert shared_run_mask([locus], []).tolist() == [False] and shared_run_mask([], [locus]).tolist() == []
+
+
+def test_containment_counts_distinct_kmers():
+    """A k-mer repeated in a sequence counts once: a poly-A run is one 8-mer, not a share of the sequence per copy."""
+    m = kmer_matrix(["A" * 12, "ACGUACGUACGU", "ACGNACGUACGU"])
+    assert m.toarray().max() == 1 and np.asarray(m.sum(axis=1)).ravel().tolist() == [1, 4, 1]
 
 
 def test_a_reference_of_one_or_two_windows_matches_each_of_them():
