@@ -31,19 +31,22 @@ def test_scores_hand_checked():
                                                                     **{f"f1_{c}": None for c in CLASSES}}
 
 
-def test_the_classification_loss_is_cross_entropy_against_each_records_class():
+def tiny_classifier() -> TaskModel:
+    """A seeded one-block model with the splice head, in eval mode (no dropout: the same logits twice)."""
     torch.manual_seed(0)
     lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
-    model = TaskModel(lm, SpliceSiteHead(32, 3)).eval()   # no dropout: the same logits twice
+    return TaskModel(lm, SpliceSiteHead(32, len(CLASSES))).eval()
+
+
+def test_the_classification_loss_is_cross_entropy_against_each_records_class():
+    model = tiny_classifier()
     batch = [("ACGUACGUAA", 2), ("GGGAAACCC", 1)]
     logits = model(tokens_for([s for s, _ in batch], "cpu"))
     torch.testing.assert_close(classification_loss(model, batch), F.cross_entropy(logits, torch.tensor([2, 1])))
 
 
 def test_evaluate_examples_scores_each_sequences_own_prediction():
-    torch.manual_seed(0)
-    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=1, num_heads=4))
-    model = TaskModel(lm, SpliceSiteHead(32, len(CLASSES))).eval()
+    model = tiny_classifier()
     rng = np.random.default_rng(0)
     examples = [("".join(rng.choice(list("ACGU"), int(rng.integers(20, 60)))), int(rng.integers(0, 3)))
                 for _ in range(24)]
