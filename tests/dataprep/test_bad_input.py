@@ -50,6 +50,7 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGU.ACGUACGUACGUACGU", "invalid character '.'"),
     ("ACGU1234ACGUACGUACGUA", "invalid character '1'"),
     ("ACGUACGUACGUACGUACGU>", "invalid character '>'"),  # '>' ending a line: no header can hide behind it
+    ("ACGUACGUACGUACGUACGU> \t", "invalid character '>'"),  # so is '>' before blanks only
     ("ACGU\x00ACGUACGUACGUACGU", r"invalid character '\\x00'"),  # binary inside a sequence
     ("ACGUÄACGUACGUACGUACGU", r"invalid character '\\xc3'"),
     ("ACGUA", "too short: 5 nt < min_len 16"),
@@ -57,8 +58,8 @@ def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     ("ACGUACGUACGUACG", "too short: 15 nt < min_len 16"),
     ("ACGU ACGU\tACG*UACGUACGU", r"'\*' \(0x2a\) at sequence position 12$"),  # whitespace is not counted
     ("ACGUACGUAC\r\nACGUACGUAC\r\nACG*ACGUAC\r", r"'\*' \(0x2a\) at sequence position 24$"),  # nor CR
-], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "nul", "non-ascii", "short", "one-nt",
-        "one-below-min_len", "after-spaces", "after-crlf-lines"])
+], ids=["X", "star", "gap-dash", "gap-dot", "digits", "gt-at-line-end", "gt-before-blanks", "nul", "non-ascii",
+        "short", "one-nt", "one-below-min_len", "after-spaces", "after-crlf-lines"])
 def test_invalid_sequence_is_rejected_with_reason(tmp_path, fasta, seq, reason):
     path = fasta(f">good1\n{ACGU20}\n>bad\n{seq}\n>good2\n{ACGU20}GG\n")
     rejects, kept = rejects_of(tmp_path, path)
@@ -102,9 +103,10 @@ def test_empty_id(tmp_path, fasta, header):
     assert rejects == {"": "empty record id (nothing after '>')"}
 
 
-def test_non_utf8_header(tmp_path, fasta):
+@pytest.mark.parametrize("bad", [b"\xff\xfe", b"\x80"], ids=["ff-fe", "only-0x80"])  # 0x80: the smallest non-ASCII
+def test_non_utf8_header(tmp_path, fasta, bad):
     body = ACGU20.encode()
-    rejects, _ = rejects_of(tmp_path, fasta(b">bad\xff\xfeid x\n" + body + b"\n>ok\n" + body + b"\n"))
+    rejects, _ = rejects_of(tmp_path, fasta(b">bad" + bad + b"id x\n" + body + b"\n>ok\n" + body + b"\n"))
     (rid, reason), = rejects.items()
     assert "not valid UTF-8" in reason and rid.startswith("bad")
 
@@ -114,9 +116,10 @@ def test_utf8_header_is_fine(tmp_path, fasta):
     assert set(kept) == {"säq1"}
 
 
-def test_control_character_in_header(tmp_path, fasta):
-    rejects, _ = rejects_of(tmp_path, fasta(f">bin\x01ary\n{ACGU20}\n>ok\n{ACGU20}\n"))
-    assert rejects == {"bin": "control character 0x01 in header (binary data?)"}
+@pytest.mark.parametrize("ctrl", ["\x01", "\x1f"])  # the first and the last below the space
+def test_control_character_in_header(tmp_path, fasta, ctrl):
+    rejects, _ = rejects_of(tmp_path, fasta(f">bin{ctrl}ary\n{ACGU20}\n>ok\n{ACGU20}\n"))
+    assert rejects == {"bin": f"control character 0x{ord(ctrl):02x} in header (binary data?)"}
 
 
 def test_del_in_header_next_to_non_ascii_bytes(tmp_path, fasta):
@@ -130,16 +133,18 @@ def test_a_label_key_given_twice_with_different_values_rejects_the_record(tmp_pa
     """It took the first value silently: `>x rfam_acc=RF00001 ... rfam_acc=RF00005` was labelled RF00001."""
     path = fasta(f">two rfam_acc=RF00001 note rfam_acc=RF00005\n{ACGU20}\n>same rfam_acc=RF1 rfam_acc=RF1\n{ACGU20}A\n"
                  f">one x=1 rfam_acc=RF2\n{ACGU20}G\n>none\n{ACGU20}C\n>empty rfam_acc= rfam_acc=RF3\n{ACGU20}U\n"
-                 f">tab\trfam_acc=RF4\n{ACGU20}GG\n")  # a tab before the key, as a spreadsheet export writes
+                 f">tab\trfam_acc=RF4\n{ACGU20}GG\n"  # a tab before the key, as a spreadsheet export writes
+                 f">glued note_rfam_acc=RF5\n{ACGU20}CC\n")  # another key that ends in this one's name
     rejects, kept = rejects_of(tmp_path, path, label_key="rfam_acc")
     assert rejects == {"two": "label key 'rfam_acc' given twice: 'RF00001' and 'RF00005'"}
-    assert set(kept) == {"same", "one", "none", "empty", "tab"}
+    assert set(kept) == {"same", "one", "none", "empty", "tab", "glued"}
     out = tmp_path / "out"
     labels = {}
     for s in read_manifest(out).shards:
         for b in iter_blocks(out / s.path):
             labels.update(zip(b.ids, b.labels))
-    assert labels == {"same": "RF1", "one": "RF2", "none": "", "empty": "RF3", "tab": "RF4"}  # `key=`: nothing
+    # `key=` labels nothing, nor does a key that only ends in its name
+    assert labels == {"same": "RF1", "one": "RF2", "none": "", "empty": "RF3", "tab": "RF4", "glued": ""}
 
 
 def test_duplicate_id_with_different_sequence(tmp_path, fasta):
@@ -339,6 +344,38 @@ def test_lines_led_by_blanks_that_are_no_header_are_read(tmp_path, fasta):
     rejects, kept = rejects_of(tmp_path, path)
     assert rejects == {"b": "invalid character '>' (0x3e) at sequence position 21"}
     assert {k: v[0] for k, v in kept.items()} == {"a": ACGU20.encode(), "c": ACGU20.encode() + b"GG"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blank_lines_before_the_first_header_belong_to_no_record(tmp_path, fasta, workers):
+    """Blank lines (spaces and tabs in them too) before the first header: no byte of them enters a sequence or
+    shifts the reported position of an invalid character, and lines are numbered past them. With 2 workers they
+    are more than half the file, so the first byte range holds only them and the second counts its lines on."""
+    lead = " \t\n\n  \n" * 40
+    path = fasta(f"{lead}>bad\nACGUX{ACGU20}\n>ok\n{ACGU20}\n")
+    rejects, kept = rejects_of(tmp_path, path, workers=workers)
+    assert rejects == {"bad": "invalid character 'X' (0x58) at sequence position 5"}
+    assert {k: v[0] for k, v in kept.items()} == {"ok": ACGU20.encode()}
+    assert read_tsv(tmp_path / "out" / "rejects.tsv")[0]["line"] == str(lead.count("\n") + 1)
+
+
+def test_a_chunk_counts_its_own_line_breaks(tmp_path):
+    """ParsedChunk.newlines: the line breaks in the chunk as given (the reader numbers the next chunk's lines by
+    them), not the one the parser adds to a last line without one, also in a chunk without a header."""
+    from dataprep.normalize import NormalizeConfig, parse_chunk
+
+    cfg = NormalizeConfig()
+    assert parse_chunk(f">a\n{ACGU20}".encode(), 1, cfg).newlines == 1
+    assert parse_chunk(f">a\n{ACGU20}\n".encode(), 1, cfg).newlines == 2
+    assert parse_chunk(b"\n \n\n", 1, cfg).newlines == 3
+
+
+@pytest.mark.parametrize("header,rid", [(b">huge desc", "huge"), (b">", ""), (b">  \t", "")])
+def test_an_oversized_record_is_rejected_under_its_id_blank_or_not(header, rid):
+    from dataprep.normalize import NormalizeConfig, oversized_reject
+
+    assert oversized_reject(header, 9000, 7, NormalizeConfig(max_len=8192)) == (
+        7, rid, "too long: 9000 nt > max_len 8192 (record streamed past, not loaded)")
 
 
 def test_more_shares_than_records_leave_empty_shares_that_merge(tmp_path, fasta):
