@@ -210,6 +210,37 @@ def test_a_header_right_at_a_chunk_end_starts_a_record_of_its_own(tmp_path):
     assert b"".join(bytes(c.data) for c in chunks) == (first + second).encode()
 
 
+@pytest.mark.parametrize("compress", [False, True], ids=["plain-mmap", "gzip-stream"])
+def test_a_record_longer_than_a_chunk_but_within_max_record_bytes_is_read_whole(tmp_path, compress):
+    """Only a record over max_record_bytes is streamed past: a 2,000-byte one read in 1,024-byte chunks is parsed,
+    also when blank lines stand before its header (the first chunk then starts with them)."""
+    from dataprep.fasta import FastaStream
+
+    text = b"\n \n>long\n" + b"ACGU" * 500 + b"\n>b\n" + ACGU20.encode() + b"\n"
+    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
+    path.write_bytes(gzip.compress(text) if compress else text)
+    chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096))
+    assert not any(c.oversized for c in chunks)
+    assert b"".join(bytes(c.data) for c in chunks) == text
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain-mmap", "gzip-stream"])
+def test_oversized_text_before_the_first_header_is_an_error_not_a_streamed_past_record(tmp_path, compress):
+    """More blank lines than a chunk, then text and no header for longer than max_record_bytes: the piece does not
+    start with a header, so it is parsed (text outside any record, an error), not streamed past as an oversized
+    record with an empty header, which would drop the text as one nameless reject."""
+    from dataprep.fasta import FastaStream
+    from dataprep.normalize import NormalizeConfig, parse_chunk
+
+    text = b"\n" * 3000 + b"orphan" + b"ACGU" * 1500 + b"\n>a\n" + ACGU20.encode() + b"\n"
+    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
+    path.write_bytes(gzip.compress(text) if compress else text)
+    first = next(iter(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096)))
+    assert first.oversized is None
+    stray = parse_chunk(first.data, first.first_line, NormalizeConfig()).stray
+    assert stray[0] == 3001 and stray[1].startswith("text outside any record")
+
+
 def test_an_oversized_records_length_counts_nucleotides_only(tmp_path):
     from dataprep.fasta import FastaStream
 
