@@ -136,7 +136,7 @@ def to_dot_bracket(pairs: np.ndarray, length: int) -> str:
 
 
 # ---------------------------------------------------------------- bpseq
-def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecord:
+def read_bpseq(path: str | Path) -> StructureRecord:
     """One structure per bpseq file: lines `index base partner` (1-based, 0 = unpaired); '#' lines skipped."""
     path = Path(path)
     bases, partners = [], []
@@ -155,7 +155,7 @@ def read_bpseq(path: str | Path, record_id: str | None = None) -> StructureRecor
             partners.append(int(parts[2]))
     if not bases:
         raise StructureError(f"{path}: no bases found")
-    return _record_from_partners(record_id or _stem(path), "".join(bases), partners, str(path))
+    return _record_from_partners(_stem(path), "".join(bases), partners, str(path))
 
 
 def write_bpseq(record: StructureRecord, path: str | Path) -> None:

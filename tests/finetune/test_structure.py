@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from finetune.structure import (FastaRecord, StructureError, StructureRecord, header_label, nucleotide_codes,
-                                pairs_to_matrix, parse_dot_bracket, read_bpseq, read_ct, read_fasta, read_structure_csv,
-                                read_structures, to_dot_bracket, warn_unknown_letters, write_bpseq, write_ct)
+from finetune.structure import (BRACKETS, FastaRecord, StructureError, StructureRecord, header_label,
+                                nucleotide_codes, pairs_to_matrix, parse_dot_bracket, read_bpseq, read_ct, read_fasta,
+                                read_structure_csv, read_structures, to_dot_bracket, warn_unknown_letters, write_bpseq,
+                                write_ct)
 
 
 def as_set(pairs):
@@ -29,6 +30,18 @@ def test_dot_bracket_writer_puts_crossing_pairs_on_new_levels():
     db = to_dot_bracket(pairs, 18)
     assert db == "(.[..{(.).)...]..}"
     assert as_set(parse_dot_bracket(db)) == as_set(pairs)
+
+
+def test_dot_bracket_writes_every_bracket_level_and_names_a_structure_that_needs_more():
+    """n pairs that all cross each other need n levels: the 30 of BRACKETS are written and read back; 31 are an
+    error that says so."""
+    levels = len(BRACKETS)
+    knot = np.array([[i, i + levels] for i in range(levels)])
+    db = to_dot_bracket(knot, 2 * levels)
+    assert db == "".join(o for o, _ in BRACKETS) + "".join(c for _, c in BRACKETS)
+    assert as_set(parse_dot_bracket(db)) == as_set(knot)
+    with pytest.raises(StructureError, match=f"structure needs more than {levels} bracket levels"):
+        to_dot_bracket(np.array([[i, i + levels + 1] for i in range(levels + 1)]), 2 * levels + 2)
 
 
 def test_dot_bracket_round_trip_random():
@@ -72,8 +85,8 @@ def test_ct_writer_follows_the_format():
 def test_bpseq_and_ct_round_trip(tmp_path):
     rec = StructureRecord("my rna", "GGGAAACCCAUGCAUAUGCAU", parse_dot_bracket("(((.[[)))...]]..(..)"[:20] + "."))
     write_bpseq(rec, tmp_path / "a.bpseq")
-    back = read_bpseq(tmp_path / "a.bpseq", record_id="my rna")
-    assert back.sequence == rec.sequence and as_set(back.pairs) == as_set(rec.pairs)
+    back = read_bpseq(tmp_path / "a.bpseq")
+    assert back.sequence == rec.sequence and as_set(back.pairs) == as_set(rec.pairs) and back.id == "a"
     other = StructureRecord("second", "ACGUACGUACGUAC", np.array([[0, 9], [3, 12]]))  # crossing pairs
     write_ct([rec, other], tmp_path / "two.ct")
     got = read_ct(tmp_path / "two.ct")
@@ -110,10 +123,11 @@ def test_ct_ids_skip_the_free_energy_of_folding_programs(tmp_path, header, rid):
     assert read_ct(tmp_path / "e.ct")[0].id == rid
 
 
-def test_ct_truncated_record(tmp_path):
+@pytest.mark.parametrize("lines", [2, 4])  # 4: the last base line alone is missing
+def test_ct_truncated_record(tmp_path, lines):
     path = tmp_path / "short.ct"
-    path.write_text("5 rec\n1 G 0 2 5 1\n2 A 1 3 0 2\n")
-    with pytest.raises(StructureError, match="declares 5 bases but has 2"):
+    path.write_text("5 rec\n" + "".join(f"{i} G {i - 1} {i + 1} 0 {i}\n" for i in range(1, lines + 1)))
+    with pytest.raises(StructureError, match=f"declares 5 bases but has {lines}"):
         read_ct(path)
 
 
@@ -278,15 +292,18 @@ def test_compressed_structure_files_are_named_without_their_suffixes(tmp_path):
     assert read_bpseq(tmp_path / "x.bpseq.gz").id == "x"
     (tmp_path / "t.ct.zst").write_bytes(zstandard.compress(b"3\n1 G 0 2 3 1\n2 A 1 3 0 2\n3 C 2 0 1 3\n"))
     assert read_ct(tmp_path / "t.ct.zst")[0].id == "t_1"
+    (tmp_path / "X.BPSEQ.GZ").write_bytes((tmp_path / "x.bpseq.gz").read_bytes())  # suffixes in any case
+    assert [r.id for r in read_structures(tmp_path / "X.BPSEQ.GZ")] == ["X"]
 
 
 def test_csv_with_both_columns_reads_the_structure_where_base_pairs_is_blank(tmp_path):
     """A blank base_pairs cell was read as no pairs, the row's dot-bracket ignored."""
     path = tmp_path / "s.csv"
     path.write_text("id,sequence,structure,base_pairs\nr1,GGGAAAUCCC,(((....))),\nr2,GGGAAAUCCC,,1-10\n"
-                    "r3,GGGAAAUCCC,,\nr4,GGGAAAUCCC,(((....))),1-10;2-9;3-8\n")
+                    "r3,GGGAAAUCCC,,\nr4,GGGAAAUCCC,(((....))),1-10;2-9;3-8\nr5,GGGAAAUCCC,(((....))), \n")
     got = {rec.id: as_set(rec.pairs) for rec, _ in read_structure_csv(path)}
-    assert got == {"r1": {(0, 9), (1, 8), (2, 7)}, "r2": {(0, 9)}, "r3": set(), "r4": {(0, 9), (1, 8), (2, 7)}}
+    assert got == {"r1": {(0, 9), (1, 8), (2, 7)}, "r2": {(0, 9)}, "r3": set(), "r4": {(0, 9), (1, 8), (2, 7)},
+                   "r5": {(0, 9), (1, 8), (2, 7)}}  # r5: a base_pairs cell of blanks is blank too
     path.write_text("id,sequence,structure,base_pairs\nr1,GGGAAAUCCC,(((....))),1-10\n")
     with pytest.raises(StructureError, match=r"s\.csv:2 \(record 'r1'\): its base_pairs and its structure disagree"):
         list(read_structure_csv(path))
@@ -305,6 +322,7 @@ _CORRUPT_ZST[20:70] = b"\xff" * 50
     ("e.ct", "# nothing\n", r"e\.ct: no structures found"),
     ("m.ct", "2 t\n1 G 0 2 0 1\n2 Um 1 0 0 2\n", r"m\.ct:3: record 't': base 'Um' is not one letter"),
     ("n.csv", "name,sequence,structure\nr1,GGAACC,((..))\n", r"n\.csv: needs columns 'id', 'sequence'"),
+    ("c.csv", "id,sequence,family\nr1,GGAACC,x\n", r"c\.csv: needs columns 'id', 'sequence' and 'base_pairs' or"),
     ("b.csv", "id,sequence,structure\nr1,GGAACC,\n", r"b\.csv:2 \(record 'r1'\): structure length 0 != sequence length 6"),
     ("l.csv", "id,sequence,base_pairs\nr1,GGAACC,1-6-2\n", r"l\.csv:2 \(record 'r1'\): base_pairs entries must look like"),
     ("s.csv", "id,sequence,base_pairs\nr1,GGAACC,1-6;2\n", r"s\.csv:2 \(record 'r1'\): base_pairs entries must look like"),
@@ -312,8 +330,9 @@ _CORRUPT_ZST[20:70] = b"\xff" * 50
     ("x.fa", "; a comment only\n", r"x\.fa: no FASTA records found"),
     ("c.fa.zst", bytes(_CORRUPT_ZST), r"c\.fa\.zst: cannot read .*corruption"),
 ], ids=["bpseq-partner-not-a-number", "bpseq-empty", "bpseq-partner-past-the-end", "ct-header-not-a-length",
-        "ct-line-of-five-fields", "ct-empty", "ct-base-of-two-letters", "csv-without-id", "csv-blank-structure",
-        "csv-pair-of-three", "csv-pair-of-one", "fasta-empty-header", "fasta-empty", "zstd-corrupt"])
+        "ct-line-of-five-fields", "ct-empty", "ct-base-of-two-letters", "csv-without-id", "csv-without-structure",
+        "csv-blank-structure", "csv-pair-of-three", "csv-pair-of-one", "fasta-empty-header", "fasta-empty",
+        "zstd-corrupt"])
 def test_malformed_files_are_refused_naming_file_and_reason(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -332,6 +351,9 @@ def test_bprna_bpseq_headers_and_trailing_semicolons_are_read(tmp_path):
 def test_header_labels_are_whole_keys():
     rec = FastaRecord("r", "ACGU", "subfamily=tRNA-Sec family=tRNA")
     assert header_label("x.fa", rec, "family") == "tRNA" and header_label("x.fa", rec, "clan") is None
+    assert header_label("x.fa", FastaRecord("r", "ACGU", "family=tRNA n=1 family=tRNA"), "family") == "tRNA"
+    with pytest.raises(StructureError, match=r"x\.fa: record 'r' gives family= twice: 'tRNA' and '5S'"):
+        header_label("x.fa", FastaRecord("r", "ACGU", "family=tRNA family=5S"), "family")
 
 
 def test_nucleotide_codes_and_contact_matrix():
