@@ -80,8 +80,9 @@ class TrainConfig:
     profile_at: int = 0                   # profile 3 steps from this one on rank 0 (0: off): out_dir/profile/ and a
                                           # "profile" event in log.jsonl (pretrain.profiling)
     inject_nonfinite_at: list[int] = field(default_factory=list)  # fault injection for tests: in these step
-                                                                   # attempts the last micro-batch's loss is
-                                                                   # made NaN on the last rank
+                                                                   # attempts one micro-batch's loss is made
+                                                                   # NaN on the last rank:
+    inject_nonfinite_micro: int = -1      # that micro-batch's index in the step (-1: the last)
 
 
 @dataclass
@@ -127,6 +128,9 @@ class PretrainConfig:
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
+        if not -t.grad_accum <= t.inject_nonfinite_micro < t.grad_accum:
+            raise ValueError(f"train.inject_nonfinite_micro must index one of the train.grad_accum={t.grad_accum} "
+                             f"micro-batches of a step, got {t.inject_nonfinite_micro}")
         peak = self.metrics.peak_flops
         if not 0 < o.lr or o.min_lr > o.lr or (peak is not None and not 0 < peak):
             raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr <= optim.lr (got {o.min_lr}) and "

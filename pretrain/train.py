@@ -360,6 +360,7 @@ class Trainer:
         scale = self.world / max(total_masked, 1.0)
         self.attempts += 1
         poison = self.attempts in self.cfg.train.inject_nonfinite_at and self.rank == self.world - 1
+        poisoned = self.cfg.train.inject_nonfinite_micro % len(micro)
         ce_sum = masked_ok = 0.0
         dropped = owed = backwards = 0
         ids: list[str] = []
@@ -372,7 +373,7 @@ class Trainer:
             logits = engine(b.tokens, b.cu_seqlens, b.positions, b.max_seqlen, index)
             ce, _ = mlm_sums(logits, b.targets[index])
             self.clock.mark("forward")
-            if poison and j == len(micro) - 1:
+            if poison and j == poisoned:
                 ce = ce * float("nan")
             bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(ce) else 1.0], device=dev))[0].item()
             if bad:

@@ -294,10 +294,10 @@ def test_a_validation_that_reads_nothing_is_skipped_not_scored(pretrain_shards, 
     for s in read_manifest(shards).split_shards("valid"):
         (shards / s.path).unlink()
     out = tmp_path / "run"
-    run_trainer(shards, out, "--train.max_steps=2", "--train.valid_every=1")
+    run_trainer(shards, out, "--train.max_steps=3", "--train.valid_every=2")  # step 3: the validation at the end
     records = read_log(out)
-    assert [e["step"] for e in events(records, "valid_skipped")] == [1, 2] and not events(records, "valid")
-    assert len(step_lines(records)) == 2
+    assert [e["step"] for e in events(records, "valid_skipped")] == [2, 3] and not events(records, "valid")
+    assert len(step_lines(records)) == 3
 
 
 def test_a_validation_over_a_partly_readable_shard_says_how_much_it_scored(pretrain_shards, straight_run, tmp_path):
@@ -472,6 +472,25 @@ def test_a_nonfinite_micro_batch_is_dropped_and_the_step_uses_the_rest(pretrain_
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
 
 
+def test_a_nonfinite_first_micro_batch_is_dropped_and_the_optimizer_steps_with_the_step(pretrain_shards, straight_run,
+                                                                                         tmp_path):
+    """The step's first micro-batch dropped: its micro-step is made up before the next backward, so DeepSpeed's
+    accumulation boundary stays the step's last micro-batch; the optimizer (and the LR schedule with it) steps
+    once a step, as in the straight run, not one micro-batch late from then on."""
+    reference, out = by_step(read_log(straight_run)), tmp_path / "run"
+    run_trainer(pretrain_shards, out, "--train.max_steps=5", "--train.inject_nonfinite_at=[3]",
+                "--train.inject_nonfinite_micro=0", "--checkpoint.every=0")
+    records = read_log(out)
+    assert [(e["step"], e["micro_batches"], e["stepped"]) for e in events(records, "nonfinite")] == [(3, 1, True)]
+    got = by_step(records)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    assert [got[s]["lr"] for s in got] == pytest.approx([reference[s]["lr"] for s in got], rel=1e-6)
+    assert got[3]["samples_sha1"] == reference[3]["samples_sha1"]
+    assert 0 < got[3]["masked_tokens"] < reference[3]["masked_tokens"]
+    assert got[4]["loss"] != pytest.approx(reference[4]["loss"], rel=1e-5)
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in got.values())
+
+
 def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_resumes(pretrain_shards,
                                                                                       copy_of_straight_run):
     import psutil
@@ -584,7 +603,7 @@ def test_other_deepspeed_configs_and_optimizers_train_the_same_steps(pretrain_sh
                                                                       setting):
     out = tmp_path / "run"
     run_trainer(pretrain_shards, out, f"--train.max_steps={STRAIGHT_STEPS}", "--train.stop_after=4",
-                f"--{setting}", "--checkpoint.every=0")
+                f"--{setting}", "--checkpoint.every=0", "--checkpoint.save_at_end=false")  # stop_after saves still
     records = read_log(out)
     assert events(records, "done")[0]["step"] == 4 and latest_tag(out / "checkpoints") == tag_for(4)  # stop_after
     reference = by_step(read_log(straight_run))

@@ -86,7 +86,8 @@ def test_a_resumed_scheduler_follows_this_runs_config_not_the_saved_one():
                                       "optim.lr=0", "optim.min_lr=1", "optim.warmup_steps=-1", "optim.decay_steps=0",
                                       "metrics.peak_flops=0", "train.seed=-1", "data.seed=-1",
                                       "train.grad_accum=0", "optim.warmup_start_lr=-1e-9",
-                                      "metrics.final_scrape_s=-1"])
+                                      "metrics.final_scrape_s=-1", "train.inject_nonfinite_micro=1",
+                                      "train.inject_nonfinite_micro=-2"])  # (tiny_cpu: train.grad_accum 1)
 def test_nonsense_values_are_refused_before_the_run_starts(override):
     """By the config's load (a section's own checks: 'data: seed ...') or by validate ('train.seed ...')."""
     with pytest.raises(ValueError, match=override.split("=")[0].replace(".", r"(\.|: )")):
@@ -107,6 +108,16 @@ def test_settings_that_failed_later_in_a_traceback_are_refused_by_validate(tmp_p
                             f"train.init_weights: {tmp_path / 'gone.safetensors'} does not exist")):
         with pytest.raises(ValueError, match=re.escape(said)):
             load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["data.shards=/somewhere", override]).validate()
+
+
+def test_precision_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
+    from pretrain.train import _use_bf16
+
+    cfg = load(PretrainConfig, "pretrain/configs/tiny_cpu.yaml", ["train.precision=auto"])
+    assert not _use_bf16(cfg, torch.device("cpu")) and _use_bf16(cfg, torch.device("cuda", 0))
+    for precision, bf16 in (("bf16", True), ("fp32", False)):
+        cfg.train.precision = precision
+        assert _use_bf16(cfg, torch.device("cpu")) == _use_bf16(cfg, torch.device("cuda", 0)) == bf16
 
 
 def test_deepspeed_config_owns_batch_precision_and_clipping(tmp_path):
