@@ -111,6 +111,22 @@ def test_upper_triangle_bce_ignores_lower_triangle_and_diagonal():
     assert torch.equal(upper_triangle_bce(other_logits, other_target), upper_triangle_bce(logits, target))
 
 
+def test_ss_loss_of_a_batch_is_the_mean_of_its_records_losses():
+    """Each record's loss is a mean over its own upper triangle, and the batch's their mean: a long record counts
+    as much as a short one, and the loss does not grow with the batch size."""
+    from finetune.backbone import TaskModel
+    from finetune.structure import StructureRecord, parse_dot_bracket
+    from finetune.tasks.ss import ss_loss
+
+    torch.manual_seed(0)
+    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4))
+    model = TaskModel(lm, SecondaryStructureHead(32, HeadConfig())).eval()
+    records = [StructureRecord("a", "GGGAAACCC", parse_dot_bracket("(((...)))")),
+               StructureRecord("b", "ACGUACGUACGUAAGG", parse_dot_bracket("((((......)))).."))]
+    alone = [ss_loss(model, [r]).item() for r in records]
+    assert ss_loss(model, records).item() == pytest.approx(sum(alone) / 2, rel=1e-5)
+
+
 def test_unfreeze_schedules_of_the_paper_are_the_tasks_defaults():
     from finetune.tasks.mrl import MRLConfig
     from finetune.tasks.splice import SpliceConfig

@@ -1,6 +1,8 @@
 """bpRNA splits and ArchiveII leave-one-family-out with the near-duplicate filter (real data)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -88,27 +90,54 @@ def test_a_small_fold_keeps_one_validation_record_and_an_unknown_family_is_refus
         archiveii_fold(records, "c")
 
 
+def random_dbn(path, lengths: list[int], seed: int = 0) -> str:
+    """A .dbn file of random sequences of these lengths, each with one pair (its ends), named <stem><i>."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, n in enumerate(lengths):
+        seq = "".join(rng.choice(list("ACGU"), n))
+        lines += [f">{path.stem}{i}", seq, "(" + "." * (n - 2) + ")" if n >= 2 else "."]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def test_a_single_nucleotide_training_record_is_skipped_and_counted(tmp_path):
     """It has no pair to learn: its loss was the mean over an empty triangle, NaN without a gradient, and
-    training with one record per batch stopped ('element 0 of tensors does not require grad')."""
+    training with one record per batch stopped ('element 0 of tensors does not require grad'). A record of
+    exactly max_train_len is trained on, one past it skipped and counted."""
     from finetune.tasks.ss import SSDataConfig, load_splits
 
-    rng = np.random.default_rng(0)
-    def dbn(name, lengths):
-        lines = []
-        for i, n in enumerate(lengths):
-            seq = "".join(rng.choice(list("ACGU"), n))
-            lines += [f">{name}{i}", seq, "(" + "." * (n - 2) + ")" if n >= 2 else "."]
-        (tmp_path / f"{name}.dbn").write_text("\n".join(lines) + "\n")
-        return str(tmp_path / f"{name}.dbn")
-
-    cfg = SSDataConfig(dataset="files", train=dbn("tr", [1, 40, 2, 50]), valid=dbn("va", [30, 1]),
-                       test=dbn("te", [35]), near_dup_kmer=0)
+    cfg = SSDataConfig(dataset="files", train=random_dbn(tmp_path / "tr.dbn", [1, 40, 2, 50, 51]),
+                       valid=random_dbn(tmp_path / "va.dbn", [30, 1]), test=random_dbn(tmp_path / "te.dbn", [35]),
+                       near_dup_kmer=0, max_train_len=50)
     splits = load_splits(cfg)
     assert sorted(len(r) for r in splits.train) == [2, 40, 50]
     assert sorted(len(r) for r in splits.valid) == [1, 30]          # scored (F1 0), not trained on
     assert splits.info["skipped_train_shorter_than_2_nt"] == 1
-    assert splits.info["skipped_train_longer_than_max_train_len"] == 0
+    assert splits.info["skipped_train_longer_than_max_train_len"] == 1
+
+
+def test_training_and_evaluation_limit_the_users_test_file_to_the_same_records(tmp_path):
+    """--data.limit_test: `ss evaluate` (test_records, the test file alone) scores the records training's test row
+    scored; a second draw inside the user-data split picked others."""
+    from finetune.tasks.ss import SSDataConfig, load_splits, test_records
+
+    cfg = SSDataConfig(dataset="files", train=random_dbn(tmp_path / "tr.dbn", [40] * 12, seed=1),
+                       test=random_dbn(tmp_path / "te.dbn", [30 + i for i in range(20)], seed=2), near_dup_kmer=0,
+                       limit_test=5, limit_train=6)
+    trained = load_splits(cfg)
+    assert len(trained.test) == 5 and len(trained.train) == 6
+    assert [r.id for r in trained.test] == [r.id for r in test_records(cfg)]
+
+
+def test_fold_families_reads_a_comma_separated_list():
+    from finetune.tasks.ss import fold_families
+
+    assert fold_families("all") == list(ARCHIVEII_FAMILIES)
+    assert fold_families("tRNA,telomerase,") == ["tRNA", "telomerase"]  # a trailing comma names no family
+    for bad, said in (("tRNA,grp2", "unknown ['grp2']"), (",", "unknown ','"), ("5s,tRNA,5s", "5s given twice")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            fold_families(bad)
 
 
 def test_near_duplicate_mask_is_the_containment_rule_of_plain_kmer_sets():
@@ -153,3 +182,58 @@ def test_the_near_duplicate_rules_hold_at_their_bounds():
     locus = random(300)
     a, b = locus[:149] + random(100), random(100) + locus[100:149] + random(100)  # share locus[100:149], 49 nt
     assert shared_run_mask([b], [a], 50).tolist() == [False] and shared_run_mask([b], [a], 49).tolist() == [True]
+
+
+def test_a_folds_settings_leave_out_where_and_how_it_runs_and_resolve_paths(tmp_path, monkeypatch):
+    """A finished ArchiveII fold is reused by a run of equal settings: one writing elsewhere, on another device,
+    with another evaluation batch or progress setting, or naming the same files by a relative path, has them."""
+    from dataclasses import replace
+
+    from finetune.backbone import BackboneConfig
+    from finetune.tasks.ss import SSConfig, SSDataConfig, run_settings, several_family_settings
+    from finetune.trainer import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = SSConfig(model=BackboneConfig(random_preset="nano"), data=SSDataConfig(dataset="archiveii", root="data"),
+                   train=TrainConfig(out_dir="a", device="cpu", eval_batch_size=8, progress=True))
+    same = replace(cfg, data=replace(cfg.data, root=str(tmp_path / "data")),
+                   train=replace(cfg.train, out_dir="b", device="auto", eval_batch_size=2, progress=False))
+    assert run_settings(same, "tRNA") == run_settings(cfg, "tRNA")
+    assert run_settings(cfg, "tRNA")["data"]["root"] == str(tmp_path / "data")
+    assert run_settings(replace(cfg, train=replace(cfg.train, lr=1e-3)), "tRNA") != run_settings(cfg, "tRNA")
+    assert run_settings(cfg, "5s") != run_settings(cfg, "tRNA")
+    several = replace(cfg, data=replace(cfg.data, test_family="tRNA,5s"))
+    assert several_family_settings(several) == several_family_settings(  # the families in any order
+        replace(cfg, data=replace(cfg.data, test_family="5s,tRNA")))
+
+
+def test_a_fold_is_finished_only_with_results_of_these_settings(tmp_path):
+    """A results.json of other settings (an earlier run's, which a process training the fold now replaces) is no
+    finished fold: the summary must wait for the fold, not average the old numbers in."""
+    import json
+
+    from finetune.tasks.ss import finished_fold
+
+    (tmp_path / "results.json").write_text(json.dumps({"rows": {}, "settings": {"lr": 1e-3}}))
+    assert finished_fold(tmp_path, {"lr": 1e-3}) == {"rows": {}, "settings": {"lr": 1e-3}}
+    assert finished_fold(tmp_path, {"lr": 5e-4}) is None
+    assert finished_fold(tmp_path / "not_yet", {"lr": 1e-3}) is None
+
+
+def test_an_archiveii_model_is_scored_on_the_family_it_held_out():
+    from finetune.tasks.ss import SSDataConfig, _evaluation_data
+
+    meta = {"data": {"dataset": "ArchiveII", "test": "tRNA"}}
+    for asked in (SSDataConfig(), SSDataConfig(dataset="archiveii"), SSDataConfig(dataset="archiveii",
+                                                                                  test_family="tRNA")):
+        got = _evaluation_data(asked, meta, "m")
+        assert (got.dataset, got.test_family) == ("archiveii", "tRNA")
+    files = SSDataConfig(dataset="files", test="t.dbn")
+    assert _evaluation_data(files, meta, "m") == files  # the user's own test file, as asked
+    with pytest.raises(ValueError, match="m was trained on ArchiveII with family tRNA held out; family 5s was in"):
+        _evaluation_data(SSDataConfig(dataset="archiveii", test_family="5s"), meta, "m")
+    bprna_model = {"data": {"dataset": "bpRNA", "test": "TS0"}}
+    one = SSDataConfig(dataset="archiveii", test_family="5s")
+    assert _evaluation_data(one, bprna_model, "m") == one
+    with pytest.raises(ValueError, match="ss evaluate scores one ArchiveII family: set --data.test_family"):
+        _evaluation_data(SSDataConfig(dataset="archiveii", test_family="tRNA,5s"), bprna_model, "m")

@@ -95,6 +95,21 @@ def test_ss_archiveii_folds_and_summary(tiny_checkpoint, shared_data, tmp_path):
         evaluate("telomerase")
 
 
+def test_one_archiveii_family_is_one_run_into_out_and_a_random_init_is_named_so(shared_data, tmp_path):
+    """One held-out family trains straight into OUT (no OUT/<family>/, no summary of one fold); a backbone of
+    random weights (model.random_preset: the no-pretraining baseline) says so in the table."""
+    from tests.finetune.conftest import TINY
+
+    cfg = ss.SSConfig(model=BackboneConfig(random_preset="nano", overrides=TINY),
+                      data=ss.SSDataConfig(root=str(shared_data), dataset="archiveii", test_family="tRNA",
+                                           max_train_len=150, limit_train=4, limit_valid=2, limit_test=2),
+                      train=quick_train(tmp_path, epochs=1), eval=ss.SSEvalConfig(rnafold=False))
+    result = ss.train(cfg)
+    assert result["test_set"] == "ArchiveII tRNA (held-out family)" and not (tmp_path / "tRNA").exists()
+    assert list(result["rows"]) == ["nano-custom (random init) fine-tuned"]
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == result["rows"]
+
+
 def test_splice_loss_falls(tiny_checkpoint, shared_data, tmp_path):
     cfg = splice.SpliceConfig(model=BackboneConfig(path=str(tiny_checkpoint)),
                               data=splice.SpliceDataConfig(root=str(shared_data), limit_train=48, limit_valid=16,

@@ -209,6 +209,7 @@ def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_c
                 f"--train.out_dir={tmp_path / 'eval'}", "--train.progress=false", "--eval.rnafold=false"]) == 0
     again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     model_row = next(k for k in result["rows"] if k != "RNAfold")
+    assert list(again["rows"]) == [model_row]  # --eval.rnafold=false
     assert again["rows"][model_row] == pytest.approx(result["rows"][model_row])
 
 
