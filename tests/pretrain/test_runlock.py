@@ -199,6 +199,41 @@ def test_a_dead_pid_of_another_pid_space_is_not_taken_for_its_holder(tmp_path, m
         lock.release()
 
 
+def test_where_proc_cannot_tell_the_pid_space_a_dead_pid_says_nothing(tmp_path, monkeypatch):
+    """Both pid spaces unknown ('' where /proc cannot say) are not one pid space: the heartbeat decides."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(runlock, "_pid_space", lambda: "")
+    holder(tmp_path, pid=dead_pid(), pid_space="")
+    with pytest.raises(RunLockError, match="in use by another run"):
+        RunLock(tmp_path).acquire()
+
+
+def test_runs_outside_slurm_are_no_requeued_job():
+    """An empty Slurm job id names no job: two runs without one are not one job run again, restart counts or not."""
+    me = {**runlock._me(), "slurm_job_id": "", "slurm_restart": "0"}
+    other = {"host": "elsewhere", "pid": 5, "pid_space": "x", "slurm_job_id": "", "slurm_restart": "1"}
+    assert runlock.holder_gone(other, me, 0.0) is None
+    assert runlock.holder_gone({**other, "slurm_job_id": "7"}, {**me, "slurm_job_id": "7"}, 0.0) == \
+        "Slurm job 7 runs again (requeued)"
+
+
+def test_a_takeover_guard_replaced_meanwhile_is_timed_anew(tmp_path, monkeypatch):
+    """Another run's new guard is not the crashed one seen before: its time starts when it is first seen."""
+    monkeypatch.setattr(runlock, "GUARD_STALE_S", 0.3)
+    guard, lock = tmp_path / f".{LOCK_NAME}.takeover", RunLock(tmp_path)
+    guard.touch()
+    lock._wait_on_guard(guard)
+    time.sleep(0.4)
+    guard.unlink()
+    guard.touch()
+    os.utime(guard, ns=(10**9, 10**9))  # another file: its mtime (and maybe its inode) differs
+    lock._wait_on_guard(guard)
+    assert guard.exists()
+    time.sleep(0.4)
+    lock._wait_on_guard(guard)           # the same guard, seen unchanged for longer than GUARD_STALE_S
+    assert not guard.exists()
+
+
 def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path):
     """A full disk (here: a file size limit of 1 byte) while the lock is written: the start is refused with the
     reason, and no empty lock refuses the next start for STALE_S."""
