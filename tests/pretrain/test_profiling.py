@@ -16,13 +16,16 @@ def test_kernel_summary_counts_overlapping_streams_once_and_sorts_kernels_by_kin
     kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 400), ("ncclDevKernel_ReduceScatter_Sum_bf16", 300, 600),
                ("flash_fwd_kernel", 700, 800), ("multi_tensor_apply_kernel<AdamFunctor>", 800, 900),
                ("vectorized_elementwise_kernel", 950, 1000), ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopB_TNT", 1000, 1100)]
-    s = summarise_kernels(kernels, wall_s=2000e-6)
+    s = summarise_kernels(kernels[::-1], wall_s=2000e-6)       # in any order (the profiler's is by stream)
     assert s["gpu_busy_s"] == pytest.approx(950e-6)             # 0-600 (two streams), 700-900, 950-1100
     assert s["gpu_busy_fraction"] == pytest.approx(0.475)
     assert s["kernel_s_by_kind"] == pytest.approx({"matmul": 500e-6, "communication": 300e-6, "attention": 100e-6,
                                                    "optimizer": 100e-6, "elementwise": 50e-6})
     assert s["top_kernels"][0] == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "s": pytest.approx(400e-6), "calls": 1}
     assert kernel_kind("cutlass_80_wmma_tensorop_bf16_s161616gemm") == "matmul"
+    small_first = summarise_kernels([("elementwise_kernel", 0, 10), ("gemm", 10, 100)], wall_s=1e-3)
+    assert list(small_first["kernel_s_by_kind"]) == ["matmul", "elementwise"]           # the most time first
+    assert [k["name"] for k in small_first["top_kernels"]] == ["gemm", "elementwise_kernel"]
 
 
 @pytest.mark.parametrize("name, kind", [
