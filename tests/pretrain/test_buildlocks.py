@@ -32,15 +32,26 @@ def test_only_locks_of_the_trainers_ops_older_than_any_build_are_removed(tmp_pat
 
 def test_a_stale_fused_adam_lock_is_removed_while_the_other_ops_has_none(tmp_path):
     """optim.adamw=deepspeed builds FusedAdam under the same kind of lock; a missing lock of another op is no error."""
-    lock = plant(tmp_path, "fused_adam", 3600)
+    lock = plant(tmp_path, "fused_adam", 700)  # just past stale_s
     assert remove_stale(tmp_path, stale_s=600) == [lock]
     assert not lock.exists()
 
 
-def test_the_watch_removes_a_lock_once_it_turns_stale(tmp_path):
+def test_the_watch_removes_a_lock_once_it_turns_stale_and_outlasts_a_file_system_hiccup(tmp_path, monkeypatch):
+    import pretrain.buildlocks as buildlocks
+
+    real, calls = buildlocks.remove_stale, []
+
+    def hiccup_first(root, stale_s):
+        calls.append(root)
+        if len(calls) == 1:
+            raise OSError("Stale file handle")
+        return real(root, stale_s)
+
+    monkeypatch.setattr(buildlocks, "remove_stale", hiccup_first)
     lock = plant(tmp_path, "deepspeed_shm_comm", 0)
     watch = StaleBuildLockWatch(tmp_path, stale_s=0.5, poll_s=0.05).start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 3  # stale after 0.5 s, polled every 0.05 s
     while lock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     watch.stop()
