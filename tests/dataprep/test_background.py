@@ -41,6 +41,19 @@ def test_an_unpicklable_error_comes_back_as_its_text():
 def test_a_killed_process_is_named_with_its_exit_code():
     with pytest.raises(RuntimeError, match=r"the shuffle process failed \(exit code -9\)"):
         Background("shuffle", killed, nice=0).join()
+    with pytest.raises(RuntimeError, match=r"the exit process failed \(exit code 1\)"):  # ended with no error sent
+        Background("exit", os._exit, 1, nice=0).join()
+
+
+def write_niceness(path: str) -> None:
+    with open(path, "w") as f:
+        f.write(str(os.nice(0)))
+
+
+def test_the_process_runs_at_a_lower_priority(tmp_path):
+    """It fills the cores MMseqs2 leaves idle rather than competing with it."""
+    Background("niced", write_niceness, str(tmp_path / "nice"), nice=5).join()
+    assert int((tmp_path / "nice").read_text()) == min(os.nice(0) + 5, 19)
 
 
 def test_stop_ends_a_running_process_and_join_of_a_good_one_returns():
