@@ -243,6 +243,7 @@ def test_damaged_universal_or_vanishing_checkpoints_fail_with_the_file_named(cop
     from pretrain.convert import to_pretrained
 
     ckpts = copy_of_straight_run / "checkpoints"
+    shutil.copytree(copy_of_straight_run, tmp_path / "run2")  # undamaged, for the last cases
     shard = ckpts / "step00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a save cut short, a copy that broke off
     proc = subprocess.run([PY, "-m", "pretrain.convert", str(copy_of_straight_run), str(tmp_path / "a")], cwd=REPO,
@@ -268,6 +269,21 @@ def test_damaged_universal_or_vanishing_checkpoints_fail_with_the_file_named(cop
     with pytest.raises(CheckpointError, match="step00000008 was removed while it was being converted"):
         to_pretrained(copy_of_straight_run, tmp_path / "c", tag="step00000008")
     assert not (tmp_path / "c").exists()
+
+    import pretrain.convert as convert
+
+    def pruned_while_checked(ckpt, *args):  # being pruned (its shards gone, not yet its state) while read
+        for f in ckpt.glob("*_states.pt"):
+            f.unlink()
+        raise CheckpointError(f"{ckpt / 'mp_rank_00_model_states.pt'}: cannot read (No such file or directory)")
+
+    monkeypatch.setattr(convert, "check_archives", pruned_while_checked)
+    with pytest.raises(CheckpointError, match="step00000008 was removed while it was being converted"):
+        to_pretrained(tmp_path / "run2", tmp_path / "d", tag="step00000008")
+    state = ckpts / "step00000012" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "world_size": 0}))
+    with pytest.raises(CheckpointError, match=r"no usable world_size \(0\): a damaged trainer state"):
+        to_pretrained(copy_of_straight_run, tmp_path / "e", tag="step00000012")
 
 
 def test_damaged_contents_or_non_finite_weights_are_refused(copy_of_straight_run, tmp_path, monkeypatch):
