@@ -30,6 +30,13 @@ def fasta(tmp_path):
     return make
 
 
+def plain_or_gzip(tmp_path, content: bytes, compress: bool) -> Path:
+    """tmp_path/in.fa, or gzip-compressed as tmp_path/in.fa.gz."""
+    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
+    path.write_bytes(gzip.compress(content) if compress else content)
+    return path
+
+
 def rejects_of(tmp_path, path, **kw) -> tuple[dict[str, str], dict]:
     """Build; check nothing was lost (in = rejected + duplicates + kept); return {id: reason}, kept records."""
     res = build_small(tmp_path, [path], **kw)
@@ -178,16 +185,13 @@ def test_huge_single_record_is_streamed_past(tmp_path, fasta):
 def test_oversized_record_ending_exactly_at_a_read_boundary(tmp_path, compress):
     """The record after an oversized one survives even when the oversized record's last newline is the last byte
     of a read (1024-byte reads, streamed past after 5 of them: 5120 + 2 x 1024 bytes)."""
-    import gzip
-
     from dataprep.fasta import FastaStream
 
     seq_lines = "A" * 60 + "\n"
     big = ">big\n" + seq_lines * 117 + "A" * 25 + "\n"
     assert len(big) == 5120 + 2 * 1024
     text = (big + ">b\n" + ACGU20 + "\n").encode()
-    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
-    path.write_bytes(gzip.compress(text) if compress else text)
+    path = plain_or_gzip(tmp_path, text, compress)
     chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096))
     assert [c.oversized for c in chunks if c.oversized] == [(b">big", 60 * 117 + 25)]
     rest = b"".join(bytes(c.data) for c in chunks if not c.oversized)
@@ -217,8 +221,7 @@ def test_a_record_longer_than_a_chunk_but_within_max_record_bytes_is_read_whole(
     from dataprep.fasta import FastaStream
 
     text = b"\n \n>long\n" + b"ACGU" * 500 + b"\n>b\n" + ACGU20.encode() + b"\n"
-    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
-    path.write_bytes(gzip.compress(text) if compress else text)
+    path = plain_or_gzip(tmp_path, text, compress)
     chunks = list(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096))
     assert not any(c.oversized for c in chunks)
     assert b"".join(bytes(c.data) for c in chunks) == text
@@ -233,8 +236,7 @@ def test_oversized_text_before_the_first_header_is_an_error_not_a_streamed_past_
     from dataprep.normalize import NormalizeConfig, parse_chunk
 
     text = b"\n" * 3000 + b"orphan" + b"ACGU" * 1500 + b"\n>a\n" + ACGU20.encode() + b"\n"
-    path = tmp_path / ("in.fa.gz" if compress else "in.fa")
-    path.write_bytes(gzip.compress(text) if compress else text)
+    path = plain_or_gzip(tmp_path, text, compress)
     first = next(iter(FastaStream(str(path), chunk_bytes=1024, max_record_bytes=4096)))
     assert first.oversized is None
     stray = parse_chunk(first.data, first.first_line, NormalizeConfig()).stray
@@ -314,7 +316,7 @@ def test_no_header(tmp_path, fasta):
 def test_a_byte_order_mark_or_lone_cr_line_ends_are_named(tmp_path, fasta, content, error, compress):
     """A BOM made the file 'not FASTA, or binary data?'; CR-only line ends made it one empty record, rejected, and
     the build went on without the file's records (or failed with 'no records left' when it was the only input)."""
-    path = fasta(gzip.compress(content), "in.fa.gz") if compress else fasta(content)
+    path = plain_or_gzip(tmp_path, content, compress)
     with pytest.raises(InputError, match=error):
         build_small(tmp_path, [fasta(f">ok\n{ACGU20}\n", "ok.fa"), path])
 

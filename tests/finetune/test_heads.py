@@ -117,10 +117,11 @@ def test_ss_loss_of_a_batch_is_the_mean_of_its_records_losses():
     from finetune.backbone import TaskModel
     from finetune.structure import StructureRecord, parse_dot_bracket
     from finetune.tasks.ss import ss_loss
+    from tests.finetune.conftest import TINY
 
     torch.manual_seed(0)
-    lm = RiNALMo(ModelConfig.preset("nano", dim=32, num_layers=2, num_heads=4))
-    model = TaskModel(lm, SecondaryStructureHead(32, HeadConfig())).eval()
+    lm = RiNALMo(ModelConfig.preset("nano", **TINY))
+    model = TaskModel(lm, SecondaryStructureHead(TINY["dim"], HeadConfig())).eval()
     records = [StructureRecord("a", "GGGAAACCC", parse_dot_bracket("(((...)))")),
                StructureRecord("b", "ACGUACGUACGUAAGG", parse_dot_bracket("((((......)))).."))]
     alone = [ss_loss(model, [r]).item() for r in records]
