@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from finetune.structure import parse_dot_bracket, to_rna
+from finetune.structure import parse_dot_bracket
 
 
 def rnafold_pairs(sequence: str) -> np.ndarray:
-    """MFE pairs (0-based, i < j) from RNAfold with default parameters (37 C, Turner 2004)."""
+    """MFE pairs (0-based, i < j) from RNAfold with default parameters (37 C, Turner 2004); ViennaRNA reads lower
+    case and T as RNA itself."""
     import RNA  # viennarna; imported lazily so the package works without it
 
-    seq = to_rna(sequence)
-    structure, _energy = RNA.fold_compound(seq).mfe()
+    structure, _energy = RNA.fold_compound(sequence).mfe()
     return parse_dot_bracket(structure, where=f"RNAfold output for {sequence[:20]}...")

@@ -360,3 +360,12 @@ def test_nucleotide_codes_and_contact_matrix():
     assert nucleotide_codes("ACGUTacgutN-").tolist() == [0, 1, 2, 3, 3, 0, 1, 2, 3, 3, -1, -1]
     mat = pairs_to_matrix(np.array([[0, 3], [1, 2]]), 4)
     assert mat.dtype == np.float32 and (mat == mat.T).all() and mat.sum() == 4 and mat[3, 0] == mat[2, 1] == 1
+
+
+def test_rnafold_baseline_gives_the_mfe_pairs_of_dna_or_rna_input():
+    from finetune.rnafold import rnafold_pairs
+
+    #                                0123456789012345678901: (((....)))((((....))))
+    assert as_set(rnafold_pairs("gggaaatcccGCGCGAAAGCGC")) == {(0, 9), (1, 8), (2, 7), (10, 21), (11, 20), (12, 19),
+                                                                (13, 18)}
+    assert rnafold_pairs("AAAAAAAA").shape == (0, 2)
