@@ -50,7 +50,7 @@ def validation(model: RiNALMo, cfg: PretrainConfig) -> dict[str, Any]:
             sums[k] += v
     if not sums[2]:
         raise ValueError(f"{cfg.data.shards}: no masked token in the '{cfg.train.valid_split}' split")
-    return {**validation_summary(*sums), "corrupt_shards_skipped": len(loader.stats["corrupt_shards"])}
+    return {**validation_summary(*sums), "corrupt_shards_skipped": loader.stats["corrupt_shards_skipped"]}
 
 
 def load_weights(path: str, cfg: PretrainConfig, device: torch.device, dtype: torch.dtype) -> RiNALMo:

@@ -131,6 +131,42 @@ def test_only_weights_trained_on_another_shard_set_get_the_note(tmp_path):
     assert note.startswith(f"warning: {shards} is not the shard set this model's run trained on") and "abababab" in note
 
 
+def test_validation_skips_a_corrupt_held_out_shard_and_counts_it_and_runs_in_the_dtype_asked(tmp_path):
+    """pretrain.evaluate's validation, in process, on a random nano model: a damaged held-out shard is skipped and
+    counted (the rest still scored), a split with nothing readable is an error naming the shards; bfloat16 weights
+    give a close but not equal loss."""
+    from dataprep.synth import SynthConfig, write_fasta
+    from pretrain.evaluate import load_weights
+    from rnalm.io import save_pretrained
+    from rnalm.model import RiNALMo
+
+    write_fasta(SynthConfig(1500, seed=1), tmp_path / "in.fa")
+    shards = tmp_path / "shards"
+    subprocess.run([PY, "dataprep/build_shards.py", "--input", str(tmp_path / "in.fa"), "--out", str(shards),
+                    "--no-cluster", "--valid-fraction", "0.2", "--shard-records", "100", "--block-records", "32",
+                    "--no-report", "--quiet"], cwd=REPO, check=True, timeout=120)
+    cfg = load(PretrainConfig, REPO / "pretrain/configs/tiny_cpu.yaml",
+               [f"data.shards={shards}", "train.valid_max_records=0", "data.num_workers=0"])
+    torch.manual_seed(0)
+    save_pretrained(RiNALMo(cfg.model.build()).state_dict(), tmp_path / "model", config=cfg.model.build())
+    model = load_weights(str(tmp_path / "model"), cfg, torch.device("cpu"), torch.float32)
+    whole = validation(model, cfg)
+    bf16 = validation(load_weights(str(tmp_path / "model"), cfg, torch.device("cpu"), torch.bfloat16), cfg)
+    assert bf16["masked_tokens"] == whole["masked_tokens"] and bf16["loss"] != whole["loss"]
+    assert bf16["loss"] == pytest.approx(whole["loss"], rel=0.02)
+    valid = sorted((shards / "valid").iterdir())
+    assert len(valid) == 3 and whole["corrupt_shards_skipped"] == 0
+    damaged = bytearray(valid[1].read_bytes())
+    damaged[len(damaged) // 2: len(damaged) // 2 + 200] = bytes(200)
+    valid[1].write_bytes(damaged)
+    rest = validation(model, cfg)
+    assert rest["corrupt_shards_skipped"] == 1 and 0 < rest["records"] < whole["records"]
+    for shard in valid:
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{shards}: no masked token in the 'valid' split"):
+        validation(model, cfg)
+
+
 def test_config_json_holds_model_tokenizer_and_provenance(straight_run, converted):
     meta = json.loads((converted / "config.json").read_text())
     assert meta["model"]["dim"] == 64 and meta["model"]["num_layers"] == 2
