@@ -80,6 +80,8 @@ def test_targets_are_in_rank_order_past_rank_nine():
     ("block:block", None, [[0, 1, 2], [3, 4, 5], [6]]),
     ("cyclic", None, [[0, 3, 5], [1, 4, 6], [2]]),
     ("cyclic:block,Pack", None, [[0, 3, 5], [1, 4, 6], [2]]),
+    ("Cyclic:Block", None, [[0, 3, 5], [1, 4, 6], [2]]),   # srun reads it in any case
+    ("*:cyclic", None, [[0, 1, 2], [3, 4, 5], [6]]),   # "*": the node level's default, block
     ("nopack", None, [[0, 1, 2], [3, 4, 5], [6]]),   # Slurm takes pack/nopack alone: the default, block
     ("hostfile", None, None),
     ("plane=2", None, [[0, 1, 5], [2, 3, 6], [4]]),
@@ -107,3 +109,14 @@ def test_rank_labels_follow_the_distribution_and_arbitrary_gets_none(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "c.json"), "--job-id", "7", "--hosts", "a",
                         "--tasks-per-node", "2", "--distribution", "plane"], capture_output=True, text=True)
     assert r.returncode != 0 and "without a plane size" in r.stderr and not (tmp_path / "c.json").exists()
+
+
+def test_the_file_is_renamed_into_place_from_a_name_no_json_glob_matches(tmp_path, monkeypatch):
+    """file_sd reads every *.json of its directory: the half-written file must not be one."""
+    from deploy.slurm import prom_targets
+
+    renamed = []
+    monkeypatch.setattr(prom_targets.os, "replace", lambda src, dst: renamed.append((src, dst)))
+    prom_targets.write_atomic(tmp_path / "rnalm-1.json", [])
+    (src, dst), = renamed
+    assert dst == tmp_path / "rnalm-1.json" and not src.endswith(".json") and json.loads(open(src).read()) == []
