@@ -129,6 +129,8 @@ def test_splice_split_drops_test_sequences_from_training(shared_data):
     assert len(s.test) == 4562
     assert not test & {seq for seq, _ in s.train + s.valid}
     assert len(s.train) + len(s.valid) < 4562
+    # docs/finetune.md: 31 exact copies and ~980 shifted windows of test loci (the shared 50-nt stretch finds 289)
+    assert s.removed_near_duplicates == 1013 and len(s.valid) == 318
 
 
 def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_path):
