@@ -177,7 +177,7 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected section.key=value")
-    parts = key.replace("-", "_").split(".")  # --data.token-budget as --data.token_budget, as argparse options are spelt
+    parts = key.replace("-", "_").split(".")  # --data.token-budget as --data.token_budget, as argparse spells options
     node, owner = data, cls
     for depth, part in enumerate(parts):
         hints = typing.get_type_hints(owner)
