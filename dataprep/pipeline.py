@@ -293,14 +293,8 @@ def build(cfg: BuildConfig, comm=None) -> BuildResult:
             lock.release()
 
 
-def _build(cfg: BuildConfig, comm) -> BuildResult:
-    log = Log(cfg.quiet, comm.rank)
-    out, seconds, skipped = Path(cfg.out), {}, []
-    work = out / ".work"
-    if comm.rank == 0 and finish_publishing(out):
-        log.warn(f"finished publishing the shard set that an interrupted build had staged: {out / MANIFEST_NAME} "
-                 "is now that build's")
-    comm.barrier()
+def _stage_keys(cfg: BuildConfig, comm) -> tuple[dict[str, str], str | None]:
+    """Each stage's key (a hash of what its output depends on) and the MMseqs2 version (None without clustering)."""
     inputs = comm.bcast([_fingerprint(p) for p in cfg.inputs] if comm.rank == 0 else None)  # one view of them
     keys = {"normalise": _hash(PIPELINE_VERSION, inputs, asdict(cfg.normalize))}
     keys["dedup"] = _hash(keys["normalise"], "dedup")
@@ -315,7 +309,30 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
     keys["holdout"] = _hash(keys["cluster"], cfg.valid_fraction, cfg.seed, search, clustering.SEARCH_SIZE_BOUNDS,
                             CANDIDATES_PER_VALID)
     keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
-    stages = {name: _Stage(work, name, key) for name, key in keys.items()}
+    return keys, mmseqs
+
+
+def _reuse_published(out: Path, log: Log, comm) -> Manifest:
+    """The published shard set, which is this build's: its warnings again, and a killed later run's unpublished
+    shard set removed."""
+    log(f"shards: up to date ({out / MANIFEST_NAME})")
+    if comm.rank == 0:
+        shutil.rmtree(_staging(out), ignore_errors=True)
+    manifest = read_manifest(out)
+    for warning in manifest.warnings:
+        log.warn(warning)
+    return manifest
+
+
+def _build(cfg: BuildConfig, comm) -> BuildResult:
+    log = Log(cfg.quiet, comm.rank)
+    out, seconds, skipped = Path(cfg.out), {}, []
+    if comm.rank == 0 and finish_publishing(out):
+        log.warn(f"finished publishing the shard set that an interrupted build had staged: {out / MANIFEST_NAME} "
+                 "is now that build's")
+    comm.barrier()
+    keys, mmseqs = _stage_keys(cfg, comm)
+    stages = {name: _Stage(out / ".work", name, key) for name, key in keys.items()}
 
     def run(name, fn, *args, collective=True):
         if comm.bcast(stages[name].done if comm.rank == 0 else None):
@@ -341,13 +358,7 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
     build_key = _hash(keys["holdout"], params)
     if comm.bcast(_manifest_current(out, build_key, cfg.report) if comm.rank == 0 else None):
         skipped += ["cluster"] * stages["cluster"].done + ["shards"]
-        log(f"shards: up to date ({out / MANIFEST_NAME})")
-        if comm.rank == 0:
-            shutil.rmtree(_staging(out), ignore_errors=True)  # a killed later run's unpublished shard set
-        manifest = read_manifest(out)
-        for warning in manifest.warnings:
-            log.warn(warning)
-        return BuildResult(manifest, skipped, seconds)
+        return BuildResult(_reuse_published(out, log, comm), skipped, seconds)
 
     if comm.rank == 0 and (out / MANIFEST_NAME).exists():
         log.warn(f"{out / MANIFEST_NAME} is another build's (other inputs or parameters) or incomplete: this build "
