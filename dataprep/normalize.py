@@ -123,9 +123,44 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
     id_end = low[np.searchsorted(low, id_start)]  # at most he
     id_len = (id_end - id_start).astype(np.int32)
 
-    # ---- sequences ("raw": every byte that is neither a newline nor in a header line, in order), normalised in
-    # one pass: header bytes (and blank lines before the first header) are overwritten with newlines in a copy,
-    # and `translate` maps every byte while deleting the newlines.
+    padded, seq_len, reasons = _sequences(data, hk, hs, he, nl, line_start)
+    seq_off = offsets_from_lengths(seq_len)
+    _header_rejects(a, hs, he, low, id_len, reasons)
+    _length_rejects(seq_len, cfg, reasons)
+
+    id_blob = a[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
+    id_off = offsets_from_lengths(id_len + 1)
+    id_blob[id_off[1:] - 1] = 10
+    labels = label_len = None
+    if cfg.label_key:
+        labels, label_len = _labels(a[concat_ranges(hs, he - hs + 1)], offsets_from_lengths(he - hs + 1),
+                                    cfg.label_key, reasons)
+
+    ok = np.ones(n, bool)
+    rejects = []
+    if reasons:
+        bad = np.fromiter(reasons.keys(), np.int64)
+        ok[bad] = False
+        for r in sorted(reasons):
+            rid = bytes(id_blob[id_off[r]: id_off[r + 1] - 1]).decode("utf-8", "backslashreplace")
+            rejects.append((int(lines[r]), rid, reasons[r]))
+    seqh = segment_digests(padded, seq_off)
+    ids = id_blob.tobytes()
+    idh = segment_digests(np.frombuffer(ids + bytes(PAD), np.uint8), id_off)  # id plus its "\n"
+    out = ParsedChunk(seq=padded[: seq_off[-1]], seq_len=seq_len.astype(np.int64), ids=ids, id_len=id_len,
+                      labels=labels, label_len=label_len, line=lines.astype(np.int64), seqh=seqh, idh=idh,
+                      records_in=n, rejects=rejects, newlines=newlines_in_data)
+    return out if ok.all() else _select(out, ok, seq_off, id_off)
+
+
+def _sequences(data: bytes, hk: np.ndarray, hs: np.ndarray, he: np.ndarray, nl: np.ndarray,
+               line_start: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """The records' normalised sequences, concatenated and followed by PAD, their lengths, and the invalid
+    character each record has first (record index -> reason)."""
+    # "raw": every byte that is neither a newline nor in a header line, in order, normalised in one pass: header
+    # bytes (and blank lines before the first header) are overwritten with newlines in a copy, and `translate`
+    # maps every byte while deleting the newlines.
+    a, n = np.frombuffer(data, np.uint8), len(hk)
     scratch = bytearray(data)
     blank = np.frombuffer(scratch, np.uint8)
     fill_ranges(blank, hs, he - hs + 1, 10)
@@ -156,39 +191,16 @@ def parse_chunk(data: bytes, first_line: int, cfg: NormalizeConfig) -> ParsedChu
         ws_rec = np.searchsorted(raw_off, ws_pos, side="right") - 1
         seq_len = raw_len - np.bincount(ws_rec, minlength=n)
         padded = np.delete(padded, ws_pos)
-    seq_off = offsets_from_lengths(seq_len)
+    return padded, seq_len, reasons
 
-    _header_rejects(a, hs, he, low, id_len, reasons)
+
+def _length_rejects(seq_len: np.ndarray, cfg: NormalizeConfig, reasons: dict[int, str]) -> None:
     for r in np.flatnonzero(seq_len == 0).tolist():
         reasons.setdefault(r, "empty sequence (header without sequence)")
     for r in np.flatnonzero((seq_len > 0) & (seq_len < cfg.min_len)).tolist():
         reasons.setdefault(r, f"too short: {seq_len[r]} nt < min_len {cfg.min_len}")
     for r in np.flatnonzero(seq_len > cfg.max_len).tolist():
         reasons.setdefault(r, f"too long: {seq_len[r]} nt > max_len {cfg.max_len}")
-
-    id_blob = a[concat_ranges(id_start, id_len + 1)]  # id + the whitespace after it, which becomes "\n"
-    id_off = offsets_from_lengths(id_len + 1)
-    id_blob[id_off[1:] - 1] = 10
-    labels = label_len = None
-    if cfg.label_key:
-        labels, label_len = _labels(a[concat_ranges(hs, he - hs + 1)], offsets_from_lengths(he - hs + 1),
-                                    cfg.label_key, reasons)
-
-    ok = np.ones(n, bool)
-    rejects = []
-    if reasons:
-        bad = np.fromiter(reasons.keys(), np.int64)
-        ok[bad] = False
-        for r in sorted(reasons):
-            rid = bytes(id_blob[id_off[r]: id_off[r + 1] - 1]).decode("utf-8", "backslashreplace")
-            rejects.append((int(lines[r]), rid, reasons[r]))
-    seqh = segment_digests(padded, seq_off)
-    ids = id_blob.tobytes()
-    idh = segment_digests(np.frombuffer(ids + bytes(PAD), np.uint8), id_off)  # id plus its "\n"
-    out = ParsedChunk(seq=padded[: seq_off[-1]], seq_len=seq_len.astype(np.int64), ids=ids, id_len=id_len,
-                      labels=labels, label_len=label_len, line=lines.astype(np.int64), seqh=seqh, idh=idh,
-                      records_in=n, rejects=rejects, newlines=newlines_in_data)
-    return out if ok.all() else _select(out, ok, seq_off, id_off)
 
 
 def _indented_header(data: bytes, first: np.ndarray, line_start: np.ndarray, nl: np.ndarray,
