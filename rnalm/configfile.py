@@ -239,17 +239,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if origin is typing.Union:
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        errors = []
-        for arg in typing.get_args(hint):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+        return _coerce_union(value, hint, where)
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -258,57 +248,79 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_dict(hint, value, where)
     if origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: fixed length and types
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
-            return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _coerce_items(value, hint, origin, where)
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = (typing.get_args(hint) or (Any, Any))
         return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None or not math.isfinite(number):  # a NaN passes every `x < low` check
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
+        return _to_float(value, where)
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):  # "1e6" (YAML reads it as a string)
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if hint is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return _to_int(value, where)
+    if hint in _PLAIN:
+        what, accepted = _PLAIN[hint]
+        if isinstance(value, accepted):
+            return hint(value)
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
     raise ConfigError(f"{where}: unsupported annotation {hint!r}")
+
+
+_PLAIN = {bool: ("true or false", bool), str: ("a string", str), Path: ("a path", (str, Path))}
+
+
+def _coerce_union(value: Any, hint: Any, where: str) -> Any:
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    errors = []
+    for arg in typing.get_args(hint):
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+
+
+def _coerce_items(value: Any, hint: Any, origin: Any, where: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    args = typing.get_args(hint)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: fixed length and types
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _to_float(value: Any, where: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):  # PyYAML reads "5e-5" (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):  # a NaN passes every `x < low` check
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):  # "1e6" (YAML reads it as a string)
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
 
 
 def _help_epilog(cls: type) -> str:

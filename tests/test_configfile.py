@@ -123,6 +123,14 @@ def test_bad_file_shapes(tmp_path):
         load(Run, tmp_path / "missing.yaml")
 
 
+def test_a_file_gives_strings_and_paths_only_from_text(tmp_path):
+    # YAML types unquoted values: a number where a string belongs is refused, not turned into its text
+    with pytest.raises(ConfigError, match="train.out_dir: expected a string, got 5"):
+        load(Run, write(tmp_path, "train:\n  out_dir: 5\n"))
+    cfg = load(Run, write(tmp_path, "train:\n  cache: /data/cache\n"))
+    assert cfg.train.cache == Path("/data/cache") and isinstance(cfg.train.cache, Path)
+
+
 def test_round_trip_through_saved_yaml(tmp_path):
     cfg = load(Run, None, ["optim.lr=2e-3", "train.tags=[x]", "train.cache=/tmp/c"])
     save_yaml(cfg, tmp_path / "out" / "config.yaml")
