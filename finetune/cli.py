@@ -37,68 +37,78 @@ def _task_module(task: str):
 
 
 def run(argv: Sequence[str]) -> int:
-    from finetune.backbone import remove_finetuned
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], list(argv[1:])
+    commands = {"predict-ss": lambda args: _predict("ss", args, "python -m finetune predict-ss"),
+                "import-original-ss": _import_original_ss, "embed": _embed}
     try:
         if cmd in TASKS:
-            if not rest or rest[0] not in ("train", "evaluate", "predict"):
-                print(f"python -m finetune {cmd}: expected train, evaluate or predict\n{USAGE}", file=sys.stderr)
-                return 2
-            action, rest = rest[0], rest[1:]
-            prog = f"python -m finetune {cmd} {action}"
-            if action == "predict":
-                return _predict(cmd, rest, prog)
-            _refuse_model_option(rest)
-            module, cfg_cls = _task_module(cmd)
-            cfg = from_cli(cfg_cls, rest, prog=prog)
-            check_out_dir(cfg.train.out_dir, "--train.out_dir")
-            for name in ("limit_train", "limit_valid", "limit_test"):
-                if (value := getattr(cfg.data, name)) is not None and value < 1:
-                    raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
-            if action == "evaluate" and not cfg.model.path:
-                raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
-            start_lock, run_lock = _out_dir_locks(cmd, action, cfg)
-            with run_lock:
-                with start_lock:
-                    loaded: dict[str, Any] = {}
-                    if action == "train":
-                        loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
-                        _claim_out(cmd, cfg)
-                        remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
-                    save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
-                result = getattr(module, action)(cfg, **loaded)
-            _print_summary(result, cfg.train.out_dir, action)
-            return 0
-        if cmd == "predict-ss":
-            return _predict("ss", rest, "python -m finetune predict-ss")
-        if cmd == "import-original-ss":
-            from finetune.backbone import FT_META, ImportConfig, import_original_ss
-
-            cfg = from_cli(ImportConfig, rest, prog="python -m finetune import-original-ss")
-            if not cfg.checkpoint:
-                raise ValueError("--checkpoint is required (the original's ss_*_ft.pt)")
-            out = import_original_ss(cfg.checkpoint, cfg.out, cfg.held_out_family, num_heads=cfg.num_heads)
-            family = read_json(out / FT_META).get("data", {}).get("test")
-            print(f"wrote {out}: use python -m finetune predict-ss --model={out} --fasta=..."
-                  + (f" (ArchiveII family {family} held out: ss evaluate scores it on that family only)" if family else ""))
-            return 0
-        if cmd == "embed":
-            from finetune.embed import EmbedConfig, embed
-
-            cfg = from_cli(EmbedConfig, rest, prog="python -m finetune embed")
-            out = embed(cfg)
-            print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
-                  + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
-            return 0
+            return _task(cmd, rest)
+        if cmd in commands:
+            return commands[cmd](rest)
     except (OSError, ValueError, RunLockError) as e:  # (a StructureError is a ValueError)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _task(cmd: str, rest: list[str]) -> int:
+    from finetune.backbone import remove_finetuned
+
+    if not rest or rest[0] not in ("train", "evaluate", "predict"):
+        print(f"python -m finetune {cmd}: expected train, evaluate or predict\n{USAGE}", file=sys.stderr)
+        return 2
+    action, rest = rest[0], rest[1:]
+    prog = f"python -m finetune {cmd} {action}"
+    if action == "predict":
+        return _predict(cmd, rest, prog)
+    _refuse_model_option(rest)
+    module, cfg_cls = _task_module(cmd)
+    cfg = from_cli(cfg_cls, rest, prog=prog)
+    check_out_dir(cfg.train.out_dir, "--train.out_dir")
+    for name in ("limit_train", "limit_valid", "limit_test"):
+        if (value := getattr(cfg.data, name)) is not None and value < 1:
+            raise ValueError(f"--data.{name} ({value}) must be >= 1 (unset: all records)")
+    if action == "evaluate" and not cfg.model.path:
+        raise ValueError("--model.path is required: the fine-tuned model directory to evaluate")
+    start_lock, run_lock = _out_dir_locks(cmd, action, cfg)
+    with run_lock:
+        with start_lock:
+            loaded: dict[str, Any] = {}
+            if action == "train":
+                loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
+                _claim_out(cmd, cfg)
+                remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
+            save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
+        result = getattr(module, action)(cfg, **loaded)
+    _print_summary(result, cfg.train.out_dir, action)
+    return 0
+
+
+def _import_original_ss(rest: list[str]) -> int:
+    from finetune.backbone import FT_META, ImportConfig, import_original_ss
+
+    cfg = from_cli(ImportConfig, rest, prog="python -m finetune import-original-ss")
+    if not cfg.checkpoint:
+        raise ValueError("--checkpoint is required (the original's ss_*_ft.pt)")
+    out = import_original_ss(cfg.checkpoint, cfg.out, cfg.held_out_family, num_heads=cfg.num_heads)
+    family = read_json(out / FT_META).get("data", {}).get("test")
+    print(f"wrote {out}: use python -m finetune predict-ss --model={out} --fasta=..."
+          + (f" (ArchiveII family {family} held out: ss evaluate scores it on that family only)" if family else ""))
+    return 0
+
+
+def _embed(rest: list[str]) -> int:
+    from finetune.embed import EmbedConfig, embed
+
+    cfg = from_cli(EmbedConfig, rest, prog="python -m finetune embed")
+    out = embed(cfg)
+    print(f"wrote {cfg.out}/cls.npy {tuple(out['cls'].shape)}, mean.npy, ids.txt"
+          + (f", {out['plot'].name} ({out['plotted']})" if out["plot"] else ""))
+    return 0
 
 
 def _refuse_model_option(rest: list[str]) -> None:
