@@ -246,16 +246,7 @@ class Trainer:
         if self.rank == 0:  # after the resume: a refused start leaves the run's config as it was
             save_yaml(cfg, self.out / "config.yaml")
         start_step = self.step
-        ports = _all_gather(self.metrics_port)
-        attention = self._attention()
-        self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
-                  model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
-                  device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
-                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights,
-                  shards_manifest=self.shards_manifest, **attention,
-                  **{k: [g[k] for g in self.scheduler.optimizer.param_groups] for k in OPTIM_HYPERPARAMETERS})
-        if note := attention_dropout_note(attention["attention_backend"], self.model_cfg.attn_dropout):
-            self._say(note)
+        self._log_start(resumed)
         end = cfg.train.max_steps if cfg.train.stop_after is None else min(cfg.train.max_steps, cfg.train.stop_after)
         batches = iter(self.loader)
         last_saved = self.step if resumed else -1
@@ -300,6 +291,18 @@ class Trainer:
         self._say(f"{why} at step {self.step} of {cfg.train.max_steps}; newest checkpoint: "
                   f"{latest_tag(self.checkpointer.root) or 'none'} in {self.checkpointer.root}")
         return 0
+
+    def _log_start(self, resumed: str | None) -> None:
+        ports = _all_gather(self.metrics_port)
+        attention = self._attention()
+        self._log(event="start", step=self.step, world_size=self.world, resumed_from=resumed,
+                  model=self.model_cfg.name, precision="bf16" if self.bf16 else "fp32",
+                  device=str(self.device), device_name=device_name(), peak_flops=self.peak_flops,
+                  metrics_ports=ports, pid=os.getpid(), init_weights=self.init_weights,
+                  shards_manifest=self.shards_manifest, **attention,
+                  **{k: [g[k] for g in self.scheduler.optimizer.param_groups] for k in OPTIM_HYPERPARAMETERS})
+        if note := attention_dropout_note(attention["attention_backend"], self.model_cfg.attn_dropout):
+            self._say(note)
 
     def _log_profile(self, summary: dict | None) -> None:
         if summary and "error" in summary:
