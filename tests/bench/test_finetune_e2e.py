@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "finetune_gpu_e2e.py"
@@ -65,3 +67,21 @@ def test_the_pretraining_corpus_holds_no_test_sequence(shared_data, tmp_path):
     assert not any("source=bpRNA1m90" in h for h in headers)
     assert not set(test) & set(seqs) and not near_duplicate_mask(seqs, test).any()
     assert all("rfam_acc=" in h for h in headers[:100])  # headers kept whole: the label key of the build
+
+
+def test_the_two_parallel_fine_tunes_share_the_cores(tmp_path, monkeypatch):
+    """Both fine-tunes with torch's default threads (one per core each) ran 2.3x slower on 2 cores than with one
+    thread each; a user's OMP_NUM_THREADS is kept."""
+    e2e = load_script()
+    probe = "import sys, torch; open(sys.argv[1], 'w').write(str(torch.get_num_threads()))"
+    monkeypatch.setattr(e2e, "finetune_cmd",
+                        lambda work, args, random: [sys.executable, "-c", probe, str(work / f"threads_{random}")])
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    mine = 2 if half == 1 else 1  # torch takes no more threads than there are cores
+    for env, want in ((None, half), (str(mine), mine)):
+        if env is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", env)
+        e2e.finetune_both(tmp_path, None)
+        assert [(tmp_path / f"threads_{r}").read_text() for r in (False, True)] == [str(want)] * 2
