@@ -105,10 +105,11 @@ def finetune_cmd(work: Path, args, random: bool) -> list[str]:
     quick = (["--data.limit_train=64", "--data.limit_valid=16", "--data.limit_test=16", "--train.epochs=2"]
              if args.tiny else [f"--train.epochs={args.ft_epochs}"])
     return [sys.executable, "-m", "finetune", "ss", "train", *model, f"--data.root={DATA}", "--data.dataset=bprna",
-            f"--train.out_dir={out}", "--train.batch_size=8", f"--train.max_seconds={args.ft_seconds}", "--train.lr=5e-4", "--train.lr_decay_steps=6000",
-            "--train.precision=bf16", "--train.progress=false",
+            f"--train.out_dir={out}", "--train.batch_size=8", f"--train.max_seconds={args.ft_seconds}",
+            "--train.lr=5e-4", "--train.lr_decay_steps=6000", "--train.precision=bf16", "--train.progress=false",
             "--unfreeze.head_only_epochs=1", "--unfreeze.every=1", "--unfreeze.blocks_per_step=4",
-            "--unfreeze.max_blocks=12", f"--eval.rnafold={str(rnafold).lower()}", *quick]
+            "--unfreeze.max_blocks=12", f"--eval.rnafold={str(rnafold).lower()}", *quick,
+            *(f"--{kv}" for kv in args.ft_set)]
 
 
 def finetune_both(work: Path, args) -> None:
@@ -179,6 +180,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=12)
     ap.add_argument("--pretrain-seconds", type=int, default=None, help="wall-clock budget of the pretrain stage")
     ap.add_argument("--ft-seconds", type=int, default=240, help="training-time budget of each fine-tune")
+    ap.add_argument("--ft-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override of both fine-tunes (repeatable, after the defaults), e.g. train.seed=1")
     ap.add_argument("--export", type=Path, default=None, help="copy the result files flat into this directory")
     args = ap.parse_args()
     if args.stage == "all":

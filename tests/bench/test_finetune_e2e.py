@@ -85,3 +85,21 @@ def test_the_two_parallel_fine_tunes_share_the_cores(tmp_path, monkeypatch):
             monkeypatch.setenv("OMP_NUM_THREADS", env)
         e2e.finetune_both(tmp_path, None)
         assert [(tmp_path / f"threads_{r}").read_text() for r in (False, True)] == [str(want)] * 2
+
+
+def test_fine_tune_overrides_reach_both_arms_after_the_defaults(tmp_path):
+    """A second seed of the comparison is `--ft-set train.seed=1`; an override of a default (batch size 8, the
+    epochs of --ft-epochs) wins."""
+    from argparse import Namespace
+
+    from finetune.tasks.ss import SSConfig
+    from rnalm.configfile import from_cli
+
+    e2e = load_script()
+    overrides = ["train.seed=1", "train.batch_size=4", "train.epochs=5"]
+    args = Namespace(tiny=False, preset="nano", ft_epochs=3, ft_seconds=100, ft_set=overrides)
+    for random in (False, True):
+        argv = e2e.finetune_cmd(tmp_path, args, random)
+        assert argv[2:5] == ["finetune", "ss", "train"]
+        cfg = from_cli(SSConfig, argv[5:], prog="test")
+        assert (cfg.train.seed, cfg.train.batch_size, cfg.train.epochs) == (1, 4, 5)
