@@ -12,6 +12,9 @@ WORK (default bench_out/e2e, not tracked).
     python bench/finetune_gpu_e2e.py --stage table      # WORK/table.md: TS0 rows for both + RNAfold
     python bench/finetune_gpu_e2e.py --stage all        # everything in order (both fine-tunes in parallel)
 
+Several stages run in the pipeline's order, both fine-tunes in parallel, e.g. another seed on the same pretrained
+model: `--stage ft ft-random table --ft-set train.seed=1`.
+
 On the lent GPU machine everything must happen in one call (its disk is gone after the call; the converted
 checkpoint is too large to come back), within 10 minutes: --pretrain-seconds and --ft-seconds bound the two
 long stages, e.g. `--stage all --pretrain-seconds 270 --ft-seconds 150 --export $OUT`.
@@ -170,7 +173,8 @@ def export(work: Path, dest: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    ap.add_argument("--stage", nargs="+", choices=(*STAGES, "all"), default=["all"],
+                    help="the stages to run (in the pipeline's order, whatever the order given)")
     ap.add_argument("--work", type=Path, default=REPO / "bench_out" / "e2e")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with a 2-layer model")
     ap.add_argument("--preset", choices=("nano", "micro"), default="micro", help="model pretrained and fine-tuned")
@@ -184,13 +188,13 @@ def main() -> None:
                     help="override of both fine-tunes (repeatable, after the defaults), e.g. train.seed=1")
     ap.add_argument("--export", type=Path, default=None, help="copy the result files flat into this directory")
     args = ap.parse_args()
-    if args.stage == "all":
+    if "all" in args.stage:
         clear_outputs(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     run = {"data": stage_data, "pretrain": stage_pretrain, "convert": stage_convert,
            "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
            "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = [s for s in STAGES if s in args.stage or "all" in args.stage]
     try:
         for stage in stages:
             if stage == "ft" and "ft-random" in stages:  # both fine-tunes at once: one GPU holds both easily

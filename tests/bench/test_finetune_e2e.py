@@ -1,4 +1,4 @@
-"""bench/finetune_gpu_e2e.py: `--stage all` is a fresh experiment."""
+"""bench/finetune_gpu_e2e.py: `--stage all` is a fresh experiment; stages and fine-tune overrides."""
 from __future__ import annotations
 
 import importlib.util
@@ -103,3 +103,21 @@ def test_fine_tune_overrides_reach_both_arms_after_the_defaults(tmp_path):
         assert argv[2:5] == ["finetune", "ss", "train"]
         cfg = from_cli(SSConfig, argv[5:], prog="test")
         assert (cfg.train.seed, cfg.train.batch_size, cfg.train.epochs) == (1, 4, 5)
+
+
+def test_the_stages_named_run_in_the_pipelines_order_and_keep_earlier_outputs(tmp_path, monkeypatch):
+    """`--stage table ft-random ft`: both fine-tunes at once, then the table; only `all` starts afresh."""
+    e2e = load_script()
+    ran = []
+    monkeypatch.setattr(e2e, "finetune_both", lambda work, args: ran.append("both"))
+    monkeypatch.setattr(e2e, "stage_table", lambda work, args: ran.append("table"))
+    monkeypatch.setattr(e2e, "sh", lambda cmd: ran.append("random" if "--model.random_preset=micro" in cmd
+                                                           else "convert" if "pretrain.convert" in cmd else cmd))
+    (tmp_path / "converted").mkdir()
+    for stages, want in ((["table", "ft-random", "ft"], ["both", "table"]),
+                         (["ft-random", "convert"], ["convert", "random"])):
+        ran.clear()
+        monkeypatch.setattr(sys, "argv", ["e2e", "--work", str(tmp_path), "--stage", *stages])
+        e2e.main()
+        assert ran == want
+    assert (tmp_path / "converted").is_dir()
