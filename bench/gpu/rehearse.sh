@@ -35,9 +35,11 @@ status=0
 for p in "${plans[@]}"; do
   rm -rf "${DIR:?}/$p"
   echo "[rehearse] $p"
-  lever=; [[ $p == levers ]] && lever=zero2    # one lever is enough here: the session plan runs them all
-  if OUT=$DIR/$p RNALM_GPU_SESSION_TINY=1 RNALM_GPU_PYTHON=$VENV/bin/python RNALM_GPU_WORK=$DIR/work \
-     RNALM_GPU_LEVERS=${RNALM_GPU_LEVERS:-$lever} bash "bench/gpu/$p.sh" > "$DIR/$p.out" 2>&1 &&
+  # RNALM_GPU_LEVERS as given; unset, the session plan runs them all, and one is enough for the levers plan
+  # (set but empty means none)
+  levers=(); [[ $p == levers && -z ${RNALM_GPU_LEVERS+set} ]] && levers=(RNALM_GPU_LEVERS=zero2)
+  if env "${levers[@]}" OUT=$DIR/$p RNALM_GPU_SESSION_TINY=1 RNALM_GPU_PYTHON=$VENV/bin/python \
+     RNALM_GPU_WORK=$DIR/work bash "bench/gpu/$p.sh" > "$DIR/$p.out" 2>&1 &&
      ! grep -q '"status": "\(failed\|timeout\)"' "$DIR/$p/summary.json"; then
     sed -n '/^| step/,$p' "$DIR/$p.out"
   else
