@@ -22,7 +22,8 @@ long stages, e.g. `--stage all --pretrain-seconds 270 --ft-seconds 150 --export 
 On a CPU, e.g. `--preset nano --pretrain-steps 1000 --pretrain-set data.token_budget=4096 --pretrain-set
 data.num_workers=1 --pretrain-set optim.lr=1e-3` (BENCHMARKS.md, "Fine-tuning").
 `--tiny` runs the same pipeline with a 2-layer model and a handful of steps on CPU (smoke test of the script).
-`--export DIR` copies the few result files (logs, results JSON, table) flat into DIR (e.g. the device's $OUT).
+`--export DIR` copies the few result files (logs, results JSON, table) flat into DIR (e.g. the device's $OUT)
+after every stage, so a kill during a later one keeps them.
 RNAfold (ViennaRNA) runs where it is installed; if the fine-tune stage ran without it, `--stage table` adds
 the RNAfold row on the same TS0 records (run it on the CPU machine, beside the fetched results).
 """
@@ -195,15 +196,15 @@ def main() -> None:
            "ft": lambda w, a: sh(finetune_cmd(w, a, random=False)),
            "ft-random": lambda w, a: sh(finetune_cmd(w, a, random=True)), "table": stage_table}
     stages = [s for s in STAGES if s in args.stage or "all" in args.stage]
-    try:
-        for stage in stages:
+    for stage in stages:
+        try:
             if stage == "ft" and "ft-random" in stages:  # both fine-tunes at once: one GPU holds both easily
                 finetune_both(args.work, args)
             elif stage != "ft-random" or "ft" not in stages:
                 run[stage](args.work, args)
-    finally:  # what the stages that ran wrote comes back, also when a later one failed
-        if args.export:
-            export(args.work, args.export)
+        finally:  # after every stage, failed or not: the GPU plan's timeout kills a later one with SIGKILL
+            if args.export:
+                export(args.work, args.export)
 
 
 if __name__ == "__main__":

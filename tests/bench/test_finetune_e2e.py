@@ -121,3 +121,32 @@ def test_the_stages_named_run_in_the_pipelines_order_and_keep_earlier_outputs(tm
         e2e.main()
         assert ran == want
     assert (tmp_path / "converted").is_dir()
+
+
+def test_each_stage_exports_what_it_wrote_before_the_next_one_starts(tmp_path, monkeypatch):
+    """The GPU plan kills a step past its time with SIGKILL (no finally runs): the pretraining's log must already
+    be in --export while the fine-tunes run, and a failing stage still exports what came before it."""
+    e2e = load_script()
+    work, dest = tmp_path / "work", tmp_path / "export"
+    seen = {}
+
+    def pretrain(work, args):
+        (work / "pretrain").mkdir()
+        (work / "pretrain" / "log.jsonl").write_text('{"step": 1}\n')
+
+    def fine_tunes(work, args):
+        seen["exported"] = sorted(p.name for p in dest.iterdir())
+        raise SystemExit("a fine-tune failed")
+
+    monkeypatch.setattr(e2e, "stage_pretrain", pretrain)
+    monkeypatch.setattr(e2e, "finetune_both", fine_tunes)
+    monkeypatch.setattr(sys, "argv", ["e2e", "--work", str(work), "--stage", "pretrain", "ft", "ft-random",
+                                      "--export", str(dest)])
+    try:
+        e2e.main()
+    except SystemExit as stop:
+        assert str(stop) == "a fine-tune failed"
+    else:
+        raise AssertionError("the failed fine-tune did not stop the run")
+    assert seen["exported"] == ["pretrain_log.jsonl"]
+    assert (dest / "pretrain_log.jsonl").read_text() == '{"step": 1}\n'
