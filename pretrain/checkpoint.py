@@ -60,8 +60,8 @@ def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
              "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's device only: a resume may see another number of GPUs per node
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -70,8 +70,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda") if torch.cuda.is_available() else None
+    if isinstance(cuda, list):  # saved before 2026-12-07: every visible device's state, valid in the same layout
+        cuda = cuda[torch.cuda.current_device()] if len(cuda) == torch.cuda.device_count() else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
 
 
 def read_trainer_state(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:

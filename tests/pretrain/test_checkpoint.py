@@ -276,6 +276,58 @@ def test_rng_state_round_trip_through_a_weights_only_load(tmp_path):
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
+class FakeGpuNode:
+    """torch.cuda's RNG functions over one CPU generator per device (CI has no GPU); `current` is the device
+    torch.cuda.set_device chose, the rank's LOCAL_RANK in the trainer."""
+
+    def __init__(self, monkeypatch, devices: int, current: int):
+        self.generators = [torch.Generator().manual_seed(100 + d) for d in range(devices)]
+        self.current = current
+        for name, fake in (("is_available", lambda: True), ("device_count", lambda: devices),
+                           ("current_device", lambda: self.current),
+                           ("get_rng_state", lambda: self.generators[self.current].get_state()),
+                           ("set_rng_state", lambda state: self.generators[self.current].set_state(state)),
+                           ("get_rng_state_all", lambda: [g.get_state() for g in self.generators])):
+            monkeypatch.setattr(torch.cuda, name, fake)
+
+    def draw(self, device: int | None = None) -> torch.Tensor:
+        return torch.rand(3, generator=self.generators[self.current if device is None else device])
+
+
+def save_and_reload(state, path):
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def test_a_rank_resumes_its_own_gpus_rng_on_a_node_with_fewer_gpus(tmp_path, monkeypatch):
+    """Saved by local rank 5 of an 8-GPU node, resumed by local rank 1 of a 4-GPU node (same world size): the
+    dropout stream goes on where rank 5's device left it, and a device index the node lacks is never touched."""
+    saved_on = FakeGpuNode(monkeypatch, devices=8, current=5)
+    saved_on.draw(5)
+    state = save_and_reload(rng_state(), tmp_path / "rng.pt")
+    expected = saved_on.draw(5)
+    resumed_on = FakeGpuNode(monkeypatch, devices=4, current=1)
+    others = {d: resumed_on.generators[d].get_state() for d in (0, 2, 3)}
+    set_rng_state(state)
+    assert torch.equal(resumed_on.draw(), expected)
+    assert all(torch.equal(resumed_on.generators[d].get_state(), s) for d, s in others.items())
+
+
+def test_a_checkpoint_with_every_devices_rng_resumes_only_where_the_node_matches(tmp_path, monkeypatch):
+    """Checkpoints saved before 2026-12-07 hold torch.cuda.get_rng_state_all(): the entry of this rank's device
+    where the node has as many GPUs, else the CUDA generator is left alone (no IndexError)."""
+    node = FakeGpuNode(monkeypatch, devices=4, current=2)
+    legacy = rng_state() | {"cuda": torch.cuda.get_rng_state_all()}
+    state = save_and_reload(legacy, tmp_path / "rng.pt")
+    expected = node.draw(2)
+    set_rng_state(state)
+    assert torch.equal(node.draw(), expected)
+    bigger = save_and_reload(legacy | {"cuda": legacy["cuda"] * 2}, tmp_path / "rng8.pt")  # an 8-GPU node's
+    before = [g.get_state() for g in node.generators]
+    set_rng_state(bigger)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(node.generators, before))
+
+
 def whole_checkpoint(folder, world: int, bf16: bool = False):
     """The files of a ZeRO-3 checkpoint of `world` ranks, each a real torch.save archive."""
     folder.mkdir(parents=True)
