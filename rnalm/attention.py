@@ -144,7 +144,8 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
                     dtype: torch.dtype | None = None) -> str:
     """'auto' picks the fastest backend for the device, with `dropout` the fastest that applies attention dropout
     unless only the sdpa fallback would, and sdpa for inputs of a `dtype` the CUDA kernels lack (fp32 without
-    autocast); an explicit name must be available there."""
+    autocast); an explicit name must be available there, and gives such inputs to sdpa too, with a warning (a
+    fine-tune naming its training kernel validates in fp32)."""
     if name == "auto":
         if dtype is not None and dtype not in KERNEL_DTYPES:
             return "sdpa"
@@ -160,6 +161,9 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
         raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
     if name not in options:
         raise RuntimeError(f"attention backend {name!r} is not available on {device}; available: {options}")
+    if name != "sdpa" and dtype is not None and dtype not in KERNEL_DTYPES:
+        _warn_once(f"attention backend {name!r} takes fp16/bf16 inputs only; {dtype} ones (no autocast) run on sdpa")
+        return "sdpa"
     return name
 
 

@@ -357,7 +357,8 @@ def test_model_asks_for_a_dropout_backend_only_in_training(monkeypatch):
 
 def test_auto_backend_gives_fp32_attention_to_sdpa(monkeypatch):
     """The CUDA varlen kernels take fp16/bf16 only ('FlashAttention only support fp16 and bf16 data type'), so
-    "auto" must not hand them fp32 (inference or fine-tuning on a GPU without autocast, finetune's default)."""
+    neither "auto" nor a kernel named explicitly may hand them fp32 (inference or fine-tuning on a GPU without
+    autocast, finetune's validation: a named kernel crashed it after a whole epoch of training)."""
     import rnalm.attention as attention
 
     used = []
@@ -377,9 +378,13 @@ def test_auto_backend_gives_fp32_attention_to_sdpa(monkeypatch):
             bf16 = model(tokens).logits
     assert used == [torch.bfloat16] * model.config.num_layers
     torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.05)
-    model.attention_backend = "torch_varlen"       # an explicit choice stands
-    with pytest.raises(RuntimeError, match="fp16 and bf16"):
-        model(tokens)
+    model.attention_backend = "torch_varlen"       # an explicit choice: the kernel where it runs, sdpa for fp32
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="'torch_varlen' takes fp16/bf16 inputs only; torch.float32 ones"):
+            torch.testing.assert_close(model(tokens).logits, fp32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens)
+    assert used == [torch.bfloat16] * 2 * model.config.num_layers
 
 
 def test_sdpa_pads_sequences_only_to_the_longest_of_their_length_group(monkeypatch):
