@@ -39,7 +39,7 @@ from .normalize import NormalizeConfig
 from .shards import (FORMAT_VERSION, MANIFEST_NAME, ZSTD_LEVEL, Manifest, ShardInfo, read_manifest,
                      write_manifest)
 from .report import ReportProcess, write_summary
-from .split import CANDIDATES_PER_VALID, shard_jobs, shuffled_order, valid_candidates, wanted_valid
+from .split import CANDIDATES_PER_VALID, VALID_MAX_CLUSTER, shard_jobs, shuffled_order, valid_candidates, wanted_valid
 from .background import Background
 from .shares import normalise_inputs, tsv_lines
 from .store import Store, write_permuted
@@ -307,7 +307,7 @@ def _stage_keys(cfg: BuildConfig, comm) -> tuple[dict[str, str], str | None]:
     search = clustering.search_step("mmseqs", Path("q"), Path("t"), Path("o"), Path("tmp"),
                                     replace(cfg.cluster, threads=1), 0)
     keys["holdout"] = _hash(keys["cluster"], cfg.valid_fraction, cfg.seed, search, clustering.SEARCH_SIZE_BOUNDS,
-                            CANDIDATES_PER_VALID)
+                            CANDIDATES_PER_VALID, VALID_MAX_CLUSTER)
     keys["shuffle"] = _hash(keys["dedup"], cfg.seed)
     return keys, mmseqs
 

@@ -136,3 +136,21 @@ def test_four_candidates_are_searched_per_wanted_validation_cluster_and_never_al
 
     assert len(valid_candidates(np.arange(1000), digests(1000), 0.01, seed=0)) == 40
     assert len(valid_candidates(np.arange(10), digests(10), 0.3, seed=0)) == 9
+
+
+def test_clusters_too_large_for_the_holdout_search_are_never_candidates(monkeypatch):
+    """A candidate of S records costs ~S^2 holdout-search hits: clusters over VALID_MAX_CLUSTER come last, the
+    others keep their order (a corpus without such clusters keeps its validation)."""
+    from dataprep import split
+
+    sizes = [1] * 500 + [split.VALID_MAX_CLUSTER + 1, split.VALID_MAX_CLUSTER] + [1] * 2500
+    cluster_id = np.repeat(np.arange(len(sizes)), sizes)
+    seq = digests(len(cluster_id))
+    ranking = split.cluster_ranking(cluster_id, seq, seed=0)
+    monkeypatch.setattr(split, "VALID_MAX_CLUSTER", 10**9)
+    uncapped = split.cluster_ranking(cluster_id, seq, seed=0)
+    assert ranking[-1] == 500 and uncapped[-1] != 500
+    np.testing.assert_array_equal(ranking[:-1], uncapped[uncapped != 500])
+    monkeypatch.undo()
+    everything_but_one = split.valid_candidates(cluster_id, seq, 0.3, seed=0)   # 4 x 900 > 3,001 clusters
+    assert len(everything_but_one) == len(sizes) - 1 and 500 not in everything_but_one and 501 in everything_but_one
