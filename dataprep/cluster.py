@@ -165,7 +165,19 @@ def _run_guarded(cmd: list[str], out) -> int:
         raise
 
 
-def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: ClusterConfig, max_seqs: int) -> list[str]:
+def search_memory_limit(ranks_on_node: int) -> str | None:
+    """MMseqs2's --split-memory-limit for each of `ranks_on_node` ranks searching at once: 80 % of the node's
+    available memory (/proc/meminfo, not a cgroup's limit) shared out. Unset, each sizes its k-mer index for all of
+    it: ~6.8 bytes per target nt, ~48 GB at RiNALMo's ~7 Gnt, so 6 ranks on a 256 GB node would need ~290 GB."""
+    if ranks_on_node <= 1:
+        return None
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return f"{int(0.8 * available_kib / ranks_on_node) >> 10}M"
+
+
+def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: ClusterConfig, max_seqs: int,
+                memory_limit: str | None = None) -> list[str]:
     """Every (query, target) alignment within the clustering's identity, on either strand (as clustering joins
     reverse complements), with the fraction of each sequence it covers (`parse_hits` keeps those covering
     `cfg.coverage` of either). Short k-mers without masking find what linclust's long k-mers miss: MMseqs2's
@@ -173,7 +185,8 @@ def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: Clus
     with such a train record; k 8 finds 170."""
     return [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--search-type", "3", "--strand", "2",
             "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id), "-c", "0",
-            "--max-seqs", str(max_seqs), "--format-output", "query,target,qcov,tcov", "--threads", str(cfg.threads)]
+            "--max-seqs", str(max_seqs), "--format-output", "query,target,qcov,tcov", "--threads", str(cfg.threads),
+            *(["--split-memory-limit", memory_limit] if memory_limit else [])]
 
 
 def run_mmseqs(steps: list[list[str]], log: Path) -> None:
@@ -293,13 +306,14 @@ def search_db(store: Store, keep: np.ndarray, scratch: Path, log: Path, cfg: Clu
 
 
 def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_size: np.ndarray, scratch: Path,
-                 log: Path, cfg: ClusterConfig, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+                 log: Path, cfg: ClusterConfig, part: tuple[int, int] = (0, 1),
+                 memory_limit: str | None = None) -> np.ndarray:
     """[m, 2] kept-list positions (query, target): every kept record within the clustering's identity of one of
     the kept records at `queries` (ascending; itself included) over `cfg.coverage` of either sequence, so a
     fragment and the longer record it comes from are a pair, by MMseqs2 searches against the `search_db` in
     `scratch`, one per group of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`). `part` (rank, ranks): this rank
     searches every ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs
-    together are the pairs of one search."""
+    together are the pairs of one search; `memory_limit`: `search_memory_limit`'s."""
     rank, ranks = part
     w, group = name_width(len(keep)), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
     steps, outputs = [], []
@@ -312,7 +326,7 @@ def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_si
         outputs.append(scratch / f"pairs-{name}.tsv")
         limit = 300 + int(cluster_size[group == g].max())
         steps.append(search_step(find_mmseqs(cfg.mmseqs), scratch / f"queries-{name}.fasta", scratch / "targets",
-                                 outputs[-1], scratch / f"search-{name}", cfg, limit))
+                                 outputs[-1], scratch / f"search-{name}", cfg, limit, memory_limit))
     if steps:
         run_mmseqs(steps, log)
     return np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs] or [np.zeros((0, 2), np.int64)])

@@ -217,8 +217,10 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
             clustering.search_db(store, keep, scratch, stage.tmp / "mmseqs.log", cfg.cluster, writers=cfg.workers)
     comm.barrier()
     size = np.bincount(cluster_id)[cluster_id[queries]]
+    hosts = comm.allgather(platform.node())
     pairs = clustering.linked_pairs(store, keep, queries, size, scratch, stage.tmp / _rank_log(comm.rank),
-                                    cfg.cluster, (comm.rank, comm.size))
+                                    cfg.cluster, (comm.rank, comm.size),
+                                    clustering.search_memory_limit(hosts.count(hosts[comm.rank])))
     # to rank 0 through the shared file system: a pickled MPI message is limited to 2 GiB
     np.save(scratch / f"linked-{comm.rank}.npy", _unique_rows(cluster_id[pairs]))
     comm.barrier()

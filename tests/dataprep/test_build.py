@@ -543,8 +543,15 @@ def test_mpirun_two_ranks_matches_serial(tmp_path, synth_fa):
     assert a.counts == b.counts
     assert (tmp_path / "serial" / "rejects.tsv").read_text() == (tmp_path / "mpi" / "rejects.tsv").read_text()
     check_build(tmp_path / "mpi", [synth_fa])
-    for log in ("mmseqs.log", "mmseqs-rank1.log"):  # each rank searched its share of the holdout queries
-        assert "easy-search" in (tmp_path / "mpi" / ".work" / "holdout" / log).read_text()
+    def searches(out, log):  # the commands run_mmseqs logged
+        return [line for line in (tmp_path / out / ".work" / "holdout" / log).read_text().splitlines()
+                if line.startswith("$ ") and " easy-search " in line]
+
+    # each rank searched its share of the holdout queries, with half the node's memory (one process: all of it)
+    for log in ("mmseqs.log", "mmseqs-rank1.log"):
+        assert searches("mpi", log) and all("--split-memory-limit" in c for c in searches("mpi", log))
+    assert searches("serial", "mmseqs.log")
+    assert not any("--split-memory-limit" in c for c in searches("serial", "mmseqs.log"))
 
 
 @pytest.mark.system

@@ -130,3 +130,15 @@ def test_a_rank_left_without_queries_searches_nothing(tmp_path):
     assert linked_pairs(store, keep, np.array([0]), sizes, scratch, log, cfg, (1, 2)).shape == (0, 2)
     assert sorted(map(tuple, linked_pairs(store, keep, np.array([0]), sizes, scratch, log, cfg, (0, 2)).tolist())) \
         == [(0, 0), (0, 1)]
+
+
+def test_ranks_sharing_a_node_share_its_memory_in_the_holdout_search():
+    """MMseqs2 sizes its k-mer index for all of the node's memory in each process unless told otherwise."""
+    from dataprep.cluster import search_memory_limit
+
+    assert search_memory_limit(1) is None
+    available_mib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:")) / 1024
+    for ranks in (2, 8):
+        limit = search_memory_limit(ranks)
+        assert limit.endswith("M") and abs(int(limit[:-1]) * ranks / (0.8 * available_mib) - 1) < 0.05
