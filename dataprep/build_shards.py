@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
                         "holdout search)")
     g.add_argument("--cov-mode", type=int, default=None, choices=range(6),
                    help="MMseqs2 --cov-mode (default: MMseqs2's own, 0: query and target)")
-    g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads")
+    g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads (default: the CPUs this process may use, %(default)s here)")
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
     g = p.add_argument_group("split and shards")
@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
     g.add_argument("--zstd-level", type=int, default=BuildConfig.zstd_level, help="zstd compression level")
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=BuildConfig.workers,
-                   help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank")
+                   help="normalise processes (byte ranges of plain inputs) and shard-compression threads, per rank "
+                        "(default: the CPUs this process may use, %(default)s here)")
     g.add_argument("--chunk-mb", type=float, default=BuildConfig.chunk_mb, help="input chunk size for parsing (MiB)")
     g.add_argument("--dedup-bucket-records", type=int, default=BuildConfig.dedup_bucket_records,
                    help="records per dedup hash bucket; lower it to bound dedup memory")

@@ -31,6 +31,7 @@ INSTALL_HINT = ("install MMseqs2: `sudo apt-get install mmseqs2` (Debian/Ubuntu)
 # both), on a 4,000-record ncRNA sample at --valid-fraction 0.1, 0.8 / 1.9 / 3.6 % at k 7 / 8 / 9 (43 % without);
 # prefilter time on 945,670 synthetic records (2 cores) 318 / 105 / 45 s against linclust's 36 s.
 SEARCH_KMER = 8
+CPUS = len(os.sched_getaffinity(0))  # this process's (a Slurm task's --cpus-per-task): the thread defaults
 # Hits kept per query: MMseqs2's default 300 plus the query's cluster size, whose members would fill them and hide
 # a link to another cluster (a record of 400 near-copies lost its 85 % neighbour). Each group of cluster sizes up
 # to these bounds is searched with its own limit: one limit for all (10,000) made the alignments 13x slower.
@@ -43,7 +44,7 @@ class ClusterConfig:
     min_seq_id: float = 0.7
     coverage: float = 0.8
     cov_mode: int | None = None  # MMseqs2's default (0: bidirectional) unless set
-    threads: int = 2
+    threads: int = CPUS
     mmseqs: str = "mmseqs"
 
 

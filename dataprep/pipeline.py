@@ -64,7 +64,7 @@ class BuildConfig:
     records_per_shard: int = 0  # 0: from shard_mb
     shard_mb: float = 256.0  # target uncompressed payload per shard when records_per_shard is 0
     zstd_level: int = ZSTD_LEVEL
-    workers: int = 2  # normalise processes and shard-compression threads (per rank)
+    workers: int = clustering.CPUS  # normalise processes and shard-compression threads (per rank)
     chunk_mb: float = 2.0  # input chunk parsed at once (small: its temporaries are reused, not page-faulted anew)
     dedup_bucket_records: int = dd.BUCKET_RECORDS  # records per dedup hash bucket (bounds dedup memory)
     report: bool = True
