@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := .venv/.installed
 export PYTHON3
 
-.PHONY: demo test venv sysdeps clean
+.PHONY: demo test venv sysdeps sysdeps-test clean
 
 # sysdeps first: it brings python3-venv, and the compiler DeepSpeed needs. A .venv without a working pip (a
 # failed or interrupted `python -m venv`) is made again.
@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml | sysdeps
 
 venv: $(STAMP)
 
-sysdeps:
+sysdeps:       # what the pipeline needs (no Slurm or Prometheus daemons on a login node)
+	bash deploy/install_sysdeps.sh pipeline
+
+sysdeps-test:  # and what the tests start on loopback: Open MPI, Slurm + munge, Prometheus
 	bash deploy/install_sysdeps.sh
 
 demo: sysdeps venv
 	$(PY) -m pretrain.demo
 
-test: sysdeps venv
+test: sysdeps-test venv
 	$(PY) -m pytest -q
 
 clean:

@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
 # Installs the external tools the pipeline and its tests use, when missing (Debian/Ubuntu, apt).
-# g++ + Python headers: DeepSpeed compiles its CPU comm op at start-up; python3-venv: `make`'s .venv;
-# mmseqs2: clustering; openmpi: dataprep --mpi; slurm-wlm + munge: sbatch scripts; prometheus: monitoring.
+#   bash deploy/install_sysdeps.sh pipeline   # `make demo`/`make venv`: g++ + the Python headers (DeepSpeed
+#                                             # compiles its CPU comm op at start-up), $PYTHON3's venv, mmseqs2
+#   bash deploy/install_sysdeps.sh            # `make test`: also Open MPI (dataprep --mpi), Slurm + munge and
+#                                             # Prometheus, whose daemons the tests start on loopback
+# (`pipeline` never puts Slurm's or Prometheus's daemons on a cluster's login node, where the site's sbatch is.)
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"  # slurmctld, slurmd, munged live there, off a plain user's PATH
 PYTHON3=${PYTHON3:-python3}
+# the packages of this Python's version (python3-venv and python3-dev are the distro default's: 3.10 on Ubuntu
+# 22.04, where `make PYTHON3=python3.11` is the way)
+pyver=$("$PYTHON3" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || pyver=3
 need=()
 command -v g++ >/dev/null || need+=(g++)
 "$PYTHON3" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
-  2>/dev/null || need+=(python3-dev)
-"$PYTHON3" -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+  2>/dev/null || need+=("python$pyver-dev")
+"$PYTHON3" -c 'import ensurepip' 2>/dev/null || need+=("python$pyver-venv")
 command -v mmseqs >/dev/null || need+=(mmseqs2)
-command -v mpirun >/dev/null || need+=(openmpi-bin libopenmpi-dev)
-for tool in slurmctld slurmd sbatch scontrol; do
-  command -v "$tool" >/dev/null || { need+=(slurm-wlm slurm-client); break; }
-done
-{ command -v munged && command -v mungekey; } >/dev/null || need+=(munge)
-command -v promtool >/dev/null || need+=(prometheus)
+if [ "${1:-all}" != pipeline ]; then
+  command -v mpirun >/dev/null || need+=(openmpi-bin libopenmpi-dev)
+  for tool in slurmctld slurmd sbatch scontrol; do
+    command -v "$tool" >/dev/null || { need+=(slurm-wlm slurm-client); break; }
+  done
+  { command -v munged && command -v mungekey; } >/dev/null || need+=(munge)
+  command -v promtool >/dev/null || need+=(prometheus)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
   echo "install_sysdeps: apt-get not found; install ${need[*]} yourself (tests that need them will skip)" >&2
