@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -143,10 +144,12 @@ def consolidate(root: Path, tag: str) -> dict:
     return weights
 
 
-def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int = 2) -> Path:
-    """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it. The
-    checkpoint must have been checked (`check_checkpoint`; the trainer's resume checks it): ds_to_universal names no
-    file, or the wrong cause, when one is damaged."""
+def to_universal(ckpt_dir: str | Path, tag: str | None = None, workers: int | None = None) -> Path:
+    """`<tag>_universal` beside `<tag>`, built in a temp dir and renamed, so a crash leaves no half of it, by
+    `workers` extract and merge processes (default: up to 8 of the CPUs this process may use). The checkpoint must
+    have been checked (`check_checkpoint`; the trainer's resume checks it): ds_to_universal names no file, or the
+    wrong cause, when one is damaged."""
+    workers = workers or min(8, len(os.sched_getaffinity(0)))
     root, tag = locate(ckpt_dir, tag)
     final = root / (tag + UNIVERSAL_SUFFIX)
     tmp = root / (TMP_PREFIX + tag + UNIVERSAL_SUFFIX)

@@ -602,7 +602,7 @@ class Trainer:
                     f"{self.world}: converting it to DeepSpeed's universal form ({target.name})")
             t0 = time.perf_counter()
             with _stop_signals_blocked():  # pretrain.sh's USR1s (every 20 s) would kill ds_to_universal: exit 2
-                to_universal(self.checkpointer.root, tag, workers=min(8, len(os.sched_getaffinity(0))))
+                to_universal(self.checkpointer.root, tag)
             self._log(event="universal_conversion", tag=tag, saved_world_size=saved_world,
                       world_size=self.world, seconds=time.perf_counter() - t0)
         while not target.is_dir():
