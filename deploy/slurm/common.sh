@@ -19,4 +19,6 @@ elif [ -e "$RNALM_REPO/.venv/bin/python" ] || [ -L "$RNALM_REPO/.venv/bin/python
 else
   PYTHON=$(command -v python3) || die "no python: no $RNALM_REPO/.venv and no python3 on PATH; set RNALM_PYTHON"
 fi
+# (a module-built python without its LD_LIBRARY_PATH on this node is executable but does not start)
+"$PYTHON" -c '' || die "$PYTHON does not start on $(hostname) (its output above)"
 log "python: $PYTHON"

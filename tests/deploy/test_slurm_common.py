@@ -43,13 +43,22 @@ def test_python3_on_path_only_without_a_venv(tmp_path):
     assert r.returncode == 0 and f"chose {tmp_path}/bin/python3" in r.stdout, r.stderr
 
 
-@pytest.mark.parametrize("case", ["dangling venv link", "RNALM_PYTHON missing"])
+@pytest.mark.parametrize("case", ["dangling venv link", "RNALM_PYTHON missing", "python that does not start"])
 def test_an_interpreter_that_does_not_run_here_stops_the_job_instead_of_another_python(tmp_path, case):
     """A .venv built on the login node against an interpreter the compute nodes lack, or a mistyped
-    RNALM_PYTHON, ran python3 from PATH: other packages (or none: 'No module named torch')."""
+    RNALM_PYTHON, ran python3 from PATH: other packages (or none: 'No module named torch'); a module-built python
+    without its libraries on the node went on to a misleading error about the config."""
     if case == "dangling venv link":
         r = pick_python(fake_repo(tmp_path, Path("/opt/login-node-only/python3.11")), tmp_path)
         said = "does not run on"
+    elif case == "python that does not start":
+        broken = tmp_path / "module-python"
+        broken.write_text("#!/bin/sh\necho 'error while loading shared libraries: libpython3.11.so.1.0' >&2\n"
+                          "exit 127\n")
+        broken.chmod(0o755)
+        r = pick_python(fake_repo(tmp_path, Path(sys.executable)), tmp_path, RNALM_PYTHON=str(broken))
+        said = f"{broken} does not start on"
+        assert "libpython3.11.so.1.0" in r.stderr
     else:
         r = pick_python(fake_repo(tmp_path, Path(sys.executable)), tmp_path, RNALM_PYTHON=str(tmp_path / "pyhton"))
         said = f"RNALM_PYTHON={tmp_path}/pyhton is not an executable on"
