@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,8 +136,11 @@ def test_e2e_plan_within_a_short_budget_ends_cleanly(shared_data, tmp_path):
     assert env["status"] == "ok" and e2e["status"] in ("ok", "timeout"), e2e
     if e2e["status"] == "ok":
         assert proc.returncode == 0 and (out / "table.md").exists() and "rows" in e2e["result"]
-    else:
-        assert proc.returncode == 1 and e2e["seconds"] < 40 and "e2e: TIMEOUT" in (out / "session.log").read_text()
+    else:  # killed at the plan's deadline, not at its cap (its measured seconds also hold any stall of the
+        log = (out / "session.log").read_text()  # machine: 52 s once on a loaded CI host, the timeout being 29)
+        timeout = int(re.search(r"e2e: start \(timeout (\d+) s\)", log).group(1))
+        assert proc.returncode == 1 and e2e["cut_by_deadline"] and timeout < 40
+        assert f"e2e: TIMEOUT after {timeout} s" in log
     time.sleep(1)
     assert not leftovers(work)
 
