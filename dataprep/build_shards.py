@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BuildConfig, bool]:
                         "holdout search)")
     g.add_argument("--cov-mode", type=int, default=None, choices=range(6),
                    help="MMseqs2 --cov-mode (default: MMseqs2's own, 0: query and target)")
-    g.add_argument("--threads", type=int, default=ClusterConfig.threads, help="MMseqs2 threads (default: the CPUs this process may use, %(default)s here)")
+    g.add_argument("--threads", type=int, default=ClusterConfig.threads,
+                   help="MMseqs2 threads (default: the CPUs this process may use, %(default)s here)")
     g.add_argument("--mmseqs", default="mmseqs", help="MMseqs2 executable")
     g.add_argument("--no-cluster", action="store_true", help="skip MMseqs2: every record is its own cluster")
     g = p.add_argument_group("split and shards")

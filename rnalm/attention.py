@@ -146,25 +146,26 @@ def resolve_backend(name: str, device: torch.device | str, dropout: bool = False
     unless only the sdpa fallback would, and sdpa for inputs of a `dtype` the CUDA kernels lack (fp32 without
     autocast); an explicit name must be available there, and gives such inputs to sdpa too, with a warning (a
     fine-tune naming its training kernel validates in fp32)."""
-    if name == "auto":
-        if dtype is not None and dtype not in KERNEL_DTYPES:
-            return "sdpa"
-        device = torch.device(device)
-        fast = [b for b in _available_backends(device.type) if b != "sdpa" and not (dropout and b in WITHOUT_DROPOUT)]
-        if fast:  # torch_flash, which needs a probe on the GPU, only where no other kernel serves
-            return fast[0]
-        kernels = [b for b in available_backends(device) if b != "sdpa"]
-        with_dropout = [b for b in kernels if b not in WITHOUT_DROPOUT]
-        return (with_dropout if dropout and with_dropout else kernels or ["sdpa"])[0]
-    options = available_backends(device)
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
-    if name not in options:
-        raise RuntimeError(f"attention backend {name!r} is not available on {device}; available: {options}")
-    if name != "sdpa" and dtype is not None and dtype not in KERNEL_DTYPES:
-        _warn_once(f"attention backend {name!r} takes fp16/bf16 inputs only; {dtype} ones (no autocast) run on sdpa")
+    if name != "auto":
+        options = available_backends(device)
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose from {list(ATTENTION_BACKENDS)}")
+        if name not in options:
+            raise RuntimeError(f"attention backend {name!r} is not available on {device}; available: {options}")
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        if name not in ("auto", "sdpa"):
+            _warn_once(f"attention backend {name!r} takes fp16/bf16 inputs only; {dtype} ones (no autocast) run on "
+                       "sdpa")
         return "sdpa"
-    return name
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    fast = [b for b in _available_backends(device.type) if b != "sdpa" and not (dropout and b in WITHOUT_DROPOUT)]
+    if fast:  # torch_flash, which needs a probe on the GPU, only where no other kernel serves
+        return fast[0]
+    kernels = [b for b in available_backends(device) if b != "sdpa"]
+    with_dropout = [b for b in kernels if b not in WITHOUT_DROPOUT]
+    return (with_dropout if dropout and with_dropout else kernels or ["sdpa"])[0]
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
