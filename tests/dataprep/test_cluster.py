@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import gzip
+import re
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dataprep import cluster as clustering
 from dataprep.cluster import (ClusterConfig, _decimal, assign, fasta_block, linked_pairs, name_width, parse_cluster_tsv,
                               parse_hits, parse_pairs, run_linclust, search_db)
 from dataprep.errors import ToolError
@@ -19,7 +21,8 @@ COMPLEMENT = {"A": "U", "C": "G", "G": "C", "U": "A"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 10, 11, 100, 101, 1000])
-def test_every_position_gets_a_distinct_name_that_parses_back(tmp_path, n):
+def test_every_position_gets_a_distinct_name_that_parses_back(tmp_path, monkeypatch, n):
+    monkeypatch.setattr(clustering, "ROWS_PER_CHUNK", 7)  # (parsed in chunks, the last one partial)
     positions = np.arange(n)
     w = name_width(n)
     assert w == len(str(n - 1))
@@ -36,15 +39,19 @@ def test_fasta_block_writes_a_header_and_a_line_per_record():
     assert fasta_block(_decimal(np.array([7, 8, 9]), 2), seq, off).tobytes() == b">07\nACG\n>08\n\n>09\nUGGA\n"
 
 
-def test_search_hits_link_at_the_coverage_of_either_sequence(tmp_path):
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 1 << 20])
+def test_search_hits_link_at_the_coverage_of_either_sequence(tmp_path, monkeypatch, rows_per_chunk):
+    monkeypatch.setattr(clustering, "ROWS_PER_CHUNK", rows_per_chunk)
     out = tmp_path / "pairs.tsv"
     out.write_text("03\t11\t0.800\t0.150\n04\t12\t0.150\t1.000\n05\t13\t0.799\t0.799\n06\t14\t0.810\t0.900\n")
     assert parse_hits(out, 2, 0.8).tolist() == [[3, 11], [4, 12], [6, 14]]
     assert parse_hits(out, 2, 0.9).tolist() == [[4, 12], [6, 14]]
+    out.write_text("")
+    assert parse_hits(out, 2, 0.8).shape == (0, 2)
     for bad in ("04\t12\t0.15\t1.000\n", "04\t1a\t0.150\t1.000\n", "04\t12\t0.150\t1.00 \n", "04\t12\t0,150\t1.000\n",
-                "04 12\t0.150\t1.000\n"):
-        out.write_text("03\t11\t0.800\t0.150\n" + bad)
-        with pytest.raises(ToolError, match=f"{out}: unexpected MMseqs2 search output"):
+                "04 12\t0.150\t1.000\n", "04\t12\t0.150"):
+        out.write_text("03\t11\t0.800\t0.150\n" * 3 + bad + "05\t13\t0.799\t0.799\n" * (len(bad) > 14))
+        with pytest.raises(ToolError, match=re.escape(f"{out}: line 4: unexpected MMseqs2 search output {str(bad[:5].encode())[:-1]}")):
             parse_hits(out, 2, 0.8)
 
 
