@@ -14,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,11 +193,17 @@ def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: Clus
             *(["--split-memory-limit", memory_limit] if memory_limit else [])]
 
 
-def run_mmseqs(steps: list[list[str]], log: Path) -> None:
-    """Run MMseqs2 commands in order, each logged at the end of `log`; a failure is a ToolError with the log's
-    tail."""
-    with open(log, "ab") as lf:
-        for cmd in steps:
+def run_mmseqs(steps: list[list[str]], log: Path, done: Sequence[Path | None] = ()) -> None:
+    """Run MMseqs2 commands in order, each logged at the end of `log`, except those whose `done` file exists: for a
+    step that makes a database its `.dbtype`, which MMseqs2 writes last (its own workflows resume by that rule),
+    else a file written here when the step succeeds. A failure is a ToolError with the log's tail."""
+    with open(log, "a+b") as lf:
+        if lf.tell() and os.pread(lf.fileno(), 1, lf.tell() - 1) != b"\n":  # an earlier run's, killed mid-line
+            lf.write(b"\n")
+        for cmd, made in itertools.zip_longest(steps, done[: len(steps)]):
+            if made is not None and made.exists():
+                lf.write(f"# finished by an earlier run ({made.name}), not run again: {' '.join(cmd)}\n".encode())
+                continue
             lf.write(f"$ {' '.join(cmd)}\n".encode())
             lf.flush()
             rc = _run_guarded(cmd, lf)
@@ -205,15 +211,25 @@ def run_mmseqs(steps: list[list[str]], log: Path) -> None:
                 lf.close()
                 tail = log.read_bytes()[-2000:].decode("utf-8", "replace")
                 raise ToolError(f"mmseqs {cmd[1]} failed (exit {rc}); command: {' '.join(cmd)}\n"
-                                f"last lines of {log}:\n{tail}")
+                                f"last lines of {log}:\n{tail}\n(a rerun keeps the steps that finished and resumes "
+                                f"MMseqs2's own from {log.parent}; delete that directory to start them afresh)")
+            if made is not None:
+                os.sync()  # MMseqs2 never syncs: the step's outputs are on disk before the mark says they are complete
+                made.touch()
 
 
 def run_linclust(fasta: list[Path], workdir: Path, cfg: ClusterConfig, log: Path) -> Path:
-    """Cluster the sequences of the FASTA files `fasta`; returns the `rep<TAB>member` TSV."""
+    """Cluster the sequences of the FASTA files `fasta`; returns the `rep<TAB>member` TSV. Steps that finished in
+    `workdir` before (an interrupted run's) are kept, and linclust resumes from its own finished steps there."""
     tmp = workdir / "mmseqs_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    run_mmseqs(linclust_steps(find_mmseqs(cfg.mmseqs), fasta, tmp, cfg), log)
+    run_mmseqs(linclust_steps(find_mmseqs(cfg.mmseqs), fasta, tmp, cfg), log,
+               [_database_made(tmp / "input"), _database_made(tmp / "clu")])
     return tmp / "cluster.tsv"
+
+
+def _database_made(db: Path) -> Path:
+    return db.with_name(db.name + ".dbtype")
 
 
 def _fixed_rows(path: Path, fields: list[str], what: str) -> Iterator[np.ndarray]:
@@ -293,17 +309,20 @@ def singletons(n: int) -> Clusters:
 
 
 def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, writers: int = 1) -> Clusters:
-    """Cluster the kept records (`writers` processes write MMseqs2's input)."""
+    """Cluster the kept records (`writers` processes write MMseqs2's input) in `workdir`, resuming the work an
+    interrupted run left there."""
     workdir.mkdir(parents=True, exist_ok=True)
     find_mmseqs(cfg.mmseqs)
     fasta = [workdir / f"input-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]  # none empty
-    width = write_input(store, keep, fasta)
+    width = name_width(len(keep))
+    if not _database_made(workdir / "mmseqs_tmp" / "input").exists():
+        write_input(store, keep, fasta)
     t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     tsv = run_linclust(fasta, workdir, cfg, workdir / "mmseqs.log")
     seconds, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     rep = parse_cluster_tsv(tsv, len(keep), width)
     for f in fasta:
-        f.unlink()
+        f.unlink(missing_ok=True)
     shutil.rmtree(tsv.parent)
     out = assign(rep)
     out.tool_seconds = seconds
@@ -313,9 +332,11 @@ def cluster(store: Store, keep: np.ndarray, workdir: Path, cfg: ClusterConfig, w
 
 def search_db(store: Store, keep: np.ndarray, scratch: Path, log: Path, cfg: ClusterConfig, writers: int = 1) -> None:
     """The holdout search's target database, all kept records, in `scratch` (`writers` processes write its
-    input), which every rank's `linked_pairs` then reads."""
+    input), which every rank's `linked_pairs` then reads; kept if an interrupted run made it."""
     scratch.mkdir(parents=True, exist_ok=True)
     fasta = [scratch / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
+    if _database_made(scratch / "targets").exists():
+        return
     write_input(store, keep, fasta)
     run_mmseqs([[find_mmseqs(cfg.mmseqs), "createdb", *map(str, fasta), str(scratch / "targets"), "--dbtype", "2",
                  "--shuffle", "0"]], log)
@@ -331,20 +352,23 @@ def linked_pairs(store: Store, keep: np.ndarray, queries: np.ndarray, cluster_si
     fragment and the longer record it comes from are a pair, by MMseqs2 searches against the `search_db` in
     `scratch`, one per group of queries' `cluster_size` (`SEARCH_SIZE_BOUNDS`). `part` (rank, ranks): this rank
     searches every ranks-th query of each group; a group's hit limit is the whole group's, so the ranks' pairs
-    together are the pairs of one search; `memory_limit`: `search_memory_limit`'s."""
+    together are the pairs of one search; `memory_limit`: `search_memory_limit`'s. Searches that an interrupted
+    run of the same queries finished in `scratch` are kept, and the others resume from MMseqs2's finished steps."""
     rank, ranks = part
     w, group = name_width(len(keep)), np.searchsorted(SEARCH_SIZE_BOUNDS, cluster_size)
-    steps, outputs = [], []
+    steps, outputs, done = [], [], []
     for g in np.unique(group):
         mine = queries[group == g][rank::ranks]
         if len(mine) == 0:  # (MMseqs2 refuses an empty query file)
             continue
-        name = f"{g}-{rank}"
-        _write_records(store, keep, mine, w, scratch / f"queries-{name}.fasta")
+        name = f"{g}-{rank}-of-{ranks}"  # (a rerun over another number of ranks searches other queries)
         outputs.append(scratch / f"pairs-{name}.tsv")
+        done.append(scratch / f"pairs-{name}.done")
+        if not done[-1].exists():
+            _write_records(store, keep, mine, w, scratch / f"queries-{name}.fasta")
         limit = 300 + int(cluster_size[group == g].max())
         steps.append(search_step(find_mmseqs(cfg.mmseqs), scratch / f"queries-{name}.fasta", scratch / "targets",
                                  outputs[-1], scratch / f"search-{name}", cfg, limit, memory_limit))
     if steps:
-        run_mmseqs(steps, log)
+        run_mmseqs(steps, log, done)
     return np.concatenate([parse_hits(out, w, cfg.coverage) for out in outputs] or [np.zeros((0, 2), np.int64)])

@@ -130,15 +130,25 @@ class _Stage:
         MMseqs2 may cluster (and number clusters) otherwise when run again with the same parameters."""
         return self._recorded().get("made")
 
-    def _recorded(self) -> dict:
+    def _recorded(self, where: Path | None = None) -> dict:
         try:
-            return json.loads((self.final / "stage.json").read_text())
+            return json.loads(((where or self.final) / "stage.json").read_text())
         except (OSError, ValueError):
             return {}
 
-    def begin(self) -> Path:
+    @property
+    def interrupted(self) -> bool:
+        """An interrupted run of the same key left its tmp."""
+        return self._recorded(self.tmp).get("key") == self.key
+
+    def begin(self, resume: bool = False) -> Path:
+        """An empty tmp; with `resume`, the tmp that an interrupted run of the same key left, as it is (MMseqs2's
+        finished steps, hours each at RiNALMo's size, are kept)."""
+        if resume and self.interrupted:
+            return self.tmp
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
+        (self.tmp / "stage.json").write_text(json.dumps({"key": self.key}))
         return self.tmp
 
     def commit(self) -> None:
@@ -184,7 +194,7 @@ def shuffle(cfg: BuildConfig, store: Store, keep: np.ndarray, stage: _Stage) -> 
 # ------------------------------------------------------------------------------------------ cluster
 def cluster(cfg: BuildConfig, store: Store, stage: _Stage, log: Log) -> None:
     keep = np.load(stage.final.parent / "dedup" / "keep.npy")
-    tmp = stage.begin()
+    tmp = stage.begin(resume=not cfg.no_cluster and _resumed(stage, log))
     if cfg.no_cluster:
         cl = clustering.singletons(len(keep))
     else:
@@ -207,8 +217,8 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
     queries = np.flatnonzero(np.isin(cluster_id, candidates))
     scratch = stage.tmp / "mmseqs_tmp"
     if comm.rank == 0:
-        stage.begin()
-        scratch.mkdir()
+        stage.begin(resume=_resumed(stage, log))
+        scratch.mkdir(exist_ok=True)
         ranks = f" x {comm.size} ranks (logs: {stage.final}/mmseqs*.log)" if comm.size > 1 else \
             f" (log: {stage.final / 'mmseqs.log'})"
         log(f"holdout: mmseqs search of {len(queries):,} records of {len(candidates):,} candidate validation "
@@ -229,6 +239,12 @@ def holdout(cfg: BuildConfig, store: Store, stage: _Stage, comm, log: Log) -> No
         np.save(stage.tmp / "linked.npy", _unique_rows(linked))
         shutil.rmtree(scratch, ignore_errors=True)
         stage.commit()
+
+
+def _resumed(stage: _Stage, log: Log) -> bool:
+    if stage.interrupted:
+        log(f"{stage.final.name}: resuming the MMseqs2 work of an interrupted run in {stage.tmp}")
+    return stage.interrupted
 
 
 def _one_mmseqs(comm, version: str) -> str:

@@ -11,7 +11,8 @@
 #   RNALM_REPO     repository root   (default: the submit directory)
 #   RNALM_PYTHON   interpreter       (default: $RNALM_REPO/.venv/bin/python)
 #   RNALM_SRUN_MPI srun --mpi plugin (default: pmix; `srun --mpi=list` shows what the cluster has)
-# Interrupted? Submit the same command again: build_shards.py reuses its finished stages (OUT/.work).
+# Interrupted? Submit the same command again: build_shards.py reuses its finished stages and MMseqs2 steps
+# (OUT/.work; after a node crash, delete OUT/.work/*.tmp first: docs/dataprep.md).
 #
 #SBATCH --job-name=rnalm-shards
 #SBATCH --nodes=2

@@ -469,6 +469,81 @@ def test_a_holdout_search_is_never_reused_beside_another_clustering(tmp_path, sy
     assert "cluster" in other.skipped and "holdout" in other.seconds  # (searched again, not skipped)
 
 
+def _recording_mmseqs(tmp_path: Path, fail_call: str = "") -> Path:
+    """MMseqs2 behind a script that appends each command line to tmp_path/calls and, while tmp_path/fail exists,
+    fails the call whose number (counted in tmp_path/fail) is `fail_call`."""
+    wrapper = tmp_path / "mmseqs-recorded"
+    wrapper.write_text(f"""#!/bin/sh
+echo "$*" >> {tmp_path}/calls
+if [ -f {tmp_path}/fail ] && [ "$1" != version ]; then
+  echo x >> {tmp_path}/fail
+  if [ "$(wc -l < {tmp_path}/fail)" = "{fail_call}" ]; then rm {tmp_path}/fail; echo 'Killed'; exit 137; fi
+fi
+exec mmseqs "$@"
+""")
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _shard_hashes(res) -> list[tuple[str, str]]:
+    return [(s.path, s.sha256) for s in res.manifest.shards]
+
+
+@pytest.mark.system
+def test_an_interrupted_clustering_keeps_the_mmseqs2_steps_that_finished(tmp_path, synth_fa, monkeypatch):
+    """Before, a clustering stage stopped after linclust (hours at RiNALMo's size) started again from createdb."""
+    require_tool("mmseqs")
+    from dataprep import cluster as clustering
+
+    args = dict(no_cluster=False, valid_fraction=0.1, records_per_shard=1000)
+    reference = build_small(tmp_path, [synth_fa], out="ref", cluster=ClusterConfig(threads=1), **args)
+    cfg = ClusterConfig(threads=1, mmseqs=str(_recording_mmseqs(tmp_path)))
+
+    class Stop(BaseException):
+        pass
+
+    with monkeypatch.context() as m:
+        m.setattr(clustering, "parse_cluster_tsv", lambda *a: (_ for _ in ()).throw(Stop()))
+        with pytest.raises(Stop):
+            build_small(tmp_path, [synth_fa], cluster=cfg, **args)
+    first = (tmp_path / "calls").read_text().splitlines()
+    assert any(c.startswith("linclust ") for c in first)
+    (tmp_path / "calls").unlink()
+    res = build_small(tmp_path, [synth_fa], cluster=cfg, **args)
+    again = [c.split()[0] for c in (tmp_path / "calls").read_text().splitlines()]
+    assert "linclust" not in again and again.count("createdb") == 1  # (the holdout search's targets)
+    assert "createtsv" in again  # (no mark of its own: seconds, run again)
+    log = (tmp_path / "out" / ".work" / "cluster" / "mmseqs.log").read_text()
+    assert "# finished by an earlier run (clu.dbtype), not run again" in log
+    assert _shard_hashes(res) == _shard_hashes(reference)
+
+
+@pytest.mark.system
+def test_an_interrupted_holdout_search_keeps_the_searches_that_finished(tmp_path, synth_fa, monkeypatch):
+    """Before, one failed search among the holdout stage's (hours at RiNALMo's size) redid all of them."""
+    require_tool("mmseqs")
+    from dataprep import cluster as clustering
+
+    monkeypatch.setattr(clustering, "SEARCH_SIZE_BOUNDS", (1, 2))  # three searches: clusters of 1, 2 and more
+    args = dict(no_cluster=False, valid_fraction=0.1, records_per_shard=1000)
+    reference = build_small(tmp_path, [synth_fa], out="ref", cluster=ClusterConfig(threads=1), **args)
+    cfg = ClusterConfig(threads=1, mmseqs=str(_recording_mmseqs(tmp_path, fail_call="6")))
+    (tmp_path / "fail").write_text("")  # calls: createdb, linclust, createtsv, createdb, easy-search, easy-search
+    with pytest.raises(ToolError, match=r"(?s)mmseqs easy-search failed \(exit 137\).*a rerun keeps the steps"):
+        build_small(tmp_path, [synth_fa], cluster=cfg, **args)
+    searched = [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines() if c.startswith("easy-search")]
+    assert len(searched) == 2 and searched[0].endswith("queries-0-0-of-1.fasta")
+    (tmp_path / "calls").unlink()
+    res = build_small(tmp_path, [synth_fa], cluster=cfg, **args)
+    again = [c.split()[:2] for c in (tmp_path / "calls").read_text().splitlines() if c.split()[0] != "version"]
+    assert [c[0] for c in again] == ["easy-search", "easy-search"]  # the failed one and the third, nothing else
+    assert again[0][1] == searched[1]
+    work = tmp_path / "out" / ".work"
+    assert np.array_equal(np.load(work / "holdout" / "linked.npy"), np.load(tmp_path / "ref" / ".work" / "holdout" /
+                                                                           "linked.npy"))
+    assert _shard_hashes(res) == _shard_hashes(reference)
+
+
 def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
     fake = tmp_path / "mmseqs"
     fake.write_text("#!/bin/sh\nif [ \"$1\" = linclust ]; then echo 'out of memory in kmermatcher'; exit 3; fi\n"

@@ -11,7 +11,7 @@ import pytest
 
 from dataprep import cluster as clustering
 from dataprep.cluster import (ClusterConfig, _decimal, assign, fasta_block, linked_pairs, name_width, parse_cluster_tsv,
-                              parse_hits, parse_pairs, run_linclust, search_db)
+                              parse_hits, parse_pairs, run_linclust, run_mmseqs, search_db)
 from dataprep.errors import ToolError
 from dataprep.store import Store
 from tests.conftest import require_tool
@@ -51,8 +51,24 @@ def test_search_hits_link_at_the_coverage_of_either_sequence(tmp_path, monkeypat
     for bad in ("04\t12\t0.15\t1.000\n", "04\t1a\t0.150\t1.000\n", "04\t12\t0.150\t1.00 \n", "04\t12\t0,150\t1.000\n",
                 "04 12\t0.150\t1.000\n", "04\t12\t0.150"):
         out.write_text("03\t11\t0.800\t0.150\n" * 3 + bad + "05\t13\t0.799\t0.799\n" * (len(bad) > 14))
-        with pytest.raises(ToolError, match=re.escape(f"{out}: line 4: unexpected MMseqs2 search output {str(bad[:5].encode())[:-1]}")):
+        named = f"{out}: line 4: unexpected MMseqs2 search output {str(bad[:5].encode())[:-1]}"
+        with pytest.raises(ToolError, match=re.escape(named)):
             parse_hits(out, 2, 0.8)
+
+
+def test_mmseqs_steps_marked_done_are_skipped_and_those_that_succeed_are_marked(tmp_path):
+    fake = tmp_path / "mmseqs"
+    fake.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path}/calls\n[ "$1" != d ]\n')
+    fake.chmod(0o755)
+    log = tmp_path / "mmseqs.log"
+    log.write_bytes(b"[=====")  # an earlier run's, killed in a progress bar
+    (tmp_path / "a.done").touch()
+    marks = [tmp_path / f"{step}.done" for step in "abd"]
+    with pytest.raises(ToolError, match="mmseqs d failed"):
+        run_mmseqs([[str(fake), step] for step in "abcd"], log, [marks[0], marks[1], None, marks[2]])
+    assert (tmp_path / "calls").read_text().split() == ["b", "c", "d"]
+    assert marks[1].exists() and not marks[2].exists()
+    assert log.read_text().startswith(f"[=====\n# finished by an earlier run (a.done), not run again: {fake} a\n$ ")
 
 
 def test_a_cluster_tsv_must_list_every_record_once(tmp_path):
