@@ -502,6 +502,8 @@ def _publish(out: Path, manifest: Manifest) -> None:
     between leaves OUT without a manifest (no reader takes a mixed set) and the next build finishes the job
     (`finish_publishing`)."""
     with _stops_held():
+        for split in {Path(s.path).parent for s in manifest.shards}:
+            fsync_path(_staging(out) / split)  # (each shard file is synced, its rename into staging not yet)
         write_manifest(_staging(out), manifest)
         finish_publishing(out)
 
@@ -515,18 +517,19 @@ def finish_publishing(out: Path) -> bool:
         return False
     manifest = read_manifest(staging)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on, no manifest until all shards are in place
+    fsync_path(out)  # (durably: after a power loss the earlier manifest must not name a mixed set)
     for name in ("rejects.tsv", "duplicates.tsv"):
         if (staging / name).exists():
             os.replace(staging / name, out / name)
-    listed = {s.path for s in manifest.shards}
-    for path in sorted(listed):
+    listed = {s.path: s.bytes for s in manifest.shards}
+    for path, size in sorted(listed.items()):
         if (staging / path).exists():  # (else moved before a crash)
             (out / path).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / path, out / path)
-        elif not (out / path).is_file():  # it cannot be published: gone, so that the next build makes a new set
-            shutil.rmtree(staging, ignore_errors=True)
-            raise DataprepError(f"{staging / MANIFEST_NAME} names {path}, which is neither there nor in {out}: "
-                                "the staged shard set is incomplete (removed); build again")
+        elif not (out / path).is_file() or (out / path).stat().st_size != size:  # gone, or the earlier set's
+            shutil.rmtree(staging, ignore_errors=True)  # it cannot be published, so that the next build makes one
+            raise DataprepError(f"{staging / MANIFEST_NAME} names {path}, which is neither there nor in {out} "
+                                f"({size:,} bytes): the staged shard set is incomplete (removed); build again")
     for old in [*out.glob("train/shard-*.tar"), *out.glob("valid/shard-*.tar")]:
         if str(old.relative_to(out)) not in listed:
             old.unlink()
@@ -646,7 +649,7 @@ def _write_rejects(out: Path, norm_dir: Path, store: Store, res: dict, names: li
             rows.append((s, ln, rid, f"duplicate id with a different sequence (first seen at {names[fs]}:{fl})"))
         rows.sort(key=lambda r: (r[0], r[1]))
     text = "source\tid\tline\treason\n" + "".join(f"{names[s]}\t{rid}\t{ln}\t{reason}\n" for s, ln, rid, reason in rows)
-    atomic_write(out / "rejects.tsv", text)
+    atomic_write(out / "rejects.tsv", text, durable=True)
 
 
 def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> None:
@@ -662,4 +665,4 @@ def _write_duplicates(out: Path, store: Store, res: dict, names: list[str]) -> N
                 db, rb = d[a: a + TSV_BATCH], r[a: a + TSV_BATCH]
                 rows = zip(store.ids_of(rb), store.ids_of(db), store.source[db].tolist(), store.line[db].tolist())
                 f.write("".join(f"{k}\t{i}\t{names[s]}\t{ln}\n" for k, i, s, ln in rows))
-    atomic_write(out / "duplicates.tsv", write)
+    atomic_write(out / "duplicates.tsv", write, durable=True)

@@ -8,6 +8,7 @@ of a preset (the from-scratch baseline). Fine-tuned models are saved as `finetun
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 
 from rnalm import io as rio
 from rnalm.config import ModelConfig
+from rnalm.files import atomic_write
 from rnalm.model import RiNALMo
 from rnalm.runlock import RunLock
 
@@ -126,15 +128,23 @@ def backbone_files(cfg: BackboneConfig) -> list[list[Any]]:
     return [[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
 
 
-def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+def save_finetuned(model: TaskModel, out_dir: str | Path, meta: dict[str, Any], finished: bool = True) -> Path:
     """Weights + metadata, each written to a temp file and renamed. Both carry one save id, so a crash between
     the two renames leaves a pair that `load_finetuned` refuses, never one it silently mixes (another run's SS
-    threshold or MRL scaler beside these weights)."""
+    threshold or MRL scaler beside these weights). `finished=False`: a training run's best epoch so far, until
+    `mark_finished`."""
     out = Path(out_dir)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     rio.write_saved_pair(out / FT_WEIGHTS, tensors, out / FT_META,
-                         {**meta, "model": model.lm.config.released().to_dict()}, durable=True)
+                         {**meta, "model": model.lm.config.released().to_dict(), "finished": finished}, durable=True)
     return out
+
+
+def mark_finished(out_dir: str | Path) -> None:
+    """The saved model is its training run's final one (its finetune.json rewritten, same save id)."""
+    meta_path = Path(out_dir) / FT_META
+    atomic_write(meta_path, json.dumps({**rio.read_json(meta_path), "finished": True}, indent=2, default=str) + "\n",
+                 durable=True)
 
 
 def remove_finetuned(out_dir: str | Path) -> None:
@@ -184,10 +194,14 @@ def load_finetuned(model_dir: str | Path, map_location: str | torch.device = "cp
             hint = f" A run trains into it now ({training}): it saves the model after its first epoch."
         raise FileNotFoundError(f"{model_dir} is not a fine-tuned model directory (no {FT_META}; written by "
                                 f"`python -m finetune <task> train`).{hint}")
+    meta = rio.read_json(meta_path)
     if training:
         print(f"warning: {model_dir} is being trained now ({training}): its weights are that run's best epoch so "
               "far, not its final model", file=sys.stderr)
-    meta = rio.read_json(meta_path)
+    elif meta.get("finished") is False:
+        print(f"warning: the run that trained {model_dir} stopped before its end (killed or failed; its log.jsonl "
+              "shows how far it got): its weights are that run's best epoch so far, not its final model; train "
+              "again into it to finish", file=sys.stderr)
     missing = [k for k in ("task", "model", *TASK_META.get(meta.get("task"), ())) if k not in meta]
     if missing:
         raise rio.WeightsError(f"{meta_path}: missing {', '.join(missing)}")

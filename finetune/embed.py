@@ -3,7 +3,8 @@
 Writes OUT/cls.npy and OUT/mean.npy (float32 [N, D], rows in FASTA order, filled batch by batch on disk),
 OUT/ids.txt (one id per row), OUT/labels.txt when the headers carry `label_key=value`, and OUT/embeddings.png:
 t-SNE of the CLS vectors (PCA when there are fewer than `tsne_min` sequences; a sample of `plot_max` of them
-when there are more) coloured by label.
+when there are more) coloured by label. A run first removes all of these; ids.txt is written after the arrays,
+so an OUT without it holds an interrupted run's.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from finetune.predict import require_inputs
 from finetune.structure import FastaRecord, header_label, read_fasta, warn_unknown_letters
 from finetune.tasks.common import length_sorted_batches, tokens_for
 from finetune.trainer import pick_device
-from rnalm.files import check_out_dir
+from rnalm.files import atomic_write, check_out_dir
+
+OUTPUTS = ("ids.txt", "labels.txt", "cls.npy", "mean.npy", "embeddings.png")
 
 
 @dataclass
@@ -65,12 +68,12 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
     lm = load_backbone(BackboneConfig(path=cfg.model, overrides=cfg.overrides)).to(device).eval()
     seqs = [r.sequence[: cfg.max_len] for r in records]
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("labels.txt", "embeddings.png"):  # an earlier run's, not of these records
+    for stale in OUTPUTS:  # an earlier run's: none may be left beside these records' arrays
         (out / stale).unlink(missing_ok=True)
     write_embeddings(lm, seqs, out, cfg.batch_size, cfg.progress)
-    (out / "ids.txt").write_text("\n".join(r.id for r in records) + "\n")
     if any(lab != "NA" for lab in labels):
-        (out / "labels.txt").write_text("\n".join(labels) + "\n")
+        atomic_write(out / "labels.txt", "\n".join(labels) + "\n")
+    atomic_write(out / "ids.txt", "\n".join(r.id for r in records) + "\n")  # last: it marks a complete set
     cls, mean = (np.load(out / f"{name}.npy", mmap_mode="r") for name in ("cls", "mean"))
     plot = out / "embeddings.png" if cfg.plot != "none" and len(records) >= 3 else None
     plotted = plot_embeddings(cls, labels, plot, cfg) if plot is not None else None

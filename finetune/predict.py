@@ -82,11 +82,31 @@ def predict_ss(cfg: StructurePredictConfig) -> list[StructureRecord]:
     pairs = predict_pairs(model, [r.sequence for r in records], threshold, cfg.batch_size, cfg.progress)
     out.mkdir(parents=True, exist_ok=True)
     preds = [StructureRecord(r.id, to_rna(r.sequence), p) for r, p in zip(records, pairs)]
+    files = planned_files(preds, cfg.format)
+    check_not_replacing(out, files)  # again: the .bpseq files of structures dot-bracket cannot hold are known now
     remove_listed(out / PREDICTIONS_LIST)
-    files = _write_dbn(preds, out) if cfg.format == "dbn" else _write_per_record(preds, out, cfg.format)
-    write_json({"model": cfg.model, "fasta": cfg.fasta, "format": cfg.format, "threshold": threshold,
-                "records": len(preds), "files": files}, out / PREDICTIONS_LIST)
+    listing = {"model": cfg.model, "fasta": cfg.fasta, "format": cfg.format, "threshold": threshold,
+               "records": len(preds), "files": files}
+    write_json({**listing, "complete": False}, out / PREDICTIONS_LIST)  # first: a killed run's files are its own
+    _write_dbn(preds, out) if cfg.format == "dbn" else _write_per_record(preds, out, cfg.format)
+    write_json({**listing, "complete": True}, out / PREDICTIONS_LIST)
     return preds
+
+
+def planned_files(preds: list[StructureRecord], fmt: str) -> list[str]:
+    """The files predict-ss writes for `preds` in format `fmt`."""
+    names = per_record_names([p.id for p in preds])
+    if fmt != "dbn":
+        return [f"{name}.{fmt}" for name in names]
+    return ["predictions.dbn", *(f"{name}.bpseq" for name, p in zip(names, preds) if _dot_bracket(p) is None)]
+
+
+def _dot_bracket(pred: StructureRecord) -> str | None:
+    """None: more pseudoknot levels than dot-bracket has brackets."""
+    try:
+        return to_dot_bracket(pred.pairs, len(pred))
+    except StructureError:
+        return None
 
 
 def _listed(listing: Path) -> list[str]:
@@ -137,10 +157,10 @@ def _write_dbn(preds: list[StructureRecord], out: Path) -> list[str]:
     its own .bpseq file instead (named as `--format=bpseq` would name it), with a warning, so none is lost."""
     entries, too_knotted = [], []
     for i, p in enumerate(preds):
-        try:
-            entries.append(f">{p.id}\n{p.sequence}\n{to_dot_bracket(p.pairs, len(p))}\n")
-        except StructureError:
+        if (brackets := _dot_bracket(p)) is None:
             too_knotted.append(i)
+        else:
+            entries.append(f">{p.id}\n{p.sequence}\n{brackets}\n")
     atomic_write(out / "predictions.dbn", "".join(entries))
     if too_knotted:
         names = per_record_names([p.id for p in preds])

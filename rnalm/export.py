@@ -20,7 +20,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from rnalm.config import ModelConfig
-from rnalm.files import atomic_write, check_out_dir
+from rnalm.files import atomic_write_all, check_out_dir
 from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NAME, CONFIG_NAME, WeightsError,
                       export_multimolecule, export_official, read_pretrained)
 
@@ -75,8 +75,8 @@ def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Pat
     config = multimolecule_config(cfg)
     tensors = {k: v.contiguous() for k, v in export_multimolecule(state, MULTIMOLECULE_VOCAB_28).items()}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    atomic_write_all([(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                      (out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")], durable=True)
     return out
 
 

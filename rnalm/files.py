@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -15,24 +15,37 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[str],
     `path`, then rename it over `path`. The file gets the umask's mode (mkstemp's 0600 would hide shared
     results from a team); the temp name ends in .tmp so no `*.json`-style glob sees it. `durable`: fsync the
     file and the directory (checkpoint pointers, manifests: must survive a node crash)."""
-    path = Path(path)
-    prefix, suffix = _temp_affixes(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-    os.close(fd)
+    atomic_write_all([(path, content)], durable)
+
+
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike, str | bytes | Callable[[str], None]]],
+                     durable: bool = False) -> None:
+    """`atomic_write` of several files: every temp file is written (and synced when `durable`) before the first
+    rename, so a crash leaves each file old or new and the earlier versions all in place until the renames,
+    which follow each other at once."""
+    temps = []
     try:
-        if callable(content):
-            content(tmp)
-        else:
-            Path(tmp).write_bytes(content.encode() if isinstance(content, str) else content)
-        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
+        for path, content in files:
+            prefix, suffix = _temp_affixes(Path(path))
+            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=prefix, suffix=suffix)
+            os.close(fd)
+            temps.append(tmp)
+            if callable(content):
+                content(tmp)
+            else:
+                Path(tmp).write_bytes(content.encode() if isinstance(content, str) else content)
+            os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
+            if durable:
+                fsync_path(tmp)
+        for (path, _), tmp in zip(files, temps):
+            os.replace(tmp, path)
         if durable:
-            fsync_path(tmp)
-        os.replace(tmp, path)
-        if durable:
-            fsync_path(path.parent)
+            for parent in dict.fromkeys(Path(path).parent for path, _ in files):
+                fsync_path(parent)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def remove_stale_temps(path: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rnalm.config import PRESETS, ModelConfig
-from rnalm.files import atomic_write, remove_stale_temps
+from rnalm.files import atomic_write, atomic_write_all, remove_stale_temps
 from rnalm.model import RiNALMo
 from rnalm.tokenizer import UNK_ID, VOCAB
 
@@ -68,8 +68,8 @@ def check_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig, where:
 
 def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_dir: str | os.PathLike,
                     config: ModelConfig | None = None, provenance: dict[str, Any] | None = None) -> Path:
-    """Write `model.safetensors` + `config.json` into out_dir, each atomically and both with one save id: a save
-    interrupted between the two files leaves a pair that read_pretrained refuses, not one it mixes."""
+    """Write `model.safetensors` + `config.json` into out_dir durably, as `write_saved_pair`: the earlier pair stays
+    until both are written, and a pair read_pretrained would mix is refused by its save id."""
     if isinstance(model_or_state, RiNALMo):
         config = config or model_or_state.config
         state = model_or_state.state_dict()
@@ -83,21 +83,21 @@ def save_pretrained(model_or_state: RiNALMo | Mapping[str, torch.Tensor], out_di
     meta = {"format_version": FORMAT_VERSION, "model": config.released().to_dict(),
             "tokenizer": {"vocab": list(VOCAB), "pad_id": VOCAB.index("<pad>"), "mask_id": VOCAB.index("<mask>")},
             "provenance": provenance or {}}
-    write_saved_pair(out / WEIGHTS_NAME, tensors, out / CONFIG_NAME, meta)
+    write_saved_pair(out / WEIGHTS_NAME, tensors, out / CONFIG_NAME, meta, durable=True)
     return out
 
 
 def write_saved_pair(weights: Path, tensors: Mapping[str, torch.Tensor], meta_path: Path, meta: Mapping[str, Any],
                      durable: bool = False) -> None:
-    """Weights, then their JSON, each atomically and both with one save id (check_same_save compares them): a
-    save stopped between the two renames leaves a pair that is refused, not mixed. A killed save's temp file
-    (giga: 2.6 GB, hidden) goes first."""
+    """Weights and their JSON, both with one save id (check_same_save compares them), written whole before either
+    replaces the earlier pair: a save stopped in between the two renames (back to back) leaves a pair that is
+    refused, not mixed, and one stopped before them the earlier pair. A killed save's temp file (giga: 2.6 GB,
+    hidden) goes first."""
     weights.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(weights)
     save_id = uuid.uuid4().hex
-    atomic_write(weights, lambda p: save_file(dict(tensors), p, metadata={"format": "pt", "save_id": save_id}),
-                 durable=durable)
-    atomic_write(meta_path, json.dumps({**meta, "save_id": save_id}, indent=2, default=str) + "\n", durable=durable)
+    atomic_write_all([(weights, lambda p: save_file(dict(tensors), p, metadata={"format": "pt", "save_id": save_id})),
+                      (meta_path, json.dumps({**meta, "save_id": save_id}, indent=2, default=str) + "\n")], durable)
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -345,7 +345,8 @@ def export_official(state: Mapping[str, torch.Tensor], path: str | os.PathLike) 
     records no settings, and its readers take the original's (20 heads, RoPE base 10000, ...), so a model with
     others computes otherwise when read back unless the reader is told (import_official(path, num_heads=4));
     `python -m rnalm.export` refuses such a model."""
-    atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p))
+    atomic_write(Path(path), lambda p: torch.save({k: v.detach().cpu() for k, v in state.items()}, p),
+                 durable=True)
 
 
 # --- the multimolecule layout ----------------------------------------------------------------------

@@ -114,7 +114,7 @@ def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Cal
     the best on splits.test (`test_rows(model, its finetune.json)`), write OUT/finetune.json (task, head config,
     `meta`) + weights and OUT/results.{json,md} (`table(result)`, then result["note"] when there is one).
     `cfg`: a task config with sections model, train, unfreeze, head."""
-    from finetune.backbone import TaskModel, load_backbone, load_finetuned, save_finetuned
+    from finetune.backbone import TaskModel, load_backbone, load_finetuned, mark_finished, save_finetuned
 
     lm = load_backbone(cfg.model)
     model = TaskModel(lm, make_head(lm.config.dim))
@@ -122,11 +122,12 @@ def fit_test_and_report(task: str, cfg: Any, splits: Splits[Any], make_head: Cal
 
     def save(m: TaskModel, val: dict[str, Any]) -> None:
         save_finetuned(m, out, {"task": task, "head": asdict(cfg.head), "valid": val, "backbone": asdict(cfg.model),
-                                **meta})
+                                **meta}, finished=False)
 
     history = fit(model, cfg.train, cfg.unfreeze,
                   lambda e: minibatches(splits.train, cfg.train.batch_size, cfg.train.seed, e),
                   loss_fn, validate, save, score_key=score_key)
+    mark_finished(out)
     best, saved = load_finetuned(out, pick_device(cfg.train.device))
     result = {"task": task, "model": lm.config.name, "backbone": asdict(cfg.model), "rows": test_rows(best, saved),
               "history": history, "splits": splits.sizes(), "removed_near_duplicates": splits.removed_near_duplicates,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from finetune.backbone import (BackboneConfig, TaskModel, backbone_files, load_backbone, load_finetuned,
-                               save_finetuned)
+                               mark_finished, save_finetuned)
 from finetune.heads import HeadConfig, SecondaryStructureHead, upper_triangle_bce
 from finetune.metrics import mean_scores, ss_report
 from finetune.postprocess import THRESHOLD_GRID, decode_at_thresholds, decode_pairs
@@ -205,10 +205,11 @@ def train_one(cfg: SSConfig, out_dir: Path, family: str | None = None,
 
     def save(m: TaskModel, val: dict[str, Any]) -> None:
         save_finetuned(m, out_dir, {"task": "ss", "head": asdict(cfg.head), "threshold": val["threshold"],
-                                    "valid": val, "data": splits.info, "backbone": asdict(cfg.model)})
+                                    "valid": val, "data": splits.info, "backbone": asdict(cfg.model)}, finished=False)
 
     history = fit(model, tcfg, cfg.unfreeze, lambda e: minibatches(splits.train, tcfg.batch_size, tcfg.seed, e),
                   ss_loss, validate, save, score_key=cfg.eval.tune_on)
+    mark_finished(out_dir)
     best, meta = load_finetuned(out_dir, pick_device(tcfg.device))
     init = "" if cfg.model.random_preset is None else " (random init)"
     name = f"{lm.config.name}{init} fine-tuned"

@@ -299,6 +299,35 @@ def test_a_rerun_into_the_same_directory_leaves_only_its_own_predictions(ss_mode
     assert sorted(p.name for p in out.iterdir()) == ["mine.ct", "predict_ss.json", "predictions.dbn"]
 
 
+def test_a_killed_predict_ss_rerun_lists_its_files_and_the_same_command_completes(ss_model, tmp_path,
+                                                                                   monkeypatch):
+    """Found by a crash-safety review: a rerun killed after its first .ct file left the earlier run's listing
+    (whose files it had removed), and the same command was then refused for 'a file predict-ss did not write'."""
+    import finetune.predict as predict
+
+    first, second, out = tmp_path / "first.fa", tmp_path / "second.fa", tmp_path / "p"
+    first.write_text(">a1\nGGGGAAACCCC\n>a2\nGGGAAAUCCC\n")
+    second.write_text(">b1\nGGGGAAACCCC\n>b2\nGGGAAAUCCC\n")
+    args = ["predict-ss", f"--model={ss_model}", f"--out={out}", "--format=ct", "--progress=false"]
+    assert run([*args, f"--fasta={first}"]) == 0
+    written = predict.write_ct
+
+    def killed_after_one_file(pred, path):
+        written(pred, path)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(predict, "write_ct", killed_after_one_file)
+        with pytest.raises(KeyboardInterrupt):
+            run([*args, f"--fasta={second}"])
+    listing = json.loads((out / "predict_ss.json").read_text())
+    assert listing["files"] == ["b1.ct", "b2.ct"] and listing["complete"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["b1.ct", "predict_ss.json"]
+    assert run([*args, f"--fasta={second}"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["b1.ct", "b2.ct", "predict_ss.json"]
+    assert json.loads((out / "predict_ss.json").read_text())["complete"] is True
+
+
 def test_predict_ss_refuses_to_replace_files_it_did_not_write(ss_model, tmp_path, capsys):
     """The user's own mine.ct, a reference structure of the record `mine`, was silently overwritten."""
     fasta, out = tmp_path / "in.fa", tmp_path / "p"
@@ -545,6 +574,29 @@ def test_embed_leaves_no_earlier_run_beside_its_arrays(tiny_checkpoint, tmp_path
                     "--progress=false", "--plot=pca"]) == 0
     assert (out / "ids.txt").read_text().split() == ["a", "b"]
     assert not (out / "labels.txt").exists() and not (out / "embeddings.png").exists()
+
+
+def test_an_interrupted_embed_leaves_no_earlier_runs_ids_beside_its_arrays(tiny_checkpoint, tmp_path, monkeypatch):
+    """Found by a crash-safety review: a rerun killed after its arrays were renamed into place left the earlier
+    run's ids.txt beside them, pairing other records' ids with these vectors without a word."""
+    import finetune.embed as embed
+
+    out, fasta = tmp_path / "e", tmp_path / "in.fa"
+    args = ["embed", f"--model={tiny_checkpoint}", f"--fasta={fasta}", f"--out={out}", "--progress=false"]
+    fasta.write_text(">a class=x\nACGU\n>b class=y\nGGCC\n>c class=x\nAAUU\n")
+    assert run(args) == 0 and (out / "ids.txt").exists()
+    written = embed.write_embeddings
+
+    def killed_after_the_arrays(*a, **kw):
+        written(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed, "write_embeddings", killed_after_the_arrays)
+    fasta.write_text(">p\nACGUAC\n>q\nGGCCGG\n")
+    with pytest.raises(KeyboardInterrupt):
+        run(args)
+    assert sorted(p.name for p in out.iterdir()) == ["cls.npy", "mean.npy"]  # no ids.txt: not a complete set
+    assert np.load(out / "cls.npy").shape[0] == 2
 
 
 def test_embed_reads_a_repeated_label_key_as_dataprep_does(tiny_checkpoint, tmp_path, capsys):

@@ -212,17 +212,22 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
     with pytest.raises(ValueError, match="trained on the split .* 'seed': 1.* records it was trained on"):
         mrl.evaluate(run_cfg(tmp_path, tmp_path / "eval", seed=2))
 
-    # an interrupted save (weights renamed, metadata not): refused, not loaded with the other save's scaler
+    # a save stopped between its two renames (weights renamed, metadata not): refused, not loaded with the other
+    # save's scaler
+    import os
+
     import finetune.backbone as backbone
 
-    def metadata_write_killed(path, content, durable=False):
-        if str(path).endswith("finetune.json"):
-            raise KeyboardInterrupt
-        real_atomic_write(path, content, durable)
+    replace, renames = os.replace, []
 
-    real_atomic_write = backbone.rio.atomic_write
+    def stopped_after_one_rename(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(dst)
+        replace(src, dst)
+
     with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(backbone.rio, "atomic_write", metadata_write_killed)  # the pair writer's
+        mp.setattr(os, "replace", stopped_after_one_rename)
         backbone.save_finetuned(model, tmp_path, meta)
     with pytest.raises(backbone.rio.WeightsError, match="come from different saves"):
         load_finetuned(tmp_path)

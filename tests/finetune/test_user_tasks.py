@@ -119,6 +119,40 @@ def test_regress_trains_on_the_users_values_without_clamping_them(tiny_checkpoin
         classify.evaluate(classify.ClassifyConfig(model=BackboneConfig(path=str(tmp_path / "ft")), data=data))
 
 
+def test_a_model_whose_training_run_was_killed_is_read_with_a_warning(tiny_checkpoint, family_records, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Found by a crash-safety review: a run killed after its first epoch's save left a model that predict and
+    evaluate used without a word once the run's lock was stale (no live holder)."""
+    from finetune import trainer
+
+    rows = [(rid, seq, f"{gc(seq):.4f}") for c in CLASSES for rid, seq, _ in family_records[c]]
+    data = UserDataConfig(train=str(write_table(tmp_path / "train.csv", rows[::2])),
+                          valid=str(write_table(tmp_path / "valid.csv", rows[1::4])),
+                          test=str(write_table(tmp_path / "test.csv", rows[3::4])))
+    cfg = regress.RegressConfig(model=BackboneConfig(path=str(tiny_checkpoint)), data=data,
+                                train=TrainConfig(out_dir=str(tmp_path / "ft"), epochs=2, batch_size=16,
+                                                  progress=False))
+    epochs, real = [], trainer.train_epoch
+
+    def killed_in_the_second_epoch(*a, **kw):
+        epochs.append(1)
+        if len(epochs) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "train_epoch", killed_in_the_second_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            regress.train(cfg)
+    capsys.readouterr()
+    load_finetuned(tmp_path / "ft")
+    assert f"warning: the run that trained {tmp_path / 'ft'} stopped before its end" in capsys.readouterr().err
+    regress.train(cfg)
+    capsys.readouterr()
+    _, meta = load_finetuned(tmp_path / "ft")
+    assert meta["finished"] is True and "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rows, header, parse, message", [
     ([("a", "ACGU", "x")], ("id", "seq", "label"), str, r"train\.csv: no column 'sequence' in the header"),
     ([("a", "ACGU", "x"), ("b", "AC1U", "y")], ("id", "sequence", "label"), str,

@@ -229,28 +229,50 @@ def test_a_file_of_another_head_count_names_itself_and_the_setting_to_pass(tmp_p
     assert cfg.num_heads == 4
 
 
-def test_a_save_interrupted_between_its_two_files_is_refused_and_its_temp_file_removed(tmp_path, monkeypatch):
+def test_an_interrupted_save_keeps_the_earlier_pair_or_is_refused_and_leaves_no_temp_file(tmp_path, monkeypatch):
     """A conversion stopped between the weights' rename and config.json's left new weights beside the old config:
     refused when the shapes differ, silently wrong when they match (e.g. another head count); a save killed while
-    writing the weights left a hidden temp file (giga: 2.6 GB) that no later save removed."""
-    import rnalm.io as rio
+    writing the weights left a hidden temp file (giga: 2.6 GB) that no later save removed. Then (a crash-safety
+    review) config.json was written only after the weights' rename, so a save stopped while writing it had
+    already replaced the earlier weights: no loadable model was left. Both files are now written before either
+    rename."""
+    import os
 
-    save_pretrained(random_model("nano"), tmp_path)
+    import rnalm.files as files
+
+    first = random_model("nano")
+    save_pretrained(first, tmp_path)
     (tmp_path / ".model.safetensors.dead.tmp").write_bytes(b"x" * 100)   # as atomic_write names its temp files
-    real = rio.atomic_write
+    synced = files.fsync_path
 
-    def config_write_killed(path, content, durable=False):
-        if str(path).endswith("config.json"):
+    def stopped_syncing_the_config(path):
+        if os.path.basename(path).startswith(".config.json."):
             raise KeyboardInterrupt
-        real(path, content, durable)
+        synced(path)
 
-    monkeypatch.setattr(rio, "atomic_write", config_write_killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_pretrained(random_model("nano", num_heads=8), tmp_path)   # same shapes: would load silently wrong
-    assert not (tmp_path / ".model.safetensors.dead.tmp").exists()
+    with monkeypatch.context() as m:
+        m.setattr(files, "fsync_path", stopped_syncing_the_config)
+        with pytest.raises(KeyboardInterrupt):
+            save_pretrained(random_model("nano", num_heads=8), tmp_path)   # same shapes: would load silently wrong
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp file
+    loaded = load_pretrained(tmp_path)
+    assert loaded.config.num_heads == first.config.num_heads
+    assert all(torch.equal(v, first.state_dict()[k]) for k, v in loaded.state_dict().items())
+    replace, renames = os.replace, []
+
+    def stopped_after_one_rename(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(dst)
+        replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", stopped_after_one_rename)
+        with pytest.raises(KeyboardInterrupt):
+            save_pretrained(random_model("nano", num_heads=8), tmp_path)
     with pytest.raises(WeightsError, match="model.safetensors and config.json come from different saves"):
         load_pretrained(tmp_path)
-    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     save_pretrained(random_model("nano", num_heads=8), tmp_path)
     assert load_pretrained(tmp_path).config.num_heads == 8
 
