@@ -152,9 +152,16 @@ def remove_finetuned(out_dir: str | Path) -> None:
     dies before its first save must not leave them beside its own config and log, where evaluate and predict would
     take them for its own, nor their scores beside the new model."""
     out = Path(out_dir)
-    for name in (FT_WEIGHTS, FT_META, "results.json", "results.md", "eval_results.json", "eval_results.md",
-                 "evaluate_config.yaml"):
+    for name in (FT_WEIGHTS, FT_META, "results.json", "results.md"):
         (out / name).unlink(missing_ok=True)
+    remove_evaluation(out)
+
+
+def remove_evaluation(out_dir: str | Path) -> None:
+    """An earlier evaluation's scores and config: an evaluation into OUT that fails must not leave another
+    model's scores beside its own config."""
+    for name in ("eval_results.json", "eval_results.md", "evaluate_config.yaml"):
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _part_of_finetuned(path: Path) -> str | None:

@@ -56,7 +56,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _task(cmd: str, rest: list[str]) -> int:
-    from finetune.backbone import remove_finetuned
+    from finetune.backbone import remove_evaluation, remove_finetuned
 
     if not rest or rest[0] not in ("train", "evaluate", "predict"):
         print(f"python -m finetune {cmd}: expected train, evaluate or predict\n{USAGE}", file=sys.stderr)
@@ -82,6 +82,8 @@ def _task(cmd: str, rest: list[str]) -> int:
                 loaded = _check_train_start(cmd, cfg)  # a start refused for a user error keeps the earlier model
                 _claim_out(cmd, cfg)
                 remove_finetuned(cfg.train.out_dir)  # before the new config: an ArchiveII summary is written by no fit
+            else:
+                remove_evaluation(cfg.train.out_dir)
             save_yaml(cfg, f"{cfg.train.out_dir}/{action}_config.yaml")
         result = getattr(module, action)(cfg, **loaded)
     _print_summary(result, cfg.train.out_dir, action)
@@ -144,9 +146,10 @@ def _check_train_start(task: str, cfg: Any) -> dict[str, Any]:
     else:  # its config only: giga's random initialisation takes ~9 s on a CPU
         random_config(cfg.model)
     if task == "ss":
-        from finetune.tasks.ss import check_files_option
+        from finetune.tasks.ss import check_files_option, check_rnafold
 
         check_files_option(cfg.data)
+        check_rnafold(cfg.eval)
     if task in ("classify", "regress") or (task == "ss" and cfg.data.dataset == "files"):
         return {"data": _task_module(task)[0].load_splits(cfg.data)}  # a bad line is found before OUT is cleared
     return {}

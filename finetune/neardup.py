@@ -13,6 +13,19 @@ import scipy.sparse as sp
 from finetune.structure import nucleotide_codes
 
 _CHUNK = 4096  # candidate rows per dense block: bounds memory at _CHUNK x len(reference) floats
+MAX_KMER = 12  # the k-mer matrix has 4^k columns: its index takes 134 MB at k 12, 34 GB at k 16 (k 32 overflowed)
+
+
+def filter_option_problems(kmer: int, containment: float, shared_run: int) -> list[str]:
+    """What is wrong with `leakage_mask`'s options as the near_dup_* options of a data config."""
+    problems = []
+    if not 0 <= kmer <= MAX_KMER:
+        problems.append(f"--data.near_dup_kmer must be in 0..{MAX_KMER} (0: no k-mer check), got {kmer}")
+    if not 0 < containment <= 1:
+        problems.append(f"--data.near_dup_containment must be in (0, 1], got {containment}")
+    if shared_run < 0:
+        problems.append(f"--data.near_dup_shared_run must be >= 0 (0: no such check), got {shared_run}")
+    return problems
 
 
 def kmer_matrix(seqs: list[str], k: int = 8) -> sp.csr_matrix:

@@ -309,6 +309,9 @@ def read_structure_csv(path: str | Path, id_column: str = "id") -> Iterator[tupl
         for lineno, row in enumerate(reader, 2):
             rid, seq = row[id_column], row["sequence"]
             where = f"{path}:{lineno} (record {rid!r})"
+            if not seq:
+                raise StructureError(f"{where}: empty sequence")
+            check_letters(seq, where)
             listed, db = (row.get("base_pairs") or "").strip(), row.get("structure") or ""
             pairs = parse_pair_list(listed, len(seq), where)  # a blank cell: none
             if db or "base_pairs" not in cols:  # a blank base_pairs cell: the structure's

@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from finetune.neardup import leakage_mask
+from finetune.neardup import filter_option_problems, leakage_mask
 from finetune.results import write_results
 from finetune.trainer import fit, pick_device, progress_bar
 from rnalm.tokenizer import batch_encode
@@ -29,6 +29,19 @@ def data_file(root: str | Path, relative: str) -> Path:
                                 "shared data; its default is RNALM_SHARED_DATA, else ../shared/data beside the "
                                 "repository)")
     return path
+
+
+class CheckedSplitOptions:
+    """Base of the data configs: their valid_fraction and leakage-filter (near_dup_*) options checked with the
+    options, before a train run clears OUT (a negative fraction swapped train and validation without a word;
+    near_dup_kmer=20 asked for 8 TiB)."""
+
+    def __post_init__(self) -> None:
+        problems = filter_option_problems(self.near_dup_kmer, self.near_dup_containment, self.near_dup_shared_run)
+        if not 0 <= self.valid_fraction < 1:
+            problems.insert(0, f"--data.valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass

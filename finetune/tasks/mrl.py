@@ -24,7 +24,7 @@ from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.neardup import leakage_mask
 from finetune.results import markdown_table, write_results
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, data_file
+from finetune.tasks.common import DEFAULT_DATA_ROOT, CheckedSplitOptions, Splits, data_file
 from finetune.tasks.regress import COLUMNS, Example, Scaler, evaluate_examples, fit_and_test
 from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -38,7 +38,7 @@ MRL_FILES = {
 
 
 @dataclass
-class MRLDataConfig:
+class MRLDataConfig(CheckedSplitOptions):
     root: str = DEFAULT_DATA_ROOT
     file: Literal["varlen", "egfp", "designed"] = "varlen"
     valid_fraction: float = 0.1

@@ -19,7 +19,7 @@ from finetune.backbone import BackboneConfig, load_finetuned
 from finetune.heads import HeadConfig
 from finetune.results import markdown_table, write_results
 from finetune.tasks.classify import Example, columns, evaluate_examples, fit_and_test
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, data_file
+from finetune.tasks.common import DEFAULT_DATA_ROOT, CheckedSplitOptions, Splits, data_file
 from finetune.tasks.user_data import user_splits
 from finetune.trainer import TrainConfig, pick_device, seed_everything
 from finetune.unfreeze import UnfreezeConfig
@@ -30,7 +30,7 @@ TEST_NAME = "GUE splice test"
 
 
 @dataclass
-class SpliceDataConfig:
+class SpliceDataConfig(CheckedSplitOptions):
     root: str = DEFAULT_DATA_ROOT
     valid_fraction: float = 0.1
     near_dup_kmer: int = 8                 # leakage filter (finetune.neardup): dev windows whose distinct k-mers
@@ -63,7 +63,7 @@ def load_splits(cfg: SpliceDataConfig) -> Splits[Example]:
             if label not in range(len(CLASSES)):
                 raise ValueError(f"{path}:{lineno}: label {label} not in 0..{len(CLASSES) - 1}")
             (dev if row["split"] == "dev" else test).append((row["sequence"], label))
-    return user_splits(dev, None, test, lambda e: e[0], cfg)
+    return user_splits(dev, None, test, lambda e: e[0], cfg).nonempty()
 
 
 COLUMNS = columns(CLASSES)

@@ -8,6 +8,7 @@ post-processing and metric, RNAfold on the same records in the same table.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from finetune.results import markdown_table, write_results
 from finetune.rnafold import rnafold_pairs
 from finetune.ss_data import ARCHIVEII_FAMILIES, SSSplits, archiveii_fold, bprna_splits, load_archiveii
 from finetune.structure import StructureRecord, pairs_to_matrix, read_structures
-from finetune.tasks.common import DEFAULT_DATA_ROOT, Splits, batched_inference, minibatches, model_device, tokens_for
+from finetune.tasks.common import (DEFAULT_DATA_ROOT, CheckedSplitOptions, Splits, batched_inference, minibatches,
+                                   model_device, tokens_for)
 from finetune.tasks.user_data import removal_note, required, user_splits, valid_source
 from finetune.trainer import TrainConfig, fit, pick_device, seed_everything
 from finetune import outlock
@@ -41,7 +43,7 @@ SUMMARY_COLUMNS = ("n", "f1", "f1_shift", "rnafold_f1", "rnafold_f1_shift")
 
 
 @dataclass
-class SSDataConfig:
+class SSDataConfig(CheckedSplitOptions):
     root: str = DEFAULT_DATA_ROOT
     dataset: Literal["bprna", "archiveii", "files"] = "bprna"
     test_family: str = "all"               # ArchiveII: one of the 9 families, several (comma-separated), or all
@@ -64,6 +66,20 @@ class SSEvalConfig:
     thresholds: list[float] = field(default_factory=lambda: list(THRESHOLD_GRID))
     tune_on: Literal["f1_shift", "f1"] = "f1_shift"   # the paper reports (and tunes on) the +-1 F1
     rnafold: bool = True                                # score RNAfold on the same test records
+
+    def __post_init__(self) -> None:
+        """Checked with the options, before a train run clears OUT (an empty grid failed after the first epoch)."""
+        if not self.thresholds or not all(0 <= t <= 1 for t in self.thresholds):
+            raise ValueError(f"--eval.thresholds must be pair probabilities in [0, 1], at least one; got "
+                             f"{self.thresholds}")
+
+
+def check_rnafold(cfg: SSEvalConfig) -> None:
+    """Before any work: without ViennaRNA a run failed after its last epoch (or evaluation), writing no results.
+    (Not with the options: a machine without it must still parse an ss command that turns RNAfold off.)"""
+    if cfg.rnafold and importlib.util.find_spec("RNA") is None:
+        raise ValueError("--eval.rnafold=true scores ViennaRNA's RNAfold, which is not installed here: `pip install "
+                         "viennarna` (in the finetune extra), or --eval.rnafold=false")
 
 
 @dataclass
@@ -367,8 +383,11 @@ def _write_summary(out: Path, families: list[str], folds: dict[str, dict[str, An
 
 def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> SSDataConfig:
     """An ArchiveII model is scored on the family it held out, without --data.dataset=archiveii too: the other
-    families were its training data, and bpRNA TS0 (the default) holds copies of them (21 of its 473 records)."""
+    families were its training data, and bpRNA TS0 (the default) holds copies of them (21 of its 473 records). A
+    model of the user's structure files is scored on its own test file unless told another (or ArchiveII)."""
     trained = meta.get("data", {})
+    if trained.get("dataset") == "files" and asked.dataset != "archiveii" and not asked.test:
+        return replace(asked, dataset="files", test=trained["test"])
     if trained.get("dataset") == "ArchiveII" and asked.dataset != "files":
         held_out = trained["test"]
         if asked.test_family not in ("all", held_out):
@@ -382,6 +401,7 @@ def _evaluation_data(asked: SSDataConfig, meta: dict[str, Any], where: str) -> S
 
 def evaluate(cfg: SSConfig) -> dict[str, Any]:
     """Score a fine-tuned model (model.path) on the configured test set with its stored threshold."""
+    check_rnafold(cfg.eval)
     model, meta = load_finetuned(cfg.model.path, pick_device(cfg.train.device), task="ss")
     data = _evaluation_data(cfg.data, meta, cfg.model.path)
     test = test_records(data)

@@ -20,13 +20,13 @@ import numpy as np
 from finetune.neardup import leakage_mask
 from finetune.structure import (FastaRecord, StructureError, check_letters, content_suffixes, header_label,
                                 open_text, read_fasta, to_rna)
-from finetune.tasks.common import Splits
+from finetune.tasks.common import CheckedSplitOptions, Splits
 
 T = TypeVar("T")
 
 
 @dataclass
-class UserDataConfig:
+class UserDataConfig(CheckedSplitOptions):
     train: str = ""                   # CSV/TSV (.tsv: tab-separated) with a header row, or FASTA (.fa/.fasta/
                                       # .fna/.fas: the label is label_column=value in each header); gz/zst fine
     valid: str = ""                   # empty: valid_fraction of train, at random (seeded)

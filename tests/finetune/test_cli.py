@@ -122,6 +122,51 @@ def test_a_train_start_refused_for_a_user_error_keeps_the_earlier_model(ss_model
     assert sorted(p.name for p in backbone.iterdir()) == sorted(p.name for p in Path(tiny_checkpoint).iterdir())
 
 
+def test_split_filter_and_evaluation_options_are_refused_before_out_is_cleared(ss_model, tiny_checkpoint,
+                                                                              shared_data, tmp_path, capsys,
+                                                                              monkeypatch):
+    """From a user review: a negative --data.valid_fraction swapped train and validation without a word;
+    near_dup_kmer=20 asked numpy for 8 TiB (32: a traceback), a negative shared run failed in numpy, an empty
+    --eval.thresholds after the first epoch, and a missing ViennaRNA after the last, with no results written."""
+    import importlib.util
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(ss_model, ft)
+    before = {p.name: p.read_bytes() for p in ft.iterdir()}
+    args = ["ss", "train", f"--model.path={tiny_checkpoint}", f"--data.root={shared_data}", "--data.limit_train=4",
+            "--data.limit_valid=4", "--data.limit_test=4", "--train.epochs=1", f"--train.out_dir={ft}",
+            "--train.progress=false"]
+    for extra, message in (("--data.valid_fraction=-0.1", "--data.valid_fraction must be in [0, 1), got -0.1"),
+                           ("--data.near_dup_kmer=32", "--data.near_dup_kmer must be in 0..12 (0: no k-mer check)"),
+                           ("--data.near_dup_containment=0", "--data.near_dup_containment must be in (0, 1]"),
+                           ("--data.near_dup_shared_run=-5", "--data.near_dup_shared_run must be >= 0"),
+                           ("--eval.thresholds=[]", "--eval.thresholds must be pair probabilities in [0, 1]"),
+                           ("--eval.thresholds=[0.5, 2]", "--eval.thresholds must be pair probabilities in [0, 1]")):
+        with pytest.raises(SystemExit) as e:
+            run([*args, extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err, extra
+        assert {p.name: p.read_bytes() for p in ft.iterdir()} == before, extra
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "RNA" else found(name, *a))
+    evaluate = ["ss", "evaluate", f"--model.path={ft}", f"--data.root={shared_data}", "--data.limit_test=2",
+                f"--train.out_dir={tmp_path / 'ev'}", "--train.progress=false"]
+    for argv in (args, evaluate):
+        assert run(argv) == 2 and "which is not installed here" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ft.iterdir()} == before
+    assert run([*evaluate, "--eval.rnafold=false"]) == 0  # (parsed and run without it)
+
+
+def test_a_failed_evaluation_leaves_no_earlier_scores_beside_its_config(ss_model, shared_data, tmp_path, capsys):
+    """From a user review: the earlier evaluation's eval_results stayed beside a failed one's config."""
+    ev = tmp_path / "ev"
+    args = ["ss", "evaluate", f"--data.root={shared_data}", "--data.limit_test=2", "--eval.rnafold=false",
+            f"--train.out_dir={ev}", "--train.progress=false"]
+    assert run([*args, f"--model.path={ss_model}"]) == 0 and (ev / "eval_results.json").exists()
+    assert run([*args, f"--model.path={tmp_path / 'nope'}"]) != 0
+    assert sorted(p.name for p in ev.iterdir()) == ["evaluate_config.yaml"]
+
+
 def test_model_option_of_train_and_evaluate_hints_at_model_path(ss_model, tmp_path, capsys):
     """--model=DIR (the predict commands' option) was 'model: expected a mapping of keys for BackboneConfig'."""
     for cmd in (["ss", "train"], ["ss", "evaluate"], ["mrl", "train"], ["splice", "train"]):

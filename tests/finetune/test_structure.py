@@ -309,6 +309,17 @@ def test_csv_with_both_columns_reads_the_structure_where_base_pairs_is_blank(tmp
         list(read_structure_csv(path))
 
 
+@pytest.mark.parametrize("sequence, message", [("", "empty sequence"),
+                                               ("GG1AAUCC", "has invalid characters '1'")])
+def test_a_csv_row_with_an_empty_or_invalid_sequence_is_named(tmp_path, sequence, message):
+    """From a user review: an empty sequence was read (RNAfold then crashed after training, or it counted with
+    F1 0), and digits were accepted, where the FASTA and dot-bracket readers refuse both."""
+    path = tmp_path / "s.csv"
+    path.write_text(f"id,sequence,structure\nr1,GGGAAAUCCC,(((....)))\nr2,{sequence},{'.' * len(sequence)}\n")
+    with pytest.raises(StructureError, match=rf"s\.csv:3 \(record 'r2'\):? {message}"):
+        list(read_structure_csv(path))
+
+
 _CORRUPT_ZST = bytearray(zstandard.ZstdCompressor().compress(b">a\nACGU\n" * 1000))
 _CORRUPT_ZST[20:70] = b"\xff" * 50
 

@@ -131,6 +131,9 @@ def test_splice_split_drops_test_sequences_from_training(shared_data):
     assert len(s.train) + len(s.valid) < 4562
     # docs/finetune.md: 31 exact copies and ~980 shifted windows of test loci (the shared 50-nt stretch finds 289)
     assert s.removed_near_duplicates == 1013 and len(s.valid) == 318
+    # from a user review: no validation split failed after training an epoch ("need at least one array to stack")
+    with pytest.raises(ValueError, match=r"empty split: \{'train': 3549, 'valid': 0"):
+        splice.load_splits(splice.SpliceDataConfig(root=str(shared_data), valid_fraction=0))
 
 
 def test_mrl_loss_falls_and_scaler_is_stored(tiny_checkpoint, shared_data, tmp_path):

@@ -245,6 +245,11 @@ def test_ss_trains_on_the_users_structure_files_and_scores_rnafold_beside(tiny_c
     model_row = next(k for k in result["rows"] if k != "RNAfold")
     assert list(again["rows"]) == [model_row]  # --eval.rnafold=false
     assert again["rows"][model_row] == pytest.approx(result["rows"][model_row])
+    # from a user review: without --data.dataset it scored bpRNA TS0 (the default) with no word; now its own test
+    assert run(["ss", "evaluate", f"--model.path={out}", f"--train.out_dir={tmp_path / 'own'}",
+                "--train.progress=false", "--eval.rnafold=false"]) == 0
+    own = json.loads((tmp_path / "own" / "eval_results.json").read_text())
+    assert own["test_set"] == "test.dbn" and own["rows"][model_row] == pytest.approx(result["rows"][model_row])
 
 
 @pytest.mark.parametrize("name, text, message", [
