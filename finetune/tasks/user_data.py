@@ -61,7 +61,8 @@ def read_labelled(path: str, cfg: UserDataConfig, parse_label: Callable[[str, st
     try:
         header = [c.strip() for c in next(reader, [])]
         column = _columns(path, header, (seq_column, label_column))
-        rows = [_row(path, reader.line_num, fields, column, parse_label) for fields in reader if any(fields)]
+        rows = [_row(path, reader.line_num, fields, column, len(header), parse_label) for fields in reader
+                if any(fields)]
     except csv.Error as e:
         raise StructureError(f"{path}:{reader.line_num}: {e} (unclosed quote, or line ends of another system?)") \
             from None
@@ -96,11 +97,12 @@ def _columns(path: str, header: list[str], wanted: tuple[str, str]) -> tuple[int
     return header.index(wanted[0]), header.index(wanted[1])
 
 
-def _row(path: str, lineno: int, fields: list[str], column: tuple[int, int],
+def _row(path: str, lineno: int, fields: list[str], column: tuple[int, int], width: int,
          parse_label: Callable[[str, str], T]) -> tuple[str, T]:
     where = f"{path}:{lineno}"
-    if len(fields) <= max(column):
-        raise StructureError(f"{where}: {len(fields)} field(s), the header has more")
+    if len(fields) != width:  # more: a separator inside an unquoted value, which shifts the columns after it
+        raise StructureError(f"{where}: {len(fields)} field(s), the header has {width} (a value holding the "
+                             "separator must be quoted)")
     seq, label = fields[column[0]].strip(), fields[column[1]].strip()
     if not seq:
         raise StructureError(f"{where}: empty sequence")

@@ -164,6 +164,10 @@ def test_a_model_whose_training_run_was_killed_is_read_with_a_warning(tiny_check
     ([("a", "ACGU", "nan")], ("id", "sequence", "label"), regress.parse_value,
      r"train\.csv:2: label 'nan' is not a finite number"),
     ([], ("id", "sequence", "label"), str, r"train\.csv: no records"),
+    ([("a", "ACGU")], ("id", "sequence", "label"), str, r"train\.csv:2: 2 field\(s\), the header has 3"),
+    # (a user review: a comma in an unquoted id shifted the columns, the extra field dropped without a word)
+    ([("a", "ACGU", "x"), ("b", "c", "GGCC", "y")], ("id", "sequence", "label"), str,
+     r"train\.csv:3: 4 field\(s\), the header has 3 \(a value holding the separator must be quoted\)"),
 ])
 def test_bad_files_are_named_with_line_and_reason(tmp_path, rows, header, parse, message):
     path = write_table(tmp_path / "train.csv", rows, header)
