@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from finetune.structure import nucleotide_codes
+from finetune.structure import nucleotide_codes, to_rna
 
 _CHUNK = 4096  # candidate rows per dense block: bounds memory at _CHUNK x len(reference) floats
 MAX_KMER = 12  # the k-mer matrix has 4^k columns: its index takes 134 MB at k 12, 34 GB at k 16 (k 32 overflowed)
@@ -91,9 +91,13 @@ def near_duplicate_mask(candidates: list[str], reference: list[str], k: int = 8,
 
 def leakage_mask(candidates: list[str], reference: list[str], k: int = 8, max_containment: float = 0.5,
                  shared_run: int = 0) -> np.ndarray:
-    """The filter of a task split: near-duplicates by the k-mer rule (k > 0), or (shared_run > 0) candidates
-    sharing an identical stretch of `shared_run` nt with some reference sequence."""
-    out = near_duplicate_mask(candidates, reference, k, max_containment) if k > 0 else np.zeros(len(candidates), bool)
+    """The filter of a task split: near-duplicates by the k-mer rule (k > 0; with exact copies, as sequences shorter
+    than k or without ACGU k-mers have none to share), or (shared_run > 0) candidates sharing an identical stretch
+    of `shared_run` nt with some reference sequence."""
+    out = np.zeros(len(candidates), bool)
+    if k > 0:
+        copies = {to_rna(s) for s in reference}
+        out = near_duplicate_mask(candidates, reference, k, max_containment) | [to_rna(s) in copies for s in candidates]
     if shared_run:
         out |= shared_run_mask(candidates, reference, shared_run)
     return out

@@ -12,7 +12,7 @@ import gzip
 import numpy as np
 import pytest
 
-from finetune.neardup import kmer_matrix, near_duplicate_mask, shared_run_mask
+from finetune.neardup import kmer_matrix, leakage_mask, near_duplicate_mask, shared_run_mask
 from finetune.tasks import mrl, splice
 
 
@@ -60,6 +60,15 @@ def test_a_reference_of_one_or_two_windows_matches_each_of_them():
     locus = "".join(np.random.default_rng(1).choice(list("ACGU"), 51))
     assert shared_run_mask([locus[:50], locus[1:]], [locus]).tolist() == [True, True]
     assert shared_run_mask([locus[:50], locus[1:]], [locus[:50]]).tolist() == [True, False]
+
+
+def test_an_exact_copy_of_a_test_sequence_is_left_out_whatever_its_length_or_letters():
+    """From a user review: sequences shorter than k (8 nt) or without ACGU k-mers have no k-mer to share, so even
+    their exact copies went through to training. `near_dup_kmer=0` still keeps everything (documented)."""
+    short, unknown, kept = "ACGUAC", "NNNNNNNNNNNN", "GGGAAAUCCCUUAGC"
+    test = [short.lower().replace("U", "T"), unknown]
+    assert leakage_mask([short, unknown, kept], test).tolist() == [True, True, False]
+    assert leakage_mask([short, unknown, kept], test, k=0).tolist() == [False, False, False]
 
 
 @pytest.mark.parametrize("file", ["varlen", "designed"])
