@@ -41,13 +41,19 @@ class ModelConfig:
     ffn_align: int = 64
 
     def __post_init__(self) -> None:
-        for key in ("dim", "num_layers", "num_heads", "vocab_size"):
+        for key in ("dim", "num_layers", "num_heads", "vocab_size", "ffn_align"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        for key in ("attn_dropout", "residual_dropout", "transition_dropout", "mask_ratio_train", "layer_norm_eps",
+                    "rope_base"):  # (a hand-written config.json's "0.1" or true must not pass for a number)
+            if not isinstance(getattr(self, key), (int, float)) or isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be a number, got {getattr(self, key)!r}")
         for key in ("attn_dropout", "residual_dropout", "transition_dropout", "mask_ratio_train"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not isinstance(self.token_dropout, bool):  # ("false", a string, was true)
+            raise ValueError(f"token_dropout must be true or false, got {self.token_dropout!r}")
         if not (self.layer_norm_eps > 0 and self.rope_base > 0):
             raise ValueError(f"layer_norm_eps and rope_base must be > 0, got {self.layer_norm_eps}, {self.rope_base}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -57,9 +63,7 @@ class ModelConfig:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        if self.ffn_align < 1:
-            raise ValueError(f"ffn_align must be >= 1, got {self.ffn_align}")
-        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing < 0:
+        if not isinstance(self.activation_checkpointing, (bool, int)) or self.activation_checkpointing < 0:
             raise ValueError(f"activation_checkpointing must be true, false or a block count >= 0, "
                              f"got {self.activation_checkpointing}")
 

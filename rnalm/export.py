@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,17 @@ from rnalm.io import (MULTIMOLECULE_SETTINGS, MULTIMOLECULE_VOCAB_28, WEIGHTS_NA
 # settings: readers take the original's 20 heads of every size, its code's RoPE base, token dropout and LayerNorm
 # eps; multimolecule's config has no field for these): a model that differs from RiNALMo's there is refused
 FIXED_IN = {"official": ("num_heads", "rope_base", "token_dropout", "mask_ratio_train", "layer_norm_eps"),
-            "multimolecule": ("vocab_size", "transition_dropout", "mask_ratio_train", "rope_base")}
+            "multimolecule": ("vocab_size", "mask_ratio_train", "rope_base")}
+# Dropouts each target cannot carry: they act in training only (the weights compute the same), so a model whose
+# dropouts differ from RiNALMo's is exported with a warning that the target reads RiNALMo's back
+DROPOUTS_LOST_IN = {"official": ("attn_dropout", "residual_dropout", "transition_dropout"),
+                    "multimolecule": ("transition_dropout",)}
 
 
-def inexpressible(cfg: ModelConfig, to: str) -> list[str]:
+def inexpressible(cfg: ModelConfig, to: str, settings: dict[str, tuple[str, ...]] = FIXED_IN) -> list[str]:
     """The settings of `cfg` that target `to` cannot express (they differ from RiNALMo's)."""
     default = {f.name: f.default for f in fields(ModelConfig)}
-    return [k for k in FIXED_IN[to] if getattr(cfg, k) != default[k]]
+    return [k for k in settings[to] if getattr(cfg, k) != default[k]]
 
 
 def check_expressible(cfg: ModelConfig, to: str) -> None:
@@ -63,11 +68,19 @@ def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Pat
     if to == "multimolecule" and out.exists() and not out.is_dir():
         raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
     check_out_dir(out.parent if to == "official" else out, "OUT")  # not under a file, writable
-    if to == "multimolecule" and out.resolve() == Path(model_dir).resolve():
-        raise WeightsError(f"{out} is the model directory itself: its files would be replaced by multimolecule's "
-                           "(and its provenance lost); write it elsewhere")
+    model_dir = Path(model_dir).resolve()
+    if out.resolve() == model_dir or out.resolve().parent == model_dir:
+        raise WeightsError(f"{out} is {'in ' * (to == 'official')}the model directory itself: its files would be "
+                           "replaced (and its provenance lost); write it elsewhere")
+    if to == "multimolecule" and _is_ours(out):
+        raise WeightsError(f"{out} holds a model of this tool ({CONFIG_NAME} with a format_version): multimolecule's "
+                           "files would replace it; write it elsewhere")
     cfg, state = read_pretrained(model_dir)
     check_expressible(cfg, to)
+    if lost := inexpressible(cfg, to, DROPOUTS_LOST_IN):
+        print(f"warning: {to} RiNALMo records no {', '.join(lost)}: read back, this model's "
+              f"{', '.join(f'{k} {getattr(cfg, k)}' for k in lost)} become RiNALMo's defaults (dropout acts in "
+              "training only; the weights are exact)", file=sys.stderr)
     if to == "official":
         out.parent.mkdir(parents=True, exist_ok=True)
         export_official(state, out)
@@ -78,6 +91,13 @@ def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Pat
     atomic_write_all([(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
                       (out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")], durable=True)
     return out
+
+
+def _is_ours(directory: Path) -> bool:
+    try:
+        return "format_version" in json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

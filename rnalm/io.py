@@ -26,6 +26,7 @@ from rnalm.model import RiNALMo
 from rnalm.tokenizer import UNK_ID, VOCAB
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+WEIGHT_FORMATS = ("auto", "rnalm", "official", "multimolecule")
 FORMAT_VERSION = 1
 StateDict = dict[str, torch.Tensor]
 M = TypeVar("M", bound=torch.nn.Module)
@@ -177,6 +178,10 @@ def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     if "format_version" not in meta and "model" not in meta:  # another tool's (multimolecule's, a BERT's)
         raise WeightsError(f"{path} is not this tool's (no format_version; pretrain.convert and save_pretrained "
                            "write it); a multimolecule directory is read by read_weights")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WeightsError(f"{path}: format_version {meta['format_version']!r}, this version reads up to "
+                           f"{FORMAT_VERSION}: a newer rnalm wrote it")
     tokenizer = meta.get("tokenizer", {})
     if not isinstance(tokenizer, Mapping) or list(tokenizer.get("vocab", VOCAB)) != list(VOCAB):
         raise WeightsError(f"{path}: tokenizer vocabulary differs from RiNALMo's")
@@ -251,6 +256,8 @@ def read_weights(path: str | os.PathLike, fmt: str = "auto", heads: int | None =
     """(config, state dict in our layout) from released weights of any format `weights_format` tells. `heads`: the
     head count of weights that do not record it (the original's .pt, multimolecule weights without their
     directory's config.json), unless overridden; `config_overrides` win over what a file records."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"fmt {fmt!r}: one of {', '.join(WEIGHT_FORMATS)}")
     path = Path(path)
     named = path if path.is_file() else None   # the weights file given, read as it is
     if fmt in ("auto", "rnalm", "multimolecule") and path.name in (WEIGHTS_NAME, "pytorch_model.bin") \

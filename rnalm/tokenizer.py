@@ -73,7 +73,10 @@ def batch_encode(seqs: Sequence[str | bytes], add_special: bool = True,
 def decode(ids: Sequence[int] | np.ndarray, rna: bool = True) -> str:
     """One sequence's ids to a string (U for T when rna): <cls>, <pad> and <eos> are dropped, <unk> is written X and
     <mask> ?, so every other position keeps its letter. Ids outside the vocabulary and 2-D input are errors."""
-    arr = np.asarray(ids, dtype=np.int64)
+    arr = np.asarray(ids)
+    if arr.size and arr.dtype.kind not in "iu":  # (5.7 was read as 5, a row of probabilities as <cls>s)
+        raise ValueError(f"decode takes integer ids, got {arr.dtype} values")
+    arr = arr.astype(np.int64)
     if arr.ndim != 1:
         raise ValueError(f"decode takes one sequence's ids (1-D), got shape {arr.shape}: decode a batch row by row")
     bad = arr[(arr < 0) | (arr >= VOCAB_SIZE)]

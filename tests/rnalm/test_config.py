@@ -12,6 +12,9 @@ from rnalm.config import ModelConfig
     ("attention_backend", "flashattn"), ("transition_dropout", 1.0), ("layer_norm_eps", 0.0),
     ("dim", 36),  # head_dim 9: rotary embeddings rotate pairs
     ("ffn_align", 0), ("activation_checkpointing", -1), ("num_heads", 3),  # 32 / 3: no whole head_dim
+    # (a user review: a hand-written config.json's types passed, "false" as a true token_dropout)
+    ("token_dropout", "false"), ("token_dropout", 0), ("ffn_align", 64.0), ("attn_dropout", "0.1"),
+    ("rope_base", True), ("activation_checkpointing", "yes"),
 ])
 def test_bad_values_are_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

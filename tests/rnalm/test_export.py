@@ -124,13 +124,44 @@ def test_a_model_a_pt_file_cannot_express_is_refused(tmp_path, capsys, setting):
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.parametrize("setting", [{"rope_base": 20000.0}, {"transition_dropout": 0.2}, {"vocab_size": 32}])
+@pytest.mark.parametrize("setting", [{"rope_base": 20000.0}, {"vocab_size": 32}])
 def test_a_model_multimolecule_cannot_express_is_refused(tmp_path, capsys, setting):
     released(tmp_path, **setting)
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path / "model"), "--to", "multimolecule", str(tmp_path / "hf")])
     assert exit_.value.code == 1 and f"no setting for {list(setting)}" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("to, lost", [("official", "attn_dropout 0.0, residual_dropout 0.3, transition_dropout 0.2"),
+                                      ("multimolecule", "transition_dropout 0.2")])
+def test_dropouts_a_layout_cannot_carry_are_exported_with_a_warning(tmp_path, capsys, to, lost):
+    """From a user review: multimolecule refused a transition dropout and named --to official, which wrote it
+    and read all three dropouts back as RiNALMo's without a word. Dropout acts in training only: one rule for
+    both, the weights exported exactly and a warning naming what is read back otherwise."""
+    model = released(tmp_path, attn_dropout=0.0, residual_dropout=0.3, transition_dropout=0.2)
+    out = tmp_path / ("x.pt" if to == "official" else "hf")
+    main([str(tmp_path / "model"), "--to", to, str(out)])
+    assert f"warning: {to} RiNALMo records no" in (err := capsys.readouterr().err) and lost in err
+    cfg, state = read_weights(out)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    kept = {"attn_dropout": 0.0, "residual_dropout": 0.3} if to == "multimolecule" else {}
+    assert {k: getattr(cfg, k) for k in kept} == kept
+
+
+def test_an_export_never_writes_over_the_model_it_reads_or_another_of_ours(tmp_path, capsys):
+    """From a user review: --to official into the model directory replaced its model.safetensors by a pickle
+    (unreadable since), and --to multimolecule into another model directory of ours replaced its config.json."""
+    released(tmp_path)
+    shutil.copytree(tmp_path / "model", tmp_path / "other")
+    before = {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("model", "other")}
+    for to, out, message in (("official", tmp_path / "model" / "model.safetensors", "is in the model directory"),
+                             ("official", tmp_path / "model" / "x.pt", "is in the model directory"),
+                             ("multimolecule", tmp_path / "other", "holds a model of this tool")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path / "model"), "--to", to, str(out)])
+        assert exit_.value.code == 1 and message in capsys.readouterr().err, out
+    assert {d: {p.name: p.read_bytes() for p in (tmp_path / d).iterdir()} for d in ("model", "other")} == before
 
 
 @pytest.mark.parametrize("to", ["official", "multimolecule"])

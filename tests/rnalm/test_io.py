@@ -397,3 +397,19 @@ def test_multimolecule_imports_name_what_they_lack_or_do_not_know():
     extra = {**mm, **{f"model.adapter.{i}.weight": torch.zeros(1) for i in range(8)}}
     with pytest.raises(WeightsError, match=r"import does not know: model.adapter.0.weight, .* \(\+2 more\)"):
         import_multimolecule(extra)
+
+
+def test_a_newer_format_version_and_an_unknown_format_name_are_refused(tmp_path):
+    """From a user review: format_version 2 loaded as 1 without a word; read_weights(fmt="bogus") fell through to
+    the multimolecule reader (IsADirectoryError)."""
+    import json
+
+    from rnalm.io import read_weights
+
+    save_pretrained(random_model("nano"), tmp_path)
+    config = tmp_path / "config.json"
+    with pytest.raises(ValueError, match="fmt 'bogus': one of auto, rnalm, official, multimolecule"):
+        read_weights(tmp_path, fmt="bogus")
+    config.write_text(json.dumps({**json.loads(config.read_text()), "format_version": 2}))
+    with pytest.raises(WeightsError, match=f"{config}: format_version 2, this version reads up to 1"):
+        load_pretrained(tmp_path)

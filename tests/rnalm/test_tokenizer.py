@@ -55,6 +55,9 @@ def test_decode_keeps_every_position_and_refuses_what_is_no_sequence():
             tk.decode(bad)
     with pytest.raises(ValueError, match="decode a batch row by row"):
         tk.decode(tk.batch_encode(["ACGU", "GG"])[0])
+    with pytest.raises(ValueError, match="decode takes integer ids, got float64"):  # (5.7 was read as 5: A)
+        tk.decode(np.array([5.7, 6.2]))
+    assert tk.decode([]) == "" and tk.decode(np.array([5, 6], dtype=np.uint8)) == "AC"
 
 
 @pytest.mark.parametrize("one", ["ACGU", b"ACGU"])
