@@ -113,10 +113,21 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
-    def validate(self) -> None:
+    def validate_data(self) -> None:
+        """What evaluation checks too: the shards, the masking, the model."""
         if not self.data.shards:
             raise ValueError("data.shards is not set: give the dataprep output dir (--data.shards=DIR)")
+        if not self.data.mask_prob > 0:  # (the loss was 0 at every step, and validation blamed the shards)
+            raise ValueError(f"data.mask_prob must be > 0 (the share of tokens predicted), got {self.data.mask_prob}")
+        self.model_config()
+
+    def validate(self) -> None:
+        """Every check a training run makes before start-up."""
+        self.validate_data()
         t, o = self.train, self.optim
+        if not self.data.infinite or self.data.max_records:  # (the run crashed at the end of its first epoch)
+            raise ValueError("data.infinite=false and data.max_records are the validation pass's (train.valid_*): "
+                             "training streams its split without end")
         least = {"train.grad_accum": (t.grad_accum, 1), "train.max_steps": (t.max_steps, 1),
                  "train.log_every": (t.log_every, 1), "train.stop_after": (t.stop_after, 1),
                  "train.valid_every": (t.valid_every, 0), "train.valid_max_records": (t.valid_max_records, 0),
@@ -124,7 +135,9 @@ class PretrainConfig:
                  "optim.warmup_steps": (o.warmup_steps, 0), "optim.decay_steps": (o.decay_steps, 1),
                  "optim.min_lr": (o.min_lr, 0), "optim.warmup_start_lr": (o.warmup_start_lr, 0),
                  "train.seed": (t.seed, 0), "train.profile_at": (t.profile_at, 0),
-                 "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0), "optim.grad_clip": (o.grad_clip, 0)}
+                 "metrics.final_scrape_s": (self.metrics.final_scrape_s, 0), "optim.grad_clip": (o.grad_clip, 0),
+                 "optim.weight_decay": (o.weight_decay, 0), "optim.eps": (o.eps, 0),
+                 "train.max_nonfinite_in_row": (t.max_nonfinite_in_row, 1)}
         for key, (value, low) in least.items():
             if value is not None and value < low:
                 raise ValueError(f"{key} must be >= {low}, got {value}")
@@ -132,9 +145,11 @@ class PretrainConfig:
             raise ValueError(f"train.inject_nonfinite_micro must index one of the train.grad_accum={t.grad_accum} "
                              f"micro-batches of a step, got {t.inject_nonfinite_micro}")
         peak = self.metrics.peak_flops
-        if not 0 < o.lr or o.min_lr > o.lr or (peak is not None and not 0 < peak):
-            raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr <= optim.lr (got {o.min_lr}) and "
-                             f"metrics.peak_flops > 0 (got {self.metrics.peak_flops})")
+        if not 0 < o.lr or o.min_lr > o.lr or o.warmup_start_lr > o.lr or (peak is not None and not 0 < peak):
+            raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr and optim.warmup_start_lr <= optim.lr "
+                             f"(got {o.min_lr}, {o.warmup_start_lr}) and metrics.peak_flops > 0 (got {peak})")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
                              f"({self.train.max_steps}) or set optim.decay_steps")
@@ -145,7 +160,6 @@ class PretrainConfig:
                              f"{self.metrics.port_base}")
         check_out_dir(self.train.out_dir, "train.out_dir")
         deepspeed_config(self, bf16=False)  # readable, and without the keys the trainer owns
-        self.model_config()
 
     def model_config(self) -> ModelConfig:
         """The model section's, with token dropout's training mask ratio from data.mask_prob: the embeddings are
@@ -192,6 +206,8 @@ def deepspeed_config(cfg: PretrainConfig, bf16: bool, universal: bool = False) -
         "steps_per_print": 1 << 30,
     })
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):  # (stage 0 trained with no gradient norm, and its checkpoints cannot be converted)
+        raise ValueError(f"{path} + train.ds_overrides: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
     if bf16:
         # Gradients summed in fp32 over ranks and (ZeRO-2/3) micro-batches, as the original's DDP, torchtitan and
         # Megatron do: DeepSpeed's default for bf16 sums them in bf16, where a rank's or a micro-batch's gradient

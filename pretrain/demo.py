@@ -19,6 +19,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "demo_out"
+MARK = ".rnalm-demo"  # in a demo's OUT: the folders it replaces there are its own
+
+
+def claim_out(out: Path) -> None:
+    """OUT for the demo, which replaces its shards/, pretrain/, model/, ... folders there on every run: a new or
+    empty directory, or one a demo used before (a user review: `--out .` in the repository deleted pretrain/)."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MARK).exists() and out != DEFAULT_OUT:
+        sys.exit(f"demo: --out {out} holds files that are not a demo's, and the demo replaces its folders there "
+                 "(shards/, pretrain/, model/, ...): name a new or empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARK).touch()
 
 
 def run(cmd: list[str], what: str) -> None:
@@ -129,13 +141,16 @@ def summary(run_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "demo_out")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
+    low = [f"--{k} ({v})" for k, v in vars(args).items() if k != "out" and v < 1]
+    if low:
+        parser.error(f"{', '.join(low)}: must be >= 1")
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out(out)
     paths = {"shards": out / "shards", "pretrain": out / "pretrain", "model": out / "model"}
     fasta = make_fasta(out, args.records)
     build_shards(fasta, paths["shards"])

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"data.shards={cfg.data.shards} (a relative path, as the config records it) is not found from "
                      f"{os.getcwd()}: run from the directory the run was started in, or pass --data.shards=PATH")
     try:
-        cfg.validate()
+        cfg.validate_data()
         device = rio.check_device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                                   "cpu" if args.device == "auto" else args.device)
         model = load_weights(args.weights, cfg, device, getattr(torch, args.dtype))

@@ -71,6 +71,9 @@ def test_evaluate_command_scores_any_weights_format_with_the_runs_crops_and_mask
     assert whole["records"] > engine_valid["records"] > first["records"] == 7 and whole["valid_max_records"] == 0
     refused = evaluate(straight_run)
     assert refused.returncode == 2 and "convert it first" in refused.stderr
+    # from a user review: training's own checks refused the evaluation of a run whose init_weights had moved
+    moved = evaluate(converted, f"--train.init_weights={tmp_path / 'moved'}", f"--train.ds_config={tmp_path / 'no'}")
+    assert moved.returncode == 0, moved.stderr[-2000:]
     no_shards = evaluate(converted, "--data.shards=/nonexistent")
     assert no_shards.returncode == 2 and no_shards.stderr.startswith("error:") and "Traceback" not in no_shards.stderr
     no_config = subprocess.run([PY, "-m", "pretrain.evaluate", str(converted)], cwd=REPO, capture_output=True,

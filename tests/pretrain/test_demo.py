@@ -74,3 +74,24 @@ def test_the_gc_tables_hold_family_free_records_labelled_with_their_gc_share(tmp
     train, test = demo.gc_content_tables(fasta, tmp_path, train=1, test=1)
     assert train.read_text() == "sequence,label\n" + "GCAU" * 10 + ",0.5000\n"
     assert test.read_text() == "sequence,label\n" + "GGGA" * 10 + ",0.7500\n"
+
+
+def test_the_demo_never_replaces_folders_of_a_directory_that_is_not_its_own(tmp_path, capsys):
+    """From a user review: `python -m pretrain.demo --out .` in the repository deleted pretrain/ (it replaces its
+    shards/, pretrain/ and model/ folders in OUT on every run)."""
+    mine = tmp_path / "mine"
+    (mine / "pretrain").mkdir(parents=True)
+    (mine / "pretrain" / "train.py").write_text("the user's")
+    with pytest.raises(SystemExit, match=f"--out {mine} holds files that are not a demo's"):
+        demo.claim_out(mine)
+    with pytest.raises(SystemExit, match=f"--out {mine} holds files that are not a demo's"):
+        demo.main([f"--out={mine}", "--records=10"])
+    assert (mine / "pretrain" / "train.py").read_text() == "the user's"
+    for new in (tmp_path / "new", tmp_path / "empty"):  # new, empty, or a demo's own (again)
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        demo.claim_out(new)
+        (new / "shards").mkdir()
+        demo.claim_out(new)
+    with pytest.raises(SystemExit) as e:
+        demo.main([f"--out={tmp_path / 'new'}", "--steps=0"])
+    assert e.value.code == 2 and "--steps (0): must be >= 1" in capsys.readouterr().err

@@ -367,6 +367,15 @@ def test_token_dropouts_mask_ratio_follows_the_masking_rate():
     ("--optim.min_lr=nan", "optim.min_lr: expected a finite number, got 'nan'"),  # passed every check
     ("--train.valid_sampling=cluter", "'cluter' is not one of 'cluster', 'uniform'"),
     ("--train.ds_overrides={zero_optimization: null}", "zero_optimization must be a mapping, got None"),
+    # from a user review: each was accepted, or failed after start-up in a traceback
+    ("--data.infinite=false", "data.infinite=false and data.max_records are the validation pass's"),  # 1 epoch
+    ("--data.mask_prob=0", "data.mask_prob must be > 0"),  # a loss of 0 at every step
+    ("--optim.betas=[1.5, 0.999]", "optim.betas must be two numbers in [0, 1), got [1.5, 0.999]"),
+    ("--optim.eps=-1", "optim.eps must be >= 0"),
+    ("--optim.weight_decay=-0.5", "optim.weight_decay must be >= 0"),  # trained with negative decay
+    ("--optim.warmup_start_lr=1.0", "optim.min_lr and optim.warmup_start_lr <= optim.lr"),  # a falling warm-up
+    ("--train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row must be >= 1"),
+    ("--train.ds_overrides={zero_optimization: {stage: 0}}", "zero_optimization.stage must be 1, 2 or 3, got 0"),
 ])
 def test_settings_that_would_train_otherwise_than_asked_are_refused_before_start_up(override, message, tmp_path):
     """Each was accepted (or ended in a traceback after start-up): the run trained without clipping, with a NaN
