@@ -628,6 +628,8 @@ class Trainer:
                                   f"written with, or {FROM_ITS_WEIGHTS}") from None
         set_schedule(self.scheduler, self.cfg.optim, self.cfg.train.max_steps)
         changed = changed_settings(state.get("config", {}), to_dict(self.cfg))
+        if state.get("world_size", self.world) != self.world:  # tokens per step scale with it (a user review)
+            changed["world_size"] = (state["world_size"], self.world)
         if changed:
             self._log(event="config_changed", step=self.step, changes=changed)
         self._say(f"resumed from {self.checkpointer.root / tag} at step {self.step}"

@@ -524,6 +524,8 @@ def test_a_run_on_another_world_size_converts_the_checkpoint_to_universal_and_re
         (tag_for(STRAIGHT_STEPS), 2, 1)
     start = events(records, "start")[-1]
     assert start["resumed_from"] == universal and start["world_size"] == 1
+    assert events(records, "config_changed")[-1]["changes"]["world_size"] == [2, 1]  # (tokens per step halved)
+    assert "settings changed since (then, now): {" in stderr and "'world_size': (2, 1)" in stderr
     resumed = [r for r in step_lines(records) if r["step"] > STRAIGHT_STEPS]
     assert [r["step"] for r in resumed] == [13, 14]
     before = by_step(records)[STRAIGHT_STEPS]
