@@ -28,6 +28,7 @@ from dataprep.normalize import NormalizeConfig  # noqa: E402
 from dataprep.pipeline import BuildConfig, build, discard_unfinished  # noqa: E402
 
 ZSTD_MIN_LEVEL = -(1 << 17)  # ZSTD_minCLevel(): python-zstandard exposes only the maximum
+MAX_CHUNK_MB = 1024  # --chunk-mb: each normalise worker holds a few chunks of this size
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -107,6 +108,10 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"{option(name)} must be a number > 0")
     if int(a.chunk_mb * (1 << 20)) < 1:  # a compressed input would read nothing
         p.error(f"--chunk-mb {a.chunk_mb} is less than one byte")
+    if a.chunk_mb > MAX_CHUNK_MB:  # each worker holds a few chunks (100000 ended in a MemoryError traceback)
+        p.error(f"--chunk-mb must be at most {MAX_CHUNK_MB}")
+    if not a.out:  # (it built into the current directory, replacing a report/ folder there)
+        p.error("--out must name a directory")
     for name in ("min_seq_id", "coverage"):
         if not 0 <= getattr(a, name) <= 1:
             p.error(f"{option(name)} must be in [0, 1]")
@@ -116,16 +121,28 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--zstd-level must be in {ZSTD_MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}")
     if a.min_len > a.max_len:
         p.error("--min-len must not exceed --max-len")
-    if a.label_key is not None and (not a.label_key or any(c.isspace() or c == "=" for c in a.label_key)):
-        p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (no spaces or '=')")
-    files = [(f, os.path.realpath(f)) for f in a.input if f != "-"]
-    real = [path for _, path in files]
-    if twice := next((f for f, path in files if real.count(path) > 1), None):
-        p.error(f"--input names {twice} twice: the second copy's records would all count as duplicates")
+    key = a.label_key
+    if key is not None and (not key or not key.isprintable() or any(c.isspace() or c == "=" for c in key)):
+        p.error(f"--label-key {a.label_key!r}: want a header key such as rfam_acc (printable, no spaces or '=')")
+    if odd := next((f for f in a.input if not f.isprintable()), None):  # (a tab split rejects.tsv's columns)
+        p.error(f"--input {odd!r}: a file name with a tab, newline or other control character; rename it")
+    files = [(f, _file_identity(f)) for f in a.input if f != "-"]
+    if twice := next(((f, g) for i, (f, one) in enumerate(files) for g, other in files[i + 1:] if one == other), None):
+        p.error(f"--input names {twice[0]} twice (as {twice[1]}: the same file, or a link to it): the second "
+                "copy's records would all count as duplicates")
     if a.input.count("-") > 1:
         p.error("stdin (-) is given more than once in --input: it can be read only once")
     if a.mpi and "-" in a.input:
         p.error("stdin input (-) cannot be shared between MPI ranks; write it to a file first")
+
+
+def _file_identity(path: str) -> tuple[int, int] | str:
+    """(device, inode): one file under two names (a symbolic or hard link) is one; its path where it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return st.st_dev, st.st_ino
 
 
 # A file system that takes no more writes (read-only, full, over quota, not ours): a one-line error, and the
@@ -149,9 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             _abort_others(comm)
             raise
         where = e.filename or cfg.out if unwritable else None  # a write() error names no file
-        print(f"error: {e.strerror}: {where} (the unfinished stages are removed; the finished ones and the "
-              f"published shard set stay)" if unwritable else f"error: {e}", file=sys.stderr, flush=True)
-        if (unwritable or isinstance(e, InputError)) and comm.rank == 0:
+        # under MPI the other ranks may still be writing there (they printed tracebacks of its removal): the
+        # unfinished stages stay, and the next build starts them afresh
+        removed = comm.size == 1 and (unwritable or isinstance(e, InputError))
+        print(f"error: {e.strerror}: {where} (the unfinished stages {'are removed' if removed else 'stay'}; the "
+              f"finished ones and the published shard set stay)" if unwritable else f"error: {e}", file=sys.stderr,
+              flush=True)
+        if removed:
             discard_unfinished(Path(cfg.out), fresh)
         if comm.size > 1:
             comm.abort(2)

@@ -186,8 +186,10 @@ def search_step(exe: str, query: Path, db: Path, out: Path, tmp: Path, cfg: Clus
     reverse complements), with the fraction of each sequence it covers (`parse_hits` keeps those covering
     `cfg.coverage` of either). Short k-mers without masking find what linclust's long k-mers miss: MMseqs2's
     defaults (k 15, masking) found 86 of the 173 validation records of a 4,000-record ncRNA sample that k 7 found
-    with such a train record; k 8 finds 170."""
-    return [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--search-type", "3", "--strand", "2",
+    with such a train record; k 8 finds 170. The queries are nucleotides (--dbtype 2), as the target database: left
+    to guess, MMseqs2 took queries with many ambiguity codes (R, Y, ...) for protein and failed."""
+    return [exe, "easy-search", str(query), str(db), str(out), str(tmp), "--dbtype", "2", "--search-type", "3",
+            "--strand", "2",
             "-k", str(SEARCH_KMER), "--mask", "0", "-e", "10", "--min-seq-id", str(cfg.min_seq_id), "-c", "0",
             "--max-seqs", str(max_seqs), "--format-output", "query,target,qcov,tcov", "--threads", str(cfg.threads),
             *(["--split-memory-limit", memory_limit] if memory_limit else [])]

@@ -245,7 +245,10 @@ def _header_rejects(a: np.ndarray, hs: np.ndarray, he: np.ndarray, low: np.ndarr
                     reasons: dict[int, str]) -> None:
     """Empty ids, control characters and invalid UTF-8 in the headers a[hs[r]:he[r] + 1]."""
     for r in np.flatnonzero(id_len == 0).tolist():
-        reasons.setdefault(r, "empty record id (nothing after '>')")
+        nothing = not bytes(a[hs[r] + 1:he[r]]).strip()
+        reasons.setdefault(r, "empty record id (" + ("nothing after '>')" if nothing else
+                                                     "whitespace right after '>': the id is the header's text up "
+                                                     "to its first whitespace)"))
     top = int(a.max())
     ctrl = low[_IS_CTRL[a[low]]]
     if top >= 127:  # DEL (not `== 127`: a byte >= 0x80 elsewhere in the chunk must not hide it)

@@ -383,7 +383,7 @@ def _build(cfg: BuildConfig, comm) -> BuildResult:
                  "replaces that shard set when it publishes its own")
     sources = res = report = shuffling = None
     if comm.rank == 0:  # background processes that need no clusters, overlapping MMseqs2
-        sources, res = _source_counts(store, stages)
+        sources, res = _source_counts(cfg, store, stages)
         if cfg.report:  # it redraws the report in place: no summary until this build's, so a failed build's
             (out / "report" / "summary.json").unlink(missing_ok=True)  # plots are never taken as up to date
             report = ReportProcess(out / "report", store, keep, sources)
@@ -571,9 +571,11 @@ def _summary_key(path: Path) -> str | None:
         return None
 
 
-def _source_counts(store: Store, stages: dict) -> tuple[list[dict], dict]:
+def _source_counts(cfg: BuildConfig, store: Store, stages: dict) -> tuple[list[dict], dict]:
     """Per-input records / rejected / duplicates / kept, and the dedup result arrays."""
     sources = json.loads((stages["normalise"].final / "sources.json").read_text())
+    for s, name in zip(sources, cfg.inputs):  # as this run names them (a reused stage: the run that made it)
+        s["path"] = name
     res = {n: np.load(stages["dedup"].final / f"{n}.npy") for n in DEDUP_ARRAYS}
     n_src = len(sources)
     for field_name, idx in (("duplicates", res["dup"]), ("kept", res["keep"])):
@@ -608,6 +610,9 @@ def _finish(cfg: BuildConfig, out: Path, store: Store, stages: dict, shards: lis
     if cfg.valid_fraction > 0 and wanted == 0:
         warnings.append(f"the validation split is empty: --valid-fraction {cfg.valid_fraction} of {n_clusters:,} "
                         f"cluster(s) holds out none (a cluster is never split), so training gets no validation data")
+    if cfg.normalize.label_key and not store.label_len[res["keep"]].any():  # (a typo in the key was silent)
+        warnings.append(f"no kept record's header holds {cfg.normalize.label_key}=...: --label-key "
+                        f"{cfg.normalize.label_key} gave every record an empty label")
     if n_valid < wanted:
         warnings.append(f"validation holds {n_valid:,} clusters, not the {wanted:,} of --valid-fraction "
                         f"{cfg.valid_fraction}: the other candidates had near-duplicates in train (the MMseqs2 "

@@ -44,6 +44,11 @@ def top_labels(store: Store, keep: np.ndarray, k: int = TOP_LABELS) -> list[tupl
     return out
 
 
+def _plain(text: str) -> str:
+    """`text` drawn as it is: matplotlib reads text between two `$` as maths (a label `a_$^$` ended the build)."""
+    return text.replace("$", r"\$")
+
+
 def _plot_corpus(report_dir: Path, store: Store, keep: np.ndarray, sources: list[dict]) -> dict:
     """Length, per-input and label plots (no clusters needed); their statistics for corpus.json."""
     import matplotlib.pyplot as plt
@@ -59,7 +64,7 @@ def _plot_corpus(report_dir: Path, store: Store, keep: np.ndarray, sources: list
     _save(fig, report_dir / "lengths.png")
 
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.4 * len(sources)))
-    names = [Path(s["path"]).name for s in sources]
+    names = [_plain(Path(s["path"]).name) for s in sources]
     left = np.zeros(len(sources))
     for key in ("kept", "duplicates", "rejected"):
         vals = np.array([s.get(key, 0) for s in sources], float)
@@ -71,7 +76,7 @@ def _plot_corpus(report_dir: Path, store: Store, keep: np.ndarray, sources: list
 
     if labels:
         fig, ax = plt.subplots(figsize=(7, 1.5 + 0.3 * len(labels)))
-        ax.barh([lab for lab, _ in labels][::-1], [c for _, c in labels][::-1])
+        ax.barh([_plain(lab) for lab, _ in labels][::-1], [c for _, c in labels][::-1])
         ax.set(xlabel="kept records", title=f"Top {len(labels)} labels")
         _save(fig, report_dir / "labels.png")
     else:  # an OUT reused from a build with labels must not keep that build's plot

@@ -104,10 +104,13 @@ def test_header_without_sequence_at_end_of_file(tmp_path, fasta):
     assert rejects == {"last": "empty sequence (header without sequence)"}
 
 
-@pytest.mark.parametrize("header", [">", "> description only", ">\tx"])
-def test_empty_id(tmp_path, fasta, header):
+@pytest.mark.parametrize("header, why", [(">", "nothing after '>'"), (">  \r", "nothing after '>'"),
+                                         # (a user review: these said "nothing after '>'" too)
+                                         ("> description only", "whitespace right after '>'"),
+                                         (">\tx", "whitespace right after '>'")])
+def test_empty_id(tmp_path, fasta, header, why):
     rejects, _ = rejects_of(tmp_path, fasta(f"{header}\n{ACGU20}\n>ok\n{ACGU20}A\n"))
-    assert rejects == {"": "empty record id (nothing after '>')"}
+    assert list(rejects) == [""] and rejects[""].startswith(f"empty record id ({why}")
 
 
 @pytest.mark.parametrize("bad", [b"\xff\xfe", b"\x80"], ids=["ff-fe", "only-0x80"])  # 0x80: the smallest non-ASCII
@@ -544,9 +547,15 @@ def test_rejected_input_leaves_no_new_output_directory_and_an_old_shard_set_as_i
     (["--chunk-mb", "nan"], "--chunk-mb must be a number > 0"),        # ValueError (traceback) at parsing
     (["--input", "in.fa", "./in.fa"], "--input names in.fa twice"),   # every record a duplicate, without a word
     (["--input", "-", "in.fa", "./in.fa"], "--input names in.fa twice"),  # (named '-': stdin shifted the lists)
+    # from a user review: a MemoryError traceback, a build into the current directory, a key that never matches,
+    # a tab that split rejects.tsv's columns
+    (["--chunk-mb", "100000"], "--chunk-mb must be at most 1024"),
+    (["--out", ""], "--out must name a directory"),
+    (["--label-key", "a\x01"], "--label-key 'a\\x01': want a header key"),
+    (["--input", "in\tx.fa"], "--input 'in\\tx.fa': a file name with a tab"),
 ], ids=["zstd-high", "zstd-low", "seed", "shard-records", "shard-mb", "chunk-mb", "min-seq-id", "coverage", "cov-mode",
         "label-empty", "label-eq", "stdin-twice", "shard-mb-inf", "shard-mb-nan", "chunk-mb-nan", "input-twice",
-        "input-twice-after-stdin"])
+        "input-twice-after-stdin", "chunk-mb-huge", "out-empty", "label-control", "input-tab"])
 def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message):
     from dataprep.build_shards import main
 
@@ -554,6 +563,45 @@ def test_bad_argument_is_refused_before_any_work(tmp_path, capsys, args, message
         main(["--input", "in.fa", "--out", str(tmp_path / "o"), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_one_file_under_two_names_is_refused(tmp_path, capsys):
+    """From a user review: a hard link passed the "named twice" check (realpath), and its records all counted as
+    duplicates."""
+    from dataprep.build_shards import main
+
+    (tmp_path / "a.fa").write_text(f">a\n{ACGU20}\n")
+    os.link(tmp_path / "a.fa", tmp_path / "hard.fa")
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(tmp_path / "a.fa"), str(tmp_path / "hard.fa"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and f"--input names {tmp_path / 'a.fa'} twice (as {tmp_path / 'hard.fa'}: the same " \
+        "file, or a link to it)" in capsys.readouterr().err
+
+
+def test_an_input_error_under_mpi_leaves_the_unfinished_stages_to_the_next_build(tmp_path, monkeypatch, capsys):
+    """From a user review: rank 0 removed the unfinished stages while another rank still wrote into them, which
+    printed a FileNotFoundError traceback after the one-line error."""
+    import dataprep.build_shards as cli
+    import dataprep.comm
+
+    class Rank0Of2:
+        rank, size, aborted = 0, 2, []
+
+        def abort(self, code: int) -> None:
+            self.aborted.append(code)
+            raise SystemExit(code)
+
+    def failing(cfg, comm):
+        (tmp_path / "out" / ".work" / "normalise.tmp").mkdir(parents=True)
+        raise InputError(f"{tmp_path / 'in.fa'}:3: bad record")
+
+    (tmp_path / "in.fa").write_text(f">a\n{ACGU20}\n")
+    monkeypatch.setattr(dataprep.comm, "MpiComm", Rank0Of2)
+    monkeypatch.setattr(cli, "build", failing)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--mpi", "--input", str(tmp_path / "in.fa"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and Rank0Of2.aborted == [2] and "bad record" in capsys.readouterr().err
+    assert (tmp_path / "out" / ".work" / "normalise.tmp").is_dir()
 
 
 def test_input_given_twice_reads_both(tmp_path):

@@ -544,6 +544,47 @@ def test_an_interrupted_holdout_search_keeps_the_searches_that_finished(tmp_path
     assert _shard_hashes(res) == _shard_hashes(reference)
 
 
+@pytest.mark.system
+def test_records_rich_in_ambiguity_codes_are_searched_as_nucleotides(tmp_path):
+    """From a user review: MMseqs2 guessed the holdout search's queries to be protein when its first records held
+    > 10 % ambiguity codes (kept by normalisation), and the build failed ('Cannot fit databases')."""
+    require_tool("mmseqs")
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(60):
+        seq = rng.choice(list("ACGU"), 24)
+        seq[rng.choice(24, 3, replace=False)] = rng.choice(list("RY"), 3)
+        records.append(f">amb{i}\n{''.join(seq)}\n")
+    (tmp_path / "amb.fa").write_text("".join(records))
+    res = build_small(tmp_path, [tmp_path / "amb.fa"], no_cluster=False, valid_fraction=0.1,
+                      cluster=ClusterConfig(threads=1))
+    assert res.manifest.counts["kept"] == 60 and res.manifest.counts["valid"]["records"] > 0
+
+
+def test_a_rerun_names_the_inputs_as_it_is_given_them(tmp_path, synth_fa, monkeypatch):
+    """From a user review: a rerun from another directory (same files, other spellings) reused the normalise stage
+    and with it the first run's input names, in the manifest and rejects.tsv, which did not exist from there."""
+    (tmp_path / "a").mkdir()
+    shutil.copy(synth_fa, tmp_path / "a" / "in.fa")
+    monkeypatch.chdir(tmp_path / "a")
+    build_small(tmp_path, ["in.fa"], records_per_shard=1000)
+    monkeypatch.chdir(tmp_path)
+    res = build_small(tmp_path, ["a/in.fa"], records_per_shard=500)
+    assert "normalise" in res.skipped and [s["path"] for s in res.manifest.sources] == ["a/in.fa"]
+    assert {row["source"] for row in read_tsv(tmp_path / "out" / "rejects.tsv")} == {"a/in.fa"}
+
+
+def test_a_label_key_no_header_holds_is_a_warning_and_labels_are_drawn_as_written(tmp_path, synth_fa):
+    """From a user review: a typo in --label-key gave every record an empty label without a word, and a label
+    `a_$^$` ended the build in matplotlib's maths parser (the report's label plot)."""
+    res = build_small(tmp_path, [synth_fa], records_per_shard=1000, label_key="famly")
+    assert res.manifest.warnings == ["no kept record's header holds famly=...: --label-key famly gave every record an "
+                                     "empty label"]
+    (tmp_path / "dollar.fa").write_text(f">a cls=a_$^$\n{'ACGU' * 8}\n>b cls=p$q$r\n{'GGCA' * 8}\n")
+    res = build_small(tmp_path, [tmp_path / "dollar.fa"], out="dollar", label_key="cls", report=True)
+    assert res.manifest.warnings == [] and (tmp_path / "dollar" / "report" / "labels.png").stat().st_size > 1000
+
+
 def test_failing_mmseqs_step_is_named_with_its_log(tmp_path, synth_fa):
     fake = tmp_path / "mmseqs"
     fake.write_text("#!/bin/sh\nif [ \"$1\" = linclust ]; then echo 'out of memory in kmermatcher'; exit 3; fi\n"
