@@ -9,9 +9,9 @@ die() { log "error: $*" >&2; exit 1; }
 
 [ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (SLURM_JOB_ID is not set)"
 cd "$RNALM_REPO" || die "cannot cd to $RNALM_REPO"
-if [ -n "${RNALM_PYTHON:-}" ]; then
-  PYTHON=$RNALM_PYTHON
-  [ -x "$PYTHON" ] || die "RNALM_PYTHON=$PYTHON is not an executable on $(hostname)"
+if [ -n "${RNALM_PYTHON:-}" ]; then  # a path, or a command on PATH (python3.12)
+  PYTHON=$(command -v "$RNALM_PYTHON") && [ -x "$PYTHON" ] \
+    || die "RNALM_PYTHON=$RNALM_PYTHON is not an executable on $(hostname)"
 elif [ -e "$RNALM_REPO/.venv/bin/python" ] || [ -L "$RNALM_REPO/.venv/bin/python" ]; then
   PYTHON=$RNALM_REPO/.venv/bin/python
   [ -x "$PYTHON" ] || die "$PYTHON does not run on $(hostname) (a link to $(readlink "$PYTHON") that is" \

@@ -52,6 +52,7 @@ TERMINATED=0
 # shellcheck disable=SC2317  # trap handlers
 on_usr1() {
   PREEMPTED=1
+  SIGNAL_AT=${SIGNAL_AT:-$SECONDS}
   log "USR1 (time limit or preemption): ranks checkpoint and exit, then the job requeues"
   forward_usr1
 }
@@ -229,7 +230,18 @@ slurm_seconds() {
   echo $(( ((10#${BASH_REMATCH[2]:-0} * 24 + 10#${BASH_REMATCH[4]:-0}) * 60 + 10#${BASH_REMATCH[5]}) * 60 \
            + 10#${BASH_REMATCH[6]} ))
 }
-MIN_TIME_LEFT_S=600   # below it, a signal at the start is the time limit's
+# A signal with at most MAX_LEAD_S of the time limit left is the limit's (--signal=B:USR1@300 by default); when it
+# leaves a run less than MIN_RUN_S before it, every run would stop after its start-up and a step and requeue again
+MAX_LEAD_S=1800
+MIN_RUN_S=600
+signalled_soon_by_the_time_limit() {
+  local left limit at_signal
+  left=$(slurm_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)")
+  limit=$(slurm_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null)")
+  [ -n "$left" ] && [ -n "$limit" ] || return 1
+  at_signal=$((left + SECONDS - SIGNAL_AT))
+  [ "$at_signal" -le "$MAX_LEAD_S" ] && [ $((limit - at_signal)) -lt "$MIN_RUN_S" ]
+}
 newest_checkpoint() { ls -1 "$OUT_DIR/checkpoints" 2>/dev/null | grep -E '^step[0-9]{8}$' | sort | tail -n 1; }
 START_CHECKPOINT=$(newest_checkpoint)
 
@@ -244,16 +256,6 @@ write_targets
 # SLURM_GPU_BIND, would leave each task one device and every local rank >= 1 an invalid device ordinal.
 GPU_BIND=()
 [ "$GPUS" -gt 0 ] && GPU_BIND=(--gpu-bind=none)
-# Signalled already, with little time left: a --time within the --signal lead, where Slurm signals every run as
-# it starts, and each would requeue after one step (a giga start-up, a checkpoint and cred_expire each time)
-if [ "$PREEMPTED" = 1 ]; then
-  LEFT=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)
-  LEFT_S=$(slurm_seconds "$LEFT")
-  if [ -n "$LEFT_S" ] && [ "$LEFT_S" -lt "$MIN_TIME_LEFT_S" ]; then
-    die "signalled at the start with $LEFT of the time limit left: the job's --time is within its --signal lead" \
-        "(#SBATCH --signal=B:USR1@300), so every run would requeue after one step; give --time well above the lead"
-  fi
-fi
 {
   trap : TERM USR1
   srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${GPU_BIND[@]+"${GPU_BIND[@]}"} \
@@ -292,9 +294,16 @@ fi
 
 # Otherwise requeue only on the ranks' word that they stopped on the signal with a checkpoint saved. A run that
 # finished anyway, a refused start (exit 2), a non-finite stop (3) or a crash would only repeat itself, and with
-# a time limit at or below the --signal lead every run is signalled at once: a requeue loop.
+# a time limit at or below the --signal lead every run is signalled at once: a requeue loop (Slurm's time-limit
+# sweep signals 0-30 s into such a run, so a check at the start missed most).
 if [ "$PREEMPTED" = 1 ]; then
   if [ "$RC" = 0 ] && [[ $(tail -n 1 "$OUT_DIR/log.jsonl" 2>/dev/null) == *'"event": "preempted"'* ]]; then
+    if signalled_soon_by_the_time_limit; then
+      remove_targets  # (a configuration to fix, the progress saved: no RnalmRankDown page)
+      die "not requeued: the time limit's signal came $((SIGNAL_AT))s after the start, so every run would stop" \
+          "after its start-up and a step (the checkpoint is saved); give --time well above the --signal lead" \
+          "(#SBATCH --signal=B:USR1@300) and submit again"
+    fi
     requeue
   fi
   log "not requeued: the ranks did not stop on the signal with a checkpoint (see $OUT_DIR/log.jsonl)"

@@ -64,3 +64,12 @@ def test_an_interpreter_that_does_not_run_here_stops_the_job_instead_of_another_
         said = f"RNALM_PYTHON={tmp_path}/pyhton is not an executable on"
     assert r.returncode == 1 and "chose" not in r.stdout
     assert said in r.stderr and "python3" not in r.stdout
+
+
+def test_rnalm_python_may_name_a_command_on_path(tmp_path):
+    """From an operator review: RNALM_PYTHON=python3 (documented as "interpreter") was refused, tested as a path
+    relative to the repository."""
+    r = pick_python(fake_repo(tmp_path, Path(sys.executable)), tmp_path, RNALM_PYTHON="python3")
+    assert r.returncode == 0 and f"chose {tmp_path}/bin/python3" in r.stdout, r.stderr
+    r = pick_python(fake_repo(tmp_path / "b", Path(sys.executable)), tmp_path, RNALM_PYTHON="pyhton3")
+    assert r.returncode == 1 and "RNALM_PYTHON=pyhton3 is not an executable on" in r.stderr
