@@ -1,6 +1,7 @@
 """Shared test fixtures: where the real data lives, and skips with a reason when it is absent."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -32,6 +33,22 @@ def ncrna_fasta(shared_data: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not found")
     return path
+
+
+@contextlib.contextmanager
+def killed_after_one_rename():
+    """A save stopped (KeyboardInterrupt) between its first os.replace and its second."""
+    replace, renames = os.replace, []
+
+    def replaced_once(src, dst):
+        if renames:
+            raise KeyboardInterrupt
+        renames.append(dst)
+        replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(os, "replace", replaced_once)
+        yield
 
 
 def require_tool(name: str) -> str:

@@ -217,20 +217,10 @@ def test_mrl_evaluate_uses_the_trained_split_and_a_rerun_that_saves_nothing_fail
 
     # a save stopped between its two renames (weights renamed, metadata not): refused, not loaded with the other
     # save's scaler
-    import os
-
     import finetune.backbone as backbone
+    from tests.conftest import killed_after_one_rename
 
-    replace, renames = os.replace, []
-
-    def stopped_after_one_rename(src, dst):
-        if renames:
-            raise KeyboardInterrupt
-        renames.append(dst)
-        replace(src, dst)
-
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(os, "replace", stopped_after_one_rename)
+    with killed_after_one_rename():
         backbone.save_finetuned(model, tmp_path, meta)
     with pytest.raises(backbone.rio.WeightsError, match="come from different saves"):
         load_finetuned(tmp_path)

@@ -239,6 +239,7 @@ def test_an_interrupted_save_keeps_the_earlier_pair_or_is_refused_and_leaves_no_
     import os
 
     import rnalm.files as files
+    from tests.conftest import killed_after_one_rename
 
     first = random_model("nano")
     save_pretrained(first, tmp_path)
@@ -258,18 +259,8 @@ def test_an_interrupted_save_keeps_the_earlier_pair_or_is_refused_and_leaves_no_
     loaded = load_pretrained(tmp_path)
     assert loaded.config.num_heads == first.config.num_heads
     assert all(torch.equal(v, first.state_dict()[k]) for k, v in loaded.state_dict().items())
-    replace, renames = os.replace, []
-
-    def stopped_after_one_rename(src, dst):
-        if renames:
-            raise KeyboardInterrupt
-        renames.append(dst)
-        replace(src, dst)
-
-    with monkeypatch.context() as m:
-        m.setattr(os, "replace", stopped_after_one_rename)
-        with pytest.raises(KeyboardInterrupt):
-            save_pretrained(random_model("nano", num_heads=8), tmp_path)
+    with killed_after_one_rename():
+        save_pretrained(random_model("nano", num_heads=8), tmp_path)
     with pytest.raises(WeightsError, match="model.safetensors and config.json come from different saves"):
         load_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
