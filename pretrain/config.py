@@ -148,6 +148,9 @@ class PretrainConfig:
         if not 0 < o.lr or o.min_lr > o.lr or o.warmup_start_lr > o.lr or (peak is not None and not 0 < peak):
             raise ValueError(f"need 0 < optim.lr (got {o.lr}), optim.min_lr and optim.warmup_start_lr <= optim.lr "
                              f"(got {o.min_lr}, {o.warmup_start_lr}) and metrics.peak_flops > 0 (got {peak})")
+        if t.profile_at > t.max_steps:
+            raise ValueError(f"train.profile_at ({t.profile_at}) is past train.max_steps ({t.max_steps}): no step "
+                             "would be profiled")
         if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
         if self.optim.warmup_steps >= self.train.max_steps and self.optim.decay_steps is None:

@@ -376,6 +376,7 @@ def test_token_dropouts_mask_ratio_follows_the_masking_rate():
     ("--optim.warmup_start_lr=1.0", "optim.min_lr and optim.warmup_start_lr <= optim.lr"),  # a falling warm-up
     ("--train.max_nonfinite_in_row=0", "train.max_nonfinite_in_row must be >= 1"),
     ("--train.ds_overrides={zero_optimization: {stage: 0}}", "zero_optimization.stage must be 1, 2 or 3, got 0"),
+    ("--train.profile_at=999999", "train.profile_at (999999) is past train.max_steps"),  # silently no profile
 ])
 def test_settings_that_would_train_otherwise_than_asked_are_refused_before_start_up(override, message, tmp_path):
     """Each was accepted (or ended in a traceback after start-up): the run trained without clipping, with a NaN
