@@ -97,7 +97,8 @@ def leakage_mask(candidates: list[str], reference: list[str], k: int = 8, max_co
     out = np.zeros(len(candidates), bool)
     if k > 0:
         copies = {to_rna(s) for s in reference}
-        out = near_duplicate_mask(candidates, reference, k, max_containment) | [to_rna(s) in copies for s in candidates]
+        exact = np.array([to_rna(s) in copies for s in candidates], dtype=bool)
+        out = near_duplicate_mask(candidates, reference, k, max_containment) | exact
     if shared_run:
         out |= shared_run_mask(candidates, reference, shared_run)
     return out

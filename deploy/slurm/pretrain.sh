@@ -19,6 +19,8 @@
 #                            and neither is shifted)
 #   RNALM_PROM_SD_DIR        where the file_sd target file goes       (default: $RNALM_REPO/deploy/prometheus/targets)
 #   RNALM_MASTER_PORT        rendezvous port on the first node        (default: 20000 + job id % 12000, below 32768)
+#   RNALM_MIN_RUN_S          the least a run must get before the time limit's signal for the job to requeue on it
+#                            (default 600: a start-up and some steps; docs/cluster.md "Preemption, time limits")
 #   NCCL_SOCKET_IFNAME, NCCL_IB_HCA, ...: cluster-specific NCCL settings; export them before sbatch.
 #
 # Preemption/time limit: Slurm sends USR1 to this shell 5 minutes before the limit (--signal=B:USR1@300); it
@@ -233,7 +235,7 @@ slurm_seconds() {
 # A signal with at most MAX_LEAD_S of the time limit left is the limit's (--signal=B:USR1@300 by default); when it
 # leaves a run less than MIN_RUN_S before it, every run would stop after its start-up and a step and requeue again
 MAX_LEAD_S=1800
-MIN_RUN_S=600
+MIN_RUN_S=${RNALM_MIN_RUN_S:-600}
 signalled_soon_by_the_time_limit() {
   local left limit at_signal
   left=$(slurm_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)")

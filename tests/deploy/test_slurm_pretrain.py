@@ -22,7 +22,8 @@ TRAIN_ARGS = ("--train.valid_every=0", "--checkpoint.every=20", "--train.log_eve
 
 
 def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config="pretrain/configs/tiny_cpu.yaml",
-           sbatch_args: tuple[str, ...] = (), sd_dir: Path | None = None, python: str = sys.executable):
+           sbatch_args: tuple[str, ...] = (), sd_dir: Path | None = None, python: str = sys.executable,
+           env: dict[str, str] | None = None):
     """CPU mode: no GPUs, 2 tasks of 1 CPU on one node; everything else is the script's defaults. The file_sd
     target file goes to ``sd_dir`` (default run/targets)."""
     run.mkdir(parents=True, exist_ok=True)
@@ -31,7 +32,7 @@ def submit(slurm: SlurmCluster, shards: Path, run: Path, *overrides: str, config
         f"--output={run}/slurm-%j.out", str(REPO / "deploy/slurm/pretrain.sh"), config,
         f"--data.shards={shards}", f"--train.out_dir={run / 'out'}", f"--train.max_steps={STEPS}", *TRAIN_ARGS,
         f"--metrics.port_base={free_port(2)}", *overrides,
-        env={"RNALM_PROM_SD_DIR": str(sd_dir or run / "targets"), "RNALM_PYTHON": python}, cwd=REPO)
+        env={"RNALM_PROM_SD_DIR": str(sd_dir or run / "targets"), "RNALM_PYTHON": python, **(env or {})}, cwd=REPO)
 
 
 def steps(log: list[dict]) -> list[dict]:
@@ -186,9 +187,10 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
     """Slurm itself sends USR1 before the time limit (--signal=B:USR1@30 with --time=2); the job checkpoints,
     requeues and the rerun resumes. Slurm may send the signal up to 60 s early (its event resolution; with
     --time=1 and @40 it once came 2 s after the start, before the trainer ran), so the limit leaves >= 30 s
-    for the first run to start. The rerun would be signalled again, so the test cancels it once it has resumed."""
+    for the first run to start. The rerun would be signalled again, so the test cancels it once it has resumed.
+    RNALM_MIN_RUN_S=30: a 2-minute limit is one that requeues (by default a run needs 10 min before the signal)."""
     job_id = submit(slurm, synthetic_shards, tmp_path, "--train.max_steps=100000", "--checkpoint.every=0",
-                    sbatch_args=("--time=2", "--signal=B:USR1@30"))
+                    sbatch_args=("--time=2", "--signal=B:USR1@30"), env={"RNALM_MIN_RUN_S": "30"})
     log_path = tmp_path / "out" / "log.jsonl"
 
     def resumed():
@@ -206,6 +208,21 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm, synthetic_shar
     assert events(log, "start")[1]["resumed_from"] == events(log, "checkpoint")[0]["tag"]
     assert events(log, "start")[1]["step"] == preempted["step"]
     assert slurm.job(job_id)["Restarts"] == "1"
+
+
+@pytest.mark.timeout(360)
+def test_a_time_limit_within_the_signal_lead_ends_the_job_instead_of_requeueing_it(slurm, synthetic_shards,
+                                                                                   tmp_path):
+    """An operator review on a local Slurm: with --time within the --signal lead (plus a start-up), each run was
+    signalled soon after its start, saved and requeued (7 restarts before it was cancelled). Now the first run
+    saves on the signal and the job ends, saying why."""
+    job_id = submit(slurm, synthetic_shards, tmp_path, "--train.max_steps=100000", "--checkpoint.every=0",
+                    sbatch_args=("--time=2", "--signal=B:USR1@30"))
+    info = slurm.wait_state(job_id, {"FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    out = batch_output(tmp_path, job_id)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", out[-3000:]
+    assert "not requeued: the time limit's signal came" in out
+    assert events(read_jsonl(tmp_path / "out" / "log.jsonl"), "preempted")  # the run's progress is saved
 
 
 def _cancelled_stand_in_job(slurm, tmp_path, on_term: str, targets_seen: list | None = None) -> tuple[dict, str]:

@@ -69,6 +69,7 @@ def test_an_exact_copy_of_a_test_sequence_is_left_out_whatever_its_length_or_let
     test = [short.lower().replace("U", "T"), unknown]
     assert leakage_mask([short, unknown, kept], test).tolist() == [True, True, False]
     assert leakage_mask([short, unknown, kept], test, k=0).tolist() == [False, False, False]
+    assert leakage_mask([], test).tolist() == []  # (no candidate: an empty list is no bool array)
 
 
 @pytest.mark.parametrize("file", ["varlen", "designed"])
