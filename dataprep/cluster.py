@@ -336,9 +336,9 @@ def search_db(store: Store, keep: np.ndarray, scratch: Path, log: Path, cfg: Clu
     """The holdout search's target database, all kept records, in `scratch` (`writers` processes write its
     input), which every rank's `linked_pairs` then reads; kept if an interrupted run made it."""
     scratch.mkdir(parents=True, exist_ok=True)
-    fasta = [scratch / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
     if _database_made(scratch / "targets").exists():
         return
+    fasta = [scratch / f"targets-{i}.fasta" for i in range(max(1, min(writers, len(keep))))]
     write_input(store, keep, fasta)
     run_mmseqs([[find_mmseqs(cfg.mmseqs), "createdb", *map(str, fasta), str(scratch / "targets"), "--dbtype", "2",
                  "--shuffle", "0"]], log)

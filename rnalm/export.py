@@ -68,8 +68,7 @@ def export(model_dir: str | os.PathLike, to: str, out: str | os.PathLike) -> Pat
     if to == "multimolecule" and out.exists() and not out.is_dir():
         raise WeightsError(f"{out} is a file: --to multimolecule writes a directory")
     check_out_dir(out.parent if to == "official" else out, "OUT")  # not under a file, writable
-    model_dir = Path(model_dir).resolve()
-    if out.resolve() == model_dir or out.resolve().parent == model_dir:
+    if Path(model_dir).resolve() in (out.resolve(), out.resolve().parent):
         raise WeightsError(f"{out} is {'in ' * (to == 'official')}the model directory itself: its files would be "
                            "replaced (and its provenance lost); write it elsewhere")
     if to == "multimolecule" and _is_ours(out):

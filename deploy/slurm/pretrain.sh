@@ -302,7 +302,7 @@ if [ "$PREEMPTED" = 1 ]; then
   if [ "$RC" = 0 ] && [[ $(tail -n 1 "$OUT_DIR/log.jsonl" 2>/dev/null) == *'"event": "preempted"'* ]]; then
     if signalled_soon_by_the_time_limit; then
       remove_targets  # (a configuration to fix, the progress saved: no RnalmRankDown page)
-      die "not requeued: the time limit's signal came $((SIGNAL_AT))s after the start, so every run would stop" \
+      die "not requeued: the time limit's signal came ${SIGNAL_AT}s after the start, so every run would stop" \
           "after its start-up and a step (the checkpoint is saved); give --time well above the --signal lead" \
           "(#SBATCH --signal=B:USR1@300) and submit again"
     fi
